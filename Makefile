@@ -1,0 +1,133 @@
+# pgrelay - build, test, install, demo and benchmark.
+#
+#   make            build bin/pgrelay
+#   make deps       install every build and test dependency from Debian packages
+#   make test       deps + build + unit tests + integration tests (real PostgreSQL)
+#   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
+#   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
+#   make install    PREFIX=/usr/local DESTDIR=
+#   make SANITIZE=address test   the same suite under AddressSanitizer (separate build dir)
+
+VERSION    := 0.1.0
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+BINDIR     := $(PREFIX)/bin
+SBINDIR    := $(PREFIX)/sbin
+MANDIR     := $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+
+CC       ?= cc
+SANITIZE ?=
+PYTHON   := /usr/bin/python3
+
+ifeq ($(SANITIZE),)
+BUILD    := build
+else
+BUILD    := build-$(SANITIZE)
+SANFLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
+endif
+BIN      := bin
+
+# Debian packages for building, testing, benchmarking.
+DEB_BUILD := build-essential pkg-config libevent-dev libpq-dev libcurl4-openssl-dev \
+             libinih-dev libjansson-dev libssl-dev libcmocka-dev
+DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg socat \
+             procps util-linux
+DEB_BENCH := pgbouncer haproxy postgresql-contrib
+
+PROXY_PKGS := libevent inih
+UNIT_PKGS  := cmocka inih
+
+WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
+CFLAGS   ?= -O2 -g
+ALL_CFLAGS = -std=gnu11 $(WARN) $(CFLAGS) $(SANFLAGS) -D_GNU_SOURCE \
+             -DPGRELAY_VERSION='"$(VERSION)"' -Icommon -MMD -MP
+LDFLAGS  ?=
+
+COMMON_SRC := common/log.c common/config.c common/pgproto.c common/shm.c
+PROXY_SRC  := $(wildcard proxy/*.c)
+UNIT_SRC   := $(wildcard tests/unit/test_*.c)
+
+COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/%.o)
+PROXY_OBJ  := $(PROXY_SRC:%.c=$(BUILD)/%.o)
+UNIT_BINS  := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+
+PGRELAY    := $(BIN)/pgrelay
+
+.PHONY: all deps check-deps test unit integration bench demo demo-stop install clean format
+
+all: $(PGRELAY)
+
+check-deps:
+	@pkg-config --exists libevent libpq libcurl inih jansson openssl cmocka || \
+	  { echo "missing build dependencies: run 'make deps' (Debian: $(DEB_BUILD))" >&2; exit 1; }
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(PROXY_PKGS)) -c -o $@ $<
+
+$(PGRELAY): $(PROXY_OBJ) $(COMMON_OBJ) | check-deps
+	@mkdir -p $(BIN)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(PROXY_PKGS))
+
+$(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(UNIT_PKGS)) -o $@ $^ \
+	  $(shell pkg-config --libs $(UNIT_PKGS))
+
+# Installs only what is missing; silent and quick when everything is there.
+deps:
+	@missing=""; for p in $(DEB_BUILD) $(DEB_TEST); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+deps-bench: deps
+	@missing=""; for p in $(DEB_BENCH); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
+
+integration: $(PGRELAY)
+	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
+
+test: deps
+	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory unit
+	@$(MAKE) --no-print-directory integration
+
+bench: deps-bench
+	@$(MAKE) --no-print-directory all
+	bash tests/bench/bench.sh
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	bash tests/demo.sh
+
+demo-stop:
+	bash tests/demo.sh stop
+
+install: $(PGRELAY)
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
+	  $(DESTDIR)$(SYSCONFDIR)/pgrelay
+	install -m 0755 $(PGRELAY) $(DESTDIR)$(SBINDIR)/pgrelay
+	install -m 0644 man/pgrelay.8 $(DESTDIR)$(MANDIR)/man8/pgrelay.8
+	install -m 0644 man/pgrelay.ini.5 $(DESTDIR)$(MANDIR)/man5/pgrelay.ini.5
+	install -m 0644 etc/pgrelay.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini.sample
+
+format:
+	clang-format -i common/*.[ch] proxy/*.[ch] tests/unit/*.c
+
+clean:
+	rm -rf build build-* $(BIN)
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

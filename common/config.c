@@ -1,0 +1,457 @@
+/* config.c - reads pgrelay.ini with inih, driven by the key table; every problem names file:line. */
+#include "config.h"
+#include "log.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+static const char *const role_words[] = {"primary", "replica", NULL};
+static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
+
+#define PG_KEY(name_, type_, def_, reload_, field_, min_, max_, words_, help_)                     \
+    {"pgrelay", name_, type_, def_, reload_, offsetof(config, field_), sizeof(((config *)0)->field_), \
+     min_, max_, words_, help_}
+#define NODE_KEY(name_, type_, def_, field_, min_, max_, words_, help_)                            \
+    {"node", name_, type_, def_, true, offsetof(config_node, field_),                             \
+     sizeof(((config_node *)0)->field_), min_, max_, words_, help_}
+
+const config_key config_keys[] = {
+    PG_KEY("listen_addr", CFG_STRING, "127.0.0.1", false, listen_addr, 0, 0, NULL,
+           "address of the write port (IPv4, IPv6, host name, or * for all)"),
+    PG_KEY("listen_port", CFG_INT, "6432", false, listen_port, 1, 65535, NULL,
+           "TCP port of the write port"),
+    PG_KEY("workers", CFG_INT, "0", false, workers, 0, 256, NULL,
+           "worker processes; 0 means one per CPU"),
+    PG_KEY("max_client_conn", CFG_INT, "1000", false, max_client_conn, 1, 1000000, NULL,
+           "client sessions allowed across all workers; more get SQLSTATE 53300"),
+    PG_KEY("client_login_timeout", CFG_DURATION, "60s", true, client_login_timeout_ms, 0,
+           INT_MAX, NULL, "startup and authentication must finish within this; 0 disables"),
+    PG_KEY("server_connect_timeout", CFG_DURATION, "5s", true, server_connect_timeout_ms, 1,
+           INT_MAX, NULL, "connecting to a node must finish within this"),
+    PG_KEY("shutdown_timeout", CFG_DURATION, "30s", true, shutdown_timeout_ms, 0, INT_MAX, NULL,
+           "graceful shutdown (SIGTERM) waits this long for sessions to finish"),
+    PG_KEY("tcp_keepalive", CFG_BOOL, "on", true, tcp_keepalive, 0, 0, NULL,
+           "enable TCP keepalive on client and server sockets"),
+    PG_KEY("log_level", CFG_ENUM, "info", true, log_level, 0, 0, level_words,
+           "error, warning, info or debug; -v and -q on the command line override it"),
+    NODE_KEY("host", CFG_STRING, NULL, host, 0, 0, NULL,
+             "host name or IP address of the node, or a Unix socket directory"),
+    NODE_KEY("port", CFG_INT, "5432", port, 1, 65535, NULL, "PostgreSQL port of the node"),
+    NODE_KEY("role", CFG_ENUM, NULL, role, 0, 0, role_words,
+             "primary or replica: the static hint of which node takes writes"),
+};
+const size_t config_n_keys = sizeof(config_keys) / sizeof(config_keys[0]);
+
+/* Parsing state shared between the line reader and the inih handler. */
+typedef struct config_parse {
+    config *cfg;
+    const char *name;     /* file name for messages */
+    FILE *fp;             /* file source, or NULL */
+    const char *text;     /* string source, or NULL */
+    int line;             /* number of the line inih is looking at */
+    bool at_line_start;   /* the last chunk read ended a line */
+    bool section_ok;      /* the current section is a known one */
+    config_node *node;    /* the current [node.NAME], or NULL */
+} config_parse;
+
+static void config_error(config_parse *p, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void config_error(config_parse *p, int line, const char *fmt, ...)
+{
+    config *cfg = p->cfg;
+    va_list ap;
+    int off;
+
+    if (cfg->n_errors >= CONFIG_MAX_ERRORS)
+        return;
+    char *buf = cfg->errors[cfg->n_errors++];
+    if (line > 0)
+        off = snprintf(buf, CONFIG_ERROR_LEN, "%s:%d: ", p->name, line);
+    else
+        off = snprintf(buf, CONFIG_ERROR_LEN, "%s: ", p->name);
+    va_start(ap, fmt);
+    vsnprintf(buf + off, CONFIG_ERROR_LEN - (size_t)off, fmt, ap);
+    va_end(ap);
+}
+
+int config_parse_duration(const char *text, long *ms_out)
+{
+    char *end;
+    long mult;
+
+    while (isspace((unsigned char)*text))
+        text++;
+    if (!isdigit((unsigned char)*text))
+        return -1;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno != 0)
+        return -1;
+    while (isspace((unsigned char)*end))
+        end++;
+    if (*end == '\0' || strcmp(end, "s") == 0)
+        mult = 1000;
+    else if (strcmp(end, "ms") == 0)
+        mult = 1;
+    else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
+        mult = 60 * 1000;
+    else if (strcmp(end, "h") == 0)
+        mult = 60 * 60 * 1000;
+    else
+        return -1;
+    if (v > LONG_MAX / mult || v * mult > INT_MAX)
+        return -1;
+    *ms_out = (long)(v * mult);
+    return 0;
+}
+
+int config_parse_bool(const char *text)
+{
+    static const char *const yes[] = {"on", "true", "yes", "1"};
+    static const char *const no[] = {"off", "false", "no", "0"};
+    for (size_t i = 0; i < 4; i++) {
+        if (strcasecmp(text, yes[i]) == 0)
+            return 1;
+        if (strcasecmp(text, no[i]) == 0)
+            return 0;
+    }
+    return -1;
+}
+
+static int enum_index(const char *const *words, const char *text)
+{
+    for (int i = 0; words[i]; i++)
+        if (strcasecmp(words[i], text) == 0)
+            return i;
+    return -1;
+}
+
+static void enum_list(const char *const *words, char *buf, size_t len)
+{
+    size_t off = 0;
+    buf[0] = '\0';
+    for (int i = 0; words[i] && off < len; i++)
+        off += (size_t)snprintf(buf + off, len - off, "%s%s", i ? ", " : "", words[i]);
+}
+
+/* Store one value into base (a config or a config_node). Returns NULL or an error text. */
+static const char *config_set(const config_key *key, void *base, const char *value, char *why,
+                              size_t why_len)
+{
+    char *field = (char *)base + key->offset;
+    long v;
+    char *end;
+
+    switch (key->type) {
+    case CFG_STRING:
+        if (strlen(value) >= key->size) {
+            snprintf(why, why_len, "value is longer than %zu characters", key->size - 1);
+            return why;
+        }
+        if (value[0] == '\0' && key->def == NULL) {
+            snprintf(why, why_len, "value must not be empty");
+            return why;
+        }
+        memcpy(field, value, strlen(value) + 1);
+        return NULL;
+    case CFG_INT:
+        errno = 0;
+        v = strtol(value, &end, 10);
+        if (errno || end == value || *end != '\0') {
+            snprintf(why, why_len, "\"%s\" is not an integer", value);
+            return why;
+        }
+        if (v < key->min || v > key->max) {
+            snprintf(why, why_len, "%ld is out of range (%ld to %ld)", v, key->min, key->max);
+            return why;
+        }
+        *(int *)field = (int)v;
+        return NULL;
+    case CFG_DURATION:
+        if (config_parse_duration(value, &v) != 0) {
+            snprintf(why, why_len, "\"%s\" is not a duration (examples: 250ms, 5s, 2m)", value);
+            return why;
+        }
+        if (v < key->min || v > key->max) {
+            snprintf(why, why_len, "%s is out of range (at least %ldms)", value, key->min);
+            return why;
+        }
+        *(int *)field = (int)v;
+        return NULL;
+    case CFG_BOOL: {
+        int b = config_parse_bool(value);
+        if (b < 0) {
+            snprintf(why, why_len, "\"%s\" is not a boolean (on or off)", value);
+            return why;
+        }
+        *(bool *)field = b;
+        return NULL;
+    }
+    case CFG_ENUM: {
+        int i = enum_index(key->words, value);
+        if (i < 0) {
+            char list[256];
+            enum_list(key->words, list, sizeof(list));
+            snprintf(why, why_len, "\"%s\" is not one of: %s", value, list);
+            return why;
+        }
+        *(int *)field = i;
+        return NULL;
+    }
+    }
+    return "unknown key type";
+}
+
+static const config_key *config_find(const char *section, const char *name)
+{
+    for (size_t i = 0; i < config_n_keys; i++)
+        if (strcmp(config_keys[i].section, section) == 0 && strcmp(config_keys[i].name, name) == 0)
+            return &config_keys[i];
+    return NULL;
+}
+
+static bool node_name_valid(const char *name)
+{
+    if (*name == '\0' || strlen(name) >= CONFIG_NAME_MAX)
+        return false;
+    for (const char *c = name; *c; c++)
+        if (!isalnum((unsigned char)*c) && *c != '_' && *c != '-')
+            return false;
+    return true;
+}
+
+/* A new [section] header: check the name; for [node.NAME] start a node. */
+static void config_begin_section(config_parse *p, const char *section)
+{
+    config *cfg = p->cfg;
+    p->node = NULL;
+    p->section_ok = false;
+    if (strcmp(section, "pgrelay") == 0) {
+        p->section_ok = true;
+        return;
+    }
+    if (strncmp(section, CONFIG_NODE_PREFIX, strlen(CONFIG_NODE_PREFIX)) == 0) {
+        const char *name = section + strlen(CONFIG_NODE_PREFIX);
+        if (!node_name_valid(name)) {
+            config_error(p, p->line,
+                         "[%s]: node name must be 1 to %d letters, digits, '_' or '-'", section,
+                         CONFIG_NAME_MAX - 1);
+            return;
+        }
+        for (int i = 0; i < cfg->n_nodes; i++) {
+            if (strcmp(cfg->nodes[i].name, name) == 0) {
+                config_error(p, p->line, "[%s]: node defined twice (first at line %d)", section,
+                             cfg->nodes[i].line);
+                return;
+            }
+        }
+        if (cfg->n_nodes >= CONFIG_MAX_NODES) {
+            config_error(p, p->line, "[%s]: too many nodes (at most %d)", section,
+                         CONFIG_MAX_NODES);
+            return;
+        }
+        config_node *n = &cfg->nodes[cfg->n_nodes++];
+        memset(n, 0, sizeof(*n));
+        snprintf(n->name, sizeof(n->name), "%s", name);
+        n->port = 5432;
+        n->role = -1;
+        n->line = p->line;
+        p->node = n;
+        p->section_ok = true;
+        return;
+    }
+    config_error(p, p->line, "unknown section [%s] (known: [pgrelay], [node.NAME])", section);
+}
+
+/* Read one line for inih, keeping the line count and spotting section headers ourselves
+ * (inih does not report a section that has no keys). */
+static char *config_reader(char *buf, int size, void *stream)
+{
+    config_parse *p = stream;
+    char *r;
+
+    if (p->fp) {
+        r = fgets(buf, size, p->fp);
+    } else {
+        if (*p->text == '\0')
+            return NULL;
+        const char *nl = strchr(p->text, '\n');
+        size_t n = nl ? (size_t)(nl - p->text) + 1 : strlen(p->text);
+        if (n > (size_t)size - 1)
+            n = (size_t)size - 1;
+        memcpy(buf, p->text, n);
+        buf[n] = '\0';
+        p->text += n;
+        r = buf;
+    }
+    if (!r)
+        return NULL;
+    if (p->at_line_start) {
+        p->line++;
+        const char *s = buf;
+        while (isspace((unsigned char)*s))
+            s++;
+        if (*s == '[') {
+            const char *close = strchr(s, ']');
+            if (close) {
+                char section[CONFIG_NAME_MAX + 16];
+                size_t n = (size_t)(close - s - 1);
+                if (n >= sizeof(section))
+                    n = sizeof(section) - 1;
+                memcpy(section, s + 1, n);
+                section[n] = '\0';
+                /* trim */
+                char *a = section, *e = section + strlen(section);
+                while (isspace((unsigned char)*a))
+                    a++;
+                while (e > a && isspace((unsigned char)e[-1]))
+                    *--e = '\0';
+                config_begin_section(p, a);
+            }
+        }
+    }
+    p->at_line_start = strchr(buf, '\n') != NULL;
+    return r;
+}
+
+static int config_handler(void *user, const char *section, const char *name, const char *value)
+{
+    config_parse *p = user;
+    char why[256];
+    const config_key *key;
+    void *base;
+
+    if (section[0] == '\0') {
+        config_error(p, p->line, "key \"%s\" is outside any section (put it under [pgrelay])",
+                     name);
+        return 1;
+    }
+    if (!p->section_ok)
+        return 1; /* the section itself was already reported */
+    if (p->node) {
+        key = config_find("node", name);
+        base = p->node;
+    } else {
+        key = config_find("pgrelay", name);
+        base = p->cfg;
+    }
+    if (!key) {
+        config_error(p, p->line, "[%s]: unknown key \"%s\"", section, name);
+        return 1;
+    }
+    const char *err = config_set(key, base, value, why, sizeof(why));
+    if (err)
+        config_error(p, p->line, "[%s] %s: %s", section, name, err);
+    return 1;
+}
+
+static void config_defaults(config *cfg)
+{
+    char why[256];
+    memset(cfg, 0, sizeof(*cfg));
+    for (size_t i = 0; i < config_n_keys; i++) {
+        const config_key *k = &config_keys[i];
+        if (strcmp(k->section, "pgrelay") == 0 && k->def)
+            config_set(k, cfg, k->def, why, sizeof(why));
+    }
+}
+
+/* Checks that need the whole file: required node keys, at least one node. */
+static void config_validate(config_parse *p)
+{
+    config *cfg = p->cfg;
+    if (cfg->n_nodes == 0)
+        config_error(p, 0, "no database node: add a [node.NAME] section with host, port and role");
+    for (int i = 0; i < cfg->n_nodes; i++) {
+        config_node *n = &cfg->nodes[i];
+        if (n->host[0] == '\0')
+            config_error(p, n->line, "[node.%s]: missing required key \"host\"", n->name);
+        if (n->role < 0)
+            config_error(p, n->line,
+                         "[node.%s]: missing required key \"role\" (primary or replica)", n->name);
+    }
+    if (cfg->workers == 0) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        cfg->workers = ncpu > 0 ? (int)ncpu : 1;
+    }
+}
+
+static int config_run(config *cfg, config_parse *p)
+{
+    int rc = ini_parse_stream(config_reader, p, config_handler, p);
+    if (rc > 0)
+        config_error(p, rc, "syntax error (expected [section], key = value, or a ; comment)");
+    else if (rc < 0)
+        config_error(p, 0, "could not parse (out of memory)");
+    config_validate(p);
+    return cfg->n_errors;
+}
+
+int config_load(config *cfg, const char *path)
+{
+    config_parse p = {.cfg = cfg, .name = path, .at_line_start = true, .section_ok = false};
+    config_defaults(cfg);
+    snprintf(cfg->path, sizeof(cfg->path), "%s", path);
+    p.fp = fopen(path, "r");
+    if (!p.fp) {
+        config_error(&p, 0, "cannot open: %s", strerror(errno));
+        return cfg->n_errors;
+    }
+    int n = config_run(cfg, &p);
+    fclose(p.fp);
+    return n;
+}
+
+int config_load_string(config *cfg, const char *name, const char *text)
+{
+    config_parse p = {.cfg = cfg, .name = name, .text = text, .at_line_start = true};
+    config_defaults(cfg);
+    snprintf(cfg->path, sizeof(cfg->path), "%s", name);
+    return config_run(cfg, &p);
+}
+
+int config_first_primary(const config *cfg)
+{
+    for (int i = 0; i < cfg->n_nodes; i++)
+        if (cfg->nodes[i].role == NODE_ROLE_PRIMARY)
+            return i;
+    return -1;
+}
+
+void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
+                         size_t len)
+{
+    const char *field = (const char *)base + key->offset;
+    (void)cfg;
+    switch (key->type) {
+    case CFG_STRING:
+        snprintf(buf, len, "%s", field);
+        break;
+    case CFG_INT:
+        snprintf(buf, len, "%d", *(const int *)field);
+        break;
+    case CFG_DURATION: {
+        int ms = *(const int *)field;
+        if (ms % 1000 == 0)
+            snprintf(buf, len, "%ds", ms / 1000);
+        else
+            snprintf(buf, len, "%dms", ms);
+        break;
+    }
+    case CFG_BOOL:
+        snprintf(buf, len, "%s", *(const bool *)field ? "on" : "off");
+        break;
+    case CFG_ENUM:
+        snprintf(buf, len, "%s", key->words[*(const int *)field]);
+        break;
+    }
+}

@@ -1,0 +1,95 @@
+/* config.h - pgrelay.ini: the declarative key table, the parsed settings, and their validation. */
+#ifndef PGRELAY_CONFIG_H
+#define PGRELAY_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define CONFIG_DEFAULT_PATH  "/etc/pgrelay/pgrelay.ini"
+#define CONFIG_MAX_NODES     64
+#define CONFIG_NAME_MAX      64
+#define CONFIG_HOST_MAX      256
+#define CONFIG_MAX_ERRORS    64
+#define CONFIG_ERROR_LEN     512
+#define CONFIG_NODE_PREFIX   "node."
+
+typedef enum node_role {
+    NODE_ROLE_PRIMARY = 0, /* configured as the write leader */
+    NODE_ROLE_REPLICA,     /* configured as a read-only replica */
+} node_role;
+
+typedef struct config_node {
+    char name[CONFIG_NAME_MAX];  /* NAME of [node.NAME] */
+    char host[CONFIG_HOST_MAX];  /* host name, IP address, or a Unix socket directory ("/...") */
+    int port;                    /* TCP port, or the suffix of .s.PGSQL.PORT for a socket dir */
+    int role;                    /* node_role; -1 until set */
+    int line;                    /* line of the [node.NAME] header, for messages */
+} config_node;
+
+typedef struct config {
+    char path[1024];                  /* file this was read from */
+    char listen_addr[CONFIG_HOST_MAX];
+    int listen_port;
+    int workers;                      /* worker processes; 0 in the file means one per CPU */
+    int max_client_conn;              /* client sessions across all workers */
+    int client_login_timeout_ms;      /* startup + authentication must finish within this */
+    int server_connect_timeout_ms;    /* TCP connect to a node must finish within this */
+    int shutdown_timeout_ms;          /* graceful shutdown waits this long for sessions */
+    bool tcp_keepalive;               /* SO_KEEPALIVE on client and server sockets */
+    int log_level;                    /* log_level from log.h */
+    int n_nodes;
+    config_node nodes[CONFIG_MAX_NODES];
+
+    /* Problems found while loading; each is "file:line: message". */
+    int n_errors;
+    char errors[CONFIG_MAX_ERRORS][CONFIG_ERROR_LEN];
+} config;
+
+/* Types a key's value can have. */
+typedef enum config_type {
+    CFG_STRING,   /* copied into a char[size] field */
+    CFG_INT,      /* decimal integer within [min, max] */
+    CFG_DURATION, /* "250ms", "5s", "2m", "1h"; a bare number is seconds; stored in ms */
+    CFG_BOOL,     /* on/off, true/false, yes/no, 1/0 */
+    CFG_ENUM,     /* one of a fixed list of words, stored as its index */
+} config_type;
+
+/* One row of the key table: everything parsing, validation, `show config` and the man page need. */
+typedef struct config_key {
+    const char *section;     /* "pgrelay", or "node" for every [node.NAME] */
+    const char *name;        /* key name as written in the file */
+    config_type type;
+    const char *def;         /* default, as it would be written in the file; NULL = required */
+    bool reloadable;         /* takes effect on reload without a restart */
+    size_t offset;           /* field offset in config (or config_node for "node") */
+    size_t size;             /* CFG_STRING: field size */
+    long min, max;           /* CFG_INT and CFG_DURATION (ms) bounds */
+    const char *const *words; /* CFG_ENUM: NULL-terminated list */
+    const char *help;        /* one line for `show config` and the man page */
+} config_key;
+
+extern const config_key config_keys[];
+extern const size_t config_n_keys;
+
+/* Parse a duration ("250ms", "5s", "2m", "1h", bare number = seconds) into milliseconds.
+ * Returns 0 on success, -1 on a malformed value or overflow. */
+int config_parse_duration(const char *text, long *ms_out);
+
+/* Parse a boolean word. Returns 0/1, or -1 when the word is not a boolean. */
+int config_parse_bool(const char *text);
+
+/* Load and validate a file into cfg (defaults first). Returns the number of errors;
+ * cfg->errors holds them. A missing file is one error. */
+int config_load(config *cfg, const char *path);
+
+/* Load from an in-memory string (tests); name is used in messages. */
+int config_load_string(config *cfg, const char *name, const char *text);
+
+/* Index of the first node with role primary, or -1. */
+int config_first_primary(const config *cfg);
+
+/* Format one key's effective value into buf (for `show config`). */
+void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
+                         size_t len);
+
+#endif

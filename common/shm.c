@@ -1,0 +1,195 @@
+/* shm.c - creating the shared segment and the lock-free protocols for routes and session slots. */
+#include "shm.h"
+#include "log.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+int64_t shm_now_us(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (int64_t)tv.tv_sec * 1000000 + tv.tv_usec;
+}
+
+shm_segment *shm_create(const config *cfg, int *fd_out)
+{
+    size_t max_sessions = (size_t)cfg->max_client_conn;
+    size_t size = sizeof(shm_segment) + max_sessions * sizeof(shm_session);
+    long page = sysconf(_SC_PAGESIZE);
+    size = (size + (size_t)page - 1) / (size_t)page * (size_t)page;
+
+    int fd = memfd_create("pgrelay-shm", 0);
+    if (fd < 0) {
+        log_error("cannot create shared memory: memfd_create: %s", strerror(errno));
+        return NULL;
+    }
+    if (ftruncate(fd, (off_t)size) != 0) {
+        log_error("cannot size shared memory to %zu bytes: %s", size, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    shm_segment *shm = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (shm == MAP_FAILED) {
+        log_error("cannot map shared memory (%zu bytes): %s", size, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    /* A fresh memfd is zero-filled: every slot starts SESSION_FREE, every pid 0. */
+    shm->magic = SHM_MAGIC;
+    shm->size = size;
+    shm->n_workers = (uint32_t)cfg->workers;
+    shm->max_sessions = (uint32_t)max_sessions;
+    shm->master_pid = (int32_t)getpid();
+    shm->started_at_us = shm_now_us();
+    atomic_store(&shm->next_session_id, 1);
+    *fd_out = fd;
+    return shm;
+}
+
+void shm_routes_publish(shm_segment *shm, const shm_route_table *tab)
+{
+    shm_routes *r = &shm->routes;
+    uint32_t next = 1 - atomic_load_explicit(&r->current, memory_order_relaxed);
+    /* Mark odd even if a previous writer died with it odd: readers never use tab[next] until
+     * current points at it, and a reader that raced a flip sees the change and retries. */
+    uint32_t seq = atomic_load_explicit(&r->seq[next], memory_order_relaxed) | 1u;
+    atomic_store_explicit(&r->seq[next], seq, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    memcpy(&r->tab[next], tab, sizeof(*tab));
+    atomic_store_explicit(&r->seq[next], seq + 1, memory_order_release);
+    atomic_store_explicit(&r->current, next, memory_order_release);
+    atomic_fetch_add_explicit(&r->version, 1, memory_order_release);
+}
+
+uint64_t shm_routes_read(shm_segment *shm, shm_route_table *out)
+{
+    shm_routes *r = &shm->routes;
+    for (;;) {
+        uint64_t version = atomic_load_explicit(&r->version, memory_order_acquire);
+        uint32_t cur = atomic_load_explicit(&r->current, memory_order_acquire);
+        uint32_t s1 = atomic_load_explicit(&r->seq[cur], memory_order_acquire);
+        if (s1 & 1u)
+            continue; /* the writer flipped and reuses this half; the other half is current */
+        memcpy(out, &r->tab[cur], sizeof(*out));
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&r->seq[cur], memory_order_relaxed) == s1)
+            return version;
+    }
+}
+
+int shm_node_resolve(shm_node *n)
+{
+    memset(&n->addr, 0, sizeof(n->addr));
+    n->addrlen = 0;
+    if (n->host[0] == '/') {
+        struct sockaddr_un *un = (struct sockaddr_un *)&n->addr;
+        un->sun_family = AF_UNIX;
+        int len = snprintf(un->sun_path, sizeof(un->sun_path), "%s/.s.PGSQL.%d", n->host,
+                           n->port);
+        if (len < 0 || (size_t)len >= sizeof(un->sun_path)) {
+            log_error("node %s: socket path %s/.s.PGSQL.%d is too long", n->name, n->host,
+                      n->port);
+            return -1;
+        }
+        n->addrlen = (socklen_t)sizeof(*un);
+        return 0;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    struct addrinfo *res = NULL;
+    char port[16];
+    snprintf(port, sizeof(port), "%d", n->port);
+    int rc = getaddrinfo(n->host, port, &hints, &res);
+    if (rc != 0 || !res) {
+        log_error("node %s: cannot resolve %s: %s", n->name, n->host, gai_strerror(rc));
+        return -1;
+    }
+    memcpy(&n->addr, res->ai_addr, res->ai_addrlen);
+    n->addrlen = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+void shm_routes_from_config(shm_route_table *tab, const config *cfg, uint64_t epoch)
+{
+    memset(tab, 0, sizeof(*tab));
+    tab->epoch = epoch;
+    tab->n_nodes = (uint32_t)cfg->n_nodes;
+    tab->leader = config_first_primary(cfg);
+    for (int i = 0; i < cfg->n_nodes; i++) {
+        shm_node *n = &tab->nodes[i];
+        const config_node *c = &cfg->nodes[i];
+        snprintf(n->name, sizeof(n->name), "%s", c->name);
+        snprintf(n->host, sizeof(n->host), "%s", c->host);
+        n->port = c->port;
+        n->role = c->role;
+        n->health = shm_node_resolve(n) == 0 ? NODE_HEALTH_UNKNOWN : NODE_HEALTH_DOWN;
+    }
+}
+
+shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint)
+{
+    uint32_t n = shm->max_sessions;
+    for (uint32_t k = 0; k < n; k++) {
+        shm_session *s = &shm->sessions[(hint + k) % n];
+        uint32_t expect = SESSION_FREE;
+        if (atomic_load_explicit(&s->state, memory_order_relaxed) == SESSION_FREE &&
+            atomic_compare_exchange_strong(&s->state, &expect, SESSION_STARTUP)) {
+            shm_session_write_begin(s);
+            s->worker = worker;
+            s->id = atomic_fetch_add(&shm->next_session_id, 1);
+            s->node = -1;
+            atomic_store(&s->backend_valid, 0);
+            s->stmt_start_us = 0;
+            s->stmt[0] = '\0';
+            s->user[0] = s->database[0] = s->application_name[0] = '\0';
+            shm_session_write_end(s);
+            atomic_fetch_add(&shm->clients, 1);
+            return s;
+        }
+    }
+    return NULL;
+}
+
+void shm_session_release(shm_segment *shm, shm_session *s)
+{
+    atomic_fetch_sub(&shm->clients, 1);
+    atomic_store(&s->backend_valid, 0);
+    atomic_store_explicit(&s->state, SESSION_FREE, memory_order_release);
+}
+
+int shm_sessions_reclaim(shm_segment *shm, int worker)
+{
+    int freed = 0;
+    for (uint32_t i = 0; i < shm->max_sessions; i++) {
+        shm_session *s = &shm->sessions[i];
+        if (atomic_load(&s->state) != SESSION_FREE && s->worker == worker) {
+            /* The owner is dead: finish any half-done seqlock bracket, then free. */
+            if (atomic_load(&s->seq) & 1u)
+                atomic_fetch_add(&s->seq, 1);
+            shm_session_release(shm, s);
+            freed++;
+        }
+    }
+    return freed;
+}
+
+bool shm_session_snapshot(shm_session *s, shm_session *out)
+{
+    for (int tries = 0; tries < 1000; tries++) {
+        uint32_t s1 = atomic_load_explicit(&s->seq, memory_order_acquire);
+        if (s1 & 1u)
+            continue;
+        memcpy((char *)out, (char *)s, sizeof(*out));
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&s->seq, memory_order_relaxed) == s1)
+            return atomic_load(&out->state) != SESSION_FREE;
+    }
+    return false;
+}

@@ -1,0 +1,170 @@
+/* shm.h - the shared-memory segment: routing table, per-worker stats, per-session slots.
+ *
+ * One writer per region, lock-free readers:
+ *   - routes:   written by the master (static config) and later the agent; double-buffered so
+ *               a writer that dies mid-update leaves the last good table in place.
+ *   - workers:  each worker writes its own row; the master writes pid/start/restarts.
+ *   - sessions: a slot is claimed with a CAS by the worker that owns the client and written only
+ *               by it; the master frees the slots of a worker that died.
+ */
+#ifndef PGRELAY_SHM_H
+#define PGRELAY_SHM_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include "config.h"
+
+#define SHM_MAGIC          0x70677231u /* "pgr1" */
+#define SHM_MAX_WORKERS    256
+#define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
+#define SHM_IDENT_MAX      64   /* user, database, application name */
+#define SHM_ADDR_MAX       64   /* "ip:port" of a client */
+
+typedef enum shm_node_health {
+    NODE_HEALTH_UNKNOWN = 0, /* not probed yet (static config: assumed usable) */
+    NODE_HEALTH_UP,          /* answering */
+    NODE_HEALTH_DOWN,        /* failed probes, or its address does not resolve */
+} shm_node_health;
+
+typedef struct shm_node {
+    char name[CONFIG_NAME_MAX];
+    char host[CONFIG_HOST_MAX];
+    int port;
+    int role;                       /* node_role: what the node is believed to be */
+    int health;                     /* shm_node_health */
+    struct sockaddr_storage addr;   /* resolved by the writer, so workers never resolve names */
+    socklen_t addrlen;              /* 0 when the address could not be resolved */
+} shm_node;
+
+typedef struct shm_route_table {
+    uint64_t epoch;    /* grows by one at every change of write leader */
+    int32_t leader;    /* index into nodes of the write leader, or -1 for none */
+    uint32_t n_nodes;
+    shm_node nodes[CONFIG_MAX_NODES];
+} shm_route_table;
+
+typedef struct shm_routes {
+    _Atomic uint32_t current;  /* which of tab[] readers use */
+    _Atomic uint64_t version;  /* bumped after every publish; cheap "has it changed" check */
+    _Atomic uint32_t seq[2];   /* odd while tab[i] is being written */
+    shm_route_table tab[2];
+} shm_routes;
+
+/* Counters of one worker; written only by that worker (relaxed), read by anyone. */
+typedef struct shm_worker_stats {
+    _Atomic uint64_t sessions_total;   /* client sessions accepted */
+    _Atomic uint64_t server_connects;  /* successful connections to nodes */
+    _Atomic uint64_t bytes_in;         /* client -> server */
+    _Atomic uint64_t bytes_out;        /* server -> client */
+    _Atomic uint64_t statements;       /* Query and Sync-terminated extended batches */
+    _Atomic uint64_t errors;           /* sessions pgrelay ended with an error */
+    _Atomic uint64_t cancels;          /* cancel requests forwarded */
+} shm_worker_stats;
+
+typedef struct shm_worker {
+    _Atomic int32_t pid;        /* 0 when no process is in this slot */
+    int64_t started_at_us;      /* wall clock, microseconds */
+    uint32_t restarts;          /* times the master re-forked this slot */
+    _Atomic int32_t sessions;   /* live client sessions */
+    shm_worker_stats stats;
+} shm_worker;
+
+typedef enum shm_session_state {
+    SESSION_FREE = 0,    /* slot unused */
+    SESSION_STARTUP,     /* client connected, startup/authentication not finished */
+    SESSION_IDLE,        /* ReadyForQuery 'I' seen and nothing sent since */
+    SESSION_ACTIVE,      /* a statement is running */
+    SESSION_IN_TX,       /* idle inside a transaction block ('T' or 'E') */
+} shm_session_state;
+
+typedef struct shm_session {
+    _Atomic uint32_t state;        /* shm_session_state; FREE <-> non-FREE by CAS */
+    _Atomic uint32_t seq;          /* odd while the owner rewrites the fields below */
+    int32_t worker;                /* owning worker index */
+    uint64_t id;                   /* session id, unique for the segment's life */
+    uint32_t cancel_pid;           /* the cancel key pgrelay gave the client */
+    uint32_t cancel_secret;
+    _Atomic uint32_t backend_valid; /* 1 once the node's BackendKeyData is recorded */
+    int32_t node;                  /* index of the node the session is on, -1 before */
+    uint32_t backend_pid;          /* the node's own cancel key */
+    uint32_t backend_secret;
+    int64_t connected_at_us;
+    int64_t stmt_start_us;         /* start of the current statement, 0 when none */
+    char client_addr[SHM_ADDR_MAX];
+    char user[SHM_IDENT_MAX];
+    char database[SHM_IDENT_MAX];
+    char application_name[SHM_IDENT_MAX];
+    char stmt[SHM_STMT_MAX];       /* text of the current or last statement */
+} shm_session;
+
+typedef struct shm_segment {
+    uint32_t magic;
+    uint32_t n_workers;
+    uint32_t max_sessions;
+    size_t size;
+    int32_t master_pid;
+    int64_t started_at_us;
+    _Atomic int32_t clients;           /* live client sessions, all workers */
+    _Atomic uint64_t next_session_id;
+    shm_routes routes;
+    shm_worker workers[SHM_MAX_WORKERS];
+    shm_session sessions[];            /* max_sessions slots */
+} shm_segment;
+
+/* Create an anonymous shared segment sized for cfg (inherited across fork; the fd can be passed
+ * to an exec'd process). Returns NULL and logs on failure. */
+shm_segment *shm_create(const config *cfg, int *fd_out);
+
+/* Microseconds of wall-clock time. */
+int64_t shm_now_us(void);
+
+/* Routing table: writer side. Publishes a complete table; readers switch to it atomically. */
+void shm_routes_publish(shm_segment *shm, const shm_route_table *tab);
+
+/* Routing table: reader side. Copies the current table into out; returns its version. */
+uint64_t shm_routes_read(shm_segment *shm, shm_route_table *out);
+
+static inline uint64_t shm_routes_version(shm_segment *shm)
+{
+    return atomic_load_explicit(&shm->routes.version, memory_order_acquire);
+}
+
+/* Fill a table from the static config: nodes resolved, the first primary as leader. */
+void shm_routes_from_config(shm_route_table *tab, const config *cfg, uint64_t epoch);
+
+/* Resolve a node's address into n->addr (a host starting with '/' is a socket directory). */
+int shm_node_resolve(shm_node *n);
+
+/* Session slots (there are max_client_conn of them, so a NULL claim means the limit is
+ * reached). Claim a free slot for worker w, searching from hint. */
+shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint);
+void shm_session_release(shm_segment *shm, shm_session *s);
+/* Free every slot a dead worker owned; returns how many. Only the master calls this. */
+int shm_sessions_reclaim(shm_segment *shm, int worker);
+
+/* Seqlock brackets for the owner's updates of a slot's fields. */
+static inline void shm_session_write_begin(shm_session *s)
+{
+    atomic_fetch_add_explicit(&s->seq, 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+}
+static inline void shm_session_write_end(shm_session *s)
+{
+    atomic_fetch_add_explicit(&s->seq, 1, memory_order_release);
+}
+
+/* Copy a slot consistently (for readers other than its owner). Returns false if it is free. */
+bool shm_session_snapshot(shm_session *s, shm_session *out);
+
+static inline void shm_stat_add(_Atomic uint64_t *c, uint64_t v)
+{
+    /* Single writer per counter: a relaxed load+store is enough and avoids a locked add. */
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v,
+                          memory_order_relaxed);
+}
+
+#endif

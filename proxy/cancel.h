@@ -1,0 +1,22 @@
+/* cancel.h - cancel keys: the ones pgrelay hands out, and forwarding CancelRequests to nodes. */
+#ifndef PGRELAY_CANCEL_H
+#define PGRELAY_CANCEL_H
+
+#include <stdint.h>
+
+#include "shm.h"
+
+struct worker;
+
+/* Choose the cancel key for a new session in slot index idx and record it in the slot. */
+void cancel_key_issue(struct worker *w, shm_session *slot, uint32_t idx, uint8_t key_out[8]);
+
+/* A CancelRequest arrived from client_addr: find the session with that key (in any worker)
+ * and send the node's own CancelRequest to the node. Unknown keys are logged and dropped. */
+void cancel_handle_request(struct worker *w, uint32_t pid, uint32_t secret,
+                           const char *client_addr);
+
+/* Send a CancelRequest for the backend (node, pid, secret) without waiting for it. */
+void cancel_send(struct worker *w, int node, uint32_t backend_pid, uint32_t backend_secret);
+
+#endif

@@ -1,0 +1,195 @@
+/* main.c - pgrelay's command line: flags, config check, daemon mode, pidfile, then the master. */
+#include "config.h"
+#include "log.h"
+#include "master.h"
+#include "net.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "pgrelay %s - PostgreSQL proxy that follows the write leader\n"
+            "\n"
+            "Usage: pgrelay [OPTION]...\n"
+            "\n"
+            "Options:\n"
+            "  -c, --config FILE    configuration file (default %s)\n"
+            "  -t, --check          check the configuration file and exit (0 valid, 1 not)\n"
+            "  -d, --daemon         detach and run in the background\n"
+            "  -p, --pidfile FILE   write the master's pid to FILE; refuse to start if another\n"
+            "                       running pgrelay holds it\n"
+            "  -v, --verbose        log more (repeat for debug)\n"
+            "  -q, --quiet          log only errors\n"
+            "  -V, --version        print the version and exit\n"
+            "  -h, --help           print this help and exit\n"
+            "\n"
+            "Signals: TERM graceful shutdown, INT fast shutdown, QUIT immediate shutdown.\n"
+            "See pgrelay(8) and pgrelay.ini(5).\n",
+            PGRELAY_VERSION, CONFIG_DEFAULT_PATH);
+}
+
+/* Lock the pidfile so a second instance refuses to start. Returns the open fd or -1. */
+static int pidfile_lock(const char *path)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        fprintf(stderr, "pgrelay: cannot open pidfile %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        char buf[32] = "";
+        ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
+        buf[n > 0 ? n : 0] = '\0';
+        buf[strcspn(buf, "\n")] = '\0';
+        fprintf(stderr, "pgrelay: already running (pid %s holds pidfile %s)\n",
+                buf[0] ? buf : "?", path);
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int pidfile_write(int fd, const char *path)
+{
+    char buf[32];
+    int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, (size_t)len, 0) != len) {
+        log_error("cannot write pidfile %s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Detach: fork, new session, fork again; stdin and stdout go to /dev/null, stderr stays so that
+ * logs can be redirected by the caller. */
+static int daemonize(void)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid > 0)
+        _exit(0);
+    if (setsid() < 0)
+        return -1;
+    pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid > 0)
+        _exit(0);
+    if (chdir("/") != 0)
+        return -1;
+    int fd = open("/dev/null", O_RDWR);
+    if (fd >= 0) {
+        dup2(fd, STDIN_FILENO);
+        dup2(fd, STDOUT_FILENO);
+        if (fd > STDERR_FILENO)
+            close(fd);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"config", required_argument, NULL, 'c'}, {"check", no_argument, NULL, 't'},
+        {"daemon", no_argument, NULL, 'd'},       {"pidfile", required_argument, NULL, 'p'},
+        {"verbose", no_argument, NULL, 'v'},      {"quiet", no_argument, NULL, 'q'},
+        {"version", no_argument, NULL, 'V'},      {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *config_path = CONFIG_DEFAULT_PATH;
+    const char *pidfile = NULL;
+    bool check = false, daemon_mode = false, quiet = false;
+    int verbose = 0, opt;
+
+    while ((opt = getopt_long(argc, argv, "c:tdp:vqVh", options, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            config_path = optarg;
+            break;
+        case 't':
+            check = true;
+            break;
+        case 'd':
+            daemon_mode = true;
+            break;
+        case 'p':
+            pidfile = optarg;
+            break;
+        case 'v':
+            verbose++;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'V':
+            printf("pgrelay %s\n", PGRELAY_VERSION);
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            fprintf(stderr, "Try 'pgrelay --help' for more information.\n");
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "pgrelay: unexpected argument \"%s\"\nTry 'pgrelay --help'.\n",
+                argv[optind]);
+        return 2;
+    }
+
+    config *cfg = calloc(1, sizeof(*cfg));
+    if (!cfg) {
+        fprintf(stderr, "pgrelay: out of memory\n");
+        return 1;
+    }
+    int errors = config_load(cfg, config_path);
+    if (errors > 0) {
+        for (int i = 0; i < cfg->n_errors; i++)
+            fprintf(stderr, "%s\n", cfg->errors[i]);
+        if (!check)
+            fprintf(stderr, "pgrelay: %d error(s) in %s; not starting\n", errors, config_path);
+        return 1;
+    }
+    if (check) {
+        printf("%s: configuration is valid (%d node(s))\n", config_path, cfg->n_nodes);
+        return 0;
+    }
+
+    int level = cfg->log_level + verbose;
+    if (level > LOG_LVL_DEBUG)
+        level = LOG_LVL_DEBUG;
+    log_current_level = quiet ? LOG_LVL_ERROR : (log_level)level;
+    log_set_process("master");
+
+    int pid_fd = -1;
+    if (pidfile && (pid_fd = pidfile_lock(pidfile)) < 0)
+        return 1;
+
+    /* Open the listen socket before detaching, so "port in use" reaches the terminal. */
+    char err[512];
+    int listen_fd = net_listen(cfg->listen_addr, cfg->listen_port, err, sizeof(err));
+    if (listen_fd < 0) {
+        log_error("%s", err);
+        return 1;
+    }
+    log_info("listening on %s:%d", cfg->listen_addr, cfg->listen_port);
+
+    if (daemon_mode && daemonize() != 0) {
+        log_error("cannot detach: %s", strerror(errno));
+        return 1;
+    }
+    if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
+        return 1;
+    return master_run(cfg, listen_fd, pidfile);
+}

@@ -1,0 +1,333 @@
+/* master.c - the master process: forks the workers, re-forks the ones that die, handles signals.
+ *
+ * Signal handlers only set flags and poke a self-pipe; the master's event loop does the work
+ * (reaping with waitpid(WNOHANG), respawning with backoff, passing shutdowns on).
+ */
+#include "master.h"
+#include "log.h"
+#include "shm.h"
+#include "worker.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define RESPAWN_FIRST_DELAY_MS 100   /* after a worker that died young */
+#define RESPAWN_MAX_DELAY_MS   10000 /* crash-loop ceiling */
+#define RESPAWN_STABLE_MS      10000 /* a worker that lived this long resets the backoff */
+#define STOP_KILL_GRACE_MS     5000  /* after the shutdown deadline, SIGKILL what is left */
+
+typedef enum master_stop {
+    MASTER_RUNNING = 0, /* supervising */
+    MASTER_GRACEFUL,    /* SIGTERM passed on; waiting for workers to drain */
+    MASTER_FAST,        /* SIGINT passed on; waiting for workers to exit */
+} master_stop;
+
+/* One row of the process table. */
+typedef struct master_child {
+    pid_t pid;            /* 0 when not running */
+    int64_t started_us;
+    int backoff_ms;       /* delay before the next respawn */
+    struct event ev_respawn;
+} master_child;
+
+typedef struct master {
+    config *cfg;
+    shm_segment *shm;
+    int shm_fd;
+    int listen_fd;
+    struct event_base *base;
+    struct event ev_signal_pipe;
+    struct event ev_kill_deadline;
+    master_child *children;
+    int n_children;
+    master_stop stop;
+} master;
+
+static master *master_self; /* the one master of this process, for timer callbacks */
+static volatile sig_atomic_t sig_child, sig_term, sig_int, sig_quit, sig_hup;
+static int signal_pipe[2] = {-1, -1};
+
+static void master_on_signal(int sig)
+{
+    int saved = errno;
+    switch (sig) {
+    case SIGCHLD:
+        sig_child = 1;
+        break;
+    case SIGTERM:
+        sig_term = 1;
+        break;
+    case SIGINT:
+        sig_int = 1;
+        break;
+    case SIGQUIT:
+        sig_quit = 1;
+        break;
+    case SIGHUP:
+        sig_hup = 1;
+        break;
+    }
+    ssize_t n = write(signal_pipe[1], "s", 1);
+    (void)n;
+    errno = saved;
+}
+
+static const int master_signals[] = {SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP};
+
+static void master_install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = master_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    for (size_t i = 0; i < sizeof(master_signals) / sizeof(master_signals[0]); i++)
+        sigaction(master_signals[i], &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static void master_spawn(master *m, int i)
+{
+    master_child *c = &m->children[i];
+    pid_t pid = fork();
+    if (pid < 0) {
+        log_error("cannot fork worker %d: %s; retrying in %d ms", i, strerror(errno),
+                  RESPAWN_MAX_DELAY_MS);
+        struct timeval tv = {RESPAWN_MAX_DELAY_MS / 1000, 0};
+        evtimer_add(&c->ev_respawn, &tv);
+        return;
+    }
+    if (pid == 0) {
+        /* The worker sets up its own handlers; drop the master's. */
+        for (size_t k = 0; k < sizeof(master_signals) / sizeof(master_signals[0]); k++)
+            signal(master_signals[k], SIG_DFL);
+        close(signal_pipe[0]);
+        close(signal_pipe[1]);
+        worker_main(i, m->cfg, m->shm, m->listen_fd);
+    }
+    c->pid = pid;
+    c->started_us = shm_now_us();
+    atomic_store(&m->shm->workers[i].pid, pid);
+    m->shm->workers[i].started_at_us = c->started_us;
+    log_info("worker %d started (pid %d)", i, (int)pid);
+}
+
+static void master_on_respawn(evutil_socket_t fd, short what, void *arg)
+{
+    master_child *c = arg;
+    (void)fd;
+    (void)what;
+    if (master_self->stop == MASTER_RUNNING)
+        master_spawn(master_self, (int)(c - master_self->children));
+}
+
+static int master_alive(const master *m)
+{
+    int n = 0;
+    for (int i = 0; i < m->n_children; i++)
+        n += m->children[i].pid != 0;
+    return n;
+}
+
+static void describe_status(int status, char *buf, size_t len)
+{
+    if (WIFEXITED(status))
+        snprintf(buf, len, "exited with code %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(buf, len, "was killed by signal %d (%s)%s", WTERMSIG(status),
+                 strsignal(WTERMSIG(status)), WCOREDUMP(status) ? ", core dumped" : "");
+    else
+        snprintf(buf, len, "ended with status %d", status);
+}
+
+static void master_reap(master *m)
+{
+    int status;
+    pid_t pid;
+    char how[128];
+
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        int i;
+        for (i = 0; i < m->n_children && m->children[i].pid != pid; i++)
+            ;
+        if (i == m->n_children)
+            continue; /* not a worker */
+        master_child *c = &m->children[i];
+        c->pid = 0;
+        atomic_store(&m->shm->workers[i].pid, 0);
+        int lost = shm_sessions_reclaim(m->shm, i);
+        describe_status(status, how, sizeof(how));
+        if (m->stop != MASTER_RUNNING) {
+            log_info("worker %d (pid %d) %s", i, (int)pid, how);
+            continue;
+        }
+        int64_t lived_ms = (shm_now_us() - c->started_us) / 1000;
+        if (lived_ms >= RESPAWN_STABLE_MS)
+            c->backoff_ms = 0;
+        else if (c->backoff_ms == 0)
+            c->backoff_ms = RESPAWN_FIRST_DELAY_MS;
+        else if ((c->backoff_ms *= 2) > RESPAWN_MAX_DELAY_MS)
+            c->backoff_ms = RESPAWN_MAX_DELAY_MS;
+        log_warning("worker %d (pid %d) %s after %lld ms; %d session(s) lost; restarting in %d ms",
+                    i, (int)pid, how, (long long)lived_ms, lost, c->backoff_ms);
+        m->shm->workers[i].restarts++;
+        struct timeval tv = {c->backoff_ms / 1000, (c->backoff_ms % 1000) * 1000};
+        evtimer_add(&c->ev_respawn, &tv);
+    }
+    if (m->stop != MASTER_RUNNING && master_alive(m) == 0)
+        event_base_loopbreak(m->base);
+}
+
+static void master_signal_workers(master *m, int sig)
+{
+    for (int i = 0; i < m->n_children; i++)
+        if (m->children[i].pid > 0)
+            kill(m->children[i].pid, sig);
+}
+
+static void master_on_kill_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    master *m = arg;
+    (void)fd;
+    (void)what;
+    log_warning("%d worker(s) still running after the shutdown deadline: killing them",
+                master_alive(m));
+    master_signal_workers(m, SIGKILL);
+}
+
+static void master_begin_stop(master *m, master_stop how, int sig, int deadline_ms)
+{
+    m->stop = how;
+    if (m->listen_fd >= 0) {
+        close(m->listen_fd);
+        m->listen_fd = -1;
+    }
+    for (int i = 0; i < m->n_children; i++)
+        evtimer_del(&m->children[i].ev_respawn);
+    master_signal_workers(m, sig);
+    struct timeval tv = {deadline_ms / 1000, (deadline_ms % 1000) * 1000};
+    evtimer_del(&m->ev_kill_deadline);
+    evtimer_add(&m->ev_kill_deadline, &tv);
+    if (master_alive(m) == 0)
+        event_base_loopbreak(m->base);
+}
+
+static void master_on_signal_pipe(evutil_socket_t fd, short what, void *arg)
+{
+    master *m = arg;
+    char buf[64];
+    (void)what;
+    while (read(fd, buf, sizeof(buf)) > 0)
+        ;
+    if (sig_quit) {
+        sig_quit = 0;
+        log_info("SIGQUIT: immediate shutdown");
+        master_signal_workers(m, SIGKILL);
+        m->stop = MASTER_FAST;
+        event_base_loopbreak(m->base);
+        return;
+    }
+    if (sig_int) {
+        sig_int = 0;
+        if (m->stop != MASTER_FAST) {
+            log_info("SIGINT: fast shutdown, closing every session");
+            master_begin_stop(m, MASTER_FAST, SIGINT, STOP_KILL_GRACE_MS);
+        }
+    }
+    if (sig_term) {
+        sig_term = 0;
+        if (m->stop == MASTER_RUNNING) {
+            log_info("SIGTERM: graceful shutdown, waiting up to %d ms for sessions",
+                     m->cfg->shutdown_timeout_ms);
+            master_begin_stop(m, MASTER_GRACEFUL, SIGTERM,
+                              m->cfg->shutdown_timeout_ms + STOP_KILL_GRACE_MS);
+        }
+    }
+    if (sig_hup) {
+        sig_hup = 0;
+        log_warning("SIGHUP: configuration reload is not supported by this version; "
+                    "restart pgrelay to apply changes");
+    }
+    if (sig_child) {
+        sig_child = 0;
+        master_reap(m);
+    }
+}
+
+static void master_publish_static_routes(master *m)
+{
+    shm_route_table *tab = calloc(1, sizeof(*tab));
+    if (!tab)
+        return;
+    shm_routes_from_config(tab, m->cfg, 1);
+    shm_routes_publish(m->shm, tab);
+    if (tab->leader >= 0)
+        log_info("write leader: node %s (%s:%d), epoch %llu", tab->nodes[tab->leader].name,
+                 tab->nodes[tab->leader].host, tab->nodes[tab->leader].port,
+                 (unsigned long long)tab->epoch);
+    else
+        log_warning("no node has role = primary: new sessions will be refused (57P03)");
+    free(tab);
+}
+
+int master_run(config *cfg, int listen_fd, const char *pidfile)
+{
+    master m = {.cfg = cfg, .listen_fd = listen_fd, .shm_fd = -1};
+    int rc = 1;
+
+    master_self = &m;
+    log_set_process("master");
+    m.shm = shm_create(cfg, &m.shm_fd);
+    if (!m.shm)
+        return 1;
+    master_publish_static_routes(&m);
+
+    if (pipe2(signal_pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+        log_error("cannot create the signal pipe: %s", strerror(errno));
+        return 1;
+    }
+    m.base = event_base_new();
+    if (!m.base) {
+        log_error("cannot create the event loop");
+        return 1;
+    }
+    master_install_signals();
+    event_assign(&m.ev_signal_pipe, m.base, signal_pipe[0], EV_READ | EV_PERSIST,
+                 master_on_signal_pipe, &m);
+    event_add(&m.ev_signal_pipe, NULL);
+    evtimer_assign(&m.ev_kill_deadline, m.base, master_on_kill_deadline, &m);
+
+    m.n_children = cfg->workers;
+    m.children = calloc((size_t)m.n_children, sizeof(*m.children));
+    if (!m.children) {
+        log_error("out of memory");
+        return 1;
+    }
+    for (int i = 0; i < m.n_children; i++) {
+        evtimer_assign(&m.children[i].ev_respawn, m.base, master_on_respawn, &m.children[i]);
+        master_spawn(&m, i);
+    }
+    log_info("pgrelay %s ready: %d worker(s) on %s:%d", PGRELAY_VERSION, m.n_children,
+             cfg->listen_addr, cfg->listen_port);
+
+    event_base_dispatch(m.base);
+
+    /* Stopped: make sure no worker outlives us. */
+    if (master_alive(&m) > 0 && m.stop == MASTER_FAST) {
+        master_signal_workers(&m, SIGKILL);
+        while (waitpid(-1, NULL, 0) > 0)
+            ;
+    }
+    rc = 0;
+    log_info("pgrelay stopped");
+    if (pidfile)
+        unlink(pidfile);
+    return rc;
+}

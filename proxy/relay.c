@@ -1,0 +1,304 @@
+/* relay.c - the data path: read a chunk, follow its message framing, write it on, backpressure.
+ *
+ * Each readable event does one read() into the worker's scratch buffer, feeds it to the framing
+ * scanner of that direction (which records statement text, transaction state and cancel keys,
+ * and swaps the backend's cancel key for pgrelay's in place), and write()s it to the other
+ * side. Only bytes the other side did not take are copied, into that direction's pending
+ * buffer; while it is non-empty the source is not read, so memory per session stays bounded.
+ */
+#include "cancel.h"
+#include "log.h"
+#include "session.h"
+#include "worker.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* ---- client -> server messages ---- */
+
+static void session_set_state(session *s, shm_session_state state)
+{
+    atomic_store_explicit(&s->slot->state, state, memory_order_relaxed);
+}
+
+/* The first message after the session was idle starts a statement. */
+static void relay_statement_starts(session *s)
+{
+    if (s->pending_syncs == 0 && !s->ext_open) {
+        s->slot->stmt_start_us = shm_now_us();
+        session_set_state(s, SESSION_ACTIVE);
+    }
+}
+
+static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t body_len)
+{
+    session *s = ctx;
+    worker *w = worker_self;
+    (void)scan;
+    (void)body_len;
+
+    if (!s->logged_in)
+        return 0; /* password and SASL messages */
+    switch (type) {
+    case PG_MSG_QUERY:
+        shm_session_write_begin(s->slot); /* ended in client_end, once the text is in */
+        relay_statement_starts(s);
+        s->pending_syncs++;
+        shm_stat_add(&w->row->stats.statements, 1);
+        return SHM_STMT_MAX - 1;
+    case PG_MSG_PARSE:
+        shm_session_write_begin(s->slot);
+        relay_statement_starts(s);
+        s->ext_open = true;
+        return SHM_STMT_MAX - 1;
+    case PG_MSG_EXECUTE:
+        shm_stat_add(&w->row->stats.statements, 1);
+        /* fall through */
+    case PG_MSG_BIND:
+    case 'D': /* Describe */
+    case 'C': /* Close */
+    case 'H': /* Flush */
+        relay_statement_starts(s);
+        s->ext_open = true;
+        return 0;
+    case PG_MSG_SYNC:
+        relay_statement_starts(s);
+        s->ext_open = false;
+        s->pending_syncs++;
+        return 0;
+    case PG_MSG_FUNCTION_CALL:
+        relay_statement_starts(s);
+        s->pending_syncs++;
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static void client_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t captured,
+                       uint32_t body_len)
+{
+    session *s = ctx;
+    (void)body;
+    (void)body_len;
+
+    if (!s->logged_in)
+        return;
+    if (type == PG_MSG_QUERY) {
+        s->slot->stmt[captured] = '\0';
+        shm_session_write_end(s->slot);
+    } else if (type == PG_MSG_PARSE) {
+        /* Parse: statement name \0 query \0 ...; keep the query. */
+        char *stmt = s->slot->stmt;
+        stmt[captured] = '\0';
+        size_t name_len = strnlen(stmt, captured);
+        if (name_len < captured)
+            memmove(stmt, stmt + name_len + 1, captured - name_len);
+        else
+            stmt[0] = '\0';
+        shm_session_write_end(s->slot);
+    }
+}
+
+/* ---- server -> client messages ---- */
+
+static uint32_t server_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t body_len)
+{
+    session *s = ctx;
+    switch (type) {
+    case PG_MSG_READY_FOR_QUERY:
+        return 1;
+    case PG_MSG_BACKEND_KEY_DATA:
+        if (body_len == sizeof(s->client_key)) {
+            scan->rewrite = s->client_key;
+            scan->rewrite_len = sizeof(s->client_key);
+            return sizeof(s->client_key);
+        }
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static void server_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t captured,
+                       uint32_t body_len)
+{
+    session *s = ctx;
+    (void)body_len;
+
+    if (type == PG_MSG_READY_FOR_QUERY && captured == 1) {
+        s->tx_status = (char)body[0];
+        if (s->pending_syncs > 0)
+            s->pending_syncs--;
+        if (s->pending_syncs == 0 && !s->ext_open) {
+            session_set_state(s, s->tx_status == PG_TX_IDLE ? SESSION_IDLE : SESSION_IN_TX);
+            s->slot->stmt_start_us = 0;
+        }
+        if (!s->logged_in) {
+            s->logged_in = true;
+            s->login_deadline_us = 0;
+            if (s->timer_armed) {
+                evtimer_del(&s->ev_timer);
+                s->timer_armed = false;
+            }
+        }
+    } else if (type == PG_MSG_BACKEND_KEY_DATA && captured == 8) {
+        s->slot->backend_pid = pg_get_u32(body);
+        s->slot->backend_secret = pg_get_u32(body + 4);
+        atomic_store_explicit(&s->slot->backend_valid, 1, memory_order_release);
+    }
+}
+
+static const pg_scan_ops client_ops = {client_begin, client_end};
+static const pg_scan_ops server_ops = {server_begin, server_end};
+
+void relay_init_scanners(session *s)
+{
+    pg_scan_init(&s->client_scan, (uint8_t *)s->slot->stmt, SHM_STMT_MAX - 1);
+    pg_scan_init(&s->server_scan, s->server_capture, sizeof(s->server_capture));
+}
+
+/* ---- moving bytes ---- */
+
+int relay_flush(session *s, relay_pending *p, int fd)
+{
+    (void)s;
+    while (p->off < p->len) {
+        ssize_t n = send(fd, p->buf + p->off, p->len - p->off, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            return -1;
+        }
+        p->off += (size_t)n;
+    }
+    free(p->buf);
+    p->buf = NULL;
+    p->off = p->len = 0;
+    return 0;
+}
+
+/* Keep what `to` did not take. The source is not read again until it drains. */
+static int relay_keep(relay_pending *p, const uint8_t *data, size_t len)
+{
+    p->buf = malloc(len);
+    if (!p->buf)
+        return -1;
+    memcpy(p->buf, data, len);
+    p->off = 0;
+    p->len = len;
+    return 0;
+}
+
+typedef enum relay_result {
+    RELAY_OK = 0,  /* moved what there was (or nothing yet) */
+    RELAY_CLOSED,  /* the session was closed and freed */
+} relay_result;
+
+/* One read from `from`, scanned, written to `to`. */
+static relay_result relay_pump(session *s, bool from_client)
+{
+    worker *w = worker_self;
+    int from = from_client ? s->cfd : s->sfd;
+    int to = from_client ? s->sfd : s->cfd;
+    relay_pending *out = from_client ? &s->to_server : &s->to_client;
+    uint8_t *buf = w->scratch;
+
+    ssize_t n = recv(from, buf, RELAY_BUF_SIZE, 0);
+    if (n <= 0) {
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return RELAY_OK;
+        if (from_client) {
+            log_debug("client %s: disconnected", s->client_addr);
+            session_close(s, NULL, NULL);
+        } else {
+            /* The node closed (after a FATAL, or it went away): pass on what is queued. */
+            relay_flush(s, &s->to_client, s->cfd);
+            log_debug("client %s: node closed the connection", s->client_addr);
+            session_close(s, NULL, NULL);
+        }
+        return RELAY_CLOSED;
+    }
+    if (from_client) {
+        if (pg_scan_feed(&s->client_scan, buf, (size_t)n, &client_ops, s) != 0) {
+            log_warning("client %s: invalid message length from client; closing",
+                        s->client_addr);
+            session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "invalid message length");
+            return RELAY_CLOSED;
+        }
+        shm_stat_add(&w->row->stats.bytes_in, (uint64_t)n);
+    } else {
+        if (pg_scan_feed(&s->server_scan, buf, (size_t)n, &server_ops, s) != 0) {
+            log_warning("client %s: invalid message length from node %s; closing",
+                        s->client_addr, w->routes.nodes[s->node].name);
+            session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "invalid message from the node");
+            return RELAY_CLOSED;
+        }
+        shm_stat_add(&w->row->stats.bytes_out, (uint64_t)n);
+    }
+
+    ssize_t sent = send(to, buf, (size_t)n, MSG_NOSIGNAL);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EINTR) {
+            log_debug("client %s: write to %s failed: %s", s->client_addr,
+                      from_client ? "node" : "client", strerror(errno));
+            session_close(s, NULL, NULL);
+            return RELAY_CLOSED;
+        }
+        sent = 0;
+    }
+    if (sent < n && relay_keep(out, buf + sent, (size_t)(n - sent)) != 0) {
+        log_error("client %s: out of memory buffering %zd bytes", s->client_addr, n - sent);
+        session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "pgrelay is out of memory");
+        return RELAY_CLOSED;
+    }
+    return RELAY_OK;
+}
+
+/* After server output passed: a session waiting for its safe point may close now. */
+static relay_result relay_check_safe_point(session *s)
+{
+    if (s->close_at_safe_point && session_at_safe_point(s) && s->to_client.len == 0) {
+        session_close(s, s->close_sqlstate, s->close_message);
+        return RELAY_CLOSED;
+    }
+    return RELAY_OK;
+}
+
+void relay_on_client(evutil_socket_t fd, short what, void *arg)
+{
+    session *s = arg;
+    if (what & EV_WRITE) {
+        if (relay_flush(s, &s->to_client, fd) != 0) {
+            session_close(s, NULL, NULL);
+            return;
+        }
+        if (relay_check_safe_point(s) == RELAY_CLOSED)
+            return;
+    }
+    if ((what & EV_READ) && s->to_server.len == 0) {
+        if (relay_pump(s, true) == RELAY_CLOSED)
+            return;
+    }
+    session_arm(s);
+}
+
+void relay_on_server(evutil_socket_t fd, short what, void *arg)
+{
+    session *s = arg;
+    if (what & EV_WRITE) {
+        if (relay_flush(s, &s->to_server, fd) != 0) {
+            session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
+            return;
+        }
+    }
+    if ((what & EV_READ) && s->to_client.len == 0) {
+        if (relay_pump(s, false) == RELAY_CLOSED)
+            return;
+        if (relay_check_safe_point(s) == RELAY_CLOSED)
+            return;
+    }
+    session_arm(s);
+}

@@ -1,0 +1,92 @@
+/* session.h - one client session inside a worker: its phases, sockets, buffers and protocol state. */
+#ifndef PGRELAY_SESSION_H
+#define PGRELAY_SESSION_H
+
+#include <event2/event.h>
+#include <event2/event_struct.h>
+#include <netinet/in.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "pgproto.h"
+#include "shm.h"
+
+typedef enum session_phase {
+    PHASE_STARTUP = 0, /* reading the client's startup packet (SSL/GSS negotiation included) */
+    PHASE_CONNECTING,  /* non-blocking connect to the node in progress */
+    PHASE_RELAY,       /* relaying both ways; authentication passes through here */
+} session_phase;
+
+/* Bytes read from one side that the other side has not taken yet. While a direction has
+ * pending bytes, pgrelay does not read from its source: that is the backpressure. */
+typedef struct relay_pending {
+    uint8_t *buf;     /* malloc'd when needed, freed when drained */
+    size_t off;       /* first unsent byte */
+    size_t len;       /* end of data */
+} relay_pending;
+
+typedef struct session {
+    struct session *prev, *next; /* the worker's list of sessions */
+    shm_session *slot;           /* this session's row in shared memory */
+    session_phase phase;
+    int cfd;                     /* client socket */
+    int sfd;                     /* server socket, -1 before connecting */
+    struct event ev_client;      /* read/write interest on cfd, recomputed by session_arm() */
+    struct event ev_server;      /* read/write interest on sfd */
+    struct event ev_timer;       /* login, connect, leader-change and shutdown deadlines */
+    short client_mask;           /* events currently registered on cfd */
+    short server_mask;           /* events currently registered on sfd */
+    bool timer_armed;
+
+    /* Startup phase: the startup packet being assembled, then bytes that followed it. */
+    uint8_t *startup;            /* PG_STARTUP_MAX_LEN bytes while PHASE_STARTUP/CONNECTING */
+    uint32_t startup_have;
+    uint32_t startup_len;        /* length of the completed StartupMessage */
+    const char *reject_sqlstate; /* set when the session is admitted only to be refused */
+    const char *reject_message;
+
+    relay_pending to_server;     /* client -> server bytes not yet written */
+    relay_pending to_client;     /* server -> client bytes not yet written */
+    pg_scan client_scan;         /* framing of client -> server messages */
+    pg_scan server_scan;         /* framing of server -> client messages */
+    uint8_t server_capture[16];  /* captured body of ReadyForQuery / BackendKeyData */
+    uint8_t client_key[8];       /* the cancel key (pid, secret) pgrelay gave the client */
+
+    int node;                    /* index of the node in the routing table */
+    int64_t login_deadline_us;   /* 0 once ReadyForQuery arrived the first time */
+    int64_t connect_deadline_us; /* while PHASE_CONNECTING */
+    uint32_t pending_syncs;      /* Query/Sync/FunctionCall sent, ReadyForQuery not yet back */
+    bool ext_open;               /* extended-protocol messages sent since the last Sync */
+    bool logged_in;              /* the first ReadyForQuery has passed */
+    char tx_status;              /* last ReadyForQuery status: I, T or E */
+    bool close_at_safe_point;    /* close as soon as the session is idle outside a transaction */
+    const char *close_sqlstate;  /* what to tell the client then */
+    const char *close_message;
+
+    char client_addr[SHM_ADDR_MAX];
+} session;
+
+/* Accept handling: a new client socket. */
+void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen);
+
+/* End a session now. If sqlstate is set, a FATAL ErrorResponse is sent to the client first. */
+void session_close(session *s, const char *sqlstate, const char *message);
+
+/* Close now if idle outside a transaction, else once it gets there (graceful shutdown,
+ * later leader change). */
+void session_close_when_safe(session *s, const char *sqlstate, const char *message);
+
+/* True when the session is between statements outside a transaction: nothing in flight. */
+bool session_at_safe_point(const session *s);
+
+/* Recompute which events the session waits for and register them (cheap when unchanged). */
+void session_arm(session *s);
+
+/* Relay callbacks (relay.c). */
+void relay_on_client(evutil_socket_t fd, short what, void *arg);
+void relay_on_server(evutil_socket_t fd, short what, void *arg);
+void relay_init_scanners(session *s);
+/* Write what is pending toward fd; returns 0, or -1 on a hard error (session must close). */
+int relay_flush(session *s, relay_pending *p, int fd);
+
+#endif

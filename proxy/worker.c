@@ -1,0 +1,214 @@
+/* worker.c - a worker process: accepts from the shared listen socket and runs its sessions. */
+#include "worker.h"
+#include "log.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define ACCEPT_BATCH     64 /* accepts per wake-up, so one worker cannot starve its sessions */
+#define ACCEPT_PAUSE_MS  1000 /* back off this long when out of file descriptors */
+
+worker *worker_self;
+
+uint32_t worker_random(worker *w)
+{
+    /* xorshift64*: plenty for cancel secrets that also carry the slot check. */
+    uint64_t x = w->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    w->rng = x;
+    return (uint32_t)((x * 0x2545F4914F6CDD1DULL) >> 32);
+}
+
+void worker_routes_refresh(worker *w)
+{
+    if (shm_routes_version(w->shm) != w->routes_version)
+        w->routes_version = shm_routes_read(w->shm, &w->routes);
+}
+
+void worker_session_added(worker *w, session *s)
+{
+    s->prev = NULL;
+    s->next = w->sessions;
+    if (w->sessions)
+        w->sessions->prev = s;
+    w->sessions = s;
+    w->n_sessions++;
+    atomic_store_explicit(&w->row->sessions, w->n_sessions, memory_order_relaxed);
+}
+
+void worker_session_gone(worker *w, session *s)
+{
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        w->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    w->n_sessions--;
+    atomic_store_explicit(&w->row->sessions, w->n_sessions, memory_order_relaxed);
+    if (w->stop != WORKER_RUNNING && w->n_sessions == 0)
+        event_base_loopbreak(w->base);
+}
+
+static void worker_on_accept_resume(evutil_socket_t fd, short what, void *arg)
+{
+    worker *w = arg;
+    (void)fd;
+    (void)what;
+    if (w->stop == WORKER_RUNNING)
+        event_add(&w->ev_accept, NULL);
+}
+
+static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
+{
+    worker *w = arg;
+    (void)what;
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        struct sockaddr_storage addr;
+        socklen_t len = sizeof(addr);
+        int fd = accept4(lfd, (struct sockaddr *)&addr, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
+                return;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                struct timeval tv = {ACCEPT_PAUSE_MS / 1000, (ACCEPT_PAUSE_MS % 1000) * 1000};
+                log_error("accept: %s; not accepting for %d ms", strerror(errno),
+                          ACCEPT_PAUSE_MS);
+                event_del(&w->ev_accept);
+                evtimer_add(&w->ev_accept_resume, &tv);
+                return;
+            }
+            log_error("accept: %s", strerror(errno));
+            return;
+        }
+        session_new(fd, &addr, len);
+    }
+}
+
+static void worker_stop_accepting(worker *w)
+{
+    if (w->listen_fd >= 0) {
+        event_del(&w->ev_accept);
+        evtimer_del(&w->ev_accept_resume);
+        close(w->listen_fd);
+        w->listen_fd = -1;
+    }
+}
+
+/* Close every session now (fast shutdown, or the graceful deadline passed). */
+static void worker_close_all(worker *w, const char *message)
+{
+    while (w->sessions)
+        session_close(w->sessions, PG_SQLSTATE_ADMIN_SHUTDOWN, message);
+}
+
+static void worker_on_shutdown_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    worker *w = arg;
+    (void)fd;
+    (void)what;
+    log_info("shutdown_timeout reached: closing %d remaining session(s)", w->n_sessions);
+    worker_close_all(w, "terminating connection: pgrelay shutdown_timeout reached");
+    event_base_loopbreak(w->base);
+}
+
+static void worker_begin_graceful(worker *w)
+{
+    if (w->stop != WORKER_RUNNING)
+        return;
+    w->stop = WORKER_GRACEFUL;
+    worker_stop_accepting(w);
+    log_info("graceful shutdown: %d session(s) to finish (at most %d ms)", w->n_sessions,
+             w->cfg->shutdown_timeout_ms);
+    /* Idle sessions go now; the others at their next safe point. */
+    session *next;
+    for (session *s = w->sessions; s; s = next) {
+        next = s->next;
+        session_close_when_safe(s, PG_SQLSTATE_ADMIN_SHUTDOWN,
+                                "terminating connection: pgrelay is shutting down");
+    }
+    if (w->n_sessions == 0) {
+        event_base_loopbreak(w->base);
+        return;
+    }
+    struct timeval tv = {w->cfg->shutdown_timeout_ms / 1000,
+                         (w->cfg->shutdown_timeout_ms % 1000) * 1000};
+    evtimer_assign(&w->ev_shutdown, w->base, worker_on_shutdown_deadline, w);
+    evtimer_add(&w->ev_shutdown, &tv);
+}
+
+static void worker_on_signal(evutil_socket_t sig, short what, void *arg)
+{
+    worker *w = arg;
+    (void)what;
+    switch (sig) {
+    case SIGTERM:
+        worker_begin_graceful(w);
+        break;
+    case SIGINT:
+        w->stop = WORKER_FAST;
+        worker_stop_accepting(w);
+        worker_close_all(w, "terminating connection: pgrelay fast shutdown");
+        event_base_loopbreak(w->base);
+        break;
+    case SIGQUIT:
+        _exit(0);
+    }
+}
+
+void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd)
+{
+    static const int signals[] = {SIGTERM, SIGINT, SIGQUIT};
+    char tag[32];
+
+    /* When the master dies, drain and leave rather than serve unsupervised. */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != shm->master_pid)
+        _exit(0);
+    snprintf(tag, sizeof(tag), "worker %d", index);
+    log_set_process(tag);
+
+    worker *w = calloc(1, sizeof(*w));
+    if (!w) {
+        log_error("out of memory starting the worker");
+        _exit(1);
+    }
+    worker_self = w;
+    w->index = index;
+    w->cfg = cfg;
+    w->shm = shm;
+    w->row = &shm->workers[index];
+    w->listen_fd = listen_fd;
+    w->slot_hint = (uint32_t)index * (shm->max_sessions / (shm->n_workers ? shm->n_workers : 1));
+    if (getrandom(&w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || w->rng == 0)
+        w->rng = (uint64_t)shm_now_us() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
+    worker_routes_refresh(w);
+
+    w->base = event_base_new();
+    if (!w->base) {
+        log_error("cannot create the event loop");
+        _exit(1);
+    }
+    for (size_t i = 0; i < sizeof(signals) / sizeof(signals[0]); i++) {
+        w->ev_signals[i] = evsignal_new(w->base, signals[i], worker_on_signal, w);
+        evsignal_add(w->ev_signals[i], NULL);
+    }
+    signal(SIGPIPE, SIG_IGN);
+    event_assign(&w->ev_accept, w->base, listen_fd, EV_READ | EV_PERSIST, worker_on_accept, w);
+    event_add(&w->ev_accept, NULL);
+    evtimer_assign(&w->ev_accept_resume, w->base, worker_on_accept_resume, w);
+
+    log_debug("ready");
+    event_base_dispatch(w->base);
+    log_info("exiting (%s)", w->stop == WORKER_FAST ? "fast shutdown" : "graceful shutdown");
+    _exit(0);
+}

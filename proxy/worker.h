@@ -1,0 +1,60 @@
+/* worker.h - a worker process: one libevent loop that accepts clients and relays their sessions. */
+#ifndef PGRELAY_WORKER_H
+#define PGRELAY_WORKER_H
+
+#include <event2/event.h>
+#include <event2/event_struct.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "session.h"
+#include "shm.h"
+
+#define RELAY_BUF_SIZE (64 * 1024) /* one read() of relayed data */
+
+typedef enum worker_stop {
+    WORKER_RUNNING = 0, /* accepting and relaying */
+    WORKER_GRACEFUL,    /* SIGTERM: no new sessions, live ones end at their next safe point */
+    WORKER_FAST,        /* SIGINT: every session closed now */
+} worker_stop;
+
+typedef struct worker {
+    int index;                    /* 0..workers-1, also the row in shm->workers */
+    struct event_base *base;
+    const config *cfg;
+    shm_segment *shm;
+    shm_worker *row;              /* this worker's row in shared memory */
+    int listen_fd;
+    struct event ev_accept;
+    struct event ev_accept_resume; /* re-enables accept after EMFILE */
+    struct event ev_shutdown;      /* shutdown_timeout deadline */
+    struct event *ev_signals[4];
+    worker_stop stop;
+    session *sessions;            /* list of live sessions */
+    int n_sessions;
+    uint32_t slot_hint;           /* where the next slot search starts */
+    uint64_t rng;                 /* xorshift state for cancel secrets */
+    shm_route_table routes;       /* local copy of the routing table */
+    uint64_t routes_version;      /* shm version the copy was taken at */
+    uint8_t scratch[RELAY_BUF_SIZE];
+} worker;
+
+/* The worker of this process (NULL in the master). */
+extern worker *worker_self;
+
+/* Entry point in the forked child; never returns. */
+void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd)
+    __attribute__((noreturn));
+
+/* Refresh the local routing table if shared memory has a newer one. */
+void worker_routes_refresh(worker *w);
+
+/* A random 32-bit value (cancel secrets). */
+uint32_t worker_random(worker *w);
+
+/* Called by session_close: drop the session from the list; may end a draining worker. */
+void worker_session_gone(worker *w, session *s);
+void worker_session_added(worker *w, session *s);
+
+#endif
