@@ -22,11 +22,12 @@ PYTHON   := /usr/bin/python3
 
 ifeq ($(SANITIZE),)
 BUILD    := build
+BIN      := bin
 else
 BUILD    := build-$(SANITIZE)
+BIN      := bin-$(SANITIZE)
 SANFLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
 endif
-BIN      := bin
 
 # Debian packages for building, testing, benchmarking.
 DEB_BUILD := build-essential pkg-config libevent-dev libpq-dev libcurl4-openssl-dev \
@@ -128,6 +129,6 @@ format:
 	clang-format -i common/*.[ch] proxy/*.[ch] tests/unit/*.c
 
 clean:
-	rm -rf build build-* $(BIN)
+	rm -rf build build-* bin bin-*
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

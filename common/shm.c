@@ -20,7 +20,8 @@ int64_t shm_now_us(void)
 
 shm_segment *shm_create(const config *cfg, int *fd_out)
 {
-    size_t max_sessions = (size_t)cfg->max_client_conn;
+    /* Beyond max_client_conn, a few slots let refused clients get a proper 53300 answer. */
+    size_t max_sessions = (size_t)cfg->max_client_conn + SHM_REFUSE_RESERVE;
     size_t size = sizeof(shm_segment) + max_sessions * sizeof(shm_session);
     long page = sysconf(_SC_PAGESIZE);
     size = (size + (size_t)page - 1) / (size_t)page * (size_t)page;
@@ -159,6 +160,10 @@ shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint)
 
 void shm_session_release(shm_segment *shm, shm_session *s)
 {
+    /* An owner that stopped mid-update (closed while capturing a statement, or died) leaves
+     * the seqlock odd; make it even so the next owner's brackets mean what they should. */
+    if (atomic_load(&s->seq) & 1u)
+        atomic_fetch_add(&s->seq, 1);
     atomic_fetch_sub(&shm->clients, 1);
     atomic_store(&s->backend_valid, 0);
     atomic_store_explicit(&s->state, SESSION_FREE, memory_order_release);
@@ -170,9 +175,6 @@ int shm_sessions_reclaim(shm_segment *shm, int worker)
     for (uint32_t i = 0; i < shm->max_sessions; i++) {
         shm_session *s = &shm->sessions[i];
         if (atomic_load(&s->state) != SESSION_FREE && s->worker == worker) {
-            /* The owner is dead: finish any half-done seqlock bracket, then free. */
-            if (atomic_load(&s->seq) & 1u)
-                atomic_fetch_add(&s->seq, 1);
             shm_session_release(shm, s);
             freed++;
         }

@@ -23,6 +23,7 @@
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
 #define SHM_ADDR_MAX       64   /* "ip:port" of a client */
+#define SHM_REFUSE_RESERVE 64   /* slots past max_client_conn, held only while refusing */
 
 typedef enum shm_node_health {
     NODE_HEALTH_UNKNOWN = 0, /* not probed yet (static config: assumed usable) */
@@ -139,8 +140,7 @@ void shm_routes_from_config(shm_route_table *tab, const config *cfg, uint64_t ep
 /* Resolve a node's address into n->addr (a host starting with '/' is a socket directory). */
 int shm_node_resolve(shm_node *n);
 
-/* Session slots (there are max_client_conn of them, so a NULL claim means the limit is
- * reached). Claim a free slot for worker w, searching from hint. */
+/* Session slots (max_client_conn + SHM_REFUSE_RESERVE of them). Claim a free slot for worker w, searching from hint. */
 shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint);
 void shm_session_release(shm_segment *shm, shm_session *s);
 /* Free every slot a dead worker owned; returns how many. Only the master calls this. */

@@ -191,5 +191,7 @@ int main(int argc, char **argv)
     }
     if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
         return 1;
-    return master_run(cfg, listen_fd, pidfile);
+    int rc = master_run(cfg, listen_fd, pidfile);
+    free(cfg);
+    return rc;
 }

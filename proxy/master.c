@@ -329,5 +329,11 @@ int master_run(config *cfg, int listen_fd, const char *pidfile)
     log_info("pgrelay stopped");
     if (pidfile)
         unlink(pidfile);
+    for (int i = 0; i < m.n_children; i++)
+        evtimer_del(&m.children[i].ev_respawn);
+    event_del(&m.ev_signal_pipe);
+    evtimer_del(&m.ev_kill_deadline);
+    event_base_free(m.base);
+    free(m.children);
     return rc;
 }

@@ -215,6 +215,7 @@ static relay_result relay_pump(session *s, bool from_client)
             session_close(s, NULL, NULL);
         } else {
             /* The node closed (after a FATAL, or it went away): pass on what is queued. */
+            s->server_gone = true;
             relay_flush(s, &s->to_client, s->cfd);
             log_debug("client %s: node closed the connection", s->client_addr);
             session_close(s, NULL, NULL);
@@ -244,6 +245,7 @@ static relay_result relay_pump(session *s, bool from_client)
         if (errno != EAGAIN && errno != EINTR) {
             log_debug("client %s: write to %s failed: %s", s->client_addr,
                       from_client ? "node" : "client", strerror(errno));
+            s->server_gone = from_client;
             session_close(s, NULL, NULL);
             return RELAY_CLOSED;
         }
@@ -290,6 +292,7 @@ void relay_on_server(evutil_socket_t fd, short what, void *arg)
     session *s = arg;
     if (what & EV_WRITE) {
         if (relay_flush(s, &s->to_server, fd) != 0) {
+            s->server_gone = true;
             session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
             return;
         }

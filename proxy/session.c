@@ -103,9 +103,9 @@ void session_close(session *s, const char *sqlstate, const char *message)
             session_send_error(s, "FATAL", sqlstate, message);
         shm_stat_add(&w->row->stats.errors, 1);
     }
-    /* A client that leaves while its statement runs: cancel it so the backend is freed now
-     * rather than when the statement ends. */
-    if (s->phase == PHASE_RELAY && s->sfd >= 0 && s->pending_syncs > 0 && s->slot &&
+    /* Closing while a statement runs (the client left, or shutdown): cancel it so the backend
+     * is freed now rather than when the statement ends. */
+    if (s->phase == PHASE_RELAY && !s->server_gone && s->pending_syncs > 0 &&
         atomic_load(&s->slot->backend_valid))
         cancel_send(w, s->node, s->slot->backend_pid, s->slot->backend_secret);
 

@@ -58,6 +58,7 @@ typedef struct session {
     uint32_t pending_syncs;      /* Query/Sync/FunctionCall sent, ReadyForQuery not yet back */
     bool ext_open;               /* extended-protocol messages sent since the last Sync */
     bool logged_in;              /* the first ReadyForQuery has passed */
+    bool server_gone;            /* the node closed or broke the connection */
     char tx_status;              /* last ReadyForQuery status: I, T or E */
     bool close_at_safe_point;    /* close as soon as the session is idle outside a transaction */
     const char *close_sqlstate;  /* what to tell the client then */

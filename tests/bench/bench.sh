@@ -1,0 +1,644 @@
+#!/usr/bin/env bash
+# pgrelay benchmark: pgbench -S against PostgreSQL directly, through pgrelay, through PgBouncer and
+# through HAProxy -- all four in front of ONE throwaway PostgreSQL 15 that this script starts.
+#
+#   make bench                                  (installs pgbouncer/haproxy, builds, runs this)
+#   BENCH_SECONDS=2 BENCH_REPEAT=1 bash tests/bench/bench.sh      quick smoke run
+#
+# What is measured
+#   * pgbench -S (select only) with -M simple and -M prepared at 1, 16 and 64 clients, plus
+#     -S -M simple -C (a new connection for every transaction) at 16 clients.
+#     Runs are interleaved (direct, pgrelay, pgbouncer, haproxy, direct, ...) and repeated
+#     BENCH_REPEAT times; the table shows the median TPS, min-max, the ratio to direct's median,
+#     the CPU the proxy used (utime+stime of all its processes -- for pgrelay the master and all
+#     workers -- divided by wall time, i.e. in cores) and the proxy CPU time per transaction.
+#   * Memory per idle session: each proxy is started fresh, BENCH_IDLE_SESSIONS sessions are opened
+#     through it (each runs one SELECT 1 and then stays idle), and the growth of the summed PSS of
+#     all proxy processes (from /proc/<pid>/smaps_rollup) is divided by the number of sessions.
+#
+# Environment (all optional)
+#   BENCH_SECONDS=10          length of each pgbench run
+#   BENCH_REPEAT=3            runs per target and case
+#   BENCH_CLIENTS="1 16 64"   client counts for -M simple / -M prepared
+#   BENCH_CONNECT_CLIENTS=16  client counts for the -C case ("" to skip)
+#   BENCH_SCALE=10            pgbench -i scale factor
+#   BENCH_IDLE_SESSIONS=1000  idle sessions for the memory measurement (0 to skip)
+#   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"
+#   BENCH_PGRELAY_WORKERS     pgrelay workers (default: number of CPUs)
+#   BENCH_PGRELAY_LOG_LEVEL=warning
+#   BENCH_HAPROXY_THREADS     haproxy nbthread (default: number of CPUs)
+#   BENCH_OUT=./bench-results.txt   where the final tables are written as well
+#   PGRELAY_BIN=<repo>/bin/pgrelay
+#
+# Every process started here (PostgreSQL, proxies, pgbench) is stopped and the temporary directory
+# removed on exit, including on failure and Ctrl-C.  Needs root (PostgreSQL and PgBouncer are run as
+# the `postgres` user) or, when not root, runs everything as the current user.
+
+set -euo pipefail
+
+# ---------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PGBIN=/usr/lib/postgresql/15/bin
+PY=/usr/bin/python3
+NCPU=$(nproc)
+CLK_TCK=$(getconf CLK_TCK)
+
+BENCH_SECONDS=${BENCH_SECONDS:-10}
+BENCH_REPEAT=${BENCH_REPEAT:-3}
+BENCH_CLIENTS=${BENCH_CLIENTS:-"1 16 64"}
+BENCH_CONNECT_CLIENTS=${BENCH_CONNECT_CLIENTS-16}
+BENCH_SCALE=${BENCH_SCALE:-10}
+BENCH_IDLE_SESSIONS=${BENCH_IDLE_SESSIONS:-1000}
+BENCH_TARGETS=${BENCH_TARGETS:-"direct pgrelay pgbouncer haproxy"}
+BENCH_PGRELAY_WORKERS=${BENCH_PGRELAY_WORKERS:-$NCPU}
+BENCH_PGRELAY_LOG_LEVEL=${BENCH_PGRELAY_LOG_LEVEL:-warning}
+BENCH_HAPROXY_THREADS=${BENCH_HAPROXY_THREADS:-$NCPU}
+BENCH_OUT=${BENCH_OUT:-bench-results.txt}
+PGRELAY_BIN=${PGRELAY_BIN:-$REPO/bin/pgrelay}
+
+# Absolute paths: the script changes into its temporary directory.
+[[ $BENCH_OUT == /* ]] || BENCH_OUT=$PWD/$BENCH_OUT
+[[ $PGRELAY_BIN == /* ]] || PGRELAY_BIN=$PWD/$PGRELAY_BIN
+
+read -r -a TARGETS <<<"$BENCH_TARGETS"
+DBNAME=bench
+
+# libpq settings shared by pgbench, psql and psycopg: plain TCP on loopback for every target.
+export PGSSLMODE=disable PGGSSENCMODE=disable PGCONNECT_TIMEOUT=10 PGUSER=postgres
+
+# State used by cleanup().
+WORK=""                 # temporary directory
+PGDATA=""
+CHILD=""                # pgbench / python process currently running
+declare -A PORT=()      # target -> TCP port
+declare -A PID=()       # proxy target -> pid of its (master) process
+declare -A LOGF=()      # proxy target -> log file
+FAILURES=0
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Run a command as the postgres user (PostgreSQL and PgBouncer refuse to run as root).
+# setpriv execs directly (no intermediate process), so $! of a background as_pg is the real pid.
+if [[ $(id -u) -eq 0 ]]; then
+    PGOS_USER=postgres
+    as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; }
+else
+    PGOS_USER=$(id -un)
+    as_pg() { "$@"; }
+fi
+
+# A process is alive if it exists and is not a zombie.
+alive() {
+    local st
+    st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    st=${st##*) }
+    [[ ${st:0:1} != Z ]]
+}
+
+# Print a pid and all its descendants (one per line).
+proc_tree() {
+    local p
+    echo "$1"
+    for p in $(pgrep -P "$1" || true); do proc_tree "$p"; done
+}
+
+# Sum of utime+stime+cutime+cstime (clock ticks) of the given pids.  Including the children's
+# times means a worker that exits and is reaped by the pgrelay master during a run stays counted.
+cpu_ticks() {
+    local total=0 pid st
+    local -a f
+    for pid in "$@"; do
+        st=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        read -r -a f <<<"${st##*) }"         # f[0] is field 3 (state); utime is field 14
+        total=$((total + f[11] + f[12] + f[13] + f[14]))
+    done
+    echo "$total"
+}
+
+# Pick a free TCP port on 127.0.0.1 that is not already handed out to another target.
+free_port() {
+    "$PY" - "${PORT[@]}" <<'EOF'
+import random, socket, sys
+taken = {int(p) for p in sys.argv[1:]}
+for _ in range(1000):
+    port = random.randint(20000, 32000)       # below the ephemeral range (32768-60999)
+    if port in taken:
+        continue
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    sys.exit(0)
+sys.exit("no free port")
+EOF
+}
+
+# Wait until something accepts TCP connections on 127.0.0.1:$1 (pid $2 must stay alive).
+wait_port() {
+    local port=$1 pid=$2 i
+    for ((i = 0; i < 150; i++)); do
+        alive "$pid" || return 1
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# psql against a target's port.
+psql_at() {
+    local port=$1
+    shift
+    psql -X -q -h 127.0.0.1 -p "$port" -d "$DBNAME" -v ON_ERROR_STOP=1 -At "$@"
+}
+
+# Number of client backends on the server (other than the one asking).
+pg_backends() {
+    psql_at "${PORT[direct]}" -c "SELECT count(*) FROM pg_stat_activity
+        WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Cleanup: stop everything we started, remove the temporary directory.
+# ---------------------------------------------------------------------------------------------------
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    set +e
+    if [[ -n $CHILD ]]; then
+        kill -TERM "$CHILD" 2>/dev/null
+        wait "$CHILD" 2>/dev/null
+    fi
+    local t
+    for t in "${!PID[@]}"; do stop_proxy "$t"; done
+    stop_postgres
+    [[ -n $WORK && -d $WORK ]] && rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM HUP
+
+# ---------------------------------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------------------------------
+
+# initdb + configuration + start + pgbench -i.
+setup_postgres() {
+    PGDATA=$WORK/pg/data
+    PORT[direct]=$(free_port)
+    log "initdb in $PGDATA (port ${PORT[direct]})"
+    as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres -A trust -E UTF8 --no-sync \
+        >"$WORK/pg/initdb.log" 2>&1 || { cat "$WORK/pg/initdb.log" >&2; die "initdb failed"; }
+    cat >>"$PGDATA/postgresql.conf" <<EOF
+
+# --- pgrelay benchmark ---
+listen_addresses = '127.0.0.1'
+port = ${PORT[direct]}
+unix_socket_directories = '$WORK/pg'
+max_connections = $PG_MAX_CONN
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+log_min_messages = warning
+log_connections = off
+EOF
+    start_postgres "$PG_MAX_CONN"
+    psql -X -q -h 127.0.0.1 -p "${PORT[direct]}" -d postgres -c "CREATE DATABASE $DBNAME"
+    log "pgbench -i -s $BENCH_SCALE"
+    pgbench -i -s "$BENCH_SCALE" -h 127.0.0.1 -p "${PORT[direct]}" "$DBNAME" \
+        >"$WORK/pgbench-init.log" 2>&1 || { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
+}
+
+# start_postgres MAX_CONNECTIONS
+start_postgres() {
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/pg/postgres.log" -w -t 60 \
+        -o "-c max_connections=$1" start >/dev/null ||
+        { tail -n 30 "$WORK/pg/postgres.log" >&2; die "PostgreSQL did not start"; }
+}
+
+# Stop PostgreSQL if it runs: fast, then immediate, then SIGKILL.
+stop_postgres() {
+    [[ -n $PGDATA && -f $PGDATA/postmaster.pid ]] || return 0
+    local pmpid
+    pmpid=$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null || true)
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null 2>&1 ||
+        as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate -w -t 10 stop >/dev/null 2>&1 ||
+        { [[ -n $pmpid ]] && kill -KILL "$pmpid" 2>/dev/null; }
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Proxies.  Each start_* writes a config into $WORK/<target>/, starts the proxy in the foreground
+# as a background job and records its pid; start_proxy waits until it relays a query.
+# ---------------------------------------------------------------------------------------------------
+
+start_pgrelay() {
+    local dir=$WORK/pgrelay
+    mkdir -p "$dir"
+    cat >"$dir/pgrelay.ini" <<EOF
+[pgrelay]
+listen_addr = 127.0.0.1
+listen_port = ${PORT[pgrelay]}
+workers = $BENCH_PGRELAY_WORKERS
+max_client_conn = $PROXY_MAX_CLIENTS
+shutdown_timeout = 5s
+log_level = $BENCH_PGRELAY_LOG_LEVEL
+
+[node.pg1]
+host = 127.0.0.1
+port = ${PORT[direct]}
+role = primary
+EOF
+    "$PGRELAY_BIN" -t -c "$dir/pgrelay.ini" >>"${LOGF[pgrelay]}" 2>&1 ||
+        { cat "${LOGF[pgrelay]}" >&2; die "pgrelay rejected its config"; }
+    "$PGRELAY_BIN" -c "$dir/pgrelay.ini" >>"${LOGF[pgrelay]}" 2>&1 &
+    PID[pgrelay]=$!
+}
+
+# PgBouncer is single-threaded (one process, one event loop); session pooling with a pool large
+# enough that no client ever waits for a server connection.
+start_pgbouncer() {
+    local dir=$WORK/pgbouncer
+    mkdir -p "$dir"
+    echo '"postgres" ""' >"$dir/userlist.txt"
+    cat >"$dir/pgbouncer.ini" <<EOF
+[databases]
+* = host=127.0.0.1 port=${PORT[direct]}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = ${PORT[pgbouncer]}
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+pool_mode = session
+max_client_conn = $PROXY_MAX_CLIENTS
+default_pool_size = $PROXY_MAX_CLIENTS
+max_db_connections = 0
+max_user_connections = 0
+log_connections = 0
+log_disconnections = 0
+log_stats = 0
+ignore_startup_parameters = extra_float_digits,options
+EOF
+    chown -R "$PGOS_USER" "$dir"
+    as_pg /usr/sbin/pgbouncer "$dir/pgbouncer.ini" >>"${LOGF[pgbouncer]}" 2>&1 &
+    PID[pgbouncer]=$!
+}
+
+# HAProxy as a plain TCP relay, one process with nbthread threads.
+start_haproxy() {
+    local dir=$WORK/haproxy
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread $BENCH_HAPROXY_THREADS
+    maxconn $((PROXY_MAX_CLIENTS * 2))
+
+defaults
+    mode tcp
+    maxconn $PROXY_MAX_CLIENTS
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+
+frontend pg_in
+    bind 127.0.0.1:${PORT[haproxy]}
+    default_backend pg_out
+
+backend pg_out
+    server pg1 127.0.0.1:${PORT[direct]}
+EOF
+    haproxy -c -q -f "$dir/haproxy.cfg" >>"${LOGF[haproxy]}" 2>&1 ||
+        { cat "${LOGF[haproxy]}" >&2; die "haproxy rejected its config"; }
+    haproxy -db -f "$dir/haproxy.cfg" >>"${LOGF[haproxy]}" 2>&1 &
+    PID[haproxy]=$!
+}
+
+# start_proxy TARGET: start it and wait until a query goes through it.
+start_proxy() {
+    local t=$1
+    [[ -n ${PORT[$t]:-} ]] || PORT[$t]=$(free_port)
+    LOGF[$t]=$WORK/$t.log
+    "start_$t"
+    if ! wait_port "${PORT[$t]}" "${PID[$t]}"; then
+        tail -n 30 "${LOGF[$t]}" >&2
+        die "$t did not start listening on port ${PORT[$t]}"
+    fi
+    local out
+    if ! out=$(psql_at "${PORT[$t]}" -c "SELECT 1" 2>&1) || [[ $out != 1 ]]; then
+        log "$t: SELECT 1 through port ${PORT[$t]} failed: $out"
+        tail -n 30 "${LOGF[$t]}" >&2
+        die "$t does not relay"
+    fi
+    log "$t running: pid ${PID[$t]}, port ${PORT[$t]}, processes: $(proc_tree "${PID[$t]}" | wc -l)"
+}
+
+# stop_proxy TARGET: SIGTERM to the main process, SIGKILL to whatever of its tree is left after 10 s.
+stop_proxy() {
+    local t=$1 pid=${PID[$1]:-} p i
+    [[ -n $pid ]] || return 0
+    local -a tree
+    mapfile -t tree < <(proc_tree "$pid")
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        local left=0
+        for p in "${tree[@]}"; do
+            if alive "$p"; then left=1; fi
+        done
+        if ((left == 0)); then break; fi
+        sleep 0.1
+    done
+    for p in "${tree[@]}"; do
+        if alive "$p"; then kill -KILL "$p" 2>/dev/null || true; fi
+    done
+    wait "$pid" 2>/dev/null || true
+    unset "PID[$t]"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Throughput runs
+# ---------------------------------------------------------------------------------------------------
+
+# Cases: "key|mode|clients|connect(0/1)|description"
+build_cases() {
+    CASES=()
+    local mode c plural
+    for mode in simple prepared; do
+        for c in $BENCH_CLIENTS; do
+            plural=s
+            if ((c == 1)); then plural=""; fi
+            CASES+=("S-$mode-$c|$mode|$c|0|pgbench -S -M $mode, $c client$plural (-j $(threads_for "$c"))")
+        done
+    done
+    for c in $BENCH_CONNECT_CLIENTS; do
+        CASES+=("S-simple-C-$c|simple|$c|1|pgbench -S -M simple -C (new connection per transaction), $c clients (-j $(threads_for "$c"))")
+    done
+    : >"$WORK/cases.tsv"
+    local cs key desc
+    for cs in "${CASES[@]}"; do
+        IFS='|' read -r key _ _ _ desc <<<"$cs"
+        printf '%s\t%s, %s x %ss\n' "$key" "$desc" "$BENCH_REPEAT" "$BENCH_SECONDS" >>"$WORK/cases.tsv"
+    done
+}
+
+# pgbench threads: one per CPU, but not more than clients.
+threads_for() { echo $(($1 < NCPU ? $1 : NCPU)); }
+
+# run_pgbench PORT MODE CLIENTS CONNECT SECONDS OUTFILE -- returns pgbench's exit status.
+run_pgbench() {
+    local port=$1 mode=$2 c=$3 connect=$4 secs=$5 out=$6 rc=0
+    local -a args=(-h 127.0.0.1 -p "$port" -n -S -M "$mode" -c "$c" -j "$(threads_for "$c")" -T "$secs")
+    if ((connect)); then args+=(-C); fi
+    # Background + wait, so that a signal to this script is handled at once.
+    pgbench "${args[@]}" "$DBNAME" >"$out" 2>&1 &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=""
+    return "$rc"
+}
+
+# measure TARGET CASE RUN: one pgbench run, appends a line to runs.tsv.
+measure() {
+    local t=$1 cs=$2 run=$3 key mode c connect
+    IFS='|' read -r key mode c connect _ <<<"$cs"
+    local out=$WORK/out/$key.$t.$run.txt rc=0 root=${PID[$t]:-}
+    local -a pids=()
+    if [[ $t != direct ]]; then
+        if ! alive "$root"; then
+            echo "$t process $root is not running" >"$out"
+            record_failure "$t" "$key" "$run" "$out"
+            return 0
+        fi
+        mapfile -t pids < <(proc_tree "$root")
+    fi
+    local t0 t1 c0 c1 ticks=-1
+    c0=$(cpu_ticks "${pids[@]}")
+    t0=$(date +%s%N)
+    run_pgbench "${PORT[$t]}" "$mode" "$c" "$connect" "$BENCH_SECONDS" "$out" || rc=$?
+    t1=$(date +%s%N)
+    if [[ $t != direct ]]; then
+        mapfile -t pids < <(proc_tree "$root")     # same processes unless a worker was re-forked
+        c1=$(cpu_ticks "${pids[@]}")
+        ticks=$((c1 - c0))
+    fi
+    local tps txns wall
+    tps=$(awk '/^tps = / {print $3; exit}' "$out")
+    txns=$(awk -F': *' '/^number of transactions actually processed/ {split($2, a, "/"); print a[1]; exit}' "$out")
+    wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')
+    if ((rc != 0)) || [[ -z $tps || -z $txns ]] || grep -q '^pgbench: error\|aborted' "$out"; then
+        record_failure "$t" "$key" "$run" "$out" "$rc"
+        return 0
+    fi
+    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\n' "$key" "$t" "$run" "$tps" "$txns" "$ticks" "$wall" >>"$WORK/runs.tsv"
+    local cpu="-"
+    if ((ticks >= 0)); then cpu=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v w="$wall" 'BEGIN {printf "%.2f cores", k / hz / w}'); fi
+    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") tps=$(printf '%.0f' "$tps")  proxy cpu=$cpu"
+}
+
+# Remember a failed run (the pgbench output and the proxy's log tail go into the results).
+record_failure() {
+    local t=$1 key=$2 run=$3 out=$4 rc=${5:-}
+    FAILURES=$((FAILURES + 1))
+    printf '%s\t%s\t%s\tFAIL\t0\t0\t-1\t0\n' "$key" "$t" "$run" >>"$WORK/runs.tsv"
+    {
+        echo "--- FAILED: $t, $key, run $run${rc:+ (pgbench exit status $rc)}"
+        echo "pgbench output (last 15 lines):"
+        tail -n 15 "$out" | sed 's/^/  /'
+        if [[ -n ${LOGF[$t]:-} && -f ${LOGF[$t]} ]]; then
+            echo "$t log (last 20 lines):"
+            tail -n 20 "${LOGF[$t]}" | sed 's/^/  /'
+        fi
+    } >>"$WORK/failures.txt"
+    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") FAILED: $(grep -m1 -i 'error\|abort\|not running' "$out" || tail -n 1 "$out")"
+}
+
+throughput_phase() {
+    local t cs run
+    for t in "${TARGETS[@]}"; do
+        if [[ $t != direct ]]; then start_proxy "$t"; fi
+    done
+    # Warm-up (not recorded): fills PostgreSQL's caches and PgBouncer's pool.
+    for t in "${TARGETS[@]}"; do
+        log "warm-up $t"
+        run_pgbench "${PORT[$t]}" simple 64 0 2 "$WORK/out/warmup.$t.txt" ||
+            log "warm-up through $t failed: $(tail -n 2 "$WORK/out/warmup.$t.txt" | tr '\n' ' ')"
+    done
+    for ((run = 1; run <= BENCH_REPEAT; run++)); do
+        for cs in "${CASES[@]}"; do
+            for t in "${TARGETS[@]}"; do measure "$t" "$cs" "$run"; done
+        done
+    done
+    for t in "${TARGETS[@]}"; do
+        if [[ $t != direct ]]; then stop_proxy "$t"; fi
+    done
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Memory per idle session
+# ---------------------------------------------------------------------------------------------------
+
+# Wait (up to 60 s) until PostgreSQL has no client backends left from the previous proxy.
+wait_backends_gone() {
+    local i n
+    for ((i = 0; i < 120; i++)); do
+        n=$(pg_backends) || n="?"
+        if [[ $n == 0 ]]; then return 0; fi
+        sleep 0.5
+    done
+    log "warning: still $n client backends on PostgreSQL"
+}
+
+memory_phase() {
+    local t line rc
+    # PostgreSQL needs a backend for each idle session (pgrelay and HAProxy relay 1:1; PgBouncer in
+    # session mode binds a server connection once the session ran its SELECT 1).
+    log "restarting PostgreSQL with max_connections=$PG_MAX_CONN_IDLE for the idle-session test"
+    stop_postgres
+    start_postgres "$PG_MAX_CONN_IDLE"
+    : >"$WORK/memory.tsv"
+    for t in "${TARGETS[@]}"; do
+        if [[ $t == direct ]]; then continue; fi
+        start_proxy "$t"           # fresh process: nothing left over from the throughput runs
+        log "memory: opening $BENCH_IDLE_SESSIONS idle sessions through $t"
+        rc=0
+        "$PY" "$HERE/idle_sessions.py" --pid "${PID[$t]}" --port "${PORT[$t]}" \
+            --direct-port "${PORT[direct]}" --dbname "$DBNAME" --sessions "$BENCH_IDLE_SESSIONS" \
+            >"$WORK/out/memory.$t.txt" 2>&1 &
+        CHILD=$!
+        wait "$CHILD" || rc=$?
+        CHILD=""
+        line=$(grep '^sessions=' "$WORK/out/memory.$t.txt" || true)
+        if ((rc != 0)) || [[ -z $line ]]; then
+            FAILURES=$((FAILURES + 1))
+            printf '%s\tFAIL %s\n' "$t" "$(tail -n 1 "$WORK/out/memory.$t.txt")" >>"$WORK/memory.tsv"
+            {
+                echo "--- FAILED: $t, idle-session memory test (exit status $rc)"
+                sed 's/^/  /' "$WORK/out/memory.$t.txt" | tail -n 15
+                echo "$t log (last 20 lines):"
+                tail -n 20 "${LOGF[$t]}" | sed 's/^/  /'
+            } >>"$WORK/failures.txt"
+            log "memory test through $t FAILED: $(tail -n 1 "$WORK/out/memory.$t.txt")"
+        else
+            printf '%s\t%s\n' "$t" "$line" >>"$WORK/memory.tsv"
+            log "memory $t: $line"
+        fi
+        stop_proxy "$t"
+        wait_backends_gone
+    done
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+write_report() {
+    local pgrelay_version="-" t
+    for t in "${TARGETS[@]}"; do
+        if [[ $t == pgrelay ]]; then pgrelay_version=$("$PGRELAY_BIN" -V 2>&1 | head -n 1); fi
+    done
+    {
+        echo "pgrelay benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $NCPU CPUs," \
+            "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
+        echo "PostgreSQL $("$PGBIN/postgres" -V | awk '{print $3}') (shared_buffers=256MB, fsync=off," \
+            "max_connections=$PG_MAX_CONN), pgbench -i -s $BENCH_SCALE; $(pgbench -V)"
+        echo "pgrelay: $pgrelay_version, workers=$BENCH_PGRELAY_WORKERS"
+        echo "PgBouncer: $(pgbouncer -V 2>&1 | head -n 1 | awk '{print $2}'), pool_mode=session," \
+            "single-threaded (one process)"
+        echo "HAProxy: $(haproxy -v 2>&1 | head -n 1 | awk '{print $3}'), mode tcp, nbthread=$BENCH_HAPROXY_THREADS"
+        echo "Each run ${BENCH_SECONDS}s; $BENCH_REPEAT runs per target, interleaved (${TARGETS[*]}, repeat);" \
+            "TCP over loopback, sslmode=disable."
+        echo "pgbench, the proxy and PostgreSQL all share the same $NCPU CPUs, so proxy CPU is taken"
+        echo "away from PostgreSQL and pgbench: TPS through a proxy is bounded by that, not by the network."
+        echo "proxy CPU = utime+stime of all proxy processes (pgrelay: master + workers) during the run"
+        echo "divided by wall time, in cores; CPU us/txn = that CPU time per pgbench transaction."
+        echo
+        "$PY" "$HERE/report.py" "$WORK" "$CLK_TCK" "${TARGETS[@]}"
+        if [[ -s $WORK/failures.txt ]]; then
+            echo "FAILURES: $FAILURES"
+            cat "$WORK/failures.txt"
+        fi
+    } >"$WORK/report.txt"
+    cp "$WORK/report.txt" "$BENCH_OUT"
+    echo
+    cat "$WORK/report.txt"
+    log "results written to $BENCH_OUT"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------
+
+check_requirements() {
+    local t
+    [[ -x $PGBIN/initdb && -x $PGBIN/pg_ctl ]] || die "PostgreSQL 15 not found in $PGBIN"
+    command -v pgbench >/dev/null || die "pgbench not found (Debian: postgresql-contrib / postgresql-client)"
+    command -v psql >/dev/null || die "psql not found"
+    "$PY" -c 'import psycopg' 2>/dev/null || die "$PY has no psycopg (Debian: python3-psycopg)"
+    if [[ $(id -u) -eq 0 ]]; then
+        id postgres >/dev/null 2>&1 || die "no postgres user (Debian: postgresql-15)"
+    fi
+    for t in "${TARGETS[@]}"; do
+        case $t in
+        direct) ;;
+        pgrelay) [[ -x $PGRELAY_BIN ]] || die "$PGRELAY_BIN not found: run 'make' first" ;;
+        pgbouncer) [[ -x /usr/sbin/pgbouncer ]] || die "pgbouncer not found: run 'make deps-bench'" ;;
+        haproxy) command -v haproxy >/dev/null || die "haproxy not found: run 'make deps-bench'" ;;
+        *) die "unknown target '$t' in BENCH_TARGETS" ;;
+        esac
+    done
+    [[ ${TARGETS[0]} == direct ]] || die "BENCH_TARGETS must start with 'direct' (it is the baseline)"
+}
+
+main() {
+    check_requirements
+
+    local max_clients=64 c
+    for c in $BENCH_CLIENTS $BENCH_CONNECT_CLIENTS; do
+        if ((c > max_clients)); then max_clients=$c; fi
+    done
+    # Throughput phase: the clients of the running target plus PgBouncer's idle pool.
+    PG_MAX_CONN=$((2 * max_clients + 72 > 200 ? 2 * max_clients + 72 : 200))
+    PG_MAX_CONN_IDLE=$((BENCH_IDLE_SESSIONS + 100 > PG_MAX_CONN ? BENCH_IDLE_SESSIONS + 100 : PG_MAX_CONN))
+    PROXY_MAX_CLIENTS=$((BENCH_IDLE_SESSIONS + 100 > 2 * max_clients ? BENCH_IDLE_SESSIONS + 100 : 2 * max_clients))
+    ((PROXY_MAX_CLIENTS >= 1100)) || PROXY_MAX_CLIENTS=1100
+
+    WORK=$(mktemp -d /tmp/pgrelay-bench.XXXXXX)
+    chmod 755 "$WORK"
+    mkdir -p "$WORK/pg" "$WORK/out"
+    chown "$PGOS_USER" "$WORK/pg"
+    cd "$WORK"
+    : >"$WORK/runs.tsv"
+
+    build_cases
+    local n=$((${#CASES[@]} * ${#TARGETS[@]} * BENCH_REPEAT))
+    log "$n runs of ${BENCH_SECONDS}s (${#CASES[@]} cases x ${#TARGETS[@]} targets x $BENCH_REPEAT)," \
+        "about $(((n * (BENCH_SECONDS + 1) + 60) / 60)) min plus setup and the idle-session test"
+
+    setup_postgres
+    throughput_phase
+    if ((BENCH_IDLE_SESSIONS > 0)) && ((${#TARGETS[@]} > 1)); then memory_phase; fi
+    write_report
+    if ((FAILURES > 0)); then
+        log "$FAILURES run(s) failed, see FAILURES in the results"
+        exit 1
+    fi
+}
+
+main "$@"

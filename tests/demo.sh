@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# demo.sh - a throwaway PostgreSQL 15 with pgrelay in front of it and a short pgbench through it.
+#
+#   bash tests/demo.sh          start everything, run pgbench, then wait for Ctrl-C and clean up
+#   bash tests/demo.sh stop     stop a running demo (from another terminal) and clean up
+#
+# Everything lives in ./demo/ under the repository root: the database cluster (demo/pgdata),
+# pgrelay's config (demo/pgrelay.ini), the logs (demo/pgrelay.log, demo/postgres.log) and the pid
+# files. Stopping removes the cluster and the pid files and keeps the config and the logs.
+#
+# Environment:
+#   DEMO_SECONDS=N    stop by itself after N seconds (default when stdin is not a terminal, or
+#                     CI is set: 5; otherwise run until Ctrl-C)
+#   DEMO_PG_PORT      PostgreSQL port (default 55432)
+#   DEMO_PORT         pgrelay port (default 6432)
+#   PGBIN             PostgreSQL 15 binaries (default /usr/lib/postgresql/15/bin)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEMO=$ROOT/demo
+PGDATA=$DEMO/pgdata
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+PGRELAY=$ROOT/bin/pgrelay
+PG_PORT=${DEMO_PG_PORT:-55432}
+RELAY_PORT=${DEMO_PORT:-6432}
+HOST=127.0.0.1
+CONF=$DEMO/pgrelay.ini
+RELAY_LOG=$DEMO/pgrelay.log
+RELAY_PID=$DEMO/pgrelay.pid
+DEMO_PID=$DEMO/demo.pid
+LOCK=$DEMO/.lock
+
+# The client settings below are explicit; make sure none of the user's PG* variables get in.
+unset PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGSERVICE PGSSLMODE PGOPTIONS PGPASSWORD \
+      PGCONNECT_TIMEOUT PGTARGETSESSIONATTRS
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
+
+# PostgreSQL refuses to run as root: as root, run its programs as the postgres user.
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# pid from a file when that process is alive (and, if given, its command name matches).
+live_pid() {
+    local file=$1 comm=${2:-} pid
+    [ -s "$file" ] || return 1
+    pid=$(head -n 1 "$file" 2>/dev/null | tr -dc 0-9)
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    if [ -n "$comm" ]; then
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
+    fi
+    echo "$pid"
+}
+
+# Is the demo script itself running (demo.pid names a live bash running demo.sh)?
+demo_script_pid() {
+    local pid
+    pid=$(live_pid "$DEMO_PID") || return 1
+    [ "$pid" != "$$" ] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'demo\.sh' || return 1
+    echo "$pid"
+}
+
+port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+wait_gone() { # pid seconds
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+stop_pgrelay() {
+    local pid kids
+    pid=$(live_pid "$RELAY_PID" pgrelay) || pid=$(live_pid "$DEMO/pgrelay.started" pgrelay) || {
+        rm -f "$RELAY_PID" "$DEMO/pgrelay.started"
+        return 0
+    }
+    say "stopping pgrelay (pid $pid)"
+    kids=$(pgrep -P "$pid" || true)
+    kill -INT "$pid" 2>/dev/null || true # fast shutdown: close sessions now
+    if ! wait_gone "$pid" 10; then
+        kill -QUIT "$pid" 2>/dev/null || true
+        wait_gone "$pid" 3 || kill -KILL "$pid" 2>/dev/null || true
+    fi
+    for k in $kids; do
+        if [ "$(cat "/proc/$k/comm" 2>/dev/null)" = pgrelay ]; then
+            kill -KILL "$k" 2>/dev/null || true
+        fi
+    done
+    rm -f "$RELAY_PID" "$DEMO/pgrelay.started"
+}
+
+stop_postgres() {
+    local pid
+    pid=$(live_pid "$PGDATA/postmaster.pid" postgres) || return 0
+    say "stopping PostgreSQL (pid $pid)"
+    if ! (cd "$DEMO" && as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null); then
+        kill -QUIT "$pid" 2>/dev/null || true
+        wait_gone "$pid" 5 || kill -KILL "$pid" 2>/dev/null || true
+    fi
+}
+
+# Stop whatever a demo left running and remove its state; safe to call any number of times.
+stop_all() {
+    [ -d "$DEMO" ] || return 0
+    (
+        flock 9
+        stop_pgrelay
+        stop_postgres
+        # The cluster and the pids go; config and logs stay for a look afterwards.
+        case $DEMO in */demo) rm -rf -- "$PGDATA" ;; esac
+        rm -f "$DEMO/.s.PGSQL.$PG_PORT" "$DEMO/.s.PGSQL.$PG_PORT.lock"
+        if [ "$(live_pid "$DEMO_PID" || true)" = "$$" ] || ! demo_script_pid >/dev/null; then
+            rm -f "$DEMO_PID"
+        fi
+    ) 9>"$LOCK"
+}
+
+cmd_stop() {
+    local pid
+    if pid=$(demo_script_pid); then
+        say "stopping the demo (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        wait_gone "$pid" 60 || printf 'demo: pid %s did not exit; cleaning up anyway\n' "$pid" >&2
+    fi
+    if [ -d "$DEMO" ]; then
+        stop_all
+        say "demo stopped; logs kept in $DEMO"
+    else
+        say "no demo to stop"
+    fi
+}
+
+cleaned=0
+cleanup() {
+    local rc=$?
+    [ "$cleaned" = 1 ] && return
+    cleaned=1
+    set +e
+    trap '' INT TERM HUP
+    echo
+    stop_all
+    say "done (logs: $RELAY_LOG, $DEMO/postgres.log)"
+    exit "$rc"
+}
+
+cmd_start() {
+    local pid
+
+    [ -x "$PGRELAY" ] || die "$PGRELAY not found: run 'make' first"
+    for p in initdb pg_ctl postgres pgbench psql; do
+        [ -x "$PGBIN/$p" ] || die "$PGBIN/$p not found: install PostgreSQL 15 ('make deps')"
+    done
+    if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+        die "running as root needs a 'postgres' user to run PostgreSQL"
+    fi
+
+    mkdir -p "$DEMO"
+    if pid=$(demo_script_pid); then
+        die "a demo is already running (pid $pid); stop it with 'make demo-stop'"
+    fi
+    # Leftovers of a demo that was killed: stop them before the ports are checked.
+    stop_all
+    port_busy "$PG_PORT" && die "port $PG_PORT is in use (set DEMO_PG_PORT)"
+    port_busy "$RELAY_PORT" && die "port $RELAY_PORT is in use (set DEMO_PORT)"
+
+    echo $$ >"$DEMO_PID"
+    trap cleanup EXIT
+    trap 'exit 0' INT TERM HUP
+
+    [ "$(id -u)" = 0 ] && chown postgres: "$DEMO"
+    rm -f "$RELAY_LOG" "$DEMO/postgres.log"
+
+    say "initdb $PGDATA (PostgreSQL 15, port $PG_PORT, trust on $HOST)"
+    (cd "$DEMO" && as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres -A trust -E UTF8 --no-locale \
+        --no-sync --no-instructions >"$DEMO/initdb.log" 2>&1) ||
+        { cat "$DEMO/initdb.log" >&2; die "initdb failed"; }
+    as_pg tee "$PGDATA/pg_hba.conf" >/dev/null <<EOF
+# throwaway demo cluster: trust, loopback only
+local all all trust
+host  all all $HOST/32 trust
+EOF
+    as_pg tee -a "$PGDATA/postgresql.conf" >/dev/null <<EOF
+
+# tests/demo.sh: throwaway cluster, durability off for speed
+port = $PG_PORT
+listen_addresses = '$HOST'
+unix_socket_directories = '$DEMO'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+EOF
+    say "starting PostgreSQL"
+    # $PG_PORT is in Linux's ephemeral range: an outgoing connection may hold it for a moment.
+    local try
+    for try in 1 2 3 4 5 6; do
+        (cd "$DEMO" && as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$DEMO/postgres.log" -w -t 60 start \
+            >/dev/null 2>&1) && break
+        if [ "$try" -lt 6 ] && grep -q 'Address already in use' "$DEMO/postgres.log"; then
+            sleep 1
+            continue
+        fi
+        tail -n 20 "$DEMO/postgres.log" >&2
+        die "PostgreSQL did not start"
+    done
+
+    cat >"$CONF" <<EOF
+; pgrelay demo configuration, written by tests/demo.sh
+[pgrelay]
+listen_addr = $HOST
+listen_port = $RELAY_PORT
+workers = 2
+shutdown_timeout = 5s
+log_level = info
+
+[node.pg1]
+host = $HOST
+port = $PG_PORT
+role = primary
+EOF
+    "$PGRELAY" -t -c "$CONF" || die "pgrelay rejected $CONF"
+
+    say "starting pgrelay on $HOST:$RELAY_PORT (2 workers, log: $RELAY_LOG)"
+    # Own session: Ctrl-C reaches this script, which then stops pgrelay and PostgreSQL in order.
+    setsid "$PGRELAY" -c "$CONF" -p "$RELAY_PID" </dev/null >/dev/null 2>>"$RELAY_LOG" &
+    echo $! >"$DEMO/pgrelay.started"
+    local i
+    for ((i = 0; i < 100; i++)); do
+        port_busy "$RELAY_PORT" && break
+        kill -0 "$(cat "$DEMO/pgrelay.started")" 2>/dev/null ||
+            { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay exited"; }
+        sleep 0.1
+    done
+    port_busy "$RELAY_PORT" || { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay is not listening"; }
+
+    local conn=(-h "$HOST" -p "$RELAY_PORT" -U postgres)
+    "$PGBIN/psql" "${conn[@]}" -X -At -d postgres \
+        -c "select 'through pgrelay: ' || split_part(version(), ',', 1)"
+
+    say "pgbench -i -s 5 (through pgrelay)"
+    "$PGBIN/pgbench" "${conn[@]}" -i -q -s 5 postgres 2>&1
+    say "pgbench -c 8 -j 2 -T 5 -S (through pgrelay)"
+    "$PGBIN/pgbench" "${conn[@]}" -c 8 -j 2 -T 5 -S postgres 2>&1
+
+    local secs=${DEMO_SECONDS:-}
+    if [ -z "$secs" ] && { [ ! -t 0 ] || [ -n "${CI:-}" ]; }; then
+        secs=5
+    fi
+    echo
+    echo "pgrelay is running. Connect with:"
+    echo "    psql -h $HOST -p $RELAY_PORT -U postgres"
+    echo "    pgbench -h $HOST -p $RELAY_PORT -U postgres -c 8 -T 10 -S postgres"
+    echo "Log: $RELAY_LOG"
+    if [ -n "$secs" ]; then
+        echo "Stopping in $secs seconds (DEMO_SECONDS)."
+    else
+        echo "Press Ctrl-C to stop (or run 'make demo-stop' in another terminal)."
+    fi
+
+    local start=$SECONDS
+    while :; do
+        if [ -n "$secs" ] && ((SECONDS - start >= secs)); then
+            break
+        fi
+        if ! live_pid "$RELAY_PID" pgrelay >/dev/null &&
+            ! live_pid "$DEMO/pgrelay.started" pgrelay >/dev/null; then
+            echo "pgrelay has exited:" >&2
+            tail -n 5 "$RELAY_LOG" >&2
+            exit 1
+        fi
+        sleep 1
+    done
+}
+
+case ${1:-start} in
+start) cmd_start ;;
+stop) cmd_stop ;;
+*)
+    echo "usage: $0 [start|stop]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,668 @@
+"""Shared fixtures for the pgrelay integration suite.
+
+Everything here runs against real processes: a throwaway PostgreSQL 15 cluster
+(one per test session) and pgrelay binaries started from generated configs.
+
+Fixtures
+--------
+pg              session-scoped PostgreSQL 15 (see PgCluster)
+relay           module-scoped pgrelay (workers=2, max_client_conn=1000) in front of ``pg``
+relay_factory   function-scoped factory: ``relay_factory(max_client_conn=3)`` starts a
+                dedicated pgrelay with extra [pgrelay] keys; stopped at teardown
+
+Helpers
+-------
+RawClient       minimal PostgreSQL v3 protocol client on a plain socket
+wait_for        poll a condition with a timeout
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+
+import psycopg
+import pytest
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+PGRELAY_BIN = os.environ.get(
+    "PGRELAY_BIN",
+    os.path.join(os.path.dirname(__file__), "..", "..", "bin", "pgrelay"),
+)
+PGRELAY_BIN = os.path.abspath(PGRELAY_BIN)
+
+MD5_USER, MD5_PASSWORD = "md5user", "md5-secret-pw"
+SCRAM_USER, SCRAM_PASSWORD = "scramuser", "scram-secret-pw"
+
+DEFAULT_TEST_TIMEOUT = 120  # seconds; per-test watchdog (see pytest_runtest_call)
+
+
+# --------------------------------------------------------------------------- #
+# generic helpers
+# --------------------------------------------------------------------------- #
+
+
+def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
+    """Poll ``cond()`` until it returns a truthy value; return that value.
+
+    Raises AssertionError naming ``what`` if it is still falsy after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_accepts(port, host="127.0.0.1", timeout=0.5):
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def child_pids(pid):
+    """Pids whose parent is ``pid`` (scans /proc; the kernel has no /proc/*/children)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # field 4 (ppid) follows the ")" closing the command name
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(entry))
+    return sorted(out)
+
+
+def pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _socket_inodes_of(pid):
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        m = re.fullmatch(r"socket:\[(\d+)\]", link)
+        if m:
+            inodes.add(int(m.group(1)))
+    return inodes
+
+
+def _tcp_inode(local_port, remote_port):
+    """Inode of the IPv4 TCP socket 127.0.0.1:local_port <-> 127.0.0.1:remote_port."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            lport = int(parts[1].split(":")[1], 16)
+            rport = int(parts[2].split(":")[1], 16)
+            if lport == local_port and rport == remote_port and int(parts[9]) != 0:
+                return int(parts[9])
+    return None
+
+
+def owning_worker(relay, client_sock_port):
+    """The pgrelay worker pid holding the accepted socket of the client whose
+    local (ephemeral) port is ``client_sock_port``; None if not found."""
+    inode = _tcp_inode(relay.port, client_sock_port)
+    if inode is None:
+        return None
+    for w in relay.worker_pids():
+        if inode in _socket_inodes_of(w):
+            return w
+    return None
+
+
+def client_port(conn):
+    """Local TCP port of a psycopg connection's socket."""
+    s = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    try:
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- #
+# raw protocol client
+# --------------------------------------------------------------------------- #
+
+PROTOCOL_V3 = 196608
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+
+def startup_packet(user="postgres", database="postgres", **params):
+    body = struct.pack("!i", PROTOCOL_V3)
+    for k, v in [("user", user), ("database", database), *params.items()]:
+        body += k.encode() + b"\0" + str(v).encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def parse_fields(body):
+    """Fields of an ErrorResponse / NoticeResponse body as {code_char: text}."""
+    fields = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode(errors="replace")
+    return fields
+
+
+class RawClient:
+    """A PostgreSQL v3 protocol client on a plain TCP socket, for tests that need
+    byte-level control (split packets, garbage, abrupt disconnects)."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.was_reset = False  # peer closed with RST rather than FIN
+
+    # -- writing
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def send_startup(self, user="postgres", database="postgres", **params):
+        self.send(startup_packet(user, database, **params))
+
+    def send_query(self, sql):
+        payload = sql.encode() + b"\0"
+        self.send(b"Q" + struct.pack("!i", len(payload) + 4) + payload)
+
+    def send_terminate(self):
+        self.send(b"X" + struct.pack("!i", 4))
+
+    # -- reading
+    def _fill(self, n):
+        while len(self.buf) < n:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                # a peer closing with unread input sends RST; that is a close too
+                self.was_reset = True
+                return False
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    def read_byte(self):
+        """One raw byte (answer to SSLRequest/GSSENCRequest); None on EOF."""
+        if not self._fill(1):
+            return None
+        b, self.buf = self.buf[:1], self.buf[1:]
+        return b
+
+    def read_message(self):
+        """(type_char, body) of the next backend message, or None on EOF."""
+        if not self._fill(5):
+            return None
+        mtype = chr(self.buf[0])
+        (length,) = struct.unpack("!i", self.buf[1:5])
+        if not self._fill(1 + length):
+            return None
+        body = self.buf[5 : 1 + length]
+        self.buf = self.buf[1 + length :]
+        return mtype, body
+
+    def read_until(self, types, limit=10000):
+        """Read messages until one whose type is in ``types`` (inclusive) or EOF.
+        Returns the list of (type, body)."""
+        msgs = []
+        for _ in range(limit):
+            msg = self.read_message()
+            if msg is None:
+                return msgs
+            msgs.append(msg)
+            if msg[0] in types:
+                return msgs
+        raise AssertionError("too many messages")
+
+    def read_to_eof(self, max_msgs=100):
+        """All messages until the peer closes the connection (raises on timeout)."""
+        msgs = []
+        for _ in range(max_msgs):
+            msg = self.read_message()
+            if msg is None:
+                return msgs
+            msgs.append(msg)
+        raise AssertionError(f"connection not closed; got {msgs!r}")
+
+    def login(self, user="postgres", database="postgres", **params):
+        """Trust login; returns the messages up to and including ReadyForQuery."""
+        self.send_startup(user, database, **params)
+        msgs = self.read_until("ZE")
+        assert msgs and msgs[-1][0] == "Z", f"login failed: {msgs!r}"
+        return msgs
+
+    def simple_query(self, sql):
+        self.send_query(sql)
+        return self.read_until("Z")
+
+    def close(self, reset=False):
+        if reset:  # RST instead of FIN
+            self.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def error_fields(msgs):
+    """Fields of the first ErrorResponse in ``msgs`` (None if there is none)."""
+    for mtype, body in msgs:
+        if mtype == "E":
+            return parse_fields(body)
+    return None
+
+
+def data_rows(msgs):
+    """Text values of the DataRow messages in ``msgs`` as a list of tuples."""
+    rows = []
+    for mtype, body in msgs:
+        if mtype != "D":
+            continue
+        (ncols,) = struct.unpack("!h", body[:2])
+        pos, row = 2, []
+        for _ in range(ncols):
+            (n,) = struct.unpack("!i", body[pos : pos + 4])
+            pos += 4
+            if n < 0:
+                row.append(None)
+            else:
+                row.append(body[pos : pos + n].decode())
+                pos += n
+        rows.append(tuple(row))
+    return rows
+
+
+# --------------------------------------------------------------------------- #
+# PostgreSQL
+# --------------------------------------------------------------------------- #
+
+
+def _as_postgres(args, **kw):
+    return subprocess.run(
+        ["runuser", "-u", "postgres", "--", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
+
+
+class PgCluster:
+    def __init__(self, datadir, port):
+        self.datadir = datadir
+        self.sockdir = datadir  # unix_socket_directories
+        self.port = port
+        self.host = "127.0.0.1"
+
+    def conninfo(self, **kw):
+        params = dict(
+            host=self.host,
+            port=self.port,
+            user="postgres",
+            dbname="postgres",
+            sslmode="disable",
+            gssencmode="disable",
+            connect_timeout=10,
+        )
+        params.update(kw)
+        return psycopg.conninfo.make_conninfo(**params)
+
+    def connect(self, autocommit=True, **kw):
+        """Direct connection to PostgreSQL (bypassing pgrelay)."""
+        return psycopg.connect(self.conninfo(**kw), autocommit=autocommit)
+
+    def query(self, sql, params=None):
+        """Run one statement directly on PostgreSQL; its rows (None if it has none)."""
+        with self.connect() as c:
+            cur = c.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else None
+
+    def backend_pids(self, application_name):
+        rows = self.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        )
+        return [r[0] for r in rows]
+
+    def active_query_pid(self, application_name, like="%pg_sleep%"):
+        rows = self.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+            " AND state = 'active' AND query LIKE %s",
+            (application_name, like),
+        )
+        return rows[0][0] if rows else None
+
+    def pid_exists(self, pid):
+        return bool(self.query("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)))
+
+
+@pytest.fixture(scope="session")
+def pg():
+    datadir = tempfile.mkdtemp(prefix="pgrelay-it-pg-")
+    shutil.chown(datadir, "postgres", "postgres")
+    os.chmod(datadir, 0o700)
+    pgdata = os.path.join(datadir, "data")
+    port = free_port()
+    r = _as_postgres(
+        [f"{PG_BIN}/initdb", "-D", pgdata, "--auth=trust", "-U", "postgres", "-E", "UTF8",
+         "--locale=C", "--no-sync"]
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(os.path.join(pgdata, "postgresql.conf"), "a") as f:
+        f.write(
+            f"""
+listen_addresses = '127.0.0.1'
+port = {port}
+unix_socket_directories = '{datadir}'
+max_connections = 300
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 128MB
+max_wal_size = 2GB
+log_min_messages = warning
+"""
+        )
+    # password-checked roles first, everything else trusted
+    hba = os.path.join(pgdata, "pg_hba.conf")
+    with open(hba) as f:
+        original = f.read()
+    with open(hba, "w") as f:
+        f.write(
+            f"host all {MD5_USER} 127.0.0.1/32 md5\n"
+            f"host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n"
+            "host all all 127.0.0.1/32 trust\n"
+            "local all all trust\n" + original
+        )
+    logfile = os.path.join(datadir, "postgres.log")
+    r = _as_postgres(
+        [f"{PG_BIN}/pg_ctl", "-D", pgdata, "-l", logfile, "-w", "-t", "60", "start"]
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    cluster = PgCluster(datadir, port)
+    try:
+        with cluster.connect() as c:
+            c.execute("SET password_encryption = 'md5'")
+            c.execute(f"CREATE ROLE {MD5_USER} LOGIN PASSWORD '{MD5_PASSWORD}'")
+            c.execute("SET password_encryption = 'scram-sha-256'")
+            c.execute(f"CREATE ROLE {SCRAM_USER} LOGIN PASSWORD '{SCRAM_PASSWORD}'")
+        yield cluster
+    finally:
+        _as_postgres([f"{PG_BIN}/pg_ctl", "-D", pgdata, "-m", "immediate", "-w", "stop"])
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- #
+# pgrelay
+# --------------------------------------------------------------------------- #
+
+_LIVE_RELAYS = []  # relays not yet torn down; their logs go into failure reports
+
+
+class Relay:
+    """One running pgrelay master started from a generated config."""
+
+    def __init__(self, workdir, port, conf_path, log_path, proc):
+        self.workdir = workdir
+        self.port = port
+        self.conf_path = conf_path
+        self.log_path = log_path
+        self.proc = proc
+        self.host = "127.0.0.1"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def conninfo(self, **kw):
+        params = dict(
+            host=self.host,
+            port=self.port,
+            user="postgres",
+            dbname="postgres",
+            sslmode="disable",
+            gssencmode="disable",
+            connect_timeout=10,
+        )
+        params.update(kw)
+        return psycopg.conninfo.make_conninfo(**params)
+
+    def connect(self, autocommit=True, **kw):
+        """psycopg connection through pgrelay."""
+        return psycopg.connect(self.conninfo(**kw), autocommit=autocommit)
+
+    def raw(self, timeout=10.0):
+        return RawClient(self.port, timeout=timeout)
+
+    def worker_pids(self):
+        return child_pids(self.pid)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def log_tail(self, n=60):
+        try:
+            return "".join(self.log().splitlines(True)[-n:])
+        except OSError as e:
+            return f"<no log: {e}>"
+
+    def signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout):
+        """Wait for the master to exit; return its exit status (AssertionError if not)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"pgrelay master {self.pid} still running after {timeout}s"
+            ) from None
+
+    def stop(self):
+        """SIGINT, wait, SIGKILL the whole process group as a fallback."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        # the master runs in its own process group: make sure no worker outlives it
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+def write_config(path, port, pg, extra=None, nodes=None):
+    """Write a pgrelay.ini. ``extra``: additional [pgrelay] keys. ``nodes``: list of
+    (name, {key: value}) replacing the default single primary pointing at ``pg``."""
+    settings = {
+        "listen_addr": "127.0.0.1",
+        "listen_port": port,
+        "workers": 2,
+        "log_level": "info",
+    }
+    settings.update(extra or {})
+    if nodes is None:
+        nodes = [("pg1", {"host": "127.0.0.1", "port": pg.port, "role": "primary"})]
+    lines = ["[pgrelay]"]
+    lines += [f"{k} = {v}" for k, v in settings.items()]
+    for name, keys in nodes:
+        lines += ["", f"[node.{name}]"]
+        lines += [f"{k} = {v}" for k, v in keys.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def start_relay(pg, extra=None, nodes=None, wait=True):
+    if not os.access(PGRELAY_BIN, os.X_OK):
+        pytest.fail(f"pgrelay binary not found at {PGRELAY_BIN} (run make)")
+    workdir = tempfile.mkdtemp(prefix="pgrelay-it-")
+    for attempt in range(3):
+        port = free_port()
+        conf = os.path.join(workdir, "pgrelay.ini")
+        log_path = os.path.join(workdir, f"pgrelay-{attempt}.log")
+        write_config(conf, port, pg, extra, nodes)
+        logf = open(log_path, "w")
+        proc = subprocess.Popen(
+            [PGRELAY_BIN, "-c", conf],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        logf.close()
+        relay = Relay(workdir, port, conf, log_path, proc)
+        _LIVE_RELAYS.append(relay)
+        if not wait:
+            return relay
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if port_accepts(port):
+                return relay
+            time.sleep(0.05)
+        relay.stop()
+        if "in use" in relay.log().lower() and attempt < 2:
+            continue  # lost the free-port race; try another port
+        pytest.fail(
+            f"pgrelay did not start listening on {port} (exit={proc.poll()}):\n"
+            + relay.log_tail()
+        )
+    raise AssertionError("unreachable")
+
+
+def _teardown_relays(relays):
+    for r in relays:
+        r.stop()
+        with contextlib.suppress(ValueError):
+            _LIVE_RELAYS.remove(r)
+        shutil.rmtree(r.workdir, ignore_errors=True)
+
+
+class RelayFactory:
+    def __init__(self, pg):
+        self.pg = pg
+        self.started = []
+
+    def __call__(self, nodes=None, wait=True, **extra):
+        r = start_relay(self.pg, extra, nodes, wait)
+        self.started.append(r)
+        return r
+
+    def close(self):
+        _teardown_relays(self.started)
+
+
+@pytest.fixture
+def relay_factory(pg):
+    """Start dedicated pgrelays: ``relay_factory(max_client_conn=3, shutdown_timeout='10s')``."""
+    factory = RelayFactory(pg)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def relay(pg):
+    """A pgrelay shared by the tests of one module (workers=2, max_client_conn=1000)."""
+    factory = RelayFactory(pg)
+    r = factory(max_client_conn=1000)
+    yield r
+    factory.close()
+
+
+@pytest.fixture
+def conn(relay):
+    """An autocommit psycopg connection through the module's pgrelay."""
+    with relay.connect() as c:
+        yield c
+
+
+# --------------------------------------------------------------------------- #
+# reporting and watchdog
+# --------------------------------------------------------------------------- #
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "deadline(seconds): per-test watchdog (default %d s)" % DEFAULT_TEST_TIMEOUT
+    )
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Fail a test (instead of hanging the suite) when it exceeds its deadline."""
+    marker = item.get_closest_marker("deadline")
+    seconds = marker.args[0] if marker else DEFAULT_TEST_TIMEOUT
+
+    def on_alarm(signum, frame):
+        raise DeadlineExceeded(f"test exceeded its {seconds}s deadline")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for r in list(_LIVE_RELAYS):
+            report.sections.append(
+                (f"pgrelay log (port {r.port}, {r.log_path}) tail", r.log_tail())
+            )

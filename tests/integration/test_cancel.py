@@ -1,0 +1,122 @@
+"""Query cancellation through pgrelay (CancelRequest may reach any worker)."""
+
+import struct
+import threading
+import time
+import uuid
+
+from psycopg import errors
+
+from conftest import CANCEL_REQUEST_CODE, RawClient, wait_for
+
+
+class QueryInThread:
+    """Run one query on ``conn`` in a thread; record the exception and when it ended."""
+
+    def __init__(self, conn, sql):
+        self.conn, self.sql = conn, sql
+        self.error = None
+        self.result = None
+        self.ended_at = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.result = self.conn.execute(self.sql).fetchall()
+        except Exception as e:  # noqa: BLE001 - recorded for the test
+            self.error = e
+        self.ended_at = time.monotonic()
+
+    def join(self, timeout):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"query still running after {timeout}s: {self.sql}"
+
+
+def start_sleep(relay, pg, seconds=30):
+    app = f"cancel-{uuid.uuid4().hex[:10]}"
+    conn = relay.connect(application_name=app)
+    q = QueryInThread(conn, f"SELECT pg_sleep({seconds})")
+    backend = wait_for(
+        lambda: pg.active_query_pid(app), timeout=10, what="pg_sleep to start on the server"
+    )
+    return conn, q, backend
+
+
+def test_cancel_interrupts_running_query_within_a_second_repeatedly(relay, pg):
+    # 12 rounds x 2 workers: the cancel connection lands on a random worker, so both
+    # "same worker" and "other worker" cancels are exercised with near certainty
+    for round_ in range(12):
+        conn, q, _ = start_sleep(relay, pg)
+        with conn:
+            cancelled_at = time.monotonic()
+            conn.cancel()
+            q.join(10)
+            assert isinstance(q.error, errors.QueryCanceled), f"round {round_}: {q.error!r}"
+            assert q.error.sqlstate == "57014"
+            assert q.ended_at - cancelled_at < 1.0, f"round {round_}: took {q.ended_at - cancelled_at:.2f}s"
+            # the session survives the cancel
+            assert conn.execute("SELECT 'after cancel'").fetchone() == ("after cancel",)
+
+
+def test_cancel_hits_only_the_targeted_session(relay, pg):
+    conn_a, qa, _ = start_sleep(relay, pg, seconds=3)
+    conn_b, qb, _ = start_sleep(relay, pg, seconds=30)
+    with conn_a, conn_b:
+        conn_b.cancel()
+        qb.join(10)
+        assert isinstance(qb.error, errors.QueryCanceled)
+        qa.join(15)
+        assert qa.error is None, f"untargeted session was disturbed: {qa.error!r}"
+        assert qa.result is not None and len(qa.result) == 1
+
+
+def test_cancel_request_with_wrong_key_cancels_nothing(relay, pg):
+    conn, q, backend_pid = start_sleep(relay, pg, seconds=2)
+    with conn:
+        fake_pid = conn.info.backend_pid
+        for pid, key in [(fake_pid, 12345), (backend_pid, 0), (1, 1)]:
+            with RawClient(relay.port) as raw:
+                raw.send(struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, pid, key))
+                # pgrelay closes the cancel connection without answering
+                assert raw.read_message() is None
+        q.join(15)
+        assert q.error is None, f"query was cancelled by a wrong key: {q.error!r}"
+
+
+def test_cancel_of_idle_session_is_harmless(conn):
+    conn.cancel()
+    time.sleep(0.2)  # let a (wrong) cancel arrive if one were sent
+    assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
+
+
+def test_cancel_inside_transaction_aborts_only_the_statement(relay, pg):
+    app = f"cancel-tx-{uuid.uuid4().hex[:8]}"
+    with relay.connect(application_name=app, autocommit=False) as conn:
+        conn.execute("SELECT 1")
+        q = QueryInThread(conn, "SELECT pg_sleep(30)")
+        wait_for(lambda: pg.active_query_pid(app), timeout=10, what="pg_sleep")
+        conn.cancel()
+        q.join(10)
+        assert isinstance(q.error, errors.QueryCanceled)
+        conn.rollback()
+        assert conn.execute("SELECT 5").fetchone() == (5,)
+        conn.commit()
+
+
+def test_cancels_from_many_sessions_concurrently(relay, pg):
+    sessions = [start_sleep(relay, pg) for _ in range(20)]
+    try:
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=c.cancel) for c, _, _ in sessions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        for conn, q, _ in sessions:
+            q.join(10)
+            assert isinstance(q.error, errors.QueryCanceled), repr(q.error)
+            assert q.ended_at - t0 < 3.0
+    finally:
+        for conn, _, _ in sessions:
+            conn.close()

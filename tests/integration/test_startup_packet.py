@@ -1,0 +1,190 @@
+"""The client's first bytes: startup packets, SSL/GSS requests and malformed input."""
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import (
+    GSSENC_REQUEST_CODE,
+    PROTOCOL_V3,
+    SSL_REQUEST_CODE,
+    RawClient,
+    data_rows,
+    error_fields,
+    startup_packet,
+    wait_for,
+)
+
+
+class BackgroundQueries:
+    """A psycopg session running queries in a loop while a test misbehaves elsewhere."""
+
+    def __init__(self, relay):
+        self.conn = relay.connect()
+        self.stop = threading.Event()
+        self.count = 0
+        self.errors = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self.stop.is_set():
+                n = self.count
+                got = self.conn.execute("SELECT %s::int + 1", (n,)).fetchone()
+                if got != (n + 1,):
+                    self.errors.append(f"got {got!r} for {n}")
+                self.count += 1
+        except Exception as e:  # noqa: BLE001
+            self.errors.append(repr(e))
+
+    def finish(self):
+        before = self.count
+        wait_for(lambda: self.count > before + 5 or self.errors, timeout=10,
+                 what="background queries to progress")
+        self.stop.set()
+        self.thread.join(10)
+        self.conn.close()
+        assert self.errors == []
+        assert self.count > 0
+
+
+def assert_rejected_as_protocol_violation(raw):
+    """The connection is closed; if anything was sent, it is an ErrorResponse 08P01."""
+    msgs = raw.read_to_eof()
+    assert all(m[0] == "E" for m in msgs), msgs
+    if msgs:
+        assert error_fields(msgs).get("C") == "08P01", msgs
+
+
+BAD_PACKETS = {
+    # an HTTP request: "GET " read as a length of ~1.2 GB
+    "http_request": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    # length smaller than the 8-byte header
+    "length_too_small": struct.pack("!i", 4) + b"\0\0\0\0",
+    "negative_length": struct.pack("!i", -20) + b"\0" * 16,
+    # startup packet whose declared length is over the 10000-byte limit
+    "oversized_20000": struct.pack("!ii", 20000, PROTOCOL_V3) + b"user\0" + b"u" * 19000,
+    # random bytes
+    "random_bytes": bytes((i * 37 + 11) % 256 for i in range(200)),
+}
+
+
+@pytest.mark.parametrize("packet", list(BAD_PACKETS.values()), ids=list(BAD_PACKETS))
+def test_malformed_startup_packet_is_rejected_while_others_carry_on(relay, packet):
+    bg = BackgroundQueries(relay)
+    with RawClient(relay.port) as raw:
+        try:
+            raw.send(packet)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed even before we finished sending: also a rejection
+        assert_rejected_as_protocol_violation(raw)
+    bg.finish()
+    with relay.connect() as c:
+        assert c.execute("SELECT 'next client'").fetchone() == ("next client",)
+
+
+def test_unsupported_protocol_version_is_refused(relay):
+    with RawClient(relay.port) as raw:
+        raw.send(struct.pack("!ii", 16, 0x12345678) + b"user\0x\0\0\0")
+        msgs = raw.read_to_eof()
+    # PostgreSQL answers 0A000 here; 08P01 (protocol violation) is acceptable too
+    assert [m[0] for m in msgs] == ["E"], msgs
+    assert error_fields(msgs)["C"] in ("0A000", "08P01"), msgs
+
+
+def test_oversized_startup_packet_gets_sqlstate_08P01(relay):
+    with RawClient(relay.port) as raw:
+        raw.send(struct.pack("!ii", 20000, PROTOCOL_V3))
+        msgs = raw.read_to_eof()
+    assert error_fields(msgs) and error_fields(msgs)["C"] == "08P01", msgs
+
+
+def test_many_garbage_connections_in_parallel_do_not_disturb_a_session(relay):
+    bg = BackgroundQueries(relay)
+
+    def garbage(i):
+        try:
+            with RawClient(relay.port) as raw:
+                raw.send(list(BAD_PACKETS.values())[i % len(BAD_PACKETS)])
+                raw.read_to_eof()
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=garbage, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    bg.finish()
+
+
+def test_startup_packet_sent_one_byte_at_a_time_still_logs_in(relay):
+    with RawClient(relay.port) as raw:
+        raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for b in startup_packet(application_name="byte-by-byte"):
+            raw.send(bytes([b]))
+            time.sleep(0.002)
+        msgs = raw.read_until("ZE")
+        types = [m[0] for m in msgs]
+        assert types[0] == "R" and msgs[0][1][:4] == struct.pack("!i", 0), msgs  # AuthenticationOk
+        assert "K" in types and types[-1] == "Z", types
+        # a query split the same way is answered too
+        payload = b"SELECT 'split'\0"
+        for b in b"Q" + struct.pack("!i", len(payload) + 4) + payload:
+            raw.send(bytes([b]))
+        msgs = raw.read_until("Z")
+        assert data_rows(msgs) == [("split",)]
+        raw.send_terminate()
+        assert raw.read_message() is None
+
+
+def test_ssl_request_is_answered_N_then_plain_startup_works(relay):
+    with RawClient(relay.port) as raw:
+        raw.send(struct.pack("!ii", 8, SSL_REQUEST_CODE))
+        assert raw.read_byte() == b"N"
+        raw.login()
+        assert data_rows(raw.simple_query("SELECT 1")) == [("1",)]
+
+
+def test_gssenc_request_is_answered_N_then_plain_startup_works(relay):
+    with RawClient(relay.port) as raw:
+        raw.send(struct.pack("!ii", 8, GSSENC_REQUEST_CODE))
+        assert raw.read_byte() == b"N"
+        raw.send(struct.pack("!ii", 8, SSL_REQUEST_CODE))
+        assert raw.read_byte() == b"N"
+        raw.login()
+        assert data_rows(raw.simple_query("SELECT 2")) == [("2",)]
+
+
+def test_silent_connections_do_not_block_other_clients(relay):
+    silent = [socket.create_connection(("127.0.0.1", relay.port)) for _ in range(20)]
+    partial = []
+    for _ in range(10):
+        s = socket.create_connection(("127.0.0.1", relay.port))
+        s.sendall(startup_packet()[:6])  # half a startup packet, then nothing
+        partial.append(s)
+    try:
+        t0 = time.monotonic()
+        with relay.connect() as c:
+            assert c.execute("SELECT 'not blocked'").fetchone() == ("not blocked",)
+        assert time.monotonic() - t0 < 2
+    finally:
+        for s in silent + partial:
+            s.close()
+
+
+def test_client_login_timeout_closes_silent_connections(relay_factory):
+    relay = relay_factory(client_login_timeout="1s")
+    with RawClient(relay.port, timeout=10) as silent, RawClient(relay.port, timeout=10) as partial:
+        partial.send(startup_packet()[:10])
+        t0 = time.monotonic()
+        silent.read_to_eof()
+        partial.read_to_eof()
+        assert time.monotonic() - t0 < 5
+    # a client that logs in promptly is not affected
+    with relay.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
