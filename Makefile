@@ -36,7 +36,7 @@ DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-p
              procps util-linux
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 
-PROXY_PKGS := libevent inih
+PROXY_PKGS := libevent inih jansson
 UNIT_PKGS  := cmocka inih
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes

@@ -15,6 +15,9 @@
 
 static const char *const role_words[] = {"primary", "replica", NULL};
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
+static const char *const facility_words[] = {"daemon", "user",   "local0", "local1",
+                                             "local2", "local3", "local4", "local5",
+                                             "local6", "local7", NULL};
 
 #define PG_KEY(name_, type_, def_, reload_, field_, min_, max_, words_, help_)                     \
     {"pgrelay", name_, type_, def_, reload_, offsetof(config, field_), sizeof(((config *)0)->field_), \
@@ -42,6 +45,25 @@ const config_key config_keys[] = {
            "enable TCP keepalive on client and server sockets"),
     PG_KEY("log_level", CFG_ENUM, "info", true, log_level, 0, 0, level_words,
            "error, warning, info or debug; -v and -q on the command line override it"),
+    PG_KEY("logfile", CFG_STRING, "", true, logfile, 0, 0, NULL,
+           "append log lines to this file instead of stderr; SIGUSR1 reopens it"),
+    PG_KEY("syslog", CFG_BOOL, "off", true, syslog, 0, 0, NULL, "also send log lines to syslog"),
+    PG_KEY("syslog_facility", CFG_ENUM, "daemon", true, syslog_facility, 0, 0, facility_words,
+           "syslog facility: daemon, user, local0 ... local7"),
+    PG_KEY("syslog_ident", CFG_STRING, "pgrelay", true, syslog_ident, 0, 0, NULL,
+           "program name syslog lines carry"),
+    PG_KEY("admin_socket", CFG_STRING, CONFIG_DEFAULT_ADMIN_SOCKET, false, admin_socket, 0, 0,
+           NULL, "Unix socket of the admin console; empty disables it"),
+    PG_KEY("admin_socket_mode", CFG_MODE, "0600", false, admin_socket_mode, 0, 0777, NULL,
+           "permission bits of the admin socket file (octal)"),
+    PG_KEY("admin_socket_group", CFG_STRING, "", false, admin_socket_group, 0, 0, NULL,
+           "group that owns the admin socket file; empty keeps the daemon's group"),
+    PG_KEY("admin_users", CFG_STRING, "", true, admin_users, 0, 0, NULL,
+           "comma-separated system users with admin level on the admin socket"),
+    PG_KEY("operator_users", CFG_STRING, "", true, operator_users, 0, 0, NULL,
+           "comma-separated system users with operator level (pause, resume, kill)"),
+    PG_KEY("stats_users", CFG_STRING, "", true, stats_users, 0, 0, NULL,
+           "comma-separated system users with user level (show commands only)"),
     NODE_KEY("host", CFG_STRING, NULL, host, 0, 0, NULL,
              "host name or IP address of the node, or a Unix socket directory"),
     NODE_KEY("port", CFG_INT, "5432", port, 1, 65535, NULL, "PostgreSQL port of the node"),
@@ -196,6 +218,15 @@ static const char *config_set(const config_key *key, void *base, const char *val
         *(bool *)field = b;
         return NULL;
     }
+    case CFG_MODE:
+        errno = 0;
+        v = strtol(value, &end, 8);
+        if (errno || end == value || *end != '\0' || v < key->min || v > key->max) {
+            snprintf(why, why_len, "\"%s\" is not an octal mode such as 0660", value);
+            return why;
+        }
+        *(int *)field = (int)v;
+        return NULL;
     case CFG_ENUM: {
         int i = enum_index(key->words, value);
         if (i < 0) {
@@ -211,7 +242,7 @@ static const char *config_set(const config_key *key, void *base, const char *val
     return "unknown key type";
 }
 
-static const config_key *config_find(const char *section, const char *name)
+const config_key *config_find(const char *section, const char *name)
 {
     for (size_t i = 0; i < config_n_keys; i++)
         if (strcmp(config_keys[i].section, section) == 0 && strcmp(config_keys[i].name, name) == 0)
@@ -452,6 +483,9 @@ void config_format_value(const config *cfg, const config_key *key, const void *b
         break;
     case CFG_ENUM:
         snprintf(buf, len, "%s", key->words[*(const int *)field]);
+        break;
+    case CFG_MODE:
+        snprintf(buf, len, "%04o", *(const int *)field);
         break;
     }
 }

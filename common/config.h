@@ -37,6 +37,16 @@ typedef struct config {
     int shutdown_timeout_ms;          /* graceful shutdown waits this long for sessions */
     bool tcp_keepalive;               /* SO_KEEPALIVE on client and server sockets */
     int log_level;                    /* log_level from log.h */
+    char logfile[1024];               /* "" = stderr */
+    bool syslog;                      /* also log to syslog */
+    int syslog_facility;              /* index into the facility words */
+    char syslog_ident[64];
+    char admin_socket[108];           /* Unix socket path of the admin console; "" = none */
+    int admin_socket_mode;            /* permission bits of the socket file */
+    char admin_socket_group[64];      /* group owning the socket file; "" = the daemon's */
+    char admin_users[512];            /* comma-separated user names with admin level */
+    char operator_users[512];         /* ... with operator level */
+    char stats_users[512];            /* ... with user (read-only) level */
     int n_nodes;
     config_node nodes[CONFIG_MAX_NODES];
 
@@ -52,6 +62,7 @@ typedef enum config_type {
     CFG_DURATION, /* "250ms", "5s", "2m", "1h"; a bare number is seconds; stored in ms */
     CFG_BOOL,     /* on/off, true/false, yes/no, 1/0 */
     CFG_ENUM,     /* one of a fixed list of words, stored as its index */
+    CFG_MODE,     /* octal file permission bits, e.g. 0660 */
 } config_type;
 
 /* One row of the key table: everything parsing, validation, `show config` and the man page need. */
@@ -84,6 +95,12 @@ int config_load(config *cfg, const char *path);
 
 /* Load from an in-memory string (tests); name is used in messages. */
 int config_load_string(config *cfg, const char *name, const char *text);
+
+/* Look a key up by section ("pgrelay" or "node") and name. */
+const config_key *config_find(const char *section, const char *name);
+
+/* The default socket path; the directory is created at start if missing. */
+#define CONFIG_DEFAULT_ADMIN_SOCKET "/run/pgrelay/admin.sock"
 
 /* Index of the first node with role primary, or -1. */
 int config_first_primary(const config *cfg);

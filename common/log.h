@@ -17,6 +17,21 @@ extern log_level log_current_level;
 /* Set the tag every line carries, e.g. "master" or "worker 2". */
 void log_set_process(const char *tag);
 
+/* Send lines to a file (appending; NULL or "" = stderr). Returns 0, or -1 with errno set and
+ * the previous destination kept. */
+int log_open_file(const char *path);
+
+/* Reopen the log file under its name (after logrotate moved it); no-op for stderr. */
+int log_reopen(void);
+
+/* Send lines to syslog as well as (instead of stderr when no file is set) the file.
+ * facility is a name such as "daemon" or "local0"; returns -1 for an unknown name. */
+int log_open_syslog(const char *ident, const char *facility);
+void log_close_syslog(void);
+
+/* The file descriptor lines go to (stderr or the log file), for daemonizing. */
+int log_fd(void);
+
 /* Parse "error|warning|info|debug"; returns -1 on an unknown name. */
 int log_level_parse(const char *name);
 const char *log_level_name(log_level level);

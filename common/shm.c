@@ -54,35 +54,55 @@ shm_segment *shm_create(const config *cfg, int *fd_out)
     return shm;
 }
 
+/* Fill the half readers are not using, then make it current. */
+static void shm_dbuf_publish(shm_dbuf *d, char *halves, size_t size, const void *src)
+{
+    uint32_t next = 1 - atomic_load_explicit(&d->current, memory_order_relaxed);
+    /* Mark odd even if a previous writer died with it odd: readers never use this half until
+     * current points at it, and a reader that raced a flip sees the change and retries. */
+    uint32_t seq = atomic_load_explicit(&d->seq[next], memory_order_relaxed) | 1u;
+    atomic_store_explicit(&d->seq[next], seq, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    memcpy(halves + next * size, src, size);
+    atomic_store_explicit(&d->seq[next], seq + 1, memory_order_release);
+    atomic_store_explicit(&d->current, next, memory_order_release);
+    atomic_fetch_add_explicit(&d->version, 1, memory_order_release);
+}
+
+/* Copy the current half consistently; returns the version it belongs to. */
+static uint64_t shm_dbuf_read(shm_dbuf *d, const char *halves, size_t size, void *out)
+{
+    for (;;) {
+        uint64_t version = atomic_load_explicit(&d->version, memory_order_acquire);
+        uint32_t cur = atomic_load_explicit(&d->current, memory_order_acquire);
+        uint32_t s1 = atomic_load_explicit(&d->seq[cur], memory_order_acquire);
+        if (s1 & 1u)
+            continue; /* the writer flipped and reuses this half; the other half is current */
+        memcpy(out, halves + cur * size, size);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&d->seq[cur], memory_order_relaxed) == s1)
+            return version;
+    }
+}
+
 void shm_routes_publish(shm_segment *shm, const shm_route_table *tab)
 {
-    shm_routes *r = &shm->routes;
-    uint32_t next = 1 - atomic_load_explicit(&r->current, memory_order_relaxed);
-    /* Mark odd even if a previous writer died with it odd: readers never use tab[next] until
-     * current points at it, and a reader that raced a flip sees the change and retries. */
-    uint32_t seq = atomic_load_explicit(&r->seq[next], memory_order_relaxed) | 1u;
-    atomic_store_explicit(&r->seq[next], seq, memory_order_relaxed);
-    atomic_thread_fence(memory_order_release);
-    memcpy(&r->tab[next], tab, sizeof(*tab));
-    atomic_store_explicit(&r->seq[next], seq + 1, memory_order_release);
-    atomic_store_explicit(&r->current, next, memory_order_release);
-    atomic_fetch_add_explicit(&r->version, 1, memory_order_release);
+    shm_dbuf_publish(&shm->routes.d, (char *)shm->routes.tab, sizeof(*tab), tab);
 }
 
 uint64_t shm_routes_read(shm_segment *shm, shm_route_table *out)
 {
-    shm_routes *r = &shm->routes;
-    for (;;) {
-        uint64_t version = atomic_load_explicit(&r->version, memory_order_acquire);
-        uint32_t cur = atomic_load_explicit(&r->current, memory_order_acquire);
-        uint32_t s1 = atomic_load_explicit(&r->seq[cur], memory_order_acquire);
-        if (s1 & 1u)
-            continue; /* the writer flipped and reuses this half; the other half is current */
-        memcpy(out, &r->tab[cur], sizeof(*out));
-        atomic_thread_fence(memory_order_acquire);
-        if (atomic_load_explicit(&r->seq[cur], memory_order_relaxed) == s1)
-            return version;
-    }
+    return shm_dbuf_read(&shm->routes.d, (const char *)shm->routes.tab, sizeof(*out), out);
+}
+
+void shm_settings_publish(shm_segment *shm, const config *cfg)
+{
+    shm_dbuf_publish(&shm->settings.d, (char *)shm->settings.cfg, sizeof(*cfg), cfg);
+}
+
+uint64_t shm_settings_read(shm_segment *shm, config *out)
+{
+    return shm_dbuf_read(&shm->settings.d, (const char *)shm->settings.cfg, sizeof(*out), out);
 }
 
 int shm_node_resolve(shm_node *n)
@@ -146,6 +166,8 @@ shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint)
             s->worker = worker;
             s->id = atomic_fetch_add(&shm->next_session_id, 1);
             s->node = -1;
+            s->node_name[0] = '\0';
+            s->node_addrlen = 0;
             atomic_store(&s->backend_valid, 0);
             s->stmt_start_us = 0;
             s->stmt[0] = '\0';

@@ -48,12 +48,25 @@ typedef struct shm_route_table {
     shm_node nodes[CONFIG_MAX_NODES];
 } shm_route_table;
 
-typedef struct shm_routes {
-    _Atomic uint32_t current;  /* which of tab[] readers use */
+/* Header of a double buffer: one writer fills the half readers are not using, then flips.
+ * A writer that dies mid-write leaves `current` on the last complete half. */
+typedef struct shm_dbuf {
+    _Atomic uint32_t current;  /* which half readers use */
     _Atomic uint64_t version;  /* bumped after every publish; cheap "has it changed" check */
-    _Atomic uint32_t seq[2];   /* odd while tab[i] is being written */
+    _Atomic uint32_t seq[2];   /* odd while half i is being written */
+} shm_dbuf;
+
+typedef struct shm_routes {
+    shm_dbuf d;
     shm_route_table tab[2];
 } shm_routes;
+
+/* The effective configuration, published by the master at start and on every reload; workers
+ * take the reloadable keys from it. */
+typedef struct shm_settings {
+    shm_dbuf d;
+    config cfg[2];
+} shm_settings;
 
 /* Counters of one worker; written only by that worker (relaxed), read by anyone. */
 typedef struct shm_worker_stats {
@@ -90,7 +103,10 @@ typedef struct shm_session {
     uint32_t cancel_pid;           /* the cancel key pgrelay gave the client */
     uint32_t cancel_secret;
     _Atomic uint32_t backend_valid; /* 1 once the node's BackendKeyData is recorded */
-    int32_t node;                  /* index of the node the session is on, -1 before */
+    int32_t node;                  /* index of the node in the routing table at connect time */
+    char node_name[CONFIG_NAME_MAX];  /* that node's name (indexes move on reload) */
+    struct sockaddr_storage node_addr; /* where cancels for this session go */
+    socklen_t node_addrlen;
     uint32_t backend_pid;          /* the node's own cancel key */
     uint32_t backend_secret;
     int64_t connected_at_us;
@@ -111,7 +127,12 @@ typedef struct shm_segment {
     int64_t started_at_us;
     _Atomic int32_t clients;           /* live client sessions, all workers */
     _Atomic uint64_t next_session_id;
+    _Atomic uint32_t maintenance;      /* 1: hold new sessions and next statements (pause) */
+    _Atomic int64_t maintenance_since_us; /* when it was turned on */
+    _Atomic int64_t maintenance_until_us; /* automatic resume time, 0 = none */
+    _Atomic uint64_t reloads;          /* configuration reloads applied */
     shm_routes routes;
+    shm_settings settings;
     shm_worker workers[SHM_MAX_WORKERS];
     shm_session sessions[];            /* max_sessions slots */
 } shm_segment;
@@ -131,7 +152,15 @@ uint64_t shm_routes_read(shm_segment *shm, shm_route_table *out);
 
 static inline uint64_t shm_routes_version(shm_segment *shm)
 {
-    return atomic_load_explicit(&shm->routes.version, memory_order_acquire);
+    return atomic_load_explicit(&shm->routes.d.version, memory_order_acquire);
+}
+
+/* Settings: the master publishes; workers read when the version moved. */
+void shm_settings_publish(shm_segment *shm, const config *cfg);
+uint64_t shm_settings_read(shm_segment *shm, config *out);
+static inline uint64_t shm_settings_version(shm_segment *shm)
+{
+    return atomic_load_explicit(&shm->settings.d.version, memory_order_acquire);
 }
 
 /* Fill a table from the static config: nodes resolved, the first primary as leader. */

@@ -60,14 +60,9 @@ static void cancel_on_ready(evutil_socket_t fd, short what, void *arg)
     cancel_req_free(r);
 }
 
-void cancel_send(worker *w, int node, uint32_t backend_pid, uint32_t backend_secret)
+void cancel_send(worker *w, const struct sockaddr_storage *addr, socklen_t addrlen,
+                 const char *node_name, uint32_t backend_pid, uint32_t backend_secret)
 {
-    worker_routes_refresh(w);
-    if (node < 0 || (uint32_t)node >= w->routes.n_nodes || w->routes.nodes[node].addrlen == 0) {
-        log_warning("cancel request: node %d is no longer in the routing table", node);
-        return;
-    }
-    shm_node *n = &w->routes.nodes[node];
     cancel_req *r = calloc(1, sizeof(*r));
     if (!r)
         return;
@@ -76,9 +71,9 @@ void cancel_send(worker *w, int node, uint32_t backend_pid, uint32_t backend_sec
     pg_put_u32(r->packet + 8, backend_pid);
     pg_put_u32(r->packet + 12, backend_secret);
     int err = 0;
-    r->fd = net_connect_nonblock(&n->addr, n->addrlen, false, &err);
+    r->fd = net_connect_nonblock(addr, addrlen, false, &err);
     if (r->fd < 0) {
-        log_warning("cancel request: cannot connect to node %s: %s", n->name, strerror(err));
+        log_warning("cancel request: cannot connect to node %s: %s", node_name, strerror(err));
         free(r);
         return;
     }
@@ -109,12 +104,13 @@ void cancel_handle_request(worker *w, uint32_t pid, uint32_t secret, const char 
                     client_addr, (unsigned long long)snap.id);
         return;
     }
-    if (!atomic_load(&snap.backend_valid) || snap.node < 0) {
+    if (!atomic_load(&snap.backend_valid) || snap.node_addrlen == 0) {
         log_info("client %s: cancel request for session %llu before it reached a node; ignored",
                  client_addr, (unsigned long long)snap.id);
         return;
     }
-    log_debug("client %s: forwarding cancel of session %llu to node %d", client_addr,
-              (unsigned long long)snap.id, snap.node);
-    cancel_send(w, snap.node, snap.backend_pid, snap.backend_secret);
+    log_debug("client %s: forwarding cancel of session %llu to node %s", client_addr,
+              (unsigned long long)snap.id, snap.node_name);
+    cancel_send(w, &snap.node_addr, snap.node_addrlen, snap.node_name, snap.backend_pid,
+                snap.backend_secret);
 }

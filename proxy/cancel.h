@@ -16,7 +16,8 @@ void cancel_key_issue(struct worker *w, shm_session *slot, uint32_t idx, uint8_t
 void cancel_handle_request(struct worker *w, uint32_t pid, uint32_t secret,
                            const char *client_addr);
 
-/* Send a CancelRequest for the backend (node, pid, secret) without waiting for it. */
-void cancel_send(struct worker *w, int node, uint32_t backend_pid, uint32_t backend_secret);
+/* Send the node at addr a CancelRequest for its backend (pid, secret), without waiting. */
+void cancel_send(struct worker *w, const struct sockaddr_storage *addr, socklen_t addrlen,
+                 const char *node_name, uint32_t backend_pid, uint32_t backend_secret);
 
 #endif

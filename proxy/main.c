@@ -3,6 +3,9 @@
 #include "log.h"
 #include "master.h"
 #include "net.h"
+#include "worker.h"
+
+#include <limits.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -69,9 +72,9 @@ static int pidfile_write(int fd, const char *path)
     return 0;
 }
 
-/* Detach: fork, new session, fork again; stdin and stdout go to /dev/null, stderr stays so that
- * logs can be redirected by the caller. */
-static int daemonize(void)
+/* Detach: fork, new session, fork again; stdin and stdout go to /dev/null, and so does stderr
+ * when logs have another destination (else it stays, for the caller to redirect). */
+static int daemonize(bool quiet_stderr)
 {
     pid_t pid = fork();
     if (pid < 0)
@@ -91,6 +94,8 @@ static int daemonize(void)
     if (fd >= 0) {
         dup2(fd, STDIN_FILENO);
         dup2(fd, STDOUT_FILENO);
+        if (quiet_stderr)
+            dup2(fd, STDERR_FILENO);
         if (fd > STDERR_FILENO)
             close(fd);
     }
@@ -153,6 +158,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "pgrelay: out of memory\n");
         return 1;
     }
+    /* Absolute, so that reloads still find it after daemon mode's chdir("/"). */
+    char config_abs[PATH_MAX];
+    if (realpath(config_path, config_abs))
+        config_path = config_abs;
     int errors = config_load(cfg, config_path);
     if (errors > 0) {
         for (int i = 0; i < cfg->n_errors; i++)
@@ -166,10 +175,12 @@ int main(int argc, char **argv)
         return 0;
     }
 
+    master_options opts = {.pidfile = pidfile, .verbose = verbose, .quiet = quiet};
     int level = cfg->log_level + verbose;
     if (level > LOG_LVL_DEBUG)
         level = LOG_LVL_DEBUG;
-    log_current_level = quiet ? LOG_LVL_ERROR : (log_level)level;
+    cfg->log_level = quiet ? LOG_LVL_ERROR : level;
+    log_current_level = (log_level)cfg->log_level;
     log_set_process("master");
 
     int pid_fd = -1;
@@ -185,13 +196,20 @@ int main(int argc, char **argv)
     }
     log_info("listening on %s:%d", cfg->listen_addr, cfg->listen_port);
 
-    if (daemon_mode && daemonize() != 0) {
+    /* From here on log lines go where the configuration says; a log file that cannot be
+     * opened is reported on the terminal while there still is one. */
+    if (cfg->logfile[0] && log_open_file(cfg->logfile) != 0) {
+        log_error("cannot open logfile %s: %s", cfg->logfile, strerror(errno));
+        return 1;
+    }
+    if (daemon_mode && daemonize(cfg->logfile[0] || cfg->syslog) != 0) {
         log_error("cannot detach: %s", strerror(errno));
         return 1;
     }
+    worker_apply_logging(cfg);
     if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
         return 1;
-    int rc = master_run(cfg, listen_fd, pidfile);
+    int rc = master_run(cfg, listen_fd, &opts);
     free(cfg);
     return rc;
 }

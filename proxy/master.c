@@ -4,6 +4,8 @@
  * (reaping with waitpid(WNOHANG), respawning with backoff, passing shutdowns on).
  */
 #include "master.h"
+#include "admin.h"
+#include "channel.h"
 #include "log.h"
 #include "shm.h"
 #include "worker.h"
@@ -15,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,35 +26,8 @@
 #define RESPAWN_STABLE_MS      10000 /* a worker that lived this long resets the backoff */
 #define STOP_KILL_GRACE_MS     5000  /* after the shutdown deadline, SIGKILL what is left */
 
-typedef enum master_stop {
-    MASTER_RUNNING = 0, /* supervising */
-    MASTER_GRACEFUL,    /* SIGTERM passed on; waiting for workers to drain */
-    MASTER_FAST,        /* SIGINT passed on; waiting for workers to exit */
-} master_stop;
-
-/* One row of the process table. */
-typedef struct master_child {
-    pid_t pid;            /* 0 when not running */
-    int64_t started_us;
-    int backoff_ms;       /* delay before the next respawn */
-    struct event ev_respawn;
-} master_child;
-
-typedef struct master {
-    config *cfg;
-    shm_segment *shm;
-    int shm_fd;
-    int listen_fd;
-    struct event_base *base;
-    struct event ev_signal_pipe;
-    struct event ev_kill_deadline;
-    master_child *children;
-    int n_children;
-    master_stop stop;
-} master;
-
 static master *master_self; /* the one master of this process, for timer callbacks */
-static volatile sig_atomic_t sig_child, sig_term, sig_int, sig_quit, sig_hup;
+static volatile sig_atomic_t sig_child, sig_term, sig_int, sig_quit, sig_hup, sig_usr1;
 static int signal_pipe[2] = {-1, -1};
 
 static void master_on_signal(int sig)
@@ -73,13 +49,16 @@ static void master_on_signal(int sig)
     case SIGHUP:
         sig_hup = 1;
         break;
+    case SIGUSR1:
+        sig_usr1 = 1;
+        break;
     }
     ssize_t n = write(signal_pipe[1], "s", 1);
     (void)n;
     errno = saved;
 }
 
-static const int master_signals[] = {SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP};
+static const int master_signals[] = {SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1};
 
 static void master_install_signals(void)
 {
@@ -96,22 +75,39 @@ static void master_install_signals(void)
 static void master_spawn(master *m, int i)
 {
     master_child *c = &m->children[i];
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+        log_error("cannot create the channel for worker %d: %s; retrying in %d ms", i,
+                  strerror(errno), RESPAWN_MAX_DELAY_MS);
+        struct timeval tv = {RESPAWN_MAX_DELAY_MS / 1000, 0};
+        evtimer_add(&c->ev_respawn, &tv);
+        return;
+    }
     pid_t pid = fork();
     if (pid < 0) {
         log_error("cannot fork worker %d: %s; retrying in %d ms", i, strerror(errno),
                   RESPAWN_MAX_DELAY_MS);
+        close(pair[0]);
+        close(pair[1]);
         struct timeval tv = {RESPAWN_MAX_DELAY_MS / 1000, 0};
         evtimer_add(&c->ev_respawn, &tv);
         return;
     }
     if (pid == 0) {
-        /* The worker sets up its own handlers; drop the master's. */
+        /* The worker sets up its own handlers; drop the master's, and its descriptors. */
         for (size_t k = 0; k < sizeof(master_signals) / sizeof(master_signals[0]); k++)
             signal(master_signals[k], SIG_DFL);
         close(signal_pipe[0]);
         close(signal_pipe[1]);
-        worker_main(i, m->cfg, m->shm, m->listen_fd);
+        close(pair[0]);
+        for (int k = 0; k < m->n_children; k++)
+            if (m->children[k].channel_fd >= 0)
+                close(m->children[k].channel_fd);
+        admin_close_in_child();
+        worker_main(i, m->cfg, m->shm, m->listen_fd, pair[1]);
     }
+    close(pair[1]);
+    c->channel_fd = pair[0];
     c->pid = pid;
     c->started_us = shm_now_us();
     atomic_store(&m->shm->workers[i].pid, pid);
@@ -161,6 +157,10 @@ static void master_reap(master *m)
             continue; /* not a worker */
         master_child *c = &m->children[i];
         c->pid = 0;
+        if (c->channel_fd >= 0) {
+            close(c->channel_fd);
+            c->channel_fd = -1;
+        }
         atomic_store(&m->shm->workers[i].pid, 0);
         int lost = shm_sessions_reclaim(m->shm, i);
         describe_status(status, how, sizeof(how));
@@ -236,24 +236,24 @@ static void master_on_signal_pipe(evutil_socket_t fd, short what, void *arg)
     }
     if (sig_int) {
         sig_int = 0;
-        if (m->stop != MASTER_FAST) {
-            log_info("SIGINT: fast shutdown, closing every session");
-            master_begin_stop(m, MASTER_FAST, SIGINT, STOP_KILL_GRACE_MS);
-        }
+        master_shutdown(m, MASTER_FAST);
     }
     if (sig_term) {
         sig_term = 0;
-        if (m->stop == MASTER_RUNNING) {
-            log_info("SIGTERM: graceful shutdown, waiting up to %d ms for sessions",
-                     m->cfg->shutdown_timeout_ms);
-            master_begin_stop(m, MASTER_GRACEFUL, SIGTERM,
-                              m->cfg->shutdown_timeout_ms + STOP_KILL_GRACE_MS);
-        }
+        master_shutdown(m, MASTER_GRACEFUL);
     }
     if (sig_hup) {
+        char msg[256];
         sig_hup = 0;
-        log_warning("SIGHUP: configuration reload is not supported by this version; "
-                    "restart pgrelay to apply changes");
+        log_info("SIGHUP: reloading %s", m->cfg->path);
+        master_reload(m, msg, sizeof(msg));
+    }
+    if (sig_usr1) {
+        sig_usr1 = 0;
+        if (log_reopen() != 0)
+            log_error("cannot reopen the log file %s: %s", m->cfg->logfile, strerror(errno));
+        master_signal_workers(m, SIGUSR1);
+        log_info("SIGUSR1: log file reopened");
     }
     if (sig_child) {
         sig_child = 0;
@@ -261,12 +261,161 @@ static void master_on_signal_pipe(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+void master_shutdown(master *m, master_stop how)
+{
+    if (how == MASTER_FAST && m->stop != MASTER_FAST) {
+        log_info("fast shutdown: closing every session");
+        master_begin_stop(m, MASTER_FAST, SIGINT, STOP_KILL_GRACE_MS);
+    } else if (how == MASTER_GRACEFUL && m->stop == MASTER_RUNNING) {
+        log_info("graceful shutdown: waiting up to %d ms for sessions",
+                 m->cfg->shutdown_timeout_ms);
+        master_begin_stop(m, MASTER_GRACEFUL, SIGTERM,
+                          m->cfg->shutdown_timeout_ms + STOP_KILL_GRACE_MS);
+    }
+}
+
+void master_poke_workers(master *m)
+{
+    for (int i = 0; i < m->n_children; i++)
+        if (m->children[i].channel_fd >= 0)
+            channel_send(m->children[i].channel_fd, CHANNEL_LOOK_AGAIN, 0);
+}
+
+static void master_on_maintenance_end(evutil_socket_t fd, short what, void *arg)
+{
+    master *m = arg;
+    (void)fd;
+    (void)what;
+    log_info("maintenance timeout reached: resuming");
+    master_set_maintenance(m, false, 0);
+}
+
+void master_set_maintenance(master *m, bool on, int timeout_ms)
+{
+    evtimer_del(&m->ev_maintenance_end);
+    if (on) {
+        if (!atomic_load(&m->shm->maintenance))
+            atomic_store(&m->shm->maintenance_since_us, shm_now_us());
+        atomic_store(&m->shm->maintenance_until_us,
+                     timeout_ms > 0 ? shm_now_us() + (int64_t)timeout_ms * 1000 : 0);
+        if (timeout_ms > 0) {
+            struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+            evtimer_add(&m->ev_maintenance_end, &tv);
+        }
+    } else {
+        atomic_store(&m->shm->maintenance_since_us, 0);
+        atomic_store(&m->shm->maintenance_until_us, 0);
+    }
+    atomic_store(&m->shm->maintenance, on ? 1u : 0u);
+    log_info("maintenance mode %s", on ? "on: holding new sessions and next statements" : "off");
+    master_poke_workers(m);
+}
+
+int master_kill_session(master *m, uint64_t id)
+{
+    for (uint32_t i = 0; i < m->shm->max_sessions; i++) {
+        shm_session *s = &m->shm->sessions[i];
+        if (atomic_load(&s->state) != SESSION_FREE && s->id == id) {
+            int w = s->worker;
+            if (w < 0 || w >= m->n_children || m->children[w].channel_fd < 0)
+                return -1;
+            return channel_send(m->children[w].channel_fd, CHANNEL_KILL_SESSION, id);
+        }
+    }
+    return -1;
+}
+
+int master_effective_log_level(const master *m, int configured)
+{
+    if (m->opts.quiet)
+        return LOG_LVL_ERROR;
+    int level = configured + m->opts.verbose;
+    return level > LOG_LVL_DEBUG ? LOG_LVL_DEBUG : level;
+}
+
+static bool nodes_equal(const config *a, const config *b)
+{
+    if (a->n_nodes != b->n_nodes)
+        return false;
+    for (int i = 0; i < a->n_nodes; i++) {
+        const config_node *x = &a->nodes[i], *y = &b->nodes[i];
+        if (strcmp(x->name, y->name) != 0 || strcmp(x->host, y->host) != 0 ||
+            x->port != y->port || x->role != y->role)
+            return false;
+    }
+    return true;
+}
+
+static void master_publish_static_routes(master *m);
+
+int master_reload(master *m, char *msg, size_t msglen)
+{
+    config *next = calloc(1, sizeof(*next));
+    if (!next) {
+        snprintf(msg, msglen, "reload failed: out of memory");
+        return -1;
+    }
+    int errors = config_load(next, m->cfg->path);
+    if (errors > 0) {
+        for (int i = 0; i < next->n_errors; i++)
+            log_error("reload: %s", next->errors[i]);
+        snprintf(msg, msglen, "reload failed: %d error(s) in %s (see the log); keeping the "
+                 "running configuration", errors, m->cfg->path);
+        log_error("%s", msg);
+        free(next);
+        return -1;
+    }
+    /* Keys that need a restart keep their running values. */
+    int kept = 0;
+    for (size_t i = 0; i < config_n_keys; i++) {
+        const config_key *k = &config_keys[i];
+        if (k->reloadable || strcmp(k->section, "pgrelay") != 0)
+            continue;
+        if (memcmp((char *)next + k->offset, (char *)m->cfg + k->offset, k->size) != 0) {
+            char was[256], now[256];
+            config_format_value(m->cfg, k, m->cfg, was, sizeof(was));
+            config_format_value(next, k, next, now, sizeof(now));
+            log_warning("reload: %s changed from %s to %s; this needs a restart, keeping %s",
+                        k->name, was, now, was);
+            memcpy((char *)next + k->offset, (char *)m->cfg + k->offset, k->size);
+            kept++;
+        }
+    }
+    bool nodes_changed = !nodes_equal(m->cfg, next);
+    next->log_level = master_effective_log_level(m, next->log_level);
+    memcpy(m->cfg, next, sizeof(*next));
+    free(next);
+    worker_apply_logging(m->cfg);
+    if (nodes_changed)
+        master_publish_static_routes(m);
+    shm_settings_publish(m->shm, m->cfg);
+    atomic_fetch_add(&m->shm->reloads, 1);
+    master_poke_workers(m);
+    snprintf(msg, msglen, "reloaded %s%s%s", m->cfg->path,
+             nodes_changed ? "; node list changed" : "",
+             kept ? "; some keys need a restart (see the log)" : "");
+    log_info("%s", msg);
+    return 0;
+}
+
 static void master_publish_static_routes(master *m)
 {
     shm_route_table *tab = calloc(1, sizeof(*tab));
-    if (!tab)
+    shm_route_table *old = calloc(1, sizeof(*old));
+    if (!tab || !old) {
+        free(tab);
+        free(old);
         return;
-    shm_routes_from_config(tab, m->cfg, 1);
+    }
+    /* The epoch only grows: it moves on when the leader is another node than before. */
+    uint64_t version = shm_routes_read(m->shm, old);
+    uint64_t epoch = old->epoch ? old->epoch : 1;
+    shm_routes_from_config(tab, m->cfg, epoch);
+    if (version > 0 && tab->leader >= 0 &&
+        (old->leader < 0 ||
+         strcmp(old->nodes[old->leader].name, tab->nodes[tab->leader].name) != 0))
+        tab->epoch = epoch + 1;
+    free(old);
     shm_routes_publish(m->shm, tab);
     if (tab->leader >= 0)
         log_info("write leader: node %s (%s:%d), epoch %llu", tab->nodes[tab->leader].name,
@@ -277,16 +426,18 @@ static void master_publish_static_routes(master *m)
     free(tab);
 }
 
-int master_run(config *cfg, int listen_fd, const char *pidfile)
+int master_run(config *cfg, int listen_fd, const master_options *opts)
 {
-    master m = {.cfg = cfg, .listen_fd = listen_fd, .shm_fd = -1};
+    master m = {.cfg = cfg, .listen_fd = listen_fd, .shm_fd = -1, .opts = *opts};
     int rc = 1;
 
     master_self = &m;
+    m.started_us = shm_now_us();
     log_set_process("master");
     m.shm = shm_create(cfg, &m.shm_fd);
     if (!m.shm)
         return 1;
+    shm_settings_publish(m.shm, cfg);
     master_publish_static_routes(&m);
 
     if (pipe2(signal_pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
@@ -303,6 +454,9 @@ int master_run(config *cfg, int listen_fd, const char *pidfile)
                  master_on_signal_pipe, &m);
     event_add(&m.ev_signal_pipe, NULL);
     evtimer_assign(&m.ev_kill_deadline, m.base, master_on_kill_deadline, &m);
+    evtimer_assign(&m.ev_maintenance_end, m.base, master_on_maintenance_end, &m);
+    if (admin_start(&m) != 0)
+        return 1;
 
     m.n_children = cfg->workers;
     m.children = calloc((size_t)m.n_children, sizeof(*m.children));
@@ -310,6 +464,8 @@ int master_run(config *cfg, int listen_fd, const char *pidfile)
         log_error("out of memory");
         return 1;
     }
+    for (int i = 0; i < m.n_children; i++)
+        m.children[i].channel_fd = -1;
     for (int i = 0; i < m.n_children; i++) {
         evtimer_assign(&m.children[i].ev_respawn, m.base, master_on_respawn, &m.children[i]);
         master_spawn(&m, i);
@@ -326,13 +482,15 @@ int master_run(config *cfg, int listen_fd, const char *pidfile)
             ;
     }
     rc = 0;
+    admin_stop_listening();
     log_info("pgrelay stopped");
-    if (pidfile)
-        unlink(pidfile);
+    if (m.opts.pidfile)
+        unlink(m.opts.pidfile);
     for (int i = 0; i < m.n_children; i++)
         evtimer_del(&m.children[i].ev_respawn);
     event_del(&m.ev_signal_pipe);
     evtimer_del(&m.ev_kill_deadline);
+    evtimer_del(&m.ev_maintenance_end);
     event_base_free(m.base);
     free(m.children);
     return rc;

@@ -233,7 +233,7 @@ static relay_result relay_pump(session *s, bool from_client)
     } else {
         if (pg_scan_feed(&s->server_scan, buf, (size_t)n, &server_ops, s) != 0) {
             log_warning("client %s: invalid message length from node %s; closing",
-                        s->client_addr, w->routes.nodes[s->node].name);
+                        s->client_addr, s->slot->node_name);
             session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "invalid message from the node");
             return RELAY_CLOSED;
         }

@@ -40,7 +40,6 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen)
     net_format_addr(addr, addrlen, s->client_addr, sizeof(s->client_addr));
     s->cfd = fd;
     s->sfd = -1;
-    s->node = -1;
     s->tx_status = PG_TX_IDLE;
     net_tune_socket(fd, w->cfg->tcp_keepalive);
 
@@ -107,7 +106,8 @@ void session_close(session *s, const char *sqlstate, const char *message)
      * is freed now rather than when the statement ends. */
     if (s->phase == PHASE_RELAY && !s->server_gone && s->pending_syncs > 0 &&
         atomic_load(&s->slot->backend_valid))
-        cancel_send(w, s->node, s->slot->backend_pid, s->slot->backend_secret);
+        cancel_send(w, &s->slot->node_addr, s->slot->node_addrlen, s->slot->node_name,
+                    s->slot->backend_pid, s->slot->backend_secret);
 
     if (s->client_mask)
         event_del(&s->ev_client);
@@ -157,8 +157,11 @@ void session_arm(session *s)
     case PHASE_CONNECTING:
         want_s = EV_WRITE;
         break;
+    case PHASE_HELD:
+        break;
     case PHASE_RELAY:
-        if (s->to_server.len == s->to_server.off)
+        if (s->to_server.len == s->to_server.off &&
+            !(w->maintenance && session_at_safe_point(s)))
             want_c |= EV_READ;
         else
             want_s |= EV_WRITE;
@@ -222,9 +225,8 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
     (void)what;
     s->timer_armed = false;
     if (s->connect_deadline_us && now >= s->connect_deadline_us) {
-        shm_node *n = &worker_self->routes.nodes[s->node];
-        snprintf(msg, sizeof(msg), "could not connect to node %s (%s:%d): timed out", n->name,
-                 n->host, n->port);
+        snprintf(msg, sizeof(msg), "could not connect to node %s: timed out",
+                 s->slot->node_name);
         log_warning("client %s: %s", s->client_addr, msg);
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
         return;
@@ -253,7 +255,6 @@ static void session_connect(session *s)
         return;
     }
     shm_node *n = &w->routes.nodes[leader];
-    s->node = leader;
     if (n->addrlen == 0) {
         snprintf(msg, sizeof(msg), "could not connect to node %s (%s:%d): address not resolved",
                  n->name, n->host, n->port);
@@ -272,6 +273,9 @@ static void session_connect(session *s)
     }
     shm_session_write_begin(s->slot);
     s->slot->node = leader;
+    copy_ident(s->slot->node_name, sizeof(s->slot->node_name), n->name);
+    memcpy(&s->slot->node_addr, &n->addr, n->addrlen);
+    s->slot->node_addrlen = n->addrlen;
     shm_session_write_end(s->slot);
     s->phase = PHASE_CONNECTING;
     s->connect_deadline_us = shm_now_us() + (int64_t)w->cfg->server_connect_timeout_ms * 1000;
@@ -291,9 +295,8 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
         err = errno;
     if (err != 0) {
-        shm_node *n = &w->routes.nodes[s->node];
-        snprintf(msg, sizeof(msg), "could not connect to node %s (%s:%d): %s", n->name, n->host,
-                 n->port, strerror(err));
+        snprintf(msg, sizeof(msg), "could not connect to node %s: %s", s->slot->node_name,
+                 strerror(err));
         log_warning("client %s: %s", s->client_addr, msg);
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
         return;
@@ -359,10 +362,28 @@ static void session_startup_packet(session *s, uint32_t len)
     }
     log_debug("client %s: user=%s database=%s", s->client_addr, st.user, st.database);
     s->startup_len = len;
+    if (w->maintenance) {
+        /* Held until resume: no login deadline meanwhile, the operator decides. */
+        s->phase = PHASE_HELD;
+        s->login_deadline_us = 0;
+        session_timer_rearm(s);
+        session_arm(s);
+        return;
+    }
     if (s->client_mask) {
         event_del(&s->ev_client);
         s->client_mask = 0;
     }
+    session_connect(s);
+}
+
+void session_release_held(session *s)
+{
+    worker *w = worker_self;
+    if (s->phase != PHASE_HELD)
+        return;
+    if (w->cfg->client_login_timeout_ms > 0)
+        s->login_deadline_us = shm_now_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
     session_connect(s);
 }
 

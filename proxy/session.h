@@ -14,6 +14,7 @@
 typedef enum session_phase {
     PHASE_STARTUP = 0, /* reading the client's startup packet (SSL/GSS negotiation included) */
     PHASE_CONNECTING,  /* non-blocking connect to the node in progress */
+    PHASE_HELD,        /* startup done, held by maintenance mode until resume */
     PHASE_RELAY,       /* relaying both ways; authentication passes through here */
 } session_phase;
 
@@ -52,7 +53,6 @@ typedef struct session {
     uint8_t server_capture[16];  /* captured body of ReadyForQuery / BackendKeyData */
     uint8_t client_key[8];       /* the cancel key (pid, secret) pgrelay gave the client */
 
-    int node;                    /* index of the node in the routing table */
     int64_t login_deadline_us;   /* 0 once ReadyForQuery arrived the first time */
     int64_t connect_deadline_us; /* while PHASE_CONNECTING */
     uint32_t pending_syncs;      /* Query/Sync/FunctionCall sent, ReadyForQuery not yet back */
@@ -80,8 +80,12 @@ void session_close_when_safe(session *s, const char *sqlstate, const char *messa
 /* True when the session is between statements outside a transaction: nothing in flight. */
 bool session_at_safe_point(const session *s);
 
-/* Recompute which events the session waits for and register them (cheap when unchanged). */
+/* Recompute which events the session waits for and register them (cheap when unchanged).
+ * In maintenance mode a session at its safe point is not read from: its next statement waits. */
 void session_arm(session *s);
+
+/* Maintenance ended: a held new session goes on to connect. */
+void session_release_held(session *s);
 
 /* Relay callbacks (relay.c). */
 void relay_on_client(evutil_socket_t fd, short what, void *arg);

@@ -1,5 +1,6 @@
 /* worker.c - a worker process: accepts from the shared listen socket and runs its sessions. */
 #include "worker.h"
+#include "channel.h"
 #include "log.h"
 
 #include <errno.h>
@@ -146,11 +147,89 @@ static void worker_begin_graceful(worker *w)
     evtimer_add(&w->ev_shutdown, &tv);
 }
 
+void worker_apply_logging(const config *cfg)
+{
+    log_current_level = (log_level)cfg->log_level;
+    if (log_open_file(cfg->logfile) != 0)
+        log_error("cannot open logfile %s: %s", cfg->logfile, strerror(errno));
+    log_close_syslog();
+    if (cfg->syslog)
+        log_open_syslog(cfg->syslog_ident,
+                        config_find("pgrelay", "syslog_facility")->words[cfg->syslog_facility]);
+}
+
+/* Shared memory changed: take new settings, follow maintenance mode. */
+static void worker_look_again(worker *w)
+{
+    if (shm_settings_version(w->shm) != w->settings_version) {
+        w->settings_version = shm_settings_read(w->shm, w->cfg);
+        worker_apply_logging(w->cfg);
+        log_debug("settings reloaded");
+    }
+    worker_routes_refresh(w);
+    bool maintenance = atomic_load(&w->shm->maintenance) != 0;
+    if (maintenance == w->maintenance)
+        return;
+    w->maintenance = maintenance;
+    session *next;
+    for (session *s = w->sessions; s; s = next) {
+        next = s->next;
+        if (!maintenance && s->phase == PHASE_HELD)
+            session_release_held(s); /* may close s */
+        else
+            session_arm(s);
+    }
+}
+
+static void worker_kill_session(worker *w, uint64_t id)
+{
+    for (session *s = w->sessions; s; s = s->next) {
+        if (s->slot && s->slot->id == id) {
+            log_info("client %s: session %llu killed by an administrator", s->client_addr,
+                     (unsigned long long)id);
+            session_close(s, PG_SQLSTATE_ADMIN_SHUTDOWN,
+                          "terminating connection due to administrator command");
+            return;
+        }
+    }
+}
+
+static void worker_on_channel(evutil_socket_t fd, short what, void *arg)
+{
+    worker *w = arg;
+    channel_msg m;
+    (void)what;
+    for (;;) {
+        ssize_t n = recv(fd, &m, sizeof(m), MSG_DONTWAIT);
+        if (n == 0) {
+            /* The master is gone; PR_SET_PDEATHSIG also delivers SIGTERM. */
+            event_del(&w->ev_channel);
+            return;
+        }
+        if (n != (ssize_t)sizeof(m))
+            return;
+        switch (m.cmd) {
+        case CHANNEL_LOOK_AGAIN:
+            worker_look_again(w);
+            break;
+        case CHANNEL_KILL_SESSION:
+            worker_kill_session(w, m.arg);
+            break;
+        default:
+            log_warning("unknown channel command %u from the master", m.cmd);
+        }
+    }
+}
+
 static void worker_on_signal(evutil_socket_t sig, short what, void *arg)
 {
     worker *w = arg;
     (void)what;
     switch (sig) {
+    case SIGUSR1:
+        if (log_reopen() != 0)
+            log_error("cannot reopen the log file: %s", strerror(errno));
+        break;
     case SIGTERM:
         worker_begin_graceful(w);
         break;
@@ -165,9 +244,9 @@ static void worker_on_signal(evutil_socket_t sig, short what, void *arg)
     }
 }
 
-void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd)
+void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd, int channel_fd)
 {
-    static const int signals[] = {SIGTERM, SIGINT, SIGQUIT};
+    static const int signals[] = {SIGTERM, SIGINT, SIGQUIT, SIGUSR1};
     char tag[32];
 
     /* When the master dies, drain and leave rather than serve unsupervised. */
@@ -184,14 +263,22 @@ void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd)
     }
     worker_self = w;
     w->index = index;
-    w->cfg = cfg;
+    w->cfg = malloc(sizeof(*w->cfg));
+    if (!w->cfg) {
+        log_error("out of memory starting the worker");
+        _exit(1);
+    }
+    memcpy(w->cfg, cfg, sizeof(*w->cfg));
+    w->channel_fd = channel_fd;
     w->shm = shm;
     w->row = &shm->workers[index];
     w->listen_fd = listen_fd;
     w->slot_hint = (uint32_t)index * (shm->max_sessions / (shm->n_workers ? shm->n_workers : 1));
     if (getrandom(&w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || w->rng == 0)
         w->rng = (uint64_t)shm_now_us() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
+    w->settings_version = shm_settings_read(shm, w->cfg);
     worker_routes_refresh(w);
+    w->maintenance = atomic_load(&shm->maintenance) != 0;
 
     w->base = event_base_new();
     if (!w->base) {
@@ -206,6 +293,8 @@ void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd)
     event_assign(&w->ev_accept, w->base, listen_fd, EV_READ | EV_PERSIST, worker_on_accept, w);
     event_add(&w->ev_accept, NULL);
     evtimer_assign(&w->ev_accept_resume, w->base, worker_on_accept_resume, w);
+    event_assign(&w->ev_channel, w->base, channel_fd, EV_READ | EV_PERSIST, worker_on_channel, w);
+    event_add(&w->ev_channel, NULL);
 
     log_debug("ready");
     event_base_dispatch(w->base);

@@ -22,13 +22,17 @@ typedef enum worker_stop {
 typedef struct worker {
     int index;                    /* 0..workers-1, also the row in shm->workers */
     struct event_base *base;
-    const config *cfg;
+    config *cfg;                  /* this worker's copy; reloadable keys follow shm settings */
+    uint64_t settings_version;    /* shm settings version cfg was taken at */
     shm_segment *shm;
     shm_worker *row;              /* this worker's row in shared memory */
     int listen_fd;
     struct event ev_accept;
     struct event ev_accept_resume; /* re-enables accept after EMFILE */
     struct event ev_shutdown;      /* shutdown_timeout deadline */
+    struct event ev_channel;       /* messages from the master */
+    int channel_fd;
+    bool maintenance;              /* pause in force, as last seen in shm */
     struct event *ev_signals[4];
     worker_stop stop;
     session *sessions;            /* list of live sessions */
@@ -44,8 +48,11 @@ typedef struct worker {
 extern worker *worker_self;
 
 /* Entry point in the forked child; never returns. */
-void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd)
+void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd, int channel_fd)
     __attribute__((noreturn));
+
+/* Apply logging settings of cfg to this process (file, syslog, level). */
+void worker_apply_logging(const config *cfg);
 
 /* Refresh the local routing table if shared memory has a newer one. */
 void worker_routes_refresh(worker *w);
