@@ -200,12 +200,15 @@ synchronous_commit = off
 full_page_writes = off
 EOF
     say "starting PostgreSQL"
-    # $PG_PORT is in Linux's ephemeral range: an outgoing connection may hold it for a moment.
+    # $PG_PORT lies in Linux's ephemeral port range: an outgoing connection of some other
+    # program (or its TIME_WAIT, up to 60 s) can hold it. Wait for it rather than fail.
     local try
-    for try in 1 2 3 4 5 6; do
+    for ((try = 1; ; try++)); do
         (cd "$DEMO" && as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$DEMO/postgres.log" -w -t 60 start \
             >/dev/null 2>&1) && break
-        if [ "$try" -lt 6 ] && grep -q 'Address already in use' "$DEMO/postgres.log"; then
+        if [ "$try" -lt 75 ] && tail -n 5 "$DEMO/postgres.log" | grep -q 'Address already in use'
+        then
+            [ "$try" = 1 ] && say "port $PG_PORT is held by another connection; waiting for it"
             sleep 1
             continue
         fi
@@ -221,6 +224,7 @@ listen_port = $RELAY_PORT
 workers = 2
 shutdown_timeout = 5s
 log_level = info
+admin_socket = $DEMO/admin.sock
 
 [node.pg1]
 host = $HOST
@@ -228,26 +232,28 @@ port = $PG_PORT
 role = primary
 EOF
     "$PGRELAY" -t -c "$CONF" || die "pgrelay rejected $CONF"
+    port_busy "$RELAY_PORT" && die "port $RELAY_PORT is in use (set DEMO_PORT)"
 
     say "starting pgrelay on $HOST:$RELAY_PORT (2 workers, log: $RELAY_LOG)"
     # Own session: Ctrl-C reaches this script, which then stops pgrelay and PostgreSQL in order.
     setsid "$PGRELAY" -c "$CONF" -p "$RELAY_PID" </dev/null >/dev/null 2>>"$RELAY_LOG" &
     echo $! >"$DEMO/pgrelay.started"
+    # Ready: pgrelay writes its pidfile once it listens, and the port accepts connections.
     local i
     for ((i = 0; i < 100; i++)); do
-        port_busy "$RELAY_PORT" && break
+        live_pid "$RELAY_PID" pgrelay >/dev/null && port_busy "$RELAY_PORT" && break
         kill -0 "$(cat "$DEMO/pgrelay.started")" 2>/dev/null ||
             { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay exited"; }
         sleep 0.1
     done
-    port_busy "$RELAY_PORT" || { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay is not listening"; }
+    [ "$i" -lt 100 ] || { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay is not listening"; }
 
     local conn=(-h "$HOST" -p "$RELAY_PORT" -U postgres)
     "$PGBIN/psql" "${conn[@]}" -X -At -d postgres \
         -c "select 'through pgrelay: ' || split_part(version(), ',', 1)"
 
     say "pgbench -i -s 5 (through pgrelay)"
-    "$PGBIN/pgbench" "${conn[@]}" -i -q -s 5 postgres 2>&1
+    PGOPTIONS="-c client_min_messages=warning" "$PGBIN/pgbench" "${conn[@]}" -i -q -s 5 postgres 2>&1
     say "pgbench -c 8 -j 2 -T 5 -S (through pgrelay)"
     "$PGBIN/pgbench" "${conn[@]}" -c 8 -j 2 -T 5 -S postgres 2>&1
 

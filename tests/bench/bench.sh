@@ -87,14 +87,16 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 # Run a command as the postgres user (PostgreSQL and PgBouncer refuse to run as root).
-# setpriv execs directly (no intermediate process), so $! of a background as_pg is the real pid.
+# "${AS_PG[@]}" cmd & -- setpriv execs the command, so $! is the command's own pid (a function run
+# in the background would add a bash subshell in between).
 if [[ $(id -u) -eq 0 ]]; then
     PGOS_USER=postgres
-    as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; }
+    AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --)
 else
     PGOS_USER=$(id -un)
-    as_pg() { "$@"; }
+    AS_PG=(env)
 fi
+as_pg() { "${AS_PG[@]}" "$@"; }
 
 # A process is alive if it exists and is not a zombie.
 alive() {
@@ -258,6 +260,7 @@ workers = $BENCH_PGRELAY_WORKERS
 max_client_conn = $PROXY_MAX_CLIENTS
 shutdown_timeout = 5s
 log_level = $BENCH_PGRELAY_LOG_LEVEL
+admin_socket = $dir/admin.sock
 
 [node.pg1]
 host = 127.0.0.1
@@ -297,7 +300,7 @@ log_stats = 0
 ignore_startup_parameters = extra_float_digits,options
 EOF
     chown -R "$PGOS_USER" "$dir"
-    as_pg /usr/sbin/pgbouncer "$dir/pgbouncer.ini" >>"${LOGF[pgbouncer]}" 2>&1 &
+    "${AS_PG[@]}" /usr/sbin/pgbouncer "$dir/pgbouncer.ini" >>"${LOGF[pgbouncer]}" 2>&1 &
     PID[pgbouncer]=$!
 }
 
@@ -433,6 +436,11 @@ measure() {
     run_pgbench "${PORT[$t]}" "$mode" "$c" "$connect" "$BENCH_SECONDS" "$out" || rc=$?
     t1=$(date +%s%N)
     if [[ $t != direct ]]; then
+        if ! alive "$root"; then
+            echo "$t process $root exited during the run" >>"$out"
+            record_failure "$t" "$key" "$run" "$out" "$rc"
+            return 0
+        fi
         mapfile -t pids < <(proc_tree "$root")     # same processes unless a worker was re-forked
         c1=$(cpu_ticks "${pids[@]}")
         ticks=$((c1 - c0))
@@ -465,7 +473,7 @@ record_failure() {
             tail -n 20 "${LOGF[$t]}" | sed 's/^/  /'
         fi
     } >>"$WORK/failures.txt"
-    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") FAILED: $(grep -m1 -i 'error\|abort\|not running' "$out" || tail -n 1 "$out")"
+    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") FAILED: $(grep -m1 -i 'error\|abort\|not running\|exited' "$out" || tail -n 1 "$out")"
 }
 
 throughput_phase() {
@@ -562,6 +570,7 @@ write_report() {
         echo "PgBouncer: $(pgbouncer -V 2>&1 | head -n 1 | awk '{print $2}'), pool_mode=session," \
             "single-threaded (one process)"
         echo "HAProxy: $(haproxy -v 2>&1 | head -n 1 | awk '{print $3}'), mode tcp, nbthread=$BENCH_HAPROXY_THREADS"
+        echo "load average before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "Each run ${BENCH_SECONDS}s; $BENCH_REPEAT runs per target, interleaved (${TARGETS[*]}, repeat);" \
             "TCP over loopback, sslmode=disable."
         echo "pgbench, the proxy and PostgreSQL all share the same $NCPU CPUs, so proxy CPU is taken"
@@ -570,6 +579,15 @@ write_report() {
         echo "divided by wall time, in cores; CPU us/txn = that CPU time per pgbench transaction."
         echo
         "$PY" "$HERE/report.py" "$WORK" "$CLK_TCK" "${TARGETS[@]}"
+        echo "Notes:"
+        echo "- PgBouncer is single-threaded: it can never use more than one core."
+        echo "- -C: PgBouncer (session pooling) hands each new client a pooled server connection, so no"
+        echo "  PostgreSQL backend is started per transaction; pgrelay and HAProxy relay 1:1 and every client"
+        echo "  connection starts a backend, like direct."
+        echo "- Idle sessions: PSS/RSS is user-space memory of the proxy processes; kernel socket buffers are"
+        echo "  not included. After its SELECT 1 every session holds a server connection through each proxy"
+        echo "  (PG backends column); PostgreSQL runs with max_connections=$PG_MAX_CONN_IDLE for this test."
+        echo
         if [[ -s $WORK/failures.txt ]]; then
             echo "FAILURES: $FAILURES"
             cat "$WORK/failures.txt"
@@ -608,6 +626,7 @@ check_requirements() {
 
 main() {
     check_requirements
+    LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
     local max_clients=64 c
     for c in $BENCH_CLIENTS $BENCH_CONNECT_CLIENTS; do
@@ -625,6 +644,11 @@ main() {
     chown "$PGOS_USER" "$WORK/pg"
     cd "$WORK"
     : >"$WORK/runs.tsv"
+    # Run a private copy of pgrelay: bin/pgrelay may be rebuilt while the benchmark runs.
+    if [[ " ${TARGETS[*]} " == *" pgrelay "* ]]; then
+        cp "$PGRELAY_BIN" "$WORK/pgrelay-bin"
+        PGRELAY_BIN=$WORK/pgrelay-bin
+    fi
 
     build_cases
     local n=$((${#CASES[@]} * ${#TARGETS[@]} * BENCH_REPEAT))

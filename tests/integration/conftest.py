@@ -77,6 +77,21 @@ def port_accepts(port, host="127.0.0.1", timeout=0.5):
         return False
 
 
+def port_listening(port):
+    """True if some socket LISTENs on 127.0.0.1:port or 0.0.0.0:port.
+
+    Checked in /proc/net/tcp rather than by connecting, so that readiness probes
+    don't create client connections (they would count against max_client_conn)."""
+    wanted = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[3] == "0A" and parts[1] in wanted:
+                return True
+    return False
+
+
 def child_pids(pid):
     """Pids whose parent is ``pid`` (scans /proc; the kernel has no /proc/*/children)."""
     out = []
@@ -526,6 +541,7 @@ def write_config(path, port, pg, extra=None, nodes=None):
         "listen_port": port,
         "workers": 2,
         "log_level": "info",
+        "admin_socket": os.path.join(os.path.dirname(os.path.abspath(path)), "admin.sock"),
     }
     settings.update(extra or {})
     if nodes is None:
@@ -565,7 +581,7 @@ def start_relay(pg, extra=None, nodes=None, wait=True):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
-            if port_accepts(port):
+            if port_listening(port):
                 return relay
             time.sleep(0.05)
         relay.stop()
