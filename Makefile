@@ -117,13 +117,28 @@ demo: deps
 demo-stop:
 	bash tests/demo.sh stop
 
+SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
+
+# Installs binaries, man pages, the sample configuration (as pgrelay.ini only when none is
+# there yet), the init script, its defaults file, the systemd unit and the logrotate snippet.
 install: $(PGRELAY)
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
-	  $(DESTDIR)$(SYSCONFDIR)/pgrelay
+	  $(DESTDIR)$(SYSCONFDIR)/pgrelay $(DESTDIR)$(SYSCONFDIR)/init.d \
+	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/logrotate.d \
+	  $(DESTDIR)$(SYSTEMDDIR)
 	install -m 0755 $(PGRELAY) $(DESTDIR)$(SBINDIR)/pgrelay
 	install -m 0644 man/pgrelay.8 $(DESTDIR)$(MANDIR)/man8/pgrelay.8
 	install -m 0644 man/pgrelay.ini.5 $(DESTDIR)$(MANDIR)/man5/pgrelay.ini.5
 	install -m 0644 etc/pgrelay.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini.sample
+	[ -e $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini ] || \
+	  install -m 0644 etc/pgrelay.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini
+	sed 's|@SBINDIR@|$(SBINDIR)|g' etc/init.d/pgrelay > $(DESTDIR)$(SYSCONFDIR)/init.d/pgrelay
+	chmod 0755 $(DESTDIR)$(SYSCONFDIR)/init.d/pgrelay
+	[ -e $(DESTDIR)$(SYSCONFDIR)/default/pgrelay ] || \
+	  install -m 0644 etc/default/pgrelay $(DESTDIR)$(SYSCONFDIR)/default/pgrelay
+	sed 's|@SBINDIR@|$(SBINDIR)|g' etc/systemd/pgrelay.service > \
+	  $(DESTDIR)$(SYSTEMDDIR)/pgrelay.service
+	install -m 0644 etc/logrotate.d/pgrelay $(DESTDIR)$(SYSCONFDIR)/logrotate.d/pgrelay
 
 format:
 	clang-format -i common/*.[ch] proxy/*.[ch] tests/unit/*.c

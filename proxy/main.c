@@ -72,9 +72,9 @@ static int pidfile_write(int fd, const char *path)
     return 0;
 }
 
-/* Detach: fork, new session, fork again; stdin and stdout go to /dev/null, and so does stderr
- * when logs have another destination (else it stays, for the caller to redirect). */
-static int daemonize(bool quiet_stderr)
+/* Detach: fork, new session, fork again; stdin, stdout and stderr go to /dev/null (main has
+ * made sure logs have a file or syslog). */
+static int daemonize(void)
 {
     pid_t pid = fork();
     if (pid < 0)
@@ -94,8 +94,7 @@ static int daemonize(bool quiet_stderr)
     if (fd >= 0) {
         dup2(fd, STDIN_FILENO);
         dup2(fd, STDOUT_FILENO);
-        if (quiet_stderr)
-            dup2(fd, STDERR_FILENO);
+        dup2(fd, STDERR_FILENO);
         if (fd > STDERR_FILENO)
             close(fd);
     }
@@ -183,26 +182,34 @@ int main(int argc, char **argv)
     log_current_level = (log_level)cfg->log_level;
     log_set_process("master");
 
+    if (daemon_mode && !cfg->logfile[0] && !cfg->syslog) {
+        fprintf(stderr, "pgrelay: daemon mode needs logfile or syslog = on in %s "
+                        "(otherwise its logs would be lost)\n", config_path);
+        return 1;
+    }
     int pid_fd = -1;
     if (pidfile && (pid_fd = pidfile_lock(pidfile)) < 0)
         return 1;
+
+    /* From here on log lines go where the configuration says; start-up failures are also
+     * printed on the terminal while there still is one. */
+    if (cfg->logfile[0] && log_open_file(cfg->logfile) != 0) {
+        fprintf(stderr, "pgrelay: cannot open logfile %s: %s\n", cfg->logfile,
+                strerror(errno));
+        return 1;
+    }
 
     /* Open the listen socket before detaching, so "port in use" reaches the terminal. */
     char err[512];
     int listen_fd = net_listen(cfg->listen_addr, cfg->listen_port, err, sizeof(err));
     if (listen_fd < 0) {
         log_error("%s", err);
+        if (cfg->logfile[0])
+            fprintf(stderr, "pgrelay: %s\n", err);
         return 1;
     }
     log_info("listening on %s:%d", cfg->listen_addr, cfg->listen_port);
-
-    /* From here on log lines go where the configuration says; a log file that cannot be
-     * opened is reported on the terminal while there still is one. */
-    if (cfg->logfile[0] && log_open_file(cfg->logfile) != 0) {
-        log_error("cannot open logfile %s: %s", cfg->logfile, strerror(errno));
-        return 1;
-    }
-    if (daemon_mode && daemonize(cfg->logfile[0] || cfg->syslog) != 0) {
+    if (daemon_mode && daemonize() != 0) {
         log_error("cannot detach: %s", strerror(errno));
         return 1;
     }
