@@ -21,7 +21,6 @@ def test_200_concurrent_clients_see_only_their_own_data(relay, pg):
     app = f"conc-{uuid.uuid4().hex[:8]}"
     barrier = threading.Barrier(CLIENTS + 1, timeout=120)
     failures = []
-    in_flight = []
 
     def client(n):
         try:

@@ -132,3 +132,13 @@ def test_100mb_result_set_streamed_row_by_row(conn):
         assert text == "x" * 1000 + str(i)
     assert count == 105000
     assert total >= 100 * MB
+
+
+def test_single_50mb_value_in_both_directions(conn):
+    # one DataRow / one Bind message far larger than any relay buffer
+    big = "".join(payload(i) for i in range(50 * MB // PAYLOAD_LEN))
+    assert len(big) == 50 * MB
+    row = conn.execute("SELECT length(%s::text), md5(%s::text)", (big, big)).fetchone()
+    assert row == (len(big), hashlib.md5(big.encode()).hexdigest())
+    (back,) = conn.execute("SELECT repeat(md5('x'), %s)", (50 * MB // 32,)).fetchone()
+    assert back == hashlib.md5(b"x").hexdigest() * (50 * MB // 32)

@@ -1,7 +1,9 @@
 """pgrelay's processes: worker crashes, client disconnects, and shutdown signals."""
 
+import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -10,13 +12,18 @@ import psycopg
 import pytest
 
 from conftest import (
+    PGRELAY_BIN,
     RawClient,
+    child_pids,
     client_port,
     error_fields,
+    free_port,
     owning_worker,
     pid_alive,
     port_accepts,
+    port_listening,
     wait_for,
+    write_config,
 )
 
 
@@ -198,10 +205,13 @@ def test_sigterm_lets_a_running_transaction_commit_then_exits(relay_factory, pg)
     assert busy_result.get("r") == "done"
 
     # the open transaction continues and commits
+    assert relay.proc.poll() is None, "master exited while a transaction was still open"
     tx.execute(f"INSERT INTO {table} VALUES (2)")
+    assert tx.execute("SELECT count(*) FROM " + table).fetchone() == (2,)
     tx.commit()
     assert pg.query(f"SELECT id FROM {table} ORDER BY id") == [(1,), (2,)]
-    assert relay.proc.poll() is None, "master exited while a transaction was still open"
+
+    # with its last transaction over, the session ends and the master exits
     tx.close()
     busy.close()
 
@@ -266,3 +276,64 @@ def test_sigquit_exits_immediately(relay_factory):
     with pytest.raises(psycopg.OperationalError):
         c.execute("SELECT 1")
     c.close()
+
+
+# --------------------------------------------------------------------------- #
+# daemon mode
+# --------------------------------------------------------------------------- #
+
+
+def _read_pid(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _run_daemon(pidfile, conf, log_path):
+    with open(log_path, "w") as log:
+        r = subprocess.run([PGRELAY_BIN, "-d", "-p", pidfile, "-c", conf],
+                           stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=15)
+    return r.returncode, log_path.read_text()
+
+
+@pytest.mark.deadline(60)
+def test_daemon_mode_detaches_writes_pidfile_and_serves(pg, tmp_path):
+    port = free_port()
+    conf = str(tmp_path / "pgrelay.ini")
+    pidfile = str(tmp_path / "pgrelay.pid")
+    logfile = str(tmp_path / "daemon.log")
+    write_config(conf, port, pg, extra={"logfile": logfile})
+    pid = None
+    try:
+        rc, err = _run_daemon(pidfile, conf, tmp_path / "first.log")
+        assert rc == 0, err
+        pid = wait_for(lambda: _read_pid(pidfile), timeout=5, what="pidfile")
+        assert pid_alive(pid)
+        wait_for(lambda: port_listening(port), timeout=5, what="daemon to listen")
+        c = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres "
+                            "sslmode=disable connect_timeout=10", autocommit=True)
+        with c:
+            assert c.execute("SELECT 'daemon'").fetchone() == ("daemon",)
+
+        # a second instance with the same pidfile refuses to start
+        rc, err = _run_daemon(pidfile, conf, tmp_path / "second.log")
+        assert rc == 1, err
+        assert "already running" in err, err
+        assert _read_pid(pidfile) == pid
+
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(pid), timeout=10, what="daemon to exit on SIGTERM")
+        assert not port_accepts(port)
+        # its log lines went to the configured log file
+        with open(logfile) as f:
+            assert f"pid {pid}]" in f.read()
+    finally:
+        pid = pid or _read_pid(pidfile)
+        if pid and pid_alive(pid):
+            workers = child_pids(pid)
+            for p in [pid, *workers]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)

@@ -4,7 +4,6 @@ import select
 import subprocess
 import uuid
 
-import psycopg
 import pytest
 from psycopg import errors
 
