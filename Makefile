@@ -37,6 +37,7 @@ DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-p
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 
 PROXY_PKGS := libevent inih jansson
+AGENT_PKGS := libevent libpq inih
 UNIT_PKGS  := cmocka inih
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
@@ -47,17 +48,20 @@ LDFLAGS  ?=
 
 COMMON_SRC := common/log.c common/config.c common/pgproto.c common/shm.c
 PROXY_SRC  := $(wildcard proxy/*.c)
+AGENT_SRC  := $(wildcard agent/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 
 COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/%.o)
 PROXY_OBJ  := $(PROXY_SRC:%.c=$(BUILD)/%.o)
+AGENT_OBJ  := $(AGENT_SRC:%.c=$(BUILD)/%.o)
 UNIT_BINS  := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 PGRELAY    := $(BIN)/pgrelay
+AGENT      := $(BIN)/pgrelay-agent
 
 .PHONY: all deps check-deps test unit integration bench demo demo-stop install clean format
 
-all: $(PGRELAY)
+all: $(PGRELAY) $(AGENT)
 
 check-deps:
 	@pkg-config --exists libevent libpq libcurl inih jansson openssl cmocka || \
@@ -65,11 +69,15 @@ check-deps:
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(PROXY_PKGS)) -c -o $@ $<
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(PROXY_PKGS) $(AGENT_PKGS)) -c -o $@ $<
 
 $(PGRELAY): $(PROXY_OBJ) $(COMMON_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(PROXY_PKGS))
+
+$(AGENT): $(AGENT_OBJ) $(COMMON_OBJ) | check-deps
+	@mkdir -p $(BIN)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(AGENT_PKGS))
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
@@ -98,7 +106,7 @@ deps-bench: deps
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
-integration: $(PGRELAY)
+integration: $(PGRELAY) $(AGENT)
 	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
 
 test: deps
@@ -121,13 +129,15 @@ SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
 
 # Installs binaries, man pages, the sample configuration (as pgrelay.ini only when none is
 # there yet), the init script, its defaults file, the systemd unit and the logrotate snippet.
-install: $(PGRELAY)
+install: $(PGRELAY) $(AGENT) $(AGENT)
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
 	  $(DESTDIR)$(SYSCONFDIR)/pgrelay $(DESTDIR)$(SYSCONFDIR)/init.d \
 	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/logrotate.d \
 	  $(DESTDIR)$(SYSTEMDDIR)
 	install -m 0755 $(PGRELAY) $(DESTDIR)$(SBINDIR)/pgrelay
+	install -m 0755 $(AGENT) $(DESTDIR)$(SBINDIR)/pgrelay-agent
 	install -m 0644 man/pgrelay.8 $(DESTDIR)$(MANDIR)/man8/pgrelay.8
+	install -m 0644 man/pgrelay-agent.8 $(DESTDIR)$(MANDIR)/man8/pgrelay-agent.8
 	install -m 0644 man/pgrelay.ini.5 $(DESTDIR)$(MANDIR)/man5/pgrelay.ini.5
 	install -m 0644 etc/pgrelay.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini.sample
 	[ -e $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini ] || \
@@ -141,7 +151,7 @@ install: $(PGRELAY)
 	install -m 0644 etc/logrotate.d/pgrelay $(DESTDIR)$(SYSCONFDIR)/logrotate.d/pgrelay
 
 format:
-	clang-format -i common/*.[ch] proxy/*.[ch] tests/unit/*.c
+	clang-format -i common/*.[ch] proxy/*.[ch] agent/*.[ch] tests/unit/*.c
 
 clean:
 	rm -rf build build-* bin bin-*

@@ -10,6 +10,8 @@
 typedef enum channel_cmd {
     CHANNEL_LOOK_AGAIN = 1, /* settings, maintenance or routes changed: re-read shared memory */
     CHANNEL_KILL_SESSION,   /* close the session whose id is arg */
+    CHANNEL_PROBE_NOW,      /* worker -> master -> agent: the leader could not be reached */
+    CHANNEL_SET_LEADER,     /* master -> agent: arg = node index | (force << 32) */
 } channel_cmd;
 
 typedef struct channel_msg {

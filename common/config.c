@@ -14,6 +14,8 @@
 #include <unistd.h>
 
 static const char *const role_words[] = {"primary", "replica", NULL};
+static const char *const fallback_words[] = {"leader", "none", NULL};
+static const char *const leader_change_words[] = {"close_idle", "close_all", NULL};
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
 static const char *const facility_words[] = {"daemon", "user",   "local0", "local1",
                                              "local2", "local3", "local4", "local5",
@@ -22,6 +24,9 @@ static const char *const facility_words[] = {"daemon", "user",   "local0", "loca
 #define PG_KEY(name_, type_, def_, reload_, field_, min_, max_, words_, help_)                     \
     {"pgrelay", name_, type_, def_, reload_, offsetof(config, field_), sizeof(((config *)0)->field_), \
      min_, max_, words_, help_}
+#define AGENT_KEY(name_, type_, def_, field_, min_, max_, help_)                                   \
+    {"agent", name_, type_, def_, true, offsetof(config, field_), sizeof(((config *)0)->field_),    \
+     min_, max_, NULL, help_}
 #define NODE_KEY(name_, type_, def_, field_, min_, max_, words_, help_)                            \
     {"node", name_, type_, def_, true, offsetof(config_node, field_),                             \
      sizeof(((config_node *)0)->field_), min_, max_, words_, help_}
@@ -64,11 +69,49 @@ const config_key config_keys[] = {
            "comma-separated system users with operator level (pause, resume, kill)"),
     PG_KEY("stats_users", CFG_STRING, "", true, stats_users, 0, 0, NULL,
            "comma-separated system users with user level (show commands only)"),
+    PG_KEY("read_listen_port", CFG_INT, "0", false, read_listen_port, 0, 65535, NULL,
+           "TCP port of the read-only port (on listen_addr); 0 disables it"),
+    PG_KEY("read_fallback", CFG_ENUM, "leader", true, read_fallback, 0, 0, fallback_words,
+           "leader or none: where read sessions go when no replica qualifies"),
+    PG_KEY("max_replica_lag_bytes", CFG_INT, "16777216", true, max_replica_lag_bytes, 0, INT_MAX,
+           NULL, "replicas whose replay is further behind get no new read sessions"),
+    PG_KEY("max_replica_lag_seconds", CFG_DURATION, "30s", true, max_replica_lag_ms, 0, INT_MAX,
+           NULL, "replicas whose replay is older than this get no new read sessions"),
+    PG_KEY("no_leader_wait", CFG_DURATION, "0", true, no_leader_wait_ms, 0, INT_MAX, NULL,
+           "with no write leader, hold new write sessions this long before 57P03"),
+    PG_KEY("leader_change_grace", CFG_DURATION, "10s", true, leader_change_grace_ms, 0, INT_MAX,
+           NULL, "a session in a transaction on the old leader is closed after this"),
+    PG_KEY("on_leader_change", CFG_ENUM, "close_idle", true, on_leader_change, 0, 0,
+           leader_change_words, "close_idle (at the next safe point) or close_all (at once)"),
+    PG_KEY("agent", CFG_BOOL, "on", false, agent, 0, 0, NULL,
+           "run pgrelay-agent to follow the write leader; off = static roles"),
+    PG_KEY("agent_path", CFG_STRING, "", false, agent_path, 0, 0, NULL,
+           "pgrelay-agent program; empty = the one beside the pgrelay binary"),
+    AGENT_KEY("monitor_user", CFG_STRING, "postgres", monitor_user, 0, 0,
+              "user of the agent's health-check connections"),
+    AGENT_KEY("monitor_password", CFG_STRING, "", monitor_password, 0, 0,
+              "its password (or use ~/.pgpass)"),
+    AGENT_KEY("monitor_dbname", CFG_STRING, "postgres", monitor_dbname, 0, 0,
+              "database of the health-check connections"),
+    AGENT_KEY("health_interval", CFG_DURATION, "1s", health_interval_ms, 10, INT_MAX,
+              "time between two probes of a node"),
+    AGENT_KEY("health_timeout", CFG_DURATION, "2s", health_timeout_ms, 10, INT_MAX,
+              "a probe (connect included) that takes longer has failed"),
+    AGENT_KEY("fall", CFG_INT, "3", fall, 1, 1000,
+              "failed probes in a row before a node is down"),
+    AGENT_KEY("rise", CFG_INT, "2", rise, 1, 1000,
+              "good probes in a row before a down node is up"),
     NODE_KEY("host", CFG_STRING, NULL, host, 0, 0, NULL,
              "host name or IP address of the node, or a Unix socket directory"),
     NODE_KEY("port", CFG_INT, "5432", port, 1, 65535, NULL, "PostgreSQL port of the node"),
     NODE_KEY("role", CFG_ENUM, NULL, role, 0, 0, role_words,
              "primary or replica: the static hint of which node takes writes"),
+    NODE_KEY("monitor_user", CFG_STRING, "", monitor_user, 0, 0, NULL,
+             "overrides [agent] monitor_user for this node"),
+    NODE_KEY("monitor_password", CFG_STRING, "", monitor_password, 0, 0, NULL,
+             "overrides [agent] monitor_password for this node"),
+    NODE_KEY("monitor_dbname", CFG_STRING, "", monitor_dbname, 0, 0, NULL,
+             "overrides [agent] monitor_dbname for this node"),
 };
 const size_t config_n_keys = sizeof(config_keys) / sizeof(config_keys[0]);
 
@@ -81,6 +124,7 @@ typedef struct config_parse {
     int line;             /* number of the line inih is looking at */
     bool at_line_start;   /* the last chunk read ended a line */
     bool section_ok;      /* the current section is a known one */
+    const char *kind;     /* key-table section of the current section: "pgrelay", "agent" */
     config_node *node;    /* the current [node.NAME], or NULL */
 } config_parse;
 
@@ -266,7 +310,8 @@ static void config_begin_section(config_parse *p, const char *section)
     config *cfg = p->cfg;
     p->node = NULL;
     p->section_ok = false;
-    if (strcmp(section, "pgrelay") == 0) {
+    if (strcmp(section, "pgrelay") == 0 || strcmp(section, "agent") == 0) {
+        p->kind = strcmp(section, "pgrelay") == 0 ? "pgrelay" : "agent";
         p->section_ok = true;
         return;
     }
@@ -295,12 +340,14 @@ static void config_begin_section(config_parse *p, const char *section)
         snprintf(n->name, sizeof(n->name), "%s", name);
         n->port = 5432;
         n->role = -1;
+        /* other node keys default to "" (memset above) */
         n->line = p->line;
         p->node = n;
         p->section_ok = true;
         return;
     }
-    config_error(p, p->line, "unknown section [%s] (known: [pgrelay], [node.NAME])", section);
+    config_error(p, p->line, "unknown section [%s] (known: [pgrelay], [agent], [node.NAME])",
+                 section);
 }
 
 /* Read one line for inih, keeping the line count and spotting section headers ourselves
@@ -372,7 +419,7 @@ static int config_handler(void *user, const char *section, const char *name, con
         key = config_find("node", name);
         base = p->node;
     } else {
-        key = config_find("pgrelay", name);
+        key = config_find(p->kind, name);
         base = p->cfg;
     }
     if (!key) {
@@ -391,7 +438,7 @@ static void config_defaults(config *cfg)
     memset(cfg, 0, sizeof(*cfg));
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
-        if (strcmp(k->section, "pgrelay") == 0 && k->def)
+        if (strcmp(k->section, "node") != 0 && k->def)
             config_set(k, cfg, k->def, why, sizeof(why));
     }
 }

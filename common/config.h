@@ -18,12 +18,25 @@ typedef enum node_role {
     NODE_ROLE_REPLICA,     /* configured as a read-only replica */
 } node_role;
 
+typedef enum read_fallback {
+    READ_FALLBACK_LEADER = 0, /* no replica qualifies: read sessions go to the write leader */
+    READ_FALLBACK_NONE,       /* no replica qualifies: read sessions are refused */
+} read_fallback;
+
+typedef enum on_leader_change {
+    ON_LEADER_CHANGE_CLOSE_IDLE = 0, /* close old-leader sessions at their next safe point */
+    ON_LEADER_CHANGE_CLOSE_ALL,      /* close every old-leader session at once */
+} on_leader_change;
+
 typedef struct config_node {
     char name[CONFIG_NAME_MAX];  /* NAME of [node.NAME] */
     char host[CONFIG_HOST_MAX];  /* host name, IP address, or a Unix socket directory ("/...") */
     int port;                    /* TCP port, or the suffix of .s.PGSQL.PORT for a socket dir */
     int role;                    /* node_role; -1 until set */
     int line;                    /* line of the [node.NAME] header, for messages */
+    char monitor_user[64];       /* per-node override of [agent] monitor_user; "" = none */
+    char monitor_password[128];
+    char monitor_dbname[64];
 } config_node;
 
 typedef struct config {
@@ -47,6 +60,26 @@ typedef struct config {
     char admin_users[512];            /* comma-separated user names with admin level */
     char operator_users[512];         /* ... with operator level */
     char stats_users[512];            /* ... with user (read-only) level */
+
+    /* Routing (workers) */
+    int read_listen_port;             /* read-only port; 0 = none */
+    int read_fallback;                /* read_fallback: READ_FALLBACK_* */
+    int max_replica_lag_bytes;        /* replicas further behind get no read sessions */
+    int max_replica_lag_ms;           /* likewise in time (key max_replica_lag_seconds) */
+    int no_leader_wait_ms;            /* hold new write sessions this long for a leader */
+    int leader_change_grace_ms;       /* sessions in a transaction on the old leader */
+    int on_leader_change;             /* ON_LEADER_CHANGE_* */
+    bool agent;                       /* start pgrelay-agent */
+    char agent_path[1024];            /* "" = pgrelay-agent beside the pgrelay binary */
+
+    /* [agent]: health checks */
+    char monitor_user[64];
+    char monitor_password[128];
+    char monitor_dbname[64];
+    int health_interval_ms;
+    int health_timeout_ms;
+    int fall;                         /* failed probes before a node is down */
+    int rise;                         /* good probes before a down node is up */
     int n_nodes;
     config_node nodes[CONFIG_MAX_NODES];
 
@@ -67,7 +100,7 @@ typedef enum config_type {
 
 /* One row of the key table: everything parsing, validation, `show config` and the man page need. */
 typedef struct config_key {
-    const char *section;     /* "pgrelay", or "node" for every [node.NAME] */
+    const char *section;     /* "pgrelay", "agent", or "node" for every [node.NAME] */
     const char *name;        /* key name as written in the file */
     config_type type;
     const char *def;         /* default, as it would be written in the file; NULL = required */

@@ -217,3 +217,43 @@ bool shm_session_snapshot(shm_session *s, shm_session *out)
     }
     return false;
 }
+
+shm_node_count *shm_node_count_get(shm_segment *shm, const char *name)
+{
+    const size_t n = sizeof(shm->node_counts) / sizeof(shm->node_counts[0]);
+    for (size_t i = 0; i < n; i++) {
+        shm_node_count *c = &shm->node_counts[i];
+        if (atomic_load_explicit(&c->used, memory_order_acquire) &&
+            strncmp(c->name, name, sizeof(c->name)) == 0)
+            return c;
+    }
+    return NULL;
+}
+
+void shm_node_count_ensure(shm_segment *shm, const char *name)
+{
+    const size_t n = sizeof(shm->node_counts) / sizeof(shm->node_counts[0]);
+    if (shm_node_count_get(shm, name))
+        return;
+    for (size_t i = 0; i < n; i++) {
+        shm_node_count *c = &shm->node_counts[i];
+        if (!atomic_load(&c->used)) {
+            snprintf(c->name, sizeof(c->name), "%s", name);
+            atomic_store_explicit(&c->used, 1, memory_order_release);
+            return;
+        }
+    }
+}
+
+void shm_history_add(shm_segment *shm, uint64_t epoch, const char *from, const char *to,
+                     const char *reason)
+{
+    uint64_t i = atomic_load(&shm->history_count);
+    shm_leader_event *e = &shm->history[i % SHM_HISTORY_MAX];
+    e->at_us = shm_now_us();
+    e->epoch = epoch;
+    snprintf(e->from, sizeof(e->from), "%s", from ? from : "");
+    snprintf(e->to, sizeof(e->to), "%s", to ? to : "");
+    snprintf(e->reason, sizeof(e->reason), "%s", reason);
+    atomic_store_explicit(&shm->history_count, i + 1, memory_order_release);
+}

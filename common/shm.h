@@ -39,14 +39,42 @@ typedef struct shm_node {
     int health;                     /* shm_node_health */
     struct sockaddr_storage addr;   /* resolved by the writer, so workers never resolve names */
     socklen_t addrlen;              /* 0 when the address could not be resolved */
+    bool probed;                    /* the agent has a probe result (else role is the hint) */
+    bool in_recovery;               /* last probe: pg_is_in_recovery() */
+    bool readable;                  /* a replica fit for read sessions (health, lag limits) */
+    uint64_t wal_lsn;               /* current LSN (primary) or replay LSN (replica) */
+    int64_t lag_bytes;              /* leader's LSN minus this replay LSN; -1 unknown */
+    int64_t lag_ms;                 /* age of the last replayed transaction while behind */
+    int64_t last_probe_us;          /* when the last probe finished */
+    char last_error[128];           /* why the last probe failed, "" after a good one */
 } shm_node;
 
 typedef struct shm_route_table {
     uint64_t epoch;    /* grows by one at every change of write leader */
     int32_t leader;    /* index into nodes of the write leader, or -1 for none */
     uint32_t n_nodes;
+    int32_t agent_pid; /* the agent that wrote this table, 0 = the master (static) */
     shm_node nodes[CONFIG_MAX_NODES];
 } shm_route_table;
+
+#define SHM_HISTORY_MAX 32 /* leader changes kept for show leader history */
+
+/* One change of write leader; written by the agent, read by the console. */
+typedef struct shm_leader_event {
+    int64_t at_us;
+    uint64_t epoch;
+    char from[CONFIG_NAME_MAX]; /* "" = none */
+    char to[CONFIG_NAME_MAX];   /* "" = none */
+    char reason[128];
+} shm_leader_event;
+
+/* Sessions per node and port, keyed by node name (indexes move on reload). */
+typedef struct shm_node_count {
+    _Atomic uint32_t used;     /* 0 free, 1 holds the counters of the node named below */
+    char name[CONFIG_NAME_MAX];
+    _Atomic int32_t write_sessions;
+    _Atomic int32_t read_sessions;
+} shm_node_count;
 
 /* Header of a double buffer: one writer fills the half readers are not using, then flips.
  * A writer that dies mid-write leaves `current` on the last complete half. */
@@ -111,6 +139,8 @@ typedef struct shm_session {
     uint32_t backend_secret;
     int64_t connected_at_us;
     int64_t stmt_start_us;         /* start of the current statement, 0 when none */
+    uint64_t epoch;                /* routing epoch the session was routed in */
+    bool read_port;                /* came in on the read-only port */
     char client_addr[SHM_ADDR_MAX];
     char user[SHM_IDENT_MAX];
     char database[SHM_IDENT_MAX];
@@ -131,6 +161,10 @@ typedef struct shm_segment {
     _Atomic int64_t maintenance_since_us; /* when it was turned on */
     _Atomic int64_t maintenance_until_us; /* automatic resume time, 0 = none */
     _Atomic uint64_t reloads;          /* configuration reloads applied */
+    _Atomic uint64_t history_count;    /* leader events written; entry i at i % MAX */
+    shm_leader_event history[SHM_HISTORY_MAX];
+    shm_node_count node_counts[2 * CONFIG_MAX_NODES];
+    _Atomic int32_t probe_requests;    /* workers ask the agent to probe now (see channel) */
     shm_routes routes;
     shm_settings settings;
     shm_worker workers[SHM_MAX_WORKERS];
@@ -168,6 +202,16 @@ void shm_routes_from_config(shm_route_table *tab, const config *cfg, uint64_t ep
 
 /* Resolve a node's address into n->addr (a host starting with '/' is a socket directory). */
 int shm_node_resolve(shm_node *n);
+
+/* The counters of a node by name; NULL if the master has not created them. */
+shm_node_count *shm_node_count_get(shm_segment *shm, const char *name);
+/* Create the counters of a node if missing (master only: one writer, no duplicates).
+ * Entries are never removed, so there is room for node renames over a few reloads. */
+void shm_node_count_ensure(shm_segment *shm, const char *name);
+
+/* Record a leader change (agent only). */
+void shm_history_add(shm_segment *shm, uint64_t epoch, const char *from, const char *to,
+                     const char *reason);
 
 /* Session slots (max_client_conn + SHM_REFUSE_RESERVE of them). Claim a free slot for worker w, searching from hint. */
 shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint);

@@ -277,7 +277,7 @@ static int cmd_show_info(admin_call *call, json_t **result)
     }
     shm_routes_read(m->shm, routes);
     int alive = 0;
-    for (int i = 0; i < m->n_children; i++)
+    for (int i = 0; i < m->n_workers; i++)
         alive += m->children[i].pid != 0;
     json_t *o = json_object();
     json_object_set_new(o, "version", json_string(PGRELAY_VERSION));
@@ -287,10 +287,14 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "config_file", json_string(m->cfg->path));
     json_object_set_new(o, "listen_addr", json_string(m->cfg->listen_addr));
     json_object_set_new(o, "listen_port", json_integer(m->cfg->listen_port));
-    json_object_set_new(o, "workers", json_integer(m->n_children));
+    json_object_set_new(o, "workers", json_integer(m->n_workers));
     json_object_set_new(o, "workers_running", json_integer(alive));
     json_object_set_new(o, "clients", json_integer(atomic_load(&m->shm->clients)));
     json_object_set_new(o, "max_client_conn", json_integer(m->cfg->max_client_conn));
+    pid_t agent_pid = m->n_children > m->n_workers ? m->children[m->n_workers].pid : 0;
+    json_object_set_new(o, "agent", !m->cfg->agent ? json_string("off")
+                                    : agent_pid    ? json_integer(agent_pid)
+                                                   : json_string("restarting"));
     json_object_set_new(o, "epoch", json_integer((json_int_t)routes->epoch));
     json_object_set_new(o, "write_leader",
                         routes->leader >= 0 ? json_string(routes->nodes[routes->leader].name)
@@ -312,7 +316,7 @@ static int cmd_show_workers(admin_call *call, json_t **result)
 {
     master *m = call->m;
     json_t *rows = json_array();
-    for (int i = 0; i < m->n_children; i++) {
+    for (int i = 0; i < m->n_workers; i++) {
         shm_worker *w = &m->shm->workers[i];
         json_t *r = json_object();
         json_object_set_new(r, "worker", json_integer(i));
@@ -347,6 +351,7 @@ static int cmd_show_clients(admin_call *call, json_t **result)
         json_object_set_new(r, "user", json_string(snap.user));
         json_object_set_new(r, "database", json_string(snap.database));
         json_object_set_new(r, "application_name", json_string(snap.application_name));
+        json_object_set_new(r, "port", json_string(snap.read_port ? "read" : "write"));
         json_object_set_new(r, "node", snap.node_name[0] ? json_string(snap.node_name)
                                                          : json_null());
         json_object_set_new(r, "state", json_string(session_state_name(state)));
@@ -377,16 +382,11 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         return -1;
     }
     shm_routes_read(m->shm, routes);
+    int64_t now = shm_now_us();
     json_t *rows = json_array();
     for (uint32_t n = 0; n < routes->n_nodes; n++) {
         const shm_node *node = &routes->nodes[n];
-        int sessions = 0;
-        for (uint32_t i = 0; i < m->shm->max_sessions; i++) {
-            shm_session *s = &m->shm->sessions[i];
-            if (atomic_load_explicit(&s->state, memory_order_relaxed) != SESSION_FREE &&
-                strncmp(s->node_name, node->name, sizeof(s->node_name)) == 0)
-                sessions++;
-        }
+        shm_node_count *count = shm_node_count_get(m->shm, node->name);
         json_t *r = json_object();
         json_object_set_new(r, "name", json_string(node->name));
         json_object_set_new(r, "host", json_string(node->host));
@@ -395,12 +395,89 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
                                                                                   : "replica"));
         json_object_set_new(r, "health", json_string(health_name(node->health)));
         json_object_set_new(r, "leader", json_boolean((int32_t)n == routes->leader));
-        json_object_set_new(r, "sessions", json_integer(sessions));
+        json_object_set_new(r, "readable", json_boolean(node->readable));
+        json_object_set_new(r, "lag_bytes",
+                            node->lag_bytes >= 0 ? json_integer(node->lag_bytes) : json_null());
+        json_object_set_new(r, "lag_ms", node->probed && node->in_recovery
+                                             ? json_integer(node->lag_ms)
+                                             : json_null());
+        json_object_set_new(r, "write_sessions",
+                            json_integer(count ? atomic_load(&count->write_sessions) : 0));
+        json_object_set_new(r, "read_sessions",
+                            json_integer(count ? atomic_load(&count->read_sessions) : 0));
+        json_object_set_new(r, "probe_age_ms", node->last_probe_us
+                                                   ? json_integer((now - node->last_probe_us) / 1000)
+                                                   : json_null());
+        json_object_set_new(r, "last_error", json_string(node->last_error));
         json_array_append_new(rows, r);
     }
     free(routes);
     *result = rows;
     return 0;
+}
+
+static int cmd_show_leader_history(admin_call *call, json_t **result)
+{
+    shm_segment *shm = call->m->shm;
+    uint64_t count = atomic_load_explicit(&shm->history_count, memory_order_acquire);
+    uint64_t first = count > SHM_HISTORY_MAX ? count - SHM_HISTORY_MAX : 0;
+    json_t *rows = json_array();
+    for (uint64_t i = count; i > first; i--) {
+        const shm_leader_event *e = &shm->history[(i - 1) % SHM_HISTORY_MAX];
+        json_t *r = json_object();
+        json_object_set_new(r, "time", json_time(e->at_us));
+        json_object_set_new(r, "epoch", json_integer((json_int_t)e->epoch));
+        json_object_set_new(r, "from", e->from[0] ? json_string(e->from) : json_null());
+        json_object_set_new(r, "to", e->to[0] ? json_string(e->to) : json_null());
+        json_object_set_new(r, "reason", json_string(e->reason));
+        json_array_append_new(rows, r);
+    }
+    *result = rows;
+    return 0;
+}
+
+static int cmd_set_leader(admin_call *call, json_t **result)
+{
+    master *m = call->m;
+    (void)result;
+    bool force = call->argc == 2 && strcasecmp(call->argv[1], "force") == 0;
+    if (call->argc < 1 || call->argc > 2 || (call->argc == 2 && !force)) {
+        admin_error(call, "usage: set leader NODE [force]");
+        return -1;
+    }
+    if (!m->cfg->agent) {
+        admin_error(call, "agent = off: the leader is the configured primary");
+        return -1;
+    }
+    shm_route_table *routes = malloc(sizeof(*routes));
+    if (!routes) {
+        admin_error(call, "out of memory");
+        return -1;
+    }
+    shm_routes_read(m->shm, routes);
+    int index = -1;
+    for (uint32_t i = 0; i < routes->n_nodes; i++)
+        if (strcmp(routes->nodes[i].name, call->argv[0]) == 0)
+            index = (int)i;
+    int rc = -1;
+    if (index < 0) {
+        admin_error(call, "no node named \"%s\"", call->argv[0]);
+    } else if (!force && !(routes->nodes[index].probed && !routes->nodes[index].in_recovery &&
+                           !routes->nodes[index].last_error[0])) {
+        admin_error(call, "node %s is %s; refusing (add force to switch anyway)",
+                    call->argv[0],
+                    !routes->nodes[index].probed ? "not probed yet"
+                    : routes->nodes[index].last_error[0] ? "not answering"
+                                                         : "in recovery");
+    } else if (master_set_leader(m, index, force) != 0) {
+        admin_error(call, "the agent is not running");
+    } else {
+        evbuffer_add_printf(call->out, "switching the write leader to %s%s (see show leader "
+                                       "history)\n", call->argv[0], force ? " (forced)" : "");
+        rc = 0;
+    }
+    free(routes);
+    return rc;
 }
 
 static json_t *stats_row(const char *name, const shm_worker_stats *st, int live)
@@ -429,7 +506,7 @@ static int cmd_show_stats(admin_call *call, json_t **result)
     json_object_set_new(o, "maintenance",
                         json_string(atomic_load(&m->shm->maintenance) ? "on" : "off"));
     json_object_set_new(o, "clients", json_integer(atomic_load(&m->shm->clients)));
-    for (int i = 0; i < m->n_children; i++) {
+    for (int i = 0; i < m->n_workers; i++) {
         shm_worker *w = &m->shm->workers[i];
         shm_worker_stats st;
         /* Each counter is a relaxed 64-bit load: a snapshot, not a transaction. */
@@ -614,6 +691,10 @@ static const admin_command admin_commands[] = {
      cmd_show_stats},
     {"show config", "", "effective configuration and which keys are reloadable",
      ADMIN_LEVEL_USER, true, cmd_show_config},
+    {"show leader history", "", "the last changes of write leader: time, from, to, epoch, why",
+     ADMIN_LEVEL_USER, true, cmd_show_leader_history},
+    {"set leader", "NODE [force]", "make NODE the write leader (refused while it is in recovery)",
+     ADMIN_LEVEL_OPERATOR, false, cmd_set_leader},
     {"pause", "[TIMEOUT]", "maintenance on: hold new sessions and each next statement",
      ADMIN_LEVEL_OPERATOR, false, cmd_pause},
     {"resume", "", "maintenance off: release what pause holds", ADMIN_LEVEL_OPERATOR, false,

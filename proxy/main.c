@@ -201,14 +201,21 @@ int main(int argc, char **argv)
 
     /* Open the listen socket before detaching, so "port in use" reaches the terminal. */
     char err[512];
-    int listen_fd = net_listen(cfg->listen_addr, cfg->listen_port, err, sizeof(err));
-    if (listen_fd < 0) {
-        log_error("%s", err);
-        if (cfg->logfile[0])
-            fprintf(stderr, "pgrelay: %s\n", err);
-        return 1;
+    int listen_fds[2] = {-1, -1};
+    const int ports[2] = {cfg->listen_port, cfg->read_listen_port};
+    for (int i = 0; i < 2; i++) {
+        if (ports[i] == 0)
+            continue;
+        listen_fds[i] = net_listen(cfg->listen_addr, ports[i], err, sizeof(err));
+        if (listen_fds[i] < 0) {
+            log_error("%s", err);
+            if (cfg->logfile[0])
+                fprintf(stderr, "pgrelay: %s\n", err);
+            return 1;
+        }
+        log_info("listening on %s:%d (%s port)", cfg->listen_addr, ports[i],
+                 i == 0 ? "write" : "read-only");
     }
-    log_info("listening on %s:%d", cfg->listen_addr, cfg->listen_port);
     if (daemon_mode && daemonize() != 0) {
         log_error("cannot detach: %s", strerror(errno));
         return 1;
@@ -216,7 +223,7 @@ int main(int argc, char **argv)
     worker_apply_logging(cfg);
     if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
         return 1;
-    int rc = master_run(cfg, listen_fd, &opts);
+    int rc = master_run(cfg, listen_fds, &opts);
     free(cfg);
     return rc;
 }

@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -72,6 +74,32 @@ static void master_install_signals(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
+static bool master_is_agent(const master *m, int i)
+{
+    return i >= m->n_workers;
+}
+
+static void master_on_child_channel(evutil_socket_t fd, short what, void *arg);
+
+/* In the forked child: exec the agent with the segment and its channel end. */
+static void master_exec_agent(master *m, int channel) __attribute__((noreturn));
+static void master_exec_agent(master *m, int channel)
+{
+    char shm_fd[16], chan_fd[16];
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    /* Keep exactly these two descriptors across exec. */
+    fcntl(channel, F_SETFD, 0);
+    fcntl(m->shm_fd, F_SETFD, 0);
+    snprintf(shm_fd, sizeof(shm_fd), "%d", m->shm_fd);
+    snprintf(chan_fd, sizeof(chan_fd), "%d", channel);
+    setenv("PGRELAY_SHM_FD", shm_fd, 1);
+    setenv("PGRELAY_CHANNEL_FD", chan_fd, 1);
+    char *const argv[] = {m->agent_path, "-c", m->cfg->path, NULL};
+    execv(m->agent_path, argv);
+    log_error("cannot start the agent %s: %s", m->agent_path, strerror(errno));
+    _exit(127);
+}
+
 static void master_spawn(master *m, int i)
 {
     master_child *c = &m->children[i];
@@ -104,15 +132,65 @@ static void master_spawn(master *m, int i)
             if (m->children[k].channel_fd >= 0)
                 close(m->children[k].channel_fd);
         admin_close_in_child();
-        worker_main(i, m->cfg, m->shm, m->listen_fd, pair[1]);
+        if (master_is_agent(m, i))
+            master_exec_agent(m, pair[1]);
+        worker_main(i, m->cfg, m->shm, m->listen_fds, pair[1]);
     }
     close(pair[1]);
     c->channel_fd = pair[0];
+    event_assign(&c->ev_channel, m->base, c->channel_fd, EV_READ | EV_PERSIST,
+                 master_on_child_channel, c);
+    event_add(&c->ev_channel, NULL);
     c->pid = pid;
     c->started_us = shm_now_us();
+    if (master_is_agent(m, i)) {
+        log_info("agent started (pid %d): %s", (int)pid, m->agent_path);
+        return;
+    }
     atomic_store(&m->shm->workers[i].pid, pid);
     m->shm->workers[i].started_at_us = c->started_us;
     log_info("worker %d started (pid %d)", i, (int)pid);
+}
+
+/* A message from a worker or the agent. */
+static void master_on_child_channel(evutil_socket_t fd, short what, void *arg)
+{
+    master *m = master_self;
+    master_child *c = arg;
+    channel_msg msg;
+    (void)what;
+    for (;;) {
+        ssize_t n = recv(fd, &msg, sizeof(msg), MSG_DONTWAIT);
+        if (n == 0) {
+            event_del(&c->ev_channel); /* the child is gone; reaping closes the fd */
+            return;
+        }
+        if (n != (ssize_t)sizeof(msg))
+            return;
+        bool from_agent = master_is_agent(m, (int)(c - m->children));
+        if (from_agent && msg.cmd == CHANNEL_LOOK_AGAIN) {
+            master_poke_workers(m);
+        } else if (!from_agent && msg.cmd == CHANNEL_PROBE_NOW) {
+            /* Many sessions may fail at once: one request per 100 ms is plenty. */
+            int64_t now = shm_now_us();
+            master_child *a = m->n_children > m->n_workers ? &m->children[m->n_workers] : NULL;
+            if (a && a->channel_fd >= 0 && now - m->last_probe_request_us > 100000) {
+                m->last_probe_request_us = now;
+                channel_send(a->channel_fd, CHANNEL_PROBE_NOW, 0);
+            }
+        }
+    }
+}
+
+int master_set_leader(master *m, int node, bool force)
+{
+    if (m->n_children == m->n_workers)
+        return -1;
+    master_child *a = &m->children[m->n_workers];
+    if (a->channel_fd < 0)
+        return -1;
+    return channel_send(a->channel_fd, CHANNEL_SET_LEADER,
+                        (uint64_t)(uint32_t)node | ((uint64_t)(force ? 1 : 0) << 32));
 }
 
 static void master_on_respawn(evutil_socket_t fd, short what, void *arg)
@@ -158,14 +236,23 @@ static void master_reap(master *m)
         master_child *c = &m->children[i];
         c->pid = 0;
         if (c->channel_fd >= 0) {
+            event_del(&c->ev_channel);
             close(c->channel_fd);
             c->channel_fd = -1;
         }
-        atomic_store(&m->shm->workers[i].pid, 0);
-        int lost = shm_sessions_reclaim(m->shm, i);
+        bool agent = master_is_agent(m, i);
+        int lost = 0;
+        char who[32];
+        if (agent) {
+            snprintf(who, sizeof(who), "agent");
+        } else {
+            snprintf(who, sizeof(who), "worker %d", i);
+            atomic_store(&m->shm->workers[i].pid, 0);
+            lost = shm_sessions_reclaim(m->shm, i);
+        }
         describe_status(status, how, sizeof(how));
         if (m->stop != MASTER_RUNNING) {
-            log_info("worker %d (pid %d) %s", i, (int)pid, how);
+            log_info("%s (pid %d) %s", who, (int)pid, how);
             continue;
         }
         int64_t lived_ms = (shm_now_us() - c->started_us) / 1000;
@@ -175,9 +262,14 @@ static void master_reap(master *m)
             c->backoff_ms = RESPAWN_FIRST_DELAY_MS;
         else if ((c->backoff_ms *= 2) > RESPAWN_MAX_DELAY_MS)
             c->backoff_ms = RESPAWN_MAX_DELAY_MS;
-        log_warning("worker %d (pid %d) %s after %lld ms; %d session(s) lost; restarting in %d ms",
-                    i, (int)pid, how, (long long)lived_ms, lost, c->backoff_ms);
-        m->shm->workers[i].restarts++;
+        if (agent)
+            log_warning("agent (pid %d) %s after %lld ms; routing stays as it is; restarting "
+                        "in %d ms", (int)pid, how, (long long)lived_ms, c->backoff_ms);
+        else
+            log_warning("worker %d (pid %d) %s after %lld ms; %d session(s) lost; restarting "
+                        "in %d ms", i, (int)pid, how, (long long)lived_ms, lost, c->backoff_ms);
+        if (!agent)
+            m->shm->workers[i].restarts++;
         struct timeval tv = {c->backoff_ms / 1000, (c->backoff_ms % 1000) * 1000};
         evtimer_add(&c->ev_respawn, &tv);
     }
@@ -205,9 +297,11 @@ static void master_on_kill_deadline(evutil_socket_t fd, short what, void *arg)
 static void master_begin_stop(master *m, master_stop how, int sig, int deadline_ms)
 {
     m->stop = how;
-    if (m->listen_fd >= 0) {
-        close(m->listen_fd);
-        m->listen_fd = -1;
+    for (int i = 0; i < 2; i++) {
+        if (m->listen_fds[i] >= 0) {
+            close(m->listen_fds[i]);
+            m->listen_fds[i] = -1;
+        }
     }
     for (int i = 0; i < m->n_children; i++)
         evtimer_del(&m->children[i].ev_respawn);
@@ -276,7 +370,7 @@ void master_shutdown(master *m, master_stop how)
 
 void master_poke_workers(master *m)
 {
-    for (int i = 0; i < m->n_children; i++)
+    for (int i = 0; i < m->n_workers; i++)
         if (m->children[i].channel_fd >= 0)
             channel_send(m->children[i].channel_fd, CHANNEL_LOOK_AGAIN, 0);
 }
@@ -317,7 +411,7 @@ int master_kill_session(master *m, uint64_t id)
         shm_session *s = &m->shm->sessions[i];
         if (atomic_load(&s->state) != SESSION_FREE && s->id == id) {
             int w = s->worker;
-            if (w < 0 || w >= m->n_children || m->children[w].channel_fd < 0)
+            if (w < 0 || w >= m->n_workers || m->children[w].channel_fd < 0)
                 return -1;
             return channel_send(m->children[w].channel_fd, CHANNEL_KILL_SESSION, id);
         }
@@ -386,11 +480,15 @@ int master_reload(master *m, char *msg, size_t msglen)
     memcpy(m->cfg, next, sizeof(*next));
     free(next);
     worker_apply_logging(m->cfg);
-    if (nodes_changed)
-        master_publish_static_routes(m);
+    if (nodes_changed && m->n_children == m->n_workers)
+        master_publish_static_routes(m); /* with an agent, it republishes on its reload */
+    for (int i = 0; i < m->cfg->n_nodes; i++)
+        shm_node_count_ensure(m->shm, m->cfg->nodes[i].name);
     shm_settings_publish(m->shm, m->cfg);
     atomic_fetch_add(&m->shm->reloads, 1);
     master_poke_workers(m);
+    if (m->n_children > m->n_workers && m->children[m->n_workers].channel_fd >= 0)
+        channel_send(m->children[m->n_workers].channel_fd, CHANNEL_LOOK_AGAIN, 0);
     snprintf(msg, msglen, "reloaded %s%s%s", m->cfg->path,
              nodes_changed ? "; node list changed" : "",
              kept ? "; some keys need a restart (see the log)" : "");
@@ -426,9 +524,36 @@ static void master_publish_static_routes(master *m)
     free(tab);
 }
 
-int master_run(config *cfg, int listen_fd, const master_options *opts)
+/* The agent program: agent_path, or pgrelay-agent beside this executable. */
+static int master_find_agent(master *m)
 {
-    master m = {.cfg = cfg, .listen_fd = listen_fd, .shm_fd = -1, .opts = *opts};
+    if (m->cfg->agent_path[0]) {
+        snprintf(m->agent_path, sizeof(m->agent_path), "%s", m->cfg->agent_path);
+    } else {
+        char self[sizeof(m->agent_path) - 32];
+        ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+        if (n < 0) {
+            log_error("cannot find my own path to locate pgrelay-agent: %s", strerror(errno));
+            return -1;
+        }
+        self[n] = '\0';
+        char *slash = strrchr(self, '/');
+        if (slash)
+            *slash = '\0';
+        snprintf(m->agent_path, sizeof(m->agent_path), "%s/pgrelay-agent", self);
+    }
+    if (access(m->agent_path, X_OK) != 0) {
+        log_error("agent = on but %s cannot be run: %s (set agent_path, or agent = off for "
+                  "static roles)", m->agent_path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
+{
+    master m = {.cfg = cfg, .listen_fds = {listen_fds[0], listen_fds[1]}, .shm_fd = -1,
+                .opts = *opts};
     int rc = 1;
 
     master_self = &m;
@@ -458,7 +583,12 @@ int master_run(config *cfg, int listen_fd, const master_options *opts)
     if (admin_start(&m) != 0)
         return 1;
 
-    m.n_children = cfg->workers;
+    m.n_workers = cfg->workers;
+    m.n_children = cfg->workers + (cfg->agent ? 1 : 0);
+    if (cfg->agent && master_find_agent(&m) != 0)
+        return 1;
+    for (int i = 0; i < cfg->n_nodes; i++)
+        shm_node_count_ensure(m.shm, cfg->nodes[i].name);
     m.children = calloc((size_t)m.n_children, sizeof(*m.children));
     if (!m.children) {
         log_error("out of memory");
@@ -470,7 +600,7 @@ int master_run(config *cfg, int listen_fd, const master_options *opts)
         evtimer_assign(&m.children[i].ev_respawn, m.base, master_on_respawn, &m.children[i]);
         master_spawn(&m, i);
     }
-    log_info("pgrelay %s ready: %d worker(s) on %s:%d", PGRELAY_VERSION, m.n_children,
+    log_info("pgrelay %s ready: %d worker(s) on %s:%d", PGRELAY_VERSION, m.n_workers,
              cfg->listen_addr, cfg->listen_port);
 
     event_base_dispatch(m.base);

@@ -23,7 +23,8 @@ typedef struct master_child {
     pid_t pid;            /* 0 when not running */
     int64_t started_us;
     int backoff_ms;       /* delay before the next respawn */
-    int channel_fd;       /* master's end of the worker's channel, -1 when not running */
+    int channel_fd;       /* master's end of the child's channel, -1 when not running */
+    struct event ev_channel; /* messages from the child */
     struct event ev_respawn;
 } master_child;
 
@@ -39,19 +40,22 @@ typedef struct master {
     master_options opts;
     shm_segment *shm;
     int shm_fd;
-    int listen_fd;
+    int listen_fds[2];     /* write port, read-only port (-1 when off) */
     struct event_base *base;
     struct event ev_signal_pipe;
     struct event ev_kill_deadline;
     struct event ev_maintenance_end;
-    master_child *children;
+    master_child *children;       /* workers 0..n_workers-1, then the agent if enabled */
     int n_children;
+    int n_workers;
+    char agent_path[4096];        /* program started as the agent (PATH_MAX) */
+    int64_t last_probe_request_us; /* rate limit of worker -> agent probe requests */
     master_stop stop;
     int64_t started_us;
 } master;
 
 /* Run the master with an open, validated listen socket. Returns the process exit code. */
-int master_run(config *cfg, int listen_fd, const master_options *opts);
+int master_run(config *cfg, const int listen_fds[2], const master_options *opts);
 
 /* Re-read the configuration file. Returns 0 when applied; -1 when the file is invalid (the
  * running configuration stays) with a summary in msg. */
@@ -68,6 +72,10 @@ int master_kill_session(master *m, uint64_t id);
 
 /* Tell every worker to look at shared memory again. */
 void master_poke_workers(master *m);
+
+/* Ask the agent to make NODE (index in the routing table) the write leader. The caller has
+ * checked it; returns -1 when no agent runs. */
+int master_set_leader(master *m, int node, bool force);
 
 /* The effective log level for a config's log_level and the command-line flags. */
 int master_effective_log_level(const master *m, int configured);

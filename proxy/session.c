@@ -2,7 +2,9 @@
 #include "session.h"
 #include "cancel.h"
 #include "log.h"
+#include "channel.h"
 #include "net.h"
+#include "route.h"
 #include "worker.h"
 
 #include <arpa/inet.h>
@@ -19,6 +21,7 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg);
 static void session_on_connected(evutil_socket_t fd, short what, void *arg);
 static void session_on_timer(evutil_socket_t fd, short what, void *arg);
 static void session_timer_rearm(session *s);
+static void session_request_probe(worker *w);
 
 /* Copy a string into a fixed shm field, truncating. */
 static void copy_ident(char *dst, size_t cap, const char *src)
@@ -28,7 +31,7 @@ static void copy_ident(char *dst, size_t cap, const char *src)
     dst[n] = '\0';
 }
 
-void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen)
+void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen, bool read_port)
 {
     worker *w = worker_self;
     session *s = calloc(1, sizeof(*s));
@@ -41,6 +44,7 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen)
     s->cfd = fd;
     s->sfd = -1;
     s->tx_status = PG_TX_IDLE;
+    s->read_port = read_port;
     net_tune_socket(fd, w->cfg->tcp_keepalive);
 
     s->slot = shm_session_claim(w->shm, w->index, w->slot_hint);
@@ -62,6 +66,7 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen)
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->client_addr, sizeof(s->slot->client_addr), s->client_addr);
     s->slot->connected_at_us = shm_now_us();
+    s->slot->read_port = read_port;
     shm_session_write_end(s->slot);
 
     event_assign(&s->ev_client, w->base, fd, EV_READ | EV_PERSIST, session_on_startup, s);
@@ -93,6 +98,15 @@ static void session_send_error(session *s, const char *severity, const char *sql
         session_send_client(s, buf, len);
 }
 
+/* Take the session off its node's counter. */
+static void session_uncount(session *s)
+{
+    if (!s->counter)
+        return;
+    atomic_fetch_sub(s->read_port ? &s->counter->read_sessions : &s->counter->write_sessions, 1);
+    s->counter = NULL;
+}
+
 void session_close(session *s, const char *sqlstate, const char *message)
 {
     worker *w = worker_self;
@@ -109,12 +123,14 @@ void session_close(session *s, const char *sqlstate, const char *message)
         cancel_send(w, &s->slot->node_addr, s->slot->node_addrlen, s->slot->node_name,
                     s->slot->backend_pid, s->slot->backend_secret);
 
+    session_uncount(s);
     if (s->client_mask)
         event_del(&s->ev_client);
     if (s->server_mask)
         event_del(&s->ev_server);
     if (s->timer_armed)
         evtimer_del(&s->ev_timer);
+    free(s->close_message);
     close(s->cfd);
     if (s->sfd >= 0)
         close(s->sfd);
@@ -134,15 +150,33 @@ bool session_at_safe_point(const session *s)
            pg_scan_at_boundary(&s->server_scan) && s->to_server.len == s->to_server.off;
 }
 
-void session_close_when_safe(session *s, const char *sqlstate, const char *message)
+void session_close_when_safe_for(session *s, const char *sqlstate, const char *message,
+                                 int grace_ms)
 {
     if (s->phase != PHASE_RELAY || !s->logged_in || session_at_safe_point(s)) {
         session_close(s, sqlstate, message);
         return;
     }
+    char *copy = strdup(message);
+    if (!copy) {
+        session_close(s, sqlstate, "terminating connection");
+        return;
+    }
+    free(s->close_message);
+    s->close_message = copy;
     s->close_at_safe_point = true;
     s->close_sqlstate = sqlstate;
-    s->close_message = message;
+    if (grace_ms >= 0) {
+        int64_t deadline = shm_now_us() + (int64_t)grace_ms * 1000;
+        if (!s->close_deadline_us || deadline < s->close_deadline_us)
+            s->close_deadline_us = deadline;
+        session_timer_rearm(s);
+    }
+}
+
+void session_close_when_safe(session *s, const char *sqlstate, const char *message)
+{
+    session_close_when_safe_for(s, sqlstate, message, -1);
 }
 
 void session_arm(session *s)
@@ -197,11 +231,12 @@ void session_arm(session *s)
 /* The one timer of a session fires at the earliest of its deadlines. */
 static void session_timer_rearm(session *s)
 {
+    const int64_t deadlines[] = {s->login_deadline_us, s->connect_deadline_us,
+                                 s->leader_wait_deadline_us, s->close_deadline_us};
     int64_t next = 0;
-    if (s->login_deadline_us)
-        next = s->login_deadline_us;
-    if (s->connect_deadline_us && (!next || s->connect_deadline_us < next))
-        next = s->connect_deadline_us;
+    for (size_t i = 0; i < sizeof(deadlines) / sizeof(deadlines[0]); i++)
+        if (deadlines[i] && (!next || deadlines[i] < next))
+            next = deadlines[i];
     if (s->timer_armed) {
         evtimer_del(&s->ev_timer);
         s->timer_armed = false;
@@ -228,6 +263,8 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
         snprintf(msg, sizeof(msg), "could not connect to node %s: timed out",
                  s->slot->node_name);
         log_warning("client %s: %s", s->client_addr, msg);
+        if (!s->read_port)
+            session_request_probe(worker_self);
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
         return;
     }
@@ -237,24 +274,62 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
                       "login timeout: startup and authentication took too long");
         return;
     }
+    if (s->leader_wait_deadline_us && now >= s->leader_wait_deadline_us &&
+        s->phase == PHASE_HELD && s->waiting_leader) {
+        log_warning("client %s: no write leader within no_leader_wait", s->client_addr);
+        session_close(s, PG_SQLSTATE_CANNOT_CONNECT_NOW,
+                      "no write leader: none appeared within no_leader_wait");
+        return;
+    }
+    if (s->close_deadline_us && now >= s->close_deadline_us) {
+        log_info("client %s: closing after leader_change_grace", s->client_addr);
+        session_close(s, s->close_sqlstate ? s->close_sqlstate : PG_SQLSTATE_ADMIN_SHUTDOWN,
+                      s->close_message ? s->close_message : "terminating connection");
+        return;
+    }
     session_timer_rearm(s);
 }
 
-/* Start the non-blocking connection to the node the routing table names. */
+/* Ask the agent (through the master) to probe now: the leader did not answer. */
+static void session_request_probe(worker *w)
+{
+    int64_t now = shm_now_us();
+    if (now - w->last_probe_request_us > 100000) {
+        w->last_probe_request_us = now;
+        channel_send(w->channel_fd, CHANNEL_PROBE_NOW, 0);
+    }
+}
+
+/* Route the session and start the non-blocking connection to its node. */
 static void session_connect(session *s)
 {
     worker *w = worker_self;
     char msg[CONFIG_HOST_MAX + 256];
+    const char *sqlstate = NULL;
+    int node = -1;
 
     worker_routes_refresh(w);
-    int leader = w->routes.leader;
-    if (leader < 0 || (uint32_t)leader >= w->routes.n_nodes) {
-        log_warning("client %s: no write leader; refusing the session", s->client_addr);
-        session_close(s, PG_SQLSTATE_CANNOT_CONNECT_NOW,
-                      "no write leader is known: cannot route the session");
+    switch (route_pick(w, s, &node, &sqlstate, msg, sizeof(msg))) {
+    case ROUTE_WAIT:
+        if (!s->leader_wait_deadline_us)
+            s->leader_wait_deadline_us =
+                shm_now_us() + (int64_t)w->cfg->no_leader_wait_ms * 1000;
+        s->phase = PHASE_HELD;
+        s->waiting_leader = true;
+        s->login_deadline_us = 0;
+        session_timer_rearm(s);
+        session_arm(s);
         return;
+    case ROUTE_REFUSE:
+        log_warning("client %s: %s", s->client_addr, msg);
+        session_close(s, sqlstate, msg);
+        return;
+    case ROUTE_OK:
+        break;
     }
-    shm_node *n = &w->routes.nodes[leader];
+    s->waiting_leader = false;
+    s->leader_wait_deadline_us = 0;
+    shm_node *n = &w->routes.nodes[node];
     if (n->addrlen == 0) {
         snprintf(msg, sizeof(msg), "could not connect to node %s (%s:%d): address not resolved",
                  n->name, n->host, n->port);
@@ -268,19 +343,42 @@ static void session_connect(session *s)
         snprintf(msg, sizeof(msg), "could not connect to node %s (%s:%d): %s", n->name, n->host,
                  n->port, strerror(err));
         log_warning("client %s: %s", s->client_addr, msg);
+        if (!s->read_port)
+            session_request_probe(w);
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
         return;
     }
     shm_session_write_begin(s->slot);
-    s->slot->node = leader;
+    s->slot->node = node;
+    s->slot->epoch = w->routes.epoch;
     copy_ident(s->slot->node_name, sizeof(s->slot->node_name), n->name);
     memcpy(&s->slot->node_addr, &n->addr, n->addrlen);
     s->slot->node_addrlen = n->addrlen;
     shm_session_write_end(s->slot);
+    s->counter = shm_node_count_get(w->shm, n->name);
+    if (s->counter)
+        atomic_fetch_add(s->read_port ? &s->counter->read_sessions
+                                      : &s->counter->write_sessions,
+                         1);
     s->phase = PHASE_CONNECTING;
     s->connect_deadline_us = shm_now_us() + (int64_t)w->cfg->server_connect_timeout_ms * 1000;
     session_timer_rearm(s);
     session_arm(s);
+}
+
+void session_reroute(session *s)
+{
+    if (s->phase != PHASE_CONNECTING)
+        return;
+    if (s->server_mask)
+        event_del(&s->ev_server);
+    s->server_mask = 0;
+    close(s->sfd);
+    s->sfd = -1;
+    session_uncount(s);
+    s->connect_deadline_us = 0;
+    log_debug("client %s: routing changed while connecting; routing again", s->client_addr);
+    session_connect(s);
 }
 
 static void session_on_connected(evutil_socket_t fd, short what, void *arg)
@@ -298,6 +396,8 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
         snprintf(msg, sizeof(msg), "could not connect to node %s: %s", s->slot->node_name,
                  strerror(err));
         log_warning("client %s: %s", s->client_addr, msg);
+        if (!s->read_port)
+            session_request_probe(w);
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
         return;
     }

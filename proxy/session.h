@@ -62,20 +62,31 @@ typedef struct session {
     char tx_status;              /* last ReadyForQuery status: I, T or E */
     bool close_at_safe_point;    /* close as soon as the session is idle outside a transaction */
     const char *close_sqlstate;  /* what to tell the client then */
-    const char *close_message;
+    char *close_message;         /* malloc'd copy */
+    int64_t close_deadline_us;   /* close even inside a transaction at this time; 0 = never */
+    bool read_port;              /* came in on the read-only port */
+    bool waiting_leader;         /* PHASE_HELD because there is no write leader yet */
+    int64_t leader_wait_deadline_us; /* no_leader_wait runs out */
+    shm_node_count *counter;     /* per-node session counter this session incremented */
 
     char client_addr[SHM_ADDR_MAX];
 } session;
 
-/* Accept handling: a new client socket. */
-void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen);
+/* Accept handling: a new client socket, from the write or the read-only port. */
+void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen, bool read_port);
 
 /* End a session now. If sqlstate is set, a FATAL ErrorResponse is sent to the client first. */
 void session_close(session *s, const char *sqlstate, const char *message);
 
-/* Close now if idle outside a transaction, else once it gets there (graceful shutdown,
- * later leader change). */
+/* Close now if idle outside a transaction, else once it gets there (graceful shutdown). */
 void session_close_when_safe(session *s, const char *sqlstate, const char *message);
+
+/* The same, but close anyway after grace_ms (leader change: leader_change_grace). */
+void session_close_when_safe_for(session *s, const char *sqlstate, const char *message,
+                                 int grace_ms);
+
+/* A session still connecting to a node that is no longer right: connect again, afresh. */
+void session_reroute(session *s);
 
 /* True when the session is between statements outside a transaction: nothing in flight. */
 bool session_at_safe_point(const session *s);

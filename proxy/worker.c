@@ -2,6 +2,7 @@
 #include "worker.h"
 #include "channel.h"
 #include "log.h"
+#include "route.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -31,8 +32,11 @@ uint32_t worker_random(worker *w)
 
 void worker_routes_refresh(worker *w)
 {
-    if (shm_routes_version(w->shm) != w->routes_version)
-        w->routes_version = shm_routes_read(w->shm, &w->routes);
+    if (shm_routes_version(w->shm) == w->routes_version)
+        return;
+    memcpy(&w->routes_prev, &w->routes, sizeof(w->routes));
+    w->routes_version = shm_routes_read(w->shm, &w->routes);
+    route_table_changed(w, &w->routes_prev);
 }
 
 void worker_session_added(worker *w, session *s)
@@ -65,13 +69,17 @@ static void worker_on_accept_resume(evutil_socket_t fd, short what, void *arg)
     worker *w = arg;
     (void)fd;
     (void)what;
-    if (w->stop == WORKER_RUNNING)
-        event_add(&w->ev_accept, NULL);
+    if (w->stop != WORKER_RUNNING)
+        return;
+    for (int i = 0; i < 2; i++)
+        if (w->listeners[i].fd >= 0)
+            event_add(&w->listeners[i].ev, NULL);
 }
 
 static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
 {
-    worker *w = arg;
+    worker_listener *l = arg;
+    worker *w = l->w;
     (void)what;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
         struct sockaddr_storage addr;
@@ -84,24 +92,29 @@ static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
                 struct timeval tv = {ACCEPT_PAUSE_MS / 1000, (ACCEPT_PAUSE_MS % 1000) * 1000};
                 log_error("accept: %s; not accepting for %d ms", strerror(errno),
                           ACCEPT_PAUSE_MS);
-                event_del(&w->ev_accept);
+                for (int k = 0; k < 2; k++)
+                    if (w->listeners[k].fd >= 0)
+                        event_del(&w->listeners[k].ev);
                 evtimer_add(&w->ev_accept_resume, &tv);
                 return;
             }
             log_error("accept: %s", strerror(errno));
             return;
         }
-        session_new(fd, &addr, len);
+        session_new(fd, &addr, len, l->read_port);
     }
 }
 
 static void worker_stop_accepting(worker *w)
 {
-    if (w->listen_fd >= 0) {
-        event_del(&w->ev_accept);
-        evtimer_del(&w->ev_accept_resume);
-        close(w->listen_fd);
-        w->listen_fd = -1;
+    evtimer_del(&w->ev_accept_resume);
+    for (int i = 0; i < 2; i++) {
+        worker_listener *l = &w->listeners[i];
+        if (l->fd >= 0) {
+            event_del(&l->ev);
+            close(l->fd);
+            l->fd = -1;
+        }
     }
 }
 
@@ -244,7 +257,8 @@ static void worker_on_signal(evutil_socket_t sig, short what, void *arg)
     }
 }
 
-void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd, int channel_fd)
+void worker_main(int index, const config *cfg, shm_segment *shm, const int listen_fds[2],
+                 int channel_fd)
 {
     static const int signals[] = {SIGTERM, SIGINT, SIGQUIT, SIGUSR1};
     char tag[32];
@@ -272,12 +286,11 @@ void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd, 
     w->channel_fd = channel_fd;
     w->shm = shm;
     w->row = &shm->workers[index];
-    w->listen_fd = listen_fd;
     w->slot_hint = (uint32_t)index * (shm->max_sessions / (shm->n_workers ? shm->n_workers : 1));
     if (getrandom(&w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || w->rng == 0)
         w->rng = (uint64_t)shm_now_us() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
     w->settings_version = shm_settings_read(shm, w->cfg);
-    worker_routes_refresh(w);
+    w->routes_version = shm_routes_read(shm, &w->routes);
     w->maintenance = atomic_load(&shm->maintenance) != 0;
 
     w->base = event_base_new();
@@ -290,8 +303,16 @@ void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd, 
         evsignal_add(w->ev_signals[i], NULL);
     }
     signal(SIGPIPE, SIG_IGN);
-    event_assign(&w->ev_accept, w->base, listen_fd, EV_READ | EV_PERSIST, worker_on_accept, w);
-    event_add(&w->ev_accept, NULL);
+    for (int i = 0; i < 2; i++) {
+        worker_listener *l = &w->listeners[i];
+        l->w = w;
+        l->fd = listen_fds[i];
+        l->read_port = i == 1;
+        if (l->fd < 0)
+            continue;
+        event_assign(&l->ev, w->base, l->fd, EV_READ | EV_PERSIST, worker_on_accept, l);
+        event_add(&l->ev, NULL);
+    }
     evtimer_assign(&w->ev_accept_resume, w->base, worker_on_accept_resume, w);
     event_assign(&w->ev_channel, w->base, channel_fd, EV_READ | EV_PERSIST, worker_on_channel, w);
     event_add(&w->ev_channel, NULL);

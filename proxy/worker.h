@@ -19,6 +19,16 @@ typedef enum worker_stop {
     WORKER_FAST,        /* SIGINT: every session closed now */
 } worker_stop;
 
+struct worker;
+
+/* A listen socket shared with the other workers. */
+typedef struct worker_listener {
+    struct worker *w;
+    int fd;                       /* -1 when this port is off */
+    bool read_port;               /* sessions from it go to replicas */
+    struct event ev;
+} worker_listener;
+
 typedef struct worker {
     int index;                    /* 0..workers-1, also the row in shm->workers */
     struct event_base *base;
@@ -26,8 +36,7 @@ typedef struct worker {
     uint64_t settings_version;    /* shm settings version cfg was taken at */
     shm_segment *shm;
     shm_worker *row;              /* this worker's row in shared memory */
-    int listen_fd;
-    struct event ev_accept;
+    worker_listener listeners[2]; /* write port, read-only port (fd -1 when off) */
     struct event ev_accept_resume; /* re-enables accept after EMFILE */
     struct event ev_shutdown;      /* shutdown_timeout deadline */
     struct event ev_channel;       /* messages from the master */
@@ -40,7 +49,9 @@ typedef struct worker {
     uint32_t slot_hint;           /* where the next slot search starts */
     uint64_t rng;                 /* xorshift state for cancel secrets */
     shm_route_table routes;       /* local copy of the routing table */
+    shm_route_table routes_prev;  /* the copy before, to see what changed */
     uint64_t routes_version;      /* shm version the copy was taken at */
+    int64_t last_probe_request_us; /* rate limit of "probe now" requests */
     uint8_t scratch[RELAY_BUF_SIZE];
 } worker;
 
@@ -48,13 +59,14 @@ typedef struct worker {
 extern worker *worker_self;
 
 /* Entry point in the forked child; never returns. */
-void worker_main(int index, const config *cfg, shm_segment *shm, int listen_fd, int channel_fd)
-    __attribute__((noreturn));
+void worker_main(int index, const config *cfg, shm_segment *shm, const int listen_fds[2],
+                 int channel_fd) __attribute__((noreturn));
 
 /* Apply logging settings of cfg to this process (file, syslog, level). */
 void worker_apply_logging(const config *cfg);
 
-/* Refresh the local routing table if shared memory has a newer one. */
+/* Refresh the local routing table if shared memory has a newer one; sessions on a node that
+ * is no longer right are dealt with (route_table_changed). */
 void worker_routes_refresh(worker *w);
 
 /* A random 32-bit value (cancel secrets). */

@@ -92,6 +92,14 @@ def port_listening(port):
     return False
 
 
+def _is_agent(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pgrelay-agent" in f.read().split(b"\0")[0]
+    except OSError:
+        return False
+
+
 def child_pids(pid):
     """Pids whose parent is ``pid`` (scans /proc; the kernel has no /proc/*/children)."""
     out = []
@@ -493,7 +501,12 @@ class Relay:
         return RawClient(self.port, timeout=timeout)
 
     def worker_pids(self):
-        return child_pids(self.pid)
+        """The master's worker processes (its other child is pgrelay-agent)."""
+        return [p for p in child_pids(self.pid) if not _is_agent(p)]
+
+    def agent_pid(self):
+        agents = [p for p in child_pids(self.pid) if _is_agent(p)]
+        return agents[0] if agents else None
 
     def log(self):
         with open(self.log_path, errors="replace") as f:

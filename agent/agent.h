@@ -1,0 +1,70 @@
+/* agent.h - pgrelay-agent: probes every node with libpq and decides who the write leader is. */
+#ifndef PGRELAY_AGENT_H
+#define PGRELAY_AGENT_H
+
+#include <event2/event.h>
+#include <event2/event_struct.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "shm.h"
+
+typedef enum probe_state {
+    PROBE_IDLE = 0,   /* waiting for the next interval */
+    PROBE_CONNECTING, /* PQconnectPoll in progress */
+    PROBE_QUERYING,   /* the probe query is out, waiting for its result */
+} probe_state;
+
+/* One database node as the agent sees it. */
+typedef struct agent_node {
+    int index;                 /* position in cfg->nodes and in the published table */
+    shm_node view;             /* what is published for it (address resolved once) */
+    PGconn *conn;              /* persistent monitoring connection, NULL when closed */
+    probe_state state;
+    int sock;                  /* socket ev_io is registered on, -1 when none */
+    short io_what;             /* events ev_io waits for */
+    struct event ev_io;
+    struct event ev_timeout;   /* health_timeout of the probe in flight */
+    int64_t started_us;        /* when the probe in flight started */
+    bool probed;               /* at least one probe finished */
+    bool last_ok;              /* the last probe succeeded */
+    int fails;                 /* failed probes in a row */
+    int oks;                   /* good probes in a row */
+    bool in_recovery;          /* last good probe */
+    uint64_t lsn;              /* current (primary) or replay (replica) LSN, as bytes */
+    int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp() */
+} agent_node;
+
+typedef struct agent {
+    config *cfg;
+    struct event_base *base;
+    shm_segment *shm;          /* NULL when run by hand without a master (decisions logged) */
+    int channel_fd;            /* to the master; -1 when run by hand */
+    agent_node nodes[CONFIG_MAX_NODES];
+    int n_nodes;
+    struct event ev_tick;      /* every health_interval */
+    struct event ev_channel;
+    int leader;                /* index of the write leader, -1 for none */
+    uint64_t epoch;            /* grows at every leader change; starts from shared memory */
+    int forced;                /* leader pinned by `set leader NODE force`, -1 when none */
+    bool conflict_logged;      /* two primaries reported; logged once per occurrence */
+    shm_route_table *published; /* last table written, to tell what changed */
+} agent;
+
+/* probe.c: start a probe of every idle node; results call leader_decide(). */
+void probe_all(agent *a);
+void probe_node_close(agent_node *n);
+
+/* leader.c: decide the write leader from the nodes' latest probes; publish when anything
+ * changed. reason says what triggered the decision (for the history). */
+void leader_decide(agent *a);
+
+/* Switch the leader on an operator's request. Returns 0, or -1 with why. */
+int leader_set(agent *a, int index, bool force, char *why, size_t len);
+
+/* Write the current view into shared memory (and poke the master when routing changed). */
+void leader_publish(agent *a, bool force_poke);
+
+#endif

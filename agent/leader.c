@@ -1,0 +1,242 @@
+/* leader.c - who is the write leader, and publishing the routing table to the workers.
+ *
+ * Rules (standalone mode):
+ *   - a candidate is a node whose last probe succeeded and said "not in recovery";
+ *   - the current leader stays while it is a candidate, even when another node also claims to be
+ *     primary (split brain: logged loudly, once per occurrence);
+ *   - a leader whose probes fail stays until it is down (`fall` failures) unless another
+ *     candidate exists: a promoted replica takes over at its first good probe;
+ *   - a leader that reports recovery is dropped at once: no session goes to a node in recovery;
+ *   - among several new candidates, the configured primary wins, then the highest WAL position;
+ *   - every change of leader (including to none) increments the epoch, which only grows.
+ */
+#include "agent.h"
+#include "channel.h"
+#include "log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static bool is_candidate(const agent_node *n)
+{
+    return n->probed && n->last_ok && !n->in_recovery;
+}
+
+static const char *node_name(const agent *a, int i)
+{
+    return i >= 0 ? a->nodes[i].view.name : "(none)";
+}
+
+/* Change the leader, bump the epoch, record why. */
+static void leader_switch(agent *a, int to, const char *reason)
+{
+    int from = a->leader;
+    a->epoch++;
+    a->leader = to;
+    log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from), node_name(a, to),
+                (unsigned long long)a->epoch, reason);
+    if (a->shm)
+        shm_history_add(a->shm, a->epoch, from >= 0 ? a->nodes[from].view.name : "",
+                        to >= 0 ? a->nodes[to].view.name : "", reason);
+}
+
+/* The best new leader among the candidates, or -1. */
+static int pick_candidate(const agent *a)
+{
+    int best = -1;
+    for (int i = 0; i < a->n_nodes; i++) {
+        const agent_node *n = &a->nodes[i];
+        if (!is_candidate(n))
+            continue;
+        if (best < 0)
+            best = i;
+        else {
+            bool hint_n = a->cfg->nodes[i].role == NODE_ROLE_PRIMARY;
+            bool hint_b = a->cfg->nodes[best].role == NODE_ROLE_PRIMARY;
+            if ((hint_n && !hint_b) || (hint_n == hint_b && n->lsn > a->nodes[best].lsn))
+                best = i;
+        }
+    }
+    return best;
+}
+
+void leader_decide(agent *a)
+{
+    int cur = a->leader;
+    int candidates = 0;
+    char reason[128];
+
+    for (int i = 0; i < a->n_nodes; i++)
+        candidates += is_candidate(&a->nodes[i]);
+
+    /* An operator's forced choice holds while that node answers. */
+    if (a->forced >= 0) {
+        agent_node *f = &a->nodes[a->forced];
+        if (f->probed && !f->last_ok && f->fails >= a->cfg->fall) {
+            log_warning("node %s, forced as leader, is down: back to automatic choice",
+                        f->view.name);
+            a->forced = -1;
+        } else if (is_candidate(f)) {
+            a->forced = -1; /* it is a primary now: the normal rules agree */
+        } else {
+            leader_publish(a, false);
+            return;
+        }
+    }
+
+    if (cur >= 0) {
+        agent_node *l = &a->nodes[cur];
+        if (!l->probed || is_candidate(l)) {
+            /* Keep it; warn once about other primaries. */
+            if (l->probed && candidates > 1) {
+                if (!a->conflict_logged) {
+                    for (int i = 0; i < a->n_nodes; i++)
+                        if (i != cur && is_candidate(&a->nodes[i]))
+                            log_error("SPLIT BRAIN: node %s also reports it is a primary; "
+                                      "writes stay on the current leader %s (epoch %llu). "
+                                      "Fence one of them, or use `set leader NODE`.",
+                                      a->nodes[i].view.name, l->view.name,
+                                      (unsigned long long)a->epoch);
+                    a->conflict_logged = true;
+                }
+            } else {
+                a->conflict_logged = false;
+            }
+            leader_publish(a, false);
+            return;
+        }
+        if (l->last_ok && l->in_recovery) {
+            snprintf(reason, sizeof(reason), "leader %s reports it is in recovery", l->view.name);
+        } else if (candidates == 0 && l->fails < a->cfg->fall) {
+            /* A blip: keep routing to it until it is really down. */
+            leader_publish(a, false);
+            return;
+        } else if (candidates > 0) {
+            snprintf(reason, sizeof(reason), "leader %s does not answer (%s)", l->view.name,
+                     l->view.last_error);
+        } else {
+            snprintf(reason, sizeof(reason), "leader %s is down after %d failed probes",
+                     l->view.name, l->fails);
+        }
+        int next = pick_candidate(a);
+        if (next >= 0) {
+            size_t len = strlen(reason);
+            snprintf(reason + len, sizeof(reason) - len, "; %s is primary",
+                     a->nodes[next].view.name);
+        }
+        a->conflict_logged = false;
+        leader_switch(a, next, reason);
+        leader_publish(a, true);
+        return;
+    }
+
+    /* No leader: take the first candidate. */
+    int next = pick_candidate(a);
+    if (next >= 0) {
+        snprintf(reason, sizeof(reason), "node %s reports it is primary", a->nodes[next].view.name);
+        leader_switch(a, next, reason);
+        leader_publish(a, true);
+        return;
+    }
+    leader_publish(a, false);
+}
+
+int leader_set(agent *a, int index, bool force, char *why, size_t len)
+{
+    if (index < 0 || index >= a->n_nodes) {
+        snprintf(why, len, "no such node");
+        return -1;
+    }
+    agent_node *n = &a->nodes[index];
+    if (!force && !is_candidate(n)) {
+        snprintf(why, len, "node %s is %s; use force to switch anyway", n->view.name,
+                 !n->probed ? "not probed yet"
+                 : !n->last_ok ? "not answering"
+                               : "in recovery");
+        return -1;
+    }
+    if (index == a->leader) {
+        snprintf(why, len, "node %s is already the leader", n->view.name);
+        return 0;
+    }
+    char reason[128];
+    snprintf(reason, sizeof(reason), "set leader %s%s by an administrator", n->view.name,
+             force ? " force" : "");
+    a->forced = force && !is_candidate(n) ? index : -1;
+    a->conflict_logged = false;
+    leader_switch(a, index, reason);
+    leader_publish(a, true);
+    snprintf(why, len, "%s", reason);
+    return 0;
+}
+
+/* A replica fit for read sessions. */
+static bool node_readable(const agent *a, const agent_node *n)
+{
+    if (!is_candidate(n) && !(n->probed && n->last_ok && n->in_recovery))
+        return false;
+    if (!n->in_recovery || n->view.health != NODE_HEALTH_UP)
+        return false;
+    if (n->view.lag_bytes < 0 || n->view.lag_bytes > a->cfg->max_replica_lag_bytes)
+        return false;
+    return n->view.lag_ms <= a->cfg->max_replica_lag_ms;
+}
+
+/* Fill the per-node view fields that depend on the whole picture (roles, lag). */
+static void leader_refresh_views(agent *a)
+{
+    uint64_t leader_lsn = a->leader >= 0 && a->nodes[a->leader].probed
+                              ? a->nodes[a->leader].lsn
+                              : 0;
+    for (int i = 0; i < a->n_nodes; i++) {
+        agent_node *n = &a->nodes[i];
+        shm_node *v = &n->view;
+        v->probed = n->probed;
+        v->in_recovery = n->in_recovery;
+        v->wal_lsn = n->lsn;
+        if (n->probed)
+            v->role = n->in_recovery ? NODE_ROLE_REPLICA : NODE_ROLE_PRIMARY;
+        if (n->probed && n->in_recovery && leader_lsn) {
+            v->lag_bytes = leader_lsn > n->lsn ? (int64_t)(leader_lsn - n->lsn) : 0;
+            /* Replay age means lag only while there is WAL left to replay. */
+            v->lag_ms = v->lag_bytes > 0 && n->replay_age_ms > 0 ? n->replay_age_ms : 0;
+        } else {
+            v->lag_bytes = n->probed && !n->in_recovery ? 0 : -1;
+            v->lag_ms = 0;
+        }
+        v->readable = node_readable(a, n);
+    }
+}
+
+/* Did anything the workers route by change since the last table? */
+static bool routing_changed(const agent *a, const shm_route_table *t)
+{
+    if (t->epoch != a->epoch || t->leader != a->leader || t->n_nodes != (uint32_t)a->n_nodes)
+        return true;
+    for (int i = 0; i < a->n_nodes; i++) {
+        const shm_node *o = &t->nodes[i], *v = &a->nodes[i].view;
+        if (o->health != v->health || o->readable != v->readable || o->role != v->role)
+            return true;
+    }
+    return false;
+}
+
+void leader_publish(agent *a, bool force_poke)
+{
+    leader_refresh_views(a);
+    if (!a->shm)
+        return; /* run by hand: decisions are only logged */
+    shm_route_table *t = a->published;
+    bool poke = force_poke || routing_changed(a, t);
+    t->epoch = a->epoch;
+    t->leader = a->leader;
+    t->n_nodes = (uint32_t)a->n_nodes;
+    t->agent_pid = (int32_t)getpid();
+    for (int i = 0; i < a->n_nodes; i++)
+        memcpy(&t->nodes[i], &a->nodes[i].view, sizeof(shm_node));
+    shm_routes_publish(a->shm, t);
+    if (poke && a->channel_fd >= 0)
+        channel_send(a->channel_fd, CHANNEL_LOOK_AGAIN, 0);
+}

@@ -1,0 +1,250 @@
+/* probe.c - health checks: one persistent non-blocking libpq connection per node.
+ *
+ * Every health_interval each idle node gets a probe: (re)connect if needed, then one query that
+ * reads pg_is_in_recovery(), the WAL position (current on a primary, replayed on a replica) and
+ * the age of the last replayed transaction. health_timeout bounds connect + query. A node is
+ * down after `fall` failed probes in a row and up again after `rise` good ones.
+ */
+#include "agent.h"
+#include "log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern agent *agent_self;
+
+static const char PROBE_SQL[] =
+    "SELECT pg_is_in_recovery(), "
+    "(CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0') "
+    "ELSE pg_current_wal_lsn() END - '0/0')::bigint, "
+    "CASE WHEN pg_is_in_recovery() THEN coalesce((extract(epoch FROM now() - "
+    "pg_last_xact_replay_timestamp()) * 1000)::bigint, -1) ELSE 0 END";
+
+static void probe_on_io(evutil_socket_t fd, short what, void *arg);
+
+void probe_node_close(agent_node *n)
+{
+    if (n->sock >= 0)
+        event_del(&n->ev_io);
+    n->sock = -1;
+    n->io_what = 0;
+    evtimer_del(&n->ev_timeout);
+    if (n->conn)
+        PQfinish(n->conn);
+    n->conn = NULL;
+    n->state = PROBE_IDLE;
+}
+
+/* Wait for `what` on the connection's socket (libpq may change sockets while connecting). */
+static void probe_watch(agent_node *n, short what)
+{
+    int sock = PQsocket(n->conn);
+    if (n->sock >= 0)
+        event_del(&n->ev_io);
+    n->sock = sock;
+    n->io_what = what;
+    if (sock < 0)
+        return;
+    event_assign(&n->ev_io, agent_self->base, sock, what, probe_on_io, n);
+    event_add(&n->ev_io, NULL);
+}
+
+/* The first line of a libpq error message, for logs and show nodes. */
+static void first_line(char *dst, size_t cap, const char *msg)
+{
+    size_t len = strcspn(msg, "\n");
+    if (len >= cap)
+        len = cap - 1;
+    memcpy(dst, msg, len);
+    dst[len] = '\0';
+}
+
+static void probe_finish(agent_node *n, bool ok, const char *error)
+{
+    agent *a = agent_self;
+    evtimer_del(&n->ev_timeout);
+    n->probed = true;
+    n->view.last_probe_us = shm_now_us();
+    if (ok) {
+        n->last_ok = true;
+        n->fails = 0;
+        n->oks++;
+        n->view.last_error[0] = '\0';
+        if (n->view.health == NODE_HEALTH_UNKNOWN ||
+            (n->view.health == NODE_HEALTH_DOWN && n->oks >= a->cfg->rise)) {
+            if (n->view.health == NODE_HEALTH_DOWN)
+                log_info("node %s is up (%d good probes)", n->view.name, n->oks);
+            n->view.health = NODE_HEALTH_UP;
+        }
+        n->state = PROBE_IDLE;
+    } else {
+        char msg[sizeof(n->view.last_error)];
+        first_line(msg, sizeof(msg), error && *error ? error : "probe failed");
+        if (n->last_ok || strcmp(msg, n->view.last_error) != 0)
+            log_warning("node %s: probe failed: %s", n->view.name, msg);
+        memcpy(n->view.last_error, msg, sizeof(msg));
+        n->last_ok = false;
+        n->oks = 0;
+        n->fails++;
+        if (n->fails >= a->cfg->fall && n->view.health != NODE_HEALTH_DOWN) {
+            log_warning("node %s is down (%d failed probes)", n->view.name, n->fails);
+            n->view.health = NODE_HEALTH_DOWN;
+        }
+        probe_node_close(n); /* reconnect on the next probe */
+    }
+    leader_decide(a);
+}
+
+static void probe_on_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    agent_node *n = arg;
+    char msg[96];
+    (void)fd;
+    (void)what;
+    snprintf(msg, sizeof(msg), "no answer within health_timeout (%d ms)",
+             agent_self->cfg->health_timeout_ms);
+    probe_finish(n, false, msg);
+}
+
+static void probe_send(agent_node *n)
+{
+    if (!PQsendQuery(n->conn, PROBE_SQL)) {
+        probe_finish(n, false, PQerrorMessage(n->conn));
+        return;
+    }
+    n->state = PROBE_QUERYING;
+    int f = PQflush(n->conn);
+    if (f < 0) {
+        probe_finish(n, false, PQerrorMessage(n->conn));
+        return;
+    }
+    probe_watch(n, f == 1 ? (EV_READ | EV_WRITE) : EV_READ);
+}
+
+/* Read whatever results are complete; returns true when the probe is finished (either way). */
+static bool probe_read(agent_node *n)
+{
+    bool got_row = false, in_recovery = false;
+    long long lsn = 0, age = -1;
+    const char *error = NULL;
+    char errbuf[256];
+
+    while (!PQisBusy(n->conn)) {
+        PGresult *res = PQgetResult(n->conn);
+        if (!res) {
+            if (error) {
+                probe_finish(n, false, errbuf);
+            } else if (!got_row) {
+                probe_finish(n, false, "probe query returned no row");
+            } else {
+                n->in_recovery = in_recovery;
+                n->lsn = (uint64_t)lsn;
+                n->replay_age_ms = age;
+                probe_finish(n, true, NULL);
+            }
+            return true;
+        }
+        if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 && PQnfields(res) == 3) {
+            got_row = true;
+            in_recovery = PQgetvalue(res, 0, 0)[0] == 't';
+            lsn = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+            age = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+        } else if (!error) {
+            first_line(errbuf, sizeof(errbuf), PQresultErrorMessage(res));
+            error = errbuf;
+        }
+        PQclear(res);
+    }
+    return false;
+}
+
+static void probe_on_io(evutil_socket_t fd, short what, void *arg)
+{
+    agent_node *n = arg;
+    (void)fd;
+    n->sock = -1; /* the event was one-shot */
+    if (n->state == PROBE_CONNECTING) {
+        switch (PQconnectPoll(n->conn)) {
+        case PGRES_POLLING_READING:
+            probe_watch(n, EV_READ);
+            return;
+        case PGRES_POLLING_WRITING:
+            probe_watch(n, EV_WRITE);
+            return;
+        case PGRES_POLLING_OK:
+            probe_send(n);
+            return;
+        default:
+            probe_finish(n, false, PQerrorMessage(n->conn));
+            return;
+        }
+    }
+    if (n->state != PROBE_QUERYING)
+        return;
+    if (what & EV_WRITE) {
+        int f = PQflush(n->conn);
+        if (f < 0) {
+            probe_finish(n, false, PQerrorMessage(n->conn));
+            return;
+        }
+        if (f == 1) {
+            probe_watch(n, EV_READ | EV_WRITE);
+            return;
+        }
+    }
+    if ((what & EV_READ) && !PQconsumeInput(n->conn)) {
+        probe_finish(n, false, PQerrorMessage(n->conn));
+        return;
+    }
+    if (!probe_read(n))
+        probe_watch(n, EV_READ);
+}
+
+/* Start a probe of one node: reuse its connection, or open a new one. */
+static void probe_start(agent *a, agent_node *n)
+{
+    const config_node *c = &a->cfg->nodes[n->index];
+    char port[16], timeout[16];
+
+    if (n->conn && PQstatus(n->conn) != CONNECTION_OK)
+        probe_node_close(n);
+    n->started_us = shm_now_us();
+    struct timeval tv = {a->cfg->health_timeout_ms / 1000,
+                         (a->cfg->health_timeout_ms % 1000) * 1000};
+    evtimer_assign(&n->ev_timeout, a->base, probe_on_timeout, n);
+    evtimer_add(&n->ev_timeout, &tv);
+    if (n->conn) {
+        probe_send(n);
+        return;
+    }
+    snprintf(port, sizeof(port), "%d", c->port);
+    /* libpq's own connect_timeout (whole seconds, at least 2) is only a backstop. */
+    snprintf(timeout, sizeof(timeout), "%d", a->cfg->health_timeout_ms / 1000 + 2);
+    const char *keys[] = {"host",     "port",           "user",  "password", "dbname",
+                          "connect_timeout", "application_name", NULL};
+    const char *vals[] = {c->host,
+                          port,
+                          c->monitor_user[0] ? c->monitor_user : a->cfg->monitor_user,
+                          c->monitor_password[0] ? c->monitor_password
+                                                 : a->cfg->monitor_password,
+                          c->monitor_dbname[0] ? c->monitor_dbname : a->cfg->monitor_dbname,
+                          timeout,
+                          "pgrelay-agent",
+                          NULL};
+    n->conn = PQconnectStartParams(keys, vals, 0);
+    if (!n->conn || PQstatus(n->conn) == CONNECTION_BAD) {
+        probe_finish(n, false, n->conn ? PQerrorMessage(n->conn) : "out of memory");
+        return;
+    }
+    PQsetnonblocking(n->conn, 1);
+    n->state = PROBE_CONNECTING;
+    probe_watch(n, EV_WRITE); /* libpq: behave as if PQconnectPoll said WRITING */
+}
+
+void probe_all(agent *a)
+{
+    for (int i = 0; i < a->n_nodes; i++)
+        if (a->nodes[i].state == PROBE_IDLE)
+            probe_start(a, &a->nodes[i]);
+}

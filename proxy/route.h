@@ -1,0 +1,23 @@
+/* route.h - which node a new session goes to, and what live sessions do when routing changes. */
+#ifndef PGRELAY_ROUTE_H
+#define PGRELAY_ROUTE_H
+
+#include "session.h"
+
+struct worker;
+
+typedef enum route_result {
+    ROUTE_OK = 0,  /* *node is set */
+    ROUTE_WAIT,    /* no write leader yet, and no_leader_wait allows waiting */
+    ROUTE_REFUSE,  /* no node: *sqlstate and msg say why */
+} route_result;
+
+/* Pick the node for session s from the worker's current table. */
+route_result route_pick(struct worker *w, session *s, int *node, const char **sqlstate,
+                        char *msg, size_t msglen);
+
+/* The table changed from `old` to the worker's current one: close or re-route the sessions
+ * that are on the wrong node now, release sessions waiting for a leader. */
+void route_table_changed(struct worker *w, const shm_route_table *old);
+
+#endif
