@@ -81,7 +81,7 @@ $(AGENT): $(AGENT_OBJ) $(COMMON_OBJ) | check-deps
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(UNIT_PKGS)) -o $@ $^ \
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(UNIT_PKGS)) -o $@ $(filter %.c %.o,$^) \
 	  $(shell pkg-config --libs $(UNIT_PKGS))
 
 # Installs only what is missing; silent and quick when everything is there.

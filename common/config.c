@@ -21,6 +21,8 @@ static const char *const facility_words[] = {"daemon", "user",   "local0", "loca
                                              "local2", "local3", "local4", "local5",
                                              "local6", "local7", NULL};
 
+#define CONFIG_LINE_MAX 8192 /* longest line accepted */
+
 #define PG_KEY(name_, type_, def_, reload_, field_, min_, max_, words_, help_)                     \
     {"pgrelay", name_, type_, def_, reload_, offsetof(config, field_), sizeof(((config *)0)->field_), \
      min_, max_, words_, help_}
@@ -122,7 +124,7 @@ typedef struct config_parse {
     FILE *fp;             /* file source, or NULL */
     const char *text;     /* string source, or NULL */
     int line;             /* number of the line inih is looking at */
-    bool at_line_start;   /* the last chunk read ended a line */
+    char section_name[CONFIG_NAME_MAX + 16]; /* the current [section], as written */
     bool section_ok;      /* the current section is a known one */
     const char *kind;     /* key-table section of the current section: "pgrelay", "agent" */
     config_node *node;    /* the current [node.NAME], or NULL */
@@ -144,6 +146,8 @@ static void config_error(config_parse *p, int line, const char *fmt, ...)
         off = snprintf(buf, CONFIG_ERROR_LEN, "%s:%d: ", p->name, line);
     else
         off = snprintf(buf, CONFIG_ERROR_LEN, "%s: ", p->name);
+    if (off < 0 || off >= CONFIG_ERROR_LEN - 1)
+        return; /* the file name alone fills the message */
     va_start(ap, fmt);
     vsnprintf(buf + off, CONFIG_ERROR_LEN - (size_t)off, fmt, ap);
     va_end(ap);
@@ -350,55 +354,113 @@ static void config_begin_section(config_parse *p, const char *section)
                  section);
 }
 
-/* Read one line for inih, keeping the line count and spotting section headers ourselves
- * (inih does not report a section that has no keys). */
+/* Read one whole line from the file or string into line (NUL-terminated, newline kept).
+ * Returns false at the end; *too_long is set (and the rest of the line skipped) when it does
+ * not fit. */
+static bool config_read_line(config_parse *p, char *line, size_t cap, bool *too_long)
+{
+    size_t len = 0;
+    *too_long = false;
+    for (;;) {
+        int c;
+        if (p->fp) {
+            c = fgetc(p->fp);
+        } else {
+            c = *p->text ? (unsigned char)*p->text++ : EOF;
+        }
+        if (c == EOF)
+            break;
+        if (len + 2 < cap)
+            line[len++] = (char)c;
+        else
+            *too_long = true;
+        if (c == '\n')
+            break;
+    }
+    line[len] = '\0';
+    return len > 0 || *too_long;
+}
+
+static void trim(char **start)
+{
+    char *a = *start, *e = a + strlen(a);
+    while (isspace((unsigned char)*a))
+        a++;
+    while (e > a && isspace((unsigned char)e[-1]))
+        *--e = '\0';
+    *start = a;
+}
+
+static int config_handler(void *user, const char *section, const char *name, const char *value);
+
+/* A key = value line too long for inih's line buffer: parsed here, the same way. */
+static void config_long_line(config_parse *p, char *s)
+{
+    if (*s == ';' || *s == '#')
+        return;
+    size_t at = strcspn(s, "=:");
+    if (s[at] == '\0') {
+        config_error(p, p->line, "syntax error (expected [section], key = value, or a ; comment)");
+        return;
+    }
+    s[at] = '\0';
+    char *name = s, *value = s + at + 1;
+    for (char *c = value; *c; c++) {
+        if (*c == ';' && c > value && isspace((unsigned char)c[-1])) {
+            *c = '\0'; /* inline comment, as inih */
+            break;
+        }
+    }
+    trim(&name);
+    trim(&value);
+    config_handler(p, p->section_name, name, value);
+}
+
+/* Feed inih one line at a time, keeping the line count, and spotting section headers ourselves
+ * (inih does not report a section that has no keys). Leading blanks are removed, so an
+ * indented key is a key (not, as inih would take it, a continuation of the previous value);
+ * lines longer than inih's buffer are parsed here and inih gets a comment instead. */
 static char *config_reader(char *buf, int size, void *stream)
 {
     config_parse *p = stream;
-    char *r;
+    char line[CONFIG_LINE_MAX];
+    bool too_long;
 
-    if (p->fp) {
-        r = fgets(buf, size, p->fp);
-    } else {
-        if (*p->text == '\0')
-            return NULL;
-        const char *nl = strchr(p->text, '\n');
-        size_t n = nl ? (size_t)(nl - p->text) + 1 : strlen(p->text);
-        if (n > (size_t)size - 1)
-            n = (size_t)size - 1;
-        memcpy(buf, p->text, n);
-        buf[n] = '\0';
-        p->text += n;
-        r = buf;
-    }
-    if (!r)
+    if (!config_read_line(p, line, sizeof(line), &too_long))
         return NULL;
-    if (p->at_line_start) {
-        p->line++;
-        const char *s = buf;
-        while (isspace((unsigned char)*s))
-            s++;
-        if (*s == '[') {
-            const char *close = strchr(s, ']');
-            if (close) {
-                char section[CONFIG_NAME_MAX + 16];
-                size_t n = (size_t)(close - s - 1);
-                if (n >= sizeof(section))
-                    n = sizeof(section) - 1;
-                memcpy(section, s + 1, n);
-                section[n] = '\0';
-                /* trim */
-                char *a = section, *e = section + strlen(section);
-                while (isspace((unsigned char)*a))
-                    a++;
-                while (e > a && isspace((unsigned char)e[-1]))
-                    *--e = '\0';
-                config_begin_section(p, a);
-            }
+    p->line++;
+    char *s = line;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if (too_long) {
+        config_error(p, p->line, "line is longer than %d characters", CONFIG_LINE_MAX - 2);
+        snprintf(buf, (size_t)size, ";\n");
+        return buf;
+    }
+    if (*s == '[') {
+        const char *close = strchr(s, ']');
+        if (close) {
+            char section[CONFIG_NAME_MAX + 16];
+            size_t n = (size_t)(close - s - 1);
+            if (n >= sizeof(section))
+                n = sizeof(section) - 1;
+            memcpy(section, s + 1, n);
+            section[n] = '\0';
+            char *a = section;
+            trim(&a);
+            snprintf(p->section_name, sizeof(p->section_name), "%s", a);
+            config_begin_section(p, a);
         }
     }
-    p->at_line_start = strchr(buf, '\n') != NULL;
-    return r;
+    size_t len = strlen(s);
+    if (len < (size_t)size - 1) {
+        memcpy(buf, s, len + 1);
+        return buf;
+    }
+    trim(&s);
+    config_long_line(p, s);
+    snprintf(buf, (size_t)size, ";\n");
+    return buf;
 }
 
 static int config_handler(void *user, const char *section, const char *name, const char *value)
@@ -476,7 +538,7 @@ static int config_run(config *cfg, config_parse *p)
 
 int config_load(config *cfg, const char *path)
 {
-    config_parse p = {.cfg = cfg, .name = path, .at_line_start = true, .section_ok = false};
+    config_parse p = {.cfg = cfg, .name = path, .section_ok = false};
     config_defaults(cfg);
     snprintf(cfg->path, sizeof(cfg->path), "%s", path);
     p.fp = fopen(path, "r");
@@ -491,7 +553,7 @@ int config_load(config *cfg, const char *path)
 
 int config_load_string(config *cfg, const char *name, const char *text)
 {
-    config_parse p = {.cfg = cfg, .name = name, .text = text, .at_line_start = true};
+    config_parse p = {.cfg = cfg, .name = name, .text = text};
     config_defaults(cfg);
     snprintf(cfg->path, sizeof(cfg->path), "%s", name);
     return config_run(cfg, &p);

@@ -46,12 +46,19 @@ as_pg() {
     fi
 }
 
+# Is this pid a running process (not gone, not a zombie waiting for its parent)?
+alive() {
+    local st
+    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [ -n "$st" ] && [ "${st#Z}" = "$st" ]
+}
+
 # pid from a file when that process is alive (and, if given, its command name matches).
 live_pid() {
     local file=$1 comm=${2:-} pid
     [ -s "$file" ] || return 1
     pid=$(head -n 1 "$file" 2>/dev/null | tr -dc 0-9)
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    [ -n "$pid" ] && alive "$pid" || return 1
     if [ -n "$comm" ]; then
         [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
     fi
@@ -72,7 +79,7 @@ port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 wait_gone() { # pid seconds
     local i
     for ((i = 0; i < $2 * 10; i++)); do
-        kill -0 "$1" 2>/dev/null || return 0
+        alive "$1" || return 0
         sleep 0.1
     done
     return 1
@@ -92,7 +99,7 @@ stop_pgrelay() {
         wait_gone "$pid" 3 || kill -KILL "$pid" 2>/dev/null || true
     fi
     for k in $kids; do
-        if [ "$(cat "/proc/$k/comm" 2>/dev/null)" = pgrelay ]; then
+        if [[ "$(cat "/proc/$k/comm" 2>/dev/null)" == pgrelay* ]]; then # workers, agent
             kill -KILL "$k" 2>/dev/null || true
         fi
     done
@@ -118,7 +125,7 @@ stop_all() {
         stop_postgres
         # The cluster and the pids go; config and logs stay for a look afterwards.
         case $DEMO in */demo) rm -rf -- "$PGDATA" ;; esac
-        rm -f "$DEMO/.s.PGSQL.$PG_PORT" "$DEMO/.s.PGSQL.$PG_PORT.lock"
+        rm -f "$DEMO/.s.PGSQL.$PG_PORT" "$DEMO/.s.PGSQL.$PG_PORT.lock" "$DEMO/admin.sock"
         if [ "$(live_pid "$DEMO_PID" || true)" = "$$" ] || ! demo_script_pid >/dev/null; then
             rm -f "$DEMO_PID"
         fi
@@ -127,6 +134,12 @@ stop_all() {
 
 cmd_stop() {
     local pid
+    if ! demo_script_pid >/dev/null && ! live_pid "$RELAY_PID" pgrelay >/dev/null &&
+        ! live_pid "$PGDATA/postmaster.pid" postgres >/dev/null; then
+        [ -d "$DEMO" ] && stop_all
+        say "no demo running"
+        return 0
+    fi
     if pid=$(demo_script_pid); then
         say "stopping the demo (pid $pid)"
         kill -TERM "$pid" 2>/dev/null || true
@@ -242,14 +255,14 @@ EOF
     local i
     for ((i = 0; i < 100; i++)); do
         live_pid "$RELAY_PID" pgrelay >/dev/null && port_busy "$RELAY_PORT" && break
-        kill -0 "$(cat "$DEMO/pgrelay.started")" 2>/dev/null ||
+        alive "$(cat "$DEMO/pgrelay.started")" ||
             { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay exited"; }
         sleep 0.1
     done
     [ "$i" -lt 100 ] || { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay is not listening"; }
 
     local conn=(-h "$HOST" -p "$RELAY_PORT" -U postgres)
-    "$PGBIN/psql" "${conn[@]}" -X -At -d postgres \
+    "$PGBIN/psql" "${conn[@]}" -X -At -P pager=off -d postgres \
         -c "select 'through pgrelay: ' || split_part(version(), ',', 1)"
 
     say "pgbench -i -s 5 (through pgrelay)"
@@ -267,7 +280,7 @@ EOF
     echo "    pgbench -h $HOST -p $RELAY_PORT -U postgres -c 8 -T 10 -S postgres"
     echo "Log: $RELAY_LOG"
     if [ -n "$secs" ]; then
-        echo "Stopping in $secs seconds (DEMO_SECONDS)."
+        echo "Stopping in ${secs}s (DEMO_SECONDS)."
     else
         echo "Press Ctrl-C to stop (or run 'make demo-stop' in another terminal)."
     fi

@@ -57,14 +57,6 @@ static void expect_errors(const char *text, ...)
         assert_string_equal(cfg.errors[i], want[i]);
 }
 
-/* Errors are reported unless PGRELAY_UNIT_KNOWN_BUGS=1: tests of bugs reported but not yet fixed. */
-static void known_bug(void)
-{
-    const char *e = getenv("PGRELAY_UNIT_KNOWN_BUGS");
-    if (!e || strcmp(e, "1") != 0)
-        skip();
-}
-
 static const char *good_config = "; pgrelay test config\n"                /* 1 */
                                  "[pgrelay]\n"                             /* 2 */
                                  "listen_addr = 0.0.0.0\n"                 /* 3 */
@@ -130,9 +122,38 @@ static void test_defaults(void **state)
     assert_int_equal(cfg.shutdown_timeout_ms, 30000);
     assert_true(cfg.tcp_keepalive);
     assert_int_equal(cfg.log_level, LOG_LVL_INFO);
+    assert_string_equal(cfg.logfile, "");
+    assert_false(cfg.syslog);
+    assert_int_equal(cfg.syslog_facility, 0); /* daemon */
+    assert_string_equal(cfg.syslog_ident, "pgrelay");
+    assert_string_equal(cfg.admin_socket, CONFIG_DEFAULT_ADMIN_SOCKET);
+    assert_int_equal(cfg.admin_socket_mode, 0600);
+    assert_string_equal(cfg.admin_socket_group, "");
+    assert_string_equal(cfg.admin_users, "");
+    assert_int_equal(cfg.read_listen_port, 0);
+    assert_int_equal(cfg.read_fallback, READ_FALLBACK_LEADER);
+    assert_int_equal(cfg.max_replica_lag_bytes, 16777216);
+    assert_int_equal(cfg.max_replica_lag_ms, 30000);
+    assert_int_equal(cfg.no_leader_wait_ms, 0);
+    assert_int_equal(cfg.leader_change_grace_ms, 10000);
+    assert_int_equal(cfg.on_leader_change, ON_LEADER_CHANGE_CLOSE_IDLE);
+    assert_true(cfg.agent);
+    assert_string_equal(cfg.agent_path, "");
+    /* [agent] */
+    assert_string_equal(cfg.monitor_user, "postgres");
+    assert_string_equal(cfg.monitor_password, "");
+    assert_string_equal(cfg.monitor_dbname, "postgres");
+    assert_int_equal(cfg.health_interval_ms, 1000);
+    assert_int_equal(cfg.health_timeout_ms, 2000);
+    assert_int_equal(cfg.fall, 3);
+    assert_int_equal(cfg.rise, 2);
+    /* node */
     assert_int_equal(cfg.n_nodes, 1);
     assert_int_equal(cfg.nodes[0].port, 5432);
     assert_int_equal(cfg.nodes[0].line, 1);
+    assert_string_equal(cfg.nodes[0].monitor_user, "");
+    assert_string_equal(cfg.nodes[0].monitor_password, "");
+    assert_string_equal(cfg.nodes[0].monitor_dbname, "");
     /* an empty [pgrelay] section changes nothing */
     assert_int_equal(load("[pgrelay]\n[node.a]\nhost = db\nrole = primary\n"), 0);
     assert_int_equal(cfg.listen_port, 6432);
@@ -266,12 +287,12 @@ static void test_unknown_section(void **state)
                   "[node.a]\n"
                   "host = h\n"
                   "role = primary\n",
-                  "t.ini:1: unknown section [pgrelays] (known: [pgrelay], [node.NAME])", NULL);
+                  "t.ini:1: unknown section [pgrelays] (known: [pgrelay], [agent], [node.NAME])", NULL);
     assert_int_equal(cfg.workers, ncpu()); /* workers = 2 was not applied */
 
     /* a section without keys is still seen */
     expect_errors("[node.a]\nhost = h\nrole = primary\n\n[database]\n",
-                  "t.ini:5: unknown section [database] (known: [pgrelay], [node.NAME])", NULL);
+                  "t.ini:5: unknown section [database] (known: [pgrelay], [agent], [node.NAME])", NULL);
 }
 
 static void test_bad_node_name(void **state)
@@ -586,7 +607,9 @@ static void test_key_table(void **state)
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
         assert_non_null(k->help);
-        assert_true(strcmp(k->section, "pgrelay") == 0 || strcmp(k->section, "node") == 0);
+        assert_true(strcmp(k->section, "pgrelay") == 0 || strcmp(k->section, "agent") == 0 ||
+                    strcmp(k->section, "node") == 0);
+        assert_ptr_equal(config_find(k->section, k->name), k); /* names are unique per section */
         if (k->type == CFG_DURATION) {
             long ms;
             assert_int_equal(config_parse_duration(k->def, &ms), 0);
@@ -597,14 +620,139 @@ static void test_key_table(void **state)
     }
 }
 
-/* ---- Known bugs (reported to the lead; run with PGRELAY_UNIT_KNOWN_BUGS=1) ---------------- */
+static void test_agent_section(void **state)
+{
+    (void)state;
+    assert_int_equal(load("[pgrelay]\n"                     /* 1 */
+                          "agent = off\n"                   /* 2 */
+                          "agent_path = /opt/pgrelay-agent\n" /* 3 */
+                          "[agent]\n"                       /* 4 */
+                          "monitor_user = mon\n"            /* 5 */
+                          "monitor_password = s3cret\n"     /* 6 */
+                          "monitor_dbname = health\n"       /* 7 */
+                          "health_interval = 500ms\n"       /* 8 */
+                          "health_timeout = 3\n"            /* 9 */
+                          "fall = 5\n"                      /* 10 */
+                          "rise = 1\n"                      /* 11 */
+                          "[node.a]\n"                      /* 12 */
+                          "host = h\n"                      /* 13 */
+                          "role = primary\n"                /* 14 */
+                          "monitor_user = other\n"),        /* 15 */
+                     0);
+    assert_false(cfg.agent);
+    assert_string_equal(cfg.agent_path, "/opt/pgrelay-agent");
+    assert_string_equal(cfg.monitor_user, "mon");
+    assert_string_equal(cfg.monitor_password, "s3cret");
+    assert_string_equal(cfg.monitor_dbname, "health");
+    assert_int_equal(cfg.health_interval_ms, 500);
+    assert_int_equal(cfg.health_timeout_ms, 3000);
+    assert_int_equal(cfg.fall, 5);
+    assert_int_equal(cfg.rise, 1);
+    assert_string_equal(cfg.nodes[0].monitor_user, "other");
+    assert_string_equal(cfg.nodes[0].monitor_dbname, "");
+
+    /* keys belong to their own section */
+    expect_errors("[pgrelay]\n"
+                  "fall = 2\n"
+                  "[agent]\n"
+                  "workers = 2\n"
+                  "health_interval = 5ms\n"
+                  "rise = 0\n"
+                  "[node.a]\n"
+                  "host = h\n"
+                  "role = primary\n",
+                  "t.ini:2: [pgrelay]: unknown key \"fall\"",
+                  "t.ini:4: [agent]: unknown key \"workers\"",
+                  "t.ini:5: [agent] health_interval: 5ms is out of range (at least 10ms)",
+                  "t.ini:6: [agent] rise: 0 is out of range (1 to 1000)", NULL);
+    assert_int_equal(cfg.workers, ncpu());
+    assert_int_equal(cfg.fall, 3);
+}
+
+static void test_routing_keys(void **state)
+{
+    (void)state;
+    assert_int_equal(load("[pgrelay]\n"
+                          "read_listen_port = 6433\n"
+                          "read_fallback = none\n"
+                          "max_replica_lag_bytes = 1024\n"
+                          "max_replica_lag_seconds = 5\n"
+                          "no_leader_wait = 1500ms\n"
+                          "leader_change_grace = 0\n"
+                          "on_leader_change = close_all\n"
+                          "syslog = on\n"
+                          "syslog_facility = local3\n"
+                          "[node.a]\nhost = h\nrole = primary\n"),
+                     0);
+    assert_int_equal(cfg.read_listen_port, 6433);
+    assert_int_equal(cfg.read_fallback, READ_FALLBACK_NONE);
+    assert_int_equal(cfg.max_replica_lag_bytes, 1024);
+    assert_int_equal(cfg.max_replica_lag_ms, 5000);
+    assert_int_equal(cfg.no_leader_wait_ms, 1500);
+    assert_int_equal(cfg.leader_change_grace_ms, 0);
+    assert_int_equal(cfg.on_leader_change, ON_LEADER_CHANGE_CLOSE_ALL);
+    assert_true(cfg.syslog);
+    assert_int_equal(cfg.syslog_facility, 5); /* daemon, user, local0, ... local3 */
+    expect_errors("[pgrelay]\nread_fallback = primary\n[node.a]\nhost = h\nrole = primary\n",
+                  "t.ini:2: [pgrelay] read_fallback: \"primary\" is not one of: leader, none",
+                  NULL);
+}
+
+static void test_mode(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *text;
+        int mode;
+    } good[] = {{"0660", 0660}, {"660", 0660}, {"0", 0}, {"0777", 0777}, {"0600", 0600}};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        assert_int_equal(load_key("admin_socket_mode", good[i].text), 0);
+        assert_int_equal(cfg.admin_socket_mode, good[i].mode);
+    }
+    static const char *bad[] = {"0999", "01000", "-1", "rw-rw----", "0x1ff", "8"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char want[128];
+        snprintf(want, sizeof(want),
+                 "t.ini:2: [pgrelay] admin_socket_mode: \"%s\" is not an octal mode such as 0660",
+                 bad[i]);
+        assert_int_equal(load_key("admin_socket_mode", bad[i]), 1);
+        assert_string_equal(cfg.errors[0], want);
+        assert_int_equal(cfg.admin_socket_mode, 0600);
+    }
+    const config_key *k = config_find("pgrelay", "admin_socket_mode");
+    assert_non_null(k);
+    assert_int_equal(k->type, CFG_MODE);
+    char buf[16];
+    assert_int_equal(load_key("admin_socket_mode", "0660"), 0);
+    config_format_value(&cfg, k, &cfg, buf, sizeof(buf));
+    assert_string_equal(buf, "0660");
+    assert_int_equal(load_key("admin_socket_mode", "7"), 0);
+    config_format_value(&cfg, k, &cfg, buf, sizeof(buf));
+    assert_string_equal(buf, "0007");
+}
+
+static void test_find(void **state)
+{
+    (void)state;
+    assert_non_null(config_find("pgrelay", "workers"));
+    assert_non_null(config_find("agent", "fall"));
+    assert_non_null(config_find("node", "host"));
+    assert_non_null(config_find("node", "monitor_user"));
+    assert_non_null(config_find("agent", "monitor_user"));
+    assert_ptr_not_equal(config_find("node", "monitor_user"), config_find("agent", "monitor_user"));
+    assert_null(config_find("pgrelay", "host"));
+    assert_null(config_find("agent", "workers"));
+    assert_null(config_find("node.a", "host"));
+    assert_null(config_find("pgrelay", ""));
+}
+
+/* ---- Once bugs, now fixed: kept as regression tests ----------------------------------------- */
 
 /* config_error: with a file name of CONFIG_ERROR_LEN bytes or more, snprintf's return value
  * (the untruncated length) is used as the offset, so vsnprintf writes past errors[i]. */
-static void test_bug_long_name_overflow(void **state)
+static void test_long_file_name_does_not_overflow_errors(void **state)
 {
     (void)state;
-    known_bug();
     static char name[600 + 1];
     memset(name, 'n', 600);
     memset(&cfg, 0, sizeof(cfg));
@@ -616,10 +764,9 @@ static void test_bug_long_name_overflow(void **state)
 
 /* An indented "key = value" line is taken by inih (INI_ALLOW_MULTILINE) as a continuation of
  * the previous key's value: host silently becomes "port = 5433". */
-static void test_bug_indented_line_is_continuation(void **state)
+static void test_indented_key_is_a_key_not_a_continuation(void **state)
 {
     (void)state;
-    known_bug();
     int n = load("[node.a]\nhost = x\n  port = 5433\nrole = primary\n");
     assert_true(n > 0 || (strcmp(cfg.nodes[0].host, "x") == 0 && cfg.nodes[0].port == 5433));
 }
@@ -627,10 +774,9 @@ static void test_bug_indented_line_is_continuation(void **state)
 /* inih reads lines of at most INI_MAX_LINE (200) bytes: a longer line is cut, its first part
  * taken as the value (host truncated to 192 characters) and the rest reported as a syntax error
  * on the wrong line (3 instead of 2). CONFIG_HOST_MAX allows 255. */
-static void test_bug_long_line(void **state)
+static void test_line_longer_than_inih_buffer_is_read_whole(void **state)
 {
     (void)state;
-    known_bug();
     char text[1024];
     char host[251];
     memset(host, 'h', 250);
@@ -671,9 +817,13 @@ int main(void)
         cmocka_unit_test_setup(test_parse_duration, setup),
         cmocka_unit_test_setup(test_format_value, setup),
         cmocka_unit_test_setup(test_key_table, setup),
-        cmocka_unit_test_setup(test_bug_long_name_overflow, setup),
-        cmocka_unit_test_setup(test_bug_indented_line_is_continuation, setup),
-        cmocka_unit_test_setup(test_bug_long_line, setup),
+        cmocka_unit_test_setup(test_agent_section, setup),
+        cmocka_unit_test_setup(test_routing_keys, setup),
+        cmocka_unit_test_setup(test_mode, setup),
+        cmocka_unit_test_setup(test_find, setup),
+        cmocka_unit_test_setup(test_long_file_name_does_not_overflow_errors, setup),
+        cmocka_unit_test_setup(test_indented_key_is_a_key_not_a_continuation, setup),
+        cmocka_unit_test_setup(test_line_longer_than_inih_buffer_is_read_whole, setup),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
