@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# demo.sh - a throwaway PostgreSQL 15 with pgrelay in front of it and a short pgbench through it.
+# demo.sh - a throwaway PostgreSQL 15 primary and streaming replica with pgrelay in front of them
+# (write port and read-only port), a short pgbench through it, and a look at the admin console.
 #
 #   bash tests/demo.sh          start everything, run pgbench, then wait for Ctrl-C and clean up
 #   bash tests/demo.sh stop     stop a running demo (from another terminal) and clean up
 #
-# Everything lives in ./demo/ under the repository root: the database cluster (demo/pgdata),
+# Everything lives in ./demo/ under the repository root: the primary (demo/pgdata), the replica
+# (demo/replica),
 # pgrelay's config (demo/pgrelay.ini), the logs (demo/pgrelay.log, demo/postgres.log) and the pid
 # files. Stopping removes the cluster and the pid files and keeps the config and the logs.
 #
 # Environment:
 #   DEMO_SECONDS=N    stop by itself after N seconds (default when stdin is not a terminal, or
 #                     CI is set: 5; otherwise run until Ctrl-C)
-#   DEMO_PG_PORT      PostgreSQL port (default 55432)
-#   DEMO_PORT         pgrelay port (default 6432)
+#   DEMO_PG_PORT      PostgreSQL port (default 15432)
+#   DEMO_REPLICA_PORT replica port (default 15433)
+#   DEMO_PORT         pgrelay write port (default 6432)
+#   DEMO_READ_PORT    pgrelay read-only port (default 6433)
 #   PGBIN             PostgreSQL 15 binaries (default /usr/lib/postgresql/15/bin)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEMO=$ROOT/demo
 PGDATA=$DEMO/pgdata
+REPLICA=$DEMO/replica
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGRELAY=$ROOT/bin/pgrelay
-PG_PORT=${DEMO_PG_PORT:-55432}
+PG_PORT=${DEMO_PG_PORT:-15432}
 RELAY_PORT=${DEMO_PORT:-6432}
+READ_PORT=${DEMO_READ_PORT:-6433}
+REPLICA_PORT=${DEMO_REPLICA_PORT:-15433}
 HOST=127.0.0.1
 CONF=$DEMO/pgrelay.ini
 RELAY_LOG=$DEMO/pgrelay.log
@@ -106,14 +113,19 @@ stop_pgrelay() {
     rm -f "$RELAY_PID" "$DEMO/pgrelay.started"
 }
 
-stop_postgres() {
+stop_cluster() { # data-dir label
     local pid
-    pid=$(live_pid "$PGDATA/postmaster.pid" postgres) || return 0
-    say "stopping PostgreSQL (pid $pid)"
-    if ! (cd "$DEMO" && as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null); then
+    pid=$(live_pid "$1/postmaster.pid" postgres) || return 0
+    say "stopping PostgreSQL $2 (pid $pid)"
+    if ! (cd "$DEMO" && as_pg "$PGBIN/pg_ctl" -D "$1" -m fast -w -t 30 stop >/dev/null); then
         kill -QUIT "$pid" 2>/dev/null || true
         wait_gone "$pid" 5 || kill -KILL "$pid" 2>/dev/null || true
     fi
+}
+
+stop_postgres() {
+    stop_cluster "$REPLICA" replica
+    stop_cluster "$PGDATA" primary
 }
 
 # Stop whatever a demo left running and remove its state; safe to call any number of times.
@@ -124,8 +136,9 @@ stop_all() {
         stop_pgrelay
         stop_postgres
         # The cluster and the pids go; config and logs stay for a look afterwards.
-        case $DEMO in */demo) rm -rf -- "$PGDATA" ;; esac
-        rm -f "$DEMO/.s.PGSQL.$PG_PORT" "$DEMO/.s.PGSQL.$PG_PORT.lock" "$DEMO/admin.sock"
+        case $DEMO in */demo) rm -rf -- "$PGDATA" "$REPLICA" ;; esac
+        rm -f "$DEMO/.s.PGSQL.$PG_PORT" "$DEMO/.s.PGSQL.$PG_PORT.lock" "$DEMO/admin.sock" \
+            "$DEMO/.s.PGSQL.$REPLICA_PORT" "$DEMO/.s.PGSQL.$REPLICA_PORT.lock"
         if [ "$(live_pid "$DEMO_PID" || true)" = "$$" ] || ! demo_script_pid >/dev/null; then
             rm -f "$DEMO_PID"
         fi
@@ -135,7 +148,8 @@ stop_all() {
 cmd_stop() {
     local pid
     if ! demo_script_pid >/dev/null && ! live_pid "$RELAY_PID" pgrelay >/dev/null &&
-        ! live_pid "$PGDATA/postmaster.pid" postgres >/dev/null; then
+        ! live_pid "$PGDATA/postmaster.pid" postgres >/dev/null &&
+        ! live_pid "$REPLICA/postmaster.pid" postgres >/dev/null; then
         [ -d "$DEMO" ] && stop_all
         say "no demo running"
         return 0
@@ -185,6 +199,8 @@ cmd_start() {
     stop_all
     port_busy "$PG_PORT" && die "port $PG_PORT is in use (set DEMO_PG_PORT)"
     port_busy "$RELAY_PORT" && die "port $RELAY_PORT is in use (set DEMO_PORT)"
+    port_busy "$READ_PORT" && die "port $READ_PORT is in use (set DEMO_READ_PORT)"
+    port_busy "$REPLICA_PORT" && die "port $REPLICA_PORT is in use (set DEMO_REPLICA_PORT)"
 
     echo $$ >"$DEMO_PID"
     trap cleanup EXIT
@@ -201,6 +217,7 @@ cmd_start() {
 # throwaway demo cluster: trust, loopback only
 local all all trust
 host  all all $HOST/32 trust
+host  replication all $HOST/32 trust
 EOF
     as_pg tee -a "$PGDATA/postgresql.conf" >/dev/null <<EOF
 
@@ -229,20 +246,37 @@ EOF
         die "PostgreSQL did not start"
     done
 
+    say "streaming replica: pg_basebackup into $REPLICA (port $REPLICA_PORT)"
+    (cd "$DEMO" && as_pg "$PGBIN/pg_basebackup" -h "$HOST" -p "$PG_PORT" -U postgres -D "$REPLICA" \
+        -R -X stream >"$DEMO/basebackup.log" 2>&1) ||
+        { cat "$DEMO/basebackup.log" >&2; die "pg_basebackup failed"; }
+    (cd "$DEMO" && as_pg "$PGBIN/pg_ctl" -D "$REPLICA" -l "$DEMO/replica.log" -w -t 60 \
+        -o "-p $REPLICA_PORT" start >/dev/null 2>&1) ||
+        { tail -n 20 "$DEMO/replica.log" >&2; die "the replica did not start"; }
+
     cat >"$CONF" <<EOF
 ; pgrelay demo configuration, written by tests/demo.sh
 [pgrelay]
 listen_addr = $HOST
 listen_port = $RELAY_PORT
+read_listen_port = $READ_PORT
 workers = 2
 shutdown_timeout = 5s
 log_level = info
 admin_socket = $DEMO/admin.sock
 
+[agent]
+health_interval = 500ms
+
 [node.pg1]
 host = $HOST
 port = $PG_PORT
 role = primary
+
+[node.pg2]
+host = $HOST
+port = $REPLICA_PORT
+role = replica
 EOF
     "$PGRELAY" -t -c "$CONF" || die "pgrelay rejected $CONF"
     port_busy "$RELAY_PORT" && die "port $RELAY_PORT is in use (set DEMO_PORT)"
@@ -269,6 +303,11 @@ EOF
     PGOPTIONS="-c client_min_messages=warning" "$PGBIN/pgbench" "${conn[@]}" -i -q -s 5 postgres 2>&1
     say "pgbench -c 8 -j 2 -T 5 -S (through pgrelay)"
     "$PGBIN/pgbench" "${conn[@]}" -c 8 -j 2 -T 5 -S postgres 2>&1
+    say "read-only port $READ_PORT goes to the replica:"
+    "$PGBIN/psql" -h "$HOST" -p "$READ_PORT" -U postgres -X -At -P pager=off -d postgres \
+        -c "select 'read port -> server port ' || inet_server_port() || ', in recovery: ' || pg_is_in_recovery()"
+    say "admin console: echo \"show nodes\" | socat - UNIX-CONNECT:$DEMO/admin.sock"
+    echo "show nodes" | socat - "UNIX-CONNECT:$DEMO/admin.sock"
 
     local secs=${DEMO_SECONDS:-}
     if [ -z "$secs" ] && { [ ! -t 0 ] || [ -n "${CI:-}" ]; }; then
@@ -276,8 +315,12 @@ EOF
     fi
     echo
     echo "pgrelay is running. Connect with:"
-    echo "    psql -h $HOST -p $RELAY_PORT -U postgres"
+    echo "    psql -h $HOST -p $RELAY_PORT -U postgres      # write port -> the leader"
+    echo "    psql -h $HOST -p $READ_PORT -U postgres      # read-only port -> the replica"
     echo "    pgbench -h $HOST -p $RELAY_PORT -U postgres -c 8 -T 10 -S postgres"
+    echo "Look inside with the admin console:"
+    echo "    echo \"show info; show clients\" | socat - UNIX-CONNECT:$DEMO/admin.sock"
+    echo "    echo \"help\" | socat - UNIX-CONNECT:$DEMO/admin.sock"
     echo "Log: $RELAY_LOG"
     if [ -n "$secs" ]; then
         echo "Stopping in ${secs}s (DEMO_SECONDS)."
