@@ -51,6 +51,8 @@ typedef struct agent {
     int forced;                /* leader pinned by `set leader NODE force`, -1 when none */
     bool conflict_logged;      /* two primaries reported; logged once per occurrence */
     shm_route_table *published; /* last table written, to tell what changed */
+    bool ready;                /* every node probed once: until then nothing is published, so a
+                                  restarted agent does not disturb the table the workers use */
 } agent;
 
 /* probe.c: start a probe of every idle node; results call leader_decide(). */

@@ -228,6 +228,13 @@ void leader_publish(agent *a, bool force_poke)
     leader_refresh_views(a);
     if (!a->shm)
         return; /* run by hand: decisions are only logged */
+    if (!a->ready) {
+        for (int i = 0; i < a->n_nodes; i++)
+            if (!a->nodes[i].probed)
+                return;
+        a->ready = true;
+        log_info("every node probed once: publishing the routing table");
+    }
     shm_route_table *t = a->published;
     bool poke = force_poke || routing_changed(a, t);
     t->epoch = a->epoch;

@@ -151,6 +151,9 @@ void shm_routes_from_config(shm_route_table *tab, const config *cfg, uint64_t ep
         n->port = c->port;
         n->role = c->role;
         n->health = shm_node_resolve(n) == 0 ? NODE_HEALTH_UNKNOWN : NODE_HEALTH_DOWN;
+        /* Without probes the configured roles decide: replicas take read sessions. */
+        n->readable = c->role == NODE_ROLE_REPLICA && n->health != NODE_HEALTH_DOWN;
+        n->lag_bytes = -1;
     }
 }
 
