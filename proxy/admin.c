@@ -32,6 +32,8 @@
 #define ADMIN_LINE_MAX   4096 /* longest command line accepted */
 #define ADMIN_MAX_ARGS   16
 #define ADMIN_STMT_SHOWN 60   /* statement characters in the table form of show clients */
+#define ADMIN_IDLE_S     10   /* a connection that sends no line for this long is closed */
+#define ADMIN_PROMPT_IDLE_S 600 /* the same in interactive (prompt) mode */
 
 typedef enum admin_level {
     ADMIN_LEVEL_NONE = -1,  /* not allowed on the socket */
@@ -662,10 +664,17 @@ static int cmd_shutdown(admin_call *call, json_t **result)
     return 0;
 }
 
+static void admin_set_idle(admin_conn *c)
+{
+    struct timeval tv = {c->interactive ? ADMIN_PROMPT_IDLE_S : ADMIN_IDLE_S, 0};
+    bufferevent_set_timeouts(c->bev, &tv, NULL);
+}
+
 static int cmd_prompt(admin_call *call, json_t **result)
 {
     (void)result;
     call->conn->interactive = !call->conn->interactive;
+    admin_set_idle(call->conn);
     return 0;
 }
 
@@ -800,6 +809,15 @@ static void admin_run_line(admin_conn *conn, char *line)
 {
     struct evbuffer *out = bufferevent_get_output(conn->bev);
     char *save = NULL;
+    if (conn->level == ADMIN_LEVEL_NONE) {
+        /* Answered only now that the line is read: a client such as socat that writes its
+         * line first would otherwise get EPIPE and never see why. */
+        evbuffer_add_printf(out, "error: permission denied: your user is not allowed on the "
+                                 "admin socket (see admin_users)\n\n");
+        conn->interactive = false;
+        conn->closing = true;
+        return;
+    }
     for (char *cmd = strtok_r(line, ";", &save); cmd; cmd = strtok_r(NULL, ";", &save)) {
         while (isspace((unsigned char)*cmd))
             cmd++;
@@ -873,7 +891,10 @@ static void admin_on_event(struct bufferevent *bev, short what, void *arg)
         /* A last line without a newline still counts (printf "show info" | socat ...). */
         struct evbuffer *in = bufferevent_get_input(bev);
         size_t len = evbuffer_get_length(in);
-        if (!c->closing && len > 0 && len <= ADMIN_LINE_MAX) {
+        if (!c->closing && c->level == ADMIN_LEVEL_NONE) {
+            char empty[] = "";
+            admin_run_line(c, empty);
+        } else if (!c->closing && len > 0 && len <= ADMIN_LINE_MAX) {
             char *line = malloc(len + 1);
             if (line) {
                 evbuffer_remove(in, line, len);
@@ -942,15 +963,8 @@ static void admin_on_accept(evutil_socket_t lfd, short what, void *arg)
         return;
     }
     admin_level level = admin_level_of(cred.uid);
-    if (level == ADMIN_LEVEL_NONE) {
-        static const char refusal[] = "error: permission denied: your user is not allowed on "
-                                      "the admin socket (see admin_users)\n\n";
-        ssize_t n = send(fd, refusal, sizeof(refusal) - 1, MSG_NOSIGNAL);
-        (void)n;
+    if (level == ADMIN_LEVEL_NONE)
         log_warning("admin socket: refused uid %d (pid %d)", (int)cred.uid, (int)cred.pid);
-        close(fd);
-        return;
-    }
     admin_conn *c = calloc(1, sizeof(*c));
     if (!c) {
         close(fd);
@@ -969,6 +983,7 @@ static void admin_on_accept(evutil_socket_t lfd, short what, void *arg)
         admin.conns->prev = c;
     admin.conns = c;
     bufferevent_setcb(c->bev, admin_on_read, admin_on_write, admin_on_event, c);
+    admin_set_idle(c);
     bufferevent_enable(c->bev, EV_READ | EV_WRITE);
     log_debug("admin socket: uid %d connected with %s level", (int)cred.uid,
               admin_level_names[level]);

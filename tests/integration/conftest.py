@@ -92,6 +92,17 @@ def port_listening(port):
     return False
 
 
+def _unix_socket_answers(path):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(path)
+            s.sendall(b"show info\n")
+            return s.recv(16) != b""
+    except OSError:
+        return False
+
+
 def _is_agent(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -590,11 +601,13 @@ def start_relay(pg, extra=None, nodes=None, wait=True):
         _LIVE_RELAYS.append(relay)
         if not wait:
             return relay
+        # Ready: the port listens and the admin socket (made just after it) answers.
+        sock = (extra or {}).get("admin_socket", os.path.join(workdir, "admin.sock"))
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
-            if port_listening(port):
+            if port_listening(port) and (not sock or _unix_socket_answers(sock)):
                 return relay
             time.sleep(0.05)
         relay.stop()
