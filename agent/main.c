@@ -152,7 +152,7 @@ static void agent_reload(agent *a)
     }
     memcpy(a->cfg, next, sizeof(*next));
     free(next);
-    log_current_level = (log_level)a->cfg->log_level;
+    config_apply_logging(a->cfg);
     agent_load_nodes(a);
     agent_arm_tick(a);
     log_info("configuration reloaded: %d node(s), health_interval %d ms", a->n_nodes,
@@ -273,12 +273,7 @@ int main(int argc, char **argv)
         a->channel_fd = atoi(chan_fd);
         /* The master's effective settings (its -v/-q included). */
         shm_settings_read(a->shm, a->cfg);
-        log_current_level = (log_level)a->cfg->log_level;
-        if (log_open_file(a->cfg->logfile) != 0)
-            log_error("cannot open logfile %s: %s", a->cfg->logfile, strerror(errno));
-        if (a->cfg->syslog)
-            log_open_syslog(a->cfg->syslog_ident,
-                            config_find("pgrelay", "syslog_facility")->words[a->cfg->syslog_facility]);
+        config_apply_logging(a->cfg);
         /* Carry the epoch and leader over from the table in force (a restarted agent). */
         shm_route_table *t = a->published;
         shm_routes_read(a->shm, t);

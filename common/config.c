@@ -598,3 +598,14 @@ void config_format_value(const config *cfg, const config_key *key, const void *b
         break;
     }
 }
+
+void config_apply_logging(const config *cfg)
+{
+    log_current_level = (log_level)cfg->log_level;
+    if (log_open_file(cfg->logfile) != 0)
+        log_error("cannot open logfile %s: %s", cfg->logfile, strerror(errno));
+    log_close_syslog();
+    if (cfg->syslog)
+        log_open_syslog(cfg->syslog_ident,
+                        config_find("pgrelay", "syslog_facility")->words[cfg->syslog_facility]);
+}

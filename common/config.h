@@ -138,6 +138,10 @@ const config_key *config_find(const char *section, const char *name);
 /* Index of the first node with role primary, or -1. */
 int config_first_primary(const config *cfg);
 
+/* Make this process log as cfg says: level, log file, syslog. A log file that cannot be opened
+ * is reported and the previous destination kept. */
+void config_apply_logging(const config *cfg);
+
 /* Format one key's effective value into buf (for `show config`). */
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
                          size_t len);

@@ -269,15 +269,24 @@ static int cmd_help(admin_call *call, json_t **result)
     return 0;
 }
 
-static int cmd_show_info(admin_call *call, json_t **result)
+/* A copy of the routing table in force (malloc'd: it is large), or NULL after an error line. */
+static shm_route_table *admin_routes(admin_call *call)
 {
-    master *m = call->m;
     shm_route_table *routes = malloc(sizeof(*routes));
     if (!routes) {
         admin_error(call, "out of memory");
-        return -1;
+        return NULL;
     }
-    shm_routes_read(m->shm, routes);
+    shm_routes_read(call->m->shm, routes);
+    return routes;
+}
+
+static int cmd_show_info(admin_call *call, json_t **result)
+{
+    master *m = call->m;
+    shm_route_table *routes = admin_routes(call);
+    if (!routes)
+        return -1;
     int alive = 0;
     for (int i = 0; i < m->n_workers; i++)
         alive += m->children[i].pid != 0;
@@ -378,12 +387,9 @@ static int cmd_show_clients(admin_call *call, json_t **result)
 static int cmd_show_nodes(admin_call *call, json_t **result)
 {
     master *m = call->m;
-    shm_route_table *routes = malloc(sizeof(*routes));
-    if (!routes) {
-        admin_error(call, "out of memory");
+    shm_route_table *routes = admin_routes(call);
+    if (!routes)
         return -1;
-    }
-    shm_routes_read(m->shm, routes);
     int64_t now = shm_now_us();
     json_t *rows = json_array();
     for (uint32_t n = 0; n < routes->n_nodes; n++) {
@@ -451,12 +457,9 @@ static int cmd_set_leader(admin_call *call, json_t **result)
         admin_error(call, "agent = off: the leader is the configured primary");
         return -1;
     }
-    shm_route_table *routes = malloc(sizeof(*routes));
-    if (!routes) {
-        admin_error(call, "out of memory");
+    shm_route_table *routes = admin_routes(call);
+    if (!routes)
         return -1;
-    }
-    shm_routes_read(m->shm, routes);
     int index = -1;
     for (uint32_t i = 0; i < routes->n_nodes; i++)
         if (strcmp(routes->nodes[i].name, call->argv[0]) == 0)

@@ -220,7 +220,7 @@ int main(int argc, char **argv)
         log_error("cannot detach: %s", strerror(errno));
         return 1;
     }
-    worker_apply_logging(cfg);
+    config_apply_logging(cfg);
     if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
         return 1;
     int rc = master_run(cfg, listen_fds, &opts);

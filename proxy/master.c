@@ -479,7 +479,7 @@ int master_reload(master *m, char *msg, size_t msglen)
     next->log_level = master_effective_log_level(m, next->log_level);
     memcpy(m->cfg, next, sizeof(*next));
     free(next);
-    worker_apply_logging(m->cfg);
+    config_apply_logging(m->cfg);
     if (nodes_changed && m->n_children == m->n_workers)
         master_publish_static_routes(m); /* with an agent, it republishes on its reload */
     for (int i = 0; i < m->cfg->n_nodes; i++)

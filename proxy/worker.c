@@ -160,23 +160,12 @@ static void worker_begin_graceful(worker *w)
     evtimer_add(&w->ev_shutdown, &tv);
 }
 
-void worker_apply_logging(const config *cfg)
-{
-    log_current_level = (log_level)cfg->log_level;
-    if (log_open_file(cfg->logfile) != 0)
-        log_error("cannot open logfile %s: %s", cfg->logfile, strerror(errno));
-    log_close_syslog();
-    if (cfg->syslog)
-        log_open_syslog(cfg->syslog_ident,
-                        config_find("pgrelay", "syslog_facility")->words[cfg->syslog_facility]);
-}
-
 /* Shared memory changed: take new settings, follow maintenance mode. */
 static void worker_look_again(worker *w)
 {
     if (shm_settings_version(w->shm) != w->settings_version) {
         w->settings_version = shm_settings_read(w->shm, w->cfg);
-        worker_apply_logging(w->cfg);
+        config_apply_logging(w->cfg);
         log_debug("settings reloaded");
     }
     worker_routes_refresh(w);

@@ -62,8 +62,6 @@ extern worker *worker_self;
 void worker_main(int index, const config *cfg, shm_segment *shm, const int listen_fds[2],
                  int channel_fd) __attribute__((noreturn));
 
-/* Apply logging settings of cfg to this process (file, syslog, level). */
-void worker_apply_logging(const config *cfg);
 
 /* Refresh the local routing table if shared memory has a newer one; sessions on a node that
  * is no longer right are dealt with (route_table_changed). */
