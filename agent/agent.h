@@ -37,6 +37,14 @@ typedef struct agent_node {
     int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp() */
 } agent_node;
 
+#define LEADER_SAMPLES 16 /* recent WAL positions of the leader, for replica lag */
+
+/* The leader's WAL position at one moment. */
+typedef struct lsn_sample {
+    int64_t at_us;
+    uint64_t lsn;
+} lsn_sample;
+
 typedef struct agent {
     config *cfg;
     struct event_base *base;
@@ -51,6 +59,16 @@ typedef struct agent {
     int forced;                /* leader pinned by `set leader NODE force`, -1 when none */
     bool conflict_logged;      /* two primaries reported; logged once per occurrence */
     shm_route_table *published; /* last table written, to tell what changed */
+    /* Coordinated mode: what the control plane last said (its threads tell the event loop). */
+    bool control_on;           /* [control] endpoint configured and threads running */
+    struct event ev_control;   /* control_msg from the control threads */
+    char control_leader[CONFIG_NAME_MAX]; /* "" = no opinion */
+    uint64_t control_epoch;
+    int64_t control_seen_us;   /* last answer; 0 = never or unreachable past the grace */
+    bool control_lag_logged;   /* its epoch is behind ours: logged once */
+    lsn_sample leader_lsn[LEADER_SAMPLES]; /* ring of the leader's positions */
+    int n_leader_lsn;          /* samples in the ring (up to LEADER_SAMPLES) */
+    int next_leader_lsn;       /* where the next sample goes */
     bool ready;                /* every node probed once: until then nothing is published, so a
                                   restarted agent does not disturb the table the workers use */
 } agent;
@@ -68,5 +86,8 @@ int leader_set(agent *a, int index, bool force, char *why, size_t len);
 
 /* Write the current view into shared memory (and poke the master when routing changed). */
 void leader_publish(agent *a, bool force_poke);
+
+/* Remember the leader's WAL position at a probe (called for the leader's good probes). */
+void leader_record_lsn(agent *a, int64_t at_us, uint64_t lsn);
 
 #endif

@@ -29,12 +29,42 @@ static const char *node_name(const agent *a, int i)
     return i >= 0 ? a->nodes[i].view.name : "(none)";
 }
 
+void leader_record_lsn(agent *a, int64_t at_us, uint64_t lsn)
+{
+    a->leader_lsn[a->next_leader_lsn] = (lsn_sample){at_us, lsn};
+    a->next_leader_lsn = (a->next_leader_lsn + 1) % LEADER_SAMPLES;
+    if (a->n_leader_lsn < LEADER_SAMPLES)
+        a->n_leader_lsn++;
+}
+
+/* The leader's position as known at time `at` (the newest sample not after it), so that a
+ * replica probed a moment before the leader is not taken for lagging; the oldest sample when
+ * all are newer. 0 when there is none. */
+static uint64_t leader_lsn_at(const agent *a, int64_t at)
+{
+    uint64_t best = 0, oldest = 0;
+    int64_t best_at = 0, oldest_at = 0;
+    for (int i = 0; i < a->n_leader_lsn; i++) {
+        const lsn_sample *s = &a->leader_lsn[i];
+        if (s->at_us <= at && s->at_us >= best_at) {
+            best = s->lsn;
+            best_at = s->at_us;
+        }
+        if (!oldest_at || s->at_us < oldest_at) {
+            oldest = s->lsn;
+            oldest_at = s->at_us;
+        }
+    }
+    return best ? best : oldest;
+}
+
 /* Change the leader, bump the epoch, record why. */
 static void leader_switch(agent *a, int to, const char *reason)
 {
     int from = a->leader;
     a->epoch++;
     a->leader = to;
+    a->n_leader_lsn = 0; /* positions of another node */
     log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from), node_name(a, to),
                 (unsigned long long)a->epoch, reason);
     if (a->shm)
@@ -62,11 +92,65 @@ static int pick_candidate(const agent *a)
     return best;
 }
 
+static int node_index(const agent *a, const char *name)
+{
+    for (int i = 0; i < a->n_nodes; i++)
+        if (strcmp(a->nodes[i].view.name, name) == 0)
+            return i;
+    return -1;
+}
+
+/* Coordinated mode: follow the control plane's leader and epoch. Returns false when its word
+ * cannot be followed (no opinion, stale, unknown node, an epoch behind ours): decide alone. */
+static bool leader_follow_control(agent *a)
+{
+    if (!a->control_on || !a->control_seen_us || !a->control_leader[0])
+        return false;
+    if (shm_now_us() - a->control_seen_us > (int64_t)a->cfg->control_grace_period_ms * 1000)
+        return false;
+    int idx = node_index(a, a->control_leader);
+    if (idx < 0)
+        return false;
+    if (a->control_epoch < a->epoch) {
+        if (!a->control_lag_logged)
+            log_warning("control plane's epoch %llu is behind ours (%llu): deciding alone",
+                        (unsigned long long)a->control_epoch, (unsigned long long)a->epoch);
+        a->control_lag_logged = true;
+        return false;
+    }
+    a->control_lag_logged = false;
+    /* Never route to a node that this agent sees in recovery, whoever says so. */
+    agent_node *n = &a->nodes[idx];
+    int target = n->probed && n->last_ok && n->in_recovery ? -1 : idx;
+    if (target != a->leader || a->control_epoch != a->epoch) {
+        char reason[160];
+        snprintf(reason, sizeof(reason), "control plane: leader %s, epoch %llu%s",
+                 a->control_leader, (unsigned long long)a->control_epoch,
+                 target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
+        int from = a->leader;
+        a->leader = target;
+        a->epoch = a->control_epoch;
+        a->n_leader_lsn = 0;
+        log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from),
+                    node_name(a, target), (unsigned long long)a->epoch, reason);
+        if (a->shm)
+            shm_history_add(a->shm, a->epoch, from >= 0 ? a->nodes[from].view.name : "",
+                            target >= 0 ? a->nodes[target].view.name : "", reason);
+        leader_publish(a, true);
+        return true;
+    }
+    leader_publish(a, false);
+    return true;
+}
+
 void leader_decide(agent *a)
 {
     int cur = a->leader;
     int candidates = 0;
     char reason[128];
+
+    if (leader_follow_control(a))
+        return;
 
     for (int i = 0; i < a->n_nodes; i++)
         candidates += is_candidate(&a->nodes[i]);
@@ -187,12 +271,10 @@ static bool node_readable(const agent *a, const agent_node *n)
 /* Fill the per-node view fields that depend on the whole picture (roles, lag). */
 static void leader_refresh_views(agent *a)
 {
-    uint64_t leader_lsn = a->leader >= 0 && a->nodes[a->leader].probed
-                              ? a->nodes[a->leader].lsn
-                              : 0;
     for (int i = 0; i < a->n_nodes; i++) {
         agent_node *n = &a->nodes[i];
         shm_node *v = &n->view;
+        uint64_t leader_lsn = leader_lsn_at(a, v->last_probe_us);
         v->probed = n->probed;
         v->in_recovery = n->in_recovery;
         v->wal_lsn = n->lsn;

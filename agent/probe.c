@@ -23,6 +23,20 @@ static const char PROBE_SQL[] =
 
 static void probe_on_io(evutil_socket_t fd, short what, void *arg);
 
+/* Notices on a monitoring connection (e.g. "terminating connection due to immediate shutdown")
+ * go to the log, not raw to stderr. */
+static void probe_notice(void *arg, const char *message)
+{
+    agent_node *n = arg;
+    char line[256];
+    size_t len = strcspn(message, "\n");
+    if (len >= sizeof(line))
+        len = sizeof(line) - 1;
+    memcpy(line, message, len);
+    line[len] = '\0';
+    log_info("node %s says: %s", n->view.name, line);
+}
+
 void probe_node_close(agent_node *n)
 {
     if (n->sock >= 0)
@@ -141,6 +155,8 @@ static bool probe_read(agent_node *n)
                 n->in_recovery = in_recovery;
                 n->lsn = (uint64_t)lsn;
                 n->replay_age_ms = age;
+                if (n->index == agent_self->leader && !in_recovery)
+                    leader_record_lsn(agent_self, shm_now_us(), n->lsn);
                 probe_finish(n, true, NULL);
             }
             return true;
@@ -238,6 +254,7 @@ static void probe_start(agent *a, agent_node *n)
         return;
     }
     PQsetnonblocking(n->conn, 1);
+    PQsetNoticeProcessor(n->conn, probe_notice, n);
     n->state = PROBE_CONNECTING;
     probe_watch(n, EV_WRITE); /* libpq: behave as if PQconnectPoll said WRITING */
 }
