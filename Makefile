@@ -37,7 +37,9 @@ DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-p
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 
 PROXY_PKGS := libevent inih jansson
-AGENT_PKGS := libevent libpq inih
+AGENT_PKGS := libevent libpq inih libcurl jansson
+CONTROL_PKGS := libevent libpq inih jansson openssl
+CTL_PKGS   := libcurl jansson
 UNIT_PKGS  := cmocka inih
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
@@ -49,17 +51,23 @@ LDFLAGS  ?=
 COMMON_SRC := common/log.c common/config.c common/pgproto.c common/shm.c
 PROXY_SRC  := $(wildcard proxy/*.c)
 AGENT_SRC  := $(wildcard agent/*.c)
+CTL_SRC    := $(wildcard control/ctl*.c)
+CONTROL_SRC := $(filter-out $(CTL_SRC),$(wildcard control/*.c))
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 
 COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/%.o)
 PROXY_OBJ  := $(PROXY_SRC:%.c=$(BUILD)/%.o)
 AGENT_OBJ  := $(AGENT_SRC:%.c=$(BUILD)/%.o)
+CTL_OBJ    := $(CTL_SRC:%.c=$(BUILD)/%.o)
+CONTROL_OBJ := $(CONTROL_SRC:%.c=$(BUILD)/%.o)
 UNIT_BINS  := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 PGRELAY    := $(BIN)/pgrelay
 AGENT      := $(BIN)/pgrelay-agent
+CONTROL    := $(BIN)/pgrelay-control
+CTL        := $(BIN)/pgrelayctl
 
-.PHONY: all deps check-deps test unit integration bench demo demo-stop install clean format
+.PHONY: all control deps check-deps test unit integration bench demo demo-stop install clean format
 
 all: $(PGRELAY) $(AGENT)
 
@@ -69,7 +77,8 @@ check-deps:
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(PROXY_PKGS) $(AGENT_PKGS)) -c -o $@ $<
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(PROXY_PKGS) $(AGENT_PKGS) $(CONTROL_PKGS)) \
+	  -c -o $@ $<
 
 $(PGRELAY): $(PROXY_OBJ) $(COMMON_OBJ) | check-deps
 	@mkdir -p $(BIN)
@@ -77,7 +86,21 @@ $(PGRELAY): $(PROXY_OBJ) $(COMMON_OBJ) | check-deps
 
 $(AGENT): $(AGENT_OBJ) $(COMMON_OBJ) | check-deps
 	@mkdir -p $(BIN)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(AGENT_PKGS))
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -pthread -o $@ $^ $(shell pkg-config --libs $(AGENT_PKGS))
+
+# The control plane (work in progress: not yet part of `all`).
+control: $(CONTROL) $(CTL)
+
+$(CONTROL): $(CONTROL_OBJ) $(COMMON_OBJ) | check-deps
+	@mkdir -p $(BIN)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(CONTROL_PKGS))
+
+$(CTL): $(CTL_OBJ) $(COMMON_OBJ) | check-deps
+	@mkdir -p $(BIN)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(CTL_PKGS))
+
+# Unit tests of agent code link the agent object they test.
+$(BUILD)/tests/test_normalize: $(BUILD)/agent/normalize.o
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
@@ -117,6 +140,12 @@ test: deps
 bench: deps-bench
 	@$(MAKE) --no-print-directory all
 	bash tests/bench/bench.sh
+
+# Failover benchmark (not part of test): detection, first write, propagation, switchover.
+.PHONY: bench-failover
+bench-failover: deps
+	@$(MAKE) --no-print-directory all
+	$(PYTHON) tests/bench/failover.py
 
 demo: deps
 	@$(MAKE) --no-print-directory all

@@ -7,6 +7,7 @@
  */
 #include "agent.h"
 #include "channel.h"
+#include "control.h"
 #include "log.h"
 
 #include <errno.h>
@@ -195,6 +196,34 @@ static void agent_on_channel(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/* What the control-plane threads learned. */
+static void agent_on_control(evutil_socket_t fd, short what, void *arg)
+{
+    agent *a = arg;
+    control_msg m;
+    (void)what;
+    while (recv(fd, &m, sizeof(m), MSG_DONTWAIT) == (ssize_t)sizeof(m)) {
+        if (m.type == CONTROL_MSG_LEADER) {
+            bool was_stale = !a->control_seen_us;
+            m.leader[sizeof(m.leader) - 1] = '\0';
+            a->control_seen_us = shm_now_us();
+            if (strcmp(a->control_leader, m.leader) == 0 && a->control_epoch == m.epoch &&
+                !was_stale)
+                continue;
+            memcpy(a->control_leader, m.leader, sizeof(m.leader));
+            a->control_epoch = m.epoch;
+            if (m.leader[0])
+                probe_all(a); /* see the named leader's state now, not in an interval */
+            leader_decide(a);
+        } else if (m.type == CONTROL_MSG_UNREACHABLE && a->control_seen_us) {
+            log_warning("control plane unreachable for more than control_grace_period (%d ms): "
+                        "deciding the leader alone", a->cfg->control_grace_period_ms);
+            a->control_seen_us = 0;
+            leader_decide(a);
+        }
+    }
+}
+
 static void agent_on_signal(evutil_socket_t sig, short what, void *arg)
 {
     agent *a = arg;
@@ -313,6 +342,13 @@ int main(int argc, char **argv)
         event_assign(&a->ev_channel, a->base, a->channel_fd, EV_READ | EV_PERSIST,
                      agent_on_channel, a);
         event_add(&a->ev_channel, NULL);
+    }
+    int control_fd = control_start(a);
+    if (control_fd >= 0) {
+        a->control_on = true;
+        event_assign(&a->ev_control, a->base, control_fd, EV_READ | EV_PERSIST,
+                     agent_on_control, a);
+        event_add(&a->ev_control, NULL);
     }
     log_info("started: %d node(s), leader %s, epoch %llu, health_interval %d ms", a->n_nodes,
              a->leader >= 0 ? a->nodes[a->leader].view.name : "(none)",

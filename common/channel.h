@@ -12,6 +12,8 @@ typedef enum channel_cmd {
     CHANNEL_KILL_SESSION,   /* close the session whose id is arg */
     CHANNEL_PROBE_NOW,      /* worker -> master -> agent: the leader could not be reached */
     CHANNEL_SET_LEADER,     /* master -> agent: arg = node index | (force << 32) */
+    CHANNEL_MAINTENANCE,    /* agent -> master: arg = on (bit 0) | timeout in ms << 1 */
+    CHANNEL_RELOAD,         /* agent -> master: re-read the configuration file */
 } channel_cmd;
 
 typedef struct channel_msg {

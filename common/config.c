@@ -29,6 +29,9 @@ static const char *const facility_words[] = {"daemon", "user",   "local0", "loca
 #define AGENT_KEY(name_, type_, def_, field_, min_, max_, help_)                                   \
     {"agent", name_, type_, def_, true, offsetof(config, field_), sizeof(((config *)0)->field_),    \
      min_, max_, NULL, help_}
+#define CONTROL_KEY(name_, type_, def_, field_, min_, max_, help_)                                 \
+    {"control", name_, type_, def_, true, offsetof(config, field_),                               \
+     sizeof(((config *)0)->field_), min_, max_, NULL, help_}
 #define NODE_KEY(name_, type_, def_, field_, min_, max_, words_, help_)                            \
     {"node", name_, type_, def_, true, offsetof(config_node, field_),                             \
      sizeof(((config_node *)0)->field_), min_, max_, words_, help_}
@@ -103,6 +106,20 @@ const config_key config_keys[] = {
               "failed probes in a row before a node is down"),
     AGENT_KEY("rise", CFG_INT, "2", rise, 1, 1000,
               "good probes in a row before a down node is up"),
+    CONTROL_KEY("endpoint", CFG_STRING, "", control_endpoint, 0, 0,
+                "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
+    CONTROL_KEY("token", CFG_STRING, "", control_token, 0, 0,
+                "the deployment's token (Authorization: Bearer)"),
+    CONTROL_KEY("request_timeout", CFG_DURATION, "5s", control_request_timeout_ms, 100, INT_MAX,
+                "an HTTP request to the control plane that takes longer has failed"),
+    CONTROL_KEY("metrics_interval", CFG_DURATION, "1s", metrics_interval_ms, 100, INT_MAX,
+                "time between two metrics uploads"),
+    CONTROL_KEY("active_queries_interval", CFG_DURATION, "5s", active_queries_interval_ms, 100,
+                INT_MAX, "time between two uploads of the running queries"),
+    CONTROL_KEY("schema_interval", CFG_DURATION, "60s", schema_interval_ms, 1000, INT_MAX,
+                "how often the leader's schema summary is read (sent when it changed)"),
+    CONTROL_KEY("control_grace_period", CFG_DURATION, "10s", control_grace_period_ms, 0, INT_MAX,
+                "control plane unreachable this long: the agent decides the leader alone"),
     NODE_KEY("host", CFG_STRING, NULL, host, 0, 0, NULL,
              "host name or IP address of the node, or a Unix socket directory"),
     NODE_KEY("port", CFG_INT, "5432", port, 1, 65535, NULL, "PostgreSQL port of the node"),
@@ -314,8 +331,11 @@ static void config_begin_section(config_parse *p, const char *section)
     config *cfg = p->cfg;
     p->node = NULL;
     p->section_ok = false;
-    if (strcmp(section, "pgrelay") == 0 || strcmp(section, "agent") == 0) {
-        p->kind = strcmp(section, "pgrelay") == 0 ? "pgrelay" : "agent";
+    if (strcmp(section, "pgrelay") == 0 || strcmp(section, "agent") == 0 ||
+        strcmp(section, "control") == 0) {
+        p->kind = strcmp(section, "pgrelay") == 0 ? "pgrelay"
+                  : strcmp(section, "agent") == 0 ? "agent"
+                                                  : "control";
         p->section_ok = true;
         return;
     }
@@ -350,7 +370,8 @@ static void config_begin_section(config_parse *p, const char *section)
         p->section_ok = true;
         return;
     }
-    config_error(p, p->line, "unknown section [%s] (known: [pgrelay], [agent], [node.NAME])",
+    config_error(p, p->line,
+                 "unknown section [%s] (known: [pgrelay], [agent], [control], [node.NAME])",
                  section);
 }
 

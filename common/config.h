@@ -79,7 +79,16 @@ typedef struct config {
     int health_interval_ms;
     int health_timeout_ms;
     int fall;                         /* failed probes before a node is down */
-    int rise;                         /* good probes before a down node is up */
+    int rise;                         /* good probes in a row before a down node is up */
+
+    /* [control]: the control plane (empty endpoint = none) */
+    char control_endpoint[1024];      /* comma-separated base URLs */
+    char control_token[256];          /* the deployment's bearer token */
+    int control_request_timeout_ms;
+    int metrics_interval_ms;
+    int active_queries_interval_ms;
+    int schema_interval_ms;
+    int control_grace_period_ms;      /* unreachable this long: decide alone again */
     int n_nodes;
     config_node nodes[CONFIG_MAX_NODES];
 
@@ -100,7 +109,7 @@ typedef enum config_type {
 
 /* One row of the key table: everything parsing, validation, `show config` and the man page need. */
 typedef struct config_key {
-    const char *section;     /* "pgrelay", "agent", or "node" for every [node.NAME] */
+    const char *section;     /* "pgrelay", "agent", "control", or "node" for [node.NAME] */
     const char *name;        /* key name as written in the file */
     config_type type;
     const char *def;         /* default, as it would be written in the file; NULL = required */

@@ -161,6 +161,7 @@ typedef struct shm_segment {
     _Atomic int64_t maintenance_since_us; /* when it was turned on */
     _Atomic int64_t maintenance_until_us; /* automatic resume time, 0 = none */
     _Atomic uint64_t reloads;          /* configuration reloads applied */
+    _Atomic uint64_t config_version;   /* control-plane configuration version applied, 0 = none */
     _Atomic uint64_t history_count;    /* leader events written; entry i at i % MAX */
     shm_leader_event history[SHM_HISTORY_MAX];
     shm_node_count node_counts[2 * CONFIG_MAX_NODES];

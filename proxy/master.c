@@ -170,6 +170,13 @@ static void master_on_child_channel(evutil_socket_t fd, short what, void *arg)
         bool from_agent = master_is_agent(m, (int)(c - m->children));
         if (from_agent && msg.cmd == CHANNEL_LOOK_AGAIN) {
             master_poke_workers(m);
+        } else if (from_agent && msg.cmd == CHANNEL_MAINTENANCE) {
+            log_info("control plane: maintenance %s", (msg.arg & 1) ? "on" : "off");
+            master_set_maintenance(m, (msg.arg & 1) != 0, (int)(msg.arg >> 1));
+        } else if (from_agent && msg.cmd == CHANNEL_RELOAD) {
+            char why[256];
+            log_info("control plane: reloading %s", m->cfg->path);
+            master_reload(m, why, sizeof(why));
         } else if (!from_agent && msg.cmd == CHANNEL_PROBE_NOW) {
             /* Many sessions may fail at once: one request per 100 ms is plenty. */
             int64_t now = shm_now_us();

@@ -287,12 +287,12 @@ static void test_unknown_section(void **state)
                   "[node.a]\n"
                   "host = h\n"
                   "role = primary\n",
-                  "t.ini:1: unknown section [pgrelays] (known: [pgrelay], [agent], [node.NAME])", NULL);
+                  "t.ini:1: unknown section [pgrelays] (known: [pgrelay], [agent], [control], [node.NAME])", NULL);
     assert_int_equal(cfg.workers, ncpu()); /* workers = 2 was not applied */
 
     /* a section without keys is still seen */
     expect_errors("[node.a]\nhost = h\nrole = primary\n\n[database]\n",
-                  "t.ini:5: unknown section [database] (known: [pgrelay], [agent], [node.NAME])", NULL);
+                  "t.ini:5: unknown section [database] (known: [pgrelay], [agent], [control], [node.NAME])", NULL);
 }
 
 static void test_bad_node_name(void **state)

@@ -1,0 +1,366 @@
+/* commands.c - what the agent does for each control-plane command before acknowledging it.
+ *
+ * Runs in the poller thread. Effects on the proxy go through the master (maintenance, reload)
+ * or the agent's event loop (leader and epoch), and each command waits, bounded, until shared
+ * memory shows the effect, so that an acknowledgement means it happened.
+ */
+#include "channel.h"
+#include "control.h"
+#include "log.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EFFECT_WAIT_MS 5000 /* how long a command waits to see its effect */
+#define STEP_MS        10
+
+/* The configuration prepared by config_prepare, waiting for commit or abort. */
+static struct {
+    uint64_t version;
+    char *text;
+} prepared;
+
+static void nap(void)
+{
+    struct timespec ts = {0, STEP_MS * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int64_t arg_int(json_t *args, const char *key, int64_t def)
+{
+    json_t *v = json_object_get(args, key);
+    return json_is_integer(v) ? json_integer_value(v) : def;
+}
+
+static const char *arg_str(json_t *args, const char *key)
+{
+    json_t *v = json_object_get(args, key);
+    return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+static int cmd_maintenance(json_t *args, char *detail, size_t len)
+{
+    json_t *on_j = json_object_get(args, "on");
+    if (!json_is_boolean(on_j)) {
+        snprintf(detail, len, "args.on must be true or false");
+        return -1;
+    }
+    bool on = json_is_true(on_j);
+    int64_t timeout_ms = arg_int(args, "timeout_s", 0) * 1000;
+    uint64_t arg = (on ? 1u : 0u) | ((uint64_t)(timeout_ms > 0 ? timeout_ms : 0) << 1);
+    if (channel_send(control.master_fd, CHANNEL_MAINTENANCE, arg) != 0) {
+        snprintf(detail, len, "cannot reach the pgrelay master");
+        return -1;
+    }
+    for (int waited = 0; waited < EFFECT_WAIT_MS; waited += STEP_MS) {
+        if ((atomic_load(&control.shm->maintenance) != 0) == on) {
+            snprintf(detail, len, "maintenance %s", on ? "on" : "off");
+            return 0;
+        }
+        nap();
+    }
+    snprintf(detail, len, "maintenance did not turn %s in time", on ? "on" : "off");
+    return -1;
+}
+
+static int cmd_set_leader(json_t *args, char *detail, size_t len)
+{
+    const char *leader = arg_str(args, "leader");
+    int64_t epoch = arg_int(args, "epoch", -1);
+    if (!leader || epoch < 0) {
+        snprintf(detail, len, "args need leader (string) and epoch (integer)");
+        return -1;
+    }
+    control_send_leader(leader, (uint64_t)epoch);
+    shm_route_table *t = malloc(sizeof(*t));
+    if (!t) {
+        snprintf(detail, len, "out of memory");
+        return -1;
+    }
+    int rc = -1;
+    for (int waited = 0; waited < EFFECT_WAIT_MS; waited += STEP_MS) {
+        shm_routes_read(control.shm, t);
+        if (t->epoch >= (uint64_t)epoch && t->leader >= 0 &&
+            strcmp(t->nodes[t->leader].name, leader) == 0) {
+            snprintf(detail, len, "routing to %s, epoch %llu", leader,
+                     (unsigned long long)t->epoch);
+            rc = 0;
+            goto done;
+        }
+        nap();
+    }
+    /* Say why: the agent refuses a leader it sees in recovery or does not know. */
+    snprintf(detail, len, "not routing to %s: unknown here or in recovery as this proxy sees it "
+             "(epoch %llu, leader %s)", leader, (unsigned long long)t->epoch,
+             t->leader >= 0 ? t->nodes[t->leader].name : "none");
+done:
+    free(t);
+    return rc;
+}
+
+/* Connect to a node of the running configuration with the monitoring credentials. */
+static PGconn *connect_node(const config *cfg, const char *name, char *detail, size_t len)
+{
+    const config_node *node = NULL;
+    for (int i = 0; i < cfg->n_nodes; i++)
+        if (strcmp(cfg->nodes[i].name, name) == 0)
+            node = &cfg->nodes[i];
+    if (!node) {
+        snprintf(detail, len, "no node named %s here", name);
+        return NULL;
+    }
+    char port[16];
+    snprintf(port, sizeof(port), "%d", node->port);
+    const char *keys[] = {"host", "port", "user", "password", "dbname", "connect_timeout",
+                          "application_name", NULL};
+    const char *vals[] = {node->host,
+                          port,
+                          node->monitor_user[0] ? node->monitor_user : cfg->monitor_user,
+                          node->monitor_password[0] ? node->monitor_password
+                                                    : cfg->monitor_password,
+                          node->monitor_dbname[0] ? node->monitor_dbname : cfg->monitor_dbname,
+                          "5",
+                          "pgrelay-agent promote",
+                          NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 0);
+    if (PQstatus(conn) != CONNECTION_OK) {
+        snprintf(detail, len, "cannot connect to %s: %.*s", name,
+                 (int)strcspn(PQerrorMessage(conn), "\n"), PQerrorMessage(conn));
+        PQfinish(conn);
+        return NULL;
+    }
+    return conn;
+}
+
+/* Scalar query; returns its text (malloc'd) or NULL with detail set. */
+static char *query_value(PGconn *conn, const char *sql, char *detail, size_t len)
+{
+    PGresult *res = PQexec(conn, sql);
+    char *v = NULL;
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
+        v = strdup(PQgetisnull(res, 0, 0) ? "" : PQgetvalue(res, 0, 0));
+    else
+        snprintf(detail, len, "%.*s", (int)strcspn(PQresultErrorMessage(res), "\n"),
+                 PQresultErrorMessage(res));
+    PQclear(res);
+    return v;
+}
+
+static int cmd_promote(json_t *args, char *detail, size_t len)
+{
+    const char *name = arg_str(args, "node");
+    int64_t wait_lsn = arg_int(args, "wait_lsn", 0);
+    int64_t timeout_ms = arg_int(args, "timeout_s", 30) * 1000;
+    int rc = -1;
+    config *cfg = malloc(sizeof(*cfg));
+    if (!name || !cfg) {
+        snprintf(detail, len, "%s", cfg ? "args need node (string)" : "out of memory");
+        free(cfg);
+        return -1;
+    }
+    shm_settings_read(control.shm, cfg);
+    PGconn *conn = connect_node(cfg, name, detail, len);
+    if (!conn)
+        goto done;
+    /* Let it replay everything the old primary wrote before promoting it. */
+    for (int64_t waited = 0;; waited += 50) {
+        char *v = query_value(conn,
+                              "SELECT CASE WHEN pg_is_in_recovery() THEN "
+                              "(coalesce(pg_last_wal_replay_lsn(), '0/0') - '0/0')::bigint "
+                              "ELSE -1 END",
+                              detail, len);
+        if (!v)
+            goto done;
+        long long replayed = strtoll(v, NULL, 10);
+        free(v);
+        if (replayed < 0) {
+            snprintf(detail, len, "%s is not in recovery: nothing to promote", name);
+            goto done;
+        }
+        if (replayed >= wait_lsn)
+            break;
+        if (waited >= timeout_ms) {
+            snprintf(detail, len, "%s replayed %lld, not %lld, within %lld s", name, replayed,
+                     (long long)wait_lsn, (long long)(timeout_ms / 1000));
+            goto done;
+        }
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    char *ok = query_value(conn, "SELECT pg_promote(true, 60)", detail, len);
+    if (ok && strcmp(ok, "t") == 0) {
+        snprintf(detail, len, "%s promoted", name);
+        rc = 0;
+    } else if (ok) {
+        snprintf(detail, len, "pg_promote() on %s returned false", name);
+    }
+    free(ok);
+done:
+    if (conn)
+        PQfinish(conn);
+    free(cfg);
+    return rc;
+}
+
+static int cmd_config_prepare(json_t *args, char *detail, size_t len)
+{
+    const char *text = arg_str(args, "text");
+    int64_t version = arg_int(args, "version", -1);
+    config *next = malloc(sizeof(*next)), *cur = malloc(sizeof(*cur));
+    int rc = -1;
+    char name[64];
+    if (!text || version <= 0 || !next || !cur) {
+        snprintf(detail, len, "%s", next && cur ? "args need text and version" : "out of memory");
+        goto done;
+    }
+    snprintf(name, sizeof(name), "config-v%lld", (long long)version);
+    if (config_load_string(next, name, text) > 0) {
+        size_t off = (size_t)snprintf(detail, len, "invalid:");
+        for (int i = 0; i < next->n_errors && i < 3 && off < len; i++)
+            off += (size_t)snprintf(detail + off, len - off, " %s;", next->errors[i]);
+        goto done;
+    }
+    /* Keys that need a restart must stay as they run now. */
+    shm_settings_read(control.shm, cur);
+    for (size_t i = 0; i < config_n_keys; i++) {
+        const config_key *k = &config_keys[i];
+        char was[1100], now[1100];
+        if (k->reloadable || strcmp(k->section, "pgrelay") != 0)
+            continue;
+        config_format_value(cur, k, cur, was, sizeof(was));
+        config_format_value(next, k, next, now, sizeof(now));
+        if (strcmp(was, now) != 0 && strcmp(k->name, "workers") != 0) {
+            snprintf(detail, len, "%s would change from %s to %s, which needs a restart", k->name,
+                     was, now);
+            goto done;
+        }
+    }
+    free(prepared.text);
+    prepared.text = strdup(text);
+    prepared.version = (uint64_t)version;
+    snprintf(detail, len, "version %lld is valid here", (long long)version);
+    rc = prepared.text ? 0 : -1;
+done:
+    free(next);
+    free(cur);
+    return rc;
+}
+
+/* Replace the file's contents atomically (write aside, fsync, rename). */
+static int write_file(const char *path, const char *text, char *detail, size_t len)
+{
+    char tmp[1100];
+    snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    size_t n = strlen(text), off = 0;
+    while (off < n) {
+        ssize_t w = write(fd, text + off, n - off);
+        if (w < 0) {
+            snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
+            close(fd);
+            unlink(tmp);
+            return -1;
+        }
+        off += (size_t)w;
+    }
+    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
+        snprintf(detail, len, "cannot replace %s: %s", path, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+/* Ask the master to reload and wait until it did. */
+static int reload_and_wait(char *detail, size_t len)
+{
+    uint64_t before = atomic_load(&control.shm->reloads);
+    if (channel_send(control.master_fd, CHANNEL_RELOAD, 0) != 0) {
+        snprintf(detail, len, "cannot reach the pgrelay master");
+        return -1;
+    }
+    for (int waited = 0; waited < EFFECT_WAIT_MS; waited += STEP_MS) {
+        if (atomic_load(&control.shm->reloads) != before)
+            return 0;
+        nap();
+    }
+    snprintf(detail, len, "the master did not reload in time (is the file valid?)");
+    return -1;
+}
+
+static int cmd_config_commit(json_t *args, char *detail, size_t len)
+{
+    int64_t version = arg_int(args, "version", -1);
+    if (!prepared.text || prepared.version != (uint64_t)version) {
+        snprintf(detail, len, "version %lld was not prepared here", (long long)version);
+        return -1;
+    }
+    config *cur = malloc(sizeof(*cur));
+    if (!cur) {
+        snprintf(detail, len, "out of memory");
+        return -1;
+    }
+    shm_settings_read(control.shm, cur);
+    int rc = write_file(cur->path, prepared.text, detail, len);
+    if (rc == 0)
+        rc = reload_and_wait(detail, len);
+    if (rc == 0) {
+        atomic_store(&control.shm->config_version, (uint64_t)version);
+        snprintf(detail, len, "version %lld applied to %s", (long long)version, cur->path);
+        free(prepared.text);
+        prepared.text = NULL;
+    }
+    free(cur);
+    return rc;
+}
+
+static int cmd_config_abort(json_t *args, char *detail, size_t len)
+{
+    int64_t version = arg_int(args, "version", -1);
+    if (prepared.text && prepared.version == (uint64_t)version) {
+        free(prepared.text);
+        prepared.text = NULL;
+    }
+    snprintf(detail, len, "version %lld dropped", (long long)version);
+    return 0;
+}
+
+static int cmd_reload(json_t *args, char *detail, size_t len)
+{
+    (void)args;
+    if (reload_and_wait(detail, len) != 0)
+        return -1;
+    snprintf(detail, len, "reloaded");
+    return 0;
+}
+
+typedef struct command_entry {
+    const char *type;
+    int (*run)(json_t *args, char *detail, size_t len);
+} command_entry;
+
+static const command_entry commands[] = {
+    {"maintenance", cmd_maintenance},       {"set_leader", cmd_set_leader},
+    {"promote", cmd_promote},               {"config_prepare", cmd_config_prepare},
+    {"config_commit", cmd_config_commit},   {"config_abort", cmd_config_abort},
+    {"reload", cmd_reload},
+};
+
+int control_run_command(const char *type, json_t *args, char *detail, size_t len)
+{
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (strcmp(commands[i].type, type) == 0)
+            return commands[i].run(args, detail, len);
+    snprintf(detail, len, "unknown command type \"%s\"", type);
+    return -1;
+}

@@ -1,0 +1,507 @@
+/* control.c - the agent's side of the control plane: registration, telemetry, command polling.
+ *
+ * Two threads, so that HTTP can never delay a health probe: the reporter registers, then
+ * uploads metrics every metrics_interval (the answer carries the deployment's leader and
+ * epoch), running queries every active_queries_interval, the effective configuration when it
+ * changes and the leader's schema summary when that changes; the poller long-polls for
+ * commands, runs them and acknowledges each. Both read shared memory (lock-free snapshots) and
+ * their own copy of the settings; they reach the event loop only through a socketpair.
+ * Failures back off exponentially (capped, with jitter) and are logged once per change.
+ */
+#include "control.h"
+#include "http.h"
+#include "log.h"
+#include "normalize.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BACKOFF_FIRST_MS 500    /* first retry delay after a failure */
+#define BACKOFF_MAX_MS   30000  /* ceiling of the retry delay */
+#define POLL_WAIT_S      25     /* long-poll wait asked of the control plane */
+#define QUERIES_MAX      200    /* running queries sent per upload */
+
+control_ctx control;
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int64_t ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* Capped exponential backoff with +-20% jitter; failures counts the failures in a row. */
+static int64_t backoff_ms(int failures)
+{
+    int64_t d = BACKOFF_FIRST_MS;
+    for (int i = 1; i < failures && d < BACKOFF_MAX_MS; i++)
+        d *= 2;
+    if (d > BACKOFF_MAX_MS)
+        d = BACKOFF_MAX_MS;
+    uint32_t r = 0;
+    if (getrandom(&r, sizeof(r), 0) != sizeof(r))
+        r = (uint32_t)now_ms();
+    return d * 8 / 10 + (int64_t)(r % (uint32_t)(d * 4 / 10 + 1));
+}
+
+void control_send_leader(const char *leader, uint64_t epoch)
+{
+    control_msg m = {.type = CONTROL_MSG_LEADER, .epoch = epoch};
+    snprintf(m.leader, sizeof(m.leader), "%s", leader ? leader : "");
+    ssize_t n = send(control.loop_fd, &m, sizeof(m), MSG_NOSIGNAL);
+    (void)n;
+}
+
+/* Log reachability only when it changes (per thread). */
+typedef struct reach_state {
+    const char *who;
+    bool down;
+    int failures;
+    int64_t down_since_ms;
+} reach_state;
+
+static void reach_ok(reach_state *r)
+{
+    if (r->down)
+        log_info("control plane (%s): reachable again", r->who);
+    r->down = false;
+    r->failures = 0;
+}
+
+static void reach_failed(reach_state *r, const http_client *c, long status)
+{
+    if (!r->down) {
+        log_warning("control plane (%s): %s%s", r->who,
+                    status ? "" : "unreachable: ", c->error[0] ? c->error : "no endpoint");
+        r->down = true;
+        r->down_since_ms = now_ms();
+    }
+    r->failures++;
+}
+
+/* ---- snapshots of shared memory ---- */
+
+static json_t *routes_json(const shm_route_table *t)
+{
+    json_t *nodes = json_array();
+    for (uint32_t i = 0; i < t->n_nodes; i++) {
+        const shm_node *n = &t->nodes[i];
+        shm_node_count *c = shm_node_count_get(control.shm, n->name);
+        json_array_append_new(
+            nodes, json_pack("{s:s, s:s, s:i, s:s, s:s, s:b, s:I, s:I, s:i, s:i}", "name", n->name,
+                             "host", n->host, "port", n->port, "role",
+                             n->role == NODE_ROLE_PRIMARY ? "primary" : "replica", "health",
+                             n->health == NODE_HEALTH_UP     ? "up"
+                             : n->health == NODE_HEALTH_DOWN ? "down"
+                                                             : "unknown",
+                             "in_recovery", n->in_recovery, "lsn", (json_int_t)n->wal_lsn,
+                             "lag_bytes", (json_int_t)n->lag_bytes, "write_sessions",
+                             c ? (int)atomic_load(&c->write_sessions) : 0, "read_sessions",
+                             c ? (int)atomic_load(&c->read_sessions) : 0));
+    }
+    return nodes;
+}
+
+static const char *leader_name(const shm_route_table *t)
+{
+    return t->leader >= 0 && (uint32_t)t->leader < t->n_nodes ? t->nodes[t->leader].name : NULL;
+}
+
+static json_t *metrics_body(const shm_route_table *t)
+{
+    shm_segment *shm = control.shm;
+    uint64_t statements = 0, bytes_in = 0, bytes_out = 0, errors = 0;
+    for (uint32_t i = 0; i < shm->n_workers; i++) {
+        shm_worker_stats *st = &shm->workers[i].stats;
+        statements += atomic_load_explicit(&st->statements, memory_order_relaxed);
+        bytes_in += atomic_load_explicit(&st->bytes_in, memory_order_relaxed);
+        bytes_out += atomic_load_explicit(&st->bytes_out, memory_order_relaxed);
+        errors += atomic_load_explicit(&st->errors, memory_order_relaxed);
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    const char *leader = leader_name(t);
+    return json_pack("{s:s, s:I, s:i, s:I, s:I, s:I, s:I, s:b, s:I, s:o, s:I, s:o}", "node_id",
+                     control.node_id, "ts_ms",
+                     (json_int_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, "clients",
+                     (int)atomic_load(&shm->clients), "statements", (json_int_t)statements,
+                     "bytes_in", (json_int_t)bytes_in, "bytes_out", (json_int_t)bytes_out,
+                     "errors", (json_int_t)errors, "maintenance",
+                     atomic_load(&shm->maintenance) != 0, "epoch", (json_int_t)t->epoch,
+                     "leader", leader ? json_string(leader) : json_null(), "config_version",
+                     (json_int_t)atomic_load(&shm->config_version), "nodes", routes_json(t));
+}
+
+static const char *state_name(uint32_t state)
+{
+    switch (state) {
+    case SESSION_ACTIVE:
+        return "active";
+    case SESSION_IN_TX:
+        return "in transaction";
+    case SESSION_IDLE:
+        return "idle";
+    default:
+        return "startup";
+    }
+}
+
+static json_t *queries_body(void)
+{
+    shm_segment *shm = control.shm;
+    shm_session snap;
+    char text[SHM_STMT_MAX];
+    int64_t now = shm_now_us();
+    json_t *list = json_array();
+    for (uint32_t i = 0; i < shm->max_sessions && json_array_size(list) < QUERIES_MAX; i++) {
+        uint32_t st = atomic_load_explicit(&shm->sessions[i].state, memory_order_relaxed);
+        if (st != SESSION_ACTIVE && st != SESSION_IN_TX)
+            continue;
+        if (!shm_session_snapshot(&shm->sessions[i], &snap) || !snap.stmt_start_us)
+            continue;
+        normalize_sql(snap.stmt, text, sizeof(text));
+        json_t *t = json_string(text);
+        json_array_append_new(
+            list, json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
+                            (json_int_t)snap.id, "client", snap.client_addr, "user", snap.user,
+                            "database", snap.database, "node", snap.node_name, "state",
+                            state_name(atomic_load(&snap.state)), "duration_ms",
+                            (json_int_t)((now - snap.stmt_start_us) / 1000), "text",
+                            t ? t : json_string("(not UTF-8)")));
+    }
+    return json_pack("{s:s, s:o}", "node_id", control.node_id, "queries", list);
+}
+
+static json_t *config_body(const config *cfg)
+{
+    json_t *keys = json_object();
+    char value[1100], name[CONFIG_NAME_MAX + 40];
+    for (size_t i = 0; i < config_n_keys; i++) {
+        const config_key *k = &config_keys[i];
+        if (strcmp(k->section, "node") == 0) {
+            for (int n = 0; n < cfg->n_nodes; n++) {
+                config_format_value(cfg, k, &cfg->nodes[n], value, sizeof(value));
+                snprintf(name, sizeof(name), "node.%s.%s", cfg->nodes[n].name, k->name);
+                json_object_set_new(keys, name, json_string(value));
+            }
+            continue;
+        }
+        if (strcmp(k->name, "token") == 0 || strstr(k->name, "password"))
+            continue; /* secrets stay on the host */
+        config_format_value(cfg, k, cfg, value, sizeof(value));
+        snprintf(name, sizeof(name), "%s%s%s", strcmp(k->section, "pgrelay") ? k->section : "",
+                 strcmp(k->section, "pgrelay") ? "." : "", k->name);
+        json_object_set_new(keys, name, json_string(value));
+    }
+    return json_pack("{s:s, s:I, s:o}", "node_id", control.node_id, "config_version",
+                     (json_int_t)atomic_load(&control.shm->config_version), "config", keys);
+}
+
+/* The leader's schema: tables with their columns and indexes, outside the system schemas. */
+static json_t *schema_body(const config *cfg, const shm_route_table *t)
+{
+    const char *leader = leader_name(t);
+    if (!leader)
+        return NULL;
+    const config_node *node = NULL;
+    for (int i = 0; i < cfg->n_nodes; i++)
+        if (strcmp(cfg->nodes[i].name, leader) == 0)
+            node = &cfg->nodes[i];
+    if (!node)
+        return NULL;
+    char port[16], timeout[16];
+    snprintf(port, sizeof(port), "%d", node->port);
+    snprintf(timeout, sizeof(timeout), "%d", cfg->control_request_timeout_ms / 1000 + 2);
+    const char *dbname = node->monitor_dbname[0] ? node->monitor_dbname : cfg->monitor_dbname;
+    const char *keys[] = {"host", "port", "user", "password", "dbname", "connect_timeout",
+                          "application_name", NULL};
+    const char *vals[] = {node->host,
+                          port,
+                          node->monitor_user[0] ? node->monitor_user : cfg->monitor_user,
+                          node->monitor_password[0] ? node->monitor_password
+                                                    : cfg->monitor_password,
+                          dbname,
+                          timeout,
+                          "pgrelay-agent schema",
+                          NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 0);
+    json_t *tables = NULL;
+    if (PQstatus(conn) != CONNECTION_OK)
+        goto done;
+    /* One row per table: its columns and indexes as JSON built by the server. */
+    PGresult *res = PQexec(
+        conn,
+        "SELECT json_agg(json_build_object('schema', n.nspname, 'name', c.relname, "
+        "'columns', (SELECT coalesce(json_agg(json_build_object('name', a.attname, 'type', "
+        "format_type(a.atttypid, a.atttypmod)) ORDER BY a.attnum), '[]') FROM pg_attribute a "
+        "WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), "
+        "'indexes', (SELECT coalesce(json_agg(json_build_object('name', i.relname, "
+        "'definition', pg_get_indexdef(x.indexrelid)) ORDER BY i.relname), '[]') "
+        "FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid)) "
+        "ORDER BY n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = "
+        "c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', "
+        "'information_schema') AND n.nspname NOT LIKE 'pg_toast%'");
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+        const char *v = PQgetisnull(res, 0, 0) ? "[]" : PQgetvalue(res, 0, 0);
+        tables = json_loads(v, 0, NULL);
+    }
+    PQclear(res);
+done:
+    PQfinish(conn);
+    if (!tables)
+        return NULL;
+    return json_pack("{s:s, s:s, s:o}", "node_id", control.node_id, "database", dbname,
+                     "tables", tables);
+}
+
+/* ---- the reporter ---- */
+
+typedef struct reporter_state {
+    config cfg;
+    uint64_t settings_version;
+    uint64_t config_sent_version;  /* settings version last uploaded (0 = never) */
+    char *schema_sent;             /* JSON text of the schema last uploaded */
+    bool registered;
+} reporter_state;
+
+static long post(http_client *c, const char *path, json_t *body, json_t **reply)
+{
+    long status = http_request(c, "POST", path, body, reply, 0);
+    json_decref(body);
+    return status;
+}
+
+static void *reporter_main(void *arg)
+{
+    reporter_state *r = arg;
+    http_client c;
+    reach_state reach = {.who = "reporter"};
+    int64_t next_queries = 0, next_schema = 0;
+    shm_route_table *t = malloc(sizeof(*t));
+
+    if (!t || http_client_init(&c, r->cfg.control_endpoint, r->cfg.control_token,
+                               r->cfg.control_request_timeout_ms) != 0) {
+        log_error("control plane: cannot start the HTTP client");
+        return NULL;
+    }
+    for (;;) {
+        int64_t started = now_ms();
+        if (shm_settings_version(control.shm) != r->settings_version)
+            r->settings_version = shm_settings_read(control.shm, &r->cfg);
+        shm_routes_read(control.shm, t);
+        bool ok = true;
+        long status;
+
+        if (!r->registered) {
+            char host[256] = "";
+            char listen[2][CONFIG_HOST_MAX + 16];
+            gethostname(host, sizeof(host) - 1);
+            json_t *addrs = json_array();
+            snprintf(listen[0], sizeof(listen[0]), "%s:%d", r->cfg.listen_addr,
+                     r->cfg.listen_port);
+            json_array_append_new(addrs, json_string(listen[0]));
+            if (r->cfg.read_listen_port) {
+                snprintf(listen[1], sizeof(listen[1]), "%s:%d", r->cfg.listen_addr,
+                         r->cfg.read_listen_port);
+                json_array_append_new(addrs, json_string(listen[1]));
+            }
+            const char *leader = leader_name(t);
+            json_t *body = json_pack(
+                "{s:s, s:s, s:s, s:o, s:I, s:I, s:o, s:b}", "node_id", control.node_id,
+                "hostname", host, "version", PGRELAY_VERSION, "listen", addrs, "config_version",
+                (json_int_t)atomic_load(&control.shm->config_version), "epoch",
+                (json_int_t)t->epoch, "leader", leader ? json_string(leader) : json_null(),
+                "maintenance", atomic_load(&control.shm->maintenance) != 0);
+            status = post(&c, "/api/v1/agent/register", body, NULL);
+            if (status == 200) {
+                r->registered = true;
+                log_info("control plane: registered as %s", control.node_id);
+            } else {
+                ok = false;
+            }
+        }
+        if (ok) {
+            json_t *reply = NULL;
+            status = post(&c, "/api/v1/agent/metrics", metrics_body(t), &reply);
+            if (status == 200) {
+                json_t *leader = json_object_get(reply, "leader");
+                json_t *epoch = json_object_get(reply, "epoch");
+                if (json_is_integer(epoch))
+                    control_send_leader(json_is_string(leader) ? json_string_value(leader) : "",
+                                        (uint64_t)json_integer_value(epoch));
+            } else {
+                ok = false;
+                if (status == 404 || status == 401)
+                    r->registered = false; /* the control plane forgot us: register again */
+            }
+            json_decref(reply);
+        }
+        if (ok && started >= next_queries) {
+            next_queries = started + r->cfg.active_queries_interval_ms;
+            ok = (status = post(&c, "/api/v1/agent/queries", queries_body(), NULL)) < 300 &&
+                 status > 0;
+        }
+        if (ok && r->config_sent_version != r->settings_version) {
+            ok = (status = post(&c, "/api/v1/agent/config", config_body(&r->cfg), NULL)) < 300 &&
+                 status > 0;
+            if (ok)
+                r->config_sent_version = r->settings_version;
+        }
+        if (ok && started >= next_schema) {
+            next_schema = started + r->cfg.schema_interval_ms;
+            json_t *schema = schema_body(&r->cfg, t);
+            char *text = schema ? json_dumps(json_object_get(schema, "tables"), JSON_COMPACT)
+                                : NULL;
+            if (schema && text && (!r->schema_sent || strcmp(text, r->schema_sent) != 0)) {
+                ok = (status = post(&c, "/api/v1/agent/schema", schema, NULL)) < 300 &&
+                     status > 0;
+                schema = NULL;
+                if (ok) {
+                    free(r->schema_sent);
+                    r->schema_sent = text;
+                    text = NULL;
+                }
+            }
+            json_decref(schema);
+            free(text);
+        }
+
+        int64_t delay;
+        if (ok) {
+            reach_ok(&reach);
+            delay = r->cfg.metrics_interval_ms - (now_ms() - started);
+        } else {
+            reach_failed(&reach, &c, status);
+            if (reach.down && now_ms() - reach.down_since_ms >= r->cfg.control_grace_period_ms) {
+                control_msg m = {.type = CONTROL_MSG_UNREACHABLE};
+                ssize_t n = send(control.loop_fd, &m, sizeof(m), MSG_NOSIGNAL);
+                (void)n;
+            }
+            delay = backoff_ms(reach.failures);
+            if (delay > r->cfg.metrics_interval_ms * 10 && r->cfg.metrics_interval_ms > delay / 10)
+                delay = r->cfg.metrics_interval_ms * 10;
+        }
+        if (delay > 0)
+            sleep_ms(delay);
+    }
+    return NULL;
+}
+
+/* ---- the poller ---- */
+
+static void *poller_main(void *arg)
+{
+    config *cfg = arg;
+    http_client c;
+    reach_state reach = {.who = "commands"};
+    char path[256], detail[512];
+
+    if (http_client_init(&c, cfg->control_endpoint, cfg->control_token,
+                         cfg->control_request_timeout_ms) != 0) {
+        log_error("control plane: cannot start the HTTP client");
+        return NULL;
+    }
+    snprintf(path, sizeof(path), "/api/v1/agent/commands?node_id=%s&wait_s=%d", control.node_id,
+             POLL_WAIT_S);
+    for (;;) {
+        json_t *reply = NULL;
+        long status = http_request(&c, "GET", path, NULL, &reply, POLL_WAIT_S * 1000L);
+        json_t *cmds = json_object_get(reply, "commands");
+        if (status != 200 || !json_is_array(cmds)) {
+            if (status == 200)
+                snprintf(c.error, sizeof(c.error), "commands: the answer has no list");
+            reach_failed(&reach, &c, status);
+            json_decref(reply);
+            sleep_ms(backoff_ms(reach.failures));
+            continue;
+        }
+        reach_ok(&reach);
+        size_t i;
+        json_t *cmd;
+        json_array_foreach(cmds, i, cmd)
+        {
+            json_t *id = json_object_get(cmd, "id");
+            json_t *type = json_object_get(cmd, "type");
+            if (!json_is_integer(id) || !json_is_string(type))
+                continue;
+            detail[0] = '\0';
+            int rc = control_run_command(json_string_value(type), json_object_get(cmd, "args"),
+                                         detail, sizeof(detail));
+            log_info("control plane command %lld (%s): %s%s",
+                     (long long)json_integer_value(id), json_string_value(type),
+                     rc == 0 ? "ok" : "failed: ", rc == 0 ? "" : detail);
+            char ack[128];
+            snprintf(ack, sizeof(ack), "/api/v1/agent/commands/%lld/ack",
+                     (long long)json_integer_value(id));
+            json_t *body = json_pack("{s:s, s:b, s:s}", "node_id", control.node_id, "ok",
+                                     rc == 0, "detail", detail);
+            /* An ack that does not arrive is fine: the command comes again. */
+            post(&c, ack, body, NULL);
+        }
+        json_decref(reply);
+    }
+    return NULL;
+}
+
+int control_start(agent *a)
+{
+    int pair[2];
+    pthread_t tid;
+
+    if (!a->shm || !a->cfg->control_endpoint[0])
+        return -1;
+    if (!a->cfg->control_token[0]) {
+        log_error("[control] endpoint is set but token is empty: not connecting");
+        return -1;
+    }
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+        log_error("control plane: socketpair: %s", strerror(errno));
+        return -1;
+    }
+    control.shm = a->shm;
+    control.master_fd = a->channel_fd;
+    control.loop_fd = pair[1];
+    const char *id = getenv("NODE_ID");
+    if (id && *id) {
+        snprintf(control.node_id, sizeof(control.node_id), "%s", id);
+    } else {
+        uint64_t r = 0;
+        if (getrandom(&r, sizeof(r), 0) != sizeof(r))
+            r = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 32);
+        snprintf(control.node_id, sizeof(control.node_id), "proxy-%016llx", (unsigned long long)r);
+    }
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    reporter_state *r = calloc(1, sizeof(*r));
+    config *pcfg = malloc(sizeof(*pcfg));
+    if (!r || !pcfg) {
+        free(r);
+        free(pcfg);
+        return -1;
+    }
+    memcpy(&r->cfg, a->cfg, sizeof(r->cfg));
+    memcpy(pcfg, a->cfg, sizeof(*pcfg));
+    r->settings_version = shm_settings_version(a->shm);
+    if (pthread_create(&tid, NULL, reporter_main, r) != 0 ||
+        pthread_create(&tid, NULL, poller_main, pcfg) != 0) {
+        log_error("control plane: cannot start its threads");
+        return -1;
+    }
+    log_info("control plane: %s as node %s", a->cfg->control_endpoint, control.node_id);
+    return pair[0];
+}

@@ -1,0 +1,43 @@
+/* control.h - the agent's side of the control plane: registration, telemetry, commands. */
+#ifndef PGRELAY_AGENT_CONTROL_H
+#define PGRELAY_AGENT_CONTROL_H
+
+#include <stdint.h>
+
+#include "agent.h"
+
+/* What the control threads tell the agent's event loop. */
+typedef enum control_msg_type {
+    CONTROL_MSG_LEADER = 1, /* the control plane's leader and epoch ("" = no opinion) */
+    CONTROL_MSG_UNREACHABLE, /* no endpoint answered for control_grace_period */
+} control_msg_type;
+
+typedef struct control_msg {
+    uint32_t type;                 /* control_msg_type */
+    uint64_t epoch;
+    char leader[CONFIG_NAME_MAX];
+} control_msg;
+
+/* Start the reporter and poller threads when [control] endpoint is set and the agent runs
+ * under a master. Returns the descriptor the event loop reads control_msg from, or -1. */
+int control_start(agent *a);
+
+/* Run one command from the control plane (poller thread). Returns 0 (ok) or -1, with a
+ * one-line detail for the acknowledgement. */
+struct json_t;
+int control_run_command(const char *type, struct json_t *args, char *detail, size_t len);
+
+/* Thread-side context the commands use (set by control_start). */
+typedef struct control_ctx {
+    shm_segment *shm;
+    int master_fd;         /* the agent's channel to the master */
+    int loop_fd;           /* control_msg to the agent's event loop */
+    char node_id[64];
+} control_ctx;
+
+extern control_ctx control;
+
+/* Ask the event loop to follow leader/epoch (also used by the set_leader command). */
+void control_send_leader(const char *leader, uint64_t epoch);
+
+#endif

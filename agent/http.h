@@ -1,0 +1,31 @@
+/* http.h - the agent's HTTP client for the control plane (libcurl, one handle per thread). */
+#ifndef PGRELAY_AGENT_HTTP_H
+#define PGRELAY_AGENT_HTTP_H
+
+#include <jansson.h>
+#include <stdbool.h>
+
+#define HTTP_ENDPOINTS_MAX 8
+
+typedef struct http_client {
+    void *curl;                         /* CURL easy handle */
+    char endpoints[HTTP_ENDPOINTS_MAX][256];
+    int n_endpoints;
+    int current;                        /* endpoint tried first (the last that answered) */
+    char token[256];
+    long timeout_ms;
+    char error[256];                    /* why the last request failed */
+} http_client;
+
+/* Set up from the comma-separated endpoint list. Returns -1 when curl cannot start. */
+int http_client_init(http_client *c, const char *endpoints, const char *token, long timeout_ms);
+void http_client_free(http_client *c);
+
+/* Send a request (body may be NULL for GET) to path on the first endpoint that answers; on a
+ * connection failure or a 503 the next endpoint is tried. Returns the HTTP status (0 when no
+ * endpoint answered; c->error says why) and, when the answer has a JSON body, *reply (to be
+ * json_decref'd; NULL otherwise). extra_ms lengthens the timeout (long polls). */
+long http_request(http_client *c, const char *method, const char *path, json_t *body,
+                  json_t **reply, long extra_ms);
+
+#endif
