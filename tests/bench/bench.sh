@@ -26,6 +26,8 @@
 #   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"
 #   BENCH_PGRELAY_WORKERS     pgrelay workers (default: number of CPUs)
 #   BENCH_PGRELAY_LOG_LEVEL=warning
+#   BENCH_PGRELAY_AGENT=on     pgrelay's `agent` setting (on = as deployed: the master also runs
+#                             pgrelay-agent, whose CPU and memory count as pgrelay's; off = static roles)
 #   BENCH_HAPROXY_THREADS     haproxy nbthread (default: number of CPUs)
 #   BENCH_OUT=./bench-results.txt   where the final tables are written as well
 #   PGRELAY_BIN=<repo>/bin/pgrelay
@@ -56,6 +58,7 @@ BENCH_IDLE_SESSIONS=${BENCH_IDLE_SESSIONS:-1000}
 BENCH_TARGETS=${BENCH_TARGETS:-"direct pgrelay pgbouncer haproxy"}
 BENCH_PGRELAY_WORKERS=${BENCH_PGRELAY_WORKERS:-$NCPU}
 BENCH_PGRELAY_LOG_LEVEL=${BENCH_PGRELAY_LOG_LEVEL:-warning}
+BENCH_PGRELAY_AGENT=${BENCH_PGRELAY_AGENT:-on}
 BENCH_HAPROXY_THREADS=${BENCH_HAPROXY_THREADS:-$NCPU}
 BENCH_OUT=${BENCH_OUT:-bench-results.txt}
 PGRELAY_BIN=${PGRELAY_BIN:-$REPO/bin/pgrelay}
@@ -78,6 +81,7 @@ declare -A PORT=()      # target -> TCP port
 declare -A PID=()       # proxy target -> pid of its (master) process
 declare -A LOGF=()      # proxy target -> log file
 FAILURES=0
+HAVE_AGENT=0            # bin/pgrelay-agent exists (pgrelay has the `agent` setting)
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
@@ -261,6 +265,7 @@ max_client_conn = $PROXY_MAX_CLIENTS
 shutdown_timeout = 5s
 log_level = $BENCH_PGRELAY_LOG_LEVEL
 admin_socket = $dir/admin.sock
+$(if ((HAVE_AGENT)); then echo "agent = $BENCH_PGRELAY_AGENT"; fi)
 
 [node.pg1]
 host = 127.0.0.1
@@ -343,8 +348,14 @@ start_proxy() {
         tail -n 30 "${LOGF[$t]}" >&2
         die "$t did not start listening on port ${PORT[$t]}"
     fi
-    local out
-    if ! out=$(psql_at "${PORT[$t]}" -c "SELECT 1" 2>&1) || [[ $out != 1 ]]; then
+    # A query must go through (retried for 10 s: pgrelay's agent may need a first probe).
+    local out="" i
+    for ((i = 0; i < 20; i++)); do
+        out=$(psql_at "${PORT[$t]}" -c "SELECT 1" 2>&1) || true
+        if [[ $out == 1 ]]; then break; fi
+        sleep 0.5
+    done
+    if [[ $out != 1 ]]; then
         log "$t: SELECT 1 through port ${PORT[$t]} failed: $out"
         tail -n 30 "${LOGF[$t]}" >&2
         die "$t does not relay"
@@ -566,7 +577,7 @@ write_report() {
             "$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
         echo "PostgreSQL $("$PGBIN/postgres" -V | awk '{print $3}') (shared_buffers=256MB, fsync=off," \
             "max_connections=$PG_MAX_CONN), pgbench -i -s $BENCH_SCALE; $(pgbench -V)"
-        echo "pgrelay: $pgrelay_version, workers=$BENCH_PGRELAY_WORKERS"
+        echo "pgrelay: $pgrelay_version, workers=$BENCH_PGRELAY_WORKERS$(if ((HAVE_AGENT)); then echo ", agent=$BENCH_PGRELAY_AGENT"; fi)"
         echo "PgBouncer: $(pgbouncer -V 2>&1 | head -n 1 | awk '{print $2}'), pool_mode=session," \
             "single-threaded (one process)"
         echo "HAProxy: $(haproxy -v 2>&1 | head -n 1 | awk '{print $3}'), mode tcp, nbthread=$BENCH_HAPROXY_THREADS"
@@ -575,18 +586,26 @@ write_report() {
             "TCP over loopback, sslmode=disable."
         echo "pgbench, the proxy and PostgreSQL all share the same $NCPU CPUs, so proxy CPU is taken"
         echo "away from PostgreSQL and pgbench: TPS through a proxy is bounded by that, not by the network."
-        echo "proxy CPU = utime+stime of all proxy processes (pgrelay: master + workers) during the run"
+        echo "proxy CPU = utime+stime of all proxy processes (pgrelay: master, workers, agent) during the run"
         echo "divided by wall time, in cores; CPU us/txn = that CPU time per pgbench transaction."
         echo
         "$PY" "$HERE/report.py" "$WORK" "$CLK_TCK" "${TARGETS[@]}"
         echo "Notes:"
-        echo "- PgBouncer is single-threaded: it can never use more than one core."
-        echo "- -C: PgBouncer (session pooling) hands each new client a pooled server connection, so no"
-        echo "  PostgreSQL backend is started per transaction; pgrelay and HAProxy relay 1:1 and every client"
-        echo "  connection starts a backend, like direct."
+        if [[ " ${TARGETS[*]} " == *" pgbouncer "* ]]; then
+            echo "- PgBouncer is single-threaded: it can never use more than one core."
+            if [[ -n $BENCH_CONNECT_CLIENTS ]]; then
+                echo "- -C: PgBouncer (session pooling) hands each new client a pooled server connection, so no"
+                echo "  PostgreSQL backend is started per transaction; pgrelay and HAProxy relay 1:1 and every"
+                echo "  client connection starts a backend, like direct."
+            fi
+        fi
         echo "- Idle sessions: PSS/RSS is user-space memory of the proxy processes; kernel socket buffers are"
         echo "  not included. After its SELECT 1 every session holds a server connection through each proxy"
         echo "  (PG backends column); PostgreSQL runs with max_connections=$PG_MAX_CONN_IDLE for this test."
+        if ((HAVE_AGENT)) && [[ $BENCH_PGRELAY_AGENT == on ]]; then
+            echo "- pgrelay runs with agent = on (its default): pgrelay-agent keeps a monitoring connection"
+            echo "  per node (one more PG backend) and probes each second; counted in pgrelay's CPU and memory."
+        fi
         echo
         if [[ -s $WORK/failures.txt ]]; then
             echo "FAILURES: $FAILURES"
@@ -644,10 +663,16 @@ main() {
     chown "$PGOS_USER" "$WORK/pg"
     cd "$WORK"
     : >"$WORK/runs.tsv"
-    # Run a private copy of pgrelay: bin/pgrelay may be rebuilt while the benchmark runs.
+    # Run a private copy of pgrelay (and of pgrelay-agent, which the master starts from the directory
+    # of its own binary): bin/ may be rebuilt while the benchmark runs.
     if [[ " ${TARGETS[*]} " == *" pgrelay "* ]]; then
-        cp "$PGRELAY_BIN" "$WORK/pgrelay-bin"
-        PGRELAY_BIN=$WORK/pgrelay-bin
+        mkdir -p "$WORK/bin"
+        cp "$PGRELAY_BIN" "$WORK/bin/pgrelay"
+        if [[ -x $(dirname "$PGRELAY_BIN")/pgrelay-agent ]]; then
+            cp "$(dirname "$PGRELAY_BIN")/pgrelay-agent" "$WORK/bin/pgrelay-agent"
+            HAVE_AGENT=1
+        fi
+        PGRELAY_BIN=$WORK/bin/pgrelay
     fi
 
     build_cases
