@@ -333,8 +333,11 @@ int main(int argc, char **argv)
                 if (strcmp(a->nodes[i].view.name, t->nodes[t->leader].name) == 0)
                     a->leader = i;
     }
-    for (size_t i = 0; i < sizeof(signals) / sizeof(signals[0]); i++)
-        evsignal_add(evsignal_new(a->base, signals[i], agent_on_signal, a), NULL);
+    struct event *sig_events[sizeof(signals) / sizeof(signals[0])];
+    for (size_t i = 0; i < sizeof(signals) / sizeof(signals[0]); i++) {
+        sig_events[i] = evsignal_new(a->base, signals[i], agent_on_signal, a);
+        evsignal_add(sig_events[i], NULL);
+    }
     signal(SIGPIPE, SIG_IGN);
     event_assign(&a->ev_tick, a->base, -1, EV_PERSIST, agent_on_tick, a);
     agent_arm_tick(a);
@@ -358,6 +361,13 @@ int main(int argc, char **argv)
 
     for (int i = 0; i < a->n_nodes; i++)
         probe_node_close(&a->nodes[i]);
+    for (size_t i = 0; i < sizeof(signals) / sizeof(signals[0]); i++)
+        event_free(sig_events[i]);
+    event_del(&a->ev_tick);
+    if (a->channel_fd >= 0)
+        event_del(&a->ev_channel);
+    if (a->control_on)
+        event_del(&a->ev_control);
     event_base_free(a->base);
     free(a->published);
     free(a->cfg);

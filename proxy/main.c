@@ -17,6 +17,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+static int pgrelay_run(config *cfg, const char *config_path, bool check, bool daemon_mode,
+                       const master_options *opts);
+
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -157,6 +160,17 @@ int main(int argc, char **argv)
         fprintf(stderr, "pgrelay: out of memory\n");
         return 1;
     }
+    master_options opts = {.pidfile = pidfile, .verbose = verbose, .quiet = quiet};
+    int rc = pgrelay_run(cfg, config_path, check, daemon_mode, &opts);
+    free(cfg);
+    return rc;
+}
+
+/* Everything after the flags: load and check the file, detach, listen, run the master. */
+static int pgrelay_run(config *cfg, const char *config_path, bool check, bool daemon_mode,
+                       const master_options *opts)
+{
+    const char *pidfile = opts->pidfile;
     /* Absolute, so that reloads still find it after daemon mode's chdir("/"). */
     char config_abs[PATH_MAX];
     if (realpath(config_path, config_abs))
@@ -174,11 +188,10 @@ int main(int argc, char **argv)
         return 0;
     }
 
-    master_options opts = {.pidfile = pidfile, .verbose = verbose, .quiet = quiet};
-    int level = cfg->log_level + verbose;
+    int level = cfg->log_level + opts->verbose;
     if (level > LOG_LVL_DEBUG)
         level = LOG_LVL_DEBUG;
-    cfg->log_level = quiet ? LOG_LVL_ERROR : level;
+    cfg->log_level = opts->quiet ? LOG_LVL_ERROR : level;
     log_current_level = (log_level)cfg->log_level;
     log_set_process("master");
 
@@ -223,7 +236,5 @@ int main(int argc, char **argv)
     config_apply_logging(cfg);
     if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
         return 1;
-    int rc = master_run(cfg, listen_fds, &opts);
-    free(cfg);
-    return rc;
+    return master_run(cfg, listen_fds, opts);
 }
