@@ -33,10 +33,13 @@ import time
 
 import psycopg
 
-from conftest import (
+from conftest import (  # noqa: F401  (admin is re-exported for the failover tests)
     PG_BIN,
     PGRELAY_BIN,
     Relay,
+    admin,
+    admin_json,
+    admin_socket,
     _LIVE_RELAYS,
     _as_postgres,
     free_port,
@@ -358,31 +361,7 @@ class Cluster:
 # --------------------------------------------------------------------------- #
 
 
-def admin_socket(relay):
-    return os.path.join(os.path.dirname(relay.conf_path), "admin.sock")
 
-
-def admin(relay, line, timeout=10.0):
-    """One command line on the admin console; everything it answers until it closes."""
-    path = relay if isinstance(relay, str) else admin_socket(relay)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    return b"".join(chunks).decode()
-
-
-def admin_json(relay, command):
-    out = admin(relay, command + " json")
-    if out.startswith("error:"):
-        raise AssertionError(f"{command} json: {out.strip()}")
-    return json.loads(out.strip())
 
 
 def show_info(relay):

@@ -17,6 +17,7 @@ wait_for        poll a condition with a timeout
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -708,3 +709,41 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(
                 (f"pgrelay log (port {r.port}, {r.log_path}) tail", r.log_tail())
             )
+
+
+# --------------------------------------------------------------------------- #
+# the admin console
+# --------------------------------------------------------------------------- #
+
+
+def admin_socket(relay):
+    """The admin socket of a relay started with write_config's defaults."""
+    return os.path.join(os.path.dirname(relay.conf_path), "admin.sock")
+
+
+def admin(relay_or_path, line, timeout=10.0):
+    """Send one command line, return everything pgrelay writes until it closes.
+
+    Like ``echo line | socat - UNIX-CONNECT:sock``, except that our write side stays
+    open: the answer being complete (EOF) proves pgrelay closes after one line."""
+    path = relay_or_path if isinstance(relay_or_path, str) else admin_socket(relay_or_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(line.encode() + b"\n")
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks).decode()
+
+
+def admin_json(relay, command):
+    """``command json`` parsed; the answer is one JSON line followed by an empty line."""
+    out = admin(relay, command + " json")
+    assert out.endswith("\n\n"), f"answer to {command} json does not end with an empty line: {out!r}"
+    body = out[:-2]
+    assert "\n" not in body, f"{command} json is not one line: {out!r}"
+    return json.loads(body)

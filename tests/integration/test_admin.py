@@ -18,7 +18,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import PGRELAY_BIN, pid_alive, wait_for
+from conftest import PGRELAY_BIN, admin, admin_json, admin_socket, pid_alive, wait_for
 
 # Every command the man page and the spec name (words only; arguments come after).
 ALL_COMMANDS = [
@@ -55,37 +55,7 @@ HELD = 0.7  # seconds a held statement/connection must stay unanswered
 # --------------------------------------------------------------------------- #
 
 
-def admin_socket(relay):
-    """The relay's admin socket (write_config puts it beside the config file)."""
-    return os.path.join(os.path.dirname(relay.conf_path), "admin.sock")
 
-
-def admin(relay_or_path, line, timeout=10.0):
-    """Send one command line, return everything pgrelay writes until it closes.
-
-    Like ``echo line | socat - UNIX-CONNECT:sock``, except that our write side stays
-    open: the answer being complete (EOF) proves pgrelay closes after one line."""
-    path = relay_or_path if isinstance(relay_or_path, str) else admin_socket(relay_or_path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    return b"".join(chunks).decode()
-
-
-def admin_json(relay, command):
-    """``command json`` parsed; the answer is one JSON line followed by an empty line."""
-    out = admin(relay, command + " json")
-    assert out.endswith("\n\n"), f"answer to {command} json does not end with an empty line: {out!r}"
-    body = out[:-2]
-    assert "\n" not in body, f"{command} json is not one line: {out!r}"
-    return json.loads(body)
 
 
 def wait_admin_ready(relay):

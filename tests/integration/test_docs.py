@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import PGRELAY_BIN, wait_for
+from conftest import admin, PGRELAY_BIN, wait_for
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MAN8 = os.path.join(REPO, "man", "pgrelay.8")
@@ -22,20 +22,6 @@ SAMPLE_INI = os.path.join(REPO, "etc", "pgrelay.ini")
 # what the running pgrelay says
 # --------------------------------------------------------------------------- #
 
-
-def admin(relay, line):
-    path = os.path.join(os.path.dirname(relay.conf_path), "admin.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    return b"".join(chunks).decode()
 
 
 @pytest.fixture(scope="module")

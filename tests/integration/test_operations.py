@@ -17,6 +17,8 @@ import psycopg
 import pytest
 
 from conftest import (
+    admin,
+    admin_socket,
     PGRELAY_BIN,
     error_fields,
     free_port,
@@ -34,23 +36,6 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 # --------------------------------------------------------------------------- #
 
 
-def admin(path, line, timeout=10.0):
-    """One line on the admin console, as ``echo line | socat - UNIX-CONNECT:path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    return b"".join(chunks).decode()
-
-
-def admin_socket(relay):
-    return os.path.join(os.path.dirname(relay.conf_path), "admin.sock")
 
 
 def wait_admin_ready(path):
