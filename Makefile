@@ -69,7 +69,7 @@ CTL        := $(BIN)/pgrelayctl
 
 .PHONY: all control deps check-deps test unit integration bench demo demo-stop install clean format
 
-all: $(PGRELAY) $(AGENT)
+all: $(PGRELAY) $(AGENT) $(CTL)
 
 check-deps:
 	@pkg-config --exists libevent libpq libcurl inih jansson openssl cmocka || \
@@ -88,14 +88,14 @@ $(AGENT): $(AGENT_OBJ) $(COMMON_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -pthread -o $@ $^ $(shell pkg-config --libs $(AGENT_PKGS))
 
-# The control plane (work in progress: not yet part of `all`).
+# The control plane server (work in progress: not yet part of `all`); pgrelayctl is.
 control: $(CONTROL) $(CTL)
 
 $(CONTROL): $(CONTROL_OBJ) $(COMMON_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(CONTROL_PKGS))
 
-$(CTL): $(CTL_OBJ) $(COMMON_OBJ) | check-deps
+$(CTL): $(CTL_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(CTL_PKGS))
 
@@ -129,7 +129,7 @@ deps-bench: deps
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
-integration: $(PGRELAY) $(AGENT)
+integration: $(PGRELAY) $(AGENT) $(CTL)
 	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
 
 test: deps
@@ -158,13 +158,16 @@ SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
 
 # Installs binaries, man pages, the sample configuration (as pgrelay.ini only when none is
 # there yet), the init script, its defaults file, the systemd unit and the logrotate snippet.
-install: $(PGRELAY) $(AGENT) $(AGENT)
+install: $(PGRELAY) $(AGENT) $(CTL) $(AGENT)
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
 	  $(DESTDIR)$(SYSCONFDIR)/pgrelay $(DESTDIR)$(SYSCONFDIR)/init.d \
 	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/logrotate.d \
 	  $(DESTDIR)$(SYSTEMDDIR)
 	install -m 0755 $(PGRELAY) $(DESTDIR)$(SBINDIR)/pgrelay
 	install -m 0755 $(AGENT) $(DESTDIR)$(SBINDIR)/pgrelay-agent
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
+	install -m 0755 $(CTL) $(DESTDIR)$(BINDIR)/pgrelayctl
+	install -m 0644 man/pgrelayctl.1 $(DESTDIR)$(MANDIR)/man1/pgrelayctl.1
 	install -m 0644 man/pgrelay.8 $(DESTDIR)$(MANDIR)/man8/pgrelay.8
 	install -m 0644 man/pgrelay-agent.8 $(DESTDIR)$(MANDIR)/man8/pgrelay-agent.8
 	install -m 0644 man/pgrelay.ini.5 $(DESTDIR)$(MANDIR)/man5/pgrelay.ini.5
