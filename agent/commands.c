@@ -52,7 +52,7 @@ static int cmd_maintenance(json_t *args, char *detail, size_t len)
         return -1;
     }
     bool on = json_is_true(on_j);
-    int64_t timeout_ms = arg_int(args, "timeout_s", 0) * 1000;
+    int64_t timeout_ms = arg_int(args, "resume_after_s", 0) * 1000;
     uint64_t arg = (on ? 1u : 0u) | ((uint64_t)(timeout_ms > 0 ? timeout_ms : 0) << 1);
     if (channel_send(control.master_fd, CHANNEL_MAINTENANCE, arg) != 0) {
         snprintf(detail, len, "cannot reach the pgrelay master");
