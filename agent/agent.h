@@ -31,6 +31,8 @@ typedef struct agent_node {
     bool probed;               /* at least one probe finished */
     bool last_ok;              /* the last probe succeeded */
     int fails;                 /* failed probes in a row */
+    bool fails_are_timeouts;   /* every one of those failures was a timeout (slow, not gone) */
+    bool slow_logged;          /* "slow leader kept" logged for this run of failures */
     int oks;                   /* good probes in a row */
     bool in_recovery;          /* last good probe */
     uint64_t lsn;              /* current (primary) or replay (replica) LSN, as bytes */

@@ -197,6 +197,16 @@ void leader_decide(agent *a)
             /* A blip: keep routing to it until it is really down. */
             leader_publish(a, false);
             return;
+        } else if (candidates == 0 && l->fails_are_timeouts) {
+            /* Slow, not gone (a loaded server answers late; a dead one refuses or resets), and
+             * nobody else is primary: dropping it would only close every session. */
+            if (!l->slow_logged)
+                log_warning("leader %s has not answered %d probes within health_timeout; no "
+                            "other node is primary, so it stays the leader", l->view.name,
+                            l->fails);
+            l->slow_logged = true;
+            leader_publish(a, false);
+            return;
         } else if (candidates > 0) {
             snprintf(reason, sizeof(reason), "leader %s does not answer (%s)", l->view.name,
                      l->view.last_error);

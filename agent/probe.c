@@ -74,7 +74,14 @@ static void first_line(char *dst, size_t cap, const char *msg)
     dst[len] = '\0';
 }
 
+static void probe_finish_as(agent_node *n, bool ok, bool timed_out, const char *error);
+
 static void probe_finish(agent_node *n, bool ok, const char *error)
+{
+    probe_finish_as(n, ok, false, error);
+}
+
+static void probe_finish_as(agent_node *n, bool ok, bool timed_out, const char *error)
 {
     agent *a = agent_self;
     evtimer_del(&n->ev_timeout);
@@ -83,6 +90,7 @@ static void probe_finish(agent_node *n, bool ok, const char *error)
     if (ok) {
         n->last_ok = true;
         n->fails = 0;
+        n->slow_logged = false;
         n->oks++;
         n->view.last_error[0] = '\0';
         if (n->view.health == NODE_HEALTH_UNKNOWN ||
@@ -100,6 +108,7 @@ static void probe_finish(agent_node *n, bool ok, const char *error)
         memcpy(n->view.last_error, msg, sizeof(msg));
         n->last_ok = false;
         n->oks = 0;
+        n->fails_are_timeouts = (n->fails == 0 || n->fails_are_timeouts) && timed_out;
         n->fails++;
         if (n->fails >= a->cfg->fall && n->view.health != NODE_HEALTH_DOWN) {
             log_warning("node %s is down (%d failed probes)", n->view.name, n->fails);
@@ -118,7 +127,7 @@ static void probe_on_timeout(evutil_socket_t fd, short what, void *arg)
     (void)what;
     snprintf(msg, sizeof(msg), "no answer within health_timeout (%d ms)",
              agent_self->cfg->health_timeout_ms);
-    probe_finish(n, false, msg);
+    probe_finish_as(n, false, true, msg);
 }
 
 static void probe_send(agent_node *n)

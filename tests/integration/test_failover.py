@@ -17,8 +17,10 @@ what a user relies on (pgrelay(8), pgrelay-agent(8), pgrelay.ini(5)):
 """
 
 import collections
+import os
 import re
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -666,6 +668,41 @@ def test_leader_gone_without_replacement_gives_57P03_then_recovers(make_cluster,
     say(f"old primary restarted: writes work {time.monotonic() - t1:.3f}s after pg_ctl start")
     assert row == (pg1.port, False)
     assert show_info(relay)["write_leader"] == "pg1"
+
+
+def test_a_slow_leader_is_kept_while_no_other_node_is_primary(make_cluster, ha_relay, say):
+    """Probes that only time out (a loaded primary) must not cost every session. The
+    postmaster and the agent's monitoring backend are stopped (SIGSTOP): the agent's probes
+    and reconnects hang as on an overloaded host, while established sessions keep working."""
+    c = make_cluster()
+    pg1 = c.primary
+    relay = ha_relay(c, agent={"health_timeout": "300ms"})
+    epoch = show_info(relay)["epoch"]
+    app = relay.connect()
+    assert app.execute("SELECT inet_server_port()").fetchone()[0] == pg1.port
+    monitor = wait_for(lambda: pg1.scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgrelay-agent'"),
+        timeout=5, what="the agent's monitoring backend on pg1")
+    with open(os.path.join(pg1.pgdata, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    os.kill(postmaster, signal.SIGSTOP)
+    os.kill(monitor, signal.SIGSTOP)
+    try:
+        wait_for(lambda: show_nodes(relay)["pg1"]["health"] == "down", timeout=10,
+                 what="pg1 marked down by timed-out probes")
+        wait_log(relay, "no other node is primary, so it stays the leader")
+        info = show_info(relay)
+        say(f"slow leader: still {info['write_leader']}, epoch {info['epoch']}")
+        assert info["write_leader"] == "pg1" and info["epoch"] == epoch
+        assert app.execute("SELECT 1").fetchone()[0] == 1, "a live session was disturbed"
+    finally:
+        os.kill(monitor, signal.SIGCONT)
+        os.kill(postmaster, signal.SIGCONT)
+    wait_for(lambda: show_nodes(relay)["pg1"]["health"] == "up", timeout=10,
+             what="pg1 up again once it answers")
+    assert write_port_of_new_session(relay) == (pg1.port, False)
+    assert show_info(relay)["epoch"] == epoch
+    app.close()
 
 
 # --------------------------------------------------------------------------- #
