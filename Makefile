@@ -69,7 +69,7 @@ CTL        := $(BIN)/pgrelayctl
 
 .PHONY: all control deps check-deps test unit integration bench demo demo-stop install clean format
 
-all: $(PGRELAY) $(AGENT) $(CTL)
+all: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
 
 check-deps:
 	@pkg-config --exists libevent libpq libcurl inih jansson openssl cmocka || \
@@ -88,7 +88,7 @@ $(AGENT): $(AGENT_OBJ) $(COMMON_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -pthread -o $@ $^ $(shell pkg-config --libs $(AGENT_PKGS))
 
-# The control plane server (work in progress: not yet part of `all`); pgrelayctl is.
+# The control plane alone.
 control: $(CONTROL) $(CTL)
 
 $(CONTROL): $(CONTROL_OBJ) $(COMMON_OBJ) | check-deps
@@ -129,7 +129,7 @@ deps-bench: deps
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
-integration: $(PGRELAY) $(AGENT) $(CTL)
+integration: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
 	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
 
 test: deps
@@ -158,7 +158,7 @@ SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
 
 # Installs binaries, man pages, the sample configuration (as pgrelay.ini only when none is
 # there yet), the init script, its defaults file, the systemd unit and the logrotate snippet.
-install: $(PGRELAY) $(AGENT) $(CTL) $(AGENT)
+install: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL) $(AGENT)
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
 	  $(DESTDIR)$(SYSCONFDIR)/pgrelay $(DESTDIR)$(SYSCONFDIR)/init.d \
 	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/logrotate.d \
@@ -168,6 +168,11 @@ install: $(PGRELAY) $(AGENT) $(CTL) $(AGENT)
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 0755 $(CTL) $(DESTDIR)$(BINDIR)/pgrelayctl
 	install -m 0644 man/pgrelayctl.1 $(DESTDIR)$(MANDIR)/man1/pgrelayctl.1
+	install -m 0755 $(CONTROL) $(DESTDIR)$(SBINDIR)/pgrelay-control
+	install -m 0644 man/pgrelay-control.8 $(DESTDIR)$(MANDIR)/man8/pgrelay-control.8
+	install -m 0644 etc/control.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/control.ini.sample
+	install -d $(DESTDIR)$(PREFIX)/share/doc/pgrelay
+	install -m 0644 docs/protocol.md README.md $(DESTDIR)$(PREFIX)/share/doc/pgrelay/
 	install -m 0644 man/pgrelay.8 $(DESTDIR)$(MANDIR)/man8/pgrelay.8
 	install -m 0644 man/pgrelay-agent.8 $(DESTDIR)$(MANDIR)/man8/pgrelay-agent.8
 	install -m 0644 man/pgrelay.ini.5 $(DESTDIR)$(MANDIR)/man5/pgrelay.ini.5
@@ -183,7 +188,7 @@ install: $(PGRELAY) $(AGENT) $(CTL) $(AGENT)
 	install -m 0644 etc/logrotate.d/pgrelay $(DESTDIR)$(SYSCONFDIR)/logrotate.d/pgrelay
 
 format:
-	clang-format -i common/*.[ch] proxy/*.[ch] agent/*.[ch] tests/unit/*.c
+	clang-format -i common/*.[ch] proxy/*.[ch] agent/*.[ch] control/*.[ch] tests/unit/*.c
 
 clean:
 	rm -rf build build-* bin bin-*

@@ -741,8 +741,7 @@ def http_status(url, body=None, token=None):
 
 
 def test_smoke_against_pgrelay_control(request, tmp_path):
-    if not control_usable():
-        pytest.skip(f"{CONTROL_BIN} is not built")
+    assert control_usable(), f"{CONTROL_BIN} is not built or does not start (make builds it)"
     pg = request.getfixturevalue("pg")
     pg.query("DROP DATABASE IF EXISTS pgrelayctl_smoke")
     pg.query("CREATE DATABASE pgrelayctl_smoke")

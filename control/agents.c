@@ -1,0 +1,510 @@
+/* agents.c - the agent endpoints: register, telemetry uploads, the command long poll and acks. */
+#include "agents.h"
+#include "control.h"
+#include "leader.h"
+#include "log.h"
+#include "operator.h"
+#include "store.h"
+
+#include <ctype.h>
+#include <event2/event.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AGENTS_DETAIL_MAX 4096 /* longest ack detail accepted */
+#define AGENTS_TEXT_MAX   (STATE_TEXT_MAX - 1)
+#define AGENTS_NODE_MAX   (STATE_NODE_NAME_MAX - 1)
+#define AGENTS_QUERY_MAX  (64 * 1024) /* longest statement text accepted */
+#define AGENTS_INT_MAX    INT64_MAX
+#define AGENTS_ID_DIGITS  19 /* digits of the largest command id */
+#define MS_PER_S          1000
+#define US_PER_MS         1000
+/* A long poll that would only repeat commands it delivered this recently waits this long
+ * first: an agent working on a command while it polls again does not spin. */
+#define AGENTS_REDELIVER_HOLD_MS 1000
+
+/* ---- common parts ---- */
+
+/* The node_id of a body, validated; answers 400 and returns NULL when missing or bad. */
+static const char *agents_node_id(http_call *call)
+{
+    const char *id = NULL;
+    if (!http_field_string(call, call->body, NULL, "node_id", true, STATE_NODE_ID_MAX - 1, &id))
+        return NULL;
+    if (!http_node_id_valid(id)) {
+        http_reply_error(call->req, 400,
+                         "node_id must be 1 to %d printable characters without blanks",
+                         STATE_NODE_ID_MAX - 1);
+        return NULL;
+    }
+    return id;
+}
+
+/* The proxy a request is about (created on first contact), marked as seen now. NULL after
+ * answering 500 (out of memory). */
+static state_proxy *agents_proxy(http_call *call, const char *node_id)
+{
+    state_proxy *p = state_get_proxy(call->dep, node_id);
+    if (!p) {
+        http_reply_error(call->req, 500, "out of memory");
+        return NULL;
+    }
+    if (p->last_seen_ms == 0)
+        log_info("deployment %s: proxy %s appeared", call->dep->name, node_id);
+    p->last_seen_ms = control_now_ms();
+    return p;
+}
+
+static void agents_set_leader(state_proxy *p, json_t *v)
+{
+    const char *leader = json_is_string(v) ? json_string_value(v) : "";
+    if (strcmp(p->leader, leader) != 0) {
+        snprintf(p->leader, sizeof(p->leader), "%s", leader);
+        p->dirty = true;
+    }
+}
+
+static void agents_set_int(state_proxy *p, int64_t *field, int64_t v)
+{
+    if (v >= 0 && *field != v) {
+        *field = v;
+        p->dirty = true;
+    }
+}
+
+/* A "leader" field: absent, null, or a node name. */
+static bool agents_leader_field(http_call *call, json_t *obj, const char **out)
+{
+    json_t *v = json_object_get(obj, "leader");
+    if (!v || json_is_null(v))
+        return true;
+    return http_field_string(call, obj, NULL, "leader", false, AGENTS_NODE_MAX, out);
+}
+
+/* ---- register ---- */
+
+void agents_register(http_call *call)
+{
+    const char *node_id, *hostname = NULL, *version = NULL, *leader = NULL;
+    json_t *listen = NULL;
+    int64_t config_version = -1, epoch = -1;
+    bool maintenance = false;
+
+    if (!(node_id = agents_node_id(call)) ||
+        !http_field_string(call, call->body, NULL, "hostname", false, AGENTS_TEXT_MAX, &hostname) ||
+        !http_field_string(call, call->body, NULL, "version", false, AGENTS_TEXT_MAX, &version) ||
+        !http_field_container(call, call->body, NULL, "listen", false, false, &listen) ||
+        !http_field_int(call, call->body, NULL, "config_version", false, 0, AGENTS_INT_MAX,
+                        &config_version) ||
+        !http_field_int(call, call->body, NULL, "epoch", false, 0, AGENTS_INT_MAX, &epoch) ||
+        !http_field_bool(call, call->body, NULL, "maintenance", false, &maintenance) ||
+        !agents_leader_field(call, call->body, &leader))
+        return;
+    if (listen) {
+        size_t i;
+        json_t *v;
+        json_array_foreach(listen, i, v)
+        {
+            if (!json_is_string(v)) {
+                http_reply_error(call->req, 400, "field listen must be an array of strings");
+                return;
+            }
+        }
+    }
+    state_proxy *p = agents_proxy(call, node_id);
+    if (!p)
+        return;
+    snprintf(p->hostname, sizeof(p->hostname), "%s", hostname ? hostname : "");
+    snprintf(p->version, sizeof(p->version), "%s", version ? version : "");
+    json_decref(p->listen);
+    p->listen = listen ? json_deep_copy(listen) : json_array();
+    agents_set_int(p, &p->config_version, config_version);
+    agents_set_int(p, &p->epoch, epoch);
+    p->maintenance = maintenance;
+    agents_set_leader(p, json_object_get(call->body, "leader"));
+    p->registered_ms = p->last_seen_ms;
+    if (store_proxy_save(p) != 0) {
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    }
+    p->dirty = false;
+    p->saved_seen_ms = p->last_seen_ms;
+    log_info("deployment %s: proxy %s registered (host %s, version %s)", call->dep->name, node_id,
+             p->hostname[0] ? p->hostname : "?", p->version[0] ? p->version : "?");
+
+    int64_t wait_s = control.cfg->poll_wait_max_ms / MS_PER_S;
+    if (wait_s > AGENTS_POLL_WAIT_SUGGESTED_S)
+        wait_s = AGENTS_POLL_WAIT_SUGGESTED_S;
+    http_reply_json(call->req, 200,
+                    json_pack("{s:s, s:s, s:I}", "deployment", call->dep->name, "node_id", node_id,
+                              "poll_wait_s", (json_int_t)wait_s));
+}
+
+/* ---- metrics ---- */
+
+/* The nodes observation: an array of objects with at least a name. */
+static bool agents_check_nodes(http_call *call, json_t *nodes)
+{
+    size_t i;
+    json_t *n;
+    char where[64];
+    json_array_foreach(nodes, i, n)
+    {
+        const char *s = NULL;
+        int64_t v;
+        bool b;
+        snprintf(where, sizeof(where), "nodes[%zu]", i);
+        if (!json_is_object(n)) {
+            http_reply_error(call->req, 400, "%s must be an object", where);
+            return false;
+        }
+        if (!http_field_string(call, n, where, "name", true, AGENTS_NODE_MAX, &s) ||
+            !http_field_string(call, n, where, "host", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_int(call, n, where, "port", false, 0, UINT16_MAX, &v) ||
+            !http_field_string(call, n, where, "role", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, n, where, "health", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_bool(call, n, where, "in_recovery", false, &b) ||
+            !http_field_int(call, n, where, "lsn", false, 0, AGENTS_INT_MAX, &v) ||
+            !http_field_int(call, n, where, "lag_bytes", false, INT64_MIN, AGENTS_INT_MAX, &v))
+            return false;
+    }
+    return true;
+}
+
+void agents_metrics(http_call *call)
+{
+    const char *node_id, *leader = NULL;
+    state_sample s = {0};
+    int64_t epoch = -1, config_version = -1;
+    bool maintenance = false;
+    json_t *nodes = NULL;
+    static const char *const counters[] = {"clients", "statements", "bytes_in", "bytes_out",
+                                           "errors"};
+    int64_t *const fields[] = {&s.clients, &s.statements, &s.bytes_in, &s.bytes_out, &s.errors};
+
+    if (!(node_id = agents_node_id(call)) ||
+        !http_field_int(call, call->body, NULL, "ts_ms", false, 0, AGENTS_INT_MAX, &s.ts_ms) ||
+        !http_field_int(call, call->body, NULL, "epoch", false, 0, AGENTS_INT_MAX, &epoch) ||
+        !http_field_int(call, call->body, NULL, "config_version", false, 0, AGENTS_INT_MAX,
+                        &config_version) ||
+        !http_field_bool(call, call->body, NULL, "maintenance", false, &maintenance) ||
+        !agents_leader_field(call, call->body, &leader) ||
+        !http_field_container(call, call->body, NULL, "nodes", false, false, &nodes))
+        return;
+    for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
+        if (!http_field_int(call, call->body, NULL, counters[i], false, 0, AGENTS_INT_MAX,
+                            fields[i]))
+            return;
+    if (nodes && !agents_check_nodes(call, nodes))
+        return;
+
+    state_proxy *p = agents_proxy(call, node_id);
+    if (!p)
+        return;
+    int64_t now = p->last_seen_ms;
+    s.received_ms = now;
+    state_add_sample(p, &s);
+    json_decref(p->last_metrics);
+    p->last_metrics = json_incref(call->body);
+    p->last_metrics_ms = now;
+    if (nodes) {
+        json_decref(p->nodes);
+        p->nodes = json_incref(nodes);
+        p->nodes_ms = now;
+    }
+    agents_set_int(p, &p->epoch, epoch);
+    agents_set_int(p, &p->config_version, config_version);
+    if (json_object_get(call->body, "maintenance") && p->maintenance != maintenance) {
+        p->maintenance = maintenance;
+        p->dirty = true;
+    }
+    if (json_object_get(call->body, "leader"))
+        agents_set_leader(p, json_object_get(call->body, "leader"));
+
+    leader_decide(call->dep);
+    state_deployment *d = call->dep;
+    http_reply_json(call->req, 200,
+                    json_pack("{s:o, s:I}", "leader",
+                              d->leader[0] ? json_string(d->leader) : json_null(), "epoch",
+                              (json_int_t)d->epoch));
+}
+
+/* ---- queries, config, schema ---- */
+
+void agents_queries(http_call *call)
+{
+    const char *node_id;
+    json_t *queries = NULL, *q;
+    size_t i;
+    char where[64];
+
+    if (!(node_id = agents_node_id(call)) ||
+        !http_field_container(call, call->body, NULL, "queries", true, false, &queries))
+        return;
+    json_array_foreach(queries, i, q)
+    {
+        const char *s;
+        int64_t v;
+        snprintf(where, sizeof(where), "queries[%zu]", i);
+        if (!json_is_object(q)) {
+            http_reply_error(call->req, 400, "%s must be an object", where);
+            return;
+        }
+        if (!http_field_int(call, q, where, "session", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
+            !http_field_int(call, q, where, "duration_ms", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
+            !http_field_string(call, q, where, "client", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, q, where, "user", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, q, where, "database", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, q, where, "node", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, q, where, "state", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, q, where, "text", false, AGENTS_QUERY_MAX, &s))
+            return;
+    }
+    state_proxy *p = agents_proxy(call, node_id);
+    if (!p)
+        return;
+    json_decref(p->queries);
+    p->queries = json_incref(queries);
+    p->queries_ms = p->last_seen_ms;
+    http_reply_empty(call->req, 204);
+}
+
+void agents_config(http_call *call)
+{
+    const char *node_id;
+    json_t *config = NULL;
+    int64_t version = -1;
+
+    if (!(node_id = agents_node_id(call)) ||
+        !http_field_int(call, call->body, NULL, "config_version", true, 0, AGENTS_INT_MAX,
+                        &version) ||
+        !http_field_container(call, call->body, NULL, "config", true, true, &config))
+        return;
+    state_proxy *p = agents_proxy(call, node_id);
+    if (!p)
+        return;
+    json_decref(p->config);
+    p->config = json_incref(config);
+    p->config_ms = p->last_seen_ms;
+    p->config_reported_version = version;
+    agents_set_int(p, &p->config_version, version);
+    http_reply_empty(call->req, 204);
+}
+
+void agents_schema(http_call *call)
+{
+    const char *node_id, *database = NULL;
+    json_t *tables = NULL;
+
+    if (!(node_id = agents_node_id(call)) ||
+        !http_field_string(call, call->body, NULL, "database", true, AGENTS_TEXT_MAX, &database) ||
+        !http_field_container(call, call->body, NULL, "tables", true, false, &tables))
+        return;
+    state_proxy *p = agents_proxy(call, node_id);
+    if (!p)
+        return;
+    if (!p->schema)
+        p->schema = json_object();
+    json_object_set_new(
+        p->schema, database,
+        json_pack("{s:O, s:I}", "tables", tables, "received_ms", (json_int_t)p->last_seen_ms));
+    http_reply_empty(call->req, 204);
+}
+
+/* ---- the long poll ---- */
+
+static void agents_unpark(state_proxy *p)
+{
+    if (p->poll_timer)
+        event_free(p->poll_timer);
+    p->poll_timer = NULL;
+    p->poll_req = NULL;
+}
+
+/* Answer p's parked poll with the given list (stolen). */
+static void agents_answer(state_proxy *p, json_t *commands)
+{
+    struct evhttp_request *req = p->poll_req;
+    agents_unpark(p);
+    /* held until now: the proxy was there all along, unless its connection went away */
+    if (evhttp_request_get_connection(req))
+        p->last_seen_ms = control_now_ms();
+    http_reply_json(req, 200, json_pack("{s:o}", "commands", commands));
+}
+
+void agents_wake(state_proxy *p)
+{
+    if (!p->poll_req)
+        return;
+    json_t *pending = store_commands_pending(p->dep->name, p->node_id, NULL);
+    if (!pending) {
+        struct evhttp_request *req = p->poll_req;
+        agents_unpark(p);
+        http_reply_error(req, 503, "store unreachable: %s", store_error());
+        return;
+    }
+    agents_answer(p, pending);
+}
+
+/* The wait ran out: answer with whatever is pending (usually nothing). */
+static void agents_poll_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    agents_wake(arg);
+}
+
+void agents_release_all(const char *reason)
+{
+    for (state_deployment *d = state_deployments(); d; d = d->next) {
+        for (state_proxy *p = d->proxies; p; p = p->next) {
+            if (!p->poll_req)
+                continue;
+            struct evhttp_request *req = p->poll_req;
+            agents_unpark(p);
+            http_reply_error(req, 503, "%s", reason);
+        }
+    }
+}
+
+void agents_commands(http_call *call)
+{
+    const char *node_id = evhttp_find_header(&call->query, "node_id");
+    const char *wait_text = evhttp_find_header(&call->query, "wait_s");
+    int64_t wait_s = 0;
+    int64_t wait_max_s = control.cfg->poll_wait_max_ms / MS_PER_S;
+
+    if (!node_id) {
+        http_reply_error(call->req, 400, "missing query parameter node_id");
+        return;
+    }
+    if (!http_node_id_valid(node_id)) {
+        http_reply_error(call->req, 400,
+                         "node_id must be 1 to %d printable characters without blanks",
+                         STATE_NODE_ID_MAX - 1);
+        return;
+    }
+    if (wait_text) {
+        char *end;
+        long long v = strtoll(wait_text, &end, 10);
+        if (!isdigit((unsigned char)wait_text[0]) || *end != '\0' || v < 0) {
+            http_reply_error(call->req, 400, "wait_s must be a whole number of seconds");
+            return;
+        }
+        wait_s = v > wait_max_s ? wait_max_s : v;
+    }
+    state_proxy *p = agents_proxy(call, node_id);
+    if (!p)
+        return;
+    int64_t since_ms = -1;
+    json_t *pending = store_commands_pending(call->dep->name, node_id, &since_ms);
+    if (!pending) {
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    }
+    int64_t wait_ms = wait_s * MS_PER_S;
+    if (json_array_size(pending) > 0) {
+        bool repeat_only = since_ms >= 0 && since_ms < AGENTS_REDELIVER_HOLD_MS;
+        if (!repeat_only || wait_s == 0) {
+            http_reply_json(call->req, 200, json_pack("{s:o}", "commands", pending));
+            return;
+        }
+        wait_ms = AGENTS_REDELIVER_HOLD_MS;
+    } else if (wait_s == 0) {
+        http_reply_json(call->req, 200, json_pack("{s:o}", "commands", pending));
+        return;
+    }
+    json_decref(pending);
+    if (p->poll_req) /* an older poll of the same proxy: it gets an empty answer */
+        agents_answer(p, json_array());
+    struct timeval tv = {.tv_sec = (time_t)(wait_ms / MS_PER_S),
+                         .tv_usec = (suseconds_t)((wait_ms % MS_PER_S) * US_PER_MS)};
+    p->poll_timer = evtimer_new(control.base, agents_poll_timeout, p);
+    if (!p->poll_timer || evtimer_add(p->poll_timer, &tv) != 0) {
+        if (p->poll_timer)
+            event_free(p->poll_timer);
+        p->poll_timer = NULL;
+        http_reply_error(call->req, 500, "cannot start the long-poll timer");
+        return;
+    }
+    p->poll_req = call->req;
+    log_debug("deployment %s: proxy %s polls for %" PRId64 "s", call->dep->name, node_id, wait_s);
+}
+
+/* ---- acknowledgements ---- */
+
+/* A command id from the path: digits only. */
+static bool agents_parse_id(const char *text, int64_t *id)
+{
+    size_t len = strlen(text);
+    if (len == 0 || len > AGENTS_ID_DIGITS)
+        return false;
+    for (const char *c = text; *c; c++)
+        if (!isdigit((unsigned char)*c))
+            return false;
+    *id = strtoll(text, NULL, 10);
+    return true;
+}
+
+/* What an acknowledged command tells about the proxy's state. */
+static void agents_learn(state_proxy *p, const char *type, json_t *args)
+{
+    if (strcmp(type, "config_commit") == 0) {
+        agents_set_int(p, &p->config_version, json_integer_value(json_object_get(args, "version")));
+    } else if (strcmp(type, "maintenance") == 0) {
+        bool on = json_is_true(json_object_get(args, "on"));
+        if (p->maintenance != on) {
+            p->maintenance = on;
+            p->dirty = true;
+        }
+    } else if (strcmp(type, "set_leader") == 0) {
+        agents_set_leader(p, json_object_get(args, "leader"));
+        agents_set_int(p, &p->epoch, json_integer_value(json_object_get(args, "epoch")));
+    }
+}
+
+void agents_ack(http_call *call)
+{
+    const char *node_id, *detail = NULL;
+    int64_t id;
+    bool ok = false;
+    char type[STORE_TYPE_MAX] = "";
+    json_t *args = NULL;
+
+    if (!agents_parse_id(call->args[0], &id)) {
+        http_reply_error(call->req, 404, "unknown command %s", call->args[0]);
+        return;
+    }
+    if (!(node_id = agents_node_id(call)) ||
+        !http_field_bool(call, call->body, NULL, "ok", true, &ok) ||
+        !http_field_string(call, call->body, NULL, "detail", false, AGENTS_DETAIL_MAX, &detail))
+        return;
+    state_proxy *p = agents_proxy(call, node_id);
+    if (!p)
+        return;
+    switch (
+        store_command_ack(id, call->dep->name, node_id, ok, detail ? detail : "", type, &args)) {
+    case STORE_ACK_ERROR:
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    case STORE_ACK_UNKNOWN:
+        http_reply_error(call->req, 404, "unknown command %" PRId64 " for proxy %s", id, node_id);
+        return;
+    case STORE_ACK_DUPLICATE:
+        http_reply_empty(call->req, 204);
+        return;
+    case STORE_ACK_RECORDED:
+        break;
+    }
+    log_info("deployment %s: proxy %s acknowledged command %" PRId64 " (%s): %s%s%s",
+             call->dep->name, node_id, id, type, ok ? "ok" : "FAILED", detail ? ", " : "",
+             detail ? detail : "");
+    if (ok)
+        agents_learn(p, type, args);
+    json_decref(args);
+    /* answer first: the orchestration may go on to answer other requests */
+    http_reply_empty(call->req, 204);
+    operator_on_ack(call->dep, id, node_id, ok, detail ? detail : "");
+}

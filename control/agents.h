@@ -1,0 +1,24 @@
+/* agents.h - the agent endpoints: register, telemetry uploads, command long poll and acks. */
+#ifndef PGRELAY_AGENTS_H
+#define PGRELAY_AGENTS_H
+
+#include "http.h"
+#include "state.h"
+
+#define AGENTS_POLL_WAIT_SUGGESTED_S 25 /* poll_wait_s suggested at register (capped by max) */
+
+void agents_register(http_call *call);
+void agents_metrics(http_call *call);
+void agents_queries(http_call *call);
+void agents_config(http_call *call);
+void agents_schema(http_call *call);
+void agents_commands(http_call *call);
+void agents_ack(http_call *call);
+
+/* New commands were queued for this proxy: answer its parked long poll now. */
+void agents_wake(state_proxy *p);
+
+/* Answer every parked long poll with 503 and reason (lease lost, shutdown). */
+void agents_release_all(const char *reason);
+
+#endif

@@ -1,0 +1,615 @@
+/* cconfig.c - reads control.ini with inih, driven by the key table; every problem names file:line.
+ */
+#include "cconfig.h"
+#include "log.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
+
+#define CCONFIG_LINE_MAX    8192 /* longest line accepted */
+#define CCONFIG_SECTION_MAX (CCONFIG_NAME_MAX + 16)
+
+#define MS_PER_S        1000LL
+#define MS_PER_MIN      (60 * MS_PER_S)
+#define MS_PER_H        (60 * MS_PER_MIN)
+#define MS_PER_D        (24 * MS_PER_H)
+#define DURATION_MAX_MS (3650 * MS_PER_D) /* ten years: anything longer is a typo */
+#define LEASE_SECS_MAX  3600
+
+#define CTL_KEY(name_, type_, def_, reload_, field_, min_, max_, words_, help_)                    \
+    {                                                                                              \
+        "control", name_, type_, def_, reload_, offsetof(cconfig, field_),                         \
+            sizeof(((cconfig *)0)->field_), min_, max_, words_, help_                              \
+    }
+#define LEASE_KEY(name_, type_, def_, field_, min_, max_, help_)                                   \
+    {                                                                                              \
+        "lease", name_, type_, def_, false, offsetof(cconfig, field_),                             \
+            sizeof(((cconfig *)0)->field_), min_, max_, NULL, help_                                \
+    }
+#define DEP_KEY(name_, type_, def_, field_, help_)                                                 \
+    {                                                                                              \
+        "deployment", name_, type_, def_, true, offsetof(cconfig_deployment, field_),              \
+            sizeof(((cconfig_deployment *)0)->field_), 0, 0, NULL, help_                           \
+    }
+
+const cconfig_key cconfig_keys[] = {
+    CTL_KEY("listen_addr", CCFG_STRING, "127.0.0.1", false, listen_addr, 0, 0, NULL,
+            "address the HTTP API listens on (IPv4, IPv6 or host name; 0.0.0.0 for all)"),
+    CTL_KEY("listen_port", CCFG_INT, "8080", false, listen_port, 1, 65535, NULL,
+            "TCP port of the HTTP API"),
+    CTL_KEY("store", CCFG_STRING, NULL, false, store, 0, 0, NULL,
+            "libpq connection string of the PostgreSQL database holding durable state"),
+    CTL_KEY("admin_tokens", CCFG_STRING, NULL, true, admin_tokens, 0, 0, NULL,
+            "comma-separated bearer tokens of operators (pgrelayctl)"),
+    CTL_KEY("auto_register", CCFG_BOOL, "off", true, auto_register, 0, 0, NULL,
+            "an unknown agent token creates a deployment auto-<sha256 prefix>"),
+    CTL_KEY("proxy_timeout", CCFG_DURATION, "10s", true, proxy_timeout_ms, 100, DURATION_MAX_MS,
+            NULL, "a proxy is live while its last request is at most this old"),
+    CTL_KEY("command_retention", CCFG_DURATION, "7d", true, command_retention_ms, MS_PER_MIN,
+            DURATION_MAX_MS, NULL, "commands and their acknowledgements are kept this long"),
+    CTL_KEY("telemetry_retention", CCFG_DURATION, "5m", true, telemetry_retention_ms, MS_PER_S,
+            DURATION_MAX_MS, NULL,
+            "metrics samples, running queries and schema summaries are kept in memory this long"),
+    CTL_KEY("poll_wait_max", CCFG_DURATION, "60s", true, poll_wait_max_ms, MS_PER_S,
+            10 * MS_PER_MIN, NULL, "the longest wait_s an agent's command long poll may use"),
+    CTL_KEY("log_level", CCFG_ENUM, "info", true, log_level, 0, 0, level_words,
+            "error, warning, info or debug; -v and -q on the command line override it"),
+    CTL_KEY("logfile", CCFG_STRING, "", true, logfile, 0, 0, NULL,
+            "append log lines to this file instead of stderr; SIGUSR1 reopens it"),
+    LEASE_KEY("enabled", CCFG_BOOL, "off", lease_enabled, 0, 0,
+              "on: several replicas share the store and only the lease holder serves"),
+    LEASE_KEY("lease_name", CCFG_STRING, "pgrelay-control", lease_name, 0, 0,
+              "name of the lease row; replicas with the same name compete"),
+    LEASE_KEY("lease_duration_secs", CCFG_INT, "15", lease_duration_secs, 1, LEASE_SECS_MAX,
+              "a lease not renewed for this many seconds may be taken over"),
+    LEASE_KEY("lease_interval_secs", CCFG_INT, "5", lease_interval_secs, 1, LEASE_SECS_MAX,
+              "seconds between two attempts to take or renew the lease"),
+    LEASE_KEY("release_timeout_secs", CCFG_INT, "5", release_timeout_secs, 0, LEASE_SECS_MAX,
+              "on shutdown, wait at most this many seconds to give the lease up"),
+    DEP_KEY("token", CCFG_STRING, NULL, token,
+            "bearer token of this deployment's agents (required)"),
+};
+const size_t cconfig_n_keys = sizeof(cconfig_keys) / sizeof(cconfig_keys[0]);
+
+/* Parsing state shared between the line reader and the inih handler. */
+typedef struct cconfig_parse {
+    cconfig *cfg;
+    const char *name;                       /* file name for messages */
+    FILE *fp;                               /* file source, or NULL */
+    const char *text;                       /* string source, or NULL */
+    int line;                               /* number of the line inih is looking at */
+    char section_name[CCONFIG_SECTION_MAX]; /* the current [section], as written */
+    bool section_ok;                        /* the current section is a known one */
+    const char *kind;                       /* key-table section: "control", "lease" */
+    cconfig_deployment *dep;                /* the current [deployment.NAME], or NULL */
+    int control_line;                       /* line of [control], 0 when absent */
+    int lease_line;                         /* line of [lease], 0 when absent */
+} cconfig_parse;
+
+static void cconfig_error(cconfig_parse *p, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void cconfig_error(cconfig_parse *p, int line, const char *fmt, ...)
+{
+    cconfig *cfg = p->cfg;
+    va_list ap;
+    int off;
+
+    if (cfg->n_errors >= CCONFIG_MAX_ERRORS)
+        return;
+    char *buf = cfg->errors[cfg->n_errors++];
+    if (line > 0)
+        off = snprintf(buf, CCONFIG_ERROR_LEN, "%s:%d: ", p->name, line);
+    else
+        off = snprintf(buf, CCONFIG_ERROR_LEN, "%s: ", p->name);
+    if (off < 0 || off >= CCONFIG_ERROR_LEN - 1)
+        return; /* the file name alone fills the message */
+    va_start(ap, fmt);
+    vsnprintf(buf + off, CCONFIG_ERROR_LEN - (size_t)off, fmt, ap);
+    va_end(ap);
+}
+
+int cconfig_parse_duration(const char *text, int64_t *ms_out)
+{
+    char *end;
+    int64_t mult;
+
+    while (isspace((unsigned char)*text))
+        text++;
+    if (!isdigit((unsigned char)*text))
+        return -1;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno != 0)
+        return -1;
+    while (isspace((unsigned char)*end))
+        end++;
+    if (*end == '\0' || strcmp(end, "s") == 0)
+        mult = MS_PER_S;
+    else if (strcmp(end, "ms") == 0)
+        mult = 1;
+    else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
+        mult = MS_PER_MIN;
+    else if (strcmp(end, "h") == 0)
+        mult = MS_PER_H;
+    else if (strcmp(end, "d") == 0)
+        mult = MS_PER_D;
+    else
+        return -1;
+    if (v > INT64_MAX / mult)
+        return -1;
+    *ms_out = (int64_t)v * mult;
+    return 0;
+}
+
+static int cconfig_parse_bool(const char *text)
+{
+    static const char *const yes[] = {"on", "true", "yes", "1"};
+    static const char *const no[] = {"off", "false", "no", "0"};
+    for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) {
+        if (strcasecmp(text, yes[i]) == 0)
+            return 1;
+        if (strcasecmp(text, no[i]) == 0)
+            return 0;
+    }
+    return -1;
+}
+
+static int enum_index(const char *const *words, const char *text)
+{
+    for (int i = 0; words[i]; i++)
+        if (strcasecmp(words[i], text) == 0)
+            return i;
+    return -1;
+}
+
+static void enum_list(const char *const *words, char *buf, size_t len)
+{
+    size_t off = 0;
+    buf[0] = '\0';
+    for (int i = 0; words[i] && off < len; i++)
+        off += (size_t)snprintf(buf + off, len - off, "%s%s", i ? ", " : "", words[i]);
+}
+
+/* Store one value into base (a cconfig or a cconfig_deployment). Returns NULL or an error text
+ * (written into why). */
+static const char *cconfig_set(const cconfig_key *key, void *base, const char *value, char *why,
+                               size_t why_len)
+{
+    char *field = (char *)base + key->offset;
+    int64_t ms;
+    long v;
+    char *end;
+
+    switch (key->type) {
+    case CCFG_STRING:
+        if (strlen(value) >= key->size) {
+            snprintf(why, why_len, "value is longer than %zu characters", key->size - 1);
+            return why;
+        }
+        if (value[0] == '\0' && key->def == NULL) {
+            snprintf(why, why_len, "value must not be empty");
+            return why;
+        }
+        memcpy(field, value, strlen(value) + 1);
+        return NULL;
+    case CCFG_INT:
+        errno = 0;
+        v = strtol(value, &end, 10);
+        if (errno || end == value || *end != '\0') {
+            snprintf(why, why_len, "\"%s\" is not an integer", value);
+            return why;
+        }
+        if (v < key->min || v > key->max) {
+            snprintf(why, why_len, "%ld is out of range (%lld to %lld)", v, (long long)key->min,
+                     (long long)key->max);
+            return why;
+        }
+        *(int *)field = (int)v;
+        return NULL;
+    case CCFG_DURATION:
+        if (cconfig_parse_duration(value, &ms) != 0) {
+            snprintf(why, why_len, "\"%s\" is not a duration (examples: 250ms, 5s, 2m, 7d)", value);
+            return why;
+        }
+        if (ms < key->min || ms > key->max) {
+            snprintf(why, why_len, "%s is out of range (%lldms to %lldms)", value,
+                     (long long)key->min, (long long)key->max);
+            return why;
+        }
+        *(int64_t *)field = ms;
+        return NULL;
+    case CCFG_BOOL: {
+        int b = cconfig_parse_bool(value);
+        if (b < 0) {
+            snprintf(why, why_len, "\"%s\" is not a boolean (on or off)", value);
+            return why;
+        }
+        *(bool *)field = b;
+        return NULL;
+    }
+    case CCFG_ENUM: {
+        int i = enum_index(key->words, value);
+        if (i < 0) {
+            char list[256];
+            enum_list(key->words, list, sizeof(list));
+            snprintf(why, why_len, "\"%s\" is not one of: %s", value, list);
+            return why;
+        }
+        *(int *)field = i;
+        return NULL;
+    }
+    }
+    return "unknown key type";
+}
+
+const cconfig_key *cconfig_find(const char *section, const char *name)
+{
+    for (size_t i = 0; i < cconfig_n_keys; i++)
+        if (strcmp(cconfig_keys[i].section, section) == 0 &&
+            strcmp(cconfig_keys[i].name, name) == 0)
+            return &cconfig_keys[i];
+    return NULL;
+}
+
+static bool deployment_name_valid(const char *name)
+{
+    if (*name == '\0' || strlen(name) >= CCONFIG_NAME_MAX)
+        return false;
+    for (const char *c = name; *c; c++)
+        if (!isalnum((unsigned char)*c) && *c != '_' && *c != '-')
+            return false;
+    return true;
+}
+
+/* A new [section] header: check the name; for [deployment.NAME] start a deployment. */
+static void cconfig_begin_section(cconfig_parse *p, const char *section)
+{
+    cconfig *cfg = p->cfg;
+    p->dep = NULL;
+    p->section_ok = false;
+    if (strcmp(section, "control") == 0 || strcmp(section, "lease") == 0) {
+        bool is_control = strcmp(section, "control") == 0;
+        int *seen = is_control ? &p->control_line : &p->lease_line;
+        if (*seen)
+            cconfig_error(p, p->line, "[%s] appears twice (first at line %d); keys are merged",
+                          section, *seen);
+        *seen = p->line;
+        p->kind = is_control ? "control" : "lease";
+        p->section_ok = true;
+        return;
+    }
+    if (strncmp(section, CCONFIG_DEPLOYMENT_PREFIX, strlen(CCONFIG_DEPLOYMENT_PREFIX)) == 0) {
+        const char *name = section + strlen(CCONFIG_DEPLOYMENT_PREFIX);
+        if (!deployment_name_valid(name)) {
+            cconfig_error(p, p->line,
+                          "[%s]: deployment name must be 1 to %d letters, digits, '_' or '-'",
+                          section, CCONFIG_NAME_MAX - 1);
+            return;
+        }
+        for (int i = 0; i < cfg->n_deployments; i++) {
+            if (strcmp(cfg->deployments[i].name, name) == 0) {
+                cconfig_error(p, p->line, "[%s]: deployment defined twice (first at line %d)",
+                              section, cfg->deployments[i].line);
+                return;
+            }
+        }
+        if (cfg->n_deployments >= CCONFIG_MAX_DEPLOYMENTS) {
+            cconfig_error(p, p->line, "[%s]: too many deployments (at most %d)", section,
+                          CCONFIG_MAX_DEPLOYMENTS);
+            return;
+        }
+        cconfig_deployment *d = &cfg->deployments[cfg->n_deployments++];
+        memset(d, 0, sizeof(*d));
+        snprintf(d->name, sizeof(d->name), "%s", name);
+        d->line = p->line;
+        p->dep = d;
+        p->section_ok = true;
+        return;
+    }
+    cconfig_error(p, p->line, "unknown section [%s] (known: [control], [lease], [deployment.NAME])",
+                  section);
+}
+
+/* Read one whole line from the file or string into line (NUL-terminated, newline kept).
+ * Returns false at the end; *too_long is set (and the rest of the line skipped) when it does
+ * not fit. */
+static bool cconfig_read_line(cconfig_parse *p, char *line, size_t cap, bool *too_long)
+{
+    size_t len = 0;
+    *too_long = false;
+    for (;;) {
+        int c;
+        if (p->fp)
+            c = fgetc(p->fp);
+        else
+            c = *p->text ? (unsigned char)*p->text++ : EOF;
+        if (c == EOF)
+            break;
+        if (len + 2 < cap)
+            line[len++] = (char)c;
+        else
+            *too_long = true;
+        if (c == '\n')
+            break;
+    }
+    line[len] = '\0';
+    return len > 0 || *too_long;
+}
+
+static void trim(char **start)
+{
+    char *a = *start, *e = a + strlen(a);
+    while (isspace((unsigned char)*a))
+        a++;
+    while (e > a && isspace((unsigned char)e[-1]))
+        *--e = '\0';
+    *start = a;
+}
+
+static int cconfig_handler(void *user, const char *section, const char *name, const char *value);
+
+/* A key = value line too long for inih's line buffer: parsed here, the same way. */
+static void cconfig_long_line(cconfig_parse *p, char *s)
+{
+    if (*s == ';' || *s == '#')
+        return;
+    size_t at = strcspn(s, "=:");
+    if (s[at] == '\0') {
+        cconfig_error(p, p->line, "syntax error (expected [section], key = value, or a ; comment)");
+        return;
+    }
+    s[at] = '\0';
+    char *name = s, *value = s + at + 1;
+    for (char *c = value; *c; c++) {
+        if (*c == ';' && c > value && isspace((unsigned char)c[-1])) {
+            *c = '\0'; /* inline comment, as inih */
+            break;
+        }
+    }
+    trim(&name);
+    trim(&value);
+    cconfig_handler(p, p->section_name, name, value);
+}
+
+/* Feed inih one line at a time, keeping the line count and spotting section headers ourselves
+ * (inih does not report a section that has no keys). Leading blanks are removed, so an
+ * indented key is a key; lines longer than inih's buffer are parsed here and inih gets a
+ * comment instead. */
+static char *cconfig_reader(char *buf, int size, void *stream)
+{
+    cconfig_parse *p = stream;
+    char line[CCONFIG_LINE_MAX];
+    bool too_long;
+
+    if (!cconfig_read_line(p, line, sizeof(line), &too_long))
+        return NULL;
+    p->line++;
+    char *s = line;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if (too_long) {
+        cconfig_error(p, p->line, "line is longer than %d characters", CCONFIG_LINE_MAX - 2);
+        snprintf(buf, (size_t)size, ";\n");
+        return buf;
+    }
+    if (*s == '[') {
+        const char *close = strchr(s, ']');
+        if (close) {
+            char section[CCONFIG_SECTION_MAX];
+            size_t n = (size_t)(close - s - 1);
+            if (n >= sizeof(section))
+                n = sizeof(section) - 1;
+            memcpy(section, s + 1, n);
+            section[n] = '\0';
+            char *a = section;
+            trim(&a);
+            snprintf(p->section_name, sizeof(p->section_name), "%s", a);
+            cconfig_begin_section(p, a);
+        }
+    }
+    size_t len = strlen(s);
+    if (len < (size_t)size - 1) {
+        memcpy(buf, s, len + 1);
+        return buf;
+    }
+    trim(&s);
+    cconfig_long_line(p, s);
+    snprintf(buf, (size_t)size, ";\n");
+    return buf;
+}
+
+static int cconfig_handler(void *user, const char *section, const char *name, const char *value)
+{
+    cconfig_parse *p = user;
+    char why[256];
+    const cconfig_key *key;
+    void *base;
+
+    if (section[0] == '\0') {
+        cconfig_error(p, p->line, "key \"%s\" is outside any section (put it under [control])",
+                      name);
+        return 1;
+    }
+    if (!p->section_ok)
+        return 1; /* the section itself was already reported */
+    if (p->dep) {
+        key = cconfig_find("deployment", name);
+        base = p->dep;
+    } else {
+        key = cconfig_find(p->kind, name);
+        base = p->cfg;
+    }
+    if (!key) {
+        cconfig_error(p, p->line, "[%s]: unknown key \"%s\"", section, name);
+        return 1;
+    }
+    const char *err = cconfig_set(key, base, value, why, sizeof(why));
+    if (err)
+        cconfig_error(p, p->line, "[%s] %s: %s", section, name, err);
+    return 1;
+}
+
+static void cconfig_defaults(cconfig *cfg)
+{
+    char why[256];
+    memset(cfg, 0, sizeof(*cfg));
+    for (size_t i = 0; i < cconfig_n_keys; i++) {
+        const cconfig_key *k = &cconfig_keys[i];
+        if (strcmp(k->section, "deployment") != 0 && k->def)
+            cconfig_set(k, cfg, k->def, why, sizeof(why));
+    }
+}
+
+/* A token: printable, no blanks or commas, long enough. Returns NULL or why not. */
+static const char *token_problem(const char *token)
+{
+    if (strlen(token) < CCONFIG_TOKEN_MIN_LEN)
+        return "is shorter than 8 characters";
+    for (const char *c = token; *c; c++)
+        if (!isgraph((unsigned char)*c) || *c == ',')
+            return "may contain only printable characters other than blanks and ','";
+    return NULL;
+}
+
+/* Split admin_tokens into admin_token_list. */
+static void cconfig_split_admin_tokens(cconfig_parse *p)
+{
+    cconfig *cfg = p->cfg;
+    char copy[CCONFIG_TOKENS_MAX];
+    char *save = NULL;
+
+    snprintf(copy, sizeof(copy), "%s", cfg->admin_tokens);
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        trim(&tok);
+        if (*tok == '\0')
+            continue;
+        const char *why = token_problem(tok);
+        if (why) {
+            cconfig_error(p, p->control_line, "[control] admin_tokens: token %d %s",
+                          cfg->n_admin_tokens + 1, why);
+            continue;
+        }
+        if (cfg->n_admin_tokens >= CCONFIG_MAX_ADMIN_TOKENS) {
+            cconfig_error(p, p->control_line, "[control] admin_tokens: more than %d tokens",
+                          CCONFIG_MAX_ADMIN_TOKENS);
+            return;
+        }
+        snprintf(cfg->admin_token_list[cfg->n_admin_tokens++], CCONFIG_TOKEN_MAX, "%s", tok);
+    }
+}
+
+/* Checks that need the whole file: required keys, token rules, lease timing. */
+static void cconfig_validate(cconfig_parse *p)
+{
+    cconfig *cfg = p->cfg;
+
+    for (size_t i = 0; i < cconfig_n_keys; i++) {
+        const cconfig_key *k = &cconfig_keys[i];
+        if (k->def || strcmp(k->section, "deployment") == 0)
+            continue;
+        const char *field = (const char *)cfg + k->offset;
+        if (k->type == CCFG_STRING && field[0] == '\0')
+            cconfig_error(p, 0, "[%s]: missing required key \"%s\"", k->section, k->name);
+    }
+    if (cfg->admin_tokens[0]) {
+        cconfig_split_admin_tokens(p);
+        if (cfg->n_admin_tokens == 0)
+            cconfig_error(p, p->control_line, "[control] admin_tokens: no token given");
+    }
+    for (int i = 0; i < cfg->n_deployments; i++) {
+        cconfig_deployment *d = &cfg->deployments[i];
+        if (d->token[0] == '\0') {
+            cconfig_error(p, d->line, "[deployment.%s]: missing required key \"token\"", d->name);
+            continue;
+        }
+        const char *why = token_problem(d->token);
+        if (why)
+            cconfig_error(p, d->line, "[deployment.%s] token %s", d->name, why);
+        for (int j = 0; j < cfg->n_admin_tokens; j++)
+            if (strcmp(cfg->admin_token_list[j], d->token) == 0)
+                cconfig_error(p, d->line, "[deployment.%s] token is also an admin token", d->name);
+        for (int j = 0; j < i; j++)
+            if (strcmp(cfg->deployments[j].token, d->token) == 0)
+                cconfig_error(p, d->line, "[deployment.%s] token is also the token of [%s%s]",
+                              d->name, CCONFIG_DEPLOYMENT_PREFIX, cfg->deployments[j].name);
+    }
+    if (cfg->lease_interval_secs >= cfg->lease_duration_secs)
+        cconfig_error(p, p->lease_line,
+                      "[lease] lease_interval_secs (%d) must be shorter than "
+                      "lease_duration_secs (%d)",
+                      cfg->lease_interval_secs, cfg->lease_duration_secs);
+}
+
+static int cconfig_run(cconfig *cfg, cconfig_parse *p)
+{
+    int rc = ini_parse_stream(cconfig_reader, p, cconfig_handler, p);
+    if (rc > 0)
+        cconfig_error(p, rc, "syntax error (expected [section], key = value, or a ; comment)");
+    else if (rc < 0)
+        cconfig_error(p, 0, "could not parse (out of memory)");
+    cconfig_validate(p);
+    return cfg->n_errors;
+}
+
+int cconfig_load(cconfig *cfg, const char *path)
+{
+    cconfig_parse p = {.cfg = cfg, .name = path};
+    cconfig_defaults(cfg);
+    snprintf(cfg->path, sizeof(cfg->path), "%s", path);
+    p.fp = fopen(path, "r");
+    if (!p.fp) {
+        cconfig_error(&p, 0, "cannot open: %s", strerror(errno));
+        return cfg->n_errors;
+    }
+    int n = cconfig_run(cfg, &p);
+    fclose(p.fp);
+    return n;
+}
+
+int cconfig_load_string(cconfig *cfg, const char *name, const char *text)
+{
+    cconfig_parse p = {.cfg = cfg, .name = name, .text = text};
+    cconfig_defaults(cfg);
+    snprintf(cfg->path, sizeof(cfg->path), "%s", name);
+    return cconfig_run(cfg, &p);
+}
+
+void cconfig_format_value(const cconfig_key *key, const void *base, char *buf, size_t len)
+{
+    const char *field = (const char *)base + key->offset;
+    switch (key->type) {
+    case CCFG_STRING:
+        snprintf(buf, len, "%s", field);
+        break;
+    case CCFG_INT:
+        snprintf(buf, len, "%d", *(const int *)field);
+        break;
+    case CCFG_DURATION: {
+        int64_t ms = *(const int64_t *)field;
+        if (ms == 0)
+            snprintf(buf, len, "0");
+        else if (ms % MS_PER_D == 0)
+            snprintf(buf, len, "%lldd", (long long)(ms / MS_PER_D));
+        else if (ms % MS_PER_S == 0)
+            snprintf(buf, len, "%llds", (long long)(ms / MS_PER_S));
+        else
+            snprintf(buf, len, "%lldms", (long long)ms);
+        break;
+    }
+    case CCFG_BOOL:
+        snprintf(buf, len, "%s", *(const bool *)field ? "on" : "off");
+        break;
+    case CCFG_ENUM:
+        snprintf(buf, len, "%s", key->words[*(const int *)field]);
+        break;
+    }
+}

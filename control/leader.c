@@ -1,0 +1,225 @@
+/* leader.c - coordinated leadership: one write leader per deployment, decided from every
+ * live proxy's node observations.
+ *
+ * Rules (docs/protocol.md, "Coordinated leadership"):
+ *  - the current leader stays while a majority of the live proxies that report it see it up
+ *    and not in recovery;
+ *  - otherwise the node that a majority of the reporting live proxies see as a primary takes
+ *    over with a new epoch;
+ *  - with no leader yet, the leader the agents themselves report is taken when they agree and
+ *    someone sees it as a primary, else the majority's primary;
+ *  - epochs only grow, and never stay below what an agent reports, so agents (which never
+ *    lower their epoch) always follow the answer.
+ */
+#include "leader.h"
+#include "control.h"
+#include "log.h"
+#include "operator.h"
+#include "store.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#define LEADER_MAX_NODES 64 /* distinct node names considered per decision */
+
+/* What the live proxies say about one database node. */
+typedef struct leader_tally {
+    const char *name;
+    int reported; /* proxies that report the node at all */
+    int primary;  /* proxies that see it up and not in recovery */
+} leader_tally;
+
+/* Up and not in recovery (a report without in_recovery falls back to its role). */
+static bool leader_sees_primary(json_t *obs)
+{
+    const char *health = json_string_value(json_object_get(obs, "health"));
+    json_t *rec = json_object_get(obs, "in_recovery");
+    if (!health || strcmp(health, "up") != 0)
+        return false;
+    if (json_is_boolean(rec))
+        return json_is_false(rec);
+    const char *role = json_string_value(json_object_get(obs, "role"));
+    return role && strcmp(role, "primary") == 0;
+}
+
+static leader_tally *leader_tally_get(leader_tally *t, int *n, const char *name)
+{
+    for (int i = 0; i < *n; i++)
+        if (strcmp(t[i].name, name) == 0)
+            return &t[i];
+    if (*n >= LEADER_MAX_NODES)
+        return NULL;
+    t[*n] = (leader_tally){.name = name};
+    return &t[(*n)++];
+}
+
+/* Observations of a proxy recent enough to count (as old as the proxy timeout at most). */
+static json_t *leader_fresh_nodes(const state_proxy *p, int64_t now)
+{
+    if (!p->nodes || now - p->nodes_ms > control.cfg->proxy_timeout_ms)
+        return NULL;
+    return p->nodes;
+}
+
+static int leader_commit(state_deployment *dep, const char *leader_in, int64_t epoch,
+                         const char *why)
+{
+    char leader[STATE_NODE_NAME_MAX];
+    snprintf(leader, sizeof(leader), "%s", leader_in); /* leader_in may be dep->leader itself */
+    if (strcmp(dep->leader, leader) == 0 && dep->epoch == epoch)
+        return 0;
+    if (epoch < dep->epoch)
+        epoch = dep->epoch; /* never down */
+    if (store_leadership_save(dep->name, leader, epoch) != 0) {
+        log_error("deployment %s: cannot store the leader decision (%s): %s", dep->name, leader,
+                  store_error());
+        return -1;
+    }
+    if (strcmp(dep->leader, leader) != 0)
+        log_info("deployment %s: write leader %s -> %s, epoch %" PRId64 " (%s)", dep->name,
+                 dep->leader[0] ? dep->leader : "(none)", leader, epoch, why);
+    else
+        log_info("deployment %s: write leader %s, epoch %" PRId64 " -> %" PRId64 " (%s)", dep->name,
+                 leader, dep->epoch, epoch, why);
+    snprintf(dep->leader, sizeof(dep->leader), "%s", leader);
+    dep->epoch = epoch;
+    return 0;
+}
+
+int leader_decide(state_deployment *dep)
+{
+    state_proxy *live[STATE_LIVE_MAX];
+    leader_tally tally[LEADER_MAX_NODES];
+    int n_tally = 0, reporters = 0;
+    int64_t now = control_now_ms();
+    int64_t max_epoch = 0;             /* highest epoch a live proxy reports */
+    const char *max_epoch_leader = ""; /* the leader reported with it */
+    const char *agreed = NULL;         /* the leader every reporting proxy names, if any */
+    bool agree = true;
+
+    if (operator_leadership_frozen(dep))
+        return 0; /* a switchover decides */
+    int n = state_live_proxies(dep, live, STATE_LIVE_MAX);
+    for (int i = 0; i < n; i++) {
+        state_proxy *p = live[i];
+        if (p->epoch > max_epoch) {
+            max_epoch = p->epoch;
+            max_epoch_leader = p->leader;
+        }
+        if (p->leader[0]) {
+            if (agreed && strcmp(agreed, p->leader) != 0)
+                agree = false;
+            agreed = p->leader;
+        }
+        json_t *nodes = leader_fresh_nodes(p, now);
+        if (!nodes)
+            continue;
+        reporters++;
+        size_t j;
+        json_t *obs;
+        json_array_foreach(nodes, j, obs)
+        {
+            const char *name = json_string_value(json_object_get(obs, "name"));
+            leader_tally *t = name ? leader_tally_get(tally, &n_tally, name) : NULL;
+            if (!t)
+                continue;
+            t->reported++;
+            if (leader_sees_primary(obs))
+                t->primary++;
+        }
+    }
+    if (reporters == 0)
+        return 0; /* nobody observes anything: no new opinion */
+
+    /* The majority's primary, if there is one (at most one node can have a majority). */
+    const leader_tally *candidate = NULL;
+    for (int i = 0; i < n_tally; i++)
+        if (tally[i].primary * 2 > reporters)
+            candidate = &tally[i];
+
+    if (dep->leader[0]) {
+        leader_tally *cur = NULL;
+        for (int i = 0; i < n_tally; i++)
+            if (strcmp(tally[i].name, dep->leader) == 0)
+                cur = &tally[i];
+        bool stays = cur && cur->reported > 0 && cur->primary * 2 > cur->reported;
+        if (stays || !candidate || strcmp(candidate->name, dep->leader) == 0) {
+            /* Keep the leader; catch up with an epoch some agent raised on its own. */
+            if (max_epoch > dep->epoch) {
+                int64_t e = strcmp(max_epoch_leader, dep->leader) == 0 ? max_epoch : max_epoch + 1;
+                return leader_commit(dep, dep->leader, e, "an agent reported a higher epoch");
+            }
+            return 0;
+        }
+        int64_t base = dep->epoch > max_epoch ? dep->epoch : max_epoch;
+        return leader_commit(dep, candidate->name, base + 1,
+                             "the old leader is not a primary for a majority of the proxies");
+    }
+
+    /* No leader yet: seed it. */
+    if (agreed && agree) {
+        for (int i = 0; i < n_tally; i++) {
+            if (strcmp(tally[i].name, agreed) == 0 && tally[i].primary > 0) {
+                int64_t e = dep->epoch > max_epoch ? dep->epoch : max_epoch;
+                return leader_commit(dep, agreed, e, "the leader the agents agree on");
+            }
+        }
+    }
+    if (candidate) {
+        int64_t base = dep->epoch > max_epoch ? dep->epoch : max_epoch;
+        return leader_commit(dep, candidate->name, base + 1,
+                             "the primary a majority of the proxies see");
+    }
+    return 0;
+}
+
+int leader_set(state_deployment *dep, const char *node, int64_t epoch)
+{
+    if (epoch <= dep->epoch)
+        epoch = dep->epoch + 1;
+    if (store_leadership_save(dep->name, node, epoch) != 0)
+        return -1;
+    log_info("deployment %s: write leader %s -> %s, epoch %" PRId64 " (switchover)", dep->name,
+             dep->leader[0] ? dep->leader : "(none)", node, epoch);
+    snprintf(dep->leader, sizeof(dep->leader), "%s", node);
+    dep->epoch = epoch;
+    return 0;
+}
+
+int64_t leader_highest_lsn(state_deployment *dep, const char *node)
+{
+    int64_t best = 0;
+    for (state_proxy *p = dep->proxies; p; p = p->next) {
+        size_t i;
+        json_t *obs;
+        json_array_foreach(p->nodes, i, obs)
+        {
+            const char *name = json_string_value(json_object_get(obs, "name"));
+            json_t *lsn = json_object_get(obs, "lsn");
+            if (name && strcmp(name, node) == 0 && json_is_integer(lsn) &&
+                json_integer_value(lsn) > best)
+                best = json_integer_value(lsn);
+        }
+    }
+    return best;
+}
+
+bool leader_node_known(state_deployment *dep, const char *node)
+{
+    bool any = false;
+    for (state_proxy *p = dep->proxies; p; p = p->next) {
+        size_t i;
+        json_t *obs;
+        if (!p->nodes)
+            continue;
+        any = true;
+        json_array_foreach(p->nodes, i, obs)
+        {
+            const char *name = json_string_value(json_object_get(obs, "name"));
+            if (name && strcmp(name, node) == 0)
+                return true;
+        }
+    }
+    return !any;
+}

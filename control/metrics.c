@@ -1,0 +1,216 @@
+/* metrics.c - /metrics: Prometheus text exposition of the control plane and every proxy. */
+#include "metrics.h"
+#include "control.h"
+#include "lease.h"
+#include "state.h"
+#include "store.h"
+
+#include <event2/buffer.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#define METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
+#define METRICS_LABEL_MAX    512
+#define MS_PER_S             1000.0
+
+/* One per-proxy metric family: its value for a proxy, or false when it has none. */
+typedef bool (*metrics_getter)(const state_proxy *p, int64_t now, double *out);
+
+typedef struct metrics_family {
+    const char *name;
+    const char *type; /* "gauge" or "counter" */
+    const char *help;
+    metrics_getter get;
+} metrics_family;
+
+static const state_sample *metrics_newest(const state_proxy *p)
+{
+    if (p->samples_n == 0)
+        return NULL;
+    return &p->samples[(p->samples_head + p->samples_n - 1) % STATE_SAMPLES_MAX];
+}
+
+#define SAMPLE_GETTER(fn_, field_)                                                                 \
+    static bool fn_(const state_proxy *p, int64_t now, double *out)                                \
+    {                                                                                              \
+        const state_sample *s = metrics_newest(p);                                                 \
+        (void)now;                                                                                 \
+        if (!s)                                                                                    \
+            return false;                                                                          \
+        *out = (double)s->field_;                                                                  \
+        return true;                                                                               \
+    }
+SAMPLE_GETTER(get_clients, clients)
+SAMPLE_GETTER(get_statements, statements)
+SAMPLE_GETTER(get_bytes_in, bytes_in)
+SAMPLE_GETTER(get_bytes_out, bytes_out)
+SAMPLE_GETTER(get_errors, errors)
+
+static bool get_epoch(const state_proxy *p, int64_t now, double *out)
+{
+    (void)now;
+    *out = (double)p->epoch;
+    return true;
+}
+
+static bool get_maintenance(const state_proxy *p, int64_t now, double *out)
+{
+    (void)now;
+    *out = p->maintenance ? 1 : 0;
+    return true;
+}
+
+static bool get_config_version(const state_proxy *p, int64_t now, double *out)
+{
+    (void)now;
+    *out = (double)p->config_version;
+    return true;
+}
+
+static bool get_live(const state_proxy *p, int64_t now, double *out)
+{
+    *out = state_proxy_live(p, now) ? 1 : 0;
+    return true;
+}
+
+static bool get_last_seen(const state_proxy *p, int64_t now, double *out)
+{
+    if (p->last_seen_ms == 0)
+        return false;
+    *out = (double)(now - p->last_seen_ms) / MS_PER_S;
+    return true;
+}
+
+static const metrics_family metrics_proxy_families[] = {
+    {"pgrelay_proxy_clients", "gauge", "Client sessions of the proxy (last sample).", get_clients},
+    {"pgrelay_proxy_statements_total", "counter", "Statements relayed since the proxy started.",
+     get_statements},
+    {"pgrelay_proxy_bytes_in_total", "counter", "Bytes received from clients since start.",
+     get_bytes_in},
+    {"pgrelay_proxy_bytes_out_total", "counter", "Bytes sent to clients since start.",
+     get_bytes_out},
+    {"pgrelay_proxy_errors_total", "counter", "Errors since the proxy started.", get_errors},
+    {"pgrelay_proxy_epoch", "gauge", "Leader epoch the proxy reports.", get_epoch},
+    {"pgrelay_proxy_maintenance", "gauge", "1 while the proxy is in maintenance mode.",
+     get_maintenance},
+    {"pgrelay_proxy_config_version", "gauge", "Configuration version applied on the proxy.",
+     get_config_version},
+    {"pgrelay_proxy_live", "gauge", "1 while the proxy's last request is recent enough.", get_live},
+    {"pgrelay_proxy_last_seen_seconds", "gauge", "Seconds since the proxy's last request.",
+     get_last_seen},
+};
+
+/* A label value with \, " and newline escaped. */
+static const char *metrics_escape(const char *in, char *out, size_t len)
+{
+    size_t o = 0;
+    for (; *in && o + 3 < len; in++) {
+        if (*in == '\\' || *in == '"') {
+            out[o++] = '\\';
+            out[o++] = *in;
+        } else if (*in == '\n') {
+            out[o++] = '\\';
+            out[o++] = 'n';
+        } else {
+            out[o++] = *in;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static void metrics_header(struct evbuffer *b, const char *name, const char *type, const char *help)
+{
+    evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void metrics_deployments(struct evbuffer *b)
+{
+    char dep[METRICS_LABEL_MAX], lbl[METRICS_LABEL_MAX];
+
+    metrics_header(b, "pgrelay_control_proxies", "gauge", "Known proxies of the deployment.");
+    for (state_deployment *d = state_deployments(); d; d = d->next) {
+        int total, live;
+        state_count(d, &total, &live);
+        evbuffer_add_printf(b, "pgrelay_control_proxies{deployment=\"%s\"} %d\n",
+                            metrics_escape(d->name, dep, sizeof(dep)), total);
+    }
+    metrics_header(b, "pgrelay_control_proxies_live", "gauge",
+                   "Proxies of the deployment that are live.");
+    for (state_deployment *d = state_deployments(); d; d = d->next) {
+        int total, live;
+        state_count(d, &total, &live);
+        evbuffer_add_printf(b, "pgrelay_control_proxies_live{deployment=\"%s\"} %d\n",
+                            metrics_escape(d->name, dep, sizeof(dep)), live);
+    }
+    metrics_header(b, "pgrelay_control_epoch", "gauge",
+                   "Leader epoch the control plane decided for the deployment.");
+    for (state_deployment *d = state_deployments(); d; d = d->next)
+        evbuffer_add_printf(b, "pgrelay_control_epoch{deployment=\"%s\"} %" PRId64 "\n",
+                            metrics_escape(d->name, dep, sizeof(dep)), d->epoch);
+    metrics_header(b, "pgrelay_control_leader", "gauge",
+                   "1 for the write leader the control plane decided for the deployment.");
+    for (state_deployment *d = state_deployments(); d; d = d->next)
+        if (d->leader[0])
+            evbuffer_add_printf(b, "pgrelay_control_leader{deployment=\"%s\",node=\"%s\"} 1\n",
+                                metrics_escape(d->name, dep, sizeof(dep)),
+                                metrics_escape(d->leader, lbl, sizeof(lbl)));
+
+    int64_t now = control_now_ms();
+    for (size_t f = 0; f < sizeof(metrics_proxy_families) / sizeof(metrics_proxy_families[0]);
+         f++) {
+        const metrics_family *fam = &metrics_proxy_families[f];
+        metrics_header(b, fam->name, fam->type, fam->help);
+        for (state_deployment *d = state_deployments(); d; d = d->next) {
+            for (state_proxy *p = d->proxies; p; p = p->next) {
+                double v;
+                if (!fam->get(p, now, &v))
+                    continue;
+                evbuffer_add_printf(b, "%s{deployment=\"%s\",node_id=\"%s\"} %.17g\n", fam->name,
+                                    metrics_escape(d->name, dep, sizeof(dep)),
+                                    metrics_escape(p->node_id, lbl, sizeof(lbl)), v);
+            }
+        }
+    }
+}
+
+void metrics_handle(http_call *call)
+{
+    char lease_name[METRICS_LABEL_MAX], holder[METRICS_LABEL_MAX], me[METRICS_LABEL_MAX];
+    struct evbuffer *b = evbuffer_new();
+    if (!b) {
+        http_reply_error(call->req, 500, "out of memory");
+        return;
+    }
+    bool serving = http_not_serving_reason() == NULL;
+
+    metrics_header(b, "pgrelay_control_up", "gauge", "1 while pgrelay-control runs.");
+    evbuffer_add_printf(b, "pgrelay_control_up 1\n");
+    metrics_header(b, "pgrelay_control_store_up", "gauge",
+                   "1 when the last store operation succeeded.");
+    evbuffer_add_printf(b, "pgrelay_control_store_up %d\n", store_up() ? 1 : 0);
+    metrics_header(b, "pgrelay_control_serving", "gauge",
+                   "1 when this replica serves /api/v1 (state loaded, lease held or disabled).");
+    evbuffer_add_printf(b, "pgrelay_control_serving %d\n", serving ? 1 : 0);
+    metrics_header(b, "pgrelay_control_lease_held", "gauge",
+                   "1 when this replica holds the lease (always 1 with leases disabled).");
+    evbuffer_add_printf(b, "pgrelay_control_lease_held{identity=\"%s\"} %d\n",
+                        metrics_escape(control.identity, me, sizeof(me)), lease_held() ? 1 : 0);
+    if (lease_enabled()) {
+        metrics_header(b, "pgrelay_control_lease_holder", "gauge",
+                       "1 for the lease holder as last seen in the store.");
+        metrics_escape(control.cfg->lease_name, lease_name, sizeof(lease_name));
+        metrics_escape(lease_holder(), holder, sizeof(holder));
+        if (holder[0])
+            evbuffer_add_printf(b, "pgrelay_control_lease_holder{lease=\"%s\",holder=\"%s\"} 1\n",
+                                lease_name, holder);
+    }
+    if (serving)
+        metrics_deployments(b);
+
+    evhttp_add_header(evhttp_request_get_output_headers(call->req), "Content-Type",
+                      METRICS_CONTENT_TYPE);
+    evhttp_send_reply(call->req, 200, "OK", b);
+    evbuffer_free(b);
+}

@@ -1,0 +1,36 @@
+/* operator.h - operator endpoints and orchestration: maintenance, reload, switchover, config. */
+#ifndef PGRELAY_OPERATOR_H
+#define PGRELAY_OPERATOR_H
+
+#include "http.h"
+#include "state.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define OPERATOR_DEFAULT_TIMEOUT_S 30   /* timeout_s when the request gives none */
+#define OPERATOR_MAX_TIMEOUT_S     3600 /* longest timeout_s accepted */
+
+void operator_deployments(http_call *call);
+void operator_proxies(http_call *call);
+void operator_nodes(http_call *call);
+void operator_queries(http_call *call);
+void operator_metrics(http_call *call);
+void operator_schema(http_call *call);
+void operator_maintenance(http_call *call);
+void operator_reload(http_call *call);
+void operator_switchover(http_call *call);
+void operator_config_apply(http_call *call);
+void operator_config_get(http_call *call);
+
+/* A proxy acknowledged a command: the orchestration waiting for it goes on. */
+void operator_on_ack(state_deployment *dep, int64_t command_id, const char *node_id, bool ok,
+                     const char *detail);
+
+/* A switchover is running: coordinated decisions wait for it. */
+bool operator_leadership_frozen(state_deployment *dep);
+
+/* End every orchestration with 503 and reason (lease lost, shutdown). */
+void operator_cancel_all(const char *reason);
+
+#endif

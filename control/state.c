@@ -1,0 +1,349 @@
+/* state.c - the lease holder's in-memory deployments, proxies and telemetry, loaded from the store.
+ */
+#include "state.h"
+#include "agents.h"
+#include "log.h"
+#include "operator.h"
+#include "store.h"
+
+#include <event2/http.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define STATE_AUTO_PREFIX     "auto-"
+#define STATE_AUTO_HEX_DIGITS 12 /* of the token's SHA-256 in an auto deployment's name */
+
+static state_deployment *state_head;
+
+state_deployment *state_deployments(void)
+{
+    return state_head;
+}
+
+state_deployment *state_find_deployment(const char *name)
+{
+    for (state_deployment *d = state_head; d; d = d->next)
+        if (strcmp(d->name, name) == 0)
+            return d;
+    return NULL;
+}
+
+state_deployment *state_deployment_by_digest(const char *sha_hex)
+{
+    state_deployment *found = NULL;
+    /* Look at every deployment, so that the time taken does not say which one matched. */
+    for (state_deployment *d = state_head; d; d = d->next)
+        if ((d->configured || d->is_auto) && control_digest_equal(d->token_sha256, sha_hex))
+            found = d;
+    return found;
+}
+
+static state_deployment *state_new_deployment(const char *name, const char *sha_hex, bool is_auto)
+{
+    state_deployment *d = calloc(1, sizeof(*d));
+    if (!d)
+        return NULL;
+    snprintf(d->name, sizeof(d->name), "%s", name);
+    snprintf(d->token_sha256, sizeof(d->token_sha256), "%s", sha_hex);
+    d->is_auto = is_auto;
+    /* keep the list sorted by name: listings come out in order */
+    state_deployment **at = &state_head;
+    while (*at && strcmp((*at)->name, name) < 0)
+        at = &(*at)->next;
+    d->next = *at;
+    *at = d;
+    return d;
+}
+
+state_deployment *state_auto_deployment(const char *sha_hex)
+{
+    char name[CCONFIG_NAME_MAX];
+    snprintf(name, sizeof(name), STATE_AUTO_PREFIX "%.*s", STATE_AUTO_HEX_DIGITS, sha_hex);
+    state_deployment *d = state_find_deployment(name);
+    if (d)
+        return d->is_auto && control_digest_equal(d->token_sha256, sha_hex) ? d : NULL;
+    if (store_deployment_save(name, sha_hex, true) != 0)
+        return NULL;
+    d = state_new_deployment(name, sha_hex, true);
+    if (d)
+        log_info("deployment %s created by auto_register", name);
+    return d;
+}
+
+state_proxy *state_find_proxy(state_deployment *dep, const char *node_id)
+{
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        if (strcmp(p->node_id, node_id) == 0)
+            return p;
+    return NULL;
+}
+
+state_proxy *state_get_proxy(state_deployment *dep, const char *node_id)
+{
+    state_proxy *p = state_find_proxy(dep, node_id);
+    if (p)
+        return p;
+    p = calloc(1, sizeof(*p));
+    if (!p)
+        return NULL;
+    p->dep = dep;
+    snprintf(p->node_id, sizeof(p->node_id), "%s", node_id);
+    p->listen = json_array();
+    p->dirty = true;
+    state_proxy **at = &dep->proxies;
+    while (*at && strcmp((*at)->node_id, node_id) < 0)
+        at = &(*at)->next;
+    p->next = *at;
+    *at = p;
+    return p;
+}
+
+bool state_proxy_live(const state_proxy *p, int64_t now_ms)
+{
+    /* a parked long poll whose client is still connected */
+    if (p->poll_req && evhttp_request_get_connection(p->poll_req))
+        return true;
+    return p->last_seen_ms > 0 && now_ms - p->last_seen_ms <= control.cfg->proxy_timeout_ms;
+}
+
+int state_live_proxies(state_deployment *dep, state_proxy **out, int max)
+{
+    int n = 0;
+    int64_t now = control_now_ms();
+    /* the list is sorted by node_id */
+    for (state_proxy *p = dep->proxies; p && n < max; p = p->next)
+        if (state_proxy_live(p, now))
+            out[n++] = p;
+    return n;
+}
+
+void state_count(state_deployment *dep, int *total, int *live)
+{
+    int64_t now = control_now_ms();
+    *total = *live = 0;
+    for (state_proxy *p = dep->proxies; p; p = p->next) {
+        (*total)++;
+        if (state_proxy_live(p, now))
+            (*live)++;
+    }
+}
+
+void state_add_sample(state_proxy *p, const state_sample *s)
+{
+    if (!p->samples) {
+        p->samples = calloc(STATE_SAMPLES_MAX, sizeof(*p->samples));
+        if (!p->samples)
+            return;
+    }
+    if (p->samples_n == STATE_SAMPLES_MAX) {
+        p->samples_head = (p->samples_head + 1) % STATE_SAMPLES_MAX;
+        p->samples_n--;
+    }
+    p->samples[(p->samples_head + p->samples_n) % STATE_SAMPLES_MAX] = *s;
+    p->samples_n++;
+}
+
+bool state_rate_window(const state_proxy *p, int64_t window_ms, const state_sample **first,
+                       const state_sample **last)
+{
+    if (p->samples_n < 2)
+        return false;
+    const state_sample *newest =
+        &p->samples[(p->samples_head + p->samples_n - 1) % STATE_SAMPLES_MAX];
+    for (int i = 0; i < p->samples_n - 1; i++) {
+        const state_sample *s = &p->samples[(p->samples_head + i) % STATE_SAMPLES_MAX];
+        if (s->received_ms >= newest->received_ms - window_ms) {
+            *first = s;
+            *last = newest;
+            return true;
+        }
+    }
+    return false;
+}
+
+static void state_prune_json(json_t **obj, int64_t at_ms, int64_t cutoff)
+{
+    if (*obj && at_ms < cutoff) {
+        json_decref(*obj);
+        *obj = NULL;
+    }
+}
+
+void state_prune(int64_t now_ms)
+{
+    int64_t cutoff = now_ms - control.cfg->telemetry_retention_ms;
+    for (state_deployment *d = state_head; d; d = d->next) {
+        for (state_proxy *p = d->proxies; p; p = p->next) {
+            while (p->samples_n > 0 && p->samples[p->samples_head].received_ms < cutoff) {
+                p->samples_head = (p->samples_head + 1) % STATE_SAMPLES_MAX;
+                p->samples_n--;
+            }
+            state_prune_json(&p->last_metrics, p->last_metrics_ms, cutoff);
+            state_prune_json(&p->nodes, p->nodes_ms, cutoff);
+            state_prune_json(&p->queries, p->queries_ms, cutoff);
+            state_prune_json(&p->config, p->config_ms, cutoff);
+            if (p->schema) {
+                const char *db;
+                json_t *entry, *tmp;
+                json_object_foreach_safe(p->schema, tmp, db, entry)
+                {
+                    json_int_t at = json_integer_value(json_object_get(entry, "received_ms"));
+                    if (at < cutoff)
+                        json_object_del(p->schema, db);
+                }
+            }
+        }
+    }
+}
+
+static void state_free_proxy(state_proxy *p)
+{
+    json_decref(p->listen);
+    json_decref(p->last_metrics);
+    json_decref(p->nodes);
+    json_decref(p->queries);
+    json_decref(p->schema);
+    json_decref(p->config);
+    free(p->samples);
+    free(p);
+}
+
+static void state_free_list(state_deployment *head)
+{
+    while (head) {
+        state_deployment *d = head;
+        head = d->next;
+        while (d->proxies) {
+            state_proxy *p = d->proxies;
+            d->proxies = p->next;
+            state_free_proxy(p);
+        }
+        free(d);
+    }
+}
+
+/* Write the configured deployments into the store (name and token digest). 0 or -1. */
+static int state_save_configured(void)
+{
+    const cconfig *cfg = control.cfg;
+    char sha[CONTROL_SHA256_HEX_LEN];
+    for (int i = 0; i < cfg->n_deployments; i++) {
+        control_sha256_hex(cfg->deployments[i].token, sha);
+        if (store_deployment_save(cfg->deployments[i].name, sha, false) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void state_mark_configured(void)
+{
+    const cconfig *cfg = control.cfg;
+    for (state_deployment *d = state_head; d; d = d->next) {
+        d->configured = false;
+        for (int i = 0; i < cfg->n_deployments; i++)
+            if (strcmp(cfg->deployments[i].name, d->name) == 0)
+                d->configured = true;
+    }
+}
+
+int state_activate(void)
+{
+    state_deployment *loaded = NULL;
+
+    if (store_migrate() != 0 || state_save_configured() != 0 || store_config_recover() < 0)
+        goto failed;
+    if (store_load(&loaded) != 0)
+        goto failed;
+    /* store_load prepends: put the list in name order */
+    state_head = NULL;
+    while (loaded) {
+        state_deployment *d = loaded;
+        loaded = d->next;
+        state_deployment **at = &state_head;
+        while (*at && strcmp((*at)->name, d->name) < 0)
+            at = &(*at)->next;
+        d->next = *at;
+        *at = d;
+        for (state_proxy *p = d->proxies; p; p = p->next)
+            p->saved_seen_ms = p->last_seen_ms;
+    }
+    state_mark_configured();
+    control.active = true;
+    int n_dep = 0, n_proxy = 0;
+    for (state_deployment *d = state_head; d; d = d->next) {
+        n_dep++;
+        for (state_proxy *p = d->proxies; p; p = p->next)
+            n_proxy++;
+    }
+    log_info("active: %d deployment(s), %d known prox%s loaded from the store", n_dep, n_proxy,
+             n_proxy == 1 ? "y" : "ies");
+    return 0;
+
+failed:
+    state_free_list(loaded);
+    log_error("cannot load state from the store: %s", store_error());
+    return -1;
+}
+
+void state_deactivate(const char *reason)
+{
+    if (!control.active && !state_head)
+        return;
+    operator_cancel_all(reason);
+    agents_release_all(reason);
+    state_free_list(state_head);
+    state_head = NULL;
+    control.active = false;
+    log_info("inactive: %s", reason);
+}
+
+void state_apply_config(void)
+{
+    const cconfig *cfg = control.cfg;
+    char sha[CONTROL_SHA256_HEX_LEN];
+
+    if (!control.active)
+        return;
+    for (int i = 0; i < cfg->n_deployments; i++) {
+        const cconfig_deployment *cd = &cfg->deployments[i];
+        control_sha256_hex(cd->token, sha);
+        state_deployment *d = state_find_deployment(cd->name);
+        if (d && strcmp(d->token_sha256, sha) == 0)
+            continue;
+        if (store_deployment_save(cd->name, sha, false) != 0) {
+            log_error("reload: cannot save deployment %s: %s", cd->name, store_error());
+            continue;
+        }
+        if (d) {
+            snprintf(d->token_sha256, sizeof(d->token_sha256), "%s", sha);
+            log_info("reload: deployment %s has a new token", cd->name);
+        } else if (state_new_deployment(cd->name, sha, false)) {
+            log_info("reload: deployment %s added", cd->name);
+        }
+    }
+    for (state_deployment *d = state_head; d; d = d->next) {
+        bool was = d->configured;
+        d->configured = false;
+        for (int i = 0; i < cfg->n_deployments; i++)
+            if (strcmp(cfg->deployments[i].name, d->name) == 0)
+                d->configured = true;
+        if (was && !d->configured)
+            log_info("reload: deployment %s is no longer configured; its token is refused",
+                     d->name);
+    }
+}
+
+void state_flush(void)
+{
+    for (state_deployment *d = state_head; d; d = d->next) {
+        for (state_proxy *p = d->proxies; p; p = p->next) {
+            if (!p->dirty && p->saved_seen_ms == p->last_seen_ms)
+                continue;
+            if (store_proxy_save(p) != 0)
+                return; /* the store is down; try again next time */
+            p->dirty = false;
+            p->saved_seen_ms = p->last_seen_ms;
+        }
+    }
+}

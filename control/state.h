@@ -1,0 +1,135 @@
+/* state.h - the lease holder's in-memory picture: deployments, proxies, and their telemetry. */
+#ifndef PGRELAY_STATE_H
+#define PGRELAY_STATE_H
+
+#include "cconfig.h"
+#include "control.h"
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define STATE_NODE_ID_MAX   129  /* node_id of a proxy, NUL included */
+#define STATE_NODE_NAME_MAX 64   /* name of a database node, NUL included */
+#define STATE_TEXT_MAX      256  /* hostname, version */
+#define STATE_SAMPLES_MAX   3600 /* metrics samples kept per proxy (also bounded by retention) */
+#define STATE_LIVE_MAX      1024 /* proxies one orchestration step addresses at most */
+
+struct evhttp_request;
+struct event;
+struct operator_op;
+
+/* The counters of one metrics sample, kept for rates over the retention window. */
+typedef struct state_sample {
+    int64_t received_ms; /* control-plane wall clock when it arrived */
+    int64_t ts_ms;       /* the agent's timestamp */
+    int64_t clients;
+    int64_t statements;
+    int64_t bytes_in;
+    int64_t bytes_out;
+    int64_t errors;
+} state_sample;
+
+/* One proxy host (one pgrelay-agent) of a deployment. */
+typedef struct state_proxy {
+    struct state_proxy *next;
+    struct state_deployment *dep;
+    char node_id[STATE_NODE_ID_MAX];
+    char hostname[STATE_TEXT_MAX];
+    char version[STATE_TEXT_MAX];
+    json_t *listen;                   /* array of "addr:port" strings as registered */
+    int64_t registered_ms;            /* wall clock of the last register */
+    int64_t last_seen_ms;             /* wall clock of the last request */
+    int64_t epoch;                    /* as the proxy last reported */
+    char leader[STATE_NODE_NAME_MAX]; /* as the proxy last reported; "" = none */
+    bool maintenance;                 /* as the proxy last reported */
+    int64_t config_version;           /* applied configuration version (reports and commit acks) */
+    bool dirty;                       /* fields above changed since the last write to the store */
+    int64_t saved_seen_ms;            /* last_seen_ms as last written to the store */
+
+    /* Telemetry: memory only, dropped after telemetry_retention. */
+    json_t *last_metrics; /* the last metrics body as received (nodes included) */
+    int64_t last_metrics_ms;
+    json_t *nodes; /* the last "nodes" observation, or NULL */
+    int64_t nodes_ms;
+    json_t *queries; /* the last running-queries list, or NULL */
+    int64_t queries_ms;
+    json_t *schema; /* object: database name -> {"tables": [...], "received_ms"} */
+    json_t *config; /* the last effective configuration reported, or NULL */
+    int64_t config_ms;
+    int64_t config_reported_version;
+    state_sample *samples; /* ring of STATE_SAMPLES_MAX */
+    int samples_head;      /* index of the oldest */
+    int samples_n;
+
+    /* A parked long poll (agents.c), or NULL. */
+    struct evhttp_request *poll_req;
+    struct event *poll_timer;
+} state_proxy;
+
+/* One deployment: the proxies that share a token and a write leader. */
+typedef struct state_deployment {
+    struct state_deployment *next;
+    char name[CCONFIG_NAME_MAX];
+    char token_sha256[CONTROL_SHA256_HEX_LEN]; /* digest of its agents' token */
+    bool is_auto;                              /* created by auto_register */
+    bool configured;                           /* named in control.ini (now) */
+    char leader[STATE_NODE_NAME_MAX];          /* coordinated write leader; "" = no opinion yet */
+    int64_t epoch;                             /* only grows */
+    state_proxy *proxies;
+    struct operator_op *op; /* orchestration in progress, or NULL */
+} state_deployment;
+
+/* All deployments (NULL when not active). */
+state_deployment *state_deployments(void);
+
+state_deployment *state_find_deployment(const char *name);
+
+/* The deployment whose token digest is sha_hex, or NULL. */
+state_deployment *state_deployment_by_digest(const char *sha_hex);
+
+/* Create an auto_register deployment for a token digest (memory and store). NULL on a store
+ * failure. */
+state_deployment *state_auto_deployment(const char *sha_hex);
+
+state_proxy *state_find_proxy(state_deployment *dep, const char *node_id);
+
+/* Find or create (memory only; the caller saves it) a proxy. */
+state_proxy *state_get_proxy(state_deployment *dep, const char *node_id);
+
+/* Live: its last request is at most proxy_timeout old, or a long poll of it is parked and
+ * still connected. */
+bool state_proxy_live(const state_proxy *p, int64_t now_ms);
+
+/* Live proxies of a deployment, sorted by node_id. Returns how many (at most max). */
+int state_live_proxies(state_deployment *dep, state_proxy **out, int max);
+
+/* Number of proxies and live proxies. */
+void state_count(state_deployment *dep, int *total, int *live);
+
+/* Record the counters of a metrics sample (ring, oldest dropped). */
+void state_add_sample(state_proxy *p, const state_sample *s);
+
+/* The oldest and newest sample within window_ms of the newest; false when fewer than two. */
+bool state_rate_window(const state_proxy *p, int64_t window_ms, const state_sample **first,
+                       const state_sample **last);
+
+/* Drop telemetry older than telemetry_retention. */
+void state_prune(int64_t now_ms);
+
+/* Load deployments, leadership and proxies from the store (after migrating it and writing
+ * the configured deployments into it); on success the replica is active. Returns 0 or -1. */
+int state_activate(void);
+
+/* Forget everything (lease lost or shutdown): parked polls and orchestrations are answered
+ * with 503 and reason first. */
+void state_deactivate(const char *reason);
+
+/* After a reload: tokens and the configured flag follow the new settings (memory and
+ * store). */
+void state_apply_config(void);
+
+/* Write proxies whose fields changed to the store. */
+void state_flush(void);
+
+#endif

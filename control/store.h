@@ -1,0 +1,97 @@
+/* store.h - the durable store: one libpq connection, bounded waits, schema migration, queries. */
+#ifndef PGRELAY_STORE_H
+#define PGRELAY_STORE_H
+
+#include "state.h"
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define STORE_STATE_MAX 16 /* "preparing", "committed", "aborted" */
+
+/* Outcome of acknowledging a command. */
+typedef enum store_ack_result {
+    STORE_ACK_ERROR = -1,  /* the store failed */
+    STORE_ACK_UNKNOWN = 0, /* no such command for this proxy */
+    STORE_ACK_RECORDED,    /* recorded now */
+    STORE_ACK_DUPLICATE,   /* it was acknowledged before; nothing changed */
+} store_ack_result;
+
+/* Remember the conninfo and try to connect once (failure is logged, not fatal). */
+void store_init(const char *conninfo);
+void store_close(void);
+
+/* The last operation succeeded and the connection is up. */
+bool store_up(void);
+
+/* Text of the last failure ("" when none). */
+const char *store_error(void);
+
+/* Milliseconds since the last successful call. */
+int64_t store_idle_ms(void);
+
+/* Connect if needed and run SELECT 1. Returns 0 or -1. */
+int store_ping(void);
+
+/* Create or upgrade the schema (pgrelay.*), serialised between replicas by an advisory
+ * lock. Returns 0 or -1. */
+int store_migrate(void);
+
+/* Take or renew the lease row for duration_s. *held says whether this identity holds it now;
+ * holder (may be NULL) receives the current holder's identity ("" when none). 0 or -1. */
+int store_lease_take(const char *name, const char *identity, int duration_s, bool *held,
+                     char *holder, size_t holder_len);
+
+/* Give the lease up if this identity holds it, waiting at most timeout_ms. 0 or -1. */
+int store_lease_release(const char *name, const char *identity, int timeout_ms);
+
+/* Insert a deployment or update its token digest. 0 or -1. */
+int store_deployment_save(const char *name, const char *token_sha256, bool is_auto);
+
+/* Everything a new holder needs: deployments (with leadership) and their proxies, added to
+ * *head. 0 or -1. */
+int store_load(state_deployment **head);
+
+int store_proxy_save(const state_proxy *p);
+
+/* Persist a leadership decision; the stored epoch never goes down. 0 or -1. */
+int store_leadership_save(const char *deployment, const char *leader, int64_t epoch);
+
+/* A command of a type with JSON args for the given proxies; returns its id or -1. */
+int64_t store_command_create(const char *deployment, const char *type, json_t *args,
+                             state_proxy *const *targets, int n_targets);
+
+/* The unacknowledged commands of one proxy as [{"id", "type", "args"}] (marked delivered),
+ * or NULL when the store failed. *since_ms (may be NULL) receives the time since the most
+ * recent earlier delivery of any of them, or -1 when one was never delivered before. */
+json_t *store_commands_pending(const char *deployment, const char *node_id, int64_t *since_ms);
+
+/* Record a proxy's answer to a command. On STORE_ACK_RECORDED, *type (STORE_TYPE_MAX) and
+ * *args (new reference) describe the command. */
+#define STORE_TYPE_MAX 32
+store_ack_result store_command_ack(int64_t id, const char *deployment, const char *node_id, bool ok,
+                                   const char *detail, char *type, json_t **args);
+
+/* Mark a command's unacknowledged targets as answered (ok = false, detail). 0 or -1. */
+int store_command_cancel(int64_t id, const char *detail);
+
+/* Delete commands older than retention_ms. Returns how many, or -1. */
+int store_commands_expire(int64_t retention_ms);
+
+/* New configuration version (above the stored ones and above min_version) in state
+ * "preparing"; returns it or -1. */
+int64_t store_config_create(const char *deployment, const char *text, int64_t min_version);
+
+/* Set a version's state: "committed" or "aborted". 0 or -1. */
+int store_config_decide(const char *deployment, int64_t version, const char *state);
+
+/* The newest committed version (0 and *text NULL when none); *text is malloc'd. 0 or -1. */
+int store_config_current(const char *deployment, int64_t *version, char **text);
+
+/* Versions left "preparing" by a replica that died mid-apply: each is marked aborted, the
+ * unanswered config_prepare targets are cancelled, and a config_abort is queued for every
+ * proxy the prepare went to. Returns how many versions, or -1. */
+int store_config_recover(void);
+
+#endif
