@@ -608,7 +608,7 @@ static void test_key_table(void **state)
         const config_key *k = &config_keys[i];
         assert_non_null(k->help);
         assert_true(strcmp(k->section, "pgrelay") == 0 || strcmp(k->section, "agent") == 0 ||
-                    strcmp(k->section, "node") == 0);
+                    strcmp(k->section, "control") == 0 || strcmp(k->section, "node") == 0);
         assert_ptr_equal(config_find(k->section, k->name), k); /* names are unique per section */
         if (k->type == CFG_DURATION) {
             long ms;
