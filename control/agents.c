@@ -7,11 +7,15 @@
 #include "store.h"
 
 #include <ctype.h>
+#include <errno.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
+#include <event2/http.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #define AGENTS_DETAIL_MAX 4096 /* longest ack detail accepted */
 #define AGENTS_TEXT_MAX   (STATE_TEXT_MAX - 1)
@@ -319,7 +323,10 @@ static void agents_unpark(state_proxy *p)
 {
     if (p->poll_timer)
         event_free(p->poll_timer);
+    if (p->poll_watch)
+        event_free(p->poll_watch);
     p->poll_timer = NULL;
+    p->poll_watch = NULL;
     p->poll_req = NULL;
 }
 
@@ -346,6 +353,45 @@ void agents_wake(state_proxy *p)
         return;
     }
     agents_answer(p, pending);
+}
+
+/* The parked poll's socket became readable. evhttp stops reading a connection while its
+ * request waits for an answer, so it would not notice an agent that went away until the
+ * answer is written: the proxy would look live for a whole poll_wait_max. Peek: end of file
+ * or an error means the agent hung up, and the poll is dropped (the answer goes nowhere,
+ * which makes evhttp free the connection). Anything else (bytes of a next request) is left
+ * for evhttp once the poll is answered. */
+static void agents_poll_watch(evutil_socket_t fd, short what, void *arg)
+{
+    (void)what;
+    state_proxy *p = arg;
+    char c;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))) {
+        if (n < 0) /* spurious: watch again */
+            event_add(p->poll_watch, NULL);
+        return;
+    }
+    log_debug("deployment %s: proxy %s hung up during its long poll", p->dep->name, p->node_id);
+    struct evhttp_request *req = p->poll_req;
+    agents_unpark(p);
+    http_reply_json(req, 200, json_pack("{s:o}", "commands", json_array()));
+}
+
+/* Watch the socket of p's freshly parked poll for a hang-up (best effort: without a socket
+ * the poll simply waits for its timer). */
+static void agents_watch_hangup(state_proxy *p)
+{
+    struct evhttp_connection *conn = evhttp_request_get_connection(p->poll_req);
+    struct bufferevent *bev = conn ? evhttp_connection_get_bufferevent(conn) : NULL;
+    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+    if (fd < 0)
+        return;
+    p->poll_watch = event_new(control.base, fd, EV_READ, agents_poll_watch, p);
+    if (p->poll_watch && event_add(p->poll_watch, NULL) != 0) {
+        event_free(p->poll_watch);
+        p->poll_watch = NULL;
+    }
 }
 
 /* The wait ran out: answer with whatever is pending (usually nothing). */
@@ -430,6 +476,7 @@ void agents_commands(http_call *call)
         return;
     }
     p->poll_req = call->req;
+    agents_watch_hangup(p);
     log_debug("deployment %s: proxy %s polls for %" PRId64 "s", call->dep->name, node_id, wait_s);
 }
 

@@ -2,10 +2,12 @@
  * live proxy's node observations.
  *
  * Rules (docs/protocol.md, "Coordinated leadership"):
- *  - the current leader stays while a majority of the live proxies that report it see it up
- *    and not in recovery;
- *  - otherwise the node that a majority of the reporting live proxies see as a primary takes
- *    over with a new epoch;
+ *  - the current leader stays unless a strict majority of the live proxies that reported it
+ *    under the current epoch see it down or in recovery (a tie keeps it; a report made under
+ *    an older epoch does not count against it, so a switchover is not undone by observations
+ *    made before the agents switched);
+ *  - then the node that a majority of the reporting live proxies see as a primary takes over
+ *    with a new epoch;
  *  - with no leader yet, the leader the agents themselves report is taken when they agree and
  *    someone sees it as a primary, else the majority's primary;
  *  - epochs only grow, and never stay below what an agent reports, so agents (which never
@@ -26,8 +28,11 @@
 /* What the live proxies say about one database node. */
 typedef struct leader_tally {
     const char *name;
-    int reported; /* proxies that report the node at all */
-    int primary;  /* proxies that see it up and not in recovery */
+    int reported;      /* proxies that report the node at all */
+    int primary;       /* proxies that see it up and not in recovery */
+    int reported_since; /* as reported, counting only proxies that already run the current
+                           epoch (their observations are newer than the decision) */
+    int primary_since;  /* as primary, idem */
 } leader_tally;
 
 /* Up and not in recovery (a report without in_recovery falls back to its role). */
@@ -124,9 +129,13 @@ int leader_decide(state_deployment *dep)
             leader_tally *t = name ? leader_tally_get(tally, &n_tally, name) : NULL;
             if (!t)
                 continue;
+            bool primary = leader_sees_primary(obs);
             t->reported++;
-            if (leader_sees_primary(obs))
-                t->primary++;
+            t->primary += primary;
+            if (p->epoch >= dep->epoch) {
+                t->reported_since++;
+                t->primary_since += primary;
+            }
         }
     }
     if (reporters == 0)
@@ -143,7 +152,7 @@ int leader_decide(state_deployment *dep)
         for (int i = 0; i < n_tally; i++)
             if (strcmp(tally[i].name, dep->leader) == 0)
                 cur = &tally[i];
-        bool stays = cur && cur->reported > 0 && cur->primary * 2 > cur->reported;
+        bool stays = cur && (cur->reported_since - cur->primary_since) * 2 <= cur->reported_since;
         if (stays || !candidate || strcmp(candidate->name, dep->leader) == 0) {
             /* Keep the leader; catch up with an epoch some agent raised on its own. */
             if (max_epoch > dep->epoch) {
@@ -154,7 +163,7 @@ int leader_decide(state_deployment *dep)
         }
         int64_t base = dep->epoch > max_epoch ? dep->epoch : max_epoch;
         return leader_commit(dep, candidate->name, base + 1,
-                             "the old leader is not a primary for a majority of the proxies");
+                             "a majority of the proxies see the old leader down or in recovery");
     }
 
     /* No leader yet: seed it. */

@@ -65,6 +65,7 @@ typedef struct state_proxy {
     /* A parked long poll (agents.c), or NULL. */
     struct evhttp_request *poll_req;
     struct event *poll_timer;
+    struct event *poll_watch; /* readable socket of the parked poll: the agent hung up */
 } state_proxy;
 
 /* One deployment: the proxies that share a token and a write leader. */

@@ -1,0 +1,527 @@
+"""The control plane end to end: pgrelay-control, two real pgrelay proxies and pgrelayctl.
+
+One module-wide fleet (built once, torn down at the end):
+
+  * a store database in the session's PostgreSQL, and bin/pgrelay-control serving deployment
+    ``prod`` (proxy_timeout 3 s);
+  * a cluster: pg1 primary + pg2 streaming replica (cluster.py);
+  * two pgrelay proxies, NODE_ID proxy-a and proxy-b, each a separate "host" (own mount
+    namespace, see control_e2e_helpers.py) running the same pgrelay.ini: health_interval
+    200ms, fall 2, rise 1, [control] endpoint/token, metrics every 250 ms, running queries
+    every 500 ms, control_grace_period 2 s.
+
+The tests run in file order and share the fleet; each one states what an operator relies on
+and asserts it from the outside (pgrelayctl, the HTTP API, the proxies' admin consoles and
+sessions through the proxies). Later tests do not assume what earlier ones did: they read the
+current leader and configuration first.
+"""
+
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from cluster import Cluster
+from conftest import admin, wait_for
+from control_e2e_helpers import (
+    ADMIN_TOKEN,
+    API,
+    DEPLOYMENT,
+    PROD_TOKEN,
+    ControlPlane,
+    cleanup_dir,
+    ctl_json,
+    http,
+    info,
+    make_root,
+    render_ini,
+    run_ctl,
+    running_config,
+    start_proxy,
+    stop_proxy,
+    table_rows,
+)
+
+EXIT_OK, EXIT_FAILED = 0, 1
+ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
+
+
+class Fleet:
+    def __init__(self, root, control, cluster, proxies, listen_port):
+        self.root = root
+        self.control = control
+        self.cluster = cluster
+        self.proxies = proxies  # node_id -> Relay
+        self.listen_port = listen_port
+
+    @property
+    def a(self):
+        return self.proxies["proxy-a"]
+
+    @property
+    def b(self):
+        return self.proxies["proxy-b"]
+
+    def ini(self, pgrelay=None, **kw):
+        return render_ini(self.listen_port, os.path.join(self.root, "host"), self.control.url,
+                          self.cluster.relay_nodes(), pgrelay=pgrelay, **kw)
+
+    def ctl(self, *args, **kw):
+        return run_ctl(self.control, *args, **kw)
+
+    def ctl_json(self, *args, **kw):
+        return ctl_json(self.control, *args, **kw)
+
+    def live_proxies(self):
+        return {k: v for k, v in self.control.proxies().items() if v["live"]}
+
+
+@pytest.fixture(scope="module")
+def fleet(pg):
+    root = make_root()
+    store_db = "ctl_e2e_" + uuid.uuid4().hex[:10]
+    pg.query(f"CREATE DATABASE {store_db}")
+    control = ControlPlane(
+        os.path.join(root, "control"),
+        f"host={pg.host} port={pg.port} user=postgres dbname={store_db} connect_timeout=5")
+    os.makedirs(control.workdir)
+    cluster = None
+    proxies = {}
+    try:
+        control.start()
+        cluster = Cluster.create(replicas=1)
+        cluster.relay_pinned = True
+        for attempt in range(3):
+            listen_port = free_listen_port()
+            fleet = Fleet(root, control, cluster, proxies, listen_port)
+            try:
+                for node_id, address in ADDRESSES.items():
+                    proxies[node_id] = start_proxy(root, node_id, address, fleet.ini())
+                break
+            except AssertionError:
+                for r in proxies.values():
+                    stop_proxy(r)
+                proxies.clear()
+                if attempt == 2:
+                    raise
+        wait_for(lambda: set(fleet.live_proxies()) >= set(ADDRESSES), timeout=15,
+                 what="both proxies registered and live")
+        # the first metrics reports carry the agents' observations: the control plane then
+        # seeds the deployment's leader from them
+        wait_for(lambda: control.deployment()["leader"], timeout=10, interval=0.1,
+                 what="the control plane to settle the deployment's write leader")
+        yield fleet
+    finally:
+        for r in proxies.values():
+            stop_proxy(r)
+        control.stop()
+        if cluster is not None:
+            cluster.destroy()
+        pg.query(f"DROP DATABASE IF EXISTS {store_db} WITH (FORCE)")
+        if os.environ.get("PGRELAY_E2E_KEEP"):  # keep the logs for a post-mortem
+            print(f"control_e2e: logs kept in {root}")
+        else:
+            cleanup_dir(root)
+
+
+def free_listen_port():
+    """A port free on 127.0.0.2 and 127.0.0.3 (the proxies' addresses)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.3", port))
+    return port
+
+
+def node_of_session(relay):
+    """The database node a new write session through ``relay`` lands on (its cluster_name)."""
+    with relay.connect() as c:
+        return c.execute("SHOW cluster_name").fetchone()[0]
+
+
+class InThread:
+    """Run ``fn`` in a thread; .done(), .result(timeout)."""
+
+    def __init__(self, fn):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised by result()
+            self.error = e
+
+    def done(self):
+        return not self.thread.is_alive()
+
+    def result(self, timeout=10):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "still running"
+        if self.error:
+            raise self.error
+        return self.value
+
+
+# --------------------------------------------------------------------------- #
+# 1. registration
+# --------------------------------------------------------------------------- #
+
+
+def test_both_proxies_show_up_live_with_version_epoch_and_leader(fleet):
+    def agree():
+        p = fleet.ctl_json("show-proxies")
+        if p[0] != EXIT_OK:
+            return None
+        rows = {r["node_id"]: r for r in p[1]}
+        if all(rows.get(n, {}).get("epoch") == info(fleet.proxies[n])["epoch"] for n in ADDRESSES):
+            return rows
+        return None
+
+    rows = wait_for(agree, timeout=10, interval=0.2,
+                    what="show-proxies epochs equal to the proxies' own")
+    for node_id, relay in fleet.proxies.items():
+        row, own = rows[node_id], info(relay)
+        assert row["live"] is True, row
+        assert row["version"] == own["version"], (row, own)
+        assert row["leader"] == own["write_leader"] == "pg1", (row, own)
+        assert row["epoch"] == own["epoch"] >= 1, (row, own)
+        assert f"pgrelay-e2e-host:{fleet.listen_port}" in row["listen"], row
+        assert row["maintenance"] is False
+
+    p = fleet.ctl("show-proxies")
+    assert p.returncode == EXIT_OK, p.stderr
+    table = {r["node_id"]: r for r in table_rows(p.stdout)}
+    for node_id in ADDRESSES:
+        assert table[node_id]["live"] == "yes", p.stdout
+        assert table[node_id]["leader"] == "pg1", p.stdout
+        assert table[node_id]["epoch"] == str(rows[node_id]["epoch"]), p.stdout
+        assert table[node_id]["version"] == rows[node_id]["version"], p.stdout
+
+    dep = fleet.control.deployment()
+    assert dep["live"] >= 2 and dep["leader"] == "pg1", dep
+
+
+# --------------------------------------------------------------------------- #
+# 2. metrics
+# --------------------------------------------------------------------------- #
+
+
+def test_metrics_arrive_continuously_and_statement_counters_grow(fleet):
+    path = f"/deployments/{DEPLOYMENT}/metrics"
+
+    def by_node():
+        return {m["node_id"]: m for m in fleet.control.get(path)}
+
+    first = by_node()
+    time.sleep(1.0)
+    second = by_node()
+    for node_id in ADDRESSES:
+        assert second[node_id]["live"] is True
+        assert second[node_id]["received_ms"] > first[node_id]["received_ms"], (
+            first[node_id], second[node_id])
+        assert second[node_id]["sample"]["ts_ms"] > first[node_id]["sample"]["ts_ms"]
+
+    before = second["proxy-b"]["sample"]["statements"]
+    with fleet.b.connect() as c:
+        for i in range(25):
+            c.execute("SELECT %s::int", (i,))
+
+    def grown():
+        m = by_node()["proxy-b"]
+        return m if m["sample"]["statements"] >= before + 25 else None
+
+    m = wait_for(grown, timeout=5, interval=0.1,
+                 what="proxy-b's statements counter to grow by 25 at the control plane")
+    assert m["rates"]["statements"] is not None and m["rates"]["statements"] > 0, m
+
+
+# --------------------------------------------------------------------------- #
+# 3. running queries
+# --------------------------------------------------------------------------- #
+
+
+def test_a_running_statement_shows_in_show_queries_normalised(fleet):
+    conn = fleet.a.connect()
+    sleeper = InThread(lambda: conn.execute("SELECT pg_sleep(5)"))
+    try:
+        def seen():
+            rc, rows, err = fleet.ctl_json("show-queries")
+            assert rc == EXIT_OK, err
+            return [q for q in rows if q["text"] == "SELECT pg_sleep($1)"]
+
+        [q] = wait_for(seen, timeout=5, interval=0.2, what="pg_sleep in show-queries")
+        assert q["node_id"] == "proxy-a", q
+        assert q["user"] == "postgres" and q["database"] == "postgres", q
+        assert q["node"] == info(fleet.a)["write_leader"], q
+        assert q["state"] == "active" and q["duration_ms"] >= 0, q
+
+        p = fleet.ctl("show-queries")
+        assert p.returncode == EXIT_OK, p.stderr
+        rows = [r for r in table_rows(p.stdout) if r.get("text") == "SELECT pg_sleep($1)"]
+        assert rows and rows[0]["node_id"] == "proxy-a", p.stdout
+    finally:
+        conn.cancel()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            sleeper.result(timeout=10)
+        conn.close()
+
+
+# --------------------------------------------------------------------------- #
+# 4. maintenance
+# --------------------------------------------------------------------------- #
+
+
+def test_maintenance_holds_statements_on_every_proxy_until_turned_off(fleet):
+    conns = {n: r.connect() for n, r in fleet.proxies.items()}  # idle sessions
+    try:
+        rc, out, err = fleet.ctl_json("maintenance", "on", "--timeout", "10")
+        assert rc == EXIT_OK, (out, err)
+        # exit 0 means every proxy acknowledged: the effect is already there, no polling
+        assert out["ok"] is True and {p["node_id"] for p in out["proxies"]} >= set(ADDRESSES), out
+        assert all(p["ok"] for p in out["proxies"]), out
+        for node_id, relay in fleet.proxies.items():
+            assert info(relay)["maintenance"] == "on", node_id
+
+        held = {n: InThread(lambda c=c: c.execute("SELECT 1").fetchone()[0])
+                for n, c in conns.items()}
+        time.sleep(0.7)
+        assert not any(t.done() for t in held.values()), "a statement ran during maintenance"
+        wait_for(lambda: all(fleet.control.proxies()[n]["maintenance"] for n in ADDRESSES),
+                 timeout=5, interval=0.1, what="show-proxies to report maintenance on both")
+
+        rc, out, err = fleet.ctl_json("maintenance", "off", "--timeout", "10")
+        assert rc == EXIT_OK and out["ok"] is True, (out, err)
+        for node_id, relay in fleet.proxies.items():
+            assert info(relay)["maintenance"] == "off", node_id
+        for node_id, t in held.items():
+            assert t.result(timeout=5) == 1, node_id
+    finally:
+        for relay in fleet.proxies.values():  # never leave the fleet paused
+            if info(relay)["maintenance"] == "on":
+                admin(relay, "resume")
+        for c in conns.values():
+            c.close()
+
+
+# --------------------------------------------------------------------------- #
+# 5. switchover
+# --------------------------------------------------------------------------- #
+
+
+def test_switchover_to_a_promoted_replica_moves_every_proxy_under_one_epoch(fleet):
+    old = info(fleet.a)["write_leader"]
+    new = next(n.name for n in fleet.cluster.nodes if n.name != old)
+    fleet.cluster.wait_caught_up(fleet.cluster[new], fleet.cluster[old])
+    fleet.cluster[new].promote()  # by hand; the old primary keeps running
+
+    rc, out, err = fleet.ctl_json("switchover", "--node", new, "--timeout", "15")
+    assert rc == EXIT_OK, (out, err)
+    assert out["ok"] is True and out["leader"] == new, out
+    epoch = out["epoch"]
+    assert {p["node_id"] for p in out["proxies"] if p["ok"]} >= set(ADDRESSES), out
+
+    # acknowledged = in force: both proxies route to the new leader under the same epoch
+    for node_id, relay in fleet.proxies.items():
+        own = info(relay)
+        assert (own["write_leader"], own["epoch"]) == (new, epoch), (node_id, own)
+        assert node_of_session(relay) == new, node_id
+    dep = fleet.control.deployment()
+    assert (dep["leader"], dep["epoch"]) == (new, epoch), dep
+    wait_for(lambda: all((p["leader"], p["epoch"]) == (new, epoch)
+                         for n, p in fleet.control.proxies().items() if n in ADDRESSES),
+             timeout=5, interval=0.1, what="show-proxies to report the new leader and epoch")
+
+    # and it stays so (the old primary still runs: the control plane keeps its decision)
+    time.sleep(1.0)
+    for node_id, relay in fleet.proxies.items():
+        own = info(relay)
+        assert (own["write_leader"], own["epoch"]) == (new, epoch), (node_id, own)
+    assert (fleet.control.deployment()["epoch"]) == epoch
+
+
+# --------------------------------------------------------------------------- #
+# 6. configuration
+# --------------------------------------------------------------------------- #
+
+
+def config_version_of(fleet, node_id):
+    return fleet.control.proxies()[node_id]["config_version"]
+
+
+def test_config_apply_lands_on_every_proxy(fleet):
+    text = fleet.ini(pgrelay={"server_connect_timeout": "7s", "leader_change_grace": "12s"})
+    path = os.path.join(fleet.root, "new-pgrelay.ini")
+    with open(path, "w") as f:
+        f.write(text)
+
+    rc, out, err = fleet.ctl_json("config", "apply", path)
+    assert rc == EXIT_OK, (out, err)
+    assert out["ok"] is True, out
+    version = out["version"]
+    assert {p["node_id"] for p in out["proxies"] if p["ok"]} >= set(ADDRESSES), out
+
+    for node_id, relay in fleet.proxies.items():
+        cfg = running_config(relay)
+        assert cfg["server_connect_timeout"] == "7s", (node_id, cfg)
+        assert cfg["leader_change_grace"] == "12s", (node_id, cfg)
+        with open(relay.conf_path) as f:
+            assert f.read() == text, node_id
+        assert node_of_session(relay) == info(relay)["write_leader"]  # still serving
+
+    def versions():
+        p = fleet.ctl("show-proxies")
+        assert p.returncode == EXIT_OK, p.stderr
+        rows = {r["node_id"]: r for r in table_rows(p.stdout)}
+        return all(rows[n]["config_version"] == str(version) for n in ADDRESSES)
+
+    wait_for(versions, timeout=5, interval=0.2,
+             what=f"show-proxies to show config version {version} on both proxies")
+    rc, shown, err = fleet.ctl_json("config", "show")
+    assert rc == EXIT_OK and shown["version"] == version and shown["text"] == text, (shown, err)
+
+
+def test_config_that_one_proxy_refuses_lands_on_none(fleet):
+    """A third proxy host, proxy-c, still runs max_client_conn = 500 (a restart-only key):
+    a text with max_client_conn = 1000 is fine for proxy-a and proxy-b but refused by it."""
+    rc, shown, err = fleet.ctl_json("config", "show")
+    assert rc == EXIT_OK, err
+    current_version, current_text = shown["version"], shown["text"]
+    if not current_text:  # config apply did not run first: start from the files
+        with open(fleet.a.conf_path) as f:
+            current_text = f.read()
+    files = {}
+    for node_id, relay in fleet.proxies.items():
+        with open(relay.conf_path) as f:
+            files[node_id] = f.read()
+    before = {n: running_config(r) for n, r in fleet.proxies.items()}
+    versions = {n: config_version_of(fleet, n) for n in ADDRESSES}
+
+    c_text = current_text.replace("max_client_conn = 1000", "max_client_conn = 500")
+    assert c_text != current_text
+    proxy_c = start_proxy(fleet.root, "proxy-c", "127.0.0.4", c_text)
+    try:
+        wait_for(lambda: "proxy-c" in fleet.live_proxies(), timeout=10,
+                 what="proxy-c registered and live")
+        new_text = re.sub(r"^leader_change_grace = .*$", "leader_change_grace = 15s",
+                          current_text, flags=re.M)
+        assert "leader_change_grace = 15s" in new_text
+        path = os.path.join(fleet.root, "refused-pgrelay.ini")
+        with open(path, "w") as f:
+            f.write(new_text)
+
+        rc, out, err = fleet.ctl_json("config", "apply", path)
+        assert rc == EXIT_FAILED, (rc, out, err)
+        assert "409" in err, err
+        answers = {p["node_id"]: p for p in out["proxies"]}
+        assert answers["proxy-c"]["ok"] is False, out
+        assert "max_client_conn" in answers["proxy-c"]["detail"], out
+
+        for node_id, relay in fleet.proxies.items():
+            with open(relay.conf_path) as f:
+                assert f.read() == files[node_id], f"{node_id}'s file changed"
+            assert running_config(relay) == before[node_id], node_id
+        time.sleep(0.5)  # a few metrics reports later, the versions have not moved
+        for node_id in ADDRESSES:
+            assert config_version_of(fleet, node_id) == versions[node_id], node_id
+        rc, shown, err = fleet.ctl_json("config", "show")
+        assert rc == EXIT_OK and shown["version"] == current_version, (shown, err)
+    finally:
+        stop_proxy(proxy_c)
+        # orchestrations address live proxies: wait until proxy-c no longer counts
+        wait_for(lambda: "proxy-c" not in fleet.live_proxies(), timeout=15, interval=0.2,
+                 what="proxy-c to be no longer live")
+
+
+# --------------------------------------------------------------------------- #
+# 7. control plane outage
+# --------------------------------------------------------------------------- #
+
+
+def test_proxies_keep_serving_without_the_control_plane_and_reconnect(fleet):
+    leaders = {n: info(r)["write_leader"] for n, r in fleet.proxies.items()}
+    epochs = {n: info(r)["epoch"] for n, r in fleet.proxies.items()}
+    offsets = {n: len(r.log()) for n, r in fleet.proxies.items()}
+
+    fleet.control.kill9()
+    try:
+        for node_id, relay in fleet.proxies.items():
+            assert node_of_session(relay) == leaders[node_id], node_id
+        # past control_grace_period the agents decide alone: routing must not change
+        for node_id, relay in fleet.proxies.items():
+            wait_for(lambda r=relay, n=node_id: "deciding the leader alone" in r.log()[offsets[n]:],
+                     timeout=15, interval=0.2, what=f"{node_id} to fall back to deciding alone")
+        time.sleep(0.5)
+        for node_id, relay in fleet.proxies.items():
+            own = info(relay)
+            assert (own["write_leader"], own["epoch"]) == (leaders[node_id], epochs[node_id]), \
+                (node_id, own)
+            with relay.connect() as c:
+                assert c.execute("SELECT 40 + 2").fetchone()[0] == 42
+                assert c.execute("SHOW cluster_name").fetchone()[0] == leaders[node_id]
+    finally:
+        restarted_ms = int(time.time() * 1000)
+        fleet.control.start()
+
+    def both_back():
+        proxies = fleet.control.proxies()
+        return all(proxies[n]["live"] and proxies[n]["last_seen"] >= restarted_ms
+                   for n in ADDRESSES)
+
+    wait_for(both_back, timeout=10, interval=0.2, what="both agents to reconnect")
+    p = fleet.ctl("show-proxies")
+    assert p.returncode == EXIT_OK, p.stderr
+    rows = {r["node_id"]: r for r in table_rows(p.stdout)}
+    assert all(rows[n]["live"] == "yes" for n in ADDRESSES), p.stdout
+    for node_id, relay in fleet.proxies.items():
+        assert info(relay)["write_leader"] == leaders[node_id], node_id
+        assert node_of_session(relay) == leaders[node_id], node_id
+    dep = fleet.control.deployment()
+    assert dep["leader"] == leaders["proxy-a"] and dep["epoch"] >= epochs["proxy-a"], dep
+
+
+# --------------------------------------------------------------------------- #
+# 8. bad requests
+# --------------------------------------------------------------------------- #
+
+
+def test_wrong_token_and_malformed_body_are_refused_and_the_control_plane_keeps_serving(fleet):
+    port = fleet.control.port
+    proxies = f"{API}/deployments/{DEPLOYMENT}/proxies"
+
+    status, body = http(port, "GET", proxies, token="not-a-valid-token")
+    assert status == 401 and "error" in body, (status, body)
+    status, body = http(port, "GET", proxies)  # no token at all
+    assert status == 401, (status, body)
+    # an agent with a wrong token is not recorded
+    status, body = http(port, "POST", f"{API}/agent/register", {"node_id": "intruder"},
+                        token="wrong-agent-token")
+    assert status == 401, (status, body)
+
+    status, body = http(port, "POST", f"{API}/deployments/{DEPLOYMENT}/maintenance",
+                        raw=b'{"on": tru', token=ADMIN_TOKEN)
+    assert status == 400 and "error" in body, (status, body)
+    status, body = http(port, "POST", f"{API}/agent/metrics", raw=b"[1, 2, 3]", token=PROD_TOKEN)
+    assert status == 400 and "error" in body, (status, body)
+    status, body = http(port, "POST", f"{API}/deployments/{DEPLOYMENT}/maintenance",
+                        {"on": "yes please"}, token=ADMIN_TOKEN)
+    assert status == 400 and "error" in body, (status, body)
+
+    # nothing of that took effect, and the control plane still answers
+    rc, rows, err = fleet.ctl_json("show-proxies")
+    assert rc == EXIT_OK, err
+    rows = {r["node_id"]: r for r in rows}
+    assert "intruder" not in rows
+    assert all(rows[n]["live"] for n in ADDRESSES), rows
+    for node_id, relay in fleet.proxies.items():
+        assert info(relay)["maintenance"] == "off", node_id
+    p = fleet.ctl("show-proxies")
+    assert p.returncode == EXIT_OK and "proxy-a" in p.stdout and "proxy-b" in p.stdout
+    assert fleet.control.proc.poll() is None
