@@ -152,12 +152,80 @@ static char *query_value(PGconn *conn, const char *sql, char *detail, size_t len
     return v;
 }
 
+/* A statement whose result does not matter beyond success; false with detail set. */
+static bool run_sql(PGconn *conn, const char *sql, char *detail, size_t len)
+{
+    PGresult *res = PQexec(conn, sql);
+    ExecStatusType st = PQresultStatus(res);
+    bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+    if (!ok)
+        snprintf(detail, len, "%.*s", (int)strcspn(PQresultErrorMessage(res), "\n"),
+                 PQresultErrorMessage(res));
+    PQclear(res);
+    return ok;
+}
+
+/* Fence the old primary before its replacement is promoted: make it read-only for every new
+ * transaction (default_transaction_read_only, persisted with ALTER SYSTEM so a restart keeps
+ * it), end the client transactions still open on it (waiting until their backends are gone,
+ * so no commit can follow), and read its WAL position: the target must replay up to there.
+ * Returns 0 when fenced (*lsn set), 1 when the old primary cannot be reached or is no longer
+ * a primary (nothing to fence; *lsn untouched), -1 when it is reachable but refuses. */
+static int fence_old_primary(const config *cfg, const char *old, int64_t *lsn, char *detail,
+                             size_t len)
+{
+    char why[256];
+    PGconn *conn = connect_node(cfg, old, why, sizeof(why));
+    if (!conn) {
+        log_warning("promote: old primary %s not fenced: %s", old, why);
+        return 1;
+    }
+    int rc = -1;
+    char *v = query_value(conn, "SELECT pg_is_in_recovery()", detail, len);
+    if (v && strcmp(v, "t") == 0) {
+        log_info("promote: old primary %s is in recovery: nothing to fence", old);
+        rc = 1;
+    } else if (v && run_sql(conn, "ALTER SYSTEM SET default_transaction_read_only = on",
+                            detail, len) &&
+               run_sql(conn, "SELECT pg_reload_conf()", detail, len)) {
+        /* pg_terminate_backend(pid, timeout) returns once the backend is gone (PG 14+). */
+        char *ended = query_value(conn,
+                                  "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) "
+                                  "FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                                  "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL "
+                                  "AND application_name NOT LIKE 'pgrelay-agent%'",
+                                  detail, len);
+        char *at = ended ? query_value(conn, "SELECT (pg_current_wal_lsn() - '0/0')::bigint",
+                                       detail, len)
+                         : NULL;
+        if (at) {
+            *lsn = strtoll(at, NULL, 10);
+            log_info("promote: old primary %s fenced (read-only; %s open transaction(s) ended) "
+                     "at WAL %lld",
+                     old, ended, (long long)*lsn);
+            rc = 0;
+        }
+        free(ended);
+        free(at);
+    }
+    if (rc < 0) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "%s", detail);
+        snprintf(detail, len, "cannot fence the old primary %s: %s", old, msg);
+    }
+    free(v);
+    PQfinish(conn);
+    return rc;
+}
+
 static int cmd_promote(json_t *args, char *detail, size_t len)
 {
     const char *name = arg_str(args, "node");
+    const char *old = arg_str(args, "old");
     int64_t wait_lsn = arg_int(args, "wait_lsn", 0);
     int64_t timeout_ms = arg_int(args, "timeout_s", 30) * 1000;
     int rc = -1;
+    PGconn *conn = NULL;
     config *cfg = malloc(sizeof(*cfg));
     if (!name || !cfg) {
         snprintf(detail, len, "%s", cfg ? "args need node (string)" : "out of memory");
@@ -165,7 +233,15 @@ static int cmd_promote(json_t *args, char *detail, size_t len)
         return -1;
     }
     shm_settings_read(control.shm, cfg);
-    PGconn *conn = connect_node(cfg, name, detail, len);
+    if (old && old[0] && strcmp(old, name) != 0) {
+        int64_t fenced_at = 0;
+        int f = fence_old_primary(cfg, old, &fenced_at, detail, len);
+        if (f < 0)
+            goto done;
+        if (f == 0 && fenced_at > wait_lsn)
+            wait_lsn = fenced_at;
+    }
+    conn = connect_node(cfg, name, detail, len);
     if (!conn)
         goto done;
     /* Let it replay everything the old primary wrote before promoting it. */
@@ -193,6 +269,10 @@ static int cmd_promote(json_t *args, char *detail, size_t len)
         struct timespec ts = {0, 50 * 1000000L};
         nanosleep(&ts, NULL);
     }
+    /* A node fenced by an earlier switchover keeps read-only in its auto.conf: lift it. */
+    if (!run_sql(conn, "ALTER SYSTEM RESET default_transaction_read_only", detail, len) ||
+        !run_sql(conn, "SELECT pg_reload_conf()", detail, len))
+        goto done;
     char *ok = query_value(conn, "SELECT pg_promote(true, 60)", detail, len);
     if (ok && strcmp(ok, "t") == 0) {
         snprintf(detail, len, "%s promoted", name);

@@ -323,8 +323,8 @@ static void op_step_done(operator_op *op)
         snprintf(op->promoted_by, sizeof(op->promoted_by), "%s", p->node_id);
         int64_t lsn = op->old_leader[0] ? leader_highest_lsn(op->dep, op->old_leader) : 0;
         op_send(op, STEP_PROMOTE, "promote",
-                json_pack("{s:s, s:I, s:I}", "node", op->node, "wait_lsn", (json_int_t)lsn,
-                          "timeout_s", (json_int_t)op->timeout_s),
+                json_pack("{s:s, s:s, s:I, s:I}", "node", op->node, "old", op->old_leader,
+                          "wait_lsn", (json_int_t)lsn, "timeout_s", (json_int_t)op->timeout_s),
                 &p, 1);
         return;
     }

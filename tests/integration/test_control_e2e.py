@@ -316,6 +316,90 @@ def test_maintenance_holds_statements_on_every_proxy_until_turned_off(fleet):
 # --------------------------------------------------------------------------- #
 
 
+class Writer:
+    """A client writing through one proxy in a loop, a new session for each row (as a pooled
+    application reconnecting would): which rows were acknowledged, and which errors it saw."""
+
+    def __init__(self, relay, table, tag):
+        self.relay, self.table, self.tag = relay, table, tag
+        self.acked, self.errors = [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            try:
+                with self.relay.connect() as c:
+                    c.execute(f"INSERT INTO {self.table} VALUES (%s, %s)", (self.tag, i))
+                self.acked.append(i)
+            except psycopg.Error as e:
+                self.errors.append((e.sqlstate, str(e).split("\n")[0]))
+                time.sleep(0.02)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def test_switchover_with_promote_fences_the_old_primary_and_loses_no_acknowledged_write(fleet):
+    """switchover --promote: pause every proxy, fence the old primary, let the replica replay
+    everything it wrote, pg_promote() it through an agent, switch, resume. Clients writing
+    through both proxies meanwhile: every acknowledged row is on the new primary, the only
+    errors are the documented leader-change close, and the old primary refuses writes."""
+    old = info(fleet.a)["write_leader"]
+    new = next(n.name for n in fleet.cluster.nodes if n.name != old)
+    old_node, new_node = fleet.cluster[old], fleet.cluster[new]
+    assert new_node.in_recovery(), "the fleet's cluster should have a replica here"
+    table = "e2e_promote_" + uuid.uuid4().hex[:8]
+    with fleet.a.connect() as c:
+        c.execute(f"CREATE TABLE {table} (proxy text, n int)")
+    fleet.cluster.wait_caught_up(new_node, old_node)
+
+    writers = [Writer(relay, table, node_id) for node_id, relay in fleet.proxies.items()]
+    try:
+        time.sleep(0.5)
+        rc, out, err = fleet.ctl_json("switchover", "--node", new, "--promote", "--timeout", "20")
+        assert rc == EXIT_OK, (rc, out, err)
+        time.sleep(0.5)  # writers carry on against the new leader
+    finally:
+        for w in writers:
+            w.finish()
+    assert out["ok"] is True and out["leader"] == new, out
+    assert out["promoted_by"] in ADDRESSES, out
+    epoch = out["epoch"]
+
+    assert not new_node.in_recovery(), f"{new} was not promoted"
+    for node_id, relay in fleet.proxies.items():
+        own = info(relay)
+        assert (own["write_leader"], own["epoch"], own["maintenance"]) == (new, epoch, "off"), \
+            (node_id, own)
+        assert node_of_session(relay) == new, node_id
+
+    # no acknowledged write is missing on the new primary
+    rows = set(new_node.query(f"SELECT proxy, n FROM {table}"))
+    for w in writers:
+        assert w.acked, f"{w.tag} wrote nothing"
+        missing = [i for i in w.acked if (w.tag, i) not in rows]
+        assert not missing, f"{w.tag}: acknowledged rows missing on {new}: {missing[:10]}"
+        others = [e for e in w.errors if "write leader changed" not in e[1]]
+        assert not others, f"{w.tag}: unexpected errors {others[:5]}"
+
+    # the old primary is fenced: still up, but read-only for new transactions
+    assert old_node.answers() and not old_node.in_recovery()
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        old_node.query(f"INSERT INTO {table} VALUES ('direct', 0)")
+
+    # give the fleet its replica back: the old primary follows the new one
+    fleet.cluster.rebuild_as_replica(old, new_node)
+    fleet.cluster.wait_streaming(new_node, 1)
+    wait_for(lambda: all(info(r)["write_leader"] == new for r in fleet.proxies.values()),
+             timeout=5, what="the leader to stay put while the old primary is rebuilt")
+
+
 def test_switchover_to_a_promoted_replica_moves_every_proxy_under_one_epoch(fleet):
     old = info(fleet.a)["write_leader"]
     new = next(n.name for n in fleet.cluster.nodes if n.name != old)
