@@ -130,7 +130,8 @@ unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
 integration: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
-	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
+	PGRELAY_BIN=$(abspath $(PGRELAY)) PGRELAY_CONTROL_BIN=$(abspath $(CONTROL)) \
+	PGRELAYCTL_BIN=$(abspath $(CTL)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
 
 test: deps
 	@$(MAKE) --no-print-directory all
