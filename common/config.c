@@ -1,10 +1,10 @@
 /* config.c - reads pgrelay.ini with inih, driven by the key table; every problem names file:line. */
 #include "config.h"
+#include "inifile.h"
 #include "log.h"
 
 #include <ctype.h>
 #include <errno.h>
-#include <ini.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -21,7 +21,6 @@ static const char *const facility_words[] = {"daemon", "user",   "local0", "loca
                                              "local2", "local3", "local4", "local5",
                                              "local6", "local7", NULL};
 
-#define CONFIG_LINE_MAX 8192 /* longest line accepted */
 
 #define PG_KEY(name_, type_, def_, reload_, field_, min_, max_, words_, help_)                     \
     {"pgrelay", name_, type_, def_, reload_, offsetof(config, field_), sizeof(((config *)0)->field_), \
@@ -141,7 +140,6 @@ typedef struct config_parse {
     FILE *fp;             /* file source, or NULL */
     const char *text;     /* string source, or NULL */
     int line;             /* number of the line inih is looking at */
-    char section_name[CONFIG_NAME_MAX + 16]; /* the current [section], as written */
     bool section_ok;      /* the current section is a known one */
     const char *kind;     /* key-table section of the current section: "pgrelay", "agent" */
     config_node *node;    /* the current [node.NAME], or NULL */
@@ -172,62 +170,16 @@ static void config_error(config_parse *p, int line, const char *fmt, ...)
 
 int config_parse_duration(const char *text, long *ms_out)
 {
-    char *end;
-    long mult;
-
-    while (isspace((unsigned char)*text))
-        text++;
-    if (!isdigit((unsigned char)*text))
+    int64_t ms;
+    if (inifile_duration(text, INT_MAX, &ms) != 0)
         return -1;
-    errno = 0;
-    long long v = strtoll(text, &end, 10);
-    if (errno != 0)
-        return -1;
-    while (isspace((unsigned char)*end))
-        end++;
-    if (*end == '\0' || strcmp(end, "s") == 0)
-        mult = 1000;
-    else if (strcmp(end, "ms") == 0)
-        mult = 1;
-    else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
-        mult = 60 * 1000;
-    else if (strcmp(end, "h") == 0)
-        mult = 60 * 60 * 1000;
-    else
-        return -1;
-    if (v > LONG_MAX / mult || v * mult > INT_MAX)
-        return -1;
-    *ms_out = (long)(v * mult);
+    *ms_out = (long)ms;
     return 0;
 }
 
 int config_parse_bool(const char *text)
 {
-    static const char *const yes[] = {"on", "true", "yes", "1"};
-    static const char *const no[] = {"off", "false", "no", "0"};
-    for (size_t i = 0; i < 4; i++) {
-        if (strcasecmp(text, yes[i]) == 0)
-            return 1;
-        if (strcasecmp(text, no[i]) == 0)
-            return 0;
-    }
-    return -1;
-}
-
-static int enum_index(const char *const *words, const char *text)
-{
-    for (int i = 0; words[i]; i++)
-        if (strcasecmp(words[i], text) == 0)
-            return i;
-    return -1;
-}
-
-static void enum_list(const char *const *words, char *buf, size_t len)
-{
-    size_t off = 0;
-    buf[0] = '\0';
-    for (int i = 0; words[i] && off < len; i++)
-        off += (size_t)snprintf(buf + off, len - off, "%s%s", i ? ", " : "", words[i]);
+    return inifile_bool(text);
 }
 
 /* Store one value into base (a config or a config_node). Returns NULL or an error text. */
@@ -293,11 +245,11 @@ static const char *config_set(const config_key *key, void *base, const char *val
         *(int *)field = (int)v;
         return NULL;
     case CFG_ENUM: {
-        int i = enum_index(key->words, value);
+        int i = inifile_word(key->words, value);
         if (i < 0) {
             char list[256];
-            enum_list(key->words, list, sizeof(list));
-            snprintf(why, why_len, "\"%s\" is not one of: %s", value, list);
+            inifile_word_list(key->words, list, sizeof(list));
+            snprintf(why, why_len, "\"%.60s\" is not one of: %.160s", value, list);
             return why;
         }
         *(int *)field = i;
@@ -375,129 +327,34 @@ static void config_begin_section(config_parse *p, const char *section)
                  section);
 }
 
-/* Read one whole line from the file or string into line (NUL-terminated, newline kept).
- * Returns false at the end; *too_long is set (and the rest of the line skipped) when it does
- * not fit. */
-static bool config_read_line(config_parse *p, char *line, size_t cap, bool *too_long)
+static void config_on_section(void *user, int line, const char *section)
 {
-    size_t len = 0;
-    *too_long = false;
-    for (;;) {
-        int c;
-        if (p->fp) {
-            c = fgetc(p->fp);
-        } else {
-            c = *p->text ? (unsigned char)*p->text++ : EOF;
-        }
-        if (c == EOF)
-            break;
-        if (len + 2 < cap)
-            line[len++] = (char)c;
-        else
-            *too_long = true;
-        if (c == '\n')
-            break;
-    }
-    line[len] = '\0';
-    return len > 0 || *too_long;
+    config_parse *p = user;
+    p->line = line;
+    config_begin_section(p, section);
 }
 
-static void trim(char **start)
+static void config_on_error(void *user, int line, const char *message)
 {
-    char *a = *start, *e = a + strlen(a);
-    while (isspace((unsigned char)*a))
-        a++;
-    while (e > a && isspace((unsigned char)e[-1]))
-        *--e = '\0';
-    *start = a;
+    config_error(user, line, "%s", message);
 }
 
-static int config_handler(void *user, const char *section, const char *name, const char *value);
-
-/* A key = value line too long for inih's line buffer: parsed here, the same way. */
-static void config_long_line(config_parse *p, char *s)
-{
-    if (*s == ';' || *s == '#')
-        return;
-    size_t at = strcspn(s, "=:");
-    if (s[at] == '\0') {
-        config_error(p, p->line, "syntax error (expected [section], key = value, or a ; comment)");
-        return;
-    }
-    s[at] = '\0';
-    char *name = s, *value = s + at + 1;
-    for (char *c = value; *c; c++) {
-        if (*c == ';' && c > value && isspace((unsigned char)c[-1])) {
-            *c = '\0'; /* inline comment, as inih */
-            break;
-        }
-    }
-    trim(&name);
-    trim(&value);
-    config_handler(p, p->section_name, name, value);
-}
-
-/* Feed inih one line at a time, keeping the line count, and spotting section headers ourselves
- * (inih does not report a section that has no keys). Leading blanks are removed, so an
- * indented key is a key (not, as inih would take it, a continuation of the previous value);
- * lines longer than inih's buffer are parsed here and inih gets a comment instead. */
-static char *config_reader(char *buf, int size, void *stream)
-{
-    config_parse *p = stream;
-    char line[CONFIG_LINE_MAX];
-    bool too_long;
-
-    if (!config_read_line(p, line, sizeof(line), &too_long))
-        return NULL;
-    p->line++;
-    char *s = line;
-    while (*s == ' ' || *s == '\t')
-        s++;
-    if (too_long) {
-        config_error(p, p->line, "line is longer than %d characters", CONFIG_LINE_MAX - 2);
-        snprintf(buf, (size_t)size, ";\n");
-        return buf;
-    }
-    if (*s == '[') {
-        const char *close = strchr(s, ']');
-        if (close) {
-            char section[CONFIG_NAME_MAX + 16];
-            size_t n = (size_t)(close - s - 1);
-            if (n >= sizeof(section))
-                n = sizeof(section) - 1;
-            memcpy(section, s + 1, n);
-            section[n] = '\0';
-            char *a = section;
-            trim(&a);
-            snprintf(p->section_name, sizeof(p->section_name), "%s", a);
-            config_begin_section(p, a);
-        }
-    }
-    size_t len = strlen(s);
-    if (len < (size_t)size - 1) {
-        memcpy(buf, s, len + 1);
-        return buf;
-    }
-    trim(&s);
-    config_long_line(p, s);
-    snprintf(buf, (size_t)size, ";\n");
-    return buf;
-}
-
-static int config_handler(void *user, const char *section, const char *name, const char *value)
+static void config_on_key(void *user, int line, const char *section, const char *name,
+                          const char *value)
 {
     config_parse *p = user;
     char why[256];
     const config_key *key;
     void *base;
 
+    p->line = line;
     if (section[0] == '\0') {
         config_error(p, p->line, "key \"%s\" is outside any section (put it under [pgrelay])",
                      name);
-        return 1;
+        return;
     }
     if (!p->section_ok)
-        return 1; /* the section itself was already reported */
+        return; /* the section itself was already reported */
     if (p->node) {
         key = config_find("node", name);
         base = p->node;
@@ -507,12 +364,11 @@ static int config_handler(void *user, const char *section, const char *name, con
     }
     if (!key) {
         config_error(p, p->line, "[%s]: unknown key \"%s\"", section, name);
-        return 1;
+        return;
     }
     const char *err = config_set(key, base, value, why, sizeof(why));
     if (err)
         config_error(p, p->line, "[%s] %s: %s", section, name, err);
-    return 1;
 }
 
 static void config_defaults(config *cfg)
@@ -548,11 +404,8 @@ static void config_validate(config_parse *p)
 
 static int config_run(config *cfg, config_parse *p)
 {
-    int rc = ini_parse_stream(config_reader, p, config_handler, p);
-    if (rc > 0)
-        config_error(p, rc, "syntax error (expected [section], key = value, or a ; comment)");
-    else if (rc < 0)
-        config_error(p, 0, "could not parse (out of memory)");
+    static const inifile_handlers handlers = {config_on_section, config_on_key, config_on_error};
+    inifile_read(p->fp, p->text, &handlers, p);
     config_validate(p);
     return cfg->n_errors;
 }

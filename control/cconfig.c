@@ -1,11 +1,11 @@
 /* cconfig.c - reads control.ini with inih, driven by the key table; every problem names file:line.
  */
 #include "cconfig.h"
+#include "inifile.h"
 #include "log.h"
 
 #include <ctype.h>
 #include <errno.h>
-#include <ini.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,8 +14,6 @@
 
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
 
-#define CCONFIG_LINE_MAX    8192 /* longest line accepted */
-#define CCONFIG_SECTION_MAX (CCONFIG_NAME_MAX + 16)
 
 #define MS_PER_S        1000LL
 #define MS_PER_MIN      (60 * MS_PER_S)
@@ -86,7 +84,6 @@ typedef struct cconfig_parse {
     FILE *fp;                               /* file source, or NULL */
     const char *text;                       /* string source, or NULL */
     int line;                               /* number of the line inih is looking at */
-    char section_name[CCONFIG_SECTION_MAX]; /* the current [section], as written */
     bool section_ok;                        /* the current section is a known one */
     const char *kind;                       /* key-table section: "control", "lease" */
     cconfig_deployment *dep;                /* the current [deployment.NAME], or NULL */
@@ -119,64 +116,7 @@ static void cconfig_error(cconfig_parse *p, int line, const char *fmt, ...)
 
 int cconfig_parse_duration(const char *text, int64_t *ms_out)
 {
-    char *end;
-    int64_t mult;
-
-    while (isspace((unsigned char)*text))
-        text++;
-    if (!isdigit((unsigned char)*text))
-        return -1;
-    errno = 0;
-    long long v = strtoll(text, &end, 10);
-    if (errno != 0)
-        return -1;
-    while (isspace((unsigned char)*end))
-        end++;
-    if (*end == '\0' || strcmp(end, "s") == 0)
-        mult = MS_PER_S;
-    else if (strcmp(end, "ms") == 0)
-        mult = 1;
-    else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
-        mult = MS_PER_MIN;
-    else if (strcmp(end, "h") == 0)
-        mult = MS_PER_H;
-    else if (strcmp(end, "d") == 0)
-        mult = MS_PER_D;
-    else
-        return -1;
-    if (v > INT64_MAX / mult)
-        return -1;
-    *ms_out = (int64_t)v * mult;
-    return 0;
-}
-
-static int cconfig_parse_bool(const char *text)
-{
-    static const char *const yes[] = {"on", "true", "yes", "1"};
-    static const char *const no[] = {"off", "false", "no", "0"};
-    for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) {
-        if (strcasecmp(text, yes[i]) == 0)
-            return 1;
-        if (strcasecmp(text, no[i]) == 0)
-            return 0;
-    }
-    return -1;
-}
-
-static int enum_index(const char *const *words, const char *text)
-{
-    for (int i = 0; words[i]; i++)
-        if (strcasecmp(words[i], text) == 0)
-            return i;
-    return -1;
-}
-
-static void enum_list(const char *const *words, char *buf, size_t len)
-{
-    size_t off = 0;
-    buf[0] = '\0';
-    for (int i = 0; words[i] && off < len; i++)
-        off += (size_t)snprintf(buf + off, len - off, "%s%s", i ? ", " : "", words[i]);
+    return inifile_duration(text, INT64_MAX, ms_out);
 }
 
 /* Store one value into base (a cconfig or a cconfig_deployment). Returns NULL or an error text
@@ -228,7 +168,7 @@ static const char *cconfig_set(const cconfig_key *key, void *base, const char *v
         *(int64_t *)field = ms;
         return NULL;
     case CCFG_BOOL: {
-        int b = cconfig_parse_bool(value);
+        int b = inifile_bool(value);
         if (b < 0) {
             snprintf(why, why_len, "\"%s\" is not a boolean (on or off)", value);
             return why;
@@ -237,11 +177,11 @@ static const char *cconfig_set(const cconfig_key *key, void *base, const char *v
         return NULL;
     }
     case CCFG_ENUM: {
-        int i = enum_index(key->words, value);
+        int i = inifile_word(key->words, value);
         if (i < 0) {
             char list[256];
-            enum_list(key->words, list, sizeof(list));
-            snprintf(why, why_len, "\"%s\" is not one of: %s", value, list);
+            inifile_word_list(key->words, list, sizeof(list));
+            snprintf(why, why_len, "\"%.60s\" is not one of: %.160s", value, list);
             return why;
         }
         *(int *)field = i;
@@ -319,128 +259,34 @@ static void cconfig_begin_section(cconfig_parse *p, const char *section)
                   section);
 }
 
-/* Read one whole line from the file or string into line (NUL-terminated, newline kept).
- * Returns false at the end; *too_long is set (and the rest of the line skipped) when it does
- * not fit. */
-static bool cconfig_read_line(cconfig_parse *p, char *line, size_t cap, bool *too_long)
+static void cconfig_on_section(void *user, int line, const char *section)
 {
-    size_t len = 0;
-    *too_long = false;
-    for (;;) {
-        int c;
-        if (p->fp)
-            c = fgetc(p->fp);
-        else
-            c = *p->text ? (unsigned char)*p->text++ : EOF;
-        if (c == EOF)
-            break;
-        if (len + 2 < cap)
-            line[len++] = (char)c;
-        else
-            *too_long = true;
-        if (c == '\n')
-            break;
-    }
-    line[len] = '\0';
-    return len > 0 || *too_long;
+    cconfig_parse *p = user;
+    p->line = line;
+    cconfig_begin_section(p, section);
 }
 
-static void trim(char **start)
+static void cconfig_on_error(void *user, int line, const char *message)
 {
-    char *a = *start, *e = a + strlen(a);
-    while (isspace((unsigned char)*a))
-        a++;
-    while (e > a && isspace((unsigned char)e[-1]))
-        *--e = '\0';
-    *start = a;
+    cconfig_error(user, line, "%s", message);
 }
 
-static int cconfig_handler(void *user, const char *section, const char *name, const char *value);
-
-/* A key = value line too long for inih's line buffer: parsed here, the same way. */
-static void cconfig_long_line(cconfig_parse *p, char *s)
-{
-    if (*s == ';' || *s == '#')
-        return;
-    size_t at = strcspn(s, "=:");
-    if (s[at] == '\0') {
-        cconfig_error(p, p->line, "syntax error (expected [section], key = value, or a ; comment)");
-        return;
-    }
-    s[at] = '\0';
-    char *name = s, *value = s + at + 1;
-    for (char *c = value; *c; c++) {
-        if (*c == ';' && c > value && isspace((unsigned char)c[-1])) {
-            *c = '\0'; /* inline comment, as inih */
-            break;
-        }
-    }
-    trim(&name);
-    trim(&value);
-    cconfig_handler(p, p->section_name, name, value);
-}
-
-/* Feed inih one line at a time, keeping the line count and spotting section headers ourselves
- * (inih does not report a section that has no keys). Leading blanks are removed, so an
- * indented key is a key; lines longer than inih's buffer are parsed here and inih gets a
- * comment instead. */
-static char *cconfig_reader(char *buf, int size, void *stream)
-{
-    cconfig_parse *p = stream;
-    char line[CCONFIG_LINE_MAX];
-    bool too_long;
-
-    if (!cconfig_read_line(p, line, sizeof(line), &too_long))
-        return NULL;
-    p->line++;
-    char *s = line;
-    while (*s == ' ' || *s == '\t')
-        s++;
-    if (too_long) {
-        cconfig_error(p, p->line, "line is longer than %d characters", CCONFIG_LINE_MAX - 2);
-        snprintf(buf, (size_t)size, ";\n");
-        return buf;
-    }
-    if (*s == '[') {
-        const char *close = strchr(s, ']');
-        if (close) {
-            char section[CCONFIG_SECTION_MAX];
-            size_t n = (size_t)(close - s - 1);
-            if (n >= sizeof(section))
-                n = sizeof(section) - 1;
-            memcpy(section, s + 1, n);
-            section[n] = '\0';
-            char *a = section;
-            trim(&a);
-            snprintf(p->section_name, sizeof(p->section_name), "%s", a);
-            cconfig_begin_section(p, a);
-        }
-    }
-    size_t len = strlen(s);
-    if (len < (size_t)size - 1) {
-        memcpy(buf, s, len + 1);
-        return buf;
-    }
-    trim(&s);
-    cconfig_long_line(p, s);
-    snprintf(buf, (size_t)size, ";\n");
-    return buf;
-}
-
-static int cconfig_handler(void *user, const char *section, const char *name, const char *value)
+static void cconfig_on_key(void *user, int line, const char *section, const char *name,
+                           const char *value)
 {
     cconfig_parse *p = user;
     char why[256];
     const cconfig_key *key;
     void *base;
 
+    p->line = line;
     if (section[0] == '\0') {
         cconfig_error(p, p->line, "key \"%s\" is outside any section (put it under [control])",
                       name);
-        return 1;
+        return;
     }
     if (!p->section_ok)
-        return 1; /* the section itself was already reported */
+        return; /* the section itself was already reported */
     if (p->dep) {
         key = cconfig_find("deployment", name);
         base = p->dep;
@@ -450,12 +296,11 @@ static int cconfig_handler(void *user, const char *section, const char *name, co
     }
     if (!key) {
         cconfig_error(p, p->line, "[%s]: unknown key \"%s\"", section, name);
-        return 1;
+        return;
     }
     const char *err = cconfig_set(key, base, value, why, sizeof(why));
     if (err)
         cconfig_error(p, p->line, "[%s] %s: %s", section, name, err);
-    return 1;
 }
 
 static void cconfig_defaults(cconfig *cfg)
@@ -489,7 +334,7 @@ static void cconfig_split_admin_tokens(cconfig_parse *p)
 
     snprintf(copy, sizeof(copy), "%s", cfg->admin_tokens);
     for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        trim(&tok);
+        inifile_trim(&tok);
         if (*tok == '\0')
             continue;
         const char *why = token_problem(tok);
@@ -551,11 +396,9 @@ static void cconfig_validate(cconfig_parse *p)
 
 static int cconfig_run(cconfig *cfg, cconfig_parse *p)
 {
-    int rc = ini_parse_stream(cconfig_reader, p, cconfig_handler, p);
-    if (rc > 0)
-        cconfig_error(p, rc, "syntax error (expected [section], key = value, or a ; comment)");
-    else if (rc < 0)
-        cconfig_error(p, 0, "could not parse (out of memory)");
+    static const inifile_handlers handlers = {cconfig_on_section, cconfig_on_key,
+                                              cconfig_on_error};
+    inifile_read(p->fp, p->text, &handlers, p);
     cconfig_validate(p);
     return cfg->n_errors;
 }
