@@ -22,6 +22,9 @@ static const char *const facility_words[] = {"daemon", "user",   "local0", "loca
                                              "local6", "local7", NULL};
 
 
+/* The longest duration a key takes: 24 days, within an int of milliseconds. */
+#define DURATION_MAX_MS (24 * 24 * 60 * 60 * 1000)
+
 #define PG_KEY(name_, type_, def_, reload_, field_, min_, max_, words_, help_)                     \
     {"pgrelay", name_, type_, def_, reload_, offsetof(config, field_), sizeof(((config *)0)->field_), \
      min_, max_, words_, help_}
@@ -36,99 +39,99 @@ static const char *const facility_words[] = {"daemon", "user",   "local0", "loca
      sizeof(((config_node *)0)->field_), min_, max_, words_, help_}
 
 const config_key config_keys[] = {
-    PG_KEY("listen_addr", CFG_STRING, "127.0.0.1", false, listen_addr, 0, 0, NULL,
+    PG_KEY("listen_addr", KEY_STRING, "127.0.0.1", false, listen_addr, 0, 0, NULL,
            "address of the write port (IPv4, IPv6, host name, or * for all)"),
-    PG_KEY("listen_port", CFG_INT, "6432", false, listen_port, 1, 65535, NULL,
+    PG_KEY("listen_port", KEY_INT, "6432", false, listen_port, 1, 65535, NULL,
            "TCP port of the write port"),
-    PG_KEY("workers", CFG_INT, "0", false, workers, 0, 256, NULL,
+    PG_KEY("workers", KEY_INT, "0", false, workers, 0, 256, NULL,
            "worker processes; 0 means one per CPU"),
-    PG_KEY("max_client_conn", CFG_INT, "1000", false, max_client_conn, 1, 1000000, NULL,
+    PG_KEY("max_client_conn", KEY_INT, "1000", false, max_client_conn, 1, 1000000, NULL,
            "client sessions allowed across all workers; more get SQLSTATE 53300"),
-    PG_KEY("client_login_timeout", CFG_DURATION, "60s", true, client_login_timeout_ms, 0,
-           INT_MAX, NULL, "startup and authentication must finish within this; 0 disables"),
-    PG_KEY("server_connect_timeout", CFG_DURATION, "5s", true, server_connect_timeout_ms, 1,
-           INT_MAX, NULL, "connecting to a node must finish within this"),
-    PG_KEY("shutdown_timeout", CFG_DURATION, "30s", true, shutdown_timeout_ms, 0, INT_MAX, NULL,
+    PG_KEY("client_login_timeout", KEY_DURATION, "60s", true, client_login_timeout_ms, 0,
+           DURATION_MAX_MS, NULL, "startup and authentication must finish within this; 0 disables"),
+    PG_KEY("server_connect_timeout", KEY_DURATION, "5s", true, server_connect_timeout_ms, 1,
+           DURATION_MAX_MS, NULL, "connecting to a node must finish within this"),
+    PG_KEY("shutdown_timeout", KEY_DURATION, "30s", true, shutdown_timeout_ms, 0, DURATION_MAX_MS, NULL,
            "graceful shutdown (SIGTERM) waits this long for sessions to finish"),
-    PG_KEY("tcp_keepalive", CFG_BOOL, "on", true, tcp_keepalive, 0, 0, NULL,
+    PG_KEY("tcp_keepalive", KEY_BOOL, "on", true, tcp_keepalive, 0, 0, NULL,
            "enable TCP keepalive on client and server sockets"),
-    PG_KEY("log_level", CFG_ENUM, "info", true, log_level, 0, 0, level_words,
+    PG_KEY("log_level", KEY_ENUM, "info", true, log_level, 0, 0, level_words,
            "error, warning, info or debug; -v and -q on the command line override it"),
-    PG_KEY("logfile", CFG_STRING, "", true, logfile, 0, 0, NULL,
+    PG_KEY("logfile", KEY_STRING, "", true, logfile, 0, 0, NULL,
            "append log lines to this file instead of stderr; SIGUSR1 reopens it"),
-    PG_KEY("syslog", CFG_BOOL, "off", true, syslog, 0, 0, NULL, "also send log lines to syslog"),
-    PG_KEY("syslog_facility", CFG_ENUM, "daemon", true, syslog_facility, 0, 0, facility_words,
+    PG_KEY("syslog", KEY_BOOL, "off", true, syslog, 0, 0, NULL, "also send log lines to syslog"),
+    PG_KEY("syslog_facility", KEY_ENUM, "daemon", true, syslog_facility, 0, 0, facility_words,
            "syslog facility: daemon, user, local0 ... local7"),
-    PG_KEY("syslog_ident", CFG_STRING, "pgrelay", true, syslog_ident, 0, 0, NULL,
+    PG_KEY("syslog_ident", KEY_STRING, "pgrelay", true, syslog_ident, 0, 0, NULL,
            "program name syslog lines carry"),
-    PG_KEY("admin_socket", CFG_STRING, CONFIG_DEFAULT_ADMIN_SOCKET, false, admin_socket, 0, 0,
+    PG_KEY("admin_socket", KEY_STRING, CONFIG_DEFAULT_ADMIN_SOCKET, false, admin_socket, 0, 0,
            NULL, "Unix socket of the admin console; empty disables it"),
-    PG_KEY("admin_socket_mode", CFG_MODE, "0600", false, admin_socket_mode, 0, 0777, NULL,
+    PG_KEY("admin_socket_mode", KEY_MODE, "0600", false, admin_socket_mode, 0, 0777, NULL,
            "permission bits of the admin socket file (octal)"),
-    PG_KEY("admin_socket_group", CFG_STRING, "", false, admin_socket_group, 0, 0, NULL,
+    PG_KEY("admin_socket_group", KEY_STRING, "", false, admin_socket_group, 0, 0, NULL,
            "group that owns the admin socket file; empty keeps the daemon's group"),
-    PG_KEY("admin_users", CFG_STRING, "", true, admin_users, 0, 0, NULL,
+    PG_KEY("admin_users", KEY_STRING, "", true, admin_users, 0, 0, NULL,
            "comma-separated system users with admin level on the admin socket"),
-    PG_KEY("operator_users", CFG_STRING, "", true, operator_users, 0, 0, NULL,
+    PG_KEY("operator_users", KEY_STRING, "", true, operator_users, 0, 0, NULL,
            "comma-separated system users with operator level (pause, resume, kill)"),
-    PG_KEY("stats_users", CFG_STRING, "", true, stats_users, 0, 0, NULL,
+    PG_KEY("stats_users", KEY_STRING, "", true, stats_users, 0, 0, NULL,
            "comma-separated system users with user level (show commands only)"),
-    PG_KEY("read_listen_port", CFG_INT, "0", false, read_listen_port, 0, 65535, NULL,
+    PG_KEY("read_listen_port", KEY_INT, "0", false, read_listen_port, 0, 65535, NULL,
            "TCP port of the read-only port (on listen_addr); 0 disables it"),
-    PG_KEY("read_fallback", CFG_ENUM, "leader", true, read_fallback, 0, 0, fallback_words,
+    PG_KEY("read_fallback", KEY_ENUM, "leader", true, read_fallback, 0, 0, fallback_words,
            "leader or none: where read sessions go when no replica qualifies"),
-    PG_KEY("max_replica_lag_bytes", CFG_INT, "16777216", true, max_replica_lag_bytes, 0, INT_MAX,
+    PG_KEY("max_replica_lag_bytes", KEY_INT, "16777216", true, max_replica_lag_bytes, 0, INT_MAX,
            NULL, "replicas whose replay is further behind get no new read sessions"),
-    PG_KEY("max_replica_lag_seconds", CFG_DURATION, "30s", true, max_replica_lag_ms, 0, INT_MAX,
+    PG_KEY("max_replica_lag_seconds", KEY_DURATION, "30s", true, max_replica_lag_ms, 0, DURATION_MAX_MS,
            NULL, "replicas whose replay is older than this get no new read sessions"),
-    PG_KEY("no_leader_wait", CFG_DURATION, "0", true, no_leader_wait_ms, 0, INT_MAX, NULL,
+    PG_KEY("no_leader_wait", KEY_DURATION, "0", true, no_leader_wait_ms, 0, DURATION_MAX_MS, NULL,
            "with no write leader, hold new write sessions this long before 57P03"),
-    PG_KEY("leader_change_grace", CFG_DURATION, "10s", true, leader_change_grace_ms, 0, INT_MAX,
+    PG_KEY("leader_change_grace", KEY_DURATION, "10s", true, leader_change_grace_ms, 0, DURATION_MAX_MS,
            NULL, "a session in a transaction on the old leader is closed after this"),
-    PG_KEY("on_leader_change", CFG_ENUM, "close_idle", true, on_leader_change, 0, 0,
+    PG_KEY("on_leader_change", KEY_ENUM, "close_idle", true, on_leader_change, 0, 0,
            leader_change_words, "close_idle (at the next safe point) or close_all (at once)"),
-    PG_KEY("agent", CFG_BOOL, "on", false, agent, 0, 0, NULL,
+    PG_KEY("agent", KEY_BOOL, "on", false, agent, 0, 0, NULL,
            "run pgrelay-agent to follow the write leader; off = static roles"),
-    PG_KEY("agent_path", CFG_STRING, "", false, agent_path, 0, 0, NULL,
+    PG_KEY("agent_path", KEY_STRING, "", false, agent_path, 0, 0, NULL,
            "pgrelay-agent program; empty = the one beside the pgrelay binary"),
-    AGENT_KEY("monitor_user", CFG_STRING, "postgres", monitor_user, 0, 0,
+    AGENT_KEY("monitor_user", KEY_STRING, "postgres", monitor_user, 0, 0,
               "user of the agent's health-check connections"),
-    AGENT_KEY("monitor_password", CFG_STRING, "", monitor_password, 0, 0,
+    AGENT_KEY("monitor_password", KEY_STRING, "", monitor_password, 0, 0,
               "its password (or use ~/.pgpass)"),
-    AGENT_KEY("monitor_dbname", CFG_STRING, "postgres", monitor_dbname, 0, 0,
+    AGENT_KEY("monitor_dbname", KEY_STRING, "postgres", monitor_dbname, 0, 0,
               "database of the health-check connections"),
-    AGENT_KEY("health_interval", CFG_DURATION, "1s", health_interval_ms, 10, INT_MAX,
+    AGENT_KEY("health_interval", KEY_DURATION, "1s", health_interval_ms, 10, DURATION_MAX_MS,
               "time between two probes of a node"),
-    AGENT_KEY("health_timeout", CFG_DURATION, "2s", health_timeout_ms, 10, INT_MAX,
+    AGENT_KEY("health_timeout", KEY_DURATION, "2s", health_timeout_ms, 10, DURATION_MAX_MS,
               "a probe (connect included) that takes longer has failed"),
-    AGENT_KEY("fall", CFG_INT, "3", fall, 1, 1000,
+    AGENT_KEY("fall", KEY_INT, "3", fall, 1, 1000,
               "failed probes in a row before a node is down"),
-    AGENT_KEY("rise", CFG_INT, "2", rise, 1, 1000,
+    AGENT_KEY("rise", KEY_INT, "2", rise, 1, 1000,
               "good probes in a row before a down node is up"),
-    CONTROL_KEY("endpoint", CFG_STRING, "", control_endpoint, 0, 0,
+    CONTROL_KEY("endpoint", KEY_STRING, "", control_endpoint, 0, 0,
                 "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
-    CONTROL_KEY("token", CFG_STRING, "", control_token, 0, 0,
+    CONTROL_KEY("token", KEY_STRING, "", control_token, 0, 0,
                 "the deployment's token (Authorization: Bearer)"),
-    CONTROL_KEY("request_timeout", CFG_DURATION, "5s", control_request_timeout_ms, 100, INT_MAX,
+    CONTROL_KEY("request_timeout", KEY_DURATION, "5s", control_request_timeout_ms, 100, DURATION_MAX_MS,
                 "an HTTP request to the control plane that takes longer has failed"),
-    CONTROL_KEY("metrics_interval", CFG_DURATION, "1s", metrics_interval_ms, 100, INT_MAX,
+    CONTROL_KEY("metrics_interval", KEY_DURATION, "1s", metrics_interval_ms, 100, DURATION_MAX_MS,
                 "time between two metrics uploads"),
-    CONTROL_KEY("active_queries_interval", CFG_DURATION, "5s", active_queries_interval_ms, 100,
-                INT_MAX, "time between two uploads of the running queries"),
-    CONTROL_KEY("schema_interval", CFG_DURATION, "60s", schema_interval_ms, 1000, INT_MAX,
+    CONTROL_KEY("active_queries_interval", KEY_DURATION, "5s", active_queries_interval_ms, 100,
+                DURATION_MAX_MS, "time between two uploads of the running queries"),
+    CONTROL_KEY("schema_interval", KEY_DURATION, "60s", schema_interval_ms, 1000, DURATION_MAX_MS,
                 "how often the leader's schema summary is read (sent when it changed)"),
-    CONTROL_KEY("control_grace_period", CFG_DURATION, "10s", control_grace_period_ms, 0, INT_MAX,
+    CONTROL_KEY("control_grace_period", KEY_DURATION, "10s", control_grace_period_ms, 0, DURATION_MAX_MS,
                 "control plane unreachable this long: the agent decides the leader alone"),
-    NODE_KEY("host", CFG_STRING, NULL, host, 0, 0, NULL,
+    NODE_KEY("host", KEY_STRING, NULL, host, 0, 0, NULL,
              "host name or IP address of the node, or a Unix socket directory"),
-    NODE_KEY("port", CFG_INT, "5432", port, 1, 65535, NULL, "PostgreSQL port of the node"),
-    NODE_KEY("role", CFG_ENUM, NULL, role, 0, 0, role_words,
+    NODE_KEY("port", KEY_INT, "5432", port, 1, 65535, NULL, "PostgreSQL port of the node"),
+    NODE_KEY("role", KEY_ENUM, NULL, role, 0, 0, role_words,
              "primary or replica: the static hint of which node takes writes"),
-    NODE_KEY("monitor_user", CFG_STRING, "", monitor_user, 0, 0, NULL,
+    NODE_KEY("monitor_user", KEY_STRING, "", monitor_user, 0, 0, NULL,
              "overrides [agent] monitor_user for this node"),
-    NODE_KEY("monitor_password", CFG_STRING, "", monitor_password, 0, 0, NULL,
+    NODE_KEY("monitor_password", KEY_STRING, "", monitor_password, 0, 0, NULL,
              "overrides [agent] monitor_password for this node"),
-    NODE_KEY("monitor_dbname", CFG_STRING, "", monitor_dbname, 0, 0, NULL,
+    NODE_KEY("monitor_dbname", KEY_STRING, "", monitor_dbname, 0, 0, NULL,
              "overrides [agent] monitor_dbname for this node"),
 };
 const size_t config_n_keys = sizeof(config_keys) / sizeof(config_keys[0]);
@@ -182,82 +185,6 @@ int config_parse_bool(const char *text)
     return inifile_bool(text);
 }
 
-/* Store one value into base (a config or a config_node). Returns NULL or an error text. */
-static const char *config_set(const config_key *key, void *base, const char *value, char *why,
-                              size_t why_len)
-{
-    char *field = (char *)base + key->offset;
-    long v;
-    char *end;
-
-    switch (key->type) {
-    case CFG_STRING:
-        if (strlen(value) >= key->size) {
-            snprintf(why, why_len, "value is longer than %zu characters", key->size - 1);
-            return why;
-        }
-        if (value[0] == '\0' && key->def == NULL) {
-            snprintf(why, why_len, "value must not be empty");
-            return why;
-        }
-        memcpy(field, value, strlen(value) + 1);
-        return NULL;
-    case CFG_INT:
-        errno = 0;
-        v = strtol(value, &end, 10);
-        if (errno || end == value || *end != '\0') {
-            snprintf(why, why_len, "\"%s\" is not an integer", value);
-            return why;
-        }
-        if (v < key->min || v > key->max) {
-            snprintf(why, why_len, "%ld is out of range (%ld to %ld)", v, key->min, key->max);
-            return why;
-        }
-        *(int *)field = (int)v;
-        return NULL;
-    case CFG_DURATION:
-        if (config_parse_duration(value, &v) != 0) {
-            snprintf(why, why_len, "\"%s\" is not a duration (examples: 250ms, 5s, 2m)", value);
-            return why;
-        }
-        if (v < key->min || v > key->max) {
-            snprintf(why, why_len, "%s is out of range (at least %ldms)", value, key->min);
-            return why;
-        }
-        *(int *)field = (int)v;
-        return NULL;
-    case CFG_BOOL: {
-        int b = config_parse_bool(value);
-        if (b < 0) {
-            snprintf(why, why_len, "\"%s\" is not a boolean (on or off)", value);
-            return why;
-        }
-        *(bool *)field = b;
-        return NULL;
-    }
-    case CFG_MODE:
-        errno = 0;
-        v = strtol(value, &end, 8);
-        if (errno || end == value || *end != '\0' || v < key->min || v > key->max) {
-            snprintf(why, why_len, "\"%s\" is not an octal mode such as 0660", value);
-            return why;
-        }
-        *(int *)field = (int)v;
-        return NULL;
-    case CFG_ENUM: {
-        int i = inifile_word(key->words, value);
-        if (i < 0) {
-            char list[256];
-            inifile_word_list(key->words, list, sizeof(list));
-            snprintf(why, why_len, "\"%.60s\" is not one of: %.160s", value, list);
-            return why;
-        }
-        *(int *)field = i;
-        return NULL;
-    }
-    }
-    return "unknown key type";
-}
 
 const config_key *config_find(const char *section, const char *name)
 {
@@ -366,7 +293,7 @@ static void config_on_key(void *user, int line, const char *section, const char 
         config_error(p, p->line, "[%s]: unknown key \"%s\"", section, name);
         return;
     }
-    const char *err = config_set(key, base, value, why, sizeof(why));
+    const char *err = inifile_set(key, base, value, why, sizeof(why));
     if (err)
         config_error(p, p->line, "[%s] %s: %s", section, name, err);
 }
@@ -378,7 +305,7 @@ static void config_defaults(config *cfg)
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
         if (strcmp(k->section, "node") != 0 && k->def)
-            config_set(k, cfg, k->def, why, sizeof(why));
+            inifile_set(k, cfg, k->def, why, sizeof(why));
     }
 }
 
@@ -444,33 +371,8 @@ int config_first_primary(const config *cfg)
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
                          size_t len)
 {
-    const char *field = (const char *)base + key->offset;
     (void)cfg;
-    switch (key->type) {
-    case CFG_STRING:
-        snprintf(buf, len, "%s", field);
-        break;
-    case CFG_INT:
-        snprintf(buf, len, "%d", *(const int *)field);
-        break;
-    case CFG_DURATION: {
-        int ms = *(const int *)field;
-        if (ms % 1000 == 0)
-            snprintf(buf, len, "%ds", ms / 1000);
-        else
-            snprintf(buf, len, "%dms", ms);
-        break;
-    }
-    case CFG_BOOL:
-        snprintf(buf, len, "%s", *(const bool *)field ? "on" : "off");
-        break;
-    case CFG_ENUM:
-        snprintf(buf, len, "%s", key->words[*(const int *)field]);
-        break;
-    case CFG_MODE:
-        snprintf(buf, len, "%04o", *(const int *)field);
-        break;
-    }
+    inifile_format(key, base, buf, len);
 }
 
 void config_apply_logging(const config *cfg)

@@ -2,6 +2,8 @@
 #ifndef PGRELAY_CONFIG_H
 #define PGRELAY_CONFIG_H
 
+#include "inifile.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 
@@ -97,29 +99,9 @@ typedef struct config {
     char errors[CONFIG_MAX_ERRORS][CONFIG_ERROR_LEN];
 } config;
 
-/* Types a key's value can have. */
-typedef enum config_type {
-    CFG_STRING,   /* copied into a char[size] field */
-    CFG_INT,      /* decimal integer within [min, max] */
-    CFG_DURATION, /* "250ms", "5s", "2m", "1h"; a bare number is seconds; stored in ms */
-    CFG_BOOL,     /* on/off, true/false, yes/no, 1/0 */
-    CFG_ENUM,     /* one of a fixed list of words, stored as its index */
-    CFG_MODE,     /* octal file permission bits, e.g. 0660 */
-} config_type;
-
-/* One row of the key table: everything parsing, validation, `show config` and the man page need. */
-typedef struct config_key {
-    const char *section;     /* "pgrelay", "agent", "control", or "node" for [node.NAME] */
-    const char *name;        /* key name as written in the file */
-    config_type type;
-    const char *def;         /* default, as it would be written in the file; NULL = required */
-    bool reloadable;         /* takes effect on reload without a restart */
-    size_t offset;           /* field offset in config (or config_node for "node") */
-    size_t size;             /* CFG_STRING: field size */
-    long min, max;           /* CFG_INT and CFG_DURATION (ms) bounds */
-    const char *const *words; /* CFG_ENUM: NULL-terminated list */
-    const char *help;        /* one line for `show config` and the man page */
-} config_key;
+/* One row of the key table (common/inifile.h): everything parsing, validation, `show config`
+ * and the man page need. Sections: "pgrelay", "agent", "control", or "node" for [node.NAME]. */
+typedef inifile_key config_key;
 
 extern const config_key config_keys[];
 extern const size_t config_n_keys;

@@ -212,3 +212,138 @@ void inifile_word_list(const char *const *words, char *buf, size_t len)
     for (int i = 0; words[i] && off < len; i++)
         off += (size_t)snprintf(buf + off, len - off, "%s%s", i ? ", " : "", words[i]);
 }
+
+/* "0s", "250ms", "5s", "7d": the largest unit that divides the value. */
+static void inifile_format_ms(int64_t ms, char *buf, size_t len)
+{
+    const int64_t day = 24LL * 60 * 60 * 1000;
+    if (ms != 0 && ms % day == 0)
+        snprintf(buf, len, "%lldd", (long long)(ms / day));
+    else if (ms % 1000 == 0)
+        snprintf(buf, len, "%llds", (long long)(ms / 1000));
+    else
+        snprintf(buf, len, "%lldms", (long long)ms);
+}
+
+static const char *inifile_set_duration(const inifile_key *key, const char *value, int64_t *ms,
+                                        char *why, size_t why_len)
+{
+    char bound[32];
+    if (inifile_duration(value, INT64_MAX, ms) != 0) {
+        snprintf(why, why_len, "\"%s\" is not a duration (examples: 250ms, 5s, 2m, 7d)", value);
+        return why;
+    }
+    if (*ms < key->min || *ms > key->max) {
+        inifile_format_ms(*ms < key->min ? key->min : key->max, bound, sizeof(bound));
+        snprintf(why, why_len, "%s is out of range (at %s %s)", value,
+                 *ms < key->min ? "least" : "most", bound);
+        return why;
+    }
+    return NULL;
+}
+
+const char *inifile_set(const inifile_key *key, void *base, const char *value, char *why,
+                        size_t why_len)
+{
+    char *field = (char *)base + key->offset;
+    int64_t ms;
+    long long v;
+    char *end;
+
+    switch (key->type) {
+    case KEY_STRING:
+        if (strlen(value) >= key->size) {
+            snprintf(why, why_len, "value is longer than %zu characters", key->size - 1);
+            return why;
+        }
+        if (value[0] == '\0' && key->def == NULL) {
+            snprintf(why, why_len, "value must not be empty");
+            return why;
+        }
+        memcpy(field, value, strlen(value) + 1);
+        return NULL;
+    case KEY_INT:
+        errno = 0;
+        v = strtoll(value, &end, 10);
+        if (errno || end == value || *end != '\0') {
+            snprintf(why, why_len, "\"%s\" is not an integer", value);
+            return why;
+        }
+        if (v < key->min || v > key->max) {
+            snprintf(why, why_len, "%lld is out of range (%lld to %lld)", v, (long long)key->min,
+                     (long long)key->max);
+            return why;
+        }
+        *(int *)field = (int)v;
+        return NULL;
+    case KEY_DURATION:
+        if (inifile_set_duration(key, value, &ms, why, why_len))
+            return why;
+        *(int *)field = (int)ms; /* the key's max keeps it within an int */
+        return NULL;
+    case KEY_DURATION64:
+        if (inifile_set_duration(key, value, &ms, why, why_len))
+            return why;
+        *(int64_t *)field = ms;
+        return NULL;
+    case KEY_BOOL: {
+        int b = inifile_bool(value);
+        if (b < 0) {
+            snprintf(why, why_len, "\"%s\" is not a boolean (on or off)", value);
+            return why;
+        }
+        *(bool *)field = b;
+        return NULL;
+    }
+    case KEY_MODE:
+        errno = 0;
+        v = strtoll(value, &end, 8);
+        if (errno || end == value || *end != '\0' || v < key->min || v > key->max) {
+            snprintf(why, why_len, "\"%s\" is not an octal mode such as 0660", value);
+            return why;
+        }
+        *(int *)field = (int)v;
+        return NULL;
+    case KEY_ENUM: {
+        int i = inifile_word(key->words, value);
+        if (i < 0) {
+            char list[256];
+            inifile_word_list(key->words, list, sizeof(list));
+            snprintf(why, why_len, "\"%.60s\" is not one of: %.160s", value, list);
+            return why;
+        }
+        *(int *)field = i;
+        return NULL;
+    }
+    }
+    snprintf(why, why_len, "unknown key type");
+    return why;
+}
+
+void inifile_format(const inifile_key *key, const void *base, char *buf, size_t len)
+{
+    const char *field = (const char *)base + key->offset;
+    switch (key->type) {
+    case KEY_STRING:
+        snprintf(buf, len, "%s", field);
+        break;
+    case KEY_INT:
+        snprintf(buf, len, "%d", *(const int *)field);
+        break;
+    case KEY_DURATION:
+        inifile_format_ms(*(const int *)field, buf, len);
+        break;
+    case KEY_DURATION64:
+        inifile_format_ms(*(const int64_t *)field, buf, len);
+        break;
+    case KEY_BOOL:
+        snprintf(buf, len, "%s", *(const bool *)field ? "on" : "off");
+        break;
+    case KEY_ENUM:
+        snprintf(buf, len, "%s", key->words[*(const int *)field]);
+        break;
+    case KEY_MODE:
+        snprintf(buf, len, "%04o", *(const int *)field);
+        break;
+    }
+}

@@ -9,12 +9,46 @@
 #ifndef PGRELAY_INIFILE_H
 #define PGRELAY_INIFILE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #define INIFILE_LINE_MAX    8192 /* longest line accepted, newline included */
 #define INIFILE_SECTION_MAX 128  /* longest [section] name kept */
+
+/* Types a key's value can have. */
+typedef enum inifile_type {
+    KEY_STRING,     /* copied into a char[size] field */
+    KEY_INT,        /* decimal integer within [min, max], stored as int */
+    KEY_DURATION,   /* a duration (see inifile_duration) within [min, max] ms, stored as int ms */
+    KEY_DURATION64, /* the same, stored as int64_t ms */
+    KEY_BOOL,       /* on/off, true/false, yes/no, 1/0, stored as bool */
+    KEY_ENUM,       /* one of a fixed list of words, stored as its index (int) */
+    KEY_MODE,       /* octal file permission bits within [min, max], e.g. 0660, stored as int */
+} inifile_type;
+
+/* One row of a key table: everything parsing, validation, reload, `show config` and the man
+ * page need. */
+typedef struct inifile_key {
+    const char *section;      /* section name; one name stands for all [prefix.NAME] sections */
+    const char *name;         /* key name as written in the file */
+    inifile_type type;
+    const char *def;          /* default, as it would be written in the file; NULL = required */
+    bool reloadable;          /* takes effect on reload without a restart */
+    size_t offset;            /* field offset in the struct the section fills */
+    size_t size;              /* field size */
+    int64_t min, max;         /* KEY_INT, KEY_DURATION* (ms) and KEY_MODE bounds */
+    const char *const *words; /* KEY_ENUM: NULL-terminated list */
+    const char *help;         /* one line for `show config` and the man page */
+} inifile_key;
+
+/* Store value into key's field of base. NULL, or why (filled with the reason). */
+const char *inifile_set(const inifile_key *key, void *base, const char *value, char *why,
+                        size_t why_len);
+
+/* The field's value as it would be written in the file (durations in their largest whole unit). */
+void inifile_format(const inifile_key *key, const void *base, char *buf, size_t len);
 
 typedef struct inifile_handlers {
     /* A [section] header (line is its line number). */

@@ -39,40 +39,40 @@ static const char *const level_words[] = {"error", "warning", "info", "debug", N
     }
 
 const cconfig_key cconfig_keys[] = {
-    CTL_KEY("listen_addr", CCFG_STRING, "127.0.0.1", false, listen_addr, 0, 0, NULL,
+    CTL_KEY("listen_addr", KEY_STRING, "127.0.0.1", false, listen_addr, 0, 0, NULL,
             "address the HTTP API listens on (IPv4, IPv6 or host name; 0.0.0.0 for all)"),
-    CTL_KEY("listen_port", CCFG_INT, "8080", false, listen_port, 1, 65535, NULL,
+    CTL_KEY("listen_port", KEY_INT, "8080", false, listen_port, 1, 65535, NULL,
             "TCP port of the HTTP API"),
-    CTL_KEY("store", CCFG_STRING, NULL, false, store, 0, 0, NULL,
+    CTL_KEY("store", KEY_STRING, NULL, false, store, 0, 0, NULL,
             "libpq connection string of the PostgreSQL database holding durable state"),
-    CTL_KEY("admin_tokens", CCFG_STRING, NULL, true, admin_tokens, 0, 0, NULL,
+    CTL_KEY("admin_tokens", KEY_STRING, NULL, true, admin_tokens, 0, 0, NULL,
             "comma-separated bearer tokens of operators (pgrelayctl)"),
-    CTL_KEY("auto_register", CCFG_BOOL, "off", true, auto_register, 0, 0, NULL,
+    CTL_KEY("auto_register", KEY_BOOL, "off", true, auto_register, 0, 0, NULL,
             "an unknown agent token creates a deployment auto-<sha256 prefix>"),
-    CTL_KEY("proxy_timeout", CCFG_DURATION, "10s", true, proxy_timeout_ms, 100, DURATION_MAX_MS,
+    CTL_KEY("proxy_timeout", KEY_DURATION64, "10s", true, proxy_timeout_ms, 100, DURATION_MAX_MS,
             NULL, "a proxy is live while its last request is at most this old"),
-    CTL_KEY("command_retention", CCFG_DURATION, "7d", true, command_retention_ms, MS_PER_MIN,
+    CTL_KEY("command_retention", KEY_DURATION64, "7d", true, command_retention_ms, MS_PER_MIN,
             DURATION_MAX_MS, NULL, "commands and their acknowledgements are kept this long"),
-    CTL_KEY("telemetry_retention", CCFG_DURATION, "5m", true, telemetry_retention_ms, MS_PER_S,
+    CTL_KEY("telemetry_retention", KEY_DURATION64, "5m", true, telemetry_retention_ms, MS_PER_S,
             DURATION_MAX_MS, NULL,
             "metrics samples, running queries and schema summaries are kept in memory this long"),
-    CTL_KEY("poll_wait_max", CCFG_DURATION, "60s", true, poll_wait_max_ms, MS_PER_S,
+    CTL_KEY("poll_wait_max", KEY_DURATION64, "60s", true, poll_wait_max_ms, MS_PER_S,
             10 * MS_PER_MIN, NULL, "the longest wait_s an agent's command long poll may use"),
-    CTL_KEY("log_level", CCFG_ENUM, "info", true, log_level, 0, 0, level_words,
+    CTL_KEY("log_level", KEY_ENUM, "info", true, log_level, 0, 0, level_words,
             "error, warning, info or debug; -v and -q on the command line override it"),
-    CTL_KEY("logfile", CCFG_STRING, "", true, logfile, 0, 0, NULL,
+    CTL_KEY("logfile", KEY_STRING, "", true, logfile, 0, 0, NULL,
             "append log lines to this file instead of stderr; SIGUSR1 reopens it"),
-    LEASE_KEY("enabled", CCFG_BOOL, "off", lease_enabled, 0, 0,
+    LEASE_KEY("enabled", KEY_BOOL, "off", lease_enabled, 0, 0,
               "on: several replicas share the store and only the lease holder serves"),
-    LEASE_KEY("lease_name", CCFG_STRING, "pgrelay-control", lease_name, 0, 0,
+    LEASE_KEY("lease_name", KEY_STRING, "pgrelay-control", lease_name, 0, 0,
               "name of the lease row; replicas with the same name compete"),
-    LEASE_KEY("lease_duration_secs", CCFG_INT, "15", lease_duration_secs, 1, LEASE_SECS_MAX,
+    LEASE_KEY("lease_duration_secs", KEY_INT, "15", lease_duration_secs, 1, LEASE_SECS_MAX,
               "a lease not renewed for this many seconds may be taken over"),
-    LEASE_KEY("lease_interval_secs", CCFG_INT, "5", lease_interval_secs, 1, LEASE_SECS_MAX,
+    LEASE_KEY("lease_interval_secs", KEY_INT, "5", lease_interval_secs, 1, LEASE_SECS_MAX,
               "seconds between two attempts to take or renew the lease"),
-    LEASE_KEY("release_timeout_secs", CCFG_INT, "5", release_timeout_secs, 0, LEASE_SECS_MAX,
+    LEASE_KEY("release_timeout_secs", KEY_INT, "5", release_timeout_secs, 0, LEASE_SECS_MAX,
               "on shutdown, wait at most this many seconds to give the lease up"),
-    DEP_KEY("token", CCFG_STRING, NULL, token,
+    DEP_KEY("token", KEY_STRING, NULL, token,
             "bearer token of this deployment's agents (required)"),
 };
 const size_t cconfig_n_keys = sizeof(cconfig_keys) / sizeof(cconfig_keys[0]);
@@ -119,77 +119,6 @@ int cconfig_parse_duration(const char *text, int64_t *ms_out)
     return inifile_duration(text, INT64_MAX, ms_out);
 }
 
-/* Store one value into base (a cconfig or a cconfig_deployment). Returns NULL or an error text
- * (written into why). */
-static const char *cconfig_set(const cconfig_key *key, void *base, const char *value, char *why,
-                               size_t why_len)
-{
-    char *field = (char *)base + key->offset;
-    int64_t ms;
-    long v;
-    char *end;
-
-    switch (key->type) {
-    case CCFG_STRING:
-        if (strlen(value) >= key->size) {
-            snprintf(why, why_len, "value is longer than %zu characters", key->size - 1);
-            return why;
-        }
-        if (value[0] == '\0' && key->def == NULL) {
-            snprintf(why, why_len, "value must not be empty");
-            return why;
-        }
-        memcpy(field, value, strlen(value) + 1);
-        return NULL;
-    case CCFG_INT:
-        errno = 0;
-        v = strtol(value, &end, 10);
-        if (errno || end == value || *end != '\0') {
-            snprintf(why, why_len, "\"%s\" is not an integer", value);
-            return why;
-        }
-        if (v < key->min || v > key->max) {
-            snprintf(why, why_len, "%ld is out of range (%lld to %lld)", v, (long long)key->min,
-                     (long long)key->max);
-            return why;
-        }
-        *(int *)field = (int)v;
-        return NULL;
-    case CCFG_DURATION:
-        if (cconfig_parse_duration(value, &ms) != 0) {
-            snprintf(why, why_len, "\"%s\" is not a duration (examples: 250ms, 5s, 2m, 7d)", value);
-            return why;
-        }
-        if (ms < key->min || ms > key->max) {
-            snprintf(why, why_len, "%s is out of range (%lldms to %lldms)", value,
-                     (long long)key->min, (long long)key->max);
-            return why;
-        }
-        *(int64_t *)field = ms;
-        return NULL;
-    case CCFG_BOOL: {
-        int b = inifile_bool(value);
-        if (b < 0) {
-            snprintf(why, why_len, "\"%s\" is not a boolean (on or off)", value);
-            return why;
-        }
-        *(bool *)field = b;
-        return NULL;
-    }
-    case CCFG_ENUM: {
-        int i = inifile_word(key->words, value);
-        if (i < 0) {
-            char list[256];
-            inifile_word_list(key->words, list, sizeof(list));
-            snprintf(why, why_len, "\"%.60s\" is not one of: %.160s", value, list);
-            return why;
-        }
-        *(int *)field = i;
-        return NULL;
-    }
-    }
-    return "unknown key type";
-}
 
 const cconfig_key *cconfig_find(const char *section, const char *name)
 {
@@ -298,7 +227,7 @@ static void cconfig_on_key(void *user, int line, const char *section, const char
         cconfig_error(p, p->line, "[%s]: unknown key \"%s\"", section, name);
         return;
     }
-    const char *err = cconfig_set(key, base, value, why, sizeof(why));
+    const char *err = inifile_set(key, base, value, why, sizeof(why));
     if (err)
         cconfig_error(p, p->line, "[%s] %s: %s", section, name, err);
 }
@@ -310,7 +239,7 @@ static void cconfig_defaults(cconfig *cfg)
     for (size_t i = 0; i < cconfig_n_keys; i++) {
         const cconfig_key *k = &cconfig_keys[i];
         if (strcmp(k->section, "deployment") != 0 && k->def)
-            cconfig_set(k, cfg, k->def, why, sizeof(why));
+            inifile_set(k, cfg, k->def, why, sizeof(why));
     }
 }
 
@@ -362,7 +291,7 @@ static void cconfig_validate(cconfig_parse *p)
         if (k->def || strcmp(k->section, "deployment") == 0)
             continue;
         const char *field = (const char *)cfg + k->offset;
-        if (k->type == CCFG_STRING && field[0] == '\0')
+        if (k->type == KEY_STRING && field[0] == '\0')
             cconfig_error(p, 0, "[%s]: missing required key \"%s\"", k->section, k->name);
     }
     if (cfg->admin_tokens[0]) {
@@ -428,31 +357,5 @@ int cconfig_load_string(cconfig *cfg, const char *name, const char *text)
 
 void cconfig_format_value(const cconfig_key *key, const void *base, char *buf, size_t len)
 {
-    const char *field = (const char *)base + key->offset;
-    switch (key->type) {
-    case CCFG_STRING:
-        snprintf(buf, len, "%s", field);
-        break;
-    case CCFG_INT:
-        snprintf(buf, len, "%d", *(const int *)field);
-        break;
-    case CCFG_DURATION: {
-        int64_t ms = *(const int64_t *)field;
-        if (ms == 0)
-            snprintf(buf, len, "0");
-        else if (ms % MS_PER_D == 0)
-            snprintf(buf, len, "%lldd", (long long)(ms / MS_PER_D));
-        else if (ms % MS_PER_S == 0)
-            snprintf(buf, len, "%llds", (long long)(ms / MS_PER_S));
-        else
-            snprintf(buf, len, "%lldms", (long long)ms);
-        break;
-    }
-    case CCFG_BOOL:
-        snprintf(buf, len, "%s", *(const bool *)field ? "on" : "off");
-        break;
-    case CCFG_ENUM:
-        snprintf(buf, len, "%s", key->words[*(const int *)field]);
-        break;
-    }
+    inifile_format(key, base, buf, len);
 }

@@ -2,6 +2,8 @@
 #ifndef PGRELAY_CCONFIG_H
 #define PGRELAY_CCONFIG_H
 
+#include "inifile.h"
+
 #include <limits.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -60,28 +62,9 @@ typedef struct cconfig {
     char errors[CCONFIG_MAX_ERRORS][CCONFIG_ERROR_LEN];
 } cconfig;
 
-/* Types a key's value can have. */
-typedef enum cconfig_type {
-    CCFG_STRING,   /* copied into a char[size] field */
-    CCFG_INT,      /* decimal integer within [min, max], stored as int */
-    CCFG_DURATION, /* "250ms", "5s", "2m", "1h", "7d"; bare number = seconds; int64_t ms */
-    CCFG_BOOL,     /* on/off, true/false, yes/no, 1/0 */
-    CCFG_ENUM,     /* one of a fixed list of words, stored as its index (int) */
-} cconfig_type;
-
-/* One row of the key table: parsing, validation, reload and the man page's list. */
-typedef struct cconfig_key {
-    const char *section; /* "control", "lease", or "deployment" for every [deployment.NAME] */
-    const char *name;    /* key name as written in the file */
-    cconfig_type type;
-    const char *def;          /* default as it would be written; NULL = required */
-    bool reloadable;          /* SIGHUP applies it without a restart */
-    size_t offset;            /* field offset in cconfig (or cconfig_deployment) */
-    size_t size;              /* CCFG_STRING: field size */
-    int64_t min, max;         /* CCFG_INT and CCFG_DURATION (ms) bounds */
-    const char *const *words; /* CCFG_ENUM: NULL-terminated list */
-    const char *help;         /* one line for the man page and the sample file */
-} cconfig_key;
+/* One row of the key table (common/inifile.h): parsing, validation, reload and the man page's
+ * list. Sections: "control", "lease", or "deployment" for every [deployment.NAME]. */
+typedef inifile_key cconfig_key;
 
 extern const cconfig_key cconfig_keys[];
 extern const size_t cconfig_n_keys;

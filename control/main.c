@@ -237,11 +237,7 @@ static void reload(void)
             continue;
         log_warning("reload: [%s] %s changed; it takes effect only after a restart", k->section,
                     k->name);
-        size_t size = k->type == CCFG_STRING     ? k->size
-                      : k->type == CCFG_DURATION ? sizeof(int64_t)
-                      : k->type == CCFG_BOOL     ? sizeof(bool)
-                                                 : sizeof(int);
-        memcpy((char *)next + k->offset, (const char *)cur + k->offset, size);
+        memcpy((char *)next + k->offset, (const char *)cur + k->offset, k->size);
     }
     control.cfg = next;
     free(cur);

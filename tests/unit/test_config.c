@@ -317,9 +317,9 @@ static void test_bad_duration(void **state)
                   "host = h\n"
                   "role = primary\n",
                   "t.ini:2: [pgrelay] shutdown_timeout: \"5x\" is not a duration (examples: 250ms, "
-                  "5s, 2m)",
+                  "5s, 2m, 7d)",
                   "t.ini:3: [pgrelay] client_login_timeout: \"-1\" is not a duration (examples: "
-                  "250ms, 5s, 2m)",
+                  "250ms, 5s, 2m, 7d)",
                   "t.ini:4: [pgrelay] server_connect_timeout: 0 is out of range (at least 1ms)",
                   NULL);
     /* the defaults stay in place */
@@ -328,8 +328,12 @@ static void test_bad_duration(void **state)
     assert_int_equal(cfg.server_connect_timeout_ms, 5000);
 
     assert_int_equal(load_key("shutdown_timeout", "600h"), 1);
-    assert_string_equal(cfg.errors[0], "t.ini:2: [pgrelay] shutdown_timeout: \"600h\" is not a "
-                                       "duration (examples: 250ms, 5s, 2m)");
+    assert_string_equal(cfg.errors[0],
+                        "t.ini:2: [pgrelay] shutdown_timeout: 600h is out of range (at most 24d)");
+    assert_int_equal(load_key("shutdown_timeout", "99999999999999999999s"), 1);
+    assert_string_equal(cfg.errors[0], "t.ini:2: [pgrelay] shutdown_timeout: "
+                                       "\"99999999999999999999s\" is not a duration (examples: "
+                                       "250ms, 5s, 2m, 7d)");
 }
 
 static void test_bad_int(void **state)
@@ -612,12 +616,12 @@ static void test_key_table(void **state)
         assert_true(strcmp(k->section, "pgrelay") == 0 || strcmp(k->section, "agent") == 0 ||
                     strcmp(k->section, "control") == 0 || strcmp(k->section, "node") == 0);
         assert_ptr_equal(config_find(k->section, k->name), k); /* names are unique per section */
-        if (k->type == CFG_DURATION) {
+        if (k->type == KEY_DURATION) {
             long ms;
             assert_int_equal(config_parse_duration(k->def, &ms), 0);
             assert_true(ms >= k->min && ms <= k->max);
         }
-        if (k->type == CFG_ENUM)
+        if (k->type == KEY_ENUM)
             assert_non_null(k->words);
     }
 }
@@ -723,7 +727,7 @@ static void test_mode(void **state)
     }
     const config_key *k = config_find("pgrelay", "admin_socket_mode");
     assert_non_null(k);
-    assert_int_equal(k->type, CFG_MODE);
+    assert_int_equal(k->type, KEY_MODE);
     char buf[16];
     assert_int_equal(load_key("admin_socket_mode", "0660"), 0);
     config_format_value(&cfg, k, &cfg, buf, sizeof(buf));
