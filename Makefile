@@ -48,7 +48,7 @@ ALL_CFLAGS = -std=gnu11 $(WARN) $(CFLAGS) $(SANFLAGS) -D_GNU_SOURCE \
              -DPGRELAY_VERSION='"$(VERSION)"' -Icommon -MMD -MP
 LDFLAGS  ?=
 
-COMMON_SRC := common/log.c common/inifile.c common/config.c common/pgproto.c common/shm.c
+COMMON_SRC := common/log.c common/daemon.c common/inifile.c common/config.c common/pgproto.c common/shm.c
 PROXY_SRC  := $(wildcard proxy/*.c)
 AGENT_SRC  := $(wildcard agent/*.c)
 CTL_SRC    := $(wildcard control/ctl*.c)

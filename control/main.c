@@ -2,6 +2,7 @@
  * housekeeping, and the event loop. */
 #include "cconfig.h"
 #include "control.h"
+#include "daemon.h"
 #include "http.h"
 #include "lease.h"
 #include "log.h"
@@ -10,7 +11,6 @@
 
 #include <errno.h>
 #include <event2/event.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <openssl/crypto.h>
@@ -20,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -110,66 +109,6 @@ static void usage(FILE *out)
             "deployments, USR1 reopens the log file, QUIT exits at once.\n"
             "See " PROG "(8); the API is described in protocol.md.\n",
             PGRELAY_VERSION, CCONFIG_DEFAULT_PATH);
-}
-
-/* Lock the pidfile so a second instance refuses to start. Returns the open fd or -1. */
-static int pidfile_lock(const char *path)
-{
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        fprintf(stderr, PROG ": cannot open pidfile %s: %s\n", path, strerror(errno));
-        return -1;
-    }
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        char buf[32] = "";
-        ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
-        buf[n > 0 ? n : 0] = '\0';
-        buf[strcspn(buf, "\n")] = '\0';
-        fprintf(stderr, PROG ": already running (pid %s holds pidfile %s)\n", buf[0] ? buf : "?",
-                path);
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static int pidfile_write(int fd, const char *path)
-{
-    char buf[32];
-    int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
-    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, (size_t)len, 0) != len) {
-        log_error("cannot write pidfile %s: %s", path, strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
-/* Detach: fork, new session, fork again; stdin, stdout and stderr go to /dev/null. */
-static int daemonize(void)
-{
-    pid_t pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid > 0)
-        _exit(0);
-    if (setsid() < 0)
-        return -1;
-    pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid > 0)
-        _exit(0);
-    if (chdir("/") != 0)
-        return -1;
-    int fd = open("/dev/null", O_RDWR);
-    if (fd >= 0) {
-        dup2(fd, STDIN_FILENO);
-        dup2(fd, STDOUT_FILENO);
-        dup2(fd, STDERR_FILENO);
-        if (fd > STDERR_FILENO)
-            close(fd);
-    }
-    return 0;
 }
 
 /* The level from the file, moved by -v and -q. */
@@ -431,7 +370,7 @@ int main(int argc, char **argv)
                 config_path);
         goto done;
     }
-    if (pidfile && (pid_fd = pidfile_lock(pidfile)) < 0)
+    if (pidfile && (pid_fd = daemon_pidfile_lock(PROG, pidfile)) < 0)
         goto done;
     if (cfg->logfile[0] && log_open_file(cfg->logfile) != 0) {
         fprintf(stderr, PROG ": cannot open logfile %s: %s\n", cfg->logfile, strerror(errno));
@@ -451,11 +390,11 @@ int main(int argc, char **argv)
             fprintf(stderr, PROG ": %s\n", err);
         goto done;
     }
-    if (daemon_mode && daemonize() != 0) {
+    if (daemon_mode && daemon_detach() != 0) {
         log_error("cannot detach: %s", strerror(errno));
         goto done;
     }
-    if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
+    if (pid_fd >= 0 && daemon_pidfile_write(pid_fd, pidfile) != 0)
         goto done;
     make_identity();
     log_info(PROG " %s listening on %s:%d (pid %d)", PGRELAY_VERSION, cfg->listen_addr,

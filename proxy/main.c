@@ -1,5 +1,6 @@
 /* main.c - pgrelay's command line: flags, config check, daemon mode, pidfile, then the master. */
 #include "config.h"
+#include "daemon.h"
 #include "log.h"
 #include "master.h"
 #include "net.h"
@@ -8,12 +9,10 @@
 #include <limits.h>
 
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -41,67 +40,6 @@ static void usage(FILE *out)
             "Signals: TERM graceful shutdown, INT fast shutdown, QUIT immediate shutdown.\n"
             "See pgrelay(8) and pgrelay.ini(5).\n",
             PGRELAY_VERSION, CONFIG_DEFAULT_PATH);
-}
-
-/* Lock the pidfile so a second instance refuses to start. Returns the open fd or -1. */
-static int pidfile_lock(const char *path)
-{
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        fprintf(stderr, "pgrelay: cannot open pidfile %s: %s\n", path, strerror(errno));
-        return -1;
-    }
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        char buf[32] = "";
-        ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
-        buf[n > 0 ? n : 0] = '\0';
-        buf[strcspn(buf, "\n")] = '\0';
-        fprintf(stderr, "pgrelay: already running (pid %s holds pidfile %s)\n",
-                buf[0] ? buf : "?", path);
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static int pidfile_write(int fd, const char *path)
-{
-    char buf[32];
-    int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
-    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, (size_t)len, 0) != len) {
-        log_error("cannot write pidfile %s: %s", path, strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
-/* Detach: fork, new session, fork again; stdin, stdout and stderr go to /dev/null (main has
- * made sure logs have a file or syslog). */
-static int daemonize(void)
-{
-    pid_t pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid > 0)
-        _exit(0);
-    if (setsid() < 0)
-        return -1;
-    pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid > 0)
-        _exit(0);
-    if (chdir("/") != 0)
-        return -1;
-    int fd = open("/dev/null", O_RDWR);
-    if (fd >= 0) {
-        dup2(fd, STDIN_FILENO);
-        dup2(fd, STDOUT_FILENO);
-        dup2(fd, STDERR_FILENO);
-        if (fd > STDERR_FILENO)
-            close(fd);
-    }
-    return 0;
 }
 
 int main(int argc, char **argv)
@@ -201,7 +139,7 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
         return 1;
     }
     int pid_fd = -1;
-    if (pidfile && (pid_fd = pidfile_lock(pidfile)) < 0)
+    if (pidfile && (pid_fd = daemon_pidfile_lock("pgrelay", pidfile)) < 0)
         return 1;
 
     /* From here on log lines go where the configuration says; start-up failures are also
@@ -229,12 +167,12 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
         log_info("listening on %s:%d (%s port)", cfg->listen_addr, ports[i],
                  i == 0 ? "write" : "read-only");
     }
-    if (daemon_mode && daemonize() != 0) {
+    if (daemon_mode && daemon_detach() != 0) {
         log_error("cannot detach: %s", strerror(errno));
         return 1;
     }
     config_apply_logging(cfg);
-    if (pid_fd >= 0 && pidfile_write(pid_fd, pidfile) != 0)
+    if (pid_fd >= 0 && daemon_pidfile_write(pid_fd, pidfile) != 0)
         return 1;
     return master_run(cfg, listen_fds, opts);
 }
