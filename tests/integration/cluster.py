@@ -22,11 +22,9 @@ Admin console helpers (``admin``, ``admin_json``) talk to the relay's Unix socke
 """
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time

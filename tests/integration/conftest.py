@@ -17,6 +17,7 @@ wait_for        poll a condition with a timeout
 """
 
 import contextlib
+import http.client as httplib
 import json
 import os
 import re
@@ -747,3 +748,22 @@ def admin_json(relay, command):
     body = out[:-2]
     assert "\n" not in body, f"{command} json is not one line: {out!r}"
     return json.loads(body)
+
+
+def http_call(port, method, path, body=None, token=None, raw=None, headers=None, timeout=15):
+    """One HTTP request to 127.0.0.1:port; returns (status, parsed JSON or text)."""
+    conn = httplib.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        hdrs = {"Content-Type": "application/json"}
+        if token is not None:
+            hdrs["Authorization"] = f"Bearer {token}"
+        hdrs.update(headers or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers=hdrs)
+        r = conn.getresponse()
+        payload = r.read()
+        if payload and "json" in (r.getheader("Content-Type") or ""):
+            return r.status, json.loads(payload)
+        return r.status, payload.decode(errors="replace")
+    finally:
+        conn.close()

@@ -18,7 +18,6 @@ The text is therefore byte-for-byte the same on every proxy, as it would be on r
 """
 
 import contextlib
-import http.client as httplib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import tempfile
 import time
 
 from cluster import wait_relay_ready
-from conftest import PGRELAY_BIN, Relay, _LIVE_RELAYS, admin_json, free_port
+from conftest import PGRELAY_BIN, Relay, _LIVE_RELAYS, admin_json, free_port, http_call as http
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONTROL_BIN = os.path.abspath(
@@ -41,29 +40,6 @@ DEPLOYMENT = "prod"
 PROD_TOKEN = "e2e-prod-agent-token-4567"
 HOST_NAME = "pgrelay-e2e-host"
 API = "/api/v1"
-
-
-# --------------------------------------------------------------------------- #
-# HTTP
-# --------------------------------------------------------------------------- #
-
-
-def http(port, method, path, body=None, token=None, raw=None, timeout=10):
-    """One HTTP request to 127.0.0.1:port; (status, parsed JSON or text)."""
-    conn = httplib.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Content-Type": "application/json"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        conn.request(method, path, body=data, headers=headers)
-        r = conn.getresponse()
-        payload = r.read()
-        if payload and "json" in (r.getheader("Content-Type") or ""):
-            return r.status, json.loads(payload)
-        return r.status, payload.decode(errors="replace")
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------- #

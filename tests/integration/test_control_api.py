@@ -18,7 +18,6 @@ policy says. What is asserted is what agents, operators and pgrelayctl rely on:
 
 import contextlib
 import hashlib
-import http.client
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import free_port, pid_alive, wait_for
+from conftest import free_port, http_call as call, pid_alive, wait_for
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONTROL_BIN = os.path.abspath(
@@ -49,25 +48,6 @@ API = "/api/v1"
 # --------------------------------------------------------------------------- #
 # HTTP helpers
 # --------------------------------------------------------------------------- #
-
-
-def call(port, method, path, body=None, token=None, raw=None, headers=None, timeout=15):
-    """One HTTP request; returns (status, parsed JSON or text)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        hdrs = {"Content-Type": "application/json"}
-        if token is not None:
-            hdrs["Authorization"] = f"Bearer {token}"
-        hdrs.update(headers or {})
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        conn.request(method, path, body=data, headers=hdrs)
-        r = conn.getresponse()
-        payload = r.read()
-        if payload and "json" in (r.getheader("Content-Type") or ""):
-            return r.status, json.loads(payload)
-        return r.status, payload.decode(errors="replace")
-    finally:
-        conn.close()
 
 
 class Background:

@@ -5,7 +5,6 @@ table (``help``) are the one source; the man pages, the sample configuration and
 import json
 import os
 import re
-import socket
 import subprocess
 
 import pytest
