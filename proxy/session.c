@@ -309,7 +309,12 @@ static void session_connect(session *s)
     int node = -1;
 
     worker_routes_refresh(w);
-    switch (route_pick(w, s, &node, &sqlstate, msg, sizeof(msg))) {
+    route_result route = route_pick(w, s, &node, &sqlstate, msg, sizeof(msg));
+    /* No write leader: a promoted replica is found at the agent's next probe, which a client
+     * that wants one need not wait for (the master rate-limits these requests). */
+    if (route != ROUTE_OK && !s->read_port)
+        session_request_probe(w);
+    switch (route) {
     case ROUTE_WAIT:
         if (!s->leader_wait_deadline_us)
             s->leader_wait_deadline_us =
