@@ -73,8 +73,9 @@ static int cmd_set_leader(json_t *args, char *detail, size_t len)
 {
     const char *leader = arg_str(args, "leader");
     int64_t epoch = arg_int(args, "epoch", -1);
-    if (!leader || epoch < 0) {
-        snprintf(detail, len, "args need leader (string) and epoch (integer)");
+    if (!leader || !control_epoch_valid(json_object_get(args, "epoch"))) {
+        snprintf(detail, len,
+                 "args need leader (string) and epoch (a whole number from 0 to 2^53)");
         return -1;
     }
     control_send_leader(leader, (uint64_t)epoch);

@@ -60,6 +60,12 @@ static int64_t backoff_ms(int failures)
     return d * 8 / 10 + (int64_t)(r % (uint32_t)(d * 4 / 10 + 1));
 }
 
+bool control_epoch_valid(json_t *epoch)
+{
+    return json_is_integer(epoch) && json_integer_value(epoch) >= 0 &&
+           json_integer_value(epoch) <= CONTROL_EPOCH_MAX;
+}
+
 void control_send_leader(const char *leader, uint64_t epoch)
 {
     control_msg m = {.type = CONTROL_MSG_LEADER, .epoch = epoch};
@@ -342,9 +348,17 @@ static void *reporter_main(void *arg)
             if (status == 200) {
                 json_t *leader = json_object_get(reply, "leader");
                 json_t *epoch = json_object_get(reply, "epoch");
-                if (json_is_integer(epoch))
+                bool leader_ok = json_is_string(leader) || json_is_null(leader);
+                if (control_epoch_valid(epoch) && leader_ok) {
                     control_send_leader(json_is_string(leader) ? json_string_value(leader) : "",
                                         (uint64_t)json_integer_value(epoch));
+                } else {
+                    /* Garbage must not move the epoch, which only ever grows. */
+                    snprintf(c.error, sizeof(c.error),
+                             "metrics: the answer needs leader (a name or null) and epoch (a "
+                             "whole number from 0 to 2^53)");
+                    ok = false;
+                }
             } else {
                 ok = false;
                 if (status == 404 || status == 401)

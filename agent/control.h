@@ -2,6 +2,8 @@
 #ifndef PGRELAY_AGENT_CONTROL_H
 #define PGRELAY_AGENT_CONTROL_H
 
+#include <jansson.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "agent.h"
@@ -39,5 +41,10 @@ extern control_ctx control;
 
 /* Ask the event loop to follow leader/epoch (also used by the set_leader command). */
 void control_send_leader(const char *leader, uint64_t epoch);
+
+/* Epochs from the control plane: whole numbers from 0 to 2^53 (what JSON carries exactly);
+ * anything else is garbage and must not move the agent's epoch, which only grows. */
+#define CONTROL_EPOCH_MAX ((json_int_t)1 << 53)
+bool control_epoch_valid(json_t *epoch);
 
 #endif

@@ -559,9 +559,10 @@ class Relay:
             self.proc.wait(timeout=5)
 
 
-def write_config(path, port, pg, extra=None, nodes=None):
+def write_config(path, port, pg, extra=None, nodes=None, sections=None):
     """Write a pgrelay.ini. ``extra``: additional [pgrelay] keys. ``nodes``: list of
-    (name, {key: value}) replacing the default single primary pointing at ``pg``."""
+    (name, {key: value}) replacing the default single primary pointing at ``pg``.
+    ``sections``: {"agent": {key: value}, "control": {...}}, written as they are."""
     settings = {
         "listen_addr": "127.0.0.1",
         "listen_port": port,
@@ -574,6 +575,9 @@ def write_config(path, port, pg, extra=None, nodes=None):
         nodes = [("pg1", {"host": "127.0.0.1", "port": pg.port, "role": "primary"})]
     lines = ["[pgrelay]"]
     lines += [f"{k} = {v}" for k, v in settings.items()]
+    for name, keys in (sections or {}).items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {v}" for k, v in keys.items()]
     for name, keys in nodes:
         lines += ["", f"[node.{name}]"]
         lines += [f"{k} = {v}" for k, v in keys.items()]
@@ -581,7 +585,7 @@ def write_config(path, port, pg, extra=None, nodes=None):
         f.write("\n".join(lines) + "\n")
 
 
-def start_relay(pg, extra=None, nodes=None, wait=True):
+def start_relay(pg, extra=None, nodes=None, wait=True, sections=None):
     if not os.access(PGRELAY_BIN, os.X_OK):
         pytest.fail(f"pgrelay binary not found at {PGRELAY_BIN} (run make)")
     workdir = tempfile.mkdtemp(prefix="pgrelay-it-")
@@ -589,7 +593,7 @@ def start_relay(pg, extra=None, nodes=None, wait=True):
         port = free_port()
         conf = os.path.join(workdir, "pgrelay.ini")
         log_path = os.path.join(workdir, f"pgrelay-{attempt}.log")
-        write_config(conf, port, pg, extra, nodes)
+        write_config(conf, port, pg, extra, nodes, sections)
         logf = open(log_path, "w")
         proc = subprocess.Popen(
             [PGRELAY_BIN, "-c", conf],
@@ -635,8 +639,8 @@ class RelayFactory:
         self.pg = pg
         self.started = []
 
-    def __call__(self, nodes=None, wait=True, **extra):
-        r = start_relay(self.pg, extra, nodes, wait)
+    def __call__(self, nodes=None, wait=True, sections=None, **extra):
+        r = start_relay(self.pg, extra, nodes, wait, sections)
         self.started.append(r)
         return r
 
