@@ -39,6 +39,41 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The reporter's early wake-up: the agent's view of the nodes changed (a node went down or
+ * came up, a replica became a primary), which the control plane should hear now, not at the
+ * next metrics_interval. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond; /* on CLOCK_MONOTONIC */
+    bool due;
+} report = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+void control_report_now(void)
+{
+    pthread_mutex_lock(&report.lock);
+    report.due = true;
+    pthread_cond_signal(&report.cond);
+    pthread_mutex_unlock(&report.lock);
+}
+
+/* Wait up to ms, or until control_report_now(). */
+static void reporter_wait(int64_t ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += ms / 1000;
+    deadline.tv_nsec += (ms % 1000) * 1000000;
+    if (deadline.tv_nsec >= 1000000000) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&report.lock);
+    while (!report.due)
+        if (pthread_cond_timedwait(&report.cond, &report.lock, &deadline) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&report.lock);
+}
+
 static void sleep_ms(int64_t ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
@@ -308,6 +343,9 @@ static void *reporter_main(void *arg)
     }
     for (;;) {
         int64_t started = now_ms();
+        pthread_mutex_lock(&report.lock);
+        report.due = false; /* this report carries the table read below */
+        pthread_mutex_unlock(&report.lock);
         if (shm_settings_version(control.shm) != r->settings_version)
             r->settings_version = shm_settings_read(control.shm, &r->cfg);
         shm_routes_read(control.shm, t);
@@ -411,8 +449,10 @@ static void *reporter_main(void *arg)
             if (delay > r->cfg.metrics_interval_ms * 10 && r->cfg.metrics_interval_ms > delay / 10)
                 delay = r->cfg.metrics_interval_ms * 10;
         }
-        if (delay > 0)
-            sleep_ms(delay);
+        if (delay > 0 && ok)
+            reporter_wait(delay);
+        else if (delay > 0)
+            sleep_ms(delay); /* backing off: a changed view does not shorten it */
     }
     return NULL;
 }
@@ -446,6 +486,12 @@ static void *poller_main(void *arg)
             continue;
         }
         reach_ok(&reach);
+        /* The control plane answers parked polls at once when it decides a new leader. */
+        json_t *leader = json_object_get(reply, "leader");
+        json_t *epoch = json_object_get(reply, "epoch");
+        if (control_epoch_valid(epoch) && (json_is_string(leader) || json_is_null(leader)))
+            control_send_leader(json_is_string(leader) ? json_string_value(leader) : "",
+                                (uint64_t)json_integer_value(epoch));
         size_t i;
         json_t *cmd;
         json_array_foreach(cmds, i, cmd)
@@ -511,6 +557,11 @@ int control_start(agent *a)
     memcpy(&r->cfg, a->cfg, sizeof(r->cfg));
     memcpy(pcfg, a->cfg, sizeof(*pcfg));
     r->settings_version = shm_settings_version(a->shm);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&report.cond, &attr);
+    pthread_condattr_destroy(&attr);
     if (pthread_create(&tid, NULL, reporter_main, r) != 0 ||
         pthread_create(&tid, NULL, poller_main, pcfg) != 0) {
         log_error("control plane: cannot start its threads");

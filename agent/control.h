@@ -42,6 +42,10 @@ extern control_ctx control;
 /* Ask the event loop to follow leader/epoch (also used by the set_leader command). */
 void control_send_leader(const char *leader, uint64_t epoch);
 
+/* Have the reporter send the metrics (with this agent's node observations) now rather than at
+ * its next interval; called from the agent's loop when its view of the nodes changed. */
+void control_report_now(void);
+
 /* Epochs from the control plane: whole numbers from 0 to 2^53 (what JSON carries exactly);
  * anything else is garbage and must not move the agent's epoch, which only grows. */
 #define CONTROL_EPOCH_MAX ((json_int_t)1 << 53)

@@ -12,6 +12,7 @@
  */
 #include "agent.h"
 #include "channel.h"
+#include "control.h"
 #include "log.h"
 
 #include <stdio.h>
@@ -338,4 +339,6 @@ void leader_publish(agent *a, bool force_poke)
     shm_routes_publish(a->shm, t);
     if (poke && a->channel_fd >= 0)
         channel_send(a->channel_fd, CHANNEL_LOOK_AGAIN, 0);
+    if (poke && a->control_on)
+        control_report_now();
 }

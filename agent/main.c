@@ -210,6 +210,10 @@ static void agent_on_control(evutil_socket_t fd, short what, void *arg)
             if (strcmp(a->control_leader, m.leader) == 0 && a->control_epoch == m.epoch &&
                 !was_stale)
                 continue;
+            /* The reporter and the poller both bring the control plane's word and may deliver
+             * it out of order: an older epoch than the last one heard is a stale answer. */
+            if (!was_stale && m.epoch < a->control_epoch)
+                continue;
             memcpy(a->control_leader, m.leader, sizeof(m.leader));
             a->control_epoch = m.epoch;
             if (m.leader[0])

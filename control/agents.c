@@ -319,6 +319,16 @@ void agents_schema(http_call *call)
 
 /* ---- the long poll ---- */
 
+/* A poll's answer: the commands, and the deployment's leader and epoch, so that an agent
+ * learns a new decision from the poll the control plane answers at once (leader.c) instead of
+ * at its next metrics call. */
+static json_t *agents_poll_answer(const state_deployment *dep, json_t *commands)
+{
+    return json_pack("{s:o, s:o, s:I}", "commands", commands, "leader",
+                     dep->leader[0] ? json_string(dep->leader) : json_null(), "epoch",
+                     (json_int_t)dep->epoch);
+}
+
 static void agents_unpark(state_proxy *p)
 {
     if (p->poll_timer)
@@ -338,7 +348,7 @@ static void agents_answer(state_proxy *p, json_t *commands)
     /* held until now: the proxy was there all along, unless its connection went away */
     if (evhttp_request_get_connection(req))
         p->last_seen_ms = control_now_ms();
-    http_reply_json(req, 200, json_pack("{s:o}", "commands", commands));
+    http_reply_json(req, 200, agents_poll_answer(p->dep, commands));
 }
 
 void agents_wake(state_proxy *p)
@@ -375,7 +385,7 @@ static void agents_poll_watch(evutil_socket_t fd, short what, void *arg)
     log_debug("deployment %s: proxy %s hung up during its long poll", p->dep->name, p->node_id);
     struct evhttp_request *req = p->poll_req;
     agents_unpark(p);
-    http_reply_json(req, 200, json_pack("{s:o}", "commands", json_array()));
+    http_reply_json(req, 200, agents_poll_answer(p->dep, json_array()));
 }
 
 /* Watch the socket of p's freshly parked poll for a hang-up (best effort: without a socket
@@ -454,12 +464,12 @@ void agents_commands(http_call *call)
     if (json_array_size(pending) > 0) {
         bool repeat_only = since_ms >= 0 && since_ms < AGENTS_REDELIVER_HOLD_MS;
         if (!repeat_only || wait_s == 0) {
-            http_reply_json(call->req, 200, json_pack("{s:o}", "commands", pending));
+            http_reply_json(call->req, 200, agents_poll_answer(call->dep, pending));
             return;
         }
         wait_ms = AGENTS_REDELIVER_HOLD_MS;
     } else if (wait_s == 0) {
-        http_reply_json(call->req, 200, json_pack("{s:o}", "commands", pending));
+        http_reply_json(call->req, 200, agents_poll_answer(call->dep, pending));
         return;
     }
     json_decref(pending);

@@ -14,6 +14,7 @@
  *    lower their epoch) always follow the answer.
  */
 #include "leader.h"
+#include "agents.h"
 #include "control.h"
 #include "log.h"
 #include "operator.h"
@@ -67,6 +68,14 @@ static json_t *leader_fresh_nodes(const state_proxy *p, int64_t now)
     return p->nodes;
 }
 
+/* Answer every parked poll of the deployment now: the answer carries the new leader and
+ * epoch, so the agents follow within milliseconds rather than at their next metrics call. */
+static void leader_announce(state_deployment *dep)
+{
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        agents_wake(p);
+}
+
 static int leader_commit(state_deployment *dep, const char *leader_in, int64_t epoch,
                          const char *why)
 {
@@ -89,6 +98,7 @@ static int leader_commit(state_deployment *dep, const char *leader_in, int64_t e
                  leader, dep->epoch, epoch, why);
     snprintf(dep->leader, sizeof(dep->leader), "%s", leader);
     dep->epoch = epoch;
+    leader_announce(dep);
     return 0;
 }
 
@@ -193,6 +203,7 @@ int leader_set(state_deployment *dep, const char *node, int64_t epoch)
              dep->leader[0] ? dep->leader : "(none)", node, epoch);
     snprintf(dep->leader, sizeof(dep->leader), "%s", node);
     dep->epoch = epoch;
+    leader_announce(dep);
     return 0;
 }
 

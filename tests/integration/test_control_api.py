@@ -644,11 +644,13 @@ def test_nodes_view_aggregates_every_proxys_observation(control):
 def test_long_poll_returns_an_empty_list_after_wait_s(control):
     a = SimAgent(control, "proxy-a")
     a.register()
+    # the answer also carries the deployment's leader and epoch (none yet here)
+    idle = (200, {"commands": [], "leader": None, "epoch": 0})
     t = time.monotonic()
-    assert a.poll(wait_s=0) == (200, {"commands": []})
+    assert a.poll(wait_s=0) == idle
     assert time.monotonic() - t < 0.5
     t = time.monotonic()
-    assert a.poll(wait_s=1) == (200, {"commands": []})
+    assert a.poll(wait_s=1) == idle
     assert 0.9 <= time.monotonic() - t < 3
 
 
@@ -911,6 +913,26 @@ def test_leader_is_decided_by_the_majority_of_live_proxies(control, agents, stor
     status, deps = control.admin("GET", "/deployments")
     [prod] = [d for d in deps if d["name"] == "prod"]
     assert prod["leader"] == "pg2" and prod["epoch"] == 9
+
+
+def test_a_new_leader_answers_the_parked_polls_at_once(control, agents):
+    """Agents learn a decision from their parked long poll, not at their next metrics call."""
+    a, b, c = (agents(control, n, poll=False) for n in ("proxy-a", "proxy-b", "proxy-c"))
+    healthy = [obs("pg1", lsn=10), obs("pg2", in_recovery=True)]
+    for agent in (a, b, c):
+        agent.metrics(epoch=2, leader="pg1", nodes=healthy)
+    polls = {agent.node_id: Background(control.port, "GET",
+                                       API + f"/agent/commands?node_id={agent.node_id}&wait_s=30",
+                                       token=TOKENS["prod"], timeout=40)
+             for agent in (a, c)}
+    time.sleep(0.5)  # parked (they would wait 30 s)
+    assert not any(p.done() for p in polls.values()), "a poll was answered before any change"
+    split = [obs("pg1", up=False), obs("pg2")]
+    a.metrics(epoch=2, leader="pg1", nodes=split)
+    assert b.metrics(epoch=2, leader="pg1", nodes=split) == {"leader": "pg2", "epoch": 3}
+    for node_id, poll in polls.items():
+        status, body = poll.result(timeout=5)  # not after its 30 s
+        assert status == 200 and body == {"commands": [], "leader": "pg2", "epoch": 3}, node_id
 
 
 def test_leader_is_seeded_from_the_majority_primary_when_agents_disagree(control, agents):

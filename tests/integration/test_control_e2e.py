@@ -609,3 +609,49 @@ def test_wrong_token_and_malformed_body_are_refused_and_the_control_plane_keeps_
     p = fleet.ctl("show-proxies")
     assert p.returncode == EXIT_OK and "proxy-a" in p.stdout and "proxy-b" in p.stdout
     assert fleet.control.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- #
+# 9. failover, coordinated (last: it stops the primary for good)
+# --------------------------------------------------------------------------- #
+
+
+def test_failover_moves_every_proxy_to_the_promoted_replica_under_one_epoch(fleet):
+    """The primary dies and a replica is promoted by hand (as Patroni or repmgr would): the
+    control plane sees the majority of proxies lose the old leader and see a new primary, and
+    every proxy follows it under one new epoch; writes go there and nowhere else."""
+    old = info(fleet.a)["write_leader"]
+    [other] = [n for n in fleet.cluster.nodes if n.name != old]
+    if not other.in_recovery():  # the earlier switchover left two primaries: make a replica
+        fleet.cluster.rebuild_as_replica(other.name, fleet.cluster[old])
+        fleet.cluster.wait_streaming(fleet.cluster[old], 1)
+    replica = other
+    epoch_before = fleet.control.deployment()["epoch"]
+    fleet.cluster.wait_caught_up(replica, fleet.cluster[old])
+
+    fleet.cluster.stop_node(old, "immediate")
+    replica.promote()
+
+    def agreed():
+        seen = {(info(r)["write_leader"], info(r)["epoch"]) for r in fleet.proxies.values()}
+        if len(seen) == 1 and next(iter(seen))[0] == replica.name:
+            return next(iter(seen))
+        return None
+
+    leader, epoch = wait_for(agreed, timeout=15, interval=0.05,
+                             what=f"both proxies to route to {replica.name} under one epoch")
+    assert epoch > epoch_before
+    dep = fleet.control.deployment()
+    assert (dep["leader"], dep["epoch"]) == (leader, epoch), dep
+
+    table = "e2e_failover_" + uuid.uuid4().hex[:8]
+    with fleet.a.connect() as c:
+        c.execute(f"CREATE TABLE {table} (proxy text)")
+    for node_id, relay in fleet.proxies.items():
+        with relay.connect() as c:
+            c.execute(f"INSERT INTO {table} VALUES (%s)", (node_id,))
+            assert c.execute("SHOW cluster_name").fetchone()[0] == replica.name
+    assert sorted(r[0] for r in replica.query(f"SELECT proxy FROM {table}")) == sorted(ADDRESSES)
+    for node_id, relay in fleet.proxies.items():
+        history = admin(relay, "show leader history")
+        assert replica.name in history and str(epoch) in history, (node_id, history)
