@@ -190,20 +190,29 @@ static int fence_old_primary(const config *cfg, const char *old, int64_t *lsn, c
                             detail, len) &&
                run_sql(conn, "SELECT pg_reload_conf()", detail, len)) {
         /* pg_terminate_backend(pid, timeout) returns once the backend is gone (PG 14+). */
+        /* "ended open": a backend still there after 5 s could commit after the LSN is read. */
         char *ended = query_value(conn,
-                                  "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) "
+                                  "SELECT count(*) FILTER (WHERE gone) || ' ' || count(*) FROM "
+                                  "(SELECT pg_terminate_backend(pid, 5000) AS gone "
                                   "FROM pg_stat_activity WHERE backend_type = 'client backend' "
                                   "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL "
-                                  "AND application_name NOT LIKE 'pgrelay-agent%'",
+                                  "AND application_name NOT LIKE 'pgrelay-agent%') t",
                                   detail, len);
+        long n_ended = -1, n_open = -1;
+        if (ended && (sscanf(ended, "%ld %ld", &n_ended, &n_open) != 2 || n_ended != n_open)) {
+            snprintf(detail, len, "%ld of %ld open transaction(s) did not end within 5 s",
+                     n_open - n_ended, n_open);
+            free(ended);
+            ended = NULL;
+        }
         char *at = ended ? query_value(conn, "SELECT (pg_current_wal_lsn() - '0/0')::bigint",
                                        detail, len)
                          : NULL;
         if (at) {
             *lsn = strtoll(at, NULL, 10);
-            log_info("promote: old primary %s fenced (read-only; %s open transaction(s) ended) "
+            log_info("promote: old primary %s fenced (read-only; %ld open transaction(s) ended) "
                      "at WAL %lld",
-                     old, ended, (long long)*lsn);
+                     old, n_ended, (long long)*lsn);
             rc = 0;
         }
         free(ended);

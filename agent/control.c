@@ -109,6 +109,19 @@ void control_send_leader(const char *leader, uint64_t epoch)
     (void)n;
 }
 
+/* Hand an answer's leader and epoch (metrics, long poll) to the agent's loop. False, and
+ * nothing handed on, unless leader is a name or null and epoch is valid. */
+static bool follow_answer(json_t *reply)
+{
+    json_t *leader = json_object_get(reply, "leader");
+    json_t *epoch = json_object_get(reply, "epoch");
+    if (!control_epoch_valid(epoch) || !(json_is_string(leader) || json_is_null(leader)))
+        return false;
+    control_send_leader(json_is_string(leader) ? json_string_value(leader) : "",
+                        (uint64_t)json_integer_value(epoch));
+    return true;
+}
+
 /* Log reachability only when it changes (per thread). */
 typedef struct reach_state {
     const char *who;
@@ -384,13 +397,7 @@ static void *reporter_main(void *arg)
             json_t *reply = NULL;
             status = post(&c, "/api/v1/agent/metrics", metrics_body(t), &reply);
             if (status == 200) {
-                json_t *leader = json_object_get(reply, "leader");
-                json_t *epoch = json_object_get(reply, "epoch");
-                bool leader_ok = json_is_string(leader) || json_is_null(leader);
-                if (control_epoch_valid(epoch) && leader_ok) {
-                    control_send_leader(json_is_string(leader) ? json_string_value(leader) : "",
-                                        (uint64_t)json_integer_value(epoch));
-                } else {
+                if (!follow_answer(reply)) {
                     /* Garbage must not move the epoch, which only ever grows. */
                     snprintf(c.error, sizeof(c.error),
                              "metrics: the answer needs leader (a name or null) and epoch (a "
@@ -487,11 +494,7 @@ static void *poller_main(void *arg)
         }
         reach_ok(&reach);
         /* The control plane answers parked polls at once when it decides a new leader. */
-        json_t *leader = json_object_get(reply, "leader");
-        json_t *epoch = json_object_get(reply, "epoch");
-        if (control_epoch_valid(epoch) && (json_is_string(leader) || json_is_null(leader)))
-            control_send_leader(json_is_string(leader) ? json_string_value(leader) : "",
-                                (uint64_t)json_integer_value(epoch));
+        follow_answer(reply);
         size_t i;
         json_t *cmd;
         json_array_foreach(cmds, i, cmd)
