@@ -1,5 +1,6 @@
 """Query cancellation through pgrelay (CancelRequest may reach any worker)."""
 
+import re
 import struct
 import threading
 import time
@@ -7,7 +8,7 @@ import uuid
 
 from psycopg import errors
 
-from conftest import CANCEL_REQUEST_CODE, RawClient, wait_for
+from conftest import CANCEL_REQUEST_CODE, RawClient, client_port, owning_worker, wait_for
 
 
 class QueryInThread:
@@ -82,6 +83,32 @@ def test_cancel_request_with_wrong_key_cancels_nothing(relay, pg):
                 assert raw.read_message() is None
         q.join(15)
         assert q.error is None, f"query was cancelled by a wrong key: {q.error!r}"
+    log = relay.log()
+    assert "cancel request with a wrong secret" in log, log[-3000:]
+    assert "cancel request with an unknown key" in log or \
+        "cancel request for a session that does not exist" in log, log[-3000:]
+
+
+def test_a_cancel_accepted_by_another_worker_reaches_the_node(relay_factory, pg):
+    """The cancel's connection lands on whichever worker accepts it first; repeat until one
+    lands on another worker than the session's, and check that worker forwarded it."""
+    relay = relay_factory(log_level="debug")
+    for round_ in range(60):
+        conn, q, _ = start_sleep(relay, pg)
+        with conn:
+            owner = owning_worker(relay, client_port(conn))
+            assert owner, "no worker holds the session"
+            mark = len(relay.log())
+            conn.cancel()
+            q.join(10)
+            assert isinstance(q.error, errors.QueryCanceled), f"round {round_}: {q.error!r}"
+            forwarded = wait_for(
+                lambda: re.findall(r"\[worker \d+ pid (\d+)\] debug: client \S+: forwarding "
+                                   r"cancel", relay.log()[mark:]),
+                timeout=5, what="the forwarding worker's log line")
+            if int(forwarded[-1]) != owner:
+                return
+    raise AssertionError("60 cancels all landed on the session's own worker")
 
 
 def test_cancel_of_idle_session_is_harmless(conn):

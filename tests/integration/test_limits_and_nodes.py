@@ -1,9 +1,12 @@
 """max_client_conn, unreachable nodes, and which node a session goes to."""
 
+import socket
+import time
+
 import psycopg
 import pytest
 
-from conftest import RawClient, error_fields, free_port, wait_for
+from conftest import RawClient, error_fields, free_port, owning_worker, wait_for
 
 
 def _raw_login_error(port):
@@ -102,3 +105,86 @@ def test_sessions_go_to_the_primary_not_a_replica(relay_factory, pg):
     )
     with relay.connect() as c:
         assert c.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+
+
+def _listener_that_never_answers():
+    """A TCP port whose accept queue is full: a connect() to it hangs (the SYN is dropped)."""
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(0)
+    filler = socket.create_connection(lsn.getsockname(), timeout=2)
+    return lsn, filler
+
+
+def test_server_connect_timeout_gives_08006_in_time_and_frees_the_worker(relay_factory, pg):
+    lsn, filler = _listener_that_never_answers()
+    try:
+        relay = relay_factory(
+            server_connect_timeout="500ms",
+            nodes=[("pg1", {"host": "127.0.0.1", "port": lsn.getsockname()[1],
+                            "role": "primary"})],
+        )
+        for _ in range(2):
+            t0 = time.monotonic()
+            fields = _raw_login_error(relay.port)
+            took = time.monotonic() - t0
+            assert fields is not None and fields["C"] == "08006", fields
+            assert "timed out" in fields["M"], fields
+            # the bound is the configured timeout, not the kernel's SYN retries (about 2 min)
+            assert 0.4 <= took < 5, took
+        assert relay.proc.poll() is None
+        assert "timed out" in relay.log()
+    finally:
+        filler.close()
+        lsn.close()
+
+
+def _rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_client_that_stops_reading_makes_the_server_wait_not_pgrelay_buffer(relay_factory, pg):
+    """200 MB of result to a client that reads nothing for a while: pgrelay stops reading from
+    the node (the backend waits in ClientWrite) and its worker does not grow; when the client
+    reads again every row arrives."""
+    relay = relay_factory()
+    rows, width = 200_000, 1000
+    with relay.raw(timeout=60) as raw:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        raw.login(application_name="slow-reader")
+        worker = owning_worker(relay, raw.sock.getsockname()[1])
+        assert worker, "no worker holds the session"
+        before = _rss_kib(worker)
+        raw.send_query(f"SELECT repeat('x', {width}) FROM generate_series(1, {rows})")
+
+        def backend_blocked_on_client():
+            got = pg.query("SELECT wait_event FROM pg_stat_activity "
+                           "WHERE application_name = 'slow-reader' AND state = 'active'")
+            return got == [("ClientWrite",)]
+
+        wait_for(backend_blocked_on_client, timeout=20,
+                 what="the backend to wait for the client (backpressure)")
+        time.sleep(1.0)
+        assert backend_blocked_on_client()
+        grown = _rss_kib(worker) - before
+        assert grown < 8 * 1024, f"worker grew by {grown} KiB holding a stalled result"
+
+        # while this session is stalled, another client on the same proxy is served
+        with relay.connect() as other:
+            assert other.execute("SELECT 7").fetchone() == (7,)
+
+        got = 0
+        while True:
+            msg = raw.read_message()
+            assert msg is not None, "connection closed before the end of the result"
+            if msg[0] == "D":
+                got += 1
+            elif msg[0] == "Z":
+                break
+            else:
+                assert msg[0] in "TC", msg
+        assert got == rows

@@ -188,3 +188,37 @@ def test_client_login_timeout_closes_silent_connections(relay_factory):
     # a client that logs in promptly is not affected
     with relay.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_newer_minor_version_and_protocol_options_get_the_servers_negotiation(relay):
+    """Protocol 3.9 with a _pq_ option: PostgreSQL answers NegotiateProtocolVersion ('v'), which
+    reaches the client through pgrelay, and the session then works at 3.0."""
+    with RawClient(relay.port) as raw:
+        body = struct.pack("!i", (3 << 16) | 9)
+        for k, v in (("user", "postgres"), ("database", "postgres"), ("_pq_.frobnicate", "on")):
+            body += k.encode() + b"\0" + v.encode() + b"\0"
+        body += b"\0"
+        raw.send(struct.pack("!i", len(body) + 4) + body)
+        msgs = raw.read_until("ZE")
+        assert msgs[-1][0] == "Z", msgs
+        negotiation = [b for t, b in msgs if t == "v"]
+        assert len(negotiation) == 1, msgs
+        newest, n_options = struct.unpack("!ii", negotiation[0][:8])
+        # PostgreSQL 15 sends the whole version number of 3.0 here: minor 0
+        assert newest & 0xFFFF == 0 and n_options == 1, negotiation
+        assert negotiation[0][8:].rstrip(b"\0") == b"_pq_.frobnicate", negotiation
+        assert data_rows(raw.simple_query("SELECT 40 + 2")) == [("42",)]
+
+
+@pytest.mark.parametrize("length", [2, -1, 0x7FFFFFF0])
+def test_a_bad_message_length_mid_session_gets_08P01_and_spares_others(relay, length):
+    bg = BackgroundQueries(relay)
+    with RawClient(relay.port) as raw:
+        raw.login()
+        raw.send(b"Q" + struct.pack("!i", length))
+        msgs = raw.read_to_eof()
+    assert [m[0] for m in msgs] == ["E"], msgs
+    fields = error_fields(msgs)
+    assert fields["C"] == "08P01" and fields["S"] == "FATAL", fields
+    assert "invalid message length" in relay.log()
+    bg.finish()
