@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -14,6 +15,7 @@ import pytest
 from conftest import (
     PGRELAY_BIN,
     RawClient,
+    admin_json,
     child_pids,
     client_port,
     error_fields,
@@ -119,6 +121,25 @@ def test_kill_9_of_a_worker_spares_other_workers_sessions_and_worker_is_replaced
     finally:
         for c, _, _ in sessions:
             c.close()
+
+
+def test_a_crash_looping_worker_is_restarted_with_growing_delays_and_counted(relay_factory):
+    """A worker that dies young is re-forked after 100 ms, then 200, then 400...: a crash loop
+    cannot fork-bomb the host. Each death is logged with its cause; show workers counts it."""
+    relay = relay_factory(workers=1, agent="off")
+    pids = [wait_for(lambda: relay.worker_pids(), timeout=10, what="the worker")[0]]
+    for _ in range(3):
+        os.kill(pids[-1], signal.SIGKILL)
+        pids.append(wait_for(lambda: (lambda ws: ws and ws[0] not in pids and ws[0])(
+            relay.worker_pids()), timeout=10, what="a replacement worker"))
+    deaths = re.findall(r"worker 0 \(pid (\d+)\) was killed by signal 9 \(Killed\) after "
+                        r"\d+ ms; \d+ session\(s\) lost; restarting in (\d+) ms", relay.log())
+    assert [int(p) for p, _ in deaths] == pids[:3], relay.log_tail()
+    assert [int(d) for _, d in deaths] == [100, 200, 400], deaths
+    rows = admin_json(relay, "show workers")
+    assert [(w["pid"], w["restarts"]) for w in rows] == [(pids[-1], 3)], rows
+    with relay.connect() as c:
+        assert c.execute("SELECT 'served'").fetchone() == ("served",)
 
 
 # --------------------------------------------------------------------------- #
