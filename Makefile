@@ -187,6 +187,9 @@ install: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL) $(AGENT)
 	sed 's|@SBINDIR@|$(SBINDIR)|g' etc/systemd/pgrelay.service > \
 	  $(DESTDIR)$(SYSTEMDDIR)/pgrelay.service
 	install -m 0644 etc/logrotate.d/pgrelay $(DESTDIR)$(SYSCONFDIR)/logrotate.d/pgrelay
+	@[ -n "$(DESTDIR)" ] || getent passwd pgrelay >/dev/null || \
+	  echo "note: the init script and pgrelay.service run pgrelay as user pgrelay;" \
+	    "create it with: adduser --system --group --no-create-home pgrelay"
 
 format:
 	clang-format -i common/*.[ch] proxy/*.[ch] agent/*.[ch] control/*.[ch] tests/unit/*.c

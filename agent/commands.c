@@ -331,6 +331,13 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
             goto done;
         }
     }
+    int capacity = (int)(control.shm->max_sessions - SHM_REFUSE_RESERVE);
+    if (next->max_client_conn > capacity) {
+        snprintf(detail, len, "max_client_conn would change from %d to %d, more than the %d "
+                 "session slots made at start, which needs a restart", cur->max_client_conn,
+                 next->max_client_conn, capacity);
+        goto done;
+    }
     free(prepared.text);
     prepared.text = strdup(text);
     prepared.version = (uint64_t)version;

@@ -45,7 +45,9 @@ const config_key config_keys[] = {
            "TCP port of the write port"),
     PG_KEY("workers", KEY_INT, "0", false, workers, 0, 256, NULL,
            "worker processes; 0 means one per CPU"),
-    PG_KEY("max_client_conn", KEY_INT, "1000", false, max_client_conn, 1, 1000000, NULL,
+    /* Reloadable down to 1 and up to its value at start: shared memory has a session slot
+     * per client sized then (master_reload keeps a higher value out and logs why). */
+    PG_KEY("max_client_conn", KEY_INT, "1000", true, max_client_conn, 1, 1000000, NULL,
            "client sessions allowed across all workers; more get SQLSTATE 53300"),
     PG_KEY("client_login_timeout", KEY_DURATION, "60s", true, client_login_timeout_ms, 0,
            DURATION_MAX_MS, NULL, "startup and authentication must finish within this; 0 disables"),

@@ -541,36 +541,53 @@ static int cmd_show_stats(admin_call *call, json_t **result)
     return 0;
 }
 
-static json_t *config_row(const config_key *k, const char *name, const config *cfg,
+/* Keys whose value is a secret: show config says whether one is set, never what it is. */
+static bool config_key_secret(const config_key *k)
+{
+    return strcmp(k->name, "token") == 0 || strstr(k->name, "password") != NULL;
+}
+
+#define ADMIN_SECRET_MASK "********"
+
+/* One row: the key as the agent names it to the control plane ("listen_port",
+ * "agent.health_interval", "node.pg1.host"), its section as written in the file. */
+static json_t *config_row(const config_key *k, const char *section, const config *cfg,
                           const void *base)
 {
-    char value[1100];
+    char value[1100], name[CONFIG_NAME_MAX + 64];
     config_format_value(cfg, k, base, value, sizeof(value));
+    if (config_key_secret(k) && value[0])
+        snprintf(value, sizeof(value), "%s", ADMIN_SECRET_MASK);
+    if (strcmp(section, "pgrelay") == 0)
+        snprintf(name, sizeof(name), "%s", k->name);
+    else
+        snprintf(name, sizeof(name), "%s.%s", section, k->name);
     json_t *r = json_object();
     json_object_set_new(r, "key", json_string(name));
+    json_object_set_new(r, "section", json_string(section));
     json_object_set_new(r, "value", json_string(value));
     json_object_set_new(r, "default", k->def ? json_string(k->def) : json_null());
     json_object_set_new(r, "reloadable", json_boolean(k->reloadable));
     return r;
 }
 
+/* Every key of the key table, in its order: [pgrelay], [agent], [control], then each node. */
 static int cmd_show_config(admin_call *call, json_t **result)
 {
     const config *cfg = call->m->cfg;
     json_t *rows = json_array();
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
-        if (strcmp(k->section, "pgrelay") == 0)
-            json_array_append_new(rows, config_row(k, k->name, cfg, cfg));
+        if (strcmp(k->section, "node") != 0)
+            json_array_append_new(rows, config_row(k, k->section, cfg, cfg));
     }
     for (int n = 0; n < cfg->n_nodes; n++) {
+        char section[CONFIG_NAME_MAX + 8];
+        snprintf(section, sizeof(section), CONFIG_NODE_PREFIX "%s", cfg->nodes[n].name);
         for (size_t i = 0; i < config_n_keys; i++) {
             const config_key *k = &config_keys[i];
-            if (strcmp(k->section, "node") != 0)
-                continue;
-            char name[CONFIG_NAME_MAX + 32];
-            snprintf(name, sizeof(name), "node.%s.%s", cfg->nodes[n].name, k->name);
-            json_array_append_new(rows, config_row(k, name, cfg, &cfg->nodes[n]));
+            if (strcmp(k->section, "node") == 0)
+                json_array_append_new(rows, config_row(k, section, cfg, &cfg->nodes[n]));
         }
     }
     *result = rows;
@@ -701,7 +718,7 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_USER, true, cmd_show_nodes},
     {"show stats", "", "counters per worker and in total", ADMIN_LEVEL_USER, true,
      cmd_show_stats},
-    {"show config", "", "effective configuration and which keys are reloadable",
+    {"show config", "", "every key: section, effective value (secrets masked), reloadable",
      ADMIN_LEVEL_USER, true, cmd_show_config},
     {"show leader history", "", "the last changes of write leader: time, from, to, epoch, why",
      ADMIN_LEVEL_USER, true, cmd_show_leader_history},

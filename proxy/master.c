@@ -482,6 +482,15 @@ int master_reload(master *m, char *msg, size_t msglen)
             kept++;
         }
     }
+    /* max_client_conn is reloadable up to the session slots shared memory got at start. */
+    int capacity = (int)(m->shm->max_sessions - SHM_REFUSE_RESERVE);
+    if (next->max_client_conn > capacity) {
+        log_warning("reload: max_client_conn %d is more than the %d session slots made at "
+                    "start; raising it above %d needs a restart, using %d", next->max_client_conn,
+                    capacity, capacity, capacity);
+        next->max_client_conn = capacity;
+        kept++;
+    }
     bool nodes_changed = !nodes_equal(m->cfg, next);
     next->log_level = master_effective_log_level(m, next->log_level);
     memcpy(m->cfg, next, sizeof(*next));

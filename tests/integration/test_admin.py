@@ -380,18 +380,60 @@ def test_show_stats_counters_grow_with_queries(relay):
 
 
 def test_show_config_lists_every_key_and_whether_reload_changes_it(relay, pg):
-    rows = {r["key"]: r for r in parse_table(admin(relay, "show config"))}
-    assert set(parse_table(admin(relay, "show config"))[0]) == {"key", "value", "default", "reloadable"}
+    table = parse_table(admin(relay, "show config"))
+    rows = {r["key"]: r for r in table}
+    assert set(table[0]) == {"key", "section", "value", "default", "reloadable"}
     for key, r in rows.items():
         assert r["reloadable"] in ("yes", "no"), (key, r)
     assert rows["listen_port"]["value"] == str(relay.port)
+    assert rows["listen_port"]["section"] == "pgrelay"
     assert rows["listen_port"]["reloadable"] == "no"
     assert rows["workers"]["value"] == "2"
     assert rows["server_connect_timeout"]["reloadable"] == "yes"
+    assert rows["max_client_conn"]["reloadable"] == "yes"
     assert rows["admin_socket"]["value"] == admin_socket(relay)
     assert rows["admin_socket_mode"]["value"] == "0600"
     assert rows["node.pg1.port"]["value"] == str(pg.port)
+    assert rows["node.pg1.port"]["section"] == "node.pg1"
     assert rows["node.pg1.role"]["value"] == "primary"
+    # [agent] and [control] too, each key of the table once.
+    assert rows["agent.health_interval"] == {"key": "agent.health_interval", "section": "agent",
+                                             "value": "1s", "default": "1s", "reloadable": "yes"}
+    assert rows["agent.fall"]["value"] == "3"
+    assert rows["control.endpoint"]["section"] == "control"
+    assert rows["control.control_grace_period"]["value"] == "10s"
+    assert len(rows) == len(table)
+    sections = {r["section"] for r in table}
+    assert sections == {"pgrelay", "agent", "control", "node.pg1"}, sections
+
+
+def test_show_config_masks_the_token_and_the_passwords(relay_factory):
+    secrets = ["tok-" + uuid.uuid4().hex, "pw-" + uuid.uuid4().hex, "nodepw-" + uuid.uuid4().hex]
+    r = relay_factory(
+        sections={"agent": {"monitor_password": secrets[1]},
+                  "control": {"endpoint": "", "token": secrets[0]}},
+    )
+    out = admin(r, "show config; show config json")
+    for secret in secrets[:2]:
+        assert secret not in out
+    rows = {row["key"]: row for row in admin_json(r, "show config")}
+    assert rows["control.token"]["value"] == "********"
+    assert rows["agent.monitor_password"]["value"] == "********"
+    assert rows["node.pg1.monitor_password"]["value"] == ""  # not set: nothing to hide
+    assert rows["agent.monitor_user"]["value"] == "postgres"  # not a secret
+
+
+def test_show_stats_shows_maintenance_on_while_paused(relay_factory):
+    r = relay_factory()
+    assert admin_json(r, "show stats")["maintenance"] == "off"
+    assert admin(r, "pause").startswith("maintenance on")
+    try:
+        assert admin_json(r, "show stats")["maintenance"] == "on"
+        head = admin(r, "show stats").split("\n\n")[0]
+        assert parse_kv(head)["maintenance"] == "on", head
+    finally:
+        assert admin(r, "resume").startswith("maintenance off")
+    assert admin_json(r, "show stats")["maintenance"] == "off"
 
 
 @pytest.mark.parametrize("topic", SHOW_TOPICS)
@@ -703,6 +745,31 @@ def test_kill_client_closes_that_session_only(relay_factory):
         assert "administrator command" in str(e.value), str(e.value)
         assert other.execute("SELECT 'still here'").fetchone()[0] == "still here"
         assert len(clients_named(r, other_app)) == 1
+
+
+def test_shutdown_graceful_lets_a_running_transaction_commit_then_exits_0(relay_factory, pg):
+    r = relay_factory(shutdown_timeout="20s")
+    table = "graceful_" + uuid.uuid4().hex[:10]
+    pg.query(f"CREATE TABLE {table} (x int)")
+    try:
+        workers = [w["pid"] for w in admin_json(r, "show workers")]
+        with r.connect(autocommit=False, application_name=new_app()) as tx:
+            tx.execute(f"INSERT INTO {table} VALUES (1)")  # a transaction is open
+            (answer,) = answers(admin(r, "shutdown graceful"))
+            assert answer == "shutting down (graceful)\n", answer
+            time.sleep(0.5)
+            assert r.proc.poll() is None, "pgrelay exited with a transaction still open"
+            tx.execute(f"INSERT INTO {table} VALUES (2)")
+            tx.commit()
+            # Its next safe point came with the COMMIT: the session is closed then (the FATAL
+            # 57P01 follows the ReadyForQuery, where libpq reports only the closed connection).
+            with pytest.raises(psycopg.OperationalError):
+                tx.execute("SELECT 1")
+        assert r.wait_exit(10) == 0
+        wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=5, what="workers gone")
+        assert pg.query(f"SELECT count(*) FROM {table}")[0][0] == 2, "the transaction did not commit"
+    finally:
+        pg.query(f"DROP TABLE {table}")
 
 
 def test_shutdown_fast_stops_the_master(relay_factory):

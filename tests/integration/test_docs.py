@@ -1,6 +1,6 @@
-"""The documentation follows the code: pgrelay's own key table (``show config``) and command
-table (``help``) are the one source; the man pages, the sample configuration and
-``pgrelay --help`` must describe exactly what they hold."""
+"""The documentation follows the code: pgrelay's own key table (``show config``, every key of
+every section) and command table (``help``) are the one source; the man pages, the sample
+configuration and ``pgrelay --help`` must describe exactly what they hold."""
 
 import json
 import os
@@ -38,20 +38,23 @@ def relay(relay):
     return relay
 
 
+SECTIONS = ["pgrelay", "agent", "control", "node"]
+
+
 @pytest.fixture(scope="module")
 def config_keys(relay):
-    """(pgrelay keys, node keys) from ``show config json``, in table order."""
+    """{section: {key: reloadable}} for every section of the key table, from ``show config
+    json`` (each [node.NAME] as "node"), keys in table order."""
     rows = json.loads(admin(relay, "show config json").strip())
-    pgrelay_keys, node_keys = [], []
+    keys = {}
     for row in rows:
-        m = re.fullmatch(r"node\.[^.]+\.(\w+)", row["key"])
-        if m:
-            if m.group(1) not in node_keys:
-                node_keys.append(m.group(1))
-        else:
-            pgrelay_keys.append(row["key"])
-    assert pgrelay_keys and node_keys, rows
-    return pgrelay_keys, node_keys
+        section = "node" if row["section"].startswith("node.") else row["section"]
+        name = row["key"].rsplit(".", 1)[-1]
+        keys.setdefault(section, {})
+        assert keys[section].get(name, row["reloadable"]) == row["reloadable"], row
+        keys[section][name] = row["reloadable"]
+    assert sorted(keys) == sorted(SECTIONS), f"show config has sections {sorted(keys)}"
+    return keys
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +121,45 @@ def tp_entries(lines):
 
 def documented_keys(lines):
     """Keys of the ``.BR key " (type, default ...)"`` items of an ini.5 section."""
-    keys = []
-    for i, line in enumerate(lines[:-1]):
-        if line.strip() == ".TP":
+    return list(documented_items(lines))
+
+
+def documented_items(lines):
+    """{key: the text of its item} for the ``.TP`` items of an ini.5 section."""
+    items, key = {}, None
+    for i, line in enumerate(lines):
+        if line.strip() == ".TP" and i + 1 < len(lines):
             m = re.match(r'\.BR?\s+(\w+)(\s|"|$)', lines[i + 1])
-            if m:
-                keys.append(m.group(1))
-    return keys
+            key = m.group(1) if m else None
+            if key:
+                items[key] = []
+            continue
+        if key:
+            items[key].append(render(line))
+    return {k: " ".join(v) for k, v in items.items()}
+
+
+def section_preamble(lines):
+    """The text of an ini.5 section before its first item."""
+    out = []
+    for line in lines:
+        if line.strip() == ".TP":
+            break
+        out.append(render(line))
+    return " ".join(out)
+
+
+def says_reloadable(text):
+    """True / False when the text says a key is (not) reloadable, None when it says neither."""
+    if re.search(r"\bNot reloadable\b", text, re.I):
+        return False
+    if re.search(r"\b(All are )?reloadable\b", text, re.I):
+        return True
+    return None
+
+
+def man5_section(name):
+    return sections(read(MAN5))["SECTION [node.NAME]" if name == "node" else f"SECTION [{name}]"]
 
 
 def missing_message(what, missing, where):
@@ -136,40 +171,57 @@ def missing_message(what, missing, where):
 # --------------------------------------------------------------------------- #
 
 
-def test_every_pgrelay_key_is_an_item_of_pgrelay_ini_5(config_keys):
-    secs = sections(read(MAN5))
-    documented = set(documented_keys(secs["SECTION [pgrelay]"]))
-    missing = [k for k in config_keys[0] if k not in documented]
-    assert not missing, missing_message("[pgrelay] keys", missing, "SECTION [pgrelay] of man/pgrelay.ini.5")
-
-
-def test_every_node_key_is_an_item_of_pgrelay_ini_5(config_keys):
-    secs = sections(read(MAN5))
-    documented = set(documented_keys(secs["SECTION [node.NAME]"]))
-    missing = [k for k in config_keys[1] if k not in documented]
-    assert not missing, missing_message("[node.NAME] keys", missing, "SECTION [node.NAME] of man/pgrelay.ini.5")
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_key_of_every_section_is_an_item_of_pgrelay_ini_5(config_keys, section):
+    documented = set(documented_keys(man5_section(section)))
+    missing = [k for k in config_keys[section] if k not in documented]
+    where = "SECTION [node.NAME]" if section == "node" else f"SECTION [{section}]"
+    assert not missing, missing_message(f"[{section}] keys", missing, f"{where} of man/pgrelay.ini.5")
 
 
 def test_pgrelay_ini_5_documents_no_key_pgrelay_lacks(config_keys):
-    secs = sections(read(MAN5))
-    extra = [k for k in documented_keys(secs["SECTION [pgrelay]"]) if k not in config_keys[0]]
-    extra += [f"node.{k}" for k in documented_keys(secs["SECTION [node.NAME]"]) if k not in config_keys[1]]
+    extra = [
+        f"[{section}] {k}"
+        for section in SECTIONS
+        for k in documented_keys(man5_section(section))
+        if k not in config_keys[section]
+    ]
     assert not extra, f"man/pgrelay.ini.5 documents keys show config does not have: {', '.join(extra)}"
 
 
-def test_every_pgrelay_key_appears_in_the_sample_config(config_keys):
+@pytest.mark.parametrize("section", SECTIONS)
+def test_pgrelay_ini_5_says_whether_each_key_is_reloadable_as_show_config_does(config_keys, section):
+    lines = man5_section(section)
+    items = documented_items(lines)
+    section_says = says_reloadable(section_preamble(lines))
+    wrong = []
+    for key, reloadable in config_keys[section].items():
+        says = says_reloadable(items.get(key, ""))
+        if says is None:
+            says = section_says
+        if says is None:
+            wrong.append(f"{key}: neither its item nor its section says whether it is reloadable")
+        elif says != reloadable:
+            wrong.append(f"{key}: the man page says {'' if says else 'not '}reloadable, "
+                         f"show config says {'' if reloadable else 'not '}reloadable")
+    assert not wrong, f"[{section}] of man/pgrelay.ini.5:\n" + "\n".join(wrong)
+
+
+def test_every_key_of_every_section_appears_in_the_sample_config(config_keys):
     sample = {}
     section = None
     for line in read(SAMPLE_INI).split("\n"):
         m = re.match(r"\s*\[([^]]+)\]", line)
         if m:
-            section = m.group(1)
+            section = "node" if m.group(1).startswith("node.") else m.group(1)
             continue
         m = re.match(r"\s*[;#]?\s*(\w+)\s*=", line)
         if m:
             sample.setdefault(section, set()).add(m.group(1))
-    missing = [k for k in config_keys[0] if k not in sample.get("pgrelay", set())]
-    assert not missing, missing_message("[pgrelay] keys", missing, "[pgrelay] of etc/pgrelay.ini (commented or not)")
+    missing = [
+        f"[{sec}] {k}" for sec in SECTIONS for k in config_keys[sec] if k not in sample.get(sec, set())
+    ]
+    assert not missing, missing_message("keys", missing, "etc/pgrelay.ini (commented or not)")
 
 
 # --------------------------------------------------------------------------- #

@@ -2,6 +2,7 @@
 (pgrelay(8) SIGNALS, OPTIONS, FILES; pgrelay.ini(5) on what a reload changes)."""
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from conftest import (
     admin,
     admin_socket,
     PGRELAY_BIN,
+    RawClient,
+    client_port,
     error_fields,
     free_port,
     pid_alive,
@@ -201,6 +204,122 @@ def test_reload_keeps_a_restart_only_key_and_says_so(relay_factory, pg):
     assert not port_listening(new_port)
 
 
+def refused_sqlstate(port):
+    """Log in on a raw socket; the SQLSTATE of the ErrorResponse that ends it, or None when
+    the login succeeded."""
+    with RawClient(port, timeout=10) as c:
+        c.send_startup()
+        msgs = c.read_until("ZE")
+        fields = error_fields(msgs)
+        return fields["C"] if fields else None
+
+
+def clients(sock):
+    return show(sock, "info")["clients"]
+
+
+def test_reload_lowering_max_client_conn_refuses_the_next_session_and_keeps_the_open_ones(
+        relay_factory, pg):
+    r = relay_factory(max_client_conn=5)
+    sock = admin_socket(r)
+    live = [r.connect() for _ in range(3)]
+    try:
+        pids = [backend_pid(c) for c in live]
+        assert refused_sqlstate(r.port) is None, "a 4th session under max_client_conn = 5"
+        wait_for(lambda: clients(sock) == 3, what="the 4th session gone")
+
+        rewrite_config(r, pg, max_client_conn=2)
+        answer = admin(sock, "reload")
+        assert answer.startswith("reloaded") and "restart" not in answer, answer
+        assert config_values(sock)["max_client_conn"] == "2"
+        assert show(sock, "info")["max_client_conn"] == 2
+        # The workers use it at once: the next session is over the limit.
+        assert refused_sqlstate(r.port) == "53300"
+        # The sessions already open stay, on the same backends.
+        assert [backend_pid(c) for c in live] == pids
+        wait_for(lambda: clients(sock) == 3, what="the refused session gone")
+
+        # Under the new limit again (1 open, the next is the 2nd): served.
+        for c in live[1:]:
+            c.close()
+        wait_for(lambda: clients(sock) == 1, what="two sessions closed")
+        assert refused_sqlstate(r.port) is None
+        assert backend_pid(live[0]) == pids[0]
+    finally:
+        for c in live:
+            c.close()
+
+
+def test_reload_raising_max_client_conn_above_its_start_value_needs_a_restart(relay_factory, pg):
+    r = relay_factory(max_client_conn=3)
+    sock = admin_socket(r)
+    rewrite_config(r, pg, max_client_conn=1)
+    assert admin(sock, "reload").startswith("reloaded")
+    assert config_values(sock)["max_client_conn"] == "1"
+
+    # Back up to the start value: allowed.
+    rewrite_config(r, pg, max_client_conn=3)
+    answer = admin(sock, "reload")
+    assert answer.startswith("reloaded") and "restart" not in answer, answer
+    assert config_values(sock)["max_client_conn"] == "3"
+
+    # Above it: the session slots were made at start; the start value stays, and both the
+    # answer and the log say so.
+    rewrite_config(r, pg, max_client_conn=500)
+    answer = admin(sock, "reload")
+    assert answer.startswith("reloaded") and "restart" in answer, answer
+    assert config_values(sock)["max_client_conn"] == "3"
+    assert re.search(r"max_client_conn 500 is more than the 3 session slots made at start; "
+                     r"raising it above 3 needs a restart, using 3", r.log()), r.log()
+    with r.connect() as a, r.connect() as b, r.connect() as c:
+        assert all(backend_pid(x) for x in (a, b, c))
+        assert refused_sqlstate(r.port) == "53300"
+
+
+def test_reload_raising_log_level_to_debug_takes_effect_in_master_and_workers(relay_factory, pg):
+    r = relay_factory(log_level="info")
+    sock = admin_socket(r)
+    with r.connect() as live:
+        pid_before = backend_pid(live)
+        port_before = client_port(live)
+        admin(sock, "show info")
+        log = r.log()
+        assert " debug: " not in log, "debug lines at log_level = info"
+
+        rewrite_config(r, pg, log_level="debug")
+        assert admin(sock, "reload").startswith("reloaded")
+        assert config_values(sock)["log_level"] == "debug"
+        workers = r.worker_pids()
+        assert len(workers) == 2
+        # Each worker takes the new level from shared memory and logs at debug from then on.
+        for w in workers:
+            wait_for(lambda w=w: f"pid {w}] debug: settings reloaded" in r.log(),
+                     what=f"worker {w} to log at debug level")
+        admin(sock, "show info")  # the master logs the console connection at debug level
+        wait_for(lambda: re.search(r"\[master pid \d+\] debug: admin socket: uid \d+ connected",
+                                   r.log()), what="a debug line from the master")
+        with r.connect() as fresh:
+            port = client_port(fresh)
+            fresh.execute("SELECT 1")
+        wait_for(lambda: f"client 127.0.0.1:{port}: user=postgres database=postgres" in r.log(),
+                 what="the new session's debug line")
+        assert f"127.0.0.1:{port_before}: user=" not in r.log()
+        assert backend_pid(live) == pid_before, "the reload dropped a session"
+
+        # And back: debug lines stop.
+        rewrite_config(r, pg, log_level="info")
+        assert admin(sock, "reload").startswith("reloaded")
+        wait_for(lambda: config_values(sock)["log_level"] == "info", what="log_level info")
+        time.sleep(0.3)  # the workers follow the poke
+        mark = len(r.log())
+        with r.connect() as quiet:
+            port = client_port(quiet)
+            quiet.execute("SELECT 1")
+        admin(sock, "show info")
+        time.sleep(0.3)
+        assert " debug: " not in r.log()[mark:], r.log()[mark:]
+
+
 # --------------------------------------------------------------------------- #
 # SIGUSR1: log rotation
 # --------------------------------------------------------------------------- #
@@ -299,8 +418,90 @@ def _uid_of(pid):
     raise AssertionError("no Uid line")
 
 
+def _sample_for(root, pg, port, read_port, dead_port, text):
+    """The installed sample with only what must differ in a test changed: its ports, the node
+    addresses (pg1 = the test's PostgreSQL, pg2 = a port nobody listens on) and its paths moved
+    under ``root``. Each replaced line must be in the sample exactly once."""
+    changes = {
+        ("pgrelay", "listen_port"): str(port),
+        ("pgrelay", "read_listen_port"): str(read_port),
+        ("pgrelay", "logfile"): root + "/var/log/pgrelay/pgrelay.log",
+        ("pgrelay", "admin_socket"): root + "/run/pgrelay/admin.sock",
+        ("node.pg1", "host"): "127.0.0.1",
+        ("node.pg1", "port"): str(pg.port),
+        ("node.pg2", "host"): "127.0.0.1",
+        ("node.pg2", "port"): str(dead_port),
+    }
+    seen, out, section = [], [], None
+    for line in text.split("\n"):
+        m = re.match(r"\[([^]]+)\]", line)
+        if m:
+            section = m.group(1)
+        m = re.match(r"(\w+) = ", line)
+        if m and (section, m.group(1)) in changes:
+            seen.append((section, m.group(1)))
+            line = f"{m.group(1)} = {changes[(section, m.group(1))]}"
+        out.append(line)
+    assert sorted(seen) == sorted(changes), f"the sample sets {seen}, expected each of {list(changes)} once"
+    return "\n".join(out)
+
+
+def socat(sock, line):
+    """``echo line | socat - UNIX-CONNECT:sock``, as pgrelay(8) shows it."""
+    r = subprocess.run(["socat", "-", f"UNIX-CONNECT:{sock}"], input=line + "\n",
+                       capture_output=True, text=True, timeout=15)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _owner(path):
+    st = os.stat(path)
+    return st.st_uid, st.st_gid
+
+
+def _postrotate(snippet):
+    """The shell lines between postrotate and endscript of a logrotate snippet."""
+    m = re.search(r"^\s*postrotate\s*\n(.*?)^\s*endscript", snippet, re.M | re.S)
+    assert m, snippet
+    return m.group(1)
+
+
+def test_init_script_systemd_unit_and_logrotate_agree_on_pidfile_and_logfile():
+    """logrotate signals the pid in one pidfile: the init script and the systemd unit must
+    both write it, and the sample's logfile must be what logrotate rotates and what they
+    create a directory for."""
+    init = read(os.path.join(REPO, "etc/init.d/pgrelay"))
+    unit = read(os.path.join(REPO, "etc/systemd/pgrelay.service"))
+    rotate = read(os.path.join(REPO, "etc/logrotate.d/pgrelay"))
+    sample = read(os.path.join(REPO, "etc/pgrelay.ini"))
+
+    pidfile = re.search(r'PIDFILE:=([^}"]+)', init).group(1)
+    assert re.search(r'-p "\$PIDFILE"', init), "the init script does not start pgrelay with -p"
+    (execstart,) = re.findall(r"^ExecStart=(.*)$", unit, re.M)
+    assert re.search(rf"(-p|--pidfile) {re.escape(pidfile)}( |$)", execstart), (
+        f"the systemd unit's ExecStart does not write {pidfile}: {execstart}")
+    assert re.search(rf"^RuntimeDirectory=({re.escape(os.path.basename(os.path.dirname(pidfile)))})$",
+                     unit, re.M) and os.path.dirname(os.path.dirname(pidfile)) == "/run", unit
+    post = _postrotate(rotate)
+    assert pidfile in post and "USR1" in post, post
+
+    m = re.search(r"^logfile = (\S+)$", sample, re.M)
+    assert m, "the sample sets no logfile: daemon mode (the init script) would refuse to start"
+    logfile = m.group(1)
+    globs = re.findall(r"^(/\S+)\s*\{", rotate, re.M)
+    assert any(fnmatch.fnmatch(logfile, g) for g in globs), (logfile, globs)
+    logdir = os.path.dirname(logfile)
+    assert os.path.dirname(logdir) == "/var/log", logdir
+    assert re.search(rf"^LogsDirectory={re.escape(os.path.basename(logdir))}$", unit, re.M), (
+        f"the systemd unit does not create {logdir}")
+
+
 @pytest.mark.deadline(110)
-def test_init_script_starts_reloads_and_stops_the_daemon_as_run_as(pg, tmpdir_keep):
+def test_init_script_runs_the_installed_sample_as_run_as(pg, tmpdir_keep):
+    """From an installed tree: the sample configuration as installed (ports, node addresses and
+    paths moved into the temporary root) starts under the init script, which makes the run and
+    log directories for RUN_AS; the console answers over socat; pause, logrotate's postrotate,
+    reload (also a refused one) and stop work."""
     root = tmpdir_keep
     os.chmod(root, 0o755)  # postgres must reach the binary, config and directories
     mk = subprocess.run(["make", "-C", REPO, "install", f"DESTDIR={root}", "PREFIX=/usr"],
@@ -310,19 +511,20 @@ def test_init_script_starts_reloads_and_stops_the_daemon_as_run_as(pg, tmpdir_ke
     daemon = os.path.join(root, "usr/sbin/pgrelay")
     assert os.access(script, os.X_OK) and os.access(daemon, os.X_OK)
 
-    logdir = os.path.join(root, "var/log/pgrelay")
-    rundir = os.path.join(root, "run")
-    for d in (logdir, rundir):
-        os.makedirs(d, exist_ok=True)
-        shutil.chown(d, "postgres", "postgres")
     conf = os.path.join(root, "etc/pgrelay/pgrelay.ini")
-    port = free_port()
-    sock = os.path.join(rundir, "admin.sock")
+    installed = read(conf)
+    assert installed == read(os.path.join(REPO, "etc/pgrelay.ini")), "make install changed the sample"
+    port, read_port, dead_port = free_port(), free_port(), free_port()
+    with open(conf, "w") as f:
+        f.write(_sample_for(root, pg, port, read_port, dead_port, installed))
+    logdir = os.path.join(root, "var/log/pgrelay")
+    rundir = os.path.join(root, "run/pgrelay")
     logfile = os.path.join(logdir, "pgrelay.log")
-    write_config(conf, port, pg, {"logfile": logfile, "admin_socket": sock, "shutdown_timeout": "5s"})
+    sock = os.path.join(rundir, "admin.sock")
     pidfile = os.path.join(rundir, "pgrelay.pid")
+    assert not os.path.exists(logdir) and not os.path.exists(rundir)
     env = dict(os.environ, DAEMON=daemon, CONFIG=conf, PIDFILE=pidfile, RUN_AS="postgres",
-               PGRELAY_DEFAULTS="/nonexistent", STOP_TIMEOUT="15")
+               PGRELAY_DEFAULTS="/nonexistent", STOP_TIMEOUT="40")
 
     def init(action):
         return subprocess.run([script, action], env=env, capture_output=True, text=True,
@@ -334,18 +536,39 @@ def test_init_script_starts_reloads_and_stops_the_daemon_as_run_as(pg, tmpdir_ke
         assert r.returncode == 0, r.stdout + r.stderr
         pid = int(wait_for(lambda: read(pidfile).strip(), what="the pidfile"))
         assert pid_alive(pid)
-        uid = _uid_of(pid)
-        postgres_uid = int(subprocess.run(["id", "-u", "postgres"], capture_output=True, text=True).stdout)
-        assert uid == [postgres_uid] * 4, f"daemon runs with uids {uid}, not postgres"
+        pw = subprocess.run(["id", "-u", "postgres"], capture_output=True, text=True)
+        gr = subprocess.run(["id", "-g", "postgres"], capture_output=True, text=True)
+        postgres_ids = (int(pw.stdout), int(gr.stdout))
+        assert _uid_of(pid) == [postgres_ids[0]] * 4, f"daemon runs with uids {_uid_of(pid)}"
+        for d in (rundir, logdir):
+            assert _owner(d) == postgres_ids, f"{d} is owned by {_owner(d)}, not postgres"
         wait_for(lambda: works(port), what="the daemon to serve queries")
         wait_admin_ready(sock)
+
+        info = dict(line.split(None, 1) for line in socat(sock, "show info").strip().split("\n"))
+        assert info["pid"] == str(pid) and info["config_file"] == conf, info
+        assert info["maintenance"] == "off" and info["write_leader"] == "pg1", info
+        assert "listening on 127.0.0.1:%d" % port in read(logfile)
+
+        assert socat(sock, "pause 60s").startswith("maintenance on")
+        assert show(sock, "stats")["maintenance"] == "on"
+        assert socat(sock, "resume").startswith("maintenance off")
+        assert works(port)
 
         r = init("status")
         assert r.returncode == 0 and "running" in r.stdout, r.stdout + r.stderr
 
+        # logrotate: move the file, run the snippet's postrotate (paths moved under root).
+        rotate = read(os.path.join(root, "etc/logrotate.d/pgrelay"))
+        os.rename(logfile, logfile + ".1")
+        post = _postrotate(rotate).replace("/run/pgrelay/", rundir + "/")
+        subprocess.run(["sh", "-c", post], check=True, timeout=10)
+        wait_for(lambda: "SIGUSR1" in read(logfile), what="the daemon to reopen its logfile")
+
         r = init("reload")
         assert r.returncode == 0, r.stdout + r.stderr
         wait_for(lambda: show(sock, "info")["reloads"] == 1, what="the reload to happen")
+        wait_for(lambda: "reloaded" in read(logfile), what="the reload in the new logfile")
 
         # A broken file: reload refuses before signalling; the daemon goes on as it was.
         with open(conf, "a") as f:
@@ -362,6 +585,7 @@ def test_init_script_starts_reloads_and_stops_the_daemon_as_run_as(pg, tmpdir_ke
         assert r.returncode == 0, r.stdout + r.stderr
         assert not pid_alive(pid)
         assert not os.path.exists(pidfile)
+        assert "stopped" in read(logfile)
 
         r = init("status")
         assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
