@@ -151,6 +151,12 @@ static void reach_failed(reach_state *r, const http_client *c, long status)
 
 /* ---- snapshots of shared memory ---- */
 
+/* A node's cumulative counter, 0 when the node has no counters. */
+static json_int_t counter_value(_Atomic uint64_t *c)
+{
+    return c ? (json_int_t)atomic_load_explicit(c, memory_order_relaxed) : 0;
+}
+
 static json_t *routes_json(const shm_route_table *t)
 {
     json_t *nodes = json_array();
@@ -158,16 +164,24 @@ static json_t *routes_json(const shm_route_table *t)
         const shm_node *n = &t->nodes[i];
         shm_node_count *c = shm_node_count_get(control.shm, n->name);
         json_array_append_new(
-            nodes, json_pack("{s:s, s:s, s:i, s:s, s:s, s:b, s:I, s:I, s:i, s:i}", "name", n->name,
-                             "host", n->host, "port", n->port, "role",
-                             n->role == NODE_ROLE_PRIMARY ? "primary" : "replica", "health",
-                             n->health == NODE_HEALTH_UP     ? "up"
-                             : n->health == NODE_HEALTH_DOWN ? "down"
-                                                             : "unknown",
-                             "in_recovery", n->in_recovery, "lsn", (json_int_t)n->wal_lsn,
-                             "lag_bytes", (json_int_t)n->lag_bytes, "write_sessions",
-                             c ? (int)atomic_load(&c->write_sessions) : 0, "read_sessions",
-                             c ? (int)atomic_load(&c->read_sessions) : 0));
+            nodes,
+            json_pack("{s:s, s:s, s:i, s:s, s:s, s:b, s:I, s:I, s:i, s:i, s:I, s:I, s:I, s:I, s:I, "
+                      "s:I}",
+                      "name", n->name, "host", n->host, "port", n->port, "role",
+                      n->role == NODE_ROLE_PRIMARY ? "primary" : "replica", "health",
+                      n->health == NODE_HEALTH_UP     ? "up"
+                      : n->health == NODE_HEALTH_DOWN ? "down"
+                                                      : "unknown",
+                      "in_recovery", n->in_recovery, "lsn", (json_int_t)n->wal_lsn, "lag_bytes",
+                      (json_int_t)n->lag_bytes, "write_sessions",
+                      c ? (int)atomic_load(&c->write_sessions) : 0, "read_sessions",
+                      c ? (int)atomic_load(&c->read_sessions) : 0, "statements",
+                      counter_value(c ? &c->statements : NULL), "bytes_in",
+                      counter_value(c ? &c->bytes_in : NULL), "bytes_out",
+                      counter_value(c ? &c->bytes_out : NULL), "errors",
+                      counter_value(c ? &c->errors : NULL), "latency_us",
+                      counter_value(c ? &c->latency_us : NULL), "statements_completed",
+                      counter_value(c ? &c->statements_completed : NULL)));
     }
     return nodes;
 }
@@ -180,26 +194,30 @@ static const char *leader_name(const shm_route_table *t)
 static json_t *metrics_body(const shm_route_table *t)
 {
     shm_segment *shm = control.shm;
-    uint64_t statements = 0, bytes_in = 0, bytes_out = 0, errors = 0;
+    uint64_t statements = 0, bytes_in = 0, bytes_out = 0, errors = 0, completed = 0, latency = 0;
     for (uint32_t i = 0; i < shm->n_workers; i++) {
         shm_worker_stats *st = &shm->workers[i].stats;
         statements += atomic_load_explicit(&st->statements, memory_order_relaxed);
         bytes_in += atomic_load_explicit(&st->bytes_in, memory_order_relaxed);
         bytes_out += atomic_load_explicit(&st->bytes_out, memory_order_relaxed);
         errors += atomic_load_explicit(&st->errors, memory_order_relaxed);
+        /* Read a moment apart from each other: an interval's average may be off by one
+         * statement, which the next interval makes up. */
+        latency += atomic_load_explicit(&st->latency_us, memory_order_relaxed);
+        completed += atomic_load_explicit(&st->statements_completed, memory_order_relaxed);
     }
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     const char *leader = leader_name(t);
-    return json_pack("{s:s, s:I, s:i, s:I, s:I, s:I, s:I, s:b, s:I, s:o, s:I, s:o}", "node_id",
-                     control.node_id, "ts_ms",
-                     (json_int_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, "clients",
-                     (int)atomic_load(&shm->clients), "statements", (json_int_t)statements,
-                     "bytes_in", (json_int_t)bytes_in, "bytes_out", (json_int_t)bytes_out,
-                     "errors", (json_int_t)errors, "maintenance",
-                     atomic_load(&shm->maintenance) != 0, "epoch", (json_int_t)t->epoch,
-                     "leader", leader ? json_string(leader) : json_null(), "config_version",
-                     (json_int_t)atomic_load(&shm->config_version), "nodes", routes_json(t));
+    return json_pack(
+        "{s:s, s:I, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:I, s:o, s:I, s:o}", "node_id",
+        control.node_id, "ts_ms", (json_int_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, "clients",
+        (int)atomic_load(&shm->clients), "statements", (json_int_t)statements, "bytes_in",
+        (json_int_t)bytes_in, "bytes_out", (json_int_t)bytes_out, "errors", (json_int_t)errors,
+        "latency_us", (json_int_t)latency, "statements_completed", (json_int_t)completed,
+        "maintenance", atomic_load(&shm->maintenance) != 0, "epoch", (json_int_t)t->epoch, "leader",
+        leader ? json_string(leader) : json_null(), "config_version",
+        (json_int_t)atomic_load(&shm->config_version), "nodes", routes_json(t));
 }
 
 static const char *state_name(uint32_t state)

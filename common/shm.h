@@ -18,7 +18,7 @@
 
 #include "config.h"
 
-#define SHM_MAGIC          0x70677231u /* "pgr1" */
+#define SHM_MAGIC          0x70677232u /* "pgr2": bumped when the layout changes */
 #define SHM_MAX_WORKERS    256
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
@@ -68,12 +68,22 @@ typedef struct shm_leader_event {
     char reason[128];
 } shm_leader_event;
 
-/* Sessions per node and port, keyed by node name (indexes move on reload). */
+/* Sessions and traffic per node, keyed by node name (indexes move on reload). Every worker
+ * adds to them (relaxed atomic adds); a session finds its entry once, when it connects, and
+ * adds what it gathered at the end of each statement, at close, and after
+ * RELAY_NODE_FLUSH_BYTES of a long transfer, so the data path writes no shared line per read.
+ * Cache-line aligned so that workers busy on different nodes do not share a line. */
 typedef struct shm_node_count {
-    _Atomic uint32_t used;     /* 0 free, 1 holds the counters of the node named below */
+    _Alignas(64) _Atomic uint32_t used; /* 0 free, 1 holds the counters of the node named below */
     char name[CONFIG_NAME_MAX];
-    _Atomic int32_t write_sessions;
-    _Atomic int32_t read_sessions;
+    _Atomic int32_t write_sessions; /* live sessions of the write port on this node */
+    _Atomic int32_t read_sessions;  /* live sessions of the read-only port on this node */
+    _Atomic uint64_t statements;    /* as shm_worker_stats.statements, on this node */
+    _Atomic uint64_t bytes_in;      /* client -> this node */
+    _Atomic uint64_t bytes_out;     /* this node -> client */
+    _Atomic uint64_t errors;        /* sessions on this node that pgrelay ended with an error */
+    _Atomic uint64_t statements_completed; /* as shm_worker_stats.statements_completed */
+    _Atomic uint64_t latency_us;           /* their summed latency */
 } shm_node_count;
 
 /* Header of a double buffer: one writer fills the half readers are not using, then flips.
@@ -105,6 +115,10 @@ typedef struct shm_worker_stats {
     _Atomic uint64_t statements;       /* Query and Sync-terminated extended batches */
     _Atomic uint64_t errors;           /* sessions pgrelay ended with an error */
     _Atomic uint64_t cancels;          /* cancel requests forwarded */
+    _Atomic uint64_t statements_completed; /* statements (a Query, or messages up to a Sync)
+                                            * whose closing ReadyForQuery came back */
+    _Atomic uint64_t latency_us;           /* their summed latency: from the statement's first
+                                            * message to that ReadyForQuery, microseconds */
 } shm_worker_stats;
 
 typedef struct shm_worker {

@@ -12,6 +12,7 @@
 #include <event2/event.h>
 #include <event2/http.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,6 +149,35 @@ void agents_register(http_call *call)
 
 /* ---- metrics ---- */
 
+/* The cumulative counters of a metrics body, and of each of its nodes. */
+static const struct {
+    const char *key;
+    size_t offset; /* of the int64_t in state_sample */
+} agents_counters[] = {
+    {"statements", offsetof(state_sample, statements)},
+    {"bytes_in", offsetof(state_sample, bytes_in)},
+    {"bytes_out", offsetof(state_sample, bytes_out)},
+    {"errors", offsetof(state_sample, errors)},
+    {"latency_us", offsetof(state_sample, latency_us)},
+    {"statements_completed", offsetof(state_sample, statements_completed)},
+};
+#define AGENTS_N_COUNTERS (sizeof(agents_counters) / sizeof(agents_counters[0]))
+
+static int64_t *agents_counter(state_sample *s, size_t i)
+{
+    return (int64_t *)((char *)s + agents_counters[i].offset);
+}
+
+/* The counters of obj (a body or a node) into s; 400 when one is not a whole number >= 0. */
+static bool agents_sample_fields(http_call *call, json_t *obj, const char *where, state_sample *s)
+{
+    for (size_t i = 0; i < AGENTS_N_COUNTERS; i++)
+        if (!http_field_int(call, obj, where, agents_counters[i].key, false, 0, AGENTS_INT_MAX,
+                            agents_counter(s, i)))
+            return false;
+    return true;
+}
+
 /* The nodes observation: an array of objects with at least a name. */
 static bool agents_check_nodes(http_call *call, json_t *nodes)
 {
@@ -171,10 +201,31 @@ static bool agents_check_nodes(http_call *call, json_t *nodes)
             !http_field_string(call, n, where, "health", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_bool(call, n, where, "in_recovery", false, &b) ||
             !http_field_int(call, n, where, "lsn", false, 0, AGENTS_INT_MAX, &v) ||
-            !http_field_int(call, n, where, "lag_bytes", false, INT64_MIN, AGENTS_INT_MAX, &v))
+            !http_field_int(call, n, where, "lag_bytes", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
+            !http_field_int(call, n, where, "write_sessions", false, 0, INT32_MAX, &v) ||
+            !http_field_int(call, n, where, "read_sessions", false, 0, INT32_MAX, &v))
+            return false;
+        state_sample counters;
+        if (!agents_sample_fields(call, n, where, &counters))
             return false;
     }
     return true;
+}
+
+/* Each node's counters as a sample of the node (the nodes were checked). */
+static void agents_node_samples(state_proxy *p, json_t *nodes, const state_sample *body)
+{
+    size_t i;
+    json_t *n;
+    json_array_foreach(nodes, i, n)
+    {
+        state_sample s = {.received_ms = body->received_ms, .ts_ms = body->ts_ms};
+        s.clients = json_integer_value(json_object_get(n, "write_sessions")) +
+                    json_integer_value(json_object_get(n, "read_sessions"));
+        for (size_t c = 0; c < AGENTS_N_COUNTERS; c++)
+            *agents_counter(&s, c) = json_integer_value(json_object_get(n, agents_counters[c].key));
+        state_add_node_sample(p, json_string_value(json_object_get(n, "name")), &s);
+    }
 }
 
 void agents_metrics(http_call *call)
@@ -184,9 +235,6 @@ void agents_metrics(http_call *call)
     int64_t epoch = -1, config_version = -1;
     bool maintenance = false;
     json_t *nodes = NULL;
-    static const char *const counters[] = {"clients", "statements", "bytes_in", "bytes_out",
-                                           "errors"};
-    int64_t *const fields[] = {&s.clients, &s.statements, &s.bytes_in, &s.bytes_out, &s.errors};
 
     if (!(node_id = agents_node_id(call)) ||
         !http_field_int(call, call->body, NULL, "ts_ms", false, 0, AGENTS_INT_MAX, &s.ts_ms) ||
@@ -197,10 +245,9 @@ void agents_metrics(http_call *call)
         !agents_leader_field(call, call->body, &leader) ||
         !http_field_container(call, call->body, NULL, "nodes", false, false, &nodes))
         return;
-    for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
-        if (!http_field_int(call, call->body, NULL, counters[i], false, 0, AGENTS_INT_MAX,
-                            fields[i]))
-            return;
+    if (!http_field_int(call, call->body, NULL, "clients", false, 0, AGENTS_INT_MAX, &s.clients) ||
+        !agents_sample_fields(call, call->body, NULL, &s))
+        return;
     if (nodes && !agents_check_nodes(call, nodes))
         return;
 
@@ -217,6 +264,7 @@ void agents_metrics(http_call *call)
         json_decref(p->nodes);
         p->nodes = json_incref(nodes);
         p->nodes_ms = now;
+        agents_node_samples(p, nodes, &s);
     }
     agents_set_int(p, &p->epoch, epoch);
     agents_set_int(p, &p->config_version, config_version);

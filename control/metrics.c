@@ -7,12 +7,14 @@
 
 #include <event2/buffer.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
 #define METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
 #define METRICS_LABEL_MAX    512
 #define MS_PER_S             1000.0
+#define US_PER_S             1000000.0
 
 /* One per-proxy metric family: its value for a proxy, or false when it has none. */
 typedef bool (*metrics_getter)(const state_proxy *p, int64_t now, double *out);
@@ -101,6 +103,30 @@ static const metrics_family metrics_proxy_families[] = {
      get_last_seen},
 };
 
+/* Per-node metric families, from the newest sample of each node a proxy last reported. */
+typedef struct metrics_node_family {
+    const char *name;
+    const char *type;
+    const char *help;
+    size_t offset; /* of the int64_t in state_sample */
+} metrics_node_family;
+
+static const metrics_node_family metrics_node_families[] = {
+    {"pgrelay_node_sessions", "gauge", "Client sessions of the proxy on the node (last sample).",
+     offsetof(state_sample, clients)},
+    {"pgrelay_node_statements_total", "counter", "Statements the proxy relayed to the node.",
+     offsetof(state_sample, statements)},
+    {"pgrelay_node_bytes_in_total", "counter", "Bytes from clients to the node through the proxy.",
+     offsetof(state_sample, bytes_in)},
+    {"pgrelay_node_bytes_out_total", "counter", "Bytes from the node to clients through the proxy.",
+     offsetof(state_sample, bytes_out)},
+    {"pgrelay_node_errors_total", "counter",
+     "Sessions on the node that the proxy ended with an error.", offsetof(state_sample, errors)},
+};
+
+#define METRICS_PROXY_LATENCY "pgrelay_proxy_statement_latency_seconds"
+#define METRICS_NODE_LATENCY  "pgrelay_node_statement_latency_seconds"
+
 /* A label value with \, " and newline escaped. */
 static const char *metrics_escape(const char *in, char *out, size_t len)
 {
@@ -175,6 +201,70 @@ static void metrics_deployments(struct evbuffer *b)
     }
 }
 
+/* Statement latency as a summary without quantiles: _sum (seconds) and _count, from which
+ * Prometheus derives the average over any range: rate(_sum) / rate(_count). */
+static void metrics_latency(struct evbuffer *b, const char *name, const char *labels,
+                            const state_sample *s)
+{
+    evbuffer_add_printf(b, "%s_sum{%s} %.17g\n", name, labels, (double)s->latency_us / US_PER_S);
+    evbuffer_add_printf(b, "%s_count{%s} %" PRId64 "\n", name, labels, s->statements_completed);
+}
+
+/* The rows of one per-node family (fam NULL: the latency summary), every proxy and node. */
+static void metrics_node_rows(struct evbuffer *b, const metrics_node_family *fam)
+{
+    char dep[METRICS_LABEL_MAX], id[METRICS_LABEL_MAX], node[METRICS_LABEL_MAX];
+    char labels[3 * METRICS_LABEL_MAX + 64];
+
+    for (state_deployment *d = state_deployments(); d; d = d->next) {
+        for (state_proxy *p = d->proxies; p; p = p->next) {
+            for (int i = 0; i < p->node_series_n; i++) {
+                const state_sample *s = state_node_current(p, &p->node_series[i]);
+                if (!s)
+                    continue;
+                snprintf(labels, sizeof(labels), "deployment=\"%s\",node_id=\"%s\",node=\"%s\"",
+                         metrics_escape(d->name, dep, sizeof(dep)),
+                         metrics_escape(p->node_id, id, sizeof(id)),
+                         metrics_escape(p->node_series[i].name, node, sizeof(node)));
+                if (fam)
+                    evbuffer_add_printf(b, "%s{%s} %" PRId64 "\n", fam->name, labels,
+                                        *(const int64_t *)((const char *)s + fam->offset));
+                else
+                    metrics_latency(b, METRICS_NODE_LATENCY, labels, s);
+            }
+        }
+    }
+}
+
+/* Statement latency per proxy, then the per-node families. */
+static void metrics_statements(struct evbuffer *b)
+{
+    char dep[METRICS_LABEL_MAX], id[METRICS_LABEL_MAX];
+    char labels[2 * METRICS_LABEL_MAX + 64];
+
+    metrics_header(b, METRICS_PROXY_LATENCY, "summary",
+                   "Statement latency, first message to the closing ReadyForQuery.");
+    for (state_deployment *d = state_deployments(); d; d = d->next) {
+        for (state_proxy *p = d->proxies; p; p = p->next) {
+            const state_sample *s = metrics_newest(p);
+            if (!s)
+                continue;
+            snprintf(labels, sizeof(labels), "deployment=\"%s\",node_id=\"%s\"",
+                     metrics_escape(d->name, dep, sizeof(dep)),
+                     metrics_escape(p->node_id, id, sizeof(id)));
+            metrics_latency(b, METRICS_PROXY_LATENCY, labels, s);
+        }
+    }
+    for (size_t f = 0; f < sizeof(metrics_node_families) / sizeof(metrics_node_families[0]); f++) {
+        metrics_header(b, metrics_node_families[f].name, metrics_node_families[f].type,
+                       metrics_node_families[f].help);
+        metrics_node_rows(b, &metrics_node_families[f]);
+    }
+    metrics_header(b, METRICS_NODE_LATENCY, "summary",
+                   "Statement latency on the node, first message to the closing ReadyForQuery.");
+    metrics_node_rows(b, NULL);
+}
+
 void metrics_handle(http_call *call)
 {
     char lease_name[METRICS_LABEL_MAX], holder[METRICS_LABEL_MAX], me[METRICS_LABEL_MAX];
@@ -206,8 +296,10 @@ void metrics_handle(http_call *call)
             evbuffer_add_printf(b, "pgrelay_control_lease_holder{lease=\"%s\",holder=\"%s\"} 1\n",
                                 lease_name, holder);
     }
-    if (serving)
+    if (serving) {
         metrics_deployments(b);
+        metrics_statements(b);
+    }
 
     evhttp_add_header(evhttp_request_get_output_headers(call->req), "Content-Type",
                       METRICS_CONTENT_TYPE);

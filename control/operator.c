@@ -23,6 +23,7 @@
 #define OPERATOR_DETAIL_MAX     512
 #define OPERATOR_RATE_WINDOW_MS 10000 /* rates are computed over the samples of this window */
 #define MS_PER_S                1000
+#define US_PER_MS               1000.0
 #define OPERATOR_NODE_MAX       (STATE_NODE_NAME_MAX - 1)
 
 /* What an orchestration does. */
@@ -684,31 +685,64 @@ static json_t *op_rate(int64_t first, int64_t last, int64_t ms)
     return json_real((double)(last - first) * MS_PER_S / (double)ms);
 }
 
+/* The per-second rates between two samples (a and b NULL: fewer than two samples). */
+static json_t *op_rates(const state_sample *a, const state_sample *b)
+{
+    if (!a)
+        return json_pack("{s:n, s:n, s:n, s:n}", "statements", "bytes_in", "bytes_out", "errors");
+    int64_t ms = a->ts_ms && b->ts_ms ? b->ts_ms - a->ts_ms : b->received_ms - a->received_ms;
+    return json_pack(
+        "{s:o, s:o, s:o, s:o}", "statements", op_rate(a->statements, b->statements, ms), "bytes_in",
+        op_rate(a->bytes_in, b->bytes_in, ms), "bytes_out", op_rate(a->bytes_out, b->bytes_out, ms),
+        "errors", op_rate(a->errors, b->errors, ms));
+}
+
+/* Average latency in milliseconds of the statements that ended between two samples: null when
+ * none did, with fewer than two samples, or after a counter reset. */
+static json_t *op_latency_ms(const state_sample *a, const state_sample *b)
+{
+    if (!a)
+        return json_null();
+    int64_t n = b->statements_completed - a->statements_completed;
+    int64_t us = b->latency_us - a->latency_us;
+    if (n <= 0 || us < 0)
+        return json_null();
+    return json_real((double)us / (double)n / US_PER_MS);
+}
+
+/* Each node of the proxy's last observation: rates and latency over the window. */
+static json_t *op_node_metrics(const state_proxy *p)
+{
+    json_t *list = json_array();
+    for (int i = 0; i < p->node_series_n; i++) {
+        const state_node_series *ns = &p->node_series[i];
+        const state_sample *cur = state_node_current(p, ns), *a = NULL, *b = NULL;
+        if (!cur)
+            continue;
+        if (!state_node_rate_window(ns, OPERATOR_RATE_WINDOW_MS, &a, &b))
+            a = b = NULL;
+        json_array_append_new(list, json_pack("{s:s, s:I, s:o, s:o}", "name", ns->name, "sessions",
+                                              (json_int_t)cur->clients, "rates", op_rates(a, b),
+                                              "latency_ms", op_latency_ms(a, b)));
+    }
+    return list;
+}
+
 void operator_metrics(http_call *call)
 {
     json_t *list = json_array();
     int64_t now = control_now_ms();
     for (state_proxy *p = call->dep->proxies; p; p = p->next) {
-        const state_sample *a, *b;
-        json_t *rates;
-        if (state_rate_window(p, OPERATOR_RATE_WINDOW_MS, &a, &b)) {
-            int64_t ms =
-                a->ts_ms && b->ts_ms ? b->ts_ms - a->ts_ms : b->received_ms - a->received_ms;
-            rates = json_pack("{s:o, s:o, s:o, s:o}", "statements",
-                              op_rate(a->statements, b->statements, ms), "bytes_in",
-                              op_rate(a->bytes_in, b->bytes_in, ms), "bytes_out",
-                              op_rate(a->bytes_out, b->bytes_out, ms), "errors",
-                              op_rate(a->errors, b->errors, ms));
-        } else {
-            rates =
-                json_pack("{s:n, s:n, s:n, s:n}", "statements", "bytes_in", "bytes_out", "errors");
-        }
+        const state_sample *a = NULL, *b = NULL;
+        if (!state_rate_window(p, OPERATOR_RATE_WINDOW_MS, &a, &b))
+            a = b = NULL;
         json_array_append_new(
             list,
-            json_pack("{s:s, s:b, s:o, s:I, s:o, s:i}", "node_id", p->node_id, "live",
+            json_pack("{s:s, s:b, s:o, s:I, s:o, s:o, s:o, s:i}", "node_id", p->node_id, "live",
                       state_proxy_live(p, now), "sample",
                       p->last_metrics ? json_incref(p->last_metrics) : json_null(), "received_ms",
-                      (json_int_t)p->last_metrics_ms, "rates", rates, "samples", p->samples_n));
+                      (json_int_t)p->last_metrics_ms, "rates", op_rates(a, b), "latency_ms",
+                      op_latency_ms(a, b), "nodes", op_node_metrics(p), "samples", p->samples_n));
     }
     http_reply_json(call->req, 200, list);
 }

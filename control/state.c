@@ -129,30 +129,26 @@ void state_count(state_deployment *dep, int *total, int *live)
     }
 }
 
-void state_add_sample(state_proxy *p, const state_sample *s)
+/* Push a sample on a ring of cap entries (the oldest dropped when full). */
+static void state_ring_push(state_sample *ring, int cap, int *head, int *n, const state_sample *s)
 {
-    if (!p->samples) {
-        p->samples = calloc(STATE_SAMPLES_MAX, sizeof(*p->samples));
-        if (!p->samples)
-            return;
+    if (*n == cap) {
+        *head = (*head + 1) % cap;
+        (*n)--;
     }
-    if (p->samples_n == STATE_SAMPLES_MAX) {
-        p->samples_head = (p->samples_head + 1) % STATE_SAMPLES_MAX;
-        p->samples_n--;
-    }
-    p->samples[(p->samples_head + p->samples_n) % STATE_SAMPLES_MAX] = *s;
-    p->samples_n++;
+    ring[(*head + *n) % cap] = *s;
+    (*n)++;
 }
 
-bool state_rate_window(const state_proxy *p, int64_t window_ms, const state_sample **first,
-                       const state_sample **last)
+/* The oldest and newest sample of a ring within window_ms of the newest. */
+static bool state_ring_window(const state_sample *ring, int cap, int head, int n, int64_t window_ms,
+                              const state_sample **first, const state_sample **last)
 {
-    if (p->samples_n < 2)
+    if (n < 2)
         return false;
-    const state_sample *newest =
-        &p->samples[(p->samples_head + p->samples_n - 1) % STATE_SAMPLES_MAX];
-    for (int i = 0; i < p->samples_n - 1; i++) {
-        const state_sample *s = &p->samples[(p->samples_head + i) % STATE_SAMPLES_MAX];
+    const state_sample *newest = &ring[(head + n - 1) % cap];
+    for (int i = 0; i < n - 1; i++) {
+        const state_sample *s = &ring[(head + i) % cap];
         if (s->received_ms >= newest->received_ms - window_ms) {
             *first = s;
             *last = newest;
@@ -160,6 +156,95 @@ bool state_rate_window(const state_proxy *p, int64_t window_ms, const state_samp
         }
     }
     return false;
+}
+
+void state_add_sample(state_proxy *p, const state_sample *s)
+{
+    if (!p->samples) {
+        p->samples = calloc(STATE_SAMPLES_MAX, sizeof(*p->samples));
+        if (!p->samples)
+            return;
+    }
+    state_ring_push(p->samples, STATE_SAMPLES_MAX, &p->samples_head, &p->samples_n, s);
+}
+
+bool state_rate_window(const state_proxy *p, int64_t window_ms, const state_sample **first,
+                       const state_sample **last)
+{
+    if (!p->samples)
+        return false;
+    return state_ring_window(p->samples, STATE_SAMPLES_MAX, p->samples_head, p->samples_n,
+                             window_ms, first, last);
+}
+
+/* The newest sample of a node (every series in the list has at least one). */
+static const state_sample *state_series_newest(const state_node_series *ns)
+{
+    return &ns->samples[(ns->samples_head + ns->samples_n - 1) % STATE_NODE_SAMPLES_MAX];
+}
+
+void state_add_node_sample(state_proxy *p, const char *node, const state_sample *s)
+{
+    state_node_series *ns = NULL;
+    for (int i = 0; i < p->node_series_n && !ns; i++)
+        if (strcmp(p->node_series[i].name, node) == 0)
+            ns = &p->node_series[i];
+    if (!ns && p->node_series_n >= STATE_NODES_MAX) {
+        /* Full of nodes renamed or removed since: the one reported longest ago makes room. */
+        ns = &p->node_series[0];
+        for (int i = 1; i < p->node_series_n; i++)
+            if (state_series_newest(&p->node_series[i])->received_ms <
+                state_series_newest(ns)->received_ms)
+                ns = &p->node_series[i];
+        memset(ns, 0, sizeof(*ns));
+        snprintf(ns->name, sizeof(ns->name), "%s", node);
+    } else if (!ns) {
+        state_node_series *grown =
+            realloc(p->node_series, (size_t)(p->node_series_n + 1) * sizeof(*grown));
+        if (!grown)
+            return;
+        p->node_series = grown;
+        ns = &grown[p->node_series_n++];
+        memset(ns, 0, sizeof(*ns));
+        snprintf(ns->name, sizeof(ns->name), "%s", node);
+    }
+    state_ring_push(ns->samples, STATE_NODE_SAMPLES_MAX, &ns->samples_head, &ns->samples_n, s);
+}
+
+bool state_node_rate_window(const state_node_series *ns, int64_t window_ms,
+                            const state_sample **first, const state_sample **last)
+{
+    return state_ring_window(ns->samples, STATE_NODE_SAMPLES_MAX, ns->samples_head, ns->samples_n,
+                             window_ms, first, last);
+}
+
+const state_sample *state_node_current(const state_proxy *p, const state_node_series *ns)
+{
+    const state_sample *newest = state_series_newest(ns);
+    return p->nodes && newest->received_ms == p->nodes_ms ? newest : NULL;
+}
+
+/* Drop node samples older than cutoff, and the nodes left with none. */
+static void state_prune_nodes(state_proxy *p, int64_t cutoff)
+{
+    int kept = 0;
+    for (int i = 0; i < p->node_series_n; i++) {
+        state_node_series *ns = &p->node_series[i];
+        while (ns->samples_n > 0 && ns->samples[ns->samples_head].received_ms < cutoff) {
+            ns->samples_head = (ns->samples_head + 1) % STATE_NODE_SAMPLES_MAX;
+            ns->samples_n--;
+        }
+        if (ns->samples_n == 0)
+            continue;
+        if (kept != i)
+            p->node_series[kept] = *ns;
+        kept++;
+    }
+    p->node_series_n = kept;
+    if (kept == 0) {
+        free(p->node_series);
+        p->node_series = NULL;
+    }
 }
 
 static void state_prune_json(json_t **obj, int64_t at_ms, int64_t cutoff)
@@ -179,6 +264,7 @@ void state_prune(int64_t now_ms)
                 p->samples_head = (p->samples_head + 1) % STATE_SAMPLES_MAX;
                 p->samples_n--;
             }
+            state_prune_nodes(p, cutoff);
             state_prune_json(&p->last_metrics, p->last_metrics_ms, cutoff);
             state_prune_json(&p->nodes, p->nodes_ms, cutoff);
             state_prune_json(&p->queries, p->queries_ms, cutoff);
@@ -206,6 +292,7 @@ static void state_free_proxy(state_proxy *p)
     json_decref(p->schema);
     json_decref(p->config);
     free(p->samples);
+    free(p->node_series);
     free(p);
 }
 

@@ -9,17 +9,20 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define STATE_NODE_ID_MAX   129  /* node_id of a proxy, NUL included */
-#define STATE_NODE_NAME_MAX 64   /* name of a database node, NUL included */
-#define STATE_TEXT_MAX      256  /* hostname, version */
-#define STATE_SAMPLES_MAX   3600 /* metrics samples kept per proxy (also bounded by retention) */
-#define STATE_LIVE_MAX      1024 /* proxies one orchestration step addresses at most */
+#define STATE_NODE_ID_MAX      129  /* node_id of a proxy, NUL included */
+#define STATE_NODE_NAME_MAX    64   /* name of a database node, NUL included */
+#define STATE_TEXT_MAX         256  /* hostname, version */
+#define STATE_SAMPLES_MAX      3600 /* metrics samples kept per proxy (also bounded by retention) */
+#define STATE_LIVE_MAX         1024 /* proxies one orchestration step addresses at most */
+#define STATE_NODE_SAMPLES_MAX 64   /* samples kept per node of a proxy: the rate window at 1 s */
+#define STATE_NODES_MAX        64   /* nodes followed per proxy (pgrelay's own limit) */
 
 struct evhttp_request;
 struct event;
 struct operator_op;
 
-/* The counters of one metrics sample, kept for rates over the retention window. */
+/* The counters of one metrics sample, kept for rates over the retention window. A node's
+ * samples have the same fields, clients being the proxy's sessions on the node. */
 typedef struct state_sample {
     int64_t received_ms; /* control-plane wall clock when it arrived */
     int64_t ts_ms;       /* the agent's timestamp */
@@ -28,7 +31,18 @@ typedef struct state_sample {
     int64_t bytes_in;
     int64_t bytes_out;
     int64_t errors;
+    int64_t latency_us;           /* summed latency of the statements below */
+    int64_t statements_completed; /* statements whose closing ReadyForQuery came back */
 } state_sample;
+
+/* One database node's counters as one proxy reports them: a short ring, for per-node rates and
+ * latency over the rate window. */
+typedef struct state_node_series {
+    char name[STATE_NODE_NAME_MAX];
+    state_sample samples[STATE_NODE_SAMPLES_MAX]; /* ring, the oldest at samples_head */
+    int samples_head;
+    int samples_n;
+} state_node_series;
 
 /* One proxy host (one pgrelay-agent) of a deployment. */
 typedef struct state_proxy {
@@ -61,6 +75,8 @@ typedef struct state_proxy {
     state_sample *samples; /* ring of STATE_SAMPLES_MAX */
     int samples_head;      /* index of the oldest */
     int samples_n;
+    state_node_series *node_series; /* per node, in order of first report; malloc'd */
+    int node_series_n;
 
     /* A parked long poll (agents.c), or NULL. */
     struct evhttp_request *poll_req;
@@ -114,6 +130,17 @@ void state_add_sample(state_proxy *p, const state_sample *s);
 /* The oldest and newest sample within window_ms of the newest; false when fewer than two. */
 bool state_rate_window(const state_proxy *p, int64_t window_ms, const state_sample **first,
                        const state_sample **last);
+
+/* Record the counters of one node of a metrics sample (its ring, oldest dropped). */
+void state_add_node_sample(state_proxy *p, const char *node, const state_sample *s);
+
+/* As state_rate_window, for one node's ring. */
+bool state_node_rate_window(const state_node_series *ns, int64_t window_ms,
+                            const state_sample **first, const state_sample **last);
+
+/* The newest sample of a node if the proxy's last observation of nodes named it, else NULL
+ * (a node since removed from its configuration). */
+const state_sample *state_node_current(const state_proxy *p, const state_node_series *ns);
 
 /* Drop telemetry older than telemetry_retention. */
 void state_prune(int64_t now_ms);

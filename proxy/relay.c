@@ -16,6 +16,32 @@
 #include <string.h>
 #include <sys/socket.h>
 
+/* ---- per-node counters ---- */
+
+static void relay_node_add(_Atomic uint64_t *to, uint64_t *pending)
+{
+    if (*pending) {
+        atomic_fetch_add_explicit(to, *pending, memory_order_relaxed);
+        *pending = 0;
+    }
+}
+
+void relay_node_flush(session *s)
+{
+    shm_node_count *c = s->counter;
+    if (!c) {
+        /* No entry for the node (the master never created one): nothing to add it to. */
+        s->node_statements = s->node_bytes_in = s->node_bytes_out = 0;
+        s->node_completed = s->node_latency_us = 0;
+        return;
+    }
+    relay_node_add(&c->statements, &s->node_statements);
+    relay_node_add(&c->bytes_in, &s->node_bytes_in);
+    relay_node_add(&c->bytes_out, &s->node_bytes_out);
+    relay_node_add(&c->latency_us, &s->node_latency_us);
+    relay_node_add(&c->statements_completed, &s->node_completed);
+}
+
 /* ---- client -> server messages ---- */
 
 static void session_set_state(session *s, shm_session_state state)
@@ -47,6 +73,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         relay_statement_starts(s);
         s->pending_syncs++;
         shm_stat_add(&w->row->stats.statements, 1);
+        s->node_statements++;
         return SHM_STMT_MAX - 1;
     case PG_MSG_PARSE:
         shm_session_write_begin(s->slot);
@@ -55,6 +82,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         return SHM_STMT_MAX - 1;
     case PG_MSG_EXECUTE:
         shm_stat_add(&w->row->stats.statements, 1);
+        s->node_statements++;
         /* fall through */
     case PG_MSG_BIND:
     case 'D': /* Describe */
@@ -104,6 +132,25 @@ static void client_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t ca
 
 /* ---- server -> client messages ---- */
 
+/* The ReadyForQuery that ends a statement: its latency goes to the worker's row, and what the
+ * session gathered for its node to the node's counters. A few adds per statement, none per
+ * message. The first ReadyForQuery after login ends no statement (stmt_start_us is 0). */
+static void relay_statement_ends(session *s)
+{
+    worker *w = worker_self;
+    int64_t start = s->slot->stmt_start_us;
+    if (start) {
+        int64_t us = shm_now_us() - start;
+        uint64_t latency = us > 0 ? (uint64_t)us : 0; /* the wall clock stepped back */
+        s->slot->stmt_start_us = 0;
+        shm_stat_add(&w->row->stats.statements_completed, 1);
+        shm_stat_add(&w->row->stats.latency_us, latency);
+        s->node_completed++;
+        s->node_latency_us += latency;
+    }
+    relay_node_flush(s);
+}
+
 static uint32_t server_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t body_len)
 {
     session *s = ctx;
@@ -134,7 +181,7 @@ static void server_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t ca
             s->pending_syncs--;
         if (s->pending_syncs == 0 && !s->ext_open) {
             session_set_state(s, s->tx_status == PG_TX_IDLE ? SESSION_IDLE : SESSION_IN_TX);
-            s->slot->stmt_start_us = 0;
+            relay_statement_ends(s);
         }
         if (!s->logged_in) {
             s->logged_in = true;
@@ -222,7 +269,10 @@ static relay_result relay_pump(session *s, bool from_client)
         }
         return RELAY_CLOSED;
     }
+    /* Bytes are counted for the node before the scan, so that the chunk holding a statement's
+     * ReadyForQuery is in the flush that statement's end makes. */
     if (from_client) {
+        s->node_bytes_in += (uint64_t)n;
         if (pg_scan_feed(&s->client_scan, buf, (size_t)n, &client_ops, s) != 0) {
             log_warning("client %s: invalid message length from client; closing",
                         s->client_addr);
@@ -231,6 +281,7 @@ static relay_result relay_pump(session *s, bool from_client)
         }
         shm_stat_add(&w->row->stats.bytes_in, (uint64_t)n);
     } else {
+        s->node_bytes_out += (uint64_t)n;
         if (pg_scan_feed(&s->server_scan, buf, (size_t)n, &server_ops, s) != 0) {
             log_warning("client %s: invalid message length from node %s; closing",
                         s->client_addr, s->slot->node_name);
@@ -239,6 +290,8 @@ static relay_result relay_pump(session *s, bool from_client)
         }
         shm_stat_add(&w->row->stats.bytes_out, (uint64_t)n);
     }
+    if (s->node_bytes_in + s->node_bytes_out >= RELAY_NODE_FLUSH_BYTES)
+        relay_node_flush(s);
 
     ssize_t sent = send(to, buf, (size_t)n, MSG_NOSIGNAL);
     if (sent < 0) {

@@ -98,11 +98,12 @@ static void session_send_error(session *s, const char *severity, const char *sql
         session_send_client(s, buf, len);
 }
 
-/* Take the session off its node's counter. */
+/* Take the session off its node's counter, adding the traffic it has not added yet. */
 static void session_uncount(session *s)
 {
     if (!s->counter)
         return;
+    relay_node_flush(s);
     atomic_fetch_sub(s->read_port ? &s->counter->read_sessions : &s->counter->write_sessions, 1);
     s->counter = NULL;
 }
@@ -115,6 +116,8 @@ void session_close(session *s, const char *sqlstate, const char *message)
         if (s->to_client.len == s->to_client.off)
             session_send_error(s, "FATAL", sqlstate, message);
         shm_stat_add(&w->row->stats.errors, 1);
+        if (s->counter)
+            atomic_fetch_add_explicit(&s->counter->errors, 1, memory_order_relaxed);
     }
     /* Closing while a statement runs (the client left, or shutdown): cancel it so the backend
      * is freed now rather than when the statement ends. */

@@ -11,6 +11,10 @@
 #include "pgproto.h"
 #include "shm.h"
 
+/* A long transfer (COPY, a large result) adds its bytes to the node's counters at least every
+ * this many bytes, not only when its statement ends. */
+#define RELAY_NODE_FLUSH_BYTES (256 * 1024)
+
 typedef enum session_phase {
     PHASE_STARTUP = 0, /* reading the client's startup packet (SSL/GSS negotiation included) */
     PHASE_CONNECTING,  /* non-blocking connect to the node in progress */
@@ -68,6 +72,12 @@ typedef struct session {
     bool waiting_leader;         /* PHASE_HELD because there is no write leader yet */
     int64_t leader_wait_deadline_us; /* no_leader_wait runs out */
     shm_node_count *counter;     /* per-node session counter this session incremented */
+    /* Traffic not yet added to counter (relay_node_flush): one flush per statement. */
+    uint64_t node_statements;
+    uint64_t node_bytes_in;
+    uint64_t node_bytes_out;
+    uint64_t node_completed; /* statements ended, with their summed latency below */
+    uint64_t node_latency_us;
 
     char client_addr[SHM_ADDR_MAX];
 } session;
@@ -104,5 +114,7 @@ void relay_on_server(evutil_socket_t fd, short what, void *arg);
 void relay_init_scanners(session *s);
 /* Write what is pending toward fd; returns 0, or -1 on a hard error (session must close). */
 int relay_flush(session *s, relay_pending *p, int fd);
+/* Add the traffic the session gathered to its node's shared counters (then zero it). */
+void relay_node_flush(session *s);
 
 #endif

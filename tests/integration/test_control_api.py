@@ -482,6 +482,9 @@ def test_deployment_token_on_operator_endpoint_is_403_and_admin_token_on_agent_i
     ("/agent/metrics", b'{"node_id": "a", "nodes": [{"health": "up"}]}'),
     ("/agent/metrics", b'{"node_id": "a", "nodes": [{"name": "pg1", "in_recovery": "no"}]}'),
     ("/agent/metrics", b'{"node_id": "a", "epoch": -1}'),
+    ("/agent/metrics", b'{"node_id": "a", "latency_us": -5}'),
+    ("/agent/metrics", b'{"node_id": "a", "nodes": [{"name": "pg1", "statements_completed": 1.5}]}'),
+    ("/agent/metrics", b'{"node_id": "a", "nodes": [{"name": "pg1", "bytes_out": "lots"}]}'),
     ("/agent/queries", b'{"node_id": "a"}'),
     ("/agent/queries", b'{"node_id": "a", "queries": [42]}'),
     ("/agent/config", b'{"node_id": "a", "config_version": 1}'),
@@ -566,9 +569,12 @@ def test_metrics_arrive_with_rates_and_show_on_metrics_endpoints(control):
     a = SimAgent(control, "proxy-a")
     a.register()
     t0 = int(time.time() * 1000)
-    a.metrics(ts_ms=t0, clients=10, statements=1000, bytes_in=100, bytes_out=500, errors=1)
+    a.metrics(ts_ms=t0, clients=10, statements=1000, bytes_in=100, bytes_out=500, errors=1,
+              latency_us=4_000_000, statements_completed=900)
+    # 100 statements ended in these 2 s, 25 s of latency between them: 250 ms on average
     answer = a.metrics(ts_ms=t0 + 2000, clients=12, statements=1400, bytes_in=300,
-                       bytes_out=900, errors=1, epoch=4, config_version=2)
+                       bytes_out=900, errors=1, epoch=4, config_version=2,
+                       latency_us=29_000_000, statements_completed=1000)
     assert answer == {"leader": None, "epoch": 0}  # no observations: no opinion
     status, rows = control.admin("GET", "/deployments/prod/metrics")
     assert status == 200
@@ -578,6 +584,8 @@ def test_metrics_arrive_with_rates_and_show_on_metrics_endpoints(control):
     assert row["rates"]["statements"] == pytest.approx(200.0)
     assert row["rates"]["bytes_out"] == pytest.approx(200.0)
     assert row["rates"]["errors"] == pytest.approx(0.0)
+    assert row["latency_ms"] == pytest.approx(250.0)
+    assert row["nodes"] == []  # no observation of nodes
     proxy = control.proxies()["proxy-a"]
     assert proxy["epoch"] == 4 and proxy["config_version"] == 2
 
@@ -598,6 +606,93 @@ def test_metrics_arrive_with_rates_and_show_on_metrics_endpoints(control):
     assert any(line.startswith("pgrelay_control_lease_held{") and line.endswith(" 1")
                for line in lines)
     assert "# TYPE pgrelay_proxy_statements_total counter" in lines
+    # latency as Prometheus users expect it: a summary's _sum (seconds) and _count
+    assert "# TYPE pgrelay_proxy_statement_latency_seconds summary" in lines
+    assert ('pgrelay_proxy_statement_latency_seconds_sum{deployment="prod",node_id="proxy-a"} 29'
+            in lines)
+    assert ('pgrelay_proxy_statement_latency_seconds_count{deployment="prod",node_id="proxy-a"}'
+            ' 1000' in lines)
+
+
+def test_latency_is_null_until_a_statement_ends_and_after_a_counter_reset(control):
+    a = SimAgent(control, "proxy-a")
+    a.register()
+    t0 = int(time.time() * 1000)
+
+    def row():
+        status, rows = control.admin("GET", "/deployments/prod/metrics")
+        assert status == 200
+        [r] = rows
+        return r
+
+    a.metrics(ts_ms=t0, latency_us=1000, statements_completed=1)
+    assert row()["latency_ms"] is None  # one sample: no interval yet
+    a.metrics(ts_ms=t0 + 1000, latency_us=1000, statements_completed=1)
+    assert row()["latency_ms"] is None  # no statement ended: no average, not 0
+    a.metrics(ts_ms=t0 + 2000, latency_us=4000, statements_completed=3)
+    assert row()["latency_ms"] == pytest.approx(1.5)
+    a.metrics(ts_ms=t0 + 3000, latency_us=10, statements_completed=1)  # the proxy restarted
+    assert row()["latency_ms"] is None
+
+
+def test_per_node_counters_give_rates_and_latency_per_node(control):
+    a = SimAgent(control, "proxy-a")
+    a.register()
+    t0 = int(time.time() * 1000)
+    a.metrics(ts_ms=t0, statements=100, latency_us=1_000_000, statements_completed=100, nodes=[
+        obs("pg1", statements=90, bytes_in=1000, bytes_out=5000, errors=0,
+            latency_us=900_000, statements_completed=90, write_sessions=3),
+        obs("pg2", in_recovery=True, statements=10, bytes_in=100, bytes_out=200, errors=0,
+            latency_us=100_000, statements_completed=10, read_sessions=1)])
+    # in 4 s: pg1 ran 40 statements taking 8 s (200 ms each), pg2 nothing, one error on pg2
+    a.metrics(ts_ms=t0 + 4000, statements=140, latency_us=9_000_000, statements_completed=140,
+              nodes=[obs("pg1", statements=130, bytes_in=3000, bytes_out=9000, errors=0,
+                         latency_us=8_900_000, statements_completed=130, write_sessions=5,
+                         read_sessions=1),
+                     obs("pg2", in_recovery=True, statements=10, bytes_in=100, bytes_out=200,
+                         errors=1, latency_us=100_000, statements_completed=10)])
+    status, rows = control.admin("GET", "/deployments/prod/metrics")
+    assert status == 200
+    [row] = rows
+    assert row["latency_ms"] == pytest.approx(200.0)
+    nodes = {n["name"]: n for n in row["nodes"]}
+    assert set(nodes) == {"pg1", "pg2"}
+    pg1, pg2 = nodes["pg1"], nodes["pg2"]
+    assert pg1["sessions"] == 6 and pg2["sessions"] == 0
+    assert pg1["latency_ms"] == pytest.approx(200.0)
+    assert pg1["rates"] == pytest.approx(
+        {"statements": 10.0, "bytes_in": 500.0, "bytes_out": 1000.0, "errors": 0.0})
+    assert pg2["latency_ms"] is None  # nothing ended on pg2
+    assert pg2["rates"]["statements"] == pytest.approx(0.0)
+    assert pg2["rates"]["errors"] == pytest.approx(0.25)
+    # the body is kept as sent
+    [sent_pg1] = [n for n in row["sample"]["nodes"] if n["name"] == "pg1"]
+    assert sent_pg1["latency_us"] == 8_900_000 and sent_pg1["statements_completed"] == 130
+
+    status, text = control.call("GET", "/metrics")
+    assert status == 200
+    lines = set(text.splitlines())
+    labels = 'deployment="prod",node_id="proxy-a",node="pg1"'
+    assert f"pgrelay_node_statements_total{{{labels}}} 130" in lines
+    assert f"pgrelay_node_bytes_in_total{{{labels}}} 3000" in lines
+    assert f"pgrelay_node_bytes_out_total{{{labels}}} 9000" in lines
+    assert f"pgrelay_node_sessions{{{labels}}} 6" in lines
+    values = dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+    assert float(values[f"pgrelay_node_statement_latency_seconds_sum{{{labels}}}"]) == \
+        pytest.approx(8.9)
+    assert f"pgrelay_node_statement_latency_seconds_count{{{labels}}} 130" in lines
+    assert ('pgrelay_node_errors_total{deployment="prod",node_id="proxy-a",node="pg2"} 1'
+            in lines)
+    assert "# TYPE pgrelay_node_statement_latency_seconds summary" in lines
+    assert "# TYPE pgrelay_node_errors_total counter" in lines
+
+    # a node the proxy no longer reports (removed from its configuration) is no longer shown
+    a.metrics(ts_ms=t0 + 5000, nodes=[obs("pg1", statements=131, latency_us=9_000_000,
+                                          statements_completed=131)])
+    status, rows = control.admin("GET", "/deployments/prod/metrics")
+    assert [n["name"] for n in rows[0]["nodes"]] == ["pg1"]
+    status, text = control.call("GET", "/metrics")
+    assert 'node="pg2"' not in text and 'node="pg1"' in text
 
 
 def test_queries_schema_and_config_uploads_are_shown(control):

@@ -243,6 +243,78 @@ def test_metrics_arrive_continuously_and_statement_counters_grow(fleet):
     assert m["rates"]["statements"] is not None and m["rates"]["statements"] > 0, m
 
 
+def test_statement_latency_reaches_the_control_plane_for_the_node_that_ran_it(fleet):
+    """SELECT pg_sleep(0.2) through proxy-a, in a loop: the control plane shows an average
+    latency of at least 0.2 s (and well under 2 s) for proxy-a and for its write leader, the
+    leader's statement count grows and the replica's does not, and /metrics carries the
+    latency summaries."""
+    path = f"/deployments/{DEPLOYMENT}/metrics"
+    leader = info(fleet.a)["write_leader"]
+    [replica] = [n for n in ("pg1", "pg2") if n != leader]
+
+    def proxy_a():
+        return next(m for m in fleet.control.get(path) if m["node_id"] == "proxy-a")
+
+    def reported(m, node):  # the agent's cumulative counters of a node, as it sent them
+        return next(n for n in m["sample"]["nodes"] if n["name"] == node)
+
+    first = proxy_a()
+    stop = threading.Event()
+
+    def sleep_in_a_loop():
+        ran = 0
+        with fleet.a.connect() as c:
+            while not stop.is_set():
+                c.execute("SELECT pg_sleep(0.2)")
+                ran += 1
+        return ran
+
+    sleeper = InThread(sleep_in_a_loop)
+    try:
+        def measured():
+            m = proxy_a()
+            node = next((n for n in m["nodes"] if n["name"] == leader), None)
+            done = reported(m, leader)["statements_completed"]
+            if node and node["latency_ms"] is not None and \
+                    done >= reported(first, leader)["statements_completed"] + 3:
+                return m
+            return None
+
+        m = wait_for(measured, timeout=15, interval=0.2,
+                     what="proxy-a's latency of pg_sleep(0.2) on the leader at the control plane")
+    finally:
+        stop.set()
+    ran = sleeper.result(timeout=10)
+    assert ran >= 3
+
+    nodes = {n["name"]: n for n in m["nodes"]}
+    assert 200 <= nodes[leader]["latency_ms"] < 2000, nodes[leader]
+    assert 200 <= m["latency_ms"] < 2000, m
+    assert nodes[leader]["rates"]["statements"] > 0, nodes[leader]
+    # per node, from the agent's own cumulative counters: the leader ran them, not the replica
+    lead0, lead1 = reported(first, leader), reported(m, leader)
+    assert lead1["statements"] >= lead0["statements"] + 3, (lead0, lead1)
+    assert lead1["bytes_in"] > lead0["bytes_in"] and lead1["bytes_out"] > lead0["bytes_out"]
+    done = lead1["statements_completed"] - lead0["statements_completed"]
+    assert 0.2 <= (lead1["latency_us"] - lead0["latency_us"]) / done / 1e6 < 2, (lead0, lead1)
+    assert reported(m, replica)["statements"] == reported(first, replica)["statements"]
+    assert nodes[replica]["latency_ms"] is None, nodes[replica]
+    # the proxy's totals count them too
+    assert m["sample"]["statements_completed"] >= first["sample"]["statements_completed"] + done
+
+    status, text = http(fleet.control.port, "GET", "/metrics")
+    assert status == 200
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    labels = f'deployment="{DEPLOYMENT}",node_id="proxy-a",node="{leader}"'
+    count = int(values[f"pgrelay_node_statement_latency_seconds_count{{{labels}}}"])
+    total = float(values[f"pgrelay_node_statement_latency_seconds_sum{{{labels}}}"])
+    assert count >= 3 and total >= 0.2 * done, (count, total)
+    assert int(values[f"pgrelay_node_statements_total{{{labels}}}"]) >= lead1["statements"]
+    proxy_labels = f'deployment="{DEPLOYMENT}",node_id="proxy-a"'
+    assert int(values[f"pgrelay_proxy_statement_latency_seconds_count{{{proxy_labels}}}"]) >= count
+    assert "# TYPE pgrelay_proxy_statement_latency_seconds summary" in text.splitlines()
+
+
 # --------------------------------------------------------------------------- #
 # 3. running queries
 # --------------------------------------------------------------------------- #
