@@ -497,6 +497,13 @@ static json_t *stats_row(const char *name, const shm_worker_stats *st, int live)
     json_object_set_new(r, "bytes_out", json_integer((json_int_t)st->bytes_out));
     json_object_set_new(r, "errors", json_integer((json_int_t)st->errors));
     json_object_set_new(r, "cancels", json_integer((json_int_t)st->cancels));
+    /* Mean latency of the statements that completed since start: a statement's first message
+     * to the ReadyForQuery that ends it. */
+    json_object_set_new(r, "avg_latency_ms",
+                        st->statements_completed
+                            ? json_real((double)st->latency_us / 1000.0 /
+                                        (double)st->statements_completed)
+                            : json_null());
     return r;
 }
 
@@ -522,6 +529,9 @@ static int cmd_show_stats(admin_call *call, json_t **result)
         st.bytes_out = atomic_load_explicit(&w->stats.bytes_out, memory_order_relaxed);
         st.errors = atomic_load_explicit(&w->stats.errors, memory_order_relaxed);
         st.cancels = atomic_load_explicit(&w->stats.cancels, memory_order_relaxed);
+        st.statements_completed =
+            atomic_load_explicit(&w->stats.statements_completed, memory_order_relaxed);
+        st.latency_us = atomic_load_explicit(&w->stats.latency_us, memory_order_relaxed);
         int live = atomic_load(&w->sessions);
         char name[16];
         snprintf(name, sizeof(name), "%d", i);
@@ -533,6 +543,8 @@ static int cmd_show_stats(admin_call *call, json_t **result)
         total.bytes_out += st.bytes_out;
         total.errors += st.errors;
         total.cancels += st.cancels;
+        total.statements_completed += st.statements_completed;
+        total.latency_us += st.latency_us;
         total_live += live;
     }
     json_array_append_new(rows, stats_row("total", &total, total_live));

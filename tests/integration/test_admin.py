@@ -379,6 +379,20 @@ def test_show_stats_counters_grow_with_queries(relay):
     assert stats["maintenance"] == "off"
 
 
+def test_show_stats_mean_latency_follows_the_statements(relay_factory):
+    r = relay_factory()
+    assert all(w["avg_latency_ms"] is None for w in admin_json(r, "show stats")["workers"])
+    with r.connect() as c:
+        for _ in range(3):
+            c.execute("SELECT pg_sleep(0.1)")
+    total = _stats_total(r)
+    # three 100 ms statements and the few quick ones psycopg runs at connect
+    assert 20 <= total["avg_latency_ms"] < 1000, total
+    cells = [w for w in parse_table(admin(r, "show stats").split("\n\n")[1] + "\n")
+             if w["worker"] == "total"]
+    assert float(cells[0]["avg_latency_ms"]) == pytest.approx(total["avg_latency_ms"], abs=0.01)
+
+
 def test_show_config_lists_every_key_and_whether_reload_changes_it(relay, pg):
     table = parse_table(admin(relay, "show config"))
     rows = {r["key"]: r for r in table}
