@@ -585,7 +585,9 @@ def write_config(path, port, pg, extra=None, nodes=None, sections=None):
         f.write("\n".join(lines) + "\n")
 
 
-def start_relay(pg, extra=None, nodes=None, wait=True, sections=None):
+def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), wrapper=()):
+    """pgrelay in the foreground with a generated config: ``extra`` [pgrelay] keys, ``sections``
+    other sections, ``flags`` more command-line flags, ``wrapper`` a command to run it under."""
     if not os.access(PGRELAY_BIN, os.X_OK):
         pytest.fail(f"pgrelay binary not found at {PGRELAY_BIN} (run make)")
     workdir = tempfile.mkdtemp(prefix="pgrelay-it-")
@@ -596,7 +598,7 @@ def start_relay(pg, extra=None, nodes=None, wait=True, sections=None):
         write_config(conf, port, pg, extra, nodes, sections)
         logf = open(log_path, "w")
         proc = subprocess.Popen(
-            [PGRELAY_BIN, "-c", conf],
+            [*wrapper, PGRELAY_BIN, "-c", conf, *flags],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -639,8 +641,8 @@ class RelayFactory:
         self.pg = pg
         self.started = []
 
-    def __call__(self, nodes=None, wait=True, sections=None, **extra):
-        r = start_relay(self.pg, extra, nodes, wait, sections)
+    def __call__(self, nodes=None, wait=True, sections=None, flags=(), wrapper=(), **extra):
+        r = start_relay(self.pg, extra, nodes, wait, sections, flags, wrapper)
         self.started.append(r)
         return r
 
