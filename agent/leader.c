@@ -59,6 +59,20 @@ static uint64_t leader_lsn_at(const agent *a, int64_t at)
     return best ? best : oldest;
 }
 
+/* For how long, as of time `at`, the leader has had WAL beyond `lsn`: no longer than since the
+ * newest of its samples (not after `at`) that `lsn` had reached. -1 when no sample shows that
+ * (behind for longer than the samples go back, or no samples). */
+static int64_t leader_ahead_ms(const agent *a, uint64_t lsn, int64_t at)
+{
+    int64_t since = -1;
+    for (int i = 0; i < a->n_leader_lsn; i++) {
+        const lsn_sample *s = &a->leader_lsn[i];
+        if (s->at_us <= at && s->lsn <= lsn && s->at_us > since)
+            since = s->at_us;
+    }
+    return since < 0 ? -1 : (at - since) / 1000;
+}
+
 /* Change the leader, bump the epoch, record why. */
 static void leader_switch(agent *a, int to, const char *reason)
 {
@@ -295,6 +309,11 @@ static void leader_refresh_views(agent *a)
             v->lag_bytes = leader_lsn > n->lsn ? (int64_t)(leader_lsn - n->lsn) : 0;
             /* Replay age means lag only while there is WAL left to replay. */
             v->lag_ms = v->lag_bytes > 0 && n->replay_age_ms > 0 ? n->replay_age_ms : 0;
+            /* ...and only since the replica fell behind: after an idle spell its last replayed
+             * commit is old, yet it is a moment behind the leader's new WAL, not that long. */
+            int64_t behind = v->lag_ms > 0 ? leader_ahead_ms(a, n->lsn, v->last_probe_us) : -1;
+            if (behind >= 0 && behind < v->lag_ms)
+                v->lag_ms = behind;
         } else {
             v->lag_bytes = n->probed && !n->in_recovery ? 0 : -1;
             v->lag_ms = 0;

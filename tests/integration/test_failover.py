@@ -13,10 +13,20 @@ what a user relies on (pgrelay(8), pgrelay-agent(8), pgrelay.ini(5)):
   * the read port spreads sessions over the replicas and avoids a lagging one;
   * the agent can die without disturbing traffic or the epoch;
   * two primaries at once keep the current leader (SPLIT BRAIN logged);
-  * no leader => 57P03, or a wait of no_leader_wait; close_all closes at once.
+  * no leader => 57P03, or a wait of no_leader_wait; close_all closes at once;
+  * with no replica fit for reads, read_fallback = leader sends read sessions to the leader,
+    none refuses them with FATAL 57P03;
+  * max_replica_lag_seconds takes a paused replica out (and back after resume), but not
+    replicas that keep up through a long write after an idle spell;
+  * a replica that goes down loses its read sessions, new ones go to the other replica;
+  * leader_change_grace: an open transaction on the old leader is closed when it runs out, a
+    commit within it succeeds first;
+  * set leader NODE force takes a node in recovery; show leader history records each change
+    with its time, epoch and reason.
 """
 
 import collections
+import datetime
 import os
 import re
 import select
@@ -780,3 +790,432 @@ def test_close_all_closes_a_session_inside_a_transaction_at_once(make_cluster, h
     f = closing_error(idle, timeout=2)
     assert f.get("C") == "57P01", f
     assert write_port_of_new_session(relay) == (pg2.port, False)
+
+
+# --------------------------------------------------------------------------- #
+# 9. read_fallback: no replica qualifies
+# --------------------------------------------------------------------------- #
+
+
+def read_port_of_new_session(relay):
+    with read_conn(relay) as cn:
+        return cn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
+
+
+def read_login(relay, timeout=5.0):
+    """Log in on the read port; the messages up to ReadyForQuery or the ErrorResponse."""
+    with RawClient(relay.read_port, timeout=timeout) as cl:
+        cl.send_startup()
+        return cl.read_until("ZE")
+
+
+@pytest.mark.parametrize("fallback", ["leader", "none"])
+def test_read_fallback_when_no_replica_qualifies(make_cluster, ha_relay, say, fallback):
+    """Both replicas paused past max_replica_lag_bytes: read sessions go to the leader
+    (read_fallback = leader) or get FATAL 57P03 (read_fallback = none), pgrelay.ini(5)."""
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE walgen (id int, pad text)")
+    relay = ha_relay(c, read_fallback=fallback, max_replica_lag_bytes=100000)
+    port, rec = read_port_of_new_session(relay)
+    assert port in (pg2.port, pg3.port) and rec is True, (port, rec)
+
+    for r in (pg2, pg3):
+        r.pause_replay()
+    pg1.query("INSERT INTO walgen SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
+    wait_for(lambda: not any(n["readable"] for n in show_nodes(relay).values()), timeout=10,
+             interval=0.05, what="both paused replicas unreadable (lag past 100000 bytes)")
+    nodes = show_nodes(relay)
+    assert nodes["pg2"]["health"] == nodes["pg3"]["health"] == "up", nodes
+
+    if fallback == "leader":
+        held = [read_conn(relay) for _ in range(3)]
+        rows = [cn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
+                for cn in held]
+        say(f"read_fallback = leader: 3 read sessions went to {rows} (pg1={pg1.port})")
+        assert rows == [(pg1.port, False)] * 3, rows
+        assert show_nodes(relay)["pg1"]["read_sessions"] == 3, show_nodes(relay)
+        for cn in held:
+            cn.close()
+    else:
+        for _ in range(3):
+            msgs = read_login(relay)
+            f = error_fields(msgs)
+            assert f is not None and msgs[-1][0] == "E", f"a read session was let in: {msgs!r}"
+            assert f.get("S") == "FATAL" and f.get("C") == "57P03", f
+            assert "no replica" in f.get("M", ""), f
+        say(f"read_fallback = none: FATAL {f.get('C')} {f.get('M')!r}")
+        assert show_nodes(relay)["pg1"]["read_sessions"] == 0, show_nodes(relay)
+        # the write port is not affected
+        assert write_port_of_new_session(relay) == (pg1.port, False)
+
+    # replicas that catch up qualify again, whatever the fallback
+    for r in (pg2, pg3):
+        r.resume_replay()
+    wait_for(lambda: (n := show_nodes(relay))["pg2"]["readable"] and n["pg3"]["readable"],
+             timeout=15, interval=0.05, what="both replicas readable after resume")
+    for _ in range(2):
+        port, rec = read_port_of_new_session(relay)
+        assert port in (pg2.port, pg3.port) and rec is True, (port, rec)
+
+
+# --------------------------------------------------------------------------- #
+# 10. max_replica_lag_seconds
+# --------------------------------------------------------------------------- #
+
+
+class Ticker(threading.Thread):
+    """Commits a small transaction on the primary every ``pause`` seconds (direct, not
+    through pgrelay), so that a replica that replays keeps a recent last-replayed commit."""
+
+    def __init__(self, node, pause=0.05):
+        super().__init__(daemon=True)
+        self.node = node
+        self.pause = pause
+        self.stop_flag = threading.Event()
+        self.commits = 0
+        self.error = None
+
+    def run(self):
+        try:
+            with self.node.connect() as cn:
+                while not self.stop_flag.is_set():
+                    cn.execute("INSERT INTO ticks VALUES (clock_timestamp())")
+                    self.commits += 1
+                    time.sleep(self.pause)
+        except psycopg.Error as e:
+            self.error = e
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join(10)
+
+
+def test_max_replica_lag_seconds_takes_a_paused_replica_out_until_it_resumes(
+    make_cluster, ha_relay, say
+):
+    """A replica whose replay is paused while the primary keeps committing is unfit for reads
+    once its last replayed transaction is older than max_replica_lag_seconds (here 2s, with
+    the byte limit at its default 16 MB, far from reached): no new read sessions, its idle
+    read sessions closed; after pg_wal_replay_resume() it qualifies again."""
+    limit = 2.0
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE ticks (at timestamptz)")
+    ticker = Ticker(pg1)
+    ticker.start()  # before pgrelay starts: no replica ever looks idle-then-behind
+    try:
+        relay = ha_relay(c, read_fallback="none", max_replica_lag_seconds="2s")
+        held = [raw_login(relay.read_port) for _ in range(2)]
+        by_port = {int(raw_scalar(s, "SELECT inet_server_port()")): s for s in held}
+        assert set(by_port) == {pg2.port, pg3.port}, by_port
+
+        c.wait_caught_up(pg3)
+        t_pause = time.monotonic()
+        pg3.pause_replay()
+        seen = []  # (seconds after the pause, pg3 readable, pg3 lag_ms, pg2 readable)
+
+        def pg3_out():
+            n = show_nodes(relay)
+            seen.append((time.monotonic() - t_pause, n["pg3"]["readable"], n["pg3"]["lag_ms"],
+                         n["pg2"]["readable"]))
+            return not n["pg3"]["readable"] and n
+
+        nodes = wait_for(pg3_out, timeout=15, interval=0.05,
+                         what="pg3 unreadable with replay paused past max_replica_lag_seconds")
+        t_out = seen[-1][0]
+        last_in = max((t for t, r, _, _ in seen if r), default=None)
+        say(f"lag seconds: pg3 unreadable {t_out:.3f}s after pg_wal_replay_pause()"
+            f" (limit {limit}s; last seen readable at {last_in}) with lag_ms="
+            f"{nodes['pg3']['lag_ms']} lag_bytes={nodes['pg3']['lag_bytes']};"
+            f" {ticker.commits} commits so far")
+        assert ticker.error is None, ticker.error
+        # it is the time limit that took it out: not before ~2s, and not the byte limit
+        assert t_out >= limit - 0.5, seen
+        assert nodes["pg3"]["lag_ms"] >= limit * 1000, nodes["pg3"]
+        assert 0 < nodes["pg3"]["lag_bytes"] < 16777216, nodes["pg3"]
+        assert nodes["pg3"]["health"] == "up", nodes["pg3"]
+        assert nodes["pg2"]["readable"] is True, nodes["pg2"]
+
+        # its idle read session is closed; the one on pg2 goes on
+        f = closing_error(by_port[pg3.port], timeout=5)
+        assert f.get("C") == "57P01" and "pg3" in f.get("M", ""), f
+        assert int(raw_scalar(by_port[pg2.port], "SELECT inet_server_port()")) == pg2.port
+        # new read sessions all go to pg2
+        extra = [read_conn(relay) for _ in range(4)]
+        ports = [cn.execute("SELECT inet_server_port()").fetchone()[0] for cn in extra]
+        assert ports == [pg2.port] * 4, ports
+
+        # resumed: pg3 catches up and qualifies again; it has the fewest sessions
+        t_resume = time.monotonic()
+        pg3.resume_replay()
+        wait_for(lambda: show_nodes(relay)["pg3"]["readable"], timeout=15, interval=0.05,
+                 what="pg3 readable again after pg_wal_replay_resume()")
+        say(f"pg3 readable again {time.monotonic() - t_resume:.3f}s after the resume")
+        more = [read_conn(relay) for _ in range(2)]
+        ports = [cn.execute("SELECT inet_server_port()").fetchone()[0] for cn in more]
+        assert ports == [pg3.port] * 2, ports
+        for cn in extra + more:
+            cn.close()
+        by_port[pg2.port].close()
+    finally:
+        ticker.stop()
+    assert ticker.error is None, ticker.error
+
+
+def test_replicas_that_keep_up_stay_readable_through_a_long_write_after_an_idle_spell(
+    make_cluster, ha_relay, say
+):
+    """The primary is idle for longer than max_replica_lag_seconds (nothing to replay, so no
+    lag), then one long transaction writes WAL for a while. The replicas stream and replay it
+    as it comes (their real lag, measured directly, stays small), so they stay readable and
+    their read sessions stay open: the age of their last replayed commit is not lag."""
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE walgen (id int, pad text)")
+    relay = ha_relay(c, max_replica_lag_seconds="2s")
+    held = [raw_login(relay.read_port) for _ in range(4)]
+    ports = sorted(int(raw_scalar(s, "SELECT inet_server_port()")) for s in held)
+    assert ports == sorted([pg2.port, pg2.port, pg3.port, pg3.port]), ports
+    time.sleep(2.5)  # idle: the last commit the replicas replayed gets older than 2s
+
+    unreadable = collections.Counter()
+    real_lag = {"pg2": 0, "pg3": 0}
+    with pg1.connect() as w, pg2.connect() as d2, pg3.connect() as d3:
+        w.execute("BEGIN")
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + 2.0:
+            w.execute("INSERT INTO walgen SELECT g, repeat('x', 100) FROM generate_series(1, 50) g")
+            # real lag: WAL the primary has flushed (so could send) that a replica has not
+            # replayed yet, in bytes
+            lsn = pg1.scalar("SELECT pg_current_wal_flush_lsn()")
+            for name, d in (("pg2", d2), ("pg3", d3)):
+                lag = d.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, pg_last_wal_replay_lsn())",
+                                (str(lsn),)).fetchone()[0]
+                real_lag[name] = max(real_lag[name], int(lag))
+            for name, n in show_nodes(relay).items():
+                if name != "pg1" and not n["readable"]:
+                    unreadable[(name, n["lag_ms"], n["lag_bytes"])] += 1
+            time.sleep(0.02)
+        w.execute("COMMIT")
+    closed = []
+    for s in held:
+        msgs = s.simple_query("SELECT 1")
+        if error_fields(msgs):
+            closed.append(error_fields(msgs).get("M"))
+        s.close()
+    say(f"long write after idle: max real replay lag pg2={real_lag['pg2']}"
+        f" pg3={real_lag['pg3']} bytes; unreadable seen {sum(unreadable.values())} times"
+        f" {dict(list(unreadable.items())[:4])}; read sessions closed: {len(closed)}")
+    assert max(real_lag.values()) < 1000000, real_lag  # the replicas do keep up
+    assert not unreadable, f"replicas that keep up were marked unreadable: {dict(unreadable)}"
+    assert not closed, f"read sessions on replicas that keep up were closed: {closed}"
+
+
+# --------------------------------------------------------------------------- #
+# 11. a replica goes down
+# --------------------------------------------------------------------------- #
+
+
+def test_a_replica_that_goes_down_loses_its_read_sessions_and_gets_no_new_ones(
+    make_cluster, ha_relay, say
+):
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    relay = ha_relay(c, read_fallback="none", leader_change_grace="30s")
+    held = [raw_login(relay.read_port) for _ in range(4)]
+    by_node = collections.defaultdict(list)
+    for s in held:
+        by_node[int(raw_scalar(s, "SELECT inet_server_port()"))].append(s)
+    assert len(by_node[pg2.port]) == 2 and len(by_node[pg3.port]) == 2, dict(by_node)
+    pg3_idle, pg3_tx = by_node[pg3.port]
+    msgs = pg3_tx.simple_query("BEGIN; SELECT 1")
+    assert tx_status(msgs) == "T", msgs
+
+    t0 = time.monotonic()
+    pg3.stop("immediate")
+    # both of its sessions end (the one inside a transaction too, grace or not)
+    for s in (pg3_idle, pg3_tx):
+        s.sock.settimeout(10)
+        s.read_to_eof()
+    t_closed = time.monotonic() - t0
+    nodes = wait_for(lambda: (n := show_nodes(relay))["pg3"]["health"] == "down" and n,
+                     timeout=10, interval=0.05, what="pg3 marked down")
+    t_down = time.monotonic() - t0
+    say(f"replica down: its read sessions closed {t_closed:.3f}s, show nodes says down"
+        f" {t_down:.3f}s after pg_ctl stop -m immediate returned")
+    assert nodes["pg3"]["readable"] is False, nodes["pg3"]
+    assert nodes["pg3"]["read_sessions"] == 0, nodes["pg3"]
+
+    # the sessions on pg2 are untouched; every new read session goes to pg2
+    for s in by_node[pg2.port]:
+        assert int(raw_scalar(s, "SELECT inet_server_port()")) == pg2.port
+    extra = [read_conn(relay) for _ in range(4)]
+    ports = [cn.execute("SELECT inet_server_port()").fetchone()[0] for cn in extra]
+    assert ports == [pg2.port] * 4, ports
+    assert show_nodes(relay)["pg2"]["read_sessions"] == 6, show_nodes(relay)
+
+    # back up: it takes new read sessions again (it has the fewest)
+    pg3.start()
+    wait_for(lambda: show_nodes(relay)["pg3"]["readable"], timeout=15, interval=0.05,
+             what="pg3 readable again after restart")
+    assert read_port_of_new_session(relay) == (pg3.port, True)
+    for cn in extra:
+        cn.close()
+    for s in by_node[pg2.port]:
+        s.close()
+
+
+# --------------------------------------------------------------------------- #
+# 12. leader_change_grace
+# --------------------------------------------------------------------------- #
+
+
+def test_leader_change_grace_closes_a_transaction_that_never_ends(make_cluster, ha_relay, say):
+    """After `set leader`, a session on the old leader idle inside a transaction may go on
+    for leader_change_grace, then is closed (FATAL 57P01) and its transaction rolled back; so
+    is one whose statement still runs then (cancelled on the node). A session that commits
+    within the grace sees its COMMIT succeed, and is closed right after it."""
+    grace = 1.5
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE g (who text)")
+    c.wait_caught_up(pg2)
+    # one worker: once its idle session is closed, that worker has seen the change
+    relay = ha_relay(c, workers=1, leader_change_grace="1500ms")
+    idle = raw_login(relay.port)
+    stuck, committing, sleeping = (raw_login(relay.port) for _ in range(3))
+    for s, who in ((stuck, "stuck"), (committing, "committing"), (sleeping, "sleeping")):
+        msgs = s.simple_query(f"BEGIN; INSERT INTO g VALUES ('{who}')")
+        assert error_fields(msgs) is None and tx_status(msgs) == "T", msgs
+    pg2.promote()
+    wait_log(relay, "SPLIT BRAIN", timeout=5)
+
+    t_set = time.monotonic()
+    out = admin(relay, "set leader pg2")
+    assert not out.startswith("error"), out
+    f = closing_error(idle, timeout=5)
+    t_idle = time.monotonic()
+    assert f.get("C") == "57P01" and "write leader changed" in f.get("M", ""), f
+
+    # within the grace: the transactions go on, and one commits
+    assert int(raw_scalar(stuck, "SELECT count(*) FROM g")) >= 1
+    msgs = committing.simple_query("COMMIT")
+    t_commit = time.monotonic()
+    assert error_fields(msgs) is None, (msgs, f"COMMIT sent {t_commit - t_set:.3f}s after set")
+    assert ("C", b"COMMIT\0") in msgs and tx_status(msgs) == "I", msgs
+    f = closing_error(committing, timeout=2)
+    t_committed_closed = time.monotonic()
+    assert f.get("C") == "57P01" and "write leader changed" in f.get("M", ""), f
+    sleeping.send_query("SELECT pg_sleep(60)")
+
+    # the grace runs out: the open transaction and the running statement are closed
+    fs = closing_error(stuck, timeout=grace + 5)
+    t_stuck = time.monotonic()
+    fz = closing_error(sleeping, timeout=5)
+    t_sleeping = time.monotonic()
+    say(f"leader_change_grace {grace}s: idle closed {t_idle - t_set:.3f}s after set leader,"
+        f" committing session closed {t_committed_closed - t_set:.3f}s (after its COMMIT),"
+        f" open transaction {t_stuck - t_set:.3f}s, running statement"
+        f" {t_sleeping - t_set:.3f}s")
+    for f in (fs, fz):
+        assert f.get("S") == "FATAL" and f.get("C") == "57P01", f
+        assert "write leader changed" in f.get("M", ""), f
+    assert t_committed_closed - t_set < grace, "the committing session waited for the grace"
+    assert t_stuck - t_set >= grace - 0.05, f"closed {t_stuck - t_set:.3f}s after set leader"
+    assert t_stuck - t_idle <= grace + 3.0, f"closed {t_stuck - t_idle:.3f}s after the change"
+    assert t_sleeping - t_stuck <= 1.0, "the session with a running statement outlived the grace"
+
+    # on the old leader: the commit stayed, the others rolled back, their backends are gone
+    def old_backends():
+        return pg1.query("SELECT state, query FROM pg_stat_activity WHERE backend_type ="
+                         " 'client backend' AND (state LIKE 'idle in transaction%'"
+                         " OR query LIKE '%pg_sleep(60)%') AND pid <> pg_backend_pid()")
+
+    wait_for(lambda: not old_backends(), timeout=5, interval=0.05,
+             what="the closed sessions' backends on pg1 to end")
+    assert pg1.query("SELECT who FROM g ORDER BY who") == [("committing",)]
+    assert write_port_of_new_session(relay) == (pg2.port, False)
+
+
+# --------------------------------------------------------------------------- #
+# 13. set leader NODE force, and the leader history
+# --------------------------------------------------------------------------- #
+
+
+def check_history_entry(e):
+    """An entry of show leader history json carries a recent time and a reason."""
+    assert e.get("reason"), e
+    t = datetime.datetime.strptime(e["time"], "%Y-%m-%d %H:%M:%S")
+    assert abs((datetime.datetime.now() - t).total_seconds()) < 300, e
+
+
+def test_set_leader_force_switches_to_a_node_in_recovery_and_is_recorded(
+    make_cluster, ha_relay, say
+):
+    """`set leader NODE force` takes a node in recovery (refused without force); the forced
+    choice holds while the node answers, ends when it goes down, and outlives its promotion.
+    Each change is in `show leader history` with its time, epoch and reason."""
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    relay = ha_relay(c)
+    epoch0 = show_info(relay)["epoch"]
+    hist0 = leader_history(relay)  # the configured primary taken at start is not a change
+    idle = raw_login(relay.port)
+
+    out = admin(relay, "set leader pg2")
+    assert out.startswith("error:") and "recovery" in out, out
+    out = admin(relay, "set leader pg2 force")
+    say(f"set leader pg2 force -> {out.strip()}")
+    assert not out.startswith("error") and "pg2" in out, out
+    info = wait_for(lambda: (i := show_info(relay))["write_leader"] == "pg2" and i, timeout=5,
+                    interval=0.02, what="show info to name pg2 the write leader")
+    assert info["epoch"] == epoch0 + 1, info
+    hist = leader_history(relay)
+    assert len(hist) == len(hist0) + 1 and hist[1:] == hist0, hist
+    assert (hist[0]["from"], hist[0]["to"], hist[0]["epoch"]) == ("pg1", "pg2", epoch0 + 1), hist
+    check_history_entry(hist[0])
+    assert "set leader pg2 force" in hist[0]["reason"], hist[0]
+    table = admin(relay, "show leader history")
+    assert hist[0]["reason"] in table and hist[0]["time"] in table, table
+
+    # sessions on pg1 are closed as for any change; new ones go to pg2, in recovery as it is
+    f = closing_error(idle, timeout=5)
+    assert f.get("C") == "57P01" and "write leader changed" in f.get("M", ""), f
+    assert write_port_of_new_session(relay) == (pg2.port, True)
+    # the forced choice holds while pg2 answers, although pg1 is a primary
+    time.sleep(1.0)  # five probe rounds
+    info = show_info(relay)
+    assert (info["write_leader"], info["epoch"]) == ("pg2", epoch0 + 1), info
+    assert leader_history(relay) == hist
+
+    # pg2 goes down: back to the automatic choice, pg1, recorded with its reason
+    pg2.stop("immediate")
+    info = wait_for(lambda: (i := show_info(relay))["write_leader"] == "pg1" and i, timeout=10,
+                    interval=0.05, what="pg1 the write leader again once forced pg2 is down")
+    assert info["epoch"] == epoch0 + 2, info
+    hist = leader_history(relay)
+    say(f"forced leader down -> history: {hist[0]}")
+    assert len(hist) == len(hist0) + 2, hist
+    assert (hist[0]["from"], hist[0]["to"], hist[0]["epoch"]) == ("pg2", "pg1", epoch0 + 2), hist
+    check_history_entry(hist[0])
+    assert "pg2" in hist[0]["reason"] and "administrator" not in hist[0]["reason"], hist[0]
+    assert write_port_of_new_session(relay) == (pg1.port, False)
+
+    # force pg3, then promote it by hand: it stays the leader under the same epoch
+    out = admin(relay, "set leader pg3 force")
+    assert not out.startswith("error"), out
+    wait_for(lambda: show_info(relay)["write_leader"] == "pg3", timeout=5, interval=0.02,
+             what="show info to name pg3 the write leader")
+    pg3.promote()
+    wait_log(relay, "SPLIT BRAIN", timeout=5)  # pg1 still runs as a primary
+    with relay.connect() as w:
+        w.execute("CREATE TABLE forced (n int)")
+        row = w.execute("INSERT INTO forced VALUES (1)"
+                        " RETURNING inet_server_port(), pg_is_in_recovery()").fetchone()
+    assert row == (pg3.port, False), row
+    info = show_info(relay)
+    assert (info["write_leader"], info["epoch"]) == ("pg3", epoch0 + 3), info
+    hist = leader_history(relay)
+    assert len(hist) == len(hist0) + 3 and hist[0]["to"] == "pg3", hist
+    check_history_entry(hist[0])
