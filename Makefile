@@ -129,8 +129,18 @@ deps-bench: deps
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
+# Under a sanitizer every process writes its reports to files in SANITIZER_DIR, and the test
+# during which a report appeared fails with it (conftest.py), so none goes unnoticed in a log.
+ifneq ($(SANITIZE),)
+SANITIZER_DIR := $(abspath $(BUILD))/sanitizer-reports
+SANITIZER_ENV := PGRELAY_SANITIZER_DIR=$(SANITIZER_DIR) \
+                 ASAN_OPTIONS=log_path=$(SANITIZER_DIR)/report \
+                 UBSAN_OPTIONS=log_path=$(SANITIZER_DIR)/report:print_stacktrace=1
+endif
+
 integration: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
-	PGRELAY_BIN=$(abspath $(PGRELAY)) PGRELAY_CONTROL_BIN=$(abspath $(CONTROL)) \
+	$(if $(SANITIZER_DIR),rm -rf $(SANITIZER_DIR) && mkdir -p $(SANITIZER_DIR))
+	$(SANITIZER_ENV) PGRELAY_BIN=$(abspath $(PGRELAY)) PGRELAY_CONTROL_BIN=$(abspath $(CONTROL)) \
 	PGRELAYCTL_BIN=$(abspath $(CTL)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
 
 test: deps

@@ -50,6 +50,26 @@ DEFAULT_TEST_TIMEOUT = 120  # seconds; per-test watchdog (see pytest_runtest_cal
 # --------------------------------------------------------------------------- #
 
 
+SANITIZER_DIR = os.environ.get("PGRELAY_SANITIZER_DIR")
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_reports():
+    """Under `make SANITIZE=... test`: a sanitizer report written by any of our processes while
+    a test ran fails that test, with the report."""
+    yield
+    if not SANITIZER_DIR or not os.path.isdir(SANITIZER_DIR):
+        return
+    reports = sorted(f for f in os.listdir(SANITIZER_DIR) if not f.endswith(".seen"))
+    texts = []
+    for name in reports:
+        path = os.path.join(SANITIZER_DIR, name)
+        with open(path, errors="replace") as f:
+            texts.append(f"---- {name}\n{f.read()}")
+        os.rename(path, path + ".seen")
+    assert not texts, "sanitizer reports:\n" + "\n".join(texts)
+
+
 def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
     """Poll ``cond()`` until it returns a truthy value; return that value.
 
