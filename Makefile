@@ -104,8 +104,8 @@ $(BUILD)/tests/test_normalize: $(BUILD)/agent/normalize.o
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(UNIT_PKGS)) -o $@ $(filter %.c %.o,$^) \
-	  $(shell pkg-config --libs $(UNIT_PKGS))
+	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(UNIT_PKGS)) -pthread -o $@ \
+	  $(filter %.c %.o,$^) $(shell pkg-config --libs $(UNIT_PKGS))
 
 # Installs only what is missing; silent and quick when everything is there.
 deps:
