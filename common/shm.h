@@ -112,7 +112,7 @@ typedef struct shm_worker_stats {
     _Atomic uint64_t server_connects;  /* successful connections to nodes */
     _Atomic uint64_t bytes_in;         /* client -> server */
     _Atomic uint64_t bytes_out;        /* server -> client */
-    _Atomic uint64_t statements;       /* Query and Sync-terminated extended batches */
+    _Atomic uint64_t statements;       /* Query and Execute messages from clients */
     _Atomic uint64_t errors;           /* sessions pgrelay ended with an error */
     _Atomic uint64_t cancels;          /* cancel requests forwarded */
     _Atomic uint64_t statements_completed; /* statements (a Query, or messages up to a Sync)
