@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import admin_json, wait_for
+from conftest import admin_json, free_port, wait_for
 
 REPORTER_PATHS = ("/api/v1/agent/register", "/api/v1/agent/metrics")
 
@@ -86,6 +86,8 @@ class FakeControl:
             return (200, b'\x00\xff{"leader": "pg1", "epo', "application/json")
         if path == "/api/v1/agent/register":
             return (200, {"poll_wait_s": 25})
+        if path == "/api/v1/agent/metrics" and mode == "healthy":
+            return (200, {"leader": "pg1", "epoch": 1})
         if path == "/api/v1/agent/metrics":
             return (200, {
                 "wrong_types": {"leader": 42, "epoch": "seven"},
@@ -191,3 +193,28 @@ def test_a_misbehaving_control_plane_changes_nothing_on_the_proxy(relay_factory,
         again = admin_json(relay, "show info")
         assert (again["write_leader"], again["epoch"], again["maintenance"]) == \
             ("pg1", before["epoch"], "off"), again
+
+
+@pytest.mark.parametrize("fake_control", ["healthy"], indirect=True)
+def test_the_agent_moves_past_a_dead_endpoint_to_the_next_one(relay_factory, fake_control):
+    """endpoint = a dead URL, then a live one: the agent registers and reports through the live
+    one, keeps to it, and the data path never notices."""
+    dead = free_port()
+    relay = relay_factory(sections={
+        "agent": {"health_interval": "200ms"},
+        "control": {"endpoint": f"http://127.0.0.1:{dead}, {fake_control.url}",
+                    "token": "t0ken-for-a-fake", "request_timeout": "1s",
+                    "metrics_interval": "100ms", "control_grace_period": "2s"},
+    })
+    wait_for(lambda: any(r[2] == "/api/v1/agent/register" for r in fake_control.requests),
+             timeout=10, what="the agent to register through the second endpoint")
+    t0 = time.monotonic()
+    wait_for(lambda: len(fake_control.reporter_requests(t0)) >= 5, timeout=10,
+             what="metrics every 100 ms through the second endpoint")
+    with relay.connect() as c:
+        assert c.execute("SELECT 'served'").fetchone() == ("served",)
+    info = admin_json(relay, "show info")
+    assert (info["write_leader"], info["epoch"]) == ("pg1", 1), info
+    log = relay.log()
+    assert "registered as" in log, log
+    assert "control plane (reporter)" not in log, log  # it never saw the control plane as down
