@@ -40,6 +40,13 @@ static const ctl_column ctl_query_columns[] = {
     {"state", CTL_CELL_PLAIN},   {"duration_ms", CTL_CELL_PLAIN}, {"text", CTL_CELL_STATEMENT},
 };
 
+/* show-metrics: one row per proxy ("all" of its nodes) and one per node it reported. */
+static const ctl_column ctl_metrics_columns[] = {
+    {"node_id", CTL_CELL_PLAIN},     {"node", CTL_CELL_PLAIN},         {"live", CTL_CELL_PLAIN},
+    {"sessions", CTL_CELL_PLAIN},    {"statements_s", CTL_CELL_PLAIN}, {"bytes_in_s", CTL_CELL_PLAIN},
+    {"bytes_out_s", CTL_CELL_PLAIN}, {"errors_s", CTL_CELL_PLAIN},     {"latency_ms", CTL_CELL_PLAIN},
+};
+
 /* The per-proxy answers of an operation. */
 static const ctl_column ctl_result_columns[] = {
     {"node_id", CTL_CELL_PLAIN},
@@ -129,6 +136,54 @@ done:
     return rc;
 }
 
+/* A rate or latency as the table shows it: one decimal ("0" for nothing), or null as is. */
+static json_t *ctl_metric_value(const json_t *v)
+{
+    if (!json_is_number(v))
+        return json_null();
+    double x = json_number_value(v);
+    return x == 0.0 ? json_string("0") : json_sprintf("%.1f", x);
+}
+
+/* One table row of show-metrics from a proxy or node entry of the metrics answer. */
+static json_t *ctl_metrics_row(const json_t *proxy, const char *node, const json_t *sessions,
+                               const json_t *rates, const json_t *latency)
+{
+    return json_pack("{s:O, s:s, s:O, s:O, s:o, s:o, s:o, s:o, s:o}", "node_id",
+                     json_object_get(proxy, "node_id"), "node", node, "live",
+                     json_object_get(proxy, "live"), "sessions", sessions ? sessions : json_null(),
+                     "statements_s", ctl_metric_value(json_object_get(rates, "statements")),
+                     "bytes_in_s", ctl_metric_value(json_object_get(rates, "bytes_in")),
+                     "bytes_out_s", ctl_metric_value(json_object_get(rates, "bytes_out")),
+                     "errors_s", ctl_metric_value(json_object_get(rates, "errors")), "latency_ms",
+                     ctl_metric_value(latency));
+}
+
+/* The metrics answer (a list of proxies, each with its nodes) as rows for a table. */
+static json_t *ctl_metrics_rows(const json_t *body)
+{
+    json_t *rows = json_array();
+    size_t i, j;
+    json_t *p, *n;
+    json_array_foreach(body, i, p)
+    {
+        json_t *row = ctl_metrics_row(p, "(all)",
+                                      json_object_get(json_object_get(p, "sample"), "clients"),
+                                      json_object_get(p, "rates"), json_object_get(p, "latency_ms"));
+        if (row)
+            json_array_append_new(rows, row);
+        json_array_foreach(json_object_get(p, "nodes"), j, n)
+        {
+            const char *name = json_string_value(json_object_get(n, "name"));
+            row = ctl_metrics_row(p, name ? name : "?", json_object_get(n, "sessions"),
+                                  json_object_get(n, "rates"), json_object_get(n, "latency_ms"));
+            if (row)
+                json_array_append_new(rows, row);
+        }
+    }
+    return rows;
+}
+
 /* GET a list and print it: path NULL is the deployments list, else a deployment's what. */
 static ctl_exit ctl_show(ctl_ctx *ctx, const char *what, const ctl_column *cols, size_t ncols)
 {
@@ -149,10 +204,15 @@ static ctl_exit ctl_show(ctl_ctx *ctx, const char *what, const ctl_column *cols,
         rc = ctl_report(&ans);
         goto done;
     }
-    if (ctx->format == CTL_FORMAT_JSON)
+    if (ctx->format == CTL_FORMAT_JSON) {
         ctl_render_json(stdout, ans.body);
-    else
+    } else if (cols == ctl_metrics_columns) {
+        json_t *rows = ctl_metrics_rows(ans.body);
+        ctl_render_table(stdout, rows, cols, ncols);
+        json_decref(rows);
+    } else {
         ctl_render_table(stdout, ans.body, cols, ncols);
+    }
 done:
     ctl_answer_free(&ans);
     free(path);
@@ -177,6 +237,11 @@ ctl_exit ctl_cmd_show_nodes(ctl_ctx *ctx)
 ctl_exit ctl_cmd_show_queries(ctl_ctx *ctx)
 {
     return ctl_show(ctx, "queries", CTL_COLUMNS(ctl_query_columns));
+}
+
+ctl_exit ctl_cmd_show_metrics(ctl_ctx *ctx)
+{
+    return ctl_show(ctx, "metrics", CTL_COLUMNS(ctl_metrics_columns));
 }
 
 /* Is body an operation's answer: an object with a boolean "ok" (required when strict) and, if
