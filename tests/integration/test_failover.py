@@ -22,7 +22,9 @@ what a user relies on (pgrelay(8), pgrelay-agent(8), pgrelay.ini(5)):
   * leader_change_grace: an open transaction on the old leader is closed when it runs out, a
     commit within it succeeds first;
   * set leader NODE force takes a node in recovery; show leader history records each change
-    with its time, epoch and reason.
+    with its time, epoch and reason;
+  * with health_interval = 10s, a promoted replica takes writes within seconds: a new session
+    that cannot reach the dead leader, or finds no write leader, asks the agent to probe now.
 """
 
 import collections
@@ -1219,3 +1221,158 @@ def test_set_leader_force_switches_to_a_node_in_recovery_and_is_recorded(
     hist = leader_history(relay)
     assert len(hist) == len(hist0) + 3 and hist[0]["to"] == "pg3", hist
     check_history_entry(hist[0])
+
+
+# --------------------------------------------------------------------------- #
+# 14. a worker that cannot route a write session asks the agent to probe at once
+# --------------------------------------------------------------------------- #
+
+# Probes every 10 s (fall and rise as by default): only a probe asked for by a worker can find a
+# promoted replica within seconds. log_level = debug for the agent's "probe requested by a
+# worker" line.
+SLOW_PROBES = {"health_interval": "10s", "fall": 3, "rise": 2}
+SLOW_INTERVAL = 10.0
+PROBE_REQUESTED = "probe requested by a worker"
+
+
+def next_periodic_probe(relay):
+    """The earliest time (time.monotonic()) at which the agent's next periodic probe may start,
+    while nothing but its timer has probed yet: each probe took at most health_timeout (1 s)."""
+    age = max(n["probe_age_ms"] for n in show_nodes(relay).values()) / 1000
+    return time.monotonic() - age - 1.0 + SLOW_INTERVAL
+
+
+def new_write_session(relay):
+    """A new write session through pgrelay inserts one row: (port, in_recovery) of the node
+    that took it, or the first line of the error."""
+    try:
+        with relay.connect(connect_timeout=3) as w:
+            return w.execute("INSERT INTO poke DEFAULT VALUES"
+                             " RETURNING inet_server_port(), pg_is_in_recovery()").fetchone()
+    except psycopg.Error as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def writes_reach(relay, node, failures, timeout):
+    """Try new write sessions until one inserts on ``node``; the time it did (time.monotonic()).
+    Errors go to ``failures``; a write anywhere else fails the test."""
+    def on_node():
+        r = new_write_session(relay)
+        if isinstance(r, str):
+            failures[re.sub(r"\d+", "N", r)[:100]] += 1
+            return None
+        assert r == (node.port, False), f"a write went to {r}, not the new primary {node.name}"
+        return time.monotonic()
+
+    try:
+        return wait_for(on_node, timeout=timeout, interval=0.05,
+                        what=f"a new write session to insert on {node.name}")
+    except AssertionError as e:
+        raise AssertionError(f"{e} (failed sessions: {dict(failures)})") from None
+
+
+def leader_change_after_probe_request(log, leader_line):
+    """The first line containing ``leader_line`` in ``log``, and whether a probe requested by a
+    worker came before it."""
+    lines = log.splitlines()
+    at = next((i for i, line in enumerate(lines) if leader_line in line), None)
+    assert at is not None, f"no {leader_line!r} in the log:\n{log}"
+    return lines[at], any(PROBE_REQUESTED in line for line in lines[:at])
+
+
+def test_a_worker_that_cannot_reach_the_leader_makes_the_agent_probe_at_once(
+    make_cluster, ha_relay, say
+):
+    """The primary dies and a replica is promoted between two of the agent's probes, 10 s
+    apart. The first new session that cannot reach the dead leader asks the agent to probe
+    now: writes go to the promoted node within a few seconds, not at the next interval."""
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE poke (n serial, port int DEFAULT inet_server_port())")
+    c.wait_caught_up(pg2)
+    relay = ha_relay(c, agent=SLOW_PROBES, log_level="debug")
+    assert new_write_session(relay) == (pg1.port, False)
+    tick = next_periodic_probe(relay)
+
+    pg1.stop("immediate")
+    # no session has tried pg1 since: the agent does not know it is gone
+    assert show_info(relay)["write_leader"] == "pg1"
+    offset = len(relay.log())
+    t_promote = time.monotonic()
+    pg2.promote()
+    t_promoted = time.monotonic()
+    failures = collections.Counter()
+    first = writes_reach(relay, pg2, failures, timeout=SLOW_INTERVAL + 5)
+    log = relay.log()[offset:]
+    change, requested = leader_change_after_probe_request(log, "write leader: pg1 -> pg2")
+    say(f"worker's probe request: pg_promote() took {t_promoted - t_promote:.3f}s; first write"
+        f" on pg2 {first - t_promoted:.3f}s after it returned, next periodic probe due"
+        f" {tick - t_promoted:.3f}s after it at the earliest; failed sessions: {dict(failures)};"
+        f" {change.strip()}")
+    assert first - t_promoted < 4.0, (
+        f"writes reached the promoted node only {first - t_promoted:.3f}s after pg_promote()"
+        f" (health_interval is {SLOW_INTERVAL:.0f}s)")
+    assert first < tick, "the setup was too slow to tell a probe request from the interval"
+    assert requested, f"no {PROBE_REQUESTED!r} before the leader change:\n{log}"
+    assert "leader pg1 does not answer" in change and "pg2 is primary" in change, change
+    assert show_info(relay)["write_leader"] == "pg2"
+
+
+def test_with_no_write_leader_a_new_session_makes_the_agent_probe_at_once(
+    make_cluster, ha_relay, say
+):
+    """The primary dies; the sessions that cannot reach it make the agent probe it until it is
+    down (fall = 3 failed probes): no write leader, new sessions get 57P03 without reaching
+    any node. A replica is then promoted: those sessions too ask for a probe, and writes go to
+    the promoted node within a few seconds, not at the agent's next probe 10 s later."""
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE poke (n serial, port int DEFAULT inet_server_port())")
+    c.wait_caught_up(pg2)
+    relay = ha_relay(c, agent=SLOW_PROBES, log_level="debug")
+    assert new_write_session(relay) == (pg1.port, False)
+    tick = next_periodic_probe(relay)
+
+    t_kill = time.monotonic()
+    pg1.stop("immediate")
+    failures = collections.Counter()
+
+    def no_leader():
+        failures[re.sub(r"\d+", "N", str(new_write_session(relay)))[:100]] += 1
+        return show_info(relay)["write_leader"] is None
+
+    try:
+        wait_for(no_leader, timeout=SLOW_INTERVAL - 2, interval=0.05,
+                 what="no write leader once pg1 is gone")
+    except AssertionError as e:
+        raise AssertionError(f"{e} (sessions: {dict(failures)})") from None
+    t_none = time.monotonic()
+    assert t_none < tick, "the setup was too slow to tell probe requests from the interval"
+    with RawClient(relay.port, timeout=5) as cl:
+        cl.send_startup()
+        f = error_fields(cl.read_until("ZE"))
+    assert f and f.get("C") == "57P03" and "no write leader" in f.get("M", ""), f
+
+    offset = len(relay.log())
+    t_promote = time.monotonic()
+    pg2.promote()
+    t_promoted = time.monotonic()
+    before = dict(failures)
+    failures.clear()
+    first = writes_reach(relay, pg2, failures, timeout=SLOW_INTERVAL + 5)
+    log = relay.log()[offset:]
+    change, requested = leader_change_after_probe_request(log, "write leader: (none) -> pg2")
+    say(f"no leader: {t_none - t_kill:.3f}s after the kill (sessions: {before});"
+        f" pg_promote() took {t_promoted - t_promote:.3f}s; first write on pg2"
+        f" {first - t_promoted:.3f}s after it returned, next periodic probe due"
+        f" {tick - t_promoted:.3f}s after it at the earliest; failed sessions: {dict(failures)};"
+        f" {change.strip()}")
+    assert first - t_promoted < 4.0, (
+        f"writes reached the promoted node only {first - t_promoted:.3f}s after pg_promote()"
+        f" (health_interval is {SLOW_INTERVAL:.0f}s)")
+    assert first < tick, "the setup was too slow to tell a probe request from the interval"
+    assert requested, f"no {PROBE_REQUESTED!r} before the leader change:\n{log}"
+    assert "pg2 reports it is primary" in change, change
+    # the sessions refused after the promotion were refused for want of a leader, never sent
+    # to a node: none could have reached pg1, which is gone
+    assert all("57P03" in k or "no write leader" in k for k in failures), failures
