@@ -23,6 +23,10 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg);
 static void session_timer_rearm(session *s);
 static void session_request_probe(worker *w);
 
+/* A session held by no_leader_wait asks the agent to probe this often, so that a replica
+ * promoted while it waits is found now rather than at the agent's next health_interval. */
+#define LEADER_WAIT_POKE_US (500 * 1000)
+
 /* Copy a string into a fixed shm field, truncating. */
 static void copy_ident(char *dst, size_t cap, const char *src)
 {
@@ -235,7 +239,8 @@ void session_arm(session *s)
 static void session_timer_rearm(session *s)
 {
     const int64_t deadlines[] = {s->login_deadline_us, s->connect_deadline_us,
-                                 s->leader_wait_deadline_us, s->close_deadline_us};
+                                 s->leader_wait_deadline_us, s->leader_poke_us,
+                                 s->close_deadline_us};
     int64_t next = 0;
     for (size_t i = 0; i < sizeof(deadlines) / sizeof(deadlines[0]); i++)
         if (deadlines[i] && (!next || deadlines[i] < next))
@@ -284,6 +289,14 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
                       "no write leader: none appeared within no_leader_wait");
         return;
     }
+    if (s->leader_poke_us && now >= s->leader_poke_us) {
+        /* Still no leader: a replica may have been promoted since the last probe. */
+        s->leader_poke_us = 0;
+        if (s->phase == PHASE_HELD && s->waiting_leader) {
+            session_request_probe(worker_self);
+            s->leader_poke_us = now + LEADER_WAIT_POKE_US;
+        }
+    }
     if (s->close_deadline_us && now >= s->close_deadline_us) {
         log_info("client %s: closing after leader_change_grace", s->client_addr);
         session_close(s, s->close_sqlstate ? s->close_sqlstate : PG_SQLSTATE_ADMIN_SHUTDOWN,
@@ -324,6 +337,7 @@ static void session_connect(session *s)
                 shm_now_us() + (int64_t)w->cfg->no_leader_wait_ms * 1000;
         s->phase = PHASE_HELD;
         s->waiting_leader = true;
+        s->leader_poke_us = shm_now_us() + LEADER_WAIT_POKE_US;
         s->login_deadline_us = 0;
         session_timer_rearm(s);
         session_arm(s);
@@ -337,6 +351,7 @@ static void session_connect(session *s)
     }
     s->waiting_leader = false;
     s->leader_wait_deadline_us = 0;
+    s->leader_poke_us = 0;
     shm_node *n = &w->routes.nodes[node];
     if (n->addrlen == 0) {
         snprintf(msg, sizeof(msg), "could not connect to node %s (%s:%d): address not resolved",

@@ -71,6 +71,7 @@ typedef struct session {
     bool read_port;              /* came in on the read-only port */
     bool waiting_leader;         /* PHASE_HELD because there is no write leader yet */
     int64_t leader_wait_deadline_us; /* no_leader_wait runs out */
+    int64_t leader_poke_us;          /* held for a leader: ask the agent to probe again */
     shm_node_count *counter;     /* per-node session counter this session incremented */
     /* Traffic not yet added to counter (relay_node_flush): one flush per statement. */
     uint64_t node_statements;

@@ -1376,3 +1376,38 @@ def test_with_no_write_leader_a_new_session_makes_the_agent_probe_at_once(
     # the sessions refused after the promotion were refused for want of a leader, never sent
     # to a node: none could have reached pg1, which is gone
     assert all("57P03" in k or "no write leader" in k for k in failures), failures
+
+
+def test_a_session_held_for_a_leader_keeps_asking_the_agent_to_probe(make_cluster, ha_relay, say):
+    """no_leader_wait holds a new session while there is no write leader. A replica promoted
+    while it waits, with no other session arriving, is found within a second or so, because
+    the held session keeps asking the agent to probe; not at the agent's next probe 10 s on."""
+    c = make_cluster()
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE poke (n serial, port int DEFAULT inet_server_port())")
+    relay = ha_relay(c, agent=SLOW_PROBES, log_level="debug", no_leader_wait="20s")
+    assert new_write_session(relay) == (pg1.port, False)
+    pg1.stop("immediate")
+    # sessions that cannot reach pg1 make the agent probe it until it is down
+    wait_for(lambda: new_write_session(relay) and show_info(relay)["write_leader"] is None,
+             timeout=SLOW_INTERVAL - 2, interval=0.05, what="no write leader once pg1 is gone")
+    tick = next_periodic_probe(relay)
+
+    with RawClient(relay.port, timeout=SLOW_INTERVAL + 10) as held:
+        held.send_startup()
+        time.sleep(1.5)  # held, and past the probe its arrival asked for
+        offset = len(relay.log())
+        pg2.promote()
+        t_promoted = time.monotonic()
+        msgs = held.read_until("ZE")
+        t_in = time.monotonic()
+        assert msgs and msgs[-1][0] == "Z", msgs
+        port = data_rows(held.simple_query("SELECT inet_server_port(), pg_is_in_recovery()"))
+    log = relay.log()[offset:]
+    change, requested = leader_change_after_probe_request(log, "write leader: (none) -> pg2")
+    say(f"held session logged in on pg2 {t_in - t_promoted:.3f}s after pg_promote() returned;"
+        f" next periodic probe due {tick - t_promoted:.3f}s after it at the earliest")
+    assert port == [(str(pg2.port), "f")], port
+    assert t_in - t_promoted < 4.0, f"the held session waited {t_in - t_promoted:.3f}s"
+    assert t_in < tick, "the setup was too slow to tell a probe request from the interval"
+    assert requested, f"no {PROBE_REQUESTED!r} before the leader change:\n{log}"
