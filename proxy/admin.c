@@ -413,6 +413,19 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
                             json_integer(count ? atomic_load(&count->write_sessions) : 0));
         json_object_set_new(r, "read_sessions",
                             json_integer(count ? atomic_load(&count->read_sessions) : 0));
+        /* Traffic since start (sessions add theirs at each statement's end and at close). */
+        uint64_t done = count ? atomic_load_explicit(&count->statements_completed,
+                                                     memory_order_relaxed)
+                              : 0;
+        uint64_t latency = count ? atomic_load_explicit(&count->latency_us, memory_order_relaxed)
+                                 : 0;
+        json_object_set_new(r, "statements",
+                            json_integer(count ? (json_int_t)atomic_load_explicit(
+                                                     &count->statements, memory_order_relaxed)
+                                               : 0));
+        json_object_set_new(r, "avg_latency_ms",
+                            done ? json_real((double)latency / 1000.0 / (double)done)
+                                 : json_null());
         json_object_set_new(r, "probe_age_ms", node->last_probe_us
                                                    ? json_integer((now - node->last_probe_us) / 1000)
                                                    : json_null());

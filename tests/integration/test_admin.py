@@ -393,6 +393,18 @@ def test_show_stats_mean_latency_follows_the_statements(relay_factory):
     assert float(cells[0]["avg_latency_ms"]) == pytest.approx(total["avg_latency_ms"], abs=0.01)
 
 
+def test_show_nodes_counts_statements_and_latency_per_node(relay_factory):
+    r = relay_factory()
+    before = admin_json(r, "show nodes")[0]
+    assert before["avg_latency_ms"] is None and before["statements"] == 0, before
+    with r.connect() as c:
+        for _ in range(3):
+            c.execute("SELECT pg_sleep(0.1)")
+    node = wait_for(lambda: (lambda n: n["statements"] >= 3 and n)(admin_json(r, "show nodes")[0]),
+                    what="the node's statements")
+    assert node["name"] == "pg1" and 20 <= node["avg_latency_ms"] < 1000, node
+
+
 def test_show_config_lists_every_key_and_whether_reload_changes_it(relay, pg):
     table = parse_table(admin(relay, "show config"))
     rows = {r["key"]: r for r in table}
