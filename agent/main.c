@@ -219,7 +219,12 @@ static void agent_on_control(evutil_socket_t fd, short what, void *arg)
             if (m.leader[0])
                 probe_all(a); /* see the named leader's state now, not in an interval */
             leader_decide(a);
-        } else if (m.type == CONTROL_MSG_UNREACHABLE && a->control_seen_us) {
+        } else if (m.type == CONTROL_MSG_UNREACHABLE && a->control_seen_us &&
+                   shm_now_us() - a->control_seen_us >=
+                       (int64_t)a->cfg->control_grace_period_ms * 1000) {
+            /* The reporter judges by its own failures only; the last answer from any endpoint
+             * (the poller's too) is what counts, or a reporter still backing off from an older
+             * outage would end the grace period at once. */
             log_warning("control plane unreachable for more than control_grace_period (%d ms): "
                         "deciding the leader alone", a->cfg->control_grace_period_ms);
             a->control_seen_us = 0;

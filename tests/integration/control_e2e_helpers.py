@@ -142,6 +142,17 @@ class ControlPlane:
         [dep] = [d for d in self.get("/deployments") if d["name"] == DEPLOYMENT]
         return dep
 
+    def log_size(self):
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def log_since(self, offset):
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
     def log_tail(self, n=60):
         try:
             with open(self.log_path, errors="replace") as f:
@@ -300,3 +311,22 @@ def make_root():
     root = tempfile.mkdtemp(prefix="pgrelay-e2e-")
     os.chmod(root, 0o755)
     return root
+
+
+def nodes_view(relay):
+    """`show nodes json` as {name: row}: the agent's own view of every database node."""
+    return {n["name"]: n for n in admin_json(relay, "show nodes")}
+
+
+def set_ini_key(text, section, key, value):
+    """``text`` with ``key = value`` in ``[section]``: the key's line replaced where the section
+    has one, else added as the section's first line."""
+    lines = text.split("\n")
+    start = lines.index(f"[{section}]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    for i in range(start + 1, end):
+        if re.match(rf"{re.escape(key)}\s*=", lines[i]):
+            lines[i] = f"{key} = {value}"
+            return "\n".join(lines)
+    lines.insert(start + 1, f"{key} = {value}")
+    return "\n".join(lines)

@@ -39,9 +39,11 @@ from control_e2e_helpers import (
     http,
     info,
     make_root,
+    nodes_view,
     render_ini,
     run_ctl,
     running_config,
+    set_ini_key,
     start_proxy,
     stop_proxy,
     table_rows,
@@ -596,6 +598,52 @@ def test_config_that_one_proxy_refuses_lands_on_none(fleet):
                  what="proxy-c to be no longer live")
 
 
+def test_reload_reaches_every_proxy_and_each_applies_its_own_file(fleet):
+    """`pgrelayctl reload` (POST /deployments/prod/reload: a `reload` command to every live
+    proxy). Each host's pgrelay.ini is edited by hand first, with a different
+    client_login_timeout on each host: editing changes nothing by itself; after the reload,
+    exit 0 means every proxy acknowledged it (its agent saw its master reload), and each runs
+    the value of its own file. The files are put back and reloaded the same way at the end."""
+    values = {"proxy-a": "41s", "proxy-b": "47s"}
+    originals, offsets = {}, {}
+    for node_id, relay in fleet.proxies.items():
+        with open(relay.conf_path) as f:
+            originals[node_id] = f.read()
+        assert running_config(relay)["client_login_timeout"] not in values.values(), node_id
+    try:
+        for node_id, relay in fleet.proxies.items():
+            with open(relay.conf_path, "w") as f:
+                f.write(set_ini_key(originals[node_id], "pgrelay", "client_login_timeout",
+                                    values[node_id]))
+            offsets[node_id] = len(relay.log())
+        time.sleep(0.3)  # a file edit alone is not picked up
+        for node_id, relay in fleet.proxies.items():
+            assert running_config(relay)["client_login_timeout"] != values[node_id], node_id
+
+        rc, out, err = fleet.ctl_json("reload")
+        assert rc == EXIT_OK, (rc, out, err)
+        assert out["ok"] is True, out
+        answers = {p["node_id"]: p for p in out["proxies"]}
+        for node_id in ADDRESSES:
+            assert answers[node_id]["ok"] is True, out
+            assert answers[node_id]["detail"] == "reloaded", out
+        # acknowledged = in force, on each proxy with its own file's value
+        for node_id, relay in fleet.proxies.items():
+            cfg = running_config(relay)
+            assert cfg["client_login_timeout"] == values[node_id], (node_id, cfg)
+            log = relay.log()[offsets[node_id]:]
+            assert f"control plane: reloading {relay.conf_path}" in log, (node_id, log)
+            assert node_of_session(relay) == info(relay)["write_leader"]  # still serving
+    finally:
+        for node_id, relay in fleet.proxies.items():
+            with open(relay.conf_path, "w") as f:
+                f.write(originals[node_id])
+    rc, out, err = fleet.ctl_json("reload")
+    assert rc == EXIT_OK and out["ok"] is True, (rc, out, err)
+    for node_id, relay in fleet.proxies.items():
+        assert running_config(relay)["client_login_timeout"] not in values.values(), node_id
+
+
 # --------------------------------------------------------------------------- #
 # 7. control plane outage
 # --------------------------------------------------------------------------- #
@@ -641,6 +689,181 @@ def test_proxies_keep_serving_without_the_control_plane_and_reconnect(fleet):
         assert node_of_session(relay) == leaders[node_id], node_id
     dep = fleet.control.deployment()
     assert dep["leader"] == leaders["proxy-a"] and dep["epoch"] >= epochs["proxy-a"], dep
+
+
+def fleet_config_text(fleet):
+    """The fleet's pgrelay.ini as last committed through the control plane (the file of
+    proxy-a when nothing was committed yet)."""
+    rc, shown, err = fleet.ctl_json("config", "show")
+    assert rc == EXIT_OK, err
+    if shown["text"]:
+        return shown["text"]
+    with open(fleet.a.conf_path) as f:
+        return f.read()
+
+
+def apply_config_text(fleet, text):
+    path = os.path.join(fleet.root, f"apply-{uuid.uuid4().hex[:8]}.ini")
+    with open(path, "w") as f:
+        f.write(text)
+    rc, out, err = fleet.ctl_json("config", "apply", path)
+    assert rc == EXIT_OK and out["ok"] is True, (rc, out, err)
+
+
+FALLBACK_GRACE_S = 6
+
+
+def test_past_the_grace_period_each_agent_fails_over_alone_and_the_fleet_converges_again(fleet):
+    """Coordinated leadership's fallback (control_grace_period, here 6 s for the test), with
+    the control plane killed:
+
+    * within the grace period an agent does not act alone: it keeps following the control
+      plane's last word (agent/leader.c, leader_follow_control), even when it sees that leader
+      down: the primary is stopped, both agents see it down, and both still route to it under
+      the same epoch (alone, they would drop it and bump the epoch); it is started again;
+    * past the grace period ("deciding the leader alone") the primary is stopped for good and
+      the replica promoted by hand: each proxy moves to it on its own, with its own new epoch
+      (the two may differ), and writes through each land there;
+    * the control plane comes back: it loads its stored decision (the old leader, old epoch)
+      while the agents report the new leader at higher epochs. An agent given an epoch below its
+      own keeps deciding alone (it never lowers its epoch), so no session goes back to the old
+      node. control/leader.c does not adopt an agent's epoch as it is: the stored leader is
+      reported down by every proxy reporting under an epoch >= the stored one, so it takes the
+      node the majority sees as primary as a new decision, at one above the highest epoch of
+      the live proxies, logged as "a majority of the proxies see the old leader down or in
+      recovery"; every agent then follows that one leader and epoch, and show-proxies, the
+      deployment and the proxies' own consoles agree on it.
+
+    The grace period counts from the agent's last answer from any endpoint: run right after the
+    outage test above, an agent's metrics thread may still be backing off from that outage
+    while its command poll has already been answered (and then the control plane is killed
+    again); it used to end the grace period at once then (fixed in agent/main.c)."""
+    cluster, control = fleet.cluster, fleet.control
+    old = info(fleet.a)["write_leader"]
+    [replica] = [n for n in cluster.nodes if n.name != old]
+    primary = cluster[old]
+    if not replica.in_recovery():  # an earlier switchover left two primaries: make a replica
+        cluster.rebuild_as_replica(replica.name, primary)
+        cluster.wait_streaming(primary, 1)
+    grace = f"{FALLBACK_GRACE_S}s"
+    text = fleet_config_text(fleet)
+    offsets = {n: len(r.log()) for n, r in fleet.proxies.items()}
+    apply_config_text(fleet, set_ini_key(text, "control", "control_grace_period", grace))
+    for node_id, relay in fleet.proxies.items():
+        assert running_config(relay)["control.control_grace_period"] == grace, node_id
+        wait_for(lambda r=relay, n=node_id: "configuration reloaded" in r.log()[offsets[n]:],
+                 timeout=5, interval=0.1, what=f"{node_id}'s agent to reload")
+
+    def fleet_state():
+        return {n: (info(r)["write_leader"], info(r)["epoch"]) for n, r in fleet.proxies.items()}
+
+    def agreed():
+        seen = set(fleet_state().values())
+        dep = control.deployment()
+        return dep["leader"] == old and seen == {(dep["leader"], dep["epoch"])} and dep["epoch"]
+
+    epoch = wait_for(agreed, timeout=10, interval=0.1,
+                     what=f"both proxies and the control plane on {old} under one epoch")
+    offsets = {n: len(r.log()) for n, r in fleet.proxies.items()}
+
+    control.kill9()
+    killed = time.monotonic()
+    try:
+        # 1. within the grace period: the primary goes down, the agents keep the control
+        #    plane's leader and epoch
+        primary.stop("immediate")
+        for node_id, relay in fleet.proxies.items():
+            wait_for(lambda r=relay: nodes_view(r)[old]["health"] == "down", timeout=5,
+                     interval=0.05, what=f"{node_id} to see {old} down")
+            assert info(relay)["write_leader"] == old and info(relay)["epoch"] == epoch, \
+                (node_id, info(relay))
+        time.sleep(0.5)
+        assert time.monotonic() - killed < FALLBACK_GRACE_S - 1, \
+            "too slow to look inside the grace period"
+        assert fleet_state() == {n: (old, epoch) for n in ADDRESSES}, fleet_state()
+        for node_id, relay in fleet.proxies.items():
+            assert "deciding the leader alone" not in relay.log()[offsets[node_id]:], node_id
+            assert nodes_view(relay)[old]["health"] == "down", node_id
+        primary.start()
+        for node_id, relay in fleet.proxies.items():
+            wait_for(lambda r=relay: nodes_view(r)[old]["health"] == "up", timeout=10,
+                     interval=0.05, what=f"{node_id} to see {old} up again")
+        back_within_grace = time.monotonic() - killed < FALLBACK_GRACE_S - 1
+
+        # 2. past it: each agent decides alone; a failover now is followed without help
+        for node_id, relay in fleet.proxies.items():
+            wait_for(lambda r=relay, n=node_id: "deciding the leader alone" in r.log()[offsets[n]:],
+                     timeout=FALLBACK_GRACE_S + 10, interval=0.2,
+                     what=f"{node_id} to fall back to deciding alone")
+        state = fleet_state()
+        assert all(leader == old for leader, _ in state.values()), state
+        if back_within_grace:  # falling back does not move a healthy leader, nor the epoch
+            assert state == {n: (old, epoch) for n in ADDRESSES}, state
+        cluster.wait_caught_up(replica, primary)
+        offsets = {n: len(r.log()) for n, r in fleet.proxies.items()}
+        primary.stop("immediate")
+        replica.promote()
+
+        def moved():
+            state = fleet_state()
+            return state if all(leader == replica.name for leader, _ in state.values()) else None
+
+        alone = wait_for(moved, timeout=15, interval=0.05,
+                         what=f"both proxies to move to {replica.name} on their own")
+        assert all(e > epoch for _, e in alone.values()), alone
+        for node_id, relay in fleet.proxies.items():  # nobody told them
+            changes = [ln for ln in relay.log()[offsets[node_id]:].splitlines()
+                       if "write leader:" in ln]
+            assert changes and f"-> {replica.name} " in changes[-1], (node_id, changes)
+            assert not any("control plane:" in ln for ln in changes), (node_id, changes)
+        table = "e2e_alone_" + uuid.uuid4().hex[:8]
+        with fleet.a.connect() as c:
+            c.execute(f"CREATE TABLE {table} (proxy text)")
+        for node_id, relay in fleet.proxies.items():
+            with relay.connect() as c:
+                assert c.execute("SHOW cluster_name").fetchone()[0] == replica.name, node_id
+                c.execute(f"INSERT INTO {table} VALUES (%s)", (node_id,))
+        assert sorted(r[0] for r in replica.query(f"SELECT proxy FROM {table}")) == \
+            sorted(ADDRESSES)
+        control_offset = control.log_size()
+    finally:
+        restarted_ms = int(time.time() * 1000)
+        control.start()
+
+    # 3. the control plane is back: one leader, one epoch again
+    seen_leaders = set()
+
+    def converged():
+        own = fleet_state()
+        seen_leaders.update(v[0] for v in own.values())
+        rc, rows, err = fleet.ctl_json("show-proxies")
+        assert rc == EXIT_OK, err
+        rows = {r["node_id"]: r for r in rows}
+        dep = control.deployment()
+        target = (dep["leader"], dep["epoch"])
+        if all(rows[n]["live"] and rows[n]["last_seen"] >= restarted_ms
+               and (rows[n]["leader"], rows[n]["epoch"]) == target == own[n]
+               for n in ADDRESSES):
+            return target
+        return None
+
+    leader, final = wait_for(converged, timeout=15, interval=0.1,
+                             what="the agents to reconnect and agree with the control plane")
+    assert leader == replica.name
+    assert final >= max(e for _, e in alone.values()), (final, alone)
+    assert old not in seen_leaders, seen_leaders  # never back to the dead node
+    decision = control.log_since(control_offset)
+    assert re.search(rf"write leader {old} -> {replica.name}, epoch \d+ \(a majority of the "
+                     r"proxies see the old leader down or in recovery\)", decision), decision
+    time.sleep(1.0)  # and it holds
+    assert fleet_state() == {n: (leader, final) for n in ADDRESSES}
+    assert (control.deployment()["leader"], control.deployment()["epoch"]) == (leader, final)
+
+    # leave the fleet as it was: its grace period, and a replica again
+    apply_config_text(fleet, set_ini_key(fleet_config_text(fleet), "control",
+                                         "control_grace_period", "2s"))
+    cluster.rebuild_as_replica(old, replica)
+    cluster.wait_streaming(replica, 1)
 
 
 # --------------------------------------------------------------------------- #
