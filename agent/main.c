@@ -122,10 +122,26 @@ static void agent_load_nodes(agent *a)
     }
 }
 
+/* The control plane has not answered for control_grace_period: decide alone from now on, and
+ * say so once. The last answer from any endpoint (the reporter's or the poller's) is what
+ * counts: the reporter's own failures alone would end the grace at once while it still backs
+ * off from an older outage. Checked at every tick and whenever the reporter fails. */
+static void agent_check_control_grace(agent *a)
+{
+    if (!a->control_on || !a->control_seen_us ||
+        shm_now_us() - a->control_seen_us < (int64_t)a->cfg->control_grace_period_ms * 1000)
+        return;
+    log_warning("control plane unreachable for more than control_grace_period (%d ms): "
+                "deciding the leader alone", a->cfg->control_grace_period_ms);
+    a->control_seen_us = 0;
+    leader_decide(a);
+}
+
 static void agent_on_tick(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
+    agent_check_control_grace(arg);
     probe_all(arg);
 }
 
@@ -219,16 +235,8 @@ static void agent_on_control(evutil_socket_t fd, short what, void *arg)
             if (m.leader[0])
                 probe_all(a); /* see the named leader's state now, not in an interval */
             leader_decide(a);
-        } else if (m.type == CONTROL_MSG_UNREACHABLE && a->control_seen_us &&
-                   shm_now_us() - a->control_seen_us >=
-                       (int64_t)a->cfg->control_grace_period_ms * 1000) {
-            /* The reporter judges by its own failures only; the last answer from any endpoint
-             * (the poller's too) is what counts, or a reporter still backing off from an older
-             * outage would end the grace period at once. */
-            log_warning("control plane unreachable for more than control_grace_period (%d ms): "
-                        "deciding the leader alone", a->cfg->control_grace_period_ms);
-            a->control_seen_us = 0;
-            leader_decide(a);
+        } else if (m.type == CONTROL_MSG_UNREACHABLE) {
+            agent_check_control_grace(a);
         }
     }
 }
