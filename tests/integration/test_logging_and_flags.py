@@ -86,8 +86,9 @@ def test_long_flags_daemon_pidfile_config(pg, tmp_path):
 def test_syslog_receives_tagged_lines(relay_factory, tmp_path):
     """syslog = on: lines reach /dev/log with the ident and facility configured. The test runs
     pgrelay in a mount namespace whose /dev/log is a socket the test reads."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a mount namespace")
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"],
+                                            capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount namespaces (unshare -m)")
     sock_path = str(tmp_path / "log.sock")
     log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     log.bind(sock_path)
