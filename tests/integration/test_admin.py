@@ -5,6 +5,7 @@ The console is driven exactly as an operator's script drives it with
 socket, one line of ';'-separated commands, then read until pgrelay closes the connection.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -806,3 +807,30 @@ def test_shutdown_fast_stops_the_master(relay_factory):
     assert not answer.startswith("error"), answer
     assert r.wait_exit(10) == 0
     wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=5, what="workers gone")
+
+
+@pytest.mark.parametrize("payload", [
+    b"show " + b"x" * 100_000 + b"\n",  # far past the longest line accepted
+    b"y" * 100_000,  # no newline at all: the buffer must not grow without bound
+    b"show \x00\xff\xfe info\n",  # binary garbage
+    b"kill client " + b" 1" * 40 + b"\n",  # more words than any command takes
+])
+def test_garbage_on_the_console_gets_one_error_and_the_daemon_carries_on(relay, payload):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(admin_socket(relay))
+        try:
+            s.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # pgrelay answered and closed before it read everything
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                got += chunk
+    text = got.decode(errors="replace")
+    assert text.startswith("error: ") and text.endswith("\n\n"), text[:300]
+    assert text.count("\n") == 2, text[:300]
+    assert relay.proc.poll() is None
+    assert admin_json(relay, "show info")["pid"] == relay.pid
+    with relay.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
