@@ -1,6 +1,8 @@
 """max_client_conn, unreachable nodes, and which node a session goes to."""
 
 import socket
+import struct
+import threading
 import time
 
 import psycopg
@@ -188,3 +190,64 @@ def test_a_client_that_stops_reading_makes_the_server_wait_not_pgrelay_buffer(re
             else:
                 assert msg[0] in "TC", msg
         assert got == rows
+
+
+class GarbageNode:
+    """A TCP server where a node should be: it reads the startup packet, answers with
+    ``reply``, and closes when the peer does."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    conn.recv(65536)
+                    conn.sendall(self.reply)
+                    while conn.recv(65536):
+                        pass
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"R" + struct.pack("!i", 2),  # a length below the header's own 4 bytes
+    b"Z" + struct.pack("!i", -7) + b"I",  # a negative length
+    b"E" + struct.pack("!i", 0x7FFFFFF0),  # far past the largest message accepted
+], ids=["short", "negative", "huge"])
+def test_a_node_that_speaks_garbage_gets_its_client_08P01_and_spares_others(
+        relay_factory, pg, reply):
+    bad = GarbageNode(reply)
+    try:
+        relay = relay_factory(agent="off", nodes=[
+            ("pg1", {"host": "127.0.0.1", "port": pg.port, "role": "primary"}),
+        ])
+        liar = relay_factory(agent="off", nodes=[
+            ("liar", {"host": "127.0.0.1", "port": bad.port, "role": "primary"}),
+        ])
+        with relay.connect() as good:
+            for _ in range(3):
+                fields = _raw_login_error(liar.port)
+                assert fields is not None and fields["C"] == "08P01", fields
+                assert good.execute("SELECT 'unharmed'").fetchone() == ("unharmed",)
+        assert liar.proc.poll() is None
+        assert "invalid message" in liar.log() and "liar" in liar.log(), liar.log_tail()
+        with relay.connect() as c:
+            assert c.execute("SELECT 2").fetchone() == (2,)
+    finally:
+        bad.close()
