@@ -17,8 +17,12 @@
 /* A segment without session slots: routes and settings are all these tests touch. */
 static shm_segment *segment_new(void)
 {
-    shm_segment *shm = calloc(1, sizeof(*shm));
+    /* As aligned as the real segment (mmap): shm_node_count is cache-line aligned. */
+    size_t align = _Alignof(shm_segment);
+    size_t size = (sizeof(shm_segment) + align - 1) / align * align;
+    shm_segment *shm = aligned_alloc(align, size);
     assert_non_null(shm);
+    memset(shm, 0, size);
     return shm;
 }
 
