@@ -1280,6 +1280,27 @@ def leader_change_after_probe_request(log, leader_line):
     return lines[at], any(PROBE_REQUESTED in line for line in lines[:at])
 
 
+def promote_and_time_first_write(relay, node, failures, tick, leader_line):
+    """pg_promote() ``node``, then new write sessions until one lands on it. Asserts what both
+    probe-request tests rely on: the write came within 4 s and before the agent's next timed
+    probe (``tick``), and a worker's probe request came before ``leader_line`` in the log.
+    Returns (seconds pg_promote() took, seconds from its return to the first write, the
+    leader-change log line)."""
+    offset = len(relay.log())
+    t_promote = time.monotonic()
+    node.promote()
+    t_promoted = time.monotonic()
+    first = writes_reach(relay, node, failures, timeout=SLOW_INTERVAL + 5)
+    log = relay.log()[offset:]
+    change, requested = leader_change_after_probe_request(log, leader_line)
+    assert first - t_promoted < 4.0, (
+        f"writes reached the promoted node only {first - t_promoted:.3f}s after pg_promote()"
+        f" (health_interval is {SLOW_INTERVAL:.0f}s)")
+    assert first < tick, "the setup was too slow to tell a probe request from the interval"
+    assert requested, f"no {PROBE_REQUESTED!r} before the leader change:\n{log}"
+    return t_promoted - t_promote, first - t_promoted, change
+
+
 def test_a_worker_that_cannot_reach_the_leader_makes_the_agent_probe_at_once(
     make_cluster, ha_relay, say
 ):
@@ -1297,23 +1318,11 @@ def test_a_worker_that_cannot_reach_the_leader_makes_the_agent_probe_at_once(
     pg1.stop("immediate")
     # no session has tried pg1 since: the agent does not know it is gone
     assert show_info(relay)["write_leader"] == "pg1"
-    offset = len(relay.log())
-    t_promote = time.monotonic()
-    pg2.promote()
-    t_promoted = time.monotonic()
     failures = collections.Counter()
-    first = writes_reach(relay, pg2, failures, timeout=SLOW_INTERVAL + 5)
-    log = relay.log()[offset:]
-    change, requested = leader_change_after_probe_request(log, "write leader: pg1 -> pg2")
-    say(f"worker's probe request: pg_promote() took {t_promoted - t_promote:.3f}s; first write"
-        f" on pg2 {first - t_promoted:.3f}s after it returned, next periodic probe due"
-        f" {tick - t_promoted:.3f}s after it at the earliest; failed sessions: {dict(failures)};"
-        f" {change.strip()}")
-    assert first - t_promoted < 4.0, (
-        f"writes reached the promoted node only {first - t_promoted:.3f}s after pg_promote()"
-        f" (health_interval is {SLOW_INTERVAL:.0f}s)")
-    assert first < tick, "the setup was too slow to tell a probe request from the interval"
-    assert requested, f"no {PROBE_REQUESTED!r} before the leader change:\n{log}"
+    took, waited, change = promote_and_time_first_write(relay, pg2, failures, tick,
+                                                        "write leader: pg1 -> pg2")
+    say(f"worker's probe request: pg_promote() took {took:.3f}s; first write on pg2"
+        f" {waited:.3f}s after it returned; failed sessions: {dict(failures)}; {change.strip()}")
     assert "leader pg1 does not answer" in change and "pg2 is primary" in change, change
     assert show_info(relay)["write_leader"] == "pg2"
 
@@ -1353,25 +1362,13 @@ def test_with_no_write_leader_a_new_session_makes_the_agent_probe_at_once(
         f = error_fields(cl.read_until("ZE"))
     assert f and f.get("C") == "57P03" and "no write leader" in f.get("M", ""), f
 
-    offset = len(relay.log())
-    t_promote = time.monotonic()
-    pg2.promote()
-    t_promoted = time.monotonic()
     before = dict(failures)
     failures.clear()
-    first = writes_reach(relay, pg2, failures, timeout=SLOW_INTERVAL + 5)
-    log = relay.log()[offset:]
-    change, requested = leader_change_after_probe_request(log, "write leader: (none) -> pg2")
+    took, waited, change = promote_and_time_first_write(relay, pg2, failures, tick,
+                                                        "write leader: (none) -> pg2")
     say(f"no leader: {t_none - t_kill:.3f}s after the kill (sessions: {before});"
-        f" pg_promote() took {t_promoted - t_promote:.3f}s; first write on pg2"
-        f" {first - t_promoted:.3f}s after it returned, next periodic probe due"
-        f" {tick - t_promoted:.3f}s after it at the earliest; failed sessions: {dict(failures)};"
-        f" {change.strip()}")
-    assert first - t_promoted < 4.0, (
-        f"writes reached the promoted node only {first - t_promoted:.3f}s after pg_promote()"
-        f" (health_interval is {SLOW_INTERVAL:.0f}s)")
-    assert first < tick, "the setup was too slow to tell a probe request from the interval"
-    assert requested, f"no {PROBE_REQUESTED!r} before the leader change:\n{log}"
+        f" pg_promote() took {took:.3f}s; first write on pg2 {waited:.3f}s after it returned;"
+        f" failed sessions: {dict(failures)}; {change.strip()}")
     assert "pg2 reports it is primary" in change, change
     # the sessions refused after the promotion were refused for want of a leader, never sent
     # to a node: none could have reached pg1, which is gone
