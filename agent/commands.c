@@ -331,7 +331,7 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
             goto done;
         }
     }
-    int capacity = (int)(control.shm->max_sessions - SHM_REFUSE_RESERVE);
+    int capacity = shm_client_capacity(control.shm);
     if (next->max_client_conn > capacity) {
         snprintf(detail, len, "max_client_conn would change from %d to %d, more than the %d "
                  "session slots made at start, which needs a restart", cur->max_client_conn,

@@ -266,6 +266,8 @@ static json_t *config_body(const config *cfg)
     char value[1100], name[CONFIG_NAME_MAX + 40];
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
+        if (config_key_is_secret(k))
+            continue; /* secrets stay on the host, a node's monitor_password too */
         if (strcmp(k->section, "node") == 0) {
             for (int n = 0; n < cfg->n_nodes; n++) {
                 config_format_value(cfg, k, &cfg->nodes[n], value, sizeof(value));
@@ -274,8 +276,6 @@ static json_t *config_body(const config *cfg)
             }
             continue;
         }
-        if (strcmp(k->name, "token") == 0 || strstr(k->name, "password"))
-            continue; /* secrets stay on the host */
         config_format_value(cfg, k, cfg, value, sizeof(value));
         snprintf(name, sizeof(name), "%s%s%s", strcmp(k->section, "pgrelay") ? k->section : "",
                  strcmp(k->section, "pgrelay") ? "." : "", k->name);

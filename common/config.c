@@ -370,6 +370,11 @@ int config_first_primary(const config *cfg)
     return -1;
 }
 
+bool config_key_is_secret(const config_key *key)
+{
+    return strcmp(key->name, "token") == 0 || strstr(key->name, "password") != NULL;
+}
+
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
                          size_t len)
 {

@@ -133,6 +133,10 @@ int config_first_primary(const config *cfg);
  * is reported and the previous destination kept. */
 void config_apply_logging(const config *cfg);
 
+/* Is the key's value a secret (a token, a password)? It never leaves the host and show config
+ * masks it. */
+bool config_key_is_secret(const config_key *key);
+
 /* Format one key's effective value into buf (for `show config`). */
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
                          size_t len);

@@ -186,6 +186,12 @@ typedef struct shm_segment {
     shm_session sessions[];            /* max_sessions slots */
 } shm_segment;
 
+/* How high max_client_conn may go without a restart: the session slots made at start. */
+static inline int shm_client_capacity(const shm_segment *shm)
+{
+    return (int)(shm->max_sessions - SHM_REFUSE_RESERVE);
+}
+
 /* Create an anonymous shared segment sized for cfg (inherited across fork; the fd can be passed
  * to an exec'd process). Returns NULL and logs on failure. */
 shm_segment *shm_create(const config *cfg, int *fd_out);

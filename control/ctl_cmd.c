@@ -184,8 +184,13 @@ static json_t *ctl_metrics_rows(const json_t *body)
     return rows;
 }
 
-/* GET a list and print it: path NULL is the deployments list, else a deployment's what. */
-static ctl_exit ctl_show(ctl_ctx *ctx, const char *what, const ctl_column *cols, size_t ncols)
+/* The answer as table rows, when it is not already one row per line of the table. */
+typedef json_t *(*ctl_rows_fn)(const json_t *body);
+
+/* GET a list and print it: path NULL is the deployments list, else a deployment's what. The
+ * table shows to_rows(answer) when to_rows is given; JSON is always the answer as it is. */
+static ctl_exit ctl_show(ctl_ctx *ctx, const char *what, ctl_rows_fn to_rows,
+                         const ctl_column *cols, size_t ncols)
 {
     ctl_answer ans = {0};
     char *path = what ? ctl_deployment_path(ctx, what) : strdup(CTL_API_DEPLOYMENTS);
@@ -206,12 +211,10 @@ static ctl_exit ctl_show(ctl_ctx *ctx, const char *what, const ctl_column *cols,
     }
     if (ctx->format == CTL_FORMAT_JSON) {
         ctl_render_json(stdout, ans.body);
-    } else if (cols == ctl_metrics_columns) {
-        json_t *rows = ctl_metrics_rows(ans.body);
+    } else {
+        json_t *rows = to_rows ? to_rows(ans.body) : json_incref(ans.body);
         ctl_render_table(stdout, rows, cols, ncols);
         json_decref(rows);
-    } else {
-        ctl_render_table(stdout, ans.body, cols, ncols);
     }
 done:
     ctl_answer_free(&ans);
@@ -221,27 +224,27 @@ done:
 
 ctl_exit ctl_cmd_show_deployments(ctl_ctx *ctx)
 {
-    return ctl_show(ctx, NULL, CTL_COLUMNS(ctl_deployment_columns));
+    return ctl_show(ctx, NULL, NULL, CTL_COLUMNS(ctl_deployment_columns));
 }
 
 ctl_exit ctl_cmd_show_proxies(ctl_ctx *ctx)
 {
-    return ctl_show(ctx, "proxies", CTL_COLUMNS(ctl_proxy_columns));
+    return ctl_show(ctx, "proxies", NULL, CTL_COLUMNS(ctl_proxy_columns));
 }
 
 ctl_exit ctl_cmd_show_nodes(ctl_ctx *ctx)
 {
-    return ctl_show(ctx, "nodes", CTL_COLUMNS(ctl_node_columns));
+    return ctl_show(ctx, "nodes", NULL, CTL_COLUMNS(ctl_node_columns));
 }
 
 ctl_exit ctl_cmd_show_queries(ctl_ctx *ctx)
 {
-    return ctl_show(ctx, "queries", CTL_COLUMNS(ctl_query_columns));
+    return ctl_show(ctx, "queries", NULL, CTL_COLUMNS(ctl_query_columns));
 }
 
 ctl_exit ctl_cmd_show_metrics(ctl_ctx *ctx)
 {
-    return ctl_show(ctx, "metrics", CTL_COLUMNS(ctl_metrics_columns));
+    return ctl_show(ctx, "metrics", ctl_metrics_rows, CTL_COLUMNS(ctl_metrics_columns));
 }
 
 /* Is body an operation's answer: an object with a boolean "ok" (required when strict) and, if

@@ -384,6 +384,13 @@ static int cmd_show_clients(admin_call *call, json_t **result)
     return 0;
 }
 
+/* Mean latency in milliseconds of `completed` statements that took `latency_us` in all (a
+ * statement: first message to the ReadyForQuery that ends it); null before the first. */
+static json_t *avg_latency_ms(uint64_t latency_us, uint64_t completed)
+{
+    return completed ? json_real((double)latency_us / 1000.0 / (double)completed) : json_null();
+}
+
 static int cmd_show_nodes(admin_call *call, json_t **result)
 {
     master *m = call->m;
@@ -423,9 +430,7 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
                             json_integer(count ? (json_int_t)atomic_load_explicit(
                                                      &count->statements, memory_order_relaxed)
                                                : 0));
-        json_object_set_new(r, "avg_latency_ms",
-                            done ? json_real((double)latency / 1000.0 / (double)done)
-                                 : json_null());
+        json_object_set_new(r, "avg_latency_ms", avg_latency_ms(latency, done));
         json_object_set_new(r, "probe_age_ms", node->last_probe_us
                                                    ? json_integer((now - node->last_probe_us) / 1000)
                                                    : json_null());
@@ -510,13 +515,8 @@ static json_t *stats_row(const char *name, const shm_worker_stats *st, int live)
     json_object_set_new(r, "bytes_out", json_integer((json_int_t)st->bytes_out));
     json_object_set_new(r, "errors", json_integer((json_int_t)st->errors));
     json_object_set_new(r, "cancels", json_integer((json_int_t)st->cancels));
-    /* Mean latency of the statements that completed since start: a statement's first message
-     * to the ReadyForQuery that ends it. */
     json_object_set_new(r, "avg_latency_ms",
-                        st->statements_completed
-                            ? json_real((double)st->latency_us / 1000.0 /
-                                        (double)st->statements_completed)
-                            : json_null());
+                        avg_latency_ms(st->latency_us, st->statements_completed));
     return r;
 }
 
@@ -566,12 +566,6 @@ static int cmd_show_stats(admin_call *call, json_t **result)
     return 0;
 }
 
-/* Keys whose value is a secret: show config says whether one is set, never what it is. */
-static bool config_key_secret(const config_key *k)
-{
-    return strcmp(k->name, "token") == 0 || strstr(k->name, "password") != NULL;
-}
-
 #define ADMIN_SECRET_MASK "********"
 
 /* One row: the key as the agent names it to the control plane ("listen_port",
@@ -581,7 +575,7 @@ static json_t *config_row(const config_key *k, const char *section, const config
 {
     char value[1100], name[CONFIG_NAME_MAX + 64];
     config_format_value(cfg, k, base, value, sizeof(value));
-    if (config_key_secret(k) && value[0])
+    if (config_key_is_secret(k) && value[0]) /* whether one is set, never what it is */
         snprintf(value, sizeof(value), "%s", ADMIN_SECRET_MASK);
     if (strcmp(section, "pgrelay") == 0)
         snprintf(name, sizeof(name), "%s", k->name);

@@ -483,7 +483,7 @@ int master_reload(master *m, char *msg, size_t msglen)
         }
     }
     /* max_client_conn is reloadable up to the session slots shared memory got at start. */
-    int capacity = (int)(m->shm->max_sessions - SHM_REFUSE_RESERVE);
+    int capacity = shm_client_capacity(m->shm);
     if (next->max_client_conn > capacity) {
         log_warning("reload: max_client_conn %d is more than the %d session slots made at "
                     "start; raising it above %d needs a restart, using %d", next->max_client_conn,

@@ -218,3 +218,24 @@ def test_the_agent_moves_past_a_dead_endpoint_to_the_next_one(relay_factory, fak
     log = relay.log()
     assert "registered as" in log, log
     assert "control plane (reporter)" not in log, log  # it never saw the control plane as down
+
+
+@pytest.mark.parametrize("fake_control", ["healthy"], indirect=True)
+def test_the_configuration_upload_carries_no_secret(relay_factory, pg, fake_control):
+    """The agent uploads its effective configuration, but no token and no password, the
+    per-node monitor_password included."""
+    secrets = ["agent-pw-" + "x" * 8, "node-pw-" + "y" * 8, "t0ken-for-a-fake"]
+    relay_factory(
+        nodes=[("pg1", {"host": "127.0.0.1", "port": pg.port, "role": "primary",
+                        "monitor_password": secrets[1]})],
+        sections={"agent": {"monitor_password": secrets[0]},
+                  "control": {"endpoint": fake_control.url, "token": secrets[2],
+                              "metrics_interval": "100ms"}})
+    upload = wait_for(lambda: next((r[3] for r in fake_control.requests
+                                    if r[2] == "/api/v1/agent/config"), None),
+                      timeout=10, what="the configuration upload")
+    keys = upload["config"]
+    assert keys["node.pg1.port"] == str(pg.port) and "agent.health_interval" in keys, keys
+    assert not [k for k in keys if "password" in k or k.endswith("token")], keys
+    text = json.dumps(upload)
+    assert not [s for s in secrets if s in text], text

@@ -144,6 +144,21 @@ def closing_error(client, timeout=5.0):
     return fields
 
 
+def promote_then_set_leader(relay, node):
+    """Promote ``node`` while the leader still runs (pgrelay keeps the leader and logs the split
+    brain), then switch to it with the console's ``set leader``; the time it was set."""
+    node.promote()
+    wait_log(relay, "SPLIT BRAIN", timeout=5)
+    t_set = time.monotonic()
+    out = admin(relay, f"set leader {node.name}")
+    assert not out.startswith("error"), out
+    return t_set
+
+
+def assert_closed_for_leader_change(fields):
+    assert fields.get("C") == "57P01" and "write leader changed" in fields.get("M", ""), fields
+
+
 def write_port_of_new_session(relay):
     with relay.connect(connect_timeout=5) as c:
         return c.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
@@ -779,15 +794,11 @@ def test_close_all_closes_a_session_inside_a_transaction_at_once(make_cluster, h
     assert tx_status(msgs) == "T", msgs
     idle = raw_login(relay.port)
 
-    pg2.promote()
-    wait_log(relay, "SPLIT BRAIN", timeout=5)
-    t0 = time.monotonic()
-    out = admin(relay, "set leader pg2")
-    assert not out.startswith("error"), out
+    t0 = promote_then_set_leader(relay, pg2)
     f = closing_error(tx, timeout=5)
     dt = time.monotonic() - t0
     say(f"close_all: session inside a transaction closed {dt:.3f}s after set leader")
-    assert f.get("C") == "57P01" and "write leader changed" in f.get("M", ""), f
+    assert_closed_for_leader_change(f)
     assert dt < 2.0, f"closed only after {dt:.3f}s (leader_change_grace is 30s)"
     f = closing_error(idle, timeout=2)
     assert f.get("C") == "57P01", f
@@ -1090,15 +1101,10 @@ def test_leader_change_grace_closes_a_transaction_that_never_ends(make_cluster, 
     for s, who in ((stuck, "stuck"), (committing, "committing"), (sleeping, "sleeping")):
         msgs = s.simple_query(f"BEGIN; INSERT INTO g VALUES ('{who}')")
         assert error_fields(msgs) is None and tx_status(msgs) == "T", msgs
-    pg2.promote()
-    wait_log(relay, "SPLIT BRAIN", timeout=5)
-
-    t_set = time.monotonic()
-    out = admin(relay, "set leader pg2")
-    assert not out.startswith("error"), out
+    t_set = promote_then_set_leader(relay, pg2)
     f = closing_error(idle, timeout=5)
     t_idle = time.monotonic()
-    assert f.get("C") == "57P01" and "write leader changed" in f.get("M", ""), f
+    assert_closed_for_leader_change(f)
 
     # within the grace: the transactions go on, and one commits
     assert int(raw_scalar(stuck, "SELECT count(*) FROM g")) >= 1
@@ -1108,7 +1114,7 @@ def test_leader_change_grace_closes_a_transaction_that_never_ends(make_cluster, 
     assert ("C", b"COMMIT\0") in msgs and tx_status(msgs) == "I", msgs
     f = closing_error(committing, timeout=2)
     t_committed_closed = time.monotonic()
-    assert f.get("C") == "57P01" and "write leader changed" in f.get("M", ""), f
+    assert_closed_for_leader_change(f)
     sleeping.send_query("SELECT pg_sleep(60)")
 
     # the grace runs out: the open transaction and the running statement are closed
