@@ -51,8 +51,8 @@ LDFLAGS  ?=
 COMMON_SRC := common/log.c common/daemon.c common/inifile.c common/config.c common/pgproto.c common/shm.c
 PROXY_SRC  := $(wildcard proxy/*.c)
 AGENT_SRC  := $(wildcard agent/*.c)
-CTL_SRC    := $(wildcard control/ctl*.c)
-CONTROL_SRC := $(filter-out $(CTL_SRC),$(wildcard control/*.c))
+CTL_SRC    := $(wildcard ctl/*.c)
+CONTROL_SRC := $(wildcard control/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 
 COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/%.o)
@@ -202,7 +202,7 @@ install: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL) $(AGENT)
 	    "create it with: adduser --system --group --no-create-home pgrelay"
 
 format:
-	clang-format -i common/*.[ch] proxy/*.[ch] agent/*.[ch] control/*.[ch] tests/unit/*.c
+	clang-format -i common/*.[ch] proxy/*.[ch] agent/*.[ch] control/*.[ch] ctl/*.[ch] tests/unit/*.c
 
 clean:
 	rm -rf build build-* bin bin-*
