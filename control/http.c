@@ -13,6 +13,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "operator.h"
+#include "views.h"
 #include "store.h"
 
 #include <ctype.h>
@@ -56,17 +57,17 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_POST, "/api/v1/agent/schema", HTTP_AUTH_AGENT, false, agents_schema},
     {EVHTTP_REQ_GET, "/api/v1/agent/commands", HTTP_AUTH_AGENT, false, agents_commands},
     {EVHTTP_REQ_POST, "/api/v1/agent/commands/*/ack", HTTP_AUTH_AGENT, false, agents_ack},
-    {EVHTTP_REQ_GET, "/api/v1/deployments", HTTP_AUTH_ADMIN, false, operator_deployments},
-    {EVHTTP_REQ_GET, DEP_PATH "/proxies", HTTP_AUTH_ADMIN, true, operator_proxies},
-    {EVHTTP_REQ_GET, DEP_PATH "/nodes", HTTP_AUTH_ADMIN, true, operator_nodes},
-    {EVHTTP_REQ_GET, DEP_PATH "/queries", HTTP_AUTH_ADMIN, true, operator_queries},
-    {EVHTTP_REQ_GET, DEP_PATH "/metrics", HTTP_AUTH_ADMIN, true, operator_metrics},
-    {EVHTTP_REQ_GET, DEP_PATH "/schema", HTTP_AUTH_ADMIN, true, operator_schema},
+    {EVHTTP_REQ_GET, "/api/v1/deployments", HTTP_AUTH_ADMIN, false, views_deployments},
+    {EVHTTP_REQ_GET, DEP_PATH "/proxies", HTTP_AUTH_ADMIN, true, views_proxies},
+    {EVHTTP_REQ_GET, DEP_PATH "/nodes", HTTP_AUTH_ADMIN, true, views_nodes},
+    {EVHTTP_REQ_GET, DEP_PATH "/queries", HTTP_AUTH_ADMIN, true, views_queries},
+    {EVHTTP_REQ_GET, DEP_PATH "/metrics", HTTP_AUTH_ADMIN, true, views_metrics},
+    {EVHTTP_REQ_GET, DEP_PATH "/schema", HTTP_AUTH_ADMIN, true, views_schema},
     {EVHTTP_REQ_POST, DEP_PATH "/maintenance", HTTP_AUTH_ADMIN, true, operator_maintenance},
     {EVHTTP_REQ_POST, DEP_PATH "/reload", HTTP_AUTH_ADMIN, true, operator_reload},
     {EVHTTP_REQ_POST, DEP_PATH "/switchover", HTTP_AUTH_ADMIN, true, operator_switchover},
     {EVHTTP_REQ_POST, DEP_PATH "/config", HTTP_AUTH_ADMIN, true, operator_config_apply},
-    {EVHTTP_REQ_GET, DEP_PATH "/config", HTTP_AUTH_ADMIN, true, operator_config_get},
+    {EVHTTP_REQ_GET, DEP_PATH "/config", HTTP_AUTH_ADMIN, true, views_config_get},
 };
 #define HTTP_N_ROUTES (sizeof(http_routes) / sizeof(http_routes[0]))
 

@@ -1,4 +1,4 @@
-/* operator.h - operator endpoints and orchestration: maintenance, reload, switchover, config. */
+/* operator.h - operator orchestrations: maintenance, reload, switchover, config apply. */
 #ifndef PGRELAY_OPERATOR_H
 #define PGRELAY_OPERATOR_H
 
@@ -11,17 +11,10 @@
 #define OPERATOR_DEFAULT_TIMEOUT_S 30   /* timeout_s when the request gives none */
 #define OPERATOR_MAX_TIMEOUT_S     3600 /* longest timeout_s accepted */
 
-void operator_deployments(http_call *call);
-void operator_proxies(http_call *call);
-void operator_nodes(http_call *call);
-void operator_queries(http_call *call);
-void operator_metrics(http_call *call);
-void operator_schema(http_call *call);
 void operator_maintenance(http_call *call);
 void operator_reload(http_call *call);
 void operator_switchover(http_call *call);
 void operator_config_apply(http_call *call);
-void operator_config_get(http_call *call);
 
 /* A proxy acknowledged a command: the orchestration waiting for it goes on. */
 void operator_on_ack(state_deployment *dep, int64_t command_id, const char *node_id, bool ok,

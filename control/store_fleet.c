@@ -1,0 +1,126 @@
+/* store_fleet.c - deployments, their leadership and proxies: saved, and loaded by a holder. */
+#include "store.h"
+#include "log.h"
+#include "store_internal.h"
+
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int store_deployment_save(const char *name, const char *token_sha256, bool is_auto)
+{
+    const char *params[] = {name, token_sha256, is_auto ? "true" : "false"};
+    return store_command("INSERT INTO pgrelay.deployments (name, token_sha256, auto)"
+                         " VALUES ($1, $2, $3::boolean)"
+                         " ON CONFLICT (name) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256",
+                         3, params);
+}
+
+int store_load(state_deployment **head)
+{
+    PGresult *res = store_exec(PGRES_TUPLES_OK,
+                               "SELECT d.name, d.token_sha256, d.auto, l.leader,"
+                               "  coalesce(l.epoch, 0) FROM pgrelay.deployments d"
+                               " LEFT JOIN pgrelay.leadership l ON l.deployment = d.name"
+                               " ORDER BY d.name DESC",
+                               0, NULL);
+    if (!res)
+        return -1;
+    for (int i = 0; i < PQntuples(res); i++) {
+        state_deployment *d = calloc(1, sizeof(*d));
+        if (!d)
+            goto oom;
+        get_text(res, i, 0, d->name, sizeof(d->name));
+        get_text(res, i, 1, d->token_sha256, sizeof(d->token_sha256));
+        d->is_auto = get_bool(res, i, 2);
+        get_text(res, i, 3, d->leader, sizeof(d->leader));
+        d->epoch = get_int(res, i, 4);
+        d->next = *head;
+        *head = d;
+    }
+    PQclear(res);
+
+    res = store_exec(PGRES_TUPLES_OK,
+                     "SELECT deployment, node_id, hostname, version, listen::text, epoch,"
+                     "  leader, maintenance, config_version, registered_ms, last_seen_ms"
+                     " FROM pgrelay.proxies ORDER BY deployment, node_id DESC",
+                     0, NULL);
+    if (!res)
+        return -1;
+    for (int i = 0; i < PQntuples(res); i++) {
+        state_deployment *d = *head;
+        while (d && strcmp(d->name, PQgetvalue(res, i, 0)) != 0)
+            d = d->next;
+        if (!d)
+            continue;
+        state_proxy *p = calloc(1, sizeof(*p));
+        if (!p)
+            goto oom;
+        p->dep = d;
+        get_text(res, i, 1, p->node_id, sizeof(p->node_id));
+        get_text(res, i, 2, p->hostname, sizeof(p->hostname));
+        get_text(res, i, 3, p->version, sizeof(p->version));
+        p->listen = json_loads(PQgetvalue(res, i, 4), 0, NULL);
+        if (!json_is_array(p->listen)) {
+            json_decref(p->listen);
+            p->listen = json_array();
+        }
+        p->epoch = get_int(res, i, 5);
+        get_text(res, i, 6, p->leader, sizeof(p->leader));
+        p->maintenance = get_bool(res, i, 7);
+        p->config_version = get_int(res, i, 8);
+        p->registered_ms = get_int(res, i, 9);
+        p->last_seen_ms = get_int(res, i, 10);
+        p->next = d->proxies;
+        d->proxies = p;
+    }
+    PQclear(res);
+    return 0;
+oom:
+    PQclear(res);
+    store_fail("out of memory loading the store");
+    return -1;
+}
+
+int store_proxy_save(const state_proxy *p)
+{
+    char epoch[STORE_INT_MAX], cv[STORE_INT_MAX], reg[STORE_INT_MAX], seen[STORE_INT_MAX];
+    char *listen = json_dumps(p->listen ? p->listen : json_array(), JSON_COMPACT);
+    const char *params[] = {p->dep->name,
+                            p->node_id,
+                            p->hostname,
+                            p->version,
+                            listen ? listen : "[]",
+                            fmt_int(epoch, p->epoch),
+                            p->leader[0] ? p->leader : NULL,
+                            p->maintenance ? "true" : "false",
+                            fmt_int(cv, p->config_version),
+                            fmt_int(reg, p->registered_ms),
+                            fmt_int(seen, p->last_seen_ms)};
+    int rc = store_command(
+        "INSERT INTO pgrelay.proxies (deployment, node_id, hostname, version, listen, epoch,"
+        "  leader, maintenance, config_version, registered_ms, last_seen_ms)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6::bigint, $7, $8::boolean, $9::bigint,"
+        "  $10::bigint, $11::bigint)"
+        " ON CONFLICT (deployment, node_id) DO UPDATE SET hostname = EXCLUDED.hostname,"
+        "  version = EXCLUDED.version, listen = EXCLUDED.listen, epoch = EXCLUDED.epoch,"
+        "  leader = EXCLUDED.leader, maintenance = EXCLUDED.maintenance,"
+        "  config_version = EXCLUDED.config_version, registered_ms = EXCLUDED.registered_ms,"
+        "  last_seen_ms = EXCLUDED.last_seen_ms",
+        11, params);
+    free(listen);
+    return rc;
+}
+
+int store_leadership_save(const char *deployment, const char *leader, int64_t epoch)
+{
+    char e[STORE_INT_MAX];
+    const char *params[] = {deployment, leader && leader[0] ? leader : NULL, fmt_int(e, epoch)};
+    return store_command("INSERT INTO pgrelay.leadership AS l (deployment, leader, epoch)"
+                         " VALUES ($1, $2, $3::bigint)"
+                         " ON CONFLICT (deployment) DO UPDATE SET leader = EXCLUDED.leader,"
+                         "  epoch = EXCLUDED.epoch, updated_at = now()"
+                         " WHERE l.epoch <= EXCLUDED.epoch",
+                         3, params);
+}

@@ -1,0 +1,39 @@
+/* store_internal.h - what the store's files share: bounded calls and result helpers (store.c). */
+#ifndef PGRELAY_STORE_INTERNAL_H
+#define PGRELAY_STORE_INTERNAL_H
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define STORE_TIMEOUT_MS 5000 /* connect and each statement */
+#define STORE_INT_MAX    24   /* digits of an int64 and a sign */
+
+/* Record why the last call failed (logged as an error the first time). */
+void store_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Run a statement (or, with nparams < 0, several statements as one simple query) within
+ * timeout_ms. Returns the last result when every result has the status want or
+ * PGRES_COMMAND_OK; else NULL, with the error recorded and (on a connection problem) the
+ * connection dropped. */
+PGresult *store_exec_timeout(int timeout_ms, ExecStatusType want, const char *sql, int nparams,
+                             const char *const *params);
+
+/* store_exec_timeout with STORE_TIMEOUT_MS. */
+PGresult *store_exec(ExecStatusType want, const char *sql, int nparams, const char *const *params);
+
+/* Run a statement that returns no rows. 0 or -1. */
+int store_command(const char *sql, int nparams, const char *const *params);
+
+/* End a failed transaction (nothing to do when the connection is gone). */
+void store_rollback(void);
+
+/* 0 when connected, else connect within timeout_ms (none when it is 0 or less). 0 or -1. */
+int store_connect_within(int timeout_ms);
+
+const char *fmt_int(char buf[STORE_INT_MAX], int64_t v);
+int64_t get_int(const PGresult *res, int row, int col);
+bool get_bool(const PGresult *res, int row, int col);
+void get_text(const PGresult *res, int row, int col, char *out, size_t len);
+
+#endif

@@ -1,0 +1,217 @@
+/* views.c - the operator's read-only endpoints: deployments, proxies, nodes, running queries,
+ * metrics, schema and the current configuration, answered from memory (and the store for the
+ * configuration text). */
+#include "views.h"
+#include "control.h"
+#include "leader.h"
+#include "log.h"
+#include "store.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VIEWS_RATE_WINDOW_MS 10000 /* rates are computed over the samples of this window */
+#define MS_PER_S             1000
+#define US_PER_MS            1000.0
+
+void views_deployments(http_call *call)
+{
+    json_t *list = json_array();
+    for (state_deployment *d = state_deployments(); d; d = d->next) {
+        int total, live;
+        if (!d->configured && !d->is_auto)
+            continue;
+        state_count(d, &total, &live);
+        json_array_append_new(list, json_pack("{s:s, s:i, s:i, s:o, s:I, s:b}", "name", d->name,
+                                              "proxies", total, "live", live, "leader",
+                                              d->leader[0] ? json_string(d->leader) : json_null(),
+                                              "epoch", (json_int_t)d->epoch, "auto", d->is_auto));
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+void views_proxies(http_call *call)
+{
+    json_t *list = json_array();
+    int64_t now = control_now_ms();
+    for (state_proxy *p = call->dep->proxies; p; p = p->next) {
+        json_array_append_new(
+            list, json_pack("{s:s, s:s, s:s, s:I, s:I, s:b, s:I, s:o, s:b, s:I, s:O}", "node_id",
+                            p->node_id, "hostname", p->hostname, "version", p->version, "last_seen",
+                            (json_int_t)p->last_seen_ms, "last_seen_age_ms",
+                            (json_int_t)(p->last_seen_ms ? now - p->last_seen_ms : -1), "live",
+                            state_proxy_live(p, now), "epoch", (json_int_t)p->epoch, "leader",
+                            p->leader[0] ? json_string(p->leader) : json_null(), "maintenance",
+                            p->maintenance, "config_version", (json_int_t)p->config_version,
+                            "listen", p->listen ? p->listen : json_array()));
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+/* Copy a field of src into dst when src has it. */
+static void copy_field(json_t *dst, json_t *src, const char *key)
+{
+    json_t *v = json_object_get(src, key);
+    if (v)
+        json_object_set(dst, key, v);
+}
+
+void views_nodes(http_call *call)
+{
+    json_t *by_name = json_object(); /* name -> row; rows keep the first-seen order below */
+    json_t *list = json_array();
+    for (state_proxy *p = call->dep->proxies; p; p = p->next) {
+        size_t i;
+        json_t *obs;
+        json_array_foreach(p->nodes, i, obs)
+        {
+            const char *name = json_string_value(json_object_get(obs, "name"));
+            if (!name)
+                continue;
+            json_t *row = json_object_get(by_name, name);
+            if (!row) {
+                row = json_pack("{s:s, s:b, s:{}}", "name", name, "leader",
+                                strcmp(name, call->dep->leader) == 0, "health");
+                json_object_set_new(by_name, name, row);
+                json_array_append(list, row);
+            }
+            copy_field(row, obs, "host");
+            copy_field(row, obs, "port");
+            copy_field(row, obs, "role");
+            copy_field(row, obs, "in_recovery");
+            copy_field(row, obs, "lag_bytes");
+            copy_field(row, obs, "lsn");
+            json_t *health = json_object_get(obs, "health");
+            json_object_set_new(json_object_get(row, "health"), p->node_id,
+                                json_is_string(health) ? json_copy(health)
+                                                       : json_string("unknown"));
+        }
+    }
+    json_decref(by_name);
+    http_reply_json(call->req, 200, list);
+}
+
+void views_queries(http_call *call)
+{
+    json_t *list = json_array();
+    for (state_proxy *p = call->dep->proxies; p; p = p->next) {
+        size_t i;
+        json_t *q;
+        json_array_foreach(p->queries, i, q)
+        {
+            json_t *row = json_deep_copy(q);
+            json_object_set_new(row, "node_id", json_string(p->node_id));
+            json_array_append_new(list, row);
+        }
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+/* Per-second rate of one counter between two samples (null after a counter reset). */
+static json_t *views_rate(int64_t first, int64_t last, int64_t ms)
+{
+    if (ms <= 0 || last < first)
+        return json_null();
+    return json_real((double)(last - first) * MS_PER_S / (double)ms);
+}
+
+/* The per-second rates between two samples (a and b NULL: fewer than two samples). */
+static json_t *views_rates(const state_sample *a, const state_sample *b)
+{
+    if (!a)
+        return json_pack("{s:n, s:n, s:n, s:n}", "statements", "bytes_in", "bytes_out", "errors");
+    int64_t ms = a->ts_ms && b->ts_ms ? b->ts_ms - a->ts_ms : b->received_ms - a->received_ms;
+    return json_pack(
+        "{s:o, s:o, s:o, s:o}", "statements", views_rate(a->statements, b->statements, ms),
+        "bytes_in", views_rate(a->bytes_in, b->bytes_in, ms), "bytes_out",
+        views_rate(a->bytes_out, b->bytes_out, ms), "errors", views_rate(a->errors, b->errors, ms));
+}
+
+/* Average latency in milliseconds of the statements that ended between two samples: null when
+ * none did, with fewer than two samples, or after a counter reset. */
+static json_t *views_latency_ms(const state_sample *a, const state_sample *b)
+{
+    if (!a)
+        return json_null();
+    int64_t n = b->statements_completed - a->statements_completed;
+    int64_t us = b->latency_us - a->latency_us;
+    if (n <= 0 || us < 0)
+        return json_null();
+    return json_real((double)us / (double)n / US_PER_MS);
+}
+
+/* Each node of the proxy's last observation: rates and latency over the window. */
+static json_t *views_node_metrics(const state_proxy *p)
+{
+    json_t *list = json_array();
+    for (int i = 0; i < p->node_series_n; i++) {
+        const state_node_series *ns = &p->node_series[i];
+        const state_sample *cur = state_node_current(p, ns), *a = NULL, *b = NULL;
+        if (!cur)
+            continue;
+        if (!state_node_rate_window(ns, VIEWS_RATE_WINDOW_MS, &a, &b))
+            a = b = NULL;
+        json_array_append_new(list, json_pack("{s:s, s:I, s:o, s:o}", "name", ns->name, "sessions",
+                                              (json_int_t)cur->clients, "rates", views_rates(a, b),
+                                              "latency_ms", views_latency_ms(a, b)));
+    }
+    return list;
+}
+
+void views_metrics(http_call *call)
+{
+    json_t *list = json_array();
+    int64_t now = control_now_ms();
+    for (state_proxy *p = call->dep->proxies; p; p = p->next) {
+        const state_sample *a = NULL, *b = NULL;
+        if (!state_rate_window(p, VIEWS_RATE_WINDOW_MS, &a, &b))
+            a = b = NULL;
+        json_array_append_new(
+            list, json_pack("{s:s, s:b, s:o, s:I, s:o, s:o, s:o, s:i}", "node_id", p->node_id,
+                            "live", state_proxy_live(p, now), "sample",
+                            p->last_metrics ? json_incref(p->last_metrics) : json_null(),
+                            "received_ms", (json_int_t)p->last_metrics_ms, "rates",
+                            views_rates(a, b), "latency_ms", views_latency_ms(a, b), "nodes",
+                            views_node_metrics(p), "samples", p->samples_n));
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+void views_schema(http_call *call)
+{
+    json_t *list = json_array();
+    for (state_proxy *p = call->dep->proxies; p; p = p->next) {
+        const char *db;
+        json_t *entry;
+        json_object_foreach(p->schema, db, entry)
+        {
+            json_array_append_new(list, json_pack("{s:s, s:s, s:O, s:O}", "node_id", p->node_id,
+                                                  "database", db, "tables",
+                                                  json_object_get(entry, "tables"), "received_ms",
+                                                  json_object_get(entry, "received_ms")));
+        }
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+void views_config_get(http_call *call)
+{
+    int64_t version;
+    char *text;
+    if (store_config_current(call->dep->name, &version, &text) != 0) {
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    }
+    json_t *proxies = json_array();
+    int64_t now = control_now_ms();
+    for (state_proxy *p = call->dep->proxies; p; p = p->next)
+        json_array_append_new(proxies, json_pack("{s:s, s:I, s:b}", "node_id", p->node_id,
+                                                 "config_version", (json_int_t)p->config_version,
+                                                 "live", state_proxy_live(p, now)));
+    http_reply_json(call->req, 200,
+                    json_pack("{s:I, s:o, s:o}", "version", (json_int_t)version, "text",
+                              text ? json_string(text) : json_null(), "proxies", proxies));
+    free(text);
+}

@@ -1,0 +1,15 @@
+/* views.h - the operator's read-only endpoints (views.c). */
+#ifndef PGRELAY_VIEWS_H
+#define PGRELAY_VIEWS_H
+
+#include "http.h"
+
+void views_deployments(http_call *call);
+void views_proxies(http_call *call);
+void views_nodes(http_call *call);
+void views_queries(http_call *call);
+void views_metrics(http_call *call);
+void views_schema(http_call *call);
+void views_config_get(http_call *call);
+
+#endif
