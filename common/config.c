@@ -78,6 +78,12 @@ const config_key config_keys[] = {
            "comma-separated system users with operator level (pause, resume, kill)"),
     PG_KEY("stats_users", KEY_STRING, "", true, stats_users, 0, 0, NULL,
            "comma-separated system users with user level (show commands only)"),
+    PG_KEY("http_listen_port", KEY_INT, "0", false, http_listen_port, 0, 65535, NULL,
+           "TCP port of the HTTP endpoint (health checks, /metrics); 0 disables it"),
+    PG_KEY("http_listen_addr", KEY_STRING, "127.0.0.1", false, http_listen_addr, 0, 0, NULL,
+           "address of the HTTP endpoint (IPv4, IPv6, host name, or * for all)"),
+    PG_KEY("http_token", KEY_STRING, "", true, http_token, 0, 0, NULL,
+           "bearer token GET /metrics must carry; empty = none (health checks never need one)"),
     PG_KEY("read_listen_port", KEY_INT, "0", false, read_listen_port, 0, 65535, NULL,
            "TCP port of the read-only port (on listen_addr); 0 disables it"),
     PG_KEY("read_fallback", KEY_ENUM, "leader", true, read_fallback, 0, 0, fallback_words,
@@ -372,7 +378,7 @@ int config_first_primary(const config *cfg)
 
 bool config_key_is_secret(const config_key *key)
 {
-    return strcmp(key->name, "token") == 0 || strstr(key->name, "password") != NULL;
+    return strstr(key->name, "token") != NULL || strstr(key->name, "password") != NULL;
 }
 
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,

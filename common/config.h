@@ -63,6 +63,10 @@ typedef struct config {
     char operator_users[512];         /* ... with operator level */
     char stats_users[512];            /* ... with user (read-only) level */
 
+    int http_listen_port;             /* HTTP endpoint (health, metrics); 0 = none */
+    char http_listen_addr[CONFIG_HOST_MAX];
+    char http_token[256];             /* bearer token for /metrics; "" = none */
+
     /* Routing (workers) */
     int read_listen_port;             /* read-only port; 0 = none */
     int read_fallback;                /* read_fallback: READ_FALLBACK_* */

@@ -5,6 +5,7 @@
  */
 #include "master.h"
 #include "admin.h"
+#include "httpd.h"
 #include "channel.h"
 #include "log.h"
 #include "shm.h"
@@ -132,6 +133,7 @@ static void master_spawn(master *m, int i)
             if (m->children[k].channel_fd >= 0)
                 close(m->children[k].channel_fd);
         admin_close_in_child();
+        httpd_close_in_child();
         if (master_is_agent(m, i))
             master_exec_agent(m, pair[1]);
         worker_main(i, m->cfg, m->shm, m->listen_fds, pair[1]);
@@ -598,6 +600,8 @@ int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
     evtimer_assign(&m.ev_maintenance_end, m.base, master_on_maintenance_end, &m);
     if (admin_start(&m) != 0)
         return 1;
+    if (httpd_start(&m) != 0)
+        return 1;
 
     m.n_workers = cfg->workers;
     m.n_children = cfg->workers + (cfg->agent ? 1 : 0);
@@ -629,6 +633,7 @@ int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
     }
     rc = 0;
     admin_stop_listening();
+    httpd_stop();
     log_info("pgrelay stopped");
     if (m.opts.pidfile)
         unlink(m.opts.pidfile);
