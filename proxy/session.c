@@ -201,11 +201,13 @@ void session_arm(session *s)
     case PHASE_HELD:
         break;
     case PHASE_RELAY:
-        if (s->to_server.len == s->to_server.off &&
-            !(w->maintenance && session_at_safe_point(s)))
-            want_c |= EV_READ;
-        else
+        /* Held by maintenance at its safe point, the client is not read (its next statement
+         * waits) and nothing waits for the server to be writable: an idle socket always is,
+         * and waiting for that would spin the loop for as long as the pause lasts. */
+        if (s->to_server.len != s->to_server.off)
             want_s |= EV_WRITE;
+        else if (!(w->maintenance && session_at_safe_point(s)))
+            want_c |= EV_READ;
         if (s->to_client.len == s->to_client.off)
             want_s |= EV_READ;
         else
