@@ -16,6 +16,11 @@
 #include <string.h>
 #include <sys/socket.h>
 
+/* Message types of COPY (protocol docs, "COPY Operations"). */
+#define RELAY_MSG_COPY_IN_RESPONSE 'G' /* B: CopyInResponse, the server is in copy-in mode */
+#define RELAY_MSG_COPY_DONE        'c' /* F: CopyDone */
+#define RELAY_MSG_COPY_FAIL        'f' /* F: CopyFail */
+
 /* ---- per-node counters ---- */
 
 static void relay_node_add(_Atomic uint64_t *to, uint64_t *pending)
@@ -58,6 +63,24 @@ static void relay_statement_starts(session *s)
     }
 }
 
+/* A new statement (Query or Execute): what the last COPY left to settle is moot. */
+static void relay_copy_forget(session *s)
+{
+    s->syncs_since_execute = 0;
+    s->copy_in = false;
+    s->copy_end_early = false;
+    s->copy_end_syncs = 0;
+}
+
+/* The server ignored n Syncs in copy-in mode: no ReadyForQuery will answer them. */
+static void relay_copy_syncs_ignored(session *s, uint32_t n)
+{
+    s->pending_syncs -= n < s->pending_syncs ? n : s->pending_syncs;
+    s->copy_in = false;
+    s->copy_end_early = false;
+    s->copy_end_syncs = 0;
+}
+
 static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t body_len)
 {
     session *s = ctx;
@@ -71,6 +94,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
     case PG_MSG_QUERY:
         shm_session_write_begin(s->slot); /* ended in client_end, once the text is in */
         relay_statement_starts(s);
+        relay_copy_forget(s);
         s->pending_syncs++;
         shm_stat_add(&w->row->stats.statements, 1);
         s->node_statements++;
@@ -83,6 +107,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
     case PG_MSG_EXECUTE:
         shm_stat_add(&w->row->stats.statements, 1);
         s->node_statements++;
+        relay_copy_forget(s);
         /* fall through */
     case PG_MSG_BIND:
     case 'D': /* Describe */
@@ -95,6 +120,16 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         relay_statement_starts(s);
         s->ext_open = false;
         s->pending_syncs++;
+        s->syncs_since_execute++;
+        return 0;
+    case RELAY_MSG_COPY_DONE:
+    case RELAY_MSG_COPY_FAIL:
+        if (s->copy_in) {
+            relay_copy_syncs_ignored(s, s->syncs_since_execute);
+        } else {
+            s->copy_end_early = true;
+            s->copy_end_syncs = s->syncs_since_execute;
+        }
         return 0;
     case PG_MSG_FUNCTION_CALL:
         relay_statement_starts(s);
@@ -157,6 +192,14 @@ static uint32_t server_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
     switch (type) {
     case PG_MSG_READY_FOR_QUERY:
         return 1;
+    case RELAY_MSG_COPY_IN_RESPONSE:
+        if (!s->logged_in)
+            return 0;
+        if (s->copy_end_early)
+            relay_copy_syncs_ignored(s, s->copy_end_syncs);
+        else
+            s->copy_in = true;
+        return 0;
     case PG_MSG_BACKEND_KEY_DATA:
         if (body_len == sizeof(s->client_key)) {
             scan->rewrite = s->client_key;

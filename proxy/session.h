@@ -61,6 +61,15 @@ typedef struct session {
     int64_t connect_deadline_us; /* while PHASE_CONNECTING */
     uint32_t pending_syncs;      /* Query/Sync/FunctionCall sent, ReadyForQuery not yet back */
     bool ext_open;               /* extended-protocol messages sent since the last Sync */
+    /* COPY FROM STDIN started by Execute: the server ignores the Syncs that reach it in
+     * copy-in mode (libpq sends one after Execute, another after CopyDone), so they get no
+     * ReadyForQuery and must not be counted in pending_syncs. */
+    uint32_t syncs_since_execute; /* client Syncs since its last Execute or Query */
+    bool copy_in;                /* the server sent CopyInResponse; the client's CopyDone or
+                                  * CopyFail has not passed yet */
+    bool copy_end_early;         /* the client ended a copy before CopyInResponse passed
+                                  * (it pipelined blindly): settled when one arrives */
+    uint32_t copy_end_syncs;     /* syncs_since_execute at that early CopyDone/CopyFail */
     bool logged_in;              /* the first ReadyForQuery has passed */
     bool server_gone;            /* the node closed or broke the connection */
     char tx_status;              /* last ReadyForQuery status: I, T or E */

@@ -58,3 +58,67 @@ def test_pause_holding_an_idle_session_leaves_the_worker_idle(relay_factory):
         # the old code waited for EV_WRITE on an always-writable socket: ~100% of a core
         assert used < 0.2 * elapsed, f"worker used {used:.2f}s CPU in {elapsed:.2f}s while paused"
         assert c.execute("SELECT 2").fetchone() == (2,)
+
+
+# --------------------------------------------------------------------------- #
+# item 3: COPY FROM STDIN over the extended protocol, as libpq sends it
+# --------------------------------------------------------------------------- #
+
+
+def msg(mtype, payload=b""):
+    return mtype + struct.pack("!i", len(payload) + 4) + payload
+
+
+def extended_copy_in(raw, table, rows):
+    """PQexecParams("COPY ... FROM STDIN") then PQputCopyData / PQputCopyEnd, as libpq does
+    it: Parse, Bind, Describe, Execute, Sync; then CopyData, CopyDone and a second Sync (the
+    server ignores the first, which arrives in copy-in mode). Returns the final messages."""
+    raw.send(msg(b"P", b"\0" + f"COPY {table} FROM STDIN".encode() + b"\0\0\0")
+             + msg(b"B", b"\0\0" + b"\0\0" + b"\0\0" + b"\0\0")
+             + msg(b"D", b"P\0") + msg(b"E", b"\0" + struct.pack("!i", 0)) + msg(b"S"))
+    got = raw.read_until("GE")
+    assert got[-1][0] == "G", got
+    raw.send(b"".join(msg(b"d", f"{r}\n".encode()) for r in rows) + msg(b"c") + msg(b"S"))
+    return raw.read_until("Z")
+
+
+HELD = 0.7  # seconds a held statement must stay unanswered
+
+
+def test_extended_protocol_copy_in_leaves_the_session_idle_and_pausable(relay_factory):
+    r = relay_factory()
+    app = "ext-copy"
+    with RawClient(r.port) as raw:
+        raw.login(application_name=app)
+        raw.simple_query("CREATE TEMP TABLE t (x int)")
+        done = extended_copy_in(raw, "t", [1, 2, 3])
+        assert [m[0] for m in done] == ["C", "Z"], done
+        assert done[0][1].rstrip(b"\0") == b"COPY 3", done
+        (me,) = clients_named(r, app)
+        assert me["state"] == "idle", me  # the old code counted two Syncs for one ReadyForQuery
+        paused(r)
+        try:
+            raw.send_query("SELECT count(*) FROM t")
+            raw.sock.settimeout(HELD)
+            with pytest.raises(socket.timeout):
+                raw.read_message()  # held by the pause
+            raw.sock.settimeout(10)
+        finally:
+            admin(r, "resume")
+        assert data_rows(raw.read_until("Z")) == [("3",)]
+        (me,) = clients_named(r, app)
+        assert me["state"] == "idle", me
+
+
+def test_extended_protocol_copy_in_that_fails_leaves_the_session_idle(relay_factory):
+    r = relay_factory()
+    app = "ext-copy-fail"
+    with RawClient(r.port) as raw:
+        raw.login(application_name=app)
+        raw.simple_query("CREATE TEMP TABLE t (x int)")
+        done = extended_copy_in(raw, "t", ["not a number"])
+        assert [m[0] for m in done] == ["E", "Z"], done
+        assert error_fields(done)["C"] == "22P02", done
+        (me,) = clients_named(r, app)
+        assert me["state"] == "idle", me
+        assert data_rows(raw.simple_query("SELECT count(*) FROM t")) == [("0",)]
