@@ -35,6 +35,23 @@ static void copy_ident(char *dst, size_t cap, const char *src)
     dst[n] = '\0';
 }
 
+/* Refuse a connection that has no session: the error first, then close. Whatever the client
+ * already sent is read first, so that the close is a FIN and not a reset that could overtake
+ * the error. */
+static void session_refuse_now(int fd, const char *sqlstate, const char *message)
+{
+    uint8_t buf[512];
+    size_t len = pg_error_build(buf, sizeof(buf), "FATAL", sqlstate, message);
+    if (len) {
+        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        (void)n;
+    }
+    shutdown(fd, SHUT_WR);
+    while (recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0)
+        ;
+    close(fd);
+}
+
 void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen, bool read_port)
 {
     worker *w = worker_self;
@@ -53,10 +70,14 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
 
     s->slot = shm_session_claim(w->shm, w->index, w->slot_hint);
     if (!s->slot) {
-        /* Even the reserve slots are gone: nothing to do but close. */
-        log_warning("client %s: no session slot left (max_client_conn = %d); closing",
+        /* Even the reserve slots are gone (taken by connections that have not sent their
+         * startup packet yet): answer 53300 now, as the server does when it cannot start a
+         * backend, rather than a bare close. */
+        log_warning("client %s: no session slot left (max_client_conn = %d); refused",
                     s->client_addr, w->cfg->max_client_conn);
-        close(fd);
+        session_refuse_now(fd, PG_SQLSTATE_TOO_MANY_CONNECTIONS,
+                           "sorry, too many clients already (max_client_conn)");
+        shm_stat_add(&w->row->stats.errors, 1);
         free(s);
         return;
     }
@@ -79,6 +100,9 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
     evtimer_assign(&s->ev_timer, w->base, session_on_timer, s);
     if (w->cfg->client_login_timeout_ms > 0)
         s->login_deadline_us = shm_now_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
+    if (w->cfg->client_startup_timeout_ms > 0)
+        s->startup_deadline_us =
+            shm_now_us() + (int64_t)w->cfg->client_startup_timeout_ms * 1000;
     session_timer_rearm(s);
 
     worker_session_added(w, s);
@@ -240,7 +264,8 @@ void session_arm(session *s)
 /* The one timer of a session fires at the earliest of its deadlines. */
 static void session_timer_rearm(session *s)
 {
-    const int64_t deadlines[] = {s->login_deadline_us, s->connect_deadline_us,
+    const int64_t deadlines[] = {s->login_deadline_us, s->startup_deadline_us,
+                                 s->connect_deadline_us,
                                  s->leader_wait_deadline_us, s->leader_poke_us,
                                  s->close_deadline_us};
     int64_t next = 0;
@@ -276,6 +301,13 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
         if (!s->read_port)
             session_request_probe(worker_self);
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
+        return;
+    }
+    if (s->startup_deadline_us && now >= s->startup_deadline_us && s->phase == PHASE_STARTUP) {
+        /* No startup packet: like the server, close without an answer. */
+        log_info("client %s: no startup packet within client_startup_timeout; closing",
+                 s->client_addr);
+        session_close(s, NULL, NULL);
         return;
     }
     if (s->login_deadline_us && now >= s->login_deadline_us) {
@@ -470,6 +502,7 @@ static void session_startup_packet(session *s, uint32_t len)
     case PG_STARTUP_MESSAGE:
         break;
     }
+    s->startup_deadline_us = 0;
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->user, sizeof(s->slot->user), st.user);
     copy_ident(s->slot->database, sizeof(s->slot->database), st.database);

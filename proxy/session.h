@@ -58,6 +58,7 @@ typedef struct session {
     uint8_t client_key[8];       /* the cancel key (pid, secret) pgrelay gave the client */
 
     int64_t login_deadline_us;   /* 0 once ReadyForQuery arrived the first time */
+    int64_t startup_deadline_us; /* the StartupMessage must be complete by then; 0 after */
     int64_t connect_deadline_us; /* while PHASE_CONNECTING */
     uint32_t pending_syncs;      /* Query/Sync/FunctionCall sent, ReadyForQuery not yet back */
     bool ext_open;               /* extended-protocol messages sent since the last Sync */
