@@ -577,9 +577,12 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
     s->startup_have += (uint32_t)n;
     need = pg_startup_length(s->startup, s->startup_have);
     if (need < 0) {
-        log_warning("client %s: invalid startup packet length %u", s->client_addr,
-                    pg_get_u32(s->startup));
-        session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "invalid startup packet length");
+        /* As the server does: logged, and closed without an answer (a client that queued a
+         * Terminate before its startup packet, or that speaks another protocol, expects no
+         * PostgreSQL error here). */
+        log_warning("client %s: invalid length of startup packet (%u); closing",
+                    s->client_addr, pg_get_u32(s->startup));
+        session_close(s, NULL, NULL);
         return;
     }
     if (need > 0 && s->startup_have == (uint32_t)need)
