@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #define SSL_NOT_SUPPORTED 'N' /* answer to SSLRequest and GSSENCRequest */
+#define SESSION_SQLSTATE_SYSTEM_ERROR "58000" /* the kernel refused pgrelay something */
 
 static void session_on_startup(evutil_socket_t fd, short what, void *arg);
 static void session_on_connected(evutil_socket_t fd, short what, void *arg);
@@ -87,7 +88,10 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
         s->reject_sqlstate = PG_SQLSTATE_TOO_MANY_CONNECTIONS;
         s->reject_message = "sorry, too many clients already (max_client_conn)";
     }
-    cancel_key_issue(w, s->slot, idx, s->client_key);
+    if (cancel_key_issue(s->slot, idx, s->client_key) != 0) {
+        s->reject_sqlstate = SESSION_SQLSTATE_SYSTEM_ERROR;
+        s->reject_message = "pgrelay could not make a cancel key (getrandom failed)";
+    }
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->client_addr, sizeof(s->slot->client_addr), s->client_addr);
     s->slot->connected_at_us = shm_now_us();
