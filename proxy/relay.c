@@ -287,6 +287,43 @@ typedef enum relay_result {
     RELAY_CLOSED,  /* the session was closed and freed */
 } relay_result;
 
+/* Anything between the client and the node not yet finished: a statement or message under
+ * way in either direction, or bytes not yet written. */
+static bool relay_work_in_flight(const session *s)
+{
+    return s->pending_syncs > 0 || s->ext_open || s->to_server.len != s->to_server.off ||
+           s->to_client.len != s->to_client.off || !pg_scan_at_boundary(&s->client_scan) ||
+           !pg_scan_at_boundary(&s->server_scan);
+}
+
+/* The client half-closed: once what it sent has reached the node, so does its EOF. */
+static void relay_pass_client_eof(session *s)
+{
+    if (!s->client_eof || s->server_shut || s->to_server.len != s->to_server.off)
+        return;
+    s->server_shut = true;
+    if (shutdown(s->sfd, SHUT_WR) != 0)
+        log_debug("client %s: shutdown toward node %s: %s", s->client_addr,
+                  s->slot->node_name, strerror(errno));
+}
+
+/* The client closed its side. With nothing in flight the session ends now; else it goes on
+ * as a direct connection would: the node runs what it got, then reads EOF and closes, and
+ * its answers reach a client that only half-closed. */
+static relay_result relay_client_eof(session *s)
+{
+    if (s->phase != PHASE_RELAY || !relay_work_in_flight(s)) {
+        log_debug("client %s: disconnected", s->client_addr);
+        session_close(s, NULL, NULL);
+        return RELAY_CLOSED;
+    }
+    log_debug("client %s: closed its side with a statement in flight; the node finishes it",
+              s->client_addr);
+    s->client_eof = true;
+    relay_pass_client_eof(s);
+    return RELAY_OK;
+}
+
 /* One read from `from`, scanned, written to `to`. */
 static relay_result relay_pump(session *s, bool from_client)
 {
@@ -301,7 +338,10 @@ static relay_result relay_pump(session *s, bool from_client)
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return RELAY_OK;
         if (from_client) {
-            log_debug("client %s: disconnected", s->client_addr);
+            if (n == 0)
+                return relay_client_eof(s);
+            log_debug("client %s: connection lost: %s", s->client_addr, strerror(errno));
+            s->client_reset = true;
             session_close(s, NULL, NULL);
         } else {
             /* The node closed (after a FATAL, or it went away): pass on what is queued. */
@@ -376,7 +416,7 @@ void relay_on_client(evutil_socket_t fd, short what, void *arg)
         if (relay_check_safe_point(s) == RELAY_CLOSED)
             return;
     }
-    if ((what & EV_READ) && s->to_server.len == 0) {
+    if ((what & EV_READ) && s->to_server.len == 0 && !s->client_eof) {
         if (relay_pump(s, true) == RELAY_CLOSED)
             return;
     }
@@ -392,6 +432,7 @@ void relay_on_server(evutil_socket_t fd, short what, void *arg)
             session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
             return;
         }
+        relay_pass_client_eof(s);
     }
     if ((what & EV_READ) && s->to_client.len == 0) {
         if (relay_pump(s, false) == RELAY_CLOSED)

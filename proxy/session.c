@@ -151,10 +151,12 @@ void session_close(session *s, const char *sqlstate, const char *message)
         if (s->counter)
             atomic_fetch_add_explicit(&s->counter->errors, 1, memory_order_relaxed);
     }
-    /* Closing while a statement runs (the client left, or shutdown): cancel it so the backend
-     * is freed now rather than when the statement ends. */
-    if (s->phase == PHASE_RELAY && !s->server_gone && s->pending_syncs > 0 &&
-        atomic_load(&s->slot->backend_valid))
+    /* pgrelay ends the session while a statement runs (shutdown, kill, grace), or the client
+     * reset the connection: cancel the statement so the backend is freed now rather than when
+     * it ends. A client that only closed (or sent Terminate) gets what the server would give
+     * it: the statement runs on, as it would on a direct connection. */
+    if ((sqlstate || s->client_reset) && s->phase == PHASE_RELAY && !s->server_gone &&
+        s->pending_syncs > 0 && atomic_load(&s->slot->backend_valid))
         cancel_send(w, &s->slot->node_addr, s->slot->node_addrlen, s->slot->node_name,
                     s->slot->backend_pid, s->slot->backend_secret);
 
@@ -229,6 +231,17 @@ void session_arm(session *s)
     case PHASE_HELD:
         break;
     case PHASE_RELAY:
+        if (s->client_eof) {
+            /* Nothing more comes from the client: pass on what it sent, then its EOF; the
+             * node's answers still go to it. */
+            if (s->to_server.len != s->to_server.off)
+                want_s |= EV_WRITE;
+            if (s->to_client.len == s->to_client.off)
+                want_s |= EV_READ;
+            else
+                want_c |= EV_WRITE;
+            break;
+        }
         /* Held by maintenance at its safe point, the client is not read (its next statement
          * waits) and nothing waits for the server to be writable: an idle socket always is,
          * and waiting for that would spin the loop for as long as the pause lasts. */

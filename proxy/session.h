@@ -73,6 +73,12 @@ typedef struct session {
     uint32_t copy_end_syncs;     /* syncs_since_execute at that early CopyDone/CopyFail */
     bool logged_in;              /* the first ReadyForQuery has passed */
     bool server_gone;            /* the node closed or broke the connection */
+    bool client_eof;             /* the client closed its sending side with work in flight:
+                                  * the node gets EOF after what the client sent, and its
+                                  * answers still go to the client, as with a direct
+                                  * connection; the session ends when the node closes */
+    bool server_shut;            /* shutdown(SHUT_WR) done toward the node */
+    bool client_reset;           /* the client reset the connection: it reads no more */
     char tx_status;              /* last ReadyForQuery status: I, T or E */
     bool close_at_safe_point;    /* close as soon as the session is idle outside a transaction */
     const char *close_sqlstate;  /* what to tell the client then */

@@ -6,6 +6,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -122,3 +123,55 @@ def test_extended_protocol_copy_in_that_fails_leaves_the_session_idle(relay_fact
         (me,) = clients_named(r, app)
         assert me["state"] == "idle", me
         assert data_rows(raw.simple_query("SELECT count(*) FROM t")) == [("0",)]
+
+
+# --------------------------------------------------------------------------- #
+# item 6: a client that closes or half-closes gets what PostgreSQL gives it
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def table(pg):
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    pg.query(f"CREATE TABLE {name} (x int)")
+    yield name
+    pg.query(f"DROP TABLE {name}")
+
+
+@pytest.mark.parametrize("how", ["terminate", "close"])
+def test_a_statement_sent_before_the_client_leaves_still_commits_as_directly(relay, pg, table,
+                                                                             how):
+    for port, value in ((pg.port, 1), (relay.port, 2)):
+        app = f"leaves-{how}-{value}"
+        raw = RawClient(port)
+        raw.login(application_name=app)
+        raw.send_query(f"SELECT pg_sleep(0.5); INSERT INTO {table} VALUES ({value})")
+        wait_for(lambda: pg.active_query_pid(app), what="the statement to start")
+        if how == "terminate":
+            raw.send_terminate()
+        raw.close()
+        # the old relay cancelled the statement when the client left
+        wait_for(lambda: pg.query(f"SELECT x FROM {table} WHERE x = {value}"),
+                 what=f"the INSERT sent to port {port} to commit")
+
+
+def test_a_half_closed_client_still_gets_its_results_as_directly(relay, pg):
+    for port in (pg.port, relay.port):
+        with RawClient(port) as raw:
+            raw.login()
+            raw.send_query("SELECT pg_sleep(0.3); SELECT 42")
+            raw.sock.shutdown(socket.SHUT_WR)
+            msgs = raw.read_to_eof()
+            # the old relay answered a half-close with EOF alone
+            assert data_rows(msgs) == [("",), ("42",)], (port, msgs)
+            assert msgs[-1] == ("Z", b"I"), (port, msgs)
+
+
+def test_a_client_that_resets_mid_statement_frees_its_backend_at_once(relay, pg):
+    app = f"rst-{uuid.uuid4().hex[:8]}"
+    raw = RawClient(relay.port)
+    raw.login(application_name=app)
+    raw.send_query("SELECT pg_sleep(60)")
+    backend = wait_for(lambda: pg.active_query_pid(app), what="pg_sleep to start")
+    raw.close(reset=True)  # it can read nothing more: pgrelay cancels for it
+    wait_for(lambda: not pg.pid_exists(backend), what=f"backend {backend} to end")
