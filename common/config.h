@@ -48,6 +48,7 @@ typedef struct config {
     int workers;                      /* worker processes; 0 in the file means one per CPU */
     int max_client_conn;              /* client sessions across all workers */
     int client_login_timeout_ms;      /* startup + authentication must finish within this */
+    int client_startup_timeout_ms;    /* the StartupMessage must arrive within this; 0 = none */
     int server_connect_timeout_ms;    /* TCP connect to a node must finish within this */
     int shutdown_timeout_ms;          /* graceful shutdown waits this long for sessions */
     bool tcp_keepalive;               /* SO_KEEPALIVE on client and server sockets */

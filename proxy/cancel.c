@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #define CANCEL_SLOT_BITS 20                        /* low bits of the pid: slot index + 1 */
@@ -26,16 +27,29 @@ typedef struct cancel_req {
     int fd;
 } cancel_req;
 
-void cancel_key_issue(worker *w, shm_session *slot, uint32_t idx, uint8_t key_out[8])
+int cancel_key_issue(shm_session *slot, uint32_t idx, uint8_t key_out[8])
 {
-    uint32_t pid = ((worker_random(w) & CANCEL_TAG_MASK) << CANCEL_SLOT_BITS) | (idx + 1);
-    uint32_t secret = worker_random(w);
+    /* Every key straight from the kernel's random source: no state in pgrelay from which a
+     * user who collects keys could work out another session's secret. */
+    uint8_t rnd[8];
+    ssize_t n;
+    do
+        n = getrandom(rnd, sizeof(rnd), 0);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof(rnd)) {
+        log_error("cannot make a cancel key: getrandom: %s",
+                  n < 0 ? strerror(errno) : "short read");
+        return -1;
+    }
+    uint32_t pid = ((pg_get_u32(rnd) & CANCEL_TAG_MASK) << CANCEL_SLOT_BITS) | (idx + 1);
+    uint32_t secret = pg_get_u32(rnd + 4);
     shm_session_write_begin(slot);
     slot->cancel_pid = pid;
     slot->cancel_secret = secret;
     shm_session_write_end(slot);
     pg_put_u32(key_out, pid);
     pg_put_u32(key_out + 4, secret);
+    return 0;
 }
 
 static void cancel_req_free(cancel_req *r)

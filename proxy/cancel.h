@@ -8,8 +8,10 @@
 
 struct worker;
 
-/* Choose the cancel key for a new session in slot index idx and record it in the slot. */
-void cancel_key_issue(struct worker *w, shm_session *slot, uint32_t idx, uint8_t key_out[8]);
+/* Choose the cancel key for a new session in slot index idx (secret and pid tag from
+ * getrandom(2)) and record it in the slot. Returns 0, or -1 (logged) when the kernel gave no
+ * random bytes. */
+int cancel_key_issue(shm_session *slot, uint32_t idx, uint8_t key_out[8]);
 
 /* A CancelRequest arrived from client_addr: find the session with that key (in any worker)
  * and send the node's own CancelRequest to the node. Unknown keys are logged and dropped. */

@@ -16,6 +16,11 @@
 #include <string.h>
 #include <sys/socket.h>
 
+/* Message types of COPY (protocol docs, "COPY Operations"). */
+#define RELAY_MSG_COPY_IN_RESPONSE 'G' /* B: CopyInResponse, the server is in copy-in mode */
+#define RELAY_MSG_COPY_DONE        'c' /* F: CopyDone */
+#define RELAY_MSG_COPY_FAIL        'f' /* F: CopyFail */
+
 /* ---- per-node counters ---- */
 
 static void relay_node_add(_Atomic uint64_t *to, uint64_t *pending)
@@ -58,6 +63,24 @@ static void relay_statement_starts(session *s)
     }
 }
 
+/* A new statement (Query or Execute): what the last COPY left to settle is moot. */
+static void relay_copy_forget(session *s)
+{
+    s->syncs_since_execute = 0;
+    s->copy_in = false;
+    s->copy_end_early = false;
+    s->copy_end_syncs = 0;
+}
+
+/* The server ignored n Syncs in copy-in mode: no ReadyForQuery will answer them. */
+static void relay_copy_syncs_ignored(session *s, uint32_t n)
+{
+    s->pending_syncs -= n < s->pending_syncs ? n : s->pending_syncs;
+    s->copy_in = false;
+    s->copy_end_early = false;
+    s->copy_end_syncs = 0;
+}
+
 static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t body_len)
 {
     session *s = ctx;
@@ -71,6 +94,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
     case PG_MSG_QUERY:
         shm_session_write_begin(s->slot); /* ended in client_end, once the text is in */
         relay_statement_starts(s);
+        relay_copy_forget(s);
         s->pending_syncs++;
         shm_stat_add(&w->row->stats.statements, 1);
         s->node_statements++;
@@ -83,6 +107,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
     case PG_MSG_EXECUTE:
         shm_stat_add(&w->row->stats.statements, 1);
         s->node_statements++;
+        relay_copy_forget(s);
         /* fall through */
     case PG_MSG_BIND:
     case 'D': /* Describe */
@@ -95,6 +120,16 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         relay_statement_starts(s);
         s->ext_open = false;
         s->pending_syncs++;
+        s->syncs_since_execute++;
+        return 0;
+    case RELAY_MSG_COPY_DONE:
+    case RELAY_MSG_COPY_FAIL:
+        if (s->copy_in) {
+            relay_copy_syncs_ignored(s, s->syncs_since_execute);
+        } else {
+            s->copy_end_early = true;
+            s->copy_end_syncs = s->syncs_since_execute;
+        }
         return 0;
     case PG_MSG_FUNCTION_CALL:
         relay_statement_starts(s);
@@ -157,6 +192,14 @@ static uint32_t server_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
     switch (type) {
     case PG_MSG_READY_FOR_QUERY:
         return 1;
+    case RELAY_MSG_COPY_IN_RESPONSE:
+        if (!s->logged_in)
+            return 0;
+        if (s->copy_end_early)
+            relay_copy_syncs_ignored(s, s->copy_end_syncs);
+        else
+            s->copy_in = true;
+        return 0;
     case PG_MSG_BACKEND_KEY_DATA:
         if (body_len == sizeof(s->client_key)) {
             scan->rewrite = s->client_key;
@@ -244,6 +287,43 @@ typedef enum relay_result {
     RELAY_CLOSED,  /* the session was closed and freed */
 } relay_result;
 
+/* Anything between the client and the node not yet finished: a statement or message under
+ * way in either direction, or bytes not yet written. */
+static bool relay_work_in_flight(const session *s)
+{
+    return s->pending_syncs > 0 || s->ext_open || s->to_server.len != s->to_server.off ||
+           s->to_client.len != s->to_client.off || !pg_scan_at_boundary(&s->client_scan) ||
+           !pg_scan_at_boundary(&s->server_scan);
+}
+
+/* The client half-closed: once what it sent has reached the node, so does its EOF. */
+static void relay_pass_client_eof(session *s)
+{
+    if (!s->client_eof || s->server_shut || s->to_server.len != s->to_server.off)
+        return;
+    s->server_shut = true;
+    if (shutdown(s->sfd, SHUT_WR) != 0)
+        log_debug("client %s: shutdown toward node %s: %s", s->client_addr,
+                  s->slot->node_name, strerror(errno));
+}
+
+/* The client closed its side. With nothing in flight the session ends now; else it goes on
+ * as a direct connection would: the node runs what it got, then reads EOF and closes, and
+ * its answers reach a client that only half-closed. */
+static relay_result relay_client_eof(session *s)
+{
+    if (s->phase != PHASE_RELAY || !relay_work_in_flight(s)) {
+        log_debug("client %s: disconnected", s->client_addr);
+        session_close(s, NULL, NULL);
+        return RELAY_CLOSED;
+    }
+    log_debug("client %s: closed its side with a statement in flight; the node finishes it",
+              s->client_addr);
+    s->client_eof = true;
+    relay_pass_client_eof(s);
+    return RELAY_OK;
+}
+
 /* One read from `from`, scanned, written to `to`. */
 static relay_result relay_pump(session *s, bool from_client)
 {
@@ -258,7 +338,10 @@ static relay_result relay_pump(session *s, bool from_client)
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return RELAY_OK;
         if (from_client) {
-            log_debug("client %s: disconnected", s->client_addr);
+            if (n == 0)
+                return relay_client_eof(s);
+            log_debug("client %s: connection lost: %s", s->client_addr, strerror(errno));
+            s->client_reset = true;
             session_close(s, NULL, NULL);
         } else {
             /* The node closed (after a FATAL, or it went away): pass on what is queued. */
@@ -333,7 +416,7 @@ void relay_on_client(evutil_socket_t fd, short what, void *arg)
         if (relay_check_safe_point(s) == RELAY_CLOSED)
             return;
     }
-    if ((what & EV_READ) && s->to_server.len == 0) {
+    if ((what & EV_READ) && s->to_server.len == 0 && !s->client_eof) {
         if (relay_pump(s, true) == RELAY_CLOSED)
             return;
     }
@@ -349,6 +432,7 @@ void relay_on_server(evutil_socket_t fd, short what, void *arg)
             session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
             return;
         }
+        relay_pass_client_eof(s);
     }
     if ((what & EV_READ) && s->to_client.len == 0) {
         if (relay_pump(s, false) == RELAY_CLOSED)

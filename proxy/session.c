@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #define SSL_NOT_SUPPORTED 'N' /* answer to SSLRequest and GSSENCRequest */
+#define SESSION_SQLSTATE_SYSTEM_ERROR "58000" /* the kernel refused pgrelay something */
 
 static void session_on_startup(evutil_socket_t fd, short what, void *arg);
 static void session_on_connected(evutil_socket_t fd, short what, void *arg);
@@ -33,6 +34,23 @@ static void copy_ident(char *dst, size_t cap, const char *src)
     size_t n = strnlen(src, cap - 1);
     memcpy(dst, src, n);
     dst[n] = '\0';
+}
+
+/* Refuse a connection that has no session: the error first, then close. Whatever the client
+ * already sent is read first, so that the close is a FIN and not a reset that could overtake
+ * the error. */
+static void session_refuse_now(int fd, const char *sqlstate, const char *message)
+{
+    uint8_t buf[512];
+    size_t len = pg_error_build(buf, sizeof(buf), "FATAL", sqlstate, message);
+    if (len) {
+        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        (void)n;
+    }
+    shutdown(fd, SHUT_WR);
+    while (recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0)
+        ;
+    close(fd);
 }
 
 void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen, bool read_port)
@@ -53,10 +71,14 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
 
     s->slot = shm_session_claim(w->shm, w->index, w->slot_hint);
     if (!s->slot) {
-        /* Even the reserve slots are gone: nothing to do but close. */
-        log_warning("client %s: no session slot left (max_client_conn = %d); closing",
+        /* Even the reserve slots are gone (taken by connections that have not sent their
+         * startup packet yet): answer 53300 now, as the server does when it cannot start a
+         * backend, rather than a bare close. */
+        log_warning("client %s: no session slot left (max_client_conn = %d); refused",
                     s->client_addr, w->cfg->max_client_conn);
-        close(fd);
+        session_refuse_now(fd, PG_SQLSTATE_TOO_MANY_CONNECTIONS,
+                           "sorry, too many clients already (max_client_conn)");
+        shm_stat_add(&w->row->stats.errors, 1);
         free(s);
         return;
     }
@@ -66,7 +88,10 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
         s->reject_sqlstate = PG_SQLSTATE_TOO_MANY_CONNECTIONS;
         s->reject_message = "sorry, too many clients already (max_client_conn)";
     }
-    cancel_key_issue(w, s->slot, idx, s->client_key);
+    if (cancel_key_issue(s->slot, idx, s->client_key) != 0) {
+        s->reject_sqlstate = SESSION_SQLSTATE_SYSTEM_ERROR;
+        s->reject_message = "pgrelay could not make a cancel key (getrandom failed)";
+    }
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->client_addr, sizeof(s->slot->client_addr), s->client_addr);
     s->slot->connected_at_us = shm_now_us();
@@ -79,6 +104,9 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
     evtimer_assign(&s->ev_timer, w->base, session_on_timer, s);
     if (w->cfg->client_login_timeout_ms > 0)
         s->login_deadline_us = shm_now_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
+    if (w->cfg->client_startup_timeout_ms > 0)
+        s->startup_deadline_us =
+            shm_now_us() + (int64_t)w->cfg->client_startup_timeout_ms * 1000;
     session_timer_rearm(s);
 
     worker_session_added(w, s);
@@ -123,10 +151,12 @@ void session_close(session *s, const char *sqlstate, const char *message)
         if (s->counter)
             atomic_fetch_add_explicit(&s->counter->errors, 1, memory_order_relaxed);
     }
-    /* Closing while a statement runs (the client left, or shutdown): cancel it so the backend
-     * is freed now rather than when the statement ends. */
-    if (s->phase == PHASE_RELAY && !s->server_gone && s->pending_syncs > 0 &&
-        atomic_load(&s->slot->backend_valid))
+    /* pgrelay ends the session while a statement runs (shutdown, kill, grace), or the client
+     * reset the connection: cancel the statement so the backend is freed now rather than when
+     * it ends. A client that only closed (or sent Terminate) gets what the server would give
+     * it: the statement runs on, as it would on a direct connection. */
+    if ((sqlstate || s->client_reset) && s->phase == PHASE_RELAY && !s->server_gone &&
+        s->pending_syncs > 0 && atomic_load(&s->slot->backend_valid))
         cancel_send(w, &s->slot->node_addr, s->slot->node_addrlen, s->slot->node_name,
                     s->slot->backend_pid, s->slot->backend_secret);
 
@@ -201,11 +231,24 @@ void session_arm(session *s)
     case PHASE_HELD:
         break;
     case PHASE_RELAY:
-        if (s->to_server.len == s->to_server.off &&
-            !(w->maintenance && session_at_safe_point(s)))
-            want_c |= EV_READ;
-        else
+        if (s->client_eof) {
+            /* Nothing more comes from the client: pass on what it sent, then its EOF; the
+             * node's answers still go to it. */
+            if (s->to_server.len != s->to_server.off)
+                want_s |= EV_WRITE;
+            if (s->to_client.len == s->to_client.off)
+                want_s |= EV_READ;
+            else
+                want_c |= EV_WRITE;
+            break;
+        }
+        /* Held by maintenance at its safe point, the client is not read (its next statement
+         * waits) and nothing waits for the server to be writable: an idle socket always is,
+         * and waiting for that would spin the loop for as long as the pause lasts. */
+        if (s->to_server.len != s->to_server.off)
             want_s |= EV_WRITE;
+        else if (!(w->maintenance && session_at_safe_point(s)))
+            want_c |= EV_READ;
         if (s->to_client.len == s->to_client.off)
             want_s |= EV_READ;
         else
@@ -238,7 +281,8 @@ void session_arm(session *s)
 /* The one timer of a session fires at the earliest of its deadlines. */
 static void session_timer_rearm(session *s)
 {
-    const int64_t deadlines[] = {s->login_deadline_us, s->connect_deadline_us,
+    const int64_t deadlines[] = {s->login_deadline_us, s->startup_deadline_us,
+                                 s->connect_deadline_us,
                                  s->leader_wait_deadline_us, s->leader_poke_us,
                                  s->close_deadline_us};
     int64_t next = 0;
@@ -274,6 +318,13 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
         if (!s->read_port)
             session_request_probe(worker_self);
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
+        return;
+    }
+    if (s->startup_deadline_us && now >= s->startup_deadline_us && s->phase == PHASE_STARTUP) {
+        /* No startup packet: like the server, close without an answer. */
+        log_info("client %s: no startup packet within client_startup_timeout; closing",
+                 s->client_addr);
+        session_close(s, NULL, NULL);
         return;
     }
     if (s->login_deadline_us && now >= s->login_deadline_us) {
@@ -468,6 +519,7 @@ static void session_startup_packet(session *s, uint32_t len)
     case PG_STARTUP_MESSAGE:
         break;
     }
+    s->startup_deadline_us = 0;
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->user, sizeof(s->slot->user), st.user);
     copy_ident(s->slot->database, sizeof(s->slot->database), st.database);
@@ -542,9 +594,12 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
     s->startup_have += (uint32_t)n;
     need = pg_startup_length(s->startup, s->startup_have);
     if (need < 0) {
-        log_warning("client %s: invalid startup packet length %u", s->client_addr,
-                    pg_get_u32(s->startup));
-        session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "invalid startup packet length");
+        /* As the server does: logged, and closed without an answer (a client that queued a
+         * Terminate before its startup packet, or that speaks another protocol, expects no
+         * PostgreSQL error here). */
+        log_warning("client %s: invalid length of startup packet (%u); closing",
+                    s->client_addr, pg_get_u32(s->startup));
+        session_close(s, NULL, NULL);
         return;
     }
     if (need > 0 && s->startup_have == (uint32_t)need)

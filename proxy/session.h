@@ -58,11 +58,27 @@ typedef struct session {
     uint8_t client_key[8];       /* the cancel key (pid, secret) pgrelay gave the client */
 
     int64_t login_deadline_us;   /* 0 once ReadyForQuery arrived the first time */
+    int64_t startup_deadline_us; /* the StartupMessage must be complete by then; 0 after */
     int64_t connect_deadline_us; /* while PHASE_CONNECTING */
     uint32_t pending_syncs;      /* Query/Sync/FunctionCall sent, ReadyForQuery not yet back */
     bool ext_open;               /* extended-protocol messages sent since the last Sync */
+    /* COPY FROM STDIN started by Execute: the server ignores the Syncs that reach it in
+     * copy-in mode (libpq sends one after Execute, another after CopyDone), so they get no
+     * ReadyForQuery and must not be counted in pending_syncs. */
+    uint32_t syncs_since_execute; /* client Syncs since its last Execute or Query */
+    bool copy_in;                /* the server sent CopyInResponse; the client's CopyDone or
+                                  * CopyFail has not passed yet */
+    bool copy_end_early;         /* the client ended a copy before CopyInResponse passed
+                                  * (it pipelined blindly): settled when one arrives */
+    uint32_t copy_end_syncs;     /* syncs_since_execute at that early CopyDone/CopyFail */
     bool logged_in;              /* the first ReadyForQuery has passed */
     bool server_gone;            /* the node closed or broke the connection */
+    bool client_eof;             /* the client closed its sending side with work in flight:
+                                  * the node gets EOF after what the client sent, and its
+                                  * answers still go to the client, as with a direct
+                                  * connection; the session ends when the node closes */
+    bool server_shut;            /* shutdown(SHUT_WR) done toward the node */
+    bool client_reset;           /* the client reset the connection: it reads no more */
     char tx_status;              /* last ReadyForQuery status: I, T or E */
     bool close_at_safe_point;    /* close as soon as the session is idle outside a transaction */
     const char *close_sqlstate;  /* what to tell the client then */

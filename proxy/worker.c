@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -18,17 +17,6 @@
 #define ACCEPT_PAUSE_MS  1000 /* back off this long when out of file descriptors */
 
 worker *worker_self;
-
-uint32_t worker_random(worker *w)
-{
-    /* xorshift64*: plenty for cancel secrets that also carry the slot check. */
-    uint64_t x = w->rng;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    w->rng = x;
-    return (uint32_t)((x * 0x2545F4914F6CDD1DULL) >> 32);
-}
 
 void worker_routes_refresh(worker *w)
 {
@@ -276,8 +264,6 @@ void worker_main(int index, const config *cfg, shm_segment *shm, const int liste
     w->shm = shm;
     w->row = &shm->workers[index];
     w->slot_hint = (uint32_t)index * (shm->max_sessions / (shm->n_workers ? shm->n_workers : 1));
-    if (getrandom(&w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || w->rng == 0)
-        w->rng = (uint64_t)shm_now_us() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
     w->settings_version = shm_settings_read(shm, w->cfg);
     w->routes_version = shm_routes_read(shm, &w->routes);
     w->maintenance = atomic_load(&shm->maintenance) != 0;

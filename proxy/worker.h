@@ -47,7 +47,6 @@ typedef struct worker {
     session *sessions;            /* list of live sessions */
     int n_sessions;
     uint32_t slot_hint;           /* where the next slot search starts */
-    uint64_t rng;                 /* xorshift state for cancel secrets */
     shm_route_table routes;       /* local copy of the routing table */
     shm_route_table routes_prev;  /* the copy before, to see what changed */
     uint64_t routes_version;      /* shm version the copy was taken at */
@@ -66,9 +65,6 @@ void worker_main(int index, const config *cfg, shm_segment *shm, const int liste
 /* Refresh the local routing table if shared memory has a newer one; sessions on a node that
  * is no longer right are dealt with (route_table_changed). */
 void worker_routes_refresh(worker *w);
-
-/* A random 32-bit value (cancel secrets). */
-uint32_t worker_random(worker *w);
 
 /* Called by session_close: drop the session from the list; may end a draining worker. */
 void worker_session_gone(worker *w, session *s);

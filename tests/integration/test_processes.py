@@ -147,7 +147,9 @@ def test_a_crash_looping_worker_is_restarted_with_growing_delays_and_counted(rel
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+# A FIN only ends the client's sending side: the statement runs on, as on a direct connection
+# (test_relay_hardening.py); a reset client can read nothing more, so pgrelay cancels for it.
+@pytest.mark.parametrize("reset", [True], ids=["rst"])
 def test_client_disconnecting_mid_query_frees_its_server_session(relay, pg, reset):
     app = f"disc-{uuid.uuid4().hex[:10]}"
     raw = RawClient(relay.port)

@@ -52,15 +52,17 @@ class BackgroundQueries:
         assert self.count > 0
 
 
-def assert_rejected_as_protocol_violation(raw):
-    """The connection is closed; if anything was sent, it is an ErrorResponse 08P01."""
-    msgs = raw.read_to_eof()
-    assert all(m[0] == "E" for m in msgs), msgs
-    if msgs:
-        assert error_fields(msgs).get("C") == "08P01", msgs
+def answer_to(port, packet):
+    """What a server on port answers to packet before it closes: [] for a silent close."""
+    with RawClient(port) as raw:
+        try:
+            raw.send(packet)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed even before we finished sending
+        return raw.read_to_eof()
 
 
-BAD_PACKETS = {
+BAD_LENGTHS = {
     # an HTTP request: "GET " read as a length of ~1.2 GB
     "http_request": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     # length smaller than the 8-byte header
@@ -70,55 +72,75 @@ BAD_PACKETS = {
     "oversized_20000": struct.pack("!ii", 20000, PROTOCOL_V3) + b"user\0" + b"u" * 19000,
     # random bytes
     "random_bytes": bytes((i * 37 + 11) % 256 for i in range(200)),
+    # a driver that queues Terminate before its startup packet: 'X' read as a length
+    "terminate_first": b"X" + struct.pack("!i", 4) + startup_packet(),
+}
+
+# A good length around a bad layout: PostgreSQL answers FATAL 08P01 to each.
+BAD_LAYOUTS = {
+    "data_after_terminator": struct.pack("!ii", 25, PROTOCOL_V3) + b"user\0postgres\0\0xx",
+    "name_without_value": struct.pack("!ii", 14, PROTOCOL_V3) + b"user\0\0",
 }
 
 
-@pytest.mark.parametrize("packet", list(BAD_PACKETS.values()), ids=list(BAD_PACKETS))
-def test_malformed_startup_packet_is_rejected_while_others_carry_on(relay, packet):
+@pytest.mark.parametrize("packet", list(BAD_LENGTHS.values()), ids=list(BAD_LENGTHS))
+def test_a_bad_startup_length_is_logged_and_closed_silently_like_the_server(relay, pg, packet):
     bg = BackgroundQueries(relay)
-    with RawClient(relay.port) as raw:
-        try:
-            raw.send(packet)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # closed even before we finished sending: also a rejection
-        assert_rejected_as_protocol_violation(raw)
+    logged = relay.log().count("invalid length of startup packet")
+    assert answer_to(pg.port, packet) == []  # what PostgreSQL does
+    assert answer_to(relay.port, packet) == []
+    wait_for(lambda: relay.log().count("invalid length of startup packet") > logged,
+             what="the bad length in the log")
     bg.finish()
     with relay.connect() as c:
         assert c.execute("SELECT 'next client'").fetchone() == ("next client",)
 
 
-def test_unsupported_protocol_version_is_refused(relay):
-    with RawClient(relay.port) as raw:
-        raw.send(struct.pack("!ii", 16, 0x12345678) + b"user\0x\0\0\0")
-        msgs = raw.read_to_eof()
-    # PostgreSQL answers 0A000 here; 08P01 (protocol violation) is acceptable too
-    assert [m[0] for m in msgs] == ["E"], msgs
-    assert error_fields(msgs)["C"] in ("0A000", "08P01"), msgs
+@pytest.mark.parametrize("packet", list(BAD_LAYOUTS.values()), ids=list(BAD_LAYOUTS))
+def test_a_malformed_startup_layout_gets_fatal_08P01_like_the_server(relay, pg, packet):
+    for port in (pg.port, relay.port):
+        msgs = answer_to(port, packet)
+        assert [m[0] for m in msgs] == ["E"], (port, msgs)
+        fields = error_fields(msgs)
+        assert fields["C"] == "08P01" and fields["S"] == "FATAL", (port, fields)
 
 
-def test_oversized_startup_packet_gets_sqlstate_08P01(relay):
-    with RawClient(relay.port) as raw:
-        raw.send(struct.pack("!ii", 20000, PROTOCOL_V3))
-        msgs = raw.read_to_eof()
-    assert error_fields(msgs) and error_fields(msgs)["C"] == "08P01", msgs
+def test_unsupported_protocol_version_gets_0A000(relay, pg):
+    packet = struct.pack("!ii", 16, 0x12345678) + b"user\0x\0\0\0"
+    for port in (pg.port, relay.port):
+        msgs = answer_to(port, packet)
+        assert [m[0] for m in msgs] == ["E"], (port, msgs)
+        assert error_fields(msgs)["C"] == "0A000", (port, msgs)
+
+
+def test_oversized_startup_packet_is_closed_without_an_answer(relay):
+    assert answer_to(relay.port, struct.pack("!ii", 20000, PROTOCOL_V3)) == []
 
 
 def test_many_garbage_connections_in_parallel_do_not_disturb_a_session(relay):
     bg = BackgroundQueries(relay)
 
+    packets = list(BAD_LENGTHS.values()) + list(BAD_LAYOUTS.values())
+    wrong = []
+
     def garbage(i):
+        packet = packets[i % len(packets)]
         try:
-            with RawClient(relay.port) as raw:
-                raw.send(list(BAD_PACKETS.values())[i % len(BAD_PACKETS)])
-                raw.read_to_eof()
-        except OSError:
-            pass
+            msgs = answer_to(relay.port, packet)
+        except Exception as e:  # noqa: BLE001 - a timeout or anything else is a failure
+            wrong.append((packet, repr(e)))
+            return
+        expected = [] if packet in BAD_LENGTHS.values() else ["E"]
+        if [m[0] for m in msgs] != expected:
+            wrong.append((packet, msgs))
 
     threads = [threading.Thread(target=garbage, args=(i,)) for i in range(60)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(20)
+    assert not any(t.is_alive() for t in threads)
+    assert wrong == []
     bg.finish()
 
 
@@ -213,6 +235,7 @@ def test_newer_minor_version_and_protocol_options_get_the_servers_negotiation(re
 @pytest.mark.parametrize("length", [2, -1, 0x7FFFFFF0])
 def test_a_bad_message_length_mid_session_gets_08P01_and_spares_others(relay, length):
     bg = BackgroundQueries(relay)
+    logged = relay.log().count("invalid message length")
     with RawClient(relay.port) as raw:
         raw.login()
         raw.send(b"Q" + struct.pack("!i", length))
@@ -220,5 +243,6 @@ def test_a_bad_message_length_mid_session_gets_08P01_and_spares_others(relay, le
     assert [m[0] for m in msgs] == ["E"], msgs
     fields = error_fields(msgs)
     assert fields["C"] == "08P01" and fields["S"] == "FATAL", fields
-    assert "invalid message length" in relay.log()
+    wait_for(lambda: relay.log().count("invalid message length") > logged,
+             what="this session's invalid length in the log")
     bg.finish()
