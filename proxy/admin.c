@@ -11,6 +11,7 @@
 #include "log.h"
 #include "master.h"
 #include "shm.h"
+#include "utf8.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -98,11 +99,86 @@ static void admin_error(admin_call *call, const char *fmt, ...)
 
 /* ---- rendering ---- */
 
+/* Client-supplied text from a fixed shared-memory field (cap bytes, NUL-terminated or not) as
+ * a JSON string that is always valid UTF-8: each byte that is not part of well-formed UTF-8,
+ * and each C1 control, becomes U+FFFD; other control characters stay (the JSON encoder escapes
+ * them, the table shows them escaped). With max_chars > 3, longer text is cut to max_chars
+ * characters, the last three "...". Never NULL. */
+static json_t *admin_json_text(const char *field, size_t cap, size_t max_chars)
+{
+    const uint8_t *p = (const uint8_t *)field;
+    size_t n = strnlen(field, cap), in = 0, out = 0, chars = 0, cut = 0;
+    char *text = malloc(n * 3 + 4);
+    json_t *result = NULL;
+    if (!text)
+        goto done;
+    while (in < n) {
+        uint32_t cp;
+        size_t len = utf8_decode(p + in, n - in, &cp);
+        if (len == 0 || (cp >= 0x80 && cp <= 0x9f)) {
+            memcpy(text + out, UTF8_REPLACEMENT, 3);
+            out += 3;
+        } else {
+            memcpy(text + out, p + in, len);
+            out += len;
+        }
+        in += len ? len : 1;
+        chars++;
+        if (max_chars > 3 && chars == max_chars - 3)
+            cut = out;
+    }
+    if (max_chars > 3 && chars > max_chars) {
+        memcpy(text + cut, "...", 3);
+        out = cut + 3;
+    }
+    result = json_stringn(text, out);
+done:
+    free(text);
+    return result ? result : json_null();
+}
+
+/* A string as one table cell of at most cap - 1 bytes, cut at a character boundary: tab and
+ * line breaks become spaces, other control characters (utf8_is_control) are shown as \xNN or
+ * \uNNNN, so that nothing reaches the operator's terminal that it would act on. */
+static void cell_text(const char *s, size_t n, char *buf, size_t cap)
+{
+    const uint8_t *p = (const uint8_t *)s;
+    size_t in = 0, out = 0;
+    while (in < n) {
+        char piece[8];
+        size_t plen;
+        uint32_t cp = 0;
+        size_t len = utf8_decode(p + in, n - in, &cp);
+        if (len == 0) /* not from jansson, which keeps strings valid; shown all the same */
+            plen = (size_t)snprintf(piece, sizeof(piece), "\\x%02x", p[in]);
+        else if (cp == '\t' || cp == '\n' || cp == '\r')
+            plen = (size_t)snprintf(piece, sizeof(piece), " ");
+        else if (utf8_is_control(cp))
+            plen = (size_t)snprintf(piece, sizeof(piece), cp < 0x100 ? "\\x%02x" : "\\u%04x",
+                                    (unsigned)cp);
+        else {
+            memcpy(piece, p + in, len);
+            plen = len;
+        }
+        if (out + plen >= cap)
+            break;
+        memcpy(buf + out, piece, plen);
+        out += plen;
+        in += len ? len : 1;
+    }
+    if (cap > 0)
+        buf[out] = '\0';
+}
+
 static void json_cell(json_t *v, char *buf, size_t len)
 {
+    if (!v) { /* a row without this column */
+        snprintf(buf, len, "-");
+        return;
+    }
     switch (json_typeof(v)) {
     case JSON_STRING:
-        snprintf(buf, len, "%s", json_string_value(v));
+        cell_text(json_string_value(v), json_string_length(v), buf, len);
         break;
     case JSON_INTEGER:
         snprintf(buf, len, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
@@ -122,13 +198,31 @@ static void json_cell(json_t *v, char *buf, size_t len)
     default:
         snprintf(buf, len, "...");
     }
-    /* Keep a row on one line. */
-    for (char *c = buf; *c; c++)
-        if (*c == '\n' || *c == '\r' || *c == '\t')
-            *c = ' ';
 }
 
-/* An array of objects as aligned columns under a header of their keys. */
+/* Characters (not bytes) of a valid UTF-8 string: what a column is wide. */
+static size_t cell_width(const char *s)
+{
+    size_t w = 0;
+    for (; *s; s++)
+        w += ((unsigned char)*s & 0xc0) != 0x80;
+    return w;
+}
+
+/* One cell padded to width characters, then two spaces, or a newline after the last. */
+static void put_cell(struct evbuffer *out, const char *text, size_t width, bool last)
+{
+    evbuffer_add(out, text, strlen(text));
+    if (last) {
+        evbuffer_add(out, "\n", 1);
+        return;
+    }
+    for (size_t w = cell_width(text); w < width + 2; w++)
+        evbuffer_add(out, " ", 1);
+}
+
+/* An array of objects as aligned columns under a header of their keys (those of the first
+ * row; a row that lacks one shows "-"). */
 static void render_table(struct evbuffer *out, json_t *rows)
 {
     size_t n = json_array_size(rows);
@@ -138,8 +232,8 @@ static void render_table(struct evbuffer *out, json_t *rows)
     }
     json_t *first = json_array_get(rows, 0);
     size_t ncol = json_object_size(first);
-    const char **keys = calloc(ncol, sizeof(*keys));
-    size_t *width = calloc(ncol, sizeof(*width));
+    const char **keys = calloc(ncol ? ncol : 1, sizeof(*keys));
+    size_t *width = calloc(ncol ? ncol : 1, sizeof(*width));
     char cell[512];
     if (!keys || !width)
         goto done;
@@ -149,23 +243,21 @@ static void render_table(struct evbuffer *out, json_t *rows)
     json_object_foreach(first, key, v)
     {
         keys[c] = key;
-        width[c] = strlen(key);
+        width[c] = cell_width(key);
         c++;
     }
     for (size_t r = 0; r < n; r++)
         for (c = 0; c < ncol; c++) {
             json_cell(json_object_get(json_array_get(rows, r), keys[c]), cell, sizeof(cell));
-            if (strlen(cell) > width[c])
-                width[c] = strlen(cell);
+            if (cell_width(cell) > width[c])
+                width[c] = cell_width(cell);
         }
     for (c = 0; c < ncol; c++)
-        evbuffer_add_printf(out, "%-*s%s", c + 1 < ncol ? (int)width[c] : 0, keys[c],
-                            c + 1 < ncol ? "  " : "\n");
+        put_cell(out, keys[c], width[c], c + 1 == ncol);
     for (size_t r = 0; r < n; r++)
         for (c = 0; c < ncol; c++) {
             json_cell(json_object_get(json_array_get(rows, r), keys[c]), cell, sizeof(cell));
-            evbuffer_add_printf(out, "%-*s%s", c + 1 < ncol ? (int)width[c] : 0, cell,
-                                c + 1 < ncol ? "  " : "\n");
+            put_cell(out, cell, width[c], c + 1 == ncol);
         }
 done:
     free(keys);
@@ -358,12 +450,17 @@ static int cmd_show_clients(admin_call *call, json_t **result)
         uint32_t state = atomic_load(&snap.state);
         json_object_set_new(r, "id", json_integer((json_int_t)snap.id));
         json_object_set_new(r, "worker", json_integer(snap.worker));
-        json_object_set_new(r, "client", json_string(snap.client_addr));
-        json_object_set_new(r, "user", json_string(snap.user));
-        json_object_set_new(r, "database", json_string(snap.database));
-        json_object_set_new(r, "application_name", json_string(snap.application_name));
+        json_object_set_new(r, "client",
+                            admin_json_text(snap.client_addr, sizeof(snap.client_addr), 0));
+        json_object_set_new(r, "user", admin_json_text(snap.user, sizeof(snap.user), 0));
+        json_object_set_new(r, "database",
+                            admin_json_text(snap.database, sizeof(snap.database), 0));
+        json_object_set_new(r, "application_name",
+                            admin_json_text(snap.application_name,
+                                            sizeof(snap.application_name), 0));
         json_object_set_new(r, "port", json_string(snap.read_port ? "read" : "write"));
-        json_object_set_new(r, "node", snap.node_name[0] ? json_string(snap.node_name)
+        json_object_set_new(r, "node", snap.node_name[0] ? admin_json_text(snap.node_name,
+                                                                           sizeof(snap.node_name), 0)
                                                          : json_null());
         json_object_set_new(r, "state", json_string(session_state_name(state)));
         json_object_set_new(r, "connected_s",
@@ -371,13 +468,10 @@ static int cmd_show_clients(admin_call *call, json_t **result)
         json_object_set_new(r, "statement_ms",
                             snap.stmt_start_us ? json_integer((now - snap.stmt_start_us) / 1000)
                                                : json_null());
-        char stmt[SHM_STMT_MAX];
-        snprintf(stmt, sizeof(stmt), "%s", snap.stmt);
-        if (!call->json && strlen(stmt) > ADMIN_STMT_SHOWN)
-            strcpy(stmt + ADMIN_STMT_SHOWN - 3, "...");
-        /* Statement text may be cut mid-character; jansson wants valid UTF-8. */
-        json_t *text = json_string(stmt);
-        json_object_set_new(r, "statement", text ? text : json_string("(not UTF-8)"));
+        /* Statement text is the client's bytes, cut wherever SHM_STMT_MAX fell. */
+        json_object_set_new(r, "statement",
+                            admin_json_text(snap.stmt, sizeof(snap.stmt),
+                                            call->json ? 0 : ADMIN_STMT_SHOWN));
         json_array_append_new(rows, r);
     }
     *result = rows;
