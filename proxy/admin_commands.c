@@ -23,6 +23,7 @@
 
 #define ADMIN_MAX_ARGS   16
 #define ADMIN_STMT_SHOWN 60   /* statement characters in the table form of show clients */
+#define ADMIN_STMT_HIDDEN "<insufficient privilege>" /* statement text below operator level */
 
 /* What a handler gets: its arguments and where to put the answer. */
 typedef struct admin_call {
@@ -240,10 +241,14 @@ static int cmd_show_clients(admin_call *call, json_t **result)
         json_object_set_new(r, "statement_ms",
                             snap.stmt_start_us ? json_integer((now - snap.stmt_start_us) / 1000)
                                                : json_null());
-        /* Statement text is the client's bytes, cut wherever SHM_STMT_MAX fell. */
+        /* Statement text is the client's bytes, cut wherever SHM_STMT_MAX fell. It may hold
+         * secrets (ALTER ROLE ... PASSWORD), so, as pg_stat_activity without
+         * pg_read_all_stats, the stats level does not see it. */
         json_object_set_new(r, "statement",
-                            admin_json_text(snap.stmt, sizeof(snap.stmt),
-                                            call->json ? 0 : ADMIN_STMT_SHOWN));
+                            call->sess->level < ADMIN_LEVEL_OPERATOR
+                                ? json_string(ADMIN_STMT_HIDDEN)
+                                : admin_json_text(snap.stmt, sizeof(snap.stmt),
+                                                  call->json ? 0 : ADMIN_STMT_SHOWN));
         json_array_append_new(rows, r);
     }
     *result = rows;
@@ -590,7 +595,7 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_USER, true, cmd_show_info},
     {"show workers", "", "worker processes: pid, start time, sessions, restarts",
      ADMIN_LEVEL_USER, true, cmd_show_workers},
-    {"show clients", "", "client sessions: address, user, database, node, state, statement",
+    {"show clients", "", "client sessions: address, user, database, node, state, statement (text: operator)",
      ADMIN_LEVEL_USER, true, cmd_show_clients},
     {"show nodes", "", "database nodes: address, role, health, leader, sessions",
      ADMIN_LEVEL_USER, true, cmd_show_nodes},
