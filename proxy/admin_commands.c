@@ -1,61 +1,33 @@
-/* admin.c - the admin console: a Unix socket in the master that answers one command per line.
+/* admin_commands.c - the admin console's command table, its line parser and the handlers.
  *
- * Protocol (as HAProxy's stats socket): one line of commands joined with ';'; every answer ends
- * with an empty line; the connection closes after the line unless `prompt` made it interactive.
- * `echo "show nodes" | socat - UNIX-CONNECT:/run/pgrelay/admin.sock` is the intended use.
  * Commands live in one table (words, arguments, help, level, handler). A `show` handler builds
- * JSON; the table form is rendered from that same JSON, so both forms always agree.
+ * JSON; the table form is rendered from that same JSON (admin_render.c), so both forms always
+ * agree.
  */
-#include "admin.h"
+#include "admin_console.h"
 #include "config.h"
 #include "log.h"
 #include "master.h"
 #include "shm.h"
 
 #include <ctype.h>
+#include <stdarg.h>
 #include <errno.h>
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
-#include <event2/event.h>
-#include <grp.h>
-#include <jansson.h>
-#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
-#define ADMIN_LINE_MAX   4096 /* longest command line accepted */
 #define ADMIN_MAX_ARGS   16
 #define ADMIN_STMT_SHOWN 60   /* statement characters in the table form of show clients */
-#define ADMIN_IDLE_S     10   /* a connection that sends no line for this long is closed */
-#define ADMIN_PROMPT_IDLE_S 600 /* the same in interactive (prompt) mode */
-
-typedef enum admin_level {
-    ADMIN_LEVEL_NONE = -1,  /* not allowed on the socket */
-    ADMIN_LEVEL_USER = 0,   /* show commands */
-    ADMIN_LEVEL_OPERATOR,   /* + pause, resume, kill */
-    ADMIN_LEVEL_ADMIN,      /* + reload, shutdown */
-} admin_level;
-
-static const char *const admin_level_names[] = {"user", "operator", "admin"};
-
-typedef struct admin_conn {
-    struct admin_conn *prev, *next;
-    struct bufferevent *bev;
-    uid_t uid;
-    admin_level level;
-    bool interactive;   /* `prompt` was given: stay open, print a prompt */
-    bool closing;       /* close once the output is written */
-} admin_conn;
+#define ADMIN_STMT_HIDDEN "<insufficient privilege>" /* statement text below operator level */
 
 /* What a handler gets: its arguments and where to put the answer. */
 typedef struct admin_call {
-    admin_conn *conn;
+    admin_session *sess;
     master *m;
     int argc;          /* arguments after the command words */
     char **argv;
@@ -76,13 +48,11 @@ typedef struct admin_command {
     admin_handler handler;
 } admin_command;
 
-static struct {
-    master *m;
-    int fd;
-    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-    struct event ev_accept;
-    admin_conn *conns;
-} admin;
+const char *admin_level_name(admin_level level)
+{
+    static const char *const names[] = {"user", "operator", "admin"};
+    return level >= ADMIN_LEVEL_USER && level <= ADMIN_LEVEL_ADMIN ? names[level] : "none";
+}
 
 static void admin_error(admin_call *call, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -94,111 +64,6 @@ static void admin_error(admin_call *call, const char *fmt, ...)
     evbuffer_add_vprintf(call->out, fmt, ap);
     va_end(ap);
     evbuffer_add_printf(call->out, "\n");
-}
-
-/* ---- rendering ---- */
-
-static void json_cell(json_t *v, char *buf, size_t len)
-{
-    switch (json_typeof(v)) {
-    case JSON_STRING:
-        snprintf(buf, len, "%s", json_string_value(v));
-        break;
-    case JSON_INTEGER:
-        snprintf(buf, len, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        break;
-    case JSON_REAL:
-        snprintf(buf, len, "%.3f", json_real_value(v));
-        break;
-    case JSON_TRUE:
-        snprintf(buf, len, "yes");
-        break;
-    case JSON_FALSE:
-        snprintf(buf, len, "no");
-        break;
-    case JSON_NULL:
-        snprintf(buf, len, "-");
-        break;
-    default:
-        snprintf(buf, len, "...");
-    }
-    /* Keep a row on one line. */
-    for (char *c = buf; *c; c++)
-        if (*c == '\n' || *c == '\r' || *c == '\t')
-            *c = ' ';
-}
-
-/* An array of objects as aligned columns under a header of their keys. */
-static void render_table(struct evbuffer *out, json_t *rows)
-{
-    size_t n = json_array_size(rows);
-    if (n == 0) {
-        evbuffer_add_printf(out, "(none)\n");
-        return;
-    }
-    json_t *first = json_array_get(rows, 0);
-    size_t ncol = json_object_size(first);
-    const char **keys = calloc(ncol, sizeof(*keys));
-    size_t *width = calloc(ncol, sizeof(*width));
-    char cell[512];
-    if (!keys || !width)
-        goto done;
-    size_t c = 0;
-    const char *key;
-    json_t *v;
-    json_object_foreach(first, key, v)
-    {
-        keys[c] = key;
-        width[c] = strlen(key);
-        c++;
-    }
-    for (size_t r = 0; r < n; r++)
-        for (c = 0; c < ncol; c++) {
-            json_cell(json_object_get(json_array_get(rows, r), keys[c]), cell, sizeof(cell));
-            if (strlen(cell) > width[c])
-                width[c] = strlen(cell);
-        }
-    for (c = 0; c < ncol; c++)
-        evbuffer_add_printf(out, "%-*s%s", c + 1 < ncol ? (int)width[c] : 0, keys[c],
-                            c + 1 < ncol ? "  " : "\n");
-    for (size_t r = 0; r < n; r++)
-        for (c = 0; c < ncol; c++) {
-            json_cell(json_object_get(json_array_get(rows, r), keys[c]), cell, sizeof(cell));
-            evbuffer_add_printf(out, "%-*s%s", c + 1 < ncol ? (int)width[c] : 0, cell,
-                                c + 1 < ncol ? "  " : "\n");
-        }
-done:
-    free(keys);
-    free(width);
-}
-
-/* Scalars of an object as "key  value" lines, then its arrays as tables. */
-static void render(struct evbuffer *out, json_t *result)
-{
-    if (json_is_array(result)) {
-        render_table(out, result);
-        return;
-    }
-    const char *key;
-    json_t *v;
-    size_t width = 0;
-    char cell[512];
-    json_object_foreach(result, key, v) if (!json_is_array(v) && strlen(key) > width) width =
-        strlen(key);
-    json_object_foreach(result, key, v)
-    {
-        if (json_is_array(v))
-            continue;
-        json_cell(v, cell, sizeof(cell));
-        evbuffer_add_printf(out, "%-*s  %s\n", (int)width, key, cell);
-    }
-    json_object_foreach(result, key, v)
-    {
-        if (!json_is_array(v))
-            continue;
-        evbuffer_add_printf(out, "\n");
-        render_table(out, v);
-    }
 }
 
 /* ---- helpers for the show commands ---- */
@@ -258,13 +123,13 @@ static int cmd_help(admin_call *call, json_t **result)
     (void)result;
     for (size_t i = 0; i < admin_n_commands; i++) {
         const admin_command *c = &admin_commands[i];
-        if (c->level > call->conn->level)
+        if (c->level > call->sess->level)
             continue;
         char synopsis[128];
         snprintf(synopsis, sizeof(synopsis), "%s%s%s%s", c->words, c->args[0] ? " " : "",
                  c->args, c->has_json ? " [json]" : "");
         evbuffer_add_printf(call->out, "  %-28s %s (%s)\n", synopsis, c->help,
-                            admin_level_names[c->level]);
+                            admin_level_name(c->level));
     }
     return 0;
 }
@@ -358,12 +223,17 @@ static int cmd_show_clients(admin_call *call, json_t **result)
         uint32_t state = atomic_load(&snap.state);
         json_object_set_new(r, "id", json_integer((json_int_t)snap.id));
         json_object_set_new(r, "worker", json_integer(snap.worker));
-        json_object_set_new(r, "client", json_string(snap.client_addr));
-        json_object_set_new(r, "user", json_string(snap.user));
-        json_object_set_new(r, "database", json_string(snap.database));
-        json_object_set_new(r, "application_name", json_string(snap.application_name));
+        json_object_set_new(r, "client",
+                            admin_json_text(snap.client_addr, sizeof(snap.client_addr), 0));
+        json_object_set_new(r, "user", admin_json_text(snap.user, sizeof(snap.user), 0));
+        json_object_set_new(r, "database",
+                            admin_json_text(snap.database, sizeof(snap.database), 0));
+        json_object_set_new(r, "application_name",
+                            admin_json_text(snap.application_name,
+                                            sizeof(snap.application_name), 0));
         json_object_set_new(r, "port", json_string(snap.read_port ? "read" : "write"));
-        json_object_set_new(r, "node", snap.node_name[0] ? json_string(snap.node_name)
+        json_object_set_new(r, "node", snap.node_name[0] ? admin_json_text(snap.node_name,
+                                                                           sizeof(snap.node_name), 0)
                                                          : json_null());
         json_object_set_new(r, "state", json_string(session_state_name(state)));
         json_object_set_new(r, "connected_s",
@@ -371,13 +241,14 @@ static int cmd_show_clients(admin_call *call, json_t **result)
         json_object_set_new(r, "statement_ms",
                             snap.stmt_start_us ? json_integer((now - snap.stmt_start_us) / 1000)
                                                : json_null());
-        char stmt[SHM_STMT_MAX];
-        snprintf(stmt, sizeof(stmt), "%s", snap.stmt);
-        if (!call->json && strlen(stmt) > ADMIN_STMT_SHOWN)
-            strcpy(stmt + ADMIN_STMT_SHOWN - 3, "...");
-        /* Statement text may be cut mid-character; jansson wants valid UTF-8. */
-        json_t *text = json_string(stmt);
-        json_object_set_new(r, "statement", text ? text : json_string("(not UTF-8)"));
+        /* Statement text is the client's bytes, cut wherever SHM_STMT_MAX fell. It may hold
+         * secrets (ALTER ROLE ... PASSWORD), so, as pg_stat_activity without
+         * pg_read_all_stats, the stats level does not see it. */
+        json_object_set_new(r, "statement",
+                            call->sess->level < ADMIN_LEVEL_OPERATOR
+                                ? json_string(ADMIN_STMT_HIDDEN)
+                                : admin_json_text(snap.stmt, sizeof(snap.stmt),
+                                                  call->json ? 0 : ADMIN_STMT_SHOWN));
         json_array_append_new(rows, r);
     }
     *result = rows;
@@ -703,25 +574,18 @@ static int cmd_shutdown(admin_call *call, json_t **result)
     return 0;
 }
 
-static void admin_set_idle(admin_conn *c)
-{
-    struct timeval tv = {c->interactive ? ADMIN_PROMPT_IDLE_S : ADMIN_IDLE_S, 0};
-    bufferevent_set_timeouts(c->bev, &tv, NULL);
-}
-
 static int cmd_prompt(admin_call *call, json_t **result)
 {
     (void)result;
-    call->conn->interactive = !call->conn->interactive;
-    admin_set_idle(call->conn);
+    call->sess->interactive = !call->sess->interactive;
     return 0;
 }
 
 static int cmd_quit(admin_call *call, json_t **result)
 {
     (void)result;
-    call->conn->interactive = false;
-    call->conn->closing = true;
+    call->sess->interactive = false;
+    call->sess->closing = true;
     return 0;
 }
 
@@ -731,7 +595,7 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_USER, true, cmd_show_info},
     {"show workers", "", "worker processes: pid, start time, sessions, restarts",
      ADMIN_LEVEL_USER, true, cmd_show_workers},
-    {"show clients", "", "client sessions: address, user, database, node, state, statement",
+    {"show clients", "", "client sessions: address, user, database, node, state, statement (text: operator)",
      ADMIN_LEVEL_USER, true, cmd_show_clients},
     {"show nodes", "", "database nodes: address, role, health, leader, sessions",
      ADMIN_LEVEL_USER, true, cmd_show_nodes},
@@ -787,10 +651,10 @@ static int command_match(const admin_command *c, char **words, int n)
     return k;
 }
 
-static void admin_run_command(admin_conn *conn, char *text, struct evbuffer *out)
+static void admin_run_command(master *m, admin_session *sess, char *text, struct evbuffer *out)
 {
     char *words[ADMIN_MAX_ARGS];
-    admin_call call = {.conn = conn, .m = admin.m, .out = out};
+    admin_call call = {.sess = sess, .m = m, .out = out};
     int n = split_words(text, words, ADMIN_MAX_ARGS);
     if (n == 0)
         return;
@@ -813,9 +677,9 @@ static void admin_run_command(admin_conn *conn, char *text, struct evbuffer *out
         evbuffer_add_printf(out, "\n");
         return;
     }
-    if (best->level > conn->level) {
+    if (best->level > sess->level) {
         admin_error(&call, "permission denied: \"%s\" needs %s level, you have %s", best->words,
-                    admin_level_names[best->level], admin_level_names[conn->level]);
+                    admin_level_name(best->level), admin_level_name(sess->level));
         evbuffer_add_printf(out, "\n");
         return;
     }
@@ -837,24 +701,23 @@ static void admin_run_command(admin_conn *conn, char *text, struct evbuffer *out
             evbuffer_add_printf(out, "%s\n", text_out ? text_out : "null");
             free(text_out);
         } else {
-            render(out, result);
+            admin_render(out, result);
         }
     }
     json_decref(result);
     evbuffer_add_printf(out, "\n");
 }
 
-static void admin_run_line(admin_conn *conn, char *line)
+void admin_run_line(master *m, admin_session *sess, char *line, struct evbuffer *out)
 {
-    struct evbuffer *out = bufferevent_get_output(conn->bev);
     char *save = NULL;
-    if (conn->level == ADMIN_LEVEL_NONE) {
+    if (sess->level == ADMIN_LEVEL_NONE) {
         /* Answered only now that the line is read: a client such as socat that writes its
          * line first would otherwise get EPIPE and never see why. */
         evbuffer_add_printf(out, "error: permission denied: your user is not allowed on the "
                                  "admin socket (see admin_users)\n\n");
-        conn->interactive = false;
-        conn->closing = true;
+        sess->interactive = false;
+        sess->closing = true;
         return;
     }
     for (char *cmd = strtok_r(line, ";", &save); cmd; cmd = strtok_r(NULL, ";", &save)) {
@@ -862,268 +725,8 @@ static void admin_run_line(admin_conn *conn, char *line)
             cmd++;
         if (*cmd == '\0')
             continue;
-        admin_run_command(conn, cmd, out);
-        if (conn->closing)
+        admin_run_command(m, sess, cmd, out);
+        if (sess->closing)
             break;
     }
-}
-
-/* ---- connections ---- */
-
-static void admin_conn_free(admin_conn *c)
-{
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        admin.conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    bufferevent_free(c->bev);
-    free(c);
-}
-
-static void admin_on_write(struct bufferevent *bev, void *arg)
-{
-    admin_conn *c = arg;
-    (void)bev;
-    if (c->closing)
-        admin_conn_free(c);
-}
-
-static void admin_on_read(struct bufferevent *bev, void *arg)
-{
-    admin_conn *c = arg;
-    struct evbuffer *in = bufferevent_get_input(bev);
-    struct evbuffer *out = bufferevent_get_output(bev);
-    char *line;
-    size_t len;
-
-    if (c->closing)
-        return;
-    while ((line = evbuffer_readln(in, &len, EVBUFFER_EOL_CRLF)) != NULL) {
-        if (len > ADMIN_LINE_MAX) {
-            evbuffer_add_printf(out, "error: line longer than %d characters\n\n",
-                                ADMIN_LINE_MAX);
-        } else {
-            admin_run_line(c, line);
-        }
-        free(line);
-        if (!c->interactive)
-            c->closing = true;
-        else
-            evbuffer_add_printf(out, "> ");
-        if (c->closing)
-            break;
-    }
-    if (!c->closing && evbuffer_get_length(in) > ADMIN_LINE_MAX) {
-        evbuffer_add_printf(out, "error: line longer than %d characters\n\n", ADMIN_LINE_MAX);
-        c->closing = true;
-    }
-    if (c->closing && evbuffer_get_length(out) == 0)
-        admin_conn_free(c);
-}
-
-static void admin_on_event(struct bufferevent *bev, short what, void *arg)
-{
-    admin_conn *c = arg;
-    if (what & BEV_EVENT_EOF) {
-        /* A last line without a newline still counts (printf "show info" | socat ...). */
-        struct evbuffer *in = bufferevent_get_input(bev);
-        size_t len = evbuffer_get_length(in);
-        if (!c->closing && c->level == ADMIN_LEVEL_NONE) {
-            char empty[] = "";
-            admin_run_line(c, empty);
-        } else if (!c->closing && len > 0 && len <= ADMIN_LINE_MAX) {
-            char *line = malloc(len + 1);
-            if (line) {
-                evbuffer_remove(in, line, len);
-                line[len] = '\0';
-                admin_run_line(c, line);
-                free(line);
-            }
-        }
-        c->closing = true;
-        if (evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
-            bufferevent_disable(bev, EV_READ);
-            return; /* admin_on_write frees once flushed */
-        }
-    }
-    admin_conn_free(c);
-}
-
-/* Is uid one of the comma-separated user names (or numeric uids) in list? */
-static bool uid_in_list(uid_t uid, const char *list)
-{
-    char buf[512];
-    char *save = NULL;
-    snprintf(buf, sizeof(buf), "%s", list);
-    for (char *name = strtok_r(buf, ", ", &save); name; name = strtok_r(NULL, ", ", &save)) {
-        char *end;
-        unsigned long n = strtoul(name, &end, 10);
-        if (*end == '\0' && end != name) {
-            if ((uid_t)n == uid)
-                return true;
-            continue;
-        }
-        struct passwd *pw = getpwnam(name);
-        if (pw && pw->pw_uid == uid)
-            return true;
-    }
-    return false;
-}
-
-static admin_level admin_level_of(uid_t uid)
-{
-    const config *cfg = admin.m->cfg;
-    if (uid == 0 || uid == geteuid() || uid_in_list(uid, cfg->admin_users))
-        return ADMIN_LEVEL_ADMIN;
-    if (uid_in_list(uid, cfg->operator_users))
-        return ADMIN_LEVEL_OPERATOR;
-    if (uid_in_list(uid, cfg->stats_users))
-        return ADMIN_LEVEL_USER;
-    return ADMIN_LEVEL_NONE;
-}
-
-static void admin_on_accept(evutil_socket_t lfd, short what, void *arg)
-{
-    (void)what;
-    (void)arg;
-    int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) {
-        if (errno != EAGAIN && errno != EINTR)
-            log_warning("admin socket: accept: %s", strerror(errno));
-        return;
-    }
-    struct ucred cred;
-    socklen_t len = sizeof(cred);
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-        log_warning("admin socket: cannot read the peer's credentials: %s", strerror(errno));
-        close(fd);
-        return;
-    }
-    admin_level level = admin_level_of(cred.uid);
-    if (level == ADMIN_LEVEL_NONE)
-        log_warning("admin socket: refused uid %d (pid %d)", (int)cred.uid, (int)cred.pid);
-    admin_conn *c = calloc(1, sizeof(*c));
-    if (!c) {
-        close(fd);
-        return;
-    }
-    c->uid = cred.uid;
-    c->level = level;
-    c->bev = bufferevent_socket_new(admin.m->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    if (!c->bev) {
-        close(fd);
-        free(c);
-        return;
-    }
-    c->next = admin.conns;
-    if (admin.conns)
-        admin.conns->prev = c;
-    admin.conns = c;
-    bufferevent_setcb(c->bev, admin_on_read, admin_on_write, admin_on_event, c);
-    admin_set_idle(c);
-    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
-    log_debug("admin socket: uid %d connected with %s level", (int)cred.uid,
-              admin_level_names[level]);
-}
-
-/* ---- the socket ---- */
-
-static int mkdir_parent(const char *path)
-{
-    char dir[sizeof(admin.path)];
-    snprintf(dir, sizeof(dir), "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash || slash == dir)
-        return 0;
-    *slash = '\0';
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return -1;
-    return 0;
-}
-
-int admin_start(master *m)
-{
-    const config *cfg = m->cfg;
-    struct sockaddr_un sun = {.sun_family = AF_UNIX};
-
-    admin.m = m;
-    admin.fd = -1;
-    if (cfg->admin_socket[0] == '\0')
-        return 0;
-    if (strlen(cfg->admin_socket) >= sizeof(sun.sun_path)) {
-        log_error("admin_socket %s: path is too long", cfg->admin_socket);
-        return -1;
-    }
-    snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", cfg->admin_socket);
-    if (mkdir_parent(cfg->admin_socket) != 0) {
-        log_error("admin_socket %s: cannot create its directory: %s", cfg->admin_socket,
-                  strerror(errno));
-        return -1;
-    }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        log_error("admin_socket %s: socket: %s", cfg->admin_socket, strerror(errno));
-        return -1;
-    }
-    /* A socket file left by a dead pgrelay is removed; a live one means another instance. */
-    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (probe >= 0 && connect(probe, (struct sockaddr *)&sun, sizeof(sun)) == 0) {
-        close(probe);
-        close(fd);
-        log_error("admin_socket %s is in use by another running pgrelay", cfg->admin_socket);
-        return -1;
-    }
-    if (probe >= 0)
-        close(probe);
-    unlink(cfg->admin_socket);
-    mode_t old_umask = umask(0177);
-    int rc = bind(fd, (struct sockaddr *)&sun, sizeof(sun));
-    umask(old_umask);
-    if (rc != 0) {
-        log_error("admin_socket %s: bind: %s", cfg->admin_socket, strerror(errno));
-        close(fd);
-        return -1;
-    }
-    if (cfg->admin_socket_group[0]) {
-        struct group *gr = getgrnam(cfg->admin_socket_group);
-        if (!gr || chown(cfg->admin_socket, (uid_t)-1, gr->gr_gid) != 0) {
-            log_error("admin_socket %s: cannot give it to group %s: %s", cfg->admin_socket,
-                      cfg->admin_socket_group, gr ? strerror(errno) : "no such group");
-            close(fd);
-            unlink(cfg->admin_socket);
-            return -1;
-        }
-    }
-    if (chmod(cfg->admin_socket, (mode_t)cfg->admin_socket_mode) != 0 || listen(fd, 64) != 0) {
-        log_error("admin_socket %s: %s", cfg->admin_socket, strerror(errno));
-        close(fd);
-        unlink(cfg->admin_socket);
-        return -1;
-    }
-    admin.fd = fd;
-    snprintf(admin.path, sizeof(admin.path), "%s", cfg->admin_socket);
-    event_assign(&admin.ev_accept, m->base, fd, EV_READ | EV_PERSIST, admin_on_accept, NULL);
-    event_add(&admin.ev_accept, NULL);
-    log_info("admin socket %s (mode %04o)", cfg->admin_socket, cfg->admin_socket_mode);
-    return 0;
-}
-
-void admin_stop_listening(void)
-{
-    if (admin.fd < 0)
-        return;
-    event_del(&admin.ev_accept);
-    close(admin.fd);
-    admin.fd = -1;
-    unlink(admin.path);
-}
-
-void admin_close_in_child(void)
-{
-    if (admin.fd >= 0)
-        close(admin.fd);
-    for (admin_conn *c = admin.conns; c; c = c->next)
-        close(bufferevent_getfd(c->bev));
 }

@@ -1,0 +1,320 @@
+/* admin_socket.c - the admin console's Unix socket: listening, peer levels, connections, lines.
+ *
+ * Protocol (as HAProxy's stats socket): one line of commands joined with ';'; every answer ends
+ * with an empty line; the connection closes after the line unless `prompt` made it interactive.
+ * `echo "show nodes" | socat - UNIX-CONNECT:/run/pgrelay/admin.sock` is the intended use. The
+ * peer's level comes from its uid (SO_PEERCRED); admin_commands.c runs what it sends.
+ */
+#include "admin.h"
+#include "admin_console.h"
+#include "config.h"
+#include "log.h"
+#include "master.h"
+
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <grp.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define ADMIN_IDLE_S     10   /* a connection that sends no line for this long is closed */
+#define ADMIN_PROMPT_IDLE_S 600 /* the same in interactive (prompt) mode */
+
+/* One accepted connection. */
+typedef struct admin_conn {
+    struct admin_conn *prev, *next;
+    struct bufferevent *bev;
+    uid_t uid;
+    admin_session sess;  /* level and mode, changed by the commands it runs */
+} admin_conn;
+
+static struct {
+    master *m;
+    int fd;
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    struct event ev_accept;
+    admin_conn *conns;
+} admin;
+
+static void admin_set_idle(admin_conn *c)
+{
+    struct timeval tv = {c->sess.interactive ? ADMIN_PROMPT_IDLE_S : ADMIN_IDLE_S, 0};
+    bufferevent_set_timeouts(c->bev, &tv, NULL);
+}
+
+/* Run one line; `prompt` may have changed the mode, and with it the idle timeout. */
+static void admin_conn_run_line(admin_conn *c, char *line)
+{
+    bool was_interactive = c->sess.interactive;
+    admin_run_line(admin.m, &c->sess, line, bufferevent_get_output(c->bev));
+    if (c->sess.interactive != was_interactive)
+        admin_set_idle(c);
+}
+
+/* ---- connections ---- */
+
+static void admin_conn_free(admin_conn *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        admin.conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    bufferevent_free(c->bev);
+    free(c);
+}
+
+static void admin_on_write(struct bufferevent *bev, void *arg)
+{
+    admin_conn *c = arg;
+    (void)bev;
+    if (c->sess.closing)
+        admin_conn_free(c);
+}
+
+static void admin_on_read(struct bufferevent *bev, void *arg)
+{
+    admin_conn *c = arg;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    struct evbuffer *out = bufferevent_get_output(bev);
+    char *line;
+    size_t len;
+
+    if (c->sess.closing)
+        return;
+    while ((line = evbuffer_readln(in, &len, EVBUFFER_EOL_CRLF)) != NULL) {
+        if (len > ADMIN_LINE_MAX) {
+            evbuffer_add_printf(out, "error: line longer than %d characters\n\n",
+                                ADMIN_LINE_MAX);
+        } else {
+            admin_conn_run_line(c, line);
+        }
+        free(line);
+        if (!c->sess.interactive)
+            c->sess.closing = true;
+        else
+            evbuffer_add_printf(out, "> ");
+        if (c->sess.closing)
+            break;
+    }
+    if (!c->sess.closing && evbuffer_get_length(in) > ADMIN_LINE_MAX) {
+        evbuffer_add_printf(out, "error: line longer than %d characters\n\n", ADMIN_LINE_MAX);
+        c->sess.closing = true;
+    }
+    if (c->sess.closing && evbuffer_get_length(out) == 0)
+        admin_conn_free(c);
+}
+
+static void admin_on_event(struct bufferevent *bev, short what, void *arg)
+{
+    admin_conn *c = arg;
+    if (what & BEV_EVENT_EOF) {
+        /* A last line without a newline still counts (printf "show info" | socat ...). */
+        struct evbuffer *in = bufferevent_get_input(bev);
+        size_t len = evbuffer_get_length(in);
+        if (!c->sess.closing && c->sess.level == ADMIN_LEVEL_NONE) {
+            char empty[] = "";
+            admin_conn_run_line(c, empty);
+        } else if (!c->sess.closing && len > 0 && len <= ADMIN_LINE_MAX) {
+            char *line = malloc(len + 1);
+            if (line) {
+                evbuffer_remove(in, line, len);
+                line[len] = '\0';
+                admin_conn_run_line(c, line);
+                free(line);
+            }
+        }
+        c->sess.closing = true;
+        if (evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
+            bufferevent_disable(bev, EV_READ);
+            return; /* admin_on_write frees once flushed */
+        }
+    }
+    admin_conn_free(c);
+}
+
+/* Is uid one of the comma-separated user names (or numeric uids) in list? */
+static bool uid_in_list(uid_t uid, const char *list)
+{
+    char buf[512];
+    char *save = NULL;
+    snprintf(buf, sizeof(buf), "%s", list);
+    for (char *name = strtok_r(buf, ", ", &save); name; name = strtok_r(NULL, ", ", &save)) {
+        char *end;
+        unsigned long n = strtoul(name, &end, 10);
+        if (*end == '\0' && end != name) {
+            if ((uid_t)n == uid)
+                return true;
+            continue;
+        }
+        struct passwd *pw = getpwnam(name);
+        if (pw && pw->pw_uid == uid)
+            return true;
+    }
+    return false;
+}
+
+static admin_level admin_level_of(uid_t uid)
+{
+    const config *cfg = admin.m->cfg;
+    if (uid == 0 || uid == geteuid() || uid_in_list(uid, cfg->admin_users))
+        return ADMIN_LEVEL_ADMIN;
+    if (uid_in_list(uid, cfg->operator_users))
+        return ADMIN_LEVEL_OPERATOR;
+    if (uid_in_list(uid, cfg->stats_users))
+        return ADMIN_LEVEL_USER;
+    return ADMIN_LEVEL_NONE;
+}
+
+static void admin_on_accept(evutil_socket_t lfd, short what, void *arg)
+{
+    (void)what;
+    (void)arg;
+    int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            log_warning("admin socket: accept: %s", strerror(errno));
+        return;
+    }
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        log_warning("admin socket: cannot read the peer's credentials: %s", strerror(errno));
+        close(fd);
+        return;
+    }
+    admin_level level = admin_level_of(cred.uid);
+    if (level == ADMIN_LEVEL_NONE)
+        log_warning("admin socket: refused uid %d (pid %d)", (int)cred.uid, (int)cred.pid);
+    admin_conn *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return;
+    }
+    c->uid = cred.uid;
+    c->sess.level = level;
+    c->bev = bufferevent_socket_new(admin.m->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    if (!c->bev) {
+        close(fd);
+        free(c);
+        return;
+    }
+    c->next = admin.conns;
+    if (admin.conns)
+        admin.conns->prev = c;
+    admin.conns = c;
+    bufferevent_setcb(c->bev, admin_on_read, admin_on_write, admin_on_event, c);
+    admin_set_idle(c);
+    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    log_debug("admin socket: uid %d connected with %s level", (int)cred.uid,
+              admin_level_name(level));
+}
+
+/* ---- the socket ---- */
+
+static int mkdir_parent(const char *path)
+{
+    char dir[sizeof(admin.path)];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir)
+        return 0;
+    *slash = '\0';
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+int admin_start(master *m)
+{
+    const config *cfg = m->cfg;
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+
+    admin.m = m;
+    admin.fd = -1;
+    if (cfg->admin_socket[0] == '\0')
+        return 0;
+    if (strlen(cfg->admin_socket) >= sizeof(sun.sun_path)) {
+        log_error("admin_socket %s: path is too long", cfg->admin_socket);
+        return -1;
+    }
+    snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", cfg->admin_socket);
+    if (mkdir_parent(cfg->admin_socket) != 0) {
+        log_error("admin_socket %s: cannot create its directory: %s", cfg->admin_socket,
+                  strerror(errno));
+        return -1;
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        log_error("admin_socket %s: socket: %s", cfg->admin_socket, strerror(errno));
+        return -1;
+    }
+    /* A socket file left by a dead pgrelay is removed; a live one means another instance. */
+    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (probe >= 0 && connect(probe, (struct sockaddr *)&sun, sizeof(sun)) == 0) {
+        close(probe);
+        close(fd);
+        log_error("admin_socket %s is in use by another running pgrelay", cfg->admin_socket);
+        return -1;
+    }
+    if (probe >= 0)
+        close(probe);
+    unlink(cfg->admin_socket);
+    mode_t old_umask = umask(0177);
+    int rc = bind(fd, (struct sockaddr *)&sun, sizeof(sun));
+    umask(old_umask);
+    if (rc != 0) {
+        log_error("admin_socket %s: bind: %s", cfg->admin_socket, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (cfg->admin_socket_group[0]) {
+        struct group *gr = getgrnam(cfg->admin_socket_group);
+        if (!gr || chown(cfg->admin_socket, (uid_t)-1, gr->gr_gid) != 0) {
+            log_error("admin_socket %s: cannot give it to group %s: %s", cfg->admin_socket,
+                      cfg->admin_socket_group, gr ? strerror(errno) : "no such group");
+            close(fd);
+            unlink(cfg->admin_socket);
+            return -1;
+        }
+    }
+    if (chmod(cfg->admin_socket, (mode_t)cfg->admin_socket_mode) != 0 || listen(fd, 64) != 0) {
+        log_error("admin_socket %s: %s", cfg->admin_socket, strerror(errno));
+        close(fd);
+        unlink(cfg->admin_socket);
+        return -1;
+    }
+    admin.fd = fd;
+    snprintf(admin.path, sizeof(admin.path), "%s", cfg->admin_socket);
+    event_assign(&admin.ev_accept, m->base, fd, EV_READ | EV_PERSIST, admin_on_accept, NULL);
+    event_add(&admin.ev_accept, NULL);
+    log_info("admin socket %s (mode %04o)", cfg->admin_socket, cfg->admin_socket_mode);
+    return 0;
+}
+
+void admin_stop_listening(void)
+{
+    if (admin.fd < 0)
+        return;
+    event_del(&admin.ev_accept);
+    close(admin.fd);
+    admin.fd = -1;
+    unlink(admin.path);
+}
+
+void admin_close_in_child(void)
+{
+    if (admin.fd >= 0)
+        close(admin.fd);
+    for (admin_conn *c = admin.conns; c; c = c->next)
+        close(bufferevent_getfd(c->bev));
+}

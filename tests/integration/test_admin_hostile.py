@@ -1,0 +1,152 @@
+"""The admin console against hostile client input (issue 10 items 1 and 11).
+
+Whatever a client puts in its startup packet (user, database, application_name) or its
+statements — bytes cut inside a UTF-8 character, bytes that are not UTF-8 at all, terminal
+escape sequences — `show clients` answers valid UTF-8 in both forms, the table form never
+passes a control character to the operator's terminal, and the master survives. See
+pgrelay(8), ADMIN CONSOLE.
+"""
+
+import json
+import re
+import struct
+
+import pytest
+
+from conftest import MD5_USER, RawClient, admin, admin_socket, pid_alive, wait_for
+
+PROTOCOL_V3 = 196608
+
+# 80 bytes of two-byte characters: the 63-byte field of shared memory cuts one in half.
+LONG_NON_ASCII = "é" * 40
+# Terminal control sequences: clear screen, red text, carriage return, bell, a C1 CSI
+# (U+009B) and a right-to-left override.
+ESCAPES = "\x1b[2J\x1b[31mred\rover\x07\u009b1m\u202e"
+
+
+def raw_startup(**params):
+    """A StartupMessage whose parameter values are raw bytes (str values are UTF-8)."""
+    body = struct.pack("!i", PROTOCOL_V3)
+    for k, v in params.items():
+        body += k.encode() + b"\0" + (v if isinstance(v, bytes) else v.encode()) + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def admin_bytes(path, line, timeout=10.0):
+    """admin() without decoding, so that invalid UTF-8 in the answer fails the test itself."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(line.encode() + b"\n")
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def at_password_prompt(relay, **params):
+    """A raw client left where the server asks for its password (before authentication)."""
+    c = RawClient(relay.port)
+    c.send(raw_startup(user=MD5_USER, **params))
+    msg = c.read_message()
+    assert msg is not None and msg[0] == "R", f"expected an authentication request, got {msg!r}"
+    return c
+
+
+def assert_terminal_safe(text):
+    """No C0 control but newline, no DEL, no C1 control, no bidirectional override."""
+    bad = re.findall(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", text)
+    assert not bad, f"control characters reach the terminal: {bad!r} in {text!r}"
+
+
+def show_clients(relay):
+    """`show clients` in table form and in JSON, both checked to be valid UTF-8."""
+    path = admin_socket(relay)
+    table = admin_bytes(path, "show clients").decode("utf-8")  # raises on invalid UTF-8
+    raw_json = admin_bytes(path, "show clients json").decode("utf-8")
+    assert raw_json.endswith("\n\n"), raw_json
+    return table, json.loads(raw_json[:-2])
+
+
+@pytest.fixture
+def relay(relay_factory):
+    # One worker: slots are taken in order, so the ordinary session below comes first in
+    # show clients and the hostile ones after it (the order in which the old renderer crashed).
+    r = relay_factory(workers=1)
+    wait_for(lambda: "version" in admin(r, "show info"), what="the admin socket")
+    return r
+
+
+def test_show_clients_survives_application_name_cut_inside_a_character(relay):
+    ordinary = relay.connect()  # a session with every field valid, listed first
+    clients = [at_password_prompt(relay, database="postgres", application_name=LONG_NON_ASCII)
+               for _ in range(2)]
+    try:
+        wait_for(lambda: admin(relay, "show clients").count(MD5_USER) == 2,
+                 what="both clients in show clients")
+        table, rows = show_clients(relay)
+        assert pid_alive(relay.pid), "the master died rendering show clients"
+        names = [r["application_name"] for r in rows if r["user"] == MD5_USER]
+        assert len(names) == 2, rows
+        for name in names:
+            # cut at the last whole character that fits in 63 bytes: 31 of them
+            assert name == "é" * 31, name
+        assert table.count("é" * 31) == 2, table
+        assert table.endswith("\n\n"), table
+    finally:
+        for c in clients:
+            c.close()
+        ordinary.close()
+    # the proxy still serves
+    assert pid_alive(relay.pid)
+    with relay.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_show_clients_renders_bytes_that_are_not_utf8_in_every_field(relay):
+    c = at_password_prompt(relay, database=b"db\xff\xfe\xc3", application_name=b"app\x80\xc0\xaf!")
+    try:
+        wait_for(lambda: MD5_USER in admin(relay, "show clients"), what="the client to show")
+        table, rows = show_clients(relay)
+        me = [r for r in rows if r["user"] == MD5_USER]
+        assert len(me) == 1, rows
+        # what is not UTF-8 is replaced, what is stays
+        assert me[0]["database"].startswith("db") and me[0]["database"] != "db", me[0]
+        assert me[0]["application_name"].startswith("app"), me[0]
+        assert me[0]["application_name"].endswith("!"), me[0]
+        assert "app" in table
+        assert pid_alive(relay.pid)
+    finally:
+        c.close()
+
+
+def test_control_characters_never_reach_the_terminal_raw(relay):
+    c = at_password_prompt(relay, database=ESCAPES, application_name=ESCAPES)
+    # and a statement with escapes and invalid UTF-8 from an authenticated session
+    s = RawClient(relay.port)
+    s.login()
+    payload = b"SELECT 1 /* \x1b]0;owned\x07 \x1b[2J \xff\xfe */" + b"\0"
+    s.send(b"Q" + struct.pack("!i", len(payload) + 4) + payload)
+    s.read_until("Z")
+    try:
+        wait_for(lambda: MD5_USER in admin(relay, "show clients"), what="the client to show")
+        table, rows = show_clients(relay)
+        assert_terminal_safe(table)
+        # the escapes are shown, visibly, rather than dropped
+        assert "\\x1b" in table, table
+        # JSON carries them escaped by the encoder; the text stays valid UTF-8
+        stmts = [r["statement"] for r in rows if r["statement"] and "SELECT 1 /*" in r["statement"]]
+        assert len(stmts) == 1, rows
+        assert "\x1b]0;owned" in stmts[0]
+        raw_json = admin_bytes(admin_socket(relay), "show clients json").decode()
+        assert "\x1b" not in raw_json, "JSON output carries a raw ESC"
+        assert pid_alive(relay.pid)
+    finally:
+        c.close()
+        s.close()
