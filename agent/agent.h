@@ -58,6 +58,7 @@ typedef struct agent {
     struct event ev_channel;
     int leader;                /* index of the write leader, -1 for none */
     uint64_t epoch;            /* grows at every leader change; starts from shared memory */
+    shm_leader_change change;  /* how the leader last left a node (published with the table) */
     int forced;                /* leader pinned by `set leader NODE force`, -1 when none */
     bool conflict_logged;      /* two primaries reported; logged once per occurrence */
     shm_route_table *published; /* last table written, to tell what changed */

@@ -73,10 +73,20 @@ static int64_t leader_ahead_ms(const agent *a, uint64_t lsn, int64_t at)
     return since < 0 ? -1 : (at - since) / 1000;
 }
 
+/* How leaving `from` counts: planned while it still answers as a primary, a failover when it
+ * is down, unreachable or in recovery (then its sessions are closed at once). */
+static shm_leader_change change_kind(const agent *a, int from)
+{
+    if (from < 0)
+        return a->change; /* a leader appears: how the last one left still holds */
+    return is_candidate(&a->nodes[from]) ? LEADER_CHANGE_PLANNED : LEADER_CHANGE_FAILOVER;
+}
+
 /* Change the leader, bump the epoch, record why. */
 static void leader_switch(agent *a, int to, const char *reason)
 {
     int from = a->leader;
+    a->change = change_kind(a, from);
     a->epoch++;
     a->leader = to;
     a->n_leader_lsn = 0; /* positions of another node */
@@ -143,6 +153,8 @@ static bool leader_follow_control(agent *a)
                  a->control_leader, (unsigned long long)a->control_epoch,
                  target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
         int from = a->leader;
+        if (from != target)
+            a->change = change_kind(a, from);
         a->leader = target;
         a->epoch = a->control_epoch;
         a->n_leader_lsn = 0;
@@ -353,6 +365,8 @@ void leader_publish(agent *a, bool force_poke)
     t->leader = a->leader;
     t->n_nodes = (uint32_t)a->n_nodes;
     t->agent_pid = (int32_t)getpid();
+    t->change = (int32_t)a->change;
+    t->confirmed = true;
     for (int i = 0; i < a->n_nodes; i++)
         memcpy(&t->nodes[i], &a->nodes[i].view, sizeof(shm_node));
     shm_routes_publish(a->shm, t);

@@ -4,8 +4,10 @@
  * Read-only port: the readable replica with the fewest read sessions across all workers, else
  * the leader (read_fallback = leader) or a refusal. When the table changes, write sessions on a
  * node that is no longer the leader are closed at their next safe point (close_idle, with
- * leader_change_grace for an open transaction) or at once (close_all); read sessions on a
- * replica that is down or too far behind likewise. Sessions still connecting are re-routed.
+ * leader_change_grace for an open transaction) or at once (close_all, and after a failover:
+ * a leader that is down, unreachable or deposed gets no grace, so that a statement in flight
+ * there is never acknowledged when it wakes up); read sessions on a replica that is down or
+ * too far behind likewise. Sessions still connecting are re-routed.
  */
 #include "route.h"
 #include "log.h"
@@ -82,8 +84,9 @@ static bool session_misplaced(worker *w, session *s, const shm_route_table *t, c
         if (leader >= 0 && strcmp(t->nodes[leader].name, on) == 0)
             return false;
         snprintf(why, len, "terminating connection: the write leader changed from %s to %s "
-                 "(epoch %llu); reconnect", on, leader >= 0 ? t->nodes[leader].name : "none",
-                 (unsigned long long)t->epoch);
+                 "(epoch %llu%s); reconnect", on, leader >= 0 ? t->nodes[leader].name : "none",
+                 (unsigned long long)t->epoch,
+                 t->change == LEADER_CHANGE_FAILOVER ? ", failover" : "");
         return true;
     }
     int i = find_node(t, on);
@@ -101,6 +104,7 @@ void route_table_changed(worker *w, const shm_route_table *old)
 {
     const shm_route_table *t = &w->routes;
     bool epoch_moved = t->epoch != old->epoch;
+    bool failover = t->change == LEADER_CHANGE_FAILOVER;
     char why[256];
     session *next;
 
@@ -121,6 +125,11 @@ void route_table_changed(worker *w, const shm_route_table *old)
             continue;
         if (s->phase == PHASE_CONNECTING) {
             session_reroute(s); /* nothing reached the client yet */
+            continue;
+        }
+        if (!s->read_port && failover) {
+            log_info("client %s: closed at once: %s", s->client_addr, why);
+            session_close(s, PG_SQLSTATE_ADMIN_SHUTDOWN, why);
             continue;
         }
         if (s->close_at_safe_point)
