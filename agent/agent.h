@@ -72,7 +72,8 @@ typedef struct agent {
     lsn_sample leader_lsn[LEADER_SAMPLES]; /* ring of the leader's positions */
     int n_leader_lsn;          /* samples in the ring (up to LEADER_SAMPLES) */
     int next_leader_lsn;       /* where the next sample goes */
-    bool ready;                /* every node probed once: until then nothing is published, so a
+    bool ready;                /* the leader was confirmed by a probe (or every node probed):
+                                  until then nothing is published, so write sessions wait and a
                                   restarted agent does not disturb the table the workers use */
 } agent;
 

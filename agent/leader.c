@@ -337,7 +337,8 @@ static void leader_refresh_views(agent *a)
 /* Did anything the workers route by change since the last table? */
 static bool routing_changed(const agent *a, const shm_route_table *t)
 {
-    if (t->epoch != a->epoch || t->leader != a->leader || t->n_nodes != (uint32_t)a->n_nodes)
+    if (t->epoch != a->epoch || t->leader != a->leader || t->n_nodes != (uint32_t)a->n_nodes ||
+        !t->confirmed || t->change != (int32_t)a->change)
         return true;
     for (int i = 0; i < a->n_nodes; i++) {
         const shm_node *o = &t->nodes[i], *v = &a->nodes[i].view;
@@ -347,17 +348,38 @@ static bool routing_changed(const agent *a, const shm_route_table *t)
     return false;
 }
 
+/* May the first table be published? Once every node was probed; or sooner, once the leader
+ * answered as a primary and every node configured role = primary was probed (so the choice
+ * cannot change when they answer), so that a node slow to answer its first probe does not hold
+ * up every write session meanwhile. */
+static bool leader_confirmed(const agent *a)
+{
+    bool all = true;
+    for (int i = 0; i < a->n_nodes; i++) {
+        if (a->nodes[i].probed)
+            continue;
+        all = false;
+        if (a->cfg->nodes[i].role == NODE_ROLE_PRIMARY)
+            return false;
+    }
+    return all || (a->leader >= 0 && is_candidate(&a->nodes[a->leader]));
+}
+
 void leader_publish(agent *a, bool force_poke)
 {
     leader_refresh_views(a);
     if (!a->shm)
         return; /* run by hand: decisions are only logged */
     if (!a->ready) {
-        for (int i = 0; i < a->n_nodes; i++)
-            if (!a->nodes[i].probed)
-                return;
+        if (!leader_confirmed(a))
+            return;
         a->ready = true;
-        log_info("every node probed once: publishing the routing table");
+        if (a->leader >= 0 && is_candidate(&a->nodes[a->leader]))
+            log_info("write leader %s confirmed by a probe: publishing the routing table",
+                     node_name(a, a->leader));
+        else
+            log_info("every node probed once: publishing the routing table (write leader %s)",
+                     node_name(a, a->leader));
     }
     shm_route_table *t = a->published;
     bool poke = force_poke || routing_changed(a, t);

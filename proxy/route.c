@@ -1,6 +1,7 @@
 /* route.c - which node a new session goes to, and what live sessions do when routing changes.
  *
- * Write port: the write leader of the routing table, or wait (no_leader_wait) or refuse (57P03).
+ * Write port: the write leader of the routing table once a probe confirmed it, or wait
+ * (no_leader_wait; at start until the agent's first probe of the leader) or refuse (57P03).
  * Read-only port: the readable replica with the fewest read sessions across all workers, else
  * the leader (read_fallback = leader) or a refusal. When the table changes, write sessions on a
  * node that is no longer the leader are closed at their next safe point (close_idle, with
@@ -62,16 +63,38 @@ route_result route_pick(worker *w, session *s, int *node, const char **sqlstate,
                                                                : "");
         return ROUTE_REFUSE;
     }
-    if (leader >= 0) {
+    /* Until a probe confirmed it, the configured primary is only a guess (it may be a
+     * replica now): write sessions wait for the agent's first word. */
+    bool unconfirmed = route_leader_unconfirmed(w, t);
+    if (leader >= 0 && !unconfirmed) {
         *node = leader;
         return ROUTE_OK;
     }
-    if (w->cfg->no_leader_wait_ms > 0 &&
+    if (route_leader_wait_ms(w) > 0 &&
         (s->leader_wait_deadline_us == 0 || shm_now_us() < s->leader_wait_deadline_us))
         return ROUTE_WAIT;
     *sqlstate = PG_SQLSTATE_CANNOT_CONNECT_NOW;
-    snprintf(msg, msglen, "no write leader: no node is a reachable primary right now");
+    snprintf(msg, msglen, unconfirmed ? "no write leader: no probe has confirmed one yet"
+                                      : "no write leader: no node is a reachable primary right now");
     return ROUTE_REFUSE;
+}
+
+bool route_leader_unconfirmed(const worker *w, const shm_route_table *t)
+{
+    return w->cfg->agent && !t->confirmed;
+}
+
+int route_leader_wait_ms(const worker *w)
+{
+    int ms = w->cfg->no_leader_wait_ms;
+    if (route_leader_unconfirmed(w, &w->routes)) {
+        /* The agent's first probe of the leader ends within health_timeout; a second to start
+         * the agent. A longer no_leader_wait applies as it is. */
+        int first = w->cfg->health_timeout_ms + 1000;
+        if (ms < first)
+            ms = first;
+    }
+    return ms;
 }
 
 /* Should session s leave its node under table t? Fills why when so. */
@@ -115,7 +138,11 @@ void route_table_changed(worker *w, const shm_route_table *old)
     for (session *s = w->sessions; s; s = next) {
         next = s->next;
         if (s->phase == PHASE_HELD) {
-            if (s->waiting_leader && t->leader >= 0 && !w->maintenance)
+            /* A leader is confirmed, or it is certain there is none and no wait is allowed:
+             * route again (the refusal is immediate then). */
+            bool decided = !route_leader_unconfirmed(w, t) &&
+                           (t->leader >= 0 || w->cfg->no_leader_wait_ms == 0);
+            if (s->waiting_leader && decided && !w->maintenance)
                 session_release_held(s);
             continue;
         }

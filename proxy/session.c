@@ -333,8 +333,7 @@ static void session_connect(session *s)
     switch (route) {
     case ROUTE_WAIT:
         if (!s->leader_wait_deadline_us)
-            s->leader_wait_deadline_us =
-                shm_now_us() + (int64_t)w->cfg->no_leader_wait_ms * 1000;
+            s->leader_wait_deadline_us = shm_now_us() + (int64_t)route_leader_wait_ms(w) * 1000;
         s->phase = PHASE_HELD;
         s->waiting_leader = true;
         s->leader_poke_us = shm_now_us() + LEADER_WAIT_POKE_US;

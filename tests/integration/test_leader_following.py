@@ -159,3 +159,57 @@ def test_a_hung_leader_replaced_by_a_failover_has_its_sessions_closed_at_once(
     # pg1 runs again: nothing it does now reaches the closed clients
     assert inflight.read_message() is None
     wait_for(pg1.answers, timeout=10, what="pg1 to answer again")
+
+
+# --------------------------------------------------------------------------- #
+# 4. no write session before a probe confirmed the leader
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def silent_node():
+    """A TCP port that accepts connections and never says a word (a node whose first probe
+    lasts health_timeout)."""
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(64)
+    try:
+        yield lsn.getsockname()[1]
+    finally:
+        lsn.close()
+
+
+def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms_it(
+    make_cluster, ha_relay
+):
+    """pgrelay.ini names pg2 role = primary, but pg2 is a replica (the configured role is stale,
+    as it often is under an HA manager); a third node takes 3 s to answer its first probe.
+    A write sent the moment the port listens waits until the agent has confirmed the leader,
+    and lands on pg1, the real primary: it never reaches pg2 (25006 read-only)."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    pg1.query("CREATE TABLE w (at int)")
+    c.wait_caught_up(pg2)
+    with silent_node() as slow_port:
+        nodes = [
+            ("pg1", {"host": pg1.host, "port": pg1.port, "role": "replica"}),
+            ("pg2", {"host": pg2.host, "port": pg2.port, "role": "primary"}),
+            ("slow", {"host": "127.0.0.1", "port": slow_port, "role": "replica"}),
+        ]
+        relay = start_ha_relay(c, agent={**AGENT, "health_timeout": "3s"}, nodes=nodes,
+                               wait=False, workers=1)
+        try:
+            from conftest import port_listening
+
+            wait_for(lambda: port_listening(relay.port), timeout=15, interval=0.005,
+                     what="pgrelay to listen")
+            t0 = time.monotonic()
+            with relay.connect(connect_timeout=10) as conn:
+                port = conn.execute(
+                    "INSERT INTO w VALUES (1) RETURNING inet_server_port()").fetchone()[0]
+            took = time.monotonic() - t0
+            assert port == pg1.port
+            # confirmed by pg1's and pg2's first probes, not held for the silent node's 3 s
+            assert took < 2.5, f"the write waited {took:.2f}s"
+        finally:
+            destroy_relay(relay)
