@@ -36,7 +36,13 @@ typedef struct agent_node {
     int oks;                   /* good probes in a row */
     bool in_recovery;          /* last good probe */
     uint64_t lsn;              /* current (primary) or replay (replica) LSN, as bytes */
-    int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp() */
+    int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp(); -1 when
+                                  nothing was replayed since it started (unknown, not 0) */
+    bool streaming;            /* replica: its WAL receiver exists and streams */
+    uint32_t timeline;         /* primary: current timeline; replica: received one; 0 unknown */
+    uint64_t receive_lsn;      /* replica: pg_last_wal_receive_lsn(), as bytes (0 = none) */
+    int64_t receive_moved_us;  /* when receive_lsn last changed (or was first seen) */
+    bool not_fit_logged;       /* why it is not readable was logged (once per occurrence) */
 } agent_node;
 
 #define LEADER_SAMPLES 16 /* recent WAL positions of the leader, for replica lag */

@@ -44,7 +44,8 @@ typedef struct shm_node {
     bool readable;                  /* a replica fit for read sessions (health, lag limits) */
     uint64_t wal_lsn;               /* current LSN (primary) or replay LSN (replica) */
     int64_t lag_bytes;              /* leader's LSN minus this replay LSN; -1 unknown */
-    int64_t lag_ms;                 /* age of the last replayed transaction while behind */
+    int64_t lag_ms;                 /* how long it has been behind (replay age, capped by the
+                                     * leader's samples); -1 unknown: not readable */
     int64_t last_probe_us;          /* when the last probe finished */
     char last_error[128];           /* why the last probe failed, "" after a good one */
 } shm_node;

@@ -8,7 +8,8 @@
  * leader_change_grace for an open transaction) or at once (close_all, and after a failover:
  * a leader that is down, unreachable or deposed gets no grace, so that a statement in flight
  * there is never acknowledged when it wakes up); read sessions on a replica that is down or
- * too far behind likewise. Sessions still connecting are re-routed.
+ * too far behind likewise, and read sessions that fell back to the leader once a replica is
+ * fit for reads again. Sessions still connecting are re-routed.
  */
 #include "route.h"
 #include "log.h"
@@ -97,6 +98,15 @@ int route_leader_wait_ms(const worker *w)
     return ms;
 }
 
+/* The first replica fit for read sessions (not the leader), or -1. */
+static int route_readable_replica(const shm_route_table *t, int leader)
+{
+    for (uint32_t i = 0; i < t->n_nodes; i++)
+        if (t->nodes[i].readable && (int)i != leader && t->nodes[i].addrlen != 0)
+            return (int)i;
+    return -1;
+}
+
 /* Should session s leave its node under table t? Fills why when so. */
 static bool session_misplaced(worker *w, session *s, const shm_route_table *t, char *why,
                               size_t len)
@@ -113,6 +123,15 @@ static bool session_misplaced(worker *w, session *s, const shm_route_table *t, c
         return true;
     }
     int i = find_node(t, on);
+    if (i >= 0 && i == leader && !t->nodes[i].readable) {
+        /* It fell back to the leader: back to a replica (at its safe point) once one is fit. */
+        int r = route_readable_replica(t, leader);
+        if (r < 0)
+            return false;
+        snprintf(why, len, "terminating connection: this read session is on the write leader "
+                 "%s and replica %s is fit for reads again; reconnect", on, t->nodes[r].name);
+        return true;
+    }
     if (i >= 0 && (t->nodes[i].readable || i == leader))
         return false;
     (void)w;

@@ -213,3 +213,113 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
             assert took < 2.5, f"the write waited {took:.2f}s"
         finally:
             destroy_relay(relay)
+
+
+# --------------------------------------------------------------------------- #
+# 3. honest replica lag
+# --------------------------------------------------------------------------- #
+
+
+def read_session_port(relay):
+    with psycopg.connect(relay.conninfo(port=relay.read_port, connect_timeout=5),
+                         autocommit=True) as conn:
+        return conn.execute("SELECT inet_server_port()").fetchone()[0]
+
+
+def test_a_replica_that_is_not_streaming_gets_no_read_session_though_nothing_was_replayed(
+    make_cluster, ha_relay
+):
+    """pg3 has no WAL receiver (its primary_conninfo names a port nobody listens on) and was
+    restarted, so pg_last_xact_replay_timestamp() is NULL there. The leader writes a few kB
+    pg3 never gets: pg3 is not readable (its lag is not 0), every read session goes to pg2,
+    which streams, and sees the leader's rows."""
+    c = make_cluster(replicas=2)
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE r (x int)")
+    pg1.query("CHECKPOINT")
+    c.wait_caught_up(pg3)
+    pg3.query("CHECKPOINT")  # a restartpoint after the last commit: nothing to replay at start
+    pg3.query("ALTER SYSTEM SET primary_conninfo = "
+              f"'host=127.0.0.1 port={free_port()} user=postgres'")
+    pg3.stop("fast")
+    pg3.start()
+    wait_for(pg3.answers, timeout=30, what="pg3 to take connections")
+    assert pg3.scalar("SELECT pg_last_xact_replay_timestamp() IS NULL")
+    relay = ha_relay(c, read_fallback="none")
+    pg1.query("INSERT INTO r SELECT generate_series(1, 100)")
+    c.wait_caught_up(pg2)
+    wait_for(lambda: show_nodes(relay)["pg2"]["readable"], timeout=10, what="pg2 readable")
+    wait_for(lambda: (show_nodes(relay)["pg3"]["lag_bytes"] or 0) > 0, timeout=10,
+             what="the agent to see pg3 behind the leader")
+    # some probe rounds after the insert: pg3 never becomes readable, its lag is not 0
+    deadline = time.monotonic() + 2.0
+    ports = []
+    while time.monotonic() < deadline:
+        nodes = show_nodes(relay)
+        assert not nodes["pg3"]["readable"], nodes["pg3"]
+        assert nodes["pg3"]["lag_ms"] != 0, nodes["pg3"]
+        ports.append(read_session_port(relay))
+    assert set(ports) == {pg2.port}, ports
+    with psycopg.connect(relay.conninfo(port=relay.read_port), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM r").fetchone()[0] == 100
+    assert log_lines(relay, "replica pg3 is not fit for reads: no WAL receiver")
+
+
+# --------------------------------------------------------------------------- #
+# 2. the read port through a failover
+# --------------------------------------------------------------------------- #
+
+
+def test_the_read_port_keeps_serving_replicas_while_there_is_no_write_leader(
+    make_cluster, ha_relay
+):
+    """The primary dies and nobody is promoted: there is no write leader, but both replicas
+    have every transaction the leader had, so read sessions keep going to them (none is
+    refused, with read_fallback = none)."""
+    c = make_cluster(replicas=2)
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE r (x int); INSERT INTO r SELECT generate_series(1, 10)")
+    c.wait_caught_up(pg2)
+    c.wait_caught_up(pg3)
+    relay = ha_relay(c, read_fallback="none")
+    wait_for(lambda: all(show_nodes(relay)[n]["readable"] for n in ("pg2", "pg3")),
+             timeout=10, what="pg2 and pg3 readable")
+    pg1.stop("immediate")
+    wait_for(lambda: admin_json_info(relay).get("write_leader") is None, timeout=10,
+             what="no write leader")
+    deadline = time.monotonic() + 2.0
+    ports = set()
+    while time.monotonic() < deadline:
+        ports.add(read_session_port(relay))
+    assert ports <= {pg2.port, pg3.port} and ports, ports
+    nodes = show_nodes(relay)
+    assert nodes["pg2"]["readable"] and nodes["pg3"]["readable"], nodes
+
+
+def admin_json_info(relay):
+    from cluster import show_info
+
+    return show_info(relay)
+
+
+def test_read_sessions_that_fell_back_to_the_leader_move_back_to_a_replica(
+    make_cluster, ha_relay
+):
+    """The only replica goes down: a read session falls back to the leader
+    (read_fallback = leader). When the replica is back and fit for reads, that session is
+    closed at its next safe point (FATAL 57P01, "fit for reads again") and the next read
+    session goes to the replica."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    relay = ha_relay(c, read_fallback="leader")
+    wait_for(lambda: show_nodes(relay)["pg2"]["readable"], timeout=10, what="pg2 readable")
+    pg2.stop("immediate")
+    wait_for(lambda: not show_nodes(relay)["pg2"]["readable"], timeout=10,
+             what="pg2 not readable")
+    fell_back = RawClient(relay.read_port, timeout=10)
+    fell_back.login()
+    assert raw_scalar(fell_back, "SELECT inet_server_port()") == str(pg1.port)
+    pg2.start()
+    f = error_fields(messages_until_close(fell_back, timeout=20))
+    assert f and f.get("C") == "57P01" and "fit for reads again" in f.get("M", ""), f
+    assert read_session_port(relay) == pg2.port
