@@ -323,3 +323,65 @@ def test_read_sessions_that_fell_back_to_the_leader_move_back_to_a_replica(
     f = error_fields(messages_until_close(fell_back, timeout=20))
     assert f and f.get("C") == "57P01" and "fit for reads again" in f.get("M", ""), f
     assert read_session_port(relay) == pg2.port
+
+
+# --------------------------------------------------------------------------- #
+# 6. a node that closes during startup
+# --------------------------------------------------------------------------- #
+
+
+class ClosingNode(threading.Thread):
+    """A TCP "node" that reads a client's startup packet and closes without a word (a server
+    shutting down, or the postmaster's child dying, during the login)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.lsn = socket.socket()
+        self.lsn.bind(("127.0.0.1", 0))
+        self.lsn.listen(16)
+        self.port = self.lsn.getsockname()[1]
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.lsn.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(1024)
+
+    def close(self):
+        self.lsn.close()
+
+
+def test_a_node_that_closes_during_startup_reaches_the_client_as_08006(relay_factory):
+    """The node reads the startup packet and closes: the client gets FATAL 08006 ("closed the
+    connection during startup"), not a bare EOF; a node's own FATAL is passed on alone."""
+    node = ClosingNode()
+    node.start()
+    try:
+        relay = relay_factory(agent="off",
+                              nodes=[("pg1", {"host": "127.0.0.1", "port": node.port,
+                                              "role": "primary"})])
+        for _ in range(2):
+            c = RawClient(relay.port, timeout=10)
+            c.send_startup()
+            msgs = messages_until_close(c, timeout=10)
+            f = error_fields(msgs)
+            assert f and f.get("C") == "08006" and "during startup" in f.get("M", ""), msgs
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(relay.conninfo(connect_timeout=5))
+        assert "during startup" in str(e.value)
+        assert relay.proc.poll() is None
+    finally:
+        node.close()
+    # a node's own FATAL during startup reaches the client as it is, with nothing after it
+    real = relay_factory()
+    c = RawClient(real.port, timeout=10)
+    c.send_startup(database="no_such_db")
+    msgs = messages_until_close(c, timeout=10)
+    errors = [parse for t, parse in msgs if t == "E"]
+    assert len(errors) == 1 and msgs[-1][0] == "E", msgs
+    assert error_fields(msgs).get("C") == "3D000", msgs
