@@ -36,7 +36,13 @@ typedef struct agent_node {
     int oks;                   /* good probes in a row */
     bool in_recovery;          /* last good probe */
     uint64_t lsn;              /* current (primary) or replay (replica) LSN, as bytes */
-    int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp() */
+    int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp(); -1 when
+                                  nothing was replayed since it started (unknown, not 0) */
+    bool streaming;            /* replica: its WAL receiver exists and streams */
+    uint32_t timeline;         /* primary: current timeline; replica: received one; 0 unknown */
+    uint64_t receive_lsn;      /* replica: pg_last_wal_receive_lsn(), as bytes (0 = none) */
+    int64_t receive_moved_us;  /* when receive_lsn last changed (or was first seen) */
+    bool not_fit_logged;       /* why it is not readable was logged (once per occurrence) */
 } agent_node;
 
 #define LEADER_SAMPLES 16 /* recent WAL positions of the leader, for replica lag */
@@ -58,6 +64,7 @@ typedef struct agent {
     struct event ev_channel;
     int leader;                /* index of the write leader, -1 for none */
     uint64_t epoch;            /* grows at every leader change; starts from shared memory */
+    shm_leader_change change;  /* how the leader last left a node (published with the table) */
     int forced;                /* leader pinned by `set leader NODE force`, -1 when none */
     bool conflict_logged;      /* two primaries reported; logged once per occurrence */
     shm_route_table *published; /* last table written, to tell what changed */
@@ -71,7 +78,8 @@ typedef struct agent {
     lsn_sample leader_lsn[LEADER_SAMPLES]; /* ring of the leader's positions */
     int n_leader_lsn;          /* samples in the ring (up to LEADER_SAMPLES) */
     int next_leader_lsn;       /* where the next sample goes */
-    bool ready;                /* every node probed once: until then nothing is published, so a
+    bool ready;                /* the leader was confirmed by a probe (or every node probed):
+                                  until then nothing is published, so write sessions wait and a
                                   restarted agent does not disturb the table the workers use */
 } agent;
 

@@ -73,13 +73,38 @@ static int64_t leader_ahead_ms(const agent *a, uint64_t lsn, int64_t at)
     return since < 0 ? -1 : (at - since) / 1000;
 }
 
+/* The leader becomes `to`: its WAL positions are the replicas' reference from now on (seeded
+ * with its last probe, so replicas are not "lag unknown" until its next one). With no leader
+ * the last one's positions stay: nobody writes meanwhile, so a replica that had them all is
+ * as current as any node can be, and the read port keeps serving from it. */
+static void leader_samples_for(agent *a, int to)
+{
+    if (to < 0)
+        return;
+    a->n_leader_lsn = 0;
+    a->next_leader_lsn = 0;
+    const agent_node *n = &a->nodes[to];
+    if (n->probed && n->last_ok && !n->in_recovery)
+        leader_record_lsn(a, n->view.last_probe_us, n->lsn);
+}
+
+/* How leaving `from` counts: planned while it still answers as a primary, a failover when it
+ * is down, unreachable or in recovery (then its sessions are closed at once). */
+static shm_leader_change change_kind(const agent *a, int from)
+{
+    if (from < 0)
+        return a->change; /* a leader appears: how the last one left still holds */
+    return is_candidate(&a->nodes[from]) ? LEADER_CHANGE_PLANNED : LEADER_CHANGE_FAILOVER;
+}
+
 /* Change the leader, bump the epoch, record why. */
 static void leader_switch(agent *a, int to, const char *reason)
 {
     int from = a->leader;
+    a->change = change_kind(a, from);
     a->epoch++;
     a->leader = to;
-    a->n_leader_lsn = 0; /* positions of another node */
+    leader_samples_for(a, to);
     log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from), node_name(a, to),
                 (unsigned long long)a->epoch, reason);
     if (a->shm)
@@ -143,9 +168,11 @@ static bool leader_follow_control(agent *a)
                  a->control_leader, (unsigned long long)a->control_epoch,
                  target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
         int from = a->leader;
+        if (from != target)
+            a->change = change_kind(a, from);
         a->leader = target;
         a->epoch = a->control_epoch;
-        a->n_leader_lsn = 0;
+        leader_samples_for(a, target);
         log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from),
                     node_name(a, target), (unsigned long long)a->epoch, reason);
         if (a->shm)
@@ -281,21 +308,54 @@ int leader_set(agent *a, int index, bool force, char *why, size_t len)
     return 0;
 }
 
-/* A replica fit for read sessions. */
-static bool node_readable(const agent *a, const agent_node *n)
+/* Why a node is not fit for read sessions, or NULL when it is. `leader_up`: the leader
+ * answered its last probe as a primary, so a replica reading from it must stream from it. */
+static const char *node_not_readable(const agent *a, const agent_node *n, bool leader_up,
+                                     char *buf, size_t len)
 {
-    if (!is_candidate(n) && !(n->probed && n->last_ok && n->in_recovery))
-        return false;
-    if (!n->in_recovery || n->view.health != NODE_HEALTH_UP)
-        return false;
-    if (n->view.lag_bytes < 0 || n->view.lag_bytes > a->cfg->max_replica_lag_bytes)
-        return false;
-    return n->view.lag_ms <= a->cfg->max_replica_lag_ms;
+    const agent_node *l = leader_up ? &a->nodes[a->leader] : NULL;
+    if (!n->probed || !n->last_ok || n->view.health != NODE_HEALTH_UP)
+        return "not answering";
+    if (!n->in_recovery)
+        return "not a replica";
+    if (n->view.lag_bytes < 0 || n->view.lag_ms < 0)
+        return "its lag is unknown (nothing replayed that dates it, no leader position)";
+    if (n->view.lag_bytes > a->cfg->max_replica_lag_bytes) {
+        snprintf(buf, len, "%lld bytes behind (max_replica_lag_bytes %d)",
+                 (long long)n->view.lag_bytes, a->cfg->max_replica_lag_bytes);
+        return buf;
+    }
+    if (n->view.lag_ms > a->cfg->max_replica_lag_ms) {
+        snprintf(buf, len, "%lld ms behind (max_replica_lag_seconds %d ms)",
+                 (long long)n->view.lag_ms, a->cfg->max_replica_lag_ms);
+        return buf;
+    }
+    if (!l)
+        return NULL;
+    if (!n->streaming)
+        return "no WAL receiver is streaming from the leader";
+    if (n->timeline && l->timeline && n->timeline != l->timeline) {
+        snprintf(buf, len, "it receives timeline %u, the leader %s is on timeline %u",
+                 n->timeline, l->view.name, l->timeline);
+        return buf;
+    }
+    int64_t still_ms = (n->view.last_probe_us - n->receive_moved_us) / 1000;
+    if (leader_lsn_at(a, n->view.last_probe_us) > n->receive_lsn &&
+        still_ms > a->cfg->max_replica_lag_ms) {
+        snprintf(buf, len, "its received WAL position has not moved for %lld ms while the "
+                 "leader has more", (long long)still_ms);
+        return buf;
+    }
+    return NULL;
 }
 
-/* Fill the per-node view fields that depend on the whole picture (roles, lag). */
+/* Fill the per-node view fields that depend on the whole picture (roles, lag). Lag is honest:
+ * a replica behind the leader whose replay cannot be dated (no transaction replayed since it
+ * started) is as far behind as the leader's samples show, or of unknown lag (-1), never 0. */
 static void leader_refresh_views(agent *a)
 {
+    const agent_node *l = a->leader >= 0 ? &a->nodes[a->leader] : NULL;
+    bool leader_up = l && l->probed && l->last_ok && !l->in_recovery;
     for (int i = 0; i < a->n_nodes; i++) {
         agent_node *n = &a->nodes[i];
         shm_node *v = &n->view;
@@ -307,25 +367,39 @@ static void leader_refresh_views(agent *a)
             v->role = n->in_recovery ? NODE_ROLE_REPLICA : NODE_ROLE_PRIMARY;
         if (n->probed && n->in_recovery && leader_lsn) {
             v->lag_bytes = leader_lsn > n->lsn ? (int64_t)(leader_lsn - n->lsn) : 0;
-            /* Replay age means lag only while there is WAL left to replay. */
-            v->lag_ms = v->lag_bytes > 0 && n->replay_age_ms > 0 ? n->replay_age_ms : 0;
-            /* ...and only since the replica fell behind: after an idle spell its last replayed
-             * commit is old, yet it is a moment behind the leader's new WAL, not that long. */
-            int64_t behind = v->lag_ms > 0 ? leader_ahead_ms(a, n->lsn, v->last_probe_us) : -1;
-            if (behind >= 0 && behind < v->lag_ms)
+            /* Behind since when, by the leader's samples (-1: longer than they go back). */
+            int64_t behind = v->lag_bytes > 0 ? leader_ahead_ms(a, n->lsn, v->last_probe_us) : 0;
+            if (v->lag_bytes == 0)
+                v->lag_ms = 0;
+            else if (n->replay_age_ms >= 0)
+                /* Replay age means lag only since the replica fell behind: after an idle spell
+                 * its last replayed commit is old, yet it is a moment behind, not that long. */
+                v->lag_ms = behind >= 0 && behind < n->replay_age_ms ? behind : n->replay_age_ms;
+            else
                 v->lag_ms = behind;
         } else {
             v->lag_bytes = n->probed && !n->in_recovery ? 0 : -1;
-            v->lag_ms = 0;
+            v->lag_ms = n->probed && n->in_recovery ? -1 : 0;
         }
-        v->readable = node_readable(a, n);
+        char buf[160];
+        const char *why = node_not_readable(a, n, leader_up, buf, sizeof(buf));
+        bool readable = why == NULL;
+        if (!readable && n->probed && n->last_ok && n->in_recovery && !n->not_fit_logged) {
+            log_info("replica %s is not fit for reads: %s", v->name, why);
+            n->not_fit_logged = true;
+        } else if (readable && n->not_fit_logged) {
+            log_info("replica %s is fit for reads again", v->name);
+            n->not_fit_logged = false;
+        }
+        v->readable = readable;
     }
 }
 
 /* Did anything the workers route by change since the last table? */
 static bool routing_changed(const agent *a, const shm_route_table *t)
 {
-    if (t->epoch != a->epoch || t->leader != a->leader || t->n_nodes != (uint32_t)a->n_nodes)
+    if (t->epoch != a->epoch || t->leader != a->leader || t->n_nodes != (uint32_t)a->n_nodes ||
+        !t->confirmed || t->change != (int32_t)a->change)
         return true;
     for (int i = 0; i < a->n_nodes; i++) {
         const shm_node *o = &t->nodes[i], *v = &a->nodes[i].view;
@@ -335,17 +409,38 @@ static bool routing_changed(const agent *a, const shm_route_table *t)
     return false;
 }
 
+/* May the first table be published? Once every node was probed; or sooner, once the leader
+ * answered as a primary and every node configured role = primary was probed (so the choice
+ * cannot change when they answer), so that a node slow to answer its first probe does not hold
+ * up every write session meanwhile. */
+static bool leader_confirmed(const agent *a)
+{
+    bool all = true;
+    for (int i = 0; i < a->n_nodes; i++) {
+        if (a->nodes[i].probed)
+            continue;
+        all = false;
+        if (a->cfg->nodes[i].role == NODE_ROLE_PRIMARY)
+            return false;
+    }
+    return all || (a->leader >= 0 && is_candidate(&a->nodes[a->leader]));
+}
+
 void leader_publish(agent *a, bool force_poke)
 {
     leader_refresh_views(a);
     if (!a->shm)
         return; /* run by hand: decisions are only logged */
     if (!a->ready) {
-        for (int i = 0; i < a->n_nodes; i++)
-            if (!a->nodes[i].probed)
-                return;
+        if (!leader_confirmed(a))
+            return;
         a->ready = true;
-        log_info("every node probed once: publishing the routing table");
+        if (a->leader >= 0 && is_candidate(&a->nodes[a->leader]))
+            log_info("write leader %s confirmed by a probe: publishing the routing table",
+                     node_name(a, a->leader));
+        else
+            log_info("every node probed once: publishing the routing table (write leader %s)",
+                     node_name(a, a->leader));
     }
     shm_route_table *t = a->published;
     bool poke = force_poke || routing_changed(a, t);
@@ -353,6 +448,8 @@ void leader_publish(agent *a, bool force_poke)
     t->leader = a->leader;
     t->n_nodes = (uint32_t)a->n_nodes;
     t->agent_pid = (int32_t)getpid();
+    t->change = (int32_t)a->change;
+    t->confirmed = true;
     for (int i = 0; i < a->n_nodes; i++)
         memcpy(&t->nodes[i], &a->nodes[i].view, sizeof(shm_node));
     shm_routes_publish(a->shm, t);

@@ -324,6 +324,7 @@ int main(int argc, char **argv)
         shm_route_table *t = a->published;
         shm_routes_read(a->shm, t);
         a->epoch = t->epoch;
+        a->change = (shm_leader_change)t->change;
     } else {
         if (config_load(a->cfg, config_path) > 0) {
             for (int i = 0; i < a->cfg->n_errors; i++)

@@ -1,8 +1,9 @@
 /* probe.c - health checks: one persistent non-blocking libpq connection per node.
  *
  * Every health_interval each idle node gets a probe: (re)connect if needed, then one query that
- * reads pg_is_in_recovery(), the WAL position (current on a primary, replayed on a replica) and
- * the age of the last replayed transaction. health_timeout bounds connect + query. A node is
+ * reads pg_is_in_recovery(), the WAL position (current on a primary, replayed on a replica),
+ * the age of the last replayed transaction, and a replica's WAL receiver (streaming or not, its
+ * timeline and received position). health_timeout bounds connect + query. A node is
  * down after `fall` failed probes in a row and up again after `rise` good ones.
  */
 #include "agent.h"
@@ -14,12 +15,28 @@
 
 extern agent *agent_self;
 
+/* Columns: in recovery; WAL position (current, or replayed); age of the last replayed
+ * transaction in ms (-1 when none was replayed since the replica started); a replica's WAL
+ * receiver: 1 streaming, 0 none or not streaming (status is hidden from a monitor_user without
+ * pg_read_all_stats: then a receiver that exists counts as streaming); the timeline (a
+ * primary's current one, a replica's received one; 0 when hidden); the received WAL position
+ * (0 on a primary). */
 static const char PROBE_SQL[] =
     "SELECT pg_is_in_recovery(), "
     "(CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0') "
     "ELSE pg_current_wal_lsn() END - '0/0')::bigint, "
     "CASE WHEN pg_is_in_recovery() THEN coalesce((extract(epoch FROM now() - "
-    "pg_last_xact_replay_timestamp()) * 1000)::bigint, -1) ELSE 0 END";
+    "pg_last_xact_replay_timestamp()) * 1000)::bigint, -1) ELSE 0 END, "
+    "CASE WHEN pg_is_in_recovery() THEN coalesce((SELECT (pid IS NOT NULL AND "
+    "coalesce(status, 'streaming') = 'streaming')::int FROM pg_stat_wal_receiver), 0) "
+    "ELSE 0 END, "
+    "CASE WHEN pg_is_in_recovery() THEN coalesce((SELECT received_tli FROM "
+    "pg_stat_wal_receiver), 0) "
+    "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, "
+    "(coalesce(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() END, '0/0') "
+    "- '0/0')::bigint";
+
+#define PROBE_COLUMNS 6
 
 static void probe_on_io(evutil_socket_t fd, short what, void *arg);
 
@@ -148,8 +165,8 @@ static void probe_send(agent_node *n)
 /* Read whatever results are complete; returns true when the probe is finished (either way). */
 static bool probe_read(agent_node *n)
 {
-    bool got_row = false, in_recovery = false;
-    long long lsn = 0, age = -1;
+    bool got_row = false, in_recovery = false, streaming = false;
+    long long lsn = 0, age = -1, timeline = 0, received = 0;
     const char *error = NULL;
     char errbuf[256];
 
@@ -161,20 +178,30 @@ static bool probe_read(agent_node *n)
             } else if (!got_row) {
                 probe_finish(n, false, "probe query returned no row");
             } else {
+                int64_t now = shm_now_us();
                 n->in_recovery = in_recovery;
                 n->lsn = (uint64_t)lsn;
                 n->replay_age_ms = age;
+                n->streaming = streaming;
+                n->timeline = (uint32_t)timeline;
+                if ((uint64_t)received != n->receive_lsn || !n->receive_moved_us)
+                    n->receive_moved_us = now;
+                n->receive_lsn = (uint64_t)received;
                 if (n->index == agent_self->leader && !in_recovery)
-                    leader_record_lsn(agent_self, shm_now_us(), n->lsn);
+                    leader_record_lsn(agent_self, now, n->lsn);
                 probe_finish(n, true, NULL);
             }
             return true;
         }
-        if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 && PQnfields(res) == 3) {
+        if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+            PQnfields(res) == PROBE_COLUMNS) {
             got_row = true;
             in_recovery = PQgetvalue(res, 0, 0)[0] == 't';
             lsn = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
             age = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+            streaming = strtoll(PQgetvalue(res, 0, 3), NULL, 10) == 1;
+            timeline = strtoll(PQgetvalue(res, 0, 4), NULL, 10);
+            received = strtoll(PQgetvalue(res, 0, 5), NULL, 10);
         } else if (!error) {
             first_line(errbuf, sizeof(errbuf), PQresultErrorMessage(res));
             error = errbuf;

@@ -18,7 +18,7 @@
 
 #include "config.h"
 
-#define SHM_MAGIC          0x70677232u /* "pgr2": bumped when the layout changes */
+#define SHM_MAGIC          0x70677233u /* "pgr3": bumped when the layout changes */
 #define SHM_MAX_WORKERS    256
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
@@ -44,16 +44,31 @@ typedef struct shm_node {
     bool readable;                  /* a replica fit for read sessions (health, lag limits) */
     uint64_t wal_lsn;               /* current LSN (primary) or replay LSN (replica) */
     int64_t lag_bytes;              /* leader's LSN minus this replay LSN; -1 unknown */
-    int64_t lag_ms;                 /* age of the last replayed transaction while behind */
+    int64_t lag_ms;                 /* how long it has been behind (replay age, capped by the
+                                     * leader's samples); -1 unknown: not readable */
     int64_t last_probe_us;          /* when the last probe finished */
     char last_error[128];           /* why the last probe failed, "" after a good one */
 } shm_node;
+
+/* How the write leader last left a node: what sessions still on that node do. */
+typedef enum shm_leader_change {
+    LEADER_CHANGE_NONE = 0, /* the leader has not left a node yet (start, or a first leader) */
+    LEADER_CHANGE_PLANNED,  /* a switchover (set leader, the control plane) away from a leader
+                             * that still answered as primary: an open transaction there gets
+                             * leader_change_grace to end */
+    LEADER_CHANGE_FAILOVER, /* the old leader is down, unreachable, in recovery or deposed while
+                             * not answering: its sessions are closed at once, so that nothing
+                             * still in flight there is acknowledged when it wakes up */
+} shm_leader_change;
 
 typedef struct shm_route_table {
     uint64_t epoch;    /* grows by one at every change of write leader */
     int32_t leader;    /* index into nodes of the write leader, or -1 for none */
     uint32_t n_nodes;
     int32_t agent_pid; /* the agent that wrote this table, 0 = the master (static) */
+    int32_t change;    /* shm_leader_change: how the leader last left a node */
+    bool confirmed;    /* the leader (or its absence) was established by probes; false in the
+                        * master's static table while an agent is to run: write sessions wait */
     shm_node nodes[CONFIG_MAX_NODES];
 } shm_route_table;
 

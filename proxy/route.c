@@ -1,11 +1,15 @@
 /* route.c - which node a new session goes to, and what live sessions do when routing changes.
  *
- * Write port: the write leader of the routing table, or wait (no_leader_wait) or refuse (57P03).
+ * Write port: the write leader of the routing table once a probe confirmed it, or wait
+ * (no_leader_wait; at start until the agent's first probe of the leader) or refuse (57P03).
  * Read-only port: the readable replica with the fewest read sessions across all workers, else
  * the leader (read_fallback = leader) or a refusal. When the table changes, write sessions on a
  * node that is no longer the leader are closed at their next safe point (close_idle, with
- * leader_change_grace for an open transaction) or at once (close_all); read sessions on a
- * replica that is down or too far behind likewise. Sessions still connecting are re-routed.
+ * leader_change_grace for an open transaction) or at once (close_all, and after a failover:
+ * a leader that is down, unreachable or deposed gets no grace, so that a statement in flight
+ * there is never acknowledged when it wakes up); read sessions on a replica that is down or
+ * too far behind likewise, and read sessions that fell back to the leader once a replica is
+ * fit for reads again. Sessions still connecting are re-routed.
  */
 #include "route.h"
 #include "log.h"
@@ -60,16 +64,47 @@ route_result route_pick(worker *w, session *s, int *node, const char **sqlstate,
                                                                : "");
         return ROUTE_REFUSE;
     }
-    if (leader >= 0) {
+    /* Until a probe confirmed it, the configured primary is only a guess (it may be a
+     * replica now): write sessions wait for the agent's first word. */
+    bool unconfirmed = route_leader_unconfirmed(w, t);
+    if (leader >= 0 && !unconfirmed) {
         *node = leader;
         return ROUTE_OK;
     }
-    if (w->cfg->no_leader_wait_ms > 0 &&
+    if (route_leader_wait_ms(w) > 0 &&
         (s->leader_wait_deadline_us == 0 || shm_now_us() < s->leader_wait_deadline_us))
         return ROUTE_WAIT;
     *sqlstate = PG_SQLSTATE_CANNOT_CONNECT_NOW;
-    snprintf(msg, msglen, "no write leader: no node is a reachable primary right now");
+    snprintf(msg, msglen, unconfirmed ? "no write leader: no probe has confirmed one yet"
+                                      : "no write leader: no node is a reachable primary right now");
     return ROUTE_REFUSE;
+}
+
+bool route_leader_unconfirmed(const worker *w, const shm_route_table *t)
+{
+    return w->cfg->agent && !t->confirmed;
+}
+
+int route_leader_wait_ms(const worker *w)
+{
+    int ms = w->cfg->no_leader_wait_ms;
+    if (route_leader_unconfirmed(w, &w->routes)) {
+        /* The agent's first probe of the leader ends within health_timeout; a second to start
+         * the agent. A longer no_leader_wait applies as it is. */
+        int first = w->cfg->health_timeout_ms + 1000;
+        if (ms < first)
+            ms = first;
+    }
+    return ms;
+}
+
+/* The first replica fit for read sessions (not the leader), or -1. */
+static int route_readable_replica(const shm_route_table *t, int leader)
+{
+    for (uint32_t i = 0; i < t->n_nodes; i++)
+        if (t->nodes[i].readable && (int)i != leader && t->nodes[i].addrlen != 0)
+            return (int)i;
+    return -1;
 }
 
 /* Should session s leave its node under table t? Fills why when so. */
@@ -82,11 +117,21 @@ static bool session_misplaced(worker *w, session *s, const shm_route_table *t, c
         if (leader >= 0 && strcmp(t->nodes[leader].name, on) == 0)
             return false;
         snprintf(why, len, "terminating connection: the write leader changed from %s to %s "
-                 "(epoch %llu); reconnect", on, leader >= 0 ? t->nodes[leader].name : "none",
-                 (unsigned long long)t->epoch);
+                 "(epoch %llu%s); reconnect", on, leader >= 0 ? t->nodes[leader].name : "none",
+                 (unsigned long long)t->epoch,
+                 t->change == LEADER_CHANGE_FAILOVER ? ", failover" : "");
         return true;
     }
     int i = find_node(t, on);
+    if (i >= 0 && i == leader && !t->nodes[i].readable) {
+        /* It fell back to the leader: back to a replica (at its safe point) once one is fit. */
+        int r = route_readable_replica(t, leader);
+        if (r < 0)
+            return false;
+        snprintf(why, len, "terminating connection: this read session is on the write leader "
+                 "%s and replica %s is fit for reads again; reconnect", on, t->nodes[r].name);
+        return true;
+    }
     if (i >= 0 && (t->nodes[i].readable || i == leader))
         return false;
     (void)w;
@@ -101,6 +146,7 @@ void route_table_changed(worker *w, const shm_route_table *old)
 {
     const shm_route_table *t = &w->routes;
     bool epoch_moved = t->epoch != old->epoch;
+    bool failover = t->change == LEADER_CHANGE_FAILOVER;
     char why[256];
     session *next;
 
@@ -111,7 +157,11 @@ void route_table_changed(worker *w, const shm_route_table *old)
     for (session *s = w->sessions; s; s = next) {
         next = s->next;
         if (s->phase == PHASE_HELD) {
-            if (s->waiting_leader && t->leader >= 0 && !w->maintenance)
+            /* A leader is confirmed, or it is certain there is none and no wait is allowed:
+             * route again (the refusal is immediate then). */
+            bool decided = !route_leader_unconfirmed(w, t) &&
+                           (t->leader >= 0 || w->cfg->no_leader_wait_ms == 0);
+            if (s->waiting_leader && decided && !w->maintenance)
                 session_release_held(s);
             continue;
         }
@@ -121,6 +171,11 @@ void route_table_changed(worker *w, const shm_route_table *old)
             continue;
         if (s->phase == PHASE_CONNECTING) {
             session_reroute(s); /* nothing reached the client yet */
+            continue;
+        }
+        if (!s->read_port && failover) {
+            log_info("client %s: closed at once: %s", s->client_addr, why);
+            session_close(s, PG_SQLSTATE_ADMIN_SHUTDOWN, why);
             continue;
         }
         if (s->close_at_safe_point)

@@ -16,6 +16,14 @@ typedef enum route_result {
 route_result route_pick(struct worker *w, session *s, int *node, const char **sqlstate,
                         char *msg, size_t msglen);
 
+/* The table is the master's static guess while an agent is about to probe: no write session
+ * may be routed by it. */
+bool route_leader_unconfirmed(const struct worker *w, const shm_route_table *t);
+
+/* How long a new write session may be held for a (confirmed) write leader: no_leader_wait, and
+ * while the leader is unconfirmed at least the agent's first probe (health_timeout + 1s). */
+int route_leader_wait_ms(const struct worker *w);
+
 /* The table changed from `old` to the worker's current one: close or re-route the sessions
  * that are on the wrong node now, release sessions waiting for a leader. */
 void route_table_changed(struct worker *w, const shm_route_table *old);

@@ -161,6 +161,18 @@ static void session_uncount(session *s)
 void session_close(session *s, const char *sqlstate, const char *message)
 {
     worker *w = worker_self;
+    char gone[CONFIG_NAME_MAX + 64];
+    /* The node closed before the login finished without an ErrorResponse of its own (it went
+     * away, or was shut down): the client gets 08006, not a bare EOF. */
+    if (!sqlstate && s->phase == PHASE_RELAY && s->server_gone && !s->logged_in &&
+        !(s->server_scan.messages > 0 && s->server_scan.type == PG_MSG_ERROR_RESPONSE &&
+          pg_scan_at_boundary(&s->server_scan))) {
+        snprintf(gone, sizeof(gone), "node %s closed the connection during startup",
+                 s->slot->node_name);
+        log_warning("client %s: %s", s->client_addr, gone);
+        sqlstate = PG_SQLSTATE_CONNECTION_FAILURE;
+        message = gone;
+    }
     if (sqlstate) {
         /* Only when nothing else is queued for the client would the error arrive intact. */
         if (s->to_client.len == s->to_client.off)
@@ -402,8 +414,7 @@ static void session_connect(session *s)
     switch (route) {
     case ROUTE_WAIT:
         if (!s->leader_wait_deadline_us)
-            s->leader_wait_deadline_us =
-                shm_now_us() + (int64_t)w->cfg->no_leader_wait_ms * 1000;
+            s->leader_wait_deadline_us = shm_now_us() + (int64_t)route_leader_wait_ms(w) * 1000;
         s->phase = PHASE_HELD;
         s->waiting_leader = true;
         s->leader_poke_us = shm_now_us() + LEADER_WAIT_POKE_US;

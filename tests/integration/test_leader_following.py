@@ -1,0 +1,387 @@
+"""Following the write leader under faults (issue 11): what a user relies on when the leader
+hangs, a replica is not streaming, or pgrelay has not probed anything yet.
+
+Each test builds its own PostgreSQL 15 cluster (cluster.py: pg1 primary, streaming replicas)
+and its own pgrelay in front of it, with a fast agent (health_interval 200ms, fall 2, rise 1,
+health_timeout 1s):
+
+  * a leader deposed by a failover (hung: every process SIGSTOPped, a replica promoted) has
+    its sessions closed at once, also one with a COMMIT in flight: that COMMIT is never
+    acknowledged when the old leader wakes up; leader_change_grace is for planned switchovers;
+  * a replica that is not streaming (no WAL receiver), with nothing replayed since it started
+    (pg_last_xact_replay_timestamp() NULL), is not readable and gets no read session;
+  * pgrelay does not send a write session anywhere before a probe confirmed the leader: a
+    configured "primary" that is in fact a replica never gets a write, even while another
+    node is slow to answer its first probe.
+"""
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+
+from cluster import (
+    Cluster,
+    admin,
+    destroy_relay,
+    log_lines,
+    show_nodes,
+    start_ha_relay,
+)
+from conftest import RawClient, data_rows, error_fields, free_port, wait_for, child_pids
+
+AGENT = {"health_interval": "200ms", "fall": 2, "rise": 1, "health_timeout": "1s"}
+
+pytestmark = pytest.mark.deadline(120)
+
+
+@pytest.fixture
+def make_cluster():
+    made = []
+
+    def make(**kw):
+        c = Cluster.create(**kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.destroy()
+
+
+@pytest.fixture
+def ha_relay():
+    """``ha_relay(cluster, agent={...}, **pgrelay_keys)``: pgrelay with its agent in front."""
+    started = []
+
+    def start(cluster, agent=None, **extra):
+        extra.setdefault("read_listen_port", "auto")
+        extra.setdefault("workers", 2)
+        r = start_ha_relay(cluster, agent={**AGENT, **(agent or {})}, **extra)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        destroy_relay(r)
+
+
+def raw_login(port, timeout=10.0, **params):
+    c = RawClient(port, timeout=timeout)
+    c.login(**params)
+    return c
+
+
+def raw_scalar(client, sql):
+    msgs = client.simple_query(sql)
+    err = error_fields(msgs)
+    assert err is None, f"{sql}: {err}"
+    return data_rows(msgs)[0][0]
+
+
+def messages_until_close(client, timeout):
+    """Every message until the peer closes (AssertionError if it does not within timeout)."""
+    client.sock.settimeout(timeout)
+    try:
+        return client.read_to_eof()
+    except (socket.timeout, TimeoutError):
+        raise AssertionError(f"not closed within {timeout}s; got so far {client.buf!r}") from None
+
+
+def postmaster_pid(node):
+    with open(os.path.join(node.pgdata, "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+@contextlib.contextmanager
+def hung(node):
+    """Every process of ``node`` stopped (SIGSTOP: the postmaster first, so it forks no more),
+    continued on exit."""
+    pm = postmaster_pid(node)
+    os.kill(pm, signal.SIGSTOP)
+    stopped = [pm]
+    try:
+        for pid in child_pids(pm):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        yield stopped
+    finally:
+        for pid in reversed(stopped):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+# --------------------------------------------------------------------------- #
+# 1. a leader deposed by a failover: its sessions are closed at once
+# --------------------------------------------------------------------------- #
+
+
+def test_a_hung_leader_replaced_by_a_failover_has_its_sessions_closed_at_once(
+    make_cluster, ha_relay
+):
+    """Every process of the leader stops; a replica is promoted. The session whose COMMIT is in
+    flight on the hung leader is closed (FATAL 57P01, "failover") as soon as the agent moves
+    the leader, not after leader_change_grace (60 s here); when the old leader wakes up, its
+    COMMIT is not acknowledged to the client. New write sessions go to the promoted node."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    pg1.query("CREATE TABLE ft (who text)")
+    c.wait_caught_up(pg2)
+    relay = ha_relay(c, leader_change_grace="60s")
+    inflight = raw_login(relay.port, application_name="inflight")
+    idle_in_tx = raw_login(relay.port, application_name="idle_in_tx")
+    for s in (inflight, idle_in_tx):
+        msgs = s.simple_query("BEGIN; INSERT INTO ft VALUES ('x')")
+        assert error_fields(msgs) is None, msgs
+
+    with hung(pg1):
+        inflight.send_query("COMMIT")
+        t0 = time.monotonic()
+        pg2.promote()
+        msgs = messages_until_close(inflight, timeout=15)
+        t_closed = time.monotonic() - t0
+        f = error_fields(msgs)
+        assert f and f.get("C") == "57P01" and "failover" in f.get("M", ""), msgs
+        assert ("C", b"COMMIT\0") not in msgs, msgs
+        f2 = error_fields(messages_until_close(idle_in_tx, timeout=5))
+        assert f2 and f2.get("C") == "57P01", f2
+        assert t_closed < 10, f"closed {t_closed:.2f}s after the promotion"
+        with relay.connect(connect_timeout=10) as conn:
+            port, rec = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
+        assert (port, rec) == (pg2.port, False)
+    # pg1 runs again: nothing it does now reaches the closed clients
+    assert inflight.read_message() is None
+    wait_for(pg1.answers, timeout=10, what="pg1 to answer again")
+
+
+# --------------------------------------------------------------------------- #
+# 4. no write session before a probe confirmed the leader
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def silent_node():
+    """A TCP port that accepts connections and never says a word (a node whose first probe
+    lasts health_timeout)."""
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(64)
+    try:
+        yield lsn.getsockname()[1]
+    finally:
+        lsn.close()
+
+
+def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms_it(
+    make_cluster, ha_relay
+):
+    """pgrelay.ini names pg2 role = primary, but pg2 is a replica (the configured role is stale,
+    as it often is under an HA manager); a third node takes 3 s to answer its first probe.
+    A write sent the moment the port listens waits until the agent has confirmed the leader,
+    and lands on pg1, the real primary: it never reaches pg2 (25006 read-only)."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    pg1.query("CREATE TABLE w (at int)")
+    c.wait_caught_up(pg2)
+    with silent_node() as slow_port:
+        nodes = [
+            ("pg1", {"host": pg1.host, "port": pg1.port, "role": "replica"}),
+            ("pg2", {"host": pg2.host, "port": pg2.port, "role": "primary"}),
+            ("slow", {"host": "127.0.0.1", "port": slow_port, "role": "replica"}),
+        ]
+        relay = start_ha_relay(c, agent={**AGENT, "health_timeout": "3s"}, nodes=nodes,
+                               wait=False, workers=1)
+        try:
+            from conftest import port_listening
+
+            wait_for(lambda: port_listening(relay.port), timeout=15, interval=0.005,
+                     what="pgrelay to listen")
+            t0 = time.monotonic()
+            with relay.connect(connect_timeout=10) as conn:
+                port = conn.execute(
+                    "INSERT INTO w VALUES (1) RETURNING inet_server_port()").fetchone()[0]
+            took = time.monotonic() - t0
+            assert port == pg1.port
+            # confirmed by pg1's and pg2's first probes, not held for the silent node's 3 s
+            assert took < 2.5, f"the write waited {took:.2f}s"
+        finally:
+            destroy_relay(relay)
+
+
+# --------------------------------------------------------------------------- #
+# 3. honest replica lag
+# --------------------------------------------------------------------------- #
+
+
+def read_session_port(relay):
+    with psycopg.connect(relay.conninfo(port=relay.read_port, connect_timeout=5),
+                         autocommit=True) as conn:
+        return conn.execute("SELECT inet_server_port()").fetchone()[0]
+
+
+def test_a_replica_that_is_not_streaming_gets_no_read_session_though_nothing_was_replayed(
+    make_cluster, ha_relay
+):
+    """pg3 has no WAL receiver (its primary_conninfo names a port nobody listens on) and was
+    restarted, so pg_last_xact_replay_timestamp() is NULL there. The leader writes a few kB
+    pg3 never gets: pg3 is not readable (its lag is not 0), every read session goes to pg2,
+    which streams, and sees the leader's rows."""
+    c = make_cluster(replicas=2)
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE r (x int)")
+    pg1.query("CHECKPOINT")
+    c.wait_caught_up(pg3)
+    pg3.query("CHECKPOINT")  # a restartpoint after the last commit: nothing to replay at start
+    pg3.query("ALTER SYSTEM SET primary_conninfo = "
+              f"'host=127.0.0.1 port={free_port()} user=postgres'")
+    pg3.stop("fast")
+    pg3.start()
+    wait_for(pg3.answers, timeout=30, what="pg3 to take connections")
+    assert pg3.scalar("SELECT pg_last_xact_replay_timestamp() IS NULL")
+    relay = ha_relay(c, read_fallback="none")
+    pg1.query("INSERT INTO r SELECT generate_series(1, 100)")
+    c.wait_caught_up(pg2)
+    wait_for(lambda: show_nodes(relay)["pg2"]["readable"], timeout=10, what="pg2 readable")
+    wait_for(lambda: (show_nodes(relay)["pg3"]["lag_bytes"] or 0) > 0, timeout=10,
+             what="the agent to see pg3 behind the leader")
+    # some probe rounds after the insert: pg3 never becomes readable, its lag is not 0
+    deadline = time.monotonic() + 2.0
+    ports = []
+    while time.monotonic() < deadline:
+        nodes = show_nodes(relay)
+        assert not nodes["pg3"]["readable"], nodes["pg3"]
+        assert nodes["pg3"]["lag_ms"] != 0, nodes["pg3"]
+        ports.append(read_session_port(relay))
+    assert set(ports) == {pg2.port}, ports
+    with psycopg.connect(relay.conninfo(port=relay.read_port), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM r").fetchone()[0] == 100
+    assert log_lines(relay, "replica pg3 is not fit for reads: no WAL receiver")
+
+
+# --------------------------------------------------------------------------- #
+# 2. the read port through a failover
+# --------------------------------------------------------------------------- #
+
+
+def test_the_read_port_keeps_serving_replicas_while_there_is_no_write_leader(
+    make_cluster, ha_relay
+):
+    """The primary dies and nobody is promoted: there is no write leader, but both replicas
+    have every transaction the leader had, so read sessions keep going to them (none is
+    refused, with read_fallback = none)."""
+    c = make_cluster(replicas=2)
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE r (x int); INSERT INTO r SELECT generate_series(1, 10)")
+    c.wait_caught_up(pg2)
+    c.wait_caught_up(pg3)
+    relay = ha_relay(c, read_fallback="none")
+    wait_for(lambda: all(show_nodes(relay)[n]["readable"] for n in ("pg2", "pg3")),
+             timeout=10, what="pg2 and pg3 readable")
+    pg1.stop("immediate")
+    wait_for(lambda: admin_json_info(relay).get("write_leader") is None, timeout=10,
+             what="no write leader")
+    deadline = time.monotonic() + 2.0
+    ports = set()
+    while time.monotonic() < deadline:
+        ports.add(read_session_port(relay))
+    assert ports <= {pg2.port, pg3.port} and ports, ports
+    nodes = show_nodes(relay)
+    assert nodes["pg2"]["readable"] and nodes["pg3"]["readable"], nodes
+
+
+def admin_json_info(relay):
+    from cluster import show_info
+
+    return show_info(relay)
+
+
+def test_read_sessions_that_fell_back_to_the_leader_move_back_to_a_replica(
+    make_cluster, ha_relay
+):
+    """The only replica goes down: a read session falls back to the leader
+    (read_fallback = leader). When the replica is back and fit for reads, that session is
+    closed at its next safe point (FATAL 57P01, "fit for reads again") and the next read
+    session goes to the replica."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    relay = ha_relay(c, read_fallback="leader")
+    wait_for(lambda: show_nodes(relay)["pg2"]["readable"], timeout=10, what="pg2 readable")
+    pg2.stop("immediate")
+    wait_for(lambda: not show_nodes(relay)["pg2"]["readable"], timeout=10,
+             what="pg2 not readable")
+    fell_back = RawClient(relay.read_port, timeout=10)
+    fell_back.login()
+    assert raw_scalar(fell_back, "SELECT inet_server_port()") == str(pg1.port)
+    pg2.start()
+    f = error_fields(messages_until_close(fell_back, timeout=20))
+    assert f and f.get("C") == "57P01" and "fit for reads again" in f.get("M", ""), f
+    assert read_session_port(relay) == pg2.port
+
+
+# --------------------------------------------------------------------------- #
+# 6. a node that closes during startup
+# --------------------------------------------------------------------------- #
+
+
+class ClosingNode(threading.Thread):
+    """A TCP "node" that reads a client's startup packet and closes without a word (a server
+    shutting down, or the postmaster's child dying, during the login)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.lsn = socket.socket()
+        self.lsn.bind(("127.0.0.1", 0))
+        self.lsn.listen(16)
+        self.port = self.lsn.getsockname()[1]
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.lsn.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(1024)
+
+    def close(self):
+        self.lsn.close()
+
+
+def test_a_node_that_closes_during_startup_reaches_the_client_as_08006(relay_factory):
+    """The node reads the startup packet and closes: the client gets FATAL 08006 ("closed the
+    connection during startup"), not a bare EOF; a node's own FATAL is passed on alone."""
+    node = ClosingNode()
+    node.start()
+    try:
+        relay = relay_factory(agent="off",
+                              nodes=[("pg1", {"host": "127.0.0.1", "port": node.port,
+                                              "role": "primary"})])
+        for _ in range(2):
+            c = RawClient(relay.port, timeout=10)
+            c.send_startup()
+            msgs = messages_until_close(c, timeout=10)
+            f = error_fields(msgs)
+            assert f and f.get("C") == "08006" and "during startup" in f.get("M", ""), msgs
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(relay.conninfo(connect_timeout=5))
+        assert "during startup" in str(e.value)
+        assert relay.proc.poll() is None
+    finally:
+        node.close()
+    # a node's own FATAL during startup reaches the client as it is, with nothing after it
+    real = relay_factory()
+    c = RawClient(real.port, timeout=10)
+    c.send_startup(database="no_such_db")
+    msgs = messages_until_close(c, timeout=10)
+    errors = [parse for t, parse in msgs if t == "E"]
+    assert len(errors) == 1 and msgs[-1][0] == "E", msgs
+    assert error_fields(msgs).get("C") == "3D000", msgs
