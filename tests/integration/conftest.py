@@ -605,9 +605,11 @@ def write_config(path, port, pg, extra=None, nodes=None, sections=None):
         f.write("\n".join(lines) + "\n")
 
 
-def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), wrapper=()):
+def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), wrapper=(),
+                env=None):
     """pgrelay in the foreground with a generated config: ``extra`` [pgrelay] keys, ``sections``
-    other sections, ``flags`` more command-line flags, ``wrapper`` a command to run it under."""
+    other sections, ``flags`` more command-line flags, ``wrapper`` a command to run it under,
+    ``env`` variables added to its environment."""
     if not os.access(PGRELAY_BIN, os.X_OK):
         pytest.fail(f"pgrelay binary not found at {PGRELAY_BIN} (run make)")
     workdir = tempfile.mkdtemp(prefix="pgrelay-it-")
@@ -623,6 +625,7 @@ def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), 
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         logf.close()
         relay = Relay(workdir, port, conf, log_path, proc)
@@ -661,8 +664,9 @@ class RelayFactory:
         self.pg = pg
         self.started = []
 
-    def __call__(self, nodes=None, wait=True, sections=None, flags=(), wrapper=(), **extra):
-        r = start_relay(self.pg, extra, nodes, wait, sections, flags, wrapper)
+    def __call__(self, nodes=None, wait=True, sections=None, flags=(), wrapper=(), env=None,
+                 **extra):
+        r = start_relay(self.pg, extra, nodes, wait, sections, flags, wrapper, env)
         self.started.append(r)
         return r
 
