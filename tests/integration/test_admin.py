@@ -59,32 +59,6 @@ HELD = 0.7  # seconds a held statement/connection must stay unanswered
 
 
 
-def wait_admin_ready(relay):
-    """start_relay waits for the TCP port; the admin socket may come a moment later."""
-    path = admin_socket(relay)
-
-    def answers_show_info():
-        try:
-            return "version" in admin(path, "show info", timeout=2)
-        except OSError:
-            return False
-
-    wait_for(answers_show_info, timeout=10, what=f"admin socket {path} to answer")
-    return relay
-
-
-@pytest.fixture(scope="module")
-def relay(relay):
-    """conftest's module relay, once its admin socket answers."""
-    return wait_admin_ready(relay)
-
-
-@pytest.fixture
-def relay_factory(relay_factory):
-    """conftest's relay_factory, returning relays whose admin socket answers."""
-    return lambda **extra: wait_admin_ready(relay_factory(**extra))
-
-
 # A client that reads the refusal even if pgrelay closed before reading our line
 # (socat would stop at EPIPE on its write and print nothing).
 _PEER_SCRIPT = """
