@@ -47,6 +47,11 @@ SCRAM_USER, SCRAM_PASSWORD = "scramuser", "scram-secret-pw"
 
 DEFAULT_TEST_TIMEOUT = 120  # seconds; per-test watchdog (see pytest_runtest_call)
 
+# Seconds a loaded machine (two CPUs shared by several test runs) may add to a promised
+# deadline. A test of a timeout asserts "the timeout, and at most SCHED_SLACK more"; a bound
+# that only checks that something does not hang is looser still.
+SCHED_SLACK = 4.0
+
 
 # --------------------------------------------------------------------------- #
 # generic helpers
