@@ -11,6 +11,7 @@
 #include "worker.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -25,6 +26,8 @@ typedef struct cancel_req {
     struct event ev;
     uint8_t packet[PG_CANCEL_REQUEST_LEN];
     int fd;
+    int reply_fd;       /* the asking client's socket (a dup), closed when the node is done */
+    struct timeval tv;  /* server_connect_timeout: for the connect, then for the node's close */
 } cancel_req;
 
 int cancel_key_issue(shm_session *slot, uint32_t idx, uint8_t key_out[8])
@@ -56,30 +59,50 @@ static void cancel_req_free(cancel_req *r)
 {
     event_del(&r->ev);
     close(r->fd);
+    if (r->reply_fd >= 0)
+        close(r->reply_fd);
     free(r);
 }
 
-/* Writable (connected) or timed out: send the packet once and be done. */
+/* The node closed the cancel connection (PostgreSQL does once it has signalled the backend),
+ * or did not within the timeout: now the asking client may see its connection close, as it
+ * would have from the server itself, so its next statement cannot overtake the cancel. */
+static void cancel_on_done(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    cancel_req_free(arg);
+}
+
+/* Writable (connected) or timed out: send the packet once, then wait for the node's close. */
 static void cancel_on_ready(evutil_socket_t fd, short what, void *arg)
 {
     cancel_req *r = arg;
     if (what & EV_TIMEOUT) {
         log_warning("cancel request: connecting to the node timed out");
-    } else {
-        ssize_t n = send(fd, r->packet, sizeof(r->packet), MSG_NOSIGNAL);
-        if (n != (ssize_t)sizeof(r->packet))
-            log_warning("cancel request: sending to the node failed: %s",
-                        n < 0 ? strerror(errno) : "short write");
+        cancel_req_free(r);
+        return;
     }
-    cancel_req_free(r);
+    ssize_t n = send(fd, r->packet, sizeof(r->packet), MSG_NOSIGNAL);
+    if (n != (ssize_t)sizeof(r->packet)) {
+        log_warning("cancel request: sending to the node failed: %s",
+                    n < 0 ? strerror(errno) : "short write");
+        cancel_req_free(r);
+        return;
+    }
+    struct event_base *base = event_get_base(&r->ev);
+    event_assign(&r->ev, base, fd, EV_READ, cancel_on_done, r);
+    event_add(&r->ev, &r->tv);
 }
 
 void cancel_send(worker *w, const struct sockaddr_storage *addr, socklen_t addrlen,
-                 const char *node_name, uint32_t backend_pid, uint32_t backend_secret)
+                 const char *node_name, uint32_t backend_pid, uint32_t backend_secret,
+                 int reply_fd)
 {
     cancel_req *r = calloc(1, sizeof(*r));
     if (!r)
         return;
+    r->reply_fd = reply_fd >= 0 ? fcntl(reply_fd, F_DUPFD_CLOEXEC, 0) : -1;
     pg_put_u32(r->packet, PG_CANCEL_REQUEST_LEN);
     pg_put_u32(r->packet + 4, PG_CANCEL_REQUEST_CODE);
     pg_put_u32(r->packet + 8, backend_pid);
@@ -88,17 +111,20 @@ void cancel_send(worker *w, const struct sockaddr_storage *addr, socklen_t addrl
     r->fd = net_connect_nonblock(addr, addrlen, false, &err);
     if (r->fd < 0) {
         log_warning("cancel request: cannot connect to node %s: %s", node_name, strerror(err));
+        if (r->reply_fd >= 0)
+            close(r->reply_fd);
         free(r);
         return;
     }
-    struct timeval tv = {.tv_sec = w->cfg->server_connect_timeout_ms / 1000,
-                         .tv_usec = (w->cfg->server_connect_timeout_ms % 1000) * 1000};
+    r->tv.tv_sec = w->cfg->server_connect_timeout_ms / 1000;
+    r->tv.tv_usec = (w->cfg->server_connect_timeout_ms % 1000) * 1000;
     event_assign(&r->ev, w->base, r->fd, EV_WRITE, cancel_on_ready, r);
-    event_add(&r->ev, &tv);
+    event_add(&r->ev, &r->tv);
     shm_stat_add(&w->row->stats.cancels, 1);
 }
 
-void cancel_handle_request(worker *w, uint32_t pid, uint32_t secret, const char *client_addr)
+void cancel_handle_request(worker *w, uint32_t pid, uint32_t secret, const char *client_addr,
+                           int client_fd)
 {
     uint32_t idx = (pid & CANCEL_SLOT_MASK);
     shm_session snap;
@@ -126,5 +152,5 @@ void cancel_handle_request(worker *w, uint32_t pid, uint32_t secret, const char 
     log_debug("client %s: forwarding cancel of session %llu to node %s", client_addr,
               (unsigned long long)snap.id, snap.node_name);
     cancel_send(w, &snap.node_addr, snap.node_addrlen, snap.node_name, snap.backend_pid,
-                snap.backend_secret);
+                snap.backend_secret, client_fd);
 }

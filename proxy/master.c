@@ -22,6 +22,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define RESPAWN_FIRST_DELAY_MS 100   /* after a worker that died young */
@@ -32,6 +33,10 @@
 static master *master_self; /* the one master of this process, for timer callbacks */
 static volatile sig_atomic_t sig_child, sig_term, sig_int, sig_quit, sig_hup, sig_usr1;
 static int signal_pipe[2] = {-1, -1};
+/* PGRELAY_TEST_CHILD_DELAY_MS, a hook for the test suite only: every forked child waits this
+ * long before it drops the master's signal handlers, which widens the fork window that the
+ * blocked signals below must cover. 0 (unset) in production. */
+static int master_test_child_delay_ms;
 
 static void master_on_signal(int sig)
 {
@@ -75,6 +80,34 @@ static void master_install_signals(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
+/* Block the master's signals (the old mask into old) across fork(), so that none reaches a new
+ * child while it still has the master's handlers: that handler would set the child's copy of
+ * a flag and poke the master's pipe, and the signal (a SIGTERM at shutdown) would be lost. */
+static void master_block_signals(sigset_t *old)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    for (size_t i = 0; i < sizeof(master_signals) / sizeof(master_signals[0]); i++)
+        sigaddset(&set, master_signals[i]);
+    sigprocmask(SIG_BLOCK, &set, old);
+}
+
+/* In a new child, with the master's signals still blocked: back to the default actions, then
+ * the mask as it was before fork(). A signal that arrived meanwhile is delivered now, with its
+ * default action (SIGTERM, SIGINT and SIGQUIT end a child that has no session yet). */
+static void master_child_reset_signals(const sigset_t *old)
+{
+    if (master_test_child_delay_ms > 0) {
+        struct timespec ts = {master_test_child_delay_ms / 1000,
+                              (long)(master_test_child_delay_ms % 1000) * 1000000L};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+            ;
+    }
+    for (size_t k = 0; k < sizeof(master_signals) / sizeof(master_signals[0]); k++)
+        signal(master_signals[k], SIG_DFL);
+    sigprocmask(SIG_SETMASK, old, NULL);
+}
+
 static bool master_is_agent(const master *m, int i)
 {
     return i >= m->n_workers;
@@ -112,7 +145,11 @@ static void master_spawn(master *m, int i)
         evtimer_add(&c->ev_respawn, &tv);
         return;
     }
+    sigset_t old_mask;
+    master_block_signals(&old_mask);
     pid_t pid = fork();
+    if (pid != 0)
+        sigprocmask(SIG_SETMASK, &old_mask, NULL);
     if (pid < 0) {
         log_error("cannot fork worker %d: %s; retrying in %d ms", i, strerror(errno),
                   RESPAWN_MAX_DELAY_MS);
@@ -124,8 +161,7 @@ static void master_spawn(master *m, int i)
     }
     if (pid == 0) {
         /* The worker sets up its own handlers; drop the master's, and its descriptors. */
-        for (size_t k = 0; k < sizeof(master_signals) / sizeof(master_signals[0]); k++)
-            signal(master_signals[k], SIG_DFL);
+        master_child_reset_signals(&old_mask);
         close(signal_pipe[0]);
         close(signal_pipe[1]);
         close(pair[0]);
@@ -593,6 +629,12 @@ int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
         return 1;
     }
     master_install_signals();
+    const char *delay = getenv("PGRELAY_TEST_CHILD_DELAY_MS");
+    if (delay && atoi(delay) > 0) {
+        master_test_child_delay_ms = atoi(delay) > 10000 ? 10000 : atoi(delay);
+        log_warning("PGRELAY_TEST_CHILD_DELAY_MS is set: a test hook; every child waits %d ms "
+                    "after fork", master_test_child_delay_ms);
+    }
     event_assign(&m.ev_signal_pipe, m.base, signal_pipe[0], EV_READ | EV_PERSIST,
                  master_on_signal_pipe, &m);
     event_add(&m.ev_signal_pipe, NULL);

@@ -188,7 +188,7 @@ void session_close(session *s, const char *sqlstate, const char *message)
     if ((sqlstate || s->client_reset) && s->phase == PHASE_RELAY && !s->server_gone &&
         s->pending_syncs > 0 && atomic_load(&s->slot->backend_valid))
         cancel_send(w, &s->slot->node_addr, s->slot->node_addrlen, s->slot->node_name,
-                    s->slot->backend_pid, s->slot->backend_secret);
+                    s->slot->backend_pid, s->slot->backend_secret, -1);
 
     session_uncount(s);
     if (s->client_mask)
@@ -542,7 +542,7 @@ static void session_startup_packet(session *s, uint32_t len)
         s->startup_have = 0;
         return;
     case PG_STARTUP_CANCEL:
-        cancel_handle_request(w, st.cancel_pid, st.cancel_secret, s->client_addr);
+        cancel_handle_request(w, st.cancel_pid, st.cancel_secret, s->client_addr, s->cfd);
         session_close(s, NULL, NULL);
         return;
     case PG_STARTUP_MESSAGE:

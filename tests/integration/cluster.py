@@ -40,8 +40,10 @@ from conftest import (  # noqa: F401  (admin is re-exported for the failover tes
     admin_socket,
     _LIVE_RELAYS,
     _as_postgres,
+    _discard_relay,
     free_port,
     port_listening,
+    start_on_free_port,
     wait_for,
     write_config,
 )
@@ -386,8 +388,8 @@ def start_ha_relay(cluster, agent=None, nodes=None, wait=True, **extra):
     agent.setdefault("monitor_user", "postgres")
     nodes = nodes if nodes is not None else cluster.relay_nodes()
     cluster.relay_pinned = True
-    for attempt in range(3):
-        port = free_port()
+
+    def launch(port, attempt):
         if "read_listen_port" in extra and extra["read_listen_port"] == "auto":
             settings = dict(extra, read_listen_port=free_port())
         else:
@@ -397,39 +399,30 @@ def start_ha_relay(cluster, agent=None, nodes=None, wait=True, **extra):
         write_config(conf, port, None, settings, nodes)
         with open(conf, "a") as f:
             f.write("\n[agent]\n" + "".join(f"{k} = {v}\n" for k, v in agent.items()))
-        logf = open(log_path, "w")
-        proc = subprocess.Popen(
-            [PGRELAY_BIN, "-c", conf],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        logf.close()
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen(
+                [PGRELAY_BIN, "-c", conf],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         relay = Relay(workdir, port, conf, log_path, proc)
         relay.read_port = settings.get("read_listen_port") or None
         relay.settings = settings
         _LIVE_RELAYS.append(relay)
-        if not wait:
-            return relay
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            if port_listening(port) and (not relay.read_port or port_listening(relay.read_port)):
-                break
-            time.sleep(0.05)
-        if proc.poll() is None and port_listening(port):
-            wait_relay_ready(relay)
-            return relay
-        stop_relay(relay)
-        if "in use" in relay.log().lower() and attempt < 2:
-            continue
-        raise RuntimeError(
-            f"pgrelay did not start listening on {port} (exit={proc.poll()}):\n"
-            + relay.log_tail()
-        )
-    raise AssertionError("unreachable")
+        return relay
+
+    if not wait:
+        return launch(free_port(), 0)
+    relay = start_on_free_port(
+        launch,
+        lambda r: port_listening(r.port) and (not r.read_port or port_listening(r.read_port)),
+        _discard_relay,
+        "pgrelay",
+    )
+    wait_relay_ready(relay)
+    return relay
 
 
 def wait_relay_ready(relay, timeout=15):

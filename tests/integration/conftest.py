@@ -17,9 +17,12 @@ wait_for        poll a condition with a timeout
 """
 
 import contextlib
+import errno
+import fcntl
 import http.client as httplib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -43,6 +46,11 @@ MD5_USER, MD5_PASSWORD = "md5user", "md5-secret-pw"
 SCRAM_USER, SCRAM_PASSWORD = "scramuser", "scram-secret-pw"
 
 DEFAULT_TEST_TIMEOUT = 120  # seconds; per-test watchdog (see pytest_runtest_call)
+
+# Seconds a loaded machine (two CPUs shared by several test runs) may add to a promised
+# deadline. A test of a timeout asserts "the timeout, and at most SCHED_SLACK more"; a bound
+# that only checks that something does not hang is looser still.
+SCHED_SLACK = 4.0
 
 
 # --------------------------------------------------------------------------- #
@@ -85,10 +93,84 @@ def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
+# Test ports come from below the kernel's ephemeral range (ip_local_port_range, 32768-60999 on
+# Debian), so that no client socket can take one between free_port() and the daemon's bind. A
+# counter in PORT_STATE, under an exclusive lock, hands each port out once per cycle to every
+# pytest process on this machine (several run at the same time).
+PORT_FIRST, PORT_LAST = 20000, 32767
+PORT_STATE = "/tmp/pgrelay-test-ports"
+
+
+def _port_bindable(port):
+    """Nothing is bound to ``port`` on IPv4 or IPv6 (a TIME_WAIT socket counts as bound)."""
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0"),
+                         (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((addr, port))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6:
+                continue  # no IPv6 on this machine
+            return False
+    return True
+
+
 def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port below the ephemeral range, free right now, that no other caller of free_port
+    on this machine got in the last cycle of the range."""
+    span = PORT_LAST - PORT_FIRST + 1
+    fd = os.open(PORT_STATE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            following = int(os.pread(fd, 32, 0).decode() or "x")
+        except ValueError:
+            following = PORT_FIRST + random.randrange(span)
+        for _ in range(span):
+            port = following if PORT_FIRST <= following <= PORT_LAST else PORT_FIRST
+            following = PORT_FIRST + (port - PORT_FIRST + 1) % span
+            if _port_bindable(port):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(following).encode(), 0)
+                return port
+        raise AssertionError(f"no free TCP port in {PORT_FIRST}-{PORT_LAST}")
+    finally:
+        os.close(fd)
+
+
+PORT_IN_USE = ("in use", "cannot listen", "could not bind")  # what a daemon says when it lost
+                                                             # its port
+
+
+def start_on_free_port(launch, ready, discard, what, attempts=3, timeout=15, port=None,
+                       in_use=PORT_IN_USE, log=lambda handle: handle.log()):
+    """Start a daemon that listens on a port of free_port()'s, and wait until it is ready.
+
+    ``launch(port, attempt)`` starts it and returns a handle with ``.proc`` (its Popen);
+    ``log(handle)`` is what this start logged (default ``handle.log()``); ``ready(handle)`` says when it serves; ``discard(handle)`` kills a start that
+    failed. A start that ended saying its port was taken (``in_use``, case-insensitive) is
+    tried again on another port, or on ``port`` again (after a moment) when the daemon must
+    come back where its peers expect it. Fails the test with the log otherwise."""
+    for attempt in range(attempts):
+        chosen = port if port is not None else free_port()
+        handle = launch(chosen, attempt)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and handle.proc.poll() is None:
+            if ready(handle):
+                return handle
+            time.sleep(0.05)
+        rc = handle.proc.poll()
+        discard(handle)
+        text = log(handle)
+        if rc is not None and any(s in text.lower() for s in in_use) and attempt < attempts - 1:
+            if port is not None:
+                time.sleep(0.2)
+            continue
+        pytest.fail(f"{what} did not become ready on port {chosen} (exit {rc}):\n"
+                    + text[-3000:])
+    raise AssertionError("unreachable")
 
 
 def port_accepts(port, host="127.0.0.1", timeout=0.5):
@@ -563,20 +645,65 @@ class Relay:
                 f"pgrelay master {self.pid} still running after {timeout}s"
             ) from None
 
-    def stop(self):
-        """SIGINT, wait, SIGKILL the whole process group as a fallback."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        # the master runs in its own process group: make sure no worker outlives it
+    STOP_TIMEOUT = 10  # seconds from SIGINT to the master's exit: a fast shutdown of a test relay
+                       # takes well under one; more is a shutdown hang
+
+    def kill(self):
+        """SIGKILL the master's whole process group (it runs in its own) and reap the master."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
+
+    def stop(self, check=True):
+        """Fast shutdown (SIGINT). Unless the test already ended the master itself, the master
+        must exit 0 within STOP_TIMEOUT seconds without killing children at its deadline, and
+        leave no process of its group behind; else AssertionError (``check=False``: just make
+        sure it is gone). The process group is SIGKILLed afterwards in any case."""
+        problem = None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                rc = self.proc.wait(timeout=self.STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                problem = f"still running {self.STOP_TIMEOUT}s after SIGINT"
+            else:
+                if rc != 0:
+                    problem = f"exited with status {rc} after SIGINT"
+                elif "still running after the shutdown deadline" in self.log():
+                    problem = "had to kill children at its shutdown deadline"
+                elif _group_alive(self.proc.pid):
+                    problem = "exited, but processes of its group are still running"
+        self.kill()
+        if problem and check:
+            raise AssertionError(f"pgrelay master {self.pid} {problem}:\n{self.log_tail()}")
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_admin_ready(relay_or_path, timeout=10):
+    """Wait until the admin socket (a relay's, or a path) answers ``show info``; returns the
+    argument. start_relay already does this: for relays started otherwise (daemon mode, by
+    hand)."""
+    path = relay_or_path if isinstance(relay_or_path, str) else admin_socket(relay_or_path)
+
+    def answers_show_info():
+        try:
+            return "version" in admin(path, "show info", timeout=2)
+        except OSError:
+            return False
+
+    wait_for(answers_show_info, timeout=timeout, what=f"admin socket {path} to answer")
+    return relay_or_path
 
 
 def write_config(path, port, pg, extra=None, nodes=None, sections=None):
@@ -605,55 +732,63 @@ def write_config(path, port, pg, extra=None, nodes=None, sections=None):
         f.write("\n".join(lines) + "\n")
 
 
-def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), wrapper=()):
+def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), wrapper=(),
+                env=None):
     """pgrelay in the foreground with a generated config: ``extra`` [pgrelay] keys, ``sections``
-    other sections, ``flags`` more command-line flags, ``wrapper`` a command to run it under."""
+    other sections, ``flags`` more command-line flags, ``wrapper`` a command to run it under,
+    ``env`` variables added to its environment."""
     if not os.access(PGRELAY_BIN, os.X_OK):
         pytest.fail(f"pgrelay binary not found at {PGRELAY_BIN} (run make)")
     workdir = tempfile.mkdtemp(prefix="pgrelay-it-")
-    for attempt in range(3):
-        port = free_port()
+    sock = (extra or {}).get("admin_socket", os.path.join(workdir, "admin.sock"))
+
+    def launch(port, attempt):
         conf = os.path.join(workdir, "pgrelay.ini")
         log_path = os.path.join(workdir, f"pgrelay-{attempt}.log")
         write_config(conf, port, pg, extra, nodes, sections)
-        logf = open(log_path, "w")
-        proc = subprocess.Popen(
-            [*wrapper, PGRELAY_BIN, "-c", conf, *flags],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        logf.close()
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen(
+                [*wrapper, PGRELAY_BIN, "-c", conf, *flags],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
         relay = Relay(workdir, port, conf, log_path, proc)
         _LIVE_RELAYS.append(relay)
-        if not wait:
-            return relay
-        # Ready: the port listens and the admin socket (made just after it) answers.
-        sock = (extra or {}).get("admin_socket", os.path.join(workdir, "admin.sock"))
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            if port_listening(port) and (not sock or _unix_socket_answers(sock)):
-                return relay
-            time.sleep(0.05)
-        relay.stop()
-        if "in use" in relay.log().lower() and attempt < 2:
-            continue  # lost the free-port race; try another port
-        pytest.fail(
-            f"pgrelay did not start listening on {port} (exit={proc.poll()}):\n"
-            + relay.log_tail()
-        )
-    raise AssertionError("unreachable")
+        return relay
+
+    if not wait:
+        return launch(free_port(), 0)
+    # Ready: the port listens and the admin socket (made just after it) answers.
+    return start_on_free_port(
+        launch,
+        lambda r: port_listening(r.port) and (not sock or _unix_socket_answers(sock)),
+        _discard_relay,
+        "pgrelay",
+    )
+
+
+def _discard_relay(relay):
+    relay.stop(check=False)
+    with contextlib.suppress(ValueError):
+        _LIVE_RELAYS.remove(relay)
 
 
 def _teardown_relays(relays):
+    """Stop every relay (each must shut down cleanly, see Relay.stop), then report the ones
+    that did not."""
+    problems = []
     for r in relays:
-        r.stop()
+        try:
+            r.stop()
+        except AssertionError as e:
+            problems.append(str(e))
         with contextlib.suppress(ValueError):
             _LIVE_RELAYS.remove(r)
         shutil.rmtree(r.workdir, ignore_errors=True)
+    assert not problems, "\n\n".join(problems)
 
 
 class RelayFactory:
@@ -661,8 +796,9 @@ class RelayFactory:
         self.pg = pg
         self.started = []
 
-    def __call__(self, nodes=None, wait=True, sections=None, flags=(), wrapper=(), **extra):
-        r = start_relay(self.pg, extra, nodes, wait, sections, flags, wrapper)
+    def __call__(self, nodes=None, wait=True, sections=None, flags=(), wrapper=(), env=None,
+                 **extra):
+        r = start_relay(self.pg, extra, nodes, wait, sections, flags, wrapper, env)
         self.started.append(r)
         return r
 

@@ -28,7 +28,8 @@ import tempfile
 import time
 
 from cluster import wait_relay_ready
-from conftest import PGRELAY_BIN, Relay, _LIVE_RELAYS, admin_json, free_port, http_call as http
+from conftest import (PGRELAY_BIN, Relay, _LIVE_RELAYS, admin_json, http_call as http,
+                      start_on_free_port)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONTROL_BIN = os.path.abspath(
@@ -81,11 +82,9 @@ class ControlPlane:
 
     def start(self, timeout=20):
         """Start it (a new port the first time, the same port afterwards) and wait for /readyz."""
-        fixed = self.port is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            if not fixed:
-                self.port = free_port()
+
+        def launch(port, attempt):
+            self.port = port
             self._write_ini()
             self.starts += 1
             with open(self.log_path, "a") as logf:
@@ -94,18 +93,12 @@ class ControlPlane:
                 self.proc = subprocess.Popen([CONTROL_BIN, "-c", self.conf],
                                              stdin=subprocess.DEVNULL, stdout=logf,
                                              stderr=subprocess.STDOUT)
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if self.ready():
-                    return self
-                time.sleep(0.05)
-            rc = self.proc.poll()
-            self.stop()
-            if rc is not None and "cannot listen" in self.log_tail(5) and \
-                    time.monotonic() < deadline:
-                time.sleep(0.2)  # port taken meanwhile: another one (first start) or wait
-                continue
-            raise AssertionError(f"pgrelay-control did not become ready (exit {rc}):\n"
-                                 + self.log_tail())
+            return self
+
+        return start_on_free_port(launch, ControlPlane.ready, ControlPlane.stop,
+                                  "pgrelay-control", attempts=3 if self.port is None else 50,
+                                  timeout=timeout, port=self.port,
+                                  log=lambda c: c.log_tail(5))
 
     def ready(self):
         try:

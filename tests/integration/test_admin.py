@@ -19,7 +19,8 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import PGRELAY_BIN, admin, admin_json, admin_socket, pid_alive, wait_for
+from conftest import (PGRELAY_BIN, admin, admin_json, admin_socket, client_port, owning_worker,
+                      pid_alive, wait_for)
 
 # Every command the man page and the spec name (words only; arguments come after).
 ALL_COMMANDS = [
@@ -57,32 +58,6 @@ HELD = 0.7  # seconds a held statement/connection must stay unanswered
 
 
 
-
-
-def wait_admin_ready(relay):
-    """start_relay waits for the TCP port; the admin socket may come a moment later."""
-    path = admin_socket(relay)
-
-    def answers_show_info():
-        try:
-            return "version" in admin(path, "show info", timeout=2)
-        except OSError:
-            return False
-
-    wait_for(answers_show_info, timeout=10, what=f"admin socket {path} to answer")
-    return relay
-
-
-@pytest.fixture(scope="module")
-def relay(relay):
-    """conftest's module relay, once its admin socket answers."""
-    return wait_admin_ready(relay)
-
-
-@pytest.fixture
-def relay_factory(relay_factory):
-    """conftest's relay_factory, returning relays whose admin socket answers."""
-    return lambda **extra: wait_admin_ready(relay_factory(**extra))
 
 
 # A client that reads the refusal even if pgrelay closed before reading our line
@@ -285,7 +260,19 @@ def test_show_workers_has_one_row_per_worker_process(relay):
              what=f"the master's pgrelay children to be the workers {pids}")
     for r in rows:
         assert r["restarts"] == "0"
-        assert int(r["sessions"]) >= 0
+    # A held session is counted on the worker that holds it, and the rows add up to the
+    # sessions show clients lists.
+    with relay.connect(application_name=new_app()) as c:
+        c.execute("SELECT 1")
+        owner = owning_worker(relay, client_port(c))
+
+        def counted():
+            rows = admin_json(relay, "show workers")
+            by_pid = {int(r["pid"]): int(r["sessions"]) for r in rows}
+            live = len(admin_json(relay, "show clients"))
+            return by_pid.get(owner, 0) >= 1 and sum(by_pid.values()) == live
+
+        wait_for(counted, timeout=5, what=f"worker pid {owner} to count the session")
 
 
 def test_show_clients_lists_a_session_with_its_user_database_and_state(relay):
@@ -346,10 +333,12 @@ def test_show_nodes_lists_the_primary_as_write_leader(relay, pg):
         assert node["port"] == str(pg.port)
         assert node["role"] == "primary"
         assert node["leader"] == "yes"
-        assert node["health"] in ("up", "down", "unknown")
-        # "sessions" (pgrelay(8)); builds with a read port split it into write/read
-        sessions = node["sessions"] if "sessions" in node else node["write_sessions"]
-        assert int(sessions) >= 1, node
+        # The agent probes the node at start: a running server is "up" once it has.
+        wait_for(lambda: admin_json(relay, "show nodes")[0]["health"] == "up", timeout=10,
+                 what="pg1 to be probed up")
+        # pgrelay(8): sessions on the write and on the read-only port, per node.
+        node = admin_json(relay, "show nodes")[0]
+        assert node["write_sessions"] >= 1 and node["read_sessions"] == 0, node
 
 
 def _stats_total(relay):
@@ -434,19 +423,24 @@ def test_show_config_lists_every_key_and_whether_reload_changes_it(relay, pg):
     assert sections == {"pgrelay", "agent", "control", "node.pg1"}, sections
 
 
-def test_show_config_masks_the_token_and_the_passwords(relay_factory):
+def test_show_config_masks_the_token_and_the_passwords(relay_factory, pg):
     secrets = ["tok-" + uuid.uuid4().hex, "pw-" + uuid.uuid4().hex, "nodepw-" + uuid.uuid4().hex]
     r = relay_factory(
+        agent="off",
         sections={"agent": {"monitor_password": secrets[1]},
                   "control": {"endpoint": "", "token": secrets[0]}},
+        nodes=[("pg1", {"host": "127.0.0.1", "port": pg.port, "role": "primary",
+                        "monitor_password": secrets[2]}),
+               ("pg2", {"host": "127.0.0.1", "port": pg.port, "role": "replica"})],
     )
     out = admin(r, "show config; show config json")
-    for secret in secrets[:2]:
+    for secret in secrets:
         assert secret not in out
     rows = {row["key"]: row for row in admin_json(r, "show config")}
     assert rows["control.token"]["value"] == "********"
     assert rows["agent.monitor_password"]["value"] == "********"
-    assert rows["node.pg1.monitor_password"]["value"] == ""  # not set: nothing to hide
+    assert rows["node.pg1.monitor_password"]["value"] == "********"
+    assert rows["node.pg2.monitor_password"]["value"] == ""  # not set: nothing to hide
     assert rows["agent.monitor_user"]["value"] == "postgres"  # not a secret
 
 

@@ -72,21 +72,36 @@ def test_cancel_hits_only_the_targeted_session(relay, pg):
         assert qa.result is not None and len(qa.result) == 1
 
 
+SLOT_BITS = 20  # proxy/cancel.c: the low 20 bits of pgrelay's key pid name a session slot + 1
+
+
 def test_cancel_request_with_wrong_key_cancels_nothing(relay, pg):
     conn, q, backend_pid = start_sleep(relay, pg, seconds=2)
     with conn:
-        fake_pid = conn.info.backend_pid
-        for pid, key in [(fake_pid, 12345), (backend_pid, 0), (1, 1)]:
+        key_pid = conn.info.backend_pid  # pgrelay's key, not the backend's
+        assert key_pid != backend_pid
+        cases = [
+            # the session's key pid with a wrong secret
+            (key_pid, 12345, "cancel request with a wrong secret for session"),
+            # the session's slot with another tag: a session that is not there
+            (key_pid ^ (1 << SLOT_BITS), 0, "cancel request for a session that does not exist"),
+            # slot 0 names no session at all
+            (1 << SLOT_BITS, 1, "cancel request with an unknown key"),
+            # the backend's own pid: pgrelay keys are the only ones that count
+            (backend_pid, 0, "; ignored"),
+        ]
+        for pid, key, logged in cases:
+            mark = len(relay.log())
             with RawClient(relay.port) as raw:
-                raw.send(struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, pid, key))
+                me = "127.0.0.1:%d" % raw.sock.getsockname()[1]
+                raw.send(struct.pack("!iIiI", 16, CANCEL_REQUEST_CODE, pid, key))
                 # pgrelay closes the cancel connection without answering
                 assert raw.read_message() is None
+            wait_for(lambda: [line for line in relay.log()[mark:].splitlines()
+                              if f"client {me}: " in line and logged in line],
+                     timeout=5, what=f"{logged!r} logged for the cancel of pid {pid}")
         q.join(15)
         assert q.error is None, f"query was cancelled by a wrong key: {q.error!r}"
-    log = relay.log()
-    assert "cancel request with a wrong secret" in log, log[-3000:]
-    assert "cancel request with an unknown key" in log or \
-        "cancel request for a session that does not exist" in log, log[-3000:]
 
 
 def test_a_cancel_accepted_by_another_worker_reaches_the_node(relay_factory, pg):
@@ -111,10 +126,18 @@ def test_a_cancel_accepted_by_another_worker_reaches_the_node(relay_factory, pg)
     raise AssertionError("60 cancels all landed on the session's own worker")
 
 
-def test_cancel_of_idle_session_is_harmless(conn):
-    conn.cancel()
-    time.sleep(0.2)  # let a (wrong) cancel arrive if one were sent
-    assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
+def test_cancel_of_idle_session_is_harmless(relay_factory):
+    relay = relay_factory(log_level="debug")
+    with relay.connect() as conn:
+        conn.execute("SELECT 1")
+        mark = len(relay.log())
+        conn.cancel()
+        # The cancel really went to the node (an idle backend ignores it) ...
+        wait_for(lambda: "forwarding cancel of session" in relay.log()[mark:], timeout=5,
+                 what="the cancel to be forwarded")
+        # ... and neither the session nor its next statement pays for it.
+        assert conn.execute("SELECT pg_sleep(0.3), 'still here'").fetchone()[1] == "still here"
+        assert conn.execute("SELECT 'and after'").fetchone() == ("and after",)
 
 
 def test_cancel_inside_transaction_aborts_only_the_statement(relay, pg):
@@ -143,7 +166,8 @@ def test_cancels_from_many_sessions_concurrently(relay, pg):
         for conn, q, _ in sessions:
             q.join(10)
             assert isinstance(q.error, errors.QueryCanceled), repr(q.error)
-            assert q.ended_at - t0 < 3.0
+            # not a promise of speed: only that no cancel waited for the 30 s sleep to end
+            assert q.ended_at - t0 < 10, q.ended_at - t0
     finally:
         for conn, _, _ in sessions:
             conn.close()

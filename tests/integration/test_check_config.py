@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import PGRELAY_BIN, free_port
+from conftest import PGRELAY_BIN, admin, admin_socket, free_port
 
 GOOD = textwrap.dedent(
     """\
@@ -179,11 +179,18 @@ def test_second_pgrelay_on_a_port_in_use_exits_1_with_a_clear_message(tmp_path, 
 
 def test_second_pgrelay_next_to_a_running_one_exits_1(relay_factory, tmp_path):
     first = relay_factory()
+    sock = admin_socket(first)
+    inode = os.stat(sock).st_ino
+    workers = first.worker_pids()
+    # The same file: the same port, and the same admin socket path.
     path = write(tmp_path, open(first.conf_path).read())
     r = run_pgrelay("-c", path, timeout=15)
     assert r.returncode == 1, r.stderr
     assert "in use" in r.stderr.lower(), r.stderr
-    # the first one is unaffected
+    # the first one is unaffected: its sessions, its workers, and its console, whose socket
+    # the second one neither removed nor replaced
     with first.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
-    assert os.path.exists(first.conf_path)
+    assert first.proc.poll() is None and first.worker_pids() == workers
+    assert os.stat(sock).st_ino == inode
+    assert re.search(rf"^pid +{first.pid}$", admin(sock, "show info"), re.M)

@@ -33,7 +33,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import free_port, http_call as call, pid_alive, wait_for
+from conftest import free_port, http_call as call, pid_alive, start_on_free_port, wait_for
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONTROL_BIN = os.path.abspath(
@@ -159,32 +159,24 @@ def start_control(store, wait_ready=True, **ini):
     if not os.access(CONTROL_BIN, os.X_OK):
         pytest.fail(f"{CONTROL_BIN} is not built (make bin/pgrelay-control)")
     workdir = tempfile.mkdtemp(prefix="pgrelay-control-it-")
-    for attempt in range(3):
-        port = free_port()
+
+    def launch(port, attempt):
         conf = os.path.join(workdir, "control.ini")
         log_path = os.path.join(workdir, f"control-{attempt}.log")
         write_ini(conf, port, store, **ini)
         with open(log_path, "w") as logf:
             proc = subprocess.Popen([CONTROL_BIN, "-c", conf], stdin=subprocess.DEVNULL,
                                     stdout=logf, stderr=subprocess.STDOUT)
-        c = Control(workdir, port, conf, log_path, proc, store)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                status, _ = c.call("GET", "/healthz", timeout=2)
-            except OSError:
-                time.sleep(0.05)
-                continue
-            if status == 200 and (not wait_ready or c.ready()):
-                return c
-            time.sleep(0.05)
-        c.stop()
-        if "in use" in c.log() and attempt < 2:
-            continue
-        log = c.log()
-        shutil.rmtree(workdir, ignore_errors=True)
-        pytest.fail(f"pgrelay-control did not start (exit {proc.poll()}):\n{log[-3000:]}")
-    raise AssertionError("unreachable")
+        return Control(workdir, port, conf, log_path, proc, store)
+
+    def ready(c):
+        try:
+            status, _ = c.call("GET", "/healthz", timeout=2)
+        except OSError:
+            return False
+        return status == 200 and (not wait_ready or c.ready())
+
+    return start_on_free_port(launch, ready, lambda c: c.stop(), "pgrelay-control")
 
 
 @pytest.fixture

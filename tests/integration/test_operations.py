@@ -27,6 +27,7 @@ from conftest import (
     free_port,
     pid_alive,
     port_listening,
+    wait_admin_ready,
     wait_for,
     write_config,
 )
@@ -39,30 +40,6 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 # --------------------------------------------------------------------------- #
 
 
-
-
-def wait_admin_ready(path):
-    """The admin socket may come a moment after the TCP port: poll until it answers."""
-
-    def answers_show_info():
-        try:
-            return "version" in admin(path, "show info", timeout=2)
-        except OSError:
-            return False
-
-    wait_for(answers_show_info, timeout=10, what=f"admin socket {path} to answer")
-
-
-@pytest.fixture
-def relay_factory(relay_factory):
-    """conftest's relay_factory, returning relays whose admin socket answers."""
-
-    def start(**extra):
-        r = relay_factory(**extra)
-        wait_admin_ready(admin_socket(r))
-        return r
-
-    return start
 
 
 def show(path, topic):

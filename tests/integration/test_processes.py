@@ -14,6 +14,7 @@ import pytest
 
 from conftest import (
     PGRELAY_BIN,
+    SCHED_SLACK,
     RawClient,
     admin_json,
     child_pids,
@@ -253,7 +254,10 @@ def test_sigterm_closes_a_transaction_that_outlives_shutdown_timeout(relay_facto
     relay.signal(signal.SIGTERM)
     assert relay.wait_exit(15) == 0
     elapsed = time.monotonic() - t0
-    assert 1.5 <= elapsed < 10, f"exited after {elapsed:.1f}s with shutdown_timeout=2s"
+    # pgrelay(8): the session is closed at shutdown_timeout (2 s), by its worker: not before,
+    # and not by the master's SIGKILL 5 s after the deadline.
+    assert 1.9 <= elapsed < 2 + SCHED_SLACK, f"exited after {elapsed:.1f}s, shutdown_timeout=2s"
+    assert "still running after the shutdown deadline" not in relay.log(), relay.log()
     with pytest.raises(psycopg.OperationalError):
         tx.execute("SELECT 1")
     tx.close()
@@ -272,7 +276,7 @@ def test_sigint_closes_sessions_immediately_and_exits(relay_factory, pg):
     workers = relay.worker_pids()
 
     relay.signal(signal.SIGINT)
-    relay.wait_exit(5)
+    assert relay.wait_exit(5) == 0
 
     for c in (idle, tx):
         with pytest.raises(psycopg.OperationalError):
@@ -293,7 +297,7 @@ def test_sigquit_exits_immediately(relay_factory):
     c.execute("SELECT 1")
     workers = relay.worker_pids()
     relay.signal(signal.SIGQUIT)
-    relay.wait_exit(5)
+    assert relay.wait_exit(5) == 0
     wait_for(lambda: not any(pid_alive(w) for w in workers), timeout=5, what="workers to exit")
     assert not port_accepts(relay.port)
     with pytest.raises(psycopg.OperationalError):

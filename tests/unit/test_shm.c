@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
@@ -126,7 +127,19 @@ typedef struct race {
     atomic_long torn;
     atomic_long reads;
     atomic_long backwards;
+    atomic_long overlapped; /* reads during which at least one publish completed */
 } race;
+
+#define RACE_MIN_PUBLISHES  20000
+#define RACE_MIN_OVERLAPPED 1000 /* below this the test did not exercise the race */
+#define RACE_MAX_SECONDS    20
+
+static double race_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 static void *race_reader(void *arg)
 {
@@ -134,7 +147,10 @@ static void *race_reader(void *arg)
     shm_route_table *out = malloc(sizeof(*out));
     uint64_t last_epoch = 0;
     while (!atomic_load(&r->stop)) {
+        uint64_t before = shm_routes_version(r->shm);
         shm_routes_read(r->shm, out);
+        if (shm_routes_version(r->shm) != before)
+            atomic_fetch_add(&r->overlapped, 1);
         if (!table_whole(out))
             atomic_fetch_add(&r->torn, 1);
         if (out->epoch < last_epoch)
@@ -156,7 +172,11 @@ static void test_readers_racing_a_writer_never_see_a_torn_or_older_table(void **
     pthread_t readers[3];
     for (int i = 0; i < 3; i++)
         assert_int_equal(pthread_create(&readers[i], NULL, race_reader, &r), 0);
-    for (uint64_t e = 2; e < 20000; e++) {
+    /* Publish until enough reads have overlapped a publish (a read that saw none proves
+     * nothing about tearing), within a time limit. */
+    double deadline = race_now() + RACE_MAX_SECONDS;
+    for (uint64_t e = 2; e < RACE_MIN_PUBLISHES || (atomic_load(&r.overlapped) < RACE_MIN_OVERLAPPED
+                                                    && race_now() < deadline); e++) {
         table_fill(in, e);
         shm_routes_publish(r.shm, in);
     }
@@ -167,6 +187,9 @@ static void test_readers_racing_a_writer_never_see_a_torn_or_older_table(void **
     atomic_store(&r.stop, true);
     for (int i = 0; i < 3; i++)
         pthread_join(readers[i], NULL);
+    printf("    %ld reads, %ld of them overlapped a publish\n", atomic_load(&r.reads),
+           atomic_load(&r.overlapped));
+    assert_true(atomic_load(&r.overlapped) >= RACE_MIN_OVERLAPPED);
     assert_int_equal(atomic_load(&r.torn), 0);
     assert_int_equal(atomic_load(&r.backwards), 0);
     free(in);
