@@ -2,7 +2,7 @@
 #
 #   make            build bin/pgrelay
 #   make deps       install every build and test dependency from Debian packages
-#   make test       deps + build + unit tests + integration tests (real PostgreSQL)
+#   make test       deps + build + unit tests + integration and fault-injection tests
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
 #   make install    PREFIX=/usr/local DESTDIR=
@@ -142,6 +142,8 @@ integration: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
 	$(if $(SANITIZER_DIR),rm -rf $(SANITIZER_DIR) && mkdir -p $(SANITIZER_DIR))
 	$(SANITIZER_ENV) PGRELAY_BIN=$(abspath $(PGRELAY)) PGRELAY_CONTROL_BIN=$(abspath $(CONTROL)) \
 	PGRELAYCTL_BIN=$(abspath $(CTL)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/integration
+	$(SANITIZER_ENV) PGRELAY_BIN=$(abspath $(PGRELAY)) PGRELAY_CONTROL_BIN=$(abspath $(CONTROL)) \
+	PGRELAYCTL_BIN=$(abspath $(CTL)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/faults
 
 test: deps
 	@$(MAKE) --no-print-directory all

@@ -53,6 +53,20 @@ static int cmd_maintenance(json_t *args, char *detail, size_t len)
     }
     bool on = json_is_true(on_j);
     int64_t timeout_ms = arg_int(args, "resume_after_s", 0) * 1000;
+    int64_t until_ms = arg_int(args, "until_ms", 0);
+    if (on && until_ms > 0) {
+        /* A pause with an end (the dead-man time): it ends at whichever comes first of the
+         * delay and the wall-clock time, so a late delivery does not pause past the end. */
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        int64_t left = until_ms - ((int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000);
+        if (left <= 0) {
+            snprintf(detail, len, "not pausing: the pause's end time has passed");
+            return -1;
+        }
+        if (timeout_ms <= 0 || left < timeout_ms)
+            timeout_ms = left;
+    }
     uint64_t arg = (on ? 1u : 0u) | ((uint64_t)(timeout_ms > 0 ? timeout_ms : 0) << 1);
     if (channel_send(control.master_fd, CHANNEL_MAINTENANCE, arg) != 0) {
         snprintf(detail, len, "cannot reach the pgrelay master");
@@ -60,7 +74,14 @@ static int cmd_maintenance(json_t *args, char *detail, size_t len)
     }
     for (int waited = 0; waited < EFFECT_WAIT_MS; waited += STEP_MS) {
         if ((atomic_load(&control.shm->maintenance) != 0) == on) {
-            snprintf(detail, len, "maintenance %s", on ? "on" : "off");
+            if (on && timeout_ms > 0) {
+                snprintf(detail, len, "maintenance on, resuming by itself in %lld ms",
+                         (long long)timeout_ms);
+                log_info("control plane: pause ends by itself in %lld ms unless resumed",
+                         (long long)timeout_ms);
+            } else {
+                snprintf(detail, len, "maintenance %s", on ? "on" : "off");
+            }
             return 0;
         }
         nap();

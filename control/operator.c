@@ -33,6 +33,12 @@ typedef enum op_kind {
 
 static const char *const op_kind_names[] = {"maintenance", "reload", "switchover", "config"};
 
+/* Environment variable of the fault-injection tests: an orchestration whose step it names
+ * (pause, promote, switch, resume) is done holds there, acting on nothing more, until its
+ * deadline, so that a test can kill the control plane after that step. Never set it in
+ * production. */
+#define OPERATOR_TEST_HOLD_ENV "PGRELAY_CONTROL_TEST_HOLD"
+
 /* Where an orchestration is. */
 typedef enum op_step {
     STEP_MAINTENANCE, /* OP_MAINTENANCE: waiting for the maintenance acks */
@@ -44,6 +50,23 @@ typedef enum op_step {
     STEP_PREPARE,     /* config: config_prepare everywhere */
     STEP_COMMIT,      /* config: config_commit everywhere */
 } op_step;
+
+/* A step's name in the log and for OPERATOR_TEST_HOLD_ENV (NULL: not a switchover step). */
+static const char *op_step_name(op_step step)
+{
+    switch (step) {
+    case STEP_PAUSE:
+        return "pause";
+    case STEP_PROMOTE:
+        return "promote";
+    case STEP_SET_LEADER:
+        return "switch";
+    case STEP_RESUME:
+        return "resume";
+    default:
+        return NULL;
+    }
+}
 
 /* One proxy's answer in the current step. */
 typedef enum op_answer {
@@ -63,7 +86,8 @@ typedef struct operator_op {
     struct evhttp_request *req; /* the operator's request, answered at the end */
     op_kind kind;
     op_step step;
-    int64_t timeout_s;   /* each step waits this long for its acks */
+    int64_t timeout_s;   /* the whole orchestration ends within this (the operator's timeout) */
+    int64_t deadline_ms; /* monotonic time at which it ends, done or not */
     struct event *timer; /* the current step's deadline */
     int64_t command_id;  /* the current step's command */
     op_target *targets;  /* the current step's proxies */
@@ -153,6 +177,24 @@ static json_t *op_maintenance_args(bool on, int64_t resume_after_s)
     return json_pack("{s:b, s:I}", "on", on, "resume_after_s", (json_int_t)resume_after_s);
 }
 
+/* Milliseconds left before the orchestration's deadline (0 when it has passed). */
+static int64_t op_left_ms(const operator_op *op)
+{
+    int64_t left = op->deadline_ms - control_mono_ms();
+    return left > 0 ? left : 0;
+}
+
+/* Args of a fleet-wide pause that ends by itself (the dead-man time): the orchestration's
+ * deadline plus OPERATOR_PAUSE_MARGIN_S, as a delay and as a wall-clock time, so that a
+ * proxy that never hears from the control plane again, or hears this late, resumes then. */
+static json_t *op_pause_args(const operator_op *op)
+{
+    int64_t end_ms = op_left_ms(op) + OPERATOR_PAUSE_MARGIN_S * 1000;
+    return json_pack("{s:b, s:I, s:I}", "on", 1, "resume_after_s",
+                     (json_int_t)((end_ms + 999) / 1000), "until_ms",
+                     (json_int_t)(control_now_ms() + end_ms));
+}
+
 static void op_timeout(evutil_socket_t fd, short what, void *arg);
 static void op_step_done(operator_op *op);
 
@@ -168,6 +210,34 @@ static void op_fire(state_deployment *dep, const char *type, json_t *args)
             agents_wake(live[i]);
     }
     json_decref(args);
+}
+
+/* Arm the timer for the orchestration's deadline. Returns 0, or -1 after ending the op. */
+static int op_arm_deadline(operator_op *op)
+{
+    int64_t left = op_left_ms(op);
+    struct timeval tv = {.tv_sec = (time_t)(left / 1000), .tv_usec = (left % 1000) * 1000};
+    if (!op->timer)
+        op->timer = evtimer_new(control.base, op_timeout, op);
+    if (!op->timer || evtimer_add(op->timer, &tv) != 0) {
+        op_finish_error(op, 500, "cannot start the timer");
+        return -1;
+    }
+    return 0;
+}
+
+/* The test hook OPERATOR_TEST_HOLD_ENV names the step just done: wait for the deadline. */
+static bool op_test_hold(operator_op *op)
+{
+    const char *hold = getenv(OPERATOR_TEST_HOLD_ENV);
+    const char *name = op_step_name(op->step);
+    if (!hold || !name || strcmp(hold, name) != 0)
+        return false;
+    log_warning("deployment %s: %s holds after its %s step until its deadline (%s is set: a "
+                "test hook)", op->dep->name, op_kind_names[op->kind], name, OPERATOR_TEST_HOLD_ENV);
+    op->command_id = 0;
+    op_arm_deadline(op);
+    return true;
 }
 
 /* Start a step: queue the command (args stolen) for targets and wait. May end the op (no
@@ -205,13 +275,8 @@ static void op_send(operator_op *op, op_step step, const char *type, json_t *arg
     }
     log_info("deployment %s: %s: command %" PRId64 " (%s) to %d prox%s", op->dep->name,
              op_kind_names[op->kind], op->command_id, type, n, n == 1 ? "y" : "ies");
-    struct timeval tv = {.tv_sec = (time_t)op->timeout_s, .tv_usec = 0};
-    if (!op->timer)
-        op->timer = evtimer_new(control.base, op_timeout, op);
-    if (!op->timer || evtimer_add(op->timer, &tv) != 0) {
-        op_finish_error(op, 500, "cannot start the timer");
+    if (op_arm_deadline(op) != 0)
         return;
-    }
     for (int i = 0; i < n; i++)
         agents_wake(targets[i]);
 }
@@ -296,6 +361,8 @@ static void op_step_done(operator_op *op)
 {
     if (op->timer)
         evtimer_del(op->timer);
+    if (op_test_hold(op))
+        return;
     switch (op->step) {
     case STEP_MAINTENANCE:
     case STEP_RELOAD:
@@ -322,7 +389,8 @@ static void op_step_done(operator_op *op)
         int64_t lsn = op->old_leader[0] ? leader_highest_lsn(op->dep, op->old_leader) : 0;
         op_send(op, STEP_PROMOTE, "promote",
                 json_pack("{s:s, s:s, s:I, s:I}", "node", op->node, "old", op->old_leader,
-                          "wait_lsn", (json_int_t)lsn, "timeout_s", (json_int_t)op->timeout_s),
+                          "wait_lsn", (json_int_t)lsn, "timeout_s",
+                          (json_int_t)((op_left_ms(op) + 999) / 1000)),
                 &p, 1);
         return;
     }
@@ -492,6 +560,7 @@ static operator_op *op_begin(http_call *call, op_kind kind)
     op->req = call->req;
     op->kind = kind;
     op->timeout_s = timeout_s;
+    op->deadline_ms = control_mono_ms() + timeout_s * 1000;
     call->dep->op = op;
     return op;
 }
@@ -546,7 +615,7 @@ void operator_switchover(http_call *call)
     log_info("deployment %s: switchover to %s%s requested", call->dep->name, node,
              promote ? " with promote" : "");
     if (promote)
-        op_send_live(op, STEP_PAUSE, "maintenance", op_maintenance_args(true, 0));
+        op_send_live(op, STEP_PAUSE, "maintenance", op_pause_args(op));
     else
         op_send_set_leader(op);
 }

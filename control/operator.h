@@ -10,6 +10,7 @@
 
 #define OPERATOR_DEFAULT_TIMEOUT_S 30   /* timeout_s when the request gives none */
 #define OPERATOR_MAX_TIMEOUT_S     3600 /* longest timeout_s accepted */
+#define OPERATOR_PAUSE_MARGIN_S    5    /* a switchover's pause ends this long after its deadline */
 
 void operator_maintenance(http_call *call);
 void operator_reload(http_call *call);

@@ -931,7 +931,9 @@ def test_switchover_with_promote_pauses_promotes_switches_and_resumes(control, a
         types = [t for t in agent.types() if t != "promote"]
         assert types == ["maintenance", "set_leader", "maintenance"], agent.types()
         on, off = agent.commands("maintenance")
-        assert on["args"] == {"on": True, "resume_after_s": 0}
+        # the pause ends by itself at the switchover's deadline plus 5 s (dead-man pause)
+        assert on["args"]["on"] is True and 10 < on["args"]["resume_after_s"] <= 15, on
+        assert abs(on["args"]["until_ms"] / 1000 - time.time() - 15) < 5, on
         assert off["args"] == {"on": False, "resume_after_s": 0}
         assert agent.commands("set_leader")[0]["args"] == {"leader": "pg2", "epoch": 3}
 

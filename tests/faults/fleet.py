@@ -1,0 +1,305 @@
+"""The fault-injection suite's fleet: pgrelay-control with its store, two proxies with agents
+(proxy-a on 127.0.0.2, proxy-b on 127.0.0.3, each its own "host": see control_e2e_helpers.py),
+a primary pg1 and its synchronous replica pg2 (every acknowledged commit is on pg2 too).
+
+Each scenario builds its own fleet (``with Fleet.start(pg) as fleet:``), so that a fenced or
+promoted node never leaks into the next one, and checks the safety invariants with a
+``Watch`` (a thread that samples both proxies' consoles every few milliseconds) and
+``Writer``s (threads writing through each proxy and remembering what was acknowledged).
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import psycopg
+
+from cluster import Cluster
+from conftest import wait_for
+from control_e2e_helpers import (
+    ControlPlane,
+    cleanup_dir,
+    ctl_json,
+    info,
+    make_root,
+    render_ini,
+    run_ctl,
+    start_proxy,
+    stop_proxy,
+)
+
+ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
+TEST_HOLD_ENV = "PGRELAY_CONTROL_TEST_HOLD"  # pgrelay-control's test hook (pgrelay-control(8))
+
+
+def free_listen_port():
+    """A port free on every proxy address."""
+    with socket.socket() as s:
+        s.bind((ADDRESSES["proxy-a"], 0))
+        port = s.getsockname()[1]
+    for address in list(ADDRESSES.values())[1:]:
+        with socket.socket() as s:
+            s.bind((address, port))
+    return port
+
+
+def postmaster_pid(node):
+    with open(os.path.join(node.pgdata, "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+class Fleet:
+    def __init__(self, pg):
+        self.pg = pg
+        self.root = make_root()
+        self.store_db = "faults_" + uuid.uuid4().hex[:10]
+        self.control = None
+        self.cluster = None
+        self.proxies = {}
+        self.listen_port = None
+        self.started = time.monotonic()
+
+    @classmethod
+    def start(cls, pg, hold=None):
+        """A running fleet; ``hold`` sets the control plane's test hook (hold at that step)."""
+        f = cls(pg)
+        try:
+            f._start(hold)
+        except BaseException:
+            f.destroy()
+            raise
+        return f
+
+    def _start(self, hold):
+        self.pg.query(f"CREATE DATABASE {self.store_db}")
+        self.control = ControlPlane(
+            os.path.join(self.root, "control"),
+            f"host={self.pg.host} port={self.pg.port} user=postgres dbname={self.store_db} "
+            "connect_timeout=5")
+        os.makedirs(self.control.workdir)
+        self.start_control(hold)
+        self.cluster = Cluster.create(replicas=1, sync_standby="pg2")
+        self.cluster.relay_pinned = True
+        for attempt in range(3):
+            self.listen_port = free_listen_port()
+            try:
+                for node_id, address in ADDRESSES.items():
+                    self.proxies[node_id] = start_proxy(self.root, node_id, address, self.ini())
+                break
+            except AssertionError:
+                for r in self.proxies.values():
+                    stop_proxy(r)
+                self.proxies.clear()
+                if attempt == 2:
+                    raise
+        wait_for(lambda: set(self.live_proxies()) >= set(ADDRESSES), timeout=15,
+                 what="both proxies registered and live")
+        wait_for(lambda: self.control.deployment()["leader"] == "pg1", timeout=10,
+                 interval=0.1, what="the control plane to settle pg1 as the write leader")
+        wait_for(lambda: all(info(r)["write_leader"] == "pg1" for r in self.proxies.values()),
+                 timeout=10, what="both proxies routing to pg1")
+
+    def start_control(self, hold=None):
+        """(Re)start pgrelay-control, with the test hook set to ``hold`` or unset."""
+        old = os.environ.pop(TEST_HOLD_ENV, None)
+        try:
+            if hold:
+                os.environ[TEST_HOLD_ENV] = hold
+            self.control.start()
+        finally:
+            os.environ.pop(TEST_HOLD_ENV, None)
+            if old is not None:
+                os.environ[TEST_HOLD_ENV] = old
+
+    def destroy(self):
+        for r in self.proxies.values():
+            with contextlib.suppress(Exception):
+                stop_proxy(r)
+        if self.control:
+            self.control.stop()
+        if self.cluster is not None:
+            for n in self.cluster.nodes:  # a test may leave a node stopped with SIGSTOP
+                with contextlib.suppress(Exception):
+                    os.kill(postmaster_pid(n), signal.SIGCONT)
+            self.cluster.destroy()
+        with contextlib.suppress(Exception):
+            self.pg.query(f"DROP DATABASE IF EXISTS {self.store_db} WITH (FORCE)")
+        if os.environ.get("PGRELAY_E2E_KEEP"):
+            print(f"faults: logs kept in {self.root}")
+        else:
+            cleanup_dir(self.root)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    # -- helpers
+    @property
+    def a(self):
+        return self.proxies["proxy-a"]
+
+    @property
+    def b(self):
+        return self.proxies["proxy-b"]
+
+    def ini(self):
+        return render_ini(self.listen_port, os.path.join(self.root, "host"), self.control.url,
+                          self.cluster.relay_nodes())
+
+    def ctl(self, *args, **kw):
+        return run_ctl(self.control, *args, **kw)
+
+    def ctl_json(self, *args, **kw):
+        return ctl_json(self.control, *args, **kw)
+
+    def live_proxies(self):
+        return {k: v for k, v in self.control.proxies().items() if v["live"]}
+
+    def agent_pid(self, node_id):
+        return self.proxies[node_id].agent_pid()
+
+    def new_session_runs(self, relay, timeout=2.0):
+        """A new session through ``relay`` runs a statement within ``timeout`` seconds (a held
+        one is left to finish or fail in its thread)."""
+        result = []
+
+        def run():
+            try:
+                with psycopg.connect(relay.conninfo(connect_timeout=10), autocommit=True) as c:
+                    result.append(c.execute("SELECT 1").fetchone()[0] == 1)
+            except psycopg.Error:
+                result.append(False)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout)
+        return bool(result and result[0])
+
+
+def direct_write_fails(node, table):
+    """A fresh client's BEGIN READ WRITE; INSERT; COMMIT on ``node`` does not commit. Returns
+    the error text (AssertionError when it committed)."""
+    try:
+        with node.connect(autocommit=True, connect_timeout=3) as c:
+            c.execute("BEGIN READ WRITE")
+            c.execute(f"INSERT INTO {table} (proxy, n) VALUES ('direct', -1)")
+            c.execute("COMMIT")
+    except psycopg.Error as e:
+        return str(e).strip()
+    raise AssertionError(f"a direct write committed on {node.name}")
+
+
+# --------------------------------------------------------------------------- #
+# invariants
+# --------------------------------------------------------------------------- #
+
+
+class Watch:
+    """Samples ``show info`` of every proxy every few ms until stopped, and checks:
+
+    * at no moment do two unpaused proxies route writes to different nodes;
+    * every pause has an end time, and no proxy is still paused past it (plus ``slack``).
+    """
+
+    def __init__(self, fleet, slack=1.5):
+        self.fleet = fleet
+        self.slack = slack
+        self.samples = 0
+        self.violations = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            routes = {}
+            for node_id, relay in self.fleet.proxies.items():
+                try:
+                    own = info(relay)
+                except Exception:  # noqa: BLE001 - a proxy being restarted
+                    continue
+                now = time.time()
+                if own["maintenance"] == "on":
+                    until = own.get("maintenance_until")
+                    if not until:
+                        self._violate(f"{node_id} paused with no end time: {own}")
+                    elif now > _parse_time(until) + self.slack:
+                        self._violate(f"{node_id} still paused {now - _parse_time(until):.1f}s "
+                                      f"past its end time {until}")
+                elif own["write_leader"]:
+                    routes[node_id] = own["write_leader"]
+            if len(set(routes.values())) > 1:
+                self._violate(f"proxies route writes to different nodes: {routes}")
+            self.samples += 1
+            self._stop.wait(0.02)
+
+    def _violate(self, what):
+        if len(self.violations) < 20:
+            self.violations.append(what)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(10)
+
+    def check(self):
+        self.stop()
+        assert self.samples > 0, "the watch took no sample"
+        assert not self.violations, self.violations
+
+
+def _parse_time(text):
+    """show info's time: "YYYY-MM-DD HH:MM:SS", local time, whole seconds."""
+    return time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
+
+
+class Writer:
+    """Writes (proxy, n) rows through one proxy, one autocommit INSERT at a time, reconnecting
+    after errors; remembers each n whose commit was acknowledged."""
+
+    def __init__(self, relay, table, tag):
+        self.relay, self.table, self.tag = relay, table, tag
+        self.acked, self.errors = [], []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        n = 0
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.relay.conninfo(connect_timeout=2),
+                                           autocommit=True)
+                    conn.execute("SET statement_timeout = 5000")
+                n += 1
+                conn.execute(f"INSERT INTO {self.table} (proxy, n) VALUES (%s, %s)",
+                             (self.tag, n))
+                self.acked.append(n)
+            except psycopg.Error as e:
+                self.errors.append((n, str(e).strip()))
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+                self._stop.wait(0.05)
+            self._stop.wait(0.01)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def finish(self):
+        self._stop.set()
+        self.thread.join(15)
+
+
+def assert_no_acknowledged_write_lost(node, table, writers):
+    rows = set(node.query(f"SELECT proxy, n FROM {table}"))
+    for w in writers:
+        missing = [i for i in w.acked if (w.tag, i) not in rows]
+        assert not missing, f"{w.tag}: acknowledged rows missing on {node.name}: {missing[:10]}"
