@@ -6,8 +6,10 @@ Each test starts pgrelay with ``http_listen_port`` and talks plain HTTP to it, a
 
 import datetime
 import json
+import os
 import signal
 import socket
+import subprocess
 import time
 
 import psycopg
@@ -261,3 +263,66 @@ def test_a_port_in_use_stops_pgrelay_at_start_with_a_clear_error(relay_factory):
         r = relay_factory(http_listen_port=port, wait=False)
         assert r.wait_exit(15) == 1
         assert "http endpoint" in r.log() and "in use" in r.log().lower()
+
+
+def haproxy_status(sock_path):
+    """{server: status} of HAProxy's servers, from its stats socket (CSV of 'show stat')."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock_path)
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    head = lines[0].lstrip("# ").split(",")
+    sv, st = head.index("svname"), head.index("status")
+    return {f[sv]: f[st] for f in (line.split(",") for line in lines[1:] if line)
+            if f[sv] not in ("FRONTEND", "BACKEND")}
+
+
+def test_haproxy_with_httpchk_sends_new_sessions_only_to_a_pgrelay_that_can_take_writes(
+        http_relay, tmp_path):
+    good = http_relay()
+    bad = http_relay(nodes=[("pg1", {"host": "127.0.0.1", "port": free_port(),
+                                     "role": "primary"})])
+    front = free_port()
+    sock = str(tmp_path / "haproxy.sock")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""
+global
+    stats socket {sock} mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout check 2s
+listen pg
+    bind 127.0.0.1:{front}
+    balance roundrobin
+    option httpchk GET /health/is-ready
+    http-check expect status 200
+    default-server inter 200ms fall 1 rise 1 on-marked-down shutdown-sessions
+    server good 127.0.0.1:{good.port} check port {good.http_port}
+    server bad 127.0.0.1:{bad.port} check port {bad.http_port}
+""")
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: os.path.exists(sock) and haproxy_status(sock) == {
+            "good": "UP", "bad": "DOWN"}, timeout=15, what="HAProxy: good UP, bad DOWN")
+        for _ in range(20):  # round robin would send every other one to bad
+            with psycopg.connect(host="127.0.0.1", port=front, user="postgres",
+                                 dbname="postgres", connect_timeout=10) as c:
+                assert c.execute("SELECT 1").fetchone() == (1,)
+        # A pause takes the good one out within a check interval or so; resume brings it back.
+        admin(good, "pause 60s")
+        wait_for(lambda: haproxy_status(sock)["good"] == "DOWN", timeout=10,
+                 what="HAProxy marks the paused pgrelay DOWN")
+        admin(good, "resume")
+        wait_for(lambda: haproxy_status(sock)["good"] == "UP", timeout=10,
+                 what="HAProxy marks the resumed pgrelay UP")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0]
+    assert proc.returncode in (0, 143, -15), out
