@@ -38,7 +38,7 @@ DEB_BENCH := pgbouncer haproxy postgresql-contrib
 
 PROXY_PKGS := libevent inih jansson
 AGENT_PKGS := libevent libpq inih libcurl jansson
-CONTROL_PKGS := libevent libpq inih jansson openssl
+CONTROL_PKGS := libevent libevent_openssl libpq inih jansson openssl
 CTL_PKGS   := libcurl jansson
 UNIT_PKGS  := cmocka inih
 

@@ -367,8 +367,7 @@ static void *reporter_main(void *arg)
     int64_t next_queries = 0, next_schema = 0;
     shm_route_table *t = malloc(sizeof(*t));
 
-    if (!t || http_client_init(&c, r->cfg.control_endpoint, r->cfg.control_token,
-                               r->cfg.control_request_timeout_ms) != 0) {
+    if (!t || http_client_init(&c, &r->cfg) != 0) {
         log_error("control plane: cannot start the HTTP client");
         return NULL;
     }
@@ -491,8 +490,7 @@ static void *poller_main(void *arg)
     reach_state reach = {.who = "commands"};
     char path[256], detail[512];
 
-    if (http_client_init(&c, cfg->control_endpoint, cfg->control_token,
-                         cfg->control_request_timeout_ms) != 0) {
+    if (http_client_init(&c, cfg) != 0) {
         log_error("control plane: cannot start the HTTP client");
         return NULL;
     }

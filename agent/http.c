@@ -32,8 +32,9 @@ static size_t http_collect(char *ptr, size_t size, size_t nmemb, void *arg)
     return n;
 }
 
-int http_client_init(http_client *c, const char *endpoints, const char *token, long timeout_ms)
+int http_client_init(http_client *c, const config *cfg)
 {
+    const char *endpoints = cfg->control_endpoint;
     char list[1024];
     char *save = NULL;
     memset(c, 0, sizeof(*c));
@@ -48,8 +49,11 @@ int http_client_init(http_client *c, const char *endpoints, const char *token, l
             e[--len] = '\0'; /* paths start with '/' */
         snprintf(c->endpoints[c->n_endpoints++], sizeof(c->endpoints[0]), "%s", e);
     }
-    snprintf(c->token, sizeof(c->token), "%s", token);
-    c->timeout_ms = timeout_ms;
+    snprintf(c->token, sizeof(c->token), "%s", cfg->control_token);
+    c->timeout_ms = cfg->control_request_timeout_ms;
+    c->ca_file = cfg->control_ca_file;
+    c->cert_file = cfg->control_cert_file;
+    c->key_file = cfg->control_key_file;
     return 0;
 }
 
@@ -87,6 +91,13 @@ static long http_once(http_client *c, const char *base, const char *method, cons
     curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, http_collect);
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, &buf);
     curl_easy_setopt(curl, CURLOPT_USERAGENT, "pgrelay-agent/" PGRELAY_VERSION);
+    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (c->ca_file[0]) /* else the system's CAs */
+        curl_easy_setopt(curl, CURLOPT_CAINFO, c->ca_file);
+    if (c->cert_file[0]) {
+        curl_easy_setopt(curl, CURLOPT_SSLCERT, c->cert_file);
+        curl_easy_setopt(curl, CURLOPT_SSLKEY, c->key_file[0] ? c->key_file : c->cert_file);
+    }
 
     CURLcode rc = curl_easy_perform(curl);
     if (rc != CURLE_OK) {

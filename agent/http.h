@@ -2,6 +2,8 @@
 #ifndef PGRELAY_AGENT_HTTP_H
 #define PGRELAY_AGENT_HTTP_H
 
+#include "config.h"
+
 #include <jansson.h>
 #include <stdbool.h>
 
@@ -14,11 +16,15 @@ typedef struct http_client {
     int current;                        /* endpoint tried first (the last that answered) */
     char token[256];
     long timeout_ms;
+    const char *ca_file;                /* [control] ca_file, cert_file, key_file ("" = none) */
+    const char *cert_file;
+    const char *key_file;
     char error[256];                    /* why the last request failed */
 } http_client;
 
-/* Set up from the comma-separated endpoint list. Returns -1 when curl cannot start. */
-int http_client_init(http_client *c, const char *endpoints, const char *token, long timeout_ms);
+/* Set up from cfg's [control] keys: the comma-separated endpoint list, the token, the request
+ * timeout and the TLS files (cfg must outlive the client). Returns -1 when curl cannot start. */
+int http_client_init(http_client *c, const config *cfg);
 void http_client_free(http_client *c);
 
 /* Send a request (body may be NULL for GET) to path on the first endpoint that answers; on a

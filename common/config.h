@@ -91,6 +91,9 @@ typedef struct config {
     /* [control]: the control plane (empty endpoint = none) */
     char control_endpoint[1024];      /* comma-separated base URLs */
     char control_token[256];          /* the deployment's bearer token */
+    char control_ca_file[1024];       /* CA for https:// endpoints; "" = the system's */
+    char control_cert_file[1024];     /* client certificate for the control plane; "" = none */
+    char control_key_file[1024];      /* its key; "" = in cert_file */
     int control_request_timeout_ms;
     int metrics_interval_ms;
     int active_queries_interval_ms;

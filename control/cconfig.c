@@ -3,6 +3,7 @@
 #include "cconfig.h"
 #include "inifile.h"
 #include "log.h"
+#include "tls.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -43,6 +44,12 @@ const cconfig_key cconfig_keys[] = {
             "address the HTTP API listens on (IPv4, IPv6 or host name; 0.0.0.0 for all)"),
     CTL_KEY("listen_port", KEY_INT, "8080", false, listen_port, 1, 65535, NULL,
             "TCP port of the HTTP API"),
+    CTL_KEY("tls_cert_file", KEY_STRING, "", true, tls_cert_file, 0, 0, NULL,
+            "certificate chain (PEM) of HTTPS; with tls_key_file the API speaks only HTTPS"),
+    CTL_KEY("tls_key_file", KEY_STRING, "", true, tls_key_file, 0, 0, NULL,
+            "private key (PEM) of tls_cert_file"),
+    CTL_KEY("tls_client_ca_file", KEY_STRING, "", true, tls_client_ca_file, 0, 0, NULL,
+            "CA (PEM) that must have signed every client's certificate; empty = none asked"),
     CTL_KEY("store", KEY_STRING, NULL, false, store, 0, 0, NULL,
             "libpq connection string of the PostgreSQL database holding durable state"),
     CTL_KEY("admin_tokens", KEY_STRING, NULL, true, admin_tokens, 0, 0, NULL,
@@ -315,6 +322,18 @@ static void cconfig_validate(cconfig_parse *p)
             if (strcmp(cfg->deployments[j].token, d->token) == 0)
                 cconfig_error(p, d->line, "[deployment.%s] token is also the token of [%s%s]",
                               d->name, CCONFIG_DEPLOYMENT_PREFIX, cfg->deployments[j].name);
+    }
+    if (!cfg->tls_cert_file[0] != !cfg->tls_key_file[0])
+        cconfig_error(p, p->control_line, "[control] tls_cert_file and tls_key_file go together");
+    else if (cfg->tls_cert_file[0]) {
+        char err[CCONFIG_ERROR_LEN - 64];
+        SSL_CTX *ctx = tls_server_ctx(cfg->tls_cert_file, cfg->tls_key_file,
+                                      cfg->tls_client_ca_file, err, sizeof(err));
+        if (!ctx)
+            cconfig_error(p, p->control_line, "[control] %s", err);
+        SSL_CTX_free(ctx);
+    } else if (cfg->tls_client_ca_file[0]) {
+        cconfig_error(p, p->control_line, "[control] tls_client_ca_file needs tls_cert_file");
     }
     if (cfg->lease_interval_secs >= cfg->lease_duration_secs)
         cconfig_error(p, p->lease_line,

@@ -33,6 +33,9 @@ typedef struct cconfig {
     /* [control] */
     char listen_addr[256];
     int listen_port;
+    char tls_cert_file[PATH_MAX];          /* HTTPS certificate chain; "" = plain HTTP */
+    char tls_key_file[PATH_MAX];           /* its private key */
+    char tls_client_ca_file[PATH_MAX];     /* CA of required client certificates; "" = none */
     char store[2048];                      /* libpq conninfo of the durable store */
     char admin_tokens[CCONFIG_TOKENS_MAX]; /* comma-separated, as written */
     bool auto_register;                    /* unknown agent tokens create a deployment */

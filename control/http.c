@@ -15,8 +15,10 @@
 #include "operator.h"
 #include "views.h"
 #include "store.h"
+#include "tls.h"
 
 #include <ctype.h>
+#include <event2/bufferevent_ssl.h>
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -74,6 +76,7 @@ static const http_route http_routes[] = {
 static struct {
     struct evhttp *http;
     struct evhttp_bound_socket *bound;
+    SSL_CTX *tls; /* HTTPS: each connection's OpenSSL bufferevent is made from it; NULL = HTTP */
 } server;
 
 /* ---- replies ---- */
@@ -524,9 +527,34 @@ static void http_set_timeout(void)
     evhttp_set_timeout(server.http, (int)secs);
 }
 
+/* evhttp asks for each accepted connection's bufferevent: with TLS, an OpenSSL one that
+ * does the server side of the handshake before evhttp reads the request. */
+static struct bufferevent *http_tls_bufferevent(struct event_base *base, void *arg)
+{
+    (void)arg;
+    SSL *ssl = SSL_new(server.tls);
+    if (!ssl)
+        return NULL;
+    struct bufferevent *bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING,
+                                                            BEV_OPT_CLOSE_ON_FREE);
+    if (!bev)
+        SSL_free(ssl);
+    return bev;
+}
+
 int http_start(struct event_base *base, char *err, size_t err_len)
 {
     const cconfig *cfg = control.cfg;
+    if (cfg->tls_cert_file[0]) {
+        server.tls = tls_server_ctx(cfg->tls_cert_file, cfg->tls_key_file,
+                                    cfg->tls_client_ca_file, err, err_len);
+        if (!server.tls)
+            return -1;
+    } else if (!tls_addr_is_loopback(cfg->listen_addr)) {
+        log_warning("listening on %s without TLS: bearer tokens travel in clear (set "
+                    "tls_cert_file and tls_key_file)",
+                    cfg->listen_addr);
+    }
     server.http = evhttp_new(base);
     if (!server.http) {
         snprintf(err, err_len, "cannot create the HTTP server: out of memory");
@@ -539,6 +567,8 @@ int http_start(struct event_base *base, char *err, size_t err_len)
                                                 EVHTTP_REQ_PATCH | EVHTTP_REQ_OPTIONS);
     evhttp_set_default_content_type(server.http, HTTP_JSON_TYPE);
     evhttp_set_gencb(server.http, http_dispatch, NULL);
+    if (server.tls)
+        evhttp_set_bevcb(server.http, http_tls_bufferevent, NULL);
     http_set_timeout();
     errno = 0;
     server.bound = evhttp_bind_socket_with_handle(server.http, cfg->listen_addr,
@@ -553,10 +583,36 @@ int http_start(struct event_base *base, char *err, size_t err_len)
     return 0;
 }
 
+/* A reload renews the certificate, key and client CA for new connections; a file that does
+ * not load keeps the running ones (the reload already refused such a file). Turning HTTPS on
+ * or off takes a restart: the listening socket speaks one or the other. */
+static void http_renew_tls(void)
+{
+    const cconfig *cfg = control.cfg;
+    if (!cfg->tls_cert_file[0] != !server.tls) {
+        log_warning("reload: HTTPS %s only after a restart", server.tls ? "stops" : "starts");
+        return;
+    }
+    if (!server.tls)
+        return;
+    char err[512];
+    SSL_CTX *ctx = tls_server_ctx(cfg->tls_cert_file, cfg->tls_key_file, cfg->tls_client_ca_file,
+                                  err, sizeof(err));
+    if (!ctx) {
+        log_error("reload: %s; new connections keep the previous certificate", err);
+        return;
+    }
+    SSL_CTX_free(server.tls); /* connections still using it hold their own reference */
+    server.tls = ctx;
+    log_info("reload: HTTPS certificate %s loaded for new connections", cfg->tls_cert_file);
+}
+
 void http_apply_config(void)
 {
-    if (server.http)
+    if (server.http) {
         http_set_timeout();
+        http_renew_tls();
+    }
 }
 
 void http_stop(void)
@@ -565,4 +621,6 @@ void http_stop(void)
         evhttp_free(server.http);
     server.http = NULL;
     server.bound = NULL;
+    SSL_CTX_free(server.tls);
+    server.tls = NULL;
 }

@@ -8,6 +8,7 @@
 #include "log.h"
 #include "state.h"
 #include "store.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <event2/event.h>
@@ -357,6 +358,11 @@ int main(int argc, char **argv)
     if (check) {
         printf("%s: configuration is valid (%d deployment(s), %d admin token(s))\n", config_path,
                cfg->n_deployments, cfg->n_admin_tokens);
+        if (!cfg->tls_cert_file[0] && !tls_addr_is_loopback(cfg->listen_addr))
+            fprintf(stderr,
+                    "%s: warning: listen_addr %s is beyond loopback without TLS: bearer tokens "
+                    "travel in clear (set tls_cert_file and tls_key_file)\n",
+                    config_path, cfg->listen_addr);
         rc = 0;
         goto done;
     }

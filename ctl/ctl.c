@@ -20,11 +20,17 @@
 #define CTL_ENV_ENDPOINT      "PGRELAYCTL_ENDPOINT"
 #define CTL_ENV_TOKEN         "PGRELAYCTL_TOKEN"
 #define CTL_ENV_DEPLOYMENT    "PGRELAYCTL_DEPLOYMENT"
+#define CTL_ENV_CACERT        "PGRELAYCTL_CACERT"
+#define CTL_ENV_CERT          "PGRELAYCTL_CERT"
+#define CTL_ENV_KEY           "PGRELAYCTL_KEY"
 
 /* getopt_long values of the options without a short form. */
 enum ctl_opt_id {
     CTL_OPT_ENDPOINT = 256,
     CTL_OPT_TOKEN,
+    CTL_OPT_CACERT,     /* global: CA file for https:// endpoints */
+    CTL_OPT_CERT,       /* global: client certificate */
+    CTL_OPT_KEY,        /* global: its key */
     CTL_OPT_TIMEOUT,    /* global: HTTP timeout */
     CTL_OPT_NODE,       /* switchover */
     CTL_OPT_PROMOTE,    /* switchover */
@@ -41,6 +47,9 @@ enum ctl_opt_id {
 static const struct option ctl_global_options[] = {
     {"endpoint", required_argument, NULL, CTL_OPT_ENDPOINT},
     {"token", required_argument, NULL, CTL_OPT_TOKEN},
+    {"cacert", required_argument, NULL, CTL_OPT_CACERT},
+    {"cert", required_argument, NULL, CTL_OPT_CERT},
+    {"key", required_argument, NULL, CTL_OPT_KEY},
     {"deployment", required_argument, NULL, 'd'},
     {"output", required_argument, NULL, 'o'},
     {"timeout", required_argument, NULL, CTL_OPT_TIMEOUT},
@@ -175,6 +184,10 @@ static void ctl_usage(FILE *out)
             "); the next URL is tried when one\n"
             "                               cannot be reached or answers 503\n"
             "      --token TOKEN            admin token (env " CTL_ENV_TOKEN "; required)\n"
+            "      --cacert FILE            CA (PEM) the https:// endpoints must chain to (env\n"
+            "                               " CTL_ENV_CACERT "; default: the system's CAs)\n"
+            "      --cert FILE              client certificate (PEM) (env " CTL_ENV_CERT ")\n"
+            "      --key FILE               its private key (PEM) (env " CTL_ENV_KEY ")\n"
             "  -d, --deployment NAME        deployment (env " CTL_ENV_DEPLOYMENT "; default: the\n"
             "                               only one there is)\n"
             "  -o, --output table|json      output format (default table)\n"
@@ -277,6 +290,9 @@ static ctl_exit ctl_check_config_apply(ctl_ctx *ctx)
 typedef struct ctl_settings {
     const char *endpoint;
     const char *token;
+    const char *cacert;
+    const char *cert;
+    const char *key;
     bool help;
 } ctl_settings;
 
@@ -317,6 +333,15 @@ static int ctl_apply_option(ctl_ctx *ctx, ctl_settings *s, int opt, const char *
         return 0;
     case CTL_OPT_TOKEN:
         s->token = arg;
+        return 0;
+    case CTL_OPT_CACERT:
+        s->cacert = arg;
+        return 0;
+    case CTL_OPT_CERT:
+        s->cert = arg;
+        return 0;
+    case CTL_OPT_KEY:
+        s->key = arg;
         return 0;
     case 'd':
         ctx->deployment = arg;
@@ -470,6 +495,13 @@ int main(int argc, char **argv)
         goto done;
     }
     ctx.http = &http;
+    if (ctl_http_tls(&http, s.cacert ? s.cacert : ctl_env(CTL_ENV_CACERT),
+                     s.cert ? s.cert : ctl_env(CTL_ENV_CERT), s.key ? s.key : ctl_env(CTL_ENV_KEY),
+                     err, sizeof(err)) != 0) {
+        ctl_error("%s", err);
+        rc = CTL_EXIT_USAGE;
+        goto done;
+    }
     if (cmd->needs_deployment && !ctx.deployment &&
         (rc = ctl_resolve_deployment(&ctx)) != CTL_EXIT_OK)
         goto done;

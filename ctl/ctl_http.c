@@ -336,6 +336,12 @@ static ctl_attempt ctl_http_attempt(ctl_http *h, size_t i, const char *method, c
     curl_easy_reset(h->curl);
     curl_easy_setopt(h->curl, CURLOPT_URL, url);
     curl_easy_setopt(h->curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (h->cacert)
+        curl_easy_setopt(h->curl, CURLOPT_CAINFO, h->cacert);
+    if (h->cert) {
+        curl_easy_setopt(h->curl, CURLOPT_SSLCERT, h->cert);
+        curl_easy_setopt(h->curl, CURLOPT_SSLKEY, h->key ? h->key : h->cert);
+    }
     curl_easy_setopt(h->curl, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h->curl, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(h->curl, CURLOPT_ERRORBUFFER, curl_err);
@@ -441,4 +447,26 @@ ctl_exit ctl_http_request(ctl_http *h, const char *method, const char *path, con
 done:
     free(payload);
     return ans->rc;
+}
+
+int ctl_http_tls(ctl_http *h, const char *cacert, const char *cert, const char *key, char *err,
+                 size_t errlen)
+{
+    if (key && !cert) {
+        snprintf(err, errlen, "--key needs --cert");
+        return -1;
+    }
+    if (!cacert && !cert)
+        return 0;
+    for (size_t i = 0; i < h->n_endpoints; i++) {
+        if (strncasecmp(h->endpoints[i], "https://", 8) != 0) {
+            snprintf(err, errlen, "%s is not https://: with --cacert or --cert every endpoint "
+                     "must use TLS", h->endpoints[i]);
+            return -1;
+        }
+    }
+    h->cacert = cacert;
+    h->cert = cert;
+    h->key = key;
+    return 0;
 }

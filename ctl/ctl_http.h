@@ -17,6 +17,9 @@ typedef struct ctl_http {
     size_t n_endpoints;
     size_t current;          /* the endpoint that answered last; later requests start there */
     struct curl_slist *auth; /* Authorization, Accept and User-Agent headers */
+    const char *cacert;      /* TLS files (NULL = none): CA, client certificate and key */
+    const char *cert;
+    const char *key;
     int verbose;
 } ctl_http;
 
@@ -35,6 +38,11 @@ typedef struct ctl_answer {
 int ctl_http_init(ctl_http *h, const char *endpoints, const char *token, int verbose, char *err,
                   size_t errlen);
 void ctl_http_free(ctl_http *h);
+
+/* TLS files for https:// endpoints (each may be NULL). With any of them, every endpoint must be
+ * https:// so that the token never travels in clear: -1 with a message in err otherwise. */
+int ctl_http_tls(ctl_http *h, const char *cacert, const char *cert, const char *key, char *err,
+                 size_t errlen);
 
 /* METHOD path (starting with "/") with body (NULL: none) as JSON. Tries the endpoints in turn,
  * beginning with the last one that answered, while they cannot be reached or answer 503. A
