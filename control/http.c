@@ -535,8 +535,8 @@ static struct bufferevent *http_tls_bufferevent(struct event_base *base, void *a
     SSL *ssl = SSL_new(server.tls);
     if (!ssl)
         return NULL;
-    struct bufferevent *bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING,
-                                                            BEV_OPT_CLOSE_ON_FREE);
+    struct bufferevent *bev = bufferevent_openssl_socket_new(
+        base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
     if (!bev)
         SSL_free(ssl);
     return bev;
