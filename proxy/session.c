@@ -144,9 +144,16 @@ void session_close(session *s, const char *sqlstate, const char *message)
 {
     worker *w = worker_self;
     if (sqlstate) {
-        /* Only when nothing else is queued for the client would the error arrive intact. */
-        if (s->to_client.len == s->to_client.off)
+        /* The error goes out only where a message may begin: after the last whole message
+         * from the node (what is queued for the client is sent first, if the socket takes it
+         * now). In the middle of a DataRow or CopyData it would desynchronise the client,
+         * which then reports lost synchronisation instead of the SQLSTATE: there, just close. */
+        if (pg_scan_at_boundary(&s->server_scan) && !s->client_reset &&
+            relay_flush(s, &s->to_client, s->cfd) == 0 && s->to_client.len == s->to_client.off)
             session_send_error(s, "FATAL", sqlstate, message);
+        else
+            log_debug("client %s: closed mid-message; no room for an error message",
+                      s->client_addr);
         shm_stat_add(&w->row->stats.errors, 1);
         if (s->counter)
             atomic_fetch_add_explicit(&s->counter->errors, 1, memory_order_relaxed);

@@ -4,14 +4,13 @@ terminated clients, sessions closed mid-message, held sessions whose client left
 import os
 import socket
 import struct
-import threading
 import time
 import uuid
 
-import psycopg
 import pytest
 
 from conftest import RawClient, admin, admin_json, data_rows, error_fields, wait_for
+from pgstub import PgStub, data_row, row_description
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -175,3 +174,73 @@ def test_a_client_that_resets_mid_statement_frees_its_backend_at_once(relay, pg)
     backend = wait_for(lambda: pg.active_query_pid(app), what="pg_sleep to start")
     raw.close(reset=True)  # it can read nothing more: pgrelay cancels for it
     wait_for(lambda: not pg.pid_exists(backend), what=f"backend {backend} to end")
+
+
+# --------------------------------------------------------------------------- #
+# item 5: pgrelay's own error only at a message boundary
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def stub_factory():
+    stubs = []
+
+    def make(**kw):
+        stubs.append(PgStub(**kw))
+        return stubs[-1]
+
+    yield make
+    for s in stubs:
+        s.close()
+
+
+def stub_relay(relay_factory, stub, **extra):
+    """A pgrelay whose one node is the stub (no agent: the stub answers no health checks)."""
+    return relay_factory(agent="off", nodes=[("stub", {"host": "127.0.0.1", "port": stub.port,
+                                                        "role": "primary"})], **extra)
+
+
+def recv_exactly(sock, n):
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"EOF after {len(got)} of {n} bytes: {got[:80]!r}"
+        got += chunk
+    return got
+
+
+def recv_to_eof(sock):
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+@pytest.mark.parametrize("mode", ["stall_mid_row", "stall_after_row"])
+def test_pgrelays_own_error_reaches_the_client_only_at_a_message_boundary(relay_factory,
+                                                                         stub_factory, mode):
+    stub = stub_factory(mode=mode)
+    r = stub_relay(relay_factory, stub)
+    app = f"boundary-{mode}"
+    row = data_row(b"stub" * 1000)
+    relayed = row_description() + (row[: len(row) // 2] if mode == "stall_mid_row" else row)
+    with RawClient(r.port) as raw:
+        raw.login(application_name=app)
+        raw.send_query("SELECT big")
+        assert recv_exactly(raw.sock, len(relayed)) == relayed
+        (me,) = clients_named(r, app)
+        assert not admin(r, f"kill client {me['id']}").startswith("error")
+        rest = recv_to_eof(raw.sock)
+    if mode == "stall_mid_row":
+        # the old code spliced its FATAL into the half-sent DataRow: the client lost sync
+        assert rest == b"", rest
+    else:
+        assert rest[:1] == b"E", rest
+        (length,) = struct.unpack("!i", rest[1:5])
+        assert len(rest) == 1 + length, rest
+        assert error_fields([("E", rest[5:])])["C"] == "57P01", rest
