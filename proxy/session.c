@@ -21,6 +21,7 @@
 static void session_on_startup(evutil_socket_t fd, short what, void *arg);
 static void session_on_connected(evutil_socket_t fd, short what, void *arg);
 static void session_on_timer(evutil_socket_t fd, short what, void *arg);
+static void session_on_held_client(evutil_socket_t fd, short what, void *arg);
 static void session_timer_rearm(session *s);
 static void session_request_probe(worker *w);
 
@@ -103,10 +104,10 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
     s->client_mask = EV_READ;
     evtimer_assign(&s->ev_timer, w->base, session_on_timer, s);
     if (w->cfg->client_login_timeout_ms > 0)
-        s->login_deadline_us = shm_now_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
+        s->login_deadline_us = worker_clock_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
     if (w->cfg->client_startup_timeout_ms > 0)
         s->startup_deadline_us =
-            shm_now_us() + (int64_t)w->cfg->client_startup_timeout_ms * 1000;
+            worker_clock_us() + (int64_t)w->cfg->client_startup_timeout_ms * 1000;
     session_timer_rearm(s);
 
     worker_session_added(w, s);
@@ -138,6 +139,11 @@ static void session_uncount(session *s)
     relay_node_flush(s);
     atomic_fetch_sub(s->read_port ? &s->counter->read_sessions : &s->counter->write_sessions, 1);
     s->counter = NULL;
+    /* A slot names its node only while counted on it: the master uncounts a dead worker's
+     * sessions by that name. */
+    shm_session_write_begin(s->slot);
+    s->slot->node_name[0] = '\0';
+    shm_session_write_end(s->slot);
 }
 
 void session_close(session *s, const char *sqlstate, const char *message)
@@ -211,7 +217,7 @@ void session_close_when_safe_for(session *s, const char *sqlstate, const char *m
     s->close_at_safe_point = true;
     s->close_sqlstate = sqlstate;
     if (grace_ms >= 0) {
-        int64_t deadline = shm_now_us() + (int64_t)grace_ms * 1000;
+        int64_t deadline = worker_clock_us() + (int64_t)grace_ms * 1000;
         if (!s->close_deadline_us || deadline < s->close_deadline_us)
             s->close_deadline_us = deadline;
         session_timer_rearm(s);
@@ -236,6 +242,9 @@ void session_arm(session *s)
         want_s = EV_WRITE;
         break;
     case PHASE_HELD:
+        /* Waiting for a leader or for resume: only watch for the client going away. */
+        if (!s->client_hup_seen)
+            want_c = EV_CLOSED;
         break;
     case PHASE_RELAY:
         if (s->client_eof) {
@@ -256,6 +265,8 @@ void session_arm(session *s)
             want_s |= EV_WRITE;
         else if (!(w->maintenance && session_at_safe_point(s)))
             want_c |= EV_READ;
+        else if (!s->client_hup_seen)
+            want_c |= EV_CLOSED; /* held: notice a client that leaves */
         if (s->to_client.len == s->to_client.off)
             want_s |= EV_READ;
         else
@@ -267,7 +278,10 @@ void session_arm(session *s)
             event_del(&s->ev_client);
         if (want_c) {
             event_assign(&s->ev_client, w->base, s->cfd, want_c | EV_PERSIST,
-                         s->phase == PHASE_STARTUP ? session_on_startup : relay_on_client, s);
+                         s->phase == PHASE_STARTUP ? session_on_startup
+                         : want_c == EV_CLOSED     ? session_on_held_client
+                                                   : relay_on_client,
+                         s);
             event_add(&s->ev_client, NULL);
         }
         s->client_mask = want_c;
@@ -285,12 +299,39 @@ void session_arm(session *s)
     }
 }
 
+/* A held session's client closed its side (or reset). With nothing sent but a Terminate, it
+ * has gone: end the session now rather than count it, and start a backend for it, when the
+ * hold ends. Having sent a statement first, it half-closed: that runs after the hold, as on a
+ * direct connection. */
+static void session_on_held_client(evutil_socket_t fd, short what, void *arg)
+{
+    static const uint8_t terminate[PG_MSG_HEADER_LEN] = {PG_MSG_TERMINATE, 0, 0, 0, 4};
+    session *s = arg;
+    uint8_t peek[PG_MSG_HEADER_LEN + 1];
+    (void)what;
+    ssize_t n = recv(fd, peek, sizeof(peek), MSG_PEEK | MSG_DONTWAIT);
+    bool only_terminate = n == (ssize_t)sizeof(terminate) &&
+                          memcmp(peek, terminate, sizeof(terminate)) == 0;
+    if ((n > 0 && !only_terminate) || (n < 0 && (errno == EAGAIN || errno == EINTR))) {
+        s->client_hup_seen = true; /* stop watching: the close stays signalled */
+        session_arm(s);
+        return;
+    }
+    if (n < 0)
+        s->client_reset = true;
+    log_info("client %s: left while held (%s); closing", s->client_addr,
+             s->phase == PHASE_HELD ? (s->waiting_leader ? "waiting for a write leader"
+                                                         : "new session during pause")
+                                    : "next statement held by pause");
+    session_close(s, NULL, NULL);
+}
+
 /* The one timer of a session fires at the earliest of its deadlines. */
 static void session_timer_rearm(session *s)
 {
     const int64_t deadlines[] = {s->login_deadline_us, s->startup_deadline_us,
                                  s->connect_deadline_us,
-                                 s->leader_wait_deadline_us, s->leader_poke_us,
+                                 s->leader_wait_until_us, s->leader_poke_us,
                                  s->close_deadline_us};
     int64_t next = 0;
     for (size_t i = 0; i < sizeof(deadlines) / sizeof(deadlines[0]); i++)
@@ -302,7 +343,7 @@ static void session_timer_rearm(session *s)
     }
     if (!next)
         return;
-    int64_t delta = next - shm_now_us();
+    int64_t delta = next - worker_clock_us();
     if (delta < 0)
         delta = 0;
     struct timeval tv = {.tv_sec = delta / 1000000, .tv_usec = delta % 1000000};
@@ -313,7 +354,7 @@ static void session_timer_rearm(session *s)
 static void session_on_timer(evutil_socket_t fd, short what, void *arg)
 {
     session *s = arg;
-    int64_t now = shm_now_us();
+    int64_t now = worker_clock_us();
     char msg[CONFIG_HOST_MAX + 128];
     (void)fd;
     (void)what;
@@ -340,7 +381,7 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
                       "login timeout: startup and authentication took too long");
         return;
     }
-    if (s->leader_wait_deadline_us && now >= s->leader_wait_deadline_us &&
+    if (s->leader_wait_until_us && now >= s->leader_wait_until_us &&
         s->phase == PHASE_HELD && s->waiting_leader) {
         log_warning("client %s: no write leader within no_leader_wait", s->client_addr);
         session_close(s, PG_SQLSTATE_CANNOT_CONNECT_NOW,
@@ -367,7 +408,7 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
 /* Ask the agent (through the master) to probe now: the leader did not answer. */
 static void session_request_probe(worker *w)
 {
-    int64_t now = shm_now_us();
+    int64_t now = worker_clock_us();
     if (now - w->last_probe_request_us > 100000) {
         w->last_probe_request_us = now;
         channel_send(w->channel_fd, CHANNEL_PROBE_NOW, 0);
@@ -390,12 +431,16 @@ static void session_connect(session *s)
         session_request_probe(w);
     switch (route) {
     case ROUTE_WAIT:
-        if (!s->leader_wait_deadline_us)
+        if (!s->leader_wait_deadline_us) {
+            /* The wall-clock copy is what route_pick reads; the timer uses the other. */
             s->leader_wait_deadline_us =
                 shm_now_us() + (int64_t)w->cfg->no_leader_wait_ms * 1000;
+            s->leader_wait_until_us =
+                worker_clock_us() + (int64_t)w->cfg->no_leader_wait_ms * 1000;
+        }
         s->phase = PHASE_HELD;
         s->waiting_leader = true;
-        s->leader_poke_us = shm_now_us() + LEADER_WAIT_POKE_US;
+        s->leader_poke_us = worker_clock_us() + LEADER_WAIT_POKE_US;
         s->login_deadline_us = 0;
         session_timer_rearm(s);
         session_arm(s);
@@ -409,6 +454,7 @@ static void session_connect(session *s)
     }
     s->waiting_leader = false;
     s->leader_wait_deadline_us = 0;
+    s->leader_wait_until_us = 0;
     s->leader_poke_us = 0;
     shm_node *n = &w->routes.nodes[node];
     if (n->addrlen == 0) {
@@ -442,7 +488,7 @@ static void session_connect(session *s)
                                       : &s->counter->write_sessions,
                          1);
     s->phase = PHASE_CONNECTING;
-    s->connect_deadline_us = shm_now_us() + (int64_t)w->cfg->server_connect_timeout_ms * 1000;
+    s->connect_deadline_us = worker_clock_us() + (int64_t)w->cfg->server_connect_timeout_ms * 1000;
     session_timer_rearm(s);
     session_arm(s);
 }
@@ -565,7 +611,7 @@ void session_release_held(session *s)
     if (s->phase != PHASE_HELD)
         return;
     if (w->cfg->client_login_timeout_ms > 0)
-        s->login_deadline_us = shm_now_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
+        s->login_deadline_us = worker_clock_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
     session_connect(s);
 }
 

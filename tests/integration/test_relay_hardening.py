@@ -2,6 +2,7 @@
 terminated clients, sessions closed mid-message, held sessions whose client left."""
 
 import os
+import signal
 import socket
 import struct
 import time
@@ -244,3 +245,102 @@ def test_pgrelays_own_error_reaches_the_client_only_at_a_message_boundary(relay_
         (length,) = struct.unpack("!i", rest[1:5])
         assert len(rest) == 1 + length, rest
         assert error_fields([("E", rest[5:])])["C"] == "57P01", rest
+
+
+# --------------------------------------------------------------------------- #
+# item 9: held sessions notice their client leaving; counters and limits
+# --------------------------------------------------------------------------- #
+
+
+def test_clients_that_leave_while_held_by_pause_are_let_go_at_once(relay_factory, pg):
+    r = relay_factory()
+    idle = r.connect(application_name="held-gone-idle")
+    idle.execute("SELECT 1")
+    backend = pg.backend_pids("held-gone-idle")[0]
+    paused(r)
+    try:
+        new = RawClient(r.port)
+        new.send_startup(application_name="held-gone-new")  # held before reaching a node
+        wait_for(lambda: clients_named(r, "held-gone-new"), what="the held new session")
+        idle.close()
+        new.close()
+        # the old code noticed neither until resume, and then started a backend for the new one
+        wait_for(lambda: not clients_named(r, "held-gone-idle"), what="idle session let go")
+        wait_for(lambda: not clients_named(r, "held-gone-new"), what="held new session let go")
+        wait_for(lambda: not pg.pid_exists(backend), what="the idle session's backend to end")
+        connects = stats_total(r, "server_connects")
+    finally:
+        admin(r, "resume")
+    with r.connect(application_name="after-resume") as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert stats_total(r, "server_connects") == connects + 1  # none for the one that left
+    assert pg.backend_pids("held-gone-new") == []
+
+
+def test_a_client_that_leaves_while_waiting_for_a_leader_is_let_go_at_once(relay_factory):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: the node refuses connections
+    try:
+        r = relay_factory(no_leader_wait="60s", nodes=[("gone", {
+            "host": "127.0.0.1", "port": dead.getsockname()[1], "role": "primary"})],
+            sections={"agent": {"health_interval": "100ms", "fall": 1}})
+        wait_for(lambda: admin_json(r, "show info")["write_leader"] is None,
+                 what="no write leader")
+        raw = RawClient(r.port)
+        raw.send_startup(application_name="waits-for-leader")
+        wait_for(lambda: clients_named(r, "waits-for-leader"), what="the waiting session")
+        raw.close()
+        wait_for(lambda: not clients_named(r, "waits-for-leader"), what="the session let go")
+    finally:
+        dead.close()
+
+
+def stats_total(relay, key):
+    (total,) = [w for w in admin_json(relay, "show stats")["workers"] if w["worker"] == "total"]
+    return total[key]
+
+
+def node_sessions(relay):
+    return {n["name"]: n["write_sessions"] for n in admin_json(relay, "show nodes")}
+
+
+def test_a_killed_workers_sessions_leave_the_node_session_counters(relay_factory):
+    r = relay_factory(workers=1)
+    pid = one_worker(r)
+    conns = [r.connect() for _ in range(3)]
+    try:
+        wait_for(lambda: node_sessions(r)["pg1"] == 3, what="three sessions on pg1")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: r.worker_pids() and r.worker_pids() != [pid], what="a new worker")
+        # the old code left them counted: read routing by least sessions stayed skewed
+        wait_for(lambda: node_sessions(r)["pg1"] == 0, what="the lost sessions uncounted")
+    finally:
+        for c in conns:
+            c.close()
+    with r.connect() as c:
+        c.execute("SELECT 1")
+        assert node_sessions(r)["pg1"] == 1
+
+
+def limits_of(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return tuple(int(x) for x in line.split()[3:5])
+    raise AssertionError("no open-files limit")
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit(relay_factory):
+    r = relay_factory(workers=1, wrapper=("prlimit", "--nofile=1024:8192", "--"))
+    assert limits_of(one_worker(r)) == (8192, 8192)
+    assert "descriptor limit raised from 1024 to 8192" in r.log()
+    assert "is below the" not in r.log()
+
+
+def test_a_descriptor_limit_too_low_for_max_client_conn_is_logged(relay_factory):
+    r = relay_factory(workers=1, max_client_conn=1000,
+                      wrapper=("prlimit", "--nofile=512:512", "--"))
+    assert "descriptor limit 512 is below the 2192 a worker may need for max_client_conn = 1000" \
+        in r.log()
+    with r.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
