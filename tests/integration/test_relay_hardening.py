@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import time
 import uuid
 
@@ -344,3 +345,66 @@ def test_a_descriptor_limit_too_low_for_max_client_conn_is_logged(relay_factory)
         in r.log()
     with r.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+# The wall clock steps an hour forward once the file named by CLOCK_STEP_FILE exists (as an
+# NTP step would); CLOCK_MONOTONIC is left alone.
+CLOCK_STEP_SHIM = r"""
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+static long shim_step(void)
+{
+    const char *f = getenv("CLOCK_STEP_FILE");
+    return f && access(f, F_OK) == 0 ? 3600 : 0;
+}
+int gettimeofday(struct timeval *tv, void *tz)
+{
+    long rc = syscall(SYS_gettimeofday, tv, tz);
+    if (rc == 0 && tv)
+        tv->tv_sec += shim_step();
+    return (int)rc;
+}
+int clock_gettime(clockid_t id, struct timespec *ts)
+{
+    long rc = syscall(SYS_clock_gettime, id, ts);
+    if (rc == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE))
+        ts->tv_sec += shim_step();
+    return (int)rc;
+}
+"""
+
+
+def test_a_wall_clock_step_does_not_cut_a_leader_wait_short(relay_factory, tmp_path):
+    src, so = tmp_path / "step.c", tmp_path / "step.so"
+    src.write_text(CLOCK_STEP_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    os.chmod(tmp_path, 0o755)
+    step = tmp_path / "stepped"
+    asan = os.environ.get("ASAN_OPTIONS", "")
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    try:
+        r = relay_factory(
+            no_leader_wait="60s",
+            nodes=[("gone", {"host": "127.0.0.1", "port": dead.getsockname()[1],
+                             "role": "primary"})],
+            sections={"agent": {"health_interval": "100ms", "fall": 1}},
+            wrapper=("env", f"LD_PRELOAD={so}", f"CLOCK_STEP_FILE={step}",
+                     f"ASAN_OPTIONS={asan}:verify_asan_link_order=0"))
+        wait_for(lambda: admin_json(r, "show info")["write_leader"] is None, what="no leader")
+        with RawClient(r.port) as raw:
+            raw.send_startup(application_name="waits-across-a-step")
+            wait_for(lambda: clients_named(r, "waits-across-a-step"), what="the waiting session")
+            step.touch()
+            # the session's timer wakes every 500 ms to ask for a probe; the old code then
+            # compared the stepped wall clock with its deadline and refused it with 57P03
+            raw.sock.settimeout(2)
+            with pytest.raises(socket.timeout):
+                raw.read_message()
+            assert clients_named(r, "waits-across-a-step")
+    finally:
+        dead.close()
