@@ -546,6 +546,53 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
     session_arm(s);
 }
 
+#define SESSION_MSG_NEGOTIATE_VERSION 'v' /* B: NegotiateProtocolVersion */
+#define SESSION_PROTOCOL_OPTION_PREFIX "_pq_." /* protocol extension options in a StartupMessage */
+
+/* The client asked for protocol 3.1 or later (3.2 has variable-length cancel keys, which
+ * pgrelay's cancel-key swap does not carry). Speak 3.0 with it, as a server that knows no
+ * newer minor version would: rewrite the StartupMessage in place to ask the node for 3.0
+ * without any _pq_ options, and answer the client with NegotiateProtocolVersion naming 3.0
+ * and the options it asked for. Returns the new packet length, or 0 when the answer does not
+ * fit (the session is then refused). */
+static uint32_t session_negotiate_down(session *s, uint32_t len)
+{
+    uint8_t out[PG_STARTUP_MAX_LEN];
+    uint8_t answer[PG_STARTUP_MAX_LEN + PG_MSG_HEADER_LEN + 8];
+    uint32_t n_options = 0;
+    size_t at = 8, alen = PG_MSG_HEADER_LEN + 8;
+    const char *p = (const char *)s->startup + 8, *end = (const char *)s->startup + len - 1;
+
+    /* Parameters were checked by pg_startup_parse: name\0value\0 pairs, then \0. */
+    while (p < end) {
+        size_t name_len = strlen(p), value_len = strlen(p + name_len + 1);
+        size_t pair = name_len + 1 + value_len + 1;
+        if (strncmp(p, SESSION_PROTOCOL_OPTION_PREFIX,
+                    sizeof(SESSION_PROTOCOL_OPTION_PREFIX) - 1) == 0) {
+            if (alen + name_len + 1 > sizeof(answer))
+                return 0;
+            memcpy(answer + alen, p, name_len + 1);
+            alen += name_len + 1;
+            n_options++;
+        } else {
+            memcpy(out + at, p, pair);
+            at += pair;
+        }
+        p += pair;
+    }
+    out[at++] = '\0';
+    pg_put_u32(out, (uint32_t)at);
+    pg_put_u32(out + 4, PG_PROTOCOL_V3);
+    memcpy(s->startup, out, at);
+
+    answer[0] = SESSION_MSG_NEGOTIATE_VERSION;
+    pg_put_u32(answer + 1, (uint32_t)(alen - 1));
+    pg_put_u32(answer + PG_MSG_HEADER_LEN, PG_PROTOCOL_V3); /* the newest minor version: 0 */
+    pg_put_u32(answer + PG_MSG_HEADER_LEN + 4, n_options);
+    session_send_client(s, answer, alen);
+    return (uint32_t)at;
+}
+
 /* A complete startup-phase packet is in s->startup[0..len). */
 static void session_startup_packet(session *s, uint32_t len)
 {
@@ -573,6 +620,18 @@ static void session_startup_packet(session *s, uint32_t len)
         break;
     }
     s->startup_deadline_us = 0;
+    if (PG_PROTOCOL_MINOR(st.code) > 0) {
+        log_debug("client %s: asked for protocol 3.%u; negotiating 3.0", s->client_addr,
+                  PG_PROTOCOL_MINOR(st.code));
+        len = session_negotiate_down(s, len);
+        /* Parsed again: st's strings pointed into the packet the rewrite moved. */
+        if (len == 0 || pg_startup_parse(s->startup, len, &st, &err, &sqlstate) != 0) {
+            log_warning("client %s: cannot negotiate protocol 3.0", s->client_addr);
+            session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "cannot negotiate protocol 3.0");
+            return;
+        }
+        s->startup_have = len;
+    }
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->user, sizeof(s->slot->user), st.user);
     copy_ident(s->slot->database, sizeof(s->slot->database), st.database);

@@ -81,6 +81,8 @@ typedef struct session {
                                   * connection; the session ends when the node closes */
     bool server_shut;            /* shutdown(SHUT_WR) done toward the node */
     bool client_reset;           /* the client reset the connection: it reads no more */
+    uint32_t server_key_len;     /* body length of a BackendKeyData pgrelay cannot swap (not
+                                  * protocol 3.0's 8 bytes); 0 when none came */
     bool client_hup_seen;        /* held, the client closed its side after sending more:
                                   * no longer watched, what it sent runs after the hold */
     char tx_status;              /* last ReadyForQuery status: I, T or E */

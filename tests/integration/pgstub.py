@@ -35,11 +35,13 @@ class PgStub:
 
     ``protocol_minor`` 2 makes it answer like PostgreSQL 18 asked for protocol 3.2: a
     BackendKeyData with a 32-byte secret (to a client that asked for 3.0 it sends the 4-byte
-    one, as a real server does)."""
+    one, as a real server does); ``always_long_key`` makes it send the 32-byte one whatever
+    was asked (a misbehaving server)."""
 
-    def __init__(self, mode="answer", protocol_minor=0):
+    def __init__(self, mode="answer", protocol_minor=0, always_long_key=False):
         self.mode = mode
         self.protocol_minor = protocol_minor
+        self.always_long_key = always_long_key
         self.startups = []        # (protocol version, {param: value}) of each StartupMessage
         self.cancels = []         # raw bodies of CancelRequests (after the length)
         self.secret = bytes(range(1, 33))
@@ -104,7 +106,7 @@ class PgStub:
             # NegotiateProtocolVersion: the newest minor version we speak, no options refused
             out += message(b"v", struct.pack("!ii", (3 << 16) | self.protocol_minor, 0))
             minor = self.protocol_minor
-        secret = self.secret if minor >= 2 else self.secret[:4]
+        secret = self.secret if minor >= 2 or self.always_long_key else self.secret[:4]
         out += message(b"K", struct.pack("!i", self.pid) + secret)
         out += message(b"S", b"server_version\x0018.0\0") + ready()
         c.sendall(out)
