@@ -382,6 +382,9 @@ static relay_result relay_pump(session *s, bool from_client)
                           "the node answered with a protocol newer than 3.0");
             return RELAY_CLOSED;
         }
+        /* The chunk goes to the client whole (sent now or queued): where it ends is where
+         * the client's stream ends. A chunk refused above never reaches it. */
+        s->client_at_boundary = pg_scan_at_boundary(&s->server_scan);
         shm_stat_add(&w->row->stats.bytes_out, (uint64_t)n);
     }
     if (s->node_bytes_in + s->node_bytes_out >= RELAY_NODE_FLUSH_BYTES)

@@ -68,6 +68,7 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
     s->sfd = -1;
     s->tx_status = PG_TX_IDLE;
     s->read_port = read_port;
+    s->client_at_boundary = true;
     net_tune_socket(fd, w->cfg->tcp_keepalive);
 
     s->slot = shm_session_claim(w->shm, w->index, w->slot_hint);
@@ -154,7 +155,7 @@ void session_close(session *s, const char *sqlstate, const char *message)
          * from the node (what is queued for the client is sent first, if the socket takes it
          * now). In the middle of a DataRow or CopyData it would desynchronise the client,
          * which then reports lost synchronisation instead of the SQLSTATE: there, just close. */
-        if (pg_scan_at_boundary(&s->server_scan) && !s->client_reset &&
+        if (s->client_at_boundary && !s->client_reset &&
             relay_flush(s, &s->to_client, s->cfd) == 0 && s->to_client.len == s->to_client.off)
             session_send_error(s, "FATAL", sqlstate, message);
         else

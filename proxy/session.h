@@ -55,6 +55,8 @@ typedef struct session {
     relay_pending to_client;     /* server -> client bytes not yet written */
     pg_scan client_scan;         /* framing of client -> server messages */
     pg_scan server_scan;         /* framing of server -> client messages */
+    bool client_at_boundary;     /* the node's bytes relayed to the client (sent or queued) end
+                                  * where a message ends: pgrelay's own error may follow */
     uint8_t server_capture[16];  /* captured body of ReadyForQuery / BackendKeyData */
     uint8_t client_key[8];       /* the cancel key (pid, secret) pgrelay gave the client */
 
