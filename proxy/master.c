@@ -20,10 +20,13 @@
 #include <string.h>
 #include <limits.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+static void master_uncount_sessions(master *m, int index);
 
 #define RESPAWN_FIRST_DELAY_MS 100   /* after a worker that died young */
 #define RESPAWN_MAX_DELAY_MS   10000 /* crash-loop ceiling */
@@ -293,6 +296,7 @@ static void master_reap(master *m)
         } else {
             snprintf(who, sizeof(who), "worker %d", i);
             atomic_store(&m->shm->workers[i].pid, 0);
+            master_uncount_sessions(m, i);
             lost = shm_sessions_reclaim(m->shm, i);
         }
         describe_status(status, how, sizeof(how));
@@ -604,6 +608,61 @@ static int master_find_agent(master *m)
     return 0;
 }
 
+/* Descriptors a worker may need besides two per session: listen sockets, the channel, the
+ * log, cancel requests on their way. */
+#define MASTER_FD_SPARE 64
+
+/* Raise the soft descriptor limit to the hard one (children inherit it), and say so when even
+ * that is too low for max_client_conn: the accept race may hand one worker every session,
+ * each taking a client and a server socket. */
+static void master_raise_fd_limit(const config *cfg)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) {
+        log_warning("cannot read the descriptor limit (RLIMIT_NOFILE): %s", strerror(errno));
+        return;
+    }
+    if (rl.rlim_cur < rl.rlim_max) {
+        rlim_t was = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+            log_warning("cannot raise the descriptor limit from %llu to %llu: %s",
+                        (unsigned long long)was, (unsigned long long)rl.rlim_max,
+                        strerror(errno));
+            rl.rlim_cur = was;
+        } else {
+            log_info("descriptor limit raised from %llu to %llu", (unsigned long long)was,
+                     (unsigned long long)rl.rlim_cur);
+        }
+    }
+    unsigned long long need =
+        2ull * ((unsigned long long)cfg->max_client_conn + SHM_REFUSE_RESERVE) + MASTER_FD_SPARE;
+    if (rl.rlim_cur != RLIM_INFINITY && (unsigned long long)rl.rlim_cur < need)
+        log_warning("descriptor limit %llu is below the %llu a worker may need for "
+                    "max_client_conn = %d (two per session); above about %llu sessions in one "
+                    "worker, accepts fail until sessions end: raise the hard limit (ulimit -n, "
+                    "LimitNOFILE=)",
+                    (unsigned long long)rl.rlim_cur, need, cfg->max_client_conn,
+                    ((unsigned long long)rl.rlim_cur > MASTER_FD_SPARE
+                         ? ((unsigned long long)rl.rlim_cur - MASTER_FD_SPARE) / 2
+                         : 0));
+}
+
+/* A worker died: take its sessions off their nodes' session counters (it cannot), so that
+ * read routing by least sessions does not stay skewed. A slot names its node only while the
+ * session is counted on it. */
+static void master_uncount_sessions(master *m, int index)
+{
+    for (uint32_t i = 0; i < m->shm->max_sessions; i++) {
+        shm_session *s = &m->shm->sessions[i];
+        if (atomic_load(&s->state) == SESSION_FREE || s->worker != index || !s->node_name[0])
+            continue;
+        shm_node_count *c = shm_node_count_get(m->shm, s->node_name);
+        if (c)
+            atomic_fetch_sub(s->read_port ? &c->read_sessions : &c->write_sessions, 1);
+    }
+}
+
 int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
 {
     master m = {.cfg = cfg, .listen_fds = {listen_fds[0], listen_fds[1]}, .shm_fd = -1,
@@ -613,6 +672,7 @@ int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
     master_self = &m;
     m.started_us = shm_now_us();
     log_set_process("master");
+    master_raise_fd_limit(cfg);
     m.shm = shm_create(cfg, &m.shm_fd);
     if (!m.shm)
         return 1;

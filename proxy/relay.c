@@ -206,6 +206,9 @@ static uint32_t server_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
             scan->rewrite_len = sizeof(s->client_key);
             return sizeof(s->client_key);
         }
+        /* A longer (protocol 3.2) key although 3.0 was asked for: it must not reach the
+         * client unswapped; relay_pump ends the session before this chunk is sent. */
+        s->server_key_len = body_len;
         return 0;
     default:
         return 0;
@@ -371,6 +374,17 @@ static relay_result relay_pump(session *s, bool from_client)
             session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "invalid message from the node");
             return RELAY_CLOSED;
         }
+        if (s->server_key_len) {
+            log_warning("client %s: node %s sent a BackendKeyData of %u bytes (protocol 3.0, "
+                        "which was asked for, has 8); closing", s->client_addr,
+                        s->slot->node_name, s->server_key_len);
+            session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION,
+                          "the node answered with a protocol newer than 3.0");
+            return RELAY_CLOSED;
+        }
+        /* The chunk goes to the client whole (sent now or queued): where it ends is where
+         * the client's stream ends. A chunk refused above never reaches it. */
+        s->client_at_boundary = pg_scan_at_boundary(&s->server_scan);
         shm_stat_add(&w->row->stats.bytes_out, (uint64_t)n);
     }
     if (s->node_bytes_in + s->node_bytes_out >= RELAY_NODE_FLUSH_BYTES)

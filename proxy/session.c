@@ -22,6 +22,7 @@
 static void session_on_startup(evutil_socket_t fd, short what, void *arg);
 static void session_on_connected(evutil_socket_t fd, short what, void *arg);
 static void session_on_timer(evutil_socket_t fd, short what, void *arg);
+static void session_on_held_client(evutil_socket_t fd, short what, void *arg);
 static void session_timer_rearm(session *s);
 static void session_request_probe(worker *w);
 
@@ -85,6 +86,7 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
     s->sfd = -1;
     s->tx_status = PG_TX_IDLE;
     s->read_port = read_port;
+    s->client_at_boundary = true;
     net_tune_socket(fd, w->cfg->tcp_keepalive);
 
     s->slot = shm_session_claim(w->shm, w->index, w->slot_hint);
@@ -121,10 +123,10 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
     s->client_mask = EV_READ;
     evtimer_assign(&s->ev_timer, w->base, session_on_timer, s);
     if (w->cfg->client_login_timeout_ms > 0)
-        s->login_deadline_us = shm_now_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
+        s->login_deadline_us = worker_clock_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
     if (w->cfg->client_startup_timeout_ms > 0)
         s->startup_deadline_us =
-            shm_now_us() + (int64_t)w->cfg->client_startup_timeout_ms * 1000;
+            worker_clock_us() + (int64_t)w->cfg->client_startup_timeout_ms * 1000;
     session_timer_rearm(s);
 
     worker_session_added(w, s);
@@ -156,6 +158,11 @@ static void session_uncount(session *s)
     relay_node_flush(s);
     atomic_fetch_sub(s->read_port ? &s->counter->read_sessions : &s->counter->write_sessions, 1);
     s->counter = NULL;
+    /* A slot names its node only while counted on it: the master uncounts a dead worker's
+     * sessions by that name. */
+    shm_session_write_begin(s->slot);
+    s->slot->node_name[0] = '\0';
+    shm_session_write_end(s->slot);
 }
 
 void session_close(session *s, const char *sqlstate, const char *message)
@@ -174,9 +181,16 @@ void session_close(session *s, const char *sqlstate, const char *message)
         message = gone;
     }
     if (sqlstate) {
-        /* Only when nothing else is queued for the client would the error arrive intact. */
-        if (s->to_client.len == s->to_client.off)
+        /* The error goes out only where a message may begin: after the last whole message
+         * from the node (what is queued for the client is sent first, if the socket takes it
+         * now). In the middle of a DataRow or CopyData it would desynchronise the client,
+         * which then reports lost synchronisation instead of the SQLSTATE: there, just close. */
+        if (s->client_at_boundary && !s->client_reset &&
+            relay_flush(s, &s->to_client, s->cfd) == 0 && s->to_client.len == s->to_client.off)
             session_send_error(s, "FATAL", sqlstate, message);
+        else
+            log_debug("client %s: closed mid-message; no room for an error message",
+                      s->client_addr);
         shm_stat_add(&w->row->stats.errors, 1);
         if (s->counter)
             atomic_fetch_add_explicit(&s->counter->errors, 1, memory_order_relaxed);
@@ -234,7 +248,7 @@ void session_close_when_safe_for(session *s, const char *sqlstate, const char *m
     s->close_at_safe_point = true;
     s->close_sqlstate = sqlstate;
     if (grace_ms >= 0) {
-        int64_t deadline = shm_now_us() + (int64_t)grace_ms * 1000;
+        int64_t deadline = worker_clock_us() + (int64_t)grace_ms * 1000;
         if (!s->close_deadline_us || deadline < s->close_deadline_us)
             s->close_deadline_us = deadline;
         session_timer_rearm(s);
@@ -259,6 +273,9 @@ void session_arm(session *s)
         want_s = EV_WRITE;
         break;
     case PHASE_HELD:
+        /* Waiting for a leader or for resume: only watch for the client going away. */
+        if (!s->client_hup_seen)
+            want_c = EV_CLOSED;
         break;
     case PHASE_RELAY:
         if (s->client_eof) {
@@ -279,6 +296,8 @@ void session_arm(session *s)
             want_s |= EV_WRITE;
         else if (!(w->maintenance && session_at_safe_point(s)))
             want_c |= EV_READ;
+        else if (!s->client_hup_seen)
+            want_c |= EV_CLOSED; /* held: notice a client that leaves */
         if (s->to_client.len == s->to_client.off)
             want_s |= EV_READ;
         else
@@ -290,7 +309,10 @@ void session_arm(session *s)
             event_del(&s->ev_client);
         if (want_c) {
             event_assign(&s->ev_client, w->base, s->cfd, want_c | EV_PERSIST,
-                         s->phase == PHASE_STARTUP ? session_on_startup : relay_on_client, s);
+                         s->phase == PHASE_STARTUP ? session_on_startup
+                         : want_c == EV_CLOSED     ? session_on_held_client
+                                                   : relay_on_client,
+                         s);
             event_add(&s->ev_client, NULL);
         }
         s->client_mask = want_c;
@@ -308,12 +330,39 @@ void session_arm(session *s)
     }
 }
 
+/* A held session's client closed its side (or reset). With nothing sent but a Terminate, it
+ * has gone: end the session now rather than count it, and start a backend for it, when the
+ * hold ends. Having sent a statement first, it half-closed: that runs after the hold, as on a
+ * direct connection. */
+static void session_on_held_client(evutil_socket_t fd, short what, void *arg)
+{
+    static const uint8_t terminate[PG_MSG_HEADER_LEN] = {PG_MSG_TERMINATE, 0, 0, 0, 4};
+    session *s = arg;
+    uint8_t peek[PG_MSG_HEADER_LEN + 1];
+    (void)what;
+    ssize_t n = recv(fd, peek, sizeof(peek), MSG_PEEK | MSG_DONTWAIT);
+    bool only_terminate = n == (ssize_t)sizeof(terminate) &&
+                          memcmp(peek, terminate, sizeof(terminate)) == 0;
+    if ((n > 0 && !only_terminate) || (n < 0 && (errno == EAGAIN || errno == EINTR))) {
+        s->client_hup_seen = true; /* stop watching: the close stays signalled */
+        session_arm(s);
+        return;
+    }
+    if (n < 0)
+        s->client_reset = true;
+    log_info("client %s: left while held (%s); closing", s->client_addr,
+             s->phase == PHASE_HELD ? (s->waiting_leader ? "waiting for a write leader"
+                                                         : "new session during pause")
+                                    : "next statement held by pause");
+    session_close(s, NULL, NULL);
+}
+
 /* The one timer of a session fires at the earliest of its deadlines. */
 static void session_timer_rearm(session *s)
 {
     const int64_t deadlines[] = {s->login_deadline_us, s->startup_deadline_us,
                                  s->connect_deadline_us,
-                                 s->leader_wait_deadline_us, s->leader_poke_us,
+                                 s->leader_wait_until_us, s->leader_poke_us,
                                  s->close_deadline_us};
     int64_t next = 0;
     for (size_t i = 0; i < sizeof(deadlines) / sizeof(deadlines[0]); i++)
@@ -325,7 +374,7 @@ static void session_timer_rearm(session *s)
     }
     if (!next)
         return;
-    int64_t delta = next - shm_now_us();
+    int64_t delta = next - worker_clock_us();
     if (delta < 0)
         delta = 0;
     struct timeval tv = {.tv_sec = delta / 1000000, .tv_usec = delta % 1000000};
@@ -336,7 +385,7 @@ static void session_timer_rearm(session *s)
 static void session_on_timer(evutil_socket_t fd, short what, void *arg)
 {
     session *s = arg;
-    int64_t now = shm_now_us();
+    int64_t now = worker_clock_us();
     char msg[CONFIG_HOST_MAX + 128];
     (void)fd;
     (void)what;
@@ -363,7 +412,7 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
                       "login timeout: startup and authentication took too long");
         return;
     }
-    if (s->leader_wait_deadline_us && now >= s->leader_wait_deadline_us &&
+    if (s->leader_wait_until_us && now >= s->leader_wait_until_us &&
         s->phase == PHASE_HELD && s->waiting_leader) {
         log_warning("client %s: no write leader within no_leader_wait", s->client_addr);
         session_close(s, PG_SQLSTATE_CANNOT_CONNECT_NOW,
@@ -390,7 +439,7 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
 /* Ask the agent (through the master) to probe now: the leader did not answer. */
 static void session_request_probe(worker *w)
 {
-    int64_t now = shm_now_us();
+    int64_t now = worker_clock_us();
     if (now - w->last_probe_request_us > 100000) {
         w->last_probe_request_us = now;
         channel_send(w->channel_fd, CHANNEL_PROBE_NOW, 0);
@@ -413,11 +462,15 @@ static void session_connect(session *s)
         session_request_probe(w);
     switch (route) {
     case ROUTE_WAIT:
-        if (!s->leader_wait_deadline_us)
-            s->leader_wait_deadline_us = shm_now_us() + (int64_t)route_leader_wait_ms(w) * 1000;
+        if (!s->leader_wait_deadline_us) {
+            /* The wall-clock copy is what route_pick reads; the timer uses the other. */
+            int64_t wait_us = (int64_t)route_leader_wait_ms(w) * 1000;
+            s->leader_wait_deadline_us = shm_now_us() + wait_us;
+            s->leader_wait_until_us = worker_clock_us() + wait_us;
+        }
         s->phase = PHASE_HELD;
         s->waiting_leader = true;
-        s->leader_poke_us = shm_now_us() + LEADER_WAIT_POKE_US;
+        s->leader_poke_us = worker_clock_us() + LEADER_WAIT_POKE_US;
         s->login_deadline_us = 0;
         session_timer_rearm(s);
         session_arm(s);
@@ -431,6 +484,7 @@ static void session_connect(session *s)
     }
     s->waiting_leader = false;
     s->leader_wait_deadline_us = 0;
+    s->leader_wait_until_us = 0;
     s->leader_poke_us = 0;
     shm_node *n = &w->routes.nodes[node];
     if (n->addrlen == 0) {
@@ -464,7 +518,7 @@ static void session_connect(session *s)
                                       : &s->counter->write_sessions,
                          1);
     s->phase = PHASE_CONNECTING;
-    s->connect_deadline_us = shm_now_us() + (int64_t)w->cfg->server_connect_timeout_ms * 1000;
+    s->connect_deadline_us = worker_clock_us() + (int64_t)w->cfg->server_connect_timeout_ms * 1000;
     session_timer_rearm(s);
     session_arm(s);
 }
@@ -522,6 +576,53 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
     session_arm(s);
 }
 
+#define SESSION_MSG_NEGOTIATE_VERSION 'v' /* B: NegotiateProtocolVersion */
+#define SESSION_PROTOCOL_OPTION_PREFIX "_pq_." /* protocol extension options in a StartupMessage */
+
+/* The client asked for protocol 3.1 or later (3.2 has variable-length cancel keys, which
+ * pgrelay's cancel-key swap does not carry). Speak 3.0 with it, as a server that knows no
+ * newer minor version would: rewrite the StartupMessage in place to ask the node for 3.0
+ * without any _pq_ options, and answer the client with NegotiateProtocolVersion naming 3.0
+ * and the options it asked for. Returns the new packet length, or 0 when the answer does not
+ * fit (the session is then refused). */
+static uint32_t session_negotiate_down(session *s, uint32_t len)
+{
+    uint8_t out[PG_STARTUP_MAX_LEN];
+    uint8_t answer[PG_STARTUP_MAX_LEN + PG_MSG_HEADER_LEN + 8];
+    uint32_t n_options = 0;
+    size_t at = 8, alen = PG_MSG_HEADER_LEN + 8;
+    const char *p = (const char *)s->startup + 8, *end = (const char *)s->startup + len - 1;
+
+    /* Parameters were checked by pg_startup_parse: name\0value\0 pairs, then \0. */
+    while (p < end) {
+        size_t name_len = strlen(p), value_len = strlen(p + name_len + 1);
+        size_t pair = name_len + 1 + value_len + 1;
+        if (strncmp(p, SESSION_PROTOCOL_OPTION_PREFIX,
+                    sizeof(SESSION_PROTOCOL_OPTION_PREFIX) - 1) == 0) {
+            if (alen + name_len + 1 > sizeof(answer))
+                return 0;
+            memcpy(answer + alen, p, name_len + 1);
+            alen += name_len + 1;
+            n_options++;
+        } else {
+            memcpy(out + at, p, pair);
+            at += pair;
+        }
+        p += pair;
+    }
+    out[at++] = '\0';
+    pg_put_u32(out, (uint32_t)at);
+    pg_put_u32(out + 4, PG_PROTOCOL_V3);
+    memcpy(s->startup, out, at);
+
+    answer[0] = SESSION_MSG_NEGOTIATE_VERSION;
+    pg_put_u32(answer + 1, (uint32_t)(alen - 1));
+    pg_put_u32(answer + PG_MSG_HEADER_LEN, PG_PROTOCOL_V3); /* the newest minor version: 0 */
+    pg_put_u32(answer + PG_MSG_HEADER_LEN + 4, n_options);
+    session_send_client(s, answer, alen);
+    return (uint32_t)at;
+}
+
 /* A complete startup-phase packet is in s->startup[0..len). */
 static void session_startup_packet(session *s, uint32_t len)
 {
@@ -549,6 +650,18 @@ static void session_startup_packet(session *s, uint32_t len)
         break;
     }
     s->startup_deadline_us = 0;
+    if (PG_PROTOCOL_MINOR(st.code) > 0) {
+        log_debug("client %s: asked for protocol 3.%u; negotiating 3.0", s->client_addr,
+                  PG_PROTOCOL_MINOR(st.code));
+        len = session_negotiate_down(s, len);
+        /* Parsed again: st's strings pointed into the packet the rewrite moved. */
+        if (len == 0 || pg_startup_parse(s->startup, len, &st, &err, &sqlstate) != 0) {
+            log_warning("client %s: cannot negotiate protocol 3.0", s->client_addr);
+            session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION, "cannot negotiate protocol 3.0");
+            return;
+        }
+        s->startup_have = len;
+    }
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->user, sizeof(s->slot->user), st.user);
     copy_ident(s->slot->database, sizeof(s->slot->database), st.database);
@@ -587,7 +700,7 @@ void session_release_held(session *s)
     if (s->phase != PHASE_HELD)
         return;
     if (w->cfg->client_login_timeout_ms > 0)
-        s->login_deadline_us = shm_now_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
+        s->login_deadline_us = worker_clock_us() + (int64_t)w->cfg->client_login_timeout_ms * 1000;
     session_connect(s);
 }
 

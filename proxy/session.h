@@ -38,7 +38,8 @@ typedef struct session {
     int sfd;                     /* server socket, -1 before connecting */
     struct event ev_client;      /* read/write interest on cfd, recomputed by session_arm() */
     struct event ev_server;      /* read/write interest on sfd */
-    struct event ev_timer;       /* login, connect, leader-change and shutdown deadlines */
+    struct event ev_timer;       /* startup, login, connect, leader-wait, leader-change and
+                                  * shutdown deadlines, all on worker_clock_us() */
     short client_mask;           /* events currently registered on cfd */
     short server_mask;           /* events currently registered on sfd */
     bool timer_armed;
@@ -54,9 +55,12 @@ typedef struct session {
     relay_pending to_client;     /* server -> client bytes not yet written */
     pg_scan client_scan;         /* framing of client -> server messages */
     pg_scan server_scan;         /* framing of server -> client messages */
+    bool client_at_boundary;     /* the node's bytes relayed to the client (sent or queued) end
+                                  * where a message ends: pgrelay's own error may follow */
     uint8_t server_capture[16];  /* captured body of ReadyForQuery / BackendKeyData */
     uint8_t client_key[8];       /* the cancel key (pid, secret) pgrelay gave the client */
 
+    /* Deadlines below are on worker_clock_us() (CLOCK_MONOTONIC); 0 = none. */
     int64_t login_deadline_us;   /* 0 once ReadyForQuery arrived the first time */
     int64_t startup_deadline_us; /* the StartupMessage must be complete by then; 0 after */
     int64_t connect_deadline_us; /* while PHASE_CONNECTING */
@@ -79,6 +83,10 @@ typedef struct session {
                                   * connection; the session ends when the node closes */
     bool server_shut;            /* shutdown(SHUT_WR) done toward the node */
     bool client_reset;           /* the client reset the connection: it reads no more */
+    uint32_t server_key_len;     /* body length of a BackendKeyData pgrelay cannot swap (not
+                                  * protocol 3.0's 8 bytes); 0 when none came */
+    bool client_hup_seen;        /* held, the client closed its side after sending more:
+                                  * no longer watched, what it sent runs after the hold */
     char tx_status;              /* last ReadyForQuery status: I, T or E */
     bool close_at_safe_point;    /* close as soon as the session is idle outside a transaction */
     const char *close_sqlstate;  /* what to tell the client then */
@@ -86,7 +94,8 @@ typedef struct session {
     int64_t close_deadline_us;   /* close even inside a transaction at this time; 0 = never */
     bool read_port;              /* came in on the read-only port */
     bool waiting_leader;         /* PHASE_HELD because there is no write leader yet */
-    int64_t leader_wait_deadline_us; /* no_leader_wait runs out */
+    int64_t leader_wait_deadline_us; /* no_leader_wait runs out (wall clock: route_pick) */
+    int64_t leader_wait_until_us;    /* the same on the worker's monotonic clock */
     int64_t leader_poke_us;          /* held for a leader: ask the agent to probe again */
     shm_node_count *counter;     /* per-node session counter this session incremented */
     /* Traffic not yet added to counter (relay_node_flush): one flush per statement. */

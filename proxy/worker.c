@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ACCEPT_BATCH     64 /* accepts per wake-up, so one worker cannot starve its sessions */
@@ -18,13 +19,40 @@
 
 worker *worker_self;
 
+int64_t worker_clock_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+void worker_walk_begin(worker *w)
+{
+    w->walk_depth++;
+}
+
+void worker_walk_end(worker *w)
+{
+    if (--w->walk_depth == 0 && w->routes_deferred)
+        worker_routes_refresh(w);
+}
+
 void worker_routes_refresh(worker *w)
 {
-    if (shm_routes_version(w->shm) == w->routes_version)
+    if (w->walk_depth > 0) {
+        /* route_table_changed would walk the list under the running walk's feet. */
+        w->routes_deferred = true;
         return;
-    memcpy(&w->routes_prev, &w->routes, sizeof(w->routes));
-    w->routes_version = shm_routes_read(w->shm, &w->routes);
-    route_table_changed(w, &w->routes_prev);
+    }
+    w->routes_deferred = false;
+    while (shm_routes_version(w->shm) != w->routes_version) {
+        memcpy(&w->routes_prev, &w->routes, sizeof(w->routes));
+        w->routes_version = shm_routes_read(w->shm, &w->routes);
+        worker_walk_begin(w);
+        route_table_changed(w, &w->routes_prev);
+        w->walk_depth--; /* not worker_walk_end: the loop itself looks again */
+        w->routes_deferred = false;
+    }
 }
 
 void worker_session_added(worker *w, session *s)
@@ -133,11 +161,13 @@ static void worker_begin_graceful(worker *w)
              w->cfg->shutdown_timeout_ms);
     /* Idle sessions go now; the others at their next safe point. */
     session *next;
+    worker_walk_begin(w);
     for (session *s = w->sessions; s; s = next) {
         next = s->next;
         session_close_when_safe(s, PG_SQLSTATE_ADMIN_SHUTDOWN,
                                 "terminating connection: pgrelay is shutting down");
     }
+    worker_walk_end(w);
     if (w->n_sessions == 0) {
         event_base_loopbreak(w->base);
         return;
@@ -162,13 +192,15 @@ static void worker_look_again(worker *w)
         return;
     w->maintenance = maintenance;
     session *next;
+    worker_walk_begin(w);
     for (session *s = w->sessions; s; s = next) {
         next = s->next;
         if (!maintenance && s->phase == PHASE_HELD)
-            session_release_held(s); /* may close s */
+            session_release_held(s); /* may close s, and only s */
         else
             session_arm(s);
     }
+    worker_walk_end(w);
 }
 
 static void worker_kill_session(worker *w, uint64_t id)

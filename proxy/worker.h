@@ -50,7 +50,11 @@ typedef struct worker {
     shm_route_table routes;       /* local copy of the routing table */
     shm_route_table routes_prev;  /* the copy before, to see what changed */
     uint64_t routes_version;      /* shm version the copy was taken at */
-    int64_t last_probe_request_us; /* rate limit of "probe now" requests */
+    int64_t last_probe_request_us; /* rate limit of "probe now" requests (worker_clock_us) */
+    int walk_depth;               /* > 0 while a walk over the session list runs: a routing
+                                   * refresh then waits for it to end, since dealing with a
+                                   * new table may close any session, the walk's next one too */
+    bool routes_deferred;         /* a refresh was asked for during a walk */
     uint8_t scratch[RELAY_BUF_SIZE];
 } worker;
 
@@ -63,8 +67,16 @@ void worker_main(int index, const config *cfg, shm_segment *shm, const int liste
 
 
 /* Refresh the local routing table if shared memory has a newer one; sessions on a node that
- * is no longer right are dealt with (route_table_changed). */
+ * is no longer right are dealt with (route_table_changed). Called during a walk over the
+ * session list, it only notes the request; the walk's end does it. */
 void worker_routes_refresh(worker *w);
+
+/* Bracket a walk over w->sessions whose steps may route sessions (see walk_depth). */
+void worker_walk_begin(worker *w);
+void worker_walk_end(worker *w);
+
+/* CLOCK_MONOTONIC in microseconds: every deadline of a session, immune to clock steps. */
+int64_t worker_clock_us(void);
 
 /* Called by session_close: drop the session from the list; may end a draining worker. */
 void worker_session_gone(worker *w, session *s);

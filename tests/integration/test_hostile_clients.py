@@ -11,12 +11,14 @@ import psycopg
 import pytest
 
 from conftest import (
+    CANCEL_REQUEST_CODE,
     RawClient,
     admin_json,
     data_rows,
     error_fields,
     wait_for,
 )
+from pgstub import PgStub
 
 
 def closed_within(sock, timeout):
@@ -123,3 +125,79 @@ def test_every_cancel_secret_is_drawn_from_getrandom(relay_factory, getrandom_sh
     for secret in secrets:
         assert len(set(secret)) == 1 and secret[0] >= 0x41, secrets  # one draw of the shim
     assert len(set(secrets)) == 3, secrets  # a new draw for every key
+
+
+# --------------------------------------------------------------------------- #
+# item 4: protocol 3.2 (PostgreSQL 18's variable-length cancel keys)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def stub_factory():
+    stubs = []
+
+    def make(**kw):
+        stubs.append(PgStub(**kw))
+        return stubs[-1]
+
+    yield make
+    for s in stubs:
+        s.close()
+
+
+def stub_relay(relay_factory, stub):
+    return relay_factory(agent="off", nodes=[("stub", {"host": "127.0.0.1", "port": stub.port,
+                                                        "role": "primary"})])
+
+
+def startup_v3_2(**params):
+    body = struct.pack("!i", (3 << 16) | 2)
+    for k, v in [("user", "postgres"), ("database", "postgres"), *params.items()]:
+        body += k.encode() + b"\0" + str(v).encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def test_a_client_asking_for_protocol_3_2_is_negotiated_down_and_cancel_still_works(
+        relay_factory, stub_factory):
+    stub = stub_factory(protocol_minor=2, mode="stall_after_row")
+    r = stub_relay(relay_factory, stub)
+    with RawClient(r.port) as raw:
+        raw.send(startup_v3_2(application_name="v32", **{"_pq_.some_option": "on"}))
+        msgs = raw.read_until("ZE")
+        types = [m[0] for m in msgs]
+        # NegotiateProtocolVersion first: newest minor 0, the _pq_ option not taken
+        assert types[0] == "v", msgs
+        newest, n_options = struct.unpack("!ii", msgs[0][1][:8])
+        assert (newest, n_options) == (3 << 16, 1), msgs[0]
+        assert msgs[0][1][8:] == b"_pq_.some_option\0", msgs[0]
+        assert types.count("v") == 1 and types[-1] == "Z", types
+        # the node was asked for 3.0, without the option, so its key is 3.0's 8 bytes, and
+        # the client gets pgrelay's key, never the node's (the old code passed on the node's
+        # 32-byte key as it was)
+        assert stub.startups[0][0] == 3 << 16 and "_pq_.some_option" not in stub.startups[0][1]
+        (key,) = [body for t, body in msgs if t == "K"]
+        assert len(key) == 8 and key[4:] != stub.secret[:4], key
+        raw.send_query("SELECT slow")  # the stub answers part of it, then stalls
+        with RawClient(r.port) as cancel:
+            cancel.send(struct.pack("!ii", 16, CANCEL_REQUEST_CODE) + key)
+            assert cancel.read_to_eof() == []
+        wait_for(lambda: stub.cancels, what="the cancel to reach the node")
+        assert stub.cancels == [struct.pack("!i", stub.pid) + stub.secret[:4]]
+
+
+def test_a_node_that_sends_a_long_cancel_key_anyway_never_shows_it_to_the_client(
+        relay_factory, stub_factory):
+    stub = stub_factory(always_long_key=True)
+    r = stub_relay(relay_factory, stub)
+    with RawClient(r.port) as raw:
+        raw.send_startup()
+        data = b""
+        while True:  # raw bytes: nothing of the node's key may be among them
+            chunk = raw.sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert stub.secret not in data and stub.secret[:8] not in data, data
+    assert b"08P01" in data, data
+    assert "sent a BackendKeyData of 36 bytes" in r.log()

@@ -2,8 +2,10 @@
 terminated clients, sessions closed mid-message, held sessions whose client left."""
 
 import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 import uuid
@@ -12,6 +14,7 @@ import psycopg
 import pytest
 
 from conftest import RawClient, admin, admin_json, data_rows, error_fields, wait_for
+from pgstub import PgStub, data_row, row_description
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -175,3 +178,286 @@ def test_a_client_that_resets_mid_statement_frees_its_backend_at_once(relay, pg)
     backend = wait_for(lambda: pg.active_query_pid(app), what="pg_sleep to start")
     raw.close(reset=True)  # it can read nothing more: pgrelay cancels for it
     wait_for(lambda: not pg.pid_exists(backend), what=f"backend {backend} to end")
+
+
+# --------------------------------------------------------------------------- #
+# item 5: pgrelay's own error only at a message boundary
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def stub_factory():
+    stubs = []
+
+    def make(**kw):
+        stubs.append(PgStub(**kw))
+        return stubs[-1]
+
+    yield make
+    for s in stubs:
+        s.close()
+
+
+def stub_relay(relay_factory, stub, **extra):
+    """A pgrelay whose one node is the stub (no agent: the stub answers no health checks)."""
+    return relay_factory(agent="off", nodes=[("stub", {"host": "127.0.0.1", "port": stub.port,
+                                                        "role": "primary"})], **extra)
+
+
+def recv_exactly(sock, n):
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"EOF after {len(got)} of {n} bytes: {got[:80]!r}"
+        got += chunk
+    return got
+
+
+def recv_to_eof(sock):
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+@pytest.mark.parametrize("mode", ["stall_mid_row", "stall_after_row"])
+def test_pgrelays_own_error_reaches_the_client_only_at_a_message_boundary(relay_factory,
+                                                                         stub_factory, mode):
+    stub = stub_factory(mode=mode)
+    r = stub_relay(relay_factory, stub)
+    app = f"boundary-{mode}"
+    row = data_row(b"stub" * 1000)
+    relayed = row_description() + (row[: len(row) // 2] if mode == "stall_mid_row" else row)
+    with RawClient(r.port) as raw:
+        raw.login(application_name=app)
+        raw.send_query("SELECT big")
+        assert recv_exactly(raw.sock, len(relayed)) == relayed
+        (me,) = clients_named(r, app)
+        assert not admin(r, f"kill client {me['id']}").startswith("error")
+        rest = recv_to_eof(raw.sock)
+    if mode == "stall_mid_row":
+        # the old code spliced its FATAL into the half-sent DataRow: the client lost sync
+        assert rest == b"", rest
+    else:
+        assert rest[:1] == b"E", rest
+        (length,) = struct.unpack("!i", rest[1:5])
+        assert len(rest) == 1 + length, rest
+        assert error_fields([("E", rest[5:])])["C"] == "57P01", rest
+
+
+# --------------------------------------------------------------------------- #
+# item 9: held sessions notice their client leaving; counters and limits
+# --------------------------------------------------------------------------- #
+
+
+def test_clients_that_leave_while_held_by_pause_are_let_go_at_once(relay_factory, pg):
+    r = relay_factory()
+    idle = r.connect(application_name="held-gone-idle")
+    idle.execute("SELECT 1")
+    backend = pg.backend_pids("held-gone-idle")[0]
+    paused(r)
+    try:
+        new = RawClient(r.port)
+        new.send_startup(application_name="held-gone-new")  # held before reaching a node
+        wait_for(lambda: clients_named(r, "held-gone-new"), what="the held new session")
+        idle.close()
+        new.close()
+        # the old code noticed neither until resume, and then started a backend for the new one
+        wait_for(lambda: not clients_named(r, "held-gone-idle"), what="idle session let go")
+        wait_for(lambda: not clients_named(r, "held-gone-new"), what="held new session let go")
+        wait_for(lambda: not pg.pid_exists(backend), what="the idle session's backend to end")
+        connects = stats_total(r, "server_connects")
+    finally:
+        admin(r, "resume")
+    with r.connect(application_name="after-resume") as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert stats_total(r, "server_connects") == connects + 1  # none for the one that left
+    assert pg.backend_pids("held-gone-new") == []
+
+
+def test_a_client_that_leaves_while_waiting_for_a_leader_is_let_go_at_once(relay_factory):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: the node refuses connections
+    try:
+        r = relay_factory(no_leader_wait="60s", nodes=[("gone", {
+            "host": "127.0.0.1", "port": dead.getsockname()[1], "role": "primary"})],
+            sections={"agent": {"health_interval": "100ms", "fall": 1}})
+        wait_for(lambda: admin_json(r, "show info")["write_leader"] is None,
+                 what="no write leader")
+        raw = RawClient(r.port)
+        raw.send_startup(application_name="waits-for-leader")
+        wait_for(lambda: clients_named(r, "waits-for-leader"), what="the waiting session")
+        raw.close()
+        wait_for(lambda: not clients_named(r, "waits-for-leader"), what="the session let go")
+    finally:
+        dead.close()
+
+
+def stats_total(relay, key):
+    (total,) = [w for w in admin_json(relay, "show stats")["workers"] if w["worker"] == "total"]
+    return total[key]
+
+
+def node_sessions(relay):
+    return {n["name"]: n["write_sessions"] for n in admin_json(relay, "show nodes")}
+
+
+def test_a_killed_workers_sessions_leave_the_node_session_counters(relay_factory):
+    r = relay_factory(workers=1)
+    pid = one_worker(r)
+    conns = [r.connect() for _ in range(3)]
+    try:
+        wait_for(lambda: node_sessions(r)["pg1"] == 3, what="three sessions on pg1")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: r.worker_pids() and r.worker_pids() != [pid], what="a new worker")
+        # the old code left them counted: read routing by least sessions stayed skewed
+        wait_for(lambda: node_sessions(r)["pg1"] == 0, what="the lost sessions uncounted")
+    finally:
+        for c in conns:
+            c.close()
+    with r.connect() as c:
+        c.execute("SELECT 1")
+        assert node_sessions(r)["pg1"] == 1
+
+
+def limits_of(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return tuple(int(x) for x in line.split()[3:5])
+    raise AssertionError("no open-files limit")
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit(relay_factory):
+    r = relay_factory(workers=1, wrapper=("prlimit", "--nofile=1024:8192", "--"))
+    assert limits_of(one_worker(r)) == (8192, 8192)
+    assert "descriptor limit raised from 1024 to 8192" in r.log()
+    assert "is below the" not in r.log()
+
+
+def test_a_descriptor_limit_too_low_for_max_client_conn_is_logged(relay_factory):
+    r = relay_factory(workers=1, max_client_conn=1000,
+                      wrapper=("prlimit", "--nofile=512:512", "--"))
+    assert "descriptor limit 512 is below the 2192 a worker may need for max_client_conn = 1000" \
+        in r.log()
+    with r.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+# The wall clock steps an hour forward once the file named by CLOCK_STEP_FILE exists (as an
+# NTP step would); CLOCK_MONOTONIC is left alone.
+CLOCK_STEP_SHIM = r"""
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+static long shim_step(void)
+{
+    const char *f = getenv("CLOCK_STEP_FILE");
+    return f && access(f, F_OK) == 0 ? 3600 : 0;
+}
+int gettimeofday(struct timeval *tv, void *tz)
+{
+    long rc = syscall(SYS_gettimeofday, tv, tz);
+    if (rc == 0 && tv)
+        tv->tv_sec += shim_step();
+    return (int)rc;
+}
+int clock_gettime(clockid_t id, struct timespec *ts)
+{
+    long rc = syscall(SYS_clock_gettime, id, ts);
+    if (rc == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE))
+        ts->tv_sec += shim_step();
+    return (int)rc;
+}
+"""
+
+
+def test_a_wall_clock_step_does_not_cut_a_leader_wait_short(relay_factory, tmp_path):
+    src, so = tmp_path / "step.c", tmp_path / "step.so"
+    src.write_text(CLOCK_STEP_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    os.chmod(tmp_path, 0o755)
+    step = tmp_path / "stepped"
+    asan = os.environ.get("ASAN_OPTIONS", "")
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    try:
+        r = relay_factory(
+            no_leader_wait="60s",
+            nodes=[("gone", {"host": "127.0.0.1", "port": dead.getsockname()[1],
+                             "role": "primary"})],
+            sections={"agent": {"health_interval": "100ms", "fall": 1}},
+            wrapper=("env", f"LD_PRELOAD={so}", f"CLOCK_STEP_FILE={step}",
+                     f"ASAN_OPTIONS={asan}:verify_asan_link_order=0"))
+        wait_for(lambda: admin_json(r, "show info")["write_leader"] is None, what="no leader")
+        with RawClient(r.port) as raw:
+            raw.send_startup(application_name="waits-across-a-step")
+            wait_for(lambda: clients_named(r, "waits-across-a-step"), what="the waiting session")
+            step.touch()
+            # the session's timer wakes every 500 ms to ask for a probe; the old code then
+            # compared the stepped wall clock with its deadline and refused it with 57P03
+            raw.sock.settimeout(2)
+            with pytest.raises(socket.timeout):
+                raw.read_message()
+            assert clients_named(r, "waits-across-a-step")
+    finally:
+        dead.close()
+
+
+@pytest.mark.deadline(180)
+def test_a_failover_storm_with_many_sessions_restarts_no_worker(relay_factory, pg):
+    """Leader flips every few milliseconds, pauses and resumes, while clients connect, query and
+    leave: sessions held, connecting, relaying and closing at every routing change. Walks over
+    the session list that close sessions (re-routing one can look at a newer table) must stay
+    safe: under `make SANITIZE=address` a use after free fails the test with its report."""
+    r = relay_factory(workers=2, on_leader_change="close_all", no_leader_wait="5s", nodes=[
+        ("pg1", {"host": "127.0.0.1", "port": pg.port, "role": "primary"}),
+        ("pg2", {"host": "127.0.0.1", "port": pg.port, "role": "replica"})])
+    wait_for(lambda: all(n["health"] == "up" for n in admin_json(r, "show nodes")),
+             what="both nodes probed")
+    workers = sorted(r.worker_pids())
+    stop = threading.Event()
+    ok, unexpected = [0], []
+
+    def client():
+        while not stop.is_set():
+            try:
+                with r.connect(connect_timeout=10) as c:
+                    for _ in range(3):
+                        c.execute("SELECT 1")
+                ok[0] += 1
+            except psycopg.OperationalError as e:
+                # closed by a leader change, or while connecting: what clients are told
+                if not any(s in str(e) for s in ("leader changed", "57P01", "closed",
+                                                 "terminating", "no write leader")):
+                    unexpected.append(repr(e))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(600):
+            admin(r, f"set leader {'pg2' if i % 2 == 0 else 'pg1'} force")
+            if i % 4 == 1:
+                admin(r, "pause")
+            elif i % 4 == 3:
+                admin(r, "resume")
+    finally:
+        admin(r, "resume")
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert sorted(r.worker_pids()) == workers, "a worker died during the storm"
+    assert all(w["restarts"] == 0 for w in admin_json(r, "show workers")), r.log_tail()
+    assert r.proc.poll() is None
+    assert ok[0] > 0 and unexpected == [], unexpected[:5]
+    with r.connect() as c:
+        assert c.execute("SELECT 'after the storm'").fetchone() == ("after the storm",)

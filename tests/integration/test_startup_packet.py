@@ -212,9 +212,10 @@ def test_client_login_timeout_closes_silent_connections(relay_factory):
         assert c.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_newer_minor_version_and_protocol_options_get_the_servers_negotiation(relay):
-    """Protocol 3.9 with a _pq_ option: PostgreSQL answers NegotiateProtocolVersion ('v'), which
-    reaches the client through pgrelay, and the session then works at 3.0."""
+def test_newer_minor_version_and_protocol_options_are_negotiated_down_to_3_0(relay):
+    """Protocol 3.9 with a _pq_ option: pgrelay answers NegotiateProtocolVersion ('v') as a
+    server speaking only 3.0 would (PostgreSQL 15 itself gives the same answer), asks the node
+    for 3.0, and the session then works at 3.0."""
     with RawClient(relay.port) as raw:
         body = struct.pack("!i", (3 << 16) | 9)
         for k, v in (("user", "postgres"), ("database", "postgres"), ("_pq_.frobnicate", "on")):
@@ -226,7 +227,7 @@ def test_newer_minor_version_and_protocol_options_get_the_servers_negotiation(re
         negotiation = [b for t, b in msgs if t == "v"]
         assert len(negotiation) == 1, msgs
         newest, n_options = struct.unpack("!ii", negotiation[0][:8])
-        # PostgreSQL 15 sends the whole version number of 3.0 here: minor 0
+        # the whole version number of 3.0: minor 0
         assert newest & 0xFFFF == 0 and n_options == 1, negotiation
         assert negotiation[0][8:].rstrip(b"\0") == b"_pq_.frobnicate", negotiation
         assert data_rows(raw.simple_query("SELECT 40 + 2")) == [("42",)]
