@@ -712,12 +712,11 @@ static void admin_run_command(master *m, admin_session *sess, char *text, struct
     evbuffer_add_printf(out, "\n");
 }
 
-/* Offset of the first byte of line that is not part of well-formed UTF-8 or is a control
- * character other than tab, or (size_t)-1 when there is none. */
-static size_t admin_text_check(const char *line)
+/* Offset of the first of the n bytes of line that is not part of well-formed UTF-8 or is a
+ * control character other than tab (NUL included), or (size_t)-1 when there is none. */
+static size_t admin_text_check(const char *line, size_t n)
 {
     const uint8_t *p = (const uint8_t *)line;
-    size_t n = strlen(line);
     for (size_t i = 0; i < n;) {
         uint32_t cp;
         size_t len = utf8_decode(p + i, n - i, &cp);
@@ -728,7 +727,7 @@ static size_t admin_text_check(const char *line)
     return (size_t)-1;
 }
 
-void admin_run_line(master *m, admin_session *sess, char *line, struct evbuffer *out)
+void admin_run_line(master *m, admin_session *sess, char *line, size_t len, struct evbuffer *out)
 {
     char *save = NULL;
     if (sess->level == ADMIN_LEVEL_NONE) {
@@ -740,7 +739,7 @@ void admin_run_line(master *m, admin_session *sess, char *line, struct evbuffer 
         sess->closing = true;
         return;
     }
-    size_t bad = admin_text_check(line);
+    size_t bad = admin_text_check(line, len);
     if (bad != (size_t)-1) {
         /* Not echoed: the answer must not carry what a terminal would act on. */
         evbuffer_add_printf(out, "error: the line is not printable UTF-8 text (byte %zu); "

@@ -156,15 +156,17 @@ static void check_answer(const char *text, size_t n)
         abort();
 }
 
-/* Run one line at a level, check the answer, and return it (malloc'd, NUL-terminated). */
-static char *run(const char *line, admin_level level, size_t *len_out)
+/* Run a line of len bytes at a level, check the answer, and return it (malloc'd,
+ * NUL-terminated). */
+static char *run(const char *line, size_t len, admin_level level, size_t *len_out)
 {
     admin_session sess = {.level = level};
     struct evbuffer *out = evbuffer_new();
-    char *copy = strdup(line);
+    char *copy = malloc(len + 1);
     if (!out || !copy)
         abort();
-    admin_run_line(&fuzz_master, &sess, copy, out);
+    memcpy(copy, line, len + 1);
+    admin_run_line(&fuzz_master, &sess, copy, len, out);
     size_t n = evbuffer_get_length(out);
     char *text = malloc(n + 1);
     if (!text)
@@ -182,7 +184,7 @@ static char *run(const char *line, admin_level level, size_t *len_out)
 static void check_json_rows(const char *line, const char *const *columns)
 {
     size_t n;
-    char *text = run(line, ADMIN_LEVEL_ADMIN, &n);
+    char *text = run(line, strlen(line), ADMIN_LEVEL_ADMIN, &n);
     json_error_t err;
     json_t *rows = json_loadb(text, n, 0, &err);
     if (!rows || !json_is_array(rows))
@@ -250,9 +252,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     size_t n;
-    free(run(line, level, &n));
-    free(run("show clients", ADMIN_LEVEL_USER, &n));
-    free(run("show clients; show nodes; show leader history; show info", ADMIN_LEVEL_ADMIN, &n));
+    static const char show_user[] = "show clients";
+    static const char show_all[] = "show clients; show nodes; show leader history; show info";
+    free(run(line, line_len, level, &n)); /* NUL bytes in it included */
+    free(run(show_user, strlen(show_user), ADMIN_LEVEL_USER, &n));
+    free(run(show_all, strlen(show_all), ADMIN_LEVEL_ADMIN, &n));
     check_json_rows("show clients json", client_columns);
     check_json_rows("show nodes json", node_columns);
     check_json_rows("show leader history json", history_columns);

@@ -186,5 +186,6 @@ write("admin", "issue-item1-cut-inside-a-character", b"\x03show clients\n" + NOD
 write("admin", "node-errors-not-utf8", b"\x03show nodes\n" + NODE_ERRORS)
 write("admin", "line-with-escape", b"\x03show \x1b[2J clients\n" + STATE)
 write("admin", "line-not-utf8", b"\x02kill client \xff\n" + STATE)
+write("admin", "line-with-nul", b"\x03show info\x00; shutdown\n" + STATE)
 write("admin", "line-too-long", b"\x03" + b"show info;" * 500 + b"\n" + STATE)
 write("admin", "empty", b"")

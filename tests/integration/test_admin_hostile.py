@@ -153,7 +153,8 @@ def test_control_characters_never_reach_the_terminal_raw(relay):
 
 def test_a_console_line_with_control_characters_is_refused_without_being_echoed(relay):
     path = admin_socket(relay)
-    for line in (b"show \x1b[2J clients", b"kill client \xff\xfe", b"show info \xe2\x80\xae"):
+    for line in (b"show \x1b[2J clients", b"kill client \xff\xfe", b"show info \xe2\x80\xae",
+                 b"show info\x00; shutdown"):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(10)
             s.connect(path)
