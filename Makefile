@@ -101,8 +101,9 @@ $(CTL): $(CTL_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(CTL_PKGS))
 
-# Unit tests of agent code link the agent object they test.
+# Unit tests of agent and proxy code link the object they test.
 $(BUILD)/tests/test_normalize: $(BUILD)/agent/normalize.o
+$(BUILD)/tests/test_utf8: $(BUILD)/proxy/utf8.o
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
