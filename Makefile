@@ -7,6 +7,7 @@
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
 #   make install    PREFIX=/usr/local DESTDIR=
 #   make SANITIZE=address test   the same suite under AddressSanitizer (separate build dir)
+#   make fuzz       every libFuzzer target for FUZZ_SECONDS (default 60) each; fails on a crash
 
 VERSION    := 0.1.0
 PREFIX     ?= /usr/local
@@ -33,7 +34,7 @@ endif
 DEB_BUILD := build-essential pkg-config libevent-dev libpq-dev libcurl4-openssl-dev \
              libinih-dev libjansson-dev libssl-dev libcmocka-dev
 DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg socat \
-             procps util-linux mount iproute2 python3-prometheus-client haproxy
+             procps util-linux mount iproute2 python3-prometheus-client haproxy clang
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 
 PROXY_PKGS := libevent inih jansson
@@ -67,7 +68,8 @@ AGENT      := $(BIN)/pgrelay-agent
 CONTROL    := $(BIN)/pgrelay-control
 CTL        := $(BIN)/pgrelayctl
 
-.PHONY: all control deps check-deps test unit integration bench demo demo-stop install clean format
+.PHONY: all control deps check-deps test unit integration bench demo demo-stop install clean format \
+        fuzz fuzz-build fuzz-regress
 
 all: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
 
@@ -99,8 +101,9 @@ $(CTL): $(CTL_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(CTL_PKGS))
 
-# Unit tests of agent code link the agent object they test.
+# Unit tests of agent and proxy code link the object they test.
 $(BUILD)/tests/test_normalize: $(BUILD)/agent/normalize.o
+$(BUILD)/tests/test_utf8: $(BUILD)/proxy/utf8.o
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
@@ -148,7 +151,65 @@ integration: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
 test: deps
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory unit
+	@$(MAKE) --no-print-directory fuzz-regress
 	@$(MAKE) --no-print-directory integration
+
+# ---- fuzzing: libFuzzer from Debian's clang, with AddressSanitizer and UBSan ----
+# tests/fuzz/fuzz_NAME.c is a target, tests/fuzz/corpus/NAME/ its checked-in seeds. `make fuzz`
+# runs each for FUZZ_SECONDS (new inputs go to build-fuzz/corpus/NAME, a crash to
+# build-fuzz/crash-NAME-*) and fails on the first crash; `make fuzz-regress` (part of `make
+# test`) runs each target once over its seeds and over any crash input kept in the corpus.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_BUILD   := build-fuzz
+FUZZ_CFLAGS  := -std=gnu11 $(WARN) -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+                -fno-sanitize-recover=undefined -D_GNU_SOURCE -DPGRELAY_VERSION='"$(VERSION)"' \
+                -Icommon -Iproxy -MMD -MP
+FUZZ_TARGETS := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz_%)
+FUZZ_PKGS    := libevent inih jansson
+
+# What each target links besides its own file (instrumented for coverage).
+FUZZ_OBJ_startup := common/pgproto.c
+FUZZ_OBJ_scan    := common/pgproto.c
+FUZZ_OBJ_cancel  := proxy/cancel.c common/pgproto.c common/shm.c common/config.c \
+                    common/inifile.c common/log.c
+FUZZ_OBJ_admin   := proxy/admin_commands.c proxy/admin_render.c proxy/utf8.c common/pgproto.c \
+                    common/shm.c common/config.c common/inifile.c common/log.c
+
+fuzz_objs = $(addprefix $(FUZZ_BUILD)/obj/,$(patsubst %.c,%.o,$(FUZZ_OBJ_$(1))))
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link $(shell pkg-config --cflags $(FUZZ_PKGS)) \
+	  -c -o $@ $<
+
+.SECONDEXPANSION:
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.o \
+                      $$(call fuzz_objs,$$*)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(shell pkg-config --libs $(FUZZ_PKGS))
+
+fuzz-build: $(FUZZ_BINS)
+
+# A crash input found later is kept as a seed, so that the regression run replays it for ever.
+fuzz-regress: $(FUZZ_BINS)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t: $$(ls tests/fuzz/corpus/$$t | wc -l) inputs"; \
+	  $(FUZZ_BUILD)/fuzz_$$t -runs=0 -artifact_prefix=$(FUZZ_BUILD)/crash-$$t- \
+	    tests/fuzz/corpus/$$t 2>$(FUZZ_BUILD)/regress-$$t.log || \
+	    { tail -40 $(FUZZ_BUILD)/regress-$$t.log; exit 1; }; \
+	done
+
+fuzz: $(FUZZ_BINS)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  dict=""; [ -f tests/fuzz/$$t.dict ] && dict="-dict=tests/fuzz/$$t.dict"; \
+	  $(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$dict \
+	    -artifact_prefix=$(FUZZ_BUILD)/crash-$$t- $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t \
+	    2>$(FUZZ_BUILD)/fuzz-$$t.log || { tail -60 $(FUZZ_BUILD)/fuzz-$$t.log; exit 1; }; \
+	  grep -E 'stat::number_of_executed_units|stat::new_units_added' $(FUZZ_BUILD)/fuzz-$$t.log; \
+	done
 
 bench: deps-bench
 	@$(MAKE) --no-print-directory all
@@ -210,3 +271,4 @@ clean:
 	rm -rf build build-* bin bin-*
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include $(shell find $(FUZZ_BUILD) -name '*.d' 2>/dev/null)

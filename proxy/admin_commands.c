@@ -9,6 +9,7 @@
 #include "log.h"
 #include "master.h"
 #include "shm.h"
+#include "utf8.h"
 
 #include <ctype.h>
 #include <stdarg.h>
@@ -23,6 +24,9 @@
 
 #define ADMIN_MAX_ARGS   16
 #define ADMIN_STMT_SHOWN 60   /* statement characters in the table form of show clients */
+/* A string from a fixed array that the configuration file, a node or a client filled: valid
+ * UTF-8 in the answer whatever its bytes (jansson refuses anything else). */
+#define ADMIN_FIELD_TEXT(array) admin_json_text((array), sizeof(array), 0)
 #define ADMIN_STMT_HIDDEN "<insufficient privilege>" /* statement text below operator level */
 
 /* What a handler gets: its arguments and where to put the answer. */
@@ -160,8 +164,8 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "pid", json_integer(getpid()));
     json_object_set_new(o, "started", json_time(m->started_us));
     json_object_set_new(o, "uptime_s", json_integer((shm_now_us() - m->started_us) / 1000000));
-    json_object_set_new(o, "config_file", json_string(m->cfg->path));
-    json_object_set_new(o, "listen_addr", json_string(m->cfg->listen_addr));
+    json_object_set_new(o, "config_file", admin_json_text(m->cfg->path, sizeof(m->cfg->path), 0));
+    json_object_set_new(o, "listen_addr", admin_json_text(m->cfg->listen_addr, sizeof(m->cfg->listen_addr), 0));
     json_object_set_new(o, "listen_port", json_integer(m->cfg->listen_port));
     json_object_set_new(o, "workers", json_integer(m->n_workers));
     json_object_set_new(o, "workers_running", json_integer(alive));
@@ -173,7 +177,7 @@ static int cmd_show_info(admin_call *call, json_t **result)
                                                    : json_string("restarting"));
     json_object_set_new(o, "epoch", json_integer((json_int_t)routes->epoch));
     json_object_set_new(o, "write_leader",
-                        routes->leader >= 0 ? json_string(routes->nodes[routes->leader].name)
+                        routes->leader >= 0 ? ADMIN_FIELD_TEXT(routes->nodes[routes->leader].name)
                                             : json_null());
     json_object_set_new(o, "maintenance",
                         json_string(atomic_load(&m->shm->maintenance) ? "on" : "off"));
@@ -274,8 +278,8 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         const shm_node *node = &routes->nodes[n];
         shm_node_count *count = shm_node_count_get(m->shm, node->name);
         json_t *r = json_object();
-        json_object_set_new(r, "name", json_string(node->name));
-        json_object_set_new(r, "host", json_string(node->host));
+        json_object_set_new(r, "name", ADMIN_FIELD_TEXT(node->name));
+        json_object_set_new(r, "host", ADMIN_FIELD_TEXT(node->host));
         json_object_set_new(r, "port", json_integer(node->port));
         json_object_set_new(r, "role", json_string(node->role == NODE_ROLE_PRIMARY ? "primary"
                                                                                   : "replica"));
@@ -305,7 +309,7 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         json_object_set_new(r, "probe_age_ms", node->last_probe_us
                                                    ? json_integer((now - node->last_probe_us) / 1000)
                                                    : json_null());
-        json_object_set_new(r, "last_error", json_string(node->last_error));
+        json_object_set_new(r, "last_error", ADMIN_FIELD_TEXT(node->last_error));
         json_array_append_new(rows, r);
     }
     free(routes);
@@ -324,9 +328,9 @@ static int cmd_show_leader_history(admin_call *call, json_t **result)
         json_t *r = json_object();
         json_object_set_new(r, "time", json_time(e->at_us));
         json_object_set_new(r, "epoch", json_integer((json_int_t)e->epoch));
-        json_object_set_new(r, "from", e->from[0] ? json_string(e->from) : json_null());
-        json_object_set_new(r, "to", e->to[0] ? json_string(e->to) : json_null());
-        json_object_set_new(r, "reason", json_string(e->reason));
+        json_object_set_new(r, "from", e->from[0] ? ADMIN_FIELD_TEXT(e->from) : json_null());
+        json_object_set_new(r, "to", e->to[0] ? ADMIN_FIELD_TEXT(e->to) : json_null());
+        json_object_set_new(r, "reason", ADMIN_FIELD_TEXT(e->reason));
         json_array_append_new(rows, r);
     }
     *result = rows;
@@ -453,9 +457,9 @@ static json_t *config_row(const config_key *k, const char *section, const config
     else
         snprintf(name, sizeof(name), "%s.%s", section, k->name);
     json_t *r = json_object();
-    json_object_set_new(r, "key", json_string(name));
-    json_object_set_new(r, "section", json_string(section));
-    json_object_set_new(r, "value", json_string(value));
+    json_object_set_new(r, "key", ADMIN_FIELD_TEXT(name));
+    json_object_set_new(r, "section", admin_json_text(section, strlen(section), 0));
+    json_object_set_new(r, "value", ADMIN_FIELD_TEXT(value));
     json_object_set_new(r, "default", k->def ? json_string(k->def) : json_null());
     json_object_set_new(r, "reloadable", json_boolean(k->reloadable));
     return r;
@@ -708,7 +712,22 @@ static void admin_run_command(master *m, admin_session *sess, char *text, struct
     evbuffer_add_printf(out, "\n");
 }
 
-void admin_run_line(master *m, admin_session *sess, char *line, struct evbuffer *out)
+/* Offset of the first of the n bytes of line that is not part of well-formed UTF-8 or is a
+ * control character other than tab (NUL included), or (size_t)-1 when there is none. */
+static size_t admin_text_check(const char *line, size_t n)
+{
+    const uint8_t *p = (const uint8_t *)line;
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        size_t len = utf8_decode(p + i, n - i, &cp);
+        if (len == 0 || (cp != '\t' && utf8_is_control(cp)))
+            return i;
+        i += len;
+    }
+    return (size_t)-1;
+}
+
+void admin_run_line(master *m, admin_session *sess, char *line, size_t len, struct evbuffer *out)
 {
     char *save = NULL;
     if (sess->level == ADMIN_LEVEL_NONE) {
@@ -718,6 +737,13 @@ void admin_run_line(master *m, admin_session *sess, char *line, struct evbuffer 
                                  "admin socket (see admin_users)\n\n");
         sess->interactive = false;
         sess->closing = true;
+        return;
+    }
+    size_t bad = admin_text_check(line, len);
+    if (bad != (size_t)-1) {
+        /* Not echoed: the answer must not carry what a terminal would act on. */
+        evbuffer_add_printf(out, "error: the line is not printable UTF-8 text (byte %zu); "
+                                 "nothing was run\n\n", bad + 1);
         return;
     }
     for (char *cmd = strtok_r(line, ";", &save); cmd; cmd = strtok_r(NULL, ";", &save)) {

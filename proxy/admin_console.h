@@ -29,10 +29,12 @@ typedef struct admin_session {
 /* "user", "operator", "admin", or "none". */
 const char *admin_level_name(admin_level level);
 
-/* Run one line of ';'-separated commands for sess, appending every answer (each ends with an
- * empty line) to out. line is modified. A refused peer (ADMIN_LEVEL_NONE) gets one error and
- * sess->closing. */
-void admin_run_line(struct master *m, admin_session *sess, char *line, struct evbuffer *out);
+/* Run one line of ';'-separated commands (len bytes, NUL-terminated after them) for sess,
+ * appending every answer (each ends with an empty line) to out. line is modified. A refused
+ * peer (ADMIN_LEVEL_NONE) gets one error and sess->closing; a line that is not UTF-8 text or
+ * holds a control character (a NUL too) gets one error and runs nothing. */
+void admin_run_line(struct master *m, admin_session *sess, char *line, size_t len,
+                    struct evbuffer *out);
 
 /* A command's JSON result as text: an array of objects as a table, an object as "key  value"
  * lines followed by its arrays as tables. No control character of any string reaches out. */

@@ -9,8 +9,9 @@
 
 /* Client-supplied text from a fixed shared-memory field (cap bytes, NUL-terminated or not) as
  * a JSON string that is always valid UTF-8: each byte that is not part of well-formed UTF-8,
- * and each C1 control, becomes U+FFFD; other control characters stay (the JSON encoder escapes
- * them, the table shows them escaped). With max_chars > 3, longer text is cut to max_chars
+ * and each control character the JSON encoder would pass through raw (DEL, C1, bidirectional
+ * overrides), becomes U+FFFD; C0 controls stay (the JSON encoder escapes them, the table shows
+ * them escaped). With max_chars > 3, longer text is cut to max_chars
  * characters, the last three "...". Never NULL. */
 json_t *admin_json_text(const char *field, size_t cap, size_t max_chars)
 {
@@ -23,7 +24,7 @@ json_t *admin_json_text(const char *field, size_t cap, size_t max_chars)
     while (in < n) {
         uint32_t cp;
         size_t len = utf8_decode(p + in, n - in, &cp);
-        if (len == 0 || (cp >= 0x80 && cp <= 0x9f)) {
+        if (len == 0 || (cp >= 0x7f && utf8_is_control(cp))) {
             memcpy(text + out, UTF8_REPLACEMENT, 3);
             out += 3;
         } else {

@@ -51,10 +51,10 @@ static void admin_set_idle(admin_conn *c)
 }
 
 /* Run one line; `prompt` may have changed the mode, and with it the idle timeout. */
-static void admin_conn_run_line(admin_conn *c, char *line)
+static void admin_conn_run_line(admin_conn *c, char *line, size_t len)
 {
     bool was_interactive = c->sess.interactive;
-    admin_run_line(admin.m, &c->sess, line, bufferevent_get_output(c->bev));
+    admin_run_line(admin.m, &c->sess, line, len, bufferevent_get_output(c->bev));
     if (c->sess.interactive != was_interactive)
         admin_set_idle(c);
 }
@@ -96,7 +96,7 @@ static void admin_on_read(struct bufferevent *bev, void *arg)
             evbuffer_add_printf(out, "error: line longer than %d characters\n\n",
                                 ADMIN_LINE_MAX);
         } else {
-            admin_conn_run_line(c, line);
+            admin_conn_run_line(c, line, len);
         }
         free(line);
         if (!c->sess.interactive)
@@ -123,13 +123,13 @@ static void admin_on_event(struct bufferevent *bev, short what, void *arg)
         size_t len = evbuffer_get_length(in);
         if (!c->sess.closing && c->sess.level == ADMIN_LEVEL_NONE) {
             char empty[] = "";
-            admin_conn_run_line(c, empty);
+            admin_conn_run_line(c, empty, 0);
         } else if (!c->sess.closing && len > 0 && len <= ADMIN_LINE_MAX) {
             char *line = malloc(len + 1);
             if (line) {
                 evbuffer_remove(in, line, len);
                 line[len] = '\0';
-                admin_conn_run_line(c, line);
+                admin_conn_run_line(c, line, len);
                 free(line);
             }
         }

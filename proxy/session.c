@@ -30,29 +30,12 @@ static void session_request_probe(worker *w);
  * promoted while it waits is found now rather than at the agent's next health_interval. */
 #define LEADER_WAIT_POKE_US (500 * 1000)
 
-/* Copy a client-supplied name into a fixed shm field for the console: at most cap - 1 bytes,
- * cut at a character boundary, and what is not well-formed UTF-8 (each such byte) or is a
- * control character (each such character) becomes '?', so that the field is always valid,
- * printable UTF-8. Only this copy is cleaned; the node gets the client's own bytes. */
+/* Copy a client-supplied name into a fixed shm field for the console: cut at a character
+ * boundary, never invalid UTF-8 or a control character (see utf8_copy_printable). Only this
+ * copy is cleaned; the node gets the client's own bytes. */
 static void copy_ident(char *dst, size_t cap, const char *src)
 {
-    const uint8_t *p = (const uint8_t *)src;
-    size_t n = strlen(src), in = 0, out = 0;
-    while (in < n) {
-        uint32_t cp;
-        size_t len = utf8_decode(p + in, n - in, &cp);
-        bool keep = len > 0 && !utf8_is_control(cp);
-        size_t put = keep ? len : 1;
-        if (out + put > cap - 1)
-            break;
-        if (keep)
-            memcpy(dst + out, p + in, len);
-        else
-            dst[out] = '?';
-        out += put;
-        in += len ? len : 1;
-    }
-    dst[out] = '\0';
+    utf8_copy_printable(dst, cap, src);
 }
 
 /* Refuse a connection that has no session: the error first, then close. Whatever the client

@@ -1,6 +1,8 @@
 /* utf8.c - UTF-8 decoding for client-supplied text that is shown to operators. */
 #include "utf8.h"
 
+#include <string.h>
+
 size_t utf8_decode(const uint8_t *p, size_t n, uint32_t *cp)
 {
     size_t len;
@@ -44,4 +46,27 @@ bool utf8_is_control(uint32_t cp)
 {
     return cp < 0x20 || (cp >= 0x7f && cp <= 0x9f) || (cp >= 0x202a && cp <= 0x202e) ||
            (cp >= 0x2066 && cp <= 0x2069);
+}
+
+void utf8_copy_printable(char *dst, size_t cap, const char *src)
+{
+    const uint8_t *p = (const uint8_t *)src;
+    size_t in = 0, out = 0;
+    if (cap == 0)
+        return;
+    while (p[in]) {
+        uint32_t cp;
+        size_t len = utf8_decode(p + in, strnlen(src + in, 4), &cp);
+        bool keep = len > 0 && !utf8_is_control(cp);
+        size_t put = keep ? len : 1;
+        if (out + put > cap - 1)
+            break;
+        if (keep)
+            memcpy(dst + out, p + in, len);
+        else
+            dst[out] = '?';
+        out += put;
+        in += len ? len : 1;
+    }
+    dst[out] = '\0';
 }

@@ -18,4 +18,9 @@ size_t utf8_decode(const uint8_t *p, size_t n, uint32_t *cp);
  * and the bidirectional embeddings, overrides and isolates (which reorder what follows). */
 bool utf8_is_control(uint32_t cp);
 
+/* Copy client-supplied text into a fixed field of cap bytes for display: at most cap - 1 bytes,
+ * cut at a character boundary, each byte that is not part of well-formed UTF-8 and each control
+ * character (utf8_is_control) replaced by '?'. dst is always valid, printable UTF-8. */
+void utf8_copy_printable(char *dst, size_t cap, const char *src);
+
 #endif

@@ -9,6 +9,7 @@ pgrelay(8), ADMIN CONSOLE.
 
 import json
 import re
+import socket
 import struct
 
 import pytest
@@ -35,8 +36,6 @@ def raw_startup(**params):
 
 def admin_bytes(path, line, timeout=10.0):
     """admin() without decoding, so that invalid UTF-8 in the answer fails the test itself."""
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
@@ -150,3 +149,31 @@ def test_control_characters_never_reach_the_terminal_raw(relay):
     finally:
         c.close()
         s.close()
+
+
+def test_a_console_line_with_control_characters_is_refused_without_being_echoed(relay):
+    path = admin_socket(relay)
+    for line in (b"show \x1b[2J clients", b"kill client \xff\xfe", b"show info \xe2\x80\xae",
+                 b"show info\x00; shutdown"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(line + b"\n")
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+        text = out.decode("utf-8")
+        assert text.startswith("error: the line is not printable UTF-8 text"), text
+        assert text.endswith("\n\n") and text.count("\n") == 2, text
+        assert_terminal_safe(text)
+    assert "version" in admin(relay, "show info")
+
+
+def test_show_nodes_and_config_stay_valid_json(relay):
+    # every string the console renders goes through the same conversion; a smoke check that
+    # the ordinary answers are unchanged by it
+    for command in ("show nodes json", "show config json"):
+        rows = json.loads(admin(relay, command)[:-2])
+        assert isinstance(rows, list) and rows, command
+        assert all(isinstance(v, str) for r in rows for k, v in r.items()
+                   if k in ("name", "host", "key", "section", "value")), rows
