@@ -86,7 +86,7 @@ const config_key config_keys[] = {
            NULL, "replicas whose replay is further behind get no new read sessions"),
     PG_KEY("max_replica_lag_seconds", KEY_DURATION, "30s", true, max_replica_lag_ms, 0, DURATION_MAX_MS,
            NULL, "replicas whose replay is older than this get no new read sessions"),
-    PG_KEY("no_leader_wait", KEY_DURATION, "0", true, no_leader_wait_ms, 0, DURATION_MAX_MS, NULL,
+    PG_KEY("no_leader_wait", KEY_DURATION, "5s", true, no_leader_wait_ms, 0, DURATION_MAX_MS, NULL,
            "with no write leader, hold new write sessions this long before 57P03"),
     PG_KEY("leader_change_grace", KEY_DURATION, "10s", true, leader_change_grace_ms, 0, DURATION_MAX_MS,
            NULL, "a session in a transaction on the old leader is closed after this"),

@@ -296,7 +296,7 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
     }
     if (s->leader_wait_deadline_us && now >= s->leader_wait_deadline_us &&
         s->phase == PHASE_HELD && s->waiting_leader) {
-        log_warning("client %s: no write leader within no_leader_wait", s->client_addr);
+        route_log_refusal(s->client_addr, "no write leader within no_leader_wait");
         session_close(s, PG_SQLSTATE_CANNOT_CONNECT_NOW,
                       "no write leader: none appeared within no_leader_wait");
         return;
@@ -354,7 +354,7 @@ static void session_connect(session *s)
         session_arm(s);
         return;
     case ROUTE_REFUSE:
-        log_warning("client %s: %s", s->client_addr, msg);
+        route_log_refusal(s->client_addr, msg);
         session_close(s, sqlstate, msg);
         return;
     case ROUTE_OK:

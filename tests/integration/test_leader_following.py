@@ -385,3 +385,78 @@ def test_a_node_that_closes_during_startup_reaches_the_client_as_08006(relay_fac
     errors = [parse for t, parse in msgs if t == "E"]
     assert len(errors) == 1 and msgs[-1][0] == "E", msgs
     assert error_fields(msgs).get("C") == "3D000", msgs
+
+
+# --------------------------------------------------------------------------- #
+# 7. show nodes roles, refusals in the log, the no_leader_wait default
+# --------------------------------------------------------------------------- #
+
+
+def test_show_nodes_role_is_unknown_for_a_silent_node_and_a_deposed_leader_that_is_down(
+    make_cluster, ha_relay
+):
+    """A node that never answered a probe, and the old leader once it is down, are shown with
+    role "unknown", not with the role they were configured with or last had. Refused clients
+    are logged one line a second per worker, the others counted."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    with silent_node() as slow_port:
+        nodes = c.relay_nodes() + [("silent", {"host": "127.0.0.1", "port": slow_port,
+                                               "role": "replica"})]
+        relay = ha_relay(c, nodes=nodes, workers=1, no_leader_wait="0")
+        roles = {n: v["role"] for n, v in show_nodes(relay).items()}
+        assert roles == {"pg1": "primary", "pg2": "replica", "silent": "unknown"}, roles
+        pg1.stop("immediate")
+        wait_for(lambda: show_nodes(relay)["pg1"]["health"] == "down", timeout=10,
+                 what="pg1 down")
+        assert show_nodes(relay)["pg1"]["role"] == "unknown"
+        refused = 0
+        for _ in range(40):
+            with contextlib.suppress(psycopg.OperationalError):
+                psycopg.connect(relay.conninfo(connect_timeout=5)).close()
+                continue
+            refused += 1
+        assert refused == 40
+        pg2.promote()
+        wait_for(lambda: log_lines(relay, "more client(s) refused"), timeout=10,
+                 what="the count of refused clients")
+        lines = log_lines(relay, "no write leader")
+        single = [ln for ln in lines if "more client(s) refused" not in ln]
+        counted = sum(int(ln.split("warning: ")[1].split()[0])
+                      for ln in lines if "more client(s) refused" in ln)
+        assert len(single) <= 5, lines
+        assert len(single) + counted == 40, lines
+
+
+def test_by_default_a_new_write_session_waits_out_a_short_leaderless_spell(
+    make_cluster, ha_relay
+):
+    """no_leader_wait is 5s unless set: the primary restarts, a new session opened while there
+    is no leader is held and then served, not refused with 57P03."""
+    c = make_cluster(replicas=0)
+    (pg1,) = c.nodes
+    relay = start_ha_relay(c, agent=AGENT, workers=1)
+    try:
+        pg1.stop("immediate")
+        wait_for(lambda: admin_json_info(relay).get("write_leader") is None, timeout=10,
+                 what="no write leader")
+        result = {}
+
+        def connect():
+            t = time.monotonic()
+            try:
+                with relay.connect(connect_timeout=15) as conn:
+                    result["port"] = conn.execute("SELECT inet_server_port()").fetchone()[0]
+            except psycopg.Error as e:
+                result["error"] = str(e)
+            result["took"] = time.monotonic() - t
+
+        th = threading.Thread(target=connect)
+        th.start()
+        time.sleep(0.3)  # the session is held meanwhile (nothing to wait for: it must not end)
+        assert th.is_alive(), result
+        pg1.start()
+        th.join(15)
+        assert result.get("port") == pg1.port, result
+    finally:
+        destroy_relay(relay)
