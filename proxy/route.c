@@ -120,7 +120,6 @@ void route_log_refusals_flush(void)
                     route_refusals_suppressed,
                     (double)(shm_now_us() - route_refusal_window_us) / 1e6, route_refusal_last);
     route_refusals_suppressed = 0;
-    route_refusal_window_us = 0;
 }
 
 void route_log_refusal(const char *client, const char *why)
@@ -179,7 +178,8 @@ void route_table_changed(worker *w, const shm_route_table *old)
     char why[256];
     session *next;
 
-    route_log_refusals_flush(); /* the count of a run of refusals ends with it */
+    if (epoch_moved)
+        route_log_refusals_flush(); /* a leader change ends a run of refusals: count it now */
     if (epoch_moved)
         log_info("routing epoch %llu -> %llu: write leader %s",
                  (unsigned long long)old->epoch, (unsigned long long)t->epoch,

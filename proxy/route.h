@@ -25,7 +25,7 @@ bool route_leader_unconfirmed(const struct worker *w, const shm_route_table *t);
 int route_leader_wait_ms(const struct worker *w);
 
 /* Log that a client was refused a node (no leader, no replica): at most one line a second per
- * worker, the others counted and logged with the next line or the next table change. */
+ * worker, the others counted and logged with the next line or the next change of leader. */
 void route_log_refusal(const char *client, const char *why);
 void route_log_refusals_flush(void);
 
