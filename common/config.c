@@ -16,6 +16,8 @@
 static const char *const role_words[] = {"primary", "replica", NULL};
 static const char *const fallback_words[] = {"leader", "none", NULL};
 static const char *const leader_change_words[] = {"close_idle", "close_all", NULL};
+static const char *const control_lost_words[] = {"keep_leader", "decide_alone", "stop_writes",
+                                                 NULL};
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
 static const char *const facility_words[] = {"daemon", "user",   "local0", "local1",
                                              "local2", "local3", "local4", "local5",
@@ -110,6 +112,12 @@ const config_key config_keys[] = {
               "failed probes in a row before a node is down"),
     AGENT_KEY("rise", KEY_INT, "2", rise, 1, 1000,
               "good probes in a row before a down node is up"),
+    {"agent", "control_lost", KEY_ENUM, "keep_leader", true, offsetof(config, control_lost),
+     sizeof(((config *)0)->control_lost), 0, 0, control_lost_words,
+     "control plane silent past control_grace_period: keep_leader, decide_alone or stop_writes"},
+    AGENT_KEY("state_file", KEY_STRING, "", state_file, 0, 0,
+              "where the agent keeps its epoch and leader across restarts; empty = "
+              "agent.state beside admin_socket"),
     CONTROL_KEY("endpoint", KEY_STRING, "", control_endpoint, 0, 0,
                 "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
     CONTROL_KEY("token", KEY_STRING, "", control_token, 0, 0,
