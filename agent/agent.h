@@ -34,6 +34,7 @@ typedef struct agent_node {
     bool fails_are_timeouts;   /* every one of those failures was a timeout (slow, not gone) */
     bool slow_logged;          /* "slow leader kept" logged for this run of failures */
     int oks;                   /* good probes in a row */
+    int probes_on_conn;        /* probes started on the current monitoring connection */
     bool in_recovery;          /* last good probe */
     uint64_t lsn;              /* current (primary) or replay (replica) LSN, as bytes */
     int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp(); -1 when
@@ -99,6 +100,9 @@ int agent_state_save(const config *cfg, uint64_t epoch, const char *leader);
 
 /* probe.c: start a probe of every idle node; results call leader_decide(). */
 void probe_all(agent *a);
+/* The same with new connections (a worker could not connect, or a session waits for a leader:
+ * only a fresh connection shows a postmaster that accepts no one). */
+void probe_all_fresh(agent *a);
 void probe_node_close(agent_node *n);
 
 /* leader.c: decide the write leader from the nodes' latest probes; publish when anything

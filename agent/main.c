@@ -209,7 +209,7 @@ static void agent_on_channel(evutil_socket_t fd, short what, void *arg)
             break;
         case CHANNEL_PROBE_NOW:
             log_debug("probe requested by a worker");
-            probe_all(a);
+            probe_all_fresh(a);
             break;
         case CHANNEL_SET_LEADER:
             if (leader_set(a, (int)(m.arg & 0xffffffffu), (m.arg >> 32) != 0, why,

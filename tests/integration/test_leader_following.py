@@ -672,3 +672,45 @@ def test_an_equal_epoch_naming_another_leader_is_refused(make_cluster, ha_relay,
     assert log_lines(relay, "refused (an epoch names one leader)")
     fake.epoch = 2
     wait_for(lambda: write_leader(relay) == "pg2", timeout=10, what="pg2 under epoch 2")
+
+
+# --------------------------------------------------------------------------- #
+# 5. a hung postmaster
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def postmaster_stopped(node):
+    """Only the postmaster of ``node`` stopped: its backends (the agent's monitoring connection
+    included) go on answering, new connections are accepted by the kernel and never served."""
+    pm = postmaster_pid(node)
+    os.kill(pm, signal.SIGSTOP)
+    try:
+        yield pm
+    finally:
+        os.kill(pm, signal.SIGCONT)
+
+
+def test_a_hung_postmaster_is_seen_and_a_promoted_replica_takes_over(make_cluster, ha_relay):
+    """pg1's postmaster alone is stopped. A new write session gets FATAL 08006 within
+    server_connect_timeout (1 s here), not at client_login_timeout; the agent probes with a
+    fresh connection, so pg1 is no longer taken for a healthy primary, and once pg2 is
+    promoted, writes go there."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    relay = ha_relay(c, server_connect_timeout="1s", no_leader_wait="0")
+    with postmaster_stopped(pg1):
+        t0 = time.monotonic()
+        cl = RawClient(relay.port, timeout=15)
+        cl.send_startup()
+        f = error_fields(messages_until_close(cl, timeout=15))
+        took = time.monotonic() - t0
+        assert f and f.get("C") == "08006", f
+        assert took < 5, f"answered after {took:.2f}s"
+        wait_for(lambda: show_nodes(relay)["pg1"]["last_error"], timeout=10,
+                 what="the agent to see pg1's postmaster not answering")
+        pg2.promote()
+        wait_for(lambda: admin_json_info(relay).get("write_leader") == "pg2", timeout=10,
+                 what="pg2 to become the write leader")
+        with relay.connect(connect_timeout=10) as conn:
+            assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg2.port
