@@ -34,6 +34,7 @@ typedef struct agent_node {
     bool fails_are_timeouts;   /* every one of those failures was a timeout (slow, not gone) */
     bool slow_logged;          /* "slow leader kept" logged for this run of failures */
     int oks;                   /* good probes in a row */
+    int probes_on_conn;        /* probes started on the current monitoring connection */
     bool in_recovery;          /* last good probe */
     uint64_t lsn;              /* current (primary) or replay (replica) LSN, as bytes */
     int64_t replay_age_ms;     /* replica: now() - pg_last_xact_replay_timestamp(); -1 when
@@ -75,6 +76,13 @@ typedef struct agent {
     uint64_t control_epoch;
     int64_t control_seen_us;   /* last answer; 0 = never or unreachable past the grace */
     bool control_lag_logged;   /* its epoch is behind ours: logged once */
+    bool control_conflict_logged; /* it named another leader under our epoch: logged once */
+    bool control_lost;         /* it was heard, then silent past control_grace_period: the
+                                  control_lost setting rules until it answers again */
+    bool writes_stopped;       /* control_lost: the table names no leader (the epoch and
+                                  a->leader are kept: this is a hold, not a leader change) */
+    uint64_t saved_epoch;      /* epoch last written to the state file */
+    char saved_leader[CONFIG_NAME_MAX]; /* leader last written to it */
     lsn_sample leader_lsn[LEADER_SAMPLES]; /* ring of the leader's positions */
     int n_leader_lsn;          /* samples in the ring (up to LEADER_SAMPLES) */
     int next_leader_lsn;       /* where the next sample goes */
@@ -83,8 +91,18 @@ typedef struct agent {
                                   restarted agent does not disturb the table the workers use */
 } agent;
 
+/* state.c: the epoch and leader kept across restarts (state_file). The path, or -1 when
+ * there is none; load returns false when there is no usable file; save returns 0 or -1
+ * (logged). */
+int agent_state_path(const config *cfg, char *buf, size_t len);
+bool agent_state_load(const config *cfg, uint64_t *epoch, char *leader, size_t len);
+int agent_state_save(const config *cfg, uint64_t epoch, const char *leader);
+
 /* probe.c: start a probe of every idle node; results call leader_decide(). */
 void probe_all(agent *a);
+/* The same with new connections (a worker could not connect, or a session waits for a leader:
+ * only a fresh connection shows a postmaster that accepts no one). */
+void probe_all_fresh(agent *a);
 void probe_node_close(agent_node *n);
 
 /* leader.c: decide the write leader from the nodes' latest probes; publish when anything

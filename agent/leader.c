@@ -159,6 +159,17 @@ static bool leader_follow_control(agent *a)
         return false;
     }
     a->control_lag_logged = false;
+    if (a->control_epoch == a->epoch && a->leader >= 0 && idx != a->leader) {
+        /* One epoch names one leader: an equal epoch naming another node is a conflict (the
+         * store or another writer is wrong), never a reason to move. */
+        if (!a->control_conflict_logged)
+            log_error("control plane names %s under epoch %llu, which names %s here: refused "
+                      "(an epoch names one leader); deciding alone until it moves on",
+                      a->control_leader, (unsigned long long)a->epoch, node_name(a, a->leader));
+        a->control_conflict_logged = true;
+        return false;
+    }
+    a->control_conflict_logged = false;
     /* Never route to a node that this agent sees in recovery, whoever says so. */
     agent_node *n = &a->nodes[idx];
     int target = n->probed && n->last_ok && n->in_recovery ? -1 : idx;
@@ -185,14 +196,57 @@ static bool leader_follow_control(agent *a)
     return true;
 }
 
+/* The control plane was lost (control_lost = keep_leader or stop_writes): no leader of our
+ * own choosing. keep_leader keeps the last leader while it answers as a primary and holds
+ * writes (no leader in the table, same epoch) while it is in recovery or down; stop_writes
+ * holds them at once. Nothing here changes the epoch: the control plane's word goes on when it
+ * is back. */
+static void leader_hold_for_control(agent *a)
+{
+    const char *why = NULL;
+    if (a->cfg->control_lost == CONTROL_LOST_STOP_WRITES) {
+        why = "control_lost = stop_writes";
+    } else if (a->leader >= 0) {
+        const agent_node *l = &a->nodes[a->leader];
+        if (l->probed && l->last_ok && l->in_recovery)
+            why = "control_lost = keep_leader and the leader reports recovery";
+        else if (l->probed && !l->last_ok && l->fails >= a->cfg->fall)
+            why = "control_lost = keep_leader and the leader is down";
+    }
+    bool stop = why != NULL;
+    if (stop != a->writes_stopped) {
+        a->writes_stopped = stop;
+        if (stop)
+            log_warning("control plane lost: no write leader until it is back (%s; epoch %llu "
+                        "kept, leader %s)", why, (unsigned long long)a->epoch,
+                        node_name(a, a->leader));
+        else
+            log_warning("control plane lost: leader %s answers as a primary again; writes go "
+                        "to it (control_lost = keep_leader)", node_name(a, a->leader));
+        leader_publish(a, true);
+        return;
+    }
+    leader_publish(a, false);
+}
+
 void leader_decide(agent *a)
 {
     int cur = a->leader;
     int candidates = 0;
     char reason[128];
 
-    if (leader_follow_control(a))
+    if (leader_follow_control(a)) {
+        a->writes_stopped = false;
         return;
+    }
+    if (a->control_lost && a->cfg->control_lost != CONTROL_LOST_DECIDE_ALONE) {
+        leader_hold_for_control(a);
+        return;
+    }
+    if (a->writes_stopped) {
+        a->writes_stopped = false; /* control_lost changed by a reload: decide alone */
+        leader_publish(a, true);
+    }
 
     for (int i = 0; i < a->n_nodes; i++)
         candidates += is_candidate(&a->nodes[i]);
@@ -396,9 +450,15 @@ static void leader_refresh_views(agent *a)
 }
 
 /* Did anything the workers route by change since the last table? */
+static int published_leader(const agent *a)
+{
+    return a->writes_stopped ? -1 : a->leader;
+}
+
 static bool routing_changed(const agent *a, const shm_route_table *t)
 {
-    if (t->epoch != a->epoch || t->leader != a->leader || t->n_nodes != (uint32_t)a->n_nodes ||
+    if (t->epoch != a->epoch || t->leader != published_leader(a) ||
+        t->n_nodes != (uint32_t)a->n_nodes ||
         !t->confirmed || t->change != (int32_t)a->change)
         return true;
     for (int i = 0; i < a->n_nodes; i++) {
@@ -431,6 +491,14 @@ void leader_publish(agent *a, bool force_poke)
     leader_refresh_views(a);
     if (!a->shm)
         return; /* run by hand: decisions are only logged */
+    /* Durable before anyone sees it: a restart never hands out this epoch again. */
+    const char *leader = a->leader >= 0 ? a->nodes[a->leader].view.name : "";
+    if (a->epoch != a->saved_epoch || strcmp(leader, a->saved_leader) != 0) {
+        if (agent_state_save(a->cfg, a->epoch, leader) == 0) {
+            a->saved_epoch = a->epoch;
+            snprintf(a->saved_leader, sizeof(a->saved_leader), "%s", leader);
+        }
+    }
     if (!a->ready) {
         if (!leader_confirmed(a))
             return;
@@ -445,7 +513,7 @@ void leader_publish(agent *a, bool force_poke)
     shm_route_table *t = a->published;
     bool poke = force_poke || routing_changed(a, t);
     t->epoch = a->epoch;
-    t->leader = a->leader;
+    t->leader = published_leader(a);
     t->n_nodes = (uint32_t)a->n_nodes;
     t->agent_pid = (int32_t)getpid();
     t->change = (int32_t)a->change;

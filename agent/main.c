@@ -131,9 +131,19 @@ static void agent_check_control_grace(agent *a)
     if (!a->control_on || !a->control_seen_us ||
         shm_now_us() - a->control_seen_us < (int64_t)a->cfg->control_grace_period_ms * 1000)
         return;
-    log_warning("control plane unreachable for more than control_grace_period (%d ms): "
-                "deciding the leader alone", a->cfg->control_grace_period_ms);
+    static const char *const what[] = {
+        [CONTROL_LOST_KEEP_LEADER] = "keeping the leader it named while that answers as a "
+                                     "primary (control_lost = keep_leader)",
+        [CONTROL_LOST_DECIDE_ALONE] = "deciding the leader alone (control_lost = decide_alone)",
+        [CONTROL_LOST_STOP_WRITES] = "routing no writes until it is back "
+                                     "(control_lost = stop_writes)",
+    };
+    int mode = a->cfg->control_lost;
+    log_warning("control plane unreachable for more than control_grace_period (%d ms): %s",
+                a->cfg->control_grace_period_ms,
+                mode >= 0 && mode <= CONTROL_LOST_STOP_WRITES ? what[mode] : "?");
     a->control_seen_us = 0;
+    a->control_lost = true;
     leader_decide(a);
 }
 
@@ -199,7 +209,7 @@ static void agent_on_channel(evutil_socket_t fd, short what, void *arg)
             break;
         case CHANNEL_PROBE_NOW:
             log_debug("probe requested by a worker");
-            probe_all(a);
+            probe_all_fresh(a);
             break;
         case CHANNEL_SET_LEADER:
             if (leader_set(a, (int)(m.arg & 0xffffffffu), (m.arg >> 32) != 0, why,
@@ -223,6 +233,11 @@ static void agent_on_control(evutil_socket_t fd, short what, void *arg)
             bool was_stale = !a->control_seen_us;
             m.leader[sizeof(m.leader) - 1] = '\0';
             a->control_seen_us = shm_now_us();
+            if (a->control_lost) {
+                log_info("control plane answers again: following its leader");
+                a->control_lost = false;
+                a->writes_stopped = false;
+            }
             if (strcmp(a->control_leader, m.leader) == 0 && a->control_epoch == m.epoch &&
                 !was_stale)
                 continue;
@@ -272,6 +287,8 @@ int main(int argc, char **argv)
     const char *config_path = CONFIG_DEFAULT_PATH;
     int verbose = 0, opt;
     bool quiet = false;
+    char kept_leader[CONFIG_NAME_MAX] = "";
+    bool use_kept_leader = false;
 
     while ((opt = getopt_long(argc, argv, "c:vqVh", options, NULL)) != -1) {
         switch (opt) {
@@ -325,6 +342,22 @@ int main(int argc, char **argv)
         shm_routes_read(a->shm, t);
         a->epoch = t->epoch;
         a->change = (shm_leader_change)t->change;
+        /* A restarted proxy has a fresh segment (epoch 1): go on from the kept epoch, with the
+         * leader it named as the first guess, so no epoch is handed out twice. */
+        uint64_t kept = 0;
+        if (agent_state_load(a->cfg, &kept, kept_leader, sizeof(kept_leader))) {
+            a->saved_epoch = kept;
+            snprintf(a->saved_leader, sizeof(a->saved_leader), "%s", kept_leader);
+            if (kept > a->epoch && t->agent_pid == 0) {
+                log_info("epoch %llu and leader %s from the agent state (the table had epoch "
+                         "%llu)", (unsigned long long)kept, kept_leader[0] ? kept_leader : "(none)",
+                         (unsigned long long)a->epoch);
+                a->epoch = kept;
+                use_kept_leader = true;
+            } else {
+                kept_leader[0] = '\0';
+            }
+        }
     } else {
         if (config_load(a->cfg, config_path) > 0) {
             for (int i = 0; i < a->cfg->n_errors; i++)
@@ -346,10 +379,12 @@ int main(int argc, char **argv)
     agent_load_nodes(a);
     if (a->shm) {
         const shm_route_table *t = a->published;
-        if (t->leader >= 0)
-            for (int i = 0; i < a->n_nodes; i++)
-                if (strcmp(a->nodes[i].view.name, t->nodes[t->leader].name) == 0)
-                    a->leader = i;
+        const char *first = use_kept_leader ? kept_leader
+                            : t->leader >= 0 ? t->nodes[t->leader].name
+                                             : "";
+        for (int i = 0; i < a->n_nodes && first[0]; i++)
+            if (strcmp(a->nodes[i].view.name, first) == 0)
+                a->leader = i;
     }
     struct event *sig_events[sizeof(signals) / sizeof(signals[0])];
     for (size_t i = 0; i < sizeof(signals) / sizeof(signals[0]); i++) {

@@ -38,6 +38,9 @@ static const char PROBE_SQL[] =
 
 #define PROBE_COLUMNS 6
 
+/* A node's monitoring connection is used for this many probes, then opened afresh. */
+#define PROBE_FRESH_EVERY 10
+
 static void probe_on_io(evutil_socket_t fd, short what, void *arg);
 
 /* Notices on a monitoring connection (e.g. "terminating connection due to immediate shutdown")
@@ -253,14 +256,19 @@ static void probe_on_io(evutil_socket_t fd, short what, void *arg)
         probe_watch(n, EV_READ);
 }
 
-/* Start a probe of one node: reuse its connection, or open a new one. */
-static void probe_start(agent *a, agent_node *n)
+/* Start a probe of one node: reuse its connection, or open a new one. Every
+ * PROBE_FRESH_EVERY-th probe, and when `fresh`, the connection is new: a persistent one keeps
+ * answering while the postmaster hangs and no new session could connect. */
+static void probe_start(agent *a, agent_node *n, bool fresh)
 {
     const config_node *c = &a->cfg->nodes[n->index];
     char port[16], timeout[16];
 
-    if (n->conn && PQstatus(n->conn) != CONNECTION_OK)
+    if (n->conn && (PQstatus(n->conn) != CONNECTION_OK || fresh ||
+                    ++n->probes_on_conn >= PROBE_FRESH_EVERY))
         probe_node_close(n);
+    if (!n->conn)
+        n->probes_on_conn = 0;
     n->started_us = shm_now_us();
     struct timeval tv = {a->cfg->health_timeout_ms / 1000,
                          (a->cfg->health_timeout_ms % 1000) * 1000};
@@ -299,5 +307,12 @@ void probe_all(agent *a)
 {
     for (int i = 0; i < a->n_nodes; i++)
         if (a->nodes[i].state == PROBE_IDLE)
-            probe_start(a, &a->nodes[i]);
+            probe_start(a, &a->nodes[i], false);
+}
+
+void probe_all_fresh(agent *a)
+{
+    for (int i = 0; i < a->n_nodes; i++)
+        if (a->nodes[i].state == PROBE_IDLE)
+            probe_start(a, &a->nodes[i], true);
 }

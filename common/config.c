@@ -16,6 +16,8 @@
 static const char *const role_words[] = {"primary", "replica", NULL};
 static const char *const fallback_words[] = {"leader", "none", NULL};
 static const char *const leader_change_words[] = {"close_idle", "close_all", NULL};
+static const char *const control_lost_words[] = {"keep_leader", "decide_alone", "stop_writes",
+                                                 NULL};
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
 static const char *const facility_words[] = {"daemon", "user",   "local0", "local1",
                                              "local2", "local3", "local4", "local5",
@@ -55,7 +57,8 @@ const config_key config_keys[] = {
            DURATION_MAX_MS, NULL,
            "the startup packet must arrive within this of the connection, else it is closed; 0 disables"),
     PG_KEY("server_connect_timeout", KEY_DURATION, "5s", true, server_connect_timeout_ms, 1,
-           DURATION_MAX_MS, NULL, "connecting to a node must finish within this"),
+           DURATION_MAX_MS, NULL,
+           "connecting to a node, up to its answer to the startup packet, must finish within this"),
     PG_KEY("shutdown_timeout", KEY_DURATION, "30s", true, shutdown_timeout_ms, 0, DURATION_MAX_MS, NULL,
            "graceful shutdown (SIGTERM) waits this long for sessions to finish"),
     PG_KEY("tcp_keepalive", KEY_BOOL, "on", true, tcp_keepalive, 0, 0, NULL,
@@ -95,7 +98,7 @@ const config_key config_keys[] = {
            NULL, "replicas whose replay is further behind get no new read sessions"),
     PG_KEY("max_replica_lag_seconds", KEY_DURATION, "30s", true, max_replica_lag_ms, 0, DURATION_MAX_MS,
            NULL, "replicas whose replay is older than this get no new read sessions"),
-    PG_KEY("no_leader_wait", KEY_DURATION, "0", true, no_leader_wait_ms, 0, DURATION_MAX_MS, NULL,
+    PG_KEY("no_leader_wait", KEY_DURATION, "5s", true, no_leader_wait_ms, 0, DURATION_MAX_MS, NULL,
            "with no write leader, hold new write sessions this long before 57P03"),
     PG_KEY("leader_change_grace", KEY_DURATION, "10s", true, leader_change_grace_ms, 0, DURATION_MAX_MS,
            NULL, "a session in a transaction on the old leader is closed after this"),
@@ -119,6 +122,12 @@ const config_key config_keys[] = {
               "failed probes in a row before a node is down"),
     AGENT_KEY("rise", KEY_INT, "2", rise, 1, 1000,
               "good probes in a row before a down node is up"),
+    {"agent", "control_lost", KEY_ENUM, "keep_leader", true, offsetof(config, control_lost),
+     sizeof(((config *)0)->control_lost), 0, 0, control_lost_words,
+     "control plane silent past control_grace_period: keep_leader, decide_alone or stop_writes"},
+    AGENT_KEY("state_file", KEY_STRING, "", state_file, 0, 0,
+              "where the agent keeps its epoch and leader across restarts; empty = "
+              "agent.state beside admin_socket"),
     CONTROL_KEY("endpoint", KEY_STRING, "", control_endpoint, 0, 0,
                 "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
     CONTROL_KEY("token", KEY_STRING, "", control_token, 0, 0,

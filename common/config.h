@@ -30,6 +30,13 @@ typedef enum on_leader_change {
     ON_LEADER_CHANGE_CLOSE_ALL,      /* close every old-leader session at once */
 } on_leader_change;
 
+typedef enum control_lost {
+    CONTROL_LOST_KEEP_LEADER = 0, /* keep the leader the control plane last named while it
+                                   * answers as a primary; never choose another */
+    CONTROL_LOST_DECIDE_ALONE,    /* each agent decides the leader from its own probes */
+    CONTROL_LOST_STOP_WRITES,     /* route no write session until the control plane is back */
+} control_lost;
+
 typedef struct config_node {
     char name[CONFIG_NAME_MAX];  /* NAME of [node.NAME] */
     char host[CONFIG_HOST_MAX];  /* host name, IP address, or a Unix socket directory ("/...") */
@@ -87,6 +94,9 @@ typedef struct config {
     int health_timeout_ms;
     int fall;                         /* failed probes before a node is down */
     int rise;                         /* good probes in a row before a down node is up */
+    int control_lost;                 /* control_lost: CONTROL_LOST_*, after control_grace_period */
+    char state_file[1024];            /* epoch and leader kept across restarts; "" = beside
+                                       * admin_socket (none when that is empty too) */
 
     /* [control]: the control plane (empty endpoint = none) */
     char control_endpoint[1024];      /* comma-separated base URLs */

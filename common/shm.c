@@ -157,6 +157,16 @@ void shm_routes_from_config(shm_route_table *tab, const config *cfg, uint64_t ep
     }
 }
 
+const char *shm_node_role_name(const shm_route_table *t, uint32_t i)
+{
+    const shm_node *n = &t->nodes[i];
+    if (t->agent_pid == 0 && !n->probed)
+        return n->role == NODE_ROLE_PRIMARY ? "primary" : "replica"; /* configured */
+    if (!n->probed || n->health != NODE_HEALTH_UP)
+        return "unknown";
+    return n->in_recovery ? "replica" : "primary";
+}
+
 shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint)
 {
     uint32_t n = shm->max_sessions;

@@ -245,6 +245,11 @@ shm_node_count *shm_node_count_get(shm_segment *shm, const char *name);
  * Entries are never removed, so there is room for node renames over a few reloads. */
 void shm_node_count_ensure(shm_segment *shm, const char *name);
 
+/* What show nodes says a node is: "primary" or "replica" as its last good probe said, or
+ * "unknown" when the agent has not heard from it (never answered, or down now); in the
+ * master's static table (no probe yet, or agent = off) the configured role. */
+const char *shm_node_role_name(const shm_route_table *t, uint32_t i);
+
 /* Record a leader change (agent only). */
 void shm_history_add(shm_segment *shm, uint64_t epoch, const char *from, const char *to,
                      const char *reason);

@@ -281,8 +281,7 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         json_object_set_new(r, "name", ADMIN_FIELD_TEXT(node->name));
         json_object_set_new(r, "host", ADMIN_FIELD_TEXT(node->host));
         json_object_set_new(r, "port", json_integer(node->port));
-        json_object_set_new(r, "role", json_string(node->role == NODE_ROLE_PRIMARY ? "primary"
-                                                                                  : "replica"));
+        json_object_set_new(r, "role", json_string(shm_node_role_name(routes, n)));
         json_object_set_new(r, "health", json_string(health_name(node->health)));
         json_object_set_new(r, "leader", json_boolean((int32_t)n == routes->leader));
         json_object_set_new(r, "readable", json_boolean(node->readable));

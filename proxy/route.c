@@ -107,6 +107,34 @@ static int route_readable_replica(const shm_route_table *t, int leader)
     return -1;
 }
 
+/* Refusals logged per worker: the first of a window in full, the rest counted. */
+#define ROUTE_REFUSAL_LOG_US (1000 * 1000)
+static int64_t route_refusal_window_us;   /* start of the current window, 0 = none */
+static unsigned route_refusals_suppressed; /* refusals counted, not logged, in it */
+static char route_refusal_last[160];       /* why the last counted one was refused */
+
+void route_log_refusals_flush(void)
+{
+    if (route_refusals_suppressed)
+        log_warning("%u more client(s) refused in the last %.1f s (the last: %s)",
+                    route_refusals_suppressed,
+                    (double)(shm_now_us() - route_refusal_window_us) / 1e6, route_refusal_last);
+    route_refusals_suppressed = 0;
+}
+
+void route_log_refusal(const char *client, const char *why)
+{
+    int64_t now = shm_now_us();
+    if (route_refusal_window_us && now - route_refusal_window_us < ROUTE_REFUSAL_LOG_US) {
+        route_refusals_suppressed++;
+        snprintf(route_refusal_last, sizeof(route_refusal_last), "%s", why);
+        return;
+    }
+    route_log_refusals_flush();
+    route_refusal_window_us = now;
+    log_warning("client %s: %s", client, why);
+}
+
 /* Should session s leave its node under table t? Fills why when so. */
 static bool session_misplaced(worker *w, session *s, const shm_route_table *t, char *why,
                               size_t len)
@@ -150,6 +178,8 @@ void route_table_changed(worker *w, const shm_route_table *old)
     char why[256];
     session *next;
 
+    if (epoch_moved)
+        route_log_refusals_flush(); /* a leader change ends a run of refusals: count it now */
     if (epoch_moved)
         log_info("routing epoch %llu -> %llu: write leader %s",
                  (unsigned long long)old->epoch, (unsigned long long)t->epoch,

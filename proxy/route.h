@@ -24,6 +24,11 @@ bool route_leader_unconfirmed(const struct worker *w, const shm_route_table *t);
  * while the leader is unconfirmed at least the agent's first probe (health_timeout + 1s). */
 int route_leader_wait_ms(const struct worker *w);
 
+/* Log that a client was refused a node (no leader, no replica): at most one line a second per
+ * worker, the others counted and logged with the next line or the next change of leader. */
+void route_log_refusal(const char *client, const char *why);
+void route_log_refusals_flush(void);
+
 /* The table changed from `old` to the worker's current one: close or re-route the sessions
  * that are on the wrong node now, release sessions waiting for a leader. */
 void route_table_changed(struct worker *w, const shm_route_table *old);

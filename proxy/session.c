@@ -373,9 +373,15 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     s->timer_armed = false;
+    /* server_connect_timeout covers the TCP connect and the node's first answer to the
+     * startup packet (a hung postmaster accepts connections in the kernel, then says nothing). */
+    if (s->connect_deadline_us && s->phase == PHASE_RELAY &&
+        (s->server_scan.messages > 0 || !pg_scan_at_boundary(&s->server_scan)))
+        s->connect_deadline_us = 0; /* it answered */
     if (s->connect_deadline_us && now >= s->connect_deadline_us) {
-        snprintf(msg, sizeof(msg), "could not connect to node %s: timed out",
-                 s->slot->node_name);
+        snprintf(msg, sizeof(msg), "could not connect to node %s: timed out%s",
+                 s->slot->node_name,
+                 s->phase == PHASE_RELAY ? " waiting for its answer to the startup packet" : "");
         log_warning("client %s: %s", s->client_addr, msg);
         if (!s->read_port)
             session_request_probe(worker_self);
@@ -397,7 +403,7 @@ static void session_on_timer(evutil_socket_t fd, short what, void *arg)
     }
     if (s->leader_wait_until_us && now >= s->leader_wait_until_us &&
         s->phase == PHASE_HELD && s->waiting_leader) {
-        log_warning("client %s: no write leader within no_leader_wait", s->client_addr);
+        route_log_refusal(s->client_addr, "no write leader within no_leader_wait");
         session_close(s, PG_SQLSTATE_CANNOT_CONNECT_NOW,
                       "no write leader: none appeared within no_leader_wait");
         return;
@@ -459,7 +465,7 @@ static void session_connect(session *s)
         session_arm(s);
         return;
     case ROUTE_REFUSE:
-        log_warning("client %s: %s", s->client_addr, msg);
+        route_log_refusal(s->client_addr, msg);
         session_close(s, sqlstate, msg);
         return;
     case ROUTE_OK:
@@ -542,8 +548,7 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
         return;
     }
     shm_stat_add(&w->row->stats.server_connects, 1);
-    s->connect_deadline_us = 0;
-    session_timer_rearm(s);
+    /* connect_deadline_us stays until the node answers the startup packet (session_on_timer) */
 
     /* The startup packet, then anything the client sent after it, go to the server. */
     relay_init_scanners(s);

@@ -376,8 +376,9 @@ def leader_history(relay):
     return admin_json(relay, "show leader history")
 
 
-def start_ha_relay(cluster, agent=None, nodes=None, wait=True, **extra):
-    """Start pgrelay in front of ``cluster``; ``agent``: [agent] keys, ``extra``: [pgrelay] keys.
+def start_ha_relay(cluster, agent=None, nodes=None, wait=True, control=None, **extra):
+    """Start pgrelay in front of ``cluster``; ``agent``: [agent] keys, ``control``: [control]
+    keys, ``extra``: [pgrelay] keys.
 
     Waits until the TCP port listens, the admin socket answers and the agent has probed
     every node (show nodes: no health 'unknown') with a write leader chosen."""
@@ -399,6 +400,8 @@ def start_ha_relay(cluster, agent=None, nodes=None, wait=True, **extra):
         write_config(conf, port, None, settings, nodes)
         with open(conf, "a") as f:
             f.write("\n[agent]\n" + "".join(f"{k} = {v}\n" for k, v in agent.items()))
+            if control:
+                f.write("\n[control]\n" + "".join(f"{k} = {v}\n" for k, v in control.items()))
         with open(log_path, "w") as logf:
             proc = subprocess.Popen(
                 [PGRELAY_BIN, "-c", conf],

@@ -207,6 +207,9 @@ def render_ini(listen_port, host_dir, control_url, nodes, pgrelay=None, agent=No
             "health_interval": "200ms",
             "fall": 2,
             "rise": 1,
+            # the outage tests exercise the fallback to deciding alone (the default keeps the
+            # leader: test_leader_following.py)
+            "control_lost": "decide_alone",
         },
         "control": {
             "endpoint": control_url,

@@ -385,3 +385,332 @@ def test_a_node_that_closes_during_startup_reaches_the_client_as_08006(relay_fac
     errors = [parse for t, parse in msgs if t == "E"]
     assert len(errors) == 1 and msgs[-1][0] == "E", msgs
     assert error_fields(msgs).get("C") == "3D000", msgs
+
+
+# --------------------------------------------------------------------------- #
+# 7. show nodes roles, refusals in the log, the no_leader_wait default
+# --------------------------------------------------------------------------- #
+
+
+def test_show_nodes_role_is_unknown_for_a_silent_node_and_a_deposed_leader_that_is_down(
+    make_cluster, ha_relay
+):
+    """A node that never answered a probe, and the old leader once it is down, are shown with
+    role "unknown", not with the role they were configured with or last had. Refused clients
+    are logged one line a second per worker, the others counted."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    with silent_node() as slow_port:
+        nodes = c.relay_nodes() + [("silent", {"host": "127.0.0.1", "port": slow_port,
+                                               "role": "replica"})]
+        relay = ha_relay(c, nodes=nodes, workers=1, no_leader_wait="0")
+        roles = {n: v["role"] for n, v in show_nodes(relay).items()}
+        assert roles == {"pg1": "primary", "pg2": "replica", "silent": "unknown"}, roles
+        pg1.stop("immediate")
+        wait_for(lambda: show_nodes(relay)["pg1"]["health"] == "down", timeout=10,
+                 what="pg1 down")
+        assert show_nodes(relay)["pg1"]["role"] == "unknown"
+        refused = 0
+        for _ in range(40):
+            with contextlib.suppress(psycopg.OperationalError):
+                psycopg.connect(relay.conninfo(connect_timeout=5)).close()
+                continue
+            refused += 1
+        assert refused == 40
+        pg2.promote()
+
+        def logged():
+            lines = log_lines(relay, "no write leader")
+            single = [ln for ln in lines if "more client(s) refused" not in ln]
+            counted = sum(int(ln.split("warning: ")[1].split()[0])
+                          for ln in lines if "more client(s) refused" in ln)
+            return (single, counted) if len(single) + counted == 40 else None
+
+        single, counted = wait_for(logged, timeout=10, what="every refusal logged or counted")
+        assert len(single) <= 5 and counted >= 35, (single, counted)
+
+
+def test_by_default_a_new_write_session_waits_out_a_short_leaderless_spell(
+    make_cluster, ha_relay
+):
+    """no_leader_wait is 5s unless set: the primary restarts, a new session opened while there
+    is no leader is held and then served, not refused with 57P03."""
+    c = make_cluster(replicas=0)
+    (pg1,) = c.nodes
+    relay = start_ha_relay(c, agent=AGENT, workers=1)
+    try:
+        pg1.stop("immediate")
+        wait_for(lambda: admin_json_info(relay).get("write_leader") is None, timeout=10,
+                 what="no write leader")
+        result = {}
+
+        def connect():
+            t = time.monotonic()
+            try:
+                with relay.connect(connect_timeout=15) as conn:
+                    result["port"] = conn.execute("SELECT inet_server_port()").fetchone()[0]
+            except psycopg.Error as e:
+                result["error"] = str(e)
+            result["took"] = time.monotonic() - t
+
+        th = threading.Thread(target=connect)
+        th.start()
+        time.sleep(0.3)  # the session is held meanwhile (nothing to wait for: it must not end)
+        assert th.is_alive(), result
+        pg1.start()
+        th.join(15)
+        assert result.get("port") == pg1.port, result
+    finally:
+        destroy_relay(relay)
+
+
+# --------------------------------------------------------------------------- #
+# issue 8 item 5: epochs survive a restart of the proxy
+# --------------------------------------------------------------------------- #
+
+
+def restart_relay(relay):
+    """Stop pgrelay and start it again on the same configuration (and so the same directory:
+    admin socket, agent state)."""
+    import subprocess
+
+    from cluster import wait_relay_ready
+    from conftest import PGRELAY_BIN, Relay, _LIVE_RELAYS, port_listening
+
+    relay.stop()
+    log_path = relay.log_path + ".restarted"
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen([PGRELAY_BIN, "-c", relay.conf_path], stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    again = Relay(relay.workdir, relay.port, relay.conf_path, log_path, proc)
+    again.read_port = relay.read_port
+    _LIVE_RELAYS.append(again)
+    wait_for(lambda: port_listening(again.port), timeout=15, what="pgrelay to listen again")
+    wait_relay_ready(again)
+    return again
+
+
+def test_the_epoch_survives_a_restart_of_the_proxy(make_cluster, ha_relay):
+    """Two leader changes take the epoch to 3 (leader pg1 again); pgrelay is restarted (a
+    fresh shared-memory segment): it goes on from epoch 3 with pg1, and the next change is
+    epoch 4, so no epoch ever names two leaders."""
+    c = make_cluster(replicas=1)
+    relay = ha_relay(c)
+    for cmd in ("set leader pg2 force", "set leader pg1"):
+        out = admin(relay, cmd)
+        assert not out.startswith("error"), out
+    wait_for(lambda: admin_json_info(relay)["epoch"] == 3, timeout=5, what="epoch 3")
+    again = restart_relay(relay)
+    try:
+        info = admin_json_info(again)
+        assert (info["epoch"], info["write_leader"]) == (3, "pg1"), info
+        out = admin(again, "set leader pg2 force")
+        assert not out.startswith("error"), out
+        wait_for(lambda: admin_json_info(again)["epoch"] == 4, timeout=5, what="epoch 4")
+    finally:
+        destroy_relay(again)
+
+
+# --------------------------------------------------------------------------- #
+# issue 8 items 5 and 6: the control plane's epochs, and when it is gone
+# --------------------------------------------------------------------------- #
+
+
+class FakeControlPlane:
+    """Where pgrelay-control should be: answers the agent with ``leader`` and ``epoch``, or,
+    once ``down`` is set, 500 to everything."""
+
+    def __init__(self, leader="pg1", epoch=1):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.leader, self.epoch, self.down = leader, epoch, False
+        self.metrics_calls = 0
+        self.stopping = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                path = self.path.split("?")[0]
+                if fake.down:
+                    status, body = 500, {"error": "down"}
+                elif path == "/api/v1/agent/metrics":
+                    fake.metrics_calls += 1
+                    status, body = 200, {"leader": fake.leader, "epoch": fake.epoch}
+                elif path == "/api/v1/agent/commands":
+                    fake.stopping.wait(0.5)
+                    status, body = 200, {"commands": []}
+                else:
+                    status, body = 200, {}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_control():
+    fakes = []
+
+    def make(**kw):
+        f = FakeControlPlane(**kw)
+        fakes.append(f)
+        return f
+
+    yield make
+    for f in fakes:
+        f.close()
+
+
+def relay_with_control(c, ha_relay, fake, **agent):
+    relay = ha_relay(c, no_leader_wait="0", agent=agent,
+                     control={"endpoint": fake.url, "token": "t", "metrics_interval": "200ms",
+                              "control_grace_period": "1s", "request_timeout": "1s"})
+    calls = fake.metrics_calls
+    wait_for(lambda: fake.metrics_calls > calls + 1, timeout=10, what="the agent's reports")
+    return relay
+
+
+def write_leader(relay):
+    return admin_json_info(relay).get("write_leader")
+
+
+def never(cond, seconds, what):
+    """cond() stays false for ``seconds`` (polled); AssertionError naming ``what`` if not."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert not cond(), what
+        time.sleep(0.05)
+
+
+def test_control_lost_keeps_the_leader_by_default_and_never_picks_another(
+    make_cluster, ha_relay, fake_control
+):
+    """control_lost defaults to keep_leader: with the control plane gone, the leader it named
+    (pg1) dies and pg2 is promoted, yet this proxy does not move writes to pg2 on its own
+    (another proxy may still see pg1): no write leader until the control plane is back, which
+    then names pg2, and writes go there."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    fake = fake_control(leader="pg1", epoch=1)
+    relay = relay_with_control(c, ha_relay, fake)
+    assert write_leader(relay) == "pg1"
+    fake.down = True
+    wait_for(lambda: log_lines(relay, "unreachable for more than control_grace_period"),
+             timeout=10, what="the control plane to count as lost")
+    pg1.stop("immediate")
+    pg2.promote()
+    wait_for(lambda: write_leader(relay) is None, timeout=10, what="no write leader")
+    wait_for(lambda: show_nodes(relay)["pg2"]["role"] == "primary", timeout=10,
+             what="the agent to see pg2 as a primary")
+    never(lambda: write_leader(relay) == "pg2", 1.5, "the agent chose pg2 on its own")
+    assert log_lines(relay, "control_lost = keep_leader")
+    fake.leader, fake.epoch, fake.down = "pg2", 2, False
+    wait_for(lambda: write_leader(relay) == "pg2", timeout=10, what="pg2, named by the control plane")
+    assert admin_json_info(relay)["epoch"] == 2
+    with relay.connect(connect_timeout=10) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg2.port
+
+
+def test_control_lost_stop_writes_routes_no_write_until_the_control_plane_is_back(
+    make_cluster, ha_relay, fake_control
+):
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    fake = fake_control(leader="pg1", epoch=1)
+    relay = relay_with_control(c, ha_relay, fake, control_lost="stop_writes")
+    fake.down = True
+    wait_for(lambda: write_leader(relay) is None, timeout=10, what="writes stopped")
+    with pytest.raises(psycopg.OperationalError) as e:
+        relay.connect(connect_timeout=5)
+    assert "no write leader" in str(e.value)
+    assert admin_json_info(relay)["epoch"] == 1  # a hold, not a change of leader
+    fake.down = False
+    wait_for(lambda: write_leader(relay) == "pg1", timeout=10, what="writes back on pg1")
+    with relay.connect(connect_timeout=10) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg1.port
+
+
+def test_an_equal_epoch_naming_another_leader_is_refused(make_cluster, ha_relay, fake_control):
+    """Epoch 1 names pg1. The control plane then names pg2 under the same epoch 1 (pg2 is a
+    primary too): the agent does not move, and says why; a higher epoch is followed."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    fake = fake_control(leader="pg1", epoch=1)
+    relay = relay_with_control(c, ha_relay, fake)
+    pg2.promote()
+    calls = fake.metrics_calls
+    fake.leader = "pg2"
+    wait_for(lambda: fake.metrics_calls > calls + 3, timeout=10, what="answers naming pg2")
+    never(lambda: write_leader(relay) != "pg1", 1.0, "the agent left pg1 under epoch 1")
+    assert admin_json_info(relay)["epoch"] == 1
+    assert log_lines(relay, "refused (an epoch names one leader)")
+    fake.epoch = 2
+    wait_for(lambda: write_leader(relay) == "pg2", timeout=10, what="pg2 under epoch 2")
+
+
+# --------------------------------------------------------------------------- #
+# 5. a hung postmaster
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def postmaster_stopped(node):
+    """Only the postmaster of ``node`` stopped: its backends (the agent's monitoring connection
+    included) go on answering, new connections are accepted by the kernel and never served."""
+    pm = postmaster_pid(node)
+    os.kill(pm, signal.SIGSTOP)
+    try:
+        yield pm
+    finally:
+        os.kill(pm, signal.SIGCONT)
+
+
+def test_a_hung_postmaster_is_seen_and_a_promoted_replica_takes_over(make_cluster, ha_relay):
+    """pg1's postmaster alone is stopped. A new write session gets FATAL 08006 within
+    server_connect_timeout (1 s here), not at client_login_timeout; the agent probes with a
+    fresh connection, so pg1 is no longer taken for a healthy primary, and once pg2 is
+    promoted, writes go there."""
+    c = make_cluster(replicas=1)
+    pg1, pg2 = c.nodes
+    relay = ha_relay(c, server_connect_timeout="1s", no_leader_wait="0")
+    with postmaster_stopped(pg1):
+        t0 = time.monotonic()
+        cl = RawClient(relay.port, timeout=15)
+        cl.send_startup()
+        f = error_fields(messages_until_close(cl, timeout=15))
+        took = time.monotonic() - t0
+        assert f and f.get("C") == "08006", f
+        assert took < 5, f"answered after {took:.2f}s"
+        wait_for(lambda: show_nodes(relay)["pg1"]["last_error"], timeout=10,
+                 what="the agent to see pg1's postmaster not answering")
+        pg2.promote()
+        wait_for(lambda: admin_json_info(relay).get("write_leader") == "pg2", timeout=10,
+                 what="pg2 to become the write leader")
+        with relay.connect(connect_timeout=10) as conn:
+            assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg2.port

@@ -134,7 +134,7 @@ static void test_defaults(void **state)
     assert_int_equal(cfg.read_fallback, READ_FALLBACK_LEADER);
     assert_int_equal(cfg.max_replica_lag_bytes, 16777216);
     assert_int_equal(cfg.max_replica_lag_ms, 30000);
-    assert_int_equal(cfg.no_leader_wait_ms, 0);
+    assert_int_equal(cfg.no_leader_wait_ms, 5000);
     assert_int_equal(cfg.leader_change_grace_ms, 10000);
     assert_int_equal(cfg.on_leader_change, ON_LEADER_CHANGE_CLOSE_IDLE);
     assert_true(cfg.agent);
