@@ -78,6 +78,17 @@ def no_sanitizer_reports():
     assert not texts, "sanitizer reports:\n" + "\n".join(texts)
 
 
+def require(available, why):
+    """A test's prerequisite of the machine (a program, a kernel feature): without it the test
+    is skipped, except under CI (the CI environment variable set and not "0"/"false"), where
+    a missing prerequisite is a failure, so that no check silently goes untested there."""
+    if available:
+        return
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"missing prerequisite under CI: {why}")
+    pytest.skip(why)
+
+
 def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
     """Poll ``cond()`` until it returns a truthy value; return that value.
 

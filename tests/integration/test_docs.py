@@ -5,11 +5,12 @@ configuration and ``pgrelay --help`` must describe exactly what they hold."""
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
 
-from conftest import admin, PGRELAY_BIN, wait_for
+from conftest import admin, PGRELAY_BIN, require
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MAN8 = os.path.join(REPO, "man", "pgrelay.8")
@@ -23,19 +24,12 @@ SAMPLE_INI = os.path.join(REPO, "etc", "pgrelay.ini")
 
 
 
-@pytest.fixture(scope="module")
-def relay(relay):
-    """conftest's module relay, once its admin socket answers (it may come a moment after
-    the TCP port that start_relay waits for)."""
-
-    def answers():
-        try:
-            return "version" in admin(relay, "show info")
-        except OSError:
-            return False
-
-    wait_for(answers, timeout=10, what="the admin socket to answer")
-    return relay
+@pytest.mark.parametrize("page", sorted(os.listdir(os.path.join(REPO, "man"))))
+def test_every_man_page_formats_without_warnings(page):
+    require(shutil.which("groff"), "groff is not installed (make deps installs groff-base)")
+    p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", os.path.join(REPO, "man", page)],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
 
 
 SECTIONS = ["pgrelay", "agent", "control", "node"]
