@@ -193,7 +193,7 @@ def port_accepts(port, host="127.0.0.1", timeout=0.5):
 
 
 def port_listening(port):
-    """True if some socket LISTENs on 127.0.0.1:port or 0.0.0.0:port.
+    """True if some socket LISTENs on 127.0.0.1:port or 0.0.0.0:port, or on port over IPv6.
 
     Checked in /proc/net/tcp rather than by connecting, so that readiness probes
     don't create client connections (they would count against max_client_conn)."""
@@ -203,6 +203,13 @@ def port_listening(port):
         for line in f:
             parts = line.split()
             if parts[3] == "0A" and parts[1] in wanted:
+                return True
+    # IPv6 (listen_addr = ::1, ::, or * on a dual-stack socket): any local address
+    with contextlib.suppress(OSError), open("/proc/net/tcp6") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[3] == "0A" and parts[1].endswith(f":{port:04X}"):
                 return True
     return False
 
