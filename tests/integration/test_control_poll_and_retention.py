@@ -6,7 +6,6 @@ telemetry older than telemetry_retention is gone."""
 import hashlib
 import time
 
-
 from conftest import SCHED_SLACK, wait_for
 from test_control_api import (  # noqa: F401  (fixtures used by name)
     ADMIN,
