@@ -78,6 +78,17 @@ def no_sanitizer_reports():
     assert not texts, "sanitizer reports:\n" + "\n".join(texts)
 
 
+def require(available, why):
+    """A test's prerequisite of the machine (a program, a kernel feature): without it the test
+    is skipped, except under CI (the CI environment variable set and not "0"/"false"), where
+    a missing prerequisite is a failure, so that no check silently goes untested there."""
+    if available:
+        return
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"missing prerequisite under CI: {why}")
+    pytest.skip(why)
+
+
 def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
     """Poll ``cond()`` until it returns a truthy value; return that value.
 
@@ -182,7 +193,7 @@ def port_accepts(port, host="127.0.0.1", timeout=0.5):
 
 
 def port_listening(port):
-    """True if some socket LISTENs on 127.0.0.1:port or 0.0.0.0:port.
+    """True if some socket LISTENs on 127.0.0.1:port or 0.0.0.0:port, or on port over IPv6.
 
     Checked in /proc/net/tcp rather than by connecting, so that readiness probes
     don't create client connections (they would count against max_client_conn)."""
@@ -192,6 +203,13 @@ def port_listening(port):
         for line in f:
             parts = line.split()
             if parts[3] == "0A" and parts[1] in wanted:
+                return True
+    # IPv6 (listen_addr = ::1, ::, or * on a dual-stack socket): any local address
+    with contextlib.suppress(OSError), open("/proc/net/tcp6") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[3] == "0A" and parts[1].endswith(f":{port:04X}"):
                 return True
     return False
 

@@ -69,18 +69,28 @@ def test_200_concurrent_clients_see_only_their_own_data(relay, pg):
     pg.query(f"DROP TABLE {table}")
 
 
-@pytest.mark.deadline(180)
-@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
-def test_pgbench_through_pgrelay_completes_without_failures(relay, pg, mode):
-    db = "bench"
-    if not pg.query("SELECT 1 FROM pg_database WHERE datname = %s", (db,)):
-        pg.query(f"CREATE DATABASE {db}")
+@pytest.fixture
+def bench_db(pg):
+    """A database of its own, initialised by pgbench -i, for one test: none depends on what
+    another left behind."""
+    db = f"bench_{uuid.uuid4().hex[:10]}"
+    pg.query(f"CREATE DATABASE {db}")
+    try:
         init = subprocess.run(
             [f"{PG_BIN}/pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(pg.port),
              "-U", "postgres", db],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
         )
         assert init.returncode == 0, init.stderr
+        yield db
+    finally:
+        pg.query(f"DROP DATABASE {db} WITH (FORCE)")
+
+
+@pytest.mark.deadline(180)
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_pgbench_through_pgrelay_completes_without_failures(relay, pg, mode, bench_db):
+    db = bench_db
     clients, txs = 16, 50
     r = subprocess.run(
         [f"{PG_BIN}/pgbench", "-n", "-M", mode, "-c", str(clients), "-j", "2", "-t", str(txs),

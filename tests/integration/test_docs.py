@@ -5,11 +5,12 @@ configuration and ``pgrelay --help`` must describe exactly what they hold."""
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
 
-from conftest import admin, PGRELAY_BIN, wait_for
+from conftest import admin, PGRELAY_BIN, require
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MAN8 = os.path.join(REPO, "man", "pgrelay.8")
@@ -23,19 +24,12 @@ SAMPLE_INI = os.path.join(REPO, "etc", "pgrelay.ini")
 
 
 
-@pytest.fixture(scope="module")
-def relay(relay):
-    """conftest's module relay, once its admin socket answers (it may come a moment after
-    the TCP port that start_relay waits for)."""
-
-    def answers():
-        try:
-            return "version" in admin(relay, "show info")
-        except OSError:
-            return False
-
-    wait_for(answers, timeout=10, what="the admin socket to answer")
-    return relay
+@pytest.mark.parametrize("page", sorted(os.listdir(os.path.join(REPO, "man"))))
+def test_every_man_page_formats_without_warnings(page):
+    require(shutil.which("groff"), "groff is not installed (make deps installs groff-base)")
+    p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", os.path.join(REPO, "man", page)],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
 
 
 SECTIONS = ["pgrelay", "agent", "control", "node"]
@@ -273,3 +267,61 @@ def test_pgrelay_help_mentions_every_long_option_of_the_man_page():
     assert not missing, missing_message("long options", missing, "pgrelay --help") + f"\n{r.stdout}"
     undocumented = sorted(set(re.findall(r"--([a-z][a-z-]*)", r.stdout)) - set(documented))
     assert not undocumented, f"pgrelay --help has options OPTIONS of man/pgrelay.8 lacks: {undocumented}"
+
+
+def documented_defaults(lines):
+    """{key: default as pgrelay.ini(5) writes it ("" for "default empty")} of an ini.5 section;
+    keys without a default (required) are left out."""
+    out = {}
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() != ".TP":
+            continue
+        tag = render(lines[i + 1])
+        m = re.match(r"(\w+) \((.*)\)\s*$", tag)
+        if not m:
+            continue
+        d = re.search(r"default (empty|\S+)$", m.group(2))
+        if d:
+            out[m.group(1)] = "" if d.group(1) == "empty" else d.group(1)
+    return out
+
+
+_UNIT_MS = {"ms": 1, "s": 1000, "min": 60000, "h": 3600000, "d": 86400000}
+
+
+def same_value(a, b):
+    """Equal as pgrelay reads them: a duration may be written 0 or 0s, 60s or 1min."""
+    if a == b:
+        return True
+    ma, mb = (re.fullmatch(r"(\d+)(ms|s|min|h|d)?", x) for x in (a, b))
+    if not (ma and mb) or not (ma.group(2) or mb.group(2)):
+        return False
+    return (int(ma.group(1)) * _UNIT_MS[ma.group(2) or "s"] ==
+            int(mb.group(1)) * _UNIT_MS[mb.group(2) or "s"])
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_default_in_pgrelay_ini_5_is_the_one_pgrelay_applies(relay, section):
+    """The man page's default of each key is show config's default, and the value a key takes
+    when the file does not set it (the module relay's file sets only a few [pgrelay] keys and
+    a node's host, port and role)."""
+    with open(relay.conf_path) as f:
+        set_in_file = {line.split("=")[0].strip() for line in f if "=" in line}
+    rows = json.loads(admin(relay, "show config json").strip())
+    prefix = "node.pg1" if section == "node" else section
+    shown = {row["key"].rsplit(".", 1)[-1]: row for row in rows if row["section"] == prefix}
+    documented = documented_defaults(man5_section(section))
+    assert documented, f"no defaults read from the [{section}] section of pgrelay.ini(5)"
+    wrong = []
+    for key, default in documented.items():
+        row = shown.get(key)
+        if row is None:
+            wrong.append(f"{key}: not in show config")
+            continue
+        if not same_value(row["default"], default):
+            wrong.append(f"{key}: the man page says default {default!r}, show config "
+                         f"{row['default']!r}")
+        if key not in set_in_file and not same_value(row["value"], default):
+            wrong.append(f"{key}: not set in the file, yet its value is {row['value']!r}, not "
+                         f"the documented default {default!r}")
+    assert not wrong, f"[{section}] of man/pgrelay.ini.5:\n" + "\n".join(wrong)

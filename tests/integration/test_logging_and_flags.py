@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import PGRELAY_BIN, admin_json, pid_alive, port_listening, wait_for, write_config
+from conftest import (PGRELAY_BIN, admin_json, free_port, pid_alive, port_listening, require,
+                      wait_for, write_config)
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[(master|worker \d+|agent) pid \d+\] "
                   r"(error|warning|info|debug): ")
@@ -59,11 +60,14 @@ def test_quiet_logs_only_errors(relay_factory, flags):
     _one_session(relay)
 
 
+def _stat_fields(pid):
+    """/proc/PID/stat after the command name: [state, ppid, pgrp, session, tty_nr, ...]."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def test_long_flags_daemon_pidfile_config(pg, tmp_path):
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    p = port.getsockname()[1]
-    port.close()
+    p = free_port()
     conf, pidfile, logfile = tmp_path / "p.ini", tmp_path / "p.pid", tmp_path / "p.log"
     write_config(str(conf), p, pg, {"logfile": str(logfile),
                                     "admin_socket": str(tmp_path / "admin.sock")})
@@ -75,8 +79,12 @@ def test_long_flags_daemon_pidfile_config(pg, tmp_path):
     try:
         wait_for(lambda: port_listening(p), timeout=10, what="the daemon's port")
         wait_for(lambda: "ready" in logfile.read_text(), timeout=10, what="the ready line")
-        with open(f"/proc/{pid}/stat") as f:
-            assert f.read().rsplit(")", 1)[1].split()[1] == "1", "daemon not re-parented to init"
+        # Detached: the command returned while the daemon runs on (whoever its parent now is:
+        # init, or a subreaper such as a container's or pytest's own), in a session of its
+        # own, without a controlling terminal.
+        _, _, _, session, tty = _stat_fields(pid)[:5]
+        assert int(session) != os.getsid(0), "the daemon did not leave our session"
+        assert tty == "0", f"the daemon has a controlling terminal ({tty})"
     finally:
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not pid_alive(pid), timeout=15, what="the daemon to stop")
@@ -86,9 +94,9 @@ def test_long_flags_daemon_pidfile_config(pg, tmp_path):
 def test_syslog_receives_tagged_lines(relay_factory, tmp_path):
     """syslog = on: lines reach /dev/log with the ident and facility configured. The test runs
     pgrelay in a mount namespace whose /dev/log is a socket the test reads."""
-    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"],
-                                            capture_output=True).returncode != 0:
-        pytest.skip("needs root and mount namespaces (unshare -m)")
+    require(os.geteuid() == 0 and subprocess.run(["unshare", "-m", "true"],
+                                                 capture_output=True).returncode == 0,
+            "needs root and mount namespaces (unshare -m)")
     sock_path = str(tmp_path / "log.sock")
     log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     log.bind(sock_path)

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import free_port, require, wait_for
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CTL_BIN = os.path.abspath(
@@ -738,8 +738,7 @@ def test_man_page_documents_every_command_option_variable_and_status():
 
 
 def test_man_page_formats_without_warnings():
-    if not shutil.which("groff"):
-        pytest.skip("groff is not installed")
+    require(shutil.which("groff"), "groff is not installed (make deps installs groff-base)")
     p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", MAN1], capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 0 and p.stderr == "", p.stderr
