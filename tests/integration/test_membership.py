@@ -1,0 +1,272 @@
+"""Declared membership and one epoch, one leader (issue 8, items 1 and 5).
+
+Only the proxies an operator declared (pgrelayctl create-proxy) vote in the leader decision,
+receive it, are addressed by orchestrations and acknowledge commands, each only its own. A node
+id nobody declared is pending: recorded (at most 64 per deployment), shown by show-proxies,
+answered 403 on everything but register. The quorum for a leader change is a majority of the
+declared proxies. One epoch names one leader, in memory and in the store.
+
+The first tests speak the agents' protocol with simulated agents against a real pgrelay-control
+(test_control_api.py's fixtures); the last one, "three forged node ids", runs real proxies with
+real agents against a primary and a replica.
+"""
+
+import os
+import subprocess
+import threading
+
+import pytest
+
+from conftest import wait_for
+from test_control_api import (  # noqa: F401 - fixtures used by name
+    ADMIN, API, REPO, TOKENS, Background, SimAgent, control_factory, obs, store, store_rows)
+
+CTL_BIN = os.path.abspath(os.environ.get("PGRELAYCTL_BIN", os.path.join(REPO, "bin", "pgrelayctl")))
+OFF = {"auto_declare": "off"}
+FORGED = ("forged-1", "forged-2", "forged-3")
+
+
+@pytest.fixture
+def control(control_factory):  # noqa: F811 - the fixture of this file: membership enforced
+    return control_factory(control=OFF)
+
+
+def declare(control, *node_ids):
+    for node_id in node_ids:
+        status, body = control.admin("POST", "/deployments/prod/proxies", {"node_id": node_id})
+        assert status in (200, 201), body
+
+
+def ctl(control, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGRELAYCTL_")}
+    env.update(PGRELAYCTL_ENDPOINT=f"http://127.0.0.1:{control.port}", PGRELAYCTL_TOKEN=ADMIN,
+               PGRELAYCTL_DEPLOYMENT="prod")
+    return subprocess.run([CTL_BIN, *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+def seeded(control, leader="pg1", *node_ids):
+    """Declared agents that all see ``leader`` as the primary and pg2 as a replica, and the
+    deployment's leader settled on it. Returns (agents, epoch)."""
+    declare(control, *node_ids)
+    agents = [SimAgent(control, n) for n in node_ids]
+    nodes = [obs(leader), obs("pg2" if leader != "pg2" else "pg1", in_recovery=True)]
+    for a in agents:
+        a.register()
+    answer = None
+    for a in agents:
+        answer = a.metrics(epoch=1, leader=leader, nodes=nodes)
+    assert answer["leader"] == leader, answer
+    return agents, answer["epoch"]
+
+
+FAILOVER = [obs("pg1", up=False), obs("pg2")]  # "pg1 down, pg2 primary"
+
+
+# --------------------------------------------------------------------------- #
+# pending node ids
+# --------------------------------------------------------------------------- #
+
+
+def test_an_undeclared_node_id_registers_as_pending_and_is_refused_everything_else(control):
+    a = SimAgent(control, "stranger")
+    answer = a.register()
+    assert answer["declared"] is False and "create-proxy stranger" in answer["warning"], answer
+    calls = [("POST", "/metrics", {"ts_ms": 1, "nodes": FAILOVER}),
+             ("POST", "/queries", {"queries": []}),
+             ("POST", "/config", {"config_version": 1, "config": {}}),
+             ("POST", "/schema", {"database": "d", "tables": []}),
+             ("GET", "/commands?node_id=stranger&wait_s=0", None),
+             ("POST", "/commands/1/ack", {"ok": True})]
+    for method, path, body in calls:
+        if body is not None:
+            body = dict(body, node_id="stranger")
+        status, answer = control.agent(method, path, body)
+        assert status == 403, (path, status, answer)
+        assert "not declared" in answer["error"] and "create-proxy stranger" in answer["error"]
+    row = control.proxies()["stranger"]
+    assert row["status"] == "pending" and row["hostname"] == "host-stranger", row
+    # a pending proxy is neither counted nor stored
+    [dep] = [d for d in control.admin("GET", "/deployments")[1] if d["name"] == "prod"]
+    assert dep["proxies"] == 0, dep
+    assert store_rows(control.store, "SELECT node_id FROM pgrelay.proxies") == []
+
+
+def test_create_proxy_declares_it_and_delete_proxy_makes_it_pending_again(control):
+    a = SimAgent(control, "proxy-a")
+    a.register()
+    p = ctl(control, "create-proxy", "proxy-a")
+    assert p.returncode == 0 and "created" in p.stdout, (p.stdout, p.stderr)
+    assert a.register()["declared"] is True
+    assert a.metrics(nodes=[obs("pg1")])["leader"] == "pg1"
+    assert control.proxies()["proxy-a"]["status"] == "declared"
+    assert ctl(control, "create-proxy", "proxy-a").returncode == 0  # again: no change
+
+    # a parked long poll of a deleted proxy ends, refused
+    poll = Background(control.port, "GET",
+                      API + "/agent/commands?node_id=proxy-a&wait_s=20", None, TOKENS["prod"],
+                      timeout=30)
+    wait_for(lambda: "proxy proxy-a polls for 20s" in control.log() or poll.done(), timeout=5,
+             what="proxy-a's long poll parked")
+    assert not poll.done(), (poll.result(), control.log()[-2000:])
+    p = ctl(control, "delete-proxy", "proxy-a")
+    assert p.returncode == 0, p.stderr
+    status, answer = poll.result()
+    assert status == 403 and "deleted" in answer["error"], (status, answer)
+    assert control.proxies()["proxy-a"]["status"] == "pending"
+    assert control.agent("POST", "/metrics", {"node_id": "proxy-a", "ts_ms": 1})[0] == 403
+    p = ctl(control, "delete-proxy", "proxy-a")
+    assert p.returncode == 6 and "not declared" in p.stderr and "pending" in p.stderr, p.stderr
+    p = ctl(control, "delete-proxy", "nobody")
+    assert p.returncode == 6, p.stderr
+
+
+def test_membership_and_options_survive_a_restart(control_factory):  # noqa: F811
+    c1 = control_factory(control=OFF)
+    declare(c1, "proxy-a")
+    p = ctl(c1, "set-proxy-options", "proxy-a", "maintenance_exempt=on")
+    assert p.returncode == 0, p.stderr
+    assert c1.stop() == 0
+    c2 = control_factory(control=OFF)
+    row = c2.proxies()["proxy-a"]
+    assert row["status"] == "declared" and row["options"] == {"maintenance_exempt": True}, row
+    assert SimAgent(c2, "proxy-a").metrics(nodes=[obs("pg1")])["leader"] == "pg1"
+
+
+def test_set_proxy_options_checks_keys_and_values(control):
+    declare(control, "proxy-a")
+    p = ctl(control, "set-proxy-options", "proxy-a", "colour=blue")
+    assert p.returncode == 1 and "unknown proxy option colour" in p.stderr, p.stderr
+    p = ctl(control, "set-proxy-options", "proxy-a", "maintenance_exempt=perhaps")
+    assert p.returncode == 1 and "on or off" in p.stderr, p.stderr
+    p = ctl(control, "set-proxy-options", "proxy-a", "novalue")
+    assert p.returncode == 2, p.stderr
+    p = ctl(control, "set-proxy-options", "ghost", "maintenance_exempt=on")
+    assert p.returncode == 6, p.stderr
+    p = ctl(control, "set-proxy-options", "proxy-a", "maintenance_exempt=")
+    assert p.returncode == 0, p.stderr
+    assert control.proxies()["proxy-a"]["options"] == {}
+
+
+def test_pending_node_ids_are_bounded_and_the_oldest_is_forgotten_first(control):
+    declare(control, "proxy-a")
+    for i in range(70):
+        SimAgent(control, f"inv-{i:02d}").register()
+    rows = control.proxies()
+    pending = sorted(n for n, r in rows.items() if r["status"] == "pending")
+    assert pending == [f"inv-{i:02d}" for i in range(6, 70)], pending
+    assert rows["proxy-a"]["status"] == "declared"
+    assert "forgot pending proxy inv-00" in control.log()
+
+
+def test_auto_declare_declares_at_register(control_factory):  # noqa: F811
+    c = control_factory(control={"auto_declare": "on"})
+    a = SimAgent(c, "dev-1")
+    assert a.register()["declared"] is True
+    assert c.proxies()["dev-1"]["status"] == "declared"
+    # only at register: a node id that never registered stays pending
+    assert c.agent("POST", "/metrics", {"node_id": "dev-2", "ts_ms": 1})[0] == 403
+
+
+# --------------------------------------------------------------------------- #
+# votes and quorum
+# --------------------------------------------------------------------------- #
+
+
+def test_forged_node_ids_do_not_move_the_leader(control):
+    (a, b), epoch = seeded(control, "pg1", "proxy-a", "proxy-b")
+    for node_id in FORGED:
+        f = SimAgent(control, node_id)
+        f.register(epoch=epoch + 5, leader="pg2")
+        status, answer = f.post("/metrics", {"ts_ms": 1, "epoch": epoch + 5, "leader": "pg2",
+                                              "nodes": FAILOVER})
+        assert status == 403, answer
+    assert a.metrics(epoch=epoch, leader="pg1", nodes=[obs("pg1"), obs("pg2", in_recovery=True)]
+                     ) == {"leader": "pg1", "epoch": epoch}
+    rows = control.proxies()
+    assert all(rows[n]["status"] == "pending" for n in FORGED), rows
+
+
+def test_the_first_proxy_to_report_a_failover_is_not_a_majority(control_factory):  # noqa: F811
+    c1 = control_factory(control=OFF)
+    (a, b, c), epoch = seeded(c1, "pg1", "proxy-a", "proxy-b", "proxy-c")
+    # a new control plane (restart, lease change) starts with no observations: the first
+    # proxy to report is the only reporter, but not a majority of the declared
+    assert c1.stop() == 0
+    c2 = control_factory(control=OFF)
+    for p in (a, b, c):
+        p.control = c2
+    assert a.metrics(epoch=epoch, leader="pg1", nodes=FAILOVER) == {"leader": "pg1",
+                                                                     "epoch": epoch}
+    # a quorum is 2 of the 3 declared
+    assert b.metrics(epoch=epoch, leader="pg1", nodes=FAILOVER) == {"leader": "pg2",
+                                                                     "epoch": epoch + 1}
+
+
+def test_a_declared_proxy_that_is_gone_still_counts_in_the_quorum(control):
+    (a,), epoch = seeded(control, "pg1", "proxy-a")
+    declare(control, "proxy-b")  # declared, never reports
+    assert a.metrics(epoch=epoch, leader="pg1", nodes=FAILOVER) == {"leader": "pg1",
+                                                                     "epoch": epoch}
+    assert ctl(control, "delete-proxy", "proxy-b").returncode == 0
+    assert a.metrics(epoch=epoch, leader="pg1", nodes=FAILOVER) == {"leader": "pg2",
+                                                                     "epoch": epoch + 1}
+
+
+# --------------------------------------------------------------------------- #
+# commands
+# --------------------------------------------------------------------------- #
+
+
+def test_commands_go_to_declared_proxies_and_each_acknowledges_only_its_own(control):
+    declare(control, "proxy-a", "proxy-b")
+    a, b = SimAgent(control, "proxy-a"), SimAgent(control, "proxy-b")
+    for p in (a, b):
+        p.register()
+    SimAgent(control, "forged-1").register()
+    assert ctl(control, "set-proxy-options", "proxy-b", "maintenance_exempt=on").returncode == 0
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=control.admin(
+        "POST", "/deployments/prod/maintenance", {"on": True, "timeout_s": 3}, timeout=20)))
+    t.start()
+    status, body = wait_for(lambda: (lambda r: r if r[1]["commands"] else None)(a.poll()),
+                            timeout=5, what="proxy-a's maintenance command")
+    [cmd] = body["commands"]
+    # proxy-b (exempt) was not sent it, so it cannot acknowledge it; a forged id cannot either
+    assert b.poll()[1]["commands"] == []
+    assert b.ack(cmd["id"])[0] == 404
+    assert SimAgent(control, "forged-1").ack(cmd["id"])[0] == 403
+    assert a.ack(cmd["id"], True, "maintenance on")[0] == 204
+    t.join(20)
+    status, answer = result["r"]
+    assert status == 200 and [p["node_id"] for p in answer["proxies"]] == ["proxy-a"], answer
+    acks = store_rows(control.store, "SELECT node_id, ok FROM pgrelay.command_acks")
+    assert acks == [("proxy-a", True)], acks
+
+
+# --------------------------------------------------------------------------- #
+# one epoch, one leader
+# --------------------------------------------------------------------------- #
+
+
+def test_the_store_never_takes_an_epoch_again_for_another_leader(control):
+    (a, b), epoch = seeded(control, "pg1", "proxy-a", "proxy-b")
+    # Another writer (a second replica that believed it held the lease) recorded pg2 at the
+    # next epoch behind this replica's back.
+    store_rows(control.store, "UPDATE pgrelay.leadership SET leader = 'pg2', epoch = epoch + 1"
+                              " RETURNING 1")
+    pg3 = [obs("pg1", up=False), obs("pg2", up=False), obs("pg3")]
+    # The agents follow every answer, as real ones do.
+    told = {"leader": "pg1", "epoch": epoch}
+    seen = []
+    for _ in range(6):
+        for p in (a, b):
+            told = p.metrics(nodes=pg3, **told)
+            seen.append((told["leader"], told["epoch"]))
+        if told["leader"] == "pg3":
+            break
+    # pg3 was refused at epoch + 1 (it names pg2 there), and decided at epoch + 2
+    assert told == {"leader": "pg3", "epoch": epoch + 2}, seen
+    assert ("pg3", epoch + 1) not in seen, seen
+    assert store_rows(control.store, "SELECT leader, epoch FROM pgrelay.leadership") == [
+        ("pg3", epoch + 2)]
+    assert "the store refused leader pg3" in control.log()
