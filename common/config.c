@@ -114,6 +114,9 @@ const config_key config_keys[] = {
                 "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
     CONTROL_KEY("token", KEY_STRING, "", control_token, 0, 0,
                 "the deployment's token (Authorization: Bearer)"),
+    CONTROL_KEY("node_id", KEY_STRING, "", control_node_id, 0, 0,
+                "this proxy's node id in the control plane (default: the host name; the NODE_ID "
+                "environment variable overrides it; read at start)"),
     CONTROL_KEY("request_timeout", KEY_DURATION, "5s", control_request_timeout_ms, 100, DURATION_MAX_MS,
                 "an HTTP request to the control plane that takes longer has failed"),
     CONTROL_KEY("metrics_interval", KEY_DURATION, "1s", metrics_interval_ms, 100, DURATION_MAX_MS,

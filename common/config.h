@@ -86,6 +86,7 @@ typedef struct config {
     /* [control]: the control plane (empty endpoint = none) */
     char control_endpoint[1024];      /* comma-separated base URLs */
     char control_token[256];          /* the deployment's bearer token */
+    char control_node_id[64];         /* this proxy's node id ("" = the host name); NODE_ID wins */
     int control_request_timeout_ms;
     int metrics_interval_ms;
     int active_queries_interval_ms;

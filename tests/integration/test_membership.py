@@ -12,8 +12,13 @@ real agents against a primary and a replica.
 """
 
 import os
+import signal
+import socket
 import subprocess
 import threading
+import time
+import types
+import uuid
 
 import pytest
 
@@ -270,3 +275,226 @@ def test_the_store_never_takes_an_epoch_again_for_another_leader(control):
     assert store_rows(control.store, "SELECT leader, epoch FROM pgrelay.leadership") == [
         ("pg3", epoch + 2)]
     assert "the store refused leader pg3" in control.log()
+
+
+# --------------------------------------------------------------------------- #
+# fault scenario: three forged node ids against real proxies (issue 8, item 7)
+# --------------------------------------------------------------------------- #
+
+from cluster import Cluster  # noqa: E402
+from conftest import admin_json, start_relay  # noqa: E402
+from control_e2e_helpers import (  # noqa: E402
+    DEPLOYMENT, PROD_TOKEN, ControlPlane, cleanup_dir, http, info, make_root, render_ini,
+    run_ctl, start_proxy, stop_proxy)
+
+E2E_ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
+
+
+def free_listen_port():
+    """A port free on every address of E2E_ADDRESSES."""
+    for _ in range(20):
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.3", port))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no port free on both proxy addresses")
+
+
+@pytest.fixture(scope="module")
+def fleet(pg):
+    """pgrelay-control (auto_declare off) with its store, a primary pg1 and a replica pg2, and
+    two real proxies declared as proxy-a and proxy-b."""
+    root = make_root()
+    store_db = "ctl_mship_" + uuid.uuid4().hex[:10]
+    pg.query(f"CREATE DATABASE {store_db}")
+    control = ControlPlane(
+        os.path.join(root, "control"),
+        f"host={pg.host} port={pg.port} user=postgres dbname={store_db} connect_timeout=5",
+        auto_declare=False)
+    os.makedirs(control.workdir)
+    cluster = None
+    proxies = {}
+    try:
+        control.start()
+        for node_id in E2E_ADDRESSES:
+            p = run_ctl(control, "create-proxy", node_id)
+            assert p.returncode == 0, p.stderr
+        cluster = Cluster.create(replicas=1)
+        cluster.relay_pinned = True
+        port = free_listen_port()
+        text = render_ini(port, os.path.join(root, "host"), control.url, cluster.relay_nodes())
+        for node_id, address in E2E_ADDRESSES.items():
+            proxies[node_id] = start_proxy(root, node_id, address, text)
+        wait_for(lambda: all(control.proxies().get(n, {}).get("live") for n in E2E_ADDRESSES),
+                 timeout=15, what="both proxies registered and live")
+        wait_for(lambda: control.deployment()["leader"] == "pg1", timeout=15, interval=0.1,
+                 what="the deployment's leader settled on pg1")
+        yield types.SimpleNamespace(root=root, control=control, cluster=cluster,
+                                    proxies=proxies)
+    finally:
+        for r in proxies.values():
+            stop_proxy(r)
+        control.stop()
+        if cluster is not None:
+            cluster.destroy()
+        pg.query(f"DROP DATABASE IF EXISTS {store_db} WITH (FORCE)")
+        cleanup_dir(root)
+
+
+class Writer:
+    """Writes through one proxy every 20 ms and records, per write, the node it landed on
+    (cluster_name) or the error."""
+
+    def __init__(self, relay, table, name):
+        self.relay, self.table, self.name = relay, table, name
+        self.landed = []  # (node or None, error text or None)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        import psycopg
+        conn = None
+        while not self.stop.is_set():
+            try:
+                if conn is None:
+                    conn = self.relay.connect(connect_timeout=3)
+                node = conn.execute(f"INSERT INTO {self.table} VALUES (%s)"
+                                    " RETURNING current_setting('cluster_name')",
+                                    (self.name,)).fetchone()[0]
+                self.landed.append((node, None))
+            except psycopg.Error as e:
+                self.landed.append((None, str(e).strip()))
+                conn = None
+            self.stop.wait(0.02)
+        if conn is not None:
+            conn.close()
+
+
+def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxies_commands(
+        fleet):
+    """Three made-up node ids with the deployment token register and report "pg1 down, pg2
+    primary" at a higher epoch, again and again: the leader stays pg1 at its epoch, both real
+    proxies keep writing to pg1 all along, the forged ids show as pending, and they can
+    neither take nor acknowledge the commands of an orchestration meant for the real
+    proxies. (Before declared membership, three of five voters moved the leader to pg2 and
+    both proxies refused every write with 57P03.)"""
+    control, a, b = fleet.control, fleet.proxies["proxy-a"], fleet.proxies["proxy-b"]
+    epoch = control.deployment()["epoch"]
+    table = "forged_" + uuid.uuid4().hex[:8]
+    fleet.cluster.primary.query(f"CREATE TABLE {table} (proxy text)")
+    writers = [Writer(r, table, n) for n, r in fleet.proxies.items()]
+    for w in writers:
+        w.thread.start()
+    wait_for(lambda: all(w.landed for w in writers), timeout=10, what="first writes")
+
+    forged_down = [{"name": "pg1", "health": "down", "role": "primary", "in_recovery": False},
+                   {"name": "pg2", "health": "up", "role": "primary", "in_recovery": False}]
+    answers = []
+    try:
+        for node_id in FORGED:
+            status, body = http(control.port, "POST", API + "/agent/register",
+                                {"node_id": node_id, "hostname": "evil", "epoch": epoch,
+                                 "leader": "pg1"}, PROD_TOKEN)
+            assert status == 200 and body["declared"] is False, (status, body)
+        # as long as the real agents need for several reports each (metrics every 250 ms): first
+        # under the current epoch (three of five voters, before), then at a higher one
+        start = time.monotonic()
+        while time.monotonic() < start + 3:
+            claimed = epoch if time.monotonic() < start + 1.5 else epoch + 10
+            for node_id in FORGED:
+                answers.append(http(control.port, "POST", API + "/agent/metrics",
+                                    {"node_id": node_id, "ts_ms": int(time.time() * 1000),
+                                     "epoch": claimed, "leader": "pg1" if claimed == epoch
+                                     else "pg2", "nodes": forged_down}, PROD_TOKEN))
+            time.sleep(0.1)
+            dep = control.deployment()
+            assert (dep["leader"], dep["epoch"]) == ("pg1", epoch), dep
+            for n, r in fleet.proxies.items():
+                i = info(r)
+                assert (i["write_leader"], i["epoch"]) == ("pg1", epoch), (n, i)
+    finally:
+        for w in writers:
+            w.stop.set()
+        for w in writers:
+            w.thread.join(10)
+    assert all(status == 403 for status, _ in answers), answers[:3]
+    for w in writers:
+        assert len(w.landed) > 20, (w.name, w.landed)
+        errors = [e for _, e in w.landed if e]
+        assert not errors, (w.name, errors[:3])
+        assert {node for node, _ in w.landed} == {"pg1"}, (w.name, set(w.landed))
+    rows = control.proxies()
+    assert {n: rows[n]["status"] for n in FORGED} == dict.fromkeys(FORGED, "pending"), rows
+    assert all(rows[n]["status"] == "declared" and rows[n]["live"] for n in E2E_ADDRESSES)
+
+    # An orchestration addresses the declared proxies only; with proxy-b's agent stopped, its
+    # command waits for it, and no forged id can answer in its place.
+    agent_b = b.agent_pid()
+    os.kill(agent_b, signal.SIGSTOP)
+    try:
+        reload = Background(control.port, "POST", API + f"/deployments/{DEPLOYMENT}/reload",
+                            {"timeout_s": 20}, control_e2e_admin(), timeout=40)
+        cmd_id = wait_for(lambda: command_for(control, "proxy-b"), timeout=10,
+                          what="the reload command queued for proxy-b")
+        for node_id in FORGED:
+            status, body = http(control.port, "POST", API + f"/agent/commands/{cmd_id}/ack",
+                                {"node_id": node_id, "ok": True, "detail": "forged"}, PROD_TOKEN)
+            assert status == 403, (status, body)
+            status, body = http(control.port, "GET",
+                                API + f"/agent/commands?node_id={node_id}&wait_s=0", None,
+                                PROD_TOKEN)
+            assert status == 403, (status, body)
+        assert not reload.done()
+    finally:
+        os.kill(agent_b, signal.SIGCONT)
+    status, body = reload.result(timeout=30)
+    assert status == 200 and body["ok"], body
+    assert sorted(p["node_id"] for p in body["proxies"]) == sorted(E2E_ADDRESSES), body
+    assert all(p["detail"] != "forged" for p in body["proxies"]), body
+
+
+def control_e2e_admin():
+    from control_e2e_helpers import ADMIN_TOKEN
+    return ADMIN_TOKEN
+
+
+def command_for(control, node_id):
+    """The id of a command queued for node_id and not acknowledged yet, or None."""
+    rows = store_rows(control.store, "SELECT command_id FROM pgrelay.command_acks"
+                                     f" WHERE node_id = '{node_id}' AND acked_at IS NULL")
+    return rows[0][0] if rows else None
+
+
+def test_an_undeclared_real_proxy_serves_alone_and_joins_once_declared(fleet, pg):
+    """A proxy named by [control] node_id (no NODE_ID in its environment) that nobody declared:
+    its agent logs that the control plane refuses it and routes on its own decision; once an
+    operator declares it, it follows the deployment's leader and epoch."""
+    control = fleet.control
+    relay = start_relay(pg, nodes=fleet.cluster.relay_nodes(), sections={
+        "agent": {"monitor_user": "postgres", "health_interval": "200ms", "fall": 2, "rise": 1},
+        "control": {"endpoint": control.url, "token": PROD_TOKEN, "node_id": "proxy-c",
+                    "request_timeout": "2s", "metrics_interval": "250ms",
+                    "control_grace_period": "2s"}})
+    try:
+        assert "NODE_ID" not in os.environ
+        wait_for(lambda: control.proxies().get("proxy-c", {}).get("status") == "pending",
+                 timeout=10, what="proxy-c recorded as pending")
+        wait_for(lambda: "create-proxy proxy-c" in relay.log(), timeout=10,
+                 what="the agent's warning naming the command to run")
+        assert "as node proxy-c ([control] node_id)" in relay.log()
+        with relay.connect() as c:  # serving on its own decision
+            assert c.execute("SELECT current_setting('cluster_name')").fetchone()[0] == "pg1"
+        p = run_ctl(control, "create-proxy", "proxy-c")
+        assert p.returncode == 0, p.stderr
+        dep = control.deployment()
+        wait_for(lambda: admin_json(relay, "show info")["epoch"] == dep["epoch"]
+                 and control.proxies()["proxy-c"]["live"], timeout=40,
+                 what="proxy-c following the deployment once declared")
+    finally:
+        relay.stop()
+        assert run_ctl(control, "delete-proxy", "proxy-c").returncode == 0
