@@ -145,10 +145,12 @@ void agents_register(http_call *call)
     snprintf(p->version, sizeof(p->version), "%s", version ? version : "");
     json_decref(p->listen);
     p->listen = listen ? json_deep_copy(listen) : json_array();
-    agents_set_int(p, &p->config_version, config_version);
-    agents_set_int(p, &p->epoch, epoch);
-    p->maintenance = maintenance;
-    agents_set_leader(p, json_object_get(call->body, "leader"));
+    if (p->declared) { /* a pending proxy's claims feed no decision: epochs, config versions */
+        agents_set_int(p, &p->config_version, config_version);
+        agents_set_int(p, &p->epoch, epoch);
+        p->maintenance = maintenance;
+        agents_set_leader(p, json_object_get(call->body, "leader"));
+    }
     p->registered_ms = p->last_seen_ms;
     if (p->declared) {
         if (store_proxy_save(p) != 0) {

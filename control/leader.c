@@ -202,8 +202,7 @@ int leader_decide(state_deployment *dep)
         }
         int64_t base = dep->epoch > max_epoch ? dep->epoch : max_epoch;
         return leader_commit(dep, candidate->name, base + 1,
-                             "a majority of the declared proxies see the old leader down or in "
-                             "recovery");
+                             "a majority of the proxies see the old leader down or in recovery");
     }
 
     /* No leader yet: seed it. */
@@ -220,7 +219,7 @@ int leader_decide(state_deployment *dep)
     if (candidate) {
         int64_t base = dep->epoch > max_epoch ? dep->epoch : max_epoch;
         return leader_commit(dep, candidate->name, base + 1,
-                             "the primary a majority of the declared proxies see");
+                             "the primary a majority of the proxies see");
     }
     return 0;
 }

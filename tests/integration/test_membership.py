@@ -74,7 +74,7 @@ FAILOVER = [obs("pg1", up=False), obs("pg2")]  # "pg1 down, pg2 primary"
 
 def test_an_undeclared_node_id_registers_as_pending_and_is_refused_everything_else(control):
     a = SimAgent(control, "stranger")
-    answer = a.register()
+    answer = a.register(epoch=99, config_version=99, leader="pg9")
     assert answer["declared"] is False and "create-proxy stranger" in answer["warning"], answer
     calls = [("POST", "/metrics", {"ts_ms": 1, "nodes": FAILOVER}),
              ("POST", "/queries", {"queries": []}),
@@ -90,6 +90,8 @@ def test_an_undeclared_node_id_registers_as_pending_and_is_refused_everything_el
         assert "not declared" in answer["error"] and "create-proxy stranger" in answer["error"]
     row = control.proxies()["stranger"]
     assert row["status"] == "pending" and row["hostname"] == "host-stranger", row
+    # what it claims feeds nothing (epochs, the next configuration version)
+    assert (row["epoch"], row["config_version"], row["leader"]) == (0, 0, None), row
     # a pending proxy is neither counted nor stored
     [dep] = [d for d in control.admin("GET", "/deployments")[1] if d["name"] == "prod"]
     assert dep["proxies"] == 0, dep
