@@ -7,6 +7,7 @@
 #include "operator.h"
 #include "store.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <event2/bufferevent.h>
@@ -30,6 +31,7 @@
 /* A long poll that would only repeat commands it delivered this recently waits this long
  * first: an agent working on a command while it polls again does not spin. */
 #define AGENTS_REDELIVER_HOLD_MS 1000
+#define AGENTS_REFUSED_LOG_MS    10000 /* refusals by address are logged this often at most */
 
 /* ---- common parts ---- */
 
@@ -48,8 +50,28 @@ static const char *agents_node_id(http_call *call)
     return id;
 }
 
+/* A declared proxy pinned to an address (option address) calling from another one is refused:
+ * answered 403 and false. */
+static bool agents_from_its_address(http_call *call, const state_proxy *p)
+{
+    static int64_t logged_ms; /* the last warning: at most one per AGENTS_REFUSED_LOG_MS */
+    char peer[INET6_ADDRSTRLEN + 1];
+    if (members_peer_allowed(p, call->req, peer, sizeof(peer)))
+        return true;
+    if (control_mono_ms() - logged_ms >= AGENTS_REFUSED_LOG_MS) {
+        logged_ms = control_mono_ms();
+        log_warning("deployment %s: refused a call as proxy %s from %s (it is pinned to %s)",
+                    call->dep->name, p->node_id, peer,
+                    json_string_value(json_object_get(p->options, "address")));
+    }
+    http_reply_error(call->req, 403, "proxy %s takes calls only from its address, not from %s",
+                     p->node_id, peer);
+    return false;
+}
+
 /* The proxy a request is about, recorded on first contact (pending until declared) and marked
- * as seen now. NULL after answering 500 (out of memory). */
+ * as seen now. NULL after answering 500 (out of memory) or 403 (a declared proxy's node id from
+ * another address than the one it is pinned to: not marked as seen). */
 static state_proxy *agents_seen(http_call *call, const char *node_id)
 {
     state_proxy *p = state_get_proxy(call->dep, node_id);
@@ -57,6 +79,8 @@ static state_proxy *agents_seen(http_call *call, const char *node_id)
         http_reply_error(call->req, 500, "out of memory");
         return NULL;
     }
+    if (p->declared && !agents_from_its_address(call, p))
+        return NULL;
     if (p->last_seen_ms == 0)
         log_info("deployment %s: proxy %s appeared%s", call->dep->name, node_id,
                  p->declared ? "" : " (not declared: pending)");

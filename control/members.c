@@ -13,7 +13,9 @@
 #include "store.h"
 #include "store_members.h"
 
+#include <arpa/inet.h>
 #include <event2/http.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +25,8 @@
 
 /* The type of a proxy option's value. */
 typedef enum members_option_type {
-    MEMBERS_OPT_BOOL, /* on/off (true/false, yes/no, 1/0) or a JSON boolean */
+    MEMBERS_OPT_BOOL,    /* on/off (true/false, yes/no, 1/0) or a JSON boolean */
+    MEMBERS_OPT_ADDRESS, /* a numeric IPv4 or IPv6 address, kept as written */
 } members_option_type;
 
 /* One per-proxy option: its name, type, and what it does (pgrelay-control(8) lists them). */
@@ -36,6 +39,8 @@ typedef struct members_option {
 static const members_option members_options[] = {
     {"maintenance_exempt", MEMBERS_OPT_BOOL,
      "operator maintenance on/off leaves the proxy out (a switchover still pauses it)"},
+    {"address", MEMBERS_OPT_ADDRESS,
+     "the proxy's calls are taken only from this IP address (others are 403)"},
 };
 #define MEMBERS_N_OPTIONS (sizeof(members_options) / sizeof(members_options[0]))
 
@@ -80,6 +85,13 @@ static json_t *members_option_value(const members_option *opt, json_t *v)
         }
         return NULL;
     }
+    case MEMBERS_OPT_ADDRESS: {
+        unsigned char buf[sizeof(struct in6_addr)];
+        const char *text = json_string_value(v);
+        if (!text || (inet_pton(AF_INET, text, buf) != 1 && inet_pton(AF_INET6, text, buf) != 1))
+            return NULL;
+        return json_incref(v);
+    }
     }
     return NULL;
 }
@@ -107,7 +119,9 @@ static json_t *members_merge_options(http_call *call, json_t *base, json_t *opti
         }
         json_t *value = members_option_value(opt, v);
         if (!value) {
-            http_reply_error(call->req, 400, "option %s must be on or off", key);
+            http_reply_error(call->req, 400, "option %s must be %s", key,
+                             opt->type == MEMBERS_OPT_BOOL ? "on or off"
+                                                           : "a numeric IPv4 or IPv6 address");
             json_decref(merged);
             return NULL;
         }
@@ -124,6 +138,36 @@ static json_t *members_describe(const state_proxy *p)
 {
     return json_pack("{s:s, s:b, s:O}", "node_id", p->node_id, "declared", p->declared, "options",
                      p->options ? p->options : json_object());
+}
+
+bool members_peer_allowed(const state_proxy *p, struct evhttp_request *req, char *peer,
+                          size_t peer_len)
+{
+    const char *pinned = json_string_value(json_object_get(p->options, "address"));
+    struct in6_addr want6;
+    struct in_addr want4;
+    bool is4 = pinned && inet_pton(AF_INET, pinned, &want4) == 1;
+    if (!pinned || (!is4 && inet_pton(AF_INET6, pinned, &want6) != 1))
+        return true;
+    struct evhttp_connection *conn = evhttp_request_get_connection(req);
+    const struct sockaddr *sa = conn ? evhttp_connection_get_addr(conn) : NULL;
+    snprintf(peer, peer_len, "an unknown address");
+    if (!sa)
+        return false;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, peer, (socklen_t)peer_len);
+        return is4 && memcmp(&in->sin_addr, &want4, sizeof(want4)) == 0;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, peer, (socklen_t)peer_len);
+        if (is4) /* an IPv4 client of an IPv6 socket: ::ffff:a.b.c.d */
+            return IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr) &&
+                   memcmp(&in6->sin6_addr.s6_addr[12], &want4, sizeof(want4)) == 0;
+        return memcmp(&in6->sin6_addr, &want6, sizeof(want6)) == 0;
+    }
+    return false;
 }
 
 int members_maintenance_targets(state_deployment *dep, state_proxy **out, int max)

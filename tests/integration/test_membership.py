@@ -11,6 +11,8 @@ The first tests speak the agents' protocol with simulated agents against a real 
 real agents against a primary and a replica.
 """
 
+import http.client as httplib
+import json
 import os
 import signal
 import socket
@@ -172,6 +174,39 @@ def test_auto_declare_declares_at_register(control_factory):  # noqa: F811
     assert c.proxies()["dev-1"]["status"] == "declared"
     # only at register: a node id that never registered stays pending
     assert c.agent("POST", "/metrics", {"node_id": "dev-2", "ts_ms": 1})[0] == 403
+
+
+def from_address(source, port, method, path, body, token):
+    """An HTTP request to 127.0.0.1:port sent from the local address ``source``."""
+    conn = httplib.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json",
+                              "Authorization": f"Bearer {token}"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_a_proxy_pinned_to_an_address_takes_calls_only_from_it(control):
+    """Node ids are not secrets: pinning a declared proxy to its address keeps a token holder
+    elsewhere from speaking in its name."""
+    declare(control, "proxy-a")
+    p = ctl(control, "set-proxy-options", "proxy-a", "address=127.0.0.2")
+    assert p.returncode == 0, p.stderr
+    body = {"node_id": "proxy-a", "ts_ms": 1, "nodes": [obs("pg1")]}
+    status, answer = control.agent("POST", "/metrics", body)  # from 127.0.0.1
+    assert status == 403 and "only from its address, not from 127.0.0.1" in answer["error"]
+    assert control.proxies()["proxy-a"]["last_seen"] == 0  # the impostor was not "seen"
+    assert control.agent("POST", "/register", {"node_id": "proxy-a"})[0] == 403
+    status, answer = from_address("127.0.0.2", control.port, "POST", API + "/agent/metrics",
+                                  body, TOKENS["prod"])
+    assert (status, answer) == (200, {"leader": "pg1", "epoch": 1}), answer
+    p = ctl(control, "set-proxy-options", "proxy-a", "address=not-an-ip")
+    assert p.returncode == 1 and "IPv4 or IPv6" in p.stderr, p.stderr
+    assert ctl(control, "set-proxy-options", "proxy-a", "address=").returncode == 0
+    assert control.agent("POST", "/metrics", body)[0] == 200
 
 
 # --------------------------------------------------------------------------- #
