@@ -167,6 +167,36 @@ def test_pending_node_ids_are_bounded_and_the_oldest_is_forgotten_first(control)
     assert "forgot pending proxy inv-00" in control.log()
 
 
+def test_proxies_recorded_before_membership_load_as_pending_and_bounded(control_factory):  # noqa: F811
+    """After an upgrade, the proxies the store knew are pending until declared; more than 64
+    of them load as the 64 seen last."""
+    c1 = control_factory(control=OFF)
+    values = ", ".join(f"('prod', 'old-{i:02d}', {1000 + i})" for i in range(70))
+    store_rows(c1.store, "INSERT INTO pgrelay.proxies (deployment, node_id, last_seen_ms)"
+                         f" VALUES {values} RETURNING 1")
+    assert c1.stop() == 0
+    c2 = control_factory(control=OFF)
+    rows = c2.proxies()
+    assert sorted(rows) == [f"old-{i:02d}" for i in range(6, 70)], sorted(rows)
+    assert {r["status"] for r in rows.values()} == {"pending"}
+    assert SimAgent(c2, "old-69").post("/metrics", {"ts_ms": 1})[0] == 403
+
+
+def test_delete_proxy_is_refused_while_an_orchestration_runs(control):
+    declare(control, "proxy-a")
+    a = SimAgent(control, "proxy-a")
+    a.register()
+    op = Background(control.port, "POST", API + "/deployments/prod/reload", {"timeout_s": 20},
+                    ADMIN, timeout=40)
+    wait_for(lambda: a.poll()[1]["commands"], timeout=5, what="the reload command")
+    p = ctl(control, "delete-proxy", "proxy-a")
+    assert p.returncode == 1 and "in progress" in p.stderr, p.stderr
+    [cmd] = a.poll()[1]["commands"]
+    assert a.ack(cmd["id"])[0] == 204
+    assert op.result()[0] == 200
+    assert ctl(control, "delete-proxy", "proxy-a").returncode == 0
+
+
 def test_auto_declare_declares_at_register(control_factory):  # noqa: F811
     c = control_factory(control={"auto_declare": "on"})
     a = SimAgent(c, "dev-1")
