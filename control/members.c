@@ -136,8 +136,8 @@ static json_t *members_merge_options(http_call *call, json_t *base, json_t *opti
 
 static json_t *members_describe(const state_proxy *p)
 {
-    return json_pack("{s:s, s:b, s:O}", "node_id", p->node_id, "declared", p->declared, "options",
-                     p->options ? p->options : json_object());
+    return json_pack("{s:s, s:b, s:o}", "node_id", p->node_id, "declared", p->declared, "options",
+                     p->options ? json_incref(p->options) : json_object());
 }
 
 bool members_peer_allowed(const state_proxy *p, struct evhttp_request *req, char *peer,
