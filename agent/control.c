@@ -13,6 +13,7 @@
 #include "log.h"
 #include "normalize.h"
 
+#include <ctype.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <jansson.h>
@@ -29,6 +30,7 @@
 #define BACKOFF_MAX_MS   30000  /* ceiling of the retry delay */
 #define POLL_WAIT_S      25     /* long-poll wait asked of the control plane */
 #define QUERIES_MAX      200    /* running queries sent per upload */
+#define UNDECLARED_RETRY_MS 2000 /* retry delay while refused as undeclared (403), not an outage */
 
 control_ctx control;
 
@@ -346,6 +348,7 @@ done:
 
 typedef struct reporter_state {
     config cfg;
+    bool undeclared; /* the control plane said this node id is not declared (logged once) */
     uint64_t settings_version;
     uint64_t config_sent_version;  /* settings version last uploaded (0 = never) */
     char *schema_sent;             /* JSON text of the schema last uploaded */
@@ -402,18 +405,27 @@ static void *reporter_main(void *arg)
                 (json_int_t)atomic_load(&control.shm->config_version), "epoch",
                 (json_int_t)t->epoch, "leader", leader ? json_string(leader) : json_null(),
                 "maintenance", atomic_load(&control.shm->maintenance) != 0);
-            status = post(&c, "/api/v1/agent/register", body, NULL);
+            json_t *reply = NULL;
+            status = post(&c, "/api/v1/agent/register", body, &reply);
             if (status == 200) {
                 r->registered = true;
                 log_info("control plane: registered as %s", control.node_id);
+                if (json_is_false(json_object_get(reply, "declared")))
+                    log_warning("control plane: node id %s is not declared in the deployment: "
+                                "the control plane refuses its reports and sends it no leader "
+                                "until an operator runs 'pgrelayctl create-proxy %s'; this "
+                                "agent decides the leader alone meanwhile",
+                                control.node_id, control.node_id);
             } else {
                 ok = false;
             }
+            json_decref(reply);
         }
         if (ok) {
             json_t *reply = NULL;
             status = post(&c, "/api/v1/agent/metrics", metrics_body(t), &reply);
             if (status == 200) {
+                r->undeclared = false;
                 if (!follow_answer(reply)) {
                     /* Garbage must not move the epoch, which only ever grows. */
                     snprintf(c.error, sizeof(c.error),
@@ -423,8 +435,13 @@ static void *reporter_main(void *arg)
                 }
             } else {
                 ok = false;
-                if (status == 404 || status == 401)
+                if (status == 404 || status == 401 || status == 403)
                     r->registered = false; /* the control plane forgot us: register again */
+                if (status == 403 && !r->undeclared) /* refused: not declared (or deleted) */
+                    log_warning("control plane: refuses node id %s (%s); serving on this agent's "
+                                "own leader decision",
+                                control.node_id, c.error);
+                r->undeclared = status == 403;
             }
             json_decref(reply);
         }
@@ -470,6 +487,8 @@ static void *reporter_main(void *arg)
                 (void)n;
             }
             delay = backoff_ms(reach.failures);
+            if (r->undeclared && delay > UNDECLARED_RETRY_MS)
+                delay = UNDECLARED_RETRY_MS; /* be there soon after an operator declares us */
             if (delay > r->cfg.metrics_interval_ms * 10 && r->cfg.metrics_interval_ms > delay / 10)
                 delay = r->cfg.metrics_interval_ms * 10;
         }
@@ -505,7 +524,8 @@ static void *poller_main(void *arg)
                 snprintf(c.error, sizeof(c.error), "commands: the answer has no list");
             reach_failed(&reach, &c, status);
             json_decref(reply);
-            sleep_ms(backoff_ms(reach.failures));
+            int64_t delay = backoff_ms(reach.failures);
+            sleep_ms(status == 403 && delay > UNDECLARED_RETRY_MS ? UNDECLARED_RETRY_MS : delay);
             continue;
         }
         reach_ok(&reach);
@@ -556,10 +576,31 @@ int control_start(agent *a)
     control.shm = a->shm;
     control.master_fd = a->channel_fd;
     control.loop_fd = pair[1];
+    /* NODE_ID from the environment, else [control] node_id, else the host name */
     const char *id = getenv("NODE_ID");
-    if (id && *id) {
+    const char *from = "NODE_ID";
+    char host[sizeof(control.node_id)] = "";
+    if (!id || !*id) {
+        id = a->cfg->control_node_id;
+        from = "[control] node_id";
+    }
+    if (!*id && gethostname(host, sizeof(host) - 1) == 0) {
+        id = host;
+        from = "the host name";
+    }
+    for (const char *ch = id; *ch; ch++) {
+        if (!isgraph((unsigned char)*ch)) {
+            log_error("control plane: node id \"%s\" (%s) has blanks or control characters: "
+                      "using a random one, which no operator can declare",
+                      id, from);
+            id = "";
+            break;
+        }
+    }
+    if (*id) {
         snprintf(control.node_id, sizeof(control.node_id), "%s", id);
     } else {
+        from = "random";
         uint64_t r = 0;
         if (getrandom(&r, sizeof(r), 0) != sizeof(r))
             r = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 32);
@@ -586,6 +627,6 @@ int control_start(agent *a)
         log_error("control plane: cannot start its threads");
         return -1;
     }
-    log_info("control plane: %s as node %s", a->cfg->control_endpoint, control.node_id);
+    log_info("control plane: %s as node %s (%s)", a->cfg->control_endpoint, control.node_id, from);
     return pair[0];
 }

@@ -138,6 +138,9 @@ const config_key config_keys[] = {
                 "client certificate (PEM) shown to the control plane when it asks for one"),
     CONTROL_KEY("key_file", KEY_STRING, "", control_key_file, 0, 0,
                 "private key (PEM) of cert_file"),
+    CONTROL_KEY("node_id", KEY_STRING, "", control_node_id, 0, 0,
+                "this proxy's node id in the control plane (default: the host name; the NODE_ID "
+                "environment variable overrides it; read at start)"),
     CONTROL_KEY("request_timeout", KEY_DURATION, "5s", control_request_timeout_ms, 100, DURATION_MAX_MS,
                 "an HTTP request to the control plane that takes longer has failed"),
     CONTROL_KEY("metrics_interval", KEY_DURATION, "1s", metrics_interval_ms, 100, DURATION_MAX_MS,

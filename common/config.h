@@ -104,6 +104,7 @@ typedef struct config {
     char control_ca_file[1024];       /* CA for https:// endpoints; "" = the system's */
     char control_cert_file[1024];     /* client certificate for the control plane; "" = none */
     char control_key_file[1024];      /* its key; "" = in cert_file */
+    char control_node_id[64];         /* this proxy's node id ("" = the host name); NODE_ID wins */
     int control_request_timeout_ms;
     int metrics_interval_ms;
     int active_queries_interval_ms;

@@ -3,9 +3,11 @@
 #include "control.h"
 #include "leader.h"
 #include "log.h"
+#include "members.h"
 #include "operator.h"
 #include "store.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <event2/bufferevent.h>
@@ -29,6 +31,7 @@
 /* A long poll that would only repeat commands it delivered this recently waits this long
  * first: an agent working on a command while it polls again does not spin. */
 #define AGENTS_REDELIVER_HOLD_MS 1000
+#define AGENTS_REFUSED_LOG_MS    10000 /* refusals by address are logged this often at most */
 
 /* ---- common parts ---- */
 
@@ -47,19 +50,56 @@ static const char *agents_node_id(http_call *call)
     return id;
 }
 
-/* The proxy a request is about (created on first contact), marked as seen now. NULL after
- * answering 500 (out of memory). */
-static state_proxy *agents_proxy(http_call *call, const char *node_id)
+/* A declared proxy pinned to an address (option address) calling from another one is refused:
+ * answered 403 and false. */
+static bool agents_from_its_address(http_call *call, const state_proxy *p)
+{
+    static int64_t logged_ms; /* the last warning: at most one per AGENTS_REFUSED_LOG_MS */
+    char peer[INET6_ADDRSTRLEN + 1];
+    if (members_peer_allowed(p, call->req, peer, sizeof(peer)))
+        return true;
+    if (control_mono_ms() - logged_ms >= AGENTS_REFUSED_LOG_MS) {
+        logged_ms = control_mono_ms();
+        log_warning("deployment %s: refused a call as proxy %s from %s (it is pinned to %s)",
+                    call->dep->name, p->node_id, peer,
+                    json_string_value(json_object_get(p->options, "address")));
+    }
+    http_reply_error(call->req, 403, "proxy %s takes calls only from its address, not from %s",
+                     p->node_id, peer);
+    return false;
+}
+
+/* The proxy a request is about, recorded on first contact (pending until declared) and marked
+ * as seen now. NULL after answering 500 (out of memory) or 403 (a declared proxy's node id from
+ * another address than the one it is pinned to: not marked as seen). */
+static state_proxy *agents_seen(http_call *call, const char *node_id)
 {
     state_proxy *p = state_get_proxy(call->dep, node_id);
     if (!p) {
         http_reply_error(call->req, 500, "out of memory");
         return NULL;
     }
+    if (p->declared && !agents_from_its_address(call, p))
+        return NULL;
     if (p->last_seen_ms == 0)
-        log_info("deployment %s: proxy %s appeared", call->dep->name, node_id);
+        log_info("deployment %s: proxy %s appeared%s", call->dep->name, node_id,
+                 p->declared ? "" : " (not declared: pending)");
     p->last_seen_ms = control_now_ms();
     return p;
+}
+
+/* As agents_seen, for the calls only a declared proxy may make: an undeclared node id is
+ * recorded and answered 403 (NULL returned). */
+static state_proxy *agents_proxy(http_call *call, const char *node_id)
+{
+    state_proxy *p = agents_seen(call, node_id);
+    if (!p || p->declared)
+        return p;
+    http_reply_error(call->req, 403,
+                     "proxy %s is not declared in deployment %s: it is pending until an operator "
+                     "runs 'pgrelayctl create-proxy %s'",
+                     node_id, call->dep->name, node_id);
+    return NULL;
 }
 
 static void agents_set_leader(state_proxy *p, json_t *v)
@@ -118,33 +158,48 @@ void agents_register(http_call *call)
             }
         }
     }
-    state_proxy *p = agents_proxy(call, node_id);
+    state_proxy *p = agents_seen(call, node_id);
     if (!p)
         return;
+    if (!p->declared && control.cfg->auto_declare && members_declare(p) != 0) {
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    }
     snprintf(p->hostname, sizeof(p->hostname), "%s", hostname ? hostname : "");
     snprintf(p->version, sizeof(p->version), "%s", version ? version : "");
     json_decref(p->listen);
     p->listen = listen ? json_deep_copy(listen) : json_array();
-    agents_set_int(p, &p->config_version, config_version);
-    agents_set_int(p, &p->epoch, epoch);
-    p->maintenance = maintenance;
-    agents_set_leader(p, json_object_get(call->body, "leader"));
-    p->registered_ms = p->last_seen_ms;
-    if (store_proxy_save(p) != 0) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-        return;
+    if (p->declared) { /* a pending proxy's claims feed no decision: epochs, config versions */
+        agents_set_int(p, &p->config_version, config_version);
+        agents_set_int(p, &p->epoch, epoch);
+        p->maintenance = maintenance;
+        agents_set_leader(p, json_object_get(call->body, "leader"));
     }
-    p->dirty = false;
-    p->saved_seen_ms = p->last_seen_ms;
-    log_info("deployment %s: proxy %s registered (host %s, version %s)", call->dep->name, node_id,
-             p->hostname[0] ? p->hostname : "?", p->version[0] ? p->version : "?");
+    p->registered_ms = p->last_seen_ms;
+    if (p->declared) {
+        if (store_proxy_save(p) != 0) {
+            http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+            return;
+        }
+        p->dirty = false;
+        p->saved_seen_ms = p->last_seen_ms;
+    }
+    log_info("deployment %s: proxy %s registered (host %s, version %s)%s", call->dep->name, node_id,
+             p->hostname[0] ? p->hostname : "?", p->version[0] ? p->version : "?",
+             p->declared ? "" : "; not declared: pending until an operator creates it");
 
     int64_t wait_s = control.cfg->poll_wait_max_ms / MS_PER_S;
     if (wait_s > AGENTS_POLL_WAIT_SUGGESTED_S)
         wait_s = AGENTS_POLL_WAIT_SUGGESTED_S;
-    http_reply_json(call->req, 200,
-                    json_pack("{s:s, s:s, s:I}", "deployment", call->dep->name, "node_id", node_id,
-                              "poll_wait_s", (json_int_t)wait_s));
+    json_t *answer = json_pack("{s:s, s:s, s:I, s:b}", "deployment", call->dep->name, "node_id",
+                               node_id, "poll_wait_s", (json_int_t)wait_s, "declared", p->declared);
+    if (!p->declared)
+        json_object_set_new(answer, "warning",
+                            json_sprintf("proxy %s is not declared in deployment %s: every other "
+                                         "call is refused (403) until an operator runs "
+                                         "'pgrelayctl create-proxy %s'",
+                                         node_id, call->dep->name, node_id));
+    http_reply_json(call->req, 200, answer);
 }
 
 /* ---- metrics ---- */
@@ -460,6 +515,15 @@ static void agents_poll_timeout(evutil_socket_t fd, short what, void *arg)
     agents_wake(arg);
 }
 
+void agents_refuse_poll(state_proxy *p, const char *why)
+{
+    if (!p->poll_req)
+        return;
+    struct evhttp_request *req = p->poll_req;
+    agents_unpark(p);
+    http_reply_error(req, 403, "%s", why);
+}
+
 void agents_release_all(const char *reason)
 {
     for (state_deployment *d = state_deployments(); d; d = d->next) {
@@ -595,7 +659,10 @@ void agents_ack(http_call *call)
         http_reply_error(call->req, 503, "store unreachable: %s", store_error());
         return;
     case STORE_ACK_UNKNOWN:
-        http_reply_error(call->req, 404, "unknown command %" PRId64 " for proxy %s", id, node_id);
+        http_reply_error(call->req, 404,
+                         "unknown command %" PRId64 " for proxy %s (a proxy acknowledges only the "
+                         "commands sent to it)",
+                         id, node_id);
         return;
     case STORE_ACK_DUPLICATE:
         http_reply_empty(call->req, 204);

@@ -18,6 +18,9 @@ void agents_ack(http_call *call);
 /* New commands were queued for this proxy: answer its parked long poll now. */
 void agents_wake(state_proxy *p);
 
+/* Answer p's parked long poll, if any, with 403 and why (the proxy was deleted). */
+void agents_refuse_poll(state_proxy *p, const char *why);
+
 /* Answer every parked long poll with 503 and reason (lease lost, shutdown). */
 void agents_release_all(const char *reason);
 

@@ -56,6 +56,9 @@ const cconfig_key cconfig_keys[] = {
             "comma-separated bearer tokens of operators (pgrelayctl)"),
     CTL_KEY("auto_register", KEY_BOOL, "off", true, auto_register, 0, 0, NULL,
             "an unknown agent token creates a deployment auto-<sha256 prefix>"),
+    CTL_KEY("auto_declare", KEY_BOOL, "off", true, auto_declare, 0, 0, NULL,
+            "an undeclared proxy is declared when it registers (development only: any holder "
+            "of a deployment token becomes a voting member)"),
     CTL_KEY("proxy_timeout", KEY_DURATION64, "10s", true, proxy_timeout_ms, 100, DURATION_MAX_MS,
             NULL, "a proxy is live while its last request is at most this old"),
     CTL_KEY("command_retention", KEY_DURATION64, "7d", true, command_retention_ms, MS_PER_MIN,

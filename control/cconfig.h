@@ -39,6 +39,7 @@ typedef struct cconfig {
     char store[2048];                      /* libpq conninfo of the durable store */
     char admin_tokens[CCONFIG_TOKENS_MAX]; /* comma-separated, as written */
     bool auto_register;                    /* unknown agent tokens create a deployment */
+    bool auto_declare;                     /* an undeclared proxy is declared at register */
     int64_t proxy_timeout_ms;       /* a proxy is live while its last request is this recent */
     int64_t command_retention_ms;   /* commands older than this are deleted from the store */
     int64_t telemetry_retention_ms; /* in-memory samples, queries, schemas older are dropped */

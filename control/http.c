@@ -11,6 +11,7 @@
 #include "control.h"
 #include "lease.h"
 #include "log.h"
+#include "members.h"
 #include "metrics.h"
 #include "operator.h"
 #include "views.h"
@@ -61,6 +62,9 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_POST, "/api/v1/agent/commands/*/ack", HTTP_AUTH_AGENT, false, agents_ack},
     {EVHTTP_REQ_GET, "/api/v1/deployments", HTTP_AUTH_ADMIN, false, views_deployments},
     {EVHTTP_REQ_GET, DEP_PATH "/proxies", HTTP_AUTH_ADMIN, true, views_proxies},
+    {EVHTTP_REQ_POST, DEP_PATH "/proxies", HTTP_AUTH_ADMIN, true, members_create},
+    {EVHTTP_REQ_DELETE, DEP_PATH "/proxies/*", HTTP_AUTH_ADMIN, true, members_delete},
+    {EVHTTP_REQ_POST, DEP_PATH "/proxies/*/options", HTTP_AUTH_ADMIN, true, members_set_options},
     {EVHTTP_REQ_GET, DEP_PATH "/nodes", HTTP_AUTH_ADMIN, true, views_nodes},
     {EVHTTP_REQ_GET, DEP_PATH "/queries", HTTP_AUTH_ADMIN, true, views_queries},
     {EVHTTP_REQ_GET, DEP_PATH "/metrics", HTTP_AUTH_ADMIN, true, views_metrics},

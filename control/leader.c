@@ -1,17 +1,19 @@
-/* leader.c - coordinated leadership: one write leader per deployment, decided from every
- * live proxy's node observations.
+/* leader.c - coordinated leadership: one write leader per deployment, decided from the node
+ * observations of its declared proxies.
  *
- * Rules (docs/protocol.md, "Coordinated leadership"):
- *  - the current leader stays unless a strict majority of the live proxies that reported it
- *    under the current epoch see it down or in recovery (a tie keeps it; a report made under
- *    an older epoch does not count against it, so a switchover is not undone by observations
- *    made before the agents switched);
- *  - then the node that a majority of the reporting live proxies see as a primary takes over
- *    with a new epoch;
- *  - with no leader yet, the leader the agents themselves report is taken when they agree and
- *    someone sees it as a primary, else the majority's primary;
- *  - epochs only grow, and never stay below what an agent reports, so agents (which never
- *    lower their epoch) always follow the answer.
+ * Rules (docs/protocol.md, "Coordinated leadership"). Only declared proxies count (members.c);
+ * the quorum is a majority of the declared proxies, live or not, so that neither invented node
+ * ids nor the first proxy to report after a failover decide anything alone:
+ *  - the current leader stays unless a quorum of declared proxies, reporting under the current
+ *    epoch, see it down or in recovery (a report made under an older epoch does not count
+ *    against it, so a switchover is not undone by observations made before the agents
+ *    switched);
+ *  - then the node that a quorum sees as a primary takes over with a new epoch (no node when
+ *    two have one: a split brain keeps the leader);
+ *  - with no leader yet, the leader the reporting agents agree on is taken when a quorum sees
+ *    it as a primary, else the quorum's primary;
+ *  - one epoch names one leader: a new leader always gets an epoch above every epoch the
+ *    deployment or any of its declared proxies has used, and the store refuses anything else.
  */
 #include "leader.h"
 #include "agents.h"
@@ -76,18 +78,37 @@ static void leader_announce(state_deployment *dep)
         agents_wake(p);
 }
 
+/* Persist and announce leader at epoch. The epoch is raised where it would go down or, for
+ * another leader, repeat the current one. A store that holds a newer decision (another
+ * replica's) refuses it: that decision is taken instead and -1 returned. */
 static int leader_commit(state_deployment *dep, const char *leader_in, int64_t epoch,
                          const char *why)
 {
-    char leader[STATE_NODE_NAME_MAX];
+    char leader[STATE_NODE_NAME_MAX], stored_leader[STATE_NODE_NAME_MAX] = "";
+    int64_t stored_epoch = 0;
     snprintf(leader, sizeof(leader), "%s", leader_in); /* leader_in may be dep->leader itself */
-    if (strcmp(dep->leader, leader) == 0 && dep->epoch == epoch)
+    bool same = strcmp(dep->leader, leader) == 0;
+    if (same && dep->epoch == epoch)
         return 0;
-    if (epoch < dep->epoch)
-        epoch = dep->epoch; /* never down */
-    if (store_leadership_save(dep->name, leader, epoch) != 0) {
+    if (same ? epoch < dep->epoch : epoch <= dep->epoch)
+        epoch = same ? dep->epoch : dep->epoch + 1; /* never down, never reused */
+    int rc = store_leadership_save(dep->name, leader, epoch, &stored_epoch, stored_leader);
+    if (rc < 0) {
         log_error("deployment %s: cannot store the leader decision (%s): %s", dep->name, leader,
                   store_error());
+        return -1;
+    }
+    if (rc > 0) {
+        log_error("deployment %s: the store refused leader %s at epoch %" PRId64
+                  ": it holds leader %s at epoch %" PRId64 " (one epoch names one leader)",
+                  dep->name, leader, epoch, stored_leader[0] ? stored_leader : "(none)",
+                  stored_epoch);
+        if (stored_epoch >= dep->epoch &&
+            (stored_epoch != dep->epoch || strcmp(stored_leader, dep->leader) != 0)) {
+            snprintf(dep->leader, sizeof(dep->leader), "%s", stored_leader);
+            dep->epoch = stored_epoch;
+            leader_announce(dep);
+        }
         return -1;
     }
     if (strcmp(dep->leader, leader) != 0)
@@ -108,13 +129,15 @@ int leader_decide(state_deployment *dep)
     leader_tally tally[LEADER_MAX_NODES];
     int n_tally = 0, reporters = 0;
     int64_t now = control_now_ms();
-    int64_t max_epoch = 0;             /* highest epoch a live proxy reports */
+    int64_t max_epoch = 0;             /* highest epoch a live declared proxy reports */
     const char *max_epoch_leader = ""; /* the leader reported with it */
     const char *agreed = NULL;         /* the leader every reporting proxy names, if any */
     bool agree = true;
+    int quorum = dep->n_declared / 2 + 1; /* a majority of the declared proxies */
 
     if (operator_leadership_frozen(dep))
         return 0; /* a switchover decides */
+    /* live declared proxies only: a pending node id has no say */
     int n = state_live_proxies(dep, live, STATE_LIVE_MAX);
     for (int i = 0; i < n; i++) {
         state_proxy *p = live[i];
@@ -148,21 +171,27 @@ int leader_decide(state_deployment *dep)
             }
         }
     }
-    if (reporters == 0)
-        return 0; /* nobody observes anything: no new opinion */
+    if (reporters < quorum)
+        return 0; /* too few declared proxies observe anything: no new opinion */
 
-    /* The majority's primary, if there is one (at most one node can have a majority). */
+    /* The primary a quorum sees; none when two nodes have one (a split brain decides nothing). */
     const leader_tally *candidate = NULL;
-    for (int i = 0; i < n_tally; i++)
-        if (tally[i].primary * 2 > reporters)
+    int with_quorum = 0;
+    for (int i = 0; i < n_tally; i++) {
+        if (tally[i].primary >= quorum) {
             candidate = &tally[i];
+            with_quorum++;
+        }
+    }
+    if (with_quorum > 1)
+        candidate = NULL;
 
     if (dep->leader[0]) {
         leader_tally *cur = NULL;
         for (int i = 0; i < n_tally; i++)
             if (strcmp(tally[i].name, dep->leader) == 0)
                 cur = &tally[i];
-        bool stays = cur && (cur->reported_since - cur->primary_since) * 2 <= cur->reported_since;
+        bool stays = cur && cur->reported_since - cur->primary_since < quorum;
         if (stays || !candidate || strcmp(candidate->name, dep->leader) == 0) {
             /* Keep the leader; catch up with an epoch some agent raised on its own. */
             if (max_epoch > dep->epoch) {
@@ -179,9 +208,11 @@ int leader_decide(state_deployment *dep)
     /* No leader yet: seed it. */
     if (agreed && agree) {
         for (int i = 0; i < n_tally; i++) {
-            if (strcmp(tally[i].name, agreed) == 0 && tally[i].primary > 0) {
-                int64_t e = dep->epoch > max_epoch ? dep->epoch : max_epoch;
-                return leader_commit(dep, agreed, e, "the leader the agents agree on");
+            if (strcmp(tally[i].name, agreed) == 0 && tally[i].primary >= quorum) {
+                /* the agents' own epoch when it names this leader, else a new one */
+                int64_t e = strcmp(max_epoch_leader, agreed) == 0 ? max_epoch : max_epoch + 1;
+                return leader_commit(dep, agreed, e > dep->epoch ? e : dep->epoch + 1,
+                                     "the leader the agents agree on");
             }
         }
     }
@@ -193,11 +224,32 @@ int leader_decide(state_deployment *dep)
     return 0;
 }
 
+/* The highest epoch any declared proxy of the deployment has reported. */
+static int64_t leader_max_reported_epoch(const state_deployment *dep)
+{
+    int64_t max = 0;
+    for (const state_proxy *p = dep->proxies; p; p = p->next)
+        if (p->declared && p->epoch > max)
+            max = p->epoch;
+    return max;
+}
+
 int leader_set(state_deployment *dep, const char *node, int64_t epoch)
 {
-    if (epoch <= dep->epoch)
-        epoch = dep->epoch + 1;
-    if (store_leadership_save(dep->name, node, epoch) != 0)
+    char stored_leader[STATE_NODE_NAME_MAX] = "";
+    int64_t stored_epoch = 0;
+    int64_t used = leader_max_reported_epoch(dep);
+    if (used < dep->epoch)
+        used = dep->epoch;
+    if (epoch <= used)
+        epoch = used + 1; /* above every epoch in use: an agent may have raised its own */
+    int rc = store_leadership_save(dep->name, node, epoch, &stored_epoch, stored_leader);
+    if (rc > 0)
+        log_error("deployment %s: the store refused leader %s at epoch %" PRId64
+                  ": it holds leader %s at epoch %" PRId64 " (one epoch names one leader)",
+                  dep->name, node, epoch, stored_leader[0] ? stored_leader : "(none)",
+                  stored_epoch);
+    if (rc != 0)
         return -1;
     log_info("deployment %s: write leader %s -> %s, epoch %" PRId64 " (switchover)", dep->name,
              dep->leader[0] ? dep->leader : "(none)", node, epoch);

@@ -11,6 +11,7 @@
 #include "control.h"
 #include "leader.h"
 #include "log.h"
+#include "members.h"
 #include "store.h"
 
 #include <event2/event.h>
@@ -579,7 +580,10 @@ void operator_maintenance(http_call *call)
     op->on = on;
     op->resume_after_s = resume_after_s;
     log_info("deployment %s: maintenance %s requested", call->dep->name, on ? "on" : "off");
-    op_send_live(op, STEP_MAINTENANCE, "maintenance", op_maintenance_args(on, resume_after_s));
+    state_proxy *targets[STATE_LIVE_MAX]; /* maintenance_exempt proxies are left out */
+    int n = members_maintenance_targets(op->dep, targets, STATE_LIVE_MAX);
+    op_send(op, STEP_MAINTENANCE, "maintenance", op_maintenance_args(on, resume_after_s), targets,
+            n);
 }
 
 void operator_reload(http_call *call)

@@ -79,6 +79,30 @@ state_proxy *state_find_proxy(state_deployment *dep, const char *node_id)
     return NULL;
 }
 
+static void state_free_proxy(state_proxy *p);
+
+/* Forget the pending proxy seen longest ago, other than keep (the bound on pending ids: a
+ * token holder inventing node ids costs memory for STATE_PENDING_MAX of them, no more). */
+static void state_forget_oldest_pending(state_deployment *dep, const state_proxy *keep)
+{
+    state_proxy **oldest = NULL;
+    for (state_proxy **at = &dep->proxies; *at; at = &(*at)->next) {
+        const state_proxy *p = *at;
+        if (p->declared || p == keep || p->poll_req)
+            continue;
+        if (!oldest || p->last_seen_ms < (*oldest)->last_seen_ms)
+            oldest = at;
+    }
+    if (!oldest)
+        return;
+    state_proxy *gone = *oldest;
+    *oldest = gone->next;
+    dep->n_pending--;
+    log_info("deployment %s: forgot pending proxy %s (more than %d undeclared node ids)", dep->name,
+             gone->node_id, STATE_PENDING_MAX);
+    state_free_proxy(gone);
+}
+
 state_proxy *state_get_proxy(state_deployment *dep, const char *node_id)
 {
     state_proxy *p = state_find_proxy(dep, node_id);
@@ -96,7 +120,28 @@ state_proxy *state_get_proxy(state_deployment *dep, const char *node_id)
         at = &(*at)->next;
     p->next = *at;
     *at = p;
+    dep->n_pending++;
+    if (dep->n_pending > STATE_PENDING_MAX)
+        state_forget_oldest_pending(dep, p);
     return p;
+}
+
+void state_set_declared(state_proxy *p, bool declared)
+{
+    if (p->declared == declared)
+        return;
+    p->declared = declared;
+    p->dep->n_declared += declared ? 1 : -1;
+    p->dep->n_pending += declared ? -1 : 1;
+    if (declared && !p->options)
+        p->options = json_object();
+    if (!declared) {
+        json_decref(p->options);
+        p->options = NULL;
+        if (p->dep->n_pending > STATE_PENDING_MAX)
+            state_forget_oldest_pending(p->dep, p);
+    }
+    p->dirty = true;
 }
 
 bool state_proxy_live(const state_proxy *p, int64_t now_ms)
@@ -113,7 +158,7 @@ int state_live_proxies(state_deployment *dep, state_proxy **out, int max)
     int64_t now = control_now_ms();
     /* the list is sorted by node_id */
     for (state_proxy *p = dep->proxies; p && n < max; p = p->next)
-        if (state_proxy_live(p, now))
+        if (p->declared && state_proxy_live(p, now))
             out[n++] = p;
     return n;
 }
@@ -123,6 +168,8 @@ void state_count(state_deployment *dep, int *total, int *live)
     int64_t now = control_now_ms();
     *total = *live = 0;
     for (state_proxy *p = dep->proxies; p; p = p->next) {
+        if (!p->declared)
+            continue;
         (*total)++;
         if (state_proxy_live(p, now))
             (*live)++;
@@ -285,6 +332,7 @@ void state_prune(int64_t now_ms)
 
 static void state_free_proxy(state_proxy *p)
 {
+    json_decref(p->options);
     json_decref(p->listen);
     json_decref(p->last_metrics);
     json_decref(p->nodes);
@@ -354,6 +402,8 @@ int state_activate(void)
         *at = d;
         for (state_proxy *p = d->proxies; p; p = p->next)
             p->saved_seen_ms = p->last_seen_ms;
+        while (d->n_pending > STATE_PENDING_MAX)
+            state_forget_oldest_pending(d, NULL);
     }
     state_mark_configured();
     control.active = true;
@@ -425,7 +475,7 @@ void state_flush(void)
 {
     for (state_deployment *d = state_head; d; d = d->next) {
         for (state_proxy *p = d->proxies; p; p = p->next) {
-            if (!p->dirty && p->saved_seen_ms == p->last_seen_ms)
+            if (!p->declared || (!p->dirty && p->saved_seen_ms == p->last_seen_ms))
                 continue;
             if (store_proxy_save(p) != 0)
                 return; /* the store is down; try again next time */

@@ -16,6 +16,7 @@
 #define STATE_LIVE_MAX         1024 /* proxies one orchestration step addresses at most */
 #define STATE_NODE_SAMPLES_MAX 64   /* samples kept per node of a proxy: the rate window at 1 s */
 #define STATE_NODES_MAX        64   /* nodes followed per proxy (pgrelay's own limit) */
+#define STATE_PENDING_MAX      64   /* undeclared node ids remembered per deployment */
 
 struct evhttp_request;
 struct event;
@@ -49,6 +50,8 @@ typedef struct state_proxy {
     struct state_proxy *next;
     struct state_deployment *dep;
     char node_id[STATE_NODE_ID_MAX];
+    bool declared;     /* the operator declared it (members.c): it votes, takes commands */
+    json_t *options;   /* declared: its per-proxy options (object); NULL when pending */
     char hostname[STATE_TEXT_MAX];
     char version[STATE_TEXT_MAX];
     json_t *listen;                   /* array of "addr:port" strings as registered */
@@ -93,7 +96,9 @@ typedef struct state_deployment {
     bool configured;                           /* named in control.ini (now) */
     char leader[STATE_NODE_NAME_MAX];          /* coordinated write leader; "" = no opinion yet */
     int64_t epoch;                             /* only grows */
-    state_proxy *proxies;
+    state_proxy *proxies;                      /* declared and pending, sorted by node_id */
+    int n_declared;                            /* proxies with declared set */
+    int n_pending;                             /* proxies without (at most STATE_PENDING_MAX) */
     struct operator_op *op; /* orchestration in progress, or NULL */
 } state_deployment;
 
@@ -111,17 +116,22 @@ state_deployment *state_auto_deployment(const char *sha_hex);
 
 state_proxy *state_find_proxy(state_deployment *dep, const char *node_id);
 
-/* Find or create (memory only; the caller saves it) a proxy. */
+/* Find or create (memory only; the caller saves it) a proxy. A new one is pending; when that
+ * makes more than STATE_PENDING_MAX pending ones, the one seen longest ago is forgotten. */
 state_proxy *state_get_proxy(state_deployment *dep, const char *node_id);
+
+/* Declare a proxy or make it pending again (memory only; members.c writes the store). */
+void state_set_declared(state_proxy *p, bool declared);
 
 /* Live: its last request is at most proxy_timeout old, or a long poll of it is parked and
  * still connected. */
 bool state_proxy_live(const state_proxy *p, int64_t now_ms);
 
-/* Live proxies of a deployment, sorted by node_id. Returns how many (at most max). */
+/* Live declared proxies of a deployment, sorted by node_id: the ones orchestrations address
+ * and the leader decision hears. Returns how many (at most max). */
 int state_live_proxies(state_deployment *dep, state_proxy **out, int max);
 
-/* Number of proxies and live proxies. */
+/* Number of declared proxies and of live declared proxies. */
 void state_count(state_deployment *dep, int *total, int *live);
 
 /* Record the counters of a metrics sample (ring, oldest dropped). */
@@ -157,7 +167,7 @@ void state_deactivate(const char *reason);
  * store). */
 void state_apply_config(void);
 
-/* Write proxies whose fields changed to the store. */
+/* Write declared proxies whose fields changed to the store (pending ones live in memory). */
 void state_flush(void);
 
 #endif

@@ -374,6 +374,13 @@ static const char *const store_migrations[] = {
     "  acquire_time timestamptz,"
     "  renew_time timestamptz,"
     "  lease_transitions integer NOT NULL DEFAULT 0);",
+    /* 2: declared membership (store_members.c): the proxies an operator created */
+    "CREATE TABLE pgrelay.members ("
+    "  deployment text NOT NULL REFERENCES pgrelay.deployments(name) ON DELETE CASCADE,"
+    "  node_id text NOT NULL,"
+    "  options jsonb NOT NULL DEFAULT '{}',"
+    "  declared_at timestamptz NOT NULL DEFAULT now(),"
+    "  PRIMARY KEY (deployment, node_id));",
 };
 #define STORE_SCHEMA_VERSION ((int)(sizeof(store_migrations) / sizeof(store_migrations[0])))
 

@@ -55,8 +55,11 @@ int store_load(state_deployment **head);
 
 int store_proxy_save(const state_proxy *p);
 
-/* Persist a leadership decision; the stored epoch never goes down. 0 or -1. */
-int store_leadership_save(const char *deployment, const char *leader, int64_t epoch);
+/* Persist a leadership decision. The store takes only a higher epoch, or the same epoch with
+ * the same leader, so that one epoch never names two leaders: 0 saved, 1 refused (*stored_epoch
+ * and stored_leader, STATE_NODE_NAME_MAX, receive what the store holds), -1 store failure. */
+int store_leadership_save(const char *deployment, const char *leader, int64_t epoch,
+                          int64_t *stored_epoch, char *stored_leader);
 
 /* A command of a type with JSON args for the given proxies; returns its id or -1. */
 int64_t store_command_create(const char *deployment, const char *type, json_t *args,

@@ -41,10 +41,17 @@ int store_load(state_deployment **head)
     }
     PQclear(res);
 
+    /* Declared proxies (members) that never reported have no proxies row; proxies rows without
+     * a member are pending (recorded before membership existed, or since deleted). */
     res = store_exec(PGRES_TUPLES_OK,
-                     "SELECT deployment, node_id, hostname, version, listen::text, epoch,"
-                     "  leader, maintenance, config_version, registered_ms, last_seen_ms"
-                     " FROM pgrelay.proxies ORDER BY deployment, node_id DESC",
+                     "SELECT deployment, node_id, coalesce(p.hostname, ''),"
+                     "  coalesce(p.version, ''), coalesce(p.listen, '[]')::text,"
+                     "  coalesce(p.epoch, 0), p.leader, coalesce(p.maintenance, false),"
+                     "  coalesce(p.config_version, 0), coalesce(p.registered_ms, 0),"
+                     "  coalesce(p.last_seen_ms, 0), m.node_id IS NOT NULL, m.options::text"
+                     " FROM pgrelay.proxies p FULL JOIN pgrelay.members m"
+                     "  USING (deployment, node_id)"
+                     " ORDER BY deployment, node_id DESC",
                      0, NULL);
     if (!res)
         return -1;
@@ -72,6 +79,17 @@ int store_load(state_deployment **head)
         p->config_version = get_int(res, i, 8);
         p->registered_ms = get_int(res, i, 9);
         p->last_seen_ms = get_int(res, i, 10);
+        p->declared = get_bool(res, i, 11);
+        if (p->declared) {
+            p->options = json_loads(PQgetvalue(res, i, 12), 0, NULL);
+            if (!json_is_object(p->options)) {
+                json_decref(p->options);
+                p->options = json_object();
+            }
+            d->n_declared++;
+        } else {
+            d->n_pending++;
+        }
         p->next = d->proxies;
         d->proxies = p;
     }
@@ -113,14 +131,33 @@ int store_proxy_save(const state_proxy *p)
     return rc;
 }
 
-int store_leadership_save(const char *deployment, const char *leader, int64_t epoch)
+int store_leadership_save(const char *deployment, const char *leader, int64_t epoch,
+                          int64_t *stored_epoch, char *stored_leader)
 {
     char e[STORE_INT_MAX];
     const char *params[] = {deployment, leader && leader[0] ? leader : NULL, fmt_int(e, epoch)};
-    return store_command("INSERT INTO pgrelay.leadership AS l (deployment, leader, epoch)"
-                         " VALUES ($1, $2, $3::bigint)"
-                         " ON CONFLICT (deployment) DO UPDATE SET leader = EXCLUDED.leader,"
-                         "  epoch = EXCLUDED.epoch, updated_at = now()"
-                         " WHERE l.epoch <= EXCLUDED.epoch",
-                         3, params);
+    /* Epochs strictly increase: an equal epoch is taken only when it names the same leader (a
+     * repeated save), never another one. */
+    PGresult *res = store_exec(
+        PGRES_TUPLES_OK,
+        "WITH w AS (INSERT INTO pgrelay.leadership AS l (deployment, leader, epoch)"
+        "  VALUES ($1, $2, $3::bigint)"
+        "  ON CONFLICT (deployment) DO UPDATE SET leader = EXCLUDED.leader,"
+        "   epoch = EXCLUDED.epoch, updated_at = now()"
+        "  WHERE l.epoch < EXCLUDED.epoch"
+        "   OR (l.epoch = EXCLUDED.epoch AND l.leader IS NOT DISTINCT FROM EXCLUDED.leader)"
+        "  RETURNING 1)"
+        " SELECT (SELECT count(*) FROM w), l.epoch, l.leader"
+        " FROM (SELECT 1) AS one LEFT JOIN pgrelay.leadership l ON l.deployment = $1",
+        3, params);
+    if (!res)
+        return -1;
+    int rc = 0;
+    if (PQntuples(res) == 1 && get_int(res, 0, 0) == 0) {
+        rc = 1;
+        *stored_epoch = get_int(res, 0, 1);
+        get_text(res, 0, 2, stored_leader, STATE_NODE_NAME_MAX);
+    }
+    PQclear(res);
+    return rc;
 }

@@ -38,8 +38,10 @@ void views_proxies(http_call *call)
     int64_t now = control_now_ms();
     for (state_proxy *p = call->dep->proxies; p; p = p->next) {
         json_array_append_new(
-            list, json_pack("{s:s, s:s, s:s, s:I, s:I, s:b, s:I, s:o, s:b, s:I, s:O}", "node_id",
-                            p->node_id, "hostname", p->hostname, "version", p->version, "last_seen",
+            list, json_pack("{s:s, s:s, s:o, s:s, s:s, s:I, s:I, s:b, s:I, s:o, s:b, s:I, s:O}",
+                            "node_id", p->node_id, "status", p->declared ? "declared" : "pending",
+                            "options", p->options ? json_incref(p->options) : json_object(),
+                            "hostname", p->hostname, "version", p->version, "last_seen",
                             (json_int_t)p->last_seen_ms, "last_seen_age_ms",
                             (json_int_t)(p->last_seen_ms ? now - p->last_seen_ms : -1), "live",
                             state_proxy_live(p, now), "epoch", (json_int_t)p->epoch, "leader",

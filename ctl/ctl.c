@@ -15,6 +15,7 @@
 #define CTL_TIMEOUT_MAX_S     86400.0 /* a day: larger values are surely a mistake */
 #define CTL_OP_TIMEOUT_MAX_S  3600L   /* pgrelay-control refuses more */
 #define CTL_WORDS_MAX         2       /* "config apply" */
+#define CTL_OPTIONS_MAX       17      /* set-proxy-options: NODE_ID and 16 KEY=VALUE */
 #define CTL_SYNOPSIS_MAX      128
 #define CTL_HELP_COLUMN       32 /* where a command's help starts in --help */
 #define CTL_ENV_ENDPOINT      "PGRELAYCTL_ENDPOINT"
@@ -103,8 +104,15 @@ typedef struct ctl_command {
 static const ctl_command ctl_commands[] = {
     {"show-deployments", "", "deployments and how many of their proxies are live", 0, 0, 0, 0,
      false, NULL, ctl_cmd_show_deployments},
-    {"show-proxies", "", "proxies: host, version, last seen, live, epoch, leader, ...", 0, 0, 0, 0,
-     true, NULL, ctl_cmd_show_proxies},
+    {"show-proxies", "", "proxies: host, version, last seen, live, epoch, leader, ..., status", 0,
+     0, 0, 0, true, NULL, ctl_cmd_show_proxies},
+    {"create-proxy", "NODE_ID", "declare a proxy: it votes and takes commands", 0, 0, 1, 1, true,
+     NULL, ctl_cmd_create_proxy},
+    {"delete-proxy", "NODE_ID", "undeclare a proxy: it is pending again", 0, 0, 1, 1, true, NULL,
+     ctl_cmd_delete_proxy},
+    {"set-proxy-options", "NODE_ID KEY=VALUE...",
+     "set a declared proxy's options (VALUE empty: the default)", 0, 0, 2, CTL_OPTIONS_MAX, true,
+     ctl_check_proxy_options, ctl_cmd_set_proxy_options},
     {"show-nodes", "", "database nodes: address, role, leader, health, lag", 0, 0, 0, 0, true, NULL,
      ctl_cmd_show_nodes},
     {"show-queries", "", "running statements on every proxy", 0, 0, 0, 0, true, NULL,

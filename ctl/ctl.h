@@ -63,6 +63,12 @@ ctl_exit ctl_cmd_maintenance(ctl_ctx *ctx);
 ctl_exit ctl_cmd_config_apply(ctl_ctx *ctx);
 ctl_exit ctl_cmd_config_show(ctl_ctx *ctx);
 ctl_exit ctl_cmd_reload(ctl_ctx *ctx);
+ctl_exit ctl_cmd_create_proxy(ctl_ctx *ctx);
+ctl_exit ctl_cmd_delete_proxy(ctl_ctx *ctx);
+ctl_exit ctl_cmd_set_proxy_options(ctl_ctx *ctx);
+
+/* set-proxy-options: every argument after NODE_ID is KEY=VALUE. */
+ctl_exit ctl_check_proxy_options(ctl_ctx *ctx);
 
 /* Read config apply's FILE ("-": stdin) into ctx->config_text. CTL_EXIT_USAGE when it cannot
  * be read, is too large, or is not UTF-8 text. */

@@ -25,7 +25,7 @@ static const ctl_column ctl_proxy_columns[] = {
     {"version", CTL_CELL_PLAIN},        {"last_seen", CTL_CELL_TIME},
     {"live", CTL_CELL_PLAIN},           {"epoch", CTL_CELL_PLAIN},
     {"leader", CTL_CELL_PLAIN},         {"maintenance", CTL_CELL_PLAIN},
-    {"config_version", CTL_CELL_PLAIN},
+    {"config_version", CTL_CELL_PLAIN}, {"status", CTL_CELL_PLAIN},
 };
 
 static const ctl_column ctl_node_columns[] = {
@@ -483,5 +483,102 @@ ctl_exit ctl_cmd_config_show(ctl_ctx *ctx)
 done:
     ctl_answer_free(&ans);
     free(path);
+    return rc;
+}
+
+/* ---- declared membership ---- */
+
+/* METHOD the deployment's what (body consumed, may be NULL) and print the proxy it answers. */
+static ctl_exit ctl_member_request(ctl_ctx *ctx, const char *method, const char *what, json_t *body)
+{
+    ctl_answer ans = {0};
+    char *path = ctl_deployment_path(ctx, what);
+    ctl_exit rc = CTL_EXIT_FAILED;
+    static const char *const skip[] = {"error", NULL};
+
+    if (!path)
+        goto done;
+    if ((rc = ctl_http_request(ctx->http, method, path, body, ctx->timeout_s, &ans)) !=
+        CTL_EXIT_OK) {
+        ctl_report(&ans);
+        goto done;
+    }
+    if (!json_is_object(ans.body) || !json_is_string(json_object_get(ans.body, "node_id"))) {
+        ctl_answer_fail(&ans, CTL_EXIT_UNREACHABLE,
+                        "malformed answer: expected an object with a node_id");
+        rc = ctl_report(&ans);
+        goto done;
+    }
+    if (ctx->format == CTL_FORMAT_JSON)
+        ctl_render_json(stdout, ans.body);
+    else
+        ctl_render_fields(stdout, ans.body, skip);
+done:
+    json_decref(body);
+    ctl_answer_free(&ans);
+    free(path);
+    return rc;
+}
+
+/* "proxies/ESCAPED-ID" + suffix (malloc'd), or NULL when out of memory. */
+static char *ctl_proxy_what(ctl_ctx *ctx, const char *node_id, const char *suffix)
+{
+    char *id = ctl_http_escape(ctx->http, node_id);
+    char *what = NULL;
+    if (id && asprintf(&what, "proxies/%s%s", id, suffix) < 0)
+        what = NULL;
+    free(id);
+    if (!what)
+        ctl_error("out of memory");
+    return what;
+}
+
+ctl_exit ctl_cmd_create_proxy(ctl_ctx *ctx)
+{
+    return ctl_member_request(ctx, "POST", "proxies", json_pack("{s:s}", "node_id", ctx->argv[0]));
+}
+
+ctl_exit ctl_cmd_delete_proxy(ctl_ctx *ctx)
+{
+    char *what = ctl_proxy_what(ctx, ctx->argv[0], "");
+    ctl_exit rc = what ? ctl_member_request(ctx, "DELETE", what, NULL) : CTL_EXIT_FAILED;
+    free(what);
+    return rc;
+}
+
+ctl_exit ctl_check_proxy_options(ctl_ctx *ctx)
+{
+    for (int i = 1; i < ctx->argc; i++) {
+        const char *eq = strchr(ctx->argv[i], '=');
+        if (!eq || eq == ctx->argv[i]) {
+            ctl_error("set-proxy-options: \"%s\" is not KEY=VALUE", ctx->argv[i]);
+            return CTL_EXIT_USAGE;
+        }
+    }
+    return CTL_EXIT_OK;
+}
+
+ctl_exit ctl_cmd_set_proxy_options(ctl_ctx *ctx)
+{
+    json_t *options = json_object();
+    for (int i = 1; options && i < ctx->argc; i++) {
+        const char *eq = strchr(ctx->argv[i], '=');
+        char *key = strndup(ctx->argv[i], (size_t)(eq - ctx->argv[i]));
+        if (!key || json_object_set_new(options, key, json_string(eq + 1)) != 0) {
+            json_decref(options);
+            options = NULL;
+        }
+        free(key);
+    }
+    char *what = ctl_proxy_what(ctx, ctx->argv[0], "/options");
+    if (!options || !what) {
+        json_decref(options);
+        free(what);
+        if (what)
+            ctl_error("out of memory (or an option value is not UTF-8)");
+        return CTL_EXIT_FAILED;
+    }
+    ctl_exit rc = ctl_member_request(ctx, "POST", what, json_pack("{s:o}", "options", options));
+    free(what);
     return rc;
 }

@@ -52,10 +52,11 @@ class ControlPlane:
     """bin/pgrelay-control with one deployment (prod) and one admin token, on a fixed port
     once started (so that it can be killed and started again where the agents expect it)."""
 
-    def __init__(self, workdir, store, proxy_timeout="3s"):
+    def __init__(self, workdir, store, proxy_timeout="3s", auto_declare=True):
         self.workdir = workdir
         self.store = store
         self.proxy_timeout = proxy_timeout
+        self.auto_declare = auto_declare  # off: the test declares its proxies (create-proxy)
         self.port = None
         self.proc = None
         self.conf = os.path.join(workdir, "control.ini")
@@ -77,6 +78,7 @@ class ControlPlane:
                 f"proxy_timeout = {self.proxy_timeout}\n"
                 "poll_wait_max = 60s\n"
                 "log_level = debug\n"
+                f"auto_declare = {'on' if self.auto_declare else 'off'}\n"
                 f"\n[deployment.{DEPLOYMENT}]\ntoken = {PROD_TOKEN}\n"
             )
 

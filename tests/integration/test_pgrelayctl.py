@@ -47,10 +47,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_TIMEOUT, EXI
 PROXIES = [
     {"node_id": "proxy-a", "hostname": "db-proxy-1", "version": "0.1.0",
      "last_seen": 1763770000000, "live": True, "epoch": 7, "leader": "pg1",
-     "maintenance": False, "config_version": 3, "listen": ["127.0.0.1:6432"]},
+     "maintenance": False, "config_version": 3, "listen": ["127.0.0.1:6432"],
+     "status": "declared"},
     {"node_id": "proxy-b", "hostname": "db-proxy-2", "version": "0.1.0",
      "last_seen": 1763760000000, "live": False, "epoch": 6, "leader": None,
-     "maintenance": True, "config_version": 2, "listen": []},
+     "maintenance": True, "config_version": 2, "listen": [], "status": "pending"},
 ]
 NODES = [
     {"name": "pg1", "host": "10.0.0.11", "port": 5432, "role": "primary", "leader": True,
@@ -211,11 +212,12 @@ def test_show_proxies_prints_the_documented_columns(stub):
     assert p.returncode == EXIT_OK, p.stderr
     rows = table(p.stdout)
     assert rows[0] == ["node_id", "hostname", "version", "last_seen", "live", "epoch",
-                       "leader", "maintenance", "config_version"]
+                       "leader", "maintenance", "config_version", "status"]
     a, b = rows[1], rows[2]
-    assert a[0] == "proxy-a" and a[1] == "db-proxy-1" and a[4:] == ["yes", "7", "pg1", "no", "3"]
+    assert a[0] == "proxy-a" and a[1] == "db-proxy-1" and a[4:] == ["yes", "7", "pg1", "no", "3",
+                                                                     "declared"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", a[3]), a
-    assert b[4:] == ["no", "6", "-", "yes", "2"]
+    assert b[4:] == ["no", "6", "-", "yes", "2", "pending"]
     # -d given: no need to list the deployments first.
     assert [r["path"] for r in stub.requests] == [API + "/deployments/prod/proxies"]
 
@@ -787,6 +789,7 @@ def test_smoke_against_pgrelay_control(request, tmp_path):
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
         f"store = host={pg.host} port={pg.port} user=postgres dbname=pgrelayctl_smoke\n"
         f"admin_tokens = {TOKEN}\n"
+        "auto_declare = on\n"
         "\n[deployment.smoke]\ntoken = smoke-agent-token\n"
     )
     log = open(tmp_path / "control.log", "w")
