@@ -32,12 +32,6 @@ static int fuzz_forwarded; /* net_connect_nonblock calls: cancels cancel_send tr
 worker *worker_self;
 
 /* Stubs for what cancel.c reaches outside the scanner and shared memory. */
-uint32_t worker_random(worker *w)
-{
-    (void)w;
-    return 4; /* chosen by a fair dice roll */
-}
-
 int net_connect_nonblock(const struct sockaddr_storage *addr, socklen_t len, bool keepalive,
                          int *err)
 {
@@ -124,7 +118,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                      s->node_addrlen > 0;
         }
         fuzz_forwarded = 0;
-        cancel_handle_request(fuzz_worker, st.cancel_pid, st.cancel_secret, "fuzz");
+        cancel_handle_request(fuzz_worker, st.cancel_pid, st.cancel_secret, "fuzz", -1);
         if (fuzz_forwarded != (expect ? 1 : 0))
             abort();
     }
