@@ -57,8 +57,8 @@ def _advance_wal(node_query, past):
 
 def _leader_x_goes_away(relay, x_server):
     """With every node probed and x the leader, stop x's server; return the next leader."""
-    wait_for(lambda: "every node probed once" in relay.log(), timeout=15,
-             what="the agent's first round of probes")
+    wait_for(lambda: all(n["health"] != "unknown" for n in admin_json(relay, "show nodes")),
+             timeout=15, what="the agent's first round of probes")
     wait_for(lambda: "SPLIT BRAIN" in relay.log(), timeout=15,
              what="the agent to see the other primaries and keep x")
     assert _leader(relay) == "x"
@@ -117,6 +117,17 @@ def test_a_worker_that_missed_the_poke_routes_a_new_session_by_the_new_table(
         other_pg.stop(mode="immediate")
         wait_for(lambda: "leader x does not answer" in relay.log()[mark:], timeout=15,
                  what="the agent to switch from x to a")
+
+        def lands_on_a():
+            # The agent logs its decision just before it publishes the table: a session in
+            # between still goes to x (refused). Once one lands on a, the table is out.
+            try:
+                with relay.connect() as c:
+                    return c.execute("SELECT inet_server_port()").fetchone()[0] == pg.port
+            except psycopg.OperationalError:
+                return False
+
+        wait_for(lands_on_a, timeout=10, what="a first new session on a")
         # Each worker accepts on its own: whichever takes these sessions was not poked.
         for _ in range(4):
             try:
