@@ -165,6 +165,15 @@ def test_pending_node_ids_are_bounded_and_the_oldest_is_forgotten_first(control)
     assert pending == [f"inv-{i:02d}" for i in range(6, 70)], pending
     assert rows["proxy-a"]["status"] == "declared"
     assert "forgot pending proxy inv-00" in control.log()
+    # invented node ids cannot flood the log: lines about pending proxies are info at most
+    # once per 10 s (debug otherwise)
+    started = time.monotonic()
+    for i in range(70, 140):
+        SimAgent(control, f"inv-{i:03d}").register()
+    assert time.monotonic() - started < 10
+    info_lines = [ln for ln in control.log().splitlines()
+                  if " info: " in ln and "not declared" in ln]
+    assert len(info_lines) <= 2, info_lines
 
 
 def test_proxies_recorded_before_membership_load_as_pending_and_bounded(control_factory):  # noqa: F811
