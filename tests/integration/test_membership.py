@@ -129,6 +129,27 @@ def test_create_proxy_declares_it_and_delete_proxy_makes_it_pending_again(contro
     assert p.returncode == 6, p.stderr
 
 
+def test_membership_requests_with_odd_node_ids_and_bodies(control):
+    odd = "rack/1%proxy?a"  # printable, no blanks: a valid node id that needs URL escapes
+    p = ctl(control, "create-proxy", odd)
+    assert p.returncode == 0, p.stderr
+    assert ctl(control, "set-proxy-options", odd, "maintenance_exempt=on").returncode == 0
+    assert control.proxies()[odd]["options"] == {"maintenance_exempt": True}
+    for body in ({"node_id": "has space"}, {"node_id": ""}, {"node_id": "x" * 200},
+                 {"node_id": 7}, {"node_id": "x", "options": []},
+                 {"node_id": "x", "options": {"maintenance_exempt": 3}}, {}):
+        status, answer = control.admin("POST", "/deployments/prod/proxies", body)
+        assert status == 400 and "error" in answer, (body, status, answer)
+    assert control.admin("POST", "/deployments/prod/proxies/x/options", {"options": 1})[0] == 400
+    assert control.admin("POST", "/deployments/nosuch/proxies", {"node_id": "x"})[0] == 404
+    assert control.call("POST", API + "/deployments/prod/proxies", {"node_id": "x"},
+                        "prod-agent-token-1")[0] == 403  # a deployment token may not declare
+    assert "x" not in control.proxies()
+    p = ctl(control, "delete-proxy", odd)
+    assert p.returncode == 0, p.stderr
+    assert control.proxies()[odd]["status"] == "pending"
+
+
 def test_membership_and_options_survive_a_restart(control_factory):  # noqa: F811
     c1 = control_factory(control=OFF)
     declare(c1, "proxy-a")
