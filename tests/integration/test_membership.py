@@ -22,9 +22,14 @@ import time
 import types
 import uuid
 
+import psycopg
 import pytest
 
-from conftest import wait_for
+from cluster import Cluster
+from conftest import admin_json, start_relay, wait_for
+from control_e2e_helpers import (
+    ADMIN_TOKEN, DEPLOYMENT, PROD_TOKEN, ControlPlane, cleanup_dir, http, info, make_root,
+    render_ini, run_ctl, start_proxy, stop_proxy)
 from test_control_api import (  # noqa: F401 - fixtures used by name
     ADMIN, API, REPO, TOKENS, Background, SimAgent, control_factory, obs, store, store_rows)
 
@@ -378,11 +383,6 @@ def test_the_store_never_takes_an_epoch_again_for_another_leader(control):
 # fault scenario: three forged node ids against real proxies (issue 8, item 7)
 # --------------------------------------------------------------------------- #
 
-from cluster import Cluster  # noqa: E402
-from conftest import admin_json, start_relay  # noqa: E402
-from control_e2e_helpers import (  # noqa: E402
-    DEPLOYMENT, PROD_TOKEN, ControlPlane, cleanup_dir, http, info, make_root, render_ini,
-    run_ctl, start_proxy, stop_proxy)
 
 E2E_ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
 
@@ -454,7 +454,6 @@ class Writer:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
-        import psycopg
         conn = None
         while not self.stop.is_set():
             try:
@@ -480,7 +479,7 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
     neither take nor acknowledge the commands of an orchestration meant for the real
     proxies. (Before declared membership, three of five voters moved the leader to pg2 and
     both proxies refused every write with 57P03.)"""
-    control, a, b = fleet.control, fleet.proxies["proxy-a"], fleet.proxies["proxy-b"]
+    control, b = fleet.control, fleet.proxies["proxy-b"]
     epoch = control.deployment()["epoch"]
     table = "forged_" + uuid.uuid4().hex[:8]
     fleet.cluster.primary.query(f"CREATE TABLE {table} (proxy text)")
@@ -535,7 +534,7 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
     os.kill(agent_b, signal.SIGSTOP)
     try:
         reload = Background(control.port, "POST", API + f"/deployments/{DEPLOYMENT}/reload",
-                            {"timeout_s": 20}, control_e2e_admin(), timeout=40)
+                            {"timeout_s": 20}, ADMIN_TOKEN, timeout=40)
         cmd_id = wait_for(lambda: command_for(control, "proxy-b"), timeout=10,
                           what="the reload command queued for proxy-b")
         for node_id in FORGED:
@@ -553,11 +552,6 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
     assert status == 200 and body["ok"], body
     assert sorted(p["node_id"] for p in body["proxies"]) == sorted(E2E_ADDRESSES), body
     assert all(p["detail"] != "forged" for p in body["proxies"]), body
-
-
-def control_e2e_admin():
-    from control_e2e_helpers import ADMIN_TOKEN
-    return ADMIN_TOKEN
 
 
 def command_for(control, node_id):
