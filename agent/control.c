@@ -408,14 +408,17 @@ static void *reporter_main(void *arg)
             json_t *reply = NULL;
             status = post(&c, "/api/v1/agent/register", body, &reply);
             if (status == 200) {
+                bool declared = !json_is_false(json_object_get(reply, "declared"));
                 r->registered = true;
-                log_info("control plane: registered as %s", control.node_id);
-                if (json_is_false(json_object_get(reply, "declared")))
+                if (!r->undeclared || declared) /* again while refused is not news */
+                    log_info("control plane: registered as %s", control.node_id);
+                if (!declared && !r->undeclared)
                     log_warning("control plane: node id %s is not declared in the deployment: "
                                 "the control plane refuses its reports and sends it no leader "
                                 "until an operator runs 'pgrelayctl create-proxy %s'; this "
                                 "agent decides the leader alone meanwhile",
                                 control.node_id, control.node_id);
+                r->undeclared = !declared;
             } else {
                 ok = false;
             }

@@ -69,6 +69,17 @@ static bool agents_from_its_address(http_call *call, const state_proxy *p)
     return false;
 }
 
+/* The level of a line about a pending proxy: info at most once per AGENTS_REFUSED_LOG_MS,
+ * debug otherwise (whoever holds a deployment token can invent node ids at request rate). */
+static log_level agents_pending_level(void)
+{
+    static int64_t last_ms;
+    if (last_ms && control_mono_ms() - last_ms < AGENTS_REFUSED_LOG_MS)
+        return LOG_LVL_DEBUG;
+    last_ms = control_mono_ms();
+    return LOG_LVL_INFO;
+}
+
 /* The proxy a request is about, recorded on first contact (pending until declared) and marked
  * as seen now. NULL after answering 500 (out of memory) or 403 (a declared proxy's node id from
  * another address than the one it is pinned to: not marked as seen). */
@@ -81,9 +92,10 @@ static state_proxy *agents_seen(http_call *call, const char *node_id)
     }
     if (p->declared && !agents_from_its_address(call, p))
         return NULL;
-    if (p->last_seen_ms == 0)
-        log_info("deployment %s: proxy %s appeared%s", call->dep->name, node_id,
-                 p->declared ? "" : " (not declared: pending)");
+    log_level level = p->declared ? LOG_LVL_INFO : agents_pending_level();
+    if (p->last_seen_ms == 0 && log_current_level >= level)
+        log_msg(level, "deployment %s: proxy %s appeared%s", call->dep->name, node_id,
+                p->declared ? "" : " (not declared: pending)");
     p->last_seen_ms = control_now_ms();
     return p;
 }
@@ -184,9 +196,12 @@ void agents_register(http_call *call)
         p->dirty = false;
         p->saved_seen_ms = p->last_seen_ms;
     }
-    log_info("deployment %s: proxy %s registered (host %s, version %s)%s", call->dep->name, node_id,
-             p->hostname[0] ? p->hostname : "?", p->version[0] ? p->version : "?",
-             p->declared ? "" : "; not declared: pending until an operator creates it");
+    log_level level = p->declared ? LOG_LVL_INFO : agents_pending_level();
+    if (log_current_level >= level)
+        log_msg(level, "deployment %s: proxy %s registered (host %s, version %s)%s",
+                call->dep->name, node_id, p->hostname[0] ? p->hostname : "?",
+                p->version[0] ? p->version : "?",
+                p->declared ? "" : "; not declared: pending until an operator creates it");
 
     int64_t wait_s = control.cfg->poll_wait_max_ms / MS_PER_S;
     if (wait_s > AGENTS_POLL_WAIT_SUGGESTED_S)

@@ -492,7 +492,11 @@ static void http_dispatch(struct evhttp_request *req, void *arg)
             http_reply_error(req, 404, "no such endpoint");
         return;
     }
-    log_debug("%s %s", method == EVHTTP_REQ_POST ? "POST" : "GET", path);
+    log_debug("%s %s",
+              method == EVHTTP_REQ_POST     ? "POST"
+              : method == EVHTTP_REQ_DELETE ? "DELETE"
+                                            : "GET",
+              path);
 
     if (route->auth != HTTP_AUTH_NONE) {
         const char *why = http_not_serving_reason();

@@ -98,8 +98,8 @@ static void state_forget_oldest_pending(state_deployment *dep, const state_proxy
     state_proxy *gone = *oldest;
     *oldest = gone->next;
     dep->n_pending--;
-    log_info("deployment %s: forgot pending proxy %s (more than %d undeclared node ids)", dep->name,
-             gone->node_id, STATE_PENDING_MAX);
+    log_debug("deployment %s: forgot pending proxy %s (more than %d undeclared node ids)",
+              dep->name, gone->node_id, STATE_PENDING_MAX);
     state_free_proxy(gone);
 }
 

@@ -22,9 +22,14 @@ import time
 import types
 import uuid
 
+import psycopg
 import pytest
 
-from conftest import wait_for
+from cluster import Cluster
+from conftest import admin_json, start_relay, wait_for
+from control_e2e_helpers import (
+    ADMIN_TOKEN, DEPLOYMENT, PROD_TOKEN, ControlPlane, cleanup_dir, http, info, make_root,
+    render_ini, run_ctl, start_proxy, stop_proxy)
 from test_control_api import (  # noqa: F401 - fixtures used by name
     ADMIN, API, REPO, TOKENS, Background, SimAgent, control_factory, obs, store, store_rows)
 
@@ -129,6 +134,27 @@ def test_create_proxy_declares_it_and_delete_proxy_makes_it_pending_again(contro
     assert p.returncode == 6, p.stderr
 
 
+def test_membership_requests_with_odd_node_ids_and_bodies(control):
+    odd = "rack/1%proxy?a"  # printable, no blanks: a valid node id that needs URL escapes
+    p = ctl(control, "create-proxy", odd)
+    assert p.returncode == 0, p.stderr
+    assert ctl(control, "set-proxy-options", odd, "maintenance_exempt=on").returncode == 0
+    assert control.proxies()[odd]["options"] == {"maintenance_exempt": True}
+    for body in ({"node_id": "has space"}, {"node_id": ""}, {"node_id": "x" * 200},
+                 {"node_id": 7}, {"node_id": "x", "options": []},
+                 {"node_id": "x", "options": {"maintenance_exempt": 3}}, {}):
+        status, answer = control.admin("POST", "/deployments/prod/proxies", body)
+        assert status == 400 and "error" in answer, (body, status, answer)
+    assert control.admin("POST", "/deployments/prod/proxies/x/options", {"options": 1})[0] == 400
+    assert control.admin("POST", "/deployments/nosuch/proxies", {"node_id": "x"})[0] == 404
+    assert control.call("POST", API + "/deployments/prod/proxies", {"node_id": "x"},
+                        "prod-agent-token-1")[0] == 403  # a deployment token may not declare
+    assert "x" not in control.proxies()
+    p = ctl(control, "delete-proxy", odd)
+    assert p.returncode == 0, p.stderr
+    assert control.proxies()[odd]["status"] == "pending"
+
+
 def test_membership_and_options_survive_a_restart(control_factory):  # noqa: F811
     c1 = control_factory(control=OFF)
     declare(c1, "proxy-a")
@@ -165,6 +191,15 @@ def test_pending_node_ids_are_bounded_and_the_oldest_is_forgotten_first(control)
     assert pending == [f"inv-{i:02d}" for i in range(6, 70)], pending
     assert rows["proxy-a"]["status"] == "declared"
     assert "forgot pending proxy inv-00" in control.log()
+    # invented node ids cannot flood the log: lines about pending proxies are info at most
+    # once per 10 s (debug otherwise)
+    started = time.monotonic()
+    for i in range(70, 140):
+        SimAgent(control, f"inv-{i:03d}").register()
+    assert time.monotonic() - started < 10
+    info_lines = [ln for ln in control.log().splitlines()
+                  if " info: " in ln and "not declared" in ln]
+    assert len(info_lines) <= 2, info_lines
 
 
 def test_proxies_recorded_before_membership_load_as_pending_and_bounded(control_factory):  # noqa: F811
@@ -348,11 +383,6 @@ def test_the_store_never_takes_an_epoch_again_for_another_leader(control):
 # fault scenario: three forged node ids against real proxies (issue 8, item 7)
 # --------------------------------------------------------------------------- #
 
-from cluster import Cluster  # noqa: E402
-from conftest import admin_json, start_relay  # noqa: E402
-from control_e2e_helpers import (  # noqa: E402
-    DEPLOYMENT, PROD_TOKEN, ControlPlane, cleanup_dir, http, info, make_root, render_ini,
-    run_ctl, start_proxy, stop_proxy)
 
 E2E_ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
 
@@ -424,7 +454,6 @@ class Writer:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
-        import psycopg
         conn = None
         while not self.stop.is_set():
             try:
@@ -450,7 +479,7 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
     neither take nor acknowledge the commands of an orchestration meant for the real
     proxies. (Before declared membership, three of five voters moved the leader to pg2 and
     both proxies refused every write with 57P03.)"""
-    control, a, b = fleet.control, fleet.proxies["proxy-a"], fleet.proxies["proxy-b"]
+    control, b = fleet.control, fleet.proxies["proxy-b"]
     epoch = control.deployment()["epoch"]
     table = "forged_" + uuid.uuid4().hex[:8]
     fleet.cluster.primary.query(f"CREATE TABLE {table} (proxy text)")
@@ -505,7 +534,7 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
     os.kill(agent_b, signal.SIGSTOP)
     try:
         reload = Background(control.port, "POST", API + f"/deployments/{DEPLOYMENT}/reload",
-                            {"timeout_s": 20}, control_e2e_admin(), timeout=40)
+                            {"timeout_s": 20}, ADMIN_TOKEN, timeout=40)
         cmd_id = wait_for(lambda: command_for(control, "proxy-b"), timeout=10,
                           what="the reload command queued for proxy-b")
         for node_id in FORGED:
@@ -523,11 +552,6 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
     assert status == 200 and body["ok"], body
     assert sorted(p["node_id"] for p in body["proxies"]) == sorted(E2E_ADDRESSES), body
     assert all(p["detail"] != "forged" for p in body["proxies"]), body
-
-
-def control_e2e_admin():
-    from control_e2e_helpers import ADMIN_TOKEN
-    return ADMIN_TOKEN
 
 
 def command_for(control, node_id):
@@ -554,6 +578,14 @@ def test_an_undeclared_real_proxy_serves_alone_and_joins_once_declared(fleet, pg
         wait_for(lambda: "create-proxy proxy-c" in relay.log(), timeout=10,
                  what="the agent's warning naming the command to run")
         assert "as node proxy-c ([control] node_id)" in relay.log()
+        # it registers again while refused, without saying it again each time
+        def registrations():
+            return control.log_since(0).count("proxy proxy-c registered")
+
+        wait_for(lambda: registrations() >= 2, timeout=10, what="proxy-c registering again")
+        said = relay.log().count("create-proxy proxy-c")
+        wait_for(lambda: registrations() >= 3, timeout=10, what="proxy-c registering again")
+        assert relay.log().count("create-proxy proxy-c") == said, relay.log()
         with relay.connect() as c:  # serving on its own decision
             assert c.execute("SELECT current_setting('cluster_name')").fetchone()[0] == "pg1"
         p = run_ctl(control, "create-proxy", "proxy-c")
@@ -564,4 +596,4 @@ def test_an_undeclared_real_proxy_serves_alone_and_joins_once_declared(fleet, pg
                  what="proxy-c following the deployment once declared")
     finally:
         relay.stop()
-        assert run_ctl(control, "delete-proxy", "proxy-c").returncode == 0
+        run_ctl(control, "delete-proxy", "proxy-c")  # the fleet's quorum: proxy-a and proxy-b
