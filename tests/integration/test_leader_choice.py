@@ -67,7 +67,9 @@ def _leader_x_goes_away(relay, x_server):
     try:
         wait_for(lambda: "leader x does not answer" in relay.log()[mark:], timeout=15,
                  what="the agent to leave x")
-        return _leader(relay)
+        # The decision is logged just before the table is published.
+        return wait_for(lambda: _leader(relay) != "x" and _leader(relay), timeout=5,
+                        what="the new leader in show info")
     finally:
         x_server.start()
 
