@@ -8,9 +8,13 @@ pgrelay(8), ADMIN CONSOLE.
 """
 
 import json
+import os
 import re
 import socket
 import struct
+import subprocess
+import threading
+import time
 
 import pytest
 
@@ -177,3 +181,135 @@ def test_show_nodes_and_config_stay_valid_json(relay):
         assert isinstance(rows, list) and rows, command
         assert all(isinstance(v, str) for r in rows for k, v in r.items()
                    if k in ("name", "host", "key", "section", "value")), rows
+
+
+def vm_hwm_kib(pid):
+    """Peak resident memory of a process (VmHWM), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_peer_that_never_reads_cannot_grow_the_master(relay):
+    """`prompt`, then thousands of `show config` without reading a byte: the master stops
+    reading the peer's lines while 1 MiB of answers waits, instead of buffering them all."""
+    n_lines = 6000
+    one_answer = len(admin(relay, "show config"))
+    hwm_before = vm_hwm_kib(relay.pid)
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(admin_socket(relay))
+        s.sendall(b"prompt\n")
+
+        def send_lines():  # blocks once the master stops reading, until we read
+            for _ in range(n_lines // 500):
+                s.sendall(b"show config\n" * 500)  # a buffer each: what is read leaves the queue
+
+        sender = threading.Thread(target=send_lines, daemon=True)
+        sender.start()
+        # The master runs one callback at a time, so each answer on another connection is a
+        # step of its loop: wait until it has read every line (it buffers the answers) or
+        # stops reading them (they wait for the peer to read).
+        last = None
+        while True:
+            assert "version" in admin(relay, "show info", timeout=30)
+            unread = _socket_unread(s)
+            if (unread == 0 and not sender.is_alive()) or (unread and unread == last):
+                break
+            last = unread
+        hwm_unread = vm_hwm_kib(relay.pid)
+        answers, tail = 0, b""
+        while answers < n_lines + 1:  # every line is answered in the end
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {answers} answers"
+            answers += (tail + chunk).count(b"\n> ")
+            tail = chunk[-2:]
+        sender.join(timeout=10)
+    grown_mib = (hwm_unread - hwm_before) / 1024
+    print(f"show config answer {one_answer} bytes; x{n_lines} unread: master peak grew "
+          f"{grown_mib:.1f} MiB ({unread} bytes of lines left unread); all answered in "
+          f"{time.monotonic() - t0:.1f} s")
+    assert grown_mib < 8, f"the master buffered {grown_mib:.0f} MiB for a peer that reads nothing"
+    assert unread > 0, "the master read every line of a peer that reads nothing"
+    assert "version" in admin(relay, "show info")
+
+
+def _socket_unread(s):
+    """Bytes we sent that the peer has not read yet (SIOCOUTQ)."""
+    import fcntl
+    import termios
+
+    buf = fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+# Run as another user: hold `n` console connections that send nothing, then try one more with
+# a command; print its answer; keep the others until stdin closes.
+_HOLDER = """
+import socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+held = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    held.append(s)
+extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+extra.settimeout(10)
+extra.connect(path)
+try:
+    extra.sendall(b"show info\\n")
+except OSError:
+    pass
+out = b""
+while True:
+    try:
+        d = extra.recv(65536)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+sys.stdout.write(out.decode() + "\\n--held--\\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+def test_console_connections_are_capped_but_admin_level_always_gets_in(relay_factory):
+    r = relay_factory(workers=1, admin_socket_mode="0666", stats_users="postgres")
+    os.chmod(r.workdir, 0o711)  # let postgres reach the socket
+    wait_for(lambda: "version" in admin(r, "show info"), what="the admin socket")
+    path = admin_socket(r)
+    fds_before = len(os.listdir(f"/proc/{r.pid}/fd"))
+    holder = subprocess.Popen(
+        ["runuser", "-u", "postgres", "--", "/usr/bin/python3", "-c", _HOLDER, path, "64"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        answer = ""
+        while "--held--" not in answer:
+            line = holder.stdout.readline()
+            assert line, f"holder ended: {answer!r}"
+            answer += line
+        # the 65th connection of a stats-level user is told, not served
+        assert answer.startswith("error: too many console connections"), answer
+        assert "version" not in answer, answer
+        # root (admin level) still gets in, and the master holds no more than the cap
+        assert "version" in admin(r, "show info")
+        assert len(os.listdir(f"/proc/{r.pid}/fd")) <= fds_before + 64
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=15)
+    # once they are gone, the stats-level user is served again
+    def served():
+        out = subprocess.run(
+            ["runuser", "-u", "postgres", "--", "socat", "-", f"UNIX-CONNECT:{path}"],
+            input="show info\n", capture_output=True, text=True, timeout=15,
+        ).stdout
+        return "version" in out
+
+    wait_for(served, what="the console to serve postgres again")
+    assert pid_alive(r.pid)
