@@ -77,7 +77,7 @@ const config_key config_keys[] = {
     PG_KEY("operator_users", KEY_STRING, "", true, operator_users, 0, 0, NULL,
            "comma-separated system users with operator level (pause, resume, kill)"),
     PG_KEY("stats_users", KEY_STRING, "", true, stats_users, 0, 0, NULL,
-           "comma-separated system users with user level (show commands only)"),
+           "comma-separated system users with user level (show commands, no statement text)"),
     PG_KEY("read_listen_port", KEY_INT, "0", false, read_listen_port, 0, 65535, NULL,
            "TCP port of the read-only port (on listen_addr); 0 disables it"),
     PG_KEY("read_fallback", KEY_ENUM, "leader", true, read_fallback, 0, 0, fallback_words,
