@@ -1,4 +1,4 @@
-/* admin_render.c - the admin console's output: JSON results as tables, client text as safe UTF-8. */
+/* admin_render.c - console output: JSON results as tables, client text as safe UTF-8. */
 #include "admin_console.h"
 #include "utf8.h"
 
