@@ -313,3 +313,17 @@ def test_console_connections_are_capped_but_admin_level_always_gets_in(relay_fac
 
     wait_for(served, what="the console to serve postgres again")
     assert pid_alive(r.pid)
+
+
+def test_a_user_name_with_a_newline_cannot_forge_a_log_line(relay_factory):
+    r = relay_factory(workers=1, log_level="debug")
+    forged = "FORGED [master pid 1] error: the database is on fire"
+    c = RawClient(r.port)
+    c.send(raw_startup(user=f"x\n{forged}", database="\x1b[2Jpostgres"))
+    c.read_until("EZ")  # the server refuses the role; what matters is what pgrelay logged
+    c.close()
+    wait_for(lambda: " database=" in r.log(), what="the debug line for the client")
+    lines = r.log().splitlines()
+    assert not [ln for ln in lines if ln.startswith("FORGED")], "a client forged a log line"
+    assert not [ln for ln in lines if "\x1b" in ln], "an escape sequence reached the log"
+    assert "user=x?FORGED" in r.log()  # shown, made harmless
