@@ -318,5 +318,6 @@ def test_hostile_clients_never_disturb_a_canary_the_console_or_the_processes(rel
     wait_for(lambda: stats_clients(r) == 1, timeout=15, what="session slots back to the canary's")
     wait_for(lambda: {p: fd_count(p) for p in workers} == fds_before, timeout=15,
              what=f"worker descriptors back to {fds_before}")
-    assert fd_count(master) == master_fds_before
+    wait_for(lambda: fd_count(master) == master_fds_before, timeout=15,
+             what=f"the master's descriptors back to {master_fds_before}")
     canary.close()
