@@ -230,7 +230,7 @@ def test_hostile_clients_never_disturb_a_canary_the_console_or_the_processes(rel
                 t0 = time.monotonic()
                 assert canary.execute("SELECT 42").fetchone() == (42,)
                 canary_runs[0] += 1
-                if time.monotonic() - t0 > 5:
+                if time.monotonic() - t0 > 10:  # loose: a hang, not a slow shared machine
                     failures.append(f"canary: a statement took {time.monotonic() - t0:.1f} s")
             except Exception as e:  # noqa: BLE001 - any failure of the canary is the finding
                 failures.append(f"canary: {e!r}")
@@ -294,7 +294,8 @@ def test_hostile_clients_never_disturb_a_canary_the_console_or_the_processes(rel
     assert console_noise.returncode == 0, "the console noise maker failed"
 
     assert not failures, failures
-    assert canary_runs[0] >= SOAK_SECONDS * 5, f"the canary ran only {canary_runs[0]} statements"
+    # at most 20 a second; a few a second proves it ran all along, even on a loaded machine
+    assert canary_runs[0] >= SOAK_SECONDS * 2, f"the canary ran only {canary_runs[0]} statements"
     assert console_polls[0] >= SOAK_SECONDS, f"the console answered only {console_polls[0]} polls"
     assert held and held[0] > 0, "no slowloris connection was made"
     print(f"soak: {sum(attacks)} hostile connections, {held[0]} slowloris, "
