@@ -173,14 +173,29 @@ def test_a_console_line_with_control_characters_is_refused_without_being_echoed(
     assert "version" in admin(relay, "show info")
 
 
-def test_show_nodes_and_config_stay_valid_json(relay):
-    # every string the console renders goes through the same conversion; a smoke check that
-    # the ordinary answers are unchanged by it
-    for command in ("show nodes json", "show config json"):
-        rows = json.loads(admin(relay, command)[:-2])
-        assert isinstance(rows, list) and rows, command
-        assert all(isinstance(v, str) for r in rows for k, v in r.items()
+def test_a_node_host_that_is_not_utf8_is_shown_not_fatal(relay_factory, pg):
+    """Found by the admin fuzzer: any string the console shows, not only a client's, that is
+    not UTF-8 made a JSON row lose its column and the table renderer crash the master. Here an
+    operator's pgrelay.ini names a host in Latin-1 (pgrelay -t accepts it)."""
+    latin1 = "sed -i 's/hXst/h\\xe9st/' \"$3\"; exec \"$@\""  # ... -c CONF: $3 is the file
+    r = relay_factory(
+        workers=1,
+        nodes=[("pg1", {"host": "127.0.0.1", "port": pg.port, "role": "primary"}),
+               ("pg2", {"host": "hXst", "port": pg.port, "role": "replica"})],
+        wrapper=("sh", "-c", latin1, "sh"),
+    )
+    with open(r.conf_path, "rb") as f:
+        assert b"h\xe9st" in f.read(), "the wrapper did not make the host Latin-1"
+    wait_for(lambda: "version" in admin(r, "show info"), what="the admin socket")
+    for command in ("show nodes", "show config"):
+        table = admin_bytes(admin_socket(r), command).decode("utf-8")
+        assert "h\ufffdst" in table, table
+        rows = json.loads(admin_bytes(admin_socket(r), command + " json").decode("utf-8")[:-2])
+        assert all(isinstance(v, str) for row in rows for k, v in row.items()
                    if k in ("name", "host", "key", "section", "value")), rows
+        assert pid_alive(r.pid), f"the master died rendering {command}"
+    assert {row["name"]: row["host"] for row in json.loads(admin(r, "show nodes json")[:-2])} \
+        == {"pg1": "127.0.0.1", "pg2": "h\ufffdst"}
 
 
 def vm_hwm_kib(pid):
