@@ -177,6 +177,7 @@ FUZZ_OBJ_cancel  := proxy/cancel.c common/pgproto.c common/shm.c common/config.c
                     common/inifile.c common/log.c
 FUZZ_OBJ_admin   := proxy/admin_commands.c proxy/admin_render.c proxy/utf8.c common/pgproto.c \
                     common/shm.c common/config.c common/inifile.c common/log.c
+FUZZ_OBJ_config  := common/config.c common/inifile.c common/log.c
 
 fuzz_objs = $(addprefix $(FUZZ_BUILD)/obj/,$(patsubst %.c,%.o,$(FUZZ_OBJ_$(1))))
 

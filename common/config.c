@@ -83,7 +83,7 @@ const config_key config_keys[] = {
     PG_KEY("operator_users", KEY_STRING, "", true, operator_users, 0, 0, NULL,
            "comma-separated system users with operator level (pause, resume, kill)"),
     PG_KEY("stats_users", KEY_STRING, "", true, stats_users, 0, 0, NULL,
-           "comma-separated system users with user level (show commands only)"),
+           "comma-separated system users with user level (show commands, no statement text)"),
     PG_KEY("http_listen_port", KEY_INT, "0", false, http_listen_port, 0, 65535, NULL,
            "TCP port of the HTTP endpoint (health checks, /metrics); 0 disables it"),
     PG_KEY("http_listen_addr", KEY_STRING, "127.0.0.1", false, http_listen_addr, 0, 0, NULL,

@@ -13,17 +13,17 @@ struct master;
 
 /* What a peer may do, from its uid (admin_users, operator_users, stats_users). */
 typedef enum admin_level {
-    ADMIN_LEVEL_NONE = -1,  /* not allowed on the socket */
-    ADMIN_LEVEL_USER = 0,   /* show commands; statement text hidden (stats_users) */
-    ADMIN_LEVEL_OPERATOR,   /* + set leader, pause, resume, kill; statement text shown */
-    ADMIN_LEVEL_ADMIN,      /* + reload, shutdown */
+    ADMIN_LEVEL_NONE = -1, /* not allowed on the socket */
+    ADMIN_LEVEL_USER = 0,  /* show commands; statement text hidden (stats_users) */
+    ADMIN_LEVEL_OPERATOR,  /* + set leader, pause, resume, kill; statement text shown */
+    ADMIN_LEVEL_ADMIN,     /* + reload, shutdown */
 } admin_level;
 
 /* One peer's console state, kept by the connection and changed by the commands it runs. */
 typedef struct admin_session {
-    admin_level level;  /* what the peer may run */
-    bool interactive;   /* `prompt` was given: stay open, print a prompt */
-    bool closing;       /* close once the output is written (`quit`, or a refused peer) */
+    admin_level level; /* what the peer may run */
+    bool interactive;  /* `prompt` was given: stay open, print a prompt */
+    bool closing;      /* close once the output is written (`quit`, or a refused peer) */
 } admin_session;
 
 /* "user", "operator", "admin", or "none". */

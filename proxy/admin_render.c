@@ -1,4 +1,4 @@
-/* admin_render.c - the admin console's output: JSON results as tables, client text as safe UTF-8. */
+/* admin_render.c - console output: JSON results as tables, client text as safe UTF-8. */
 #include "admin_console.h"
 #include "utf8.h"
 
@@ -121,13 +121,18 @@ static size_t cell_width(const char *s)
 /* One cell padded to width characters, then two spaces, or a newline after the last. */
 static void put_cell(struct evbuffer *out, const char *text, size_t width, bool last)
 {
+    static const char spaces[] = "                                "; /* 32 */
     evbuffer_add(out, text, strlen(text));
     if (last) {
         evbuffer_add(out, "\n", 1);
         return;
     }
-    for (size_t w = cell_width(text); w < width + 2; w++)
-        evbuffer_add(out, " ", 1);
+    size_t pad = width + 2 - cell_width(text);
+    while (pad > 0) {
+        size_t n = pad < sizeof(spaces) - 1 ? pad : sizeof(spaces) - 1;
+        evbuffer_add(out, spaces, n);
+        pad -= n;
+    }
 }
 
 /* An array of objects as aligned columns under a header of their keys (those of the first

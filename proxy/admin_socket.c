@@ -27,6 +27,10 @@
 
 #define ADMIN_IDLE_S     10   /* a connection that sends no line for this long is closed */
 #define ADMIN_PROMPT_IDLE_S 600 /* the same in interactive (prompt) mode */
+#define ADMIN_MAX_CONNS  64   /* connections served at once; more are answered an error,
+                               * except for admin level (root can always get in) */
+#define ADMIN_OUT_MAX    (1024 * 1024) /* answers a slow reader may leave unread before its
+                                        * next lines wait (and the socket is not read) */
 
 /* One accepted connection. */
 typedef struct admin_conn {
@@ -42,12 +46,15 @@ static struct {
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     struct event ev_accept;
     admin_conn *conns;
+    int n_conns;         /* length of conns */
+    bool full_logged;    /* the refusal at ADMIN_MAX_CONNS was logged since the last free */
 } admin;
 
+/* A peer that sends no line, or reads no answer, for this long is closed. */
 static void admin_set_idle(admin_conn *c)
 {
     struct timeval tv = {c->sess.interactive ? ADMIN_PROMPT_IDLE_S : ADMIN_IDLE_S, 0};
-    bufferevent_set_timeouts(c->bev, &tv, NULL);
+    bufferevent_set_timeouts(c->bev, &tv, &tv);
 }
 
 /* Run one line; `prompt` may have changed the mode, and with it the idle timeout. */
@@ -69,29 +76,26 @@ static void admin_conn_free(admin_conn *c)
         admin.conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    admin.n_conns--;
+    admin.full_logged = false;
     bufferevent_free(c->bev);
     free(c);
 }
 
-static void admin_on_write(struct bufferevent *bev, void *arg)
+/* Run the complete lines that have arrived, as long as the peer reads the answers: past
+ * ADMIN_OUT_MAX unread, the rest waits, and the socket is not read, until the answers are
+ * written (admin_on_write). May free c. */
+static void admin_conn_lines(admin_conn *c)
 {
-    admin_conn *c = arg;
-    (void)bev;
-    if (c->sess.closing)
-        admin_conn_free(c);
-}
-
-static void admin_on_read(struct bufferevent *bev, void *arg)
-{
-    admin_conn *c = arg;
-    struct evbuffer *in = bufferevent_get_input(bev);
-    struct evbuffer *out = bufferevent_get_output(bev);
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    struct evbuffer *out = bufferevent_get_output(c->bev);
     char *line;
     size_t len;
 
     if (c->sess.closing)
         return;
-    while ((line = evbuffer_readln(in, &len, EVBUFFER_EOL_CRLF)) != NULL) {
+    while (evbuffer_get_length(out) < ADMIN_OUT_MAX &&
+           (line = evbuffer_readln(in, &len, EVBUFFER_EOL_CRLF)) != NULL) {
         if (len > ADMIN_LINE_MAX) {
             evbuffer_add_printf(out, "error: line longer than %d characters\n\n",
                                 ADMIN_LINE_MAX);
@@ -106,12 +110,36 @@ static void admin_on_read(struct bufferevent *bev, void *arg)
         if (c->sess.closing)
             break;
     }
-    if (!c->sess.closing && evbuffer_get_length(in) > ADMIN_LINE_MAX) {
+    bool has_line = evbuffer_search_eol(in, NULL, NULL, EVBUFFER_EOL_CRLF).pos >= 0;
+    if (!c->sess.closing && !has_line && evbuffer_get_length(in) > ADMIN_LINE_MAX) {
         evbuffer_add_printf(out, "error: line longer than %d characters\n\n", ADMIN_LINE_MAX);
         c->sess.closing = true;
     }
-    if (c->sess.closing && evbuffer_get_length(out) == 0)
+    if (c->sess.closing && evbuffer_get_length(out) == 0) {
         admin_conn_free(c);
+        return;
+    }
+    if (!c->sess.closing && has_line)
+        bufferevent_disable(c->bev, EV_READ); /* answers first; admin_on_write resumes */
+    else if (!c->sess.closing)
+        bufferevent_enable(c->bev, EV_READ);
+}
+
+/* Everything written: close, or go on with lines held back for a slow reader. */
+static void admin_on_write(struct bufferevent *bev, void *arg)
+{
+    admin_conn *c = arg;
+    (void)bev;
+    if (c->sess.closing)
+        admin_conn_free(c);
+    else
+        admin_conn_lines(c);
+}
+
+static void admin_on_read(struct bufferevent *bev, void *arg)
+{
+    (void)bev;
+    admin_conn_lines(arg);
 }
 
 static void admin_on_event(struct bufferevent *bev, short what, void *arg)
@@ -193,6 +221,18 @@ static void admin_on_accept(evutil_socket_t lfd, short what, void *arg)
         return;
     }
     admin_level level = admin_level_of(cred.uid);
+    if (admin.n_conns >= ADMIN_MAX_CONNS && level != ADMIN_LEVEL_ADMIN) {
+        static const char busy[] = "error: too many console connections; try again\n\n";
+        if (!admin.full_logged)
+            log_warning("admin socket: %d connections open; refusing more (uid %d, pid %d)",
+                        admin.n_conns, (int)cred.uid, (int)cred.pid);
+        admin.full_logged = true;
+        if (send(fd, busy, sizeof(busy) - 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+            log_debug("admin socket: cannot tell uid %d it is refused: %s", (int)cred.uid,
+                      strerror(errno));
+        close(fd);
+        return;
+    }
     if (level == ADMIN_LEVEL_NONE)
         log_warning("admin socket: refused uid %d (pid %d)", (int)cred.uid, (int)cred.pid);
     admin_conn *c = calloc(1, sizeof(*c));
@@ -212,6 +252,7 @@ static void admin_on_accept(evutil_socket_t lfd, short what, void *arg)
     if (admin.conns)
         admin.conns->prev = c;
     admin.conns = c;
+    admin.n_conns++;
     bufferevent_setcb(c->bev, admin_on_read, admin_on_write, admin_on_event, c);
     admin_set_idle(c);
     bufferevent_enable(c->bev, EV_READ | EV_WRITE);

@@ -665,7 +665,9 @@ static void session_startup_packet(session *s, uint32_t len)
         session_close(s, PG_SQLSTATE_ADMIN_SHUTDOWN, "pgrelay is shutting down");
         return;
     }
-    log_debug("client %s: user=%s database=%s", s->client_addr, st.user, st.database);
+    /* the cleaned copies: a name with a newline must not forge a log line */
+    log_debug("client %s: user=%s database=%s", s->client_addr, s->slot->user,
+              s->slot->database);
     s->startup_len = len;
     if (w->maintenance) {
         /* Held until resume: no login deadline meanwhile, the operator decides. */

@@ -24,12 +24,12 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
-#define FUZZ_SLOTS 6
+#define FUZZ_SLOTS   6
 #define FUZZ_WORKERS 2
 
 static master fuzz_master;
 static config fuzz_cfg;
-static int fuzz_actions; /* master operations the commands asked for */
+static int fuzz_actions;            /* master operations the commands asked for */
 static shm_route_table fuzz_routes; /* the table as the configuration gives it */
 
 /* ---- stubs for the master's operations ---- */
@@ -202,8 +202,9 @@ static void check_json_rows(const char *line, const char *const *columns)
 }
 
 static const char *const client_columns[] = {
-    "id", "worker", "client", "user", "database", "application_name", "port", "node", "state",
-    "connected_s", "statement_ms", "statement", NULL};
+    "id",   "worker", "client", "user",        "database",     "application_name",
+    "port", "node",   "state",  "connected_s", "statement_ms", "statement",
+    NULL};
 static const char *const node_columns[] = {"name", "last_error", NULL};
 static const char *const history_columns[] = {"time", "from", "to", "reason", NULL};
 

@@ -21,8 +21,8 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 
-#define FUZZ_SLOTS 8         /* session slots in the fake segment */
-#define FUZZ_SLOT_BYTES 6    /* input bytes per filled slot */
+#define FUZZ_SLOTS      8 /* session slots in the fake segment */
+#define FUZZ_SLOT_BYTES 6 /* input bytes per filled slot */
 
 static shm_segment *fuzz_shm;
 static worker *fuzz_worker;

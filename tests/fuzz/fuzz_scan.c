@@ -23,14 +23,14 @@ typedef struct scan_event {
     uint8_t type;
     uint32_t body_len;
     uint32_t captured;
-    uint32_t hash;       /* FNV-1a of the captured bytes */
+    uint32_t hash; /* FNV-1a of the captured bytes */
 } scan_event;
 
 typedef struct scan_run {
-    bool server;         /* server->client ops (ReadyForQuery, BackendKeyData rewrite) */
+    bool server; /* server->client ops (ReadyForQuery, BackendKeyData rewrite) */
     scan_event events[FUZZ_MAX_EVENTS];
     size_t n_events;
-    bool overflow;       /* more events than kept (compared by count only) */
+    bool overflow; /* more events than kept (compared by count only) */
 } scan_run;
 
 static const uint8_t fuzz_key[8] = {'p', 'g', 'r', 'e', 'l', 'a', 'y', '!'};

@@ -189,3 +189,40 @@ write("admin", "line-not-utf8", b"\x02kill client \xff\n" + STATE)
 write("admin", "line-with-nul", b"\x03show info\x00; shutdown\n" + STATE)
 write("admin", "line-too-long", b"\x03" + b"show info;" * 500 + b"\n" + STATE)
 write("admin", "empty", b"")
+
+# ---- config: the text of pgrelay.ini as a reload reads it
+with open(os.path.join(HERE, "..", "..", "etc", "pgrelay.ini"), "rb") as f:
+    write("config", "sample", f.read())
+NODES = b"".join(b"[node.n%d]\nhost = 10.0.0.%d\nport = 5432\nrole = replica\n" % (i, i)
+                 for i in range(70))
+CONFIGS = {
+    "minimal": b"[pgrelay]\nlisten_port = 6432\n[node.pg1]\nhost = 127.0.0.1\nrole = primary\n",
+    "every-kind-of-value": b"[pgrelay]\nworkers = 4\nclient_login_timeout = 250ms\n"
+    b"tcp_keepalive = yes\nadmin_socket_mode = 0660\nlog_level = debug\n"
+    b"[agent]\nhealth_interval = 1s\n[control]\nendpoint = http://ctl:8080\ntoken = s3cr3t\n"
+    b"[node.pg1]\nhost = /var/run/postgresql\nport = 5433\nrole = primary\n",
+    "errors": b"[pgrelay]\nworkers = many\nlisten_port = 99999\nno_such_key = 1\n"
+    b"client_login_timeout = -5s\n[node.]\nhost=\n[unknown]\nx = y\nnot a key line\n",
+    "too-many-errors": b"[pgrelay]\n" + b"workers = x\n" * 200,
+    "too-many-nodes": b"[pgrelay]\n" + NODES,
+    "long-values": b"[pgrelay]\nadmin_users = " + b"u," * 2000 + b"\nlogfile = /"
+    + b"d/" * 3000 + b"\n[node." + b"n" * 300 + b"]\nhost = " + b"h" * 5000 + b"\n",
+    "not-utf8-and-controls": b"[pgrelay]\nlogfile = /tmp/\xff\x1b[2J\napplication = \xc3\n"
+    b"[node.pg\xe2\x80\xae]\nhost = a\rb\nrole = primary\n",
+    "duplicates": b"[pgrelay]\nworkers = 1\nworkers = 2\n[node.a]\nhost = x\n[node.a]\nhost = y\n",
+    "comments-and-quotes": b"; comment\n# comment\n[pgrelay] ; trailing\nlisten_addr = \"::1\"\n"
+    b"  workers   =   3   ; inline\n[node.pg1]\nhost = 'q'\n",
+    "empty": b"",
+}
+for name, data in CONFIGS.items():
+    write("config", name, data)
+# A dictionary of the key names (from the key table) and the INI syntax.
+import re  # noqa: E402
+
+with open(os.path.join(HERE, "..", "..", "common", "config.c")) as f:
+    keys = sorted(set(re.findall(r'_KEY\("([a-z_]+)"', f.read())))
+with open(os.path.join(HERE, "config.dict"), "w") as f:
+    f.write("# libFuzzer dictionary for fuzz_config: written by seeds.py from common/config.c\n")
+    for word in ["[pgrelay]", "[agent]", "[control]", "[node.", "]", " = ", "\\x0a", ";", "#",
+                 "yes", "off", "250ms", "5s", "2m", "primary", "replica"] + keys:
+        f.write('"%s"\n' % word)

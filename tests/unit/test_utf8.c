@@ -36,9 +36,9 @@ static void test_decode_refuses_what_is_not_utf8(void **state)
 {
     uint32_t cp = 0;
     (void)state;
-    assert_int_equal(DECODE("\x80", &cp), 0);             /* stray continuation */
+    assert_int_equal(DECODE("\x80", &cp), 0); /* stray continuation */
     assert_int_equal(DECODE("\xbf", &cp), 0);
-    assert_int_equal(DECODE("\xc3", &cp), 0);             /* cut short */
+    assert_int_equal(DECODE("\xc3", &cp), 0); /* cut short */
     assert_int_equal(DECODE("\xe2\x82", &cp), 0);
     assert_int_equal(DECODE("\xf0\x9f\x90", &cp), 0);
     assert_int_equal(DECODE("\xc3\x41", &cp), 0);         /* bad continuation */
@@ -62,8 +62,8 @@ static void test_controls(void **state)
     assert_true(utf8_is_control(0x1f));
     assert_false(utf8_is_control(0x20));
     assert_false(utf8_is_control(0x7e));
-    assert_true(utf8_is_control(0x7f));   /* DEL */
-    assert_true(utf8_is_control(0x9b));   /* C1 CSI */
+    assert_true(utf8_is_control(0x7f)); /* DEL */
+    assert_true(utf8_is_control(0x9b)); /* C1 CSI */
     assert_false(utf8_is_control(0xa0));
     assert_true(utf8_is_control(0x202e)); /* right-to-left override */
     assert_true(utf8_is_control(0x2066)); /* left-to-right isolate */
@@ -103,7 +103,10 @@ static void test_copy_replaces_invalid_bytes_and_controls(void **state)
     assert_string_equal(dst, "x??y");
     utf8_copy_printable(dst, sizeof(dst), "\xc3"); /* cut short by the end of the string */
     assert_string_equal(dst, "?");
-    utf8_copy_printable(dst, sizeof(dst), "1\xc2\x9b" "2\xe2\x80\xae" "3"); /* C1, bidi */
+    utf8_copy_printable(dst, sizeof(dst),
+                        "1\xc2\x9b"
+                        "2\xe2\x80\xae"
+                        "3"); /* C1, bidi */
     assert_string_equal(dst, "1?2?3");
     utf8_copy_printable(dst, sizeof(dst), "tab\there\r\n\x7f");
     assert_string_equal(dst, "tab?here???");
