@@ -483,6 +483,7 @@ def test_a_failover_storm_with_many_sessions_restarts_no_worker(relay_factory, p
         stop.set()
         for t in threads:
             t.join(30)
+    assert "was killed by signal" not in r.log() and " exited with " not in r.log(), r.log_tail()
     assert sorted(r.worker_pids()) == workers, "a worker died during the storm"
     assert all(w["restarts"] == 0 for w in admin_json(r, "show workers")), r.log_tail()
     assert r.proc.poll() is None
