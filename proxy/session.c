@@ -38,9 +38,12 @@ static void copy_ident(char *dst, size_t cap, const char *src)
     utf8_copy_printable(dst, cap, src);
 }
 
-/* Refuse a connection that has no session: the error first, then close. Whatever the client
- * already sent is read first, so that the close is a FIN and not a reset that could overtake
- * the error. */
+/* Reads of what a refused client already sent, at most (a startup packet fits in far fewer). */
+#define SESSION_REFUSE_DRAIN_READS 16
+
+/* Refuse a connection that has no session: the error first, then close. What the client
+ * already sent (its startup packet) is read first, so that the close is a FIN and not a reset
+ * that could overtake the error; a client still sending after that is not waited for. */
 static void session_refuse_now(int fd, const char *sqlstate, const char *message)
 {
     uint8_t buf[512];
@@ -50,8 +53,9 @@ static void session_refuse_now(int fd, const char *sqlstate, const char *message
         (void)n;
     }
     shutdown(fd, SHUT_WR);
-    while (recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0)
-        ;
+    for (int i = 0; i < SESSION_REFUSE_DRAIN_READS; i++)
+        if (recv(fd, buf, sizeof(buf), MSG_DONTWAIT) <= 0)
+            break;
     close(fd);
 }
 

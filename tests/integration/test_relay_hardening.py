@@ -128,6 +128,34 @@ def test_extended_protocol_copy_in_that_fails_leaves_the_session_idle(relay_fact
         assert data_rows(raw.simple_query("SELECT count(*) FROM t")) == [("0",)]
 
 
+@pytest.mark.parametrize("table_exists", [True, False], ids=["copies", "fails_before_copy"])
+def test_extended_copy_in_pipelined_without_waiting_leaves_the_session_idle(relay_factory,
+                                                                            table_exists):
+    """All of it in one write, before CopyInResponse comes back: when the COPY starts, the
+    first Sync is ignored (one ReadyForQuery); when the COPY fails to start, the CopyData and
+    CopyDone are dropped and each Sync is answered (two)."""
+    r = relay_factory()
+    app = f"pipelined-copy-{table_exists}"
+    with RawClient(r.port) as raw:
+        raw.login(application_name=app)
+        if table_exists:
+            raw.simple_query("CREATE TEMP TABLE t (x int)")
+        raw.send(msg(b"P", b"\0COPY t FROM STDIN\0\0\0") + msg(b"B", b"\0\0" + b"\0\0" * 3)
+                 + msg(b"E", b"\0" + struct.pack("!i", 0)) + msg(b"S")
+                 + msg(b"d", b"7\n") + msg(b"c") + msg(b"S"))
+        got = raw.read_until("Z")
+        if table_exists:
+            assert [m[0] for m in got] == ["1", "2", "G", "C", "Z"], got
+        else:
+            assert [m[0] for m in got][-2:] == ["E", "Z"], got  # the COPY fails to start
+            assert raw.read_until("Z") == [("Z", b"I")]
+        (me,) = clients_named(r, app)
+        assert me["state"] == "idle", me
+        expected = [("1",)] if table_exists else [("0",)]
+        check = "SELECT count(*) FROM t" if table_exists else "SELECT 0"
+        assert data_rows(raw.simple_query(check)) == expected
+
+
 # --------------------------------------------------------------------------- #
 # item 6: a client that closes or half-closes gets what PostgreSQL gives it
 # --------------------------------------------------------------------------- #
@@ -455,6 +483,7 @@ def test_a_failover_storm_with_many_sessions_restarts_no_worker(relay_factory, p
         stop.set()
         for t in threads:
             t.join(30)
+    assert "was killed by signal" not in r.log() and " exited with " not in r.log(), r.log_tail()
     assert sorted(r.worker_pids()) == workers, "a worker died during the storm"
     assert all(w["restarts"] == 0 for w in admin_json(r, "show workers")), r.log_tail()
     assert r.proc.poll() is None
