@@ -494,10 +494,11 @@ void leader_publish(agent *a, bool force_poke)
     /* Durable before anyone sees it: a restart never hands out this epoch again. */
     const char *leader = a->leader >= 0 ? a->nodes[a->leader].view.name : "";
     if (a->epoch != a->saved_epoch || strcmp(leader, a->saved_leader) != 0) {
-        if (agent_state_save(a->cfg, a->epoch, leader) == 0) {
-            a->saved_epoch = a->epoch;
-            snprintf(a->saved_leader, sizeof(a->saved_leader), "%s", leader);
-        }
+        /* A failure is logged by the save; it is tried again at the next change, not at
+         * every probe. */
+        agent_state_save(a->cfg, a->epoch, leader);
+        a->saved_epoch = a->epoch;
+        snprintf(a->saved_leader, sizeof(a->saved_leader), "%s", leader);
     }
     if (!a->ready) {
         if (!leader_confirmed(a))

@@ -714,3 +714,25 @@ def test_a_hung_postmaster_is_seen_and_a_promoted_replica_takes_over(make_cluste
                  what="pg2 to become the write leader")
         with relay.connect(connect_timeout=10) as conn:
             assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg2.port
+
+
+def test_a_garbage_agent_state_file_is_ignored_and_rewritten(make_cluster, ha_relay):
+    """The state file holds an epoch out of range: the agent says so, starts from the table's
+    epoch, serves, and writes a good file at its next change."""
+    c = make_cluster(replicas=1)
+    relay = ha_relay(c)
+    state = os.path.join(relay.workdir, "agent.state")
+    relay.stop()
+    with open(state, "w") as f:
+        f.write("epoch 99999999999999999999999\nleader pg2\n")
+    again = restart_relay(relay)
+    try:
+        assert "bad epoch line" in again.log()
+        assert admin_json_info(again)["write_leader"] == "pg1"
+        with again.connect(connect_timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone()[0] == 1
+        out = admin(again, "set leader pg2 force")
+        assert not out.startswith("error"), out
+        wait_for(lambda: "leader pg2" in open(state).read(), timeout=5, what="a good state file")
+    finally:
+        destroy_relay(again)
