@@ -153,6 +153,8 @@ def test_a_hung_leader_replaced_by_a_failover_has_its_sessions_closed_at_once(
         f2 = error_fields(messages_until_close(idle_in_tx, timeout=5))
         assert f2 and f2.get("C") == "57P01", f2
         assert t_closed < 10, f"closed {t_closed:.2f}s after the promotion"
+        print(f"[following] in-flight COMMIT on the hung leader closed {t_closed:.3f}s after"
+              " pg_promote() was called")
         with relay.connect(connect_timeout=10) as conn:
             port, rec = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
         assert (port, rec) == (pg2.port, False)
@@ -211,6 +213,7 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
             assert port == pg1.port
             # confirmed by pg1's and pg2's first probes, not held for the silent node's 3 s
             assert took < 2.5, f"the write waited {took:.2f}s"
+            print(f"[following] first write after the port listened: {took:.3f}s, on pg1")
         finally:
             destroy_relay(relay)
 
@@ -707,6 +710,7 @@ def test_a_hung_postmaster_is_seen_and_a_promoted_replica_takes_over(make_cluste
         took = time.monotonic() - t0
         assert f and f.get("C") == "08006", f
         assert took < 5, f"answered after {took:.2f}s"
+        print(f"[following] hung postmaster: 08006 after {took:.3f}s")
         wait_for(lambda: show_nodes(relay)["pg1"]["last_error"], timeout=10,
                  what="the agent to see pg1's postmaster not answering")
         pg2.promote()
