@@ -186,8 +186,9 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
 ):
     """pgrelay.ini names pg2 role = primary, but pg2 is a replica (the configured role is stale,
     as it often is under an HA manager); a third node takes 3 s to answer its first probe.
-    A write sent the moment the port listens waits until the agent has confirmed the leader,
-    and lands on pg1, the real primary: it never reaches pg2 (25006 read-only)."""
+    A read session and a write sent the moment the ports listen wait until the agent has
+    confirmed the roles: the read lands on pg2, the real replica, the write on pg1, the real
+    primary (it never reaches pg2: 25006 read-only)."""
     c = make_cluster(replicas=1)
     pg1, pg2 = c.nodes
     pg1.query("CREATE TABLE w (at int)")
@@ -199,12 +200,14 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
             ("slow", {"host": "127.0.0.1", "port": slow_port, "role": "replica"}),
         ]
         relay = start_ha_relay(c, agent={**AGENT, "health_timeout": "3s"}, nodes=nodes,
-                               wait=False, workers=1)
+                               wait=False, workers=1, read_listen_port="auto")
         try:
             from conftest import port_listening
 
-            wait_for(lambda: port_listening(relay.port), timeout=15, interval=0.005,
-                     what="pgrelay to listen")
+            wait_for(lambda: port_listening(relay.port) and port_listening(relay.read_port),
+                     timeout=15, interval=0.005, what="pgrelay to listen")
+            # the read port too waits for the probes: pg1, "replica" in the file, is the primary
+            assert read_session_port(relay) == pg2.port
             t0 = time.monotonic()
             with relay.connect(connect_timeout=10) as conn:
                 port = conn.execute(
