@@ -56,8 +56,7 @@ bool agent_state_load(const config *cfg, uint64_t *epoch, char *leader, size_t l
             errno = 0;
             unsigned long long e = strtoull(line + 6, &end, 10);
             /* Epochs are what JSON carries exactly (the control plane's bound, 2^53). */
-            if (errno || end == line + 6 || (*end && *end != '\n') ||
-                e > AGENT_STATE_EPOCH_MAX) {
+            if (errno || end == line + 6 || (*end && *end != '\n') || e > AGENT_STATE_EPOCH_MAX) {
                 log_warning("agent state %s: bad epoch line; ignored", path);
                 fclose(f);
                 return false;
