@@ -9,10 +9,18 @@ health_timeout 1s):
     its sessions closed at once, also one with a COMMIT in flight: that COMMIT is never
     acknowledged when the old leader wakes up; leader_change_grace is for planned switchovers;
   * a replica that is not streaming (no WAL receiver), with nothing replayed since it started
-    (pg_last_xact_replay_timestamp() NULL), is not readable and gets no read session;
-  * pgrelay does not send a write session anywhere before a probe confirmed the leader: a
+    (pg_last_xact_replay_timestamp() NULL), or that streams on another timeline than the
+    leader's, is not readable and gets no read session; with no write leader the replicas
+    keep serving reads, and reads that fell back to the leader move back to a replica;
+  * pgrelay does not send a session anywhere before a probe confirmed the roles: a
     configured "primary" that is in fact a replica never gets a write, even while another
-    node is slow to answer its first probe.
+    node is slow to answer its first probe;
+  * a hung postmaster (SIGSTOP of it alone) costs a client server_connect_timeout and is
+    seen by the agent; a node that closes during startup gives 08006;
+  * show nodes says "unknown" for nodes not heard from; refusals are logged with counts;
+    no_leader_wait holds new sessions 5 s by default;
+  * the epoch survives a restart of pgrelay (agent state file); an equal epoch naming another
+    leader is refused; control_lost = keep_leader (default) and stop_writes.
 """
 
 import contextlib
@@ -743,3 +751,27 @@ def test_a_garbage_agent_state_file_is_ignored_and_rewritten(make_cluster, ha_re
         wait_for(lambda: "leader pg2" in open(state).read(), timeout=5, what="a good state file")
     finally:
         destroy_relay(again)
+
+
+def test_a_replica_streaming_on_another_timeline_than_the_leader_is_not_readable(
+    make_cluster, ha_relay
+):
+    """pg2 is promoted while pg1 still runs, and the leader is set to pg2; pg3 goes on
+    streaming from pg1, the deposed primary, on the old timeline, and is even ahead of pg2 in
+    bytes. It gets no read session (its timeline is not the leader's)."""
+    c = make_cluster(replicas=2)
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE t (x int)")
+    c.wait_caught_up(pg2)
+    c.wait_caught_up(pg3)
+    relay = ha_relay(c, read_fallback="none")
+    pg2.promote()
+    wait_for(lambda: log_lines(relay, "SPLIT BRAIN"), timeout=10, what="the split brain")
+    out = admin(relay, "set leader pg2")
+    assert not out.startswith("error"), out
+    pg1.query("INSERT INTO t SELECT generate_series(1, 20000)")  # pg3 gets it, pg2 does not
+    c.wait_caught_up(pg3, primary=pg1)
+    wait_for(lambda: show_nodes(relay)["pg3"]["lag_bytes"] == 0, timeout=10,
+             what="pg3 (by bytes) not behind pg2")
+    never(lambda: show_nodes(relay)["pg3"]["readable"], 1.5, "pg3 became readable")
+    assert log_lines(relay, "replica pg3 is not fit for reads: it receives timeline 1")
