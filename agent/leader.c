@@ -97,19 +97,30 @@ static shm_leader_change change_kind(const agent *a, int from)
     return is_candidate(&a->nodes[from]) ? LEADER_CHANGE_PLANNED : LEADER_CHANGE_FAILOVER;
 }
 
+/* What the log and the history say first about a change: what happened to the sessions on the
+ * node the leader left ([failover]: closed at once; [planned]: leader_change_grace). */
+static const char *change_tag(const agent *a, int from)
+{
+    if (from < 0)
+        return "";
+    return a->change == LEADER_CHANGE_FAILOVER ? "[failover] " : "[planned] ";
+}
+
 /* Change the leader, bump the epoch, record why. */
 static void leader_switch(agent *a, int to, const char *reason)
 {
     int from = a->leader;
+    char full[192];
     a->change = change_kind(a, from);
     a->epoch++;
     a->leader = to;
     leader_samples_for(a, to);
+    snprintf(full, sizeof(full), "%s%s", change_tag(a, from), reason);
     log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from), node_name(a, to),
-                (unsigned long long)a->epoch, reason);
+                (unsigned long long)a->epoch, full);
     if (a->shm)
         shm_history_add(a->shm, a->epoch, from >= 0 ? a->nodes[from].view.name : "",
-                        to >= 0 ? a->nodes[to].view.name : "", reason);
+                        to >= 0 ? a->nodes[to].view.name : "", full);
 }
 
 /* The best new leader among the candidates, or -1. */
@@ -174,13 +185,14 @@ static bool leader_follow_control(agent *a)
     agent_node *n = &a->nodes[idx];
     int target = n->probed && n->last_ok && n->in_recovery ? -1 : idx;
     if (target != a->leader || a->control_epoch != a->epoch) {
-        char reason[160];
-        snprintf(reason, sizeof(reason), "control plane: leader %s, epoch %llu%s",
-                 a->control_leader, (unsigned long long)a->control_epoch,
-                 target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
+        char reason[224];
         int from = a->leader;
         if (from != target)
             a->change = change_kind(a, from);
+        snprintf(reason, sizeof(reason), "%scontrol plane: leader %s, epoch %llu%s",
+                 from != target ? change_tag(a, from) : "", a->control_leader,
+                 (unsigned long long)a->control_epoch,
+                 target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
         a->leader = target;
         a->epoch = a->control_epoch;
         leader_samples_for(a, target);

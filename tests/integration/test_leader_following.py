@@ -166,6 +166,10 @@ def test_a_hung_leader_replaced_by_a_failover_has_its_sessions_closed_at_once(
         with relay.connect(connect_timeout=10) as conn:
             port, rec = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
         assert (port, rec) == (pg2.port, False)
+        from cluster import leader_history
+
+        assert leader_history(relay)[0]["reason"].startswith("[failover] "), \
+            leader_history(relay)[0]
     # pg1 runs again: nothing it does now reaches the closed clients
     assert inflight.read_message() is None
     wait_for(pg1.answers, timeout=10, what="pg1 to answer again")
@@ -521,6 +525,11 @@ def test_the_epoch_survives_a_restart_of_the_proxy(make_cluster, ha_relay):
         out = admin(again, "set leader pg2 force")
         assert not out.startswith("error"), out
         wait_for(lambda: admin_json_info(again)["epoch"] == 4, timeout=5, what="epoch 4")
+        from cluster import leader_history
+
+        # pg1 still answered as a primary: a planned change, with leader_change_grace
+        assert leader_history(again)[0]["reason"].startswith("[planned] "), \
+            leader_history(again)[0]
     finally:
         destroy_relay(again)
 
