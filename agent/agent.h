@@ -43,7 +43,8 @@ typedef struct agent_node {
     uint32_t timeline;         /* primary: current timeline; replica: received one; 0 unknown */
     uint64_t receive_lsn;      /* replica: pg_last_wal_receive_lsn(), as bytes (0 = none) */
     int64_t receive_moved_us;  /* when receive_lsn last changed (or was first seen) */
-    bool not_fit_logged;       /* why it is not readable was logged (once per occurrence) */
+    const char *not_fit_kind;  /* the rule it fails for reads, as last logged (a fixed string;
+                                  each change logged once), NULL when fit or not logged */
 } agent_node;
 
 #define LEADER_SAMPLES 16 /* recent WAL positions of the leader, for replica lag */

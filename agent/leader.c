@@ -97,19 +97,30 @@ static shm_leader_change change_kind(const agent *a, int from)
     return is_candidate(&a->nodes[from]) ? LEADER_CHANGE_PLANNED : LEADER_CHANGE_FAILOVER;
 }
 
+/* What the log and the history say first about a change: what happened to the sessions on the
+ * node the leader left ([failover]: closed at once; [planned]: leader_change_grace). */
+static const char *change_tag(const agent *a, int from)
+{
+    if (from < 0)
+        return "";
+    return a->change == LEADER_CHANGE_FAILOVER ? "[failover] " : "[planned] ";
+}
+
 /* Change the leader, bump the epoch, record why. */
 static void leader_switch(agent *a, int to, const char *reason)
 {
     int from = a->leader;
+    char full[192];
     a->change = change_kind(a, from);
     a->epoch++;
     a->leader = to;
     leader_samples_for(a, to);
+    snprintf(full, sizeof(full), "%s%s", change_tag(a, from), reason);
     log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from), node_name(a, to),
-                (unsigned long long)a->epoch, reason);
+                (unsigned long long)a->epoch, full);
     if (a->shm)
         shm_history_add(a->shm, a->epoch, from >= 0 ? a->nodes[from].view.name : "",
-                        to >= 0 ? a->nodes[to].view.name : "", reason);
+                        to >= 0 ? a->nodes[to].view.name : "", full);
 }
 
 /* The best new leader among the candidates, or -1. */
@@ -174,13 +185,14 @@ static bool leader_follow_control(agent *a)
     agent_node *n = &a->nodes[idx];
     int target = n->probed && n->last_ok && n->in_recovery ? -1 : idx;
     if (target != a->leader || a->control_epoch != a->epoch) {
-        char reason[160];
-        snprintf(reason, sizeof(reason), "control plane: leader %s, epoch %llu%s",
-                 a->control_leader, (unsigned long long)a->control_epoch,
-                 target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
+        char reason[224];
         int from = a->leader;
         if (from != target)
             a->change = change_kind(a, from);
+        snprintf(reason, sizeof(reason), "%scontrol plane: leader %s, epoch %llu%s",
+                 from != target ? change_tag(a, from) : "", a->control_leader,
+                 (unsigned long long)a->control_epoch,
+                 target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
         a->leader = target;
         a->epoch = a->control_epoch;
         leader_samples_for(a, target);
@@ -362,12 +374,11 @@ int leader_set(agent *a, int index, bool force, char *why, size_t len)
     return 0;
 }
 
-/* Why a node is not fit for read sessions, or NULL when it is. `leader_up`: the leader
- * answered its last probe as a primary, so a replica reading from it must stream from it. */
-static const char *node_not_readable(const agent *a, const agent_node *n, bool leader_up,
-                                     char *buf, size_t len)
+/* The rule a replica fails for reads, or NULL: see node_not_readable(). A reason formatted
+ * into buf names its rule in *buf_kind. */
+static const char *node_not_readable_why(const agent *a, const agent_node *n, const agent_node *l,
+                                         char *buf, size_t len, const char **buf_kind)
 {
-    const agent_node *l = leader_up ? &a->nodes[a->leader] : NULL;
     if (!n->probed || !n->last_ok || n->view.health != NODE_HEALTH_UP)
         return "not answering";
     if (!n->in_recovery)
@@ -375,11 +386,13 @@ static const char *node_not_readable(const agent *a, const agent_node *n, bool l
     if (n->view.lag_bytes < 0 || n->view.lag_ms < 0)
         return "its lag is unknown (nothing replayed that dates it, no leader position)";
     if (n->view.lag_bytes > a->cfg->max_replica_lag_bytes) {
+        *buf_kind = "bytes";
         snprintf(buf, len, "%lld bytes behind (max_replica_lag_bytes %d)",
                  (long long)n->view.lag_bytes, a->cfg->max_replica_lag_bytes);
         return buf;
     }
     if (n->view.lag_ms > a->cfg->max_replica_lag_ms) {
+        *buf_kind = "time";
         snprintf(buf, len, "%lld ms behind (max_replica_lag_seconds %d ms)",
                  (long long)n->view.lag_ms, a->cfg->max_replica_lag_ms);
         return buf;
@@ -389,6 +402,7 @@ static const char *node_not_readable(const agent *a, const agent_node *n, bool l
     if (!n->streaming)
         return "no WAL receiver is streaming from the leader";
     if (n->timeline && l->timeline && n->timeline != l->timeline) {
+        *buf_kind = "timeline";
         snprintf(buf, len, "it receives timeline %u, the leader %s is on timeline %u",
                  n->timeline, l->view.name, l->timeline);
         return buf;
@@ -396,11 +410,25 @@ static const char *node_not_readable(const agent *a, const agent_node *n, bool l
     int64_t still_ms = (n->view.last_probe_us - n->receive_moved_us) / 1000;
     if (leader_lsn_at(a, n->view.last_probe_us) > n->receive_lsn &&
         still_ms > a->cfg->max_replica_lag_ms) {
+        *buf_kind = "receive";
         snprintf(buf, len, "its received WAL position has not moved for %lld ms while the "
                  "leader has more", (long long)still_ms);
         return buf;
     }
     return NULL;
+}
+
+/* Why a node is not fit for read sessions, or NULL when it is. `leader_up`: the leader
+ * answered its last probe as a primary, so a replica reading from it must stream from it.
+ * *kind is the rule that failed (a fixed string, for logging each change of reason once). */
+static const char *node_not_readable(const agent *a, const agent_node *n, bool leader_up,
+                                     char *buf, size_t len, const char **kind)
+{
+    const agent_node *l = leader_up ? &a->nodes[a->leader] : NULL;
+    const char *buf_kind = NULL;
+    const char *why = node_not_readable_why(a, n, l, buf, len, &buf_kind);
+    *kind = why == buf ? buf_kind : why;
+    return why;
 }
 
 /* Fill the per-node view fields that depend on the whole picture (roles, lag). Lag is honest:
@@ -436,14 +464,15 @@ static void leader_refresh_views(agent *a)
             v->lag_ms = n->probed && n->in_recovery ? -1 : 0;
         }
         char buf[160];
-        const char *why = node_not_readable(a, n, leader_up, buf, sizeof(buf));
+        const char *kind = NULL;
+        const char *why = node_not_readable(a, n, leader_up, buf, sizeof(buf), &kind);
         bool readable = why == NULL;
-        if (!readable && n->probed && n->last_ok && n->in_recovery && !n->not_fit_logged) {
+        if (!readable && n->probed && n->last_ok && n->in_recovery && kind != n->not_fit_kind) {
             log_info("replica %s is not fit for reads: %s", v->name, why);
-            n->not_fit_logged = true;
-        } else if (readable && n->not_fit_logged) {
+            n->not_fit_kind = kind;
+        } else if (readable && n->not_fit_kind) {
             log_info("replica %s is fit for reads again", v->name);
-            n->not_fit_logged = false;
+            n->not_fit_kind = NULL;
         }
         v->readable = readable;
     }
@@ -494,10 +523,11 @@ void leader_publish(agent *a, bool force_poke)
     /* Durable before anyone sees it: a restart never hands out this epoch again. */
     const char *leader = a->leader >= 0 ? a->nodes[a->leader].view.name : "";
     if (a->epoch != a->saved_epoch || strcmp(leader, a->saved_leader) != 0) {
-        if (agent_state_save(a->cfg, a->epoch, leader) == 0) {
-            a->saved_epoch = a->epoch;
-            snprintf(a->saved_leader, sizeof(a->saved_leader), "%s", leader);
-        }
+        /* A failure is logged by the save; it is tried again at the next change, not at
+         * every probe. */
+        agent_state_save(a->cfg, a->epoch, leader);
+        a->saved_epoch = a->epoch;
+        snprintf(a->saved_leader, sizeof(a->saved_leader), "%s", leader);
     }
     if (!a->ready) {
         if (!leader_confirmed(a))

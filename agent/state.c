@@ -19,6 +19,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#define AGENT_STATE_EPOCH_MAX (1ULL << 53)
+
 int agent_state_path(const config *cfg, char *buf, size_t len)
 {
     if (cfg->state_file[0]) {
@@ -49,9 +51,17 @@ bool agent_state_load(const config *cfg, uint64_t *epoch, char *leader, size_t l
     }
     leader[0] = '\0';
     while (fgets(line, sizeof(line), f)) {
-        uint64_t e;
-        if (sscanf(line, "epoch %" SCNu64, &e) == 1) {
-            *epoch = e;
+        if (strncmp(line, "epoch ", 6) == 0) {
+            char *end;
+            errno = 0;
+            unsigned long long e = strtoull(line + 6, &end, 10);
+            /* Epochs are what JSON carries exactly (the control plane's bound, 2^53). */
+            if (errno || end == line + 6 || (*end && *end != '\n') || e > AGENT_STATE_EPOCH_MAX) {
+                log_warning("agent state %s: bad epoch line; ignored", path);
+                fclose(f);
+                return false;
+            }
+            *epoch = (uint64_t)e;
             have_epoch = true;
         } else if (sscanf(line, "leader %64s", name) == 1) {
             snprintf(leader, len, "%s", strcmp(name, "-") == 0 ? "" : name);

@@ -1,7 +1,8 @@
 /* route.c - which node a new session goes to, and what live sessions do when routing changes.
  *
- * Write port: the write leader of the routing table once a probe confirmed it, or wait
- * (no_leader_wait; at start until the agent's first probe of the leader) or refuse (57P03).
+ * Nothing is routed by the master's static table while an agent is to run: sessions of both
+ * ports wait for the agent's first table (its probes confirmed the roles).
+ * Write port: the write leader of the routing table, or wait (no_leader_wait) or refuse (57P03).
  * Read-only port: the readable replica with the fewest read sessions across all workers, else
  * the leader (read_fallback = leader) or a refusal. When the table changes, write sessions on a
  * node that is no longer the leader are closed at their next safe point (close_idle, with
@@ -37,6 +38,18 @@ route_result route_pick(worker *w, session *s, int *node, const char **sqlstate,
 {
     const shm_route_table *t = &w->routes;
     int leader = t->leader >= 0 && (uint32_t)t->leader < t->n_nodes ? t->leader : -1;
+    /* Until a probe confirmed them, the configured roles are only a guess (the "replica" may be
+     * the primary now, the "primary" a replica): sessions of either port wait for the agent's
+     * first table. */
+    bool unconfirmed = route_leader_unconfirmed(w, t);
+    if (unconfirmed) {
+        if (s->leader_wait_deadline_us == 0 || shm_now_us() < s->leader_wait_deadline_us)
+            return ROUTE_WAIT;
+        *sqlstate = PG_SQLSTATE_CANNOT_CONNECT_NOW;
+        snprintf(msg, msglen, "no probe has confirmed the nodes' roles yet (is pgrelay-agent "
+                 "running?)");
+        return ROUTE_REFUSE;
+    }
 
     if (s->read_port) {
         int best = -1;
@@ -64,10 +77,7 @@ route_result route_pick(worker *w, session *s, int *node, const char **sqlstate,
                                                                : "");
         return ROUTE_REFUSE;
     }
-    /* Until a probe confirmed it, the configured primary is only a guess (it may be a
-     * replica now): write sessions wait for the agent's first word. */
-    bool unconfirmed = route_leader_unconfirmed(w, t);
-    if (leader >= 0 && !unconfirmed) {
+    if (leader >= 0) {
         *node = leader;
         return ROUTE_OK;
     }
@@ -75,8 +85,7 @@ route_result route_pick(worker *w, session *s, int *node, const char **sqlstate,
         (s->leader_wait_deadline_us == 0 || shm_now_us() < s->leader_wait_deadline_us))
         return ROUTE_WAIT;
     *sqlstate = PG_SQLSTATE_CANNOT_CONNECT_NOW;
-    snprintf(msg, msglen, unconfirmed ? "no write leader: no probe has confirmed one yet"
-                                      : "no write leader: no node is a reachable primary right now");
+    snprintf(msg, msglen, "no write leader: no node is a reachable primary right now");
     return ROUTE_REFUSE;
 }
 
@@ -190,7 +199,7 @@ void route_table_changed(worker *w, const shm_route_table *old)
             /* A leader is confirmed, or it is certain there is none and no wait is allowed:
              * route again (the refusal is immediate then). */
             bool decided = !route_leader_unconfirmed(w, t) &&
-                           (t->leader >= 0 || w->cfg->no_leader_wait_ms == 0);
+                           (s->read_port || t->leader >= 0 || w->cfg->no_leader_wait_ms == 0);
             if (s->waiting_leader && decided && !w->maintenance)
                 session_release_held(s);
             continue;

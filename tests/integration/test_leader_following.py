@@ -9,10 +9,18 @@ health_timeout 1s):
     its sessions closed at once, also one with a COMMIT in flight: that COMMIT is never
     acknowledged when the old leader wakes up; leader_change_grace is for planned switchovers;
   * a replica that is not streaming (no WAL receiver), with nothing replayed since it started
-    (pg_last_xact_replay_timestamp() NULL), is not readable and gets no read session;
-  * pgrelay does not send a write session anywhere before a probe confirmed the leader: a
+    (pg_last_xact_replay_timestamp() NULL), or that streams on another timeline than the
+    leader's, is not readable and gets no read session; with no write leader the replicas
+    keep serving reads, and reads that fell back to the leader move back to a replica;
+  * pgrelay does not send a session anywhere before a probe confirmed the roles: a
     configured "primary" that is in fact a replica never gets a write, even while another
-    node is slow to answer its first probe.
+    node is slow to answer its first probe;
+  * a hung postmaster (SIGSTOP of it alone) costs a client server_connect_timeout and is
+    seen by the agent; a node that closes during startup gives 08006;
+  * show nodes says "unknown" for nodes not heard from; refusals are logged with counts;
+    no_leader_wait holds new sessions 5 s by default;
+  * the epoch survives a restart of pgrelay (agent state file); an equal epoch naming another
+    leader is refused; control_lost = keep_leader (default) and stop_writes.
 """
 
 import contextlib
@@ -153,9 +161,15 @@ def test_a_hung_leader_replaced_by_a_failover_has_its_sessions_closed_at_once(
         f2 = error_fields(messages_until_close(idle_in_tx, timeout=5))
         assert f2 and f2.get("C") == "57P01", f2
         assert t_closed < 10, f"closed {t_closed:.2f}s after the promotion"
+        print(f"[following] in-flight COMMIT on the hung leader closed {t_closed:.3f}s after"
+              " pg_promote() was called")
         with relay.connect(connect_timeout=10) as conn:
             port, rec = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
         assert (port, rec) == (pg2.port, False)
+        from cluster import leader_history
+
+        assert leader_history(relay)[0]["reason"].startswith("[failover] "), \
+            leader_history(relay)[0]
     # pg1 runs again: nothing it does now reaches the closed clients
     assert inflight.read_message() is None
     wait_for(pg1.answers, timeout=10, what="pg1 to answer again")
@@ -184,8 +198,9 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
 ):
     """pgrelay.ini names pg2 role = primary, but pg2 is a replica (the configured role is stale,
     as it often is under an HA manager); a third node takes 3 s to answer its first probe.
-    A write sent the moment the port listens waits until the agent has confirmed the leader,
-    and lands on pg1, the real primary: it never reaches pg2 (25006 read-only)."""
+    A read session and a write sent the moment the ports listen wait until the agent has
+    confirmed the roles: the read lands on pg2, the real replica, the write on pg1, the real
+    primary (it never reaches pg2: 25006 read-only)."""
     c = make_cluster(replicas=1)
     pg1, pg2 = c.nodes
     pg1.query("CREATE TABLE w (at int)")
@@ -197,12 +212,14 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
             ("slow", {"host": "127.0.0.1", "port": slow_port, "role": "replica"}),
         ]
         relay = start_ha_relay(c, agent={**AGENT, "health_timeout": "3s"}, nodes=nodes,
-                               wait=False, workers=1)
+                               wait=False, workers=1, read_listen_port="auto")
         try:
             from conftest import port_listening
 
-            wait_for(lambda: port_listening(relay.port), timeout=15, interval=0.005,
-                     what="pgrelay to listen")
+            wait_for(lambda: port_listening(relay.port) and port_listening(relay.read_port),
+                     timeout=15, interval=0.005, what="pgrelay to listen")
+            # the read port too waits for the probes: pg1, "replica" in the file, is the primary
+            assert read_session_port(relay) == pg2.port
             t0 = time.monotonic()
             with relay.connect(connect_timeout=10) as conn:
                 port = conn.execute(
@@ -211,6 +228,7 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
             assert port == pg1.port
             # confirmed by pg1's and pg2's first probes, not held for the silent node's 3 s
             assert took < 2.5, f"the write waited {took:.2f}s"
+            print(f"[following] first write after the port listened: {took:.3f}s, on pg1")
         finally:
             destroy_relay(relay)
 
@@ -507,6 +525,11 @@ def test_the_epoch_survives_a_restart_of_the_proxy(make_cluster, ha_relay):
         out = admin(again, "set leader pg2 force")
         assert not out.startswith("error"), out
         wait_for(lambda: admin_json_info(again)["epoch"] == 4, timeout=5, what="epoch 4")
+        from cluster import leader_history
+
+        # pg1 still answered as a primary: a planned change, with leader_change_grace
+        assert leader_history(again)[0]["reason"].startswith("[planned] "), \
+            leader_history(again)[0]
     finally:
         destroy_relay(again)
 
@@ -707,6 +730,7 @@ def test_a_hung_postmaster_is_seen_and_a_promoted_replica_takes_over(make_cluste
         took = time.monotonic() - t0
         assert f and f.get("C") == "08006", f
         assert took < 5, f"answered after {took:.2f}s"
+        print(f"[following] hung postmaster: 08006 after {took:.3f}s")
         wait_for(lambda: show_nodes(relay)["pg1"]["last_error"], timeout=10,
                  what="the agent to see pg1's postmaster not answering")
         pg2.promote()
@@ -714,3 +738,49 @@ def test_a_hung_postmaster_is_seen_and_a_promoted_replica_takes_over(make_cluste
                  what="pg2 to become the write leader")
         with relay.connect(connect_timeout=10) as conn:
             assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg2.port
+
+
+def test_a_garbage_agent_state_file_is_ignored_and_rewritten(make_cluster, ha_relay):
+    """The state file holds an epoch out of range: the agent says so, starts from the table's
+    epoch, serves, and writes a good file at its next change."""
+    c = make_cluster(replicas=1)
+    relay = ha_relay(c)
+    state = os.path.join(relay.workdir, "agent.state")
+    relay.stop()
+    with open(state, "w") as f:
+        f.write("epoch 99999999999999999999999\nleader pg2\n")
+    again = restart_relay(relay)
+    try:
+        assert "bad epoch line" in again.log()
+        assert admin_json_info(again)["write_leader"] == "pg1"
+        with again.connect(connect_timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone()[0] == 1
+        out = admin(again, "set leader pg2 force")
+        assert not out.startswith("error"), out
+        wait_for(lambda: "leader pg2" in open(state).read(), timeout=5, what="a good state file")
+    finally:
+        destroy_relay(again)
+
+
+def test_a_replica_streaming_on_another_timeline_than_the_leader_is_not_readable(
+    make_cluster, ha_relay
+):
+    """pg2 is promoted while pg1 still runs, and the leader is set to pg2; pg3 goes on
+    streaming from pg1, the deposed primary, on the old timeline, and is even ahead of pg2 in
+    bytes. It gets no read session (its timeline is not the leader's)."""
+    c = make_cluster(replicas=2)
+    pg1, pg2, pg3 = c.nodes
+    pg1.query("CREATE TABLE t (x int)")
+    c.wait_caught_up(pg2)
+    c.wait_caught_up(pg3)
+    relay = ha_relay(c, read_fallback="none")
+    pg2.promote()
+    wait_for(lambda: log_lines(relay, "SPLIT BRAIN"), timeout=10, what="the split brain")
+    out = admin(relay, "set leader pg2")
+    assert not out.startswith("error"), out
+    pg1.query("INSERT INTO t SELECT generate_series(1, 20000)")  # pg3 gets it, pg2 does not
+    c.wait_caught_up(pg3, primary=pg1)
+    wait_for(lambda: show_nodes(relay)["pg3"]["lag_bytes"] == 0, timeout=10,
+             what="pg3 (by bytes) not behind pg2")
+    never(lambda: show_nodes(relay)["pg3"]["readable"], 1.5, "pg3 became readable")
+    assert log_lines(relay, "replica pg3 is not fit for reads: it receives timeline 1")
