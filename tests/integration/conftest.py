@@ -8,12 +8,20 @@ Fixtures
 pg              session-scoped PostgreSQL 15 (see PgCluster)
 relay           module-scoped pgrelay (workers=2, max_client_conn=1000) in front of ``pg``
 relay_factory   function-scoped factory: ``relay_factory(max_client_conn=3)`` starts a
-                dedicated pgrelay with extra [pgrelay] keys; stopped at teardown
+                dedicated pgrelay with extra [pgrelay] keys (``env=`` for its environment);
+                at teardown each must stop cleanly (Relay.stop)
+daemons         ``daemons(conf, pidfile)``: pgrelay -d as an init script runs it (Daemon)
 
 Helpers
 -------
 RawClient       minimal PostgreSQL v3 protocol client on a plain socket
 wait_for        poll a condition with a timeout
+free_port       a port below the ephemeral range, never handed to two pytest processes
+start_on_free_port  start a daemon on such a port, again on another if it lost the port
+wait_admin_ready    wait for a console that start_relay did not start
+require         a prerequisite of the machine: skip without it, fail under CI
+SCHED_SLACK     what a loaded machine may add to a promised deadline
+loadgen.py      InThread (work in a background thread), Writer (writes in a loop)
 """
 
 import contextlib
