@@ -8,12 +8,20 @@ Fixtures
 pg              session-scoped PostgreSQL 15 (see PgCluster)
 relay           module-scoped pgrelay (workers=2, max_client_conn=1000) in front of ``pg``
 relay_factory   function-scoped factory: ``relay_factory(max_client_conn=3)`` starts a
-                dedicated pgrelay with extra [pgrelay] keys; stopped at teardown
+                dedicated pgrelay with extra [pgrelay] keys (``env=`` for its environment);
+                at teardown each must stop cleanly (Relay.stop)
+daemons         ``daemons(conf, pidfile)``: pgrelay -d as an init script runs it (Daemon)
 
 Helpers
 -------
 RawClient       minimal PostgreSQL v3 protocol client on a plain socket
 wait_for        poll a condition with a timeout
+free_port       a port below the ephemeral range, never handed to two pytest processes
+start_on_free_port  start a daemon on such a port, again on another if it lost the port
+wait_admin_ready    wait for a console that start_relay did not start
+require         a prerequisite of the machine: skip without it, fail under CI
+SCHED_SLACK     what a loaded machine may add to a promised deadline
+loadgen.py      InThread (work in a background thread), Writer (writes in a loop)
 """
 
 import contextlib
@@ -722,6 +730,76 @@ def wait_admin_ready(relay_or_path, timeout=10):
 
     wait_for(answers_show_info, timeout=timeout, what=f"admin socket {path} to answer")
     return relay_or_path
+
+
+class Daemon:
+    """pgrelay in daemon mode, as an init script runs it: ``run()`` must return (the daemon
+    detaches), the pid comes from the pidfile, ``stop()`` is SIGTERM to that pid. The
+    ``daemons`` fixture kills whatever is left at teardown."""
+
+    STOP_TIMEOUT = 15  # seconds from SIGTERM to exit for a daemon without sessions
+
+    def __init__(self, conf, pidfile):
+        self.conf, self.pidfile = conf, pidfile
+        self.seen = set()  # every master pid read from the pidfile, for the cleanup
+
+    def run(self, *flags, timeout=15):
+        """``pgrelay FLAGS`` (default ``-d -p PIDFILE -c CONF``); its CompletedProcess. The
+        timeout fails a -d that does not return."""
+        flags = flags or ("-d", "-p", self.pidfile, "-c", self.conf)
+        return subprocess.run([PGRELAY_BIN, *flags], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def pid(self):
+        """The pid in the pidfile, or None."""
+        try:
+            with open(self.pidfile) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if not text.isdigit():
+            return None
+        self.seen.add(int(text))
+        return int(text)
+
+    def wait_pid(self, timeout=10):
+        return wait_for(self.pid, timeout=timeout, what=f"a pid in {self.pidfile}")
+
+    def stop(self):
+        """SIGTERM to the pid in the pidfile: the daemon and its children exit within
+        STOP_TIMEOUT and the pidfile goes away."""
+        pid = self.pid()
+        assert pid and pid_alive(pid), f"no running daemon in {self.pidfile}"
+        children = child_pids(pid)
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(pid), timeout=self.STOP_TIMEOUT,
+                 what=f"the daemon {pid} to exit on SIGTERM")
+        wait_for(lambda: not any(pid_alive(c) for c in children), timeout=5,
+                 what="its workers and agent to exit")
+        wait_for(lambda: not os.path.exists(self.pidfile), timeout=5,
+                 what=f"{self.pidfile} to be removed")
+
+    def kill(self):
+        for pid in self.seen:
+            if pid_alive(pid):
+                for p in [pid, *child_pids(pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
+
+
+@pytest.fixture
+def daemons():
+    """``daemons(conf, pidfile)`` -> a Daemon; every one is killed at teardown."""
+    made = []
+
+    def make(conf, pidfile):
+        d = Daemon(str(conf), str(pidfile))
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.kill()
 
 
 def write_config(path, port, pg, extra=None, nodes=None, sections=None):

@@ -12,12 +12,12 @@ import re
 import socket
 import stat
 import subprocess
-import threading
 import time
 import uuid
 
 import psycopg
 import pytest
+from loadgen import InThread
 
 from conftest import (PGRELAY_BIN, admin, admin_json, admin_socket, client_port, owning_worker,
                       pid_alive, wait_for)
@@ -186,36 +186,6 @@ def pgrelay_children(pid):
     return sorted(out)
 
 
-class Background:
-    """Run ``fn`` in a daemon thread; a statement held by pgrelay must not hang the suite."""
-
-    def __init__(self, fn):
-        self.result = self.error = None
-        self.done = threading.Event()
-        self.finished_at = None
-
-        def run():
-            try:
-                self.result = fn()
-            except BaseException as e:  # noqa: BLE001 - reported by value()
-                self.error = e
-            finally:
-                self.finished_at = time.monotonic()
-                self.done.set()
-
-        self.started_at = time.monotonic()
-        threading.Thread(target=run, daemon=True).start()
-
-    def finished_within(self, seconds):
-        return self.done.wait(seconds)
-
-    def value(self, timeout=10.0):
-        assert self.done.wait(timeout), f"still not finished after {timeout}s"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
 def new_app():
     return "adm-" + uuid.uuid4().hex[:10]
 
@@ -309,7 +279,7 @@ def test_show_clients_shows_a_session_inside_a_transaction(relay):
 def test_show_clients_shows_a_running_statement_as_active_with_its_text(relay):
     app = new_app()
     with relay.connect(application_name=app) as c:
-        bg = Background(lambda: c.execute("SELECT pg_sleep(1.5) AS napping").fetchone())
+        bg = InThread(lambda: c.execute("SELECT pg_sleep(1.5) AS napping").fetchone())
         me = wait_for(
             lambda: [x for x in clients_named(relay, app) if x["state"] == "active"],
             what="state 'active'",
@@ -319,7 +289,7 @@ def test_show_clients_shows_a_running_statement_as_active_with_its_text(relay):
         rows = [r for r in parse_table(admin(relay, "show clients")) if r["application_name"] == app]
         assert rows[0]["state"] == "active"
         assert "pg_sleep(1.5)" in rows[0]["statement"]
-        bg.value()
+        bg.result()
 
 
 def test_show_nodes_lists_the_primary_as_write_leader(relay, pg):
@@ -694,10 +664,10 @@ def test_pause_holds_the_next_statement_of_an_idle_session_until_resume(relay_fa
         assert not out.startswith("error"), out
         info = show_info(r)
         assert info["maintenance"] == "on" and info["maintenance_since"] is not None
-        held = Background(lambda: a.execute("SELECT 42").fetchone()[0])
+        held = InThread(lambda: a.execute("SELECT 42").fetchone()[0])
         assert not held.finished_within(HELD), "statement ran during pause"
         assert not admin(r, "resume").startswith("error")
-        assert held.value(timeout=5) == 42
+        assert held.result(timeout=5) == 42
         assert show_info(r)["maintenance"] == "off"
         assert a.execute("SELECT 43").fetchone()[0] == 43
 
@@ -708,15 +678,15 @@ def test_pause_lets_a_transaction_finish_then_holds_its_next_statement(relay_fac
         b.execute("CREATE TEMP TABLE t (x int)")  # BEGIN is sent before pause
         admin(r, "pause")
         try:
-            inside = Background(lambda: b.execute("INSERT INTO t VALUES (1) RETURNING x").fetchone())
-            assert inside.value(timeout=3) == (1,), "statement inside a transaction was held"
-            commit = Background(b.commit)
-            commit.value(timeout=3)
-            after = Background(lambda: b.execute("SELECT count(*) FROM t").fetchone()[0])
+            inside = InThread(lambda: b.execute("INSERT INTO t VALUES (1) RETURNING x").fetchone())
+            assert inside.result(timeout=3) == (1,), "statement inside a transaction was held"
+            commit = InThread(b.commit)
+            commit.result(timeout=3)
+            after = InThread(lambda: b.execute("SELECT count(*) FROM t").fetchone()[0])
             assert not after.finished_within(HELD), "statement after COMMIT ran during pause"
         finally:
             admin(r, "resume")
-        assert after.value(timeout=5) == 1
+        assert after.result(timeout=5) == 1
         b.rollback()
 
 
@@ -725,11 +695,11 @@ def test_pause_holds_new_connections_until_resume(relay_factory):
     admin(r, "pause")
     try:
         app = new_app()
-        conn = Background(lambda: r.connect(application_name=app))
+        conn = InThread(lambda: r.connect(application_name=app))
         assert not conn.finished_within(HELD), "a new connection got through during pause"
     finally:
         admin(r, "resume")
-    with conn.value(timeout=5) as c:
+    with conn.result(timeout=5) as c:
         assert c.execute("SELECT 7").fetchone()[0] == 7
 
 
@@ -741,8 +711,8 @@ def test_pause_with_a_timeout_resumes_by_itself(relay_factory):
         assert not out.startswith("error"), out
         info = show_info(r)
         assert info["maintenance"] == "on" and info["maintenance_until"] is not None
-        held = Background(lambda: a.execute("SELECT 1").fetchone()[0])
-        assert held.value(timeout=5) == 1
+        held = InThread(lambda: a.execute("SELECT 1").fetchone()[0])
+        assert held.result(timeout=5) == 1
         assert held.finished_at - paused_at >= 0.8, "statement was not held until the timeout"
         wait_for(lambda: show_info(r)["maintenance"] == "off", timeout=5, what="maintenance off")
 

@@ -9,35 +9,18 @@ import uuid
 from psycopg import errors
 
 from conftest import CANCEL_REQUEST_CODE, RawClient, client_port, owning_worker, wait_for
+from loadgen import InThread
 
 
-class QueryInThread:
-    """Run one query on ``conn`` in a thread; record the exception and when it ended."""
-
-    def __init__(self, conn, sql):
-        self.conn, self.sql = conn, sql
-        self.error = None
-        self.result = None
-        self.ended_at = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.result = self.conn.execute(self.sql).fetchall()
-        except Exception as e:  # noqa: BLE001 - recorded for the test
-            self.error = e
-        self.ended_at = time.monotonic()
-
-    def join(self, timeout):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"query still running after {timeout}s: {self.sql}"
+def query_in_thread(conn, sql):
+    """``sql`` on ``conn`` in a thread; its rows become .value, an exception .error."""
+    return InThread(lambda: conn.execute(sql).fetchall())
 
 
 def start_sleep(relay, pg, seconds=30):
     app = f"cancel-{uuid.uuid4().hex[:10]}"
     conn = relay.connect(application_name=app)
-    q = QueryInThread(conn, f"SELECT pg_sleep({seconds})")
+    q = query_in_thread(conn, f"SELECT pg_sleep({seconds})")
     backend = wait_for(
         lambda: pg.active_query_pid(app), timeout=10, what="pg_sleep to start on the server"
     )
@@ -55,7 +38,7 @@ def test_cancel_interrupts_running_query_within_a_second_repeatedly(relay, pg):
             q.join(10)
             assert isinstance(q.error, errors.QueryCanceled), f"round {round_}: {q.error!r}"
             assert q.error.sqlstate == "57014"
-            assert q.ended_at - cancelled_at < 1.0, f"round {round_}: took {q.ended_at - cancelled_at:.2f}s"
+            assert q.finished_at - cancelled_at < 1.0, f"round {round_}: took {q.finished_at - cancelled_at:.2f}s"
             # the session survives the cancel
             assert conn.execute("SELECT 'after cancel'").fetchone() == ("after cancel",)
 
@@ -69,7 +52,7 @@ def test_cancel_hits_only_the_targeted_session(relay, pg):
         assert isinstance(qb.error, errors.QueryCanceled)
         qa.join(15)
         assert qa.error is None, f"untargeted session was disturbed: {qa.error!r}"
-        assert qa.result is not None and len(qa.result) == 1
+        assert qa.value is not None and len(qa.value) == 1
 
 
 SLOT_BITS = 20  # proxy/cancel.c: the low 20 bits of pgrelay's key pid name a session slot + 1
@@ -144,7 +127,7 @@ def test_cancel_inside_transaction_aborts_only_the_statement(relay, pg):
     app = f"cancel-tx-{uuid.uuid4().hex[:8]}"
     with relay.connect(application_name=app, autocommit=False) as conn:
         conn.execute("SELECT 1")
-        q = QueryInThread(conn, "SELECT pg_sleep(30)")
+        q = query_in_thread(conn, "SELECT pg_sleep(30)")
         wait_for(lambda: pg.active_query_pid(app), timeout=10, what="pg_sleep")
         conn.cancel()
         q.join(10)
@@ -167,7 +150,7 @@ def test_cancels_from_many_sessions_concurrently(relay, pg):
             q.join(10)
             assert isinstance(q.error, errors.QueryCanceled), repr(q.error)
             # not a promise of speed: only that no cancel waited for the 30 s sleep to end
-            assert q.ended_at - t0 < 10, q.ended_at - t0
+            assert q.finished_at - t0 < 10, q.finished_at - t0
     finally:
         for conn, _, _ in sessions:
             conn.close()

@@ -34,6 +34,7 @@ import psycopg
 import pytest
 
 from conftest import free_port, http_call as call, pid_alive, start_on_free_port, wait_for
+from loadgen import InThread
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONTROL_BIN = os.path.abspath(
@@ -50,33 +51,9 @@ API = "/api/v1"
 # --------------------------------------------------------------------------- #
 
 
-class Background:
-    """Run call(...) in a thread (held operator requests, long polls); .result() waits."""
-
-    def __init__(self, *args, **kwargs):
-        self.value = None
-        self.error = None
-        self.started = time.monotonic()
-        self.elapsed = None
-        self.thread = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
-        self.thread.start()
-
-    def _run(self, *args, **kwargs):
-        try:
-            self.value = call(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - reported by result()
-            self.error = e
-        self.elapsed = time.monotonic() - self.started
-
-    def done(self):
-        return not self.thread.is_alive()
-
-    def result(self, timeout=30):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "request still running"
-        if self.error:
-            raise self.error
-        return self.value
+def Background(*args, **kwargs):
+    """call(...) in a thread (held operator requests, long polls); .result() waits."""
+    return InThread(call, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- #

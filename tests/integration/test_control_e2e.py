@@ -26,8 +26,10 @@ import uuid
 import psycopg
 import pytest
 
+import loadgen
 from cluster import Cluster
 from conftest import admin, wait_for
+from loadgen import InThread
 from control_e2e_helpers import (
     ADMIN_TOKEN,
     API,
@@ -145,31 +147,6 @@ def node_of_session(relay):
     """The database node a new write session through ``relay`` lands on (its cluster_name)."""
     with relay.connect() as c:
         return c.execute("SHOW cluster_name").fetchone()[0]
-
-
-class InThread:
-    """Run ``fn`` in a thread; .done(), .result(timeout)."""
-
-    def __init__(self, fn):
-        self.value = self.error = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn):
-        try:
-            self.value = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised by result()
-            self.error = e
-
-    def done(self):
-        return not self.thread.is_alive()
-
-    def result(self, timeout=10):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "still running"
-        if self.error:
-            raise self.error
-        return self.value
 
 
 # --------------------------------------------------------------------------- #
@@ -390,33 +367,24 @@ def test_maintenance_holds_statements_on_every_proxy_until_turned_off(fleet):
 # --------------------------------------------------------------------------- #
 
 
-class Writer:
+class Writer(loadgen.Writer):
     """A client writing through one proxy in a loop, a new session for each row (as a pooled
     application reconnecting would): which rows were acknowledged, and which errors it saw."""
 
     def __init__(self, relay, table, tag):
-        self.relay, self.table, self.tag = relay, table, tag
-        self.acked, self.errors = [], []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        def insert(conn, i):
+            conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (tag, i))
 
-    def _run(self):
-        i = 0
-        while not self.stop.is_set():
-            i += 1
-            try:
-                with self.relay.connect() as c:
-                    c.execute(f"INSERT INTO {self.table} VALUES (%s, %s)", (self.tag, i))
-                self.acked.append(i)
-            except psycopg.Error as e:
-                self.errors.append((e.sqlstate, str(e).split("\n")[0]))
-                time.sleep(0.02)
+        super().__init__(relay, insert, session_per_row=True, pause=0.02)
+        self.tag = tag
+        self.start()
+
+    @property
+    def acked(self):
+        return [seq for seq, *_ in self.ok]
 
     def finish(self):
-        self.stop.set()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive()
+        self.stop(timeout=30)
 
 
 def test_switchover_with_promote_fences_the_old_primary_and_loses_no_acknowledged_write(fleet):
@@ -459,7 +427,7 @@ def test_switchover_with_promote_fences_the_old_primary_and_loses_no_acknowledge
         assert w.acked, f"{w.tag} wrote nothing"
         missing = [i for i in w.acked if (w.tag, i) not in rows]
         assert not missing, f"{w.tag}: acknowledged rows missing on {new}: {missing[:10]}"
-        others = [e for e in w.errors if "write leader changed" not in e[1]]
+        others = [e for e in w.errors if "write leader changed" not in e[3]]
         assert not others, f"{w.tag}: unexpected errors {others[:5]}"
 
     # the old primary is fenced: still up, but read-only for new transactions

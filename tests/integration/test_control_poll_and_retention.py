@@ -1,10 +1,12 @@
 """docs/protocol.md promises about the command long poll, auto_register and retention that no
 other test checks: a new poll from the same node ends the older one; a poll whose commands were
 just delivered waits a second first (no spin); an auto_register token needs 8 characters;
-telemetry older than telemetry_retention is gone."""
+telemetry older than telemetry_retention and commands older than command_retention are gone."""
 
 import hashlib
 import time
+
+import psycopg
 
 from conftest import SCHED_SLACK, wait_for
 from test_control_api import (  # noqa: F401  (fixtures used by name)
@@ -16,6 +18,7 @@ from test_control_api import (  # noqa: F401  (fixtures used by name)
     control,
     control_factory,
     store,
+    store_rows,
 )
 
 
@@ -113,3 +116,31 @@ def test_telemetry_older_than_telemetry_retention_is_gone(control_factory):
     assert status == 200 and queries == [], queries
     # The proxy itself is still known (the store keeps proxies; only telemetry expires).
     assert "proxy-a" in c.proxies()
+
+
+def test_commands_older_than_command_retention_are_deleted(control_factory, store):
+    """command_retention's smallest value is a minute; the age is made in the store rather
+    than waited for, and a restart runs the expiry at once (then every minute)."""
+    c1 = control_factory(control={"command_retention": "1min", "proxy_timeout": "30s"})
+    agent = SimAgent(c1, "proxy-a")
+    agent.register()
+    for _ in range(2):  # two commands the agent never acknowledges
+        op = Background(c1.port, "POST", API + "/deployments/prod/reload", {"timeout_s": 1},
+                        token=ADMIN, timeout=30)
+        assert op.result()[0] == 504
+    ids = [row[0] for row in store_rows(store, "SELECT id FROM pgrelay.commands ORDER BY id")]
+    assert len(ids) == 2, ids
+    old, fresh = ids
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("UPDATE pgrelay.commands SET created_at = now() - interval '61 seconds'"
+                     " WHERE id = %s", (old,))
+    assert c1.stop() == 0
+    c2 = control_factory(control={"command_retention": "1min", "proxy_timeout": "30s"})
+    wait_for(lambda: "deleted 1 command(s) older than command_retention" in c2.log(),
+             timeout=10, what="the expiry at start")
+    assert [r[0] for r in store_rows(store, "SELECT id FROM pgrelay.commands")] == [fresh]
+    assert store_rows(store, "SELECT count(*) FROM pgrelay.command_acks"
+                             f" WHERE command_id = {old}") == [(0,)]
+    # and an agent is not sent the deleted one any more
+    status, body = SimAgent(c2, "proxy-a").poll(wait_s=0)
+    assert status == 200 and [cmd["id"] for cmd in body["commands"]] == [fresh], body

@@ -40,6 +40,7 @@ import time
 import psycopg
 import pytest
 
+import loadgen
 from cluster import (
     Cluster,
     admin,
@@ -175,50 +176,19 @@ def wait_log(relay, needle, timeout=10.0):
                     what=f"pgrelay log line containing {needle!r}")
 
 
-class Writer(threading.Thread):
+class Writer(loadgen.Writer):
     """Inserts one row per statement through pgrelay's write port, reconnecting after any
-    error, and records what each INSERT ... RETURNING said and every error."""
+    error; ok: (seq, t_sent, t_done, port, in_recovery), errors: (seq, t, sqlstate, line)."""
 
     def __init__(self, relay, pause=0.01):
-        super().__init__(daemon=True)
-        self.relay = relay
-        self.pause = pause
-        self.stop_flag = threading.Event()
-        self.ok = []  # (seq, t_sent, t_done, port, in_recovery)
-        self.errors = []  # (seq, t, sqlstate, first line)
-        self.seq = 0
+        def insert(conn, seq):
+            return conn.execute(
+                "INSERT INTO ft (seq) VALUES (%s) RETURNING inet_server_port(),"
+                " pg_is_in_recovery()",
+                (seq,),
+            ).fetchone()
 
-    def run(self):
-        conn = None
-        while not self.stop_flag.is_set():
-            self.seq += 1
-            t = time.monotonic()
-            try:
-                if conn is None:
-                    conn = psycopg.connect(
-                        self.relay.conninfo(connect_timeout=3, application_name="writer"),
-                        autocommit=True,
-                    )
-                port, rec = conn.execute(
-                    "INSERT INTO ft (seq) VALUES (%s) RETURNING inet_server_port(),"
-                    " pg_is_in_recovery()",
-                    (self.seq,),
-                ).fetchone()
-                self.ok.append((self.seq, t, time.monotonic(), port, rec))
-            except psycopg.Error as e:
-                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                self.errors.append((self.seq, t, e.sqlstate, line))
-                if conn is not None:
-                    conn.close()
-                conn = None
-                time.sleep(self.pause)
-        if conn is not None:
-            conn.close()
-
-    def stop(self):
-        self.stop_flag.set()
-        self.join(15)
-        assert not self.is_alive(), "writer thread hangs (a statement through pgrelay never ends)"
+        super().__init__(relay, insert, pause=pause, connect_timeout=3, application_name="writer")
 
     def first_ok_on(self, port, after=0.0):
         for seq, t, done, p, rec in self.ok:

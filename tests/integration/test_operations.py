@@ -355,40 +355,33 @@ def _daemon_config(dirpath, pg, name, **extra):
     return conf, port
 
 
-def test_daemon_with_pidfile_detaches_refuses_a_second_instance_and_cleans_up(pg, tmpdir_keep):
-    pidfile = os.path.join(tmpdir_keep, "p.pid")
+def test_daemon_with_pidfile_detaches_refuses_a_second_instance_and_cleans_up(pg, tmpdir_keep,
+                                                                           daemons):
     log = os.path.join(tmpdir_keep, "one.log")
     conf, port = _daemon_config(tmpdir_keep, pg, "one", logfile=log)
-    pid = None
-    try:
-        r = subprocess.run([PGRELAY_BIN, "-d", "-p", pidfile, "-c", conf],
-                           capture_output=True, text=True, timeout=15)
-        assert r.returncode == 0, r.stderr  # (timeout=15: a -d that never returns fails)
-        pid = int(wait_for(lambda: read(pidfile).strip(), what="the pidfile"))
-        assert pid_alive(pid)
-        wait_for(lambda: works(port), what="the daemon to serve queries")
-        sock = os.path.join(tmpdir_keep, "one", "admin.sock")
-        wait_admin_ready(sock)
-        assert show(sock, "info")["pid"] == pid
+    d = daemons(conf, os.path.join(tmpdir_keep, "p.pid"))
+    r = d.run()
+    assert r.returncode == 0, r.stderr
+    pid = d.wait_pid()
+    assert pid_alive(pid)
+    wait_for(lambda: works(port), what="the daemon to serve queries")
+    sock = os.path.join(tmpdir_keep, "one", "admin.sock")
+    wait_admin_ready(sock)
+    assert show(sock, "info")["pid"] == pid
 
-        # A second instance with the same pidfile (own port and admin socket) refuses.
-        conf2, port2 = _daemon_config(tmpdir_keep, pg, "two", logfile=os.path.join(tmpdir_keep, "two.log"))
-        r2 = subprocess.run([PGRELAY_BIN, "-d", "-p", pidfile, "-c", conf2],
-                            capture_output=True, text=True, timeout=15)
-        assert r2.returncode == 1, (r2.returncode, r2.stderr)
-        assert "already running" in r2.stderr, r2.stderr
-        assert str(pid) in r2.stderr
-        assert not port_listening(port2)
-        assert read(pidfile).strip() == str(pid)
-        assert works(port)
+    # A second instance with the same pidfile (own port and admin socket) refuses.
+    conf2, port2 = _daemon_config(tmpdir_keep, pg, "two", logfile=os.path.join(tmpdir_keep, "two.log"))
+    r2 = d.run("-d", "-p", d.pidfile, "-c", conf2)
+    assert r2.returncode == 1, (r2.returncode, r2.stderr)
+    assert "already running" in r2.stderr, r2.stderr
+    assert str(pid) in r2.stderr
+    assert not port_listening(port2)
+    assert d.pid() == pid
+    assert works(port)
 
-        # Stop: SIGTERM to the pid in the file; the pidfile goes away.
-        os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not pid_alive(pid), timeout=15, what="the daemon to exit")
-        wait_for(lambda: not os.path.exists(pidfile), timeout=5, what="the pidfile removed")
-        assert "stopped" in read(log)
-    finally:
-        kill_daemon(pid)
+    # Stop: SIGTERM to the pid in the file; the daemon, its children and the pidfile go away.
+    d.stop()
+    assert "stopped" in read(log)
 
 
 def test_daemon_mode_needs_a_logfile_or_syslog(pg, tmpdir_keep):

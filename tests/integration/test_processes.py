@@ -1,10 +1,8 @@
 """pgrelay's processes: worker crashes, client disconnects, and shutdown signals."""
 
-import contextlib
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -13,11 +11,9 @@ import psycopg
 import pytest
 
 from conftest import (
-    PGRELAY_BIN,
     SCHED_SLACK,
     RawClient,
     admin_json,
-    child_pids,
     client_port,
     error_fields,
     free_port,
@@ -310,57 +306,31 @@ def test_sigquit_exits_immediately(relay_factory):
 # --------------------------------------------------------------------------- #
 
 
-def _read_pid(path):
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _run_daemon(pidfile, conf, log_path):
-    with open(log_path, "w") as log:
-        r = subprocess.run([PGRELAY_BIN, "-d", "-p", pidfile, "-c", conf],
-                           stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=15)
-    return r.returncode, log_path.read_text()
-
-
 @pytest.mark.deadline(60)
-def test_daemon_mode_detaches_writes_pidfile_and_serves(pg, tmp_path):
+def test_daemon_mode_detaches_writes_pidfile_and_serves(pg, tmp_path, daemons):
     port = free_port()
     conf = str(tmp_path / "pgrelay.ini")
-    pidfile = str(tmp_path / "pgrelay.pid")
     logfile = str(tmp_path / "daemon.log")
     write_config(conf, port, pg, extra={"logfile": logfile})
-    pid = None
-    try:
-        rc, err = _run_daemon(pidfile, conf, tmp_path / "first.log")
-        assert rc == 0, err
-        pid = wait_for(lambda: _read_pid(pidfile), timeout=5, what="pidfile")
-        assert pid_alive(pid)
-        wait_for(lambda: port_listening(port), timeout=5, what="daemon to listen")
-        c = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres "
-                            "sslmode=disable connect_timeout=10", autocommit=True)
-        with c:
-            assert c.execute("SELECT 'daemon'").fetchone() == ("daemon",)
+    d = daemons(conf, tmp_path / "pgrelay.pid")
+    r = d.run()
+    assert r.returncode == 0, r.stderr
+    pid = d.wait_pid()
+    assert pid_alive(pid)
+    wait_for(lambda: port_listening(port), timeout=5, what="daemon to listen")
+    c = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres "
+                        "sslmode=disable connect_timeout=10", autocommit=True)
+    with c:
+        assert c.execute("SELECT 'daemon'").fetchone() == ("daemon",)
 
-        # a second instance with the same pidfile refuses to start
-        rc, err = _run_daemon(pidfile, conf, tmp_path / "second.log")
-        assert rc == 1, err
-        assert "already running" in err, err
-        assert _read_pid(pidfile) == pid
+    # a second instance with the same pidfile refuses to start
+    r = d.run()
+    assert r.returncode == 1, r.stderr
+    assert "already running" in r.stderr, r.stderr
+    assert d.pid() == pid
 
-        os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not pid_alive(pid), timeout=10, what="daemon to exit on SIGTERM")
-        assert not port_accepts(port)
-        # its log lines went to the configured log file
-        with open(logfile) as f:
-            assert f"pid {pid}]" in f.read()
-    finally:
-        pid = pid or _read_pid(pidfile)
-        if pid and pid_alive(pid):
-            workers = child_pids(pid)
-            for p in [pid, *workers]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGKILL)
+    d.stop()
+    assert not port_accepts(port)
+    # its log lines went to the configured log file
+    with open(logfile) as f:
+        assert f"pid {pid}]" in f.read()

@@ -1,0 +1,120 @@
+"""Load generators for the integration tests: work in a background thread (InThread) and a
+client that writes through pgrelay in a loop (Writer).
+
+    held = InThread(lambda: conn.execute("SELECT 1").fetchone()[0])
+    assert not held.finished_within(0.7)        # pgrelay holds it (pause)
+    assert held.result(timeout=5) == 1           # ... and lets it go
+
+    writer = Writer(relay, lambda conn, seq: conn.execute(
+        "INSERT INTO t VALUES (%s) RETURNING inet_server_port()", (seq,)).fetchone())
+    writer.start(); ...; writer.stop()
+    writer.ok      # [(seq, t_sent, t_done, *returned row)]
+    writer.errors  # [(seq, t, sqlstate, first line of the message)]
+"""
+
+import threading
+import time
+
+import psycopg
+
+
+class InThread:
+    """Run ``fn(*args, **kwargs)`` in a daemon thread (a statement pgrelay holds must not hang
+    the suite). ``value`` / ``error`` once done; ``started_at``, ``finished_at`` and
+    ``elapsed`` in time.monotonic() seconds."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self.value = self.error = None
+        self.finished_at = None
+        self._done = threading.Event()
+        self.started_at = time.monotonic()
+        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args, kwargs):
+        try:
+            self.value = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self.error = e
+        finally:
+            self.finished_at = time.monotonic()
+            self._done.set()
+
+    @property
+    def elapsed(self):
+        """Seconds from the start to the end; None while it runs."""
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+    def done(self):
+        return self._done.is_set()
+
+    def finished_within(self, seconds):
+        """Wait up to ``seconds``; True if it has finished."""
+        return self._done.wait(seconds)
+
+    def join(self, timeout=10):
+        """Wait for the end (AssertionError if it is not there after ``timeout``); the
+        outcome stays in value / error."""
+        assert self._done.wait(timeout), f"still running after {timeout}s"
+
+    def result(self, timeout=10):
+        """Wait for the end; return what fn returned, or raise what it raised."""
+        self.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Writer:
+    """Writes through pgrelay in a loop until stop(): ``statement(conn, seq)`` runs once per
+    seq and returns a row (a tuple, or None). One session kept and opened again after any
+    error, or a new session for every row (``session_per_row``, as a pooled application
+    reconnecting would). ``ok``: (seq, t_sent, t_done, *row); ``errors``: (seq, t, sqlstate,
+    first line of the message)."""
+
+    def __init__(self, relay, statement, session_per_row=False, pause=0.01, **conninfo):
+        self.relay = relay
+        self.statement = statement
+        self.session_per_row = session_per_row
+        self.pause = pause
+        self.conninfo = conninfo
+        self.stop_flag = threading.Event()
+        self.ok = []
+        self.errors = []
+        self.seq = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _run(self):
+        conn = None
+        while not self.stop_flag.is_set():
+            self.seq += 1
+            t = time.monotonic()
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.relay.conninfo(**self.conninfo), autocommit=True)
+                row = self.statement(conn, self.seq)
+                self.ok.append((self.seq, t, time.monotonic(), *(row or ())))
+                if self.session_per_row:
+                    conn.close()
+                    conn = None
+            except psycopg.Error as e:
+                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.errors.append((self.seq, t, e.sqlstate, line))
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(self.pause)
+        if conn is not None:
+            conn.close()
+
+    def stop(self, timeout=15):
+        self.stop_flag.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "writer thread hangs (a statement through pgrelay never ends)"
+
+    def is_alive(self):
+        return self.thread.is_alive()
