@@ -66,6 +66,7 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_POST, DEP_PATH "/maintenance", HTTP_AUTH_ADMIN, true, operator_maintenance},
     {EVHTTP_REQ_POST, DEP_PATH "/reload", HTTP_AUTH_ADMIN, true, operator_reload},
     {EVHTTP_REQ_POST, DEP_PATH "/switchover", HTTP_AUTH_ADMIN, true, operator_switchover},
+    {EVHTTP_REQ_POST, DEP_PATH "/unfence", HTTP_AUTH_ADMIN, true, operator_unfence},
     {EVHTTP_REQ_POST, DEP_PATH "/config", HTTP_AUTH_ADMIN, true, operator_config_apply},
     {EVHTTP_REQ_GET, DEP_PATH "/config", HTTP_AUTH_ADMIN, true, views_config_get},
 };

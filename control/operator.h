@@ -1,4 +1,4 @@
-/* operator.h - operator orchestrations: maintenance, reload, switchover, config apply. */
+/* operator.h - operator orchestrations: maintenance, reload, switchover, unfence, config apply. */
 #ifndef PGRELAY_OPERATOR_H
 #define PGRELAY_OPERATOR_H
 
@@ -14,7 +14,8 @@
 
 void operator_maintenance(http_call *call);
 void operator_reload(http_call *call);
-void operator_switchover(http_call *call);
+void operator_switchover(http_call *call); /* switchover.c */
+void operator_unfence(http_call *call);    /* switchover.c: lift a node's fence */
 void operator_config_apply(http_call *call);
 
 /* A proxy acknowledged a command: the orchestration waiting for it goes on. */

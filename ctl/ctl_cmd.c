@@ -360,9 +360,16 @@ done:
 
 ctl_exit ctl_cmd_switchover(ctl_ctx *ctx)
 {
-    json_t *body = json_pack("{s:s, s:b, s:I}", "node", ctx->node, "promote", ctx->promote,
-                             "timeout_s", (json_int_t)ctx->op_timeout_s);
+    json_t *body = json_pack("{s:s, s:b, s:b, s:I}", "node", ctx->node, "promote", ctx->promote,
+                             "force", ctx->force, "timeout_s", (json_int_t)ctx->op_timeout_s);
     return ctl_operation(ctx, "switchover", "switchover", body, ctx->op_timeout_s);
+}
+
+ctl_exit ctl_cmd_unfence(ctl_ctx *ctx)
+{
+    json_t *body = json_pack("{s:s, s:I}", "node", ctx->argv[0], "timeout_s",
+                             (json_int_t)ctx->op_timeout_s);
+    return ctl_operation(ctx, "unfence", "unfence", body, ctx->op_timeout_s);
 }
 
 ctl_exit ctl_cmd_maintenance(ctl_ctx *ctx)
