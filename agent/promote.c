@@ -1,11 +1,15 @@
 /* promote.c - a switchover's target: catch up with the fenced old primary, then promote.
  *
  * The catch-up reads the old primary's final WAL position AFTER its fence (no commit can
- * follow it) and waits until the target has replayed that far. The promote runs
- * pg_promote() and then lifts, on the new primary, the fence it replayed from the old one.
+ * follow it) and waits until the target has replayed that far. The promote first asks the
+ * control plane whether its operation is still running (a promote delivered late, or again
+ * after a restart, must never run), runs pg_promote() and then lifts, on the new primary, the
+ * fence it replayed from the old one. A promote of an operation already promoted here is not
+ * run again: the first result is reported.
  */
 #include "fence.h"
 #include "control.h"
+#include "http.h"
 #include "log.h"
 
 #include <stdio.h>
@@ -16,6 +20,13 @@
 #define PROMOTE_STEP_MS    50
 #define PROMOTE_DETAIL_MAX 512
 #define PROMOTE_WAIT_S     "10" /* pg_promote(wait => true, wait_seconds) */
+
+/* The last promote run here: a second delivery of its operation reports this again. */
+static struct {
+    int64_t operation; /* 0: none yet */
+    int rc;
+    char detail[PROMOTE_DETAIL_MAX];
+} promote_last;
 
 static int64_t promote_now_ms(void)
 {
@@ -135,9 +146,38 @@ done:
     return rc;
 }
 
+/* Ask the control plane whether operation is still running there and has time left. */
+static bool promote_still_live(const config *cfg, int64_t operation, char *why, size_t len)
+{
+    http_client c;
+    char path[128];
+    json_t *reply = NULL;
+    bool live = false;
+
+    if (http_client_init(&c, cfg->control_endpoint, cfg->control_token,
+                         cfg->control_request_timeout_ms) != 0) {
+        snprintf(why, len, "cannot start the HTTP client to ask the control plane");
+        return false;
+    }
+    snprintf(path, sizeof(path), "/api/v1/agent/operations/%lld", (long long)operation);
+    long status = http_request(&c, "GET", path, NULL, &reply, 0);
+    if (status == 200 && json_is_true(json_object_get(reply, "live")))
+        live = true;
+    else if (status == 200)
+        snprintf(why, len, "operation %lld is no longer running on the control plane",
+                 (long long)operation);
+    else
+        snprintf(why, len, "cannot ask the control plane whether operation %lld still runs (%s)",
+                 (long long)operation, status ? "HTTP error" : c.error);
+    json_decref(reply);
+    http_client_free(&c);
+    return live;
+}
+
 int promote_command(json_t *args, char *detail, size_t len)
 {
     const char *name = promote_arg_str(args, "node");
+    int64_t operation = promote_arg_int(args, "operation", 0);
     char why[PROMOTE_DETAIL_MAX];
     int rc = -1;
     PGconn *conn = NULL;
@@ -148,10 +188,27 @@ int promote_command(json_t *args, char *detail, size_t len)
         snprintf(detail, len, "%s", cfg ? "args need node (string)" : "out of memory");
         goto done;
     }
+    if (operation <= 0) {
+        snprintf(detail, len, "args need operation (the switchover's id)");
+        goto done;
+    }
+    if (promote_last.operation == operation) {
+        snprintf(detail, len, "%s", promote_last.detail);
+        rc = promote_last.rc;
+        log_info("switchover: operation %lld was promoted here already: %s", (long long)operation,
+                 detail);
+        goto done;
+    }
     shm_settings_read(control.shm, cfg);
+    if (!promote_still_live(cfg, operation, why, sizeof(why))) {
+        snprintf(detail, len, "not promoting %s: %s", name, why);
+        log_warning("switchover: %s", detail);
+        goto done;
+    }
     conn = fence_connect(cfg, name, FENCE_DBNAME, detail, len);
     if (!conn)
         goto done;
+    promote_last.operation = operation; /* from here on, a repeat reports this attempt */
     ok = fence_value(conn,
                      "SELECT CASE WHEN pg_is_in_recovery() THEN"
                      " pg_promote(true, " PROMOTE_WAIT_S ")::text ELSE 'primary' END",
@@ -175,6 +232,10 @@ int promote_command(json_t *args, char *detail, size_t len)
     snprintf(detail, len, "%s promoted (%s)", name, why);
     rc = 0;
 done:
+    if (promote_last.operation == operation && operation > 0 && conn) {
+        promote_last.rc = rc;
+        snprintf(promote_last.detail, sizeof(promote_last.detail), "%s", detail);
+    }
     free(ok);
     if (conn)
         PQfinish(conn);

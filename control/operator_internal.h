@@ -64,12 +64,13 @@ typedef struct operator_op {
     bool on;
     int64_t resume_after_s; /* passed on: maintenance ends by itself after it */
     /* switchover, unfence */
+    int64_t op_id; /* the switchover's durable operation (pgrelay.operations) */
     char node[STATE_NODE_NAME_MAX];
     char old_leader[STATE_NODE_NAME_MAX];
     bool promote;
     bool force;                     /* the operator takes the risk of an unfenced old leader */
     char runner[STATE_NODE_ID_MAX]; /* the proxy that fences, catches up and promotes */
-    bool fenced;                    /* the fence step was acknowledged ok */
+    bool fenced;                    /* the fence was sent: the old leader may be fenced */
     bool promote_sent;              /* a promote was queued: the target may be a primary */
     json_t *record;                 /* what each step did: {"step": detail} */
     json_t *leader_answers;         /* set_leader answers, kept through the resume step */

@@ -55,6 +55,37 @@ static void switchover_note(operator_op *op, const char *what)
     if (!op->record)
         op->record = json_object();
     json_object_set_new(op->record, switchover_step_name(op->step), json_string(what));
+    if (op->op_id > 0 && store_operation_note(op->op_id, what) != 0)
+        log_error("deployment %s: operation %" PRId64 ": cannot record the %s step's outcome: %s",
+                  op->dep->name, op->op_id, switchover_step_name(op->step), store_error());
+}
+
+static void switchover_roll_back(operator_op *op, int code, const char *error);
+
+/* Start a step: record it in the store first (a step is recorded before it is acted on),
+ * then queue its command, which carries the operation's id (args stolen). */
+static void switchover_send(operator_op *op, op_step step, const char *type, json_t *args,
+                            state_proxy *const *targets, int n)
+{
+    if (store_operation_step(op->op_id, switchover_step_name(step), op->runner, op->fenced,
+                             op->promote_sent) != 0) {
+        char why[OPERATOR_DETAIL_MAX];
+        json_decref(args);
+        snprintf(why, sizeof(why), "%s step: cannot record it: %s", switchover_step_name(step),
+                 store_error());
+        op->promote_sent = op->promote_sent && step != STEP_PROMOTE;
+        switchover_roll_back(op, 503, why);
+        return;
+    }
+    json_object_set_new(args, "operation", json_integer((json_int_t)op->op_id));
+    op_send(op, step, type, args, targets, n);
+}
+
+static void switchover_send_live(operator_op *op, op_step step, const char *type, json_t *args)
+{
+    state_proxy *live[STATE_LIVE_MAX];
+    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    switchover_send(op, step, type, args, live, n);
 }
 
 /* Args of the pause: it ends by itself at the deadline plus OPERATOR_PAUSE_MARGIN_S, as a
@@ -121,10 +152,8 @@ static void switchover_send_runner(operator_op *op, op_step step, const char *ty
         switchover_refused(op, "", why);
         return;
     }
-    op_send(op, step, type, args, &p, 1);
+    switchover_send(op, step, type, args, &p, 1);
 }
-
-static void switchover_roll_back(operator_op *op, int code, const char *error);
 
 static void switchover_send_switch(operator_op *op)
 {
@@ -135,8 +164,9 @@ static void switchover_send_switch(operator_op *op)
         switchover_roll_back(op, 503, msg);
         return;
     }
-    op_send_live(op, STEP_SET_LEADER, "set_leader",
-                 json_pack("{s:s, s:I}", "leader", op->node, "epoch", (json_int_t)op->dep->epoch));
+    switchover_send_live(
+        op, STEP_SET_LEADER, "set_leader",
+        json_pack("{s:s, s:I}", "leader", op->node, "epoch", (json_int_t)op->dep->epoch));
 }
 
 /* After the pause, the fence (or straight to the switch when there is no other leader). */
@@ -149,6 +179,7 @@ static void switchover_after_pause(operator_op *op)
     }
     snprintf(op->runner, sizeof(op->runner), "%s", p->node_id);
     if (op->old_leader[0] && strcmp(op->old_leader, op->node) != 0) {
+        op->fenced = true; /* from now on it may be: a rollback lifts it */
         switchover_send_runner(op, STEP_FENCE, "fence",
                                json_pack("{s:s, s:b}", "node", op->old_leader, "force", op->force));
         return;
@@ -175,6 +206,14 @@ static bool switchover_test_hold(operator_op *op)
     op->command_id = 0;
     op_arm_deadline(op);
     return true;
+}
+
+/* Record the end of the operation (state "done", "failed" or "rolled_back"). */
+static void switchover_end(operator_op *op, const char *state, const char *outcome)
+{
+    if (op->op_id > 0 && store_operation_end(op->op_id, state, outcome) != 0)
+        log_error("deployment %s: operation %" PRId64 ": cannot record its end (%s): %s",
+                  op->dep->name, op->op_id, state, store_error());
 }
 
 /* The answer's body: the outcome, the leader and epoch, each step's record. */
@@ -222,7 +261,6 @@ void switchover_step_done(operator_op *op)
         switchover_after_pause(op);
         return;
     case STEP_FENCE:
-        op->fenced = true;
         if (strncmp(first, "NOT FENCED", 10) == 0)
             log_error("deployment %s: switchover goes on with %s NOT FENCED, as the operator "
                       "forced it: %s",
@@ -244,10 +282,12 @@ void switchover_step_done(operator_op *op)
         switchover_send_switch(op);
         return;
     case STEP_SET_LEADER:
-        op_send_live(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0));
+        switchover_send_live(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0));
         return;
     case STEP_RESUME:
         switchover_note(op, op_all_ok(op) ? "every live proxy resumed" : "a proxy did not resume");
+        switchover_end(op, op->leader_ok && op_all_ok(op) ? "done" : "failed",
+                       op->leader_ok && op_all_ok(op) ? "switched" : "a proxy did not follow");
         op_finish(op, 200, switchover_body(op, op->leader_ok && op_all_ok(op), NULL));
         return;
     default:
@@ -260,10 +300,10 @@ void switchover_step_done(operator_op *op)
  * every proxy; then answer code with error. */
 static void switchover_roll_back(operator_op *op, int code, const char *error)
 {
-    bool paused = op->step != STEP_RESUME;
-    if (op->step == STEP_PROMOTE && op->command_id > 0)
-        /* a promote that runs late could make two primaries: take it back */
-        store_command_cancel(op->command_id, "cancelled: the switchover ended");
+    bool paused = op->step != STEP_PAUSE || op->n_targets > 0; /* resumed again in any case */
+    if (op->op_id > 0)
+        /* a command that runs late (a promote could make two primaries): take them back */
+        store_operation_cancel_commands(op->op_id, "cancelled: the switchover ended");
     if (op->fenced && !op->promote_sent && op->runner[0]) {
         log_warning("deployment %s: switchover rolled back: lifting the fence of %s", op->dep->name,
                     op->old_leader);
@@ -282,6 +322,7 @@ static void switchover_roll_back(operator_op *op, int code, const char *error)
     if (paused)
         op_fire(op->dep, NULL, "maintenance", op_maintenance_args(false, 0));
     log_warning("deployment %s: switchover to %s failed: %s", op->dep->name, op->node, error);
+    switchover_end(op, op->promote_sent ? "failed" : "rolled_back", error);
     op_finish(op, code, switchover_body(op, false, error));
 }
 
@@ -340,7 +381,17 @@ void operator_switchover(http_call *call)
     log_info("deployment %s: switchover from %s to %s%s%s requested", call->dep->name,
              op->old_leader[0] ? op->old_leader : "(none)", node, promote ? " with promote" : "",
              force ? ", FORCED" : "");
-    op_send_live(op, STEP_PAUSE, "maintenance", switchover_pause_args(op));
+    op->op_id = store_operation_create(op->dep->name, "switchover", node, op->old_leader, promote,
+                                       force, op->timeout_s);
+    if (op->op_id < 0) {
+        char msg[OPERATOR_DETAIL_MAX];
+        snprintf(msg, sizeof(msg), "store unreachable: cannot record the operation: %s",
+                 store_error());
+        op_finish_error(op, 503, msg);
+        return;
+    }
+    log_info("deployment %s: switchover is operation %" PRId64, op->dep->name, op->op_id);
+    switchover_send_live(op, STEP_PAUSE, "maintenance", switchover_pause_args(op));
 }
 
 void operator_unfence(http_call *call)
@@ -369,4 +420,101 @@ void operator_unfence(http_call *call)
     }
     log_warning("deployment %s: unfence of %s requested", call->dep->name, node);
     op_send(op, STEP_UNFENCE, "unfence", json_pack("{s:s}", "node", node), live, 1);
+}
+
+/* ---- the operation record: the agents' question, the operator's list, recovery ---- */
+
+void operator_operation_status(http_call *call)
+{
+    const char *text = call->args[0];
+    char *end = NULL;
+    long long id = strtoll(text, &end, 10);
+    if (!text[0] || *end || id <= 0) {
+        http_reply_error(call->req, 404, "unknown operation %s", text);
+        return;
+    }
+    operator_op *op = call->dep->op;
+    bool running = op && op->kind == OP_SWITCHOVER && op->op_id == id;
+    bool live = running && op_left_ms(op) > 0;
+    http_reply_json(call->req, 200,
+                    json_pack("{s:I, s:b, s:s, s:I}", "id", (json_int_t)id, "live", live, "step",
+                              running ? switchover_step_name(op->step) : "", "left_ms",
+                              (json_int_t)(running ? op_left_ms(op) : 0)));
+}
+
+void operator_operations(http_call *call)
+{
+    json_t *list = store_operations_list(call->dep->name, 50, false);
+    if (!list) {
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+/* Roll back one operation left running by a replica that crashed, stopped or lost the lease:
+ * withdraw its pending commands, resume every proxy, lift the fence when nothing may have
+ * been promoted (else the old leader stays fenced), and record it. */
+static void operation_roll_back(json_t *row)
+{
+    int64_t id = json_integer_value(json_object_get(row, "id"));
+    const char *dep_name = json_string_value(json_object_get(row, "deployment"));
+    const char *old = json_string_value(json_object_get(row, "old_leader"));
+    const char *runner = json_string_value(json_object_get(row, "runner"));
+    bool fenced_maybe = strcmp(json_string_value(json_object_get(row, "step")), "fence") == 0 ||
+                        json_is_true(json_object_get(row, "fenced"));
+    bool promote_sent = json_is_true(json_object_get(row, "promote_sent"));
+    char outcome[OPERATOR_DETAIL_MAX];
+    state_deployment *dep = state_find_deployment(dep_name);
+
+    store_operation_cancel_commands(id, "cancelled: the operation was rolled back");
+    size_t off =
+        (size_t)snprintf(outcome, sizeof(outcome),
+                         "rolled back by %s (the replica that ran it stopped at step "
+                         "%s): maintenance off queued",
+                         control.identity, json_string_value(json_object_get(row, "step")));
+    if (dep) {
+        state_proxy *all[STATE_LIVE_MAX];
+        int n = 0;
+        for (state_proxy *p = dep->proxies; p && n < STATE_LIVE_MAX; p = p->next)
+            all[n++] = p;
+        json_t *args = op_maintenance_args(false, 0);
+        if (n > 0 && store_command_create(dep->name, "maintenance", args, all, n) < 0)
+            log_error("deployment %s: cannot queue maintenance off: %s", dep->name, store_error());
+        json_decref(args);
+        if (fenced_maybe && !promote_sent && old && old[0]) {
+            state_proxy *p = runner && runner[0] ? state_find_proxy(dep, runner) : NULL;
+            if (!p)
+                p = dep->proxies;
+            args = json_pack("{s:s}", "node", old);
+            if (p && store_command_create(dep->name, "unfence", args, &p, 1) >= 0)
+                snprintf(outcome + off, sizeof(outcome) - off, ", unfence of %s queued", old);
+            json_decref(args);
+        } else if (fenced_maybe && old && old[0]) {
+            snprintf(outcome + off, sizeof(outcome) - off, ", %s stays fenced (a promote was sent)",
+                     old);
+        }
+        for (int i = 0; i < n; i++)
+            agents_wake(all[i]);
+    }
+    if (store_operation_end(id, promote_sent ? "failed" : "rolled_back", outcome) != 0)
+        log_error("operation %" PRId64 ": cannot record its rollback: %s", id, store_error());
+    else
+        log_warning("deployment %s: operation %" PRId64 " %s", dep_name, id, outcome);
+}
+
+void operation_recover(void)
+{
+    json_t *list = store_operations_list(NULL, 1000, true);
+    size_t i;
+    json_t *row;
+    if (!list) {
+        log_error("cannot look for unfinished operations: %s", store_error());
+        return;
+    }
+    json_array_foreach(list, i, row)
+    {
+        operation_roll_back(row);
+    }
+    json_decref(list);
 }

@@ -108,6 +108,8 @@ static const ctl_command ctl_commands[] = {
      ctl_cmd_show_queries},
     {"show-metrics", "", "per proxy and node: sessions, statements/s, bytes/s, errors/s, latency",
      0, 0, 0, 0, true, NULL, ctl_cmd_show_metrics},
+    {"show-operations", "", "switchovers: node, state, steps done, outcome (newest first)", 0, 0,
+     0, 0, true, NULL, ctl_cmd_show_operations},
     {"switchover", "", "make node NAME the write leader of every proxy",
      CTL_ACCEPTS_NODE | CTL_ACCEPTS_PROMOTE | CTL_ACCEPTS_OP_TIMEOUT | CTL_ACCEPTS_FORCE,
      CTL_ACCEPTS_NODE, 0, 0, true, NULL, ctl_cmd_switchover},

@@ -60,6 +60,7 @@ ctl_exit ctl_cmd_show_nodes(ctl_ctx *ctx);
 ctl_exit ctl_cmd_show_queries(ctl_ctx *ctx);
 ctl_exit ctl_cmd_show_metrics(ctl_ctx *ctx);
 ctl_exit ctl_cmd_unfence(ctl_ctx *ctx);
+ctl_exit ctl_cmd_show_operations(ctl_ctx *ctx);
 ctl_exit ctl_cmd_switchover(ctl_ctx *ctx);
 ctl_exit ctl_cmd_maintenance(ctl_ctx *ctx);
 ctl_exit ctl_cmd_config_apply(ctl_ctx *ctx);
