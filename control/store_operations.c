@@ -14,11 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Appended to the WHERE of every write: $1..$3 are the lease's name, holder and term (all NULL
- * when leases are disabled). */
-#define STORE_OP_GUARD                                                                             \
-    " AND ($1::text IS NULL OR EXISTS (SELECT 1 FROM pgrelay.lease l WHERE l.name = $1"            \
-    "   AND l.holder = $2 AND l.lease_transitions = $3::int))"
+/* Appended to the WHERE of every write: $1..$3 are the lease's name, holder and term. */
+#define STORE_OP_GUARD " AND" STORE_LEASE_GUARD("1", "2", "3")
 
 /* The three guard parameters, then up to STORE_OP_PARAMS - 3 of the caller's. */
 #define STORE_OP_PARAMS 10
@@ -170,11 +167,14 @@ json_t *store_operations_list(const char *deployment, int limit, bool running_on
 
 int store_operation_cancel_commands(int64_t id, const char *detail)
 {
-    char idtext[STORE_INT_MAX];
-    const char *params[] = {fmt_int(idtext, id), detail};
+    const char *params[STORE_OP_PARAMS];
+    char term[STORE_INT_MAX], idtext[STORE_INT_MAX];
+    int n = store_op_params(params, term);
+    params[n++] = fmt_int(idtext, id);
+    params[n++] = detail;
     return store_command("UPDATE pgrelay.command_acks a SET acked_at = now(), ok = false,"
-                         "  detail = $2 FROM pgrelay.commands c"
+                         "  detail = $5 FROM pgrelay.commands c"
                          " WHERE c.id = a.command_id AND a.acked_at IS NULL"
-                         "   AND c.args->>'operation' = $1",
-                         2, params);
+                         "   AND c.args->>'operation' = $4" STORE_OP_GUARD,
+                         n, params);
 }
