@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from conftest import wait_for
-from control_e2e_helpers import info
+from control_e2e_helpers import info, table_rows
 from fleet import (
     Fleet,
     Watch,
@@ -64,6 +64,13 @@ def test_a_promote_switchover_fences_the_old_primary_until_unfence(pg):
         assert_no_acknowledged_write_lost(pg2, table, writers)
         time.sleep(1.0)
         direct_write_fails(pg1, table)  # and it stays so
+
+        # the operation's record, as pgrelayctl show-operations prints it
+        p = fleet.ctl("show-operations")
+        assert p.returncode == EXIT_OK, p.stderr
+        [row] = table_rows(p.stdout)
+        assert (row["node"], row["old_leader"], row["state"]) == ("pg2", "pg1", "done"), row
+        assert row["steps"].startswith("pause fence catch_up promote switch resume"), row
 
         rc, out, err = fleet.ctl_json("unfence", "pg1", "--timeout", "5")
         assert rc == EXIT_OK, (out, err)
