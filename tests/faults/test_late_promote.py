@@ -18,13 +18,16 @@ EXIT_OK = 0
 
 
 def primaries(cluster):
-    """The nodes that answer as primaries (not in recovery)."""
+    """The nodes that take writes: not in recovery, and not fenced (a fenced node accepts
+    connections to template1 only)."""
     out = []
     for n in cluster.nodes:
         try:
             with psycopg.connect(n.conninfo(dbname="template1", connect_timeout=3),
                                  autocommit=True) as c:
-                if not c.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                if not c.execute("SELECT pg_is_in_recovery() OR NOT EXISTS (SELECT FROM"
+                                 " pg_database WHERE datallowconn AND datname <> 'template1')"
+                                 ).fetchone()[0]:
                     out.append(n.name)
         except psycopg.Error:
             pass
@@ -134,4 +137,34 @@ def test_a_promote_delivered_again_after_a_control_plane_restart_does_not_run(pg
         assert_one_primary_for(fleet.cluster, 2)
         assert ok is False and "no longer running" in detail, detail
         assert op["state"] == "rolled_back", op
+    print(f"scenario time {time.monotonic() - started:.1f}s")
+
+
+def test_a_second_promote_of_the_same_operation_reports_the_first_result(pg):
+    """A switchover --promote is done; its promote is delivered to the same proxy again (an
+    acknowledgement lost, then a control-plane restart): the agent does not run it again
+    and reports the first result."""
+    started = time.monotonic()
+    with Fleet.start(pg) as fleet:
+        rc, out, err = fleet.ctl_json("switchover", "--node", "pg2", "--promote", "--timeout",
+                                      "20")
+        assert rc == EXIT_OK, (out, err)
+        [op] = fleet.control.get(f"/deployments/{DEPLOYMENT}/operations")
+        [first] = [s["detail"] for s in op["steps"] if s["step"] == "promote"]
+        fleet.control.kill9()
+        [(cid,)] = store_query(
+            fleet, "INSERT INTO pgrelay.commands (deployment, type, args) VALUES (%s, 'promote',"
+            " %s::jsonb) RETURNING id",
+            (DEPLOYMENT, json.dumps({"node": "pg2", "operation": op["id"]})))
+        store_query(fleet, "INSERT INTO pgrelay.command_acks (command_id, node_id) VALUES "
+                    "(%s, %s)", (cid, op["runner"]))
+        fleet.start_control()
+        wait_for(lambda: store_query(fleet, "SELECT acked_at IS NOT NULL FROM"
+                                     " pgrelay.command_acks WHERE command_id = %s",
+                                     (cid,))[0][0],
+                 timeout=15, what="the runner to answer the promote delivered again")
+        [(ok, detail)] = store_query(fleet, "SELECT ok, detail FROM pgrelay.command_acks"
+                                     " WHERE command_id = %s", (cid,))
+        assert (ok, detail) == (True, first), (ok, detail, first)
+        assert primaries(fleet.cluster) == ["pg2"]
     print(f"scenario time {time.monotonic() - started:.1f}s")
