@@ -1,4 +1,5 @@
-/* commands.c - what the agent does for each control-plane command before acknowledging it.
+/* commands.c - what the agent does for each control-plane command before acknowledging it
+ * (the switchover's fence, catch-up and promote are in fence.c and promote.c).
  *
  * Runs in the poller thread. Effects on the proxy go through the master (maintenance, reload)
  * or the agent's event loop (leader and epoch), and each command waits, bounded, until shared
@@ -6,6 +7,7 @@
  */
 #include "channel.h"
 #include "control.h"
+#include "fence.h"
 #include "log.h"
 
 #include <errno.h>
@@ -123,199 +125,6 @@ static int cmd_set_leader(json_t *args, char *detail, size_t len)
              t->leader >= 0 ? t->nodes[t->leader].name : "none");
 done:
     free(t);
-    return rc;
-}
-
-/* Connect to a node of the running configuration with the monitoring credentials. */
-static PGconn *connect_node(const config *cfg, const char *name, char *detail, size_t len)
-{
-    const config_node *node = NULL;
-    for (int i = 0; i < cfg->n_nodes; i++)
-        if (strcmp(cfg->nodes[i].name, name) == 0)
-            node = &cfg->nodes[i];
-    if (!node) {
-        snprintf(detail, len, "no node named %s here", name);
-        return NULL;
-    }
-    char port[16];
-    snprintf(port, sizeof(port), "%d", node->port);
-    const char *keys[] = {"host", "port", "user", "password", "dbname", "connect_timeout",
-                          "application_name", NULL};
-    const char *vals[] = {node->host,
-                          port,
-                          node->monitor_user[0] ? node->monitor_user : cfg->monitor_user,
-                          node->monitor_password[0] ? node->monitor_password
-                                                    : cfg->monitor_password,
-                          node->monitor_dbname[0] ? node->monitor_dbname : cfg->monitor_dbname,
-                          "5",
-                          "pgrelay-agent promote",
-                          NULL};
-    PGconn *conn = PQconnectdbParams(keys, vals, 0);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        snprintf(detail, len, "cannot connect to %s: %.*s", name,
-                 (int)strcspn(PQerrorMessage(conn), "\n"), PQerrorMessage(conn));
-        PQfinish(conn);
-        return NULL;
-    }
-    return conn;
-}
-
-/* Scalar query; returns its text (malloc'd) or NULL with detail set. */
-static char *query_value(PGconn *conn, const char *sql, char *detail, size_t len)
-{
-    PGresult *res = PQexec(conn, sql);
-    char *v = NULL;
-    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
-        v = strdup(PQgetisnull(res, 0, 0) ? "" : PQgetvalue(res, 0, 0));
-    else
-        snprintf(detail, len, "%.*s", (int)strcspn(PQresultErrorMessage(res), "\n"),
-                 PQresultErrorMessage(res));
-    PQclear(res);
-    return v;
-}
-
-/* A statement whose result does not matter beyond success; false with detail set. */
-static bool run_sql(PGconn *conn, const char *sql, char *detail, size_t len)
-{
-    PGresult *res = PQexec(conn, sql);
-    ExecStatusType st = PQresultStatus(res);
-    bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
-    if (!ok)
-        snprintf(detail, len, "%.*s", (int)strcspn(PQresultErrorMessage(res), "\n"),
-                 PQresultErrorMessage(res));
-    PQclear(res);
-    return ok;
-}
-
-/* Fence the old primary before its replacement is promoted: make it read-only for every new
- * transaction (default_transaction_read_only, persisted with ALTER SYSTEM so a restart keeps
- * it), end the client transactions still open on it (waiting until their backends are gone,
- * so no commit can follow), and read its WAL position: the target must replay up to there.
- * Returns 0 when fenced (*lsn set), 1 when the old primary cannot be reached or is no longer
- * a primary (nothing to fence; *lsn untouched), -1 when it is reachable but refuses. */
-static int fence_old_primary(const config *cfg, const char *old, int64_t *lsn, char *detail,
-                             size_t len)
-{
-    char why[256];
-    PGconn *conn = connect_node(cfg, old, why, sizeof(why));
-    if (!conn) {
-        log_warning("promote: old primary %s not fenced: %s", old, why);
-        return 1;
-    }
-    int rc = -1;
-    char *v = query_value(conn, "SELECT pg_is_in_recovery()", detail, len);
-    if (v && strcmp(v, "t") == 0) {
-        log_info("promote: old primary %s is in recovery: nothing to fence", old);
-        rc = 1;
-    } else if (v && run_sql(conn, "ALTER SYSTEM SET default_transaction_read_only = on",
-                            detail, len) &&
-               run_sql(conn, "SELECT pg_reload_conf()", detail, len)) {
-        /* pg_terminate_backend(pid, timeout) returns once the backend is gone (PG 14+). */
-        /* "ended open": a backend still there after 5 s could commit after the LSN is read. */
-        char *ended = query_value(conn,
-                                  "SELECT count(*) FILTER (WHERE gone) || ' ' || count(*) FROM "
-                                  "(SELECT pg_terminate_backend(pid, 5000) AS gone "
-                                  "FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                                  "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL "
-                                  "AND application_name NOT LIKE 'pgrelay-agent%') t",
-                                  detail, len);
-        long n_ended = -1, n_open = -1;
-        if (ended && (sscanf(ended, "%ld %ld", &n_ended, &n_open) != 2 || n_ended != n_open)) {
-            snprintf(detail, len, "%ld of %ld open transaction(s) did not end within 5 s",
-                     n_open - n_ended, n_open);
-            free(ended);
-            ended = NULL;
-        }
-        char *at = ended ? query_value(conn, "SELECT (pg_current_wal_lsn() - '0/0')::bigint",
-                                       detail, len)
-                         : NULL;
-        if (at) {
-            *lsn = strtoll(at, NULL, 10);
-            log_info("promote: old primary %s fenced (read-only; %ld open transaction(s) ended) "
-                     "at WAL %lld",
-                     old, n_ended, (long long)*lsn);
-            rc = 0;
-        }
-        free(ended);
-        free(at);
-    }
-    if (rc < 0) {
-        char msg[256];
-        snprintf(msg, sizeof(msg), "%s", detail);
-        snprintf(detail, len, "cannot fence the old primary %s: %s", old, msg);
-    }
-    free(v);
-    PQfinish(conn);
-    return rc;
-}
-
-static int cmd_promote(json_t *args, char *detail, size_t len)
-{
-    const char *name = arg_str(args, "node");
-    const char *old = arg_str(args, "old");
-    int64_t wait_lsn = arg_int(args, "wait_lsn", 0);
-    int64_t timeout_ms = arg_int(args, "timeout_s", 30) * 1000;
-    int rc = -1;
-    PGconn *conn = NULL;
-    config *cfg = malloc(sizeof(*cfg));
-    if (!name || !cfg) {
-        snprintf(detail, len, "%s", cfg ? "args need node (string)" : "out of memory");
-        free(cfg);
-        return -1;
-    }
-    shm_settings_read(control.shm, cfg);
-    if (old && old[0] && strcmp(old, name) != 0) {
-        int64_t fenced_at = 0;
-        int f = fence_old_primary(cfg, old, &fenced_at, detail, len);
-        if (f < 0)
-            goto done;
-        if (f == 0 && fenced_at > wait_lsn)
-            wait_lsn = fenced_at;
-    }
-    conn = connect_node(cfg, name, detail, len);
-    if (!conn)
-        goto done;
-    /* Let it replay everything the old primary wrote before promoting it. */
-    for (int64_t waited = 0;; waited += 50) {
-        char *v = query_value(conn,
-                              "SELECT CASE WHEN pg_is_in_recovery() THEN "
-                              "(coalesce(pg_last_wal_replay_lsn(), '0/0') - '0/0')::bigint "
-                              "ELSE -1 END",
-                              detail, len);
-        if (!v)
-            goto done;
-        long long replayed = strtoll(v, NULL, 10);
-        free(v);
-        if (replayed < 0) {
-            snprintf(detail, len, "%s is not in recovery: nothing to promote", name);
-            goto done;
-        }
-        if (replayed >= wait_lsn)
-            break;
-        if (waited >= timeout_ms) {
-            snprintf(detail, len, "%s replayed %lld, not %lld, within %lld s", name, replayed,
-                     (long long)wait_lsn, (long long)(timeout_ms / 1000));
-            goto done;
-        }
-        struct timespec ts = {0, 50 * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    /* A node fenced by an earlier switchover keeps read-only in its auto.conf: lift it. */
-    if (!run_sql(conn, "ALTER SYSTEM RESET default_transaction_read_only", detail, len) ||
-        !run_sql(conn, "SELECT pg_reload_conf()", detail, len))
-        goto done;
-    char *ok = query_value(conn, "SELECT pg_promote(true, 60)", detail, len);
-    if (ok && strcmp(ok, "t") == 0) {
-        snprintf(detail, len, "%s promoted", name);
-        rc = 0;
-    } else if (ok) {
-        snprintf(detail, len, "pg_promote() on %s returned false", name);
-    }
-    free(ok);
-done:
-    if (conn)
-        PQfinish(conn);
-    free(cfg);
     return rc;
 }
 
@@ -469,9 +278,10 @@ typedef struct command_entry {
 
 static const command_entry commands[] = {
     {"maintenance", cmd_maintenance},       {"set_leader", cmd_set_leader},
-    {"promote", cmd_promote},               {"config_prepare", cmd_config_prepare},
-    {"config_commit", cmd_config_commit},   {"config_abort", cmd_config_abort},
-    {"reload", cmd_reload},
+    {"fence", fence_command},               {"unfence", fence_unfence_command},
+    {"catch_up", promote_catch_up_command}, {"promote", promote_command},
+    {"config_prepare", cmd_config_prepare}, {"config_commit", cmd_config_commit},
+    {"config_abort", cmd_config_abort},     {"reload", cmd_reload},
 };
 
 int control_run_command(const char *type, json_t *args, char *detail, size_t len)

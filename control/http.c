@@ -60,6 +60,8 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_POST, "/api/v1/agent/schema", HTTP_AUTH_AGENT, false, agents_schema},
     {EVHTTP_REQ_GET, "/api/v1/agent/commands", HTTP_AUTH_AGENT, false, agents_commands},
     {EVHTTP_REQ_POST, "/api/v1/agent/commands/*/ack", HTTP_AUTH_AGENT, false, agents_ack},
+    {EVHTTP_REQ_GET, "/api/v1/agent/operations/*", HTTP_AUTH_AGENT, false,
+     operator_operation_status},
     {EVHTTP_REQ_GET, "/api/v1/deployments", HTTP_AUTH_ADMIN, false, views_deployments},
     {EVHTTP_REQ_GET, DEP_PATH "/proxies", HTTP_AUTH_ADMIN, true, views_proxies},
     {EVHTTP_REQ_POST, DEP_PATH "/proxies", HTTP_AUTH_ADMIN, true, members_create},
@@ -72,6 +74,8 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_POST, DEP_PATH "/maintenance", HTTP_AUTH_ADMIN, true, operator_maintenance},
     {EVHTTP_REQ_POST, DEP_PATH "/reload", HTTP_AUTH_ADMIN, true, operator_reload},
     {EVHTTP_REQ_POST, DEP_PATH "/switchover", HTTP_AUTH_ADMIN, true, operator_switchover},
+    {EVHTTP_REQ_POST, DEP_PATH "/unfence", HTTP_AUTH_ADMIN, true, operator_unfence},
+    {EVHTTP_REQ_GET, DEP_PATH "/operations", HTTP_AUTH_ADMIN, true, operator_operations},
     {EVHTTP_REQ_POST, DEP_PATH "/config", HTTP_AUTH_ADMIN, true, operator_config_apply},
     {EVHTTP_REQ_GET, DEP_PATH "/config", HTTP_AUTH_ADMIN, true, views_config_get},
 };

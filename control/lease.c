@@ -9,6 +9,7 @@
 #include "lease.h"
 #include "control.h"
 #include "log.h"
+#include "operator.h"
 #include "state.h"
 #include "store.h"
 
@@ -52,6 +53,7 @@ void lease_check(void)
         return;
     if (control_mono_ms() >= lease.expires_mono_ms) {
         lease.held = false;
+        store_lease_set_guard(control.cfg->lease_name, "", -1);
         log_warning("lease %s: term ran out without a renewal; stepping down",
                     control.cfg->lease_name);
         state_deactivate("lease term ran out");
@@ -64,6 +66,7 @@ static void lease_attempt(void)
     const cconfig *cfg = control.cfg;
     char holder[LEASE_HOLDER_MAX];
     bool held = false;
+    int64_t term = -1;
     int64_t sent = control_mono_ms();
 
     if (!lease.schema_ok) {
@@ -74,8 +77,8 @@ static void lease_attempt(void)
         lease.schema_ok = true;
         sent = control_mono_ms();
     }
-    if (store_lease_take(cfg->lease_name, control.identity, cfg->lease_duration_secs, &held, holder,
-                         sizeof(holder)) != 0) {
+    if (store_lease_take(cfg->lease_name, control.identity, cfg->lease_duration_secs, &held, &term,
+                         holder, sizeof(holder)) != 0) {
         log_warning("lease %s: cannot reach the store (%s)", cfg->lease_name, store_error());
         lease_check();
         return;
@@ -86,8 +89,13 @@ static void lease_attempt(void)
         lease.held = true;
         lease.expires_mono_ms = sent + (int64_t)cfg->lease_duration_secs * MS_PER_S;
         snprintf(lease.holder, sizeof(lease.holder), "%s", holder);
-        if (!control.active && state_activate() != 0)
-            log_error("lease %s: held, but the state cannot be loaded yet", cfg->lease_name);
+        store_lease_set_guard(cfg->lease_name, control.identity, term);
+        if (!control.active) {
+            if (state_activate() != 0)
+                log_error("lease %s: held, but the state cannot be loaded yet", cfg->lease_name);
+            else
+                operation_recover();
+        }
         return;
     }
     if (strcmp(lease.holder, holder) != 0)
@@ -95,6 +103,7 @@ static void lease_attempt(void)
     snprintf(lease.holder, sizeof(lease.holder), "%s", holder);
     if (lease.held) {
         lease.held = false;
+        store_lease_set_guard(cfg->lease_name, "", -1);
         log_warning("lease %s: lost to %s; stepping down", cfg->lease_name, holder);
     }
     if (control.active)
@@ -114,8 +123,8 @@ static void lease_tick(evutil_socket_t fd, short what, void *arg)
     }
     /* a quiet ping first: a store that stays down is logged once, not every second */
     if (!control.active) {
-        if (store_ping() == 0)
-            state_activate();
+        if (store_ping() == 0 && state_activate() == 0)
+            operation_recover();
     } else if (!store_up()) {
         store_ping();
     }
@@ -133,6 +142,8 @@ int lease_start(void)
         log_error("cannot start the lease timer");
         return -1;
     }
+    store_lease_set_guard(cfg->lease_enabled ? cfg->lease_name : NULL,
+                          cfg->lease_enabled ? "" : control.identity, -1);
     if (cfg->lease_enabled)
         log_info("lease %s: competing as %s (duration %ds, interval %ds)", cfg->lease_name,
                  control.identity, cfg->lease_duration_secs, cfg->lease_interval_secs);

@@ -1,4 +1,4 @@
-/* operator.h - operator orchestrations: maintenance, reload, switchover, config apply. */
+/* operator.h - operator orchestrations: maintenance, reload, switchover, unfence, config apply. */
 #ifndef PGRELAY_OPERATOR_H
 #define PGRELAY_OPERATOR_H
 
@@ -14,7 +14,16 @@
 
 void operator_maintenance(http_call *call);
 void operator_reload(http_call *call);
-void operator_switchover(http_call *call);
+void operator_switchover(http_call *call); /* switchover.c */
+void operator_unfence(http_call *call);    /* switchover.c: lift a node's fence */
+void operator_operations(http_call *call); /* switchover.c: the operation records */
+
+/* switchover.c, agent route: is this operation still running here ({"live", "step"})? An agent
+ * asks before pg_promote(). */
+void operator_operation_status(http_call *call);
+
+/* A new holder's first act (switchover.c): roll back the operations left running. */
+void operation_recover(void);
 void operator_config_apply(http_call *call);
 
 /* A proxy acknowledged a command: the orchestration waiting for it goes on. */

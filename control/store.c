@@ -381,6 +381,28 @@ static const char *const store_migrations[] = {
     "  options jsonb NOT NULL DEFAULT '{}',"
     "  declared_at timestamptz NOT NULL DEFAULT now(),"
     "  PRIMARY KEY (deployment, node_id));",
+    /* 3: durable operations (switchover): each step recorded before it is acted on */
+    "CREATE TABLE pgrelay.operations ("
+    "  id bigserial PRIMARY KEY,"
+    "  deployment text NOT NULL REFERENCES pgrelay.deployments(name) ON DELETE CASCADE,"
+    "  kind text NOT NULL,"
+    "  node text NOT NULL,"
+    "  old_leader text NOT NULL DEFAULT '',"
+    "  promote boolean NOT NULL DEFAULT false,"
+    "  force boolean NOT NULL DEFAULT false,"
+    "  runner text NOT NULL DEFAULT '',"
+    "  step text NOT NULL,"
+    "  steps jsonb NOT NULL DEFAULT '[]',"
+    "  fenced boolean NOT NULL DEFAULT false,"
+    "  promote_sent boolean NOT NULL DEFAULT false,"
+    "  state text NOT NULL DEFAULT 'running'"
+    "    CHECK (state IN ('running', 'done', 'failed', 'rolled_back')),"
+    "  outcome text NOT NULL DEFAULT '',"
+    "  timeout_s integer NOT NULL,"
+    "  created_at timestamptz NOT NULL DEFAULT now(),"
+    "  ended_at timestamptz);"
+    "CREATE INDEX operations_running ON pgrelay.operations (deployment)"
+    "  WHERE state = 'running';",
 };
 #define STORE_SCHEMA_VERSION ((int)(sizeof(store_migrations) / sizeof(store_migrations[0])))
 

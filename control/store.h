@@ -38,10 +38,19 @@ int store_ping(void);
  * lock. Returns 0 or -1. */
 int store_migrate(void);
 
-/* Take or renew the lease row for duration_s. *held says whether this identity holds it now;
- * holder (may be NULL) receives the current holder's identity ("" when none). 0 or -1. */
+/* Take or renew the lease row for duration_s. *held says whether this identity holds it now,
+ * and *term its lease_transitions then (the term it holds it for); holder (may be NULL)
+ * receives the current holder's identity ("" when none). 0 or -1. */
 int store_lease_take(const char *name, const char *identity, int duration_s, bool *held,
-                     char *holder, size_t holder_len);
+                     int64_t *term, char *holder, size_t holder_len);
+
+/* The lease the holder's conditional writes check (store_operations.c): name, identity and
+ * term while held; identity "" after losing it (every such write then changes nothing);
+ * name NULL when leases are disabled (no condition). */
+void store_lease_set_guard(const char *name, const char *identity, int64_t term);
+
+/* The guard's name (NULL: none), identity and term (as text into term, STORE_INT_MAX). */
+void store_lease_guard(const char **name, const char **identity, char *term);
 
 /* Give the lease up if this identity holds it, waiting at most timeout_ms. 0 or -1. */
 int store_lease_release(const char *name, const char *identity, int timeout_ms);
@@ -96,5 +105,29 @@ int store_config_current(const char *deployment, int64_t *version, char **text);
  * unanswered config_prepare targets are cancelled, and a config_abort is queued for every
  * proxy the prepare went to. Returns how many versions, or -1. */
 int store_config_recover(void);
+
+/* ---- operations (store_operations.c): every write conditional on the lease guard ---- */
+
+/* A new running operation at step "begin"; its id, or -1. */
+int64_t store_operation_create(const char *deployment, const char *kind, const char *node,
+                               const char *old_leader, bool promote, bool force,
+                               int64_t timeout_s);
+
+/* Record that step starts now (before it is acted on), with what is known so far. 0 or -1. */
+int store_operation_step(int64_t id, const char *step, const char *runner, bool fenced,
+                         bool promote_sent);
+
+/* The last recorded step's outcome. 0 or -1. */
+int store_operation_note(int64_t id, const char *detail);
+
+/* End a running operation: state "done", "failed" or "rolled_back", with its outcome. */
+int store_operation_end(int64_t id, const char *state, const char *outcome);
+
+/* Operations (newest first, at most limit; of one deployment unless NULL; only the running
+ * ones when running_only) as JSON objects, or NULL when the store failed. */
+json_t *store_operations_list(const char *deployment, int limit, bool running_only);
+
+/* Withdraw the unacknowledged commands of an operation (args.operation = id). 0 or -1. */
+int store_operation_cancel_commands(int64_t id, const char *detail);
 
 #endif

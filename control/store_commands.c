@@ -1,4 +1,5 @@
-/* store_commands.c - commands to proxies: created, delivered by the long poll, acknowledged. */
+/* store_commands.c - commands to proxies: created, delivered by the long poll, acknowledged.
+ * Creating and cancelling are conditional on still holding the lease (STORE_LEASE_GUARD). */
 #include "store.h"
 #include "log.h"
 #include "store_internal.h"
@@ -26,16 +27,23 @@ int64_t store_command_create(const char *deployment, const char *type, json_t *a
         store_fail("out of memory creating a command");
         goto done;
     }
-    const char *params[] = {deployment, type, args_text, nodes_text};
+    char term[STORE_INT_MAX];
+    const char *params[7] = {deployment, type, args_text, nodes_text};
+    store_lease_guard(&params[4], &params[5], term);
+    params[6] = params[4] ? term : NULL;
+    /* only while this replica still holds the lease it acts under */
     res = store_exec(PGRES_TUPLES_OK,
                      "WITH c AS (INSERT INTO pgrelay.commands (deployment, type, args)"
-                     "  VALUES ($1, $2, $3::jsonb) RETURNING id),"
+                     "  SELECT $1, $2, $3::jsonb WHERE" STORE_LEASE_GUARD("5", "6", "7")
+                     "  RETURNING id),"
                      " t AS (INSERT INTO pgrelay.command_acks (command_id, node_id)"
                      "  SELECT c.id, n FROM c, jsonb_array_elements_text($4::jsonb) AS n)"
                      " SELECT id FROM c",
-                     4, params);
+                     7, params);
     if (res && PQntuples(res) == 1)
         id = get_int(res, 0, 0);
+    else if (res)
+        store_fail("command %s not queued: this replica no longer holds the lease", type);
 done:
     PQclear(res);
     free(nodes_text);
@@ -117,11 +125,14 @@ store_ack_result store_command_ack(int64_t id, const char *deployment, const cha
 
 int store_command_cancel(int64_t id, const char *detail)
 {
-    char idtext[STORE_INT_MAX];
-    const char *params[] = {fmt_int(idtext, id), detail};
+    char idtext[STORE_INT_MAX], term[STORE_INT_MAX];
+    const char *params[5] = {fmt_int(idtext, id), detail};
+    store_lease_guard(&params[2], &params[3], term);
+    params[4] = params[2] ? term : NULL;
     return store_command("UPDATE pgrelay.command_acks SET acked_at = now(), ok = false,"
-                         "  detail = $2 WHERE command_id = $1::bigint AND acked_at IS NULL",
-                         2, params);
+                         "  detail = $2 WHERE command_id = $1::bigint AND acked_at IS NULL"
+                         "  AND" STORE_LEASE_GUARD("3", "4", "5"),
+                         5, params);
 }
 
 int store_commands_expire(int64_t retention_ms)

@@ -31,6 +31,13 @@ void store_rollback(void);
 /* 0 when connected, else connect within timeout_ms (none when it is 0 or less). 0 or -1. */
 int store_connect_within(int timeout_ms);
 
+/* SQL that is true while this replica holds the lease it acts under (store_lease_set_guard),
+ * given the placeholders of the guard's name, identity and term as string literals ("5",
+ * "6", "7"); the name is NULL when leases are disabled, which makes it true. */
+#define STORE_LEASE_GUARD(name, holder, term)                                                  \
+    " ($" name "::text IS NULL OR EXISTS (SELECT 1 FROM pgrelay.lease l WHERE l.name = $" name \
+    "   AND l.holder = $" holder " AND l.lease_transitions = $" term "::int))"
+
 const char *fmt_int(char buf[STORE_INT_MAX], int64_t v);
 int64_t get_int(const PGresult *res, int row, int col);
 bool get_bool(const PGresult *res, int row, int col);

@@ -8,8 +8,29 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The lease the holder's conditional writes check (see store_lease_set_guard). */
+static struct {
+    char name[256];     /* "" when leases are disabled: no condition */
+    char identity[256]; /* "" when not held: every guarded write changes nothing */
+    int64_t term;       /* lease_transitions when it was taken */
+} store_guard;
+
+void store_lease_set_guard(const char *name, const char *identity, int64_t term)
+{
+    snprintf(store_guard.name, sizeof(store_guard.name), "%s", name ? name : "");
+    snprintf(store_guard.identity, sizeof(store_guard.identity), "%s", identity);
+    store_guard.term = term;
+}
+
+void store_lease_guard(const char **name, const char **identity, char *term)
+{
+    *name = store_guard.name[0] ? store_guard.name : NULL;
+    *identity = store_guard.identity;
+    fmt_int(term, store_guard.term);
+}
+
 int store_lease_take(const char *name, const char *identity, int duration_s, bool *held,
-                     char *holder, size_t holder_len)
+                     int64_t *term, char *holder, size_t holder_len)
 {
     char dur[STORE_INT_MAX];
     const char *params[] = {name, identity, fmt_int(dur, duration_s)};
@@ -27,11 +48,12 @@ int store_lease_take(const char *name, const char *identity, int duration_s, boo
         "    CASE WHEN l.holder IS NOT DISTINCT FROM EXCLUDED.holder THEN 0 ELSE 1 END "
         "WHERE l.holder = EXCLUDED.holder OR l.holder IS NULL OR l.renew_time IS NULL"
         "   OR l.renew_time + make_interval(secs => l.lease_duration_secs) < now() "
-        "RETURNING holder",
+        "RETURNING holder, lease_transitions",
         3, params);
     if (!res)
         return -1;
     *held = PQntuples(res) == 1;
+    *term = *held ? get_int(res, 0, 1) : -1;
     PQclear(res);
     if (holder) {
         if (*held) {

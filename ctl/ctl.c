@@ -35,13 +35,15 @@ enum ctl_opt_id {
     CTL_OPT_TIMEOUT,    /* global: HTTP timeout */
     CTL_OPT_NODE,       /* switchover */
     CTL_OPT_PROMOTE,    /* switchover */
-    CTL_OPT_OP_TIMEOUT, /* switchover, maintenance: sent as timeout_s */
+    CTL_OPT_OP_TIMEOUT, /* switchover, maintenance, unfence: sent as timeout_s */
+    CTL_OPT_FORCE,      /* switchover */
 };
 
 /* Which command options a command accepts (ctl_command.options) or needs (.required). */
 #define CTL_ACCEPTS_NODE       (1u << 0)
 #define CTL_ACCEPTS_PROMOTE    (1u << 1)
 #define CTL_ACCEPTS_OP_TIMEOUT (1u << 2)
+#define CTL_ACCEPTS_FORCE      (1u << 3)
 
 #define CTL_SHORT_OPTIONS "d:o:vVh"
 
@@ -82,6 +84,10 @@ static const ctl_command_option ctl_command_options[] = {
      CTL_ACCEPTS_PROMOTE,
      "--promote",
      "promote the node (pg_promote) once it has replayed the leader's WAL"},
+    {{"force", no_argument, NULL, CTL_OPT_FORCE},
+     CTL_ACCEPTS_FORCE,
+     "--force",
+     "go on when the old leader cannot be fenced (the operator takes the risk)"},
 };
 #define CTL_N_COMMAND_OPTIONS (sizeof(ctl_command_options) / sizeof(ctl_command_options[0]))
 
@@ -119,9 +125,13 @@ static const ctl_command ctl_commands[] = {
      ctl_cmd_show_queries},
     {"show-metrics", "", "per proxy and node: sessions, statements/s, bytes/s, errors/s, latency",
      0, 0, 0, 0, true, NULL, ctl_cmd_show_metrics},
+    {"show-operations", "", "switchovers: node, state, steps done, outcome (newest first)", 0, 0,
+     0, 0, true, NULL, ctl_cmd_show_operations},
     {"switchover", "", "make node NAME the write leader of every proxy",
-     CTL_ACCEPTS_NODE | CTL_ACCEPTS_PROMOTE | CTL_ACCEPTS_OP_TIMEOUT, CTL_ACCEPTS_NODE, 0, 0, true,
-     NULL, ctl_cmd_switchover},
+     CTL_ACCEPTS_NODE | CTL_ACCEPTS_PROMOTE | CTL_ACCEPTS_OP_TIMEOUT | CTL_ACCEPTS_FORCE,
+     CTL_ACCEPTS_NODE, 0, 0, true, NULL, ctl_cmd_switchover},
+    {"unfence", "NODE", "lift the fence a switchover left on node NODE", CTL_ACCEPTS_OP_TIMEOUT, 0,
+     1, 1, true, NULL, ctl_cmd_unfence},
     {"maintenance", "on|off", "pause (on) or resume (off) every live proxy", CTL_ACCEPTS_OP_TIMEOUT,
      0, 1, 1, true, ctl_check_maintenance, ctl_cmd_maintenance},
     {"config apply", "FILE", "every proxy's pgrelay.ini from FILE (- stdin), all or none", 0, 0, 1,
@@ -380,6 +390,9 @@ static int ctl_apply_option(ctl_ctx *ctx, ctl_settings *s, int opt, const char *
         return 0;
     case CTL_OPT_PROMOTE:
         ctx->promote = true;
+        return 0;
+    case CTL_OPT_FORCE:
+        ctx->force = true;
         return 0;
     case CTL_OPT_OP_TIMEOUT:
         return ctl_parse_op_timeout(arg, &ctx->op_timeout_s);

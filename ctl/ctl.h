@@ -38,6 +38,7 @@ typedef struct ctl_ctx {
     /* Options after the command words (only the ones the command accepts are parsed). */
     const char *node;  /* switchover --node */
     bool promote;      /* switchover --promote */
+    bool force;        /* switchover --force */
     long op_timeout_s; /* switchover/maintenance --timeout: what the server may take */
 
     /* Prepared by the command's checks before anything is sent. */
@@ -58,6 +59,8 @@ ctl_exit ctl_cmd_show_proxies(ctl_ctx *ctx);
 ctl_exit ctl_cmd_show_nodes(ctl_ctx *ctx);
 ctl_exit ctl_cmd_show_queries(ctl_ctx *ctx);
 ctl_exit ctl_cmd_show_metrics(ctl_ctx *ctx);
+ctl_exit ctl_cmd_unfence(ctl_ctx *ctx);
+ctl_exit ctl_cmd_show_operations(ctl_ctx *ctx);
 ctl_exit ctl_cmd_switchover(ctl_ctx *ctx);
 ctl_exit ctl_cmd_maintenance(ctl_ctx *ctx);
 ctl_exit ctl_cmd_config_apply(ctl_ctx *ctx);

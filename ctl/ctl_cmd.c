@@ -247,6 +247,44 @@ ctl_exit ctl_cmd_show_metrics(ctl_ctx *ctx)
     return ctl_show(ctx, "metrics", ctl_metrics_rows, CTL_COLUMNS(ctl_metrics_columns));
 }
 
+static const ctl_column ctl_operation_columns[] = {
+    {"id", CTL_CELL_PLAIN},    {"kind", CTL_CELL_PLAIN},    {"node", CTL_CELL_PLAIN},
+    {"old_leader", CTL_CELL_PLAIN}, {"promote", CTL_CELL_PLAIN}, {"force", CTL_CELL_PLAIN},
+    {"created", CTL_CELL_TIME}, {"state", CTL_CELL_PLAIN},   {"steps", CTL_CELL_PLAIN},
+    {"outcome", CTL_CELL_STATEMENT},
+};
+
+/* One row per operation, its steps as "pause fence ... resume". */
+static json_t *ctl_operation_rows(const json_t *body)
+{
+    json_t *rows = json_array();
+    size_t i, j;
+    json_t *op, *step;
+    json_array_foreach(body, i, op)
+    {
+        char steps[512] = "";
+        size_t off = 0;
+        json_array_foreach(json_object_get(op, "steps"), j, step)
+        {
+            const char *name = json_string_value(json_object_get(step, "step"));
+            if (name && strcmp(name, "begin") != 0 && off < sizeof(steps))
+                off += (size_t)snprintf(steps + off, sizeof(steps) - off, "%s%s", off ? " " : "",
+                                        name);
+        }
+        json_t *row = json_deep_copy(op);
+        if (row) {
+            json_object_set_new(row, "steps", json_string(steps));
+            json_array_append_new(rows, row);
+        }
+    }
+    return rows;
+}
+
+ctl_exit ctl_cmd_show_operations(ctl_ctx *ctx)
+{
+    return ctl_show(ctx, "operations", ctl_operation_rows, CTL_COLUMNS(ctl_operation_columns));
+}
+
 /* Is body an operation's answer: an object with a boolean "ok" (required when strict) and, if
  * there is a "proxies", an array of objects? */
 static bool ctl_is_result(const json_t *body, bool strict)
@@ -360,9 +398,16 @@ done:
 
 ctl_exit ctl_cmd_switchover(ctl_ctx *ctx)
 {
-    json_t *body = json_pack("{s:s, s:b, s:I}", "node", ctx->node, "promote", ctx->promote,
-                             "timeout_s", (json_int_t)ctx->op_timeout_s);
+    json_t *body = json_pack("{s:s, s:b, s:b, s:I}", "node", ctx->node, "promote", ctx->promote,
+                             "force", ctx->force, "timeout_s", (json_int_t)ctx->op_timeout_s);
     return ctl_operation(ctx, "switchover", "switchover", body, ctx->op_timeout_s);
+}
+
+ctl_exit ctl_cmd_unfence(ctl_ctx *ctx)
+{
+    json_t *body = json_pack("{s:s, s:I}", "node", ctx->argv[0], "timeout_s",
+                             (json_int_t)ctx->op_timeout_s);
+    return ctl_operation(ctx, "unfence", "unfence", body, ctx->op_timeout_s);
 }
 
 ctl_exit ctl_cmd_maintenance(ctl_ctx *ctx)

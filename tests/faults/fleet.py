@@ -22,6 +22,7 @@ from cluster import Cluster
 from conftest import wait_for
 from control_e2e_helpers import (
     ControlPlane,
+    http,
     cleanup_dir,
     ctl_json,
     info,
@@ -52,36 +53,67 @@ def postmaster_pid(node):
         return int(f.readline())
 
 
+class LeasedControlPlane(ControlPlane):
+    """pgrelay-control with [lease] enabled (3 s lease, renewed every second), so that two
+    of them can share the store."""
+
+    def _write_ini(self):
+        super()._write_ini()
+        with open(self.conf, "a") as f:
+            f.write("\n[lease]\nenabled = on\nlease_duration_secs = 3\nlease_interval_secs = 1\n")
+
+    def ready(self):
+        """Serving HTTP (a replica that does not hold the lease answers /readyz 503)."""
+        try:
+            return http(self.port, "GET", "/healthz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def holds_lease(self):
+        try:
+            return http(self.port, "GET", "/readyz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+
 class Fleet:
     def __init__(self, pg):
         self.pg = pg
         self.root = make_root()
         self.store_db = "faults_" + uuid.uuid4().hex[:10]
         self.control = None
+        self.control2 = None  # a second replica sharing the store (leased fleets)
         self.cluster = None
         self.proxies = {}
         self.listen_port = None
         self.started = time.monotonic()
 
     @classmethod
-    def start(cls, pg, hold=None):
-        """A running fleet; ``hold`` sets the control plane's test hook (hold at that step)."""
+    def start(cls, pg, hold=None, leased=False):
+        """A running fleet; ``hold`` sets the control plane's test hook (hold at that step).
+        ``leased``: two control-plane replicas with leases, the first one holding it (only it
+        gets ``hold``), both in the proxies' endpoint list."""
         f = cls(pg)
         try:
-            f._start(hold)
+            f._start(hold, leased)
         except BaseException:
             f.destroy()
             raise
         return f
 
-    def _start(self, hold):
+    def _start(self, hold, leased=False):
         self.pg.query(f"CREATE DATABASE {self.store_db}")
-        self.control = ControlPlane(
-            os.path.join(self.root, "control"),
-            f"host={self.pg.host} port={self.pg.port} user=postgres dbname={self.store_db} "
-            "connect_timeout=5")
+        store = (f"host={self.pg.host} port={self.pg.port} user=postgres dbname={self.store_db} "
+                 "connect_timeout=5")
+        kind = LeasedControlPlane if leased else ControlPlane
+        self.control = kind(os.path.join(self.root, "control"), store)
         os.makedirs(self.control.workdir)
         self.start_control(hold)
+        if leased:
+            wait_for(self.control.holds_lease, timeout=10, what="the first replica's lease")
+            self.control2 = kind(os.path.join(self.root, "control2"), store)
+            os.makedirs(self.control2.workdir)
+            self.control2.start()
         self.cluster = Cluster.create(replicas=1, sync_standby="pg2")
         self.cluster.relay_pinned = True
         for attempt in range(3):
@@ -119,8 +151,11 @@ class Fleet:
         for r in self.proxies.values():
             with contextlib.suppress(Exception):
                 stop_proxy(r)
-        if self.control:
-            self.control.stop()
+        for c in (self.control, self.control2):
+            if c:
+                with contextlib.suppress(Exception):
+                    os.kill(c.proc.pid, signal.SIGCONT)
+                c.stop()
         if self.cluster is not None:
             for n in self.cluster.nodes:  # a test may leave a node stopped with SIGSTOP
                 with contextlib.suppress(Exception):
@@ -149,7 +184,8 @@ class Fleet:
         return self.proxies["proxy-b"]
 
     def ini(self):
-        return render_ini(self.listen_port, os.path.join(self.root, "host"), self.control.url,
+        urls = ",".join(c.url for c in (self.control, self.control2) if c)
+        return render_ini(self.listen_port, os.path.join(self.root, "host"), urls,
                           self.cluster.relay_nodes())
 
     def ctl(self, *args, **kw):
@@ -187,9 +223,16 @@ def direct_write_fails(node, table):
     the error text (AssertionError when it committed)."""
     try:
         with node.connect(autocommit=True, connect_timeout=3) as c:
-            c.execute("BEGIN READ WRITE")
-            c.execute(f"INSERT INTO {table} (proxy, n) VALUES ('direct', -1)")
-            c.execute("COMMIT")
+            # a commit that waits for a synchronous standby that is gone is cancelled after
+            # 3 s: PostgreSQL then reports it committed (it is, locally)
+            cancel = threading.Timer(3.0, c.cancel)
+            cancel.start()
+            try:
+                c.execute("BEGIN READ WRITE")
+                c.execute(f"INSERT INTO {table} (proxy, n) VALUES ('direct', -1)")
+                c.execute("COMMIT")
+            finally:
+                cancel.cancel()
     except psycopg.Error as e:
         return str(e).strip()
     raise AssertionError(f"a direct write committed on {node.name}")

@@ -879,13 +879,16 @@ def test_switchover_bumps_the_epoch_and_every_agent_gets_set_leader(control, age
         answer = agent.metrics(epoch=5, leader="pg1",
                                nodes=[obs("pg1"), obs("pg2", in_recovery=True)])
     assert answer == {"leader": "pg1", "epoch": 5}
+    # pg2 promoted by other means: a switchover without promote goes to a primary only
+    for agent in (a, b):
+        agent.metrics(epoch=5, leader="pg1", nodes=[obs("pg1"), obs("pg2")])
     status, answer = control.admin("POST", "/deployments/prod/switchover",
                                    {"node": "pg2", "promote": False, "timeout_s": 10})
     assert status == 200, answer
     assert answer["ok"] is True and answer["leader"] == "pg2" and answer["epoch"] == 6
     for agent in (a, b):
         [cmd] = agent.commands("set_leader")
-        assert cmd["args"] == {"leader": "pg2", "epoch": 6}
+        assert cmd["args"] == {"leader": "pg2", "epoch": 6, "operation": 1}
     # the agents now see pg2 as the primary: the decision holds
     assert a.metrics(epoch=6, leader="pg2", nodes=[obs("pg1", in_recovery=True), obs("pg2")]) == {
         "leader": "pg2", "epoch": 6}
@@ -904,16 +907,22 @@ def test_switchover_with_promote_pauses_promotes_switches_and_resumes(control, a
     assert answer["leader"] == "pg2" and answer["epoch"] == 3 and answer["ok"] is True
     promotes = a.commands("promote") + b.commands("promote")
     assert len(promotes) == 1
-    assert promotes[0]["args"]["node"] == "pg2" and promotes[0]["args"]["wait_lsn"] == 5000
+    # every command of the switchover carries its operation's id
+    assert promotes[0]["args"] == {"node": "pg2", "operation": 1}
+    # the same proxy first fenced pg1 and waited for pg2 to replay it
+    runner = a if a.commands("promote") else b
+    assert [c["args"]["node"] for c in runner.commands("fence")] == ["pg1"]
+    assert runner.commands("catch_up")[0]["args"]["old"] == "pg1"
     for agent in (a, b):
-        types = [t for t in agent.types() if t != "promote"]
+        types = [t for t in agent.types() if t not in ("fence", "catch_up", "promote")]
         assert types == ["maintenance", "set_leader", "maintenance"], agent.types()
         on, off = agent.commands("maintenance")
         # the pause ends by itself at the switchover's deadline plus 5 s (dead-man pause)
         assert on["args"]["on"] is True and 10 < on["args"]["resume_after_s"] <= 15, on
         assert abs(on["args"]["until_ms"] / 1000 - time.time() - 15) < 5, on
-        assert off["args"] == {"on": False, "resume_after_s": 0}
-        assert agent.commands("set_leader")[0]["args"] == {"leader": "pg2", "epoch": 3}
+        assert off["args"] == {"on": False, "resume_after_s": 0, "operation": 1}
+        assert agent.commands("set_leader")[0]["args"] == {"leader": "pg2", "epoch": 3,
+                                                            "operation": 1}
 
 
 def test_failed_promote_is_409_and_maintenance_ends(control, agents):
@@ -927,7 +936,9 @@ def test_failed_promote_is_409_and_maintenance_ends(control, agents):
     status, answer = control.admin("POST", "/deployments/prod/switchover",
                                    {"node": "pg2", "promote": True, "timeout_s": 10})
     assert status == 409 and "not reachable" in answer["error"]
-    wait_for(lambda: a.types() == ["maintenance", "promote", "maintenance"], what="resume")
+    # a promote was sent: pg1 stays fenced (no unfence), the fleet resumes
+    wait_for(lambda: a.types() == ["maintenance", "fence", "catch_up", "promote", "maintenance"],
+             what="resume")
     assert a.metrics(nodes=[obs("pg1"), obs("pg2", in_recovery=True)])["leader"] == "pg1"
 
 

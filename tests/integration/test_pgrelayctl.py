@@ -388,7 +388,7 @@ def test_switchover_posts_node_promote_and_timeout(stub):
     assert p.returncode == EXIT_OK, p.stderr
     [req] = stub.requests
     assert req["method"] == "POST" and req["path"] == API + "/deployments/prod/switchover"
-    assert req["body"] == {"node": "pg2", "promote": True, "timeout_s": 12}
+    assert req["body"] == {"node": "pg2", "promote": True, "force": False, "timeout_s": 12}
     assert req["headers"]["Content-Type"] == "application/json"
     assert req["headers"]["Authorization"] == f"Bearer {TOKEN}"
     assert "leader  pg2" in p.stdout and "epoch   8" in p.stdout
@@ -399,7 +399,8 @@ def test_switchover_defaults_to_no_promote_and_30_seconds(stub):
     stub.route("POST", "/deployments/prod/switchover", body=SWITCHOVER_OK)
     p = run("-d", "prod", "-o", "json", "switchover", "--node", "pg2", endpoint=stub.url)
     assert p.returncode == EXIT_OK, p.stderr
-    assert stub.requests[0]["body"] == {"node": "pg2", "promote": False, "timeout_s": 30}
+    assert stub.requests[0]["body"] == {"node": "pg2", "promote": False, "force": False,
+                                        "timeout_s": 30}
     assert json.loads(p.stdout) == SWITCHOVER_OK
 
 

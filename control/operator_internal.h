@@ -1,0 +1,122 @@
+/* operator_internal.h - what the orchestrations share (operator.c) with the switchover
+ * operation (switchover.c): the op, its steps, and sending a step's command. */
+#ifndef PGRELAY_OPERATOR_INTERNAL_H
+#define PGRELAY_OPERATOR_INTERNAL_H
+
+#include "operator.h"
+
+#include <event2/event.h>
+#include <jansson.h>
+
+#define OPERATOR_DETAIL_MAX 512
+#define OPERATOR_NODE_MAX   (STATE_NODE_NAME_MAX - 1)
+
+/* What an orchestration does. */
+typedef enum op_kind {
+    OP_MAINTENANCE, /* maintenance on or off on every live proxy */
+    OP_RELOAD,      /* reload on every live proxy */
+    OP_SWITCHOVER,  /* pause, fence, [catch up, promote,] switch, resume (switchover.c) */
+    OP_CONFIG,      /* config_prepare everywhere, then config_commit (or config_abort) */
+    OP_UNFENCE,     /* one proxy lifts a node's fence (switchover.c) */
+} op_kind;
+
+/* Where an orchestration is. */
+typedef enum op_step {
+    STEP_MAINTENANCE, /* OP_MAINTENANCE: waiting for the maintenance acks */
+    STEP_RELOAD,      /* OP_RELOAD: waiting for the reload acks */
+    STEP_PAUSE,       /* switchover: maintenance on everywhere (with a dead-man end) */
+    STEP_FENCE,       /* switchover: one proxy fences the old leader */
+    STEP_CATCH_UP,    /* switchover with promote: the target replays the fenced WAL */
+    STEP_PROMOTE,     /* switchover with promote: one proxy promotes the node */
+    STEP_SET_LEADER,  /* switchover: set_leader everywhere */
+    STEP_RESUME,      /* switchover: maintenance off everywhere */
+    STEP_PREPARE,     /* config: config_prepare everywhere */
+    STEP_COMMIT,      /* config: config_commit everywhere */
+    STEP_UNFENCE,     /* OP_UNFENCE: waiting for the unfence ack */
+} op_step;
+
+/* One proxy's answer in the current step. */
+typedef enum op_answer {
+    OP_PENDING = 0, /* not acknowledged yet */
+    OP_OK,          /* acknowledged with ok: true */
+    OP_REFUSED,     /* acknowledged with ok: false */
+} op_answer;
+
+typedef struct op_target {
+    char node_id[STATE_NODE_ID_MAX];
+    op_answer answer;
+    char detail[OPERATOR_DETAIL_MAX];
+} op_target;
+
+typedef struct operator_op {
+    state_deployment *dep;
+    struct evhttp_request *req; /* the operator's request, answered at the end */
+    op_kind kind;
+    op_step step;
+    int64_t timeout_s;   /* the whole orchestration ends within this (the operator's timeout) */
+    int64_t deadline_ms; /* monotonic time at which it ends, done or not */
+    struct event *timer; /* the deadline */
+    int64_t command_id;  /* the current step's command */
+    op_target *targets;  /* the current step's proxies */
+    int n_targets;
+
+    /* maintenance */
+    bool on;
+    int64_t resume_after_s; /* passed on: maintenance ends by itself after it */
+    /* switchover, unfence */
+    int64_t op_id; /* the switchover's durable operation (pgrelay.operations) */
+    char node[STATE_NODE_NAME_MAX];
+    char old_leader[STATE_NODE_NAME_MAX];
+    bool promote;
+    bool force;                     /* the operator takes the risk of an unfenced old leader */
+    char runner[STATE_NODE_ID_MAX]; /* the proxy that fences, catches up and promotes */
+    bool fenced;                    /* the fence was sent: the old leader may be fenced */
+    bool promote_sent;              /* a promote was queued: the target may be a primary */
+    json_t *record;                 /* what each step did: {"step": detail} */
+    json_t *leader_answers;         /* set_leader answers, kept through the resume step */
+    bool leader_ok;                 /* every set_leader was acknowledged ok */
+    /* config */
+    int64_t version;
+    char *text;
+    int64_t prepare_id; /* the config_prepare command */
+} operator_op;
+
+/* The current step's answers as [{"node_id", "ok", "detail"}]. */
+json_t *op_answers(const operator_op *op, const char *pending_detail);
+bool op_all_ok(const operator_op *op);
+
+/* Answer the operator (body stolen) and end the op. */
+void op_finish(operator_op *op, int code, json_t *body);
+void op_finish_error(operator_op *op, int code, const char *msg);
+
+/* "no answer within Ns" */
+void op_pending_detail(const operator_op *op, char *buf, size_t len);
+
+/* Milliseconds left before the deadline (0 when it has passed). */
+int64_t op_left_ms(const operator_op *op);
+
+/* Arm the timer for the deadline. 0, or -1 after ending the op. */
+int op_arm_deadline(operator_op *op);
+
+/* Args of a maintenance command (resume_after_s > 0: it ends by itself then). */
+json_t *op_maintenance_args(bool on, int64_t resume_after_s);
+
+/* Queue a command (args stolen) that nobody waits for, to every live proxy (node_id NULL)
+ * or to one: rolling back after a failure. */
+void op_fire(state_deployment *dep, const char *node_id, const char *type, json_t *args);
+
+/* Start a step: queue the command (args stolen) for targets and wait. May end the op (no
+ * target, or the store failed): the caller must not touch op afterwards. */
+void op_send(operator_op *op, op_step step, const char *type, json_t *args,
+             state_proxy *const *targets, int n);
+void op_send_live(operator_op *op, op_step step, const char *type, json_t *args);
+
+/* A new op for the call, or NULL after answering 409 (another one runs) or 400. */
+operator_op *op_begin(http_call *call, op_kind kind);
+
+/* switchover.c: the current switchover step is done, timed out, or a proxy refused it. */
+void switchover_step_done(operator_op *op);
+void switchover_timeout(operator_op *op, const char *msg, const char *pending);
+void switchover_refused(operator_op *op, const char *node_id, const char *detail);
+
+#endif

@@ -1,0 +1,520 @@
+/* switchover.c - the switchover operation: pause, fence, [catch up, promote,] switch, resume;
+ * and unfence.
+ *
+ * Every step is one command (operator.c's machinery): a pause with a dead-man end to every
+ * live proxy; the fence of the old leader, the catch-up and the promote to one proxy (the
+ * runner: one that sees the target up); set_leader and the resume to every live proxy. The
+ * operator's timeout bounds the whole operation. A failure before the promote was queued
+ * rolls back (unfence, resume); after it, the fence is kept (the target may be a primary)
+ * and traffic resumes.
+ */
+#include "agents.h"
+#include "control.h"
+#include "leader.h"
+#include "log.h"
+#include "operator_internal.h"
+#include "store.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Environment variable of the fault-injection tests: a switchover whose step it names
+ * (pause, fence, catch_up, promote, switch, resume) is done holds there, acting on nothing
+ * more, until its deadline, so that a test can kill the control plane after that step.
+ * Never set it in production. */
+#define SWITCHOVER_TEST_HOLD_ENV "PGRELAY_CONTROL_TEST_HOLD"
+
+/* A step's name (the log, the record, SWITCHOVER_TEST_HOLD_ENV). */
+static const char *switchover_step_name(op_step step)
+{
+    switch (step) {
+    case STEP_PAUSE:
+        return "pause";
+    case STEP_FENCE:
+        return "fence";
+    case STEP_CATCH_UP:
+        return "catch_up";
+    case STEP_PROMOTE:
+        return "promote";
+    case STEP_SET_LEADER:
+        return "switch";
+    case STEP_RESUME:
+        return "resume";
+    case STEP_UNFENCE:
+        return "unfence";
+    default:
+        return "other";
+    }
+}
+
+/* Remember what the current step did (its single or first answer). */
+static void switchover_note(operator_op *op, const char *what)
+{
+    if (!op->record)
+        op->record = json_object();
+    json_object_set_new(op->record, switchover_step_name(op->step), json_string(what));
+    if (op->op_id > 0 && store_operation_note(op->op_id, what) != 0)
+        log_error("deployment %s: operation %" PRId64 ": cannot record the %s step's outcome: %s",
+                  op->dep->name, op->op_id, switchover_step_name(op->step), store_error());
+}
+
+static void switchover_roll_back(operator_op *op, int code, const char *error);
+
+/* Start a step: record it in the store first (a step is recorded before it is acted on),
+ * then queue its command, which carries the operation's id (args stolen). */
+static void switchover_send(operator_op *op, op_step step, const char *type, json_t *args,
+                            state_proxy *const *targets, int n)
+{
+    if (store_operation_step(op->op_id, switchover_step_name(step), op->runner, op->fenced,
+                             op->promote_sent) != 0) {
+        char why[OPERATOR_DETAIL_MAX];
+        json_decref(args);
+        snprintf(why, sizeof(why), "%s step: cannot record it: %s", switchover_step_name(step),
+                 store_error());
+        op->promote_sent = op->promote_sent && step != STEP_PROMOTE;
+        switchover_roll_back(op, 503, why);
+        return;
+    }
+    json_object_set_new(args, "operation", json_integer((json_int_t)op->op_id));
+    op_send(op, step, type, args, targets, n);
+}
+
+static void switchover_send_live(operator_op *op, op_step step, const char *type, json_t *args)
+{
+    state_proxy *live[STATE_LIVE_MAX];
+    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    switchover_send(op, step, type, args, live, n);
+}
+
+/* Args of the pause: it ends by itself at the deadline plus OPERATOR_PAUSE_MARGIN_S, as a
+ * delay and as a wall-clock time, so that a proxy that never hears from the control plane
+ * again, or hears this late, resumes then (the dead-man pause). */
+static json_t *switchover_pause_args(const operator_op *op)
+{
+    int64_t end_ms = op_left_ms(op) + OPERATOR_PAUSE_MARGIN_S * 1000;
+    return json_pack("{s:b, s:I, s:I}", "on", 1, "resume_after_s",
+                     (json_int_t)((end_ms + 999) / 1000), "until_ms",
+                     (json_int_t)(control_now_ms() + end_ms));
+}
+
+/* The proxy that fences, catches up and promotes: a live one that sees the node up, else any
+ * live one. */
+static state_proxy *switchover_runner(operator_op *op)
+{
+    state_proxy *live[STATE_LIVE_MAX];
+    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    for (int i = 0; i < n; i++) {
+        size_t j;
+        json_t *obs;
+        json_array_foreach(live[i]->nodes, j, obs)
+        {
+            const char *name = json_string_value(json_object_get(obs, "name"));
+            const char *health = json_string_value(json_object_get(obs, "health"));
+            if (name && health && strcmp(name, op->node) == 0 && strcmp(health, "up") == 0)
+                return live[i];
+        }
+    }
+    return n > 0 ? live[0] : NULL;
+}
+
+/* Some live proxy sees node up and in recovery. */
+static bool switchover_in_recovery(state_deployment *dep, const char *node)
+{
+    state_proxy *live[STATE_LIVE_MAX];
+    int n = state_live_proxies(dep, live, STATE_LIVE_MAX);
+    for (int i = 0; i < n; i++) {
+        size_t j;
+        json_t *obs;
+        json_array_foreach(live[i]->nodes, j, obs)
+        {
+            const char *name = json_string_value(json_object_get(obs, "name"));
+            const char *health = json_string_value(json_object_get(obs, "health"));
+            if (name && strcmp(name, node) == 0 && health && strcmp(health, "up") == 0 &&
+                json_is_true(json_object_get(obs, "in_recovery")))
+                return true;
+        }
+    }
+    return false;
+}
+
+/* Send a step to the runner (args stolen). */
+static void switchover_send_runner(operator_op *op, op_step step, const char *type, json_t *args)
+{
+    state_proxy *p = state_find_proxy(op->dep, op->runner);
+    if (!p) {
+        char why[OPERATOR_DETAIL_MAX];
+        json_decref(args);
+        snprintf(why, sizeof(why), "proxy %s, which runs the fence and the promote, is gone",
+                 op->runner);
+        op->step = step;
+        switchover_refused(op, "", why);
+        return;
+    }
+    switchover_send(op, step, type, args, &p, 1);
+}
+
+static void switchover_send_switch(operator_op *op)
+{
+    if (leader_set(op->dep, op->node, op->dep->epoch + 1) != 0) {
+        char msg[OPERATOR_DETAIL_MAX];
+        snprintf(msg, sizeof(msg), "switch step: store unreachable: %s", store_error());
+        op->step = STEP_SET_LEADER;
+        switchover_roll_back(op, 503, msg);
+        return;
+    }
+    switchover_send_live(
+        op, STEP_SET_LEADER, "set_leader",
+        json_pack("{s:s, s:I}", "leader", op->node, "epoch", (json_int_t)op->dep->epoch));
+}
+
+/* After the pause, the fence (or straight to the switch when there is no other leader). */
+static void switchover_after_pause(operator_op *op)
+{
+    state_proxy *p = switchover_runner(op);
+    if (!p) {
+        switchover_refused(op, "", "no live proxy can run the fence and the promote");
+        return;
+    }
+    snprintf(op->runner, sizeof(op->runner), "%s", p->node_id);
+    if (op->old_leader[0] && strcmp(op->old_leader, op->node) != 0) {
+        op->fenced = true; /* from now on it may be: a rollback lifts it */
+        switchover_send_runner(op, STEP_FENCE, "fence",
+                               json_pack("{s:s, s:b}", "node", op->old_leader, "force", op->force));
+        return;
+    }
+    switchover_note(op, "no other leader to fence");
+    if (op->promote) {
+        op->promote_sent = true;
+        switchover_send_runner(op, STEP_PROMOTE, "promote", json_pack("{s:s}", "node", op->node));
+    } else {
+        switchover_send_switch(op);
+    }
+}
+
+/* The test hook SWITCHOVER_TEST_HOLD_ENV names the step just done: wait for the deadline. */
+static bool switchover_test_hold(operator_op *op)
+{
+    const char *hold = getenv(SWITCHOVER_TEST_HOLD_ENV);
+    const char *name = switchover_step_name(op->step);
+    if (!hold || strcmp(hold, name) != 0)
+        return false;
+    log_warning("deployment %s: switchover holds after its %s step until its deadline (%s is "
+                "set: a test hook)",
+                op->dep->name, name, SWITCHOVER_TEST_HOLD_ENV);
+    op->command_id = 0;
+    op_arm_deadline(op);
+    return true;
+}
+
+/* Record the end of the operation (state "done", "failed" or "rolled_back"). */
+static void switchover_end(operator_op *op, const char *state, const char *outcome)
+{
+    if (op->op_id > 0 && store_operation_end(op->op_id, state, outcome) != 0)
+        log_error("deployment %s: operation %" PRId64 ": cannot record its end (%s): %s",
+                  op->dep->name, op->op_id, state, store_error());
+}
+
+/* The answer's body: the outcome, the leader and epoch, each step's record. */
+static json_t *switchover_body(operator_op *op, bool ok, const char *error)
+{
+    json_t *body =
+        json_pack("{s:b, s:s, s:I, s:s, s:s, s:O}", "ok", ok, "leader", op->node, "epoch",
+                  (json_int_t)op->dep->epoch, "promoted_by", op->runner, "runner", op->runner,
+                  "steps", op->record ? op->record : json_object());
+    if (error)
+        json_object_set_new(body, "error", json_string(error));
+    json_object_set(body, "proxies", op->leader_answers ? op->leader_answers : json_array());
+    if (op->force)
+        json_object_set_new(body, "forced", json_true());
+    return body;
+}
+
+void switchover_step_done(operator_op *op)
+{
+    const char *first = op->n_targets > 0 ? op->targets[0].detail : "";
+    if (op->kind == OP_UNFENCE) {
+        op_finish(op, 200,
+                  json_pack("{s:b, s:s, s:s, s:o}", "ok", 1, "node", op->node, "detail", first,
+                            "proxies", op_answers(op, "")));
+        return;
+    }
+    if (op->step == STEP_PAUSE) {
+        if (!op_all_ok(op)) {
+            switchover_refused(op, "", "a proxy refused the pause");
+            return;
+        }
+        switchover_note(op, "every live proxy paused");
+    } else if (op->step == STEP_SET_LEADER) {
+        op->leader_answers = op_answers(op, "");
+        op->leader_ok = op_all_ok(op);
+        switchover_note(op, op->leader_ok ? "every live proxy routes to the new leader"
+                                          : "a proxy did not take the new leader");
+    } else if (op->step != STEP_RESUME) {
+        switchover_note(op, first);
+    }
+    if (switchover_test_hold(op))
+        return;
+    switch (op->step) {
+    case STEP_PAUSE:
+        switchover_after_pause(op);
+        return;
+    case STEP_FENCE:
+        if (strncmp(first, "NOT FENCED", 10) == 0)
+            log_error("deployment %s: switchover goes on with %s NOT FENCED, as the operator "
+                      "forced it: %s",
+                      op->dep->name, op->old_leader, first);
+        if (!op->promote) {
+            switchover_send_switch(op);
+            return;
+        }
+        switchover_send_runner(op, STEP_CATCH_UP, "catch_up",
+                               json_pack("{s:s, s:s, s:I, s:b}", "node", op->node, "old",
+                                         op->old_leader, "timeout_ms", (json_int_t)op_left_ms(op),
+                                         "force", op->force));
+        return;
+    case STEP_CATCH_UP:
+        op->promote_sent = true;
+        switchover_send_runner(op, STEP_PROMOTE, "promote", json_pack("{s:s}", "node", op->node));
+        return;
+    case STEP_PROMOTE:
+        switchover_send_switch(op);
+        return;
+    case STEP_SET_LEADER:
+        switchover_send_live(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0));
+        return;
+    case STEP_RESUME:
+        switchover_note(op, op_all_ok(op) ? "every live proxy resumed" : "a proxy did not resume");
+        switchover_end(op, op->leader_ok && op_all_ok(op) ? "done" : "failed",
+                       op->leader_ok && op_all_ok(op) ? "switched" : "a proxy did not follow");
+        op_finish(op, 200, switchover_body(op, op->leader_ok && op_all_ok(op), NULL));
+        return;
+    default:
+        op_finish_error(op, 500, "switchover in an unknown step");
+        return;
+    }
+}
+
+/* Roll back what can be: unfence the old leader when nothing may have been promoted, resume
+ * every proxy; then answer code with error. */
+static void switchover_roll_back(operator_op *op, int code, const char *error)
+{
+    bool paused = op->step != STEP_PAUSE || op->n_targets > 0; /* resumed again in any case */
+    if (op->op_id > 0)
+        /* a command that runs late (a promote could make two primaries): take them back */
+        store_operation_cancel_commands(op->op_id, "cancelled: the switchover ended");
+    if (op->fenced && !op->promote_sent && op->runner[0]) {
+        log_warning("deployment %s: switchover rolled back: lifting the fence of %s", op->dep->name,
+                    op->old_leader);
+        op_fire(op->dep, op->runner, "unfence", json_pack("{s:s}", "node", op->old_leader));
+        switchover_note(op, error);
+        json_object_set_new(op->record, "rollback",
+                            json_string("unfence queued, maintenance off queued"));
+    } else {
+        switchover_note(op, error);
+        if (op->fenced)
+            json_object_set_new(op->record, "rollback",
+                                json_sprintf("%s stays fenced (a promote was sent); maintenance "
+                                             "off queued",
+                                             op->old_leader));
+    }
+    if (paused)
+        op_fire(op->dep, NULL, "maintenance", op_maintenance_args(false, 0));
+    log_warning("deployment %s: switchover to %s failed: %s", op->dep->name, op->node, error);
+    switchover_end(op, op->promote_sent ? "failed" : "rolled_back", error);
+    op_finish(op, code, switchover_body(op, false, error));
+}
+
+void switchover_timeout(operator_op *op, const char *msg, const char *pending)
+{
+    char why[OPERATOR_DETAIL_MAX];
+    if (op->kind == OP_UNFENCE) {
+        op_finish_error(op, 504, msg);
+        return;
+    }
+    snprintf(why, sizeof(why), "%s step: %s%s%s", switchover_step_name(op->step), msg,
+             pending[0] ? "; " : "", pending);
+    switchover_roll_back(op, 504, why);
+}
+
+void switchover_refused(operator_op *op, const char *node_id, const char *detail)
+{
+    char why[OPERATOR_DETAIL_MAX];
+    if (op->kind == OP_UNFENCE) {
+        op_finish_error(op, 409, detail);
+        return;
+    }
+    snprintf(why, sizeof(why), "%s step failed%s%s: %s", switchover_step_name(op->step),
+             node_id[0] ? " on proxy " : "", node_id, detail);
+    switchover_roll_back(op, 409, why);
+}
+
+void operator_switchover(http_call *call)
+{
+    const char *node = NULL;
+    bool promote = false, force = false;
+    if (!http_field_string(call, call->body, NULL, "node", true, OPERATOR_NODE_MAX, &node) ||
+        !http_field_bool(call, call->body, NULL, "promote", false, &promote) ||
+        !http_field_bool(call, call->body, NULL, "force", false, &force))
+        return;
+    if (!node[0]) {
+        http_reply_error(call->req, 400, "field node must not be empty");
+        return;
+    }
+    if (!leader_node_known(call->dep, node)) {
+        http_reply_error(call->req, 404, "unknown node %s: no proxy of deployment %s observes it",
+                         node, call->dep->name);
+        return;
+    }
+    if (!promote && switchover_in_recovery(call->dep, node)) {
+        http_reply_error(call->req, 409, "%s is in recovery; use --promote", node);
+        return;
+    }
+    operator_op *op = op_begin(call, OP_SWITCHOVER);
+    if (!op)
+        return;
+    snprintf(op->node, sizeof(op->node), "%s", node);
+    snprintf(op->old_leader, sizeof(op->old_leader), "%s", call->dep->leader);
+    op->promote = promote;
+    op->force = force;
+    log_info("deployment %s: switchover from %s to %s%s%s requested", call->dep->name,
+             op->old_leader[0] ? op->old_leader : "(none)", node, promote ? " with promote" : "",
+             force ? ", FORCED" : "");
+    op->op_id = store_operation_create(op->dep->name, "switchover", node, op->old_leader, promote,
+                                       force, op->timeout_s);
+    if (op->op_id < 0) {
+        char msg[OPERATOR_DETAIL_MAX];
+        snprintf(msg, sizeof(msg), "store unreachable: cannot record the operation: %s",
+                 store_error());
+        op_finish_error(op, 503, msg);
+        return;
+    }
+    log_info("deployment %s: switchover is operation %" PRId64, op->dep->name, op->op_id);
+    switchover_send_live(op, STEP_PAUSE, "maintenance", switchover_pause_args(op));
+}
+
+void operator_unfence(http_call *call)
+{
+    const char *node = NULL;
+    if (!http_field_string(call, call->body, NULL, "node", true, OPERATOR_NODE_MAX, &node))
+        return;
+    if (!node[0]) {
+        http_reply_error(call->req, 400, "field node must not be empty");
+        return;
+    }
+    if (!leader_node_known(call->dep, node)) {
+        http_reply_error(call->req, 404, "unknown node %s: no proxy of deployment %s observes it",
+                         node, call->dep->name);
+        return;
+    }
+    operator_op *op = op_begin(call, OP_UNFENCE);
+    if (!op)
+        return;
+    snprintf(op->node, sizeof(op->node), "%s", node);
+    state_proxy *live[STATE_LIVE_MAX];
+    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    if (n == 0) {
+        op_finish_error(op, 409, "no live proxy can lift the fence");
+        return;
+    }
+    log_warning("deployment %s: unfence of %s requested", call->dep->name, node);
+    op_send(op, STEP_UNFENCE, "unfence", json_pack("{s:s}", "node", node), live, 1);
+}
+
+/* ---- the operation record: the agents' question, the operator's list, recovery ---- */
+
+void operator_operation_status(http_call *call)
+{
+    const char *text = call->args[0];
+    char *end = NULL;
+    long long id = strtoll(text, &end, 10);
+    if (!text[0] || *end || id <= 0) {
+        http_reply_error(call->req, 404, "unknown operation %s", text);
+        return;
+    }
+    operator_op *op = call->dep->op;
+    bool running = op && op->kind == OP_SWITCHOVER && op->op_id == id;
+    bool live = running && op_left_ms(op) > 0;
+    http_reply_json(call->req, 200,
+                    json_pack("{s:I, s:b, s:s, s:I}", "id", (json_int_t)id, "live", live, "step",
+                              running ? switchover_step_name(op->step) : "", "left_ms",
+                              (json_int_t)(running ? op_left_ms(op) : 0)));
+}
+
+void operator_operations(http_call *call)
+{
+    json_t *list = store_operations_list(call->dep->name, 50, false);
+    if (!list) {
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+/* Roll back one operation left running by a replica that crashed, stopped or lost the lease:
+ * withdraw its pending commands, resume every proxy, lift the fence when nothing may have
+ * been promoted (else the old leader stays fenced), and record it. */
+static void operation_roll_back(json_t *row)
+{
+    int64_t id = json_integer_value(json_object_get(row, "id"));
+    const char *dep_name = json_string_value(json_object_get(row, "deployment"));
+    const char *old = json_string_value(json_object_get(row, "old_leader"));
+    const char *runner = json_string_value(json_object_get(row, "runner"));
+    bool fenced_maybe = strcmp(json_string_value(json_object_get(row, "step")), "fence") == 0 ||
+                        json_is_true(json_object_get(row, "fenced"));
+    bool promote_sent = json_is_true(json_object_get(row, "promote_sent"));
+    char outcome[OPERATOR_DETAIL_MAX];
+    state_deployment *dep = state_find_deployment(dep_name);
+
+    store_operation_cancel_commands(id, "cancelled: the operation was rolled back");
+    size_t off =
+        (size_t)snprintf(outcome, sizeof(outcome),
+                         "rolled back by %s (the replica that ran it stopped at step "
+                         "%s): maintenance off queued",
+                         control.identity, json_string_value(json_object_get(row, "step")));
+    if (dep) {
+        state_proxy *all[STATE_LIVE_MAX];
+        int n = 0;
+        for (state_proxy *p = dep->proxies; p && n < STATE_LIVE_MAX; p = p->next)
+            all[n++] = p;
+        json_t *args = op_maintenance_args(false, 0);
+        if (n > 0 && store_command_create(dep->name, "maintenance", args, all, n) < 0)
+            log_error("deployment %s: cannot queue maintenance off: %s", dep->name, store_error());
+        json_decref(args);
+        if (fenced_maybe && !promote_sent && old && old[0]) {
+            state_proxy *p = runner && runner[0] ? state_find_proxy(dep, runner) : NULL;
+            if (!p)
+                p = dep->proxies;
+            args = json_pack("{s:s}", "node", old);
+            if (p && store_command_create(dep->name, "unfence", args, &p, 1) >= 0)
+                snprintf(outcome + off, sizeof(outcome) - off, ", unfence of %s queued", old);
+            json_decref(args);
+        } else if (fenced_maybe && old && old[0]) {
+            snprintf(outcome + off, sizeof(outcome) - off, ", %s stays fenced (a promote was sent)",
+                     old);
+        }
+        for (int i = 0; i < n; i++)
+            agents_wake(all[i]);
+    }
+    if (store_operation_end(id, promote_sent ? "failed" : "rolled_back", outcome) != 0)
+        log_error("operation %" PRId64 ": cannot record its rollback: %s", id, store_error());
+    else
+        log_warning("deployment %s: operation %" PRId64 " %s", dep_name, id, outcome);
+}
+
+void operation_recover(void)
+{
+    json_t *list = store_operations_list(NULL, 1000, true);
+    size_t i;
+    json_t *row;
+    if (!list) {
+        log_error("cannot look for unfinished operations: %s", store_error());
+        return;
+    }
+    json_array_foreach(list, i, row)
+    {
+        operation_roll_back(row);
+    }
+    json_decref(list);
+}
