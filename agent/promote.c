@@ -154,8 +154,7 @@ static bool promote_still_live(const config *cfg, int64_t operation, char *why, 
     json_t *reply = NULL;
     bool live = false;
 
-    if (http_client_init(&c, cfg->control_endpoint, cfg->control_token,
-                         cfg->control_request_timeout_ms) != 0) {
+    if (http_client_init(&c, cfg) != 0) {
         snprintf(why, len, "cannot start the HTTP client to ask the control plane");
         return false;
     }
