@@ -8,7 +8,7 @@ import uuid
 
 from psycopg import errors
 
-from conftest import CANCEL_REQUEST_CODE, RawClient, client_port, owning_worker, wait_for
+from conftest import CANCEL_REQUEST_CODE, SCHED_SLACK, RawClient, client_port, owning_worker, wait_for
 from loadgen import InThread
 
 
@@ -27,7 +27,7 @@ def start_sleep(relay, pg, seconds=30):
     return conn, q, backend
 
 
-def test_cancel_interrupts_running_query_within_a_second_repeatedly(relay, pg):
+def test_cancel_interrupts_running_query_repeatedly(relay, pg):
     # 12 rounds x 2 workers: the cancel connection lands on a random worker, so both
     # "same worker" and "other worker" cancels are exercised with near certainty
     for round_ in range(12):
@@ -38,7 +38,10 @@ def test_cancel_interrupts_running_query_within_a_second_repeatedly(relay, pg):
             q.join(10)
             assert isinstance(q.error, errors.QueryCanceled), f"round {round_}: {q.error!r}"
             assert q.error.sqlstate == "57014"
-            assert q.finished_at - cancelled_at < 1.0, f"round {round_}: took {q.finished_at - cancelled_at:.2f}s"
+            # no promise of speed (pgrelay(8) makes none): only that the cancel, not the end
+            # of the 30 s sleep, ended it
+            took = q.finished_at - cancelled_at
+            assert took < SCHED_SLACK, f"round {round_}: took {took:.2f}s"
             # the session survives the cancel
             assert conn.execute("SELECT 'after cancel'").fetchone() == ("after cancel",)
 
