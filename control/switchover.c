@@ -435,7 +435,7 @@ void operator_operation_status(http_call *call)
     }
     operator_op *op = call->dep->op;
     bool running = op && op->kind == OP_SWITCHOVER && op->op_id == id;
-    bool live = running && op_left_ms(op) > 0;
+    bool live = running && op->step == STEP_PROMOTE && op_left_ms(op) > 0;
     http_reply_json(call->req, 200,
                     json_pack("{s:I, s:b, s:s, s:I}", "id", (json_int_t)id, "live", live, "step",
                               running ? switchover_step_name(op->step) : "", "left_ms",

@@ -4,18 +4,16 @@ record, at once: every proxy resumes, the old leader is unfenced when nothing wa
 and stays fenced when a promote was sent. Writers run through both proxies all along: no
 acknowledged write is lost, and the invariants hold throughout."""
 
+import os
+import subprocess
 import time
 import uuid
 
 import pytest
 
 from conftest import wait_for
-from control_e2e_helpers import DEPLOYMENT, info
+from control_e2e_helpers import ADMIN_TOKEN, CTL_BIN, DEPLOYMENT, info
 from fleet import Fleet, Watch, Writer, assert_no_acknowledged_write_lost, direct_write_fails
-
-import subprocess
-import os
-from control_e2e_helpers import ADMIN_TOKEN, CTL_BIN
 
 
 def start_switchover(fleet, timeout_s):

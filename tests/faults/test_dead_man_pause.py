@@ -6,8 +6,8 @@ import signal
 import subprocess
 import time
 
-from conftest import admin, wait_for
-from control_e2e_helpers import CTL_BIN, ADMIN_TOKEN, DEPLOYMENT, info
+from conftest import wait_for
+from control_e2e_helpers import ADMIN_TOKEN, CTL_BIN, DEPLOYMENT, info
 from fleet import Fleet, Watch, postmaster_pid
 
 OP_TIMEOUT_S = 5
