@@ -97,7 +97,7 @@ class ControlPlane:
                                              stderr=subprocess.STDOUT)
             return self
 
-        return start_on_free_port(launch, ControlPlane.ready, ControlPlane.stop,
+        return start_on_free_port(launch, lambda c: c.ready(), lambda c: c.stop(),
                                   "pgrelay-control", attempts=3 if self.port is None else 50,
                                   timeout=timeout, port=self.port,
                                   log=lambda c: c.log_tail(5))
