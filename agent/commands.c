@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -319,6 +320,22 @@ done:
     return rc;
 }
 
+/* Whether write_file could replace path: create its temporary file and remove it again. */
+static int write_file_check(const char *path, char *detail, size_t len)
+{
+    char tmp[1100];
+    snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (fd < 0) {
+        snprintf(detail, len, "cannot write %s: %s (the directory must be writable by the user "
+                 "pgrelay runs as)", tmp, strerror(errno));
+        return -1;
+    }
+    close(fd);
+    unlink(tmp);
+    return 0;
+}
+
 static int cmd_config_prepare(json_t *args, char *detail, size_t len)
 {
     const char *text = arg_str(args, "text");
@@ -359,6 +376,9 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
                  next->max_client_conn, capacity);
         goto done;
     }
+    /* The commit writes beside the running file: find out now whether it can. */
+    if (write_file_check(cur->path, detail, len) != 0)
+        goto done;
     free(prepared.text);
     prepared.text = strdup(text);
     prepared.version = (uint64_t)version;
@@ -370,15 +390,24 @@ done:
     return rc;
 }
 
-/* Replace the file's contents atomically (write aside, fsync, rename). */
+/* Replace the file's contents atomically (write aside, fsync, rename). The new file keeps the
+ * old one's group and its permissions without any for others (it holds secrets): 0640 when
+ * the old file allowed more. */
 static int write_file(const char *path, const char *text, char *detail, size_t len)
 {
     char tmp[1100];
+    struct stat st;
     snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
     if (fd < 0) {
         snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
         return -1;
+    }
+    if (stat(path, &st) == 0) {
+        if (fchown(fd, (uid_t)-1, st.st_gid) != 0)
+            log_debug("cannot keep group %u on %s: %s", (unsigned)st.st_gid, tmp, strerror(errno));
+        if (fchmod(fd, st.st_mode & 0660) != 0)
+            log_debug("cannot set the mode of %s: %s", tmp, strerror(errno));
     }
     size_t n = strlen(text), off = 0;
     while (off < n) {

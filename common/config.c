@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static const char *const role_words[] = {"primary", "replica", NULL};
@@ -400,6 +401,36 @@ int config_first_primary(const config *cfg)
 bool config_key_is_secret(const config_key *key)
 {
     return strstr(key->name, "token") != NULL || strstr(key->name, "password") != NULL;
+}
+
+/* The first secret key (token, password) that cfg sets to a non-empty value, or NULL. */
+static const config_key *config_first_secret_set(const config *cfg)
+{
+    for (size_t i = 0; i < config_n_keys; i++) {
+        const config_key *k = &config_keys[i];
+        if (k->type != KEY_STRING || !config_key_is_secret(k))
+            continue;
+        if (strcmp(k->section, "node") != 0) {
+            if (((const char *)cfg + k->offset)[0] != '\0')
+                return k;
+            continue;
+        }
+        for (int n = 0; n < cfg->n_nodes; n++)
+            if (((const char *)&cfg->nodes[n] + k->offset)[0] != '\0')
+                return k;
+    }
+    return NULL;
+}
+
+bool config_secrets_exposed(const config *cfg, const char *path, char *msg, size_t len)
+{
+    struct stat st;
+    const config_key *k = config_first_secret_set(cfg);
+    if (!k || stat(path, &st) != 0 || (st.st_mode & S_IROTH) == 0)
+        return false;
+    snprintf(msg, len, "mode %04o lets every user read %s; chmod 0640 %s (owner root, group "
+             "of the daemon's user)", (unsigned)(st.st_mode & 07777), k->name, path);
+    return true;
 }
 
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
