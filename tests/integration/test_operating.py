@@ -149,3 +149,38 @@ def test_config_apply_keeps_the_file_group_readable_only(pg, control):
         relay.stop()
         shutil.rmtree(relay.run_dir, ignore_errors=True)
         ctl_json(control, "delete-proxy", relay.node_id)  # a declared member: apply waits for it
+
+
+# --------------------------------------------------------------------------- #
+# [control] keys read at start
+# --------------------------------------------------------------------------- #
+
+
+def test_reload_names_the_control_keys_it_keeps_until_a_restart(pg):
+    """endpoint, token and node_id are read when the agent starts: a reload that changes them
+    says so (answer and log) and `show config` calls them restart-only, instead of silence."""
+    from conftest import admin, admin_json
+
+    relay = start_relay(pg, sections={"control": {"endpoint": "http://127.0.0.1:9",
+                                                  "token": "first-token-0123456789"}})
+    try:
+        with open(relay.conf_path) as f:
+            text = f.read()
+        text = text.replace("http://127.0.0.1:9", "http://127.0.0.1:10").replace(
+            "first-token-0123456789", "second-token-0123456789")
+        text = text.replace("workers = 2", "workers = 2\nserver_connect_timeout = 7s")
+        with open(relay.conf_path, "w") as f:
+            f.write(text)
+        answer = admin(relay, "reload")
+        assert "changed but kept until a restart: endpoint, token" in answer, answer
+        assert "second-token" not in answer and "second-token" not in relay.log()
+        wait_for(lambda: "reload: [control] endpoint changed from http://127.0.0.1:9 to "
+                         "http://127.0.0.1:10; this needs a restart" in relay.log(),
+                 what="the reload's warning about endpoint")
+        rows = {r["key"]: r for r in admin_json(relay, "show config")}
+        assert rows["control.endpoint"]["value"] == "http://127.0.0.1:9"  # the running one
+        for key in ("control.endpoint", "control.token", "control.node_id"):
+            assert rows[key]["reloadable"] is False, rows[key]
+        assert rows["server_connect_timeout"]["value"] == "7s"  # the rest was reloaded
+    finally:
+        relay.stop()
