@@ -141,6 +141,8 @@ typedef struct shm_worker {
     int64_t started_at_us;      /* wall clock, microseconds */
     uint32_t restarts;          /* times the master re-forked this slot */
     _Atomic int32_t sessions;   /* live client sessions */
+    _Atomic int64_t maintenance_seen_us; /* maintenance_since_us of the pause this worker acts
+                                          * on, 0 when none (`pause wait` waits for it) */
     shm_worker_stats stats;
 } shm_worker;
 

@@ -487,6 +487,44 @@ static int cmd_show_config(admin_call *call, json_t **result)
     return 0;
 }
 
+/* Sessions that are not at a safe point: running a statement, or inside a transaction. */
+static void admin_busy_sessions(master *m, int *active, int *in_tx)
+{
+    *active = *in_tx = 0;
+    for (uint32_t i = 0; i < m->shm->max_sessions; i++) {
+        uint32_t state = atomic_load_explicit(&m->shm->sessions[i].state, memory_order_relaxed);
+        if (state == SESSION_ACTIVE)
+            (*active)++;
+        else if (state == SESSION_IN_TX)
+            (*in_tx)++;
+    }
+}
+
+/* Has every running worker taken the current pause into account (it then holds each session
+ * at its next safe point, so a session seen idle stays so)? */
+static bool admin_workers_follow_pause(master *m)
+{
+    int64_t since = atomic_load(&m->shm->maintenance_since_us);
+    for (uint32_t i = 0; i < m->shm->n_workers && i < SHM_MAX_WORKERS; i++) {
+        const shm_worker *w = &m->shm->workers[i];
+        if (atomic_load(&w->pid) != 0 && atomic_load(&w->maintenance_seen_us) != since)
+            return false;
+    }
+    return true;
+}
+
+static void admin_print_busy(master *m, struct evbuffer *out)
+{
+    int active, in_tx;
+    admin_busy_sessions(m, &active, &in_tx);
+    if (active + in_tx == 0)
+        evbuffer_add_printf(out, "no session is busy: every one is at a safe point\n");
+    else
+        evbuffer_add_printf(out, "%d session(s) busy (%d running a statement, %d in a "
+                                 "transaction), each held at its next safe point; "
+                                 "`pause wait` waits for them\n", active + in_tx, active, in_tx);
+}
+
 static int cmd_pause(admin_call *call, json_t **result)
 {
     long ms = 0;
@@ -507,7 +545,58 @@ static int cmd_pause(admin_call *call, json_t **result)
     else
         evbuffer_add_printf(call->out, "maintenance on: holding new sessions and next "
                                        "statements until resume\n");
+    admin_print_busy(call->m, call->out);
     return 0;
+}
+
+/* pause wait [TIMEOUT]: pause (unless paused already: its automatic resume stays), then answer
+ * once no session is busy, as PgBouncer's PAUSE does; admin_wait_poll writes the answer. */
+static int cmd_pause_wait(admin_call *call, json_t **result)
+{
+    long ms = 0;
+    (void)result;
+    if (call->argc > 1) {
+        admin_error(call, "usage: pause wait [TIMEOUT]");
+        return -1;
+    }
+    if (call->argc == 1 && (config_parse_duration(call->argv[0], &ms) != 0 || ms <= 0)) {
+        admin_error(call, "\"%s\" is not a duration (examples: 30s, 5m)", call->argv[0]);
+        return -1;
+    }
+    if (!atomic_load(&call->m->shm->maintenance))
+        master_set_maintenance(call->m, true, 0);
+    call->sess->waiting = true;
+    call->sess->wait_started_us = shm_now_us();
+    call->sess->wait_until_us = ms > 0 ? call->sess->wait_started_us + (int64_t)ms * 1000 : 0;
+    return 0;
+}
+
+bool admin_wait_poll(master *m, admin_session *sess, struct evbuffer *out)
+{
+    int active, in_tx;
+    int64_t now = shm_now_us();
+    long waited_ms = (long)((now - sess->wait_started_us) / 1000);
+    if (!atomic_load(&m->shm->maintenance)) {
+        evbuffer_add_printf(out, "error: resumed after %ld ms, before every session was at a "
+                                 "safe point\n\n", waited_ms);
+        sess->waiting = false;
+        return true;
+    }
+    admin_busy_sessions(m, &active, &in_tx);
+    if (active + in_tx == 0 && admin_workers_follow_pause(m)) {
+        evbuffer_add_printf(out, "maintenance on: every session is at a safe point "
+                                 "(waited %ld ms); resume releases them\n\n", waited_ms);
+        sess->waiting = false;
+        return true;
+    }
+    if (sess->wait_until_us > 0 && now >= sess->wait_until_us) {
+        evbuffer_add_printf(out, "error: %d session(s) still busy after %ld ms (%d running a "
+                                 "statement, %d in a transaction); maintenance stays on\n\n",
+                            active + in_tx, waited_ms, active, in_tx);
+        sess->waiting = false;
+        return true;
+    }
+    return false;
 }
 
 static int cmd_resume(admin_call *call, json_t **result)
@@ -612,6 +701,9 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_OPERATOR, false, cmd_set_leader},
     {"pause", "[TIMEOUT]", "maintenance on: hold new sessions and each next statement",
      ADMIN_LEVEL_OPERATOR, false, cmd_pause},
+    {"pause wait", "[TIMEOUT]",
+     "pause, then answer once no session runs a statement or is in a transaction (ends a line)",
+     ADMIN_LEVEL_OPERATOR, false, cmd_pause_wait},
     {"resume", "", "maintenance off: release what pause holds", ADMIN_LEVEL_OPERATOR, false,
      cmd_resume},
     {"kill client", "ID", "close one client session", ADMIN_LEVEL_OPERATOR, false,
@@ -698,7 +790,10 @@ static void admin_run_command(master *m, admin_session *sess, char *text, struct
         return;
     }
     json_t *result = NULL;
-    if (best->handler(&call, &result) == 0 && result) {
+    int rc = best->handler(&call, &result);
+    if (rc == 0 && sess->waiting)
+        return; /* the answer and its empty line come from admin_wait_poll */
+    if (rc == 0 && result) {
         if (call.json) {
             char *text_out = json_dumps(result, JSON_PRESERVE_ORDER | JSON_COMPACT);
             evbuffer_add_printf(out, "%s\n", text_out ? text_out : "null");
@@ -751,7 +846,7 @@ void admin_run_line(master *m, admin_session *sess, char *line, size_t len, stru
         if (*cmd == '\0')
             continue;
         admin_run_command(m, sess, cmd, out);
-        if (sess->closing)
+        if (sess->closing || sess->waiting)
             break;
     }
 }

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from conftest import PGRELAY_BIN, start_relay, wait_for
-from control_e2e_helpers import (ADMIN_TOKEN, PROD_TOKEN, ControlPlane, ctl_json, cleanup_dir,
+from control_e2e_helpers import (PROD_TOKEN, ControlPlane, ctl_json, cleanup_dir,
                                  make_root)
 
 
