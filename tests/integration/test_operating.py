@@ -184,3 +184,43 @@ def test_reload_names_the_control_keys_it_keeps_until_a_restart(pg):
         assert rows["server_connect_timeout"]["value"] == "7s"  # the rest was reloaded
     finally:
         relay.stop()
+
+
+# --------------------------------------------------------------------------- #
+# pgrelay-control -t and the sample's tokens
+# --------------------------------------------------------------------------- #
+
+CONTROL_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "control.ini")
+
+
+def control_check(path):
+    from control_e2e_helpers import CONTROL_BIN
+    return subprocess.run([CONTROL_BIN, "-t", "-c", path], capture_output=True, text=True,
+                          timeout=10)
+
+
+def test_control_check_refuses_the_samples_placeholder_tokens(tmp_path):
+    with open(CONTROL_SAMPLE) as f:
+        sample = f.read()
+    p = control_check(CONTROL_SAMPLE)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "admin_tokens: token 1 is a placeholder of the sample (CHANGE-ME)" in p.stderr
+    assert "[deployment.prod] token is a placeholder" in p.stderr, p.stderr
+    assert "openssl rand -hex 24" in p.stderr
+
+    path = str(tmp_path / "control.ini")
+    write(path, sample.replace("CHANGE-ME-admin-token", "a" * 48).replace(
+        "CHANGE-ME-prod-agent-token", "b" * 48), 0o640)
+    p = control_check(path)
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr
+
+
+def test_control_check_warns_about_tokens_shorter_than_16_characters(tmp_path):
+    with open(CONTROL_SAMPLE) as f:
+        sample = f.read()
+    path = str(tmp_path / "control.ini")
+    write(path, sample.replace("CHANGE-ME-admin-token", "a" * 48).replace(
+        "CHANGE-ME-prod-agent-token", "short-tok-123"), 0o640)
+    p = control_check(path)
+    assert p.returncode == 0, p.stderr
+    assert "warning: [deployment.prod] token is shorter than 16 characters" in p.stderr, p.stderr
