@@ -224,3 +224,36 @@ def test_control_check_warns_about_tokens_shorter_than_16_characters(tmp_path):
     p = control_check(path)
     assert p.returncode == 0, p.stderr
     assert "warning: [deployment.prod] token is shorter than 16 characters" in p.stderr, p.stderr
+
+
+# --------------------------------------------------------------------------- #
+# ghosts: a proxy gone for good leaves no observations behind
+# --------------------------------------------------------------------------- #
+
+
+def observed_by(control, node_id):
+    """Where node_id's observations show: node health in show-nodes, a row of show-metrics."""
+    rc, nodes, err = ctl_json(control, "show-nodes")
+    assert rc == 0, (nodes, err)
+    rc, metrics, err = ctl_json(control, "show-metrics")
+    assert rc == 0, (metrics, err)
+    return ({"show-nodes" for n in nodes if node_id in (n.get("health") or {})} |
+            {"show-metrics" for m in metrics if m.get("node_id") == node_id and m.get("sample")})
+
+
+def test_a_gone_proxys_observations_leave_show_nodes_and_show_metrics(pg, control):
+    """A restart under a new node id leaves the old one behind: past proxy_timeout (3 s here)
+    its last observations are no longer shown, instead of staying for telemetry_retention."""
+    relay = start_relay(pg, sections={"agent": {"health_interval": "200ms"},
+                                      "control": {"endpoint": control.url, "token": PROD_TOKEN,
+                                                  "metrics_interval": "250ms"}},
+                        env={"NODE_ID": "op-ghost"})
+    try:
+        wait_for(lambda: observed_by(control, "op-ghost") == {"show-nodes", "show-metrics"},
+                 timeout=15, what="op-ghost's observations in show-nodes and show-metrics")
+        relay.stop()
+        wait_for(lambda: not observed_by(control, "op-ghost"), timeout=10,
+                 what="op-ghost's observations to go once it is past proxy_timeout")
+    finally:
+        relay.stop()
+        ctl_json(control, "delete-proxy", "op-ghost")
