@@ -167,6 +167,13 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "config_file", admin_json_text(m->cfg->path, sizeof(m->cfg->path), 0));
     json_object_set_new(o, "listen_addr", admin_json_text(m->cfg->listen_addr, sizeof(m->cfg->listen_addr), 0));
     json_object_set_new(o, "listen_port", json_integer(m->cfg->listen_port));
+    /* the read-only port listens on listen_addr too; null when there is none */
+    json_object_set_new(o, "read_listen_port", m->cfg->read_listen_port
+                                                   ? json_integer(m->cfg->read_listen_port)
+                                                   : json_null());
+    json_object_set_new(o, "http_listen_port", m->cfg->http_listen_port
+                                                   ? json_integer(m->cfg->http_listen_port)
+                                                   : json_null());
     json_object_set_new(o, "workers", json_integer(m->n_workers));
     json_object_set_new(o, "workers_running", json_integer(alive));
     json_object_set_new(o, "clients", json_integer(atomic_load(&m->shm->clients)));
@@ -768,7 +775,21 @@ static void admin_run_command(master *m, admin_session *sess, char *text, struct
         }
     }
     if (!best) {
-        admin_error(&call, "unknown command \"%s\"; try help", text);
+        /* "show foo": name what may follow the first word when some command starts with it */
+        char more[512] = "";
+        size_t used = 0;
+        for (size_t i = 0; i < admin_n_commands && used < sizeof(more); i++) {
+            const char *w = admin_commands[i].words;
+            size_t k = strlen(words[0]);
+            if (strncasecmp(w, words[0], k) == 0 && w[k] == ' ')
+                used += (size_t)snprintf(more + used, sizeof(more) - used, "%s%s",
+                                         used ? ", " : "", w + k + 1);
+        }
+        if (more[0])
+            admin_error(&call, "unknown command \"%s%s%s\"; %s is followed by one of: %s",
+                        words[0], n > 1 ? " " : "", n > 1 ? words[1] : "", words[0], more);
+        else
+            admin_error(&call, "unknown command \"%s\"; try help", text);
         evbuffer_add_printf(out, "\n");
         return;
     }
