@@ -84,3 +84,115 @@ def test_uninstall_leaves_no_file_behind_and_keeps_an_edited_configuration(destd
     make("uninstall", f"DESTDIR={destdir}")
     assert not (destdir / "etc/pgrelay").exists()
     assert not (destdir / "usr/local/share/doc/pgrelay").exists()
+
+
+# --------------------------------------------------------------------------- #
+# the installed init scripts
+# --------------------------------------------------------------------------- #
+
+
+def shared_dir(tmp):
+    """A directory under /tmp that every user may use (pytest's tmp_path is root's only)."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="pgrelay-install-", dir="/tmp")
+    os.chmod(d, 0o777)
+    return d
+
+
+def test_the_init_script_exports_node_id_from_its_defaults_file(destdir):
+    """NODE_ID=proxy-a in /etc/default/pgrelay reaches the daemon (the agent's node id), not
+    only the script: a restart keeps the proxy's name."""
+    import shutil
+    d = shared_dir(destdir)
+    try:
+        seen = os.path.join(d, "node_id")
+        daemon = os.path.join(d, "pgrelay")
+        with open(daemon, "w") as f:  # stands for pgrelay: -t passes, a start records NODE_ID
+            f.write('#!/bin/sh\ncase "$1" in -t) exit 0 ;; esac\n'
+                    f'printf "%s" "${{NODE_ID-unset}}" > {seen}\n')
+        os.chmod(daemon, 0o755)
+        defaults = os.path.join(d, "defaults")
+        with open(defaults, "w") as f:
+            f.write("NODE_ID=proxy-a\n")
+        conf = os.path.join(d, "pgrelay.ini")
+        with open(conf, "w") as f:
+            f.write("[pgrelay]\n")
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PGRELAY_DEFAULTS": defaults,
+               "DAEMON": daemon, "CONFIG": conf, "PIDFILE": os.path.join(d, "run", "p.pid"),
+               "RUN_AS": "nobody"}
+        p = subprocess.run([str(destdir / "etc/init.d/pgrelay"), "start"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        with open(seen) as f:
+            assert f.read() == "proxy-a"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_units_pass_systemd_analyze(destdir):
+    import shutil
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    for unit in ("pgrelay.service", "pgrelay-control.service"):
+        path = destdir / "usr/local/lib/systemd/system" / unit
+        text = path.read_text().replace("/usr/local/sbin/", str(destdir / "usr/local/sbin") + "/")
+        check = destdir / unit
+        check.write_text(text)
+        p = subprocess.run(["systemd-analyze", "verify", "--man=no", str(check)],
+                           capture_output=True, text=True, timeout=60)
+        problems = [ln for ln in (p.stdout + p.stderr).splitlines()
+                    if unit in ln and "User" not in ln and "Group" not in ln]
+        assert not problems, p.stdout + p.stderr
+
+
+def test_the_control_planes_init_script_starts_stops_and_reports_it(destdir, pg):
+    """The installed pgrelay-control under its init script: start (as RUN_AS, in the
+    background, stderr to OUTPUT), status, /readyz, stop."""
+    import shutil
+    import uuid
+
+    from conftest import free_port, http_call, wait_for
+
+    d = shared_dir(destdir)
+    store_db = "ctl_inst_" + uuid.uuid4().hex[:10]
+    pg.query(f"CREATE DATABASE {store_db}")
+    port = free_port()
+    conf = os.path.join(d, "control.ini")
+    with open(conf, "w") as f:
+        f.write(f"[control]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+                f"store = host={pg.host} port={pg.port} user=postgres dbname={store_db}\n"
+                f"admin_tokens = {'a' * 32}\n\n[deployment.prod]\ntoken = {'b' * 32}\n")
+    os.chmod(conf, 0o644)
+    pidfile = os.path.join(d, "run", "pgrelay-control.pid")
+    output = os.path.join(d, "log", "control.log")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PGRELAY_CONTROL_DEFAULTS": "/nonexistent",
+           "DAEMON": str(destdir / "usr/local/sbin/pgrelay-control"), "CONFIG": conf,
+           "PIDFILE": pidfile, "OUTPUT": output, "RUN_AS": "postgres"}
+    os.chmod(destdir, 0o755)
+    for parent in (destdir.parent, destdir.parent.parent, destdir.parent.parent.parent):
+        os.chmod(parent, os.stat(parent).st_mode | 0o005)  # postgres reaches the binary
+
+    def init(action):
+        return subprocess.run([str(destdir / "etc/init.d/pgrelay-control"), action], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        p = init("start")
+        assert p.returncode == 0, p.stdout + p.stderr
+        wait_for(lambda: http_call(port, "GET", "/readyz", timeout=2)[0] == 200, timeout=20,
+                 what="pgrelay-control to be ready")
+        with open(pidfile) as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/status") as f:
+            uid = next(ln.split()[1] for ln in f if ln.startswith("Uid:"))
+        assert int(uid) == int(subprocess.check_output(["id", "-u", "postgres"]))
+        p = init("status")
+        assert p.returncode == 0 and "is running" in p.stdout, p.stdout + p.stderr
+        p = init("stop")
+        assert p.returncode == 0, p.stdout + p.stderr
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="pgrelay-control to exit")
+        assert init("status").returncode == 3
+        assert os.path.getsize(output) > 0  # its log went to OUTPUT
+    finally:
+        init("stop")
+        shutil.rmtree(d, ignore_errors=True)
