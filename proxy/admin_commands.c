@@ -150,6 +150,31 @@ static shm_route_table *admin_routes(admin_call *call)
     return routes;
 }
 
+/* Does node i answer as a primary (probed, up, not in recovery)? */
+static bool admin_node_says_primary(const shm_route_table *routes, uint32_t i)
+{
+    const shm_node *n = &routes->nodes[i];
+    return n->probed && n->health == NODE_HEALTH_UP && !n->in_recovery;
+}
+
+/* Split brain: more than one node answers as a primary. The names of all of them go into
+ * names (comma-separated); returns how many there are when more than one, else 0. */
+static int admin_split_brain(const shm_route_table *routes, char *names, size_t len)
+{
+    int count = 0;
+    size_t used = 0;
+    names[0] = '\0';
+    for (uint32_t i = 0; i < routes->n_nodes; i++) {
+        if (!admin_node_says_primary(routes, i))
+            continue;
+        if (used < len)
+            used += (size_t)snprintf(names + used, len - used, "%s%s", count ? "," : "",
+                                     routes->nodes[i].name);
+        count++;
+    }
+    return count > 1 ? count : 0;
+}
+
 static int cmd_show_info(admin_call *call, json_t **result)
 {
     master *m = call->m;
@@ -160,6 +185,8 @@ static int cmd_show_info(admin_call *call, json_t **result)
     for (int i = 0; i < m->n_workers; i++)
         alive += m->children[i].pid != 0;
     json_t *o = json_object();
+    char primaries[CONFIG_MAX_NODES * CONFIG_NAME_MAX];
+    bool split = admin_split_brain(routes, primaries, sizeof(primaries)) > 0;
     json_object_set_new(o, "version", json_string(PGRELAY_VERSION));
     json_object_set_new(o, "pid", json_integer(getpid()));
     json_object_set_new(o, "started", json_time(m->started_us));
@@ -186,6 +213,8 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "write_leader",
                         routes->leader >= 0 ? ADMIN_FIELD_TEXT(routes->nodes[routes->leader].name)
                                             : json_null());
+    /* the nodes that all answer as primary, null when at most one does */
+    json_object_set_new(o, "split_brain", split ? ADMIN_FIELD_TEXT(primaries) : json_null());
     json_object_set_new(o, "maintenance",
                         json_string(atomic_load(&m->shm->maintenance) ? "on" : "off"));
     json_object_set_new(o, "maintenance_since",
@@ -281,6 +310,8 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         return -1;
     int64_t now = shm_now_us();
     json_t *rows = json_array();
+    char primaries[CONFIG_MAX_NODES * CONFIG_NAME_MAX];
+    bool split = admin_split_brain(routes, primaries, sizeof(primaries)) > 0;
     for (uint32_t n = 0; n < routes->n_nodes; n++) {
         const shm_node *node = &routes->nodes[n];
         shm_node_count *count = shm_node_count_get(m->shm, node->name);
@@ -291,6 +322,9 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         json_object_set_new(r, "role", json_string(shm_node_role_name(routes, n)));
         json_object_set_new(r, "health", json_string(health_name(node->health)));
         json_object_set_new(r, "leader", json_boolean((int32_t)n == routes->leader));
+        /* it answers as a primary, and so does another node */
+        json_object_set_new(r, "split_brain",
+                            json_boolean(split && admin_node_says_primary(routes, n)));
         json_object_set_new(r, "readable", json_boolean(node->readable));
         json_object_set_new(r, "lag_bytes",
                             node->lag_bytes >= 0 ? json_integer(node->lag_bytes) : json_null());

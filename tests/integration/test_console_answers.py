@@ -30,3 +30,28 @@ def test_show_info_gives_the_read_port_and_the_http_port(pg):
 def test_show_info_says_null_for_ports_that_are_off(relay):
     info = admin_json(relay, "show info")
     assert info["read_listen_port"] is None and info["http_listen_port"] is None
+
+
+def test_a_split_brain_is_flagged_in_show_nodes_and_show_info():
+    """Two nodes answering as primary: show info names them and show nodes flags both, not
+    only the log (the leader stays pg1, as test_failover checks)."""
+    from cluster import Cluster, destroy_relay, show_info, show_nodes, start_ha_relay
+    from conftest import wait_for
+
+    c = Cluster.create(replicas=1)
+    relay = None
+    try:
+        pg1, pg2 = c.nodes
+        relay = start_ha_relay(c, agent={"health_interval": "200ms", "fall": 2, "rise": 1})
+        assert show_info(relay)["split_brain"] is None
+        assert not any(n["split_brain"] for n in show_nodes(relay).values())
+        pg2.promote()
+        wait_for(lambda: show_info(relay)["split_brain"] == "pg1,pg2", timeout=10,
+                 what="show info to name both primaries")
+        flags = {name: n["split_brain"] for name, n in show_nodes(relay).items()}
+        assert flags == {"pg1": True, "pg2": True}, flags
+        assert show_info(relay)["write_leader"] == "pg1"
+    finally:
+        if relay:
+            destroy_relay(relay)
+        c.destroy()
