@@ -5,7 +5,7 @@
 #   make test       deps + build + unit tests + integration and fault-injection tests
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
-#   make install    PREFIX=/usr/local DESTDIR=
+#   make install    PREFIX=/usr/local DESTDIR= (PGRELAY_GROUP=pgrelay); make uninstall undoes it
 #   make SANITIZE=address test   the same suite under AddressSanitizer (separate build dir)
 #   make fuzz       every libFuzzer target for FUZZ_SECONDS (default 60) each; fails on a crash
 
