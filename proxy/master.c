@@ -586,7 +586,12 @@ static void master_publish_static_routes(master *m)
         tab->epoch = epoch + 1;
     free(old);
     shm_routes_publish(m->shm, tab);
-    if (tab->leader >= 0)
+    if (tab->leader >= 0 && m->cfg->agent) /* a guess: role= may be stale */
+        log_info("configured primary: node %s (%s:%d), epoch %llu; no session goes to it until "
+                 "the agent's first probe confirms a leader", tab->nodes[tab->leader].name,
+                 tab->nodes[tab->leader].host, tab->nodes[tab->leader].port,
+                 (unsigned long long)tab->epoch);
+    else if (tab->leader >= 0)
         log_info("write leader: node %s (%s:%d), epoch %llu", tab->nodes[tab->leader].name,
                  tab->nodes[tab->leader].host, tab->nodes[tab->leader].port,
                  (unsigned long long)tab->epoch);

@@ -55,3 +55,30 @@ def test_a_split_brain_is_flagged_in_show_nodes_and_show_info():
         if relay:
             destroy_relay(relay)
         c.destroy()
+
+
+def test_the_first_leader_is_in_the_history_and_a_stale_role_is_no_leader_in_the_log():
+    """pg1 is the primary but the file still says role = primary for pg2 (the old one): the log
+    names pg2 only as the configured guess, and show leader history starts with pg1, the leader
+    the first probes confirmed."""
+    from cluster import Cluster, destroy_relay, leader_history, show_info, start_ha_relay
+
+    c = Cluster.create(replicas=1)
+    relay = None
+    try:
+        pg1, pg2 = c.nodes
+        stale = [pg1.relay_node("replica"), pg2.relay_node("primary")]
+        relay = start_ha_relay(c, agent={"health_interval": "200ms", "fall": 2, "rise": 1},
+                               nodes=stale)
+        assert show_info(relay)["write_leader"] == "pg1"
+        hist = leader_history(relay)
+        assert len(hist) == 1, hist
+        assert (hist[0]["from"] or "", hist[0]["to"]) == ("", "pg1"), hist
+        assert "first probes" in hist[0]["reason"], hist
+        log = relay.log()
+        assert "write leader: node pg2" not in log, log
+        assert "configured primary: node pg2" in log and "first probe confirms" in log, log
+    finally:
+        if relay:
+            destroy_relay(relay)
+        c.destroy()
