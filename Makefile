@@ -272,7 +272,8 @@ install: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
 	  install -m 0640 etc/control.ini $(DESTDIR)$(CONFDIR)/control.ini
 	if getent group $(PGRELAY_GROUP) >/dev/null; then \
 	  chgrp $(PGRELAY_GROUP) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CONFDIR)/pgrelay.ini \
-	    $(DESTDIR)$(CONFDIR)/control.ini; fi
+	    $(DESTDIR)$(CONFDIR)/control.ini || \
+	  echo "note: $(CONFDIR) and its .ini files are not of group $(PGRELAY_GROUP) yet"; fi
 	for d in pgrelay pgrelay-control; do \
 	  sed 's|@SBINDIR@|$(SBINDIR)|g' etc/init.d/$$d > $(DESTDIR)$(SYSCONFDIR)/init.d/$$d && \
 	  chmod 0755 $(DESTDIR)$(SYSCONFDIR)/init.d/$$d && \
