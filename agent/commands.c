@@ -359,13 +359,18 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
         char was[1100], now[1100];
-        if (k->reloadable || strcmp(k->section, "pgrelay") != 0)
+        if (k->reloadable ||
+            (strcmp(k->section, "pgrelay") != 0 && strcmp(k->section, "control") != 0))
             continue;
         config_format_value(cur, k, cur, was, sizeof(was));
         config_format_value(next, k, next, now, sizeof(now));
         if (strcmp(was, now) != 0 && strcmp(k->name, "workers") != 0) {
-            snprintf(detail, len, "%s would change from %s to %s, which needs a restart", k->name,
-                     was, now);
+            if (config_key_is_secret(k)) /* never its value */
+                snprintf(detail, len, "[%s] %s would change, which needs a restart",
+                         k->section, k->name);
+            else
+                snprintf(detail, len, "%s would change from %s to %s, which needs a restart",
+                         k->name, was, now);
             goto done;
         }
     }

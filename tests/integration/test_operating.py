@@ -257,3 +257,28 @@ def test_a_gone_proxys_observations_leave_show_nodes_and_show_metrics(pg, contro
     finally:
         relay.stop()
         ctl_json(control, "delete-proxy", "op-ghost")
+
+
+def test_config_apply_refuses_a_new_control_endpoint_or_token_at_prepare(pg, control):
+    """[control] endpoint and token are restart-only: a configuration that changes them is
+    refused by every proxy at prepare (the token's value never in the answer), instead of
+    being written and then silently not used."""
+    relay = proxy_as_nobody(pg, control, "op-control-keys", 0o2775)
+    try:
+        wait_for(lambda: registered(control, "op-control-keys"), timeout=15,
+                 what="the proxy to register")
+        with open(relay.conf_path) as f:
+            before = f.read()
+        rc, out, err = apply(control, relay, before.replace(PROD_TOKEN, "another-token-0123456789"))
+        assert rc != 0, (out, err)
+        detail = str(out) + err
+        assert "[control] token would change, which needs a restart" in detail, detail
+        assert "another-token" not in detail and PROD_TOKEN not in detail, detail
+        rc, out, err = apply(control, relay, before.replace(control.url, control.url + "/"))
+        assert rc != 0 and "endpoint would change" in str(out) + err, (out, err)
+        with open(relay.conf_path) as f:
+            assert f.read() == before
+    finally:
+        relay.stop()
+        shutil.rmtree(relay.run_dir, ignore_errors=True)
+        ctl_json(control, "delete-proxy", relay.node_id)
