@@ -510,10 +510,13 @@ void leader_publish(agent *a, bool force_poke)
          * another leader than the one recorded (its switches before now are not recorded). */
         uint64_t n_events = a->shm ? atomic_load(&a->shm->history_count) : 0;
         const char *last = n_events ? a->shm->history[(n_events - 1) % SHM_HISTORY_MAX].to : "";
-        if (a->shm && a->leader >= 0 && strcmp(last, a->nodes[a->leader].view.name) != 0)
+        if (a->shm && a->leader >= 0 && strcmp(last, a->nodes[a->leader].view.name) != 0) {
+            if (n_events == 0)
+                atomic_store(&a->shm->history_starts, 1);
             shm_history_add(a->shm, a->epoch, last, a->nodes[a->leader].view.name,
                             n_events ? "confirmed by the first probes after an agent restart"
                                      : "confirmed by the first probes at start");
+        }
         if (a->leader >= 0 && is_candidate(&a->nodes[a->leader]))
             log_info("write leader %s confirmed by a probe: publishing the routing table",
                      node_name(a, a->leader));

@@ -68,8 +68,9 @@ def test_the_first_leader_is_in_the_history_and_a_stale_role_is_no_leader_in_the
     try:
         pg1, pg2 = c.nodes
         stale = [pg1.relay_node("replica"), pg2.relay_node("primary")]
+        http_port = free_port()
         relay = start_ha_relay(c, agent={"health_interval": "200ms", "fall": 2, "rise": 1},
-                               nodes=stale)
+                               nodes=stale, http_listen_port=http_port)
         assert show_info(relay)["write_leader"] == "pg1"
         hist = leader_history(relay)
         assert len(hist) == 1, hist
@@ -78,6 +79,10 @@ def test_the_first_leader_is_in_the_history_and_a_stale_role_is_no_leader_in_the
         log = relay.log()
         assert "write leader: node pg2" not in log, log
         assert "configured primary: node pg2" in log and "first probe confirms" in log, log
+        # the leader confirmed at start is no change of leader for alerts
+        from conftest import http_call
+        status, metrics = http_call(http_port, "GET", "/metrics")
+        assert status == 200 and "\npgrelay_leader_changes_total 0\n" in metrics, metrics
     finally:
         if relay:
             destroy_relay(relay)
