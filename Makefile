@@ -5,7 +5,7 @@
 #   make test       deps + build + unit tests + integration and fault-injection tests
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
-#   make install    PREFIX=/usr/local DESTDIR=
+#   make install    PREFIX=/usr/local DESTDIR= (PGRELAY_GROUP=pgrelay); make uninstall undoes it
 #   make SANITIZE=address test   the same suite under AddressSanitizer (separate build dir)
 #   make fuzz       every libFuzzer target for FUZZ_SECONDS (default 60) each; fails on a crash
 
@@ -69,7 +69,7 @@ AGENT      := $(BIN)/pgrelay-agent
 CONTROL    := $(BIN)/pgrelay-control
 CTL        := $(BIN)/pgrelayctl
 
-.PHONY: all control deps check-deps test unit integration bench demo demo-stop install clean format \
+.PHONY: all control deps check-deps test unit integration bench demo demo-stop install uninstall clean format \
         fuzz fuzz-build fuzz-regress
 
 all: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
@@ -232,39 +232,84 @@ demo-stop:
 
 SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
 
-# Installs binaries, man pages, the sample configuration (as pgrelay.ini only when none is
-# there yet), the init script, its defaults file, the systemd unit and the logrotate snippet.
-install: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL) $(AGENT)
-	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
-	  $(DESTDIR)$(SYSCONFDIR)/pgrelay $(DESTDIR)$(SYSCONFDIR)/init.d \
-	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/logrotate.d \
-	  $(DESTDIR)$(SYSTEMDDIR)
+# Installs binaries, man pages, the sample configurations (as pgrelay.ini and control.ini only
+# when none is there yet), the init scripts, their defaults files, the systemd units and the
+# logrotate snippet. /etc/pgrelay is root:$(PGRELAY_GROUP) 2775 so that the agent, running as
+# that group, can replace pgrelay.ini on `pgrelayctl config apply`; the files that hold
+# secrets are root:$(PGRELAY_GROUP) 0640 (the group is set only where it exists).
+PGRELAY_GROUP ?= pgrelay
+DOCDIR        := $(PREFIX)/share/doc/pgrelay
+CONFDIR       := $(SYSCONFDIR)/pgrelay
+INSTALLED_FILES := $(SBINDIR)/pgrelay $(SBINDIR)/pgrelay-agent $(SBINDIR)/pgrelay-control \
+  $(BINDIR)/pgrelayctl $(MANDIR)/man1/pgrelayctl.1 $(MANDIR)/man5/pgrelay.ini.5 \
+  $(MANDIR)/man8/pgrelay.8 $(MANDIR)/man8/pgrelay-agent.8 $(MANDIR)/man8/pgrelay-control.8 \
+  $(DOCDIR)/protocol.md $(DOCDIR)/README.md \
+  $(CONFDIR)/pgrelay.ini.sample $(CONFDIR)/control.ini.sample \
+  $(SYSCONFDIR)/init.d/pgrelay $(SYSCONFDIR)/init.d/pgrelay-control \
+  $(SYSTEMDDIR)/pgrelay.service $(SYSTEMDDIR)/pgrelay-control.service \
+  $(SYSCONFDIR)/logrotate.d/pgrelay
+
+install: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 \
+	  $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR) \
+	  $(DESTDIR)$(SYSCONFDIR)/init.d $(DESTDIR)$(SYSCONFDIR)/default \
+	  $(DESTDIR)$(SYSCONFDIR)/logrotate.d $(DESTDIR)$(SYSTEMDDIR)
+	install -d -m 2775 $(DESTDIR)$(CONFDIR)
 	install -m 0755 $(PGRELAY) $(DESTDIR)$(SBINDIR)/pgrelay
 	install -m 0755 $(AGENT) $(DESTDIR)$(SBINDIR)/pgrelay-agent
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
-	install -m 0755 $(CTL) $(DESTDIR)$(BINDIR)/pgrelayctl
-	install -m 0644 man/pgrelayctl.1 $(DESTDIR)$(MANDIR)/man1/pgrelayctl.1
 	install -m 0755 $(CONTROL) $(DESTDIR)$(SBINDIR)/pgrelay-control
-	install -m 0644 man/pgrelay-control.8 $(DESTDIR)$(MANDIR)/man8/pgrelay-control.8
-	install -m 0644 etc/control.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/control.ini.sample
-	install -d $(DESTDIR)$(PREFIX)/share/doc/pgrelay
-	install -m 0644 docs/protocol.md README.md $(DESTDIR)$(PREFIX)/share/doc/pgrelay/
-	install -m 0644 man/pgrelay.8 $(DESTDIR)$(MANDIR)/man8/pgrelay.8
-	install -m 0644 man/pgrelay-agent.8 $(DESTDIR)$(MANDIR)/man8/pgrelay-agent.8
-	install -m 0644 man/pgrelay.ini.5 $(DESTDIR)$(MANDIR)/man5/pgrelay.ini.5
-	install -m 0644 etc/pgrelay.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini.sample
-	[ -e $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini ] || \
-	  install -m 0644 etc/pgrelay.ini $(DESTDIR)$(SYSCONFDIR)/pgrelay/pgrelay.ini
-	sed 's|@SBINDIR@|$(SBINDIR)|g' etc/init.d/pgrelay > $(DESTDIR)$(SYSCONFDIR)/init.d/pgrelay
-	chmod 0755 $(DESTDIR)$(SYSCONFDIR)/init.d/pgrelay
-	[ -e $(DESTDIR)$(SYSCONFDIR)/default/pgrelay ] || \
-	  install -m 0644 etc/default/pgrelay $(DESTDIR)$(SYSCONFDIR)/default/pgrelay
-	sed 's|@SBINDIR@|$(SBINDIR)|g' etc/systemd/pgrelay.service > \
-	  $(DESTDIR)$(SYSTEMDDIR)/pgrelay.service
+	install -m 0755 $(CTL) $(DESTDIR)$(BINDIR)/pgrelayctl
+	# the pages name /usr/share/doc/pgrelay, a package's place: say where the files went
+	for m in pgrelayctl.1 pgrelay.ini.5 pgrelay.8 pgrelay-agent.8 pgrelay-control.8; do \
+	  sed 's|/usr/share/doc/pgrelay|$(DOCDIR)|g' man/$$m > \
+	    $(DESTDIR)$(MANDIR)/man$${m##*.}/$$m && \
+	  chmod 0644 $(DESTDIR)$(MANDIR)/man$${m##*.}/$$m || exit 1; done
+	install -m 0644 docs/protocol.md README.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 etc/pgrelay.ini $(DESTDIR)$(CONFDIR)/pgrelay.ini.sample
+	install -m 0644 etc/control.ini $(DESTDIR)$(CONFDIR)/control.ini.sample
+	[ -e $(DESTDIR)$(CONFDIR)/pgrelay.ini ] || \
+	  install -m 0640 etc/pgrelay.ini $(DESTDIR)$(CONFDIR)/pgrelay.ini
+	[ -e $(DESTDIR)$(CONFDIR)/control.ini ] || \
+	  install -m 0640 etc/control.ini $(DESTDIR)$(CONFDIR)/control.ini
+	if getent group $(PGRELAY_GROUP) >/dev/null; then \
+	  chgrp $(PGRELAY_GROUP) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CONFDIR)/pgrelay.ini \
+	    $(DESTDIR)$(CONFDIR)/control.ini || \
+	  echo "note: $(CONFDIR) and its .ini files are not of group $(PGRELAY_GROUP) yet"; fi
+	for d in pgrelay pgrelay-control; do \
+	  sed 's|@SBINDIR@|$(SBINDIR)|g' etc/init.d/$$d > $(DESTDIR)$(SYSCONFDIR)/init.d/$$d && \
+	  chmod 0755 $(DESTDIR)$(SYSCONFDIR)/init.d/$$d && \
+	  { [ -e $(DESTDIR)$(SYSCONFDIR)/default/$$d ] || \
+	    install -m 0644 etc/default/$$d $(DESTDIR)$(SYSCONFDIR)/default/$$d; } && \
+	  sed 's|@SBINDIR@|$(SBINDIR)|g' etc/systemd/$$d.service > \
+	    $(DESTDIR)$(SYSTEMDDIR)/$$d.service && \
+	  chmod 0644 $(DESTDIR)$(SYSTEMDDIR)/$$d.service || exit 1; done
 	install -m 0644 etc/logrotate.d/pgrelay $(DESTDIR)$(SYSCONFDIR)/logrotate.d/pgrelay
-	@[ -n "$(DESTDIR)" ] || getent passwd pgrelay >/dev/null || \
-	  echo "note: the init script and pgrelay.service run pgrelay as user pgrelay;" \
-	    "create it with: adduser --system --group --no-create-home pgrelay"
+	@[ -n "$(DESTDIR)" ] || ! command -v mandb >/dev/null || mandb -q 2>/dev/null || true
+	@echo
+	@echo "pgrelay is installed. Next steps:"
+	@getent passwd pgrelay >/dev/null || \
+	  echo "  - create its user: adduser --system --group --no-create-home pgrelay" \
+	       "(then: make install again, or chgrp pgrelay $(CONFDIR) $(CONFDIR)/*.ini)"
+	@echo "  - edit $(CONFDIR)/pgrelay.ini: its [node.*] sections name the sample's" \
+	      "10.0.0.11 and 10.0.0.12; set your nodes, monitor_user and monitor_password"
+	@echo "  - check it: $(SBINDIR)/pgrelay -t -c $(CONFDIR)/pgrelay.ini"
+	@echo "  - start it: /etc/init.d/pgrelay start, or systemctl enable --now pgrelay"
+	@echo "  - a control plane: edit $(CONFDIR)/control.ini (store, tokens), then" \
+	      "/etc/init.d/pgrelay-control start or systemctl enable --now pgrelay-control"
+	@[ -z "$(DESTDIR)" ] || echo "  - run mandb where the pages land, for man -k and apropos"
+	@echo "  - see pgrelay(8), pgrelay.ini(5), pgrelay-control(8); make uninstall removes it"
+
+# Removes what install put in place; pgrelay.ini, control.ini and the defaults files only where
+# they are still the installed samples (edited ones are kept, and named).
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED_FILES))
+	for f in $(CONFDIR)/pgrelay.ini:etc/pgrelay.ini $(CONFDIR)/control.ini:etc/control.ini \
+	    $(SYSCONFDIR)/default/pgrelay:etc/default/pgrelay \
+	    $(SYSCONFDIR)/default/pgrelay-control:etc/default/pgrelay-control; do \
+	  dst=$(DESTDIR)$${f%%:*}; [ -e "$$dst" ] || continue; \
+	  if cmp -s "$$dst" "$${f#*:}"; then rm -f "$$dst"; \
+	  else echo "kept $$dst: it was edited"; fi; done
+	rmdir $(DESTDIR)$(CONFDIR) $(DESTDIR)$(DOCDIR) 2>/dev/null || true
 
 format:
 	clang-format -i common/*.[ch] proxy/*.[ch] agent/*.[ch] control/*.[ch] ctl/*.[ch] tests/unit/*.c

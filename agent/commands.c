@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -128,6 +129,22 @@ done:
     return rc;
 }
 
+/* Whether write_file could replace path: create its temporary file and remove it again. */
+static int write_file_check(const char *path, char *detail, size_t len)
+{
+    char tmp[1100];
+    snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (fd < 0) {
+        snprintf(detail, len, "cannot write %s: %s (the directory must be writable by the user "
+                 "pgrelay runs as)", tmp, strerror(errno));
+        return -1;
+    }
+    close(fd);
+    unlink(tmp);
+    return 0;
+}
+
 static int cmd_config_prepare(json_t *args, char *detail, size_t len)
 {
     const char *text = arg_str(args, "text");
@@ -151,13 +168,18 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
         char was[1100], now[1100];
-        if (k->reloadable || strcmp(k->section, "pgrelay") != 0)
+        if (k->reloadable ||
+            (strcmp(k->section, "pgrelay") != 0 && strcmp(k->section, "control") != 0))
             continue;
         config_format_value(cur, k, cur, was, sizeof(was));
         config_format_value(next, k, next, now, sizeof(now));
         if (strcmp(was, now) != 0 && strcmp(k->name, "workers") != 0) {
-            snprintf(detail, len, "%s would change from %s to %s, which needs a restart", k->name,
-                     was, now);
+            if (config_key_is_secret(k)) /* never its value */
+                snprintf(detail, len, "[%s] %s would change, which needs a restart",
+                         k->section, k->name);
+            else
+                snprintf(detail, len, "%s would change from %s to %s, which needs a restart",
+                         k->name, was, now);
             goto done;
         }
     }
@@ -168,6 +190,9 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
                  next->max_client_conn, capacity);
         goto done;
     }
+    /* The commit writes beside the running file: find out now whether it can. */
+    if (write_file_check(cur->path, detail, len) != 0)
+        goto done;
     free(prepared.text);
     prepared.text = strdup(text);
     prepared.version = (uint64_t)version;
@@ -179,15 +204,24 @@ done:
     return rc;
 }
 
-/* Replace the file's contents atomically (write aside, fsync, rename). */
+/* Replace the file's contents atomically (write aside, fsync, rename). The new file keeps the
+ * old one's group and its permissions without any for others (it holds secrets): 0640 when
+ * the old file allowed more. */
 static int write_file(const char *path, const char *text, char *detail, size_t len)
 {
     char tmp[1100];
+    struct stat st;
     snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
     if (fd < 0) {
         snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
         return -1;
+    }
+    if (stat(path, &st) == 0) {
+        if (fchown(fd, (uid_t)-1, st.st_gid) != 0)
+            log_debug("cannot keep group %u on %s: %s", (unsigned)st.st_gid, tmp, strerror(errno));
+        if (fchmod(fd, st.st_mode & 0660) != 0)
+            log_debug("cannot set the mode of %s: %s", tmp, strerror(errno));
     }
     size_t n = strlen(text), off = 0;
     while (off < n) {

@@ -118,7 +118,9 @@ static void leader_switch(agent *a, int to, const char *reason)
     snprintf(full, sizeof(full), "%s%s", change_tag(a, from), reason);
     log_warning("write leader: %s -> %s (epoch %llu): %s", node_name(a, from), node_name(a, to),
                 (unsigned long long)a->epoch, full);
-    if (a->shm)
+    /* Before the first probes confirmed a leader, "from" is only the configured guess: the
+     * history starts with the confirmed one (leader_publish). */
+    if (a->shm && a->ready)
         shm_history_add(a->shm, a->epoch, from >= 0 ? a->nodes[from].view.name : "",
                         to >= 0 ? a->nodes[to].view.name : "", full);
 }
@@ -533,6 +535,18 @@ void leader_publish(agent *a, bool force_poke)
         if (!leader_confirmed(a))
             return;
         a->ready = true;
+        /* The confirmed leader gets its line in show leader history when the history does
+         * not end with it already: at pgrelay's start, or after a restarted agent found
+         * another leader than the one recorded (its switches before now are not recorded). */
+        uint64_t n_events = a->shm ? atomic_load(&a->shm->history_count) : 0;
+        const char *last = n_events ? a->shm->history[(n_events - 1) % SHM_HISTORY_MAX].to : "";
+        if (a->shm && a->leader >= 0 && strcmp(last, a->nodes[a->leader].view.name) != 0) {
+            if (n_events == 0)
+                atomic_store(&a->shm->history_starts, 1);
+            shm_history_add(a->shm, a->epoch, last, a->nodes[a->leader].view.name,
+                            n_events ? "confirmed by the first probes after an agent restart"
+                                     : "confirmed by the first probes at start");
+        }
         if (a->leader >= 0 && is_candidate(&a->nodes[a->leader]))
             log_info("write leader %s confirmed by a probe: publishing the routing table",
                      node_name(a, a->leader));

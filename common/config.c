@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static const char *const role_words[] = {"primary", "replica", NULL};
@@ -36,6 +37,10 @@ static const char *const facility_words[] = {"daemon", "user",   "local0", "loca
 #define CONTROL_KEY(name_, type_, def_, field_, min_, max_, help_)                                 \
     {"control", name_, type_, def_, true, offsetof(config, field_),                               \
      sizeof(((config *)0)->field_), min_, max_, NULL, help_}
+/* A [control] key the agent reads once, when it starts: a reload keeps the running value. */
+#define CONTROL_START_KEY(name_, type_, def_, field_, help_)                                       \
+    {"control", name_, type_, def_, false, offsetof(config, field_),                              \
+     sizeof(((config *)0)->field_), 0, 0, NULL, help_}
 #define NODE_KEY(name_, type_, def_, field_, min_, max_, words_, help_)                            \
     {"node", name_, type_, def_, true, offsetof(config_node, field_),                             \
      sizeof(((config_node *)0)->field_), min_, max_, words_, help_}
@@ -128,19 +133,19 @@ const config_key config_keys[] = {
     AGENT_KEY("state_file", KEY_STRING, "", state_file, 0, 0,
               "where the agent keeps its epoch and leader across restarts; empty = "
               "agent.state beside admin_socket"),
-    CONTROL_KEY("endpoint", KEY_STRING, "", control_endpoint, 0, 0,
-                "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
-    CONTROL_KEY("token", KEY_STRING, "", control_token, 0, 0,
-                "the deployment's token (Authorization: Bearer)"),
+    CONTROL_START_KEY("endpoint", KEY_STRING, "", control_endpoint,
+                      "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
+    CONTROL_START_KEY("token", KEY_STRING, "", control_token,
+                      "the deployment's token (Authorization: Bearer)"),
     CONTROL_KEY("ca_file", KEY_STRING, "", control_ca_file, 0, 0,
                 "CA certificates (PEM) that an https:// endpoint must chain to; empty = system's"),
     CONTROL_KEY("cert_file", KEY_STRING, "", control_cert_file, 0, 0,
                 "client certificate (PEM) shown to the control plane when it asks for one"),
     CONTROL_KEY("key_file", KEY_STRING, "", control_key_file, 0, 0,
                 "private key (PEM) of cert_file"),
-    CONTROL_KEY("node_id", KEY_STRING, "", control_node_id, 0, 0,
-                "this proxy's node id in the control plane (default: the host name; the NODE_ID "
-                "environment variable overrides it; read at start)"),
+    CONTROL_START_KEY("node_id", KEY_STRING, "", control_node_id,
+                      "this proxy's node id in the control plane (default: the host name; the "
+                      "NODE_ID environment variable overrides it)"),
     CONTROL_KEY("request_timeout", KEY_DURATION, "5s", control_request_timeout_ms, 100, DURATION_MAX_MS,
                 "an HTTP request to the control plane that takes longer has failed"),
     CONTROL_KEY("metrics_interval", KEY_DURATION, "1s", metrics_interval_ms, 100, DURATION_MAX_MS,
@@ -400,6 +405,36 @@ int config_first_primary(const config *cfg)
 bool config_key_is_secret(const config_key *key)
 {
     return strstr(key->name, "token") != NULL || strstr(key->name, "password") != NULL;
+}
+
+/* The first secret key (token, password) that cfg sets to a non-empty value, or NULL. */
+static const config_key *config_first_secret_set(const config *cfg)
+{
+    for (size_t i = 0; i < config_n_keys; i++) {
+        const config_key *k = &config_keys[i];
+        if (k->type != KEY_STRING || !config_key_is_secret(k))
+            continue;
+        if (strcmp(k->section, "node") != 0) {
+            if (((const char *)cfg + k->offset)[0] != '\0')
+                return k;
+            continue;
+        }
+        for (int n = 0; n < cfg->n_nodes; n++)
+            if (((const char *)&cfg->nodes[n] + k->offset)[0] != '\0')
+                return k;
+    }
+    return NULL;
+}
+
+bool config_secrets_exposed(const config *cfg, const char *path, char *msg, size_t len)
+{
+    struct stat st;
+    const config_key *k = config_first_secret_set(cfg);
+    if (!k || stat(path, &st) != 0 || (st.st_mode & S_IROTH) == 0)
+        return false;
+    snprintf(msg, len, "mode %04o lets every user read %s; chmod 0640 %s (owner root, group "
+             "of the daemon's user)", (unsigned)(st.st_mode & 07777), k->name, path);
+    return true;
 }
 
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,

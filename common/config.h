@@ -156,6 +156,10 @@ void config_apply_logging(const config *cfg);
  * masks it. */
 bool config_key_is_secret(const config_key *key);
 
+/* True when the file at path is readable by every user while cfg sets a secret (a token or a
+ * password); msg then says which mode and key, and what to do. */
+bool config_secrets_exposed(const config *cfg, const char *path, char *msg, size_t len);
+
 /* Format one key's effective value into buf (for `show config`). */
 void config_format_value(const config *cfg, const config_key *key, const void *base, char *buf,
                          size_t len);

@@ -141,6 +141,8 @@ typedef struct shm_worker {
     int64_t started_at_us;      /* wall clock, microseconds */
     uint32_t restarts;          /* times the master re-forked this slot */
     _Atomic int32_t sessions;   /* live client sessions */
+    _Atomic int64_t maintenance_seen_us; /* maintenance_since_us of the pause this worker acts
+                                          * on, 0 when none (`pause wait` waits for it) */
     shm_worker_stats stats;
 } shm_worker;
 
@@ -192,6 +194,8 @@ typedef struct shm_segment {
     _Atomic uint64_t reloads;          /* configuration reloads applied */
     _Atomic uint64_t config_version;   /* control-plane configuration version applied, 0 = none */
     _Atomic uint64_t history_count;    /* leader events written; entry i at i % MAX */
+    _Atomic uint32_t history_starts;   /* of them, leaders confirmed at start (0 or 1): no
+                                        * change, so not in pgrelay_leader_changes_total */
     shm_leader_event history[SHM_HISTORY_MAX];
     shm_node_count node_counts[2 * CONFIG_MAX_NODES];
     _Atomic int32_t probe_requests;    /* workers ask the agent to probe now (see channel) */

@@ -258,9 +258,29 @@ static const char *token_problem(const char *token)
 {
     if (strlen(token) < CCONFIG_TOKEN_MIN_LEN)
         return "is shorter than 8 characters";
+    if (strcasestr(token, "change-me") || strcasestr(token, "changeme") ||
+        strcasestr(token, "change_me"))
+        return "is a placeholder of the sample (CHANGE-ME): generate one with "
+               "openssl rand -hex 24";
     for (const char *c = token; *c; c++)
         if (!isgraph((unsigned char)*c) || *c == ',')
             return "may contain only printable characters other than blanks and ','";
+    return NULL;
+}
+
+const char *cconfig_weak_token(const cconfig *cfg, char *where, size_t len)
+{
+    for (int i = 0; i < cfg->n_admin_tokens; i++)
+        if (strlen(cfg->admin_token_list[i]) < CCONFIG_TOKEN_GOOD_LEN) {
+            snprintf(where, len, "[control] admin_tokens: token %d", i + 1);
+            return where;
+        }
+    for (int i = 0; i < cfg->n_deployments; i++)
+        if (strlen(cfg->deployments[i].token) < CCONFIG_TOKEN_GOOD_LEN) {
+            snprintf(where, len, "[%s%s] token", CCONFIG_DEPLOYMENT_PREFIX,
+                     cfg->deployments[i].name);
+            return where;
+        }
     return NULL;
 }
 

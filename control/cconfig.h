@@ -19,6 +19,7 @@
 #define CCONFIG_ERROR_LEN         512
 #define CCONFIG_DEPLOYMENT_PREFIX "deployment."
 #define CCONFIG_TOKEN_MIN_LEN     8 /* shorter tokens are refused: too easy to guess */
+#define CCONFIG_TOKEN_GOOD_LEN    16 /* shorter ones get a warning */
 
 /* One [deployment.NAME] section. */
 typedef struct cconfig_deployment {
@@ -89,5 +90,9 @@ const cconfig_key *cconfig_find(const char *section, const char *name);
 
 /* Format one key's effective value (for change messages on reload). */
 void cconfig_format_value(const cconfig_key *key, const void *base, char *buf, size_t len);
+
+/* The first token shorter than CCONFIG_TOKEN_GOOD_LEN, named in where ("[deployment.prod]
+ * token"), or NULL. */
+const char *cconfig_weak_token(const cconfig *cfg, char *where, size_t len);
 
 #endif

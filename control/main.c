@@ -347,6 +347,7 @@ int main(int argc, char **argv)
     /* Absolute, so that reloads still find it after daemon mode's chdir("/"). */
     if (realpath(config_path, config_abs))
         config_path = config_abs;
+    char weak[CCONFIG_NAME_MAX + 64];
     int errors = cconfig_load(cfg, config_path);
     if (errors > 0) {
         for (int i = 0; i < cfg->n_errors; i++)
@@ -363,12 +364,19 @@ int main(int argc, char **argv)
                     "%s: warning: listen_addr %s is beyond loopback without TLS: bearer tokens "
                     "travel in clear (set tls_cert_file and tls_key_file)\n",
                     config_path, cfg->listen_addr);
+        if (cconfig_weak_token(cfg, weak, sizeof(weak)))
+            fprintf(stderr, "%s: warning: %s is shorter than %d characters: easy to guess "
+                    "(generate one with openssl rand -hex 24)\n", config_path, weak,
+                    CCONFIG_TOKEN_GOOD_LEN);
         rc = 0;
         goto done;
     }
     control.cfg = cfg;
     apply_logging(cfg);
     log_set_process("control");
+    if (cconfig_weak_token(cfg, weak, sizeof(weak)))
+        log_warning("%s: %s is shorter than %d characters: easy to guess", config_path, weak,
+                    CCONFIG_TOKEN_GOOD_LEN);
 
     if (daemon_mode && !cfg->logfile[0]) {
         fprintf(stderr,

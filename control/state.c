@@ -307,22 +307,25 @@ void state_prune(int64_t now_ms)
     int64_t cutoff = now_ms - control.cfg->telemetry_retention_ms;
     for (state_deployment *d = state_head; d; d = d->next) {
         for (state_proxy *p = d->proxies; p; p = p->next) {
-            while (p->samples_n > 0 && p->samples[p->samples_head].received_ms < cutoff) {
+            /* A proxy gone past proxy_timeout (a restart under a new node id leaves one) is
+             * a ghost: its observations are no longer true, so none of them is shown. */
+            int64_t pc = state_proxy_live(p, now_ms) ? cutoff : now_ms + 1;
+            while (p->samples_n > 0 && p->samples[p->samples_head].received_ms < pc) {
                 p->samples_head = (p->samples_head + 1) % STATE_SAMPLES_MAX;
                 p->samples_n--;
             }
-            state_prune_nodes(p, cutoff);
-            state_prune_json(&p->last_metrics, p->last_metrics_ms, cutoff);
-            state_prune_json(&p->nodes, p->nodes_ms, cutoff);
-            state_prune_json(&p->queries, p->queries_ms, cutoff);
-            state_prune_json(&p->config, p->config_ms, cutoff);
+            state_prune_nodes(p, pc);
+            state_prune_json(&p->last_metrics, p->last_metrics_ms, pc);
+            state_prune_json(&p->nodes, p->nodes_ms, pc);
+            state_prune_json(&p->queries, p->queries_ms, pc);
+            state_prune_json(&p->config, p->config_ms, pc);
             if (p->schema) {
                 const char *db;
                 json_t *entry, *tmp;
                 json_object_foreach_safe(p->schema, tmp, db, entry)
                 {
                     json_int_t at = json_integer_value(json_object_get(entry, "received_ms"));
-                    if (at < cutoff)
+                    if (at < pc)
                         json_object_del(p->schema, db);
                 }
             }

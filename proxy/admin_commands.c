@@ -150,6 +150,31 @@ static shm_route_table *admin_routes(admin_call *call)
     return routes;
 }
 
+/* Does node i answer as a primary (probed, up, not in recovery)? */
+static bool admin_node_says_primary(const shm_route_table *routes, uint32_t i)
+{
+    const shm_node *n = &routes->nodes[i];
+    return n->probed && n->health == NODE_HEALTH_UP && !n->in_recovery;
+}
+
+/* Split brain: more than one node answers as a primary. The names of all of them go into
+ * names (comma-separated); returns how many there are when more than one, else 0. */
+static int admin_split_brain(const shm_route_table *routes, char *names, size_t len)
+{
+    int count = 0;
+    size_t used = 0;
+    names[0] = '\0';
+    for (uint32_t i = 0; i < routes->n_nodes; i++) {
+        if (!admin_node_says_primary(routes, i))
+            continue;
+        if (used < len)
+            used += (size_t)snprintf(names + used, len - used, "%s%s", count ? "," : "",
+                                     routes->nodes[i].name);
+        count++;
+    }
+    return count > 1 ? count : 0;
+}
+
 static int cmd_show_info(admin_call *call, json_t **result)
 {
     master *m = call->m;
@@ -160,6 +185,8 @@ static int cmd_show_info(admin_call *call, json_t **result)
     for (int i = 0; i < m->n_workers; i++)
         alive += m->children[i].pid != 0;
     json_t *o = json_object();
+    char primaries[CONFIG_MAX_NODES * CONFIG_NAME_MAX];
+    bool split = admin_split_brain(routes, primaries, sizeof(primaries)) > 0;
     json_object_set_new(o, "version", json_string(PGRELAY_VERSION));
     json_object_set_new(o, "pid", json_integer(getpid()));
     json_object_set_new(o, "started", json_time(m->started_us));
@@ -167,6 +194,13 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "config_file", admin_json_text(m->cfg->path, sizeof(m->cfg->path), 0));
     json_object_set_new(o, "listen_addr", admin_json_text(m->cfg->listen_addr, sizeof(m->cfg->listen_addr), 0));
     json_object_set_new(o, "listen_port", json_integer(m->cfg->listen_port));
+    /* the read-only port listens on listen_addr too; null when there is none */
+    json_object_set_new(o, "read_listen_port", m->cfg->read_listen_port
+                                                   ? json_integer(m->cfg->read_listen_port)
+                                                   : json_null());
+    json_object_set_new(o, "http_listen_port", m->cfg->http_listen_port
+                                                   ? json_integer(m->cfg->http_listen_port)
+                                                   : json_null());
     json_object_set_new(o, "workers", json_integer(m->n_workers));
     json_object_set_new(o, "workers_running", json_integer(alive));
     json_object_set_new(o, "clients", json_integer(atomic_load(&m->shm->clients)));
@@ -179,6 +213,8 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "write_leader",
                         routes->leader >= 0 ? ADMIN_FIELD_TEXT(routes->nodes[routes->leader].name)
                                             : json_null());
+    /* the nodes that all answer as primary, null when at most one does */
+    json_object_set_new(o, "split_brain", split ? ADMIN_FIELD_TEXT(primaries) : json_null());
     json_object_set_new(o, "maintenance",
                         json_string(atomic_load(&m->shm->maintenance) ? "on" : "off"));
     json_object_set_new(o, "maintenance_since",
@@ -274,6 +310,8 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         return -1;
     int64_t now = shm_now_us();
     json_t *rows = json_array();
+    char primaries[CONFIG_MAX_NODES * CONFIG_NAME_MAX];
+    bool split = admin_split_brain(routes, primaries, sizeof(primaries)) > 0;
     for (uint32_t n = 0; n < routes->n_nodes; n++) {
         const shm_node *node = &routes->nodes[n];
         shm_node_count *count = shm_node_count_get(m->shm, node->name);
@@ -284,6 +322,9 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         json_object_set_new(r, "role", json_string(shm_node_role_name(routes, n)));
         json_object_set_new(r, "health", json_string(health_name(node->health)));
         json_object_set_new(r, "leader", json_boolean((int32_t)n == routes->leader));
+        /* it answers as a primary, and so does another node */
+        json_object_set_new(r, "split_brain",
+                            json_boolean(split && admin_node_says_primary(routes, n)));
         json_object_set_new(r, "readable", json_boolean(node->readable));
         json_object_set_new(r, "lag_bytes",
                             node->lag_bytes >= 0 ? json_integer(node->lag_bytes) : json_null());
@@ -487,6 +528,44 @@ static int cmd_show_config(admin_call *call, json_t **result)
     return 0;
 }
 
+/* Sessions that are not at a safe point: running a statement, or inside a transaction. */
+static void admin_busy_sessions(master *m, int *active, int *in_tx)
+{
+    *active = *in_tx = 0;
+    for (uint32_t i = 0; i < m->shm->max_sessions; i++) {
+        uint32_t state = atomic_load_explicit(&m->shm->sessions[i].state, memory_order_relaxed);
+        if (state == SESSION_ACTIVE)
+            (*active)++;
+        else if (state == SESSION_IN_TX)
+            (*in_tx)++;
+    }
+}
+
+/* Has every running worker taken the current pause into account (it then holds each session
+ * at its next safe point, so a session seen idle stays so)? */
+static bool admin_workers_follow_pause(master *m)
+{
+    int64_t since = atomic_load(&m->shm->maintenance_since_us);
+    for (uint32_t i = 0; i < m->shm->n_workers && i < SHM_MAX_WORKERS; i++) {
+        const shm_worker *w = &m->shm->workers[i];
+        if (atomic_load(&w->pid) != 0 && atomic_load(&w->maintenance_seen_us) != since)
+            return false;
+    }
+    return true;
+}
+
+static void admin_print_busy(master *m, struct evbuffer *out)
+{
+    int active, in_tx;
+    admin_busy_sessions(m, &active, &in_tx);
+    if (active + in_tx == 0)
+        evbuffer_add_printf(out, "no session is busy: every one is at a safe point\n");
+    else
+        evbuffer_add_printf(out, "%d session(s) busy (%d running a statement, %d in a "
+                                 "transaction), each held at its next safe point; "
+                                 "`pause wait` waits for them\n", active + in_tx, active, in_tx);
+}
+
 static int cmd_pause(admin_call *call, json_t **result)
 {
     long ms = 0;
@@ -507,7 +586,58 @@ static int cmd_pause(admin_call *call, json_t **result)
     else
         evbuffer_add_printf(call->out, "maintenance on: holding new sessions and next "
                                        "statements until resume\n");
+    admin_print_busy(call->m, call->out);
     return 0;
+}
+
+/* pause wait [TIMEOUT]: pause (unless paused already: its automatic resume stays), then answer
+ * once no session is busy, as PgBouncer's PAUSE does; admin_wait_poll writes the answer. */
+static int cmd_pause_wait(admin_call *call, json_t **result)
+{
+    long ms = 0;
+    (void)result;
+    if (call->argc > 1) {
+        admin_error(call, "usage: pause wait [TIMEOUT]");
+        return -1;
+    }
+    if (call->argc == 1 && (config_parse_duration(call->argv[0], &ms) != 0 || ms <= 0)) {
+        admin_error(call, "\"%s\" is not a duration (examples: 30s, 5m)", call->argv[0]);
+        return -1;
+    }
+    if (!atomic_load(&call->m->shm->maintenance))
+        master_set_maintenance(call->m, true, 0);
+    call->sess->waiting = true;
+    call->sess->wait_started_us = shm_now_us();
+    call->sess->wait_until_us = ms > 0 ? call->sess->wait_started_us + (int64_t)ms * 1000 : 0;
+    return 0;
+}
+
+bool admin_wait_poll(master *m, admin_session *sess, struct evbuffer *out)
+{
+    int active, in_tx;
+    int64_t now = shm_now_us();
+    long waited_ms = (long)((now - sess->wait_started_us) / 1000);
+    if (!atomic_load(&m->shm->maintenance)) {
+        evbuffer_add_printf(out, "error: resumed after %ld ms, before every session was at a "
+                                 "safe point\n\n", waited_ms);
+        sess->waiting = false;
+        return true;
+    }
+    admin_busy_sessions(m, &active, &in_tx);
+    if (active + in_tx == 0 && admin_workers_follow_pause(m)) {
+        evbuffer_add_printf(out, "maintenance on: every session is at a safe point "
+                                 "(waited %ld ms); resume releases them\n\n", waited_ms);
+        sess->waiting = false;
+        return true;
+    }
+    if (sess->wait_until_us > 0 && now >= sess->wait_until_us) {
+        evbuffer_add_printf(out, "error: %d session(s) still busy after %ld ms (%d running a "
+                                 "statement, %d in a transaction); maintenance stays on\n\n",
+                            active + in_tx, waited_ms, active, in_tx);
+        sess->waiting = false;
+        return true;
+    }
+    return false;
 }
 
 static int cmd_resume(admin_call *call, json_t **result)
@@ -612,6 +742,9 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_OPERATOR, false, cmd_set_leader},
     {"pause", "[TIMEOUT]", "maintenance on: hold new sessions and each next statement",
      ADMIN_LEVEL_OPERATOR, false, cmd_pause},
+    {"pause wait", "[TIMEOUT]",
+     "pause, then answer once no session runs a statement or is in a transaction (ends a line)",
+     ADMIN_LEVEL_OPERATOR, false, cmd_pause_wait},
     {"resume", "", "maintenance off: release what pause holds", ADMIN_LEVEL_OPERATOR, false,
      cmd_resume},
     {"kill client", "ID", "close one client session", ADMIN_LEVEL_OPERATOR, false,
@@ -676,7 +809,21 @@ static void admin_run_command(master *m, admin_session *sess, char *text, struct
         }
     }
     if (!best) {
-        admin_error(&call, "unknown command \"%s\"; try help", text);
+        /* "show foo": name what may follow the first word when some command starts with it */
+        char more[512] = "";
+        size_t used = 0;
+        for (size_t i = 0; i < admin_n_commands && used < sizeof(more); i++) {
+            const char *w = admin_commands[i].words;
+            size_t k = strlen(words[0]);
+            if (strncasecmp(w, words[0], k) == 0 && w[k] == ' ')
+                used += (size_t)snprintf(more + used, sizeof(more) - used, "%s%s",
+                                         used ? ", " : "", w + k + 1);
+        }
+        if (more[0])
+            admin_error(&call, "unknown command \"%s%s%s\"; %s is followed by one of: %s",
+                        words[0], n > 1 ? " " : "", n > 1 ? words[1] : "", words[0], more);
+        else
+            admin_error(&call, "unknown command \"%s\"; try help", text);
         evbuffer_add_printf(out, "\n");
         return;
     }
@@ -698,7 +845,10 @@ static void admin_run_command(master *m, admin_session *sess, char *text, struct
         return;
     }
     json_t *result = NULL;
-    if (best->handler(&call, &result) == 0 && result) {
+    int rc = best->handler(&call, &result);
+    if (rc == 0 && sess->waiting)
+        return; /* the answer and its empty line come from admin_wait_poll */
+    if (rc == 0 && result) {
         if (call.json) {
             char *text_out = json_dumps(result, JSON_PRESERVE_ORDER | JSON_COMPACT);
             evbuffer_add_printf(out, "%s\n", text_out ? text_out : "null");
@@ -751,7 +901,7 @@ void admin_run_line(master *m, admin_session *sess, char *line, size_t len, stru
         if (*cmd == '\0')
             continue;
         admin_run_command(m, sess, cmd, out);
-        if (sess->closing)
+        if (sess->closing || sess->waiting)
             break;
     }
 }

@@ -5,6 +5,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 struct evbuffer;
 struct master;
@@ -21,9 +22,12 @@ typedef enum admin_level {
 
 /* One peer's console state, kept by the connection and changed by the commands it runs. */
 typedef struct admin_session {
-    admin_level level; /* what the peer may run */
-    bool interactive;  /* `prompt` was given: stay open, print a prompt */
-    bool closing;      /* close once the output is written (`quit`, or a refused peer) */
+    admin_level level;  /* what the peer may run */
+    bool interactive;   /* `prompt` was given: stay open, print a prompt */
+    bool closing;       /* close once the output is written (`quit`, or a refused peer) */
+    bool waiting;       /* `pause wait` answers later: call admin_wait_poll until it is done */
+    int64_t wait_started_us; /* when `pause wait` began (monotonic, shm_now_us) */
+    int64_t wait_until_us;   /* when `pause wait` gives up, 0 = never */
 } admin_session;
 
 /* "user", "operator", "admin", or "none". */
@@ -35,6 +39,12 @@ const char *admin_level_name(admin_level level);
  * holds a control character (a NUL too) gets one error and runs nothing. */
 void admin_run_line(struct master *m, admin_session *sess, char *line, size_t len,
                     struct evbuffer *out);
+
+/* For a session left waiting by `pause wait`: once every worker follows the pause and no
+ * session is running a statement or inside a transaction (or the wait timed out, or a resume
+ * ended the pause), append the answer and its empty line to out, clear sess->waiting and
+ * return true; otherwise false. */
+bool admin_wait_poll(struct master *m, admin_session *sess, struct evbuffer *out);
 
 /* A command's JSON result as text: an array of objects as a table, an object as "key  value"
  * lines followed by its arrays as tables. No control character of any string reaches out. */

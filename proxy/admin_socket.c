@@ -38,6 +38,7 @@ typedef struct admin_conn {
     struct bufferevent *bev;
     uid_t uid;
     admin_session sess;  /* level and mode, changed by the commands it runs */
+    struct event *ev_wait; /* `pause wait`: polls admin_wait_poll, NULL when not waiting */
 } admin_conn;
 
 static struct {
@@ -78,8 +79,52 @@ static void admin_conn_free(admin_conn *c)
         c->next->prev = c->prev;
     admin.n_conns--;
     admin.full_logged = false;
+    if (c->ev_wait)
+        event_free(c->ev_wait);
     bufferevent_free(c->bev);
     free(c);
+}
+
+#define ADMIN_WAIT_POLL_MS 20 /* how often `pause wait` looks at the sessions */
+
+static void admin_conn_lines(admin_conn *c);
+
+/* `pause wait` is done: go on as after any answered line. */
+static void admin_on_wait(evutil_socket_t fd, short what, void *arg)
+{
+    admin_conn *c = arg;
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    (void)fd;
+    (void)what;
+    if (!admin_wait_poll(admin.m, &c->sess, out))
+        return;
+    event_free(c->ev_wait);
+    c->ev_wait = NULL;
+    if (c->sess.interactive) {
+        evbuffer_add_printf(out, "> ");
+        admin_set_idle(c);
+        admin_conn_lines(c); /* lines that came meanwhile, then reading again */
+        return;
+    }
+    c->sess.closing = true;
+    if (evbuffer_get_length(out) == 0)
+        admin_conn_free(c);
+}
+
+/* The line left the session waiting: stop reading and poll until the answer is written. */
+static bool admin_start_wait(admin_conn *c)
+{
+    struct timeval tv = {0, ADMIN_WAIT_POLL_MS * 1000};
+    c->ev_wait = event_new(bufferevent_get_base(c->bev), -1, EV_PERSIST, admin_on_wait, c);
+    if (!c->ev_wait || event_add(c->ev_wait, &tv) != 0) {
+        log_error("admin socket: cannot start waiting for pause wait");
+        c->sess.waiting = false;
+        evbuffer_add_printf(bufferevent_get_output(c->bev), "error: cannot wait\n\n");
+        return false;
+    }
+    bufferevent_disable(c->bev, EV_READ);
+    bufferevent_set_timeouts(c->bev, NULL, NULL);
+    return true;
 }
 
 /* Run the complete lines that have arrived, as long as the peer reads the answers: past
@@ -103,6 +148,8 @@ static void admin_conn_lines(admin_conn *c)
             admin_conn_run_line(c, line, len);
         }
         free(line);
+        if (c->sess.waiting && admin_start_wait(c))
+            return; /* admin_on_wait goes on */
         if (!c->sess.interactive)
             c->sess.closing = true;
         else
@@ -145,6 +192,8 @@ static void admin_on_read(struct bufferevent *bev, void *arg)
 static void admin_on_event(struct bufferevent *bev, short what, void *arg)
 {
     admin_conn *c = arg;
+    if (c->ev_wait && (what & BEV_EVENT_EOF))
+        return; /* the client only closed its side: the answer still goes out */
     if (what & BEV_EVENT_EOF) {
         /* A last line without a newline still counts (printf "show info" | socat ...). */
         struct evbuffer *in = bufferevent_get_input(bev);
@@ -161,6 +210,8 @@ static void admin_on_event(struct bufferevent *bev, short what, void *arg)
                 free(line);
             }
         }
+        if (c->sess.waiting && admin_start_wait(c))
+            return; /* admin_on_wait answers, then closes */
         c->sess.closing = true;
         if (evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
             bufferevent_disable(bev, EV_READ);

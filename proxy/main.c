@@ -121,7 +121,11 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
             fprintf(stderr, "pgrelay: %d error(s) in %s; not starting\n", errors, config_path);
         return 1;
     }
+    char exposed[PATH_MAX + 200];
+    bool secrets_exposed = config_secrets_exposed(cfg, config_path, exposed, sizeof(exposed));
     if (check) {
+        if (secrets_exposed)
+            fprintf(stderr, "%s: warning: %s\n", config_path, exposed);
         printf("%s: configuration is valid (%d node(s))\n", config_path, cfg->n_nodes);
         return 0;
     }
@@ -132,6 +136,8 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
     cfg->log_level = opts->quiet ? LOG_LVL_ERROR : level;
     log_current_level = (log_level)cfg->log_level;
     log_set_process("master");
+    if (secrets_exposed)
+        log_warning("%s: %s", config_path, exposed);
 
     if (daemon_mode && !cfg->logfile[0] && !cfg->syslog) {
         fprintf(stderr, "pgrelay: daemon mode needs logfile or syslog = on in %s "

@@ -508,19 +508,28 @@ int master_reload(master *m, char *msg, size_t msglen)
         free(next);
         return -1;
     }
-    /* Keys that need a restart keep their running values. */
+    /* Keys that need a restart keep their running values; the answer names them. */
     int kept = 0;
+    char kept_names[256] = "";
     for (size_t i = 0; i < config_n_keys; i++) {
         const config_key *k = &config_keys[i];
-        if (k->reloadable || strcmp(k->section, "pgrelay") != 0)
+        if (k->reloadable ||
+            (strcmp(k->section, "pgrelay") != 0 && strcmp(k->section, "control") != 0))
             continue;
         if (memcmp((char *)next + k->offset, (char *)m->cfg + k->offset, k->size) != 0) {
             char was[256], now[256];
             config_format_value(m->cfg, k, m->cfg, was, sizeof(was));
             config_format_value(next, k, next, now, sizeof(now));
-            log_warning("reload: %s changed from %s to %s; this needs a restart, keeping %s",
-                        k->name, was, now, was);
+            if (config_key_is_secret(k))
+                log_warning("reload: [%s] %s changed; this needs a restart, keeping the "
+                            "running one", k->section, k->name);
+            else
+                log_warning("reload: [%s] %s changed from %s to %s; this needs a restart, "
+                            "keeping %s", k->section, k->name, was, now, was);
             memcpy((char *)next + k->offset, (char *)m->cfg + k->offset, k->size);
+            size_t used = strlen(kept_names);
+            snprintf(kept_names + used, sizeof(kept_names) - used, "%s%s", kept ? ", " : "",
+                     k->name);
             kept++;
         }
     }
@@ -531,6 +540,9 @@ int master_reload(master *m, char *msg, size_t msglen)
                     "start; raising it above %d needs a restart, using %d", next->max_client_conn,
                     capacity, capacity, capacity);
         next->max_client_conn = capacity;
+        size_t used = strlen(kept_names);
+        snprintf(kept_names + used, sizeof(kept_names) - used, "%smax_client_conn",
+                 kept ? ", " : "");
         kept++;
     }
     bool nodes_changed = !nodes_equal(m->cfg, next);
@@ -547,9 +559,10 @@ int master_reload(master *m, char *msg, size_t msglen)
     master_poke_workers(m);
     if (m->n_children > m->n_workers && m->children[m->n_workers].channel_fd >= 0)
         channel_send(m->children[m->n_workers].channel_fd, CHANNEL_LOOK_AGAIN, 0);
-    snprintf(msg, msglen, "reloaded %s%s%s", m->cfg->path,
+    snprintf(msg, msglen, "reloaded %s%s%s%s%s", m->cfg->path,
              nodes_changed ? "; node list changed" : "",
-             kept ? "; some keys need a restart (see the log)" : "");
+             kept ? "; changed but kept until a restart: " : "", kept_names,
+             kept ? " (see the log)" : "");
     log_info("%s", msg);
     return 0;
 }
@@ -573,7 +586,12 @@ static void master_publish_static_routes(master *m)
         tab->epoch = epoch + 1;
     free(old);
     shm_routes_publish(m->shm, tab);
-    if (tab->leader >= 0)
+    if (tab->leader >= 0 && m->cfg->agent) /* a guess: role= may be stale */
+        log_info("configured primary: node %s (%s:%d), epoch %llu; no session goes to it until "
+                 "the agent's first probe confirms a leader", tab->nodes[tab->leader].name,
+                 tab->nodes[tab->leader].host, tab->nodes[tab->leader].port,
+                 (unsigned long long)tab->epoch);
+    else if (tab->leader >= 0)
         log_info("write leader: node %s (%s:%d), epoch %llu", tab->nodes[tab->leader].name,
                  tab->nodes[tab->leader].host, tab->nodes[tab->leader].port,
                  (unsigned long long)tab->epoch);

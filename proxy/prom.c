@@ -178,8 +178,11 @@ void prom_write(master *m, struct evbuffer *out)
                "Unix time at which a pause ends by itself; 0 when none.",
                until > 0 ? (double)until / 1e6 : 0);
     prom_value(out, "pgrelay_epoch", "gauge", "Routing epoch in force.", (double)prom_routes.epoch);
+    /* history_starts is set before the entry it marks is counted: read the count first */
+    uint64_t events = atomic_load(&m->shm->history_count);
+    uint64_t starts = events ? atomic_load(&m->shm->history_starts) : 0;
     prom_value(out, "pgrelay_leader_changes_total", "counter", "Changes of write leader recorded.",
-               (double)atomic_load(&m->shm->history_count));
+               (double)(events - starts));
     prom_value(out, "pgrelay_reloads_total", "counter", "Configuration reloads applied.",
                (double)atomic_load(&m->shm->reloads));
     prom_value(out, "pgrelay_clients", "gauge", "Live client sessions.",

@@ -188,6 +188,9 @@ static void worker_look_again(worker *w)
     }
     worker_routes_refresh(w);
     bool maintenance = atomic_load(&w->shm->maintenance) != 0;
+    /* Seen before any session runs again: `pause wait` counts this worker from now on. */
+    atomic_store(&w->row->maintenance_seen_us,
+                 maintenance ? atomic_load(&w->shm->maintenance_since_us) : 0);
     if (maintenance == w->maintenance)
         return;
     w->maintenance = maintenance;
@@ -299,6 +302,8 @@ void worker_main(int index, const config *cfg, shm_segment *shm, const int liste
     w->settings_version = shm_settings_read(shm, w->cfg);
     w->routes_version = shm_routes_read(shm, &w->routes);
     w->maintenance = atomic_load(&shm->maintenance) != 0;
+    atomic_store(&w->row->maintenance_seen_us,
+                 w->maintenance ? atomic_load(&shm->maintenance_since_us) : 0);
 
     w->base = event_base_new();
     if (!w->base) {
