@@ -107,6 +107,14 @@ def say(capsys):
     return out
 
 
+def wait_replicas_readable(relay, names=("pg2", "pg3")):
+    """Until the replicas are readable. Right after start a replica whose replay cannot be
+    dated yet (nothing replayed since it started) has unknown lag until the leader's next
+    sample, one health_interval later; tests about the steady state wait for it."""
+    wait_for(lambda: all(show_nodes(relay)[n]["readable"] for n in names), timeout=15,
+             what=f"{', '.join(names)} readable")
+
+
 def raw_login(port, timeout=10.0, **params):
     """A RawClient logged in through pgrelay (AssertionError with the messages if not)."""
     c = RawClient(port, timeout=timeout)
@@ -398,6 +406,7 @@ def test_read_port_spreads_sessions_and_avoids_a_lagging_replica(make_cluster, h
     pg1, pg2, pg3 = c.nodes
     pg1.query("CREATE TABLE walgen (id int, pad text)")
     relay = ha_relay(c, max_replica_lag_bytes=100000, leader_change_grace="10s")
+    wait_replicas_readable(relay)
 
     # 20 sessions held open at once: spread over both replicas, none on the primary
     conns = [read_conn(relay) for _ in range(20)]
@@ -483,6 +492,7 @@ def test_read_sessions_on_replicas_that_keep_up_survive_steady_writes(
     pg1, pg2, pg3 = c.nodes
     pg1.query("CREATE TABLE walgen (id int, pad text)")
     relay = ha_relay(c, max_replica_lag_bytes=100000)
+    wait_replicas_readable(relay)
     held = [raw_login(relay.read_port) for _ in range(4)]
     ports = sorted(int(raw_scalar(s, "SELECT inet_server_port()")) for s in held)
     assert ports == sorted([pg2.port, pg2.port, pg3.port, pg3.port]), ports
@@ -958,6 +968,7 @@ def test_replicas_that_keep_up_stay_readable_through_a_long_write_after_an_idle_
     pg1, pg2, pg3 = c.nodes
     pg1.query("CREATE TABLE walgen (id int, pad text)")
     relay = ha_relay(c, max_replica_lag_seconds="2s")
+    wait_replicas_readable(relay)
     held = [raw_login(relay.read_port) for _ in range(4)]
     ports = sorted(int(raw_scalar(s, "SELECT inet_server_port()")) for s in held)
     assert ports == sorted([pg2.port, pg2.port, pg3.port, pg3.port]), ports
@@ -1007,6 +1018,7 @@ def test_a_replica_that_goes_down_loses_its_read_sessions_and_gets_no_new_ones(
     c = make_cluster()
     pg1, pg2, pg3 = c.nodes
     relay = ha_relay(c, read_fallback="none", leader_change_grace="30s")
+    wait_replicas_readable(relay)
     held = [raw_login(relay.read_port) for _ in range(4)]
     by_node = collections.defaultdict(list)
     for s in held:
