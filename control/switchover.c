@@ -219,13 +219,16 @@ static void switchover_end(operator_op *op, const char *state, const char *outco
 /* The answer's body: the outcome, the leader and epoch, each step's record. */
 static json_t *switchover_body(operator_op *op, bool ok, const char *error)
 {
+    /* "o" with a new reference: the op keeps its own record and answers ("O" on a fresh
+     * json_object() or json_set on a fresh json_array() would leak it) */
     json_t *body =
-        json_pack("{s:b, s:s, s:I, s:s, s:s, s:O}", "ok", ok, "leader", op->node, "epoch",
+        json_pack("{s:b, s:s, s:I, s:s, s:s, s:o}", "ok", ok, "leader", op->node, "epoch",
                   (json_int_t)op->dep->epoch, "promoted_by", op->runner, "runner", op->runner,
-                  "steps", op->record ? op->record : json_object());
+                  "steps", op->record ? json_incref(op->record) : json_object());
     if (error)
         json_object_set_new(body, "error", json_string(error));
-    json_object_set(body, "proxies", op->leader_answers ? op->leader_answers : json_array());
+    json_object_set_new(body, "proxies",
+                        op->leader_answers ? json_incref(op->leader_answers) : json_array());
     if (op->force)
         json_object_set_new(body, "forced", json_true());
     return body;

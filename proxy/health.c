@@ -114,7 +114,7 @@ bool health_is_read_ready(master *m, int64_t lag_bytes, int64_t lag_ms, char *js
     shm_routes_read(m->shm, &health_routes);
     const char *why = NULL;
     int leader = health_leader(m, t, &why);
-    char names[512] = "";
+    char names[CONFIG_MAX_NODES * (CONFIG_NAME_MAX + 4)] = ""; /* ", \"NAME\"" each */
     size_t used = 0;
     int found = 0;
     for (uint32_t i = 0; i < t->n_nodes; i++) {

@@ -11,6 +11,9 @@
 /* Each fills json with a one-line JSON object saying why, and returns whether the check
  * passes. */
 
+/* Room for the longest answer: every node's name quoted in a list, and the rest. */
+#define HEALTH_JSON_MAX (CONFIG_MAX_NODES * (CONFIG_NAME_MAX + 4) + 256)
+
 /* The master runs (it answers) and at least one worker runs. */
 bool health_is_live(master *m, char *json, size_t len);
 

@@ -156,7 +156,7 @@ static void httpd_route(httpd_conn *c, const char *method, char *target, const c
     char *query = strchr(target, '?');
     if (query)
         *query++ = '\0';
-    char reason[512];
+    char reason[HEALTH_JSON_MAX];
 
     if (strcmp(target, "/health/is-live") == 0 || strcmp(target, "/health/is-ready") == 0 ||
         strcmp(target, "/health/is-read-ready") == 0) {
