@@ -202,14 +202,17 @@ static void op_step_done(operator_op *op);
 /* Queue a command (args stolen) that nobody waits for: rolling back after a failure. */
 static void op_fire(state_deployment *dep, const char *type, json_t *args)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(dep, live, STATE_LIVE_MAX);
+    state_proxy **live = NULL;
+    int n = state_live_proxies(dep, &live);
+    if (n < 0)
+        log_error("deployment %s: cannot queue %s: out of memory", dep->name, type);
     if (n > 0) {
         if (store_command_create(dep->name, type, args, live, n) < 0)
             log_error("deployment %s: cannot queue %s: %s", dep->name, type, store_error());
         for (int i = 0; i < n; i++)
             agents_wake(live[i]);
     }
+    free(live);
     json_decref(args);
 }
 
@@ -285,9 +288,15 @@ static void op_send(operator_op *op, op_step step, const char *type, json_t *arg
 /* Send to every live proxy. */
 static void op_send_live(operator_op *op, op_step step, const char *type, json_t *args)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    if (n < 0) { /* refused rather than sent to fewer than every live proxy */
+        json_decref(args);
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+        return;
+    }
     op_send(op, step, type, args, live, n);
+    free(live);
 }
 
 static void op_send_set_leader(operator_op *op)
@@ -307,9 +316,9 @@ static void op_send_set_leader(operator_op *op)
 /* The proxy that runs the promote: a live one that sees the node up, else any live one. */
 static state_proxy *op_promoter(operator_op *op)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
-    for (int i = 0; i < n; i++) {
+    state_proxy **live = NULL, *found = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    for (int i = 0; i < n && !found; i++) {
         size_t j;
         json_t *obs;
         json_array_foreach(live[i]->nodes, j, obs)
@@ -317,17 +326,20 @@ static state_proxy *op_promoter(operator_op *op)
             const char *name = json_string_value(json_object_get(obs, "name"));
             const char *health = json_string_value(json_object_get(obs, "health"));
             if (name && health && strcmp(name, op->node) == 0 && strcmp(health, "up") == 0)
-                return live[i];
+                found = live[i];
         }
     }
-    return n > 0 ? live[0] : NULL;
+    if (!found && n > 0)
+        found = live[0];
+    free(live);
+    return found;
 }
 
 /* Two-phase apply failed (refusal or silence): abort everywhere and answer code. */
 static void op_config_abort(operator_op *op, int code, const char *why)
 {
     char pending[OPERATOR_DETAIL_MAX];
-    state_proxy *targets[STATE_LIVE_MAX];
+    state_proxy **targets = calloc(op->n_targets > 0 ? (size_t)op->n_targets : 1, sizeof(*targets));
     int n = 0;
 
     if (code == 504)
@@ -339,7 +351,7 @@ static void op_config_abort(operator_op *op, int code, const char *why)
         store_command_cancel(op->prepare_id, "cancelled: the apply was aborted") != 0)
         log_error("deployment %s: cannot record the abort of version %" PRId64 ": %s",
                   op->dep->name, op->version, store_error());
-    for (int i = 0; i < op->n_targets && n < STATE_LIVE_MAX; i++) {
+    for (int i = 0; i < op->n_targets && targets; i++) {
         state_proxy *p = state_find_proxy(op->dep, op->targets[i].node_id);
         if (p)
             targets[n++] = p;
@@ -350,6 +362,7 @@ static void op_config_abort(operator_op *op, int code, const char *why)
     json_decref(args);
     for (int i = 0; i < n; i++)
         agents_wake(targets[i]);
+    free(targets);
     log_warning("deployment %s: configuration version %" PRId64 " aborted: %s", op->dep->name,
                 op->version, why);
     op_finish(op, code,
@@ -580,10 +593,15 @@ void operator_maintenance(http_call *call)
     op->on = on;
     op->resume_after_s = resume_after_s;
     log_info("deployment %s: maintenance %s requested", call->dep->name, on ? "on" : "off");
-    state_proxy *targets[STATE_LIVE_MAX]; /* maintenance_exempt proxies are left out */
-    int n = members_maintenance_targets(op->dep, targets, STATE_LIVE_MAX);
+    state_proxy **targets = NULL; /* maintenance_exempt proxies are left out */
+    int n = members_maintenance_targets(op->dep, &targets);
+    if (n < 0) {
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+        return;
+    }
     op_send(op, STEP_MAINTENANCE, "maintenance", op_maintenance_args(on, resume_after_s), targets,
             n);
+    free(targets);
 }
 
 void operator_reload(http_call *call)
@@ -646,8 +664,13 @@ void operator_config_apply(http_call *call)
     }
     log_info("deployment %s: configuration version %" PRId64 " proposed", call->dep->name,
              op->version);
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    if (n < 0) {
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+        return;
+    }
     json_t *args = json_pack("{s:I, s:s}", "version", (json_int_t)op->version, "text", text);
     op_send(op, STEP_PREPARE, "config_prepare", args, live, n);
+    free(live);
 }

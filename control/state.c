@@ -142,6 +142,7 @@ void state_set_declared(state_proxy *p, bool declared)
             state_forget_oldest_pending(p->dep, p);
     }
     p->dirty = true;
+    state_decide_again(p->dep); /* the quorum, and who is heard, changed */
 }
 
 bool state_proxy_live(const state_proxy *p, int64_t now_ms)
@@ -152,15 +153,34 @@ bool state_proxy_live(const state_proxy *p, int64_t now_ms)
     return p->last_seen_ms > 0 && now_ms - p->last_seen_ms <= control.cfg->proxy_timeout_ms;
 }
 
-int state_live_proxies(state_deployment *dep, state_proxy **out, int max)
+int state_live_proxies(state_deployment *dep, state_proxy ***out)
 {
     int n = 0;
     int64_t now = control_now_ms();
+    *out = NULL;
+    if (dep->n_declared <= 0)
+        return 0;
+    state_proxy **list = malloc((size_t)dep->n_declared * sizeof(*list));
+    if (!list) {
+        log_error("deployment %s: out of memory listing %d declared proxies", dep->name,
+                  dep->n_declared);
+        return -1;
+    }
     /* the list is sorted by node_id */
-    for (state_proxy *p = dep->proxies; p && n < max; p = p->next)
+    for (state_proxy *p = dep->proxies; p && n < dep->n_declared; p = p->next)
         if (p->declared && state_proxy_live(p, now))
-            out[n++] = p;
+            list[n++] = p;
+    if (n == 0) {
+        free(list);
+        list = NULL;
+    }
+    *out = list;
     return n;
+}
+
+void state_decide_again(state_deployment *dep)
+{
+    dep->decide_at_ms = 0;
 }
 
 void state_count(state_deployment *dep, int *total, int *live)
@@ -339,6 +359,7 @@ static void state_free_proxy(state_proxy *p)
     json_decref(p->queries);
     json_decref(p->schema);
     json_decref(p->config);
+    free(p->views);
     free(p->samples);
     free(p->node_series);
     free(p);

@@ -13,7 +13,6 @@
 #define STATE_NODE_NAME_MAX    64   /* name of a database node, NUL included */
 #define STATE_TEXT_MAX         256  /* hostname, version */
 #define STATE_SAMPLES_MAX      3600 /* metrics samples kept per proxy (also bounded by retention) */
-#define STATE_LIVE_MAX         1024 /* proxies one orchestration step addresses at most */
 #define STATE_NODE_SAMPLES_MAX 64   /* samples kept per node of a proxy: the rate window at 1 s */
 #define STATE_NODES_MAX        64   /* nodes followed per proxy (pgrelay's own limit) */
 #define STATE_PENDING_MAX      64   /* undeclared node ids remembered per deployment */
@@ -35,6 +34,13 @@ typedef struct state_sample {
     int64_t latency_us;           /* summed latency of the statements below */
     int64_t statements_completed; /* statements whose closing ReadyForQuery came back */
 } state_sample;
+
+/* What one proxy's last observation says about one database node, as the leader decision
+ * counts it (leader.c): kept beside the JSON so that a decision reads no JSON. */
+typedef struct state_node_view {
+    char name[STATE_NODE_NAME_MAX];
+    bool primary; /* seen up and not in recovery */
+} state_node_view;
 
 /* One database node's counters as one proxy reports them: a short ring, for per-node rates and
  * latency over the rate window. */
@@ -69,6 +75,8 @@ typedef struct state_proxy {
     int64_t last_metrics_ms;
     json_t *nodes; /* the last "nodes" observation, or NULL */
     int64_t nodes_ms;
+    state_node_view *views; /* the named nodes of nodes, in order (leader.c); malloc'd */
+    int n_views;
     json_t *queries; /* the last running-queries list, or NULL */
     int64_t queries_ms;
     json_t *schema; /* object: database name -> {"tables": [...], "received_ms"} */
@@ -100,6 +108,8 @@ typedef struct state_deployment {
     int n_declared;                            /* proxies with declared set */
     int n_pending;                             /* proxies without (at most STATE_PENDING_MAX) */
     struct operator_op *op; /* orchestration in progress, or NULL */
+    int64_t decide_at_ms;   /* wall clock from which the leader decision may come out otherwise
+                               than the last one (leader.c); 0 = at the next metrics call */
 } state_deployment;
 
 /* All deployments (NULL when not active). */
@@ -128,8 +138,13 @@ void state_set_declared(state_proxy *p, bool declared);
 bool state_proxy_live(const state_proxy *p, int64_t now_ms);
 
 /* Live declared proxies of a deployment, sorted by node_id: the ones orchestrations address
- * and the leader decision hears. Returns how many (at most max). */
-int state_live_proxies(state_deployment *dep, state_proxy **out, int max);
+ * and the leader decision hears. *out is a malloc'd array (the caller frees it; NULL when there
+ * is none). Returns how many, or -1 when out of memory (*out NULL): never fewer than there are. */
+int state_live_proxies(state_deployment *dep, state_proxy ***out);
+
+/* Something the leader decision reads changed (a declaration, an observation, an epoch, a
+ * liveness): the next metrics call of the deployment decides again. */
+void state_decide_again(state_deployment *dep);
 
 /* Number of declared proxies and of live declared proxies. */
 void state_count(state_deployment *dep, int *total, int *live);
