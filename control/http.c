@@ -295,8 +295,10 @@ static void http_healthz(http_call *call)
 static void http_readyz(http_call *call)
 {
     char text[HTTP_ERROR_MAX];
+    /* From state: the last store call's outcome (housekeeping and the lease timer call it
+     * every second at most), never a call of its own that would hold the event loop. */
     const char *why = http_not_serving_reason();
-    if (!why && !store_up() && store_ping() != 0)
+    if (!why && !store_up())
         why = "store unreachable";
     if (!why) {
         static const char ready[] = "ready\n";

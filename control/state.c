@@ -13,6 +13,7 @@
 
 #define STATE_AUTO_PREFIX     "auto-"
 #define STATE_AUTO_HEX_DIGITS 12 /* of the token's SHA-256 in an auto deployment's name */
+#define STATE_FLUSH_BATCH     500 /* proxies written to the store by one statement */
 
 static state_deployment *state_head;
 
@@ -492,16 +493,35 @@ void state_apply_config(void)
     }
 }
 
+/* Saves the pending list; on success its proxies are clean. 0 or -1. */
+static int state_flush_batch(state_proxy **batch, int n)
+{
+    if (n == 0)
+        return 0;
+    if (store_proxies_save(batch, n) != 0)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        batch[i]->dirty = false;
+        batch[i]->saved_seen_ms = batch[i]->last_seen_ms;
+    }
+    return 0;
+}
+
 void state_flush(void)
 {
+    state_proxy *batch[STATE_FLUSH_BATCH];
+    int n = 0;
     for (state_deployment *d = state_head; d; d = d->next) {
         for (state_proxy *p = d->proxies; p; p = p->next) {
             if (!p->declared || (!p->dirty && p->saved_seen_ms == p->last_seen_ms))
                 continue;
-            if (store_proxy_save(p) != 0)
-                return; /* the store is down; try again next time */
-            p->dirty = false;
-            p->saved_seen_ms = p->last_seen_ms;
+            batch[n++] = p;
+            if (n == STATE_FLUSH_BATCH) {
+                if (state_flush_batch(batch, n) != 0)
+                    return; /* the store is down; try again next time */
+                n = 0;
+            }
         }
     }
+    state_flush_batch(batch, n);
 }

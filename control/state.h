@@ -182,7 +182,8 @@ void state_deactivate(const char *reason);
  * store). */
 void state_apply_config(void);
 
-/* Write declared proxies whose fields changed to the store (pending ones live in memory). */
+/* Write declared proxies whose fields or last-seen time changed to the store, many in one
+ * statement (pending ones live in memory). */
 void state_flush(void);
 
 #endif

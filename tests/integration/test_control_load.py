@@ -16,7 +16,7 @@ import pytest
 
 from conftest import wait_for
 from test_control_api import (  # noqa: F401 - fixtures used by name
-    ADMIN, API, TOKENS, SimAgent, control_factory, obs, store)
+    ADMIN, API, TOKENS, SimAgent, control_factory, obs, store, store_rows)
 
 FLEET = 1100  # above the 1,024 live proxies the control plane used to address at most
 
@@ -249,3 +249,44 @@ def test_a_decision_that_only_time_unlocks_is_taken_at_the_next_report(control_f
 
     answer = wait_for(moved, timeout=10, interval=0.3, what="pg2 taking over")
     assert answer["leader"] == "pg2" and answer["epoch"] > epoch, answer
+
+
+# --------------------------------------------------------------------------- #
+# the store: many proxies' last-seen times in one statement
+# --------------------------------------------------------------------------- #
+
+
+def test_last_seen_times_of_many_proxies_reach_the_store_in_one_transaction(control_factory):
+    """The periodic flush writes every proxy heard since the last one. One committed round trip
+    per proxy held the event loop for seconds at 2,000 proxies; the rows of one flush now share
+    the transaction that wrote them."""
+    raise_fd_limit()
+    control = control_factory(control={"proxy_timeout": "60s"})
+    fleet = Fleet(control, 300)
+
+    async def scenario():
+        conns = [Conn(control.port, TOKENS["prod"]) for _ in range(16)]
+
+        async def worker(k):
+            for node_id in fleet.ids[k::len(conns)]:
+                status, answer = await conns[k].request("POST", API + "/agent/metrics", {
+                    "node_id": node_id, "ts_ms": int(time.time() * 1000)})
+                assert status == 200, answer
+
+        await asyncio.gather(*(worker(k) for k in range(len(conns))))
+        for c in conns:
+            c.close()
+
+    # register a moment earlier than the metrics: last_seen_ms moves past registered_ms
+    asyncio.run(fleet.register_all())
+    time.sleep(0.05)
+    asyncio.run(scenario())
+
+    def flushed():
+        [(n, xids)] = store_rows(
+            control.store, "SELECT count(*), count(DISTINCT xmin::text) FROM pgrelay.proxies"
+                           " WHERE last_seen_ms > registered_ms")
+        return (n, xids) if n == 300 else None
+
+    n, xids = wait_for(flushed, timeout=15, interval=0.2, what="the flush of 300 proxies")
+    assert xids <= 3, f"{xids} transactions wrote 300 proxies' last-seen times"
