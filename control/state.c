@@ -12,7 +12,7 @@
 #include <string.h>
 
 #define STATE_AUTO_PREFIX     "auto-"
-#define STATE_AUTO_HEX_DIGITS 12 /* of the token's SHA-256 in an auto deployment's name */
+#define STATE_AUTO_HEX_DIGITS 12  /* of the token's SHA-256 in an auto deployment's name */
 #define STATE_FLUSH_BATCH     500 /* proxies written to the store by one statement */
 
 static state_deployment *state_head;

@@ -171,9 +171,9 @@ int store_proxies_save(state_proxy *const *list, int n)
         const state_proxy *p = list[i];
         json_array_append_new(
             rows, json_pack("{s:s, s:s, s:s, s:s, s:O, s:I, s:o, s:b, s:I, s:I, s:I}", "deployment",
-                            p->dep->name, "node_id", p->node_id, "hostname", p->hostname,
-                            "version", p->version, "listen", p->listen ? p->listen : json_null(),
-                            "epoch", (json_int_t)p->epoch, "leader",
+                            p->dep->name, "node_id", p->node_id, "hostname", p->hostname, "version",
+                            p->version, "listen", p->listen ? p->listen : json_null(), "epoch",
+                            (json_int_t)p->epoch, "leader",
                             p->leader[0] ? json_string(p->leader) : json_null(), "maintenance",
                             p->maintenance, "config_version", (json_int_t)p->config_version,
                             "registered_ms", (json_int_t)p->registered_ms, "last_seen_ms",

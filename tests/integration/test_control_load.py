@@ -8,6 +8,7 @@ with its store (test_control_api.py's fixtures).
 
 import asyncio
 import json
+import os
 import resource
 import socket
 import time
@@ -290,3 +291,158 @@ def test_last_seen_times_of_many_proxies_reach_the_store_in_one_transaction(cont
 
     n, xids = wait_for(flushed, timeout=15, interval=0.2, what="the flush of 300 proxies")
     assert xids <= 3, f"{xids} transactions wrote 300 proxies' last-seen times"
+
+
+# --------------------------------------------------------------------------- #
+# connections: a cap, an idle timeout, accept errors at the descriptor limit
+# --------------------------------------------------------------------------- #
+
+
+def start_limited(store, nofile, **control_keys):
+    """A pgrelay-control whose open-files limit (soft and hard) is nofile."""
+    import os
+    import subprocess
+    import tempfile
+
+    from conftest import start_on_free_port
+    from test_control_api import CONTROL_BIN, Control, write_ini
+
+    workdir = tempfile.mkdtemp(prefix="pgrelay-control-load-")
+
+    def launch(port, attempt):
+        conf = os.path.join(workdir, "control.ini")
+        log_path = os.path.join(workdir, f"control-{attempt}.log")
+        write_ini(conf, port, store, control=control_keys)
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen(
+                [CONTROL_BIN, "-c", conf], stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+        return Control(workdir, port, conf, log_path, proc, store)
+
+    def ready(c):
+        return c.ready()
+
+    return start_on_free_port(launch, ready, lambda c: c.stop(), "pgrelay-control")
+
+
+@pytest.fixture
+def limited(store):
+    started = []
+
+    def factory(nofile, **keys):
+        c = start_limited(store, nofile, **keys)
+        started.append(c)
+        return c
+
+    yield factory
+    for c in started:
+        assert c.stop() == 0, c.log()[-3000:]
+
+
+def timed(fn, *args, **kw):
+    t0 = time.monotonic()
+    value = fn(*args, **kw)
+    return time.monotonic() - t0, value
+
+
+@pytest.mark.deadline(60)
+def test_500_idle_connections_leave_healthz_and_the_api_answering_within_a_second(limited):
+    """The control plane may open 256 files: 500 idle sockets are more than it can hold. The
+    least recently active idle ones make room; /healthz, an agent and an operator are answered
+    within a second each, and the accept errors do not spin or flood the log."""
+    raise_fd_limit()
+    control = limited(256)
+    idle = []
+    try:
+        for _ in range(500):
+            s = socket.create_connection(("127.0.0.1", control.port), timeout=5)
+            idle.append(s)
+        for _ in range(3):
+            secs, (status, _) = timed(control.call, "GET", "/healthz", timeout=5)
+            assert status == 200 and secs < 1.0, (status, secs)
+            secs, (status, answer) = timed(SimAgent(control, "proxy-a").post, "/register",
+                                           {"hostname": "h"})
+            assert status == 200 and secs < 1.0, (status, secs, answer)
+            secs, (status, answer) = timed(control.admin, "GET", "/deployments", timeout=5)
+            assert status == 200 and secs < 1.0, (status, secs, answer)
+        # the oldest idle sockets were closed to make room
+        closed = 0
+        for s in idle:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= 500 - 256, closed
+    finally:
+        for s in idle:
+            s.close()
+    log = control.log()
+    assert log.count("accept") < 20, log[-2000:]
+
+
+def test_an_idle_connection_is_closed_after_idle_timeout_but_a_long_poll_is_not(limited):
+    control = limited(4096, idle_timeout="1s")
+    a = SimAgent(control, "proxy-a")
+    a.register()
+    s = socket.create_connection(("127.0.0.1", control.port), timeout=10)
+    try:
+        t0 = time.monotonic()
+        assert s.recv(1) == b""  # closed by the control plane
+        assert 0.9 <= time.monotonic() - t0 < 5
+    finally:
+        s.close()
+    # a poll waiting 3 s for commands is busy, not idle: it is answered, not cut
+    secs, (status, answer) = timed(a.poll, wait_s=3)
+    assert status == 200 and answer["commands"] == [] and secs >= 2.9, (status, answer, secs)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.deadline(90)
+def test_at_the_descriptor_limit_accept_errors_neither_spin_nor_flood_the_log(limited):
+    """300 agents each hold a long poll (busy: nothing to close) on a control plane that may
+    open 256 files. accept() fails with EMFILE: the listener rests instead of spinning, one
+    line says so, and once the polls end /healthz answers again."""
+    raise_fd_limit()
+    control = limited(256)
+    agents = [SimAgent(control, f"p{i:03d}") for i in range(300)]
+    for a in agents:
+        a.register()
+    polls = []
+    try:
+        for a in agents:
+            s = socket.create_connection(("127.0.0.1", control.port), timeout=5)
+            s.sendall((f"GET {API}/agent/commands?node_id={a.node_id}&wait_s=30 HTTP/1.1\r\n"
+                       f"Host: x\r\nAuthorization: Bearer {TOKENS['prod']}\r\n\r\n").encode())
+            polls.append(s)
+        # it accepts until the limit (then, today, closes what is over max_connections)
+        wait_for(lambda: len(os.listdir(f"/proc/{control.pid}/fd")) >= 250
+                 or "HTTP: " in control.log(), timeout=10,
+                 what="pgrelay-control to reach its descriptor limit")
+        cpu0, t0 = cpu_seconds(control.pid), time.monotonic()
+        time.sleep(2)  # a measurement window, not a wait
+        cores = (cpu_seconds(control.pid) - cpu0) / (time.monotonic() - t0)
+        log = control.log()
+        assert log.count("accept") <= 3, log[-3000:]
+        assert cores < 0.5, f"pgrelay-control used {cores:.2f} cores at the descriptor limit"
+        assert "cannot accept connections: Too many open files" in log, log[-3000:]
+    finally:
+        for s in polls:
+            s.close()
+    assert wait_for(lambda: _answers(control), timeout=10, what="/healthz after the polls ended")
+    assert control.proc.poll() is None
+
+
+def _answers(control):
+    try:
+        return control.call("GET", "/healthz", timeout=1)[0] == 200
+    except OSError:
+        return False
