@@ -14,6 +14,7 @@
 #define STATE_AUTO_PREFIX     "auto-"
 #define STATE_AUTO_HEX_DIGITS 12  /* of the token's SHA-256 in an auto deployment's name */
 #define STATE_FLUSH_BATCH     500 /* proxies written to the store by one statement */
+#define STATE_INDEX_MIN       64  /* buckets of a deployment's proxy index at least */
 
 static state_deployment *state_head;
 
@@ -72,8 +73,62 @@ state_deployment *state_auto_deployment(const char *sha_hex)
     return d;
 }
 
+/* ---- the index of a deployment's proxies by node_id: every request looks its proxy up ---- */
+
+static unsigned state_index_hash(const char *node_id)
+{
+    unsigned h = 2166136261u; /* FNV-1a */
+    for (const unsigned char *c = (const unsigned char *)node_id; *c; c++)
+        h = (h ^ *c) * 16777619u;
+    return h;
+}
+
+static void state_index_insert(state_deployment *dep, state_proxy *p)
+{
+    unsigned b = state_index_hash(p->node_id) & (unsigned)(dep->index_size - 1);
+    p->index_next = dep->index[b];
+    dep->index[b] = p;
+}
+
+/* Rebuild the index with room for the proxies there are (twice as many buckets, at least
+ * STATE_INDEX_MIN). Without memory the index is dropped and lookups walk the list. */
+static void state_index_rebuild(state_deployment *dep)
+{
+    int want = STATE_INDEX_MIN;
+    while (want < 2 * (dep->n_declared + dep->n_pending + 1))
+        want *= 2;
+    free(dep->index);
+    dep->index_size = 0;
+    dep->index = calloc((size_t)want, sizeof(*dep->index));
+    if (!dep->index)
+        return;
+    dep->index_size = want;
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        state_index_insert(dep, p);
+}
+
+static void state_index_remove(state_deployment *dep, const state_proxy *p)
+{
+    if (!dep->index)
+        return;
+    unsigned b = state_index_hash(p->node_id) & (unsigned)(dep->index_size - 1);
+    for (state_proxy **at = &dep->index[b]; *at; at = &(*at)->index_next) {
+        if (*at == p) {
+            *at = p->index_next;
+            return;
+        }
+    }
+}
+
 state_proxy *state_find_proxy(state_deployment *dep, const char *node_id)
 {
+    if (dep->index) {
+        unsigned b = state_index_hash(node_id) & (unsigned)(dep->index_size - 1);
+        for (state_proxy *p = dep->index[b]; p; p = p->index_next)
+            if (strcmp(p->node_id, node_id) == 0)
+                return p;
+        return NULL;
+    }
     for (state_proxy *p = dep->proxies; p; p = p->next)
         if (strcmp(p->node_id, node_id) == 0)
             return p;
@@ -98,6 +153,7 @@ static void state_forget_oldest_pending(state_deployment *dep, const state_proxy
         return;
     state_proxy *gone = *oldest;
     *oldest = gone->next;
+    state_index_remove(dep, gone);
     dep->n_pending--;
     log_debug("deployment %s: forgot pending proxy %s (more than %d undeclared node ids)",
               dep->name, gone->node_id, STATE_PENDING_MAX);
@@ -122,6 +178,10 @@ state_proxy *state_get_proxy(state_deployment *dep, const char *node_id)
     p->next = *at;
     *at = p;
     dep->n_pending++;
+    if (!dep->index || 2 * (dep->n_declared + dep->n_pending) > dep->index_size)
+        state_index_rebuild(dep);
+    else
+        state_index_insert(dep, p);
     if (dep->n_pending > STATE_PENDING_MAX)
         state_forget_oldest_pending(dep, p);
     return p;
@@ -376,6 +436,7 @@ static void state_free_list(state_deployment *head)
             d->proxies = p->next;
             state_free_proxy(p);
         }
+        free(d->index);
         free(d);
     }
 }
@@ -424,6 +485,7 @@ int state_activate(void)
         *at = d;
         for (state_proxy *p = d->proxies; p; p = p->next)
             p->saved_seen_ms = p->last_seen_ms;
+        state_index_rebuild(d);
         while (d->n_pending > STATE_PENDING_MAX)
             state_forget_oldest_pending(d, NULL);
     }

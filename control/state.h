@@ -54,6 +54,7 @@ typedef struct state_node_series {
 /* One proxy host (one pgrelay-agent) of a deployment. */
 typedef struct state_proxy {
     struct state_proxy *next;
+    struct state_proxy *index_next; /* next in its bucket of the deployment's index */
     struct state_deployment *dep;
     char node_id[STATE_NODE_ID_MAX];
     bool declared;     /* the operator declared it (members.c): it votes, takes commands */
@@ -108,6 +109,8 @@ typedef struct state_deployment {
     int n_declared;                            /* proxies with declared set */
     int n_pending;                             /* proxies without (at most STATE_PENDING_MAX) */
     struct operator_op *op; /* orchestration in progress, or NULL */
+    state_proxy **index;    /* proxies by node_id hash (state_find_proxy), or NULL */
+    int index_size;         /* buckets of index: a power of two */
     int64_t decide_at_ms;   /* wall clock from which the leader decision may come out otherwise
                                than the last one (leader.c); 0 = at the next metrics call */
 } state_deployment;
