@@ -4,6 +4,7 @@
 #   make deps       install every build and test dependency from Debian packages
 #   make test       deps + build + unit tests + integration and fault-injection tests
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
+#   make bench-control  N simulated agents against one pgrelay-control (not part of test)
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
 #   make install    PREFIX=/usr/local DESTDIR= (PGRELAY_GROUP=pgrelay); make uninstall undoes it
 #   make SANITIZE=address test   the same suite under AddressSanitizer (separate build dir)
@@ -222,6 +223,13 @@ bench: deps-bench
 bench-failover: deps
 	@$(MAKE) --no-print-directory all
 	$(PYTHON) tests/bench/failover.py
+
+# Control-plane load benchmark (not part of test): N simulated agents on one pgrelay-control;
+# BENCH_CONTROL_N (default 100,500,1000,2000) and BENCH_CONTROL_SECONDS (default 10) per size.
+.PHONY: bench-control
+bench-control: deps
+	@$(MAKE) --no-print-directory all
+	$(PYTHON) tests/bench/control_load.py
 
 demo: deps
 	@$(MAKE) --no-print-directory all

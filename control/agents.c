@@ -96,7 +96,10 @@ static state_proxy *agents_seen(http_call *call, const char *node_id)
     if (p->last_seen_ms == 0 && log_current_level >= level)
         log_msg(level, "deployment %s: proxy %s appeared%s", call->dep->name, node_id,
                 p->declared ? "" : " (not declared: pending)");
-    p->last_seen_ms = control_now_ms();
+    int64_t now = control_now_ms();
+    if (p->declared && !state_proxy_live(p, now))
+        state_decide_again(p->dep); /* heard again: what it reports counts again */
+    p->last_seen_ms = now;
     return p;
 }
 
@@ -120,6 +123,7 @@ static void agents_set_leader(state_proxy *p, json_t *v)
     if (strcmp(p->leader, leader) != 0) {
         snprintf(p->leader, sizeof(p->leader), "%s", leader);
         p->dirty = true;
+        state_decide_again(p->dep);
     }
 }
 
@@ -128,6 +132,8 @@ static void agents_set_int(state_proxy *p, int64_t *field, int64_t v)
     if (v >= 0 && *field != v) {
         *field = v;
         p->dirty = true;
+        if (field == &p->epoch)
+            state_decide_again(p->dep);
     }
 }
 
@@ -331,6 +337,8 @@ void agents_metrics(http_call *call)
     p->last_metrics = json_incref(call->body);
     p->last_metrics_ms = now;
     if (nodes) {
+        if (leader_observe(p, nodes, now))
+            state_decide_again(p->dep);
         json_decref(p->nodes);
         p->nodes = json_incref(nodes);
         p->nodes_ms = now;
@@ -345,7 +353,7 @@ void agents_metrics(http_call *call)
     if (json_object_get(call->body, "leader"))
         agents_set_leader(p, json_object_get(call->body, "leader"));
 
-    leader_decide(call->dep);
+    leader_decide(call->dep); /* only when something it reads changed */
     state_deployment *d = call->dep;
     http_reply_json(call->req, 200,
                     json_pack("{s:o, s:I}", "leader",
@@ -456,6 +464,9 @@ static void agents_unpark(state_proxy *p)
     p->poll_timer = NULL;
     p->poll_watch = NULL;
     p->poll_req = NULL;
+    /* the poll held it live; now its last request does, or nothing does */
+    if (p->declared && !state_proxy_live(p, control_now_ms()))
+        state_decide_again(p->dep);
 }
 
 /* Answer p's parked poll with the given list (stolen). */

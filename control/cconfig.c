@@ -68,6 +68,12 @@ const cconfig_key cconfig_keys[] = {
             "metrics samples, running queries and schema summaries are kept in memory this long"),
     CTL_KEY("poll_wait_max", KEY_DURATION64, "60s", true, poll_wait_max_ms, MS_PER_S,
             10 * MS_PER_MIN, NULL, "the longest wait_s an agent's command long poll may use"),
+    CTL_KEY("max_connections", KEY_INT, "0", true, max_connections, 0, INT32_MAX, NULL,
+            "open HTTP connections at most (an idle one makes room for a new one); 0 = the "
+            "open-files limit less 64"),
+    CTL_KEY("idle_timeout", KEY_DURATION64, "60s", true, idle_timeout_ms, MS_PER_S,
+            DURATION_MAX_MS, NULL,
+            "an HTTP connection with no request waiting for an answer is closed after this"),
     CTL_KEY("log_level", KEY_ENUM, "info", true, log_level, 0, 0, level_words,
             "error, warning, info or debug; -v and -q on the command line override it"),
     CTL_KEY("logfile", KEY_STRING, "", true, logfile, 0, 0, NULL,

@@ -45,6 +45,8 @@ typedef struct cconfig {
     int64_t command_retention_ms;   /* commands older than this are deleted from the store */
     int64_t telemetry_retention_ms; /* in-memory samples, queries, schemas older are dropped */
     int64_t poll_wait_max_ms;       /* the longest long poll an agent may ask for */
+    int max_connections;            /* open HTTP connections at most; 0 = from the fd limit */
+    int64_t idle_timeout_ms;        /* an HTTP connection idle this long is closed */
     int log_level;                  /* log_level from log.h */
     char logfile[PATH_MAX];         /* "" = stderr */
 

@@ -8,6 +8,7 @@
  */
 #include "http.h"
 #include "agents.h"
+#include "http_conns.h"
 #include "control.h"
 #include "lease.h"
 #include "log.h"
@@ -128,6 +129,7 @@ void http_reply_text(struct evhttp_request *req, int code, const char *content_t
     evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", content_type);
     if (buf && len)
         evbuffer_add(buf, text, len);
+    http_conns_answered(req);
     evhttp_send_reply(req, code, http_reason(code), buf);
     if (buf)
         evbuffer_free(buf);
@@ -149,6 +151,7 @@ void http_reply_json(struct evhttp_request *req, int code, json_t *body)
         evbuffer_add(buf, text, len);
         evbuffer_add(buf, "\n", 1);
     }
+    http_conns_answered(req);
     evhttp_send_reply(req, code, http_reason(code), buf);
     if (buf)
         evbuffer_free(buf);
@@ -167,7 +170,14 @@ void http_reply_error(struct evhttp_request *req, int code, const char *fmt, ...
 
 void http_reply_empty(struct evhttp_request *req, int code)
 {
+    http_conns_answered(req);
     evhttp_send_reply(req, code, http_reason(code), NULL);
+}
+
+void http_reply_buffer(struct evhttp_request *req, int code, struct evbuffer *body)
+{
+    http_conns_answered(req);
+    evhttp_send_reply(req, code, http_reason(code), body);
 }
 
 /* ---- body fields ---- */
@@ -299,8 +309,10 @@ static void http_healthz(http_call *call)
 static void http_readyz(http_call *call)
 {
     char text[HTTP_ERROR_MAX];
+    /* From state: the last store call's outcome (housekeeping and the lease timer call it
+     * every second at most), never a call of its own that would hold the event loop. */
     const char *why = http_not_serving_reason();
-    if (!why && !store_up() && store_ping() != 0)
+    if (!why && !store_up())
         why = "store unreachable";
     if (!why) {
         static const char ready[] = "ready\n";
@@ -470,6 +482,7 @@ static void http_dispatch(struct evhttp_request *req, void *arg)
 
     memset(&call, 0, sizeof(call));
     call.req = req;
+    http_conns_request(req); /* busy until answered: not closed as idle */
     TAILQ_INIT(&call.query);
     const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
     const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
@@ -540,10 +553,13 @@ static void http_set_timeout(void)
 }
 
 /* evhttp asks for each accepted connection's bufferevent: with TLS, an OpenSSL one that
- * does the server side of the handshake before evhttp reads the request. */
-static struct bufferevent *http_tls_bufferevent(struct event_base *base, void *arg)
+ * does the server side of the handshake before evhttp reads the request. Either way the
+ * connection is followed from now on (http_conns.c). */
+static struct bufferevent *http_new_bufferevent(struct event_base *base, void *arg)
 {
     (void)arg;
+    if (!server.tls)
+        return http_conns_track(bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE));
     SSL *ssl = SSL_new(server.tls);
     if (!ssl)
         return NULL;
@@ -551,7 +567,7 @@ static struct bufferevent *http_tls_bufferevent(struct event_base *base, void *a
         base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
     if (!bev)
         SSL_free(ssl);
-    return bev;
+    return http_conns_track(bev);
 }
 
 int http_start(struct event_base *base, char *err, size_t err_len)
@@ -579,15 +595,10 @@ int http_start(struct event_base *base, char *err, size_t err_len)
                                                 EVHTTP_REQ_PATCH | EVHTTP_REQ_OPTIONS);
     evhttp_set_default_content_type(server.http, HTTP_JSON_TYPE);
     evhttp_set_gencb(server.http, http_dispatch, NULL);
-    if (server.tls)
-        evhttp_set_bevcb(server.http, http_tls_bufferevent, NULL);
+    evhttp_set_bevcb(server.http, http_new_bufferevent, NULL);
     http_set_timeout();
-    errno = 0;
-    server.bound = evhttp_bind_socket_with_handle(server.http, cfg->listen_addr,
-                                                  (ev_uint16_t)cfg->listen_port);
+    server.bound = http_conns_listen(server.http, cfg->listen_addr, cfg->listen_port, err, err_len);
     if (!server.bound) {
-        snprintf(err, err_len, "cannot listen on %s:%d: %s", cfg->listen_addr, cfg->listen_port,
-                 errno ? strerror(errno) : "address not usable");
         evhttp_free(server.http);
         server.http = NULL;
         return -1;
@@ -624,13 +635,16 @@ void http_apply_config(void)
     if (server.http) {
         http_set_timeout();
         http_renew_tls();
+        http_conns_apply_config();
     }
 }
 
 void http_stop(void)
 {
+    http_conns_stop();
     if (server.http)
         evhttp_free(server.http);
+    http_conns_release();
     server.http = NULL;
     server.bound = NULL;
     SSL_CTX_free(server.tls);

@@ -52,6 +52,8 @@ void http_reply_error(struct evhttp_request *req, int code, const char *fmt, ...
 void http_reply_empty(struct evhttp_request *req, int code);
 void http_reply_text(struct evhttp_request *req, int code, const char *content_type,
                      const char *text, size_t len);
+/* The body as it is (headers set by the caller; the buffer stays the caller's). */
+void http_reply_buffer(struct evhttp_request *req, int code, struct evbuffer *body);
 
 /* Field checks for request bodies. Each returns true when the field is fine (or absent and
  * optional, leaving *out alone); otherwise it answers 400 naming where and the field, and

@@ -24,6 +24,7 @@
 
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LEADER_MAX_NODES 64 /* distinct node names considered per decision */
@@ -63,11 +64,41 @@ static leader_tally *leader_tally_get(leader_tally *t, int *n, const char *name)
 }
 
 /* Observations of a proxy recent enough to count (as old as the proxy timeout at most). */
-static json_t *leader_fresh_nodes(const state_proxy *p, int64_t now)
+static bool leader_fresh_nodes(const state_proxy *p, int64_t now)
 {
-    if (!p->nodes || now - p->nodes_ms > control.cfg->proxy_timeout_ms)
-        return NULL;
-    return p->nodes;
+    return p->nodes && now - p->nodes_ms <= control.cfg->proxy_timeout_ms;
+}
+
+bool leader_observe(state_proxy *p, json_t *nodes, int64_t now)
+{
+    size_t n = json_array_size(nodes), kept = 0, j;
+    json_t *obs;
+    state_node_view *views = n ? malloc(n * sizeof(*views)) : NULL;
+    if (n && !views) {
+        /* no summary: the decision hears nothing from this proxy until the next report */
+        free(p->views);
+        p->views = NULL;
+        p->n_views = 0;
+        return true;
+    }
+    json_array_foreach(nodes, j, obs)
+    {
+        const char *name = json_string_value(json_object_get(obs, "name"));
+        if (!name)
+            continue;
+        snprintf(views[kept].name, sizeof(views[kept].name), "%s", name);
+        views[kept].primary = leader_sees_primary(obs);
+        kept++;
+    }
+    /* The summary was stale or gone (it no longer counted), or says something else now. */
+    bool changed = !leader_fresh_nodes(p, now) || (int)kept != p->n_views;
+    for (size_t i = 0; i < kept && !changed; i++)
+        changed =
+            strcmp(views[i].name, p->views[i].name) != 0 || views[i].primary != p->views[i].primary;
+    free(p->views);
+    p->views = views;
+    p->n_views = (int)kept;
+    return changed;
 }
 
 /* Answer every parked poll of the deployment now: the answer carries the new leader and
@@ -123,9 +154,9 @@ static int leader_commit(state_deployment *dep, const char *leader_in, int64_t e
     return 0;
 }
 
-int leader_decide(state_deployment *dep)
+/* Decide, given the live declared proxies (see leader_decide). */
+static int leader_decide_among(state_deployment *dep, state_proxy **live, int n)
 {
-    state_proxy *live[STATE_LIVE_MAX];
     leader_tally tally[LEADER_MAX_NODES];
     int n_tally = 0, reporters = 0;
     int64_t now = control_now_ms();
@@ -135,10 +166,6 @@ int leader_decide(state_deployment *dep)
     bool agree = true;
     int quorum = dep->n_declared / 2 + 1; /* a majority of the declared proxies */
 
-    if (operator_leadership_frozen(dep))
-        return 0; /* a switchover decides */
-    /* live declared proxies only: a pending node id has no say */
-    int n = state_live_proxies(dep, live, STATE_LIVE_MAX);
     for (int i = 0; i < n; i++) {
         state_proxy *p = live[i];
         if (p->epoch > max_epoch) {
@@ -150,19 +177,14 @@ int leader_decide(state_deployment *dep)
                 agree = false;
             agreed = p->leader;
         }
-        json_t *nodes = leader_fresh_nodes(p, now);
-        if (!nodes)
+        if (!leader_fresh_nodes(p, now))
             continue;
         reporters++;
-        size_t j;
-        json_t *obs;
-        json_array_foreach(nodes, j, obs)
-        {
-            const char *name = json_string_value(json_object_get(obs, "name"));
-            leader_tally *t = name ? leader_tally_get(tally, &n_tally, name) : NULL;
+        for (int j = 0; j < p->n_views; j++) {
+            leader_tally *t = leader_tally_get(tally, &n_tally, p->views[j].name);
             if (!t)
                 continue;
-            bool primary = leader_sees_primary(obs);
+            bool primary = p->views[j].primary;
             t->reported++;
             t->primary += primary;
             if (p->epoch >= dep->epoch) {
@@ -224,6 +246,50 @@ int leader_decide(state_deployment *dep)
     return 0;
 }
 
+/* The earliest wall-clock time at which one of the live proxies stops being live, or its
+ * observation stops counting, with nothing else happening: until then, the same inputs give
+ * the same decision. A proxy held live by a parked poll stays so until the poll ends, which
+ * asks for a decision itself (agents.c). */
+static int64_t leader_next_change(state_proxy **live, int n, int64_t now)
+{
+    int64_t timeout = control.cfg->proxy_timeout_ms, at = INT64_MAX;
+    for (int i = 0; i < n; i++) {
+        const state_proxy *p = live[i];
+        if (!p->poll_req && p->last_seen_ms + timeout + 1 < at)
+            at = p->last_seen_ms + timeout + 1;
+        if (leader_fresh_nodes(p, now) && p->nodes_ms + timeout + 1 < at)
+            at = p->nodes_ms + timeout + 1;
+    }
+    return at;
+}
+
+int leader_decide(state_deployment *dep)
+{
+    int64_t now = control_now_ms();
+    if (now < dep->decide_at_ms)
+        return 0; /* nothing it reads has changed since the last decision */
+    if (operator_leadership_frozen(dep)) {
+        dep->decide_at_ms = 0; /* a switchover decides; after it, decide again */
+        return 0;
+    }
+    /* live declared proxies only: a pending node id has no say */
+    state_proxy **live = NULL;
+    int n = state_live_proxies(dep, &live);
+    if (n < 0)
+        return -1; /* out of memory: decide again at the next call */
+    int64_t epoch = dep->epoch;
+    char leader[STATE_NODE_NAME_MAX];
+    snprintf(leader, sizeof(leader), "%s", dep->leader);
+    int rc = leader_decide_among(dep, live, n);
+    /* A change moves what the next decision reads (the current epoch): decide again then. */
+    if (rc != 0 || epoch != dep->epoch || strcmp(leader, dep->leader) != 0)
+        dep->decide_at_ms = 0;
+    else
+        dep->decide_at_ms = leader_next_change(live, n, now);
+    free(live);
+    return rc;
+}
+
 /* The highest epoch any declared proxy of the deployment has reported. */
 static int64_t leader_max_reported_epoch(const state_deployment *dep)
 {
@@ -255,6 +321,7 @@ int leader_set(state_deployment *dep, const char *node, int64_t epoch)
              dep->leader[0] ? dep->leader : "(none)", node, epoch);
     snprintf(dep->leader, sizeof(dep->leader), "%s", node);
     dep->epoch = epoch;
+    state_decide_again(dep);
     leader_announce(dep);
     return 0;
 }

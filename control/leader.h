@@ -7,9 +7,17 @@
 #include <stdint.h>
 
 /* Re-decide a deployment's leader from the live proxies' node observations (after a metrics
- * call). A change is persisted before it is announced; returns -1 when the store refused it
- * (the old decision stays). */
+ * call), when something the decision reads may have changed since the last one: an
+ * observation (leader_observe), an epoch or leader a proxy reports, a declaration, a liveness
+ * (state_decide_again), or the time at which a proxy or its observation goes stale. Otherwise
+ * the decision would come out the same, and it costs nothing. A change is persisted before it
+ * is announced; returns -1 when the store refused it (the old decision stays). */
 int leader_decide(state_deployment *dep);
+
+/* Keep the summary of p's new nodes observation that the decision reads; true when it says
+ * something else than the one it replaces (which then is counted again at the next metrics
+ * call), or that one no longer counted (stale or gone). */
+bool leader_observe(state_proxy *p, json_t *nodes, int64_t now);
 
 /* Set the leader directly (switchover) with a new epoch. 0 or -1 (store). */
 int leader_set(state_deployment *dep, const char *node, int64_t epoch);

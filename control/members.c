@@ -170,13 +170,13 @@ bool members_peer_allowed(const state_proxy *p, struct evhttp_request *req, char
     return false;
 }
 
-int members_maintenance_targets(state_deployment *dep, state_proxy **out, int max)
+int members_maintenance_targets(state_deployment *dep, state_proxy ***out)
 {
-    int n = state_live_proxies(dep, out, max), kept = 0;
+    int n = state_live_proxies(dep, out), kept = 0;
     for (int i = 0; i < n; i++)
-        if (!json_is_true(json_object_get(out[i]->options, "maintenance_exempt")))
-            out[kept++] = out[i];
-    return kept;
+        if (!json_is_true(json_object_get((*out)[i]->options, "maintenance_exempt")))
+            (*out)[kept++] = (*out)[i];
+    return n < 0 ? n : kept;
 }
 
 int members_declare(state_proxy *p)

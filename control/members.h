@@ -18,8 +18,8 @@ void members_delete(http_call *call);
 void members_set_options(http_call *call);
 
 /* The live declared proxies an operator's maintenance on/off addresses: all but the ones with
- * maintenance_exempt. Returns how many (at most max). */
-int members_maintenance_targets(state_deployment *dep, state_proxy **out, int max);
+ * maintenance_exempt, in a malloc'd *out as state_live_proxies. Returns how many, or -1. */
+int members_maintenance_targets(state_deployment *dep, state_proxy ***out);
 
 /* A proxy with the option address takes calls only from that address: true when req comes
  * from it or the proxy is not pinned; else false with the peer's address in peer. */

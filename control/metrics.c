@@ -303,6 +303,6 @@ void metrics_handle(http_call *call)
 
     evhttp_add_header(evhttp_request_get_output_headers(call->req), "Content-Type",
                       METRICS_CONTENT_TYPE);
-    evhttp_send_reply(call->req, 200, "OK", b);
+    http_reply_buffer(call->req, 200, b);
     evbuffer_free(b);
 }

@@ -103,20 +103,26 @@ static void op_step_done(operator_op *op);
 
 void op_fire(state_deployment *dep, const char *node_id, const char *type, json_t *args)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = 0;
+    state_proxy **live = NULL;
+    int n;
     if (node_id) {
-        live[0] = state_find_proxy(dep, node_id);
-        n = live[0] ? 1 : 0;
+        state_proxy *p = state_find_proxy(dep, node_id);
+        live = p ? malloc(sizeof(*live)) : NULL;
+        n = live ? 1 : 0;
+        if (live)
+            live[0] = p;
     } else {
-        n = state_live_proxies(dep, live, STATE_LIVE_MAX);
+        n = state_live_proxies(dep, &live);
     }
+    if (n < 0)
+        log_error("deployment %s: cannot queue %s: out of memory", dep->name, type);
     if (n > 0) {
         if (store_command_create(dep->name, type, args, live, n) < 0)
             log_error("deployment %s: cannot queue %s: %s", dep->name, type, store_error());
         for (int i = 0; i < n; i++)
             agents_wake(live[i]);
     }
+    free(live);
     json_decref(args);
 }
 
@@ -174,16 +180,22 @@ void op_send(operator_op *op, op_step step, const char *type, json_t *args,
 
 void op_send_live(operator_op *op, op_step step, const char *type, json_t *args)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    if (n < 0) { /* refused rather than sent to fewer than every live proxy */
+        json_decref(args);
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+        return;
+    }
     op_send(op, step, type, args, live, n);
+    free(live);
 }
 
 /* Two-phase apply failed (refusal or silence): abort everywhere and answer code. */
 static void op_config_abort(operator_op *op, int code, const char *why)
 {
     char pending[OPERATOR_DETAIL_MAX];
-    state_proxy *targets[STATE_LIVE_MAX];
+    state_proxy **targets = calloc(op->n_targets > 0 ? (size_t)op->n_targets : 1, sizeof(*targets));
     int n = 0;
 
     if (code == 504)
@@ -195,7 +207,7 @@ static void op_config_abort(operator_op *op, int code, const char *why)
         store_command_cancel(op->prepare_id, "cancelled: the apply was aborted") != 0)
         log_error("deployment %s: cannot record the abort of version %" PRId64 ": %s",
                   op->dep->name, op->version, store_error());
-    for (int i = 0; i < op->n_targets && n < STATE_LIVE_MAX; i++) {
+    for (int i = 0; i < op->n_targets && targets; i++) {
         state_proxy *p = state_find_proxy(op->dep, op->targets[i].node_id);
         if (p)
             targets[n++] = p;
@@ -206,6 +218,7 @@ static void op_config_abort(operator_op *op, int code, const char *why)
     json_decref(args);
     for (int i = 0; i < n; i++)
         agents_wake(targets[i]);
+    free(targets);
     log_warning("deployment %s: configuration version %" PRId64 " aborted: %s", op->dep->name,
                 op->version, why);
     op_finish(op, code,
@@ -369,10 +382,15 @@ void operator_maintenance(http_call *call)
     op->on = on;
     op->resume_after_s = resume_after_s;
     log_info("deployment %s: maintenance %s requested", call->dep->name, on ? "on" : "off");
-    state_proxy *targets[STATE_LIVE_MAX]; /* maintenance_exempt proxies are left out */
-    int n = members_maintenance_targets(op->dep, targets, STATE_LIVE_MAX);
+    state_proxy **targets = NULL; /* maintenance_exempt proxies are left out */
+    int n = members_maintenance_targets(op->dep, &targets);
+    if (n < 0) {
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+        return;
+    }
     op_send(op, STEP_MAINTENANCE, "maintenance", op_maintenance_args(on, resume_after_s), targets,
             n);
+    free(targets);
 }
 
 void operator_reload(http_call *call)
@@ -405,8 +423,13 @@ void operator_config_apply(http_call *call)
     }
     log_info("deployment %s: configuration version %" PRId64 " proposed", call->dep->name,
              op->version);
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    if (n < 0) {
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+        return;
+    }
     json_t *args = json_pack("{s:I, s:s}", "version", (json_int_t)op->version, "text", text);
     op_send(op, STEP_PREPARE, "config_prepare", args, live, n);
+    free(live);
 }

@@ -12,7 +12,9 @@
 #include <string.h>
 
 #define STATE_AUTO_PREFIX     "auto-"
-#define STATE_AUTO_HEX_DIGITS 12 /* of the token's SHA-256 in an auto deployment's name */
+#define STATE_AUTO_HEX_DIGITS 12  /* of the token's SHA-256 in an auto deployment's name */
+#define STATE_FLUSH_BATCH     500 /* proxies written to the store by one statement */
+#define STATE_INDEX_MIN       64  /* buckets of a deployment's proxy index at least */
 
 static state_deployment *state_head;
 
@@ -71,8 +73,62 @@ state_deployment *state_auto_deployment(const char *sha_hex)
     return d;
 }
 
+/* ---- the index of a deployment's proxies by node_id: every request looks its proxy up ---- */
+
+static unsigned state_index_hash(const char *node_id)
+{
+    unsigned h = 2166136261u; /* FNV-1a */
+    for (const unsigned char *c = (const unsigned char *)node_id; *c; c++)
+        h = (h ^ *c) * 16777619u;
+    return h;
+}
+
+static void state_index_insert(state_deployment *dep, state_proxy *p)
+{
+    unsigned b = state_index_hash(p->node_id) & (unsigned)(dep->index_size - 1);
+    p->index_next = dep->index[b];
+    dep->index[b] = p;
+}
+
+/* Rebuild the index with room for the proxies there are (twice as many buckets, at least
+ * STATE_INDEX_MIN). Without memory the index is dropped and lookups walk the list. */
+static void state_index_rebuild(state_deployment *dep)
+{
+    int want = STATE_INDEX_MIN;
+    while (want < 2 * (dep->n_declared + dep->n_pending + 1))
+        want *= 2;
+    free(dep->index);
+    dep->index_size = 0;
+    dep->index = calloc((size_t)want, sizeof(*dep->index));
+    if (!dep->index)
+        return;
+    dep->index_size = want;
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        state_index_insert(dep, p);
+}
+
+static void state_index_remove(state_deployment *dep, const state_proxy *p)
+{
+    if (!dep->index)
+        return;
+    unsigned b = state_index_hash(p->node_id) & (unsigned)(dep->index_size - 1);
+    for (state_proxy **at = &dep->index[b]; *at; at = &(*at)->index_next) {
+        if (*at == p) {
+            *at = p->index_next;
+            return;
+        }
+    }
+}
+
 state_proxy *state_find_proxy(state_deployment *dep, const char *node_id)
 {
+    if (dep->index) {
+        unsigned b = state_index_hash(node_id) & (unsigned)(dep->index_size - 1);
+        for (state_proxy *p = dep->index[b]; p; p = p->index_next)
+            if (strcmp(p->node_id, node_id) == 0)
+                return p;
+        return NULL;
+    }
     for (state_proxy *p = dep->proxies; p; p = p->next)
         if (strcmp(p->node_id, node_id) == 0)
             return p;
@@ -97,6 +153,7 @@ static void state_forget_oldest_pending(state_deployment *dep, const state_proxy
         return;
     state_proxy *gone = *oldest;
     *oldest = gone->next;
+    state_index_remove(dep, gone);
     dep->n_pending--;
     log_debug("deployment %s: forgot pending proxy %s (more than %d undeclared node ids)",
               dep->name, gone->node_id, STATE_PENDING_MAX);
@@ -121,6 +178,10 @@ state_proxy *state_get_proxy(state_deployment *dep, const char *node_id)
     p->next = *at;
     *at = p;
     dep->n_pending++;
+    if (!dep->index || 2 * (dep->n_declared + dep->n_pending) > dep->index_size)
+        state_index_rebuild(dep);
+    else
+        state_index_insert(dep, p);
     if (dep->n_pending > STATE_PENDING_MAX)
         state_forget_oldest_pending(dep, p);
     return p;
@@ -142,6 +203,7 @@ void state_set_declared(state_proxy *p, bool declared)
             state_forget_oldest_pending(p->dep, p);
     }
     p->dirty = true;
+    state_decide_again(p->dep); /* the quorum, and who is heard, changed */
 }
 
 bool state_proxy_live(const state_proxy *p, int64_t now_ms)
@@ -152,15 +214,34 @@ bool state_proxy_live(const state_proxy *p, int64_t now_ms)
     return p->last_seen_ms > 0 && now_ms - p->last_seen_ms <= control.cfg->proxy_timeout_ms;
 }
 
-int state_live_proxies(state_deployment *dep, state_proxy **out, int max)
+int state_live_proxies(state_deployment *dep, state_proxy ***out)
 {
     int n = 0;
     int64_t now = control_now_ms();
+    *out = NULL;
+    if (dep->n_declared <= 0)
+        return 0;
+    state_proxy **list = malloc((size_t)dep->n_declared * sizeof(*list));
+    if (!list) {
+        log_error("deployment %s: out of memory listing %d declared proxies", dep->name,
+                  dep->n_declared);
+        return -1;
+    }
     /* the list is sorted by node_id */
-    for (state_proxy *p = dep->proxies; p && n < max; p = p->next)
+    for (state_proxy *p = dep->proxies; p && n < dep->n_declared; p = p->next)
         if (p->declared && state_proxy_live(p, now))
-            out[n++] = p;
+            list[n++] = p;
+    if (n == 0) {
+        free(list);
+        list = NULL;
+    }
+    *out = list;
     return n;
+}
+
+void state_decide_again(state_deployment *dep)
+{
+    dep->decide_at_ms = 0;
 }
 
 void state_count(state_deployment *dep, int *total, int *live)
@@ -342,6 +423,7 @@ static void state_free_proxy(state_proxy *p)
     json_decref(p->queries);
     json_decref(p->schema);
     json_decref(p->config);
+    free(p->views);
     free(p->samples);
     free(p->node_series);
     free(p);
@@ -357,6 +439,7 @@ static void state_free_list(state_deployment *head)
             d->proxies = p->next;
             state_free_proxy(p);
         }
+        free(d->index);
         free(d);
     }
 }
@@ -405,6 +488,7 @@ int state_activate(void)
         *at = d;
         for (state_proxy *p = d->proxies; p; p = p->next)
             p->saved_seen_ms = p->last_seen_ms;
+        state_index_rebuild(d);
         while (d->n_pending > STATE_PENDING_MAX)
             state_forget_oldest_pending(d, NULL);
     }
@@ -474,16 +558,35 @@ void state_apply_config(void)
     }
 }
 
+/* Saves the pending list; on success its proxies are clean. 0 or -1. */
+static int state_flush_batch(state_proxy **batch, int n)
+{
+    if (n == 0)
+        return 0;
+    if (store_proxies_save(batch, n) != 0)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        batch[i]->dirty = false;
+        batch[i]->saved_seen_ms = batch[i]->last_seen_ms;
+    }
+    return 0;
+}
+
 void state_flush(void)
 {
+    state_proxy *batch[STATE_FLUSH_BATCH];
+    int n = 0;
     for (state_deployment *d = state_head; d; d = d->next) {
         for (state_proxy *p = d->proxies; p; p = p->next) {
             if (!p->declared || (!p->dirty && p->saved_seen_ms == p->last_seen_ms))
                 continue;
-            if (store_proxy_save(p) != 0)
-                return; /* the store is down; try again next time */
-            p->dirty = false;
-            p->saved_seen_ms = p->last_seen_ms;
+            batch[n++] = p;
+            if (n == STATE_FLUSH_BATCH) {
+                if (state_flush_batch(batch, n) != 0)
+                    return; /* the store is down; try again next time */
+                n = 0;
+            }
         }
     }
+    state_flush_batch(batch, n);
 }

@@ -13,7 +13,6 @@
 #define STATE_NODE_NAME_MAX    64   /* name of a database node, NUL included */
 #define STATE_TEXT_MAX         256  /* hostname, version */
 #define STATE_SAMPLES_MAX      3600 /* metrics samples kept per proxy (also bounded by retention) */
-#define STATE_LIVE_MAX         1024 /* proxies one orchestration step addresses at most */
 #define STATE_NODE_SAMPLES_MAX 64   /* samples kept per node of a proxy: the rate window at 1 s */
 #define STATE_NODES_MAX        64   /* nodes followed per proxy (pgrelay's own limit) */
 #define STATE_PENDING_MAX      64   /* undeclared node ids remembered per deployment */
@@ -36,6 +35,13 @@ typedef struct state_sample {
     int64_t statements_completed; /* statements whose closing ReadyForQuery came back */
 } state_sample;
 
+/* What one proxy's last observation says about one database node, as the leader decision
+ * counts it (leader.c): kept beside the JSON so that a decision reads no JSON. */
+typedef struct state_node_view {
+    char name[STATE_NODE_NAME_MAX];
+    bool primary; /* seen up and not in recovery */
+} state_node_view;
+
 /* One database node's counters as one proxy reports them: a short ring, for per-node rates and
  * latency over the rate window. */
 typedef struct state_node_series {
@@ -48,6 +54,7 @@ typedef struct state_node_series {
 /* One proxy host (one pgrelay-agent) of a deployment. */
 typedef struct state_proxy {
     struct state_proxy *next;
+    struct state_proxy *index_next; /* next in its bucket of the deployment's index */
     struct state_deployment *dep;
     char node_id[STATE_NODE_ID_MAX];
     bool declared;     /* the operator declared it (members.c): it votes, takes commands */
@@ -69,6 +76,8 @@ typedef struct state_proxy {
     int64_t last_metrics_ms;
     json_t *nodes; /* the last "nodes" observation, or NULL */
     int64_t nodes_ms;
+    state_node_view *views; /* the named nodes of nodes, in order (leader.c); malloc'd */
+    int n_views;
     json_t *queries; /* the last running-queries list, or NULL */
     int64_t queries_ms;
     json_t *schema; /* object: database name -> {"tables": [...], "received_ms"} */
@@ -100,6 +109,10 @@ typedef struct state_deployment {
     int n_declared;                            /* proxies with declared set */
     int n_pending;                             /* proxies without (at most STATE_PENDING_MAX) */
     struct operator_op *op; /* orchestration in progress, or NULL */
+    state_proxy **index;    /* proxies by node_id hash (state_find_proxy), or NULL */
+    int index_size;         /* buckets of index: a power of two */
+    int64_t decide_at_ms;   /* wall clock from which the leader decision may come out otherwise
+                               than the last one (leader.c); 0 = at the next metrics call */
 } state_deployment;
 
 /* All deployments (NULL when not active). */
@@ -128,8 +141,13 @@ void state_set_declared(state_proxy *p, bool declared);
 bool state_proxy_live(const state_proxy *p, int64_t now_ms);
 
 /* Live declared proxies of a deployment, sorted by node_id: the ones orchestrations address
- * and the leader decision hears. Returns how many (at most max). */
-int state_live_proxies(state_deployment *dep, state_proxy **out, int max);
+ * and the leader decision hears. *out is a malloc'd array (the caller frees it; NULL when there
+ * is none). Returns how many, or -1 when out of memory (*out NULL): never fewer than there are. */
+int state_live_proxies(state_deployment *dep, state_proxy ***out);
+
+/* Something the leader decision reads changed (a declaration, an observation, an epoch, a
+ * liveness): the next metrics call of the deployment decides again. */
+void state_decide_again(state_deployment *dep);
 
 /* Number of declared proxies and of live declared proxies. */
 void state_count(state_deployment *dep, int *total, int *live);
@@ -167,7 +185,8 @@ void state_deactivate(const char *reason);
  * store). */
 void state_apply_config(void);
 
-/* Write declared proxies whose fields changed to the store (pending ones live in memory). */
+/* Write declared proxies whose fields or last-seen time changed to the store, many in one
+ * statement (pending ones live in memory). */
 void state_flush(void);
 
 #endif

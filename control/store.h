@@ -64,6 +64,9 @@ int store_load(state_deployment **head);
 
 int store_proxy_save(const state_proxy *p);
 
+/* store_proxy_save for n proxies (of any deployments) in one statement. 0 or -1. */
+int store_proxies_save(state_proxy *const *list, int n);
+
 /* Persist a leadership decision. The store takes only a higher epoch, or the same epoch with
  * the same leader, so that one epoch never names two leaders: 0 saved, 1 refused (*stored_epoch
  * and stored_leader, STATE_NODE_NAME_MAX, receive what the store holds), -1 store failure. */

@@ -161,3 +161,47 @@ int store_leadership_save(const char *deployment, const char *leader, int64_t ep
     PQclear(res);
     return rc;
 }
+
+int store_proxies_save(state_proxy *const *list, int n)
+{
+    json_t *rows = json_array();
+    char *text = NULL;
+    int rc = -1;
+    for (int i = 0; rows && i < n; i++) {
+        const state_proxy *p = list[i];
+        json_array_append_new(
+            rows, json_pack("{s:s, s:s, s:s, s:s, s:O, s:I, s:o, s:b, s:I, s:I, s:I}", "deployment",
+                            p->dep->name, "node_id", p->node_id, "hostname", p->hostname, "version",
+                            p->version, "listen", p->listen ? p->listen : json_null(), "epoch",
+                            (json_int_t)p->epoch, "leader",
+                            p->leader[0] ? json_string(p->leader) : json_null(), "maintenance",
+                            p->maintenance, "config_version", (json_int_t)p->config_version,
+                            "registered_ms", (json_int_t)p->registered_ms, "last_seen_ms",
+                            (json_int_t)p->last_seen_ms));
+    }
+    text = rows ? json_dumps(rows, JSON_COMPACT) : NULL;
+    if (!text) {
+        store_fail("out of memory saving %d proxies", n);
+        goto done;
+    }
+    const char *params[] = {text};
+    /* One statement (one round trip, one commit) for the whole list. */
+    rc = store_command(
+        "INSERT INTO pgrelay.proxies (deployment, node_id, hostname, version, listen, epoch,"
+        "  leader, maintenance, config_version, registered_ms, last_seen_ms)"
+        " SELECT r.deployment, r.node_id, r.hostname, r.version, coalesce(r.listen, '[]'),"
+        "  r.epoch, r.leader, r.maintenance, r.config_version, r.registered_ms, r.last_seen_ms"
+        " FROM jsonb_to_recordset($1::jsonb) AS r(deployment text, node_id text, hostname text,"
+        "  version text, listen jsonb, epoch bigint, leader text, maintenance boolean,"
+        "  config_version bigint, registered_ms bigint, last_seen_ms bigint)"
+        " ON CONFLICT (deployment, node_id) DO UPDATE SET hostname = EXCLUDED.hostname,"
+        "  version = EXCLUDED.version, listen = EXCLUDED.listen, epoch = EXCLUDED.epoch,"
+        "  leader = EXCLUDED.leader, maintenance = EXCLUDED.maintenance,"
+        "  config_version = EXCLUDED.config_version, registered_ms = EXCLUDED.registered_ms,"
+        "  last_seen_ms = EXCLUDED.last_seen_ms",
+        1, params);
+done:
+    free(text);
+    json_decref(rows);
+    return rc;
+}

@@ -83,9 +83,10 @@ static void switchover_send(operator_op *op, op_step step, const char *type, jso
 
 static void switchover_send_live(operator_op *op, op_step step, const char *type, json_t *args)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
-    switchover_send(op, step, type, args, live, n);
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    switchover_send(op, step, type, args, live, n > 0 ? n : 0);
+    free(live);
 }
 
 /* Args of the pause: it ends by itself at the deadline plus OPERATOR_PAUSE_MARGIN_S, as a
@@ -103,9 +104,9 @@ static json_t *switchover_pause_args(const operator_op *op)
  * live one. */
 static state_proxy *switchover_runner(operator_op *op)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
-    for (int i = 0; i < n; i++) {
+    state_proxy **live = NULL, *found = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    for (int i = 0; i < n && !found; i++) {
         size_t j;
         json_t *obs;
         json_array_foreach(live[i]->nodes, j, obs)
@@ -113,18 +114,22 @@ static state_proxy *switchover_runner(operator_op *op)
             const char *name = json_string_value(json_object_get(obs, "name"));
             const char *health = json_string_value(json_object_get(obs, "health"));
             if (name && health && strcmp(name, op->node) == 0 && strcmp(health, "up") == 0)
-                return live[i];
+                found = live[i];
         }
     }
-    return n > 0 ? live[0] : NULL;
+    if (!found && n > 0)
+        found = live[0];
+    free(live);
+    return found;
 }
 
 /* Some live proxy sees node up and in recovery. */
 static bool switchover_in_recovery(state_deployment *dep, const char *node)
 {
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(dep, live, STATE_LIVE_MAX);
-    for (int i = 0; i < n; i++) {
+    state_proxy **live = NULL;
+    bool found = false;
+    int n = state_live_proxies(dep, &live);
+    for (int i = 0; i < n && !found; i++) {
         size_t j;
         json_t *obs;
         json_array_foreach(live[i]->nodes, j, obs)
@@ -133,10 +138,11 @@ static bool switchover_in_recovery(state_deployment *dep, const char *node)
             const char *health = json_string_value(json_object_get(obs, "health"));
             if (name && strcmp(name, node) == 0 && health && strcmp(health, "up") == 0 &&
                 json_is_true(json_object_get(obs, "in_recovery")))
-                return true;
+                found = true;
         }
     }
-    return false;
+    free(live);
+    return found;
 }
 
 /* Send a step to the runner (args stolen). */
@@ -415,14 +421,16 @@ void operator_unfence(http_call *call)
     if (!op)
         return;
     snprintf(op->node, sizeof(op->node), "%s", node);
-    state_proxy *live[STATE_LIVE_MAX];
-    int n = state_live_proxies(op->dep, live, STATE_LIVE_MAX);
-    if (n == 0) {
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    if (n <= 0) {
+        free(live);
         op_finish_error(op, 409, "no live proxy can lift the fence");
         return;
     }
     log_warning("deployment %s: unfence of %s requested", call->dep->name, node);
     op_send(op, STEP_UNFENCE, "unfence", json_pack("{s:s}", "node", node), live, 1);
+    free(live);
 }
 
 /* ---- the operation record: the agents' question, the operator's list, recovery ---- */
@@ -477,13 +485,17 @@ static void operation_roll_back(json_t *row)
                          "%s): maintenance off queued",
                          control.identity, json_string_value(json_object_get(row, "step")));
     if (dep) {
-        state_proxy *all[STATE_LIVE_MAX];
         int n = 0;
-        for (state_proxy *p = dep->proxies; p && n < STATE_LIVE_MAX; p = p->next)
+        for (state_proxy *p = dep->proxies; p; p = p->next)
+            n++;
+        state_proxy **all = n > 0 ? malloc((size_t)n * sizeof(*all)) : NULL;
+        n = 0;
+        for (state_proxy *p = dep->proxies; p && all; p = p->next)
             all[n++] = p;
         json_t *args = op_maintenance_args(false, 0);
         if (n > 0 && store_command_create(dep->name, "maintenance", args, all, n) < 0)
             log_error("deployment %s: cannot queue maintenance off: %s", dep->name, store_error());
+        free(all);
         json_decref(args);
         if (fenced_maybe && !promote_sent && old && old[0]) {
             state_proxy *p = runner && runner[0] ? state_find_proxy(dep, runner) : NULL;
