@@ -398,6 +398,10 @@ def test_read_port_spreads_sessions_and_avoids_a_lagging_replica(make_cluster, h
     pg1, pg2, pg3 = c.nodes
     pg1.query("CREATE TABLE walgen (id int, pad text)")
     relay = ha_relay(c, max_replica_lag_bytes=100000, leader_change_grace="10s")
+    # Until their lag is known the replicas are not fit, and read sessions fall back to the
+    # leader (to be closed once a replica is fit): the spread is measured from then on.
+    wait_for(lambda: all(show_nodes(relay)[n.name]["readable"] for n in (pg2, pg3)),
+             what="both replicas fit for reads")
 
     # 20 sessions held open at once: spread over both replicas, none on the primary
     conns = [read_conn(relay) for _ in range(20)]
