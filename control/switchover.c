@@ -495,7 +495,6 @@ static void operation_roll_back(json_t *row)
         json_t *args = op_maintenance_args(false, 0);
         if (n > 0 && store_command_create(dep->name, "maintenance", args, all, n) < 0)
             log_error("deployment %s: cannot queue maintenance off: %s", dep->name, store_error());
-        free(all);
         json_decref(args);
         if (fenced_maybe && !promote_sent && old && old[0]) {
             state_proxy *p = runner && runner[0] ? state_find_proxy(dep, runner) : NULL;
@@ -511,6 +510,7 @@ static void operation_roll_back(json_t *row)
         }
         for (int i = 0; i < n; i++)
             agents_wake(all[i]);
+        free(all);
     }
     if (store_operation_end(id, promote_sent ? "failed" : "rolled_back", outcome) != 0)
         log_error("operation %" PRId64 ": cannot record its rollback: %s", id, store_error());
