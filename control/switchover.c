@@ -12,6 +12,7 @@
 #include "control.h"
 #include "leader.h"
 #include "log.h"
+#include "maintenance.h"
 #include "operator_internal.h"
 #include "store.h"
 
@@ -231,6 +232,27 @@ static json_t *switchover_body(operator_op *op, bool ok, const char *error)
     return body;
 }
 
+/* The resume step: maintenance off on every live proxy; or, while the operator's maintenance
+ * is on, its pause (with an end, renewed by maintenance.c) to the proxies it holds, waited for,
+ * and maintenance off queued for the exempt ones. */
+static void switchover_resume(operator_op *op)
+{
+    state_proxy *held[STATE_LIVE_MAX], *rest[STATE_LIVE_MAX];
+    int nr = 0;
+    int nh = maintenance_split(op->dep, false, held, rest, STATE_LIVE_MAX, &nr);
+    if (nh == 0) {
+        switchover_send(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0), rest, nr);
+        return;
+    }
+    json_t *off = op_maintenance_args(false, 0);
+    if (nr > 0 && store_command_create(op->dep->name, "maintenance", off, rest, nr) < 0)
+        log_error("deployment %s: cannot queue maintenance off: %s", op->dep->name, store_error());
+    json_decref(off);
+    for (int i = 0; i < nr; i++)
+        agents_wake(rest[i]);
+    switchover_send(op, STEP_RESUME, "maintenance", maintenance_args(op->dep), held, nh);
+}
+
 void switchover_step_done(operator_op *op)
 {
     const char *first = op->n_targets > 0 ? op->targets[0].detail : "";
@@ -282,7 +304,7 @@ void switchover_step_done(operator_op *op)
         switchover_send_switch(op);
         return;
     case STEP_SET_LEADER:
-        switchover_send_live(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0));
+        switchover_resume(op);
         return;
     case STEP_RESUME:
         switchover_note(op, op_all_ok(op) ? "every live proxy resumed" : "a proxy did not resume");
@@ -319,8 +341,8 @@ static void switchover_roll_back(operator_op *op, int code, const char *error)
                                              "off queued",
                                              op->old_leader));
     }
-    if (paused)
-        op_fire(op->dep, NULL, "maintenance", op_maintenance_args(false, 0));
+    if (paused) /* off, or the operator's maintenance where it is on */
+        maintenance_fire_resume(op->dep, false);
     log_warning("deployment %s: switchover to %s failed: %s", op->dep->name, op->node, error);
     switchover_end(op, op->promote_sent ? "failed" : "rolled_back", error);
     op_finish(op, code, switchover_body(op, false, error));
@@ -478,10 +500,8 @@ static void operation_roll_back(json_t *row)
         int n = 0;
         for (state_proxy *p = dep->proxies; p && n < STATE_LIVE_MAX; p = p->next)
             all[n++] = p;
-        json_t *args = op_maintenance_args(false, 0);
-        if (n > 0 && store_command_create(dep->name, "maintenance", args, all, n) < 0)
-            log_error("deployment %s: cannot queue maintenance off: %s", dep->name, store_error());
-        json_decref(args);
+        json_t *args;
+        maintenance_fire_resume(dep, true); /* off, or the operator's maintenance */
         if (fenced_maybe && !promote_sent && old && old[0]) {
             state_proxy *p = runner && runner[0] ? state_find_proxy(dep, runner) : NULL;
             if (!p)
@@ -505,16 +525,18 @@ static void operation_roll_back(json_t *row)
 
 void operation_recover(void)
 {
-    json_t *list = store_operations_list(NULL, 1000, true);
     size_t i;
     json_t *row;
+    maintenance_load(); /* first: a rollback resumes to the operator's maintenance */
+    json_t *list = store_operations_list(NULL, 1000, true);
     if (!list) {
         log_error("cannot look for unfinished operations: %s", store_error());
-        return;
+    } else {
+        json_array_foreach(list, i, row)
+        {
+            operation_roll_back(row);
+        }
+        json_decref(list);
     }
-    json_array_foreach(list, i, row)
-    {
-        operation_roll_back(row);
-    }
-    json_decref(list);
+    maintenance_renew_all(); /* what the store says, at once */
 }

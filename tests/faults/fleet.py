@@ -53,7 +53,23 @@ def postmaster_pid(node):
         return int(f.readline())
 
 
-class LeasedControlPlane(ControlPlane):
+class FleetControlPlane(ControlPlane):
+    """pgrelay-control with extra [control] settings (``settings``: {key: value})."""
+
+    settings = {}
+
+    def _write_ini(self):
+        super()._write_ini()
+        if not self.settings:
+            return
+        with open(self.conf) as f:
+            text = f.read()
+        lines = "".join(f"{k} = {v}\n" for k, v in self.settings.items())
+        with open(self.conf, "w") as f:
+            f.write(text.replace("[control]\n", "[control]\n" + lines, 1))
+
+
+class LeasedControlPlane(FleetControlPlane):
     """pgrelay-control with [lease] enabled (3 s lease, renewed every second), so that two
     of them can share the store."""
 
@@ -87,13 +103,16 @@ class Fleet:
         self.proxies = {}
         self.listen_port = None
         self.started = time.monotonic()
+        self.control_settings = {}
 
     @classmethod
-    def start(cls, pg, hold=None, leased=False):
+    def start(cls, pg, hold=None, leased=False, control_settings=None):
         """A running fleet; ``hold`` sets the control plane's test hook (hold at that step).
         ``leased``: two control-plane replicas with leases, the first one holding it (only it
-        gets ``hold``), both in the proxies' endpoint list."""
+        gets ``hold``), both in the proxies' endpoint list. ``control_settings``: extra
+        [control] keys of control.ini ({key: value})."""
         f = cls(pg)
+        f.control_settings = dict(control_settings or {})
         try:
             f._start(hold, leased)
         except BaseException:
@@ -105,13 +124,15 @@ class Fleet:
         self.pg.query(f"CREATE DATABASE {self.store_db}")
         store = (f"host={self.pg.host} port={self.pg.port} user=postgres dbname={self.store_db} "
                  "connect_timeout=5")
-        kind = LeasedControlPlane if leased else ControlPlane
+        kind = LeasedControlPlane if leased else FleetControlPlane
         self.control = kind(os.path.join(self.root, "control"), store)
+        self.control.settings = self.control_settings
         os.makedirs(self.control.workdir)
         self.start_control(hold)
         if leased:
             wait_for(self.control.holds_lease, timeout=10, what="the first replica's lease")
             self.control2 = kind(os.path.join(self.root, "control2"), store)
+            self.control2.settings = self.control_settings
             os.makedirs(self.control2.workdir)
             self.control2.start()
         self.cluster = Cluster.create(replicas=1, sync_standby="pg2")
