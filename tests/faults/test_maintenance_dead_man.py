@@ -8,7 +8,7 @@ import threading
 import time
 
 from conftest import wait_for
-from control_e2e_helpers import info
+from control_e2e_helpers import DEPLOYMENT, info
 from fleet import Fleet, Watch, _parse_time
 
 PAUSE_LEASE_S = 6  # renewed every 2 s
@@ -128,3 +128,29 @@ def test_a_restarted_control_plane_renews_the_maintenance_the_store_holds(pg):
             watch.check()
         finally:
             stmt.close()
+
+
+def test_an_operator_timeout_still_ends_the_maintenance_then(pg):
+    """maintenance on with the operator's resume_after_s (sooner than pause_lease): both
+    proxies resume at that end, the renewals that follow do not pause them again, and the
+    control plane records the maintenance as ended."""
+    with Fleet.start(pg, control_settings=SETTINGS) as fleet:
+        watch = Watch(fleet)
+        offset = fleet.control.log_size()
+        status, answer = fleet.control.api("POST", f"/deployments/{DEPLOYMENT}/maintenance",
+                                           {"on": True, "resume_after_s": 3})
+        assert status == 200 and answer["ok"], answer
+        t0 = time.monotonic()
+        assert all_paused(fleet)
+        wait_for(lambda: not any(info(r)["maintenance"] == "on" for r in fleet.proxies.values()),
+                 timeout=6, interval=0.1, what="both proxies to resume at the operator's end")
+        resumed_after = time.monotonic() - t0
+        assert resumed_after >= 2, resumed_after
+        wait_for(lambda: "maintenance ends: the operator's timeout has passed"
+                 in fleet.control.log_since(offset), timeout=PAUSE_LEASE_S,
+                 what="the control plane to end the maintenance")
+        deadline = time.monotonic() + PAUSE_LEASE_S
+        while time.monotonic() < deadline:  # two renewal periods and more
+            assert not any(info(r)["maintenance"] == "on" for r in fleet.proxies.values())
+            time.sleep(0.5)  # sampling a state that must not change, not waiting for one
+        watch.check()
