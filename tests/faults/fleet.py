@@ -10,6 +10,7 @@ promoted node never leaks into the next one, and checks the safety invariants wi
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import threading
@@ -64,9 +65,15 @@ class FleetControlPlane(ControlPlane):
             return
         with open(self.conf) as f:
             text = f.read()
-        lines = "".join(f"{k} = {v}\n" for k, v in self.settings.items())
+        extra = ""
+        for k, v in self.settings.items():
+            line = re.compile(rf"^{re.escape(k)} = .*$", re.M)
+            if line.search(text):
+                text = line.sub(f"{k} = {v}", text, count=1)
+            else:
+                extra += f"{k} = {v}\n"
         with open(self.conf, "w") as f:
-            f.write(text.replace("[control]\n", "[control]\n" + lines, 1))
+            f.write(text.replace("[control]\n", "[control]\n" + extra, 1))
 
 
 class LeasedControlPlane(FleetControlPlane):
@@ -104,15 +111,19 @@ class Fleet:
         self.listen_port = None
         self.started = time.monotonic()
         self.control_settings = {}
+        self.control_hosts = {}
 
     @classmethod
-    def start(cls, pg, hold=None, leased=False, control_settings=None):
+    def start(cls, pg, hold=None, leased=False, control_settings=None, control_hosts=None):
         """A running fleet; ``hold`` sets the control plane's test hook (hold at that step).
         ``leased``: two control-plane replicas with leases, the first one holding it (only it
         gets ``hold``), both in the proxies' endpoint list. ``control_settings``: extra
-        [control] keys of control.ini ({key: value})."""
+        [control] keys of control.ini ({key: value}). ``control_hosts``: {node_id: address}
+        a proxy reaches the control plane at instead of 127.0.0.1 (with listen_addr =
+        0.0.0.0), so that a firewall rule can cut that proxy off alone."""
         f = cls(pg)
         f.control_settings = dict(control_settings or {})
+        f.control_hosts = dict(control_hosts or {})
         try:
             f._start(hold, leased)
         except BaseException:
@@ -141,7 +152,8 @@ class Fleet:
             self.listen_port = free_listen_port()
             try:
                 for node_id, address in ADDRESSES.items():
-                    self.proxies[node_id] = start_proxy(self.root, node_id, address, self.ini())
+                    self.proxies[node_id] = start_proxy(self.root, node_id, address,
+                                                        self.ini(node_id))
                 break
             except AssertionError:
                 for r in self.proxies.values():
@@ -204,8 +216,10 @@ class Fleet:
     def b(self):
         return self.proxies["proxy-b"]
 
-    def ini(self):
-        urls = ",".join(c.url for c in (self.control, self.control2) if c)
+    def ini(self, node_id=None):
+        host = self.control_hosts.get(node_id)
+        urls = ",".join(c.url.replace("127.0.0.1", host) if host else c.url
+                        for c in (self.control, self.control2) if c)
         return render_ini(self.listen_port, os.path.join(self.root, "host"), urls,
                           self.cluster.relay_nodes())
 
