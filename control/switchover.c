@@ -6,7 +6,8 @@
  * runner: one that sees the target up); set_leader and the resume to every live proxy. The
  * operator's timeout bounds the whole operation. A failure before the promote was queued
  * rolls back (unfence, resume); after it, the fence is kept (the target may be a primary)
- * and traffic resumes.
+ * and traffic resumes. An operation left running by another replica is finished by the next
+ * lease holder when its record says the promote succeeded, else rolled back.
  */
 #include "agents.h"
 #include "control.h"
@@ -523,6 +524,69 @@ static void operation_roll_back(json_t *row)
         log_warning("deployment %s: operation %" PRId64 " %s", dep_name, id, outcome);
 }
 
+/* The record says the promote succeeded: the switch step was recorded (it follows an
+ * acknowledged promote), or the promote step carries an outcome that is not a failure (a
+ * refusal or a timeout is noted as "promote step ..." and ends the operation). */
+static bool operation_promoted(json_t *row)
+{
+    const char *step = json_string_value(json_object_get(row, "step"));
+    if (!json_is_true(json_object_get(row, "promote")) || !step)
+        return false;
+    if (strcmp(step, "switch") == 0)
+        return true;
+    if (strcmp(step, "promote") != 0)
+        return false;
+    json_t *steps = json_object_get(row, "steps");
+    size_t n = json_array_size(steps);
+    const char *detail =
+        n > 0 ? json_string_value(json_object_get(json_array_get(steps, n - 1), "detail")) : NULL;
+    return detail && strncmp(detail, "promote step", 12) != 0;
+}
+
+/* Finish an operation whose promote succeeded, left running by a replica that crashed,
+ * stopped or lost the lease: the target is the leader under a new epoch (unless the record's
+ * switch already stored it), set_leader and the resume are queued for every proxy, and the
+ * old leader stays fenced. 0, or -1 when the leadership cannot be stored (then it is rolled
+ * back instead). */
+static int operation_finish(json_t *row, state_deployment *dep)
+{
+    int64_t id = json_integer_value(json_object_get(row, "id"));
+    const char *node = json_string_value(json_object_get(row, "node"));
+    const char *old = json_string_value(json_object_get(row, "old_leader"));
+    const char *step = json_string_value(json_object_get(row, "step"));
+    char outcome[OPERATOR_DETAIL_MAX];
+    state_proxy *all[STATE_LIVE_MAX];
+    int n = 0;
+
+    if (!node || !node[0])
+        return -1;
+    if ((strcmp(step, "switch") != 0 || strcmp(dep->leader, node) != 0) &&
+        leader_set(dep, node, dep->epoch + 1) != 0) {
+        log_error("deployment %s: operation %" PRId64 ": cannot store %s as the leader: %s",
+                  dep->name, id, node, store_error());
+        return -1;
+    }
+    store_operation_cancel_commands(id, "cancelled: the operation was finished by another "
+                                        "replica");
+    for (state_proxy *p = dep->proxies; p && n < STATE_LIVE_MAX; p = p->next)
+        all[n++] = p;
+    json_t *args = json_pack("{s:s, s:I}", "leader", node, "epoch", (json_int_t)dep->epoch);
+    if (n > 0 && store_command_create(dep->name, "set_leader", args, all, n) < 0)
+        log_error("deployment %s: cannot queue set_leader: %s", dep->name, store_error());
+    json_decref(args);
+    maintenance_fire_resume(dep, true); /* off, or the operator's maintenance */
+    snprintf(outcome, sizeof(outcome),
+             "finished by %s (the replica that ran it stopped after the promote, at step %s): "
+             "%s is the leader at epoch %" PRId64 ", set_leader and the resume queued%s%s%s",
+             control.identity, step, node, dep->epoch, old && old[0] ? "; " : "",
+             old && old[0] ? old : "", old && old[0] ? " stays fenced" : "");
+    if (store_operation_end(id, "done", outcome) != 0)
+        log_error("operation %" PRId64 ": cannot record its end: %s", id, store_error());
+    else
+        log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+    return 0;
+}
+
 void operation_recover(void)
 {
     size_t i;
@@ -534,7 +598,10 @@ void operation_recover(void)
     } else {
         json_array_foreach(list, i, row)
         {
-            operation_roll_back(row);
+            state_deployment *dep =
+                state_find_deployment(json_string_value(json_object_get(row, "deployment")));
+            if (!dep || !operation_promoted(row) || operation_finish(row, dep) != 0)
+                operation_roll_back(row);
         }
         json_decref(list);
     }
