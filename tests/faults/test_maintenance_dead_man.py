@@ -154,3 +154,25 @@ def test_an_operator_timeout_still_ends_the_maintenance_then(pg):
             assert not any(info(r)["maintenance"] == "on" for r in fleet.proxies.values())
             time.sleep(0.5)  # sampling a state that must not change, not waiting for one
         watch.check()
+
+
+def test_a_switchover_during_maintenance_ends_with_the_maintenance_still_on(pg):
+    """maintenance on, then switchover --promote: the switchover's resume puts the proxies
+    back in the operator's maintenance (with an end, renewed) instead of turning it off; they
+    stay paused past the switchover's own pause end until maintenance off."""
+    with Fleet.start(pg, control_settings=SETTINGS) as fleet:
+        watch = Watch(fleet)
+        maintenance(fleet, True)
+        p = fleet.ctl("-o", "json", "switchover", "--node", "pg2", "--promote", "--timeout", "5")
+        assert p.returncode == 0, (p.stdout, p.stderr)
+        assert all(info(r)["write_leader"] == "pg2" for r in fleet.proxies.values())
+        deadline = time.monotonic() + 5 + 5 + 2  # past the switchover pause's end
+        while time.monotonic() < deadline:
+            assert all_paused(fleet), {n: info(r) for n, r in fleet.proxies.items()}
+            for relay in fleet.proxies.values():
+                assert not fleet.new_session_runs(relay, timeout=0.3)
+        maintenance(fleet, False)
+        for relay in fleet.proxies.values():
+            wait_for(lambda relay=relay: fleet.new_session_runs(relay, timeout=1), timeout=5,
+                     what="sessions to run after maintenance off")
+        watch.check()
