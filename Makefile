@@ -36,7 +36,7 @@ DEB_BUILD := build-essential pkg-config libevent-dev libpq-dev libcurl4-openssl-
              libinih-dev libjansson-dev libssl-dev libcmocka-dev
 DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg socat \
              procps util-linux mount iproute2 groff-base python3-prometheus-client haproxy \
-             clang
+             clang nftables
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 
 PROXY_PKGS := libevent inih jansson

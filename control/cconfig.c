@@ -63,6 +63,8 @@ const cconfig_key cconfig_keys[] = {
             NULL, "a proxy is live while its last request is at most this old"),
     CTL_KEY("command_retention", KEY_DURATION64, "7d", true, command_retention_ms, MS_PER_MIN,
             DURATION_MAX_MS, NULL, "commands and their acknowledgements are kept this long"),
+    CTL_KEY("pause_lease", KEY_DURATION64, "60s", true, pause_lease_ms, 3 * MS_PER_S, MS_PER_H,
+            NULL, "a fleet-wide pause ends by itself this long after it was sent unless renewed"),
     CTL_KEY("telemetry_retention", KEY_DURATION64, "5m", true, telemetry_retention_ms, MS_PER_S,
             DURATION_MAX_MS, NULL,
             "metrics samples, running queries and schema summaries are kept in memory this long"),

@@ -43,6 +43,7 @@ typedef struct cconfig {
     bool auto_declare;                     /* an undeclared proxy is declared at register */
     int64_t proxy_timeout_ms;       /* a proxy is live while its last request is this recent */
     int64_t command_retention_ms;   /* commands older than this are deleted from the store */
+    int64_t pause_lease_ms;         /* a maintenance pause ends this long after it was sent */
     int64_t telemetry_retention_ms; /* in-memory samples, queries, schemas older are dropped */
     int64_t poll_wait_max_ms;       /* the longest long poll an agent may ask for */
     int max_connections;            /* open HTTP connections at most; 0 = from the fd limit */

@@ -12,6 +12,7 @@
 #include "control.h"
 #include "leader.h"
 #include "log.h"
+#include "maintenance.h"
 #include "members.h"
 #include "store.h"
 
@@ -382,14 +383,23 @@ void operator_maintenance(http_call *call)
     op->on = on;
     op->resume_after_s = resume_after_s;
     log_info("deployment %s: maintenance %s requested", call->dep->name, on ? "on" : "off");
+    /* durable first: a control plane that dies now leaves the next one to renew or end it */
+    int64_t until_ms = on && resume_after_s > 0 ? control_now_ms() + resume_after_s * 1000 : 0;
+    if (maintenance_want(op->dep, on, until_ms) != 0) {
+        char msg[OPERATOR_DETAIL_MAX];
+        snprintf(msg, sizeof(msg), "store unreachable: cannot record the maintenance: %s",
+                 store_error());
+        op_finish_error(op, 503, msg);
+        return;
+    }
     state_proxy **targets = NULL; /* maintenance_exempt proxies are left out */
     int n = members_maintenance_targets(op->dep, &targets);
     if (n < 0) {
         op_finish_error(op, 500, "out of memory listing the live proxies");
         return;
     }
-    op_send(op, STEP_MAINTENANCE, "maintenance", op_maintenance_args(on, resume_after_s), targets,
-            n);
+    /* a pause with an end (pause_lease, renewed by maintenance.c), or off */
+    op_send(op, STEP_MAINTENANCE, "maintenance", maintenance_args(op->dep), targets, n);
     free(targets);
 }
 

@@ -22,7 +22,8 @@ void operator_operations(http_call *call); /* switchover.c: the operation record
  * asks before pg_promote(). */
 void operator_operation_status(http_call *call);
 
-/* A new holder's first act (switchover.c): roll back the operations left running. */
+/* A new holder's first act (switchover.c): load the operator's maintenance, roll back the
+ * operations left running, renew the maintenance pauses (maintenance.c). */
 void operation_recover(void);
 void operator_config_apply(http_call *call);
 

@@ -403,6 +403,11 @@ static const char *const store_migrations[] = {
     "  ended_at timestamptz);"
     "CREATE INDEX operations_running ON pgrelay.operations (deployment)"
     "  WHERE state = 'running';",
+    /* 4: the maintenance an operator asked for (store_maintenance.c): a row while it is on */
+    "CREATE TABLE pgrelay.maintenance ("
+    "  deployment text PRIMARY KEY REFERENCES pgrelay.deployments(name) ON DELETE CASCADE,"
+    "  until_ms bigint NOT NULL DEFAULT 0,"
+    "  since timestamptz NOT NULL DEFAULT now());",
 };
 #define STORE_SCHEMA_VERSION ((int)(sizeof(store_migrations) / sizeof(store_migrations[0])))
 

@@ -6,12 +6,14 @@
  * runner: one that sees the target up); set_leader and the resume to every live proxy. The
  * operator's timeout bounds the whole operation. A failure before the promote was queued
  * rolls back (unfence, resume); after it, the fence is kept (the target may be a primary)
- * and traffic resumes.
+ * and traffic resumes. An operation left running by another replica is finished by the next
+ * lease holder when its record says the promote succeeded, else rolled back.
  */
 #include "agents.h"
 #include "control.h"
 #include "leader.h"
 #include "log.h"
+#include "maintenance.h"
 #include "operator_internal.h"
 #include "store.h"
 
@@ -240,6 +242,32 @@ static json_t *switchover_body(operator_op *op, bool ok, const char *error)
     return body;
 }
 
+/* The resume step: maintenance off on every live proxy; or, while the operator's maintenance
+ * is on, its pause (with an end, renewed by maintenance.c) to the proxies it holds, waited for,
+ * and maintenance off queued for the exempt ones. */
+static void switchover_resume(operator_op *op)
+{
+    state_proxy **held, **rest;
+    int nr = 0;
+    int nh = maintenance_split(op->dep, false, &held, &rest, &nr);
+    if (nh < 0) {
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+    } else if (nh == 0) {
+        switchover_send(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0), rest, nr);
+    } else {
+        json_t *off = op_maintenance_args(false, 0);
+        if (nr > 0 && store_command_create(op->dep->name, "maintenance", off, rest, nr) < 0)
+            log_error("deployment %s: cannot queue maintenance off: %s", op->dep->name,
+                      store_error());
+        json_decref(off);
+        for (int i = 0; i < nr; i++)
+            agents_wake(rest[i]);
+        switchover_send(op, STEP_RESUME, "maintenance", maintenance_args(op->dep), held, nh);
+    }
+    free(held);
+    free(rest);
+}
+
 void switchover_step_done(operator_op *op)
 {
     const char *first = op->n_targets > 0 ? op->targets[0].detail : "";
@@ -291,7 +319,7 @@ void switchover_step_done(operator_op *op)
         switchover_send_switch(op);
         return;
     case STEP_SET_LEADER:
-        switchover_send_live(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0));
+        switchover_resume(op);
         return;
     case STEP_RESUME:
         switchover_note(op, op_all_ok(op) ? "every live proxy resumed" : "a proxy did not resume");
@@ -328,8 +356,8 @@ static void switchover_roll_back(operator_op *op, int code, const char *error)
                                              "off queued",
                                              op->old_leader));
     }
-    if (paused)
-        op_fire(op->dep, NULL, "maintenance", op_maintenance_args(false, 0));
+    if (paused) /* off, or the operator's maintenance where it is on */
+        maintenance_fire_resume(op->dep, false);
     log_warning("deployment %s: switchover to %s failed: %s", op->dep->name, op->node, error);
     switchover_end(op, op->promote_sent ? "failed" : "rolled_back", error);
     op_finish(op, code, switchover_body(op, false, error));
@@ -492,10 +520,8 @@ static void operation_roll_back(json_t *row)
         n = 0;
         for (state_proxy *p = dep->proxies; p && all; p = p->next)
             all[n++] = p;
-        json_t *args = op_maintenance_args(false, 0);
-        if (n > 0 && store_command_create(dep->name, "maintenance", args, all, n) < 0)
-            log_error("deployment %s: cannot queue maintenance off: %s", dep->name, store_error());
-        json_decref(args);
+        json_t *args;
+        maintenance_fire_resume(dep, true); /* off, or the operator's maintenance */
         if (fenced_maybe && !promote_sent && old && old[0]) {
             state_proxy *p = runner && runner[0] ? state_find_proxy(dep, runner) : NULL;
             if (!p)
@@ -518,18 +544,90 @@ static void operation_roll_back(json_t *row)
         log_warning("deployment %s: operation %" PRId64 " %s", dep_name, id, outcome);
 }
 
+/* The record says the promote succeeded: the switch step was recorded (it follows an
+ * acknowledged promote), or the promote step carries an outcome that is not a failure (a
+ * refusal or a timeout is noted as "promote step ..." and ends the operation). */
+static bool operation_promoted(json_t *row)
+{
+    const char *step = json_string_value(json_object_get(row, "step"));
+    if (!json_is_true(json_object_get(row, "promote")) || !step)
+        return false;
+    if (strcmp(step, "switch") == 0)
+        return true;
+    if (strcmp(step, "promote") != 0)
+        return false;
+    json_t *steps = json_object_get(row, "steps");
+    size_t n = json_array_size(steps);
+    const char *detail =
+        n > 0 ? json_string_value(json_object_get(json_array_get(steps, n - 1), "detail")) : NULL;
+    return detail && strncmp(detail, "promote step", 12) != 0;
+}
+
+/* Finish an operation whose promote succeeded, left running by a replica that crashed,
+ * stopped or lost the lease: the target is the leader under a new epoch (unless the record's
+ * switch already stored it), set_leader and the resume are queued for every proxy, and the
+ * old leader stays fenced. 0, or -1 when the leadership cannot be stored (then it is rolled
+ * back instead). */
+static int operation_finish(json_t *row, state_deployment *dep)
+{
+    int64_t id = json_integer_value(json_object_get(row, "id"));
+    const char *node = json_string_value(json_object_get(row, "node"));
+    const char *old = json_string_value(json_object_get(row, "old_leader"));
+    const char *step = json_string_value(json_object_get(row, "step"));
+    char outcome[OPERATOR_DETAIL_MAX];
+    int n = 0;
+
+    if (!node || !node[0])
+        return -1;
+    if ((strcmp(step, "switch") != 0 || strcmp(dep->leader, node) != 0) &&
+        leader_set(dep, node, dep->epoch + 1) != 0) {
+        log_error("deployment %s: operation %" PRId64 ": cannot store %s as the leader: %s",
+                  dep->name, id, node, store_error());
+        return -1;
+    }
+    store_operation_cancel_commands(id, "cancelled: the operation was finished by another "
+                                        "replica");
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        n++;
+    state_proxy **all = n > 0 ? malloc((size_t)n * sizeof(*all)) : NULL;
+    n = 0;
+    for (state_proxy *p = dep->proxies; p && all; p = p->next)
+        all[n++] = p;
+    json_t *args = json_pack("{s:s, s:I}", "leader", node, "epoch", (json_int_t)dep->epoch);
+    if (n > 0 && store_command_create(dep->name, "set_leader", args, all, n) < 0)
+        log_error("deployment %s: cannot queue set_leader: %s", dep->name, store_error());
+    json_decref(args);
+    free(all);
+    maintenance_fire_resume(dep, true); /* off, or the operator's maintenance */
+    snprintf(outcome, sizeof(outcome),
+             "finished by %s (the replica that ran it stopped after the promote, at step %s): "
+             "%s is the leader at epoch %" PRId64 ", set_leader and the resume queued%s%s%s",
+             control.identity, step, node, dep->epoch, old && old[0] ? "; " : "",
+             old && old[0] ? old : "", old && old[0] ? " stays fenced" : "");
+    if (store_operation_end(id, "done", outcome) != 0)
+        log_error("operation %" PRId64 ": cannot record its end: %s", id, store_error());
+    else
+        log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+    return 0;
+}
+
 void operation_recover(void)
 {
-    json_t *list = store_operations_list(NULL, 1000, true);
     size_t i;
     json_t *row;
+    maintenance_load(); /* first: a rollback resumes to the operator's maintenance */
+    json_t *list = store_operations_list(NULL, 1000, true);
     if (!list) {
         log_error("cannot look for unfinished operations: %s", store_error());
-        return;
+    } else {
+        json_array_foreach(list, i, row)
+        {
+            state_deployment *dep =
+                state_find_deployment(json_string_value(json_object_get(row, "deployment")));
+            if (!dep || !operation_promoted(row) || operation_finish(row, dep) != 0)
+                operation_roll_back(row);
+        }
+        json_decref(list);
     }
-    json_array_foreach(list, i, row)
-    {
-        operation_roll_back(row);
-    }
-    json_decref(list);
+    maintenance_renew_all(); /* what the store says, at once */
 }

@@ -10,6 +10,7 @@ promoted node never leaks into the next one, and checks the safety invariants wi
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import threading
@@ -53,7 +54,29 @@ def postmaster_pid(node):
         return int(f.readline())
 
 
-class LeasedControlPlane(ControlPlane):
+class FleetControlPlane(ControlPlane):
+    """pgrelay-control with extra [control] settings (``settings``: {key: value})."""
+
+    settings = {}
+
+    def _write_ini(self):
+        super()._write_ini()
+        if not self.settings:
+            return
+        with open(self.conf) as f:
+            text = f.read()
+        extra = ""
+        for k, v in self.settings.items():
+            line = re.compile(rf"^{re.escape(k)} = .*$", re.M)
+            if line.search(text):
+                text = line.sub(f"{k} = {v}", text, count=1)
+            else:
+                extra += f"{k} = {v}\n"
+        with open(self.conf, "w") as f:
+            f.write(text.replace("[control]\n", "[control]\n" + extra, 1))
+
+
+class LeasedControlPlane(FleetControlPlane):
     """pgrelay-control with [lease] enabled (3 s lease, renewed every second), so that two
     of them can share the store."""
 
@@ -87,13 +110,20 @@ class Fleet:
         self.proxies = {}
         self.listen_port = None
         self.started = time.monotonic()
+        self.control_settings = {}
+        self.control_hosts = {}
 
     @classmethod
-    def start(cls, pg, hold=None, leased=False):
+    def start(cls, pg, hold=None, leased=False, control_settings=None, control_hosts=None):
         """A running fleet; ``hold`` sets the control plane's test hook (hold at that step).
         ``leased``: two control-plane replicas with leases, the first one holding it (only it
-        gets ``hold``), both in the proxies' endpoint list."""
+        gets ``hold``), both in the proxies' endpoint list. ``control_settings``: extra
+        [control] keys of control.ini ({key: value}). ``control_hosts``: {node_id: address}
+        a proxy reaches the control plane at instead of 127.0.0.1 (with listen_addr =
+        0.0.0.0), so that a firewall rule can cut that proxy off alone."""
         f = cls(pg)
+        f.control_settings = dict(control_settings or {})
+        f.control_hosts = dict(control_hosts or {})
         try:
             f._start(hold, leased)
         except BaseException:
@@ -105,13 +135,15 @@ class Fleet:
         self.pg.query(f"CREATE DATABASE {self.store_db}")
         store = (f"host={self.pg.host} port={self.pg.port} user=postgres dbname={self.store_db} "
                  "connect_timeout=5")
-        kind = LeasedControlPlane if leased else ControlPlane
+        kind = LeasedControlPlane if leased else FleetControlPlane
         self.control = kind(os.path.join(self.root, "control"), store)
+        self.control.settings = self.control_settings
         os.makedirs(self.control.workdir)
         self.start_control(hold)
         if leased:
             wait_for(self.control.holds_lease, timeout=10, what="the first replica's lease")
             self.control2 = kind(os.path.join(self.root, "control2"), store)
+            self.control2.settings = self.control_settings
             os.makedirs(self.control2.workdir)
             self.control2.start()
         self.cluster = Cluster.create(replicas=1, sync_standby="pg2")
@@ -120,7 +152,8 @@ class Fleet:
             self.listen_port = free_listen_port()
             try:
                 for node_id, address in ADDRESSES.items():
-                    self.proxies[node_id] = start_proxy(self.root, node_id, address, self.ini())
+                    self.proxies[node_id] = start_proxy(self.root, node_id, address,
+                                                        self.ini(node_id))
                 break
             except AssertionError:
                 for r in self.proxies.values():
@@ -183,8 +216,10 @@ class Fleet:
     def b(self):
         return self.proxies["proxy-b"]
 
-    def ini(self):
-        urls = ",".join(c.url for c in (self.control, self.control2) if c)
+    def ini(self, node_id=None):
+        host = self.control_hosts.get(node_id)
+        urls = ",".join(c.url.replace("127.0.0.1", host) if host else c.url
+                        for c in (self.control, self.control2) if c)
         return render_ini(self.listen_port, os.path.join(self.root, "host"), urls,
                           self.cluster.relay_nodes())
 

@@ -776,7 +776,9 @@ def test_maintenance_on_completes_only_when_both_agents_acked(control, agents):
     assert elapsed >= 0.9  # it waited for proxy-b
     for agent in (a, b):
         [cmd] = agent.commands("maintenance")
-        assert cmd["args"] == {"on": True, "resume_after_s": 45}
+        # the operator's end, sooner than pause_lease (60 s), as a delay and a wall-clock time
+        assert cmd["args"]["on"] is True and cmd["args"]["resume_after_s"] == 45, cmd
+        assert abs(cmd["args"]["until_ms"] / 1000 - time.time() - 45) < 5, cmd
     proxies = control.proxies()
     assert proxies["proxy-a"]["maintenance"] and proxies["proxy-b"]["maintenance"]
     status, answer = control.admin("POST", "/deployments/prod/maintenance", {"on": False})
