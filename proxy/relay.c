@@ -167,9 +167,10 @@ static void client_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t ca
 
 /* ---- server -> client messages ---- */
 
-/* The ReadyForQuery that ends a statement: its latency goes to the worker's row, and what the
- * session gathered for its node to the node's counters. A few adds per statement, none per
- * message. The first ReadyForQuery after login ends no statement (stmt_start_us is 0). */
+/* The ReadyForQuery that ends a statement: its latency goes to the worker's row and to the
+ * worker's own histogram of the node, and what the session gathered for its node to the node's
+ * counters. A few adds per statement, none per message. The first ReadyForQuery after login
+ * ends no statement (stmt_start_us is 0). */
 static void relay_statement_ends(session *s)
 {
     worker *w = worker_self;
@@ -182,6 +183,12 @@ static void relay_statement_ends(session *s)
         shm_stat_add(&w->row->stats.latency_us, latency);
         s->node_completed++;
         s->node_latency_us += latency;
+        if (s->counter) {
+            shm_latency *h = shm_latency_row(w->shm, (uint32_t)w->index,
+                                             shm_node_count_index(w->shm, s->counter));
+            shm_stat_add(&h->buckets[shm_latency_bucket(latency)], 1);
+            shm_stat_add(&h->sum_us, latency);
+        }
     }
     relay_node_flush(s);
 }
