@@ -357,6 +357,43 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
     return 0;
 }
 
+/* A quantile of a node's histogram in milliseconds; null before its first statement. */
+static json_t *latency_quantile_ms(const shm_latency_sum *h, double q)
+{
+    double us = shm_latency_quantile_us(h, q);
+    return us < 0 ? json_null() : json_real(us / 1000.0);
+}
+
+/* Statement latency per node from the per-worker histograms in shared memory: count, mean and
+ * p50/p95/p99 estimated inside their bucket (the same buckets /metrics exports). */
+static int cmd_show_latency(admin_call *call, json_t **result)
+{
+    master *m = call->m;
+    shm_route_table *routes = admin_routes(call);
+    if (!routes)
+        return -1;
+    json_t *rows = json_array();
+    for (uint32_t n = 0; n < routes->n_nodes; n++) {
+        const shm_node *node = &routes->nodes[n];
+        shm_latency_sum h;
+        memset(&h, 0, sizeof(h));
+        shm_node_count *count = shm_node_count_get(m->shm, node->name);
+        if (count)
+            shm_latency_read(m->shm, count, &h);
+        json_t *r = json_object();
+        json_object_set_new(r, "node", ADMIN_FIELD_TEXT(node->name));
+        json_object_set_new(r, "statements", json_integer((json_int_t)h.count));
+        json_object_set_new(r, "avg_ms", avg_latency_ms(h.sum_us, h.count));
+        json_object_set_new(r, "p50_ms", latency_quantile_ms(&h, 0.50));
+        json_object_set_new(r, "p95_ms", latency_quantile_ms(&h, 0.95));
+        json_object_set_new(r, "p99_ms", latency_quantile_ms(&h, 0.99));
+        json_array_append_new(rows, r);
+    }
+    free(routes);
+    *result = rows;
+    return 0;
+}
+
 static int cmd_show_leader_history(admin_call *call, json_t **result)
 {
     shm_segment *shm = call->m->shm;
@@ -734,6 +771,8 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_USER, true, cmd_show_nodes},
     {"show stats", "", "counters per worker and in total", ADMIN_LEVEL_USER, true,
      cmd_show_stats},
+    {"show latency", "", "statement latency per node: count, mean, p50, p95, p99 (ms)",
+     ADMIN_LEVEL_USER, true, cmd_show_latency},
     {"show config", "", "every key: section, effective value (secrets masked), reloadable",
      ADMIN_LEVEL_USER, true, cmd_show_config},
     {"show leader history", "", "the last changes of write leader: time, from, to, epoch, why",

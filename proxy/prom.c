@@ -156,6 +156,35 @@ static void prom_nodes(master *m, struct evbuffer *out)
     }
 }
 
+/* Statement latency per node as a Prometheus histogram: cumulative buckets from the per-worker
+ * rows in shared memory, summed. */
+static void prom_latency(master *m, struct evbuffer *out)
+{
+    static const char name[] = "pgrelay_node_statement_latency_seconds";
+    const shm_route_table *t = &prom_routes;
+    prom_head(out, name, "histogram",
+              "Time from a statement's first message to its ReadyForQuery, per node.");
+    for (uint32_t i = 0; i < t->n_nodes; i++) {
+        const char *node = t->nodes[i].name;
+        shm_latency_sum h;
+        memset(&h, 0, sizeof(h));
+        shm_node_count *c = shm_node_count_get(m->shm, node);
+        if (c)
+            shm_latency_read(m->shm, c, &h);
+        uint64_t le = 0;
+        for (unsigned b = 0; b < SHM_LATENCY_BOUNDS; b++) {
+            le += h.buckets[b];
+            evbuffer_add_printf(out, "%s_bucket{node=\"%s\",le=\"%g\"} %" PRIu64 "\n", name, node,
+                                (double)shm_latency_bounds_us[b] / 1e6, le);
+        }
+        evbuffer_add_printf(out, "%s_bucket{node=\"%s\",le=\"+Inf\"} %" PRIu64 "\n", name, node,
+                            h.count);
+        evbuffer_add_printf(out, "%s_sum{node=\"%s\"} %.6f\n", name, node,
+                            (double)h.sum_us / 1e6);
+        evbuffer_add_printf(out, "%s_count{node=\"%s\"} %" PRIu64 "\n", name, node, h.count);
+    }
+}
+
 void prom_write(master *m, struct evbuffer *out)
 {
     shm_routes_read(m->shm, &prom_routes);
@@ -192,4 +221,5 @@ void prom_write(master *m, struct evbuffer *out)
     prom_sessions(m, out);
     prom_worker_totals(m, out);
     prom_nodes(m, out);
+    prom_latency(m, out);
 }
