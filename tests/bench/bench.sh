@@ -23,7 +23,7 @@
 #   BENCH_CONNECT_CLIENTS=16  client counts for the -C case ("" to skip)
 #   BENCH_SCALE=10            pgbench -i scale factor
 #   BENCH_IDLE_SESSIONS=1000  idle sessions for the memory measurement (0 to skip)
-#   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"
+#   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"   (also: pgrelay_base, see PGRELAY_BASE_BIN)
 #   BENCH_PGRELAY_WORKERS     pgrelay workers (default: number of CPUs)
 #   BENCH_PGRELAY_LOG_LEVEL=warning
 #   BENCH_PGRELAY_AGENT=on     pgrelay's `agent` setting (on = as deployed: the master also runs
@@ -31,6 +31,9 @@
 #   BENCH_HAPROXY_THREADS     haproxy nbthread (default: number of CPUs)
 #   BENCH_OUT=./bench-results.txt   where the final tables are written as well
 #   PGRELAY_BIN=<repo>/bin/pgrelay
+#   PGRELAY_BASE_BIN          another build of pgrelay (with its pgrelay-agent beside it), run as
+#                             target pgrelay_base with the same settings: before/after a change,
+#                             interleaved in one run, e.g. BENCH_TARGETS="direct pgrelay_base pgrelay"
 #
 # Every process started here (PostgreSQL, proxies, pgbench) is stopped and the temporary directory
 # removed on exit, including on failure and Ctrl-C.  Needs root (PostgreSQL and PgBouncer are run as
@@ -62,10 +65,12 @@ BENCH_PGRELAY_AGENT=${BENCH_PGRELAY_AGENT:-on}
 BENCH_HAPROXY_THREADS=${BENCH_HAPROXY_THREADS:-$NCPU}
 BENCH_OUT=${BENCH_OUT:-bench-results.txt}
 PGRELAY_BIN=${PGRELAY_BIN:-$REPO/bin/pgrelay}
+PGRELAY_BASE_BIN=${PGRELAY_BASE_BIN:-}
 
 # Absolute paths: the script changes into its temporary directory.
 [[ $BENCH_OUT == /* ]] || BENCH_OUT=$PWD/$BENCH_OUT
 [[ $PGRELAY_BIN == /* ]] || PGRELAY_BIN=$PWD/$PGRELAY_BIN
+[[ -z $PGRELAY_BASE_BIN || $PGRELAY_BASE_BIN == /* ]] || PGRELAY_BASE_BIN=$PWD/$PGRELAY_BASE_BIN
 
 read -r -a TARGETS <<<"$BENCH_TARGETS"
 DBNAME=bench
@@ -253,13 +258,18 @@ stop_postgres() {
 # as a background job and records its pid; start_proxy waits until it relays a query.
 # ---------------------------------------------------------------------------------------------------
 
-start_pgrelay() {
-    local dir=$WORK/pgrelay
+start_pgrelay() { start_pgrelay_as pgrelay "$PGRELAY_BIN"; }
+start_pgrelay_base() { start_pgrelay_as pgrelay_base "$PGRELAY_BASE_BIN"; }
+
+# start_pgrelay_as TARGET BINARY
+start_pgrelay_as() {
+    local t=$1 bin=$2
+    local dir=$WORK/$t
     mkdir -p "$dir"
     cat >"$dir/pgrelay.ini" <<EOF
 [pgrelay]
 listen_addr = 127.0.0.1
-listen_port = ${PORT[pgrelay]}
+listen_port = ${PORT[$t]}
 workers = $BENCH_PGRELAY_WORKERS
 max_client_conn = $PROXY_MAX_CLIENTS
 shutdown_timeout = 5s
@@ -272,10 +282,10 @@ host = 127.0.0.1
 port = ${PORT[direct]}
 role = primary
 EOF
-    "$PGRELAY_BIN" -t -c "$dir/pgrelay.ini" >>"${LOGF[pgrelay]}" 2>&1 ||
-        { cat "${LOGF[pgrelay]}" >&2; die "pgrelay rejected its config"; }
-    "$PGRELAY_BIN" -c "$dir/pgrelay.ini" >>"${LOGF[pgrelay]}" 2>&1 &
-    PID[pgrelay]=$!
+    "$bin" -t -c "$dir/pgrelay.ini" >>"${LOGF[$t]}" 2>&1 ||
+        { cat "${LOGF[$t]}" >&2; die "$t rejected its config"; }
+    "$bin" -c "$dir/pgrelay.ini" >>"${LOGF[$t]}" 2>&1 &
+    PID[$t]=$!
 }
 
 # PgBouncer is single-threaded (one process, one event loop); session pooling with a pool large
@@ -578,6 +588,9 @@ write_report() {
         echo "PostgreSQL $("$PGBIN/postgres" -V | awk '{print $3}') (shared_buffers=256MB, fsync=off," \
             "max_connections=$PG_MAX_CONN), pgbench -i -s $BENCH_SCALE; $(pgbench -V)"
         echo "pgrelay: $pgrelay_version, workers=$BENCH_PGRELAY_WORKERS$(if ((HAVE_AGENT)); then echo ", agent=$BENCH_PGRELAY_AGENT"; fi)"
+        if [[ " ${TARGETS[*]} " == *" pgrelay_base "* ]]; then
+            echo "pgrelay_base: $PGRELAY_BASE_BIN_ORIG, same settings as pgrelay (the build to compare with)"
+        fi
         echo "PgBouncer: $(pgbouncer -V 2>&1 | head -n 1 | awk '{print $2}'), pool_mode=session," \
             "single-threaded (one process)"
         echo "HAProxy: $(haproxy -v 2>&1 | head -n 1 | awk '{print $3}'), mode tcp, nbthread=$BENCH_HAPROXY_THREADS"
@@ -635,6 +648,8 @@ check_requirements() {
         case $t in
         direct) ;;
         pgrelay) [[ -x $PGRELAY_BIN ]] || die "$PGRELAY_BIN not found: run 'make' first" ;;
+        pgrelay_base) [[ -n $PGRELAY_BASE_BIN && -x $PGRELAY_BASE_BIN ]] ||
+            die "target pgrelay_base needs PGRELAY_BASE_BIN, an executable pgrelay ('$PGRELAY_BASE_BIN')" ;;
         pgbouncer) [[ -x /usr/sbin/pgbouncer ]] || die "pgbouncer not found: run 'make deps-bench'" ;;
         haproxy) command -v haproxy >/dev/null || die "haproxy not found: run 'make deps-bench'" ;;
         *) die "unknown target '$t' in BENCH_TARGETS" ;;
@@ -673,6 +688,15 @@ main() {
             HAVE_AGENT=1
         fi
         PGRELAY_BIN=$WORK/bin/pgrelay
+    fi
+    if [[ " ${TARGETS[*]} " == *" pgrelay_base "* ]]; then
+        mkdir -p "$WORK/base-bin"
+        cp "$PGRELAY_BASE_BIN" "$WORK/base-bin/pgrelay"
+        if [[ -x $(dirname "$PGRELAY_BASE_BIN")/pgrelay-agent ]]; then
+            cp "$(dirname "$PGRELAY_BASE_BIN")/pgrelay-agent" "$WORK/base-bin/pgrelay-agent"
+        fi
+        PGRELAY_BASE_BIN_ORIG=$PGRELAY_BASE_BIN
+        PGRELAY_BASE_BIN=$WORK/base-bin/pgrelay
     fi
 
     build_cases

@@ -36,7 +36,7 @@ def throughput_tables(d, clk_tck, targets):
                 (status, float(tps), int(txns), int(ticks), float(wall)))
 
     out = []
-    head = (f"{'target':<10} {'median TPS':>11} {'min - max TPS':>19} {'vs direct':>9} "
+    head = (f"{'target':<12} {'median TPS':>11} {'min - max TPS':>19} {'vs direct':>9} "
             f"{'proxy CPU':>9} {'CPU us/txn':>10}  {'runs':>4}")
     for key, desc in cases:
         out.append(f"== {desc}")
@@ -59,7 +59,7 @@ def throughput_tables(d, clk_tck, targets):
             ratio = med / direct if med is not None and direct else None
             span = f"{min(tps):.0f} - {max(tps):.0f}" if tps else "-"
             runs_col = f"{nok}" if not fails else f"{nok}+{fails}F"
-            out.append(f"{target:<10} {fmt(med, '11.0f', 'FAIL'):>11} {span:>19} "
+            out.append(f"{target:<12} {fmt(med, '11.0f', 'FAIL'):>11} {span:>19} "
                        f"{fmt(ratio, '9.2f'):>9} {fmt(cores, '9.2f'):>9} "
                        f"{fmt(us_txn, '10.1f'):>10}  {runs_col:>4}")
         out.append("")
@@ -75,7 +75,7 @@ def memory_table(d):
     if not lines:
         return []
     out = []
-    head = (f"{'target':<10} {'sessions':>8} {'procs':>5} {'PSS before':>10} {'PSS after':>10} "
+    head = (f"{'target':<12} {'sessions':>8} {'procs':>5} {'PSS before':>10} {'PSS after':>10} "
             f"{'KiB/session':>11} {'RSS KiB/sess':>12} {'PG backends':>11}")
     sessions = None
     rows = []
@@ -83,11 +83,11 @@ def memory_table(d):
         target, _, rest = line.partition("\t")
         kv = dict(item.split("=", 1) for item in rest.split() if "=" in item)
         if "pss_per_session_kib" not in kv:
-            rows.append(f"{target:<10} FAIL  {rest}")
+            rows.append(f"{target:<12} FAIL  {rest}")
             continue
         sessions = kv["sessions"]
         rows.append(
-            f"{target:<10} {kv['sessions']:>8} {kv['procs']:>5} "
+            f"{target:<12} {kv['sessions']:>8} {kv['procs']:>5} "
             f"{int(kv['base_pss_kib']) / 1024:>7.1f}MiB {int(kv['pss_kib']) / 1024:>7.1f}MiB "
             f"{float(kv['pss_per_session_kib']):>11.1f} {float(kv['rss_per_session_kib']):>12.1f} "
             f"{kv['server_backends']:>11}")
