@@ -159,14 +159,27 @@ static json_int_t counter_value(_Atomic uint64_t *c)
     return c ? (json_int_t)atomic_load_explicit(c, memory_order_relaxed) : 0;
 }
 
+/* A node's statement latency histogram (summed over the workers): statements per bucket, not
+ * cumulative, in the order of shm_latency_bounds_us, the last bucket past 60 s. */
+static json_t *latency_buckets_json(const shm_node_count *c)
+{
+    shm_latency_sum h;
+    memset(&h, 0, sizeof(h));
+    if (c)
+        shm_latency_read(control.shm, c, &h);
+    json_t *a = json_array();
+    for (unsigned b = 0; b <= SHM_LATENCY_BOUNDS; b++)
+        json_array_append_new(a, json_integer((json_int_t)h.buckets[b]));
+    return a;
+}
+
 static json_t *routes_json(const shm_route_table *t)
 {
     json_t *nodes = json_array();
     for (uint32_t i = 0; i < t->n_nodes; i++) {
         const shm_node *n = &t->nodes[i];
         shm_node_count *c = shm_node_count_get(control.shm, n->name);
-        json_array_append_new(
-            nodes,
+        json_t *node =
             json_pack("{s:s, s:s, s:i, s:s, s:s, s:b, s:I, s:I, s:i, s:i, s:I, s:I, s:I, s:I, s:I, "
                       "s:I}",
                       "name", n->name, "host", n->host, "port", n->port, "role",
@@ -183,7 +196,9 @@ static json_t *routes_json(const shm_route_table *t)
                       counter_value(c ? &c->bytes_out : NULL), "errors",
                       counter_value(c ? &c->errors : NULL), "latency_us",
                       counter_value(c ? &c->latency_us : NULL), "statements_completed",
-                      counter_value(c ? &c->statements_completed : NULL)));
+                      counter_value(c ? &c->statements_completed : NULL));
+        json_object_set_new(node, "latency_buckets", latency_buckets_json(c));
+        json_array_append_new(nodes, node);
     }
     return nodes;
 }
