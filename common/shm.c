@@ -28,10 +28,10 @@ shm_segment *shm_create(const config *cfg, int *fd_out)
     /* Beyond max_client_conn, a few slots let refused clients get a proper 53300 answer. */
     size_t max_sessions = (size_t)cfg->max_client_conn + SHM_REFUSE_RESERVE;
     size_t latency_offset = sizeof(shm_segment) + max_sessions * sizeof(shm_session);
-    latency_offset = (latency_offset + _Alignof(shm_latency) - 1) / _Alignof(shm_latency) *
-                     _Alignof(shm_latency);
+    latency_offset = (latency_offset + _Alignof(shm_node_stats) - 1) / _Alignof(shm_node_stats) *
+                     _Alignof(shm_node_stats);
     size_t size = latency_offset +
-                  (size_t)cfg->workers * SHM_NODE_COUNTS * sizeof(shm_latency);
+                  (size_t)cfg->workers * SHM_NODE_COUNTS * sizeof(shm_node_stats);
     long page = sysconf(_SC_PAGESIZE);
     size = (size + (size_t)page - 1) / (size_t)page * (size_t)page;
 
@@ -281,22 +281,26 @@ void shm_history_add(shm_segment *shm, uint64_t epoch, const char *from, const c
     atomic_store_explicit(&shm->history_count, i + 1, memory_order_release);
 }
 
-void shm_latency_read(shm_segment *shm, const shm_node_count *c, shm_latency_sum *out)
+void shm_node_totals_read(shm_segment *shm, const shm_node_count *c, shm_node_totals *out)
 {
     memset(out, 0, sizeof(*out));
     size_t i = shm_node_count_index(shm, c);
     for (uint32_t w = 0; w < shm->n_workers; w++) {
-        const shm_latency *row = shm_latency_row(shm, w, i);
+        const shm_node_stats *row = shm_node_stats_row(shm, w, i);
         for (unsigned b = 0; b <= SHM_LATENCY_BOUNDS; b++) {
             uint64_t n = atomic_load_explicit(&row->buckets[b], memory_order_relaxed);
             out->buckets[b] += n;
             out->count += n;
         }
-        out->sum_us += atomic_load_explicit(&row->sum_us, memory_order_relaxed);
+        out->latency_us += atomic_load_explicit(&row->latency_us, memory_order_relaxed);
+        out->statements += atomic_load_explicit(&row->statements, memory_order_relaxed);
+        out->bytes_in += atomic_load_explicit(&row->bytes_in, memory_order_relaxed);
+        out->bytes_out += atomic_load_explicit(&row->bytes_out, memory_order_relaxed);
+        out->errors += atomic_load_explicit(&row->errors, memory_order_relaxed);
     }
 }
 
-double shm_latency_quantile_us(const shm_latency_sum *h, double q)
+double shm_latency_quantile_us(const shm_node_totals *h, double q)
 {
     if (h->count == 0)
         return -1;

@@ -20,7 +20,7 @@
 
 #include "config.h"
 
-#define SHM_MAGIC          0x70677234u /* "pgr4": bumped when the layout changes */
+#define SHM_MAGIC          0x70677235u /* "pgr5": bumped when the layout changes */
 #define SHM_MAX_WORKERS    256
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
@@ -85,22 +85,15 @@ typedef struct shm_leader_event {
     char reason[128];
 } shm_leader_event;
 
-/* Sessions and traffic per node, keyed by node name (indexes move on reload). Every worker
- * adds to them (relaxed atomic adds); a session finds its entry once, when it connects, and
- * adds what it gathered at the end of each statement, at close, and after
- * RELAY_NODE_FLUSH_BYTES of a long transfer, so the data path writes no shared line per read.
- * Cache-line aligned so that workers busy on different nodes do not share a line. */
+/* A node's entry, keyed by node name (indexes move on reload): its live sessions, which every
+ * worker adds to and takes from (relaxed atomic adds, once per session, never per statement).
+ * Its traffic is counted per worker, in the shm_node_stats rows of the same index. Cache-line
+ * aligned so that workers busy on different nodes do not share a line. */
 typedef struct shm_node_count {
     _Alignas(64) _Atomic uint32_t used; /* 0 free, 1 holds the counters of the node named below */
     char name[CONFIG_NAME_MAX];
     _Atomic int32_t write_sessions; /* live sessions of the write port on this node */
     _Atomic int32_t read_sessions;  /* live sessions of the read-only port on this node */
-    _Atomic uint64_t statements;    /* as shm_worker_stats.statements, on this node */
-    _Atomic uint64_t bytes_in;      /* client -> this node */
-    _Atomic uint64_t bytes_out;     /* this node -> client */
-    _Atomic uint64_t errors;        /* sessions on this node that pgrelay ended with an error */
-    _Atomic uint64_t statements_completed; /* as shm_worker_stats.statements_completed */
-    _Atomic uint64_t latency_us;           /* their summed latency */
 } shm_node_count;
 
 #define SHM_NODE_COUNTS (2 * CONFIG_MAX_NODES) /* entries of shm_segment.node_counts */
@@ -111,24 +104,34 @@ typedef struct shm_node_count {
 #define SHM_LATENCY_BOUNDS 18
 extern const uint32_t shm_latency_bounds_us[SHM_LATENCY_BOUNDS];
 
-/* One worker's latency histogram of the statements it relayed to one node (the node of the
- * node_counts entry with the same index). Written only by that worker, one bucket and the sum
- * per completed statement with plain relaxed stores; readers sum the rows of every worker.
- * Rows are cache-line aligned and each worker's rows are contiguous, so no two workers ever
- * write the same line. */
-typedef struct shm_latency {
-    _Alignas(64) _Atomic uint64_t buckets[SHM_LATENCY_BOUNDS + 1]; /* statements per bucket
-                                                                    * (not cumulative); the last
+/* One worker's traffic to one node (the node of the node_counts entry with the same index):
+ * counters and a latency histogram. Written only by that worker with plain relaxed stores
+ * (shm_stat_add): a session adds what it gathered at the end of each statement, at close, and
+ * after RELAY_NODE_FLUSH_BYTES of a long transfer. Readers sum the rows of every worker. Rows
+ * are cache-line aligned and each worker's rows are contiguous, so no two workers ever write
+ * the same line. */
+typedef struct shm_node_stats {
+    _Alignas(64) _Atomic uint64_t buckets[SHM_LATENCY_BOUNDS + 1]; /* completed statements per
+                                                                    * latency bucket (not
+                                                                    * cumulative); the last
                                                                     * one: slower than 60 s */
-    _Atomic uint64_t sum_us; /* their summed latency, microseconds */
-} shm_latency;
+    _Atomic uint64_t latency_us; /* their summed latency, microseconds */
+    _Atomic uint64_t statements; /* as shm_worker_stats.statements, on this node */
+    _Atomic uint64_t bytes_in;   /* client -> this node */
+    _Atomic uint64_t bytes_out;  /* this node -> client */
+    _Atomic uint64_t errors;     /* sessions on this node that pgrelay ended with an error */
+} shm_node_stats;
 
-/* A histogram summed over workers (readers' copy, not in shared memory). */
-typedef struct shm_latency_sum {
-    uint64_t buckets[SHM_LATENCY_BOUNDS + 1]; /* as shm_latency.buckets */
-    uint64_t count;                           /* all buckets together */
-    uint64_t sum_us;                          /* their summed latency */
-} shm_latency_sum;
+/* A node's shm_node_stats summed over workers (readers' copy, not in shared memory). */
+typedef struct shm_node_totals {
+    uint64_t buckets[SHM_LATENCY_BOUNDS + 1]; /* as shm_node_stats.buckets */
+    uint64_t count;      /* all buckets together: statements completed */
+    uint64_t latency_us; /* their summed latency */
+    uint64_t statements; /* the other counters of shm_node_stats */
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    uint64_t errors;
+} shm_node_totals;
 
 /* Header of a double buffer: one writer fills the half readers are not using, then flips.
  * A writer that dies mid-write leaves `current` on the last complete half. */
@@ -165,8 +168,10 @@ typedef struct shm_worker_stats {
                                             * message to that ReadyForQuery, microseconds */
 } shm_worker_stats;
 
+/* One worker's row. Cache-line aligned (its size a multiple of 64 bytes), so that the
+ * counters one worker adds to per statement never share a line with another worker's. */
 typedef struct shm_worker {
-    _Atomic int32_t pid;        /* 0 when no process is in this slot */
+    _Alignas(64) _Atomic int32_t pid; /* 0 when no process is in this slot */
     int64_t started_at_us;      /* wall clock, microseconds */
     uint32_t restarts;          /* times the master re-forked this slot */
     _Atomic int32_t sessions;   /* live client sessions */
@@ -232,7 +237,7 @@ typedef struct shm_segment {
     shm_settings settings;
     shm_worker workers[SHM_MAX_WORKERS];
     size_t latency_offset;             /* from the segment's start to n_workers blocks of
-                                        * SHM_NODE_COUNTS shm_latency rows (after the sessions) */
+                                        * SHM_NODE_COUNTS shm_node_stats rows (after the sessions) */
     shm_session sessions[];            /* max_sessions slots */
 } shm_segment;
 
@@ -287,9 +292,9 @@ static inline size_t shm_node_count_index(const shm_segment *shm, const shm_node
 }
 
 /* Worker w's latency histogram of node_counts entry i. */
-static inline shm_latency *shm_latency_row(shm_segment *shm, uint32_t w, size_t i)
+static inline shm_node_stats *shm_node_stats_row(shm_segment *shm, uint32_t w, size_t i)
 {
-    shm_latency *rows = (shm_latency *)(void *)((char *)shm + shm->latency_offset);
+    shm_node_stats *rows = (shm_node_stats *)(void *)((char *)shm + shm->latency_offset);
     return &rows[(size_t)w * SHM_NODE_COUNTS + i];
 }
 
@@ -303,13 +308,13 @@ static inline unsigned shm_latency_bucket(uint64_t us)
     return b;
 }
 
-/* Sum the histograms of a node_counts entry over every worker into out. */
-void shm_latency_read(shm_segment *shm, const shm_node_count *c, shm_latency_sum *out);
+/* Sum the traffic rows of a node_counts entry over every worker into out. */
+void shm_node_totals_read(shm_segment *shm, const shm_node_count *c, shm_node_totals *out);
 
 /* Estimate quantile q (0..1) of a summed histogram in microseconds, by linear interpolation
  * inside the bucket that holds it (as Prometheus' histogram_quantile does; the slowest bucket
  * answers with the last bound). -1 when it holds no statement. */
-double shm_latency_quantile_us(const shm_latency_sum *h, double q);
+double shm_latency_quantile_us(const shm_node_totals *h, double q);
 
 /* What show nodes says a node is: "primary" or "replica" as its last good probe said, or
  * "unknown" when the agent has not heard from it (never answered, or down now); in the

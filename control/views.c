@@ -151,7 +151,7 @@ _Static_assert(STATE_LATENCY_BUCKETS == SHM_LATENCY_BOUNDS + 1,
 /* Add to h the statements of a node's histogram that ended between its samples a and b (both
  * in ns); false after a counter reset (a proxy restart) or with no histogram reported. */
 static bool views_latency_add(const state_node_series *ns, const state_sample *a,
-                              const state_sample *b, shm_latency_sum *h)
+                              const state_sample *b, shm_node_totals *h)
 {
     const int64_t *ha = ns->latency_buckets[a - ns->samples];
     const int64_t *hb = ns->latency_buckets[b - ns->samples];
@@ -166,7 +166,7 @@ static bool views_latency_add(const state_node_series *ns, const state_sample *a
 }
 
 /* The 99th percentile in milliseconds of a window's histogram; null when it holds nothing. */
-static json_t *views_p99_ms(const shm_latency_sum *h)
+static json_t *views_p99_ms(const shm_node_totals *h)
 {
     double us = shm_latency_quantile_us(h, 0.99);
     return us < 0 ? json_null() : json_real(us / US_PER_MS);
@@ -174,7 +174,7 @@ static json_t *views_p99_ms(const shm_latency_sum *h)
 
 /* Each node of the proxy's last observation: rates, latency and its p99 over the window; the
  * nodes' histograms of the window are added into all (for the proxy's own p99). */
-static json_t *views_node_metrics(const state_proxy *p, shm_latency_sum *all)
+static json_t *views_node_metrics(const state_proxy *p, shm_node_totals *all)
 {
     json_t *list = json_array();
     for (int i = 0; i < p->node_series_n; i++) {
@@ -184,7 +184,7 @@ static json_t *views_node_metrics(const state_proxy *p, shm_latency_sum *all)
             continue;
         if (!state_node_rate_window(ns, VIEWS_RATE_WINDOW_MS, &a, &b))
             a = b = NULL;
-        shm_latency_sum h;
+        shm_node_totals h;
         memset(&h, 0, sizeof(h));
         if (a && views_latency_add(ns, a, b, &h)) {
             for (int k = 0; k < STATE_LATENCY_BUCKETS; k++)
@@ -207,7 +207,7 @@ void views_metrics(http_call *call)
         const state_sample *a = NULL, *b = NULL;
         if (!state_rate_window(p, VIEWS_RATE_WINDOW_MS, &a, &b))
             a = b = NULL;
-        shm_latency_sum all;
+        shm_node_totals all;
         memset(&all, 0, sizeof(all));
         json_t *nodes = views_node_metrics(p, &all);
         json_array_append_new(

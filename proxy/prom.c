@@ -147,10 +147,15 @@ static void prom_nodes(master *m, struct evbuffer *out)
                     heads[h].name, name, c ? atomic_load(&c->write_sessions) : 0, heads[h].name,
                     name, c ? atomic_load(&c->read_sessions) : 0);
                 break;
-            default:
+            default: {
+                shm_node_totals tot;
+                memset(&tot, 0, sizeof(tot));
+                if (c)
+                    shm_node_totals_read(m->shm, c, &tot);
                 evbuffer_add_printf(out, "%s{node=\"%s\"} %" PRIu64 "\n", heads[h].name, name,
-                                    c ? (uint64_t)atomic_load(&c->statements) : 0);
+                                    tot.statements);
                 break;
+            }
             }
         }
     }
@@ -166,11 +171,11 @@ static void prom_latency(master *m, struct evbuffer *out)
               "Time from a statement's first message to its ReadyForQuery, per node.");
     for (uint32_t i = 0; i < t->n_nodes; i++) {
         const char *node = t->nodes[i].name;
-        shm_latency_sum h;
+        shm_node_totals h;
         memset(&h, 0, sizeof(h));
         shm_node_count *c = shm_node_count_get(m->shm, node);
         if (c)
-            shm_latency_read(m->shm, c, &h);
+            shm_node_totals_read(m->shm, c, &h);
         uint64_t le = 0;
         for (unsigned b = 0; b < SHM_LATENCY_BOUNDS; b++) {
             le += h.buckets[b];
@@ -180,7 +185,7 @@ static void prom_latency(master *m, struct evbuffer *out)
         evbuffer_add_printf(out, "%s_bucket{node=\"%s\",le=\"+Inf\"} %" PRIu64 "\n", name, node,
                             h.count);
         evbuffer_add_printf(out, "%s_sum{node=\"%s\"} %.6f\n", name, node,
-                            (double)h.sum_us / 1e6);
+                            (double)h.latency_us / 1e6);
         evbuffer_add_printf(out, "%s_count{node=\"%s\"} %" PRIu64 "\n", name, node, h.count);
     }
 }
