@@ -11,7 +11,8 @@
 #     Runs are interleaved (direct, pgrelay, pgbouncer, haproxy, direct, ...) and repeated
 #     BENCH_REPEAT times; the table shows the median TPS, min-max, the ratio to direct's median,
 #     the CPU the proxy used (utime+stime of all its processes -- for pgrelay the master and all
-#     workers -- divided by wall time, i.e. in cores) and the proxy CPU time per transaction.
+#     workers -- divided by wall time, i.e. in cores), the proxy CPU time per transaction, and
+#     the median over runs of each run's p50 and p99 transaction latency (pgbench -l logs).
 #   * Memory per idle session: each proxy is started fresh, BENCH_IDLE_SESSIONS sessions are opened
 #     through it (each runs one SELECT 1 and then stays idle), and the growth of the summed PSS of
 #     all proxy processes (from /proc/<pid>/smaps_rollup) is divided by the number of sessions.
@@ -429,12 +430,37 @@ run_pgbench() {
     local port=$1 mode=$2 c=$3 connect=$4 secs=$5 out=$6 rc=0
     local -a args=(-h 127.0.0.1 -p "$port" -n -S -M "$mode" -c "$c" -j "$(threads_for "$c")" -T "$secs")
     if ((connect)); then args+=(-C); fi
+    # Every transaction's latency, for p50/p99 (latency_percentiles reads and removes the files).
+    args+=(-l --log-prefix "$out.lat")
     # Background + wait, so that a signal to this script is handled at once.
     pgbench "${args[@]}" "$DBNAME" >"$out" 2>&1 &
     CHILD=$!
     wait "$CHILD" || rc=$?
     CHILD=""
     return "$rc"
+}
+
+# latency_percentiles OUTFILE: "p50 p99" in milliseconds of the transactions pgbench logged
+# for that run ("-1 -1" when none); removes the per-transaction logs.
+latency_percentiles() {
+    "$PY" - "$1".lat* <<'EOF'
+import math, os, sys
+lat = []
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    lat.append(int(fields[2]))  # microseconds
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+lat.sort()
+def q(p):
+    return lat[max(0, math.ceil(p * len(lat)) - 1)] / 1000.0
+print(f"{q(0.5):.3f} {q(0.99):.3f}" if lat else "-1 -1")
+EOF
 }
 
 # measure TARGET CASE RUN: one pgbench run, appends a line to runs.tsv.
@@ -466,7 +492,8 @@ measure() {
         c1=$(cpu_ticks "${pids[@]}")
         ticks=$((c1 - c0))
     fi
-    local tps txns wall
+    local tps txns wall p50 p99
+    read -r p50 p99 < <(latency_percentiles "$out")
     tps=$(awk '/^tps = / {print $3; exit}' "$out")
     txns=$(awk -F': *' '/^number of transactions actually processed/ {split($2, a, "/"); print a[1]; exit}' "$out")
     wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')
@@ -474,17 +501,18 @@ measure() {
         record_failure "$t" "$key" "$run" "$out" "$rc"
         return 0
     fi
-    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\n' "$key" "$t" "$run" "$tps" "$txns" "$ticks" "$wall" >>"$WORK/runs.tsv"
+    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\t%s\t%s\n' "$key" "$t" "$run" "$tps" "$txns" "$ticks" "$wall" \
+        "$p50" "$p99" >>"$WORK/runs.tsv"
     local cpu="-"
     if ((ticks >= 0)); then cpu=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v w="$wall" 'BEGIN {printf "%.2f cores", k / hz / w}'); fi
-    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") tps=$(printf '%.0f' "$tps")  proxy cpu=$cpu"
+    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") tps=$(printf '%.0f' "$tps")  proxy cpu=$cpu  p50=${p50}ms p99=${p99}ms"
 }
 
 # Remember a failed run (the pgbench output and the proxy's log tail go into the results).
 record_failure() {
     local t=$1 key=$2 run=$3 out=$4 rc=${5:-}
     FAILURES=$((FAILURES + 1))
-    printf '%s\t%s\t%s\tFAIL\t0\t0\t-1\t0\n' "$key" "$t" "$run" >>"$WORK/runs.tsv"
+    printf '%s\t%s\t%s\tFAIL\t0\t0\t-1\t0\t-1\t-1\n' "$key" "$t" "$run" >>"$WORK/runs.tsv"
     {
         echo "--- FAILED: $t, $key, run $run${rc:+ (pgbench exit status $rc)}"
         echo "pgbench output (last 15 lines):"
