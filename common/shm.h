@@ -6,8 +6,9 @@
  *   - workers:  each worker writes its own row; the master writes pid/start/restarts.
  *   - sessions: a slot is claimed with a CAS by the worker that owns the client and written only
  *               by it; the master frees the slots of a worker that died.
- *   - latency:  after the session slots, one block per worker of statement latency histograms,
- *               one per node_counts entry, written only by that worker, summed by readers.
+ *   - node stats: after the session slots, one block per worker of shm_node_stats rows (per
+ *               node traffic counters and statement latency histogram), one per node_counts
+ *               entry, written only by that worker, summed by readers.
  */
 #ifndef PGRELAY_SHM_H
 #define PGRELAY_SHM_H

@@ -165,8 +165,8 @@ static void client_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t ca
 
 /* The ReadyForQuery that ends a statement: its latency goes to the worker's row and to the
  * worker's own histogram of the node, and what the session gathered for its node to the
- * worker's counters of that node. A few adds per statement, none per message. The first ReadyForQuery after login
- * ends no statement (stmt_start_us is 0). */
+ * worker's counters of that node. A few adds per statement, none per message. The first
+ * ReadyForQuery after login ends no statement (stmt_start_us is 0). */
 static void relay_statement_ends(session *s)
 {
     worker *w = worker_self;
