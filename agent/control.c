@@ -153,10 +153,14 @@ static void reach_failed(reach_state *r, const http_client *c, long status)
 
 /* ---- snapshots of shared memory ---- */
 
-/* A node's cumulative counter, 0 when the node has no counters. */
-static json_int_t counter_value(_Atomic uint64_t *c)
+/* A node's statement latency histogram (summed over the workers): statements per bucket, not
+ * cumulative, in the order of shm_latency_bounds_us, the last bucket past 60 s. */
+static json_t *latency_buckets_json(const shm_node_totals *h)
 {
-    return c ? (json_int_t)atomic_load_explicit(c, memory_order_relaxed) : 0;
+    json_t *a = json_array();
+    for (unsigned b = 0; b <= SHM_LATENCY_BOUNDS; b++)
+        json_array_append_new(a, json_integer((json_int_t)h->buckets[b]));
+    return a;
 }
 
 static json_t *routes_json(const shm_route_table *t)
@@ -165,8 +169,12 @@ static json_t *routes_json(const shm_route_table *t)
     for (uint32_t i = 0; i < t->n_nodes; i++) {
         const shm_node *n = &t->nodes[i];
         shm_node_count *c = shm_node_count_get(control.shm, n->name);
-        json_array_append_new(
-            nodes,
+        /* The workers' rows of the node, summed (all 0 when the node has no entry). */
+        shm_node_totals tot;
+        memset(&tot, 0, sizeof(tot));
+        if (c)
+            shm_node_totals_read(control.shm, c, &tot);
+        json_t *node =
             json_pack("{s:s, s:s, s:i, s:s, s:s, s:b, s:I, s:I, s:i, s:i, s:I, s:I, s:I, s:I, s:I, "
                       "s:I}",
                       "name", n->name, "host", n->host, "port", n->port, "role",
@@ -178,12 +186,12 @@ static json_t *routes_json(const shm_route_table *t)
                       (json_int_t)n->lag_bytes, "write_sessions",
                       c ? (int)atomic_load(&c->write_sessions) : 0, "read_sessions",
                       c ? (int)atomic_load(&c->read_sessions) : 0, "statements",
-                      counter_value(c ? &c->statements : NULL), "bytes_in",
-                      counter_value(c ? &c->bytes_in : NULL), "bytes_out",
-                      counter_value(c ? &c->bytes_out : NULL), "errors",
-                      counter_value(c ? &c->errors : NULL), "latency_us",
-                      counter_value(c ? &c->latency_us : NULL), "statements_completed",
-                      counter_value(c ? &c->statements_completed : NULL)));
+                      (json_int_t)tot.statements, "bytes_in", (json_int_t)tot.bytes_in,
+                      "bytes_out", (json_int_t)tot.bytes_out, "errors", (json_int_t)tot.errors,
+                      "latency_us", (json_int_t)tot.latency_us, "statements_completed",
+                      (json_int_t)tot.count);
+        json_object_set_new(node, "latency_buckets", latency_buckets_json(&tot));
+        json_array_append_new(nodes, node);
     }
     return nodes;
 }

@@ -18,11 +18,20 @@ int64_t shm_now_us(void)
     return (int64_t)tv.tv_sec * 1000000 + tv.tv_usec;
 }
 
+const uint32_t shm_latency_bounds_us[SHM_LATENCY_BOUNDS] = {
+    100,    250,    500,     1000,    2500,    5000,     10000,    25000,    50000,
+    100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, 30000000, 60000000,
+};
+
 shm_segment *shm_create(const config *cfg, int *fd_out)
 {
     /* Beyond max_client_conn, a few slots let refused clients get a proper 53300 answer. */
     size_t max_sessions = (size_t)cfg->max_client_conn + SHM_REFUSE_RESERVE;
-    size_t size = sizeof(shm_segment) + max_sessions * sizeof(shm_session);
+    size_t latency_offset = sizeof(shm_segment) + max_sessions * sizeof(shm_session);
+    latency_offset = (latency_offset + _Alignof(shm_node_stats) - 1) / _Alignof(shm_node_stats) *
+                     _Alignof(shm_node_stats);
+    size_t size = latency_offset +
+                  (size_t)cfg->workers * SHM_NODE_COUNTS * sizeof(shm_node_stats);
     long page = sysconf(_SC_PAGESIZE);
     size = (size + (size_t)page - 1) / (size_t)page * (size_t)page;
 
@@ -47,6 +56,7 @@ shm_segment *shm_create(const config *cfg, int *fd_out)
     shm->size = size;
     shm->n_workers = (uint32_t)cfg->workers;
     shm->max_sessions = (uint32_t)max_sessions;
+    shm->latency_offset = latency_offset;
     shm->master_pid = (int32_t)getpid();
     shm->started_at_us = shm_now_us();
     atomic_store(&shm->next_session_id, 1);
@@ -269,4 +279,41 @@ void shm_history_add(shm_segment *shm, uint64_t epoch, const char *from, const c
     snprintf(e->to, sizeof(e->to), "%s", to ? to : "");
     snprintf(e->reason, sizeof(e->reason), "%s", reason);
     atomic_store_explicit(&shm->history_count, i + 1, memory_order_release);
+}
+
+void shm_node_totals_read(shm_segment *shm, const shm_node_count *c, shm_node_totals *out)
+{
+    memset(out, 0, sizeof(*out));
+    size_t i = shm_node_count_index(shm, c);
+    for (uint32_t w = 0; w < shm->n_workers; w++) {
+        const shm_node_stats *row = shm_node_stats_row(shm, w, i);
+        for (unsigned b = 0; b <= SHM_LATENCY_BOUNDS; b++) {
+            uint64_t n = atomic_load_explicit(&row->buckets[b], memory_order_relaxed);
+            out->buckets[b] += n;
+            out->count += n;
+        }
+        out->latency_us += atomic_load_explicit(&row->latency_us, memory_order_relaxed);
+        out->statements += atomic_load_explicit(&row->statements, memory_order_relaxed);
+        out->bytes_in += atomic_load_explicit(&row->bytes_in, memory_order_relaxed);
+        out->bytes_out += atomic_load_explicit(&row->bytes_out, memory_order_relaxed);
+        out->errors += atomic_load_explicit(&row->errors, memory_order_relaxed);
+    }
+}
+
+double shm_latency_quantile_us(const shm_node_totals *h, double q)
+{
+    if (h->count == 0)
+        return -1;
+    double rank = q * (double)h->count;
+    uint64_t below = 0;
+    for (unsigned b = 0; b < SHM_LATENCY_BOUNDS; b++) {
+        uint64_t n = h->buckets[b];
+        if (n > 0 && (double)(below + n) >= rank) {
+            double lo = b ? shm_latency_bounds_us[b - 1] : 0;
+            double hi = shm_latency_bounds_us[b];
+            return lo + (hi - lo) * (rank - (double)below) / (double)n;
+        }
+        below += n;
+    }
+    return shm_latency_bounds_us[SHM_LATENCY_BOUNDS - 1];
 }

@@ -6,6 +6,9 @@
  *   - workers:  each worker writes its own row; the master writes pid/start/restarts.
  *   - sessions: a slot is claimed with a CAS by the worker that owns the client and written only
  *               by it; the master frees the slots of a worker that died.
+ *   - node stats: after the session slots, one block per worker of shm_node_stats rows (per
+ *               node traffic counters and statement latency histogram), one per node_counts
+ *               entry, written only by that worker, summed by readers.
  */
 #ifndef PGRELAY_SHM_H
 #define PGRELAY_SHM_H
@@ -18,7 +21,7 @@
 
 #include "config.h"
 
-#define SHM_MAGIC          0x70677233u /* "pgr3": bumped when the layout changes */
+#define SHM_MAGIC          0x70677235u /* "pgr5": bumped when the layout changes */
 #define SHM_MAX_WORKERS    256
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
@@ -83,23 +86,53 @@ typedef struct shm_leader_event {
     char reason[128];
 } shm_leader_event;
 
-/* Sessions and traffic per node, keyed by node name (indexes move on reload). Every worker
- * adds to them (relaxed atomic adds); a session finds its entry once, when it connects, and
- * adds what it gathered at the end of each statement, at close, and after
- * RELAY_NODE_FLUSH_BYTES of a long transfer, so the data path writes no shared line per read.
- * Cache-line aligned so that workers busy on different nodes do not share a line. */
+/* A node's entry, keyed by node name (indexes move on reload): its live sessions, which every
+ * worker adds to and takes from (relaxed atomic adds, once per session, never per statement).
+ * Its traffic is counted per worker, in the shm_node_stats rows of the same index. Cache-line
+ * aligned so that workers busy on different nodes do not share a line. */
 typedef struct shm_node_count {
     _Alignas(64) _Atomic uint32_t used; /* 0 free, 1 holds the counters of the node named below */
     char name[CONFIG_NAME_MAX];
     _Atomic int32_t write_sessions; /* live sessions of the write port on this node */
     _Atomic int32_t read_sessions;  /* live sessions of the read-only port on this node */
-    _Atomic uint64_t statements;    /* as shm_worker_stats.statements, on this node */
-    _Atomic uint64_t bytes_in;      /* client -> this node */
-    _Atomic uint64_t bytes_out;     /* this node -> client */
-    _Atomic uint64_t errors;        /* sessions on this node that pgrelay ended with an error */
-    _Atomic uint64_t statements_completed; /* as shm_worker_stats.statements_completed */
-    _Atomic uint64_t latency_us;           /* their summed latency */
 } shm_node_count;
+
+#define SHM_NODE_COUNTS (2 * CONFIG_MAX_NODES) /* entries of shm_segment.node_counts */
+
+/* Statement latency buckets: upper bounds in microseconds, 100 us to 60 s (a 1-2.5-5 series,
+ * then 30 and 60 s). A statement goes into the first bucket whose bound is >= its latency;
+ * one more bucket past the last bound takes everything slower. */
+#define SHM_LATENCY_BOUNDS 18
+extern const uint32_t shm_latency_bounds_us[SHM_LATENCY_BOUNDS];
+
+/* One worker's traffic to one node (the node of the node_counts entry with the same index):
+ * counters and a latency histogram. Written only by that worker with plain relaxed stores
+ * (shm_stat_add): a session adds what it gathered at the end of each statement, at close, and
+ * after RELAY_NODE_FLUSH_BYTES of a long transfer. Readers sum the rows of every worker. Rows
+ * are cache-line aligned and each worker's rows are contiguous, so no two workers ever write
+ * the same line. */
+typedef struct shm_node_stats {
+    _Alignas(64) _Atomic uint64_t buckets[SHM_LATENCY_BOUNDS + 1]; /* completed statements per
+                                                                    * latency bucket (not
+                                                                    * cumulative); the last
+                                                                    * one: slower than 60 s */
+    _Atomic uint64_t latency_us; /* their summed latency, microseconds */
+    _Atomic uint64_t statements; /* as shm_worker_stats.statements, on this node */
+    _Atomic uint64_t bytes_in;   /* client -> this node */
+    _Atomic uint64_t bytes_out;  /* this node -> client */
+    _Atomic uint64_t errors;     /* sessions on this node that pgrelay ended with an error */
+} shm_node_stats;
+
+/* A node's shm_node_stats summed over workers (readers' copy, not in shared memory). */
+typedef struct shm_node_totals {
+    uint64_t buckets[SHM_LATENCY_BOUNDS + 1]; /* as shm_node_stats.buckets */
+    uint64_t count;      /* all buckets together: statements completed */
+    uint64_t latency_us; /* their summed latency */
+    uint64_t statements; /* the other counters of shm_node_stats */
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    uint64_t errors;
+} shm_node_totals;
 
 /* Header of a double buffer: one writer fills the half readers are not using, then flips.
  * A writer that dies mid-write leaves `current` on the last complete half. */
@@ -136,8 +169,10 @@ typedef struct shm_worker_stats {
                                             * message to that ReadyForQuery, microseconds */
 } shm_worker_stats;
 
+/* One worker's row. Cache-line aligned (its size a multiple of 64 bytes), so that the
+ * counters one worker adds to per statement never share a line with another worker's. */
 typedef struct shm_worker {
-    _Atomic int32_t pid;        /* 0 when no process is in this slot */
+    _Alignas(64) _Atomic int32_t pid; /* 0 when no process is in this slot */
     int64_t started_at_us;      /* wall clock, microseconds */
     uint32_t restarts;          /* times the master re-forked this slot */
     _Atomic int32_t sessions;   /* live client sessions */
@@ -197,11 +232,13 @@ typedef struct shm_segment {
     _Atomic uint32_t history_starts;   /* of them, leaders confirmed at start (0 or 1): no
                                         * change, so not in pgrelay_leader_changes_total */
     shm_leader_event history[SHM_HISTORY_MAX];
-    shm_node_count node_counts[2 * CONFIG_MAX_NODES];
+    shm_node_count node_counts[SHM_NODE_COUNTS];
     _Atomic int32_t probe_requests;    /* workers ask the agent to probe now (see channel) */
     shm_routes routes;
     shm_settings settings;
     shm_worker workers[SHM_MAX_WORKERS];
+    size_t latency_offset;             /* from the segment's start to n_workers blocks of
+                                        * SHM_NODE_COUNTS shm_node_stats rows (after the sessions) */
     shm_session sessions[];            /* max_sessions slots */
 } shm_segment;
 
@@ -248,6 +285,37 @@ shm_node_count *shm_node_count_get(shm_segment *shm, const char *name);
 /* Create the counters of a node if missing (master only: one writer, no duplicates).
  * Entries are never removed, so there is room for node renames over a few reloads. */
 void shm_node_count_ensure(shm_segment *shm, const char *name);
+
+/* Index of a node_counts entry (the row of its latency histograms). */
+static inline size_t shm_node_count_index(const shm_segment *shm, const shm_node_count *c)
+{
+    return (size_t)(c - shm->node_counts);
+}
+
+/* Worker w's latency histogram of node_counts entry i. */
+static inline shm_node_stats *shm_node_stats_row(shm_segment *shm, uint32_t w, size_t i)
+{
+    shm_node_stats *rows = (shm_node_stats *)(void *)((char *)shm + shm->latency_offset);
+    return &rows[(size_t)w * SHM_NODE_COUNTS + i];
+}
+
+/* The bucket of a latency: the first whose bound is >= us (SHM_LATENCY_BOUNDS if none). Most
+ * statements are fast, so a scan from the bottom ends after a few compares. */
+static inline unsigned shm_latency_bucket(uint64_t us)
+{
+    unsigned b = 0;
+    while (b < SHM_LATENCY_BOUNDS && us > shm_latency_bounds_us[b])
+        b++;
+    return b;
+}
+
+/* Sum the traffic rows of a node_counts entry over every worker into out. */
+void shm_node_totals_read(shm_segment *shm, const shm_node_count *c, shm_node_totals *out);
+
+/* Estimate quantile q (0..1) of a summed histogram in microseconds, by linear interpolation
+ * inside the bucket that holds it (as Prometheus' histogram_quantile does; the slowest bucket
+ * answers with the last bound). -1 when it holds no statement. */
+double shm_latency_quantile_us(const shm_node_totals *h, double q);
 
 /* What show nodes says a node is: "primary" or "replica" as its last good probe said, or
  * "unknown" when the agent has not heard from it (never answered, or down now); in the

@@ -254,6 +254,24 @@ static bool agents_sample_fields(http_call *call, json_t *obj, const char *where
     return true;
 }
 
+/* A node's optional latency_buckets: STATE_LATENCY_BUCKETS whole numbers >= 0. */
+static bool agents_check_latency_buckets(http_call *call, json_t *node, const char *where)
+{
+    json_t *a = json_object_get(node, "latency_buckets");
+    if (!a)
+        return true;
+    bool ok = json_is_array(a) && json_array_size(a) == STATE_LATENCY_BUCKETS;
+    for (size_t i = 0; ok && i < STATE_LATENCY_BUCKETS; i++) {
+        json_t *v = json_array_get(a, i);
+        ok = json_is_integer(v) && json_integer_value(v) >= 0 &&
+             json_integer_value(v) <= AGENTS_INT_MAX;
+    }
+    if (!ok)
+        http_reply_error(call->req, 400, "%s.latency_buckets must be an array of %d whole numbers >= 0",
+                         where, STATE_LATENCY_BUCKETS);
+    return ok;
+}
+
 /* The nodes observation: an array of objects with at least a name. */
 static bool agents_check_nodes(http_call *call, json_t *nodes)
 {
@@ -279,7 +297,8 @@ static bool agents_check_nodes(http_call *call, json_t *nodes)
             !http_field_int(call, n, where, "lsn", false, 0, AGENTS_INT_MAX, &v) ||
             !http_field_int(call, n, where, "lag_bytes", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
             !http_field_int(call, n, where, "write_sessions", false, 0, INT32_MAX, &v) ||
-            !http_field_int(call, n, where, "read_sessions", false, 0, INT32_MAX, &v))
+            !http_field_int(call, n, where, "read_sessions", false, 0, INT32_MAX, &v) ||
+            !agents_check_latency_buckets(call, n, where))
             return false;
         state_sample counters;
         if (!agents_sample_fields(call, n, where, &counters))
@@ -300,7 +319,12 @@ static void agents_node_samples(state_proxy *p, json_t *nodes, const state_sampl
                     json_integer_value(json_object_get(n, "read_sessions"));
         for (size_t c = 0; c < AGENTS_N_COUNTERS; c++)
             *agents_counter(&s, c) = json_integer_value(json_object_get(n, agents_counters[c].key));
-        state_add_node_sample(p, json_string_value(json_object_get(n, "name")), &s);
+        int64_t buckets[STATE_LATENCY_BUCKETS];
+        json_t *a = json_object_get(n, "latency_buckets");
+        for (size_t b = 0; a && b < STATE_LATENCY_BUCKETS; b++)
+            buckets[b] = json_integer_value(json_array_get(a, b));
+        state_add_node_sample(p, json_string_value(json_object_get(n, "name")), &s,
+                              a ? buckets : NULL);
     }
 }
 

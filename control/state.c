@@ -311,7 +311,8 @@ static const state_sample *state_series_newest(const state_node_series *ns)
     return &ns->samples[(ns->samples_head + ns->samples_n - 1) % STATE_NODE_SAMPLES_MAX];
 }
 
-void state_add_node_sample(state_proxy *p, const char *node, const state_sample *s)
+void state_add_node_sample(state_proxy *p, const char *node, const state_sample *s,
+                           const int64_t *latency_buckets)
 {
     state_node_series *ns = NULL;
     for (int i = 0; i < p->node_series_n && !ns; i++)
@@ -337,6 +338,11 @@ void state_add_node_sample(state_proxy *p, const char *node, const state_sample 
         snprintf(ns->name, sizeof(ns->name), "%s", node);
     }
     state_ring_push(ns->samples, STATE_NODE_SAMPLES_MAX, &ns->samples_head, &ns->samples_n, s);
+    int64_t *h = ns->latency_buckets[state_series_newest(ns) - ns->samples];
+    if (latency_buckets)
+        memcpy(h, latency_buckets, sizeof(ns->latency_buckets[0]));
+    else
+        memset(h, 0, sizeof(ns->latency_buckets[0]));
 }
 
 bool state_node_rate_window(const state_node_series *ns, int64_t window_ms,

@@ -16,6 +16,7 @@
 #define STATE_NODE_SAMPLES_MAX 64   /* samples kept per node of a proxy: the rate window at 1 s */
 #define STATE_NODES_MAX        64   /* nodes followed per proxy (pgrelay's own limit) */
 #define STATE_PENDING_MAX      64   /* undeclared node ids remembered per deployment */
+#define STATE_LATENCY_BUCKETS  19   /* a node's latency_buckets in a metrics body (protocol.md) */
 
 struct evhttp_request;
 struct event;
@@ -47,6 +48,9 @@ typedef struct state_node_view {
 typedef struct state_node_series {
     char name[STATE_NODE_NAME_MAX];
     state_sample samples[STATE_NODE_SAMPLES_MAX]; /* ring, the oldest at samples_head */
+    int64_t latency_buckets[STATE_NODE_SAMPLES_MAX][STATE_LATENCY_BUCKETS]; /* of the sample in
+                                        * the same slot: statements per latency bucket since the
+                                        * proxy started; all 0 when the agent sent none */
     int samples_head;
     int samples_n;
 } state_node_series;
@@ -159,8 +163,10 @@ void state_add_sample(state_proxy *p, const state_sample *s);
 bool state_rate_window(const state_proxy *p, int64_t window_ms, const state_sample **first,
                        const state_sample **last);
 
-/* Record the counters of one node of a metrics sample (its ring, oldest dropped). */
-void state_add_node_sample(state_proxy *p, const char *node, const state_sample *s);
+/* Record the counters of one node of a metrics sample (its ring, oldest dropped), with its
+ * latency histogram (STATE_LATENCY_BUCKETS counts; NULL: none reported). */
+void state_add_node_sample(state_proxy *p, const char *node, const state_sample *s,
+                           const int64_t *latency_buckets);
 
 /* As state_rate_window, for one node's ring. */
 bool state_node_rate_window(const state_node_series *ns, int64_t window_ms,

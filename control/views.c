@@ -5,6 +5,7 @@
 #include "control.h"
 #include "leader.h"
 #include "log.h"
+#include "shm.h"
 #include "store.h"
 
 #include <inttypes.h>
@@ -144,8 +145,36 @@ static json_t *views_latency_ms(const state_sample *a, const state_sample *b)
     return json_real((double)us / (double)n / US_PER_MS);
 }
 
-/* Each node of the proxy's last observation: rates and latency over the window. */
-static json_t *views_node_metrics(const state_proxy *p)
+_Static_assert(STATE_LATENCY_BUCKETS == SHM_LATENCY_BOUNDS + 1,
+               "latency_buckets in a metrics body are the buckets of pgrelay's shared memory");
+
+/* Add to h the statements of a node's histogram that ended between its samples a and b (both
+ * in ns); false after a counter reset (a proxy restart) or with no histogram reported. */
+static bool views_latency_add(const state_node_series *ns, const state_sample *a,
+                              const state_sample *b, shm_node_totals *h)
+{
+    const int64_t *ha = ns->latency_buckets[a - ns->samples];
+    const int64_t *hb = ns->latency_buckets[b - ns->samples];
+    for (int k = 0; k < STATE_LATENCY_BUCKETS; k++)
+        if (hb[k] < ha[k])
+            return false;
+    for (int k = 0; k < STATE_LATENCY_BUCKETS; k++) {
+        h->buckets[k] += (uint64_t)(hb[k] - ha[k]);
+        h->count += (uint64_t)(hb[k] - ha[k]);
+    }
+    return true;
+}
+
+/* The 99th percentile in milliseconds of a window's histogram; null when it holds nothing. */
+static json_t *views_p99_ms(const shm_node_totals *h)
+{
+    double us = shm_latency_quantile_us(h, 0.99);
+    return us < 0 ? json_null() : json_real(us / US_PER_MS);
+}
+
+/* Each node of the proxy's last observation: rates, latency and its p99 over the window; the
+ * nodes' histograms of the window are added into all (for the proxy's own p99). */
+static json_t *views_node_metrics(const state_proxy *p, shm_node_totals *all)
 {
     json_t *list = json_array();
     for (int i = 0; i < p->node_series_n; i++) {
@@ -155,9 +184,17 @@ static json_t *views_node_metrics(const state_proxy *p)
             continue;
         if (!state_node_rate_window(ns, VIEWS_RATE_WINDOW_MS, &a, &b))
             a = b = NULL;
-        json_array_append_new(list, json_pack("{s:s, s:I, s:o, s:o}", "name", ns->name, "sessions",
-                                              (json_int_t)cur->clients, "rates", views_rates(a, b),
-                                              "latency_ms", views_latency_ms(a, b)));
+        shm_node_totals h;
+        memset(&h, 0, sizeof(h));
+        if (a && views_latency_add(ns, a, b, &h)) {
+            for (int k = 0; k < STATE_LATENCY_BUCKETS; k++)
+                all->buckets[k] += h.buckets[k];
+            all->count += h.count;
+        }
+        json_array_append_new(list, json_pack("{s:s, s:I, s:o, s:o, s:o}", "name", ns->name,
+                                              "sessions", (json_int_t)cur->clients, "rates",
+                                              views_rates(a, b), "latency_ms",
+                                              views_latency_ms(a, b), "p99_ms", views_p99_ms(&h)));
     }
     return list;
 }
@@ -170,13 +207,16 @@ void views_metrics(http_call *call)
         const state_sample *a = NULL, *b = NULL;
         if (!state_rate_window(p, VIEWS_RATE_WINDOW_MS, &a, &b))
             a = b = NULL;
+        shm_node_totals all;
+        memset(&all, 0, sizeof(all));
+        json_t *nodes = views_node_metrics(p, &all);
         json_array_append_new(
-            list, json_pack("{s:s, s:b, s:o, s:I, s:o, s:o, s:o, s:i}", "node_id", p->node_id,
-                            "live", state_proxy_live(p, now), "sample",
+            list, json_pack("{s:s, s:b, s:o, s:I, s:o, s:o, s:o, s:o, s:i}", "node_id",
+                            p->node_id, "live", state_proxy_live(p, now), "sample",
                             p->last_metrics ? json_incref(p->last_metrics) : json_null(),
                             "received_ms", (json_int_t)p->last_metrics_ms, "rates",
-                            views_rates(a, b), "latency_ms", views_latency_ms(a, b), "nodes",
-                            views_node_metrics(p), "samples", p->samples_n));
+                            views_rates(a, b), "latency_ms", views_latency_ms(a, b), "p99_ms",
+                            views_p99_ms(&all), "nodes", nodes, "samples", p->samples_n));
     }
     http_reply_json(call->req, 200, list);
 }

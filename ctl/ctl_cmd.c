@@ -45,6 +45,7 @@ static const ctl_column ctl_metrics_columns[] = {
     {"node_id", CTL_CELL_PLAIN},     {"node", CTL_CELL_PLAIN},         {"live", CTL_CELL_PLAIN},
     {"sessions", CTL_CELL_PLAIN},    {"statements_s", CTL_CELL_PLAIN}, {"bytes_in_s", CTL_CELL_PLAIN},
     {"bytes_out_s", CTL_CELL_PLAIN}, {"errors_s", CTL_CELL_PLAIN},     {"latency_ms", CTL_CELL_PLAIN},
+    {"p99_ms", CTL_CELL_PLAIN},
 };
 
 /* The per-proxy answers of an operation. */
@@ -147,16 +148,16 @@ static json_t *ctl_metric_value(const json_t *v)
 
 /* One table row of show-metrics from a proxy or node entry of the metrics answer. */
 static json_t *ctl_metrics_row(const json_t *proxy, const char *node, const json_t *sessions,
-                               const json_t *rates, const json_t *latency)
+                               const json_t *rates, const json_t *latency, const json_t *p99)
 {
-    return json_pack("{s:O, s:s, s:O, s:O, s:o, s:o, s:o, s:o, s:o}", "node_id",
+    return json_pack("{s:O, s:s, s:O, s:O, s:o, s:o, s:o, s:o, s:o, s:o}", "node_id",
                      json_object_get(proxy, "node_id"), "node", node, "live",
                      json_object_get(proxy, "live"), "sessions", sessions ? sessions : json_null(),
                      "statements_s", ctl_metric_value(json_object_get(rates, "statements")),
                      "bytes_in_s", ctl_metric_value(json_object_get(rates, "bytes_in")),
                      "bytes_out_s", ctl_metric_value(json_object_get(rates, "bytes_out")),
                      "errors_s", ctl_metric_value(json_object_get(rates, "errors")), "latency_ms",
-                     ctl_metric_value(latency));
+                     ctl_metric_value(latency), "p99_ms", ctl_metric_value(p99));
 }
 
 /* The metrics answer (a list of proxies, each with its nodes) as rows for a table. */
@@ -169,14 +170,16 @@ static json_t *ctl_metrics_rows(const json_t *body)
     {
         json_t *row = ctl_metrics_row(p, "(all)",
                                       json_object_get(json_object_get(p, "sample"), "clients"),
-                                      json_object_get(p, "rates"), json_object_get(p, "latency_ms"));
+                                      json_object_get(p, "rates"), json_object_get(p, "latency_ms"),
+                                      json_object_get(p, "p99_ms"));
         if (row)
             json_array_append_new(rows, row);
         json_array_foreach(json_object_get(p, "nodes"), j, n)
         {
             const char *name = json_string_value(json_object_get(n, "name"));
             row = ctl_metrics_row(p, name ? name : "?", json_object_get(n, "sessions"),
-                                  json_object_get(n, "rates"), json_object_get(n, "latency_ms"));
+                                  json_object_get(n, "rates"), json_object_get(n, "latency_ms"),
+                                  json_object_get(n, "p99_ms"));
             if (row)
                 json_array_append_new(rows, row);
         }

@@ -336,20 +336,53 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
         json_object_set_new(r, "read_sessions",
                             json_integer(count ? atomic_load(&count->read_sessions) : 0));
         /* Traffic since start (sessions add theirs at each statement's end and at close). */
-        uint64_t done = count ? atomic_load_explicit(&count->statements_completed,
-                                                     memory_order_relaxed)
-                              : 0;
-        uint64_t latency = count ? atomic_load_explicit(&count->latency_us, memory_order_relaxed)
-                                 : 0;
-        json_object_set_new(r, "statements",
-                            json_integer(count ? (json_int_t)atomic_load_explicit(
-                                                     &count->statements, memory_order_relaxed)
-                                               : 0));
-        json_object_set_new(r, "avg_latency_ms", avg_latency_ms(latency, done));
+        shm_node_totals tot;
+        memset(&tot, 0, sizeof(tot));
+        if (count)
+            shm_node_totals_read(m->shm, count, &tot);
+        json_object_set_new(r, "statements", json_integer((json_int_t)tot.statements));
+        json_object_set_new(r, "avg_latency_ms", avg_latency_ms(tot.latency_us, tot.count));
         json_object_set_new(r, "probe_age_ms", node->last_probe_us
                                                    ? json_integer((now - node->last_probe_us) / 1000)
                                                    : json_null());
         json_object_set_new(r, "last_error", ADMIN_FIELD_TEXT(node->last_error));
+        json_array_append_new(rows, r);
+    }
+    free(routes);
+    *result = rows;
+    return 0;
+}
+
+/* A quantile of a node's histogram in milliseconds; null before its first statement. */
+static json_t *latency_quantile_ms(const shm_node_totals *h, double q)
+{
+    double us = shm_latency_quantile_us(h, q);
+    return us < 0 ? json_null() : json_real(us / 1000.0);
+}
+
+/* Statement latency per node from the per-worker histograms in shared memory: count, mean and
+ * p50/p95/p99 estimated inside their bucket (the same buckets /metrics exports). */
+static int cmd_show_latency(admin_call *call, json_t **result)
+{
+    master *m = call->m;
+    shm_route_table *routes = admin_routes(call);
+    if (!routes)
+        return -1;
+    json_t *rows = json_array();
+    for (uint32_t n = 0; n < routes->n_nodes; n++) {
+        const shm_node *node = &routes->nodes[n];
+        shm_node_totals h;
+        memset(&h, 0, sizeof(h));
+        shm_node_count *count = shm_node_count_get(m->shm, node->name);
+        if (count)
+            shm_node_totals_read(m->shm, count, &h);
+        json_t *r = json_object();
+        json_object_set_new(r, "node", ADMIN_FIELD_TEXT(node->name));
+        json_object_set_new(r, "statements", json_integer((json_int_t)h.count));
+        json_object_set_new(r, "avg_ms", avg_latency_ms(h.latency_us, h.count));
+        json_object_set_new(r, "p50_ms", latency_quantile_ms(&h, 0.50));
+        json_object_set_new(r, "p95_ms", latency_quantile_ms(&h, 0.95));
+        json_object_set_new(r, "p99_ms", latency_quantile_ms(&h, 0.99));
         json_array_append_new(rows, r);
     }
     free(routes);
@@ -734,6 +767,8 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_USER, true, cmd_show_nodes},
     {"show stats", "", "counters per worker and in total", ADMIN_LEVEL_USER, true,
      cmd_show_stats},
+    {"show latency", "", "statement latency per node: count, mean, p50, p95, p99 (ms)",
+     ADMIN_LEVEL_USER, true, cmd_show_latency},
     {"show config", "", "every key: section, effective value (secrets masked), reloadable",
      ADMIN_LEVEL_USER, true, cmd_show_config},
     {"show leader history", "", "the last changes of write leader: time, from, to, epoch, why",

@@ -147,12 +147,46 @@ static void prom_nodes(master *m, struct evbuffer *out)
                     heads[h].name, name, c ? atomic_load(&c->write_sessions) : 0, heads[h].name,
                     name, c ? atomic_load(&c->read_sessions) : 0);
                 break;
-            default:
+            default: {
+                shm_node_totals tot;
+                memset(&tot, 0, sizeof(tot));
+                if (c)
+                    shm_node_totals_read(m->shm, c, &tot);
                 evbuffer_add_printf(out, "%s{node=\"%s\"} %" PRIu64 "\n", heads[h].name, name,
-                                    c ? (uint64_t)atomic_load(&c->statements) : 0);
+                                    tot.statements);
                 break;
             }
+            }
         }
+    }
+}
+
+/* Statement latency per node as a Prometheus histogram: cumulative buckets from the per-worker
+ * rows in shared memory, summed. */
+static void prom_latency(master *m, struct evbuffer *out)
+{
+    static const char name[] = "pgrelay_node_statement_latency_seconds";
+    const shm_route_table *t = &prom_routes;
+    prom_head(out, name, "histogram",
+              "Time from a statement's first message to its ReadyForQuery, per node.");
+    for (uint32_t i = 0; i < t->n_nodes; i++) {
+        const char *node = t->nodes[i].name;
+        shm_node_totals h;
+        memset(&h, 0, sizeof(h));
+        shm_node_count *c = shm_node_count_get(m->shm, node);
+        if (c)
+            shm_node_totals_read(m->shm, c, &h);
+        uint64_t le = 0;
+        for (unsigned b = 0; b < SHM_LATENCY_BOUNDS; b++) {
+            le += h.buckets[b];
+            evbuffer_add_printf(out, "%s_bucket{node=\"%s\",le=\"%g\"} %" PRIu64 "\n", name, node,
+                                (double)shm_latency_bounds_us[b] / 1e6, le);
+        }
+        evbuffer_add_printf(out, "%s_bucket{node=\"%s\",le=\"+Inf\"} %" PRIu64 "\n", name, node,
+                            h.count);
+        evbuffer_add_printf(out, "%s_sum{node=\"%s\"} %.6f\n", name, node,
+                            (double)h.latency_us / 1e6);
+        evbuffer_add_printf(out, "%s_count{node=\"%s\"} %" PRIu64 "\n", name, node, h.count);
     }
 }
 
@@ -192,4 +226,5 @@ void prom_write(master *m, struct evbuffer *out)
     prom_sessions(m, out);
     prom_worker_totals(m, out);
     prom_nodes(m, out);
+    prom_latency(m, out);
 }

@@ -23,28 +23,24 @@
 
 /* ---- per-node counters ---- */
 
-static void relay_node_add(_Atomic uint64_t *to, uint64_t *pending)
-{
-    if (*pending) {
-        atomic_fetch_add_explicit(to, *pending, memory_order_relaxed);
-        *pending = 0;
-    }
-}
-
+/* Add what the session gathered for its node to this worker's row of that node (one writer:
+ * plain relaxed stores, no locked add, no line shared with another worker). */
 void relay_node_flush(session *s)
 {
     shm_node_count *c = s->counter;
-    if (!c) {
-        /* No entry for the node (the master never created one): nothing to add it to. */
-        s->node_statements = s->node_bytes_in = s->node_bytes_out = 0;
-        s->node_completed = s->node_latency_us = 0;
-        return;
+    if (c) {
+        worker *w = worker_self;
+        shm_node_stats *row =
+            shm_node_stats_row(w->shm, (uint32_t)w->index, shm_node_count_index(w->shm, c));
+        if (s->node_statements)
+            shm_stat_add(&row->statements, s->node_statements);
+        if (s->node_bytes_in)
+            shm_stat_add(&row->bytes_in, s->node_bytes_in);
+        if (s->node_bytes_out)
+            shm_stat_add(&row->bytes_out, s->node_bytes_out);
     }
-    relay_node_add(&c->statements, &s->node_statements);
-    relay_node_add(&c->bytes_in, &s->node_bytes_in);
-    relay_node_add(&c->bytes_out, &s->node_bytes_out);
-    relay_node_add(&c->latency_us, &s->node_latency_us);
-    relay_node_add(&c->statements_completed, &s->node_completed);
+    /* Without an entry (the master never created one) there is nothing to add it to. */
+    s->node_statements = s->node_bytes_in = s->node_bytes_out = 0;
 }
 
 /* ---- client -> server messages ---- */
@@ -167,9 +163,10 @@ static void client_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t ca
 
 /* ---- server -> client messages ---- */
 
-/* The ReadyForQuery that ends a statement: its latency goes to the worker's row, and what the
- * session gathered for its node to the node's counters. A few adds per statement, none per
- * message. The first ReadyForQuery after login ends no statement (stmt_start_us is 0). */
+/* The ReadyForQuery that ends a statement: its latency goes to the worker's row and to the
+ * worker's own histogram of the node, and what the session gathered for its node to the
+ * worker's counters of that node. A few adds per statement, none per message. The first
+ * ReadyForQuery after login ends no statement (stmt_start_us is 0). */
 static void relay_statement_ends(session *s)
 {
     worker *w = worker_self;
@@ -180,8 +177,12 @@ static void relay_statement_ends(session *s)
         s->slot->stmt_start_us = 0;
         shm_stat_add(&w->row->stats.statements_completed, 1);
         shm_stat_add(&w->row->stats.latency_us, latency);
-        s->node_completed++;
-        s->node_latency_us += latency;
+        if (s->counter) {
+            shm_node_stats *h = shm_node_stats_row(w->shm, (uint32_t)w->index,
+                                                   shm_node_count_index(w->shm, s->counter));
+            shm_stat_add(&h->buckets[shm_latency_bucket(latency)], 1);
+            shm_stat_add(&h->latency_us, latency);
+        }
     }
     relay_node_flush(s);
 }

@@ -180,7 +180,10 @@ void session_close(session *s, const char *sqlstate, const char *message)
                       s->client_addr);
         shm_stat_add(&w->row->stats.errors, 1);
         if (s->counter)
-            atomic_fetch_add_explicit(&s->counter->errors, 1, memory_order_relaxed);
+            shm_stat_add(&shm_node_stats_row(w->shm, (uint32_t)w->index,
+                                             shm_node_count_index(w->shm, s->counter))
+                              ->errors,
+                         1);
     }
     /* pgrelay ends the session while a statement runs (shutdown, kill, grace), or the client
      * reset the connection: cancel the statement so the backend is freed now rather than when

@@ -98,12 +98,11 @@ typedef struct session {
     int64_t leader_wait_until_us;    /* the same on the worker's monotonic clock */
     int64_t leader_poke_us;          /* held for a leader: ask the agent to probe again */
     shm_node_count *counter;     /* per-node session counter this session incremented */
-    /* Traffic not yet added to counter (relay_node_flush): one flush per statement. */
+    /* Traffic not yet added to the worker's row of that node (relay_node_flush): one flush
+     * per statement. */
     uint64_t node_statements;
     uint64_t node_bytes_in;
     uint64_t node_bytes_out;
-    uint64_t node_completed; /* statements ended, with their summed latency below */
-    uint64_t node_latency_us;
 
     char client_addr[SHM_ADDR_MAX];
 } session;

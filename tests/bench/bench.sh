@@ -11,7 +11,8 @@
 #     Runs are interleaved (direct, pgrelay, pgbouncer, haproxy, direct, ...) and repeated
 #     BENCH_REPEAT times; the table shows the median TPS, min-max, the ratio to direct's median,
 #     the CPU the proxy used (utime+stime of all its processes -- for pgrelay the master and all
-#     workers -- divided by wall time, i.e. in cores) and the proxy CPU time per transaction.
+#     workers -- divided by wall time, i.e. in cores), the proxy CPU time per transaction, and
+#     the median over runs of each run's p50 and p99 transaction latency (pgbench -l logs).
 #   * Memory per idle session: each proxy is started fresh, BENCH_IDLE_SESSIONS sessions are opened
 #     through it (each runs one SELECT 1 and then stays idle), and the growth of the summed PSS of
 #     all proxy processes (from /proc/<pid>/smaps_rollup) is divided by the number of sessions.
@@ -23,7 +24,7 @@
 #   BENCH_CONNECT_CLIENTS=16  client counts for the -C case ("" to skip)
 #   BENCH_SCALE=10            pgbench -i scale factor
 #   BENCH_IDLE_SESSIONS=1000  idle sessions for the memory measurement (0 to skip)
-#   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"
+#   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"   (also: pgrelay_base, see PGRELAY_BASE_BIN)
 #   BENCH_PGRELAY_WORKERS     pgrelay workers (default: number of CPUs)
 #   BENCH_PGRELAY_LOG_LEVEL=warning
 #   BENCH_PGRELAY_AGENT=on     pgrelay's `agent` setting (on = as deployed: the master also runs
@@ -31,6 +32,9 @@
 #   BENCH_HAPROXY_THREADS     haproxy nbthread (default: number of CPUs)
 #   BENCH_OUT=./bench-results.txt   where the final tables are written as well
 #   PGRELAY_BIN=<repo>/bin/pgrelay
+#   PGRELAY_BASE_BIN          another build of pgrelay (with its pgrelay-agent beside it), run as
+#                             target pgrelay_base with the same settings: before/after a change,
+#                             interleaved in one run, e.g. BENCH_TARGETS="direct pgrelay_base pgrelay"
 #
 # Every process started here (PostgreSQL, proxies, pgbench) is stopped and the temporary directory
 # removed on exit, including on failure and Ctrl-C.  Needs root (PostgreSQL and PgBouncer are run as
@@ -62,10 +66,12 @@ BENCH_PGRELAY_AGENT=${BENCH_PGRELAY_AGENT:-on}
 BENCH_HAPROXY_THREADS=${BENCH_HAPROXY_THREADS:-$NCPU}
 BENCH_OUT=${BENCH_OUT:-bench-results.txt}
 PGRELAY_BIN=${PGRELAY_BIN:-$REPO/bin/pgrelay}
+PGRELAY_BASE_BIN=${PGRELAY_BASE_BIN:-}
 
 # Absolute paths: the script changes into its temporary directory.
 [[ $BENCH_OUT == /* ]] || BENCH_OUT=$PWD/$BENCH_OUT
 [[ $PGRELAY_BIN == /* ]] || PGRELAY_BIN=$PWD/$PGRELAY_BIN
+[[ -z $PGRELAY_BASE_BIN || $PGRELAY_BASE_BIN == /* ]] || PGRELAY_BASE_BIN=$PWD/$PGRELAY_BASE_BIN
 
 read -r -a TARGETS <<<"$BENCH_TARGETS"
 DBNAME=bench
@@ -253,13 +259,18 @@ stop_postgres() {
 # as a background job and records its pid; start_proxy waits until it relays a query.
 # ---------------------------------------------------------------------------------------------------
 
-start_pgrelay() {
-    local dir=$WORK/pgrelay
+start_pgrelay() { start_pgrelay_as pgrelay "$PGRELAY_BIN"; }
+start_pgrelay_base() { start_pgrelay_as pgrelay_base "$PGRELAY_BASE_BIN"; }
+
+# start_pgrelay_as TARGET BINARY
+start_pgrelay_as() {
+    local t=$1 bin=$2
+    local dir=$WORK/$t
     mkdir -p "$dir"
     cat >"$dir/pgrelay.ini" <<EOF
 [pgrelay]
 listen_addr = 127.0.0.1
-listen_port = ${PORT[pgrelay]}
+listen_port = ${PORT[$t]}
 workers = $BENCH_PGRELAY_WORKERS
 max_client_conn = $PROXY_MAX_CLIENTS
 shutdown_timeout = 5s
@@ -272,10 +283,10 @@ host = 127.0.0.1
 port = ${PORT[direct]}
 role = primary
 EOF
-    "$PGRELAY_BIN" -t -c "$dir/pgrelay.ini" >>"${LOGF[pgrelay]}" 2>&1 ||
-        { cat "${LOGF[pgrelay]}" >&2; die "pgrelay rejected its config"; }
-    "$PGRELAY_BIN" -c "$dir/pgrelay.ini" >>"${LOGF[pgrelay]}" 2>&1 &
-    PID[pgrelay]=$!
+    "$bin" -t -c "$dir/pgrelay.ini" >>"${LOGF[$t]}" 2>&1 ||
+        { cat "${LOGF[$t]}" >&2; die "$t rejected its config"; }
+    "$bin" -c "$dir/pgrelay.ini" >>"${LOGF[$t]}" 2>&1 &
+    PID[$t]=$!
 }
 
 # PgBouncer is single-threaded (one process, one event loop); session pooling with a pool large
@@ -419,12 +430,37 @@ run_pgbench() {
     local port=$1 mode=$2 c=$3 connect=$4 secs=$5 out=$6 rc=0
     local -a args=(-h 127.0.0.1 -p "$port" -n -S -M "$mode" -c "$c" -j "$(threads_for "$c")" -T "$secs")
     if ((connect)); then args+=(-C); fi
+    # Every transaction's latency, for p50/p99 (latency_percentiles reads and removes the files).
+    args+=(-l --log-prefix "$out.lat")
     # Background + wait, so that a signal to this script is handled at once.
     pgbench "${args[@]}" "$DBNAME" >"$out" 2>&1 &
     CHILD=$!
     wait "$CHILD" || rc=$?
     CHILD=""
     return "$rc"
+}
+
+# latency_percentiles OUTFILE: "p50 p99" in milliseconds of the transactions pgbench logged
+# for that run ("-1 -1" when none); removes the per-transaction logs.
+latency_percentiles() {
+    "$PY" - "$1".lat* <<'EOF'
+import math, os, sys
+lat = []
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    lat.append(int(fields[2]))  # microseconds
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+lat.sort()
+def q(p):
+    return lat[max(0, math.ceil(p * len(lat)) - 1)] / 1000.0
+print(f"{q(0.5):.3f} {q(0.99):.3f}" if lat else "-1 -1")
+EOF
 }
 
 # measure TARGET CASE RUN: one pgbench run, appends a line to runs.tsv.
@@ -456,7 +492,8 @@ measure() {
         c1=$(cpu_ticks "${pids[@]}")
         ticks=$((c1 - c0))
     fi
-    local tps txns wall
+    local tps txns wall p50 p99
+    read -r p50 p99 < <(latency_percentiles "$out")
     tps=$(awk '/^tps = / {print $3; exit}' "$out")
     txns=$(awk -F': *' '/^number of transactions actually processed/ {split($2, a, "/"); print a[1]; exit}' "$out")
     wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')
@@ -464,17 +501,18 @@ measure() {
         record_failure "$t" "$key" "$run" "$out" "$rc"
         return 0
     fi
-    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\n' "$key" "$t" "$run" "$tps" "$txns" "$ticks" "$wall" >>"$WORK/runs.tsv"
+    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\t%s\t%s\n' "$key" "$t" "$run" "$tps" "$txns" "$ticks" "$wall" \
+        "$p50" "$p99" >>"$WORK/runs.tsv"
     local cpu="-"
     if ((ticks >= 0)); then cpu=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v w="$wall" 'BEGIN {printf "%.2f cores", k / hz / w}'); fi
-    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") tps=$(printf '%.0f' "$tps")  proxy cpu=$cpu"
+    log "run $run/$BENCH_REPEAT  $(printf '%-16s %-9s' "$key" "$t") tps=$(printf '%.0f' "$tps")  proxy cpu=$cpu  p50=${p50}ms p99=${p99}ms"
 }
 
 # Remember a failed run (the pgbench output and the proxy's log tail go into the results).
 record_failure() {
     local t=$1 key=$2 run=$3 out=$4 rc=${5:-}
     FAILURES=$((FAILURES + 1))
-    printf '%s\t%s\t%s\tFAIL\t0\t0\t-1\t0\n' "$key" "$t" "$run" >>"$WORK/runs.tsv"
+    printf '%s\t%s\t%s\tFAIL\t0\t0\t-1\t0\t-1\t-1\n' "$key" "$t" "$run" >>"$WORK/runs.tsv"
     {
         echo "--- FAILED: $t, $key, run $run${rc:+ (pgbench exit status $rc)}"
         echo "pgbench output (last 15 lines):"
@@ -578,6 +616,9 @@ write_report() {
         echo "PostgreSQL $("$PGBIN/postgres" -V | awk '{print $3}') (shared_buffers=256MB, fsync=off," \
             "max_connections=$PG_MAX_CONN), pgbench -i -s $BENCH_SCALE; $(pgbench -V)"
         echo "pgrelay: $pgrelay_version, workers=$BENCH_PGRELAY_WORKERS$(if ((HAVE_AGENT)); then echo ", agent=$BENCH_PGRELAY_AGENT"; fi)"
+        if [[ " ${TARGETS[*]} " == *" pgrelay_base "* ]]; then
+            echo "pgrelay_base: $PGRELAY_BASE_BIN_ORIG, same settings as pgrelay (the build to compare with)"
+        fi
         echo "PgBouncer: $(pgbouncer -V 2>&1 | head -n 1 | awk '{print $2}'), pool_mode=session," \
             "single-threaded (one process)"
         echo "HAProxy: $(haproxy -v 2>&1 | head -n 1 | awk '{print $3}'), mode tcp, nbthread=$BENCH_HAPROXY_THREADS"
@@ -635,6 +676,8 @@ check_requirements() {
         case $t in
         direct) ;;
         pgrelay) [[ -x $PGRELAY_BIN ]] || die "$PGRELAY_BIN not found: run 'make' first" ;;
+        pgrelay_base) [[ -n $PGRELAY_BASE_BIN && -x $PGRELAY_BASE_BIN ]] ||
+            die "target pgrelay_base needs PGRELAY_BASE_BIN, an executable pgrelay ('$PGRELAY_BASE_BIN')" ;;
         pgbouncer) [[ -x /usr/sbin/pgbouncer ]] || die "pgbouncer not found: run 'make deps-bench'" ;;
         haproxy) command -v haproxy >/dev/null || die "haproxy not found: run 'make deps-bench'" ;;
         *) die "unknown target '$t' in BENCH_TARGETS" ;;
@@ -673,6 +716,15 @@ main() {
             HAVE_AGENT=1
         fi
         PGRELAY_BIN=$WORK/bin/pgrelay
+    fi
+    if [[ " ${TARGETS[*]} " == *" pgrelay_base "* ]]; then
+        mkdir -p "$WORK/base-bin"
+        cp "$PGRELAY_BASE_BIN" "$WORK/base-bin/pgrelay"
+        if [[ -x $(dirname "$PGRELAY_BASE_BIN")/pgrelay-agent ]]; then
+            cp "$(dirname "$PGRELAY_BASE_BIN")/pgrelay-agent" "$WORK/base-bin/pgrelay-agent"
+        fi
+        PGRELAY_BASE_BIN_ORIG=$PGRELAY_BASE_BIN
+        PGRELAY_BASE_BIN=$WORK/base-bin/pgrelay
     fi
 
     build_cases

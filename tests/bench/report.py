@@ -3,8 +3,9 @@
 
 Inputs (tab-separated, written by bench.sh):
   cases.tsv   case_key  description                    (in run order)
-  runs.tsv    case_key  target  run  status  tps  txns  cpu_ticks  wall_seconds
-              status is "ok" or "FAIL"; cpu_ticks is -1 when there is no proxy (direct)
+  runs.tsv    case_key  target  run  status  tps  txns  cpu_ticks  wall_seconds  p50_ms  p99_ms
+              status is "ok" or "FAIL"; cpu_ticks is -1 when there is no proxy (direct);
+              p50_ms/p99_ms the run's transaction latency percentiles, -1 when unknown
   memory.tsv  target  key=value ...                   (output of idle_sessions.py, or FAIL)
 
 Usage: report.py DIR CLK_TCK TARGET... > table.txt
@@ -31,13 +32,15 @@ def throughput_tables(d, clk_tck, targets):
     runs = {}
     with open(f"{d}/runs.tsv") as f:
         for line in f:
-            key, target, _run, status, tps, txns, ticks, wall = line.rstrip("\n").split("\t")
+            f = line.rstrip("\n").split("\t")
+            key, target, _run, status, tps, txns, ticks, wall = f[:8]
+            p50, p99 = (float(f[8]), float(f[9])) if len(f) >= 10 else (-1.0, -1.0)
             runs.setdefault((key, target), []).append(
-                (status, float(tps), int(txns), int(ticks), float(wall)))
+                (status, float(tps), int(txns), int(ticks), float(wall), p50, p99))
 
     out = []
-    head = (f"{'target':<10} {'median TPS':>11} {'min - max TPS':>19} {'vs direct':>9} "
-            f"{'proxy CPU':>9} {'CPU us/txn':>10}  {'runs':>4}")
+    head = (f"{'target':<12} {'median TPS':>11} {'min - max TPS':>19} {'vs direct':>9} "
+            f"{'proxy CPU':>9} {'CPU us/txn':>10} {'p50 ms':>7} {'p99 ms':>7}  {'runs':>4}")
     for key, desc in cases:
         out.append(f"== {desc}")
         out.append(head)
@@ -54,14 +57,18 @@ def throughput_tables(d, clk_tck, targets):
                 direct = med
             cores = [r[3] / clk_tck / r[4] for r in ok if r[3] >= 0 and r[4] > 0]
             us_txn = [r[3] / clk_tck * 1e6 / r[2] for r in ok if r[3] >= 0 and r[2] > 0]
-            rows.append((target, med, tps, median(cores), median(us_txn), len(ok), fails))
-        for target, med, tps, cores, us_txn, nok, fails in rows:
+            p50 = median([r[5] for r in ok if r[5] >= 0])
+            p99 = median([r[6] for r in ok if r[6] >= 0])
+            rows.append((target, med, tps, median(cores), median(us_txn), p50, p99, len(ok),
+                         fails))
+        for target, med, tps, cores, us_txn, p50, p99, nok, fails in rows:
             ratio = med / direct if med is not None and direct else None
             span = f"{min(tps):.0f} - {max(tps):.0f}" if tps else "-"
             runs_col = f"{nok}" if not fails else f"{nok}+{fails}F"
-            out.append(f"{target:<10} {fmt(med, '11.0f', 'FAIL'):>11} {span:>19} "
+            out.append(f"{target:<12} {fmt(med, '11.0f', 'FAIL'):>11} {span:>19} "
                        f"{fmt(ratio, '9.2f'):>9} {fmt(cores, '9.2f'):>9} "
-                       f"{fmt(us_txn, '10.1f'):>10}  {runs_col:>4}")
+                       f"{fmt(us_txn, '10.1f'):>10} {fmt(p50, '7.2f'):>7} {fmt(p99, '7.2f'):>7}"
+                       f"  {runs_col:>4}")
         out.append("")
     return out
 
@@ -75,7 +82,7 @@ def memory_table(d):
     if not lines:
         return []
     out = []
-    head = (f"{'target':<10} {'sessions':>8} {'procs':>5} {'PSS before':>10} {'PSS after':>10} "
+    head = (f"{'target':<12} {'sessions':>8} {'procs':>5} {'PSS before':>10} {'PSS after':>10} "
             f"{'KiB/session':>11} {'RSS KiB/sess':>12} {'PG backends':>11}")
     sessions = None
     rows = []
@@ -83,11 +90,11 @@ def memory_table(d):
         target, _, rest = line.partition("\t")
         kv = dict(item.split("=", 1) for item in rest.split() if "=" in item)
         if "pss_per_session_kib" not in kv:
-            rows.append(f"{target:<10} FAIL  {rest}")
+            rows.append(f"{target:<12} FAIL  {rest}")
             continue
         sessions = kv["sessions"]
         rows.append(
-            f"{target:<10} {kv['sessions']:>8} {kv['procs']:>5} "
+            f"{target:<12} {kv['sessions']:>8} {kv['procs']:>5} "
             f"{int(kv['base_pss_kib']) / 1024:>7.1f}MiB {int(kv['pss_kib']) / 1024:>7.1f}MiB "
             f"{float(kv['pss_per_session_kib']):>11.1f} {float(kv['rss_per_session_kib']):>12.1f} "
             f"{kv['server_backends']:>11}")

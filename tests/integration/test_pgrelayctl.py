@@ -255,9 +255,9 @@ METRICS = [
     {"node_id": "proxy-a", "live": True, "received_ms": 1764480000000, "samples": 12,
      "sample": {"clients": 42, "statements": 90000, "latency_us": 1000},
      "rates": {"statements": 1830.54, "bytes_in": 94210.24, "bytes_out": 512300.66, "errors": 0},
-     "latency_ms": 1.84,
+     "latency_ms": 1.84, "p99_ms": 9.64,
      "nodes": [
-         {"name": "pg1", "sessions": 40, "latency_ms": 1.8,
+         {"name": "pg1", "sessions": 40, "latency_ms": 1.8, "p99_ms": 9.5,
           "rates": {"statements": 1790.1, "bytes_in": 92000.4, "bytes_out": 500100.3,
                     "errors": 0}},
          {"name": "pg2", "sessions": 2, "latency_ms": None,
@@ -275,12 +275,12 @@ def test_show_metrics_has_a_row_per_proxy_and_per_node(stub):
     assert p.returncode == EXIT_OK, p.stderr
     rows = table(p.stdout)
     assert rows[0] == ["node_id", "node", "live", "sessions", "statements_s", "bytes_in_s",
-                       "bytes_out_s", "errors_s", "latency_ms"]
+                       "bytes_out_s", "errors_s", "latency_ms", "p99_ms"]
     assert rows[1] == ["proxy-a", "(all)", "yes", "42", "1830.5", "94210.2", "512300.7", "0",
-                       "1.8"], rows[1]
-    assert rows[2][:4] == ["proxy-a", "pg1", "yes", "40"] and rows[2][-1] == "1.8", rows[2]
-    assert rows[3] == ["proxy-a", "pg2", "yes", "2", "-", "-", "-", "-", "-"], rows[3]
-    assert rows[4] == ["proxy-b", "(all)", "no", "-", "-", "-", "-", "-", "-"], rows[4]
+                       "1.8", "9.6"], rows[1]
+    assert rows[2][:4] == ["proxy-a", "pg1", "yes", "40"] and rows[2][-2:] == ["1.8", "9.5"], rows[2]
+    assert rows[3] == ["proxy-a", "pg2", "yes", "2", "-", "-", "-", "-", "-", "-"], rows[3]
+    assert rows[4] == ["proxy-b", "(all)", "no", "-", "-", "-", "-", "-", "-", "-"], rows[4]
     assert len(rows) == 5
     p = run("show-metrics", "-d", "prod", "-o", "json", endpoint=stub.url)
     assert json.loads(p.stdout) == METRICS
@@ -821,7 +821,7 @@ def test_smoke_against_pgrelay_control(request, tmp_path):
             assert p.returncode == EXIT_OK, (args, p.stderr)
         # a registered proxy with no metrics yet: its row is there, its rates unknown
         rows = table(run("-d", "smoke", "show-metrics", endpoint=url).stdout)
-        assert rows[1][:3] == ["smoke-a", "(all)", "yes"] and rows[1][4:] == ["-"] * 5, rows
+        assert rows[1][:3] == ["smoke-a", "(all)", "yes"] and rows[1][4:] == ["-"] * 6, rows
 
         assert run("show-deployments", endpoint=url, token="wrong").returncode == EXIT_AUTH
         assert run("show-deployments", endpoint=url,
