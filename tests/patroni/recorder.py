@@ -133,11 +133,15 @@ def _connect(port):
 
 class WriteLoad:
     """``threads`` writers to ``port``, each keeping one session and opening another after a
-    fatal error. ``acks``: dicts (src, thread, seq, sent, acked, port, timeline, lsn,
-    server_time); ``errors``: dicts (src, t, sqlstate, message, at = connect | statement)."""
+    fatal error, and ``fresh`` more that open a new session for every write (as a pooled
+    application does; these see what new sessions meet). ``acks``: dicts (src, thread, seq,
+    sent, began (before the connect, if one was needed), acked, port, timeline, lsn,
+    server_time); ``errors``: dicts (src, t, sqlstate,
+    message, at = connect | statement)."""
 
-    def __init__(self, src, port, table, threads=3, pause=0.02):
+    def __init__(self, src, port, table, threads=3, fresh=1, pause=0.02):
         self.src = src
+        self.kept = threads
         self.port = port
         self.table = table
         self.pause = pause
@@ -145,7 +149,7 @@ class WriteLoad:
         self.errors = []
         self.stop_flag = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(threads)]
+                        for i in range(threads + fresh)]
 
     def start(self):
         for t in self.threads:
@@ -156,15 +160,21 @@ class WriteLoad:
         client, seq = None, 0
         while not self.stop_flag.is_set():
             seq += 1
+            began = time.time()
             try:
                 if client is None:
                     client = _connect(self.port)
                 t0 = time.time()
                 sql = INSERT.format(table=self.table, src=self.src, thread=n, seq=seq)
                 port, tl, lsn, server_time = _exchange(client, sql, "statement")[0]
-                self.acks.append(dict(src=self.src, thread=n, seq=seq, sent=t0, acked=time.time(),
+                self.acks.append(dict(src=self.src, thread=n, seq=seq, sent=t0, began=began,
+                                      acked=time.time(),
                                       port=int(port), timeline=int(tl), lsn=lsn,
                                       server_time=float(server_time)))
+                if n >= self.kept:
+                    client.send_terminate()
+                    client.close()
+                    client = None
             except ClientError as e:
                 self.errors.append(dict(src=self.src, t=time.time(), sqlstate=e.sqlstate,
                                         message=e.message, at=e.at))
@@ -292,6 +302,8 @@ def figures(load, reads, poller, port_to_member, start, end):
     return {
         "write_outage_s": round(outage([a["acked"] for a in load.acks], start, end), 3),
         "writes_acked": len(load.acks),
+        "longest_write_s": round(max((a["acked"] - a["began"] for a in load.acks
+                                      if a["acked"] >= start), default=0), 3),
         "failed_ops": len(load.errors),
         "errors_without_sqlstate": sum(not carries_sqlstate(e) for e in load.errors),
         "wrong_node_writes": len(wrong_node_writes(load, poller, port_to_member)),
