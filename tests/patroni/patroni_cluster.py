@@ -143,6 +143,8 @@ class Member:
                 "data_dir": self.pgdata,
                 "bin_dir": PG_BIN,
                 "pgpass": os.path.join(self.dir, "pgpass"),
+                # A replica made again (patronictl reinit) must not wait for a spread checkpoint.
+                "basebackup": [{"checkpoint": "fast"}],
                 "authentication": {"superuser": {"username": "postgres"},
                                    "replication": {"username": "postgres"},
                                    "rewind": {"username": "postgres"}},
@@ -351,6 +353,17 @@ class Stack:
             return None
         return leader
 
+    def primary_leader(self):
+        """The member etcd names leader if it answers as a primary, else None."""
+        leader = self.leader()
+        if leader not in self.members:
+            return None
+        try:
+            in_recovery = self.members[leader].query("SELECT pg_is_in_recovery()")[0][0]
+        except psycopg.Error:
+            return None
+        return None if in_recovery else leader
+
     def wait_healthy(self, timeout=90):
         return wait_for(self.healthy, timeout=timeout, interval=0.3,
                         what="one leader and two streaming replicas")
@@ -379,7 +392,7 @@ class Stack:
             self.patronictl("resume", "--wait", SCOPE)
         deadline = time.monotonic() + timeout
         try:
-            return wait_for(self.healthy, timeout=timeout / 2, interval=0.3,
+            return wait_for(self.healthy, timeout=30, interval=0.3,
                             what="the cluster to heal by itself")
         except AssertionError:
             leader = self.leader()
