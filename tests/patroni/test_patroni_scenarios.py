@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from cluster import show_nodes
 from conftest import admin, wait_for
 from patroni_cluster import LOOP_WAIT, SCOPE, TTL
 from recorder import (
@@ -77,6 +78,11 @@ class Run:
             f"CREATE TABLE {self.table} (src text, thread int, seq int, "
             "PRIMARY KEY (src, thread, seq))")
         self.ports = {m.pg_port: m.name for m in stack.members.values()}
+        # pgrelay has caught up with the reset too: the leader is its write leader and both
+        # replicas are readable (else a read session that fell back to the leader is moved
+        # during the scenario, which is pgrelay's rule, not the scenario's effect).
+        wait_for(lambda: self._relay_settled(), timeout=60, interval=0.2,
+                 what=f"pgrelay to route writes to {self.leader} and reads to both replicas")
         self.poller = LeaderPoller(stack).start()
         relay, hap = stack.relay, stack.haproxy
         self.writes = {"pgrelay": WriteLoad("pgrelay", relay.port, self.table),
@@ -88,6 +94,11 @@ class Run:
         wait_for(lambda: all(len(w.acks) >= 10 for w in self.writes.values()),
                  timeout=30, what="writes through both proxies before the scenario")
         self.start = time.time()
+
+    def _relay_settled(self):
+        nodes = show_nodes(self.stack.relay)
+        return (nodes[self.leader]["leader"]
+                and all(nodes[n]["readable"] for n in nodes if n != self.leader))
 
     def member_port(self, name):
         return self.stack.member(name).pg_port
