@@ -3,6 +3,7 @@
 #   make            build bin/pgrelay
 #   make deps       install every build and test dependency from Debian packages
 #   make test       deps + build + unit tests + integration and fault-injection tests
+#                   (+ test-patroni when CI is set)
 #   make test-patroni  pgrelay and HAProxy in front of etcd + three Patroni members
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
@@ -156,6 +157,7 @@ test: deps
 	@$(MAKE) --no-print-directory unit
 	@$(MAKE) --no-print-directory fuzz-regress
 	@$(MAKE) --no-print-directory integration
+	@case "$$CI" in ""|0|false|no) ;; *) $(MAKE) --no-print-directory test-patroni;; esac
 
 # ---- fuzzing: libFuzzer from Debian's clang, with AddressSanitizer and UBSan ----
 # tests/fuzz/fuzz_NAME.c is a target, tests/fuzz/corpus/NAME/ its checked-in seeds. `make fuzz`
