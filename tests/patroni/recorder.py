@@ -69,6 +69,52 @@ class LeaderPoller:
         return out
 
 
+class StreamingPoller:
+    """Samples (t, set of members streaming from the member etcd names leader), read from
+    pg_stat_replication on that leader every 100 ms (a thread of its own, so that a hung
+    leader does not delay the leader samples)."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.samples = []
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop_flag.is_set():
+            try:
+                leader = self.stack.leader()
+                streaming = self.stack.streaming_replicas(leader) if leader else set()
+            except (OSError, ValueError, KeyError):
+                streaming = set()
+            self.samples.append((time.time(), streaming))
+            self.stop_flag.wait(POLL_INTERVAL)
+
+    def stop(self):
+        self.stop_flag.set()
+        self.thread.join(10)
+
+    def longest_streaming(self, start, end):
+        """The longest stretch within [start, end] during which every sample saw at least one
+        replica streaming from the leader."""
+        best, since = 0.0, None
+        for t, streaming in self.samples:
+            if t < start:
+                continue
+            if t > end:
+                break
+            if streaming:
+                since = t if since is None else since
+                best = max(best, t - since)
+            else:
+                since = None
+        return best
+
+
 INSERT = ("INSERT INTO {table} (src, thread, seq) VALUES ('{src}', {thread}, {seq}) RETURNING "
           "inet_server_port(), "
           "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int, "
@@ -288,6 +334,13 @@ def missing_writes(loads, final_member, table):
             else:
                 lost.append(a)
     return lost, discarded
+
+
+def gaps(times, start, end):
+    """The stretches [a, b] in [start, end] between consecutive elements of ``times``."""
+    ts = sorted(t for t in times if start <= t <= end)
+    points = [start, *ts, end]
+    return list(zip(points, points[1:]))
 
 
 def outage(times, start, end):
