@@ -3,6 +3,8 @@
 #   make            build bin/pgrelay
 #   make deps       install every build and test dependency from Debian packages
 #   make test       deps + build + unit tests + integration and fault-injection tests
+#                   (+ test-patroni when CI is set)
+#   make test-patroni  pgrelay and HAProxy in front of etcd + three Patroni members
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
 #   make bench-control  N simulated agents against one pgrelay-control (not part of test)
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
@@ -38,6 +40,7 @@ DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-p
              procps util-linux mount iproute2 groff-base python3-prometheus-client haproxy \
              clang nftables
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
+DEB_PATRONI := patroni etcd-server etcd-client haproxy
 
 PROXY_PKGS := libevent inih jansson
 AGENT_PKGS := libevent libpq inih libcurl jansson
@@ -155,6 +158,7 @@ test: deps
 	@$(MAKE) --no-print-directory unit
 	@$(MAKE) --no-print-directory fuzz-regress
 	@$(MAKE) --no-print-directory integration
+	@case "$$CI" in ""|0|false|no) ;; *) $(MAKE) --no-print-directory test-patroni;; esac
 
 # ---- fuzzing: libFuzzer from Debian's clang, with AddressSanitizer and UBSan ----
 # tests/fuzz/fuzz_NAME.c is a target, tests/fuzz/corpus/NAME/ its checked-in seeds. `make fuzz`
@@ -230,6 +234,21 @@ bench-failover: deps
 bench-control: deps
 	@$(MAKE) --no-print-directory all
 	$(PYTHON) tests/bench/control_load.py
+
+# The Patroni suite (tests/patroni): etcd, three Patroni members, pgrelay and HAProxy.
+.PHONY: deps-patroni test-patroni
+deps-patroni: deps
+	@missing=""; for p in $(DEB_PATRONI); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test-patroni: deps-patroni
+	@$(MAKE) --no-print-directory all
+	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) -m pytest -v -s -p no:cacheprovider tests/patroni
 
 demo: deps
 	@$(MAKE) --no-print-directory all
