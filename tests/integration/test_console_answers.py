@@ -6,8 +6,14 @@ from conftest import admin, admin_json, free_port, start_relay
 
 def test_show_with_an_unknown_target_names_the_targets(relay):
     answer = admin(relay, "show foo")
-    assert answer.startswith('error: unknown command "show foo"; show is followed by one of: '
-                             "info, workers, clients, nodes, stats, config, leader history"), answer
+    prefix = 'error: unknown command "show foo"; show is followed by one of: '
+    assert answer.startswith(prefix), answer
+    # every show command of the console's help, and nothing else
+    targets = sorted(t.strip() for t in answer[len(prefix):].strip().split(","))
+    in_help = sorted({line.split()[1] if line.split()[1] != "leader" else "leader history"
+                      for line in admin(relay, "help").splitlines()
+                      if line.strip().startswith("show ")})
+    assert targets == in_help, (targets, in_help)
     assert admin(relay, "show").startswith('error: unknown command "show"; show is followed')
     assert "kill is followed by one of: client" in admin(relay, "kill someone")
     assert "try help" in admin(relay, "frobnicate")  # no command starts with it
