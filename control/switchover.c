@@ -387,6 +387,22 @@ void switchover_refused(operator_op *op, const char *node_id, const char *detail
     switchover_roll_back(op, 409, why);
 }
 
+/* The request's node names one that some proxy of the deployment observes; else the answer
+ * (400 empty, 404 unknown) is sent and false returned. */
+static bool switchover_node_known(http_call *call, const char *node)
+{
+    if (!node[0]) {
+        http_reply_error(call->req, 400, "field node must not be empty");
+        return false;
+    }
+    if (!leader_node_known(call->dep, node)) {
+        http_reply_error(call->req, 404, "unknown node %s: no proxy of deployment %s observes it",
+                         node, call->dep->name);
+        return false;
+    }
+    return true;
+}
+
 void operator_switchover(http_call *call)
 {
     const char *node = NULL;
@@ -395,15 +411,8 @@ void operator_switchover(http_call *call)
         !http_field_bool(call, call->body, NULL, "promote", false, &promote) ||
         !http_field_bool(call, call->body, NULL, "force", false, &force))
         return;
-    if (!node[0]) {
-        http_reply_error(call->req, 400, "field node must not be empty");
+    if (!switchover_node_known(call, node))
         return;
-    }
-    if (!leader_node_known(call->dep, node)) {
-        http_reply_error(call->req, 404, "unknown node %s: no proxy of deployment %s observes it",
-                         node, call->dep->name);
-        return;
-    }
     if (!promote && switchover_in_recovery(call->dep, node)) {
         http_reply_error(call->req, 409, "%s is in recovery; use --promote", node);
         return;
@@ -436,15 +445,8 @@ void operator_unfence(http_call *call)
     const char *node = NULL;
     if (!http_field_string(call, call->body, NULL, "node", true, OPERATOR_NODE_MAX, &node))
         return;
-    if (!node[0]) {
-        http_reply_error(call->req, 400, "field node must not be empty");
+    if (!switchover_node_known(call, node))
         return;
-    }
-    if (!leader_node_known(call->dep, node)) {
-        http_reply_error(call->req, 404, "unknown node %s: no proxy of deployment %s observes it",
-                         node, call->dep->name);
-        return;
-    }
     operator_op *op = op_begin(call, OP_UNFENCE);
     if (!op)
         return;
