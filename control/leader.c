@@ -22,18 +22,22 @@
 #include "operator.h"
 #include "store.h"
 
+#include <event2/event.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LEADER_MAX_NODES 64 /* distinct node names considered per decision */
+#define LEADER_MAX_NODES 64  /* distinct node names considered per decision */
+#define LEADER_BURST_MS  100 /* decisions are counted per window of this many ms... */
+#define LEADER_BURST_MAX 32  /* ...and at most this many per window are taken inline */
+#define US_PER_MS        1000
 
 /* What the live proxies say about one database node. */
 typedef struct leader_tally {
     const char *name;
-    int reported;      /* proxies that report the node at all */
-    int primary;       /* proxies that see it up and not in recovery */
+    int reported;       /* proxies that report the node at all */
+    int primary;        /* proxies that see it up and not in recovery */
     int reported_since; /* as reported, counting only proxies that already run the current
                            epoch (their observations are newer than the decision) */
     int primary_since;  /* as primary, idem */
@@ -263,6 +267,45 @@ static int64_t leader_next_change(state_proxy **live, int n, int64_t now)
     return at;
 }
 
+static void leader_deferred(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    leader_decide(arg);
+}
+
+/* More than LEADER_BURST_MAX decisions in this window (every proxy's report changed at once,
+ * after a failover or under overload): one decision at the window's end stands for the rest,
+ * instead of one over every proxy per report. true when put off. */
+static bool leader_put_off(state_deployment *dep)
+{
+    int64_t mono = control_mono_ms();
+    if (mono - dep->burst_start_ms >= LEADER_BURST_MS) {
+        dep->burst_start_ms = mono;
+        dep->burst_count = 0;
+    }
+    if (dep->burst_count < LEADER_BURST_MAX) {
+        dep->burst_count++;
+        return false;
+    }
+    if (!dep->decide_timer)
+        dep->decide_timer = evtimer_new(control.base, leader_deferred, dep);
+    if (!dep->decide_timer) {
+        dep->burst_count++;
+        return false; /* no timer: decide now rather than not at all */
+    }
+    if (!evtimer_pending(dep->decide_timer, NULL)) {
+        int64_t left = dep->burst_start_ms + LEADER_BURST_MS - mono;
+        struct timeval tv = {.tv_sec = 0,
+                             .tv_usec = (suseconds_t)((left > 0 ? left : 0) * US_PER_MS)};
+        if (evtimer_add(dep->decide_timer, &tv) != 0) {
+            dep->burst_count++;
+            return false;
+        }
+    }
+    return true;
+}
+
 int leader_decide(state_deployment *dep)
 {
     int64_t now = control_now_ms();
@@ -272,6 +315,8 @@ int leader_decide(state_deployment *dep)
         dep->decide_at_ms = 0; /* a switchover decides; after it, decide again */
         return 0;
     }
+    if (leader_put_off(dep))
+        return 0; /* decide_at_ms stays due: the timer, or the next report, decides */
     /* live declared proxies only: a pending node id has no say */
     state_proxy **live = NULL;
     int n = state_live_proxies(dep, &live);

@@ -6,6 +6,7 @@
 #include "operator.h"
 #include "store.h"
 
+#include <event2/event.h>
 #include <event2/http.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -446,6 +447,8 @@ static void state_free_list(state_deployment *head)
             state_free_proxy(p);
         }
         free(d->index);
+        if (d->decide_timer)
+            event_free(d->decide_timer);
         free(d);
     }
 }

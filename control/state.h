@@ -115,6 +115,9 @@ typedef struct state_deployment {
     struct operator_op *op; /* orchestration in progress, or NULL */
     state_proxy **index;    /* proxies by node_id hash (state_find_proxy), or NULL */
     int index_size;         /* buckets of index: a power of two */
+    struct event *decide_timer; /* a decision put off by the burst limit (leader.c), or NULL */
+    int64_t burst_start_ms;     /* monotonic start of the current decision window (leader.c) */
+    int burst_count;            /* decisions taken inline in that window */
     int64_t decide_at_ms;   /* wall clock from which the leader decision may come out otherwise
                                than the last one (leader.c); 0 = at the next metrics call */
 } state_deployment;

@@ -184,10 +184,13 @@ def test_the_leader_decision_hears_every_declared_proxy_of_a_fleet_over_1024(con
         conns = [Conn(control.port, TOKENS["prod"]) for _ in range(16)]
 
         async def all_report(ids, nodes, epoch):
+            # paced under the inline-decision budget (32 per 100 ms), so that every answer
+            # carries a decision that heard its own report
             async def worker(k):
                 answer = None
                 for node_id in ids[k::len(conns)]:
                     answer = await report(conns[k], node_id, nodes, epoch)
+                    await asyncio.sleep(0.07)
                 return answer
             return [a for a in await asyncio.gather(*(worker(k) for k in range(len(conns))))
                     if a]
@@ -446,3 +449,41 @@ def _answers(control):
         return control.call("GET", "/healthz", timeout=1)[0] == 200
     except OSError:
         return False
+
+
+@pytest.mark.deadline(60)
+def test_a_burst_of_changed_reports_is_decided_once_per_window_and_still_right(control_factory):
+    """300 declared proxies all report a failover as fast as they can: decisions beyond the
+    inline budget are put off to the end of their window, and the deployment still ends on
+    pg2 with one new epoch."""
+    raise_fd_limit()
+    control = control_factory(control={"proxy_timeout": "60s"})
+    fleet = Fleet(control, 300)
+
+    async def all_report(nodes, epoch):
+        conns = [Conn(control.port, TOKENS["prod"]) for _ in range(16)]
+
+        async def worker(k):
+            for node_id in fleet.ids[k::len(conns)]:
+                status, answer = await conns[k].request("POST", API + "/agent/metrics", {
+                    "node_id": node_id, "ts_ms": int(time.time() * 1000), "epoch": epoch,
+                    "leader": "pg1", "nodes": nodes})
+                assert status == 200, answer
+
+        await asyncio.gather(*(worker(k) for k in range(len(conns))))
+        for c in conns:
+            c.close()
+
+    def deployment():
+        [dep] = [d for d in control.admin("GET", "/deployments")[1] if d["name"] == "prod"]
+        return dep
+
+    asyncio.run(fleet.register_all())
+    asyncio.run(all_report([obs("pg1"), obs("pg2", in_recovery=True)], 1))
+    first = wait_for(lambda: (d := deployment())["leader"] == "pg1" and d, timeout=5,
+                     what="pg1 decided")
+    asyncio.run(all_report([obs("pg1", up=False), obs("pg2")], first["epoch"]))
+    final = wait_for(lambda: (d := deployment())["leader"] == "pg2" and d, timeout=5,
+                     what="pg2 decided")
+    assert final["epoch"] == first["epoch"] + 1, (first, final)
+    assert control.log().count("write leader pg1 -> pg2") == 1
