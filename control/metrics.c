@@ -76,6 +76,13 @@ static bool get_live(const state_proxy *p, int64_t now, double *out)
     return true;
 }
 
+static bool get_polling(const state_proxy *p, int64_t now, double *out)
+{
+    (void)now;
+    *out = p->poll_req ? 1 : 0;
+    return true;
+}
+
 static bool get_last_seen(const state_proxy *p, int64_t now, double *out)
 {
     if (p->last_seen_ms == 0)
@@ -101,6 +108,9 @@ static const metrics_family metrics_proxy_families[] = {
     {"pgrelay_proxy_live", "gauge", "1 while the proxy's last request is recent enough.", get_live},
     {"pgrelay_proxy_last_seen_seconds", "gauge", "Seconds since the proxy's last request.",
      get_last_seen},
+    {"pgrelay_proxy_polling", "gauge",
+     "1 while the proxy's long poll for commands is parked here (a command reaches it at once).",
+     get_polling},
 };
 
 /* Per-node metric families, from the newest sample of each node a proxy last reported. */

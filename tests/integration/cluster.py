@@ -372,6 +372,20 @@ def show_nodes(relay):
     return {n["name"]: n for n in admin_json(relay, "show nodes")}
 
 
+def wait_probe_rounds(relay, rounds=3, timeout=15.0):
+    """Wait until the agent has finished ``rounds`` probes of every node, each started after
+    the previous round was seen (show nodes' probe_age_ms): "a few probe rounds", counted."""
+    for _ in range(rounds):
+        since = time.monotonic()
+
+        def probed_since():
+            age_limit = (time.monotonic() - since) * 1000
+            return all(n["probe_age_ms"] is not None and n["probe_age_ms"] < age_limit
+                       for n in show_nodes(relay).values())
+
+        wait_for(probed_since, timeout=timeout, interval=0.02, what="a probe round of every node")
+
+
 def leader_history(relay):
     return admin_json(relay, "show leader history")
 

@@ -85,6 +85,16 @@ class Control:
         assert status == 200, body
         return {p["node_id"]: p for p in body}
 
+    def metrics_lines(self):
+        status, text = self.call("GET", "/metrics")
+        assert status == 200, text
+        return text.splitlines()
+
+    def polling(self, node_id, deployment="prod"):
+        """True while node_id's long poll is parked here (pgrelay_proxy_polling)."""
+        line = f'pgrelay_proxy_polling{{deployment="{deployment}",node_id="{node_id}"}} 1'
+        return line in self.metrics_lines()
+
     def ready(self):
         try:
             return self.call("GET", "/readyz", timeout=3)[0] == 200
@@ -724,7 +734,7 @@ def test_long_poll_answers_at_once_when_a_command_is_queued_and_redelivers_until
     a.register()
     poll = Background(control.port, "GET", API + "/agent/commands?node_id=proxy-a&wait_s=30",
                       token=TOKENS["prod"], timeout=40)
-    time.sleep(0.3)  # the poll is parked
+    wait_for(lambda: control.polling("proxy-a"), what="the poll to be parked")
     assert not poll.done()
     op = Background(control.port, "POST", API + "/deployments/prod/reload", {"timeout_s": 20},
                     token=ADMIN, timeout=40)
@@ -801,10 +811,10 @@ def test_maintenance_is_504_when_one_agent_never_acks(control, agents):
 
 
 def test_a_second_operation_while_one_runs_is_409(control, agents):
-    agents(control, "proxy-a", policy=never)
+    silent = agents(control, "proxy-a", policy=never)
     first = Background(control.port, "POST", API + "/deployments/prod/maintenance",
                        {"on": True, "timeout_s": 3}, token=ADMIN)
-    time.sleep(0.5)
+    wait_for(lambda: silent.types() == ["maintenance"], what="the maintenance to be under way")
     status, answer = control.admin("POST", "/deployments/prod/config", {"text": "[pgrelay]\n"})
     assert status == 409 and "maintenance" in answer["error"]
     # another deployment is not blocked
@@ -1005,7 +1015,8 @@ def test_a_new_leader_answers_the_parked_polls_at_once(control, agents):
                                        API + f"/agent/commands?node_id={agent.node_id}&wait_s=30",
                                        token=TOKENS["prod"], timeout=40)
              for agent in (a, c)}
-    time.sleep(0.5)  # parked (they would wait 30 s)
+    wait_for(lambda: control.polling("proxy-a") and control.polling("proxy-c"),
+             what="both polls to be parked (they would wait 30 s)")
     assert not any(p.done() for p in polls.values()), "a poll was answered before any change"
     split = [obs("pg1", up=False), obs("pg2")]
     a.metrics(epoch=2, leader="pg1", nodes=split)
@@ -1045,7 +1056,9 @@ LEASE = {"enabled": "on", "lease_duration_secs": 3, "lease_interval_secs": 1,
 def test_only_the_lease_holder_is_ready_and_kill9_hands_over(control_factory):
     first = control_factory(lease=LEASE)
     second = control_factory(lease=LEASE, wait_ready=False)
-    time.sleep(1.5)  # a few attempts of the second one
+    wait_for(lambda: any(line.startswith("pgrelay_control_lease_holder{")
+                         for line in second.metrics_lines()),
+             what="the second replica to have read the lease")
     assert first.ready() and not second.ready()
     status, answer = second.call("GET", API + "/deployments", token=ADMIN)
     assert status == 503 and answer == {"error": "not the lease holder"}
@@ -1175,9 +1188,9 @@ def test_garbage_never_hurts_the_server(control, agents):
     s = socket.create_connection(("127.0.0.1", control.port))
     s.sendall(b"GET /api/v1/agent/commands?node_id=gone&wait_s=30 HTTP/1.1\r\nHost: x\r\n"
               b"Authorization: Bearer " + TOKENS["prod"].encode() + b"\r\n\r\n")
-    time.sleep(0.3)
+    wait_for(lambda: control.polling("gone"), what="the poll of gone to be parked")
     s.close()
-    time.sleep(0.2)
+    wait_for(lambda: not control.polling("gone"), what="the hang-up to be noticed")
     status, answer = control.admin("POST", "/deployments/prod/maintenance",
                                    {"on": True, "timeout_s": 1})
     assert status == 504  # "gone" never answers; proxy-a does
@@ -1200,22 +1213,23 @@ def test_garbage_never_hurts_the_server(control, agents):
 
 
 def test_clients_that_leave_held_requests_do_not_hurt(control, agents):
-    agents(control, "proxy-a", policy=never)
+    silent = agents(control, "proxy-a", policy=never)
     # an operator gives up on a held request; the orchestration still ends by itself
     raw = json.dumps({"on": True, "timeout_s": 1}).encode()
     s = socket.create_connection(("127.0.0.1", control.port))
     s.sendall(b"POST /api/v1/deployments/prod/maintenance HTTP/1.1\r\nHost: x\r\n"
               b"Authorization: Bearer " + ADMIN.encode()
               + b"\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
-    time.sleep(0.3)
+    wait_for(lambda: silent.types() == ["maintenance"], what="the maintenance to be under way")
     s.close()
     # a long poll whose client leaves before its wait ends
+    agents(control, "leaver", poll=False)
     s = socket.create_connection(("127.0.0.1", control.port))
-    s.sendall(b"GET /api/v1/agent/commands?node_id=leaver&wait_s=1 HTTP/1.1\r\nHost: x\r\n"
+    s.sendall(b"GET /api/v1/agent/commands?node_id=leaver&wait_s=30 HTTP/1.1\r\nHost: x\r\n"
               b"Authorization: Bearer " + TOKENS["prod"].encode() + b"\r\n\r\n")
-    time.sleep(0.2)
+    wait_for(lambda: control.polling("leaver"), what="the poll of leaver to be parked")
     s.close()
-    time.sleep(1.5)
+    wait_for(lambda: not control.polling("leaver"), what="the hang-up to be noticed")
     assert control.call("GET", "/healthz") == (200, "ok\n")
     # the first orchestration is over: a new one may start
     status, _ = control.admin("POST", "/deployments/stage/maintenance", {"on": False})

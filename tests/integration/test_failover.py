@@ -51,6 +51,7 @@ from cluster import (
     show_info,
     show_nodes,
     start_ha_relay,
+    wait_probe_rounds,
 )
 from conftest import PG_BIN, RawClient, data_rows, error_fields, pid_alive, wait_for
 
@@ -573,7 +574,7 @@ def test_agent_kill9_is_restarted_without_disturbing_traffic_or_the_epoch(
                    what="the master to restart the agent")
     say(f"agent {old} killed; new agent pid {new} after {time.monotonic() - t0:.3f}s")
     assert not pid_alive(old)
-    time.sleep(1.0)  # several probe rounds of the new agent
+    wait_probe_rounds(relay)  # of the new agent
     assert relay.agent_pid() == new
     for i in range(5):
         held.execute("INSERT INTO ak VALUES (%s)", (i,))
@@ -605,7 +606,7 @@ def test_split_brain_keeps_the_current_leader(make_cluster, ha_relay, say):
     line = wait_log(relay, "SPLIT BRAIN", timeout=5)
     say(f"log: {line[0]}")
     assert "pg2" in line[0]
-    time.sleep(0.6)  # a few more probe rounds with two primaries
+    wait_probe_rounds(relay)  # with two primaries
 
     for _ in range(5):
         with relay.connect() as w:
@@ -624,7 +625,7 @@ def test_split_brain_keeps_the_current_leader(make_cluster, ha_relay, say):
     out = admin(relay, "set leader pg3")
     say(f"set leader pg3 -> {out.strip()}")
     assert out.startswith("error:") and "recovery" in out, out
-    time.sleep(0.5)
+    wait_probe_rounds(relay, rounds=2)
     info = show_info(relay)
     assert (info["write_leader"], info["epoch"]) == ("pg1", info0["epoch"]), info
     assert leader_history(relay) == hist0
@@ -1175,7 +1176,7 @@ def test_set_leader_force_switches_to_a_node_in_recovery_and_is_recorded(
     assert f.get("C") == "57P01" and "write leader changed" in f.get("M", ""), f
     assert write_port_of_new_session(relay) == (pg2.port, True)
     # the forced choice holds while pg2 answers, although pg1 is a primary
-    time.sleep(1.0)  # five probe rounds
+    wait_probe_rounds(relay, rounds=5)
     info = show_info(relay)
     assert (info["write_leader"], info["epoch"]) == ("pg2", epoch0 + 1), info
     assert leader_history(relay) == hist
