@@ -6,6 +6,7 @@
 #include <getopt.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,7 @@ enum ctl_opt_id {
     CTL_OPT_PROMOTE,    /* switchover */
     CTL_OPT_OP_TIMEOUT, /* switchover, maintenance, unfence: sent as timeout_s */
     CTL_OPT_FORCE,      /* switchover */
+    CTL_OPT_RESUME_AFTER, /* maintenance on: sent as resume_after_s */
 };
 
 /* Which command options a command accepts (ctl_command.options) or needs (.required). */
@@ -44,6 +46,7 @@ enum ctl_opt_id {
 #define CTL_ACCEPTS_PROMOTE    (1u << 1)
 #define CTL_ACCEPTS_OP_TIMEOUT (1u << 2)
 #define CTL_ACCEPTS_FORCE      (1u << 3)
+#define CTL_ACCEPTS_RESUME     (1u << 4)
 
 #define CTL_SHORT_OPTIONS "d:o:vVh"
 
@@ -88,6 +91,10 @@ static const ctl_command_option ctl_command_options[] = {
      CTL_ACCEPTS_FORCE,
      "--force",
      "go on when the old leader cannot be fenced (the operator takes the risk)"},
+    {{"resume-after", required_argument, NULL, CTL_OPT_RESUME_AFTER},
+     CTL_ACCEPTS_RESUME,
+     "--resume-after S",
+     "maintenance on ends by itself after S seconds (default: at maintenance off)"},
 };
 #define CTL_N_COMMAND_OPTIONS (sizeof(ctl_command_options) / sizeof(ctl_command_options[0]))
 
@@ -132,8 +139,9 @@ static const ctl_command ctl_commands[] = {
      CTL_ACCEPTS_NODE, 0, 0, true, NULL, ctl_cmd_switchover},
     {"unfence", "NODE", "lift the fence a switchover left on node NODE", CTL_ACCEPTS_OP_TIMEOUT, 0,
      1, 1, true, NULL, ctl_cmd_unfence},
-    {"maintenance", "on|off", "pause (on) or resume (off) every live proxy", CTL_ACCEPTS_OP_TIMEOUT,
-     0, 1, 1, true, ctl_check_maintenance, ctl_cmd_maintenance},
+    {"maintenance", "on|off", "pause (on) or resume (off) every live proxy",
+     CTL_ACCEPTS_OP_TIMEOUT | CTL_ACCEPTS_RESUME, 0, 1, 1, true, ctl_check_maintenance,
+     ctl_cmd_maintenance},
     {"config apply", "FILE", "every proxy's pgrelay.ini from FILE (- stdin), all or none", 0, 0, 1,
      1, true, ctl_check_config_apply, ctl_cmd_config_apply},
     {"config show", "", "configuration version and text; each proxy's version", 0, 0, 0, 0, true,
@@ -181,7 +189,7 @@ static void ctl_command_usage(FILE *out, const ctl_command *c)
         for (size_t i = 0; i < CTL_N_COMMAND_OPTIONS; i++) {
             const ctl_command_option *o = &ctl_command_options[i];
             if (c->options & o->bit)
-                fprintf(out, "  %-16s %s%s\n", o->synopsis, o->help,
+                fprintf(out, "  %-18s %s%s\n", o->synopsis, o->help,
                         (c->required & o->bit) ? " (required)" : "");
         }
     }
@@ -296,6 +304,10 @@ static ctl_exit ctl_check_maintenance(ctl_ctx *ctx)
         return CTL_EXIT_USAGE;
     }
     ctx->maintenance_on = strcmp(ctx->argv[0], "on") == 0;
+    if (!ctx->maintenance_on && ctx->resume_after_s > 0) {
+        ctl_error("maintenance: --resume-after goes with on, not off");
+        return CTL_EXIT_USAGE;
+    }
     return CTL_EXIT_OK;
 }
 
@@ -336,6 +348,20 @@ static int ctl_parse_op_timeout(const char *text, long *out)
     if (errno || end == text || *end || v < 1 || v > CTL_OP_TIMEOUT_MAX_S) {
         ctl_error("--timeout: \"%s\" is not a whole number of seconds from 1 to %ld", text,
                   CTL_OP_TIMEOUT_MAX_S);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int ctl_parse_resume_after(const char *text, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno || end == text || *end || v < 1 || v > INT32_MAX) {
+        ctl_error("--resume-after: \"%s\" is not a whole number of seconds from 1 to %d", text,
+                  INT32_MAX);
         return -1;
     }
     *out = v;
@@ -396,6 +422,8 @@ static int ctl_apply_option(ctl_ctx *ctx, ctl_settings *s, int opt, const char *
         return 0;
     case CTL_OPT_OP_TIMEOUT:
         return ctl_parse_op_timeout(arg, &ctx->op_timeout_s);
+    case CTL_OPT_RESUME_AFTER:
+        return ctl_parse_resume_after(arg, &ctx->resume_after_s);
     default:
         return -1; /* getopt_long has said what was wrong */
     }

@@ -40,6 +40,7 @@ typedef struct ctl_ctx {
     bool promote;      /* switchover --promote */
     bool force;        /* switchover --force */
     long op_timeout_s; /* switchover/maintenance --timeout: what the server may take */
+    long resume_after_s; /* maintenance on --resume-after: its own end (0: none) */
 
     /* Prepared by the command's checks before anything is sent. */
     bool maintenance_on; /* maintenance on|off */

@@ -417,6 +417,8 @@ ctl_exit ctl_cmd_maintenance(ctl_ctx *ctx)
 {
     json_t *body = json_pack("{s:b, s:I}", "on", ctx->maintenance_on, "timeout_s",
                              (json_int_t)ctx->op_timeout_s);
+    if (body && ctx->resume_after_s > 0)
+        json_object_set_new(body, "resume_after_s", json_integer(ctx->resume_after_s));
     return ctl_operation(ctx, "maintenance", "maintenance", body, ctx->op_timeout_s);
 }
 

@@ -429,6 +429,27 @@ def test_maintenance_posts_on_and_timeout(stub, state, on):
     assert ["proxy-a", "yes", f"maintenance {state}"] in table(p.stdout)
 
 
+def test_maintenance_on_resume_after_is_sent_as_resume_after_s(stub):
+    answer = {"ok": True, "proxies": [{"node_id": "proxy-a", "ok": True, "detail": "paused"}]}
+    stub.route("POST", "/deployments/prod/maintenance", body=answer)
+    p = run("-d", "prod", "maintenance", "on", "--resume-after", "600", endpoint=stub.url)
+    assert p.returncode == EXIT_OK, p.stderr
+    assert stub.requests[0]["body"] == {"on": True, "timeout_s": 30, "resume_after_s": 600}
+    p = run("maintenance", "--help", token=None)
+    assert p.returncode == EXIT_OK and "--resume-after S" in p.stdout
+
+
+@pytest.mark.parametrize("args", [["maintenance", "off", "--resume-after", "60"],
+                                  ["maintenance", "on", "--resume-after", "0"],
+                                  ["maintenance", "on", "--resume-after", "soon"],
+                                  ["switchover", "--node", "pg2", "--resume-after", "5"]])
+def test_resume_after_misuse_is_a_usage_error(stub, args):
+    p = run("-d", "prod", *args, endpoint=stub.url)
+    assert p.returncode == EXIT_USAGE, (args, p.stderr)
+    assert "resume-after" in p.stderr, p.stderr
+    assert stub.requests == []
+
+
 def test_maintenance_needs_on_or_off(stub):
     for args in (["maintenance"], ["maintenance", "maybe"], ["maintenance", "on", "off"]):
         p = run("-d", "prod", *args, endpoint=stub.url)
