@@ -259,10 +259,14 @@ static json_t *queries_body(void)
             continue;
         normalize_sql(snap.stmt, text, sizeof(text));
         json_t *t = json_string(text);
+        /* the client's own words: a name that is not UTF-8 is left out rather than mangled */
+        snap.application_name[sizeof(snap.application_name) - 1] = '\0';
+        json_t *app = json_string(snap.application_name);
         json_array_append_new(
-            list, json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
-                            (json_int_t)snap.id, "client", snap.client_addr, "user", snap.user,
-                            "database", snap.database, "node", snap.node_name, "state",
+            list, json_pack("{s:I, s:s, s:o, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
+                            (json_int_t)snap.id, "client", snap.client_addr, "application_name",
+                            app ? app : json_string(""), "user", snap.user, "database",
+                            snap.database, "node", snap.node_name, "state",
                             state_name(atomic_load(&snap.state)), "duration_ms",
                             (json_int_t)((now - snap.stmt_start_us) / 1000), "text",
                             t ? t : json_string("(not UTF-8)")));

@@ -409,6 +409,7 @@ void agents_queries(http_call *call)
         if (!http_field_int(call, q, where, "session", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
             !http_field_int(call, q, where, "duration_ms", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
             !http_field_string(call, q, where, "client", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, q, where, "application_name", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_string(call, q, where, "user", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_string(call, q, where, "database", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_string(call, q, where, "node", false, AGENTS_TEXT_MAX, &s) ||

@@ -106,6 +106,8 @@ void views_queries(http_call *call)
         {
             json_t *row = json_deep_copy(q);
             json_object_set_new(row, "node_id", json_string(p->node_id));
+            /* when the proxy reported it: duration_ms was true then, not now */
+            json_object_set_new(row, "as_of", json_integer(p->queries_ms));
             json_array_append_new(list, row);
         }
     }

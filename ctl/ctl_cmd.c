@@ -35,9 +35,12 @@ static const ctl_column ctl_node_columns[] = {
 };
 
 static const ctl_column ctl_query_columns[] = {
-    {"node_id", CTL_CELL_PLAIN}, {"session", CTL_CELL_PLAIN},     {"client", CTL_CELL_PLAIN},
-    {"user", CTL_CELL_PLAIN},    {"database", CTL_CELL_PLAIN},    {"node", CTL_CELL_PLAIN},
-    {"state", CTL_CELL_PLAIN},   {"duration_ms", CTL_CELL_PLAIN}, {"text", CTL_CELL_STATEMENT},
+    {"node_id", CTL_CELL_PLAIN},     {"session", CTL_CELL_PLAIN},
+    {"client", CTL_CELL_PLAIN},      {"application_name", CTL_CELL_PLAIN},
+    {"user", CTL_CELL_PLAIN},        {"database", CTL_CELL_PLAIN},
+    {"node", CTL_CELL_PLAIN},        {"state", CTL_CELL_PLAIN},
+    {"duration_ms", CTL_CELL_PLAIN}, {"as_of", CTL_CELL_TIME},
+    {"text", CTL_CELL_STATEMENT},
 };
 
 /* show-metrics: one row per proxy ("all" of its nodes) and one per node it reported. */

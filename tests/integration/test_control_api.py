@@ -678,12 +678,20 @@ def test_per_node_counters_give_rates_and_latency_per_node(control):
 def test_queries_schema_and_config_uploads_are_shown(control):
     a = SimAgent(control, "proxy-a")
     a.register()
-    query = {"session": 17, "client": "10.1.2.3:51000", "user": "app", "database": "shop",
-             "node": "pg1", "state": "active", "duration_ms": 1520,
-             "text": "SELECT * FROM orders WHERE id = $1"}
+    query = {"session": 17, "client": "10.1.2.3:51000", "application_name": "billing",
+             "user": "app", "database": "shop", "node": "pg1", "state": "active",
+             "duration_ms": 1520, "text": "SELECT * FROM orders WHERE id = $1"}
+    before_ms = time.time() * 1000
     assert a.post("/queries", {"queries": [query]}) == (204, "")
     status, rows = control.admin("GET", "/deployments/prod/queries")
-    assert status == 200 and rows == [dict(query, node_id="proxy-a")]
+    assert status == 200 and len(rows) == 1, rows
+    # as_of: when the proxy reported it (milliseconds since the Unix epoch)
+    as_of = rows[0].pop("as_of")
+    assert before_ms - 1000 <= as_of <= time.time() * 1000 + 1000, as_of
+    assert rows == [dict(query, node_id="proxy-a")]
+    bad = dict(query, application_name=7)
+    status, answer = a.post("/queries", {"queries": [bad]})
+    assert status == 400 and "application_name" in answer["error"], answer
 
     tables = [{"schema": "public", "name": "orders", "columns": [{"name": "id", "type": "bigint"}],
                "indexes": [{"name": "orders_pkey", "definition": "CREATE UNIQUE INDEX ..."}]}]

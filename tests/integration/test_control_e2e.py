@@ -300,7 +300,7 @@ def test_statement_latency_reaches_the_control_plane_for_the_node_that_ran_it(fl
 
 
 def test_a_running_statement_shows_in_show_queries_normalised(fleet):
-    conn = fleet.a.connect()
+    conn = fleet.a.connect(application_name="nightly-report")
     sleeper = InThread(lambda: conn.execute("SELECT pg_sleep(5)"))
     try:
         def seen():
@@ -313,11 +313,16 @@ def test_a_running_statement_shows_in_show_queries_normalised(fleet):
         assert q["user"] == "postgres" and q["database"] == "postgres", q
         assert q["node"] == info(fleet.a)["write_leader"], q
         assert q["state"] == "active" and q["duration_ms"] >= 0, q
+        assert q["application_name"] == "nightly-report", q
+        # when proxy-a reported it: within the last upload interval (5 s) and a margin
+        assert time.time() * 1000 - 10000 <= q["as_of"] <= time.time() * 1000 + 1000, q
 
         p = fleet.ctl("show-queries")
         assert p.returncode == EXIT_OK, p.stderr
         rows = [r for r in table_rows(p.stdout) if r.get("text") == "SELECT pg_sleep($1)"]
         assert rows and rows[0]["node_id"] == "proxy-a", p.stdout
+        assert rows[0]["application_name"] == "nightly-report", p.stdout
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[0]["as_of"]), p.stdout
     finally:
         conn.cancel()
         with pytest.raises(psycopg.errors.QueryCanceled):
