@@ -522,14 +522,22 @@ static void *poller_main(void *arg)
     config *cfg = arg;
     http_client c;
     reach_state reach = {.who = "commands"};
-    char path[256], detail[512];
+    char path[512], detail[512]; /* path: a node id escaped takes up to 3 x 63 bytes */
 
     if (http_client_init(&c, cfg) != 0) {
         log_error("control plane: cannot start the HTTP client");
         return NULL;
     }
-    snprintf(path, sizeof(path), "/api/v1/agent/commands?node_id=%s&wait_s=%d", control.node_id,
+    /* a node id may hold '&', '+', '%' or '#': escaped, it names exactly this proxy */
+    char *node_id = curl_easy_escape(c.curl, control.node_id, 0);
+    if (!node_id) {
+        log_error("control plane: cannot escape node id %s for the command poll", control.node_id);
+        http_client_free(&c);
+        return NULL;
+    }
+    snprintf(path, sizeof(path), "/api/v1/agent/commands?node_id=%s&wait_s=%d", node_id,
              POLL_WAIT_S);
+    curl_free(node_id);
     for (;;) {
         json_t *reply = NULL;
         long status = http_request(&c, "GET", path, NULL, &reply, POLL_WAIT_S * 1000L);

@@ -597,3 +597,32 @@ def test_an_undeclared_real_proxy_serves_alone_and_joins_once_declared(fleet, pg
     finally:
         relay.stop()
         run_ctl(control, "delete-proxy", "proxy-c")  # the fleet's quorum: proxy-a and proxy-b
+
+
+def test_a_node_id_with_url_characters_gets_its_commands(fleet, pg):
+    """Node ids may hold any printable character but blanks: the agent's long poll must name
+    exactly this proxy (its node id escaped in the query string), or the command that an
+    operator sends to it never arrives."""
+    control = fleet.control
+    node_id = "edge&a+b%2F=c#d"
+    p = run_ctl(control, "create-proxy", node_id)
+    assert p.returncode == 0, p.stderr
+    relay = start_relay(pg, nodes=fleet.cluster.relay_nodes(), sections={
+        "agent": {"monitor_user": "postgres", "health_interval": "200ms", "fall": 2, "rise": 1},
+        "control": {"endpoint": control.url, "token": PROD_TOKEN, "node_id": node_id,
+                    "request_timeout": "2s", "metrics_interval": "250ms",
+                    "control_grace_period": "2s"}})
+    try:
+        label = node_id.replace("\\", "\\\\").replace('"', '\\"')
+        polling = f'pgrelay_proxy_polling{{deployment="prod",node_id="{label}"}} 1'
+
+        def parked():
+            status, text = http(control.port, "GET", "/metrics")
+            return status == 200 and polling in text.splitlines()
+
+        wait_for(parked, timeout=15, what=f"the long poll of {node_id} parked under its name")
+        assert control.proxies()[node_id]["live"]
+    finally:
+        relay.stop()
+        p = run_ctl(control, "delete-proxy", node_id)
+        assert p.returncode == 0, p.stderr
