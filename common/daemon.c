@@ -40,6 +40,14 @@ int daemon_pidfile_write(int fd, const char *path)
     return 0;
 }
 
+void daemon_pidfile_abandon(int fd, const char *path)
+{
+    if (fd < 0)
+        return;
+    unlink(path); /* still locked by us: nobody else can be using it */
+    close(fd);
+}
+
 int daemon_detach(void)
 {
     pid_t pid = fork();

@@ -435,10 +435,7 @@ done:
         event_base_free(control.base);
     }
     store_close();
-    if (pid_fd >= 0) {
-        unlink(pidfile);
-        close(pid_fd);
-    }
+    daemon_pidfile_abandon(pid_fd, pidfile);
     free(control.cfg ? control.cfg : cfg);
     return rc;
 }

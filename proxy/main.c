@@ -147,18 +147,18 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
     int pid_fd = -1;
     if (pidfile && (pid_fd = daemon_pidfile_lock("pgrelay", pidfile)) < 0)
         return 1;
+    int listen_fds[2] = {-1, -1};
 
     /* From here on log lines go where the configuration says; start-up failures are also
      * printed on the terminal while there still is one. */
     if (cfg->logfile[0] && log_open_file(cfg->logfile) != 0) {
         fprintf(stderr, "pgrelay: cannot open logfile %s: %s\n", cfg->logfile,
                 strerror(errno));
-        return 1;
+        goto fail;
     }
 
     /* Open the listen socket before detaching, so "port in use" reaches the terminal. */
     char err[512];
-    int listen_fds[2] = {-1, -1};
     const int ports[2] = {cfg->listen_port, cfg->read_listen_port};
     for (int i = 0; i < 2; i++) {
         if (ports[i] == 0)
@@ -168,17 +168,24 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
             log_error("%s", err);
             if (cfg->logfile[0])
                 fprintf(stderr, "pgrelay: %s\n", err);
-            return 1;
+            goto fail;
         }
         log_info("listening on %s:%d (%s port)", cfg->listen_addr, ports[i],
                  i == 0 ? "write" : "read-only");
     }
     if (daemon_mode && daemon_detach() != 0) {
         log_error("cannot detach: %s", strerror(errno));
-        return 1;
+        goto fail;
     }
     config_apply_logging(cfg);
     if (pid_fd >= 0 && daemon_pidfile_write(pid_fd, pidfile) != 0)
-        return 1;
+        goto fail;
     return master_run(cfg, listen_fds, opts);
+
+fail: /* not started: no listen socket and no pidfile are left behind */
+    for (int i = 0; i < 2; i++)
+        if (listen_fds[i] >= 0)
+            close(listen_fds[i]);
+    daemon_pidfile_abandon(pid_fd, pidfile);
+    return 1;
 }
