@@ -502,8 +502,9 @@ def test_init_script_runs_the_installed_sample_as_run_as(pg, tmpdir_keep):
     installed = read(conf)
     assert installed == read(os.path.join(REPO, "etc/pgrelay.ini")), "make install changed the sample"
     port, read_port, dead_port = free_port(), free_port(), free_port()
+    good = _sample_for(root, pg, port, read_port, dead_port, installed)
     with open(conf, "w") as f:
-        f.write(_sample_for(root, pg, port, read_port, dead_port, installed))
+        f.write(good)
     logdir = os.path.join(root, "var/log/pgrelay")
     rundir = os.path.join(root, "run/pgrelay")
     logfile = os.path.join(logdir, "pgrelay.log")
@@ -579,5 +580,38 @@ def test_init_script_runs_the_installed_sample_as_run_as(pg, tmpdir_keep):
         r = init("status")
         assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
         assert "not running" in r.stdout
+
+        # A stop that outlasts STOP_TIMEOUT: the master is killed, and the workers and agent
+        # it leaves behind (a worker drains a transaction for shutdown_timeout) go with it.
+        with open(conf, "w") as f:
+            f.write(good)
+        env["STOP_TIMEOUT"] = "1"
+        r = init("start")
+        assert r.returncode == 0, r.stdout + r.stderr
+        pid = int(wait_for(lambda: read(pidfile).strip(), what="the pidfile"))
+        wait_for(lambda: works(port), what="the daemon to serve queries")
+        sid = subprocess.run(["ps", "-o", "sess=", "-p", str(pid)], capture_output=True,
+                             text=True).stdout.strip()
+        assert sid and int(sid) > 1, sid
+        holder = psycopg.connect(host="127.0.0.1", port=port, user="postgres",
+                                 dbname="postgres", sslmode="disable", connect_timeout=10)
+        try:
+            holder.execute("SELECT 1")  # psycopg opened a transaction: the worker must wait
+            r = init("stop")
+            assert r.returncode == 0, r.stdout + r.stderr
+            ps = subprocess.run(["ps", "-o", "stat=,pid=,args=", "-s", sid],
+                                capture_output=True, text=True).stdout.splitlines()
+            left = [line for line in ps if not line.startswith("Z")]  # zombies are dead
+            assert left == [], f"still running after stop: {left}"
+            assert not os.path.exists(pidfile)
+        finally:
+            holder.close()  # no commit: the server side is gone
+        r = init("start")  # the port is free at once
+        assert r.returncode == 0, r.stdout + r.stderr
+        pid = int(wait_for(lambda: read(pidfile).strip(), what="the pidfile"))
+        wait_for(lambda: works(port), what="the restarted daemon to serve queries")
+        env["STOP_TIMEOUT"] = "40"
+        r = init("stop")
+        assert r.returncode == 0, r.stdout + r.stderr
     finally:
         kill_daemon(pid)
