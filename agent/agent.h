@@ -17,6 +17,13 @@ typedef enum probe_state {
     PROBE_QUERYING,   /* the probe query is out, waiting for its result */
 } probe_state;
 
+/* What the agent knows of the leader Patroni names ([agent] ha_source = patroni). */
+typedef enum ha_view {
+    HA_VIEW_UNKNOWN = 0, /* no poll round has finished yet: the first table waits for one */
+    HA_VIEW_ANSWERED,    /* a member answered: only the node it names leader takes writes */
+    HA_VIEW_SILENT,      /* no member answered the last round: the probes alone decide */
+} ha_view;
+
 /* One database node as the agent sees it. */
 typedef struct agent_node {
     int index;                 /* position in cfg->nodes and in the published table */
@@ -45,6 +52,7 @@ typedef struct agent_node {
     int64_t receive_moved_us;  /* when receive_lsn last changed (or was first seen) */
     const char *not_fit_kind;  /* the rule it fails for reads, as last logged (a fixed string;
                                   each change logged once), NULL when fit or not logged */
+    bool ha_primary_logged;    /* a primary Patroni does not name: logged once per spell */
 } agent_node;
 
 #define LEADER_SAMPLES 16 /* recent WAL positions of the leader, for replica lag */
@@ -87,6 +95,15 @@ typedef struct agent {
     lsn_sample leader_lsn[LEADER_SAMPLES]; /* ring of the leader's positions */
     int n_leader_lsn;          /* samples in the ring (up to LEADER_SAMPLES) */
     int next_leader_lsn;       /* where the next sample goes */
+    /* ha_source = patroni: what its thread (ha_patroni.c) last reported. */
+    bool ha_on;                /* ha_source = patroni and the poll thread runs */
+    struct event ev_ha;        /* ha_msg from the poll thread */
+    int ha_view;               /* ha_view */
+    int ha_leader;             /* node Patroni names leader; -1: none (its leader key is gone)
+                                  or a member that is no configured node */
+    char ha_member[CONFIG_NAME_MAX]; /* Patroni's name of its leader member, "" for none */
+    char ha_host[CONFIG_HOST_MAX]; /* its PostgreSQL host and port as Patroni gives them */
+    int ha_port;
     bool ready;                /* the leader was confirmed by a probe (or every node probed):
                                   until then nothing is published, so write sessions wait and a
                                   restarted agent does not disturb the table the workers use */
@@ -115,6 +132,18 @@ int leader_set(agent *a, int index, bool force, char *why, size_t len);
 
 /* Write the current view into shared memory (and poke the master when routing changed). */
 void leader_publish(agent *a, bool force_poke);
+
+/* Patroni's word changed (ha_patroni.c, on the event loop): decide again. */
+void leader_ha_changed(agent *a);
+
+/* ha_patroni.c: start the thread that polls the members' GET /cluster when ha_source =
+ * patroni. Returns the descriptor the event loop reads its ha_msg from, or -1 (not configured,
+ * or it could not start: logged). */
+int ha_patroni_start(agent *a);
+/* Read what the thread reported (ev_ha's callback). */
+void ha_patroni_on_msg(evutil_socket_t fd, short what, void *arg);
+/* Map Patroni's leader to a node again (the node list was reloaded). */
+void ha_patroni_remap(agent *a);
 
 /* Remember the leader's WAL position at a probe (called for the leader's good probes). */
 void leader_record_lsn(agent *a, int64_t at_us, uint64_t lsn);

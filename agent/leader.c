@@ -8,7 +8,12 @@
  *     candidate exists: a promoted replica takes over at its first good probe;
  *   - a leader that reports recovery is dropped at once: no session goes to a node in recovery;
  *   - among several new candidates, the configured primary wins, then the highest WAL position;
- *   - every change of leader (including to none) increments the epoch, which only grows.
+ *   - every change of leader (including to none) increments the epoch, which only grows;
+ *   - with ha_source = patroni, while Patroni answers, a node it does not name leader is no
+ *     candidate: the leader it stops naming (its key gone, or another member named) is left at
+ *     once as in a failover, and writes wait until a probe sees the member it names as a
+ *     primary. Patroni's word never makes a leader by itself (etcd's key moves before the
+ *     promotion ends); when no member answers, the rules above alone decide.
  */
 #include "agent.h"
 #include "channel.h"
@@ -28,6 +33,28 @@ static bool is_candidate(const agent_node *n)
 static const char *node_name(const agent *a, int i)
 {
     return i >= 0 ? a->nodes[i].view.name : "(none)";
+}
+
+/* ha_source = patroni and Patroni answered: it names another member than node i, or none. */
+static bool ha_vetoes(const agent *a, int i)
+{
+    return a->ha_on && a->ha_view == HA_VIEW_ANSWERED && a->ha_leader != i;
+}
+
+/* A node writes may go to: a candidate that Patroni, when it answers, names leader. */
+static bool is_write_candidate(const agent *a, int i)
+{
+    return is_candidate(&a->nodes[i]) && !ha_vetoes(a, i);
+}
+
+/* Why Patroni vetoes node i, for the log and the history. */
+static void ha_veto_reason(const agent *a, int i, char *buf, size_t len)
+{
+    if (!a->ha_member[0])
+        snprintf(buf, len, "Patroni names no leader (its leader key is gone), not %s",
+                 node_name(a, i));
+    else
+        snprintf(buf, len, "Patroni names %s leader, not %s", a->ha_member, node_name(a, i));
 }
 
 void leader_record_lsn(agent *a, int64_t at_us, uint64_t lsn)
@@ -94,7 +121,7 @@ static shm_leader_change change_kind(const agent *a, int from)
 {
     if (from < 0)
         return a->change; /* a leader appears: how the last one left still holds */
-    return is_candidate(&a->nodes[from]) ? LEADER_CHANGE_PLANNED : LEADER_CHANGE_FAILOVER;
+    return is_write_candidate(a, from) ? LEADER_CHANGE_PLANNED : LEADER_CHANGE_FAILOVER;
 }
 
 /* What the log and the history say first about a change: what happened to the sessions on the
@@ -131,7 +158,7 @@ static int pick_candidate(const agent *a)
     int best = -1;
     for (int i = 0; i < a->n_nodes; i++) {
         const agent_node *n = &a->nodes[i];
-        if (!is_candidate(n))
+        if (!is_write_candidate(a, i))
             continue;
         if (best < 0)
             best = i;
@@ -185,7 +212,8 @@ static bool leader_follow_control(agent *a)
     a->control_conflict_logged = false;
     /* Never route to a node that this agent sees in recovery, whoever says so. */
     agent_node *n = &a->nodes[idx];
-    int target = n->probed && n->last_ok && n->in_recovery ? -1 : idx;
+    bool vetoed = ha_vetoes(a, idx);
+    int target = (n->probed && n->last_ok && n->in_recovery) || vetoed ? -1 : idx;
     if (target != a->leader || a->control_epoch != a->epoch) {
         char reason[224];
         int from = a->leader;
@@ -194,7 +222,9 @@ static bool leader_follow_control(agent *a)
         snprintf(reason, sizeof(reason), "%scontrol plane: leader %s, epoch %llu%s",
                  from != target ? change_tag(a, from) : "", a->control_leader,
                  (unsigned long long)a->control_epoch,
-                 target < 0 ? " (it is in recovery here: no leader until it is promoted)" : "");
+                 vetoed   ? " (Patroni names another leader: no leader until they agree)"
+                 : target < 0 ? " (it is in recovery here: no leader until it is promoted)"
+                              : "");
         a->leader = target;
         a->epoch = a->control_epoch;
         leader_samples_for(a, target);
@@ -262,8 +292,19 @@ void leader_decide(agent *a)
         leader_publish(a, true);
     }
 
-    for (int i = 0; i < a->n_nodes; i++)
-        candidates += is_candidate(&a->nodes[i]);
+    for (int i = 0; i < a->n_nodes; i++) {
+        agent_node *n = &a->nodes[i];
+        candidates += is_write_candidate(a, i);
+        /* A primary Patroni does not name (the old leader whose Patroni died): said once. */
+        bool vetoed_primary = is_candidate(n) && ha_vetoes(a, i);
+        if (vetoed_primary && !n->ha_primary_logged) {
+            char why[128];
+            ha_veto_reason(a, i, why, sizeof(why));
+            log_error("node %s reports it is a primary, but %s: no writes go to it", n->view.name,
+                      why);
+        }
+        n->ha_primary_logged = vetoed_primary;
+    }
 
     /* An operator's forced choice holds while that node answers. */
     if (a->forced >= 0) {
@@ -272,7 +313,7 @@ void leader_decide(agent *a)
             log_warning("node %s, forced as leader, is down: back to automatic choice",
                         f->view.name);
             a->forced = -1;
-        } else if (is_candidate(f)) {
+        } else if (is_write_candidate(a, a->forced)) {
             a->forced = -1; /* it is a primary now: the normal rules agree */
         } else {
             leader_publish(a, false);
@@ -282,12 +323,13 @@ void leader_decide(agent *a)
 
     if (cur >= 0) {
         agent_node *l = &a->nodes[cur];
-        if (!l->probed || is_candidate(l)) {
+        bool vetoed = ha_vetoes(a, cur);
+        if (!vetoed && (!l->probed || is_candidate(l))) {
             /* Keep it; warn once about other primaries. */
             if (l->probed && candidates > 1) {
                 if (!a->conflict_logged) {
                     for (int i = 0; i < a->n_nodes; i++)
-                        if (i != cur && is_candidate(&a->nodes[i]))
+                        if (i != cur && is_write_candidate(a, i))
                             log_error("SPLIT BRAIN: node %s also reports it is a primary; "
                                       "writes stay on the current leader %s (epoch %llu). "
                                       "Fence one of them, or use `set leader NODE`.",
@@ -301,7 +343,9 @@ void leader_decide(agent *a)
             leader_publish(a, false);
             return;
         }
-        if (l->last_ok && l->in_recovery) {
+        if (vetoed) {
+            ha_veto_reason(a, cur, reason, sizeof(reason));
+        } else if (l->last_ok && l->in_recovery) {
             snprintf(reason, sizeof(reason), "leader %s reports it is in recovery", l->view.name);
         } else if (candidates == 0 && l->fails < a->cfg->fall) {
             /* A blip: keep routing to it until it is really down. */
@@ -339,7 +383,9 @@ void leader_decide(agent *a)
     /* No leader: take the first candidate. */
     int next = pick_candidate(a);
     if (next >= 0) {
-        snprintf(reason, sizeof(reason), "node %s reports it is primary", a->nodes[next].view.name);
+        snprintf(reason, sizeof(reason), "node %s reports it is primary%s",
+                 a->nodes[next].view.name,
+                 a->ha_on && a->ha_view == HA_VIEW_ANSWERED ? " and Patroni names it leader" : "");
         leader_switch(a, next, reason);
         leader_publish(a, true);
         return;
@@ -354,6 +400,12 @@ int leader_set(agent *a, int index, bool force, char *why, size_t len)
         return -1;
     }
     agent_node *n = &a->nodes[index];
+    if (!force && is_candidate(n) && ha_vetoes(a, index)) {
+        ha_veto_reason(a, index, why, len);
+        size_t used = strlen(why);
+        snprintf(why + used, len - used, "; use force to switch anyway");
+        return -1;
+    }
     if (!force && !is_candidate(n)) {
         snprintf(why, len, "node %s is %s; use force to switch anyway", n->view.name,
                  !n->probed ? "not probed yet"
@@ -368,7 +420,7 @@ int leader_set(agent *a, int index, bool force, char *why, size_t len)
     char reason[128];
     snprintf(reason, sizeof(reason), "set leader %s%s by an administrator", n->view.name,
              force ? " force" : "");
-    a->forced = force && !is_candidate(n) ? index : -1;
+    a->forced = force && !is_write_candidate(a, index) ? index : -1;
     a->conflict_logged = false;
     leader_switch(a, index, reason);
     leader_publish(a, true);
@@ -507,6 +559,8 @@ static bool routing_changed(const agent *a, const shm_route_table *t)
 static bool leader_confirmed(const agent *a)
 {
     bool all = true;
+    if (a->ha_on && a->ha_view == HA_VIEW_UNKNOWN)
+        return false; /* Patroni's first round (at most one health_timeout per URL) first */
     for (int i = 0; i < a->n_nodes; i++) {
         if (a->nodes[i].probed)
             continue;
@@ -514,7 +568,13 @@ static bool leader_confirmed(const agent *a)
         if (a->cfg->nodes[i].role == NODE_ROLE_PRIMARY)
             return false;
     }
-    return all || (a->leader >= 0 && is_candidate(&a->nodes[a->leader]));
+    return all || (a->leader >= 0 && is_write_candidate(a, a->leader));
+}
+
+void leader_ha_changed(agent *a)
+{
+    probe_all(a); /* see the named member's state now, not an interval later */
+    leader_decide(a);
 }
 
 void leader_publish(agent *a, bool force_poke)

@@ -37,7 +37,9 @@ static void usage(FILE *out)
             "  -h, --help           print this help and exit\n"
             "\n"
             "pgrelay starts the agent itself. Run by hand, the agent probes the nodes of FILE\n"
-            "and logs what it decides, without changing a running pgrelay. See pgrelay-agent(8).\n",
+            "and logs what it decides, without changing a running pgrelay. With [agent]\n"
+            "ha_source = patroni it also asks the members' Patroni REST API (ha_patroni_urls)\n"
+            "whom Patroni names leader. See pgrelay-agent(8).\n",
             PGRELAY_VERSION, CONFIG_DEFAULT_PATH);
 }
 
@@ -181,6 +183,7 @@ static void agent_reload(agent *a)
     free(next);
     config_apply_logging(a->cfg);
     agent_load_nodes(a);
+    ha_patroni_remap(a);
     agent_arm_tick(a);
     log_info("configuration reloaded: %d node(s), health_interval %d ms", a->n_nodes,
              a->cfg->health_interval_ms);
@@ -406,6 +409,13 @@ int main(int argc, char **argv)
                      agent_on_control, a);
         event_add(&a->ev_control, NULL);
     }
+    int ha_fd = ha_patroni_start(a);
+    if (ha_fd >= 0) {
+        a->ha_on = true;
+        a->ha_leader = -1;
+        event_assign(&a->ev_ha, a->base, ha_fd, EV_READ | EV_PERSIST, ha_patroni_on_msg, a);
+        event_add(&a->ev_ha, NULL);
+    }
     log_info("started: %d node(s), leader %s, epoch %llu, health_interval %d ms", a->n_nodes,
              a->leader >= 0 ? a->nodes[a->leader].view.name : "(none)",
              (unsigned long long)a->epoch, a->cfg->health_interval_ms);
@@ -421,6 +431,8 @@ int main(int argc, char **argv)
         event_del(&a->ev_channel);
     if (a->control_on)
         event_del(&a->ev_control);
+    if (a->ha_on)
+        event_del(&a->ev_ha);
     event_base_free(a->base);
     free(a->published);
     free(a->cfg);

@@ -19,6 +19,7 @@ static const char *const fallback_words[] = {"leader", "none", NULL};
 static const char *const leader_change_words[] = {"close_idle", "close_all", NULL};
 static const char *const control_lost_words[] = {"keep_leader", "decide_alone", "stop_writes",
                                                  NULL};
+static const char *const ha_source_words[] = {"none", "patroni", NULL};
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
 static const char *const facility_words[] = {"daemon", "user",   "local0", "local1",
                                              "local2", "local3", "local4", "local5",
@@ -133,6 +134,12 @@ const config_key config_keys[] = {
     AGENT_KEY("state_file", KEY_STRING, "", state_file, 0, 0,
               "where the agent keeps its epoch and leader across restarts; empty = "
               "agent.state beside admin_socket"),
+    {"agent", "ha_source", KEY_ENUM, "none", false, offsetof(config, ha_source),
+     sizeof(((config *)0)->ha_source), 0, 0, ha_source_words,
+     "none, or patroni: the leader Patroni names (ha_patroni_urls) gates writes too"},
+    {"agent", "ha_patroni_urls", KEY_STRING, "", false, offsetof(config, ha_patroni_urls),
+     sizeof(((config *)0)->ha_patroni_urls), 0, 0, NULL,
+     "comma-separated Patroni REST API base URLs of the members (ha_source = patroni)"},
     CONTROL_START_KEY("endpoint", KEY_STRING, "", control_endpoint,
                       "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
     CONTROL_START_KEY("token", KEY_STRING, "", control_token,
@@ -357,6 +364,9 @@ static void config_validate(config_parse *p)
             config_error(p, n->line,
                          "[node.%s]: missing required key \"role\" (primary or replica)", n->name);
     }
+    if (cfg->ha_source == HA_SOURCE_PATRONI && !cfg->ha_patroni_urls[0])
+        config_error(p, 0, "[agent] ha_source = patroni needs ha_patroni_urls (the members' "
+                     "Patroni REST API, e.g. http://10.0.0.11:8008)");
     if (cfg->workers == 0) {
         long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
         cfg->workers = ncpu > 0 ? (int)ncpu : 1;

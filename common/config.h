@@ -37,6 +37,11 @@ typedef enum control_lost {
     CONTROL_LOST_STOP_WRITES,     /* route no write session until the control plane is back */
 } control_lost;
 
+typedef enum ha_source {
+    HA_SOURCE_NONE = 0, /* the agent's probes alone say who the leader is */
+    HA_SOURCE_PATRONI,  /* Patroni's REST API (ha_patroni_urls) also says whom it names leader */
+} ha_source;
+
 typedef struct config_node {
     char name[CONFIG_NAME_MAX];  /* NAME of [node.NAME] */
     char host[CONFIG_HOST_MAX];  /* host name, IP address, or a Unix socket directory ("/...") */
@@ -97,6 +102,8 @@ typedef struct config {
     int control_lost;                 /* control_lost: CONTROL_LOST_*, after control_grace_period */
     char state_file[1024];            /* epoch and leader kept across restarts; "" = beside
                                        * admin_socket (none when that is empty too) */
+    int ha_source;                    /* ha_source: HA_SOURCE_* (restart only) */
+    char ha_patroni_urls[1024];       /* comma-separated Patroni REST base URLs (restart only) */
 
     /* [control]: the control plane (empty endpoint = none) */
     char control_endpoint[1024];      /* comma-separated base URLs */

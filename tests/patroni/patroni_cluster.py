@@ -197,6 +197,13 @@ class Member:
         return psycopg.connect(host="127.0.0.1", port=self.pg_port, user="postgres",
                                dbname="postgres", connect_timeout=3, autocommit=True, **kw)
 
+    def is_primary(self):
+        """It answers a fresh session and is not in recovery (False when it refuses)."""
+        try:
+            return not self.query("SELECT pg_is_in_recovery()")[0][0]
+        except psycopg.Error:
+            return False
+
     def query(self, sql, params=None):
         with self.connect() as c:
             cur = c.execute(sql, params)
@@ -316,9 +323,16 @@ class Stack:
     def member(self, name):
         return self.members[name]
 
-    def leader(self):
-        """The member etcd names leader now, or None when the leader key is absent."""
-        return self.etcd.get(f"/service/{SCOPE}/leader")
+    def leader(self, strict=False):
+        """The member etcd names leader now, or None when the leader key is absent. etcd that
+        does not answer in time (a loaded machine) gives None too, so that the conditions the
+        suite waits on wait it out; ``strict``: raise OSError or ValueError instead."""
+        try:
+            return self.etcd.get(f"/service/{SCOPE}/leader")
+        except (OSError, ValueError):
+            if strict:
+                raise
+            return None
 
     def cluster_view(self):
         """Patroni's GET /cluster from the first member that answers."""
@@ -353,16 +367,21 @@ class Stack:
             return None
         return leader
 
-    def primary_leader(self):
-        """The member etcd names leader if it answers as a primary, else None."""
+    def run_on_leader(self, sql):
+        """Run ``sql`` on the member etcd names leader, in a session that saw it out of
+        recovery; its name, or None when there is no such member or it refused or dropped the
+        session (Patroni may be restarting or demoting it): a caller waits on this."""
         leader = self.leader()
         if leader not in self.members:
             return None
         try:
-            in_recovery = self.members[leader].query("SELECT pg_is_in_recovery()")[0][0]
+            with self.members[leader].connect() as conn:
+                if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    return None
+                conn.execute(sql)
         except psycopg.Error:
             return None
-        return None if in_recovery else leader
+        return leader
 
     def wait_healthy(self, timeout=90):
         return wait_for(self.healthy, timeout=timeout, interval=0.3,

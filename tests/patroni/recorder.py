@@ -13,6 +13,8 @@ All times are time.time() (the same clock as the server's clock_timestamp(): one
 import threading
 import time
 
+import psycopg
+
 from conftest import RawClient, data_rows, error_fields
 
 POLL_INTERVAL = 0.1
@@ -35,7 +37,7 @@ class LeaderPoller:
         while not self.stop_flag.is_set():
             t0 = time.time()
             try:
-                leader = self.stack.leader()
+                leader = self.stack.leader(strict=True)
             except (OSError, ValueError):
                 leader = "?"  # etcd did not answer: unknown, never taken as anyone's
             self.samples.append((t0, time.time(), leader))
@@ -304,32 +306,68 @@ def lsn_int(text):
 COMMIT_SLACK = 64 * 1024
 
 
-def missing_writes(loads, final_member, table):
-    """(lost, discarded): acknowledged writes absent from the final leader. ``discarded``: its
-    timeline was left by the final one's history at or before the write (Patroni promoted a
-    replica that had not received it: asynchronous replication's documented loss, bounded by
-    maximum_lag_on_failover); ``lost``: every other absent write (an invariant broken)."""
-    present = {(r[0], r[1], r[2]) for r in final_member.query(
-        f"SELECT src, thread, seq FROM {table}")}
-    final_tl = final_member.query(
-        "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int")[0][0]
-    history = {}  # timeline -> the LSN where the final timeline's history left it
-    if final_tl > 1:
-        raw = final_member.query("SELECT pg_read_binary_file(%s)",
-                                 (f"pg_wal/{final_tl:08X}.history",))[0][0]
-        text = bytes(raw).decode()
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].isdigit():
-                history[int(parts[0])] = lsn_int(parts[1])
+class FinalLeader:
+    """What the missing-writes check reads from the final leader, in one session: the rows of
+    ``table``, its timeline and the history of that timeline (timeline -> the LSN where the
+    final timeline's history left it)."""
+
+    def __init__(self, name, present, timeline, history):
+        self.name = name
+        self.present = present
+        self.timeline = timeline
+        self.history = history
+
+
+def read_final_leader(stack, table):
+    """A FinalLeader read from the member etcd names leader, or None when there is no such
+    member or it is not (or no longer) a primary that answers: etcd named it before and after
+    the read, and the read's own session saw it out of recovery. A caller waits on it
+    (wait_for): Patroni may be restarting or demoting that member at that moment (a leader
+    that lost its key under load restarts as a replica), and one refused connection between
+    two reads is no evidence about the writes."""
+    name = stack.leader()
+    if name not in stack.members:
+        return None
+    try:
+        with stack.member(name).connect() as conn:
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                return None
+            present = {(r[0], r[1], r[2]) for r in conn.execute(
+                f"SELECT src, thread, seq FROM {table}")}
+            tl = conn.execute("SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), "
+                              "1, 8))::bit(32)::int").fetchone()[0]
+            history = {}
+            if tl > 1:
+                raw = conn.execute("SELECT pg_read_binary_file(%s)",
+                                   (f"pg_wal/{tl:08X}.history",)).fetchone()[0]
+                for line in bytes(raw).decode().splitlines():
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[0].isdigit():
+                        history[int(parts[0])] = lsn_int(parts[1])
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                return None
+    except psycopg.Error:
+        return None
+    if stack.leader() != name:
+        return None
+    return FinalLeader(name, present, tl, history)
+
+
+def missing_writes(loads, final):
+    """(lost, discarded): acknowledged writes absent from the final leader (a FinalLeader).
+    ``discarded``: its timeline was left by the final one's history at or before the write
+    (Patroni promoted a replica that had not received it: asynchronous replication's
+    documented loss, bounded by maximum_lag_on_failover); ``lost``: every other absent write
+    (an invariant broken)."""
     lost, discarded = [], []
     for load in loads:
         for a in load.acks:
-            if (a["src"], a["thread"], a["seq"]) in present:
+            if (a["src"], a["thread"], a["seq"]) in final.present:
                 continue
             tl = a["timeline"]
-            if tl != final_tl and (tl not in history
-                                   or lsn_int(a["lsn"]) + COMMIT_SLACK >= history[tl]):
+            if tl != final.timeline and (tl not in final.history
+                                         or lsn_int(a["lsn"]) + COMMIT_SLACK
+                                         >= final.history[tl]):
                 discarded.append(a)
             else:
                 lost.append(a)
