@@ -9,6 +9,7 @@
 #include "channel.h"
 #include "control.h"
 #include "log.h"
+#include "planner.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -406,6 +407,7 @@ int main(int argc, char **argv)
                      agent_on_control, a);
         event_add(&a->ev_control, NULL);
     }
+    planner_start(a);
     log_info("started: %d node(s), leader %s, epoch %llu, health_interval %d ms", a->n_nodes,
              a->leader >= 0 ? a->nodes[a->leader].view.name : "(none)",
              (unsigned long long)a->epoch, a->cfg->health_interval_ms);

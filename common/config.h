@@ -97,6 +97,13 @@ typedef struct config {
     int control_lost;                 /* control_lost: CONTROL_LOST_*, after control_grace_period */
     char state_file[1024];            /* epoch and leader kept across restarts; "" = beside
                                        * admin_socket (none when that is empty too) */
+    /* [agent]: query plans (workers select, the agent's planner explains) */
+    int plan_slow_threshold_ms;       /* statements at least this slow are planned; 0 = off */
+    char plan_sample_rate_text[32];   /* plan_sample_rate as written (checked when read) */
+    double plan_sample_rate;          /* its value, 0..1: share of statements planned at random */
+    int plan_max_age_ms;              /* a statement is planned again only after this */
+    int plan_rate_limit;              /* EXPLAINs per second at most */
+    int plan_timeout_ms;              /* statement_timeout of each EXPLAIN */
 
     /* [control]: the control plane (empty endpoint = none) */
     char control_endpoint[1024];      /* comma-separated base URLs */
