@@ -491,11 +491,72 @@ static bool run_ok(PGconn *conn, const char *sql, const char *what, char *why, s
     return ok;
 }
 
-/* Decode a request's parameter values (int32 length, bytes) into NUL-terminated strings. */
-static int decode_params(const shm_plan_request *r, char **values, Oid *types, char *store)
+/* Type OIDs (pg_type.dat) whose binary form the planner turns into text. */
+#define OID_BOOL    16
+#define OID_NAME    19
+#define OID_INT8    20
+#define OID_INT2    21
+#define OID_INT4    23
+#define OID_TEXT    25
+#define OID_OID     26
+#define OID_FLOAT4  700
+#define OID_FLOAT8  701
+#define OID_UNKNOWN 705
+#define OID_BPCHAR  1042
+#define OID_VARCHAR 1043
+
+/* A binary-format value of a common type as text into out (cap bytes). 0, or -1 when the type
+ * is not one of them or the value is malformed. */
+static int binary_to_text(Oid type, const uint8_t *v, uint32_t len, char *out, size_t cap)
+{
+    uint64_t u = 0;
+    for (uint32_t i = 0; i < len && i < 8; i++)
+        u = (u << 8) | v[i];
+    switch (type) {
+    case OID_BOOL:
+        return len == 1 ? (snprintf(out, cap, "%s", v[0] ? "t" : "f"), 0) : -1;
+    case OID_INT2:
+        return len == 2 ? (snprintf(out, cap, "%d", (int)(int16_t)u), 0) : -1;
+    case OID_INT4:
+        return len == 4 ? (snprintf(out, cap, "%d", (int)(int32_t)u), 0) : -1;
+    case OID_OID:
+        return len == 4 ? (snprintf(out, cap, "%u", (unsigned)u), 0) : -1;
+    case OID_INT8:
+        return len == 8 ? (snprintf(out, cap, "%lld", (long long)(int64_t)u), 0) : -1;
+    case OID_FLOAT4: {
+        uint32_t bits = (uint32_t)u;
+        float f;
+        memcpy(&f, &bits, sizeof(f));
+        return len == 4 ? (snprintf(out, cap, "%.9g", (double)f), 0) : -1;
+    }
+    case OID_FLOAT8: {
+        double d;
+        memcpy(&d, &u, sizeof(d));
+        return len == 8 ? (snprintf(out, cap, "%.17g", d), 0) : -1;
+    }
+    case OID_TEXT:
+    case OID_VARCHAR:
+    case OID_BPCHAR:
+    case OID_NAME:
+    case OID_UNKNOWN:
+        if (len >= cap)
+            return -1;
+        memcpy(out, v, len);
+        out[len] = '\0';
+        return 0;
+    default:
+        return -1;
+    }
+}
+
+/* Decode a request's parameter values (int32 length, bytes) into NUL-terminated text; binary
+ * values of common types are turned into text. 0, or -1 with why. */
+static int decode_params(const shm_plan_request *r, char **values, Oid *types, char *store,
+                         char *why, size_t why_len)
 {
     uint32_t off = 0;
     char *w = store;
+    char *end = store + SHM_PLAN_PARAMS_MAX * 4;
     for (uint16_t i = 0; i < r->n_params; i++) {
         if (off + 4 > r->params_len)
             return -1;
@@ -508,10 +569,23 @@ static int decode_params(const shm_plan_request *r, char **values, Oid *types, c
         }
         if (vlen > r->params_len - off)
             return -1;
-        memcpy(w, r->params + off, vlen);
-        w[vlen] = '\0';
         values[i] = w;
-        w += vlen + 1;
+        if (r->binary[i / 8] & (1u << (i % 8))) {
+            if (binary_to_text(types[i], (const uint8_t *)r->params + off, vlen, w,
+                               (size_t)(end - w)) != 0) {
+                snprintf(why, why_len,
+                         "parameter $%u is in binary format with type OID %u, which the "
+                         "planner cannot read", i + 1u, (unsigned)types[i]);
+                return -1;
+            }
+            w += strlen(w) + 1;
+        } else {
+            if (vlen >= (size_t)(end - w))
+                return -1;
+            memcpy(w, r->params + off, vlen);
+            w[vlen] = '\0';
+            w += vlen + 1;
+        }
         off += vlen;
     }
     return 0;
@@ -526,7 +600,7 @@ static void planner_explain(planner *p, const shm_plan_request *r, const planner
     char sql[sizeof(PLANNER_EXPLAIN_GENERIC) + SHM_STMT_MAX + 16];
     char *values[PLANNER_PARAMS_MAX];
     Oid types[PLANNER_PARAMS_MAX];
-    char store[SHM_PLAN_PARAMS_MAX * 2];
+    char store[SHM_PLAN_PARAMS_MAX * 4]; /* binary numbers grow up to ~2x as text */
     PGresult *res = NULL;
     json_t *plan = NULL;
     const char *json = NULL;
@@ -538,18 +612,27 @@ static void planner_explain(planner *p, const shm_plan_request *r, const planner
     int nparams = 0;
     const char *explain = PLANNER_EXPLAIN;
     if (values_known && r->n_params > 0) {
-        if (r->n_params > PLANNER_PARAMS_MAX || decode_params(r, values, types, store) != 0) {
-            snprintf(why, sizeof(why), "parameter values could not be read from the Bind");
-            goto failed;
+        if (r->n_params > PLANNER_PARAMS_MAX ||
+            decode_params(r, values, types, store, why, sizeof(why)) != 0) {
+            if (!why[0])
+                snprintf(why, sizeof(why), "parameter values could not be read from the Bind");
+            atomic_fetch_add(&out->skipped, 1);
+            publish(p, j, NULL, NULL, why);
+            return;
         }
         nparams = r->n_params;
     } else if (!values_known) {
+        if (PQserverVersion(conn) < 160000 && r->reason == PLAN_REASON_RUNNING) {
+            /* Its values are not in the running-queries table; when it ends slow, its
+             * request brings them. */
+            atomic_fetch_add(&out->skipped, 1);
+            return;
+        }
         if (PQserverVersion(conn) < 160000) {
             snprintf(why, sizeof(why),
                      "parameter values unknown%s and PostgreSQL %d has no EXPLAIN (GENERIC_PLAN) "
                      "(16 and later)",
-                     (r->flags & PLAN_REQ_BINARY)        ? " (binary format)"
-                     : (r->flags & PLAN_REQ_PARAMS_LONG) ? " (longer than the limit)"
+                     (r->flags & PLAN_REQ_PARAMS_LONG) ? " (longer than the limit)"
                      : (r->flags & PLAN_REQ_UNKNOWN_STMT) ? " (prepared statement not seen)"
                                                           : "",
                      PQserverVersion(conn) / 10000);
@@ -672,7 +755,7 @@ static void planner_handle(planner *p, const shm_plan_request *r)
         return;
     }
     bool values_known = true;
-    if (r->flags & (PLAN_REQ_BINARY | PLAN_REQ_PARAMS_LONG | PLAN_REQ_UNKNOWN_STMT))
+    if (r->flags & (PLAN_REQ_PARAMS_LONG | PLAN_REQ_UNKNOWN_STMT))
         values_known = false;
     else if (has_params && !(r->flags & PLAN_REQ_EXTENDED))
         values_known = false; /* a running statement: its values are not in the table */

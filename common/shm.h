@@ -237,7 +237,8 @@ typedef enum shm_plan_reason {
 /* What a request knows about its text and parameters (bits of shm_plan_request.flags). */
 #define PLAN_REQ_EXTENDED      0x01u /* extended protocol: text from a Parse, values from a Bind */
 #define PLAN_REQ_TRUNCATED     0x02u /* the text was longer than SHM_STMT_MAX - 1: cut */
-#define PLAN_REQ_BINARY        0x04u /* a parameter value is in binary format: values not kept */
+#define PLAN_REQ_BINARY        0x04u /* some parameter values are in binary format (see
+                                      * shm_plan_request.binary) */
 #define PLAN_REQ_PARAMS_LONG   0x08u /* the Bind's values exceed SHM_PLAN_PARAMS_MAX: not kept */
 #define PLAN_REQ_UNKNOWN_STMT  0x10u /* the Bind names a prepared statement whose Parse pgrelay
                                       * did not see last: its text is not known */
@@ -254,6 +255,8 @@ typedef struct shm_plan_request {
     uint16_t n_types;                /* parameter types the Parse declared (0 = inferred) */
     uint16_t n_params;               /* parameter values the Bind carried */
     uint32_t types[SHM_PLAN_TYPES_MAX]; /* their type OIDs (0 = unspecified) */
+    uint8_t binary[SHM_PLAN_PARAMS_MAX / 32]; /* bit i: value i is in binary format (the
+                                               * planner turns common types into text) */
     uint32_t params_len;             /* bytes used in params */
     char params[SHM_PLAN_PARAMS_MAX]; /* n_params of: int32 length (-1 = NULL), text bytes */
     char text[SHM_STMT_MAX];         /* statement text, NUL-terminated */

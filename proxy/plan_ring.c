@@ -116,17 +116,24 @@ static void plan_fill_params(const plan_capture *pc, shm_plan_request *r)
     uint16_t n_formats, n_params;
     if (!get16(b, len, &off, &n_formats))
         goto too_long;
-    for (uint16_t i = 0; i < n_formats; i++) {
-        uint16_t f;
-        if (!get16(b, len, &off, &f))
-            goto too_long;
-        if (f != 0) {
-            r->flags |= PLAN_REQ_BINARY;
-            return;
-        }
-    }
+    uint32_t formats_at = off;
+    if (n_formats > len - off) /* 2 bytes each: cheap bound before looking at them */
+        goto too_long;
+    off += 2u * n_formats;
     if (!get16(b, len, &off, &n_params))
         goto too_long;
+    if (n_params > (uint16_t)(sizeof(r->binary) * 8) || (n_formats > 1 && n_formats != n_params))
+        goto too_long;
+    memset(r->binary, 0, sizeof(r->binary));
+    for (uint16_t i = 0; i < n_params && n_formats > 0; i++) {
+        uint32_t at = formats_at + 2u * (n_formats == 1 ? 0 : i);
+        if (at + 2 > len)
+            goto too_long;
+        if (b[at] != 0 || b[at + 1] != 0) {
+            r->binary[i / 8] |= (uint8_t)(1u << (i % 8));
+            r->flags |= PLAN_REQ_BINARY;
+        }
+    }
     uint32_t start = off;
     for (uint16_t i = 0; i < n_params; i++) {
         uint32_t vlen;

@@ -122,3 +122,115 @@ def test_a_sample_rate_outside_0_to_1_is_refused_naming_file_and_line(tmp_path, 
     assert r.returncode != 0
     assert f"{path}:5: [agent] plan_sample_rate: \"{value}\" is not a number from 0 to 1" in \
         r.stderr + r.stdout, r.stderr + r.stdout
+
+
+@pytest.fixture
+def ext_table(pg):
+    pg.query("DROP TABLE IF EXISTS plan_ext")
+    pg.query("CREATE TABLE plan_ext (id int PRIMARY KEY, v text)")
+    pg.query("INSERT INTO plan_ext SELECT g, 'v' || g FROM generate_series(1, 1000) g")
+    pg.query("ANALYZE plan_ext")
+    yield
+    pg.query("DROP TABLE IF EXISTS plan_ext")
+
+
+def test_a_parameterised_statement_is_planned_with_its_values(planning, ext_table):
+    with planning.connect() as c:
+        # psycopg 3 binds %s server-side: Parse with $1, $2, Bind with the values
+        c.execute("SELECT v, pg_sleep(%s) FROM plan_ext WHERE id = %s", ("0.7", "777"))
+    p = wait_plan(planning, "plan_ext", reason="slow")
+    assert p["error"] is None, p
+    assert p["text"] == "SELECT v, pg_sleep($1) FROM plan_ext WHERE id = $2"
+    assert "Index Scan using plan_ext_pkey" in p["top_node"], p
+    assert "777" in str(p["plan"]), "the Bind's value is in the plan's index condition"
+
+
+def test_python_numbers_as_parameters_are_planned_with_their_values(planning, ext_table):
+    with planning.connect() as c:
+        c.execute("SELECT v, pg_sleep(%s) AS numbers FROM plan_ext WHERE id = %s", (0.7, 778))
+    p = wait_plan(planning, "numbers", reason="slow")
+    assert p["error"] is None, p
+    assert "778" in str(p["plan"])
+
+
+def test_binary_parameters_of_common_types_are_planned_with_their_values(planning, ext_table):
+    with planning.connect() as c:
+        c.execute("SELECT v, pg_sleep(%b) AS binary_params FROM plan_ext WHERE id = %b",
+                  (0.7, 779))
+    p = wait_plan(planning, "binary_params", reason="slow")
+    assert p["error"] is None, p
+    assert "779" in str(p["plan"])
+
+
+def test_a_binary_parameter_of_another_type_is_skipped_with_the_reason(planning, ext_table):
+    import datetime
+    with planning.connect() as c:
+        c.execute("SELECT pg_sleep(0.7), %b::date AS binary_date", (datetime.date(2020, 1, 2),))
+    p = wait_plan(planning, "binary_date", reason="slow")
+    assert p["top_node"] is None, p
+    assert "binary format with type OID 1082" in p["error"], p
+    assert plans(planning)["skipped"] >= 1
+
+
+def test_a_named_prepared_statement_is_planned_with_its_values(planning, ext_table):
+    q = "SELECT v, pg_sleep(%s) AS named_prepared FROM plan_ext WHERE id = %s"
+    with planning.connect() as c:
+        c.execute(q, ("0.1", "780"), prepare=True)  # Parse of a named statement, fast
+        c.execute(q, ("0.7", "781"), prepare=True)  # Bind and Execute of it only, slow
+    p = wait_plan(planning, "named_prepared", reason="slow")
+    assert p["error"] is None, p
+    assert "781" in str(p["plan"])
+
+
+def test_a_statement_running_past_the_threshold_gets_a_running_plan_before_it_ends(
+        planning):
+    import threading
+    done = threading.Event()
+
+    def run():
+        with planning.connect() as c:
+            c.execute("SELECT pg_sleep(4), 'still running'")
+        done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        p = wait_plan(planning, "pg_sleep", reason="running", timeout=3.5)
+        assert not done.is_set(), "the plan came before the statement ended"
+        assert p["error"] is None and p["top_node"] == "Result", p
+        assert p["duration_ms"] >= 500, "the duration is how long it had run when seen"
+    finally:
+        t.join(10)
+    # Once it ended (slow), the same plan says so: no second EXPLAIN.
+    p = wait_plan(planning, "pg_sleep", reason="slow")
+    assert p["duration_ms"] >= 4000
+
+
+@pytest.fixture
+def two_users(pg):
+    for sql in ("DROP TABLE IF EXISTS plan_secret", "DROP ROLE IF EXISTS plan_reader",
+                "DROP ROLE IF EXISTS plan_outsider",
+                "CREATE TABLE plan_secret (id int PRIMARY KEY, v text)",
+                "CREATE ROLE plan_reader LOGIN", "CREATE ROLE plan_outsider LOGIN",
+                "GRANT SELECT ON plan_secret TO plan_reader"):
+        pg.query(sql)
+    yield
+    for sql in ("DROP TABLE IF EXISTS plan_secret", "DROP ROLE IF EXISTS plan_reader",
+                "DROP ROLE IF EXISTS plan_outsider"):
+        pg.query(sql)
+
+
+def test_each_user_gets_a_plan_under_its_own_role(relay_factory, two_users):
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1"}})
+    with r.connect(user="plan_reader") as c:
+        c.execute("SELECT v FROM plan_secret WHERE id = 1")
+    with r.connect(user="plan_outsider") as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT v FROM plan_secret WHERE id = 1")
+    ok = wait_plan(r, "plan_secret", user="plan_reader")
+    denied = wait_plan(r, "plan_secret", user="plan_outsider")
+    assert ok["error"] is None and "plan_secret" in ok["top_node"], ok
+    assert denied["top_node"] is None, denied
+    assert "42501" in denied["error"] and "permission denied for table plan_secret" in \
+        denied["error"], denied
+    assert plans(r)["failed"] >= 1
