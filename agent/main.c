@@ -9,6 +9,7 @@
 #include "channel.h"
 #include "control.h"
 #include "log.h"
+#include "planner.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -416,6 +417,7 @@ int main(int argc, char **argv)
         event_assign(&a->ev_ha, a->base, ha_fd, EV_READ | EV_PERSIST, ha_patroni_on_msg, a);
         event_add(&a->ev_ha, NULL);
     }
+    planner_start(a);
     log_info("started: %d node(s), leader %s, epoch %llu, health_interval %d ms", a->n_nodes,
              a->leader >= 0 ? a->nodes[a->leader].view.name : "(none)",
              (unsigned long long)a->epoch, a->cfg->health_interval_ms);

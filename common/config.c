@@ -140,6 +140,17 @@ const config_key config_keys[] = {
     {"agent", "ha_patroni_urls", KEY_STRING, "", false, offsetof(config, ha_patroni_urls),
      sizeof(((config *)0)->ha_patroni_urls), 0, 0, NULL,
      "comma-separated Patroni REST API base URLs of the members (ha_source = patroni)"},
+    AGENT_KEY("plan_slow_threshold", KEY_DURATION, "1s", plan_slow_threshold_ms, 0,
+              DURATION_MAX_MS,
+              "statements whose round trip takes at least this get an EXPLAIN plan; 0 = off"),
+    AGENT_KEY("plan_sample_rate", KEY_STRING, "0", plan_sample_rate_text, 0, 0,
+              "share of all statements (0 to 1) planned at random, reason sampled; 0 = none"),
+    AGENT_KEY("plan_max_age", KEY_DURATION, "60s", plan_max_age_ms, 0, DURATION_MAX_MS,
+              "the same statement (normalised text, database, user) is planned again after this"),
+    AGENT_KEY("plan_rate_limit", KEY_INT, "10", plan_rate_limit, 1, 10000,
+              "EXPLAINs per second at most; requests past it are dropped and counted"),
+    AGENT_KEY("plan_timeout", KEY_DURATION, "2s", plan_timeout_ms, 10, DURATION_MAX_MS,
+              "statement_timeout of each EXPLAIN (and connect timeout of the planner)"),
     CONTROL_START_KEY("endpoint", KEY_STRING, "", control_endpoint,
                       "base URL(s) of pgrelay-control, comma-separated; empty = no control plane"),
     CONTROL_START_KEY("token", KEY_STRING, "", control_token,
@@ -307,6 +318,18 @@ static void config_on_error(void *user, int line, const char *message)
     config_error(user, line, "%s", message);
 }
 
+/* plan_sample_rate's text into its number. 0, or -1 when it is not a number from 0 to 1. */
+static int config_sample_rate(config *cfg)
+{
+    char *end = NULL;
+    errno = 0;
+    double r = strtod(cfg->plan_sample_rate_text, &end);
+    if (errno || end == cfg->plan_sample_rate_text || *end != '\0' || !(r >= 0.0 && r <= 1.0))
+        return -1;
+    cfg->plan_sample_rate = r;
+    return 0;
+}
+
 static void config_on_key(void *user, int line, const char *section, const char *name,
                           const char *value)
 {
@@ -337,6 +360,10 @@ static void config_on_key(void *user, int line, const char *section, const char 
     const char *err = inifile_set(key, base, value, why, sizeof(why));
     if (err)
         config_error(p, p->line, "[%s] %s: %s", section, name, err);
+    else if (base == p->cfg && strcmp(key->name, "plan_sample_rate") == 0 &&
+             config_sample_rate(p->cfg) != 0)
+        config_error(p, p->line, "[%s] %s: \"%s\" is not a number from 0 to 1", section, name,
+                     value);
 }
 
 static void config_defaults(config *cfg)
@@ -348,6 +375,7 @@ static void config_defaults(config *cfg)
         if (strcmp(k->section, "node") != 0 && k->def)
             inifile_set(k, cfg, k->def, why, sizeof(why));
     }
+    config_sample_rate(cfg);
 }
 
 /* Checks that need the whole file: required node keys, at least one node. */

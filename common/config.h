@@ -104,6 +104,13 @@ typedef struct config {
                                        * admin_socket (none when that is empty too) */
     int ha_source;                    /* ha_source: HA_SOURCE_* (restart only) */
     char ha_patroni_urls[1024];       /* comma-separated Patroni REST base URLs (restart only) */
+    /* [agent]: query plans (workers select, the agent's planner explains) */
+    int plan_slow_threshold_ms;       /* statements at least this slow are planned; 0 = off */
+    char plan_sample_rate_text[32];   /* plan_sample_rate as written (checked when read) */
+    double plan_sample_rate;          /* its value, 0..1: share of statements planned at random */
+    int plan_max_age_ms;              /* a statement is planned again only after this */
+    int plan_rate_limit;              /* EXPLAINs per second at most */
+    int plan_timeout_ms;              /* statement_timeout of each EXPLAIN */
 
     /* [control]: the control plane (empty endpoint = none) */
     char control_endpoint[1024];      /* comma-separated base URLs */

@@ -30,8 +30,13 @@ shm_segment *shm_create(const config *cfg, int *fd_out)
     size_t latency_offset = sizeof(shm_segment) + max_sessions * sizeof(shm_session);
     latency_offset = (latency_offset + _Alignof(shm_node_stats) - 1) / _Alignof(shm_node_stats) *
                      _Alignof(shm_node_stats);
-    size_t size = latency_offset +
-                  (size_t)cfg->workers * SHM_NODE_COUNTS * sizeof(shm_node_stats);
+    size_t rings_offset = latency_offset +
+                          (size_t)cfg->workers * SHM_NODE_COUNTS * sizeof(shm_node_stats);
+    rings_offset = (rings_offset + _Alignof(shm_plan_ring) - 1) / _Alignof(shm_plan_ring) *
+                   _Alignof(shm_plan_ring);
+    size_t plans_offset = rings_offset + (size_t)cfg->workers * sizeof(shm_plan_ring);
+    plans_offset = (plans_offset + 63) / 64 * 64;
+    size_t size = plans_offset + sizeof(shm_plans);
     long page = sysconf(_SC_PAGESIZE);
     size = (size + (size_t)page - 1) / (size_t)page * (size_t)page;
 
@@ -57,6 +62,8 @@ shm_segment *shm_create(const config *cfg, int *fd_out)
     shm->n_workers = (uint32_t)cfg->workers;
     shm->max_sessions = (uint32_t)max_sessions;
     shm->latency_offset = latency_offset;
+    shm->plan_rings_offset = rings_offset;
+    shm->plans_offset = plans_offset;
     shm->master_pid = (int32_t)getpid();
     shm->started_at_us = shm_now_us();
     atomic_store(&shm->next_session_id, 1);
@@ -316,4 +323,19 @@ double shm_latency_quantile_us(const shm_node_totals *h, double q)
         below += n;
     }
     return shm_latency_bounds_us[SHM_LATENCY_BOUNDS - 1];
+}
+
+bool shm_plan_snapshot(shm_segment *shm, uint32_t i, shm_plan *out)
+{
+    shm_plan *p = &shm_plans_of(shm)->plans[i];
+    for (int tries = 0; tries < 1000; tries++) {
+        uint32_t s1 = atomic_load_explicit(&p->seq, memory_order_acquire);
+        if (s1 & 1u)
+            continue;
+        memcpy((char *)out, (char *)p, sizeof(*out));
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&p->seq, memory_order_relaxed) == s1)
+            return out->used != 0;
+    }
+    return false;
 }

@@ -9,6 +9,10 @@
  *   - node stats: after the session slots, one block per worker of shm_node_stats rows (per
  *               node traffic counters and statement latency histogram), one per node_counts
  *               entry, written only by that worker, summed by readers.
+ *   - plan rings: after those, one shm_plan_ring per worker: statements queued for EXPLAIN,
+ *               written only by that worker (head), taken only by the agent's planner (tail).
+ *   - plans:    after the rings, one shm_plans: the plans the agent's planner made, written
+ *               only by it (a seqlock per entry), read by the console.
  */
 #ifndef PGRELAY_SHM_H
 #define PGRELAY_SHM_H
@@ -21,7 +25,7 @@
 
 #include "config.h"
 
-#define SHM_MAGIC          0x70677235u /* "pgr5": bumped when the layout changes */
+#define SHM_MAGIC          0x70677236u /* "pgr6": bumped when the layout changes */
 #define SHM_MAX_WORKERS    256
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
@@ -214,6 +218,97 @@ typedef struct shm_session {
     char stmt[SHM_STMT_MAX];       /* text of the current or last statement */
 } shm_session;
 
+/* ---- query plans (proxy/plan_ring.c queues, agent/planner.c plans) ---- */
+
+#define SHM_PLAN_RING       32   /* requests a worker's ring holds */
+#define SHM_PLAN_TYPES_MAX  32   /* parameter types kept from a Parse */
+#define SHM_PLAN_PARAMS_MAX 1024 /* bytes of a Bind's parameter values kept with a request */
+#define SHM_PLANS_MAX       64   /* plans the agent keeps and publishes */
+#define SHM_PLAN_JSON_MAX   16384 /* bytes of a plan's EXPLAIN JSON kept for the console */
+
+/* Why a statement was queued for planning. */
+typedef enum shm_plan_reason {
+    PLAN_REASON_NONE = 0, /* not queued */
+    PLAN_REASON_SLOW,     /* its round trip took at least plan_slow_threshold */
+    PLAN_REASON_SAMPLED,  /* picked at random (plan_sample_rate) */
+    PLAN_REASON_RUNNING,  /* still running past plan_slow_threshold (seen by the agent) */
+} shm_plan_reason;
+
+/* What a request knows about its text and parameters (bits of shm_plan_request.flags). */
+#define PLAN_REQ_EXTENDED      0x01u /* extended protocol: text from a Parse, values from a Bind */
+#define PLAN_REQ_TRUNCATED     0x02u /* the text was longer than SHM_STMT_MAX - 1: cut */
+#define PLAN_REQ_BINARY        0x04u /* some parameter values are in binary format (see
+                                      * shm_plan_request.binary) */
+#define PLAN_REQ_PARAMS_LONG   0x08u /* the Bind's values exceed SHM_PLAN_PARAMS_MAX: not kept */
+#define PLAN_REQ_UNKNOWN_STMT  0x10u /* the Bind names a prepared statement whose Parse pgrelay
+                                      * did not see last: its text is not known */
+
+/* One statement queued for planning: a copy, so the session may go on at once. */
+typedef struct shm_plan_request {
+    int64_t at_us;                   /* wall clock when it ended */
+    int64_t duration_us;             /* its round trip: first message to ReadyForQuery */
+    uint32_t reason;                 /* shm_plan_reason */
+    uint32_t flags;                  /* PLAN_REQ_* */
+    char node_name[CONFIG_NAME_MAX]; /* node it ran on */
+    char user[SHM_IDENT_MAX];        /* the session's user: EXPLAIN runs under SET ROLE to it */
+    char database[SHM_IDENT_MAX];    /* the session's database */
+    uint16_t n_types;                /* parameter types the Parse declared (0 = inferred) */
+    uint16_t n_params;               /* parameter values the Bind carried */
+    uint32_t types[SHM_PLAN_TYPES_MAX]; /* their type OIDs (0 = unspecified) */
+    uint8_t binary[SHM_PLAN_PARAMS_MAX / 32]; /* bit i: value i is in binary format (the
+                                               * planner turns common types into text) */
+    uint32_t params_len;             /* bytes used in params */
+    char params[SHM_PLAN_PARAMS_MAX]; /* n_params of: int32 length (-1 = NULL), text bytes */
+    char text[SHM_STMT_MAX];         /* statement text, NUL-terminated */
+} shm_plan_request;
+
+/* A worker's queue of requests: single producer (that worker), single consumer (the agent's
+ * planner). head and tail only grow; entry i lives at req[i % SHM_PLAN_RING]. A full ring
+ * drops the request (dropped++): the worker never waits. head and tail sit on lines of their
+ * own so that the two sides do not share one. */
+typedef struct shm_plan_ring {
+    _Alignas(64) _Atomic uint64_t head; /* requests published (worker; release after the copy) */
+    _Atomic uint64_t dropped;           /* requests lost to a full ring (worker) */
+    _Atomic uint64_t sampled;           /* statements picked by plan_sample_rate (worker) */
+    _Alignas(64) _Atomic uint64_t tail; /* requests taken (planner; release after its copy) */
+    shm_plan_request req[SHM_PLAN_RING];
+} shm_plan_ring;
+
+/* One plan the agent made (or failed to make), as the console shows it. */
+typedef struct shm_plan {
+    _Atomic uint32_t seq;            /* odd while the planner rewrites this entry */
+    uint32_t used;                   /* 0: empty slot */
+    uint64_t id;                     /* hash of normalised text, database and user */
+    uint32_t reason;                 /* shm_plan_reason of the request that made it */
+    uint32_t changes;                /* times its shape (node types, relations) changed */
+    int64_t planned_at_us;           /* wall clock of the EXPLAIN */
+    int64_t duration_us;             /* duration of the statement that triggered it */
+    double total_cost;               /* top node's Total Cost; -1 when there is no plan */
+    char node_name[CONFIG_NAME_MAX];
+    char user[SHM_IDENT_MAX];
+    char database[SHM_IDENT_MAX];
+    char top_node[96];               /* "Seq Scan on t", "" when there is no plan */
+    char error[256];                 /* why there is no plan ("" when there is one) */
+    char text[SHM_STMT_MAX];         /* normalised statement text */
+    uint32_t json_len;               /* bytes in json; 0 with an error, or when too large */
+    char json[SHM_PLAN_JSON_MAX];    /* EXPLAIN (FORMAT JSON) output, not NUL-terminated */
+} shm_plan;
+
+/* The planner's counters and plans (written by the agent only). */
+typedef struct shm_plans {
+    _Atomic uint64_t version;      /* bumped after every change of an entry */
+    _Atomic uint64_t requests;     /* requests taken from the rings or made for running ones */
+    _Atomic uint64_t planned;      /* EXPLAINs that gave a plan */
+    _Atomic uint64_t failed;       /* EXPLAINs that failed (error stored) or could not connect */
+    _Atomic uint64_t skipped;      /* not plannable: not SELECT/INSERT/UPDATE/DELETE/MERGE/
+                                    * VALUES/WITH/TABLE, several statements, cut text, values
+                                    * unknown */
+    _Atomic uint64_t deduplicated; /* the same statement was planned within plan_max_age */
+    _Atomic uint64_t rate_limited; /* dropped by plan_rate_limit */
+    _Atomic uint64_t plan_changes; /* new plans whose shape differs from the previous one */
+    shm_plan plans[SHM_PLANS_MAX];
+} shm_plans;
+
 typedef struct shm_segment {
     uint32_t magic;
     uint32_t n_workers;
@@ -239,6 +334,8 @@ typedef struct shm_segment {
     shm_worker workers[SHM_MAX_WORKERS];
     size_t latency_offset;             /* from the segment's start to n_workers blocks of
                                         * SHM_NODE_COUNTS shm_node_stats rows (after the sessions) */
+    size_t plan_rings_offset;          /* to n_workers shm_plan_ring (after the rows) */
+    size_t plans_offset;               /* to the shm_plans (after the rings) */
     shm_session sessions[];            /* max_sessions slots */
 } shm_segment;
 
@@ -298,6 +395,22 @@ static inline shm_node_stats *shm_node_stats_row(shm_segment *shm, uint32_t w, s
     shm_node_stats *rows = (shm_node_stats *)(void *)((char *)shm + shm->latency_offset);
     return &rows[(size_t)w * SHM_NODE_COUNTS + i];
 }
+
+/* Worker w's queue of plan requests. */
+static inline shm_plan_ring *shm_plan_ring_of(shm_segment *shm, uint32_t w)
+{
+    return &((shm_plan_ring *)(void *)((char *)shm + shm->plan_rings_offset))[w];
+}
+
+/* The agent's published plans. */
+static inline shm_plans *shm_plans_of(shm_segment *shm)
+{
+    return (shm_plans *)(void *)((char *)shm + shm->plans_offset);
+}
+
+/* Copy plan entry i consistently (console, reporter). False when it is empty or was being
+ * rewritten every time it was looked at. */
+bool shm_plan_snapshot(shm_segment *shm, uint32_t i, shm_plan *out);
 
 /* The bucket of a latency: the first whose bound is >= us (SHM_LATENCY_BOUNDS if none). Most
  * statements are fast, so a scan from the bottom ends after a few compares. */

@@ -514,6 +514,104 @@ static int cmd_show_stats(admin_call *call, json_t **result)
     return 0;
 }
 
+static const char *plan_reason_name(uint32_t reason)
+{
+    switch (reason) {
+    case PLAN_REASON_SLOW:
+        return "slow";
+    case PLAN_REASON_SAMPLED:
+        return "sampled";
+    case PLAN_REASON_RUNNING:
+        return "running";
+    default:
+        return "?";
+    }
+}
+
+#define ADMIN_PLAN_TEXT_SHOWN 50 /* characters of normalised text in the table form */
+
+/* The agent's plans (shared memory), newest first, with the planner's and the rings'
+ * counters. The json form carries each plan's EXPLAIN (FORMAT JSON) output: with bound
+ * values in its conditions, it is shown from operator level only, as statement text is. */
+static int cmd_show_plans(admin_call *call, json_t **result)
+{
+    shm_segment *shm = call->m->shm;
+    shm_plans *plans = shm_plans_of(shm);
+    int64_t now = shm_now_us();
+    uint64_t dropped = 0, sampled = 0;
+    for (uint32_t w = 0; w < shm->n_workers; w++) {
+        dropped += atomic_load_explicit(&shm_plan_ring_of(shm, w)->dropped, memory_order_relaxed);
+        sampled += atomic_load_explicit(&shm_plan_ring_of(shm, w)->sampled, memory_order_relaxed);
+    }
+    json_t *o = json_object();
+    json_object_set_new(o, "requests", json_integer((json_int_t)atomic_load(&plans->requests)));
+    json_object_set_new(o, "planned", json_integer((json_int_t)atomic_load(&plans->planned)));
+    json_object_set_new(o, "failed", json_integer((json_int_t)atomic_load(&plans->failed)));
+    json_object_set_new(o, "skipped", json_integer((json_int_t)atomic_load(&plans->skipped)));
+    json_object_set_new(o, "deduplicated",
+                        json_integer((json_int_t)atomic_load(&plans->deduplicated)));
+    json_object_set_new(o, "rate_limited",
+                        json_integer((json_int_t)atomic_load(&plans->rate_limited)));
+    json_object_set_new(o, "ring_dropped", json_integer((json_int_t)dropped));
+    json_object_set_new(o, "sampled", json_integer((json_int_t)sampled));
+    json_object_set_new(o, "plan_changes",
+                        json_integer((json_int_t)atomic_load(&plans->plan_changes)));
+    shm_plan *snaps = malloc(sizeof(*snaps) * SHM_PLANS_MAX);
+    int order[SHM_PLANS_MAX], n = 0;
+    json_t *rows = json_array();
+    if (!snaps) {
+        json_decref(o);
+        json_decref(rows);
+        admin_error(call, "out of memory");
+        return -1;
+    }
+    for (uint32_t i = 0; i < SHM_PLANS_MAX; i++) {
+        if (!shm_plan_snapshot(shm, i, &snaps[n]))
+            continue;
+        /* insertion by planned_at, newest first */
+        int k = n++;
+        while (k > 0 && snaps[order[k - 1]].planned_at_us < snaps[n - 1].planned_at_us) {
+            order[k] = order[k - 1];
+            k--;
+        }
+        order[k] = n - 1;
+    }
+    for (int k = 0; k < n; k++) {
+        const shm_plan *p = &snaps[order[k]];
+        char id[24];
+        snprintf(id, sizeof(id), "%016llx", (unsigned long long)p->id);
+        json_t *r = json_object();
+        json_object_set_new(r, "id", json_string(id));
+        json_object_set_new(r, "text", admin_json_text(p->text, sizeof(p->text),
+                                                       call->json ? 0 : ADMIN_PLAN_TEXT_SHOWN));
+        json_object_set_new(r, "node", ADMIN_FIELD_TEXT(p->node_name));
+        json_object_set_new(r, "database", ADMIN_FIELD_TEXT(p->database));
+        json_object_set_new(r, "user", ADMIN_FIELD_TEXT(p->user));
+        json_object_set_new(r, "reason", json_string(plan_reason_name(p->reason)));
+        json_object_set_new(r, "duration_ms", json_integer(p->duration_us / 1000));
+        json_object_set_new(r, "age_s", json_integer((now - p->planned_at_us) / 1000000));
+        json_object_set_new(r, "total_cost",
+                            p->total_cost >= 0 ? json_real(p->total_cost) : json_null());
+        json_object_set_new(r, "top_node",
+                            p->top_node[0] ? ADMIN_FIELD_TEXT(p->top_node) : json_null());
+        json_object_set_new(r, "changes", json_integer(p->changes));
+        json_object_set_new(r, "error", p->error[0] ? ADMIN_FIELD_TEXT(p->error) : json_null());
+        if (call->json) {
+            json_t *plan = NULL;
+            if (call->sess->level < ADMIN_LEVEL_OPERATOR)
+                plan = json_string(ADMIN_STMT_HIDDEN);
+            else if (p->json_len)
+                plan = json_loadb(p->json, p->json_len, 0, NULL);
+            json_object_set_new(r, "plan", plan ? plan : json_null());
+        }
+        json_array_append_new(rows, r);
+    }
+    free(snaps);
+    json_object_set_new(o, "plans", rows);
+    *result = o;
+    return 0;
+}
+
 #define ADMIN_SECRET_MASK "********"
 
 /* One row: the key as the agent names it to the control plane ("listen_port",
@@ -773,6 +871,10 @@ static const admin_command admin_commands[] = {
      ADMIN_LEVEL_USER, true, cmd_show_config},
     {"show leader history", "", "the last changes of write leader: time, from, to, epoch, why",
      ADMIN_LEVEL_USER, true, cmd_show_leader_history},
+    {"show plans", "",
+     "EXPLAIN plans of slow, sampled and running statements: text, node, reason, cost, top "
+     "node (json: the plan itself, operator level)",
+     ADMIN_LEVEL_USER, true, cmd_show_plans},
     {"set leader", "NODE [force]", "make NODE the write leader (refused while it is in recovery)",
      ADMIN_LEVEL_OPERATOR, false, cmd_set_leader},
     {"pause", "[TIMEOUT]", "maintenance on: hold new sessions and each next statement",

@@ -219,6 +219,9 @@ void prom_write(master *m, struct evbuffer *out)
                (double)(events - starts));
     prom_value(out, "pgrelay_reloads_total", "counter", "Configuration reloads applied.",
                (double)atomic_load(&m->shm->reloads));
+    prom_value(out, "pgrelay_plan_changes_total", "counter",
+               "Query plans whose shape differed from the previous plan of the statement.",
+               (double)atomic_load(&shm_plans_of(m->shm)->plan_changes));
     prom_value(out, "pgrelay_clients", "gauge", "Live client sessions.",
                atomic_load(&m->shm->clients));
     prom_value(out, "pgrelay_max_client_conn", "gauge", "The max_client_conn in force.",

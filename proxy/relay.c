@@ -8,6 +8,7 @@
  */
 #include "cancel.h"
 #include "log.h"
+#include "plan_ring.h"
 #include "session.h"
 #include "worker.h"
 
@@ -77,18 +78,28 @@ static void relay_copy_syncs_ignored(session *s, uint32_t n)
     s->copy_end_syncs = 0;
 }
 
+/* Where the client scanner keeps the body bytes begin() asks for: the slot's statement text,
+ * or the session's plan capture for a Bind. */
+static void relay_capture_into(session *s, pg_scan *scan, uint8_t *buf, uint32_t cap)
+{
+    (void)s;
+    scan->capture = buf;
+    scan->capture_cap = cap;
+}
+
 static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t body_len)
 {
     session *s = ctx;
     worker *w = worker_self;
-    (void)scan;
-    (void)body_len;
 
     if (!s->logged_in)
         return 0; /* password and SASL messages */
     switch (type) {
     case PG_MSG_QUERY:
         shm_session_write_begin(s->slot); /* ended in client_end, once the text is in */
+        relay_capture_into(s, scan, (uint8_t *)s->slot->stmt, SHM_STMT_MAX - 1);
+        s->plan.extended = s->plan.function_call = false;
+        s->plan.truncated = body_len > SHM_STMT_MAX;
         relay_statement_starts(s);
         relay_copy_forget(s);
         s->pending_syncs++;
@@ -97,6 +108,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         return SHM_STMT_MAX - 1;
     case PG_MSG_PARSE:
         shm_session_write_begin(s->slot);
+        relay_capture_into(s, scan, (uint8_t *)s->slot->stmt, SHM_STMT_MAX - 1);
         relay_statement_starts(s);
         s->ext_open = true;
         return SHM_STMT_MAX - 1;
@@ -105,13 +117,24 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         s->node_statements++;
         relay_copy_forget(s);
         /* fall through */
-    case PG_MSG_BIND:
     case 'D': /* Describe */
     case 'C': /* Close */
     case 'H': /* Flush */
         relay_statement_starts(s);
         s->ext_open = true;
         return 0;
+    case PG_MSG_BIND:
+        relay_statement_starts(s);
+        s->ext_open = true;
+        /* Its values go with a plan request; kept only while planning is on. */
+        s->plan.extended = true;
+        s->plan.function_call = false;
+        s->plan.bind_len = body_len;
+        s->plan.bind_have = 0;
+        if (!plan_enabled(w))
+            return 0;
+        relay_capture_into(s, scan, s->plan.bind, sizeof(s->plan.bind));
+        return sizeof(s->plan.bind);
     case PG_MSG_SYNC:
         relay_statement_starts(s);
         s->ext_open = false;
@@ -128,6 +151,7 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         }
         return 0;
     case PG_MSG_FUNCTION_CALL:
+        s->plan.function_call = true;
         relay_statement_starts(s);
         s->pending_syncs++;
         return 0;
@@ -141,16 +165,18 @@ static void client_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t ca
 {
     session *s = ctx;
     (void)body;
-    (void)body_len;
 
     if (!s->logged_in)
         return;
-    if (type == PG_MSG_QUERY) {
+    if (type == PG_MSG_BIND) {
+        s->plan.bind_have = captured;
+    } else if (type == PG_MSG_QUERY) {
         s->slot->stmt[captured] = '\0';
         shm_session_write_end(s->slot);
     } else if (type == PG_MSG_PARSE) {
         /* Parse: statement name \0 query \0 ...; keep the query. */
         char *stmt = s->slot->stmt;
+        plan_parse_seen(s, (const uint8_t *)stmt, captured, body_len);
         stmt[captured] = '\0';
         size_t name_len = strnlen(stmt, captured);
         if (name_len < captured)
@@ -183,6 +209,7 @@ static void relay_statement_ends(session *s)
             shm_stat_add(&h->buckets[shm_latency_bucket(latency)], 1);
             shm_stat_add(&h->latency_us, latency);
         }
+        plan_statement_ended(w, s, latency);
     }
     relay_node_flush(s);
 }

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "pgproto.h"
+#include "plan_ring.h"
 #include "shm.h"
 
 /* A long transfer (COPY, a large result) adds its bytes to the node's counters at least every
@@ -104,6 +105,7 @@ typedef struct session {
     uint64_t node_bytes_in;
     uint64_t node_bytes_out;
 
+    plan_capture plan;           /* what a plan request needs of the current statement */
     char client_addr[SHM_ADDR_MAX];
 } session;
 

@@ -1,0 +1,20 @@
+/* planner.h - the agent's query planner: EXPLAIN of slow, sampled and running statements. */
+#ifndef PGRELAY_PLANNER_H
+#define PGRELAY_PLANNER_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "agent.h"
+
+/* Start the planner thread (only under a master: the rings are in its shared memory).
+ * Returns 0, or -1 (logged). */
+int planner_start(agent *a);
+
+/* Plan changes recorded after change number `after` (the reporter's upload): an array of
+ * {id, at_ms, text, node, database, user, old_plan, new_plan}; *last is set to the number of
+ * the newest one in it (left as it is when there is none). Never NULL. */
+json_t *planner_changes_since(uint64_t after, uint64_t *last);
+
+#endif

@@ -1,0 +1,236 @@
+"""Query plans: the workers queue slow, sampled and running statements, the agent EXPLAINs
+them (never ANALYZE) on the node and database they ran on, under SET ROLE to their user, and
+the console's ``show plans`` shows the outcome.
+
+Every plan is waited for (the planner polls every 100 ms); nothing sleeps to synchronise.
+"""
+
+import psycopg
+import pytest
+
+from conftest import admin, admin_json, wait_for
+
+THRESHOLD = "500ms"
+SLEEP = 0.7  # seconds: past THRESHOLD with room to spare
+
+
+def plans(relay):
+    return admin_json(relay, "show plans")
+
+
+def plan_for(relay, fragment, **match):
+    """The plan row whose normalised text contains fragment (and whose fields match), or None."""
+    for p in plans(relay)["plans"]:
+        if fragment in p["text"] and all(p.get(k) == v for k, v in match.items()):
+            return p
+    return None
+
+
+def wait_plan(relay, fragment, timeout=15, **match):
+    wait_for(lambda: plan_for(relay, fragment, **match) is not None, timeout=timeout,
+             what=f"a plan of {fragment!r} {match}")
+    return plan_for(relay, fragment, **match)
+
+
+@pytest.fixture
+def planning(relay_factory):
+    """A pgrelay that plans statements slower than THRESHOLD."""
+    return relay_factory(sections={"agent": {"plan_slow_threshold": THRESHOLD}})
+
+
+def test_a_slow_statement_gets_a_plan_with_reason_slow(planning, pg):
+    with planning.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}), 'secret-literal'")
+    p = wait_plan(planning, "pg_sleep", reason="slow")
+    assert p["text"] == "SELECT pg_sleep($1), $2", "the text is normalised: no literal kept"
+    assert p["node"] == "pg1" and p["database"] == "postgres" and p["user"] == "postgres"
+    assert p["duration_ms"] >= SLEEP * 1000
+    assert p["error"] is None, p
+    assert p["top_node"] == "Result"
+    assert p["total_cost"] is not None and p["total_cost"] >= 0
+    assert p["plan"][0]["Plan"]["Node Type"] == "Result", "the full EXPLAIN JSON in the json form"
+    assert "Actual Rows" not in str(p["plan"]), "never ANALYZE"
+    table = admin(planning, "show plans")
+    assert "pg_sleep" in table and "slow" in table and "Result" in table
+
+
+def test_a_fast_statement_gets_no_plan_without_sampling(planning):
+    with planning.connect() as c:
+        c.execute("SELECT 42 AS fast_one")
+        c.execute(f"SELECT pg_sleep({SLEEP})")
+    wait_plan(planning, "pg_sleep")
+    assert plan_for(planning, "fast_one") is None
+
+
+def test_ddl_and_copy_are_not_explained(planning, pg):
+    with planning.connect() as c:
+        c.execute(f"DO $$BEGIN PERFORM pg_sleep({SLEEP}); END$$")
+        with c.cursor() as cur:
+            with cur.copy(f"COPY (SELECT pg_sleep({SLEEP}) AS copied) TO STDOUT") as cp:
+                for _ in cp:
+                    pass
+        c.execute(f"SELECT pg_sleep({SLEEP}), 'after'")
+    # The last statement's plan proves the planner went past the two before it.
+    wait_plan(planning, "pg_sleep($1), $2", reason="slow")
+    got = plans(planning)
+    texts = [p["text"] for p in got["plans"]]
+    assert not any("DO" in t or "COPY" in t for t in texts), texts
+    assert got["skipped"] >= 2, got
+
+
+def test_the_same_statement_is_planned_once_within_plan_max_age(planning):
+    with planning.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}), 'once'")
+        wait_plan(planning, "pg_sleep($1), $2", reason="slow")
+        before = plans(planning)
+        c.execute(f"SELECT pg_sleep({SLEEP}), 'twice'")
+    wait_for(lambda: plans(planning)["deduplicated"] > before["deduplicated"],
+             what="the second run deduplicated")
+    after = plans(planning)
+    assert after["planned"] == before["planned"]
+    assert len([p for p in after["plans"] if p["text"] == "SELECT pg_sleep($1), $2"]) == 1
+
+
+def test_sample_rate_one_plans_a_fast_statement_as_sampled(relay_factory):
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1"}})
+    with r.connect() as c:
+        c.execute("SELECT 1 AS sampled_one")
+    p = wait_plan(r, "sampled_one", reason="sampled")
+    assert p["error"] is None and p["top_node"] == "Result"
+    assert plans(r)["sampled"] >= 1
+
+
+def test_planning_off_queues_nothing(relay_factory):
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0"}})
+    with r.connect() as c:
+        c.execute("SELECT pg_sleep(0.3)")
+        c.execute("SELECT 1")
+    got = plans(r)
+    assert got["requests"] == 0 and got["plans"] == [] and got["sampled"] == 0
+
+
+@pytest.mark.parametrize("value", ["2", "-0.1", "often", "0.5x"])
+def test_a_sample_rate_outside_0_to_1_is_refused_naming_file_and_line(tmp_path, pg, value):
+    import subprocess
+
+    from conftest import PGRELAY_BIN
+    path = tmp_path / "pgrelay.ini"
+    path.write_text("[pgrelay]\nlisten_port = 6999\n\n[agent]\nplan_sample_rate = "
+                    f"{value}\n\n[node.pg1]\nhost = 127.0.0.1\nport = {pg.port}\nrole = primary\n")
+    r = subprocess.run([PGRELAY_BIN, "-t", "-c", str(path)], capture_output=True, text=True,
+                       timeout=10)
+    assert r.returncode != 0
+    assert f"{path}:5: [agent] plan_sample_rate: \"{value}\" is not a number from 0 to 1" in \
+        r.stderr + r.stdout, r.stderr + r.stdout
+
+
+@pytest.fixture
+def ext_table(pg):
+    pg.query("DROP TABLE IF EXISTS plan_ext")
+    pg.query("CREATE TABLE plan_ext (id int PRIMARY KEY, v text)")
+    pg.query("INSERT INTO plan_ext SELECT g, 'v' || g FROM generate_series(1, 1000) g")
+    pg.query("ANALYZE plan_ext")
+    yield
+    pg.query("DROP TABLE IF EXISTS plan_ext")
+
+
+def test_a_parameterised_statement_is_planned_with_its_values(planning, ext_table):
+    with planning.connect() as c:
+        # psycopg 3 binds %s server-side: Parse with $1, $2, Bind with the values
+        c.execute("SELECT v, pg_sleep(%s) FROM plan_ext WHERE id = %s", ("0.7", "777"))
+    p = wait_plan(planning, "plan_ext", reason="slow")
+    assert p["error"] is None, p
+    assert p["text"] == "SELECT v, pg_sleep($1) FROM plan_ext WHERE id = $2"
+    assert "Index Scan using plan_ext_pkey" in p["top_node"], p
+    assert "777" in str(p["plan"]), "the Bind's value is in the plan's index condition"
+
+
+def test_python_numbers_as_parameters_are_planned_with_their_values(planning, ext_table):
+    with planning.connect() as c:
+        c.execute("SELECT v, pg_sleep(%s) AS numbers FROM plan_ext WHERE id = %s", (0.7, 778))
+    p = wait_plan(planning, "numbers", reason="slow")
+    assert p["error"] is None, p
+    assert "778" in str(p["plan"])
+
+
+def test_binary_parameters_of_common_types_are_planned_with_their_values(planning, ext_table):
+    with planning.connect() as c:
+        c.execute("SELECT v, pg_sleep(%b) AS binary_params FROM plan_ext WHERE id = %b",
+                  (0.7, 779))
+    p = wait_plan(planning, "binary_params", reason="slow")
+    assert p["error"] is None, p
+    assert "779" in str(p["plan"])
+
+
+def test_a_binary_parameter_of_another_type_is_skipped_with_the_reason(planning, ext_table):
+    import datetime
+    with planning.connect() as c:
+        c.execute("SELECT pg_sleep(0.7), %b::date AS binary_date", (datetime.date(2020, 1, 2),))
+    p = wait_plan(planning, "binary_date", reason="slow")
+    assert p["top_node"] is None, p
+    assert "binary format with type OID 1082" in p["error"], p
+    assert plans(planning)["skipped"] >= 1
+
+
+def test_a_named_prepared_statement_is_planned_with_its_values(planning, ext_table):
+    q = "SELECT v, pg_sleep(%s) AS named_prepared FROM plan_ext WHERE id = %s"
+    with planning.connect() as c:
+        c.execute(q, ("0.1", "780"), prepare=True)  # Parse of a named statement, fast
+        c.execute(q, ("0.7", "781"), prepare=True)  # Bind and Execute of it only, slow
+    p = wait_plan(planning, "named_prepared", reason="slow")
+    assert p["error"] is None, p
+    assert "781" in str(p["plan"])
+
+
+def test_a_statement_running_past_the_threshold_gets_a_running_plan_before_it_ends(
+        planning):
+    import threading
+    done = threading.Event()
+
+    def run():
+        with planning.connect() as c:
+            c.execute("SELECT pg_sleep(4), 'still running'")
+        done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        p = wait_plan(planning, "pg_sleep", reason="running", timeout=3.5)
+        assert not done.is_set(), "the plan came before the statement ended"
+        assert p["error"] is None and p["top_node"] == "Result", p
+        assert p["duration_ms"] >= 500, "the duration is how long it had run when seen"
+    finally:
+        t.join(10)
+    # Once it ended (slow), the same plan says so: no second EXPLAIN.
+    p = wait_plan(planning, "pg_sleep", reason="slow")
+    assert p["duration_ms"] >= 4000
+
+
+@pytest.fixture
+def two_users(pg):
+    for sql in ("DROP TABLE IF EXISTS plan_secret", "DROP ROLE IF EXISTS plan_reader",
+                "DROP ROLE IF EXISTS plan_outsider",
+                "CREATE TABLE plan_secret (id int PRIMARY KEY, v text)",
+                "CREATE ROLE plan_reader LOGIN", "CREATE ROLE plan_outsider LOGIN",
+                "GRANT SELECT ON plan_secret TO plan_reader"):
+        pg.query(sql)
+    yield
+    for sql in ("DROP TABLE IF EXISTS plan_secret", "DROP ROLE IF EXISTS plan_reader",
+                "DROP ROLE IF EXISTS plan_outsider"):
+        pg.query(sql)
+
+
+def test_each_user_gets_a_plan_under_its_own_role(relay_factory, two_users):
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1"}})
+    with r.connect(user="plan_reader") as c:
+        c.execute("SELECT v FROM plan_secret WHERE id = 1")
+    with r.connect(user="plan_outsider") as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT v FROM plan_secret WHERE id = 1")
+    ok = wait_plan(r, "plan_secret", user="plan_reader")
+    denied = wait_plan(r, "plan_secret", user="plan_outsider")
+    assert ok["error"] is None and "plan_secret" in ok["top_node"], ok
+    assert denied["top_node"] is None, denied
+    assert "42501" in denied["error"] and "permission denied for table plan_secret" in \
+        denied["error"], denied
+    assert plans(r)["failed"] >= 1
