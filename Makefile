@@ -2,7 +2,7 @@
 #
 #   make            build bin/pgrelay
 #   make deps       install every build and test dependency from Debian packages
-#   make test       deps + build + unit tests + integration and fault-injection tests
+#   make test       deps + build + unit tests + integration, fault-injection and browser tests
 #                   (+ test-patroni when CI is set)
 #   make test-patroni  pgrelay and HAProxy in front of etcd + three Patroni members
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
@@ -38,7 +38,7 @@ DEB_BUILD := build-essential pkg-config libevent-dev libpq-dev libcurl4-openssl-
              libinih-dev libjansson-dev libssl-dev libcmocka-dev
 DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg socat \
              procps util-linux mount iproute2 groff-base python3-prometheus-client haproxy \
-             clang nftables
+             clang nftables chromium chromium-driver python3-selenium
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 DEB_PATRONI := patroni etcd-server etcd-client haproxy
 
@@ -65,7 +65,8 @@ COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/%.o)
 PROXY_OBJ  := $(PROXY_SRC:%.c=$(BUILD)/%.o)
 AGENT_OBJ  := $(AGENT_SRC:%.c=$(BUILD)/%.o)
 CTL_OBJ    := $(CTL_SRC:%.c=$(BUILD)/%.o)
-CONTROL_OBJ := $(CONTROL_SRC:%.c=$(BUILD)/%.o)
+CONTROL_OBJ := $(CONTROL_SRC:%.c=$(BUILD)/%.o) $(BUILD)/gen/ui_data.o
+UI_FILES   := $(sort $(wildcard control/ui/*.html control/ui/*.css control/ui/*.js control/ui/*.svg))
 UNIT_BINS  := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 PGRELAY    := $(BIN)/pgrelay
@@ -73,7 +74,7 @@ AGENT      := $(BIN)/pgrelay-agent
 CONTROL    := $(BIN)/pgrelay-control
 CTL        := $(BIN)/pgrelayctl
 
-.PHONY: all control deps check-deps test unit integration bench demo demo-stop install uninstall clean format \
+.PHONY: all control deps check-deps test unit integration browser bench demo demo-stop install uninstall clean format \
         fuzz fuzz-build fuzz-regress
 
 all: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
@@ -94,6 +95,14 @@ $(PGRELAY): $(PROXY_OBJ) $(COMMON_OBJ) | check-deps
 $(AGENT): $(AGENT_OBJ) $(COMMON_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -pthread -o $@ $^ $(shell pkg-config --libs $(AGENT_PKGS))
+
+# The web UI's files as byte arrays, compiled into pgrelay-control (control/ui_assets.c).
+$(BUILD)/gen/ui_data.c: $(UI_FILES) control/ui/gen_assets.sh
+	@mkdir -p $(dir $@)
+	sh control/ui/gen_assets.sh $@ $(UI_FILES)
+
+$(BUILD)/gen/ui_data.o: $(BUILD)/gen/ui_data.c
+	$(CC) $(ALL_CFLAGS) -Icontrol -c -o $@ $<
 
 # The control plane alone.
 control: $(CONTROL) $(CTL)
@@ -153,11 +162,18 @@ integration: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
 	$(SANITIZER_ENV) PGRELAY_BIN=$(abspath $(PGRELAY)) PGRELAY_CONTROL_BIN=$(abspath $(CONTROL)) \
 	PGRELAYCTL_BIN=$(abspath $(CTL)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/faults
 
+# The web UI in headless Chromium (Selenium), against a real control plane and two proxies;
+# screenshots of every page land in build/test-artifacts/browser.
+browser: $(PGRELAY) $(AGENT) $(CONTROL) $(CTL)
+	$(SANITIZER_ENV) PGRELAY_BIN=$(abspath $(PGRELAY)) PGRELAY_CONTROL_BIN=$(abspath $(CONTROL)) \
+	PGRELAYCTL_BIN=$(abspath $(CTL)) $(PYTHON) -m pytest -v -p no:cacheprovider tests/browser
+
 test: deps
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory unit
 	@$(MAKE) --no-print-directory fuzz-regress
 	@$(MAKE) --no-print-directory integration
+	@$(MAKE) --no-print-directory browser
 
 # ---- fuzzing: libFuzzer from Debian's clang, with AddressSanitizer and UBSan ----
 # tests/fuzz/fuzz_NAME.c is a target, tests/fuzz/corpus/NAME/ its checked-in seeds. `make fuzz`

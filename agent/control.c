@@ -191,6 +191,7 @@ static json_t *routes_json(const shm_route_table *t)
                       "latency_us", (json_int_t)tot.latency_us, "statements_completed",
                       (json_int_t)tot.count);
         json_object_set_new(node, "latency_buckets", latency_buckets_json(&tot));
+        json_object_set_new(node, "lag_ms", json_integer((json_int_t)n->lag_ms));
         json_array_append_new(nodes, node);
     }
     return nodes;
@@ -219,13 +220,15 @@ static json_t *metrics_body(const shm_route_table *t)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     const char *leader = leader_name(t);
+    int64_t until_us = atomic_load(&shm->maintenance_until_us);
     return json_pack(
-        "{s:s, s:I, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:I, s:o, s:I, s:o}", "node_id",
+        "{s:s, s:I, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:I, s:I, s:o, s:I, s:o}", "node_id",
         control.node_id, "ts_ms", (json_int_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, "clients",
         (int)atomic_load(&shm->clients), "statements", (json_int_t)statements, "bytes_in",
         (json_int_t)bytes_in, "bytes_out", (json_int_t)bytes_out, "errors", (json_int_t)errors,
         "latency_us", (json_int_t)latency, "statements_completed", (json_int_t)completed,
-        "maintenance", atomic_load(&shm->maintenance) != 0, "epoch", (json_int_t)t->epoch, "leader",
+        "maintenance", atomic_load(&shm->maintenance) != 0, "maintenance_until_ms",
+        (json_int_t)(until_us / 1000), "epoch", (json_int_t)t->epoch, "leader",
         leader ? json_string(leader) : json_null(), "config_version",
         (json_int_t)atomic_load(&shm->config_version), "nodes", routes_json(t));
 }

@@ -296,6 +296,7 @@ static bool agents_check_nodes(http_call *call, json_t *nodes)
             !http_field_bool(call, n, where, "in_recovery", false, &b) ||
             !http_field_int(call, n, where, "lsn", false, 0, AGENTS_INT_MAX, &v) ||
             !http_field_int(call, n, where, "lag_bytes", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
+            !http_field_int(call, n, where, "lag_ms", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
             !http_field_int(call, n, where, "write_sessions", false, 0, INT32_MAX, &v) ||
             !http_field_int(call, n, where, "read_sessions", false, 0, INT32_MAX, &v) ||
             !agents_check_latency_buckets(call, n, where))
@@ -332,7 +333,7 @@ void agents_metrics(http_call *call)
 {
     const char *node_id, *leader = NULL;
     state_sample s = {0};
-    int64_t epoch = -1, config_version = -1;
+    int64_t epoch = -1, config_version = -1, until_ms = 0; /* until_ms: checked, kept in the body */
     bool maintenance = false;
     json_t *nodes = NULL;
 
@@ -342,6 +343,8 @@ void agents_metrics(http_call *call)
         !http_field_int(call, call->body, NULL, "config_version", false, 0, AGENTS_INT_MAX,
                         &config_version) ||
         !http_field_bool(call, call->body, NULL, "maintenance", false, &maintenance) ||
+        !http_field_int(call, call->body, NULL, "maintenance_until_ms", false, 0, AGENTS_INT_MAX,
+                        &until_ms) ||
         !agents_leader_field(call, call->body, &leader) ||
         !http_field_container(call, call->body, NULL, "nodes", false, false, &nodes))
         return;

@@ -18,6 +18,7 @@
 #include "views.h"
 #include "store.h"
 #include "tls.h"
+#include "ui_assets.h"
 
 #include <ctype.h>
 #include <event2/bufferevent_ssl.h>
@@ -54,6 +55,10 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_GET, "/healthz", HTTP_AUTH_NONE, false, http_healthz},
     {EVHTTP_REQ_GET, "/readyz", HTTP_AUTH_NONE, false, http_readyz},
     {EVHTTP_REQ_GET, "/metrics", HTTP_AUTH_NONE, false, metrics_handle},
+    {EVHTTP_REQ_GET, "/", HTTP_AUTH_NONE, false, ui_redirect},
+    {EVHTTP_REQ_GET, "/ui", HTTP_AUTH_NONE, false, ui_redirect},
+    {EVHTTP_REQ_GET, "/ui/", HTTP_AUTH_NONE, false, ui_serve},
+    {EVHTTP_REQ_GET, "/ui/*", HTTP_AUTH_NONE, false, ui_serve},
     {EVHTTP_REQ_POST, "/api/v1/agent/register", HTTP_AUTH_AGENT, false, agents_register},
     {EVHTTP_REQ_POST, "/api/v1/agent/metrics", HTTP_AUTH_AGENT, false, agents_metrics},
     {EVHTTP_REQ_POST, "/api/v1/agent/queries", HTTP_AUTH_AGENT, false, agents_queries},
@@ -69,8 +74,10 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_DELETE, DEP_PATH "/proxies/*", HTTP_AUTH_ADMIN, true, members_delete},
     {EVHTTP_REQ_POST, DEP_PATH "/proxies/*/options", HTTP_AUTH_ADMIN, true, members_set_options},
     {EVHTTP_REQ_GET, DEP_PATH "/nodes", HTTP_AUTH_ADMIN, true, views_nodes},
+    {EVHTTP_REQ_GET, DEP_PATH "/leaders", HTTP_AUTH_ADMIN, true, views_leaders_get},
     {EVHTTP_REQ_GET, DEP_PATH "/queries", HTTP_AUTH_ADMIN, true, views_queries},
     {EVHTTP_REQ_GET, DEP_PATH "/metrics", HTTP_AUTH_ADMIN, true, views_metrics},
+    {EVHTTP_REQ_GET, DEP_PATH "/metrics/history", HTTP_AUTH_ADMIN, true, views_metrics_history},
     {EVHTTP_REQ_GET, DEP_PATH "/schema", HTTP_AUTH_ADMIN, true, views_schema},
     {EVHTTP_REQ_POST, DEP_PATH "/maintenance", HTTP_AUTH_ADMIN, true, operator_maintenance},
     {EVHTTP_REQ_POST, DEP_PATH "/reload", HTTP_AUTH_ADMIN, true, operator_reload},
@@ -97,6 +104,8 @@ static const char *http_reason(int code)
         return "OK";
     case 204:
         return "No Content";
+    case 302:
+        return "Found";
     case 400:
         return "Bad Request";
     case 401:
@@ -473,6 +482,22 @@ static bool http_parse_body(http_call *call)
     return true;
 }
 
+/* On every answer, the web UI's and the API's alike: no script, style or frame from anywhere
+ * but this origin and no inline script or style (the UI has none), never framed, types as
+ * sent, no Referer; API answers (tokens, fleet state) are never cached. */
+static void http_security_headers(struct evhttp_request *req, const char *path)
+{
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Content-Security-Policy",
+                      "default-src 'self'; script-src 'self'; object-src 'none'; "
+                      "frame-ancestors 'none'");
+    evhttp_add_header(h, "X-Frame-Options", "DENY");
+    evhttp_add_header(h, "X-Content-Type-Options", "nosniff");
+    evhttp_add_header(h, "Referrer-Policy", "no-referrer");
+    if (strncmp(path, "/ui", 3) != 0)
+        evhttp_add_header(h, "Cache-Control", "no-store");
+}
+
 static void http_dispatch(struct evhttp_request *req, void *arg)
 {
     http_call call;
@@ -489,6 +514,7 @@ static void http_dispatch(struct evhttp_request *req, void *arg)
     if (!path || !*path)
         path = "/";
     call.path = path;
+    http_security_headers(req, path);
     enum evhttp_cmd_type method = evhttp_request_get_command(req);
 
     for (size_t i = 0; i < HTTP_N_ROUTES; i++) {

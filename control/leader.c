@@ -21,6 +21,7 @@
 #include "log.h"
 #include "operator.h"
 #include "store.h"
+#include "views.h"
 
 #include <event2/event.h>
 #include <inttypes.h>
@@ -107,8 +108,9 @@ bool leader_observe(state_proxy *p, json_t *nodes, int64_t now)
 
 /* Answer every parked poll of the deployment now: the answer carries the new leader and
  * epoch, so the agents follow within milliseconds rather than at their next metrics call. */
-static void leader_announce(state_deployment *dep)
+static void leader_announce(state_deployment *dep, const char *why)
 {
+    views_leader_changed(dep, why);
     for (state_proxy *p = dep->proxies; p; p = p->next)
         agents_wake(p);
 }
@@ -142,7 +144,7 @@ static int leader_commit(state_deployment *dep, const char *leader_in, int64_t e
             (stored_epoch != dep->epoch || strcmp(stored_leader, dep->leader) != 0)) {
             snprintf(dep->leader, sizeof(dep->leader), "%s", stored_leader);
             dep->epoch = stored_epoch;
-            leader_announce(dep);
+            leader_announce(dep, "taken from the store: another replica's decision");
         }
         return -1;
     }
@@ -154,7 +156,7 @@ static int leader_commit(state_deployment *dep, const char *leader_in, int64_t e
                  leader, dep->epoch, epoch, why);
     snprintf(dep->leader, sizeof(dep->leader), "%s", leader);
     dep->epoch = epoch;
-    leader_announce(dep);
+    leader_announce(dep, why);
     return 0;
 }
 
@@ -367,7 +369,7 @@ int leader_set(state_deployment *dep, const char *node, int64_t epoch)
     snprintf(dep->leader, sizeof(dep->leader), "%s", node);
     dep->epoch = epoch;
     state_decide_again(dep);
-    leader_announce(dep);
+    leader_announce(dep, "switchover");
     return 0;
 }
 

@@ -16,6 +16,24 @@
 #define VIEWS_RATE_WINDOW_MS 10000 /* rates are computed over the samples of this window */
 #define MS_PER_S             1000
 #define US_PER_MS            1000.0
+#define VIEWS_LEADERS_MAX    512 /* leader changes kept in memory, all deployments together */
+#define VIEWS_WHY_MAX        96  /* longest reason kept with a leader change */
+
+/* One leader change as this control plane took or followed it. */
+typedef struct views_leader_change {
+    char deployment[CCONFIG_NAME_MAX];
+    char leader[STATE_NODE_NAME_MAX];
+    int64_t epoch;
+    int64_t at_ms; /* milliseconds since the Unix epoch */
+    char why[VIEWS_WHY_MAX];
+} views_leader_change;
+
+/* The ring of leader changes: the oldest is overwritten first. */
+static struct {
+    views_leader_change ring[VIEWS_LEADERS_MAX];
+    int next; /* where the next change goes */
+    int n;    /* how many are kept */
+} views_leaders;
 
 void views_deployments(http_call *call)
 {
@@ -49,6 +67,9 @@ void views_proxies(http_call *call)
                             p->leader[0] ? json_string(p->leader) : json_null(), "maintenance",
                             p->maintenance, "config_version", (json_int_t)p->config_version,
                             "listen", p->listen ? p->listen : json_array()));
+        json_t *until = json_object_get(p->last_metrics, "maintenance_until_ms");
+        json_object_set_new(json_array_get(list, json_array_size(list) - 1), "maintenance_until_ms",
+                            json_integer(json_is_integer(until) ? json_integer_value(until) : 0));
     }
     http_reply_json(call->req, 200, list);
 }
@@ -85,6 +106,7 @@ void views_nodes(http_call *call)
             copy_field(row, obs, "role");
             copy_field(row, obs, "in_recovery");
             copy_field(row, obs, "lag_bytes");
+            copy_field(row, obs, "lag_ms");
             copy_field(row, obs, "lsn");
             json_t *health = json_object_get(obs, "health");
             json_object_set_new(json_object_get(row, "health"), p->node_id,
@@ -258,4 +280,97 @@ void views_config_get(http_call *call)
                     json_pack("{s:I, s:o, s:o}", "version", (json_int_t)version, "text",
                               text ? json_string(text) : json_null(), "proxies", proxies));
     free(text);
+}
+
+void views_leader_changed(const state_deployment *dep, const char *why)
+{
+    views_leader_change *c = &views_leaders.ring[views_leaders.next];
+    snprintf(c->deployment, sizeof(c->deployment), "%s", dep->name);
+    snprintf(c->leader, sizeof(c->leader), "%s", dep->leader);
+    c->epoch = dep->epoch;
+    c->at_ms = control_now_ms();
+    snprintf(c->why, sizeof(c->why), "%s", why ? why : "");
+    views_leaders.next = (views_leaders.next + 1) % VIEWS_LEADERS_MAX;
+    if (views_leaders.n < VIEWS_LEADERS_MAX)
+        views_leaders.n++;
+}
+
+void views_leaders_get(http_call *call)
+{
+    json_t *list = json_array();
+    for (int k = 1; k <= views_leaders.n; k++) { /* newest first */
+        const views_leader_change *c =
+            &views_leaders.ring[(views_leaders.next - k + VIEWS_LEADERS_MAX) % VIEWS_LEADERS_MAX];
+        if (strcmp(c->deployment, call->dep->name) != 0)
+            continue;
+        json_array_append_new(list, json_pack("{s:o, s:I, s:I, s:s}", "leader",
+                                              c->leader[0] ? json_string(c->leader) : json_null(),
+                                              "epoch", (json_int_t)c->epoch, "at",
+                                              (json_int_t)c->at_ms, "why", c->why));
+    }
+    http_reply_json(call->req, 200, list);
+}
+
+/* The per-second series of one ring of samples, since since_ms: one point per interval of at
+ * least a second (samples closer together are folded into the next point), none across a
+ * counter reset. Each point: [t, statements/s, bytes_in/s, bytes_out/s, errors/s, latency ms
+ * or null, sessions]. */
+static json_t *views_series(const state_sample *ring, int cap, int head, int n, int64_t since_ms)
+{
+    json_t *points = json_array();
+    const state_sample *a = NULL;
+    for (int k = 0; k < n; k++) {
+        const state_sample *b = &ring[(head + k) % cap];
+        if (!a) {
+            a = b;
+            continue;
+        }
+        int64_t ms = b->received_ms - a->received_ms;
+        if (ms < MS_PER_S)
+            continue;
+        if (b->received_ms > since_ms)
+            json_array_append_new(points,
+                                  json_pack("[I, o, o, o, o, o, I]", (json_int_t)b->received_ms,
+                                            views_rate(a->statements, b->statements, ms),
+                                            views_rate(a->bytes_in, b->bytes_in, ms),
+                                            views_rate(a->bytes_out, b->bytes_out, ms),
+                                            views_rate(a->errors, b->errors, ms),
+                                            views_latency_ms(a, b), (json_int_t)b->clients));
+        a = b;
+    }
+    return points;
+}
+
+void views_metrics_history(http_call *call)
+{
+    int64_t since_ms = 0;
+    const char *since = evhttp_find_header(&call->query, "since_ms");
+    if (since) {
+        char *end;
+        since_ms = strtoll(since, &end, 10);
+        if (*since == '\0' || *end != '\0' || since_ms < 0) {
+            http_reply_error(call->req, 400, "since_ms must be a whole number >= 0");
+            return;
+        }
+    }
+    json_t *list = json_array();
+    for (state_proxy *p = call->dep->proxies; p; p = p->next) {
+        json_t *nodes = json_array();
+        for (int i = 0; i < p->node_series_n; i++) {
+            const state_node_series *ns = &p->node_series[i];
+            json_array_append_new(
+                nodes, json_pack("{s:s, s:o}", "name", ns->name, "points",
+                                 views_series(ns->samples, STATE_NODE_SAMPLES_MAX, ns->samples_head,
+                                              ns->samples_n, since_ms)));
+        }
+        json_t *points = p->samples ? views_series(p->samples, STATE_SAMPLES_MAX, p->samples_head,
+                                                   p->samples_n, since_ms)
+                                    : json_array();
+        json_array_append_new(list, json_pack("{s:s, s:o, s:o}", "node_id", p->node_id, "points",
+                                              points, "nodes", nodes));
+    }
+    http_reply_json(call->req, 200,
+                    json_pack("{s:I, s:[s,s,s,s,s,s,s], s:o}", "now", (json_int_t)control_now_ms(),
+                              "fields", "t", "statements", "bytes_in", "bytes_out", "errors",
+                              "latency_ms", "sessions", "proxies", list));
 }
