@@ -12,6 +12,7 @@
 #include "control.h"
 #include "log.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,7 +20,6 @@
 
 #define FENCE_DRAIN_MS     5000 /* how long the fence waits for terminated backends to go */
 #define FENCE_STEP_MS      50
-#define FENCE_SQL_MAX      1024
 #define FENCE_DETAIL_MAX   512
 #define FENCE_STATEMENT_MS "15000" /* statement_timeout of the agent's switchover sessions */
 
@@ -112,6 +112,24 @@ static bool fence_exec_generated(PGconn *conn, const char *sql, int *count, char
     return ok;
 }
 
+/* A statement built around an oid list, as long as the list needs (a node may have thousands of
+ * databases): malloc'd, or NULL with detail set. */
+static char *fence_sql(char *detail, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static char *fence_sql(char *detail, size_t len, const char *fmt, ...)
+{
+    char *sql = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vasprintf(&sql, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        snprintf(detail, len, "out of memory building a fence statement");
+        return NULL;
+    }
+    return sql;
+}
+
 /* An oid list as written by the fence: digits and commas only (it is put into SQL). */
 static bool fence_oids_valid(const char *oids)
 {
@@ -154,33 +172,35 @@ static long fence_drain(PGconn *conn, char *detail, size_t len)
 /* Fence node name through conn (FENCE_DBNAME, a primary). 0 or -1 with detail set. */
 static int fence_node(const config *cfg, PGconn *conn, const char *name, char *detail, size_t len)
 {
-    char sql[FENCE_SQL_MAX];
     int rc = -1, closed = 0;
-    char *marker = NULL, *oids = NULL, *lsn = NULL;
+    char *marker = NULL, *oids = NULL, *lsn = NULL, *sql = NULL;
 
     /* the marker first, so that a fence cut short is still known and can be lifted */
     if (!(marker = fence_value(conn, FENCE_MARKER_SQL, detail, len)))
         goto done;
-    snprintf(sql, sizeof(sql),
-             "SELECT coalesce(string_agg(oid::text, ',' ORDER BY oid), '') FROM pg_database"
-             " WHERE datname <> '" FENCE_DBNAME "' AND (datallowconn OR oid::text ="
-             " ANY(string_to_array('%s', ',')))",
-             fence_oids_valid(marker) ? marker : "");
-    if (!(oids = fence_value(conn, sql, detail, len)))
+    if (!(sql = fence_sql(detail, len,
+                          "SELECT coalesce(string_agg(oid::text, ',' ORDER BY oid), '')"
+                          " FROM pg_database WHERE datname <> '" FENCE_DBNAME "' AND"
+                          " (datallowconn OR oid::text = ANY(string_to_array('%s', ',')))",
+                          fence_oids_valid(marker) ? marker : "")) ||
+        !(oids = fence_value(conn, sql, detail, len)))
         goto done;
     if (!fence_oids_valid(oids)) {
         snprintf(detail, len, "unexpected database oids \"%s\"", oids);
         goto done;
     }
-    snprintf(sql, sizeof(sql), "ALTER DATABASE " FENCE_DBNAME " SET pgrelay.fenced = '%s'", oids);
-    if (!fence_exec(conn, sql, detail, len))
+    free(sql);
+    if (!(sql = fence_sql(detail, len, "ALTER DATABASE " FENCE_DBNAME " SET pgrelay.fenced = '%s'",
+                          oids)) ||
+        !fence_exec(conn, sql, detail, len))
         goto done;
-    snprintf(sql, sizeof(sql),
-             "SELECT format('ALTER DATABASE %%I ALLOW_CONNECTIONS false', datname)"
-             " FROM pg_database WHERE datallowconn AND oid::text ="
-             " ANY(string_to_array('%s', ','))",
-             oids);
-    if (!fence_exec_generated(conn, sql, &closed, detail, len))
+    free(sql);
+    if (!(sql = fence_sql(detail, len,
+                          "SELECT format('ALTER DATABASE %%I ALLOW_CONNECTIONS false', datname)"
+                          " FROM pg_database WHERE datallowconn AND oid::text ="
+                          " ANY(string_to_array('%s', ','))",
+                          oids)) ||
+        !fence_exec_generated(conn, sql, &closed, detail, len))
         goto done;
     long ended = fence_drain(conn, detail, len);
     if (ended < 0)
@@ -212,6 +232,7 @@ static int fence_node(const config *cfg, PGconn *conn, const char *name, char *d
     log_warning("switchover: %s", detail);
     rc = 0;
 done:
+    free(sql);
     free(marker);
     free(oids);
     free(lsn);
@@ -263,8 +284,8 @@ done:
 
 int fence_lift(PGconn *conn, const char *name, char *detail, size_t len)
 {
-    char sql[FENCE_SQL_MAX];
     int rc = -1, opened = 0;
+    char *sql = NULL;
     char *recovery = fence_value(conn, "SELECT pg_is_in_recovery()", detail, len);
     char *marker = recovery ? fence_value(conn, FENCE_MARKER_SQL, detail, len) : NULL;
 
@@ -283,18 +304,19 @@ int fence_lift(PGconn *conn, const char *name, char *detail, size_t len)
         snprintf(detail, len, "unexpected pgrelay.fenced \"%s\" on %s", marker, name);
         goto done;
     }
-    snprintf(sql, sizeof(sql),
-             "SELECT format('ALTER DATABASE %%I ALLOW_CONNECTIONS true', datname)"
-             " FROM pg_database WHERE NOT datallowconn AND oid::text ="
-             " ANY(string_to_array('%s', ','))",
-             marker);
-    if (!fence_exec_generated(conn, sql, &opened, detail, len) ||
+    if (!(sql = fence_sql(detail, len,
+                          "SELECT format('ALTER DATABASE %%I ALLOW_CONNECTIONS true', datname)"
+                          " FROM pg_database WHERE NOT datallowconn AND oid::text ="
+                          " ANY(string_to_array('%s', ','))",
+                          marker)) ||
+        !fence_exec_generated(conn, sql, &opened, detail, len) ||
         !fence_exec(conn, "ALTER DATABASE " FENCE_DBNAME " RESET pgrelay.fenced", detail, len))
         goto done;
     snprintf(detail, len, "%s unfenced: %d database(s) accept connections again", name, opened);
     log_warning("switchover: %s", detail);
     rc = 1;
 done:
+    free(sql);
     free(recovery);
     free(marker);
     return rc;

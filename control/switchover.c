@@ -91,6 +91,34 @@ static void switchover_send_live(operator_op *op, op_step step, const char *type
     free(live);
 }
 
+/* The declared proxies that are not live (silent past proxy_timeout, or never seen), listed into
+ * buf as "proxy-b (silent 12s), ..." (cut short with "..."): a switchover reaches none of them,
+ * so nothing pauses them or tells them the new leader until they are back; they go on routing
+ * to the old leader, whose fence is then all that keeps their writes off it. How many. */
+static int switchover_silent(state_deployment *dep, char *buf, size_t len)
+{
+    int64_t now = control_now_ms();
+    int n = 0;
+    size_t off = 0;
+    buf[0] = '\0';
+    for (state_proxy *p = dep->proxies; p; p = p->next) {
+        if (!p->declared || state_proxy_live(p, now))
+            continue;
+        char one[STATE_NODE_ID_MAX + 40];
+        if (p->last_seen_ms > 0)
+            snprintf(one, sizeof(one), "%s%s (silent %" PRId64 "s)", n ? ", " : "", p->node_id,
+                     (now - p->last_seen_ms) / 1000);
+        else
+            snprintf(one, sizeof(one), "%s%s (never seen)", n ? ", " : "", p->node_id);
+        n++;
+        if (off + strlen(one) + 4 < len)
+            off += (size_t)snprintf(buf + off, len - off, "%s", one);
+        else if (off + 4 <= len && (off < 3 || strcmp(buf + off - 3, "...") != 0))
+            off += (size_t)snprintf(buf + off, len - off, "...");
+    }
+    return n;
+}
+
 /* Args of the pause: it ends by itself at the deadline plus OPERATOR_PAUSE_MARGIN_S, as a
  * delay and as a wall-clock time, so that a proxy that never hears from the control plane
  * again, or hears this late, resumes then (the dead-man pause). */
@@ -282,7 +310,17 @@ void switchover_step_done(operator_op *op)
             switchover_refused(op, "", "a proxy refused the pause");
             return;
         }
-        switchover_note(op, "every live proxy paused");
+        char silent[OPERATOR_DETAIL_MAX / 2], note[OPERATOR_DETAIL_MAX];
+        if (switchover_silent(op->dep, silent, sizeof(silent)) > 0) {
+            snprintf(note, sizeof(note),
+                     "every live proxy paused; not paused, declared but gone: %s (they reach "
+                     "only the old leader, which the fence closes to them)",
+                     silent);
+            log_warning("deployment %s: switchover: %s", op->dep->name, note);
+            switchover_note(op, note);
+        } else {
+            switchover_note(op, "every live proxy paused");
+        }
     } else if (op->step == STEP_SET_LEADER) {
         op->leader_answers = op_answers(op, "");
         op->leader_ok = op_all_ok(op);
@@ -298,10 +336,23 @@ void switchover_step_done(operator_op *op)
         switchover_after_pause(op);
         return;
     case STEP_FENCE:
-        if (strncmp(first, "NOT FENCED", 10) == 0)
+        if (strncmp(first, "NOT FENCED", 10) == 0) {
+            /* --force takes the risk of an old leader left writable, not that of a proxy
+             * nobody can tell the new leader while it still routes writes to that one */
+            char silent[OPERATOR_DETAIL_MAX / 2], why[OPERATOR_DETAIL_MAX];
+            if (switchover_silent(op->dep, silent, sizeof(silent)) > 0) {
+                snprintf(why, sizeof(why),
+                         "%s is NOT FENCED and declared proxies nobody reaches may still route "
+                         "writes to it: %s; refused even with --force: bring them back, or "
+                         "delete-proxy the ones gone for good",
+                         op->old_leader, silent);
+                switchover_refused(op, "", why);
+                return;
+            }
             log_error("deployment %s: switchover goes on with %s NOT FENCED, as the operator "
                       "forced it: %s",
                       op->dep->name, op->old_leader, first);
+        }
         if (!op->promote) {
             switchover_send_switch(op);
             return;
