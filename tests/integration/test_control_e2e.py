@@ -306,7 +306,9 @@ def test_a_running_statement_shows_in_show_queries_normalised(fleet):
         def seen():
             rc, rows, err = fleet.ctl_json("show-queries")
             assert rc == EXIT_OK, err
-            return [q for q in rows if q["text"] == "SELECT pg_sleep($1)"]
+            # this session's: an earlier test's statement may still be in the last upload
+            return [q for q in rows if q["text"] == "SELECT pg_sleep($1)"
+                    and q.get("application_name") == "nightly-report"]
 
         [q] = wait_for(seen, timeout=5, interval=0.2, what="pg_sleep in show-queries")
         assert q["node_id"] == "proxy-a", q
@@ -319,7 +321,8 @@ def test_a_running_statement_shows_in_show_queries_normalised(fleet):
 
         p = fleet.ctl("show-queries")
         assert p.returncode == EXIT_OK, p.stderr
-        rows = [r for r in table_rows(p.stdout) if r.get("text") == "SELECT pg_sleep($1)"]
+        rows = [r for r in table_rows(p.stdout) if r.get("text") == "SELECT pg_sleep($1)"
+                and r.get("application_name") == "nightly-report"]
         assert rows and rows[0]["node_id"] == "proxy-a", p.stdout
         assert rows[0]["application_name"] == "nightly-report", p.stdout
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", rows[0]["as_of"]), p.stdout
