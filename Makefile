@@ -221,11 +221,13 @@ bench: deps-bench
 	@$(MAKE) --no-print-directory all
 	bash tests/bench/bench.sh
 
-# Failover benchmark (not part of test): detection, first write, propagation, switchover.
+# Failover benchmark (not part of test): detection, first write, propagation, switchover; then
+# the Patroni scenarios, pgrelay (ha_source none and patroni) beside HAProxy (BENCH_PATRONI_RUNS).
 .PHONY: bench-failover
-bench-failover: deps
+bench-failover: deps-patroni
 	@$(MAKE) --no-print-directory all
 	$(PYTHON) tests/bench/failover.py
+	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) tests/bench/patroni_failover.py
 
 # Control-plane load benchmark (not part of test): N simulated agents on one pgrelay-control;
 # BENCH_CONTROL_N (default 100,500,1000,2000) and BENCH_CONTROL_SECONDS (default 10) per size.
