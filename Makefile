@@ -158,6 +158,7 @@ test: deps
 	@$(MAKE) --no-print-directory unit
 	@$(MAKE) --no-print-directory fuzz-regress
 	@$(MAKE) --no-print-directory integration
+	@case "$$CI" in ""|0|false|no) ;; *) $(MAKE) --no-print-directory test-patroni;; esac
 
 # ---- fuzzing: libFuzzer from Debian's clang, with AddressSanitizer and UBSan ----
 # tests/fuzz/fuzz_NAME.c is a target, tests/fuzz/corpus/NAME/ its checked-in seeds. `make fuzz`
