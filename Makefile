@@ -174,6 +174,7 @@ test: deps
 	@$(MAKE) --no-print-directory fuzz-regress
 	@$(MAKE) --no-print-directory integration
 	@$(MAKE) --no-print-directory browser
+	@case "$$CI" in ""|0|false|no) ;; *) $(MAKE) --no-print-directory test-patroni;; esac
 
 # ---- fuzzing: libFuzzer from Debian's clang, with AddressSanitizer and UBSan ----
 # tests/fuzz/fuzz_NAME.c is a target, tests/fuzz/corpus/NAME/ its checked-in seeds. `make fuzz`
@@ -237,11 +238,13 @@ bench: deps-bench
 	@$(MAKE) --no-print-directory all
 	bash tests/bench/bench.sh
 
-# Failover benchmark (not part of test): detection, first write, propagation, switchover.
+# Failover benchmark (not part of test): detection, first write, propagation, switchover; then
+# the Patroni scenarios, pgrelay (ha_source none and patroni) beside HAProxy (BENCH_PATRONI_RUNS).
 .PHONY: bench-failover
-bench-failover: deps
+bench-failover: deps-patroni
 	@$(MAKE) --no-print-directory all
 	$(PYTHON) tests/bench/failover.py
+	PGRELAY_BIN=$(abspath $(PGRELAY)) $(PYTHON) tests/bench/patroni_failover.py
 
 # Control-plane load benchmark (not part of test): N simulated agents on one pgrelay-control;
 # BENCH_CONTROL_N (default 100,500,1000,2000) and BENCH_CONTROL_SECONDS (default 10) per size.

@@ -104,6 +104,7 @@ typedef struct agent {
     char ha_member[CONFIG_NAME_MAX]; /* Patroni's name of its leader member, "" for none */
     char ha_host[CONFIG_HOST_MAX]; /* its PostgreSQL host and port as Patroni gives them */
     int ha_port;
+    bool ha_leader_alive;      /* that member's own Patroni answers its REST API */
     bool ready;                /* the leader was confirmed by a probe (or every node probed):
                                   until then nothing is published, so write sessions wait and a
                                   restarted agent does not disturb the table the workers use */

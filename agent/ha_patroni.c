@@ -5,9 +5,13 @@
  * member that answered last; the first answer ends the round. /cluster is what every member
  * serves from its view of the DCS, so one answering member is enough, and the URLs of the
  * members are all the operator configures (no DCS client, no scope, no etcd credentials here).
+ * The leader member's own Patroni is asked too (GET of its api_url): a leader whose Patroni
+ * died or hangs renews its key no more, and its PostgreSQL, still a primary, would take writes
+ * right up to the key's expiry and after it, until the agent heard of it; two failures in a row
+ * and the agent takes writes away from it at once, as HAProxy's GET /primary check does.
  * The thread tells the event loop over a socketpair when what it learned changes: the member
- * whose role is "leader" (none while the leader key is absent), or that no member answered a
- * whole round. The loop maps that member to a [node.NAME] by host and port (else by name) and
+ * whose role is "leader" (none while the leader key is absent) and whether its Patroni answers,
+ * or that no member answered a whole round. The loop maps that member to a [node.NAME] by host and port (else by name) and
  * decides again (leader.c): Patroni's word only ever takes writes away from a node; a probe
  * still has to see its leader out of recovery before a session goes there.
  */
@@ -28,6 +32,8 @@
 #define HA_URLS_MAX      16          /* members' URLs kept from ha_patroni_urls */
 #define HA_URL_MAX       256         /* one base URL, "/cluster" appended */
 #define HA_ANSWER_MAX    (256 * 1024) /* a /cluster answer larger than this is not Patroni's */
+#define HA_LEADER_FALL   2           /* failed asks of the leader's own Patroni before it is
+                                        taken for dead */
 
 /* What the poll thread tells the event loop. */
 typedef struct ha_msg {
@@ -35,6 +41,8 @@ typedef struct ha_msg {
     char member[CONFIG_NAME_MAX]; /* Patroni's leader member, "" when it names none */
     char host[CONFIG_HOST_MAX];   /* that member's PostgreSQL host and port, as Patroni says */
     int port;
+    uint32_t leader_alive;        /* the leader's own Patroni answers (or did until
+                                     HA_LEADER_FALL asks ago) */
     char detail[320];             /* the URL that answered, or why the last one failed */
 } ha_msg;
 
@@ -101,8 +109,9 @@ static int ha_parse_urls(ha_thread *t, const char *list)
     return t->n_urls;
 }
 
-/* Read Patroni's GET /cluster answer into m (view ANSWERED). Returns 0, or -1 with why in m. */
-static int ha_read_cluster(const char *text, ha_msg *m)
+/* Read Patroni's GET /cluster answer into m (view ANSWERED) and the leader's api_url ("" when
+ * none). Returns 0, or -1 with why in m. */
+static int ha_read_cluster(const char *text, ha_msg *m, char *api_url, size_t api_len)
 {
     json_error_t jerr;
     json_t *root = json_loads(text, 0, &jerr);
@@ -116,6 +125,7 @@ static int ha_read_cluster(const char *text, ha_msg *m)
     m->view = HA_VIEW_ANSWERED;
     m->member[0] = m->host[0] = '\0';
     m->port = 0;
+    api_url[0] = '\0';
     size_t i;
     json_t *mem;
     json_array_foreach(members, i, mem) {
@@ -128,6 +138,8 @@ static int ha_read_cluster(const char *text, ha_msg *m)
         snprintf(m->member, sizeof(m->member), "%s", name);
         snprintf(m->host, sizeof(m->host), "%s", host ? host : "");
         m->port = json_is_integer(port) ? (int)json_integer_value(port) : 0;
+        const char *api = json_string_value(json_object_get(mem, "api_url"));
+        snprintf(api_url, api_len, "%s", api ? api : "");
         break;
     }
     rc = 0;
@@ -136,33 +148,43 @@ done:
     return rc;
 }
 
-/* One GET /cluster on url. Returns 0 with m filled, or -1 with why in m->detail. */
-static int ha_ask(ha_thread *t, const char *base, ha_msg *m)
+/* GET url with health_timeout into b. Returns the HTTP status, 0 when there was no answer (why
+ * in err). */
+static long ha_get(ha_thread *t, const char *url, ha_buf *b, char *err, size_t len)
 {
-    char url[HA_URL_MAX + 16];
-    ha_buf b = {0};
     long status = 0;
-    int rc = -1;
-    snprintf(url, sizeof(url), "%s/cluster", base);
     curl_easy_reset(t->curl);
     curl_easy_setopt(t->curl, CURLOPT_URL, url);
     curl_easy_setopt(t->curl, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(t->curl, CURLOPT_TIMEOUT_MS, t->timeout_ms);
     curl_easy_setopt(t->curl, CURLOPT_CONNECTTIMEOUT_MS, t->timeout_ms);
     curl_easy_setopt(t->curl, CURLOPT_WRITEFUNCTION, ha_on_data);
-    curl_easy_setopt(t->curl, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(t->curl, CURLOPT_WRITEDATA, b);
     CURLcode cc = curl_easy_perform(t->curl);
     if (cc != CURLE_OK) {
-        snprintf(m->detail, sizeof(m->detail), "%s: %s", url,
-                 b.too_big ? "answer too large" : curl_easy_strerror(cc));
-        goto done;
+        snprintf(err, len, "%s: %s", url, b->too_big ? "answer too large" : curl_easy_strerror(cc));
+        return 0;
     }
     curl_easy_getinfo(t->curl, CURLINFO_RESPONSE_CODE, &status);
+    return status;
+}
+
+/* One GET /cluster on url. Returns 0 with m and the leader's api_url filled, or -1 with why in
+ * m->detail. */
+static int ha_ask(ha_thread *t, const char *base, ha_msg *m, char *api_url, size_t api_len)
+{
+    char url[HA_URL_MAX + 16];
+    ha_buf b = {0};
+    int rc = -1;
+    snprintf(url, sizeof(url), "%s/cluster", base);
+    long status = ha_get(t, url, &b, m->detail, sizeof(m->detail));
+    if (status == 0)
+        goto done;
     if (status != 200) {
         snprintf(m->detail, sizeof(m->detail), "%s: HTTP status %ld", url, status);
         goto done;
     }
-    if (ha_read_cluster(b.data ? b.data : "", m) != 0) {
+    if (ha_read_cluster(b.data ? b.data : "", m, api_url, api_len) != 0) {
         log_debug("ha_source = patroni: %s: %s", url, m->detail);
         goto done;
     }
@@ -180,22 +202,54 @@ static void ha_sleep_ms(long ms)
         ;
 }
 
+/* Does the leader's own Patroni answer GET api_url (Patroni's GET /patroni: 200 while it
+ * runs)? Not asked again when the member that just answered /cluster is the leader (its
+ * api_url is that base URL and /patroni). */
+static bool ha_leader_answers(ha_thread *t, const char *api_url, const char *answered)
+{
+    char err[320];
+    ha_buf b = {0};
+    if (!api_url[0])
+        return true; /* nothing to ask: Patroni's word on the key is all there is */
+    size_t n = strlen(answered);
+    if (strncmp(api_url, answered, n) == 0 &&
+        (strcmp(api_url + n, "/patroni") == 0 || api_url[n] == '\0'))
+        return true; /* Patroni's own api_url form: the leader answered /cluster itself */
+    long status = ha_get(t, api_url, &b, err, sizeof(err));
+    free(b.data);
+    if (status != 200)
+        log_debug("ha_source = patroni: the leader's Patroni: %s", status ? "not 200" : err);
+    return status == 200;
+}
+
 static void *ha_main(void *arg)
 {
     ha_thread *t = arg;
     ha_msg last = {.view = HA_VIEW_UNKNOWN};
+    char api_url[HA_URL_MAX];
+    int leader_fails = 0; /* failed asks of the current leader's own Patroni in a row */
     for (;;) {
-        ha_msg m = {.view = HA_VIEW_SILENT};
+        ha_msg m = {.view = HA_VIEW_SILENT, .leader_alive = 1};
         for (int k = 0; k < t->n_urls; k++) {
             int u = (t->current + k) % t->n_urls;
-            if (ha_ask(t, t->urls[u], &m) == 0) {
+            if (ha_ask(t, t->urls[u], &m, api_url, sizeof(api_url)) == 0) {
                 t->current = u;
                 break;
             }
             m.view = HA_VIEW_SILENT; /* the detail is the last failure's */
         }
+        if (m.view == HA_VIEW_ANSWERED && m.member[0]) {
+            if (strcmp(m.member, last.member) != 0)
+                leader_fails = 0;
+            if (ha_leader_answers(t, api_url, t->urls[t->current]))
+                leader_fails = 0;
+            else if (leader_fails < HA_LEADER_FALL)
+                leader_fails++;
+            m.leader_alive = leader_fails < HA_LEADER_FALL;
+        }
         bool changed = m.view != last.view || strcmp(m.member, last.member) != 0 ||
-                       strcmp(m.host, last.host) != 0 || m.port != last.port;
+                       strcmp(m.host, last.host) != 0 || m.port != last.port ||
+                       m.leader_alive != last.leader_alive;
         if (changed) {
             if (send(t->fd, &m, sizeof(m), MSG_NOSIGNAL) != (ssize_t)sizeof(m)) {
                 log_error("ha_source = patroni: cannot tell the agent's loop: %s",
@@ -306,6 +360,10 @@ void ha_patroni_on_msg(evutil_socket_t fd, short what, void *arg)
             log_warning("ha_source = patroni: Patroni names no leader (its leader key is "
                         "absent): no node takes writes until it names one that a probe sees "
                         "as a primary");
+        else if (!m.leader_alive)
+            log_warning("ha_source = patroni: Patroni names %s leader, but its own Patroni does "
+                        "not answer %d asks in a row (dead or hung: its key will expire): no "
+                        "writes go to it", m.member, HA_LEADER_FALL);
         else if (node < 0)
             log_warning("ha_source = patroni: Patroni names %s (%s:%d) leader, which is no "
                         "[node.NAME] here: no writes until it names a configured node",
@@ -315,6 +373,7 @@ void ha_patroni_on_msg(evutil_socket_t fd, short what, void *arg)
                      a->nodes[node].view.name);
         a->ha_view = HA_VIEW_ANSWERED;
         a->ha_leader = node;
+        a->ha_leader_alive = m.leader_alive != 0;
         snprintf(a->ha_member, sizeof(a->ha_member), "%s", m.member);
         snprintf(a->ha_host, sizeof(a->ha_host), "%s", m.host);
         a->ha_port = m.port;

@@ -35,10 +35,12 @@ static const char *node_name(const agent *a, int i)
     return i >= 0 ? a->nodes[i].view.name : "(none)";
 }
 
-/* ha_source = patroni and Patroni answered: it names another member than node i, or none. */
+/* ha_source = patroni and Patroni answered: it names another member than node i, or none, or
+ * node i's own Patroni is dead or hung (it renews the key no more). */
 static bool ha_vetoes(const agent *a, int i)
 {
-    return a->ha_on && a->ha_view == HA_VIEW_ANSWERED && a->ha_leader != i;
+    return a->ha_on && a->ha_view == HA_VIEW_ANSWERED &&
+           (a->ha_leader != i || !a->ha_leader_alive);
 }
 
 /* A node writes may go to: a candidate that Patroni, when it answers, names leader. */
@@ -52,6 +54,9 @@ static void ha_veto_reason(const agent *a, int i, char *buf, size_t len)
 {
     if (!a->ha_member[0])
         snprintf(buf, len, "Patroni names no leader (its leader key is gone), not %s",
+                 node_name(a, i));
+    else if (a->ha_leader == i && !a->ha_leader_alive)
+        snprintf(buf, len, "the Patroni of leader %s does not answer (its key will expire)",
                  node_name(a, i));
     else
         snprintf(buf, len, "Patroni names %s leader, not %s", a->ha_member, node_name(a, i));

@@ -375,11 +375,24 @@ static relay_result relay_pump(session *s, bool from_client)
             s->client_reset = true;
             session_close(s, NULL, NULL);
         } else {
-            /* The node closed (after a FATAL, or it went away): pass on what is queued. */
+            /* The node closed (after a FATAL, or it went away): pass on what is queued. With a
+             * statement in flight and no ErrorResponse as the node's last word (its backend
+             * was killed, its postmaster died), the client gets 08006, not a bare EOF. */
             s->server_gone = true;
             relay_flush(s, &s->to_client, s->cfd);
             log_debug("client %s: node closed the connection", s->client_addr);
-            session_close(s, NULL, NULL);
+            bool told = s->server_scan.messages > 0 &&
+                        s->server_scan.type == PG_MSG_ERROR_RESPONSE &&
+                        pg_scan_at_boundary(&s->server_scan);
+            if (s->logged_in && (s->pending_syncs > 0 || s->ext_open) && !told) {
+                char gone[CONFIG_NAME_MAX + 64];
+                snprintf(gone, sizeof(gone), "node %s closed the connection during a statement",
+                         s->slot->node_name);
+                log_warning("client %s: %s", s->client_addr, gone);
+                session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, gone);
+            } else {
+                session_close(s, NULL, NULL);
+            }
         }
         return RELAY_CLOSED;
     }

@@ -38,26 +38,37 @@ AGENT = {"health_interval": "200ms", "fall": 2, "rise": 1, "health_timeout": "1s
 
 
 class PatroniStub:
-    """GET /cluster as Patroni 3.0 answers it: members with name, role, host, port, state.
-    ``leader``: the member named leader (None: no leader key); ``silent``: answer 503."""
+    """GET /cluster as Patroni 3.0 answers it: members with name, role, host, port, state and
+    api_url, which is this stub's /patroni/NAME (200, as a running Patroni's GET /patroni).
+    ``leader``: the member named leader (None: no leader key); ``silent``: answer 503;
+    ``dead``: members whose own Patroni does not answer (503 on their api_url)."""
 
     def __init__(self, members):
         self.members = members  # name -> (host, port)
         self.leader = None
         self.silent = False
+        self.dead = set()
         self.requests = 0
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 stub.requests += 1
+                if self.path.startswith("/patroni/"):
+                    dead = stub.silent or self.path[len("/patroni/"):] in stub.dead
+                    self.send_response(503 if dead else 200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
                 if stub.silent or self.path != "/cluster":
                     self.send_response(503 if stub.silent else 404)
                     self.end_headers()
                     return
                 body = json.dumps({"members": [
                     {"name": name, "role": "leader" if name == stub.leader else "replica",
-                     "state": "running", "api_url": f"http://127.0.0.1:0/{name}",
+                     "state": "running",
+                     "api_url": f"http://127.0.0.1:{stub.port}/patroni/{name}",
                      "host": host, "port": port, "timeline": 1}
                     for name, (host, port) in stub.members.items()], "scope": "stub"}).encode()
                 self.send_response(200)
@@ -208,6 +219,30 @@ def test_a_member_in_recovery_named_by_patroni_gets_no_write(split_brain, relay_
         assert isinstance(got, dict) and got.get("C"), f"a write session got {got!r}"
     assert show_info(relay).get("write_leader") in (None, "", "(none)")
     stub.name("m1")
+    wait_for(lambda: server_port_through(relay) == c["pg1"].port, timeout=10,
+             what="writes on pg1 again")
+
+
+def test_a_leader_whose_own_patroni_is_dead_gets_no_write(split_brain, relay_with):
+    """The stub names m1, whose own Patroni stops answering (killed: it renews its key no more,
+    and its PostgreSQL takes writes until the key expires and after): the session on pg1 gets
+    57P01 at once, no write goes anywhere meanwhile; Patroni alive again, writes go to pg1."""
+    c, stub = split_brain
+    relay = relay_with(no_leader_wait="1s")
+    wait_for(lambda: show_info(relay).get("write_leader") == "pg1", timeout=15,
+             what="pgrelay to route writes to pg1")
+    client, err = login(relay.port)
+    assert err is None, err
+    stub.dead.add("m1")
+    client.sock.settimeout(10)
+    fields = error_fields(client.read_until("E"))
+    assert fields and fields.get("C") == "57P01", fields
+    client.close()
+    assert not show_info(relay).get("write_leader")
+    got = server_port_through(relay)
+    assert isinstance(got, dict) and got.get("C"), f"a write session got {got!r}"
+    assert log_lines(relay, "its own Patroni does not answer")
+    stub.dead.clear()
     wait_for(lambda: server_port_through(relay) == c["pg1"].port, timeout=10,
              what="writes on pg1 again")
 

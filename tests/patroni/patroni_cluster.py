@@ -36,6 +36,10 @@ TTL, LOOP_WAIT, RETRY_TIMEOUT = 10, 2, 4
 # The agent as the leader-following tests run it: a probe every 200 ms, down after 2 failures.
 AGENT = {"health_interval": "200ms", "fall": 2, "rise": 1, "health_timeout": "1s",
          "monitor_user": "postgres"}
+# The proxies the suite runs in front of the cluster, side by side: pgrelay with its probes
+# alone (ha_source = none, the default), pgrelay that also asks Patroni (ha_source = patroni),
+# and HAProxy with Patroni's GET /primary check.
+PROXIES = ("pgrelay", "pgrelay_ha", "haproxy")
 
 
 def http_json(url, body=None, timeout=2.0):
@@ -291,7 +295,8 @@ class Stack:
         os.chmod(self.root, 0o755)
         self.etcd = None
         self.members = {}
-        self.relay = None
+        self.relay = None     # ha_source = none
+        self.relay_ha = None  # ha_source = patroni
         self.haproxy = None
 
     @classmethod
@@ -313,6 +318,11 @@ class Stack:
             stack.relay = start_ha_relay(_NoCluster(), agent=AGENT, nodes=nodes,
                                          read_listen_port="auto", workers=2,
                                          max_client_conn=500)
+            urls = ", ".join(f"http://127.0.0.1:{m.api_port}" for m in stack.members.values())
+            stack.relay_ha = start_ha_relay(_NoCluster(), nodes=nodes, read_listen_port="auto",
+                                            workers=2, max_client_conn=500,
+                                            agent=dict(AGENT, ha_source="patroni",
+                                                       ha_patroni_urls=urls))
             stack.haproxy = HAProxy(stack)
             return stack
         except BaseException:
@@ -322,6 +332,11 @@ class Stack:
 
     def member(self, name):
         return self.members[name]
+
+    def proxy_ports(self, src):
+        """(write port, read port) of one of PROXIES."""
+        p = {"pgrelay": self.relay, "pgrelay_ha": self.relay_ha, "haproxy": self.haproxy}[src]
+        return p.port, p.read_port
 
     def leader(self, strict=False):
         """The member etcd names leader now, or None when the leader key is absent. etcd that
@@ -430,13 +445,16 @@ class Stack:
                 print(f"==== patroni {m.name}\n" + m.log(3000))
         if self.relay:
             print("==== pgrelay\n" + self.relay.log_tail(80))
+        if self.relay_ha:
+            print("==== pgrelay (ha_source = patroni)\n" + self.relay_ha.log_tail(80))
 
     def stop(self):
         if self.haproxy:
             self.haproxy.stop()
-        if self.relay:
-            with contextlib.suppress(Exception):
-                destroy_relay(self.relay)
+        for relay in (self.relay, self.relay_ha):
+            if relay:
+                with contextlib.suppress(Exception):
+                    destroy_relay(relay)
         for m in self.members.values():
             with contextlib.suppress(Exception):
                 m.kill()

@@ -1,8 +1,12 @@
-"""pgrelay in front of a real Patroni 3.0 cluster with etcd (issue 11, Deliver 2), side by side
-with HAProxy checking Patroni's GET /primary, under a write load through each and a reader
-through each read port, while Patroni moves the leader.
+"""pgrelay in front of a real Patroni 3.0 cluster with etcd (issue 11, Deliver 2 and 3), side by
+side with HAProxy checking Patroni's GET /primary, under a write load through each and a reader
+through each read port, while Patroni moves the leader. Two pgrelays run: ``pgrelay`` with the
+agent's probes alone (ha_source = none, the default) and ``pgrelay_ha`` with ha_source =
+patroni (the agent also asks the members' REST API whom Patroni names leader).
 
-Invariants, checked for pgrelay in every scenario (HAProxy's figures are printed beside them):
+Invariants, checked for both pgrelays in every scenario (but ha_source = none when the leader's
+Patroni is killed, where the test asserts its documented behaviour; HAProxy's figures are
+printed beside them):
   * every acknowledged write committed on the member etcd named leader at some instant
     between the server's clock just before the commit and the acknowledgement;
   * every acknowledged write is on the final leader, unless the timeline it was written on
@@ -26,7 +30,7 @@ import pytest
 
 from cluster import show_nodes
 from conftest import admin, wait_for
-from patroni_cluster import LOOP_WAIT, SCOPE, TTL
+from patroni_cluster import LOOP_WAIT, PROXIES, SCOPE, TTL
 from recorder import (
     LeaderPoller,
     ReadLoad,
@@ -47,25 +51,18 @@ pytestmark = pytest.mark.deadline(240)
 # opens a new session, scheduling on a loaded machine.
 READ_OUTAGE_MAX = 1.5
 
-# A product gap the kill -9 of the postmaster shows (about one run in three): a backend whose
-# postmaster died exits without a word where it waits with WL_EXIT_ON_PM_DEATH (mid-statement),
-# and pgrelay passes the node's close on to the client as it is (proxy/relay.c, relay_pump: "the
-# node closed ... pass on what is queued"), with no ErrorResponse: libpq says "server closed the
-# connection unexpectedly". A direct connection sees the same; pgrelay could send 08006 there as
-# it does when a node closes during startup. Counted in the figures (errors_without_sqlstate),
-# allowed in that scenario only, and only mid-statement.
-BARE_CLOSE = "a node's backend that dies mid-statement without an ErrorResponse"
 
 # How long the SIGSTOP of the postmaster alone lasts.
 HANG_S = 8
 
-# The product limitation the kill -9 of the leader's Patroni shows (issue 11, Deliver 3 is its
-# remedy): the old leader's PostgreSQL stays a primary after etcd named another member, the
-# agent sees two primaries and keeps the current leader (its split-brain rule), so pgrelay
-# goes on acknowledging writes on a member etcd no longer names; pg_rewind discards them when
-# that member's Patroni comes back. Strict: the test fails the day pgrelay gets this right.
-KILL9_PATRONI_BUG = ("split brain after the leader's Patroni died: pgrelay keeps writing to the "
-                     "old primary that etcd no longer names (needs [agent] ha_source)")
+# What ha_source = none (the default) does when the leader's Patroni is killed: the old leader's
+# PostgreSQL stays a primary after etcd named another member, the agent sees two primaries and
+# keeps the current leader (its split-brain rule), so pgrelay goes on acknowledging writes on a
+# member etcd no longer names; pg_rewind discards them when that member's Patroni comes back.
+# ha_source = patroni is the remedy; the test asserts both, so that the man page's account of
+# the default stays true.
+KILL9_PATRONI_NONE = ("ha_source = none keeps writing to the old primary that etcd no longer "
+                      "names until its Patroni is back")
 
 
 class Run:
@@ -91,43 +88,43 @@ class Run:
                  what=f"pgrelay to route writes to {self.leader} and reads to both replicas")
         self.poller = LeaderPoller(stack).start()
         self.streaming = StreamingPoller(stack).start()
-        relay, hap = stack.relay, stack.haproxy
-        self.writes = {"pgrelay": WriteLoad("pgrelay", relay.port, self.table),
-                       "haproxy": WriteLoad("haproxy", hap.port, self.table)}
-        self.reads = {"pgrelay": ReadLoad("pgrelay", relay.read_port),
-                      "haproxy": ReadLoad("haproxy", hap.read_port)}
+        self.writes = {src: WriteLoad(src, stack.proxy_ports(src)[0], self.table)
+                       for src in PROXIES}
+        self.reads = {src: ReadLoad(src, stack.proxy_ports(src)[1]) for src in PROXIES}
         for load in [*self.writes.values(), *self.reads.values()]:
             load.start()
         wait_for(lambda: all(len(w.acks) >= 10 for w in self.writes.values()),
-                 timeout=30, what="writes through both proxies before the scenario")
+                 timeout=30, what="writes through every proxy before the scenario")
         self.start = time.time()
 
     def _relay_settled(self):
-        nodes = show_nodes(self.stack.relay)
-        return (nodes[self.leader]["leader"]
-                and all(nodes[n]["readable"] for n in nodes if n != self.leader))
+        for relay in (self.stack.relay, self.stack.relay_ha):
+            nodes = show_nodes(relay)
+            if not (nodes[self.leader]["leader"]
+                    and all(nodes[n]["readable"] for n in nodes if n != self.leader)):
+                return False
+        return True
 
     def member_port(self, name):
         return self.stack.member(name).pg_port
 
-    def wait_writes_on(self, member, after, timeout=90):
-        """Both proxies acknowledge writes on ``member`` (None: whoever etcd names leader)
+    def wait_writes_on(self, member, after, timeout=90, proxies=PROXIES):
+        """Every proxy acknowledges writes on ``member`` (None: whoever etcd names leader)
         after ``after``; returns the member."""
         def done():
             name = member or self.stack.leader()
             if name not in self.stack.members:
                 return None
             port = self.member_port(name)
-            ok = all(any(a["acked"] > after and a["port"] == port for a in w.acks[-50:])
-                     for w in self.writes.values())
+            ok = all(any(a["acked"] > after and a["port"] == port for a in self.writes[p].acks[-50:])
+                     for p in proxies)
             return name if ok else None
         return wait_for(done, timeout=timeout, interval=0.1,
-                        what=f"writes on {member or 'the etcd leader'} through pgrelay and HAProxy")
+                        what=f"writes on {member or 'the etcd leader'} through {', '.join(proxies)}")
 
-    def finish(self, bare_close_by_node=False):
-        """Stop the loads, print the figures, check the invariants for pgrelay.
-        ``bare_close_by_node``: a session whose node closed
-        mid-statement without a word may reach the client as a bare close (BARE_CLOSE)."""
+    def finish(self, unchecked=()):
+        """Stop the loads, print the figures, check the invariants for both pgrelays (but those
+        in ``unchecked``: a behaviour the scenario's test asserts itself)."""
         end = time.time()
         for load in [*self.writes.values(), *self.reads.values()]:
             load.stop()
@@ -139,7 +136,7 @@ class Run:
         final = wait_for(lambda: read_final_leader(self.stack, self.table), timeout=60,
                          interval=0.2, what="a leader in etcd that answers as a primary")
         figs = {}
-        for src in ("pgrelay", "haproxy"):
+        for src in PROXIES:
             f = figures(self.writes[src], self.reads[src], self.poller, self.ports, self.start,
                         end)
             lost, discarded = missing_writes([self.writes[src]], final)
@@ -152,35 +149,41 @@ class Run:
                     out.write(json.dumps(dict(f, scenario=self.name, proxy=src)) + "\n")
         print(f"[patroni] {self.name} etcd leader changes: "
               + ", ".join(f"{t - self.start:+.2f}s {who}" for t, who in self.poller.changes()))
-        for src in ("pgrelay", "haproxy"):
+        for src in PROXIES:
             bare = [e for e in self.writes[src].errors if not carries_sqlstate(e)]
             if bare:
                 print(f"[patroni] {self.name} {src} first errors without a SQLSTATE: {bare[:3]}")
         # What an operator sees on pgrelay's console after the scenario.
-        print(f"[patroni] {self.name} show nodes:\n{admin(self.stack.relay, 'show nodes')}")
-        history = admin(self.stack.relay, "show leader history").splitlines()
-        print(f"[patroni] {self.name} show leader history (newest first):\n"
-              + "\n".join(history[:8]))
-        load = self.writes["pgrelay"]
-        wrong = wrong_node_writes(load, self.poller, self.ports)
-        assert not wrong, f"pgrelay acknowledged writes from a member etcd did not name: {wrong[:5]}"
-        f, lost = figs["pgrelay"]
-        assert not lost, (f"acknowledged writes through pgrelay missing on {final.name}: "
-                          f"{lost[:5]}")
-        bare = [e for e in load.errors + self.reads["pgrelay"].errors if not carries_sqlstate(e)
-                and not (bare_close_by_node and e["at"] == "statement"
-                         and e["message"] == "connection closed without an ErrorResponse")]
-        assert not bare, f"pgrelay errors without a SQLSTATE: {bare[:5]}"
-        # The read port is dark only while no replica streams from the leader: no stretch
-        # without a read holds a stretch longer than READ_OUTAGE_MAX in which one streamed.
+        for src, relay in (("pgrelay", self.stack.relay), ("pgrelay_ha", self.stack.relay_ha)):
+            print(f"[patroni] {self.name} {src} show nodes:\n{admin(relay, 'show nodes')}")
+            history = admin(relay, "show leader history").splitlines()
+            print(f"[patroni] {self.name} {src} show leader history (newest first):\n"
+                  + "\n".join(history[:8]))
         assert any(streaming for _, streaming in self.streaming.samples), \
             "no sample saw a replica streaming: the read port's check would be vacuous"
-        for a, b in gaps([t for t, _ in self.reads["pgrelay"].oks], self.start, end):
+        for src in ("pgrelay", "pgrelay_ha"):
+            if src not in unchecked:
+                self._check(src, figs[src][1], final, end)
+        return {src: f for src, (f, _) in figs.items()}
+
+    def _check(self, src, lost, final, end):
+        """The invariants, for one pgrelay."""
+        load = self.writes[src]
+        wrong = wrong_node_writes(load, self.poller, self.ports)
+        assert not wrong, f"{src} acknowledged writes from a member etcd did not name: {wrong[:5]}"
+        assert not lost, f"acknowledged writes through {src} missing on {final.name}: {lost[:5]}"
+        # A backend whose postmaster was killed exits mid-statement without a word: pgrelay
+        # sends 08006 then (kill -9 of the postmaster), where a direct connection sees a bare
+        # close.
+        bare = [e for e in load.errors + self.reads[src].errors if not carries_sqlstate(e)]
+        assert not bare, f"{src} errors without a SQLSTATE: {bare[:5]}"
+        # The read port is dark only while no replica streams from the leader: no stretch
+        # without a read holds a stretch longer than READ_OUTAGE_MAX in which one streamed.
+        for a, b in gaps([t for t, _ in self.reads[src].oks], self.start, end):
             streamed = self.streaming.longest_streaming(a, b)
             assert streamed <= READ_OUTAGE_MAX, (
-                f"pgrelay's read port served nothing for {b - a:.2f}s, {streamed:.2f}s of them "
-                f"with a replica streaming; errors: {self.reads['pgrelay'].errors[:5]}")
-        return figs
+                f"{src}'s read port served nothing for {b - a:.2f}s, {streamed:.2f}s of them "
+                f"with a replica streaming; errors: {self.reads[src].errors[:5]}")
 
 
 def other_members(stack, leader):
@@ -220,7 +223,7 @@ def test_kill_9_of_the_leaders_postmaster(stack):
     wait_for(lambda: member.postmaster_pid() not in (None, old), timeout=60, interval=0.1,
              what=f"Patroni to start {run.leader}'s PostgreSQL again")
     run.wait_writes_on(run.leader, time.time())
-    run.finish(bare_close_by_node=True)
+    run.finish()
 
 
 def test_patronictl_restart_of_the_leader(stack):
@@ -245,8 +248,9 @@ def test_patronictl_pause_and_resume(stack):
     stack.patronictl("resume", "--wait", SCOPE)
     run.wait_writes_on(run.leader, time.time())
     figs = run.finish()
-    assert figs["pgrelay"][0]["failed_ops"] == 0, run.writes["pgrelay"].errors[:5]
-    assert figs["pgrelay"][0]["read_errors"] == 0, run.reads["pgrelay"].errors[:5]
+    for src in ("pgrelay", "pgrelay_ha"):
+        assert figs[src]["failed_ops"] == 0, run.writes[src].errors[:5]
+        assert figs[src]["read_errors"] == 0, run.reads[src].errors[:5]
 
 
 def test_sigstop_of_the_leaders_postmaster_alone(stack):
@@ -287,11 +291,13 @@ def test_sigstop_of_every_leader_process_longer_than_the_ttl(stack):
     run.finish()
 
 
-@pytest.mark.xfail(strict=True, reason=KILL9_PATRONI_BUG)
 def test_kill_9_of_the_leaders_patroni(stack):
     """The leader's Patroni is killed with SIGKILL, its PostgreSQL goes on as a primary: after
     the TTL etcd names another member, which Patroni promotes. Until the old leader's Patroni
-    is started again (and demotes its PostgreSQL), two primaries answer."""
+    is started again (and demotes its PostgreSQL), two primaries answer. pgrelay with
+    ha_source = patroni leaves the old leader when Patroni stops naming it and writes on the
+    promoted member once a probe sees it primary: every invariant holds. pgrelay with
+    ha_source = none keeps the old leader (KILL9_PATRONI_NONE)."""
     run = Run(stack, "kill9_patroni")
     member = stack.member(run.leader)
     os.kill(member.patroni_pid(), signal.SIGKILL)
@@ -303,9 +309,11 @@ def test_kill_9_of_the_leaders_patroni(stack):
              what=f"{new} to be promoted")
     port = promoted.pg_port
     after = time.time()
-    wait_for(lambda: any(a["acked"] > after and a["port"] == port
-                         for a in run.writes["haproxy"].acks[-50:]),
-             timeout=30, what=f"HAProxy (GET /primary) to write on {new}")
+    for src in ("haproxy", "pgrelay_ha"):
+        wait_for(lambda: any(a["acked"] > after and a["port"] == port
+                             for a in run.writes[src].acks[-50:]),
+                 timeout=30, what=f"{src} to write on {new} while the old leader is a primary")
     member.start()  # Patroni comes back, finds another leader and demotes its PostgreSQL
     run.wait_writes_on(new, time.time())
-    run.finish()
+    figs = run.finish(unchecked=("pgrelay",))
+    assert figs["pgrelay"]["wrong_node_writes"] > 0, KILL9_PATRONI_NONE
