@@ -42,7 +42,7 @@ DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-p
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 DEB_PATRONI := patroni etcd-server etcd-client haproxy
 
-PROXY_PKGS := libevent inih jansson
+PROXY_PKGS := libevent inih jansson openssl
 AGENT_PKGS := libevent libpq inih libcurl jansson
 CONTROL_PKGS := libevent libevent_openssl libpq inih jansson openssl
 CTL_PKGS   := libcurl jansson

@@ -19,6 +19,8 @@ static const char *const fallback_words[] = {"leader", "none", NULL};
 static const char *const leader_change_words[] = {"close_idle", "close_all", NULL};
 static const char *const control_lost_words[] = {"keep_leader", "decide_alone", "stop_writes",
                                                  NULL};
+static const char *const client_tls_words[] = {"disable", "allow", "require", "verify-ca",
+                                               "verify-full", NULL};
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
 static const char *const facility_words[] = {"daemon", "user",   "local0", "local1",
                                              "local2", "local3", "local4", "local5",
@@ -113,6 +115,18 @@ const config_key config_keys[] = {
            "run pgrelay-agent to follow the write leader; off = static roles"),
     PG_KEY("agent_path", KEY_STRING, "", false, agent_path, 0, 0, NULL,
            "pgrelay-agent program; empty = the one beside the pgrelay binary"),
+    PG_KEY("client_tls_mode", KEY_ENUM, "disable", true, client_tls_mode, 0, 0, client_tls_words,
+           "disable, allow, require, verify-ca or verify-full: TLS toward clients (both ports)"),
+    PG_KEY("client_tls_cert_file", KEY_STRING, "", true, client_tls_cert_file, 0, 0, NULL,
+           "certificate chain (PEM) pgrelay shows to TLS clients; read again at every reload"),
+    PG_KEY("client_tls_key_file", KEY_STRING, "", true, client_tls_key_file, 0, 0, NULL,
+           "private key (PEM) of client_tls_cert_file"),
+    PG_KEY("client_tls_ca_file", KEY_STRING, "", true, client_tls_ca_file, 0, 0, NULL,
+           "CA certificates (PEM) client certificates must chain to (verify-ca, verify-full)"),
+    PG_KEY("client_tls_protocols", KEY_STRING, "secure", true, client_tls_protocols, 0, 0, NULL,
+           "TLS versions offered to clients: secure (tlsv1.2,tlsv1.3), all, or a list"),
+    PG_KEY("client_tls_ciphers", KEY_STRING, "default", true, client_tls_ciphers, 0, 0, NULL,
+           "OpenSSL cipher list for TLS 1.2 clients; default = OpenSSL's"),
     AGENT_KEY("monitor_user", KEY_STRING, "postgres", monitor_user, 0, 0,
               "user of the agent's health-check connections"),
     AGENT_KEY("monitor_password", KEY_STRING, "", monitor_password, 0, 0,
@@ -357,6 +371,13 @@ static void config_validate(config_parse *p)
             config_error(p, n->line,
                          "[node.%s]: missing required key \"role\" (primary or replica)", n->name);
     }
+    if (cfg->client_tls_mode != CLIENT_TLS_DISABLE &&
+        (!cfg->client_tls_cert_file[0] || !cfg->client_tls_key_file[0]))
+        config_error(p, 0, "[pgrelay] client_tls_mode = %s needs client_tls_cert_file and "
+                     "client_tls_key_file", client_tls_words[cfg->client_tls_mode]);
+    if (cfg->client_tls_mode >= CLIENT_TLS_VERIFY_CA && !cfg->client_tls_ca_file[0])
+        config_error(p, 0, "[pgrelay] client_tls_mode = %s needs client_tls_ca_file (the CA "
+                     "client certificates must chain to)", client_tls_words[cfg->client_tls_mode]);
     if (cfg->workers == 0) {
         long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
         cfg->workers = ncpu > 0 ? (int)ncpu : 1;

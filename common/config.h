@@ -37,6 +37,14 @@ typedef enum control_lost {
     CONTROL_LOST_STOP_WRITES,     /* route no write session until the control plane is back */
 } control_lost;
 
+typedef enum client_tls_mode {
+    CLIENT_TLS_DISABLE = 0, /* SSLRequest answered N; a direct-TLS ClientHello is refused */
+    CLIENT_TLS_ALLOW,       /* TLS for the clients that ask, clear for the others */
+    CLIENT_TLS_REQUIRE,     /* a client in clear gets FATAL 28000 */
+    CLIENT_TLS_VERIFY_CA,   /* TLS with a client certificate that chains to client_tls_ca_file */
+    CLIENT_TLS_VERIFY_FULL, /* the same, and its common name is the user name it logs in as */
+} client_tls_mode;
+
 typedef struct config_node {
     char name[CONFIG_NAME_MAX];  /* NAME of [node.NAME] */
     char host[CONFIG_HOST_MAX];  /* host name, IP address, or a Unix socket directory ("/...") */
@@ -84,6 +92,13 @@ typedef struct config {
     int leader_change_grace_ms;       /* sessions in a transaction on the old leader */
     int on_leader_change;             /* ON_LEADER_CHANGE_* */
     bool agent;                       /* start pgrelay-agent */
+    /* TLS toward clients (proxy/tls.c); both ports */
+    int client_tls_mode;              /* client_tls_mode: CLIENT_TLS_* */
+    char client_tls_cert_file[1024];  /* server certificate chain (PEM) shown to clients */
+    char client_tls_key_file[1024];   /* its private key (PEM) */
+    char client_tls_ca_file[1024];    /* CAs client certificates must chain to (verify-*) */
+    char client_tls_protocols[128];   /* "secure", "all", or tlsv1.0 ... tlsv1.3 listed */
+    char client_tls_ciphers[512];     /* OpenSSL cipher list for TLS 1.2; "default" = OpenSSL's */
     char agent_path[1024];            /* "" = pgrelay-agent beside the pgrelay binary */
 
     /* [agent]: health checks */

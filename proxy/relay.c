@@ -256,11 +256,17 @@ void relay_init_scanners(session *s)
 
 /* ---- moving bytes ---- */
 
+/* The TLS state of the side whose socket is fd. */
+static inline tls_conn *relay_tls(session *s, int fd)
+{
+    return fd == s->cfd ? &s->client_tls : &s->server_tls;
+}
+
 int relay_flush(session *s, relay_pending *p, int fd)
 {
-    (void)s;
+    tls_conn *t = relay_tls(s, fd);
     while (p->off < p->len) {
-        ssize_t n = send(fd, p->buf + p->off, p->len - p->off, MSG_NOSIGNAL);
+        ssize_t n = conn_write(fd, t, p->buf + p->off, p->len - p->off);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 return 0;
@@ -337,7 +343,8 @@ static relay_result relay_pump(session *s, bool from_client)
     relay_pending *out = from_client ? &s->to_server : &s->to_client;
     uint8_t *buf = w->scratch;
 
-    ssize_t n = recv(from, buf, RELAY_BUF_SIZE, 0);
+    ssize_t n = conn_read(from, from_client ? &s->client_tls : &s->server_tls, buf,
+                          RELAY_BUF_SIZE);
     if (n <= 0) {
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return RELAY_OK;
@@ -391,7 +398,7 @@ static relay_result relay_pump(session *s, bool from_client)
     if (s->node_bytes_in + s->node_bytes_out >= RELAY_NODE_FLUSH_BYTES)
         relay_node_flush(s);
 
-    ssize_t sent = send(to, buf, (size_t)n, MSG_NOSIGNAL);
+    ssize_t sent = conn_write(to, from_client ? &s->server_tls : &s->client_tls, buf, (size_t)n);
     if (sent < 0) {
         if (errno != EAGAIN && errno != EINTR) {
             log_debug("client %s: write to %s failed: %s", s->client_addr,
@@ -423,6 +430,7 @@ static relay_result relay_check_safe_point(session *s)
 void relay_on_client(evutil_socket_t fd, short what, void *arg)
 {
     session *s = arg;
+    what = tls_ready(&s->client_tls, what);
     if (what & EV_WRITE) {
         if (relay_flush(s, &s->to_client, fd) != 0) {
             session_close(s, NULL, NULL);
@@ -441,6 +449,7 @@ void relay_on_client(evutil_socket_t fd, short what, void *arg)
 void relay_on_server(evutil_socket_t fd, short what, void *arg)
 {
     session *s = arg;
+    what = tls_ready(&s->server_tls, what);
     if (what & EV_WRITE) {
         if (relay_flush(s, &s->to_server, fd) != 0) {
             s->server_gone = true;

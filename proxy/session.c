@@ -17,7 +17,10 @@
 #include <unistd.h>
 
 #define SSL_NOT_SUPPORTED 'N' /* answer to SSLRequest and GSSENCRequest */
+#define SSL_SUPPORTED     'S' /* answer to SSLRequest when client_tls_mode is not disable */
+#define SESSION_TLS_RECORD_HANDSHAKE 0x16 /* first byte of a TLS ClientHello (direct TLS) */
 #define SESSION_SQLSTATE_SYSTEM_ERROR "58000" /* the kernel refused pgrelay something */
+#define SESSION_SQLSTATE_INVALID_AUTH "28000" /* invalid_authorization_specification */
 
 static void session_on_startup(evutil_socket_t fd, short what, void *arg);
 static void session_on_connected(evutil_socket_t fd, short what, void *arg);
@@ -124,7 +127,9 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
 /* Send bytes to the client without blocking; best effort for pgrelay's own short answers. */
 static void session_send_client(session *s, const uint8_t *buf, size_t len)
 {
-    ssize_t n = send(s->cfd, buf, len, MSG_NOSIGNAL);
+    if (s->client_tls.ssl && !s->client_tls.handshaken)
+        return; /* in the middle of the handshake there is no channel to say it on */
+    ssize_t n = conn_write(s->cfd, &s->client_tls, buf, len);
     (void)n;
 }
 
@@ -202,7 +207,9 @@ void session_close(session *s, const char *sqlstate, const char *message)
     if (s->timer_armed)
         evtimer_del(&s->ev_timer);
     free(s->close_message);
+    tls_close(&s->client_tls);
     close(s->cfd);
+    tls_close(&s->server_tls);
     if (s->sfd >= 0)
         close(s->sfd);
     free(s->to_server.buf);
@@ -257,7 +264,7 @@ void session_arm(session *s)
 
     switch (s->phase) {
     case PHASE_STARTUP:
-        want_c = EV_READ;
+        want_c = EV_READ; /* the TLS handshake too: tls_events says which event it waits for */
         break;
     case PHASE_CONNECTING:
         want_s = EV_WRITE;
@@ -294,6 +301,10 @@ void session_arm(session *s)
             want_c |= EV_WRITE;
         break;
     }
+    /* On TLS the wish to read or write becomes the socket event OpenSSL waits for. */
+    bool read_wished = (want_c & EV_READ) != 0, server_read_wished = (want_s & EV_READ) != 0;
+    want_c = tls_events(&s->client_tls, want_c);
+    want_s = tls_events(&s->server_tls, want_s);
     if (want_c != s->client_mask) {
         if (s->client_mask)
             event_del(&s->ev_client);
@@ -318,6 +329,11 @@ void session_arm(session *s)
         }
         s->server_mask = want_s;
     }
+    /* Bytes OpenSSL already decrypted make no socket readable: come back for them now. */
+    if (read_wished && want_c && tls_has_pending(&s->client_tls))
+        event_active(&s->ev_client, EV_READ, 0);
+    if (server_read_wished && want_s && tls_has_pending(&s->server_tls))
+        event_active(&s->ev_server, EV_READ, 0);
 }
 
 /* A held session's client closed its side (or reset). With nothing sent but a Terminate, it
@@ -618,13 +634,92 @@ static uint32_t session_negotiate_down(session *s, uint32_t len)
     return (uint32_t)at;
 }
 
+/* The handshake with the client went on: finished, failed, or it waits for the socket. */
+static void session_tls_handshake(session *s)
+{
+    char why[256];
+    int rc = tls_handshake(&s->client_tls, why, sizeof(why));
+    if (rc < 0) {
+        log_warning("client %s: TLS handshake failed: %s", s->client_addr, why);
+        session_close(s, NULL, NULL);
+        return;
+    }
+    if (rc == 0) {
+        session_arm(s);
+        return;
+    }
+    /* PostgreSQL 17 refuses direct TLS without its ALPN protocol, so that a TLS client meant
+     * for another service cannot be talked into speaking to a database. */
+    if (s->direct_tls && !tls_alpn_is_postgresql(&s->client_tls)) {
+        log_warning("client %s: direct TLS connection without the ALPN protocol "
+                    "\"postgresql\"; closing", s->client_addr);
+        session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION,
+                      "received direct TLS connection request without ALPN protocol "
+                      "negotiation extension \"postgresql\"");
+        return;
+    }
+    char desc[SHM_TLS_MAX];
+    bool ktls_send, ktls_recv;
+    tls_describe(&s->client_tls, desc, sizeof(desc));
+    tls_ktls_state(&s->client_tls, &ktls_send, &ktls_recv);
+    shm_session_write_begin(s->slot);
+    copy_ident(s->slot->tls, sizeof(s->slot->tls), desc);
+    shm_session_write_end(s->slot);
+    log_debug("client %s: %sTLS %s (kernel TLS: send %s, receive %s)", s->client_addr,
+              s->direct_tls ? "direct " : "", desc, ktls_send ? "on" : "off",
+              ktls_recv ? "on" : "off");
+    session_arm(s);
+}
+
+/* Begin TLS on the client socket: after our 'S', or at a direct-TLS ClientHello. */
+static void session_tls_start(session *s)
+{
+    if (tls_accept_begin(&s->client_tls, s->cfd) != 0) {
+        log_error("client %s: cannot start TLS: out of memory", s->client_addr);
+        session_close(s, NULL, NULL);
+        return;
+    }
+    session_tls_handshake(s);
+}
+
+/* Refuse a login that client_tls_mode does not allow (NULL when it may go on). */
+static const char *session_tls_refusal(session *s, const pg_startup *st, char *msg, size_t len)
+{
+    int mode = worker_self->cfg->client_tls_mode;
+    if (mode >= CLIENT_TLS_REQUIRE && !s->client_tls.ssl) {
+        snprintf(msg, len, "TLS required: client_tls_mode = %s and this connection is not "
+                 "encrypted (connect with sslmode=require or stronger)",
+                 mode == CLIENT_TLS_REQUIRE ? "require"
+                 : mode == CLIENT_TLS_VERIFY_CA ? "verify-ca" : "verify-full");
+        return msg;
+    }
+    if (mode == CLIENT_TLS_VERIFY_FULL) {
+        char cn[SHM_IDENT_MAX];
+        if (!tls_peer_common_name(&s->client_tls, cn, sizeof(cn))) {
+            snprintf(msg, len, "certificate authentication failed for user \"%s\": the client "
+                     "certificate has no usable common name", s->slot->user);
+            return msg;
+        }
+        if (strcmp(cn, st->user) != 0) {
+            char shown[SHM_IDENT_MAX];
+            copy_ident(shown, sizeof(shown), cn);
+            snprintf(msg, len, "certificate authentication failed for user \"%s\": the client "
+                     "certificate's common name is \"%s\" (client_tls_mode = verify-full)",
+                     s->slot->user, shown);
+            return msg;
+        }
+    }
+    return NULL;
+}
+
 /* A complete startup-phase packet is in s->startup[0..len). */
 static void session_startup_packet(session *s, uint32_t len)
 {
     worker *w = worker_self;
     pg_startup st;
     const char *err, *sqlstate;
-    uint8_t no = SSL_NOT_SUPPORTED;
+    uint8_t no = SSL_NOT_SUPPORTED, yes = SSL_SUPPORTED;
+    char tls_msg[SHM_IDENT_MAX * 2 + 160];
 
     if (pg_startup_parse(s->startup, len, &st, &err, &sqlstate) != 0) {
         log_warning("client %s: %s", s->client_addr, err);
@@ -634,8 +729,23 @@ static void session_startup_packet(session *s, uint32_t len)
     switch (st.kind) {
     case PG_STARTUP_SSL:
     case PG_STARTUP_GSSENC:
-        session_send_client(s, &no, 1);
+        if (s->client_tls.ssl) {
+            /* As the server: no second negotiation inside the encrypted channel. */
+            log_warning("client %s: %s inside TLS; closing", s->client_addr,
+                        st.kind == PG_STARTUP_SSL ? "SSLRequest" : "GSSENCRequest");
+            session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION,
+                          "encryption negotiation inside an encrypted connection");
+            return;
+        }
         s->startup_have = 0;
+        if (st.kind == PG_STARTUP_SSL && tls_client_ctx()) {
+            /* Sent in clear before any TLS byte is read: what the client sent after its
+             * SSLRequest can only be read as TLS, never taken as plaintext. */
+            session_send_client(s, &yes, 1);
+            session_tls_start(s);
+            return;
+        }
+        session_send_client(s, &no, 1);
         return;
     case PG_STARTUP_CANCEL:
         cancel_handle_request(w, st.cancel_pid, st.cancel_secret, s->client_addr, s->cfd);
@@ -663,6 +773,12 @@ static void session_startup_packet(session *s, uint32_t len)
     copy_ident(s->slot->application_name, sizeof(s->slot->application_name),
                st.application_name ? st.application_name : "");
     shm_session_write_end(s->slot);
+    const char *tls_refusal = session_tls_refusal(s, &st, tls_msg, sizeof(tls_msg));
+    if (tls_refusal) {
+        log_warning("client %s: refused: %s", s->client_addr, tls_refusal);
+        session_close(s, SESSION_SQLSTATE_INVALID_AUTH, tls_refusal);
+        return;
+    }
     if (s->reject_sqlstate) {
         log_warning("client %s: refused: %s", s->client_addr, s->reject_message);
         session_close(s, s->reject_sqlstate, s->reject_message);
@@ -706,6 +822,21 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
     session *s = arg;
     (void)what;
 
+    if (s->client_tls.ssl && !s->client_tls.handshaken) {
+        session_tls_handshake(s);
+        return;
+    }
+    if (s->startup_have == 0 && !s->client_tls.ssl && tls_client_ctx()) {
+        /* Direct TLS (PostgreSQL 17's sslnegotiation=direct): a ClientHello where a startup
+         * packet's length would begin (whose first byte, below 10000, is 0). Peeked, so that
+         * OpenSSL reads the ClientHello whole. */
+        uint8_t first;
+        if (recv(fd, &first, 1, MSG_PEEK) == 1 && first == SESSION_TLS_RECORD_HANDSHAKE) {
+            s->direct_tls = true;
+            session_tls_start(s);
+            return;
+        }
+    }
     if (!s->startup) {
         s->startup = malloc(PG_STARTUP_MAX_LEN);
         if (!s->startup) {
@@ -717,7 +848,7 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
      * PG_STARTUP_MIN_LEN long): after it the client waits for our answer. */
     long need = pg_startup_length(s->startup, s->startup_have);
     size_t want = need > 0 ? (size_t)need - s->startup_have : PG_STARTUP_MIN_LEN - s->startup_have;
-    ssize_t n = recv(fd, s->startup + s->startup_have, want, 0);
+    ssize_t n = conn_read(fd, &s->client_tls, s->startup + s->startup_have, want);
     if (n == 0) {
         session_close(s, NULL, NULL);
         return;
@@ -727,7 +858,10 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
             log_debug("client %s: read error during startup: %s", s->client_addr,
                       strerror(errno));
             session_close(s, NULL, NULL);
+            return;
         }
+        if (s->client_tls.ssl)
+            session_arm(s); /* OpenSSL may wait for the socket to be writable */
         return;
     }
     s->startup_have += (uint32_t)n;
@@ -741,6 +875,10 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
         session_close(s, NULL, NULL);
         return;
     }
-    if (need > 0 && s->startup_have == (uint32_t)need)
+    if (need > 0 && s->startup_have == (uint32_t)need) {
         session_startup_packet(s, (uint32_t)need);
+        return;
+    }
+    if (tls_has_pending(&s->client_tls))
+        event_active(&s->ev_client, EV_READ, 0); /* the rest is decrypted already */
 }

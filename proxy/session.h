@@ -10,6 +10,7 @@
 
 #include "pgproto.h"
 #include "shm.h"
+#include "tls.h"
 
 /* A long transfer (COPY, a large result) adds its bytes to the node's counters at least every
  * this many bytes, not only when its statement ends. */
@@ -36,6 +37,9 @@ typedef struct session {
     session_phase phase;
     int cfd;                     /* client socket */
     int sfd;                     /* server socket, -1 before connecting */
+    tls_conn client_tls;         /* TLS with the client (ssl NULL: in clear) */
+    bool direct_tls;             /* the client began with a TLS ClientHello (no SSLRequest) */
+    tls_conn server_tls;         /* TLS with the node (ssl NULL: in clear) */
     struct event ev_client;      /* read/write interest on cfd, recomputed by session_arm() */
     struct event ev_server;      /* read/write interest on sfd */
     struct event ev_timer;       /* startup, login, connect, leader-wait, leader-change and
