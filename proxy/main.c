@@ -124,7 +124,7 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
     }
     /* Certificates and keys are read now: a broken one stops the check and the start. */
     char tls_err[1024];
-    if (tls_client_setup(cfg, tls_err, sizeof(tls_err)) != 0) {
+    if (tls_setup(cfg, tls_err, sizeof(tls_err)) != 0) {
         fprintf(stderr, "%s: %s\n", config_path, tls_err);
         if (!check)
             fprintf(stderr, "pgrelay: TLS configuration error in %s; not starting\n",

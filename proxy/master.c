@@ -512,7 +512,7 @@ int master_reload(master *m, char *msg, size_t msglen)
     /* The certificate and key files are part of the configuration: a broken one is refused
      * like a bad key, and the running context stays. */
     char tls_err[1024];
-    if (tls_client_setup(next, tls_err, sizeof(tls_err)) != 0) {
+    if (tls_setup(next, tls_err, sizeof(tls_err)) != 0) {
         log_error("reload: %s", tls_err);
         snprintf(msg, msglen, "reload failed: %s; keeping the running configuration", tls_err);
         log_error("%s", msg);

@@ -363,6 +363,12 @@ static relay_result relay_pump(session *s, bool from_client)
         }
         return RELAY_CLOSED;
     }
+    /* Before login: a node on TLS offers channel binding, which cannot span pgrelay (the
+     * client's channel, if any, ends at pgrelay's certificate): not shown to the client (see
+     * tls_strip_sasl_plus). */
+    if (!from_client && !s->logged_in && s->server_tls.ssl &&
+        pg_scan_at_boundary(&s->server_scan))
+        n = (ssize_t)tls_strip_sasl_plus(buf, (size_t)n);
     /* Bytes are counted for the node before the scan, so that the chunk holding a statement's
      * ReadyForQuery is in the flush that statement's end makes. */
     if (from_client) {

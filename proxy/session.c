@@ -267,7 +267,9 @@ void session_arm(session *s)
         want_c = EV_READ; /* the TLS handshake too: tls_events says which event it waits for */
         break;
     case PHASE_CONNECTING:
-        want_s = EV_WRITE;
+        /* connect() finished when writable; the node's answer to SSLRequest and the TLS
+         * handshake are reads (tls_events turns them into what OpenSSL waits for) */
+        want_s = s->server_step == SERVER_STEP_CONNECT ? EV_WRITE : EV_READ;
         break;
     case PHASE_HELD:
         /* Waiting for a leader or for resume: only watch for the client going away. */
@@ -517,6 +519,21 @@ static void session_connect(session *s)
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
         return;
     }
+    /* TLS toward the node: the SSL is made now, while the node's host name is at hand (SNI,
+     * verify-full); the SSLRequest goes once the TCP connection is up. */
+    s->server_tls_mode = w->cfg->server_tls_mode;
+    for (int i = 0; i < w->cfg->n_nodes; i++)
+        if (strcmp(w->cfg->nodes[i].name, n->name) == 0)
+            s->server_tls_mode = config_node_server_tls(w->cfg, &w->cfg->nodes[i]);
+    s->server_step = SERVER_STEP_CONNECT;
+    if (s->server_tls_mode != SERVER_TLS_DISABLE &&
+        tls_connect_begin(&s->server_tls, s->sfd, n->host, s->server_tls_mode) != 0) {
+        snprintf(msg, sizeof(msg), "could not connect to node %s: cannot start TLS (out of "
+                 "memory, or no TLS context toward nodes)", n->name);
+        log_error("client %s: %s", s->client_addr, msg);
+        session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
+        return;
+    }
     shm_session_write_begin(s->slot);
     s->slot->node = node;
     s->slot->epoch = w->routes.epoch;
@@ -546,12 +563,93 @@ void session_reroute(session *s)
     s->sfd = -1;
     session_uncount(s);
     s->connect_deadline_us = 0;
+    tls_close(&s->server_tls);
+    s->server_step = SERVER_STEP_CONNECT;
     log_debug("client %s: routing changed while connecting; routing again", s->client_addr);
     session_connect(s);
 }
 
+/* The node is reached (and its TLS, if any, is up): the startup packet, then anything the
+ * client sent after it, go to the node. */
+static void session_start_relay(session *s)
+{
+    /* The callback of ev_server changes with the phase: registered afresh below. */
+    if (s->server_mask) {
+        event_del(&s->ev_server);
+        s->server_mask = 0;
+    }
+    relay_init_scanners(s);
+    s->to_server.buf = s->startup;
+    s->to_server.off = 0;
+    s->to_server.len = s->startup_have;
+    s->startup = NULL;
+    s->phase = PHASE_RELAY;
+    if (relay_flush(s, &s->to_server, s->sfd) != 0) {
+        session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
+        return;
+    }
+    session_arm(s);
+}
+
+/* The node refused, broke or failed the TLS negotiation: 08006 with the reason, logged. */
+static void session_server_tls_failed(session *s, const char *why)
+{
+    char msg[CONFIG_NAME_MAX + 512];
+    snprintf(msg, sizeof(msg), "could not connect to node %s: %s", s->slot->node_name, why);
+    log_warning("client %s: %s", s->client_addr, msg);
+    session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
+}
+
+static void session_server_tls_handshake(session *s)
+{
+    char why[300], desc[SHM_TLS_MAX], full[400];
+    int rc = tls_handshake(&s->server_tls, why, sizeof(why));
+    if (rc < 0) {
+        snprintf(full, sizeof(full), "TLS handshake failed (server_tls_mode = %s): %s",
+                 config_server_tls_word(s->server_tls_mode), why);
+        session_server_tls_failed(s, full);
+        return;
+    }
+    if (rc == 0) {
+        session_arm(s);
+        return;
+    }
+    tls_describe(&s->server_tls, desc, sizeof(desc));
+    log_debug("client %s: TLS to node %s: %s", s->client_addr, s->slot->node_name, desc);
+    session_start_relay(s);
+}
+
+/* One byte from the node after our SSLRequest: S (TLS follows) or N (no TLS there). */
+static void session_server_tls_answer(session *s)
+{
+    uint8_t answer;
+    ssize_t n = recv(s->sfd, &answer, 1, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (n <= 0) {
+        session_server_tls_failed(s, n == 0 ? "it closed the connection after SSLRequest"
+                                            : strerror(errno));
+        return;
+    }
+    if (answer == SSL_SUPPORTED) {
+        s->server_step = SERVER_STEP_HANDSHAKE;
+        session_server_tls_handshake(s);
+        return;
+    }
+    if (answer == SSL_NOT_SUPPORTED && s->server_tls_mode == SERVER_TLS_PREFER) {
+        tls_close(&s->server_tls); /* prefer: in clear, as libpq would */
+        session_start_relay(s);
+        return;
+    }
+    session_server_tls_failed(s, answer == SSL_NOT_SUPPORTED
+                                     ? "the node does not accept TLS (it answered N to "
+                                       "SSLRequest) and server_tls_mode requires it"
+                                     : "invalid answer to SSLRequest");
+}
+
 static void session_on_connected(evutil_socket_t fd, short what, void *arg)
 {
+    static const uint8_t ssl_request[PG_STARTUP_MIN_LEN] = {0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f};
     session *s = arg;
     worker *w = worker_self;
     int err = 0;
@@ -559,6 +657,14 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
     char msg[CONFIG_HOST_MAX + 256];
     (void)what;
 
+    if (s->server_step == SERVER_STEP_ASKED) {
+        session_server_tls_answer(s);
+        return;
+    }
+    if (s->server_step == SERVER_STEP_HANDSHAKE) {
+        session_server_tls_handshake(s);
+        return;
+    }
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
         err = errno;
     if (err != 0) {
@@ -571,20 +677,19 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
         return;
     }
     shm_stat_add(&w->row->stats.server_connects, 1);
-    /* connect_deadline_us stays until the node answers the startup packet (session_on_timer) */
-
-    /* The startup packet, then anything the client sent after it, go to the server. */
-    relay_init_scanners(s);
-    s->to_server.buf = s->startup;
-    s->to_server.off = 0;
-    s->to_server.len = s->startup_have;
-    s->startup = NULL;
-    s->phase = PHASE_RELAY;
-    if (relay_flush(s, &s->to_server, s->sfd) != 0) {
-        session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
+    /* connect_deadline_us stays until the node answers the startup packet (session_on_timer):
+     * it bounds the TLS negotiation with the node too. */
+    if (s->server_tls.ssl) {
+        /* A fresh socket takes 8 bytes whole. */
+        if (send(fd, ssl_request, sizeof(ssl_request), MSG_NOSIGNAL) != (ssize_t)sizeof(ssl_request)) {
+            session_server_tls_failed(s, "cannot send SSLRequest");
+            return;
+        }
+        s->server_step = SERVER_STEP_ASKED;
+        session_arm(s);
         return;
     }
-    session_arm(s);
+    session_start_relay(s);
 }
 
 #define SESSION_MSG_NEGOTIATE_VERSION 'v' /* B: NegotiateProtocolVersion */

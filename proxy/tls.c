@@ -1,5 +1,5 @@
-/* tls.c - TLS toward clients: the OpenSSL context (built at start and at every reload), the
- * non-blocking handshake, and reads and writes on a session's TLS side.
+/* tls.c - TLS toward clients and nodes: the OpenSSL contexts (built at start and at every
+ * reload), the non-blocking handshakes, and reads and writes on a session's TLS side.
  *
  * The master builds the context before it forks, so that a missing or broken certificate or
  * key stops `pgrelay -t`, the start, or a reload (which then keeps the running configuration);
@@ -8,8 +8,11 @@
  */
 #include "tls.h"
 #include "log.h"
+#include "pgproto.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
 #include <stdio.h>
@@ -21,10 +24,16 @@ static const unsigned char tls_alpn_postgresql[] = {10, 'p', 'o', 's', 't', 'g',
                                                     's', 'q', 'l'};
 
 static SSL_CTX *tls_client_current; /* new sessions take this one; NULL = TLS off */
+static SSL_CTX *tls_server_current; /* new connections to nodes take this one; NULL = none */
 
 SSL_CTX *tls_client_ctx(void)
 {
     return tls_client_current;
+}
+
+SSL_CTX *tls_server_ctx(void)
+{
+    return tls_server_current;
 }
 
 /* OpenSSL's last error as text, the error queue emptied. */
@@ -163,16 +172,74 @@ failed:
     return NULL;
 }
 
-int tls_client_setup(const config *cfg, char *err, size_t err_len)
+/* The context toward nodes: the client certificate and the CAs; whether a node's certificate
+ * is checked is set per connection (server_tls_mode may differ per node). */
+static SSL_CTX *tls_server_build(const config *cfg, char *err, size_t err_len)
 {
-    SSL_CTX *ctx = NULL;
+    char why[256];
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) {
+        tls_reason(why, sizeof(why));
+        snprintf(err, err_len, "cannot create a TLS context: %s", why);
+        return NULL;
+    }
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF |
+                                 SSL_OP_ENABLE_KTLS);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_ENABLE_PARTIAL_WRITE |
+                              SSL_MODE_RELEASE_BUFFERS);
+    if (cfg->server_tls_ca_file[0] &&
+        SSL_CTX_load_verify_locations(ctx, cfg->server_tls_ca_file, NULL) != 1) {
+        tls_reason(why, sizeof(why));
+        snprintf(err, err_len, "server_tls_ca_file %s: %s", cfg->server_tls_ca_file, why);
+        goto failed;
+    }
+    if (cfg->server_tls_cert_file[0]) {
+        if (SSL_CTX_use_certificate_chain_file(ctx, cfg->server_tls_cert_file) != 1) {
+            tls_reason(why, sizeof(why));
+            snprintf(err, err_len, "server_tls_cert_file %s: %s", cfg->server_tls_cert_file,
+                     why);
+            goto failed;
+        }
+        if (SSL_CTX_use_PrivateKey_file(ctx, cfg->server_tls_key_file, SSL_FILETYPE_PEM) != 1 ||
+            SSL_CTX_check_private_key(ctx) != 1) {
+            tls_reason(why, sizeof(why));
+            snprintf(err, err_len, "server_tls_key_file %s is not a usable key for "
+                     "server_tls_cert_file %s (%s)", cfg->server_tls_key_file,
+                     cfg->server_tls_cert_file, why);
+            goto failed;
+        }
+    }
+    return ctx;
+failed:
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
+int tls_setup(const config *cfg, char *err, size_t err_len)
+{
+    SSL_CTX *client = NULL, *server = NULL;
+    bool server_tls = cfg->server_tls_mode != SERVER_TLS_DISABLE;
+    for (int i = 0; i < cfg->n_nodes; i++)
+        if (config_node_server_tls(cfg, &cfg->nodes[i]) != SERVER_TLS_DISABLE)
+            server_tls = true;
     if (cfg->client_tls_mode != CLIENT_TLS_DISABLE) {
-        ctx = tls_client_build(cfg, err, err_len);
-        if (!ctx)
+        client = tls_client_build(cfg, err, err_len);
+        if (!client)
             return -1;
     }
-    SSL_CTX_free(tls_client_current); /* sessions hold their own reference */
-    tls_client_current = ctx;
+    if (server_tls) {
+        server = tls_server_build(cfg, err, err_len);
+        if (!server) {
+            SSL_CTX_free(client);
+            return -1;
+        }
+    }
+    /* Sessions hold their own references to the contexts they use. */
+    SSL_CTX_free(tls_client_current);
+    tls_client_current = client;
+    SSL_CTX_free(tls_server_current);
+    tls_server_current = server;
     return 0;
 }
 
@@ -190,6 +257,38 @@ int tls_accept_begin(tls_conn *t, int fd)
     t->write_wants = 0;
     t->handshaken = false;
     return 0;
+}
+
+int tls_connect_begin(tls_conn *t, int fd, const char *host, int mode)
+{
+    unsigned char addr[sizeof(struct in6_addr)];
+    bool is_ip = inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1;
+    t->ssl = tls_server_current ? SSL_new(tls_server_current) : NULL;
+    if (!t->ssl || SSL_set_fd(t->ssl, fd) != 1)
+        goto failed;
+    SSL_set_connect_state(t->ssl);
+    /* SNI names a host, never an address (RFC 6066), as libpq does. */
+    if (!is_ip && host[0] != '/' && SSL_set_tlsext_host_name(t->ssl, host) != 1)
+        goto failed;
+    if (mode >= SERVER_TLS_VERIFY_CA)
+        SSL_set_verify(t->ssl, SSL_VERIFY_PEER, NULL);
+    else
+        SSL_set_verify(t->ssl, SSL_VERIFY_NONE, NULL);
+    if (mode == SERVER_TLS_VERIFY_FULL) {
+        int ok = is_ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), host)
+                       : SSL_set1_host(t->ssl, host);
+        if (ok != 1)
+            goto failed;
+    }
+    t->read_wants = 0;
+    t->write_wants = 0;
+    t->handshaken = false;
+    return 0;
+failed:
+    SSL_free(t->ssl);
+    t->ssl = NULL;
+    ERR_clear_error();
+    return -1;
 }
 
 /* What a failed call means: the event to wait for (1), or a hard error (-1, why filled). */
@@ -231,8 +330,15 @@ int tls_handshake(tls_conn *t, char *why, size_t why_len)
         return 1;
     }
     short wants = 0;
-    if (tls_classify(t, rc, &wants, why, why_len) < 0)
+    if (tls_classify(t, rc, &wants, why, why_len) < 0) {
+        /* OpenSSL says "certificate verify failed"; X509 says why. */
+        long verify = SSL_get_verify_result(t->ssl);
+        if (verify != X509_V_OK) {
+            size_t used = strlen(why);
+            snprintf(why + used, why_len - used, " (%s)", X509_verify_cert_error_string(verify));
+        }
         return -1;
+    }
     t->read_wants = wants;
     return 0;
 }
@@ -341,6 +447,47 @@ bool tls_peer_common_name(const tls_conn *t, char *buf, size_t len)
     X509_free(cert);
     /* A name with a NUL inside would compare equal to its prefix: refused. */
     return n > 0 && (size_t)n < len && strlen(buf) == (size_t)n;
+}
+
+#define TLS_AUTH_SASL 10u          /* AuthenticationSASL's code */
+#define TLS_PLUS_SUFFIX "-PLUS"     /* channel-binding mechanisms end so */
+
+size_t tls_strip_sasl_plus(uint8_t *data, size_t n)
+{
+    size_t off = 0;
+    while (off + PG_MSG_HEADER_LEN <= n) {
+        uint32_t len = pg_get_u32(data + off + 1);
+        if (len < 4 || len > n - off - 1)
+            break; /* beyond this read (or not a length the scanner will take) */
+        size_t end = off + 1 + len, body = off + PG_MSG_HEADER_LEN;
+        if (data[off] == PG_MSG_AUTHENTICATION && len >= 8 &&
+            pg_get_u32(data + body) == TLS_AUTH_SASL) {
+            /* int32 10, then mechanism names, each NUL-terminated, then an empty one. */
+            size_t in = body + 4, out = body + 4;
+            while (in < end && data[in] != '\0') {
+                size_t name = strnlen((const char *)data + in, end - in);
+                if (in + name >= end)
+                    break; /* unterminated: leave the rest to the client */
+                size_t suffix = sizeof(TLS_PLUS_SUFFIX) - 1;
+                bool plus = name >= suffix &&
+                            memcmp(data + in + name - suffix, TLS_PLUS_SUFFIX, suffix) == 0;
+                if (!plus) {
+                    memmove(data + out, data + in, name + 1);
+                    out += name + 1;
+                }
+                in += name + 1;
+            }
+            if (in > out) {
+                /* The rest of the message (the list's end) and of the read move down. */
+                memmove(data + out, data + in, n - in);
+                n -= in - out;
+                end -= in - out;
+                pg_put_u32(data + off + 1, (uint32_t)(end - off - 1));
+            }
+        }
+        off = end;
+    }
+    return n;
 }
 
 void tls_ktls_state(const tls_conn *t, bool *send, bool *recv)

@@ -1,5 +1,5 @@
-/* tls.h - TLS on the proxy's client connections: the context, handshakes, and the
- * conn_read/conn_write calls the relay makes on either side of a session.
+/* tls.h - TLS on the proxy's connections to clients and to nodes: the contexts, handshakes,
+ * and the conn_read/conn_write calls the relay makes on either side of a session.
  *
  * A side of a session in clear has no SSL and costs one NULL test per call; a side on TLS goes
  * through OpenSSL, and remembers which socket event its last call waited for (a read may need
@@ -12,6 +12,7 @@
 #include <openssl/ssl.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -25,17 +26,25 @@ typedef struct tls_conn {
     bool handshaken;   /* the handshake finished */
 } tls_conn;
 
-/* Build the client-side context from cfg (client_tls_* keys) into the process's current one,
- * replacing it; sessions that run keep the context they started with (SSL_CTX is counted).
- * With client_tls_mode = disable the current context is dropped. Returns 0, or -1 with err
- * naming the key, the file and OpenSSL's reason; the current context then stays. */
-int tls_client_setup(const config *cfg, char *err, size_t err_len);
+/* Build the contexts from cfg (client_tls_* keys: toward clients; server_tls_*: toward nodes)
+ * into the process's current ones, replacing them; sessions that run keep the contexts they
+ * started with (SSL_CTX is counted). A side with TLS off has none. Returns 0, or -1 with err
+ * naming the key, the file and OpenSSL's reason; the current contexts then stay. */
+int tls_setup(const config *cfg, char *err, size_t err_len);
 
-/* The current client context, or NULL when TLS toward clients is off. */
+/* The current client-side context, or NULL when TLS toward clients is off. */
 SSL_CTX *tls_client_ctx(void);
+
+/* The current node-side context, or NULL when no node is spoken to over TLS. */
+SSL_CTX *tls_server_ctx(void);
 
 /* Start TLS as the server on fd with the current context. Returns 0, or -1 (out of memory). */
 int tls_accept_begin(tls_conn *t, int fd);
+
+/* Start TLS toward a node on fd (mode: SERVER_TLS_*): SNI with host when it is a name, the
+ * certificate checked from verify-ca on, its name against host with verify-full. Returns 0,
+ * or -1 (out of memory). */
+int tls_connect_begin(tls_conn *t, int fd, const char *host, int mode);
 
 /* Drive the handshake: 1 done, 0 wait (t->read_wants says for what), -1 failed (reason in
  * why: OpenSSL's words, or the peer went away). */
@@ -104,6 +113,15 @@ bool tls_alpn_is_postgresql(const tls_conn *t);
 
 /* The common name of the client's verified certificate into buf; false when there is none. */
 bool tls_peer_common_name(const tls_conn *t, char *buf, size_t len);
+
+/* The client's channel (clear, or TLS ending at pgrelay's certificate) is never the node's:
+ * SCRAM channel binding (SCRAM-SHA-256-PLUS), which a node on TLS offers, cannot succeed
+ * across pgrelay, and a client in clear refuses a server that offers it. In the node's bytes
+ * data[0..n), which
+ * start at a message boundary, drop every "-PLUS" mechanism from a whole AuthenticationSASL
+ * message (shortening it); returns the new length. A message split over two reads is left
+ * as it is (the node sends it alone, a few dozen bytes). */
+size_t tls_strip_sasl_plus(uint8_t *data, size_t n);
 
 /* Whether kernel TLS took over sending and receiving on this connection. */
 void tls_ktls_state(const tls_conn *t, bool *send, bool *recv);

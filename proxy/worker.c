@@ -189,9 +189,8 @@ static void worker_look_again(worker *w)
          * new sessions take the new context, running ones keep theirs. The master checked
          * the files just before; a file replaced meanwhile by a broken one keeps the old. */
         char err[512];
-        if (tls_client_setup(w->cfg, err, sizeof(err)) != 0)
-            log_error("reload: TLS toward clients: %s; new sessions keep the previous "
-                      "certificate", err);
+        if (tls_setup(w->cfg, err, sizeof(err)) != 0)
+            log_error("reload: TLS: %s; new sessions keep the previous certificates", err);
         log_debug("settings reloaded");
     }
     worker_routes_refresh(w);
