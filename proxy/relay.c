@@ -312,6 +312,7 @@ static void relay_pass_client_eof(session *s)
     if (!s->client_eof || s->server_shut || s->to_server.len != s->to_server.off)
         return;
     s->server_shut = true;
+    tls_shutdown_write(&s->server_tls); /* a node on TLS gets close_notify first */
     if (shutdown(s->sfd, SHUT_WR) != 0)
         log_debug("client %s: shutdown toward node %s: %s", s->client_addr,
                   s->slot->node_name, strerror(errno));

@@ -348,7 +348,8 @@ static void session_on_held_client(evutil_socket_t fd, short what, void *arg)
     session *s = arg;
     uint8_t peek[PG_MSG_HEADER_LEN + 1];
     (void)what;
-    ssize_t n = recv(fd, peek, sizeof(peek), MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = s->client_tls.ssl ? tls_peek(&s->client_tls, peek, sizeof(peek))
+                                  : recv(fd, peek, sizeof(peek), MSG_PEEK | MSG_DONTWAIT);
     bool only_terminate = n == (ssize_t)sizeof(terminate) &&
                           memcmp(peek, terminate, sizeof(terminate)) == 0;
     if ((n > 0 && !only_terminate) || (n < 0 && (errno == EAGAIN || errno == EINTR))) {

@@ -397,6 +397,36 @@ ssize_t tls_read(tls_conn *t, void *buf, size_t len)
     return (ssize_t)got;
 }
 
+ssize_t tls_peek(tls_conn *t, void *buf, size_t len)
+{
+    char why[256];
+    size_t n = 0;
+    short wants = 0;
+    ERR_clear_error();
+    errno = 0;
+    if (SSL_peek_ex(t->ssl, buf, len, &n) == 1)
+        return (ssize_t)n;
+    if (SSL_get_error(t->ssl, 0) == SSL_ERROR_ZERO_RETURN) {
+        ERR_clear_error();
+        return 0;
+    }
+    if (tls_classify(t, 0, &wants, why, sizeof(why)) > 0) {
+        errno = EAGAIN;
+        return -1;
+    }
+    errno = ECONNRESET;
+    return -1;
+}
+
+void tls_shutdown_write(tls_conn *t)
+{
+    if (t->ssl && t->handshaken) {
+        ERR_clear_error();
+        SSL_shutdown(t->ssl);
+        ERR_clear_error();
+    }
+}
+
 ssize_t tls_write(tls_conn *t, const void *buf, size_t len)
 {
     char why[256];

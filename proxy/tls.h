@@ -53,6 +53,13 @@ int tls_handshake(tls_conn *t, char *why, size_t why_len);
 /* Send close_notify once without waiting, free the SSL. */
 void tls_close(tls_conn *t);
 
+/* Look at up to len decrypted bytes without taking them (a later read still gets them): like
+ * recv(MSG_PEEK | MSG_DONTWAIT), 0 at the peer's close, -1 with EAGAIN when none is whole. */
+ssize_t tls_peek(tls_conn *t, void *buf, size_t len);
+
+/* Send close_notify (the TLS end of input) without waiting; reads go on. */
+void tls_shutdown_write(tls_conn *t);
+
 /* TLS half of conn_read/conn_write: like recv/send (-1 with errno EAGAIN when it must wait,
  * t->*_wants naming for what; 0 at the peer's close). */
 ssize_t tls_read(tls_conn *t, void *buf, size_t len);

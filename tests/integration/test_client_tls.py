@@ -425,3 +425,27 @@ def test_cancel_request_over_tls(tls_relay, pg):
     err = error_fields(msgs)
     assert err and err["C"] == "57014", msgs
     rc.close()
+
+
+def test_tls_clients_that_leave_while_held_by_pause_are_let_go(relay_factory, pki, pg):
+    from test_relay_hardening import clients_named, paused, stats_total
+    r = relay_factory(**tls_keys(pki))
+    idle = connect(r, application_name="tls-held-idle")
+    idle.execute("SELECT 1")
+    backend = pg.backend_pids("tls-held-idle")[0]
+    paused(r)
+    try:
+        new = raw_tls(r)
+        new.send_startup(application_name="tls-held-new")  # held before reaching a node
+        wait_for(lambda: clients_named(r, "tls-held-new"), what="the held new session")
+        idle.close()  # Terminate, inside TLS, then close: seen through OpenSSL, not raw bytes
+        new.close()
+        wait_for(lambda: not clients_named(r, "tls-held-idle"), what="idle session let go")
+        wait_for(lambda: not clients_named(r, "tls-held-new"), what="held new session let go")
+        wait_for(lambda: not pg.pid_exists(backend), what="the idle session's backend to end")
+        connects = stats_total(r, "server_connects")
+    finally:
+        admin(r, "resume")
+    with connect(r) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert stats_total(r, "server_connects") == connects + 1
