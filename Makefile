@@ -47,7 +47,7 @@ PROXY_PKGS := libevent inih jansson openssl
 AGENT_PKGS := libevent libpq inih libcurl jansson
 CONTROL_PKGS := libevent libevent_openssl libpq inih jansson openssl
 CTL_PKGS   := libcurl jansson
-UNIT_PKGS  := cmocka inih
+UNIT_PKGS  := cmocka inih openssl
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
 CFLAGS   ?= -O2 -g
@@ -110,6 +110,7 @@ $(CTL): $(CTL_OBJ) | check-deps
 # Unit tests of agent and proxy code link the object they test.
 $(BUILD)/tests/test_normalize: $(BUILD)/agent/normalize.o
 $(BUILD)/tests/test_utf8: $(BUILD)/proxy/utf8.o
+$(BUILD)/tests/test_tls_sasl: $(BUILD)/proxy/tls.o
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
