@@ -449,3 +449,41 @@ def test_tls_clients_that_leave_while_held_by_pause_are_let_go(relay_factory, pk
     with connect(r) as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
     assert stats_total(r, "server_connects") == connects + 1
+
+
+def test_read_only_port_follows_the_same_keys(relay_factory, pki):
+    from conftest import free_port
+    read_port = free_port()
+    r = relay_factory(read_listen_port=read_port, **tls_keys(pki))
+    with psycopg.connect(r.conninfo(port=read_port, sslmode="require")) as c:
+        assert c.pgconn.ssl_in_use
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    with pytest.raises(psycopg.OperationalError, match="TLS required"):
+        psycopg.connect(r.conninfo(port=read_port, sslmode="disable")).close()
+
+
+def test_tls_turned_on_and_off_by_reload(relay_factory, pki, pg):
+    from conftest import write_config
+    r = relay_factory()
+    with r.connect(sslmode="prefer") as c:
+        assert not c.pgconn.ssl_in_use  # answered N
+    with r.connect(sslmode="disable") as running:
+        write_config(r.conf_path, r.port, pg, {"admin_socket": os.path.join(
+            os.path.dirname(r.conf_path), "admin.sock"), **tls_keys(pki)})
+        assert "reloaded" in admin(r, "reload")
+        wait_for(lambda: _tls_in_use(r), what="new sessions on TLS")
+        with pytest.raises(psycopg.OperationalError, match="TLS required"):
+            r.connect(sslmode="disable").close()
+        assert running.execute("SELECT 'clear, from before'").fetchone()[0] == "clear, from before"
+        write_config(r.conf_path, r.port, pg, {"admin_socket": os.path.join(
+            os.path.dirname(r.conf_path), "admin.sock")})
+        assert "reloaded" in admin(r, "reload")
+        wait_for(lambda: not _tls_in_use(r), what="new sessions in clear again")
+
+
+def _tls_in_use(relay):
+    try:
+        with relay.connect(sslmode="prefer") as c:
+            return c.pgconn.ssl_in_use
+    except psycopg.OperationalError:
+        return None
