@@ -6,6 +6,7 @@
 #                   (+ test-patroni when CI is set)
 #   make test-patroni  pgrelay and HAProxy in front of etcd + three Patroni members
 #   make bench      pgbench: direct vs pgrelay vs PgBouncer vs HAProxy (not part of test)
+#   make bench-tls  the same with sslmode=require: PostgreSQL's TLS vs pgrelay's vs PgBouncer's
 #   make bench-control  N simulated agents against one pgrelay-control (not part of test)
 #   make demo       throwaway PostgreSQL + pgrelay + a short pgbench; Ctrl-C stops it
 #   make install    PREFIX=/usr/local DESTDIR= (PGRELAY_GROUP=pgrelay); make uninstall undoes it
@@ -42,11 +43,11 @@ DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-p
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 DEB_PATRONI := patroni etcd-server etcd-client haproxy
 
-PROXY_PKGS := libevent inih jansson
+PROXY_PKGS := libevent inih jansson openssl
 AGENT_PKGS := libevent libpq inih libcurl jansson
 CONTROL_PKGS := libevent libevent_openssl libpq inih jansson openssl
 CTL_PKGS   := libcurl jansson
-UNIT_PKGS  := cmocka inih
+UNIT_PKGS  := cmocka inih openssl
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes
 CFLAGS   ?= -O2 -g
@@ -118,6 +119,7 @@ $(CTL): $(CTL_OBJ) | check-deps
 # Unit tests of agent and proxy code link the object they test.
 $(BUILD)/tests/test_normalize: $(BUILD)/agent/normalize.o
 $(BUILD)/tests/test_utf8: $(BUILD)/proxy/utf8.o
+$(BUILD)/tests/test_tls_sasl: $(BUILD)/proxy/tls.o
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
@@ -237,6 +239,16 @@ fuzz: $(FUZZ_BINS)
 bench: deps-bench
 	@$(MAKE) --no-print-directory all
 	bash tests/bench/bench.sh
+
+# The TLS column (not part of test): pgbench -S with sslmode=require at 16 and 64 clients, simple,
+# prepared and -C, against PostgreSQL's own TLS, pgrelay terminating TLS (node in clear, and node
+# over TLS too) and PgBouncer with client_tls_sslmode = require; direct in clear for reference.
+.PHONY: bench-tls
+bench-tls: deps-bench
+	@$(MAKE) --no-print-directory all
+	BENCH_TARGETS="direct direct_tls pgrelay_tls pgrelay_tls_node pgbouncer_tls" \
+	BENCH_CLIENTS="$${BENCH_CLIENTS:-16 64}" BENCH_IDLE_SESSIONS=0 \
+	BENCH_OUT="$${BENCH_OUT:-bench-tls-results.txt}" bash tests/bench/bench.sh
 
 # Failover benchmark (not part of test): detection, first write, propagation, switchover; then
 # the Patroni scenarios, pgrelay (ha_source none and patroni) beside HAProxy (BENCH_PATRONI_RUNS).

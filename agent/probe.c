@@ -281,8 +281,11 @@ static void probe_start(agent *a, agent_node *n, bool fresh)
     snprintf(port, sizeof(port), "%d", c->port);
     /* libpq's own connect_timeout (whole seconds, at least 2) is only a backstop. */
     snprintf(timeout, sizeof(timeout), "%d", a->cfg->health_timeout_ms / 1000 + 2);
+    /* TLS as the proxy's sessions speak it to this node (server_tls_* in [pgrelay]); an
+     * empty file name is libpq's default, which verify-* never meets (the CA is required). */
     const char *keys[] = {"host",     "port",           "user",  "password", "dbname",
-                          "connect_timeout", "application_name", NULL};
+                          "connect_timeout", "application_name", "sslmode", "sslrootcert",
+                          "sslcert", "sslkey", NULL};
     const char *vals[] = {c->host,
                           port,
                           c->monitor_user[0] ? c->monitor_user : a->cfg->monitor_user,
@@ -291,6 +294,10 @@ static void probe_start(agent *a, agent_node *n, bool fresh)
                           c->monitor_dbname[0] ? c->monitor_dbname : a->cfg->monitor_dbname,
                           timeout,
                           "pgrelay-agent",
+                          config_server_tls_word(config_node_server_tls(a->cfg, c)),
+                          a->cfg->server_tls_ca_file[0] ? a->cfg->server_tls_ca_file : NULL,
+                          a->cfg->server_tls_cert_file[0] ? a->cfg->server_tls_cert_file : NULL,
+                          a->cfg->server_tls_key_file[0] ? a->cfg->server_tls_key_file : NULL,
                           NULL};
     n->conn = PQconnectStartParams(keys, vals, 0);
     if (!n->conn || PQstatus(n->conn) == CONNECTION_BAD) {

@@ -20,6 +20,13 @@ static const char *const leader_change_words[] = {"close_idle", "close_all", NUL
 static const char *const control_lost_words[] = {"keep_leader", "decide_alone", "stop_writes",
                                                  NULL};
 static const char *const ha_source_words[] = {"none", "patroni", NULL};
+static const char *const client_tls_words[] = {"disable", "allow", "require", "verify-ca",
+                                               "verify-full", NULL};
+static const char *const server_tls_words[] = {"disable", "prefer", "require", "verify-ca",
+                                               "verify-full", NULL};
+/* A node's own server_tls_mode: "default" (index 0) takes [pgrelay]'s. */
+static const char *const node_server_tls_words[] = {"default", "disable", "prefer", "require",
+                                                    "verify-ca", "verify-full", NULL};
 static const char *const level_words[] = {"error", "warning", "info", "debug", NULL};
 static const char *const facility_words[] = {"daemon", "user",   "local0", "local1",
                                              "local2", "local3", "local4", "local5",
@@ -114,6 +121,27 @@ const config_key config_keys[] = {
            "run pgrelay-agent to follow the write leader; off = static roles"),
     PG_KEY("agent_path", KEY_STRING, "", false, agent_path, 0, 0, NULL,
            "pgrelay-agent program; empty = the one beside the pgrelay binary"),
+    PG_KEY("client_tls_mode", KEY_ENUM, "disable", true, client_tls_mode, 0, 0, client_tls_words,
+           "disable, allow, require, verify-ca or verify-full: TLS toward clients (both ports)"),
+    PG_KEY("client_tls_cert_file", KEY_STRING, "", true, client_tls_cert_file, 0, 0, NULL,
+           "certificate chain (PEM) pgrelay shows to TLS clients; read again at every reload"),
+    PG_KEY("client_tls_key_file", KEY_STRING, "", true, client_tls_key_file, 0, 0, NULL,
+           "private key (PEM) of client_tls_cert_file"),
+    PG_KEY("client_tls_ca_file", KEY_STRING, "", true, client_tls_ca_file, 0, 0, NULL,
+           "CA certificates (PEM) client certificates must chain to (verify-ca, verify-full)"),
+    PG_KEY("client_tls_protocols", KEY_STRING, "secure", true, client_tls_protocols, 0, 0, NULL,
+           "TLS versions offered to clients: secure (tlsv1.2,tlsv1.3), all, or a list"),
+    PG_KEY("client_tls_ciphers", KEY_STRING, "default", true, client_tls_ciphers, 0, 0, NULL,
+           "OpenSSL cipher list for TLS 1.2 clients; default = OpenSSL's"),
+    PG_KEY("server_tls_mode", KEY_ENUM, "disable", true, server_tls_mode, 0, 0, server_tls_words,
+           "disable, prefer, require, verify-ca or verify-full: TLS toward the nodes (sessions and "
+           "the agent's probes); [node.NAME] may override it"),
+    PG_KEY("server_tls_ca_file", KEY_STRING, "", true, server_tls_ca_file, 0, 0, NULL,
+           "CA certificates (PEM) node certificates must chain to (verify-ca, verify-full)"),
+    PG_KEY("server_tls_cert_file", KEY_STRING, "", true, server_tls_cert_file, 0, 0, NULL,
+           "client certificate (PEM) shown to nodes that ask for one; empty = none"),
+    PG_KEY("server_tls_key_file", KEY_STRING, "", true, server_tls_key_file, 0, 0, NULL,
+           "private key (PEM) of server_tls_cert_file"),
     AGENT_KEY("monitor_user", KEY_STRING, "postgres", monitor_user, 0, 0,
               "user of the agent's health-check connections"),
     AGENT_KEY("monitor_password", KEY_STRING, "", monitor_password, 0, 0,
@@ -185,6 +213,8 @@ const config_key config_keys[] = {
              "overrides [agent] monitor_password for this node"),
     NODE_KEY("monitor_dbname", KEY_STRING, "", monitor_dbname, 0, 0, NULL,
              "overrides [agent] monitor_dbname for this node"),
+    NODE_KEY("server_tls_mode", KEY_ENUM, "default", server_tls_mode, 0, 0, node_server_tls_words,
+             "overrides [pgrelay] server_tls_mode for this node; default = [pgrelay]'s"),
 };
 const size_t config_n_keys = sizeof(config_keys) / sizeof(config_keys[0]);
 
@@ -395,6 +425,22 @@ static void config_validate(config_parse *p)
     if (cfg->ha_source == HA_SOURCE_PATRONI && !cfg->ha_patroni_urls[0])
         config_error(p, 0, "[agent] ha_source = patroni needs ha_patroni_urls (the members' "
                      "Patroni REST API, e.g. http://10.0.0.11:8008)");
+    if (cfg->client_tls_mode != CLIENT_TLS_DISABLE &&
+        (!cfg->client_tls_cert_file[0] || !cfg->client_tls_key_file[0]))
+        config_error(p, 0, "[pgrelay] client_tls_mode = %s needs client_tls_cert_file and "
+                     "client_tls_key_file", client_tls_words[cfg->client_tls_mode]);
+    if (cfg->client_tls_mode >= CLIENT_TLS_VERIFY_CA && !cfg->client_tls_ca_file[0])
+        config_error(p, 0, "[pgrelay] client_tls_mode = %s needs client_tls_ca_file (the CA "
+                     "client certificates must chain to)", client_tls_words[cfg->client_tls_mode]);
+    bool server_verify = cfg->server_tls_mode >= SERVER_TLS_VERIFY_CA;
+    for (int i = 0; i < cfg->n_nodes; i++)
+        if (config_node_server_tls(cfg, &cfg->nodes[i]) >= SERVER_TLS_VERIFY_CA)
+            server_verify = true;
+    if (server_verify && !cfg->server_tls_ca_file[0])
+        config_error(p, 0, "[pgrelay] server_tls_mode verify-ca or verify-full needs "
+                     "server_tls_ca_file (the CA node certificates must chain to)");
+    if (!cfg->server_tls_cert_file[0] != !cfg->server_tls_key_file[0])
+        config_error(p, 0, "[pgrelay] server_tls_cert_file and server_tls_key_file go together");
     if (cfg->workers == 0) {
         long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
         cfg->workers = ncpu > 0 ? (int)ncpu : 1;
@@ -430,6 +476,18 @@ int config_load_string(config *cfg, const char *name, const char *text)
     config_defaults(cfg);
     snprintf(cfg->path, sizeof(cfg->path), "%s", name);
     return config_run(cfg, &p);
+}
+
+int config_node_server_tls(const config *cfg, const config_node *node)
+{
+    return node->server_tls_mode > 0 ? node->server_tls_mode - 1 : cfg->server_tls_mode;
+}
+
+const char *config_server_tls_word(int mode)
+{
+    return mode >= 0 && mode < (int)(sizeof(server_tls_words) / sizeof(server_tls_words[0])) - 1
+               ? server_tls_words[mode]
+               : "disable";
 }
 
 int config_first_primary(const config *cfg)

@@ -41,6 +41,21 @@ typedef enum ha_source {
     HA_SOURCE_NONE = 0, /* the agent's probes alone say who the leader is */
     HA_SOURCE_PATRONI,  /* Patroni's REST API (ha_patroni_urls) also says whom it names leader */
 } ha_source;
+typedef enum client_tls_mode {
+    CLIENT_TLS_DISABLE = 0, /* SSLRequest answered N; a direct-TLS ClientHello is refused */
+    CLIENT_TLS_ALLOW,       /* TLS for the clients that ask, clear for the others */
+    CLIENT_TLS_REQUIRE,     /* a client in clear gets FATAL 28000 */
+    CLIENT_TLS_VERIFY_CA,   /* TLS with a client certificate that chains to client_tls_ca_file */
+    CLIENT_TLS_VERIFY_FULL, /* the same, and its common name is the user name it logs in as */
+} client_tls_mode;
+
+typedef enum server_tls_mode {
+    SERVER_TLS_DISABLE = 0, /* the node is spoken to in clear */
+    SERVER_TLS_PREFER,      /* SSLRequest first; in clear when the node answers N */
+    SERVER_TLS_REQUIRE,     /* TLS or no session (08006); the certificate is not checked */
+    SERVER_TLS_VERIFY_CA,   /* TLS with a certificate that chains to server_tls_ca_file */
+    SERVER_TLS_VERIFY_FULL, /* the same, and the certificate names the node's host */
+} server_tls_mode;
 
 typedef struct config_node {
     char name[CONFIG_NAME_MAX];  /* NAME of [node.NAME] */
@@ -51,6 +66,7 @@ typedef struct config_node {
     char monitor_user[64];       /* per-node override of [agent] monitor_user; "" = none */
     char monitor_password[128];
     char monitor_dbname[64];
+    int server_tls_mode;         /* 0 = [pgrelay] server_tls_mode, else server_tls_mode + 1 */
 } config_node;
 
 typedef struct config {
@@ -89,6 +105,18 @@ typedef struct config {
     int leader_change_grace_ms;       /* sessions in a transaction on the old leader */
     int on_leader_change;             /* ON_LEADER_CHANGE_* */
     bool agent;                       /* start pgrelay-agent */
+    /* TLS toward clients (proxy/tls.c); both ports */
+    int client_tls_mode;              /* client_tls_mode: CLIENT_TLS_* */
+    char client_tls_cert_file[1024];  /* server certificate chain (PEM) shown to clients */
+    char client_tls_key_file[1024];   /* its private key (PEM) */
+    char client_tls_ca_file[1024];    /* CAs client certificates must chain to (verify-*) */
+    char client_tls_protocols[128];   /* "secure", "all", or tlsv1.0 ... tlsv1.3 listed */
+    char client_tls_ciphers[512];     /* OpenSSL cipher list for TLS 1.2; "default" = OpenSSL's */
+    /* TLS toward the nodes (proxy sessions and the agent's probes) */
+    int server_tls_mode;              /* server_tls_mode: SERVER_TLS_*; [node.NAME] overrides */
+    char server_tls_ca_file[1024];    /* CAs node certificates must chain to (verify-*) */
+    char server_tls_cert_file[1024];  /* client certificate shown to nodes; "" = none */
+    char server_tls_key_file[1024];   /* its private key */
     char agent_path[1024];            /* "" = pgrelay-agent beside the pgrelay binary */
 
     /* [agent]: health checks */
@@ -158,6 +186,12 @@ const config_key *config_find(const char *section, const char *name);
 
 /* The default socket path; the directory is created at start if missing. */
 #define CONFIG_DEFAULT_ADMIN_SOCKET "/run/pgrelay/admin.sock"
+
+/* The server_tls_mode (SERVER_TLS_*) that applies to a node: its own, else [pgrelay]'s. */
+int config_node_server_tls(const config *cfg, const config_node *node);
+
+/* The libpq sslmode word of a SERVER_TLS_* mode. */
+const char *config_server_tls_word(int mode);
 
 /* Index of the first node with role primary, or -1. */
 int config_first_primary(const config *cfg);

@@ -201,7 +201,7 @@ shm_session *shm_session_claim(shm_segment *shm, int worker, uint32_t hint)
             atomic_store(&s->backend_valid, 0);
             s->stmt_start_us = 0;
             s->stmt[0] = '\0';
-            s->user[0] = s->database[0] = s->application_name[0] = '\0';
+            s->user[0] = s->database[0] = s->application_name[0] = s->tls[0] = '\0';
             shm_session_write_end(s);
             atomic_fetch_add(&shm->clients, 1);
             return s;

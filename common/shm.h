@@ -29,6 +29,7 @@
 #define SHM_MAX_WORKERS    256
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
+#define SHM_TLS_MAX        64   /* "TLSv1.3 TLS_CHACHA20_POLY1305_SHA256" fits */
 #define SHM_ADDR_MAX       64   /* "ip:port" of a client */
 #define SHM_REFUSE_RESERVE 64   /* slots past max_client_conn, held only while refusing */
 
@@ -215,6 +216,9 @@ typedef struct shm_session {
     char user[SHM_IDENT_MAX];
     char database[SHM_IDENT_MAX];
     char application_name[SHM_IDENT_MAX];
+    char tls[SHM_TLS_MAX];         /* client side's TLS version and cipher ("TLSv1.3
+                                    * TLS_AES_256_GCM_SHA384"), "" in clear; set by the
+                                    * worker once the handshake finished */
     char stmt[SHM_STMT_MAX];       /* text of the current or last statement */
 } shm_session;
 

@@ -272,6 +272,9 @@ static int cmd_show_clients(admin_call *call, json_t **result)
                             admin_json_text(snap.application_name,
                                             sizeof(snap.application_name), 0));
         json_object_set_new(r, "port", json_string(snap.read_port ? "read" : "write"));
+        /* TLS version and cipher of the client's connection; null in clear. */
+        json_object_set_new(r, "tls", snap.tls[0] ? admin_json_text(snap.tls, sizeof(snap.tls), 0)
+                                                  : json_null());
         json_object_set_new(r, "node", snap.node_name[0] ? admin_json_text(snap.node_name,
                                                                            sizeof(snap.node_name), 0)
                                                          : json_null());

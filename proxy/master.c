@@ -9,6 +9,7 @@
 #include "channel.h"
 #include "log.h"
 #include "shm.h"
+#include "tls.h"
 #include "worker.h"
 
 #include <errno.h>
@@ -504,6 +505,16 @@ int master_reload(master *m, char *msg, size_t msglen)
             log_error("reload: %s", next->errors[i]);
         snprintf(msg, msglen, "reload failed: %d error(s) in %s (see the log); keeping the "
                  "running configuration", errors, m->cfg->path);
+        log_error("%s", msg);
+        free(next);
+        return -1;
+    }
+    /* The certificate and key files are part of the configuration: a broken one is refused
+     * like a bad key, and the running context stays. */
+    char tls_err[1024];
+    if (tls_setup(next, tls_err, sizeof(tls_err)) != 0) {
+        log_error("reload: %s", tls_err);
+        snprintf(msg, msglen, "reload failed: %s; keeping the running configuration", tls_err);
         log_error("%s", msg);
         free(next);
         return -1;

@@ -283,11 +283,17 @@ void relay_init_scanners(session *s)
 
 /* ---- moving bytes ---- */
 
+/* The TLS state of the side whose socket is fd. */
+static inline tls_conn *relay_tls(session *s, int fd)
+{
+    return fd == s->cfd ? &s->client_tls : &s->server_tls;
+}
+
 int relay_flush(session *s, relay_pending *p, int fd)
 {
-    (void)s;
+    tls_conn *t = relay_tls(s, fd);
     while (p->off < p->len) {
-        ssize_t n = send(fd, p->buf + p->off, p->len - p->off, MSG_NOSIGNAL);
+        ssize_t n = conn_write(fd, t, p->buf + p->off, p->len - p->off);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 return 0;
@@ -333,6 +339,7 @@ static void relay_pass_client_eof(session *s)
     if (!s->client_eof || s->server_shut || s->to_server.len != s->to_server.off)
         return;
     s->server_shut = true;
+    tls_shutdown_write(&s->server_tls); /* a node on TLS gets close_notify first */
     if (shutdown(s->sfd, SHUT_WR) != 0)
         log_debug("client %s: shutdown toward node %s: %s", s->client_addr,
                   s->slot->node_name, strerror(errno));
@@ -364,7 +371,8 @@ static relay_result relay_pump(session *s, bool from_client)
     relay_pending *out = from_client ? &s->to_server : &s->to_client;
     uint8_t *buf = w->scratch;
 
-    ssize_t n = recv(from, buf, RELAY_BUF_SIZE, 0);
+    ssize_t n = conn_read(from, from_client ? &s->client_tls : &s->server_tls, buf,
+                          RELAY_BUF_SIZE);
     if (n <= 0) {
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return RELAY_OK;
@@ -396,6 +404,12 @@ static relay_result relay_pump(session *s, bool from_client)
         }
         return RELAY_CLOSED;
     }
+    /* Before login: a node on TLS offers channel binding, which cannot span pgrelay (the
+     * client's channel, if any, ends at pgrelay's certificate): not shown to the client (see
+     * tls_strip_sasl_plus). */
+    if (!from_client && !s->logged_in && s->server_tls.ssl &&
+        pg_scan_at_boundary(&s->server_scan))
+        n = (ssize_t)tls_strip_sasl_plus(buf, (size_t)n);
     /* Bytes are counted for the node before the scan, so that the chunk holding a statement's
      * ReadyForQuery is in the flush that statement's end makes. */
     if (from_client) {
@@ -431,7 +445,7 @@ static relay_result relay_pump(session *s, bool from_client)
     if (s->node_bytes_in + s->node_bytes_out >= RELAY_NODE_FLUSH_BYTES)
         relay_node_flush(s);
 
-    ssize_t sent = send(to, buf, (size_t)n, MSG_NOSIGNAL);
+    ssize_t sent = conn_write(to, from_client ? &s->server_tls : &s->client_tls, buf, (size_t)n);
     if (sent < 0) {
         if (errno != EAGAIN && errno != EINTR) {
             log_debug("client %s: write to %s failed: %s", s->client_addr,
@@ -463,6 +477,7 @@ static relay_result relay_check_safe_point(session *s)
 void relay_on_client(evutil_socket_t fd, short what, void *arg)
 {
     session *s = arg;
+    what = tls_ready(&s->client_tls, what);
     if (what & EV_WRITE) {
         if (relay_flush(s, &s->to_client, fd) != 0) {
             session_close(s, NULL, NULL);
@@ -481,6 +496,7 @@ void relay_on_client(evutil_socket_t fd, short what, void *arg)
 void relay_on_server(evutil_socket_t fd, short what, void *arg)
 {
     session *s = arg;
+    what = tls_ready(&s->server_tls, what);
     if (what & EV_WRITE) {
         if (relay_flush(s, &s->to_server, fd) != 0) {
             s->server_gone = true;

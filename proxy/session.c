@@ -17,7 +17,10 @@
 #include <unistd.h>
 
 #define SSL_NOT_SUPPORTED 'N' /* answer to SSLRequest and GSSENCRequest */
+#define SSL_SUPPORTED     'S' /* answer to SSLRequest when client_tls_mode is not disable */
+#define SESSION_TLS_RECORD_HANDSHAKE 0x16 /* first byte of a TLS ClientHello (direct TLS) */
 #define SESSION_SQLSTATE_SYSTEM_ERROR "58000" /* the kernel refused pgrelay something */
+#define SESSION_SQLSTATE_INVALID_AUTH "28000" /* invalid_authorization_specification */
 
 static void session_on_startup(evutil_socket_t fd, short what, void *arg);
 static void session_on_connected(evutil_socket_t fd, short what, void *arg);
@@ -124,7 +127,9 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
 /* Send bytes to the client without blocking; best effort for pgrelay's own short answers. */
 static void session_send_client(session *s, const uint8_t *buf, size_t len)
 {
-    ssize_t n = send(s->cfd, buf, len, MSG_NOSIGNAL);
+    if (s->client_tls.ssl && !s->client_tls.handshaken)
+        return; /* in the middle of the handshake there is no channel to say it on */
+    ssize_t n = conn_write(s->cfd, &s->client_tls, buf, len);
     (void)n;
 }
 
@@ -202,7 +207,9 @@ void session_close(session *s, const char *sqlstate, const char *message)
     if (s->timer_armed)
         evtimer_del(&s->ev_timer);
     free(s->close_message);
+    tls_close(&s->client_tls);
     close(s->cfd);
+    tls_close(&s->server_tls);
     if (s->sfd >= 0)
         close(s->sfd);
     free(s->to_server.buf);
@@ -257,10 +264,12 @@ void session_arm(session *s)
 
     switch (s->phase) {
     case PHASE_STARTUP:
-        want_c = EV_READ;
+        want_c = EV_READ; /* the TLS handshake too: tls_events says which event it waits for */
         break;
     case PHASE_CONNECTING:
-        want_s = EV_WRITE;
+        /* connect() finished when writable; the node's answer to SSLRequest and the TLS
+         * handshake are reads (tls_events turns them into what OpenSSL waits for) */
+        want_s = s->server_step == SERVER_STEP_CONNECT ? EV_WRITE : EV_READ;
         break;
     case PHASE_HELD:
         /* Waiting for a leader or for resume: only watch for the client going away. */
@@ -294,6 +303,10 @@ void session_arm(session *s)
             want_c |= EV_WRITE;
         break;
     }
+    /* On TLS the wish to read or write becomes the socket event OpenSSL waits for. */
+    bool read_wished = (want_c & EV_READ) != 0, server_read_wished = (want_s & EV_READ) != 0;
+    want_c = tls_events(&s->client_tls, want_c);
+    want_s = tls_events(&s->server_tls, want_s);
     if (want_c != s->client_mask) {
         if (s->client_mask)
             event_del(&s->ev_client);
@@ -318,6 +331,11 @@ void session_arm(session *s)
         }
         s->server_mask = want_s;
     }
+    /* Bytes OpenSSL already decrypted make no socket readable: come back for them now. */
+    if (read_wished && want_c && tls_has_pending(&s->client_tls))
+        event_active(&s->ev_client, EV_READ, 0);
+    if (server_read_wished && want_s && tls_has_pending(&s->server_tls))
+        event_active(&s->ev_server, EV_READ, 0);
 }
 
 /* A held session's client closed its side (or reset). With nothing sent but a Terminate, it
@@ -330,7 +348,8 @@ static void session_on_held_client(evutil_socket_t fd, short what, void *arg)
     session *s = arg;
     uint8_t peek[PG_MSG_HEADER_LEN + 1];
     (void)what;
-    ssize_t n = recv(fd, peek, sizeof(peek), MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = s->client_tls.ssl ? tls_peek(&s->client_tls, peek, sizeof(peek))
+                                  : recv(fd, peek, sizeof(peek), MSG_PEEK | MSG_DONTWAIT);
     bool only_terminate = n == (ssize_t)sizeof(terminate) &&
                           memcmp(peek, terminate, sizeof(terminate)) == 0;
     if ((n > 0 && !only_terminate) || (n < 0 && (errno == EAGAIN || errno == EINTR))) {
@@ -501,6 +520,21 @@ static void session_connect(session *s)
         session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
         return;
     }
+    /* TLS toward the node: the SSL is made now, while the node's host name is at hand (SNI,
+     * verify-full); the SSLRequest goes once the TCP connection is up. */
+    s->server_tls_mode = w->cfg->server_tls_mode;
+    for (int i = 0; i < w->cfg->n_nodes; i++)
+        if (strcmp(w->cfg->nodes[i].name, n->name) == 0)
+            s->server_tls_mode = config_node_server_tls(w->cfg, &w->cfg->nodes[i]);
+    s->server_step = SERVER_STEP_CONNECT;
+    if (s->server_tls_mode != SERVER_TLS_DISABLE &&
+        tls_connect_begin(&s->server_tls, s->sfd, n->host, s->server_tls_mode) != 0) {
+        snprintf(msg, sizeof(msg), "could not connect to node %s: cannot start TLS (out of "
+                 "memory, or no TLS context toward nodes)", n->name);
+        log_error("client %s: %s", s->client_addr, msg);
+        session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
+        return;
+    }
     shm_session_write_begin(s->slot);
     s->slot->node = node;
     s->slot->epoch = w->routes.epoch;
@@ -530,12 +564,93 @@ void session_reroute(session *s)
     s->sfd = -1;
     session_uncount(s);
     s->connect_deadline_us = 0;
+    tls_close(&s->server_tls);
+    s->server_step = SERVER_STEP_CONNECT;
     log_debug("client %s: routing changed while connecting; routing again", s->client_addr);
     session_connect(s);
 }
 
+/* The node is reached (and its TLS, if any, is up): the startup packet, then anything the
+ * client sent after it, go to the node. */
+static void session_start_relay(session *s)
+{
+    /* The callback of ev_server changes with the phase: registered afresh below. */
+    if (s->server_mask) {
+        event_del(&s->ev_server);
+        s->server_mask = 0;
+    }
+    relay_init_scanners(s);
+    s->to_server.buf = s->startup;
+    s->to_server.off = 0;
+    s->to_server.len = s->startup_have;
+    s->startup = NULL;
+    s->phase = PHASE_RELAY;
+    if (relay_flush(s, &s->to_server, s->sfd) != 0) {
+        session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
+        return;
+    }
+    session_arm(s);
+}
+
+/* The node refused, broke or failed the TLS negotiation: 08006 with the reason, logged. */
+static void session_server_tls_failed(session *s, const char *why)
+{
+    char msg[CONFIG_NAME_MAX + 512];
+    snprintf(msg, sizeof(msg), "could not connect to node %s: %s", s->slot->node_name, why);
+    log_warning("client %s: %s", s->client_addr, msg);
+    session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, msg);
+}
+
+static void session_server_tls_handshake(session *s)
+{
+    char why[300], desc[SHM_TLS_MAX], full[400];
+    int rc = tls_handshake(&s->server_tls, why, sizeof(why));
+    if (rc < 0) {
+        snprintf(full, sizeof(full), "TLS handshake failed (server_tls_mode = %s): %s",
+                 config_server_tls_word(s->server_tls_mode), why);
+        session_server_tls_failed(s, full);
+        return;
+    }
+    if (rc == 0) {
+        session_arm(s);
+        return;
+    }
+    tls_describe(&s->server_tls, desc, sizeof(desc));
+    log_debug("client %s: TLS to node %s: %s", s->client_addr, s->slot->node_name, desc);
+    session_start_relay(s);
+}
+
+/* One byte from the node after our SSLRequest: S (TLS follows) or N (no TLS there). */
+static void session_server_tls_answer(session *s)
+{
+    uint8_t answer;
+    ssize_t n = recv(s->sfd, &answer, 1, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (n <= 0) {
+        session_server_tls_failed(s, n == 0 ? "it closed the connection after SSLRequest"
+                                            : strerror(errno));
+        return;
+    }
+    if (answer == SSL_SUPPORTED) {
+        s->server_step = SERVER_STEP_HANDSHAKE;
+        session_server_tls_handshake(s);
+        return;
+    }
+    if (answer == SSL_NOT_SUPPORTED && s->server_tls_mode == SERVER_TLS_PREFER) {
+        tls_close(&s->server_tls); /* prefer: in clear, as libpq would */
+        session_start_relay(s);
+        return;
+    }
+    session_server_tls_failed(s, answer == SSL_NOT_SUPPORTED
+                                     ? "the node does not accept TLS (it answered N to "
+                                       "SSLRequest) and server_tls_mode requires it"
+                                     : "invalid answer to SSLRequest");
+}
+
 static void session_on_connected(evutil_socket_t fd, short what, void *arg)
 {
+    static const uint8_t ssl_request[PG_STARTUP_MIN_LEN] = {0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f};
     session *s = arg;
     worker *w = worker_self;
     int err = 0;
@@ -543,6 +658,14 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
     char msg[CONFIG_HOST_MAX + 256];
     (void)what;
 
+    if (s->server_step == SERVER_STEP_ASKED) {
+        session_server_tls_answer(s);
+        return;
+    }
+    if (s->server_step == SERVER_STEP_HANDSHAKE) {
+        session_server_tls_handshake(s);
+        return;
+    }
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
         err = errno;
     if (err != 0) {
@@ -555,20 +678,19 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
         return;
     }
     shm_stat_add(&w->row->stats.server_connects, 1);
-    /* connect_deadline_us stays until the node answers the startup packet (session_on_timer) */
-
-    /* The startup packet, then anything the client sent after it, go to the server. */
-    relay_init_scanners(s);
-    s->to_server.buf = s->startup;
-    s->to_server.off = 0;
-    s->to_server.len = s->startup_have;
-    s->startup = NULL;
-    s->phase = PHASE_RELAY;
-    if (relay_flush(s, &s->to_server, s->sfd) != 0) {
-        session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, "lost the connection to the node");
+    /* connect_deadline_us stays until the node answers the startup packet (session_on_timer):
+     * it bounds the TLS negotiation with the node too. */
+    if (s->server_tls.ssl) {
+        /* A fresh socket takes 8 bytes whole. */
+        if (send(fd, ssl_request, sizeof(ssl_request), MSG_NOSIGNAL) != (ssize_t)sizeof(ssl_request)) {
+            session_server_tls_failed(s, "cannot send SSLRequest");
+            return;
+        }
+        s->server_step = SERVER_STEP_ASKED;
+        session_arm(s);
         return;
     }
-    session_arm(s);
+    session_start_relay(s);
 }
 
 #define SESSION_MSG_NEGOTIATE_VERSION 'v' /* B: NegotiateProtocolVersion */
@@ -618,13 +740,92 @@ static uint32_t session_negotiate_down(session *s, uint32_t len)
     return (uint32_t)at;
 }
 
+/* The handshake with the client went on: finished, failed, or it waits for the socket. */
+static void session_tls_handshake(session *s)
+{
+    char why[256];
+    int rc = tls_handshake(&s->client_tls, why, sizeof(why));
+    if (rc < 0) {
+        log_warning("client %s: TLS handshake failed: %s", s->client_addr, why);
+        session_close(s, NULL, NULL);
+        return;
+    }
+    if (rc == 0) {
+        session_arm(s);
+        return;
+    }
+    /* PostgreSQL 17 refuses direct TLS without its ALPN protocol, so that a TLS client meant
+     * for another service cannot be talked into speaking to a database. */
+    if (s->direct_tls && !tls_alpn_is_postgresql(&s->client_tls)) {
+        log_warning("client %s: direct TLS connection without the ALPN protocol "
+                    "\"postgresql\"; closing", s->client_addr);
+        session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION,
+                      "received direct TLS connection request without ALPN protocol "
+                      "negotiation extension \"postgresql\"");
+        return;
+    }
+    char desc[SHM_TLS_MAX];
+    bool ktls_send, ktls_recv;
+    tls_describe(&s->client_tls, desc, sizeof(desc));
+    tls_ktls_state(&s->client_tls, &ktls_send, &ktls_recv);
+    shm_session_write_begin(s->slot);
+    copy_ident(s->slot->tls, sizeof(s->slot->tls), desc);
+    shm_session_write_end(s->slot);
+    log_debug("client %s: %sTLS %s (kernel TLS: send %s, receive %s)", s->client_addr,
+              s->direct_tls ? "direct " : "", desc, ktls_send ? "on" : "off",
+              ktls_recv ? "on" : "off");
+    session_arm(s);
+}
+
+/* Begin TLS on the client socket: after our 'S', or at a direct-TLS ClientHello. */
+static void session_tls_start(session *s)
+{
+    if (tls_accept_begin(&s->client_tls, s->cfd) != 0) {
+        log_error("client %s: cannot start TLS: out of memory", s->client_addr);
+        session_close(s, NULL, NULL);
+        return;
+    }
+    session_tls_handshake(s);
+}
+
+/* Refuse a login that client_tls_mode does not allow (NULL when it may go on). */
+static const char *session_tls_refusal(session *s, const pg_startup *st, char *msg, size_t len)
+{
+    int mode = worker_self->cfg->client_tls_mode;
+    if (mode >= CLIENT_TLS_REQUIRE && !s->client_tls.ssl) {
+        snprintf(msg, len, "TLS required: client_tls_mode = %s and this connection is not "
+                 "encrypted (connect with sslmode=require or stronger)",
+                 mode == CLIENT_TLS_REQUIRE ? "require"
+                 : mode == CLIENT_TLS_VERIFY_CA ? "verify-ca" : "verify-full");
+        return msg;
+    }
+    if (mode == CLIENT_TLS_VERIFY_FULL) {
+        char cn[SHM_IDENT_MAX];
+        if (!tls_peer_common_name(&s->client_tls, cn, sizeof(cn))) {
+            snprintf(msg, len, "certificate authentication failed for user \"%s\": the client "
+                     "certificate has no usable common name", s->slot->user);
+            return msg;
+        }
+        if (strcmp(cn, st->user) != 0) {
+            char shown[SHM_IDENT_MAX];
+            copy_ident(shown, sizeof(shown), cn);
+            snprintf(msg, len, "certificate authentication failed for user \"%s\": the client "
+                     "certificate's common name is \"%s\" (client_tls_mode = verify-full)",
+                     s->slot->user, shown);
+            return msg;
+        }
+    }
+    return NULL;
+}
+
 /* A complete startup-phase packet is in s->startup[0..len). */
 static void session_startup_packet(session *s, uint32_t len)
 {
     worker *w = worker_self;
     pg_startup st;
     const char *err, *sqlstate;
-    uint8_t no = SSL_NOT_SUPPORTED;
+    uint8_t no = SSL_NOT_SUPPORTED, yes = SSL_SUPPORTED;
+    char tls_msg[SHM_IDENT_MAX * 2 + 160];
 
     if (pg_startup_parse(s->startup, len, &st, &err, &sqlstate) != 0) {
         log_warning("client %s: %s", s->client_addr, err);
@@ -634,8 +835,23 @@ static void session_startup_packet(session *s, uint32_t len)
     switch (st.kind) {
     case PG_STARTUP_SSL:
     case PG_STARTUP_GSSENC:
-        session_send_client(s, &no, 1);
+        if (s->client_tls.ssl) {
+            /* As the server: no second negotiation inside the encrypted channel. */
+            log_warning("client %s: %s inside TLS; closing", s->client_addr,
+                        st.kind == PG_STARTUP_SSL ? "SSLRequest" : "GSSENCRequest");
+            session_close(s, PG_SQLSTATE_PROTOCOL_VIOLATION,
+                          "encryption negotiation inside an encrypted connection");
+            return;
+        }
         s->startup_have = 0;
+        if (st.kind == PG_STARTUP_SSL && tls_client_ctx()) {
+            /* Sent in clear before any TLS byte is read: what the client sent after its
+             * SSLRequest can only be read as TLS, never taken as plaintext. */
+            session_send_client(s, &yes, 1);
+            session_tls_start(s);
+            return;
+        }
+        session_send_client(s, &no, 1);
         return;
     case PG_STARTUP_CANCEL:
         cancel_handle_request(w, st.cancel_pid, st.cancel_secret, s->client_addr, s->cfd);
@@ -663,6 +879,12 @@ static void session_startup_packet(session *s, uint32_t len)
     copy_ident(s->slot->application_name, sizeof(s->slot->application_name),
                st.application_name ? st.application_name : "");
     shm_session_write_end(s->slot);
+    const char *tls_refusal = session_tls_refusal(s, &st, tls_msg, sizeof(tls_msg));
+    if (tls_refusal) {
+        log_warning("client %s: refused: %s", s->client_addr, tls_refusal);
+        session_close(s, SESSION_SQLSTATE_INVALID_AUTH, tls_refusal);
+        return;
+    }
     if (s->reject_sqlstate) {
         log_warning("client %s: refused: %s", s->client_addr, s->reject_message);
         session_close(s, s->reject_sqlstate, s->reject_message);
@@ -706,6 +928,21 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
     session *s = arg;
     (void)what;
 
+    if (s->client_tls.ssl && !s->client_tls.handshaken) {
+        session_tls_handshake(s);
+        return;
+    }
+    if (s->startup_have == 0 && !s->client_tls.ssl && tls_client_ctx()) {
+        /* Direct TLS (PostgreSQL 17's sslnegotiation=direct): a ClientHello where a startup
+         * packet's length would begin (whose first byte, below 10000, is 0). Peeked, so that
+         * OpenSSL reads the ClientHello whole. */
+        uint8_t first;
+        if (recv(fd, &first, 1, MSG_PEEK) == 1 && first == SESSION_TLS_RECORD_HANDSHAKE) {
+            s->direct_tls = true;
+            session_tls_start(s);
+            return;
+        }
+    }
     if (!s->startup) {
         s->startup = malloc(PG_STARTUP_MAX_LEN);
         if (!s->startup) {
@@ -717,7 +954,7 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
      * PG_STARTUP_MIN_LEN long): after it the client waits for our answer. */
     long need = pg_startup_length(s->startup, s->startup_have);
     size_t want = need > 0 ? (size_t)need - s->startup_have : PG_STARTUP_MIN_LEN - s->startup_have;
-    ssize_t n = recv(fd, s->startup + s->startup_have, want, 0);
+    ssize_t n = conn_read(fd, &s->client_tls, s->startup + s->startup_have, want);
     if (n == 0) {
         session_close(s, NULL, NULL);
         return;
@@ -727,7 +964,10 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
             log_debug("client %s: read error during startup: %s", s->client_addr,
                       strerror(errno));
             session_close(s, NULL, NULL);
+            return;
         }
+        if (s->client_tls.ssl)
+            session_arm(s); /* OpenSSL may wait for the socket to be writable */
         return;
     }
     s->startup_have += (uint32_t)n;
@@ -741,6 +981,10 @@ static void session_on_startup(evutil_socket_t fd, short what, void *arg)
         session_close(s, NULL, NULL);
         return;
     }
-    if (need > 0 && s->startup_have == (uint32_t)need)
+    if (need > 0 && s->startup_have == (uint32_t)need) {
         session_startup_packet(s, (uint32_t)need);
+        return;
+    }
+    if (tls_has_pending(&s->client_tls))
+        event_active(&s->ev_client, EV_READ, 0); /* the rest is decrypted already */
 }

@@ -11,6 +11,7 @@
 #include "pgproto.h"
 #include "plan_ring.h"
 #include "shm.h"
+#include "tls.h"
 
 /* A long transfer (COPY, a large result) adds its bytes to the node's counters at least every
  * this many bytes, not only when its statement ends. */
@@ -31,12 +32,24 @@ typedef struct relay_pending {
     size_t len;       /* end of data */
 } relay_pending;
 
+/* Where the connection to the node stands while PHASE_CONNECTING. */
+typedef enum session_server_step {
+    SERVER_STEP_CONNECT = 0, /* TCP connect under way */
+    SERVER_STEP_ASKED,       /* SSLRequest sent; the node's S or N not read yet */
+    SERVER_STEP_HANDSHAKE,   /* TLS handshake with the node under way */
+} session_server_step;
+
 typedef struct session {
     struct session *prev, *next; /* the worker's list of sessions */
     shm_session *slot;           /* this session's row in shared memory */
     session_phase phase;
     int cfd;                     /* client socket */
     int sfd;                     /* server socket, -1 before connecting */
+    tls_conn client_tls;         /* TLS with the client (ssl NULL: in clear) */
+    bool direct_tls;             /* the client began with a TLS ClientHello (no SSLRequest) */
+    tls_conn server_tls;         /* TLS with the node (ssl NULL: in clear) */
+    int server_tls_mode;         /* SERVER_TLS_* toward the node of this connection */
+    session_server_step server_step; /* while PHASE_CONNECTING */
     struct event ev_client;      /* read/write interest on cfd, recomputed by session_arm() */
     struct event ev_server;      /* read/write interest on sfd */
     struct event ev_timer;       /* startup, login, connect, leader-wait, leader-change and

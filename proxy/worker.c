@@ -3,6 +3,7 @@
 #include "channel.h"
 #include "log.h"
 #include "route.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -184,6 +185,12 @@ static void worker_look_again(worker *w)
     if (shm_settings_version(w->shm) != w->settings_version) {
         w->settings_version = shm_settings_read(w->shm, w->cfg);
         config_apply_logging(w->cfg);
+        /* Certificate and key files are read again at every reload, renewed ones included:
+         * new sessions take the new context, running ones keep theirs. The master checked
+         * the files just before; a file replaced meanwhile by a broken one keeps the old. */
+        char err[512];
+        if (tls_setup(w->cfg, err, sizeof(err)) != 0)
+            log_error("reload: TLS: %s; new sessions keep the previous certificates", err);
         log_debug("settings reloaded");
     }
     worker_routes_refresh(w);

@@ -24,7 +24,11 @@
 #   BENCH_CONNECT_CLIENTS=16  client counts for the -C case ("" to skip)
 #   BENCH_SCALE=10            pgbench -i scale factor
 #   BENCH_IDLE_SESSIONS=1000  idle sessions for the memory measurement (0 to skip)
-#   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"   (also: pgrelay_base, see PGRELAY_BASE_BIN)
+#   BENCH_TARGETS="direct pgrelay pgbouncer haproxy"   (also: pgrelay_base, see PGRELAY_BASE_BIN;
+#                             and the TLS targets, reached with sslmode=require: direct_tls
+#                             (PostgreSQL with ssl = on), pgrelay_tls (pgrelay terminating TLS,
+#                             node in clear), pgrelay_tls_node (TLS to the node too),
+#                             pgbouncer_tls (client_tls_sslmode = require); `make bench-tls`)
 #   BENCH_PGRELAY_WORKERS     pgrelay workers (default: number of CPUs)
 #   BENCH_PGRELAY_LOG_LEVEL=warning
 #   BENCH_PGRELAY_AGENT=on     pgrelay's `agent` setting (on = as deployed: the master also runs
@@ -76,8 +80,10 @@ PGRELAY_BASE_BIN=${PGRELAY_BASE_BIN:-}
 read -r -a TARGETS <<<"$BENCH_TARGETS"
 DBNAME=bench
 
-# libpq settings shared by pgbench, psql and psycopg: plain TCP on loopback for every target.
+# libpq settings shared by pgbench, psql and psycopg: plain TCP on loopback for every target
+# (TLS targets: sslmode=require, set per run by sslmode_for).
 export PGSSLMODE=disable PGGSSENCMODE=disable PGCONNECT_TIMEOUT=10 PGUSER=postgres
+TLSDIR=""               # certificate and key of the TLS targets (and of PostgreSQL's ssl = on)
 
 # State used by cleanup().
 WORK=""                 # temporary directory
@@ -107,6 +113,27 @@ else
     AS_PG=(env)
 fi
 as_pg() { "${AS_PG[@]}" "$@"; }
+
+# TLS targets (their names say _tls) are reached with sslmode=require; the others in clear.
+is_tls() { [[ $1 == *_tls* ]]; }
+sslmode_for() { if is_tls "$1"; then echo require; else echo disable; fi; }
+any_tls_target() {
+    local t
+    for t in "${TARGETS[@]}"; do if is_tls "$t"; then return 0; fi; done
+    return 1
+}
+
+# A self-signed certificate for 127.0.0.1 (sslmode=require encrypts without checking it).
+setup_tls() {
+    TLSDIR=$WORK/tls
+    mkdir -p "$TLSDIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+        -keyout "$TLSDIR/server.key" -out "$TLSDIR/server.crt" >/dev/null 2>&1 ||
+        die "openssl could not make a certificate"
+    chmod 0755 "$TLSDIR"
+    chmod 0600 "$TLSDIR/server.key"
+    chown "$PGOS_USER" "$TLSDIR/server.key" "$TLSDIR/server.crt"
+}
 
 # A process is alive if it exists and is not a zombie.
 alive() {
@@ -212,6 +239,7 @@ trap 'log "terminated"; exit 143' TERM HUP
 setup_postgres() {
     PGDATA=$WORK/pg/data
     PORT[direct]=$(free_port)
+    PORT[direct_tls]=${PORT[direct]}
     log "initdb in $PGDATA (port ${PORT[direct]})"
     as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres -A trust -E UTF8 --no-sync \
         >"$WORK/pg/initdb.log" 2>&1 || { cat "$WORK/pg/initdb.log" >&2; die "initdb failed"; }
@@ -229,6 +257,13 @@ full_page_writes = off
 log_min_messages = warning
 log_connections = off
 EOF
+    if [[ -n $TLSDIR ]]; then
+        # direct_tls and pgrelay_tls_node reach it over TLS; the others still in clear
+        cp "$TLSDIR/server.crt" "$TLSDIR/server.key" "$PGDATA/"
+        chown "$PGOS_USER" "$PGDATA/server.crt" "$PGDATA/server.key"
+        printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" \
+            >>"$PGDATA/postgresql.conf"
+    fi
     start_postgres "$PG_MAX_CONN"
     psql -X -q -h 127.0.0.1 -p "${PORT[direct]}" -d postgres -c "CREATE DATABASE $DBNAME"
     log "pgbench -i -s $BENCH_SCALE"
@@ -261,10 +296,21 @@ stop_postgres() {
 
 start_pgrelay() { start_pgrelay_as pgrelay "$PGRELAY_BIN"; }
 start_pgrelay_base() { start_pgrelay_as pgrelay_base "$PGRELAY_BASE_BIN"; }
+start_pgrelay_tls() {
+    start_pgrelay_as pgrelay_tls "$PGRELAY_BIN" "client_tls_mode = require
+client_tls_cert_file = $TLSDIR/server.crt
+client_tls_key_file = $TLSDIR/server.key"
+}
+start_pgrelay_tls_node() {
+    start_pgrelay_as pgrelay_tls_node "$PGRELAY_BIN" "client_tls_mode = require
+client_tls_cert_file = $TLSDIR/server.crt
+client_tls_key_file = $TLSDIR/server.key
+server_tls_mode = require"
+}
 
-# start_pgrelay_as TARGET BINARY
+# start_pgrelay_as TARGET BINARY [MORE [pgrelay] LINES]
 start_pgrelay_as() {
-    local t=$1 bin=$2
+    local t=$1 bin=$2 more=${3:-}
     local dir=$WORK/$t
     mkdir -p "$dir"
     cat >"$dir/pgrelay.ini" <<EOF
@@ -277,6 +323,7 @@ shutdown_timeout = 5s
 log_level = $BENCH_PGRELAY_LOG_LEVEL
 admin_socket = $dir/admin.sock
 $(if ((HAVE_AGENT)); then echo "agent = $BENCH_PGRELAY_AGENT"; fi)
+$more
 
 [node.pg1]
 host = 127.0.0.1
@@ -291,8 +338,17 @@ EOF
 
 # PgBouncer is single-threaded (one process, one event loop); session pooling with a pool large
 # enough that no client ever waits for a server connection.
-start_pgbouncer() {
-    local dir=$WORK/pgbouncer
+start_pgbouncer() { start_pgbouncer_as pgbouncer ""; }
+start_pgbouncer_tls() {
+    start_pgbouncer_as pgbouncer_tls "client_tls_sslmode = require
+client_tls_cert_file = $TLSDIR/server.crt
+client_tls_key_file = $TLSDIR/server.key"
+}
+
+# start_pgbouncer_as TARGET [MORE [pgbouncer] LINES]
+start_pgbouncer_as() {
+    local t=$1 more=$2
+    local dir=$WORK/$t
     mkdir -p "$dir"
     echo '"postgres" ""' >"$dir/userlist.txt"
     cat >"$dir/pgbouncer.ini" <<EOF
@@ -301,7 +357,7 @@ start_pgbouncer() {
 
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = ${PORT[pgbouncer]}
+listen_port = ${PORT[$t]}
 unix_socket_dir =
 auth_type = trust
 auth_file = $dir/userlist.txt
@@ -314,10 +370,11 @@ log_connections = 0
 log_disconnections = 0
 log_stats = 0
 ignore_startup_parameters = extra_float_digits,options
+$more
 EOF
     chown -R "$PGOS_USER" "$dir"
-    "${AS_PG[@]}" /usr/sbin/pgbouncer "$dir/pgbouncer.ini" >>"${LOGF[pgbouncer]}" 2>&1 &
-    PID[pgbouncer]=$!
+    "${AS_PG[@]}" /usr/sbin/pgbouncer "$dir/pgbouncer.ini" >>"${LOGF[$t]}" 2>&1 &
+    PID[$t]=$!
 }
 
 # HAProxy as a plain TCP relay, one process with nbthread threads.
@@ -362,7 +419,7 @@ start_proxy() {
     # A query must go through (retried for 10 s: pgrelay's agent may need a first probe).
     local out="" i
     for ((i = 0; i < 20; i++)); do
-        out=$(psql_at "${PORT[$t]}" -c "SELECT 1" 2>&1) || true
+        out=$(PGSSLMODE=$(sslmode_for "$t") psql_at "${PORT[$t]}" -c "SELECT 1" 2>&1) || true
         if [[ $out == 1 ]]; then break; fi
         sleep 0.5
     done
@@ -469,7 +526,9 @@ measure() {
     IFS='|' read -r key mode c connect _ <<<"$cs"
     local out=$WORK/out/$key.$t.$run.txt rc=0 root=${PID[$t]:-}
     local -a pids=()
-    if [[ $t != direct ]]; then
+    local proxied=1
+    if [[ $t == direct || $t == direct_tls ]]; then proxied=0; fi
+    if ((proxied)); then
         if ! alive "$root"; then
             echo "$t process $root is not running" >"$out"
             record_failure "$t" "$key" "$run" "$out"
@@ -480,9 +539,10 @@ measure() {
     local t0 t1 c0 c1 ticks=-1
     c0=$(cpu_ticks "${pids[@]}")
     t0=$(date +%s%N)
-    run_pgbench "${PORT[$t]}" "$mode" "$c" "$connect" "$BENCH_SECONDS" "$out" || rc=$?
+    PGSSLMODE=$(sslmode_for "$t") run_pgbench "${PORT[$t]}" "$mode" "$c" "$connect" \
+        "$BENCH_SECONDS" "$out" || rc=$?
     t1=$(date +%s%N)
-    if [[ $t != direct ]]; then
+    if ((proxied)); then
         if ! alive "$root"; then
             echo "$t process $root exited during the run" >>"$out"
             record_failure "$t" "$key" "$run" "$out" "$rc"
@@ -528,12 +588,12 @@ record_failure() {
 throughput_phase() {
     local t cs run
     for t in "${TARGETS[@]}"; do
-        if [[ $t != direct ]]; then start_proxy "$t"; fi
+        if [[ $t != direct && $t != direct_tls ]]; then start_proxy "$t"; fi
     done
     # Warm-up (not recorded): fills PostgreSQL's caches and PgBouncer's pool.
     for t in "${TARGETS[@]}"; do
         log "warm-up $t"
-        run_pgbench "${PORT[$t]}" simple 64 0 2 "$WORK/out/warmup.$t.txt" ||
+        PGSSLMODE=$(sslmode_for "$t") run_pgbench "${PORT[$t]}" simple 64 0 2 "$WORK/out/warmup.$t.txt" ||
             log "warm-up through $t failed: $(tail -n 2 "$WORK/out/warmup.$t.txt" | tr '\n' ' ')"
     done
     for ((run = 1; run <= BENCH_REPEAT; run++)); do
@@ -542,7 +602,7 @@ throughput_phase() {
         done
     done
     for t in "${TARGETS[@]}"; do
-        if [[ $t != direct ]]; then stop_proxy "$t"; fi
+        if [[ $t != direct && $t != direct_tls ]]; then stop_proxy "$t"; fi
     done
 }
 
@@ -570,7 +630,7 @@ memory_phase() {
     start_postgres "$PG_MAX_CONN_IDLE"
     : >"$WORK/memory.tsv"
     for t in "${TARGETS[@]}"; do
-        if [[ $t == direct ]]; then continue; fi
+        if [[ $t == direct ]] || is_tls "$t"; then continue; fi   # idle sessions in clear only
         start_proxy "$t"           # fresh process: nothing left over from the throughput runs
         log "memory: opening $BENCH_IDLE_SESSIONS idle sessions through $t"
         rc=0
@@ -607,7 +667,9 @@ memory_phase() {
 write_report() {
     local pgrelay_version="-" t
     for t in "${TARGETS[@]}"; do
-        if [[ $t == pgrelay ]]; then pgrelay_version=$("$PGRELAY_BIN" -V 2>&1 | head -n 1); fi
+        if [[ $t == pgrelay* && $t != pgrelay_base ]]; then
+            pgrelay_version=$("$PGRELAY_BIN" -V 2>&1 | head -n 1)
+        fi
     done
     {
         echo "pgrelay benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -624,12 +686,19 @@ write_report() {
         echo "HAProxy: $(haproxy -v 2>&1 | head -n 1 | awk '{print $3}'), mode tcp, nbthread=$BENCH_HAPROXY_THREADS"
         echo "load average before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "Each run ${BENCH_SECONDS}s; $BENCH_REPEAT runs per target, interleaved (${TARGETS[*]}, repeat);" \
-            "TCP over loopback, sslmode=disable."
+            "TCP over loopback, sslmode=disable$(if any_tls_target; then echo " (TLS targets: require)"; fi)."
         echo "pgbench, the proxy and PostgreSQL all share the same $NCPU CPUs, so proxy CPU is taken"
         echo "away from PostgreSQL and pgbench: TPS through a proxy is bounded by that, not by the network."
         echo "proxy CPU = utime+stime of all proxy processes (pgrelay: master, workers, agent) during the run"
         echo "divided by wall time, in cores; CPU us/txn = that CPU time per pgbench transaction."
         echo
+        if any_tls_target; then
+            echo "TLS targets (pgbench and psql with sslmode=require, a self-signed RSA 2048 certificate):"
+            echo "direct_tls = PostgreSQL with ssl = on; pgrelay_tls = pgrelay terminating TLS, node in clear;"
+            echo "pgrelay_tls_node = the same with server_tls_mode = require; pgbouncer_tls = PgBouncer"
+            echo "client_tls_sslmode = require, server in clear. Their 'vs direct' is against direct_tls."
+            echo
+        fi
         "$PY" "$HERE/report.py" "$WORK" "$CLK_TCK" "${TARGETS[@]}"
         echo "Notes:"
         if [[ " ${TARGETS[*]} " == *" pgbouncer "* ]]; then
@@ -676,6 +745,9 @@ check_requirements() {
         case $t in
         direct) ;;
         pgrelay) [[ -x $PGRELAY_BIN ]] || die "$PGRELAY_BIN not found: run 'make' first" ;;
+        direct_tls) ;;
+        pgrelay_tls | pgrelay_tls_node) [[ -x $PGRELAY_BIN ]] || die "$PGRELAY_BIN not found: run 'make' first" ;;
+        pgbouncer_tls) [[ -x /usr/sbin/pgbouncer ]] || die "pgbouncer not found: run 'make deps-bench'" ;;
         pgrelay_base) [[ -n $PGRELAY_BASE_BIN && -x $PGRELAY_BASE_BIN ]] ||
             die "target pgrelay_base needs PGRELAY_BASE_BIN, an executable pgrelay ('$PGRELAY_BASE_BIN')" ;;
         pgbouncer) [[ -x /usr/sbin/pgbouncer ]] || die "pgbouncer not found: run 'make deps-bench'" ;;
@@ -708,7 +780,7 @@ main() {
     : >"$WORK/runs.tsv"
     # Run a private copy of pgrelay (and of pgrelay-agent, which the master starts from the directory
     # of its own binary): bin/ may be rebuilt while the benchmark runs.
-    if [[ " ${TARGETS[*]} " == *" pgrelay "* ]]; then
+    if [[ " ${TARGETS[*]} " == *" pgrelay "* || " ${TARGETS[*]} " == *" pgrelay_tls"* ]]; then
         mkdir -p "$WORK/bin"
         cp "$PGRELAY_BIN" "$WORK/bin/pgrelay"
         if [[ -x $(dirname "$PGRELAY_BIN")/pgrelay-agent ]]; then
@@ -727,6 +799,7 @@ main() {
         PGRELAY_BASE_BIN=$WORK/base-bin/pgrelay
     fi
 
+    if any_tls_target; then setup_tls; fi
     build_cases
     local n=$((${#CASES[@]} * ${#TARGETS[@]} * BENCH_REPEAT))
     log "$n runs of ${BENCH_SECONDS}s (${#CASES[@]} cases x ${#TARGETS[@]} targets x $BENCH_REPEAT)," \

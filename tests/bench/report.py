@@ -39,13 +39,13 @@ def throughput_tables(d, clk_tck, targets):
                 (status, float(tps), int(txns), int(ticks), float(wall), p50, p99))
 
     out = []
-    head = (f"{'target':<12} {'median TPS':>11} {'min - max TPS':>19} {'vs direct':>9} "
+    head = (f"{'target':<16} {'median TPS':>11} {'min - max TPS':>19} {'vs direct':>9} "
             f"{'proxy CPU':>9} {'CPU us/txn':>10} {'p50 ms':>7} {'p99 ms':>7}  {'runs':>4}")
     for key, desc in cases:
         out.append(f"== {desc}")
         out.append(head)
         out.append("-" * len(head))
-        direct = None
+        direct = direct_tls = None
         rows = []
         for target in targets:
             rs = runs.get((key, target), [])
@@ -55,6 +55,8 @@ def throughput_tables(d, clk_tck, targets):
             med = median(tps)
             if target == "direct":
                 direct = med
+            if target == "direct_tls":
+                direct_tls = med
             cores = [r[3] / clk_tck / r[4] for r in ok if r[3] >= 0 and r[4] > 0]
             us_txn = [r[3] / clk_tck * 1e6 / r[2] for r in ok if r[3] >= 0 and r[2] > 0]
             p50 = median([r[5] for r in ok if r[5] >= 0])
@@ -62,10 +64,12 @@ def throughput_tables(d, clk_tck, targets):
             rows.append((target, med, tps, median(cores), median(us_txn), p50, p99, len(ok),
                          fails))
         for target, med, tps, cores, us_txn, p50, p99, nok, fails in rows:
-            ratio = med / direct if med is not None and direct else None
+            # TLS targets (names with _tls) against PostgreSQL's own TLS, the others in clear
+            base = direct_tls if "_tls" in target else direct
+            ratio = med / base if med is not None and base else None
             span = f"{min(tps):.0f} - {max(tps):.0f}" if tps else "-"
             runs_col = f"{nok}" if not fails else f"{nok}+{fails}F"
-            out.append(f"{target:<12} {fmt(med, '11.0f', 'FAIL'):>11} {span:>19} "
+            out.append(f"{target:<16} {fmt(med, '11.0f', 'FAIL'):>11} {span:>19} "
                        f"{fmt(ratio, '9.2f'):>9} {fmt(cores, '9.2f'):>9} "
                        f"{fmt(us_txn, '10.1f'):>10} {fmt(p50, '7.2f'):>7} {fmt(p99, '7.2f'):>7}"
                        f"  {runs_col:>4}")
