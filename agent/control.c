@@ -12,6 +12,7 @@
 #include "http.h"
 #include "log.h"
 #include "normalize.h"
+#include "planner.h"
 
 #include <ctype.h>
 #include <curl/curl.h>
@@ -247,6 +248,8 @@ static const char *state_name(uint32_t state)
     }
 }
 
+static json_t *plan_link(uint64_t id);
+
 static json_t *queries_body(void)
 {
     shm_segment *shm = control.shm;
@@ -265,6 +268,7 @@ static json_t *queries_body(void)
         /* the client's own words: a name that is not UTF-8 is left out rather than mangled */
         snap.application_name[sizeof(snap.application_name) - 1] = '\0';
         json_t *app = json_string(snap.application_name);
+        json_t *plan = plan_link(planner_plan_id(text, snap.database, snap.user));
         json_array_append_new(
             list, json_pack("{s:I, s:s, s:o, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
                             (json_int_t)snap.id, "client", snap.client_addr, "application_name",
@@ -273,8 +277,84 @@ static json_t *queries_body(void)
                             state_name(atomic_load(&snap.state)), "duration_ms",
                             (json_int_t)((now - snap.stmt_start_us) / 1000), "text",
                             t ? t : json_string("(not UTF-8)")));
+        if (plan)
+            json_object_set_new(json_array_get(list, json_array_size(list) - 1), "plan_id", plan);
     }
     return json_pack("{s:s, s:o}", "node_id", control.node_id, "queries", list);
+}
+
+/* ---- plans ---- */
+
+/* The id of the published plan with this id as text, or NULL when the planner has none. */
+static json_t *plan_link(uint64_t id)
+{
+    shm_plans *plans = shm_plans_of(control.shm);
+    for (uint32_t i = 0; i < SHM_PLANS_MAX; i++) {
+        if (plans->plans[i].used && plans->plans[i].id == id) {
+            char hex[24];
+            snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)id);
+            return json_string(hex);
+        }
+    }
+    return NULL;
+}
+
+static const char *plan_reason(uint32_t reason)
+{
+    return reason == PLAN_REASON_SLOW      ? "slow"
+           : reason == PLAN_REASON_SAMPLED ? "sampled"
+           : reason == PLAN_REASON_RUNNING ? "running"
+                                           : "?";
+}
+
+/* The plans published (or rewritten) since the last upload, and the plan changes recorded
+ * since then; NULL when there is nothing new. sent[i] is the seq of slot i last uploaded;
+ * the new values go to next[] and *next_change, taken once the upload succeeded. */
+static json_t *plans_body(const uint32_t *sent, uint32_t *next, uint64_t changes_sent,
+                          uint64_t *next_change)
+{
+    static shm_plan snap;
+    json_t *list = json_array();
+    for (uint32_t i = 0; i < SHM_PLANS_MAX; i++) {
+        next[i] = atomic_load_explicit(&shm_plans_of(control.shm)->plans[i].seq,
+                                       memory_order_acquire);
+        if (next[i] == sent[i] || !shm_plan_snapshot(control.shm, i, &snap))
+            continue;
+        next[i] = atomic_load_explicit(&snap.seq, memory_order_relaxed);
+        char id[24];
+        snprintf(id, sizeof(id), "%016llx", (unsigned long long)snap.id);
+        snap.text[sizeof(snap.text) - 1] = '\0';
+        json_t *text = json_string(snap.text);
+        json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:o, s:s, s:I, s:I, s:i}", "id", id, "node",
+                              snap.node_name, "database", snap.database, "user", snap.user,
+                              "text", text ? text : json_string("(not UTF-8)"), "reason", plan_reason(snap.reason), "duration_ms",
+                              (json_int_t)(snap.duration_us / 1000), "planned_at_ms",
+                              (json_int_t)(snap.planned_at_us / 1000), "changes",
+                              (int)snap.changes);
+        if (!o)
+            continue; /* a name that is not UTF-8 */
+        if (snap.total_cost >= 0)
+            json_object_set_new(o, "total_cost", json_real(snap.total_cost));
+        if (snap.top_node[0])
+            json_object_set_new(o, "top_node", json_string(snap.top_node));
+        if (snap.error[0])
+            json_object_set_new(o, "error", json_string(snap.error));
+        if (snap.json_len) {
+            json_t *plan = json_loadb(snap.json, snap.json_len, 0, NULL);
+            if (plan)
+                json_object_set_new(o, "plan", plan);
+        }
+        json_array_append_new(list, o);
+    }
+    *next_change = changes_sent;
+    json_t *changes = planner_changes_since(changes_sent, next_change);
+    if (json_array_size(list) == 0 && json_array_size(changes) == 0) {
+        json_decref(list);
+        json_decref(changes);
+        return NULL;
+    }
+    return json_pack("{s:s, s:o, s:o}", "node_id", control.node_id, "plans", list, "changes",
+                     changes);
 }
 
 static json_t *config_body(const config *cfg)
@@ -367,6 +447,8 @@ typedef struct reporter_state {
     uint64_t settings_version;
     uint64_t config_sent_version;  /* settings version last uploaded (0 = never) */
     char *schema_sent;             /* JSON text of the schema last uploaded */
+    uint32_t plan_seq_sent[SHM_PLANS_MAX]; /* seq of each plan slot as last uploaded */
+    uint64_t plan_change_sent;     /* number of the last plan change uploaded */
     bool registered;
 } reporter_state;
 
@@ -382,7 +464,7 @@ static void *reporter_main(void *arg)
     reporter_state *r = arg;
     http_client c;
     reach_state reach = {.who = "reporter"};
-    int64_t next_queries = 0, next_schema = 0;
+    int64_t next_queries = 0, next_schema = 0, next_plans = 0;
     shm_route_table *t = malloc(sizeof(*t));
 
     if (!t || http_client_init(&c, &r->cfg) != 0) {
@@ -467,6 +549,20 @@ static void *reporter_main(void *arg)
             next_queries = started + r->cfg.active_queries_interval_ms;
             ok = (status = post(&c, "/api/v1/agent/queries", queries_body(), NULL)) < 300 &&
                  status > 0;
+        }
+        if (ok && started >= next_plans) {
+            /* Plans go with the running queries, on their interval. */
+            next_plans = started + r->cfg.active_queries_interval_ms;
+            uint32_t seq[SHM_PLANS_MAX];
+            uint64_t change = 0;
+            json_t *body = plans_body(r->plan_seq_sent, seq, r->plan_change_sent, &change);
+            if (body) {
+                ok = (status = post(&c, "/api/v1/agent/plans", body, NULL)) < 300 && status > 0;
+                if (ok) {
+                    memcpy(r->plan_seq_sent, seq, sizeof(seq));
+                    r->plan_change_sent = change;
+                }
+            }
         }
         if (ok && r->config_sent_version != r->settings_version) {
             ok = (status = post(&c, "/api/v1/agent/config", config_body(&r->cfg), NULL)) < 300 &&

@@ -114,7 +114,7 @@ static uint64_t fnv(uint64_t h, const char *s, size_t n)
     return h;
 }
 
-static uint64_t plan_id(const char *norm, const char *database, const char *user)
+uint64_t planner_plan_id(const char *norm, const char *database, const char *user)
 {
     uint64_t h = 0xcbf29ce484222325ull;
     h = fnv(h, norm, strlen(norm) + 1);
@@ -725,7 +725,7 @@ static void planner_handle(planner *p, const shm_plan_request *r)
         return;
     }
     normalize_sql(r->text, norm, sizeof(norm));
-    planner_job j = {.id = plan_id(norm, r->database, r->user),
+    planner_job j = {.id = planner_plan_id(norm, r->database, r->user),
                      .reason = r->reason,
                      .duration_us = r->duration_us,
                      .node = r->node_name,

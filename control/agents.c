@@ -117,6 +117,12 @@ static state_proxy *agents_proxy(http_call *call, const char *node_id)
     return NULL;
 }
 
+state_proxy *agents_caller(http_call *call)
+{
+    const char *node_id = agents_node_id(call);
+    return node_id ? agents_proxy(call, node_id) : NULL;
+}
+
 static void agents_set_leader(state_proxy *p, json_t *v)
 {
     const char *leader = json_is_string(v) ? json_string_value(v) : "";

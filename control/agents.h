@@ -10,6 +10,9 @@
 void agents_register(http_call *call);
 void agents_metrics(http_call *call);
 void agents_queries(http_call *call);
+/* The declared proxy a call's node_id names (marked as seen), or NULL after answering 400
+ * (bad node_id), 403 (not declared, or from another address) or 500. */
+state_proxy *agents_caller(http_call *call);
 void agents_config(http_call *call);
 void agents_schema(http_call *call);
 void agents_commands(http_call *call);

@@ -15,6 +15,7 @@
 #include "members.h"
 #include "metrics.h"
 #include "operator.h"
+#include "plans.h"
 #include "views.h"
 #include "store.h"
 #include "tls.h"
@@ -62,6 +63,7 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_POST, "/api/v1/agent/register", HTTP_AUTH_AGENT, false, agents_register},
     {EVHTTP_REQ_POST, "/api/v1/agent/metrics", HTTP_AUTH_AGENT, false, agents_metrics},
     {EVHTTP_REQ_POST, "/api/v1/agent/queries", HTTP_AUTH_AGENT, false, agents_queries},
+    {EVHTTP_REQ_POST, "/api/v1/agent/plans", HTTP_AUTH_AGENT, false, plans_upload},
     {EVHTTP_REQ_POST, "/api/v1/agent/config", HTTP_AUTH_AGENT, false, agents_config},
     {EVHTTP_REQ_POST, "/api/v1/agent/schema", HTTP_AUTH_AGENT, false, agents_schema},
     {EVHTTP_REQ_GET, "/api/v1/agent/commands", HTTP_AUTH_AGENT, false, agents_commands},
@@ -76,6 +78,7 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_GET, DEP_PATH "/nodes", HTTP_AUTH_ADMIN, true, views_nodes},
     {EVHTTP_REQ_GET, DEP_PATH "/leaders", HTTP_AUTH_ADMIN, true, views_leaders_get},
     {EVHTTP_REQ_GET, DEP_PATH "/queries", HTTP_AUTH_ADMIN, true, views_queries},
+    {EVHTTP_REQ_GET, DEP_PATH "/plans", HTTP_AUTH_ADMIN, true, plans_view},
     {EVHTTP_REQ_GET, DEP_PATH "/metrics", HTTP_AUTH_ADMIN, true, views_metrics},
     {EVHTTP_REQ_GET, DEP_PATH "/metrics/history", HTTP_AUTH_ADMIN, true, views_metrics_history},
     {EVHTTP_REQ_GET, DEP_PATH "/schema", HTTP_AUTH_ADMIN, true, views_schema},

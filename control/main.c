@@ -6,6 +6,7 @@
 #include "http.h"
 #include "lease.h"
 #include "log.h"
+#include "plans.h"
 #include "state.h"
 #include "store.h"
 #include "tls.h"
@@ -254,6 +255,7 @@ static void on_housekeeping(evutil_socket_t fd, short what, void *arg)
         int n = store_commands_expire(control.cfg->command_retention_ms);
         if (n > 0)
             log_info("deleted %d command(s) older than command_retention", n);
+        store_plans_expire(control.cfg->telemetry_retention_ms);
     }
 }
 

@@ -408,6 +408,40 @@ static const char *const store_migrations[] = {
     "  deployment text PRIMARY KEY REFERENCES pgrelay.deployments(name) ON DELETE CASCADE,"
     "  until_ms bigint NOT NULL DEFAULT 0,"
     "  since timestamptz NOT NULL DEFAULT now());",
+    /* 5 (plans): query plans the agents upload (store_plans.c), kept for telemetry_retention:
+     * the latest plan per statement, and the plan changes with both plans */
+    "CREATE TABLE pgrelay.plans ("
+    "  deployment text NOT NULL REFERENCES pgrelay.deployments(name) ON DELETE CASCADE,"
+    "  plan_id text NOT NULL,"
+    "  node_id text NOT NULL,"
+    "  node text NOT NULL,"
+    "  database text NOT NULL,"
+    "  user_name text NOT NULL,"
+    "  text text NOT NULL,"
+    "  reason text NOT NULL,"
+    "  duration_ms bigint NOT NULL,"
+    "  total_cost double precision,"
+    "  top_node text,"
+    "  error text,"
+    "  plan jsonb,"
+    "  changes integer NOT NULL DEFAULT 0,"
+    "  planned_at_ms bigint NOT NULL,"
+    "  received_at timestamptz NOT NULL DEFAULT now(),"
+    "  PRIMARY KEY (deployment, plan_id));"
+    "CREATE TABLE pgrelay.plan_changes ("
+    "  id bigserial PRIMARY KEY,"
+    "  deployment text NOT NULL REFERENCES pgrelay.deployments(name) ON DELETE CASCADE,"
+    "  plan_id text NOT NULL,"
+    "  node_id text NOT NULL,"
+    "  node text NOT NULL,"
+    "  database text NOT NULL,"
+    "  user_name text NOT NULL,"
+    "  text text NOT NULL,"
+    "  old_plan jsonb,"
+    "  new_plan jsonb,"
+    "  at_ms bigint NOT NULL,"
+    "  received_at timestamptz NOT NULL DEFAULT now());"
+    "CREATE INDEX plan_changes_deployment ON pgrelay.plan_changes (deployment, at_ms);",
 };
 #define STORE_SCHEMA_VERSION ((int)(sizeof(store_migrations) / sizeof(store_migrations[0])))
 

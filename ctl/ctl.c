@@ -39,6 +39,8 @@ enum ctl_opt_id {
     CTL_OPT_OP_TIMEOUT, /* switchover, maintenance, unfence: sent as timeout_s */
     CTL_OPT_FORCE,      /* switchover */
     CTL_OPT_RESUME_AFTER, /* maintenance on: sent as resume_after_s */
+    CTL_OPT_QUERY,        /* show-plans */
+    CTL_OPT_CHANGED,    /* show-plans */
 };
 
 /* Which command options a command accepts (ctl_command.options) or needs (.required). */
@@ -47,6 +49,8 @@ enum ctl_opt_id {
 #define CTL_ACCEPTS_OP_TIMEOUT (1u << 2)
 #define CTL_ACCEPTS_FORCE      (1u << 3)
 #define CTL_ACCEPTS_RESUME     (1u << 4)
+#define CTL_ACCEPTS_QUERY      (1u << 5)
+#define CTL_ACCEPTS_CHANGED    (1u << 6)
 
 #define CTL_SHORT_OPTIONS "d:o:vVh"
 
@@ -95,6 +99,14 @@ static const ctl_command_option ctl_command_options[] = {
      CTL_ACCEPTS_RESUME,
      "--resume-after S",
      "maintenance on ends by itself after S seconds (default: at maintenance off)"},
+    {{"query", required_argument, NULL, CTL_OPT_QUERY},
+     CTL_ACCEPTS_QUERY,
+     "--query TEXT",
+     "only the plans whose normalised text contains TEXT"},
+    {{"changed", no_argument, NULL, CTL_OPT_CHANGED},
+     CTL_ACCEPTS_CHANGED,
+     "--changed",
+     "the plan changes (shape differs from the plan before), each with both plans"},
 };
 #define CTL_N_COMMAND_OPTIONS (sizeof(ctl_command_options) / sizeof(ctl_command_options[0]))
 
@@ -132,6 +144,8 @@ static const ctl_command ctl_commands[] = {
      ctl_cmd_show_queries},
     {"show-metrics", "", "per proxy and node: sessions, statements/s, bytes/s, errors/s, latency",
      0, 0, 0, 0, true, NULL, ctl_cmd_show_metrics},
+    {"show-plans", "", "EXPLAIN plans of slow, sampled and running statements, as trees",
+     CTL_ACCEPTS_QUERY | CTL_ACCEPTS_CHANGED, 0, 0, 0, true, NULL, ctl_cmd_show_plans},
     {"show-operations", "", "switchovers: node, state, steps done, outcome (newest first)", 0, 0,
      0, 0, true, NULL, ctl_cmd_show_operations},
     {"switchover", "", "make node NAME the write leader of every proxy",
@@ -419,6 +433,12 @@ static int ctl_apply_option(ctl_ctx *ctx, ctl_settings *s, int opt, const char *
         return 0;
     case CTL_OPT_FORCE:
         ctx->force = true;
+        return 0;
+    case CTL_OPT_QUERY:
+        ctx->query = arg;
+        return 0;
+    case CTL_OPT_CHANGED:
+        ctx->changed = true;
         return 0;
     case CTL_OPT_OP_TIMEOUT:
         return ctl_parse_op_timeout(arg, &ctx->op_timeout_s);

@@ -41,6 +41,8 @@ typedef struct ctl_ctx {
     bool force;        /* switchover --force */
     long op_timeout_s; /* switchover/maintenance --timeout: what the server may take */
     long resume_after_s; /* maintenance on --resume-after: its own end (0: none) */
+    const char *query; /* show-plans --query: plans whose text contains it */
+    bool changed;      /* show-plans --changed: the plan changes instead */
 
     /* Prepared by the command's checks before anything is sent. */
     bool maintenance_on; /* maintenance on|off */
@@ -62,6 +64,7 @@ ctl_exit ctl_cmd_show_queries(ctl_ctx *ctx);
 ctl_exit ctl_cmd_show_metrics(ctl_ctx *ctx);
 ctl_exit ctl_cmd_unfence(ctl_ctx *ctx);
 ctl_exit ctl_cmd_show_operations(ctl_ctx *ctx);
+ctl_exit ctl_cmd_show_plans(ctl_ctx *ctx); /* ctl_plans.c */
 ctl_exit ctl_cmd_switchover(ctl_ctx *ctx);
 ctl_exit ctl_cmd_maintenance(ctl_ctx *ctx);
 ctl_exit ctl_cmd_config_apply(ctl_ctx *ctx);

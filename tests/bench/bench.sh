@@ -35,6 +35,9 @@
 #                             pgrelay-agent, whose CPU and memory count as pgrelay's; off = static roles)
 #   BENCH_HAPROXY_THREADS     haproxy nbthread (default: number of CPUs)
 #   BENCH_OUT=./bench-results.txt   where the final tables are written as well
+#   BENCH_PGRELAY_AGENT_KEYS   extra [agent] lines for target pgrelay, ';'-separated, e.g.
+#                             "plan_sample_rate = 0.01" (query plans: pgrelay-agent(8))
+#   BENCH_PGRELAY_BASE_AGENT_KEYS  the same for target pgrelay_base: one build, two settings
 #   PGRELAY_BIN=<repo>/bin/pgrelay
 #   PGRELAY_BASE_BIN          another build of pgrelay (with its pgrelay-agent beside it), run as
 #                             target pgrelay_base with the same settings: before/after a change,
@@ -71,6 +74,8 @@ BENCH_HAPROXY_THREADS=${BENCH_HAPROXY_THREADS:-$NCPU}
 BENCH_OUT=${BENCH_OUT:-bench-results.txt}
 PGRELAY_BIN=${PGRELAY_BIN:-$REPO/bin/pgrelay}
 PGRELAY_BASE_BIN=${PGRELAY_BASE_BIN:-}
+BENCH_PGRELAY_AGENT_KEYS=${BENCH_PGRELAY_AGENT_KEYS:-}
+BENCH_PGRELAY_BASE_AGENT_KEYS=${BENCH_PGRELAY_BASE_AGENT_KEYS:-}
 
 # Absolute paths: the script changes into its temporary directory.
 [[ $BENCH_OUT == /* ]] || BENCH_OUT=$PWD/$BENCH_OUT
@@ -330,6 +335,11 @@ host = 127.0.0.1
 port = ${PORT[direct]}
 role = primary
 EOF
+    local keys=$BENCH_PGRELAY_AGENT_KEYS
+    [[ $t == pgrelay_base ]] && keys=$BENCH_PGRELAY_BASE_AGENT_KEYS
+    if [[ -n $keys ]]; then
+        printf '\n[agent]\n%s\n' "${keys//;/$'\n'}" >>"$dir/pgrelay.ini"
+    fi
     "$bin" -t -c "$dir/pgrelay.ini" >>"${LOGF[$t]}" 2>&1 ||
         { cat "${LOGF[$t]}" >&2; die "$t rejected its config"; }
     "$bin" -c "$dir/pgrelay.ini" >>"${LOGF[$t]}" 2>&1 &

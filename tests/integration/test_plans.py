@@ -5,6 +5,8 @@ the console's ``show plans`` shows the outcome.
 Every plan is waited for (the planner polls every 100 ms); nothing sleeps to synchronise.
 """
 
+import os
+
 import psycopg
 import pytest
 
@@ -234,3 +236,172 @@ def test_each_user_gets_a_plan_under_its_own_role(relay_factory, two_users):
     assert "42501" in denied["error"] and "permission denied for table plan_secret" in \
         denied["error"], denied
     assert plans(r)["failed"] >= 1
+
+
+@pytest.fixture
+def change_table(pg):
+    pg.query("DROP TABLE IF EXISTS plan_chg")
+    pg.query("CREATE TABLE plan_chg (id int, v text)")
+    pg.query("INSERT INTO plan_chg SELECT g, 'v' || g FROM generate_series(1, 20000) g")
+    pg.query("ANALYZE plan_chg")
+    yield
+    pg.query("DROP TABLE IF EXISTS plan_chg")
+
+
+def test_a_changed_plan_shape_is_detected_and_counted(relay_factory, pg, change_table):
+    from conftest import free_port
+    from test_latency_histogram import http_metrics
+    http = free_port()
+    r = relay_factory(http_listen_port=http,
+                      sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1",
+                                          "plan_max_age": "0"}})
+    q = "SELECT v FROM plan_chg WHERE id = 4242"
+    with r.connect() as c:
+        c.execute(q)
+    first = wait_plan(r, "plan_chg")
+    assert first["top_node"].startswith("Seq Scan"), first
+    assert first["changes"] == 0 and plans(r)["plan_changes"] == 0
+    # The same cost-only difference is no change: plan it again unchanged.
+    with r.connect() as c:
+        c.execute(q)
+    wait_for(lambda: plans(r)["planned"] >= 2, what="a second plan")
+    assert plans(r)["plan_changes"] == 0
+    pg.query("CREATE INDEX plan_chg_id ON plan_chg (id)")
+    pg.query("ANALYZE plan_chg")
+    with r.connect() as c:
+        c.execute(q)
+    p = wait_plan(r, "plan_chg", changes=1)
+    assert "plan_chg_id" in p["top_node"], p
+    assert plans(r)["plan_changes"] == 1
+    assert "\npgrelay_plan_changes_total 1\n" in http_metrics(http)
+
+
+class Forwarder:
+    """A TCP forwarder to a port: the node's address, so that a test can take the node away."""
+
+    def __init__(self, target_port):
+        import socket
+        import threading
+        self.target = target_port
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.lsock.settimeout(0.2)
+        self.port = self.lsock.getsockname()[1]
+        self.closed = False
+        self.socks = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        import socket
+        import threading
+        while not self.closed:
+            try:
+                c, _ = self.lsock.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                s = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                c.close()
+                continue
+            c.settimeout(None)
+            self.socks += [c, s]
+            for a, b in ((c, s), (s, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        import socket
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        import socket
+        self.closed = True
+        self.lsock.close()
+        for x in self.socks:
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
+        self.thread.join(2)
+
+
+def test_a_node_down_counts_the_request_as_failed_and_the_proxy_serves_on(relay_factory, pg):
+    import signal
+    fwd = Forwarder(pg.port)
+    try:
+        r = relay_factory(nodes=[("pg1", {"host": "127.0.0.1", "port": fwd.port,
+                                          "role": "primary"})],
+                          sections={"agent": {"plan_slow_threshold": THRESHOLD}})
+        with r.connect() as c:
+            c.execute("SELECT 1")  # the leader is confirmed
+        agent = r.agent_pid()
+        os.kill(agent, signal.SIGSTOP)  # the request waits in the ring while the node goes
+        try:
+            with r.connect() as c:
+                c.execute(f"SELECT pg_sleep({SLEEP}), 'node goes'")
+            fwd.close()
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        p = wait_plan(r, "pg_sleep")
+        assert p["top_node"] is None and "cannot connect to node pg1" in p["error"], p
+        assert plans(r)["failed"] == 1
+        # The proxy serves on: every process alive, the console answers, a new client gets
+        # a proper error rather than a hang.
+        assert r.proc.poll() is None and len(r.worker_pids()) == 2 and r.agent_pid() == agent
+        assert admin_json(r, "show info")
+        with pytest.raises(psycopg.OperationalError):
+            r.connect(connect_timeout=15)
+    finally:
+        fwd.close()
+
+
+def test_a_flood_stays_within_the_rate_limit_and_drops_what_the_rings_cannot_hold(
+        relay_factory):
+    import signal
+    import time
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1",
+                                          "plan_rate_limit": "3"}})
+    with r.connect() as c:
+        c.execute("SELECT 1")  # the leader is confirmed
+    wait_for(lambda: plans(r)["requests"] == 1, what="the warm-up statement taken")
+    agent = r.agent_pid()
+    n = 300
+    os.kill(agent, signal.SIGSTOP)  # nothing is taken from the rings meanwhile
+    try:
+        conns = [r.connect() for _ in range(4)]
+        for i in range(n):
+            conns[i % 4].execute(f"SELECT {i} AS flood_{i}")  # distinct after normalisation
+        for c in conns:
+            c.close()
+    finally:
+        resumed = time.monotonic()
+        os.kill(agent, signal.SIGCONT)
+    got = plans(r)
+    assert got["sampled"] == n + 1, "every statement completed and was picked"
+    ring_capacity = 32 * 2  # SHM_PLAN_RING per worker, workers = 2
+    assert got["ring_dropped"] >= n - ring_capacity, got
+    queued = n + 1 - got["ring_dropped"]
+    wait_for(lambda: plans(r)["requests"] >= queued, what="the rings drained")
+    got = plans(r)
+    elapsed = time.monotonic() - resumed
+    explained = got["planned"] + got["failed"]
+    assert got["rate_limited"] > 0, got
+    assert explained <= 3 * (elapsed + 1) + 1, (explained, elapsed, got)
+    assert explained + got["rate_limited"] + got["skipped"] + got["deduplicated"] == queued, got
+    assert got["rate_limited"] >= queued - explained - 1
