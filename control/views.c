@@ -271,9 +271,10 @@ void views_config_get(http_call *call)
     json_t *proxies = json_array();
     int64_t now = control_now_ms();
     for (state_proxy *p = call->dep->proxies; p; p = p->next)
-        json_array_append_new(proxies, json_pack("{s:s, s:I, s:b}", "node_id", p->node_id,
-                                                 "config_version", (json_int_t)p->config_version,
-                                                 "live", state_proxy_live(p, now)));
+        json_array_append_new(proxies,
+                              json_pack("{s:s, s:I, s:b, s:O?}", "node_id", p->node_id,
+                                        "config_version", (json_int_t)p->config_version, "live",
+                                        state_proxy_live(p, now), "effective", p->config));
     http_reply_json(call->req, 200,
                     json_pack("{s:I, s:o, s:o}", "version", (json_int_t)version, "text",
                               text ? json_string(text) : json_null(), "proxies", proxies));
