@@ -342,7 +342,7 @@ function renderFleet() {
       h('td', {}, health),
       h('td', {class: 'num'}, n.in_recovery ? fmtBytes(n.lag_bytes) : '-'),
       h('td', {class: 'num'}, n.in_recovery ? fmtMs(n.lag_ms) : '-'),
-      h('td', {class: 'num'}, String(a.sessions)),
+      h('td', {class: 'num'}, (n.write_sessions || 0) + ' write / ' + (n.read_sessions || 0) + ' read'),
       h('td', {class: 'num'}, fmtNum(a.rate)),
       h('td', {class: 'num'}, a.latN || a.p99 !== null ? (a.latN ? fmtNum(a.latW / a.latN, 2) : '-') +
         ' / ' + (a.p99 !== null ? fmtNum(a.p99, 2) : '-') + ' ms' : '-'));
@@ -454,6 +454,7 @@ function drawCharts() {
       if (p[0] > last) last = p[0];
     }
     canvas.dataset.points = String(count);
+    canvas.dataset.maintenance = String(c.maint.filter(([, b]) => b >= t0).length);
     canvas.dataset.last = String(last);
     max = def.integer ? Math.max(4, Math.ceil(max / 4) * 4) : niceMax(max);
     const x = t => L + (t - t0) / (t1 - t0) * pw;
@@ -472,12 +473,16 @@ function drawCharts() {
     }
     g.textAlign = 'center'; g.textBaseline = 'top';
     const step = windowS <= 120 ? 15 : windowS <= 300 ? 60 : windowS <= 900 ? 180 : 600;
-    for (let t = Math.ceil(t0 / 1000 / step) * step * 1000; t <= t1; t += step * 1000)
-      g.fillText(step < 60 ? fmtTime(t) : fmtTime(t).slice(0, 5), x(t), T + ph + 4);
+    for (let t = Math.ceil(t0 / 1000 / step) * step * 1000; t <= t1; t += step * 1000) {
+      const label = step < 60 ? fmtTime(t) : fmtTime(t).slice(0, 5);
+      if (x(t) + g.measureText(label).width / 2 <= w) g.fillText(label, x(t), T + ph + 4);
+    }
     /* leader changes */
     g.strokeStyle = '#b42318'; g.fillStyle = '#b42318'; g.setLineDash([2, 2]);
+    const drawn = [];
     for (const l of ui.leaders) {
       if (l.at < t0) continue;
+      drawn.push((l.leader || 'none') + '@' + l.epoch);
       const xx = Math.round(x(l.at)) + 0.5;
       g.beginPath(); g.moveTo(xx, T); g.lineTo(xx, T + ph); g.stroke();
       const label = (l.leader || 'none') + ' @' + l.epoch;
@@ -491,16 +496,23 @@ function drawCharts() {
       g.strokeStyle = COLORS[i % COLORS.length];
       g.lineWidth = s.dashed ? 1.2 : 2;
       g.setLineDash(s.dashed ? [5, 3] : []);
+      g.fillStyle = COLORS[i % COLORS.length];
       g.beginPath();
-      let pen = false;
+      let run = []; /* the points of the current unbroken stretch */
+      const flush = () => { /* a lone point between gaps gets a dot: a path of one point shows nothing */
+        if (run.length === 1) g.fillRect(run[0][0] - 1.5, run[0][1] - 1.5, 3, 3);
+        run = [];
+      };
       for (const p of s.points) {
         const v = chartValue(def, p);
-        if (p[0] < t0 || v === null) { pen = false; continue; }
-        if (pen) g.lineTo(x(p[0]), y(v)); else g.moveTo(x(p[0]), y(v));
-        pen = true;
+        if (p[0] < t0 || v === null) { flush(); continue; }
+        if (run.length) g.lineTo(x(p[0]), y(v)); else g.moveTo(x(p[0]), y(v));
+        run.push([x(p[0]), y(v)]);
       }
+      flush();
       g.stroke();
     });
+    canvas.dataset.leaders = drawn.join(' ');
     g.setLineDash([]);
     g.strokeStyle = '#9aa5b1'; g.lineWidth = 1;
     g.strokeRect(L + 0.5, T + 0.5, pw, ph);

@@ -337,7 +337,8 @@ def test_fleet_page_lists_both_proxies_and_both_nodes_with_the_leader_and_epoch(
     with fleet.proxies["proxy-a"].connect() as c:
         for _ in range(50):
             c.execute("SELECT 1")
-        ui.wait(lambda: ui.rows("nodes")[leader][6] != "0", "a session on the leader")
+        ui.wait(lambda: ui.rows("nodes")[leader][6].startswith("1 write"),
+                "the session on the leader")
         ui.wait(lambda: ui.rows("nodes")[leader][7] not in ("-", "0"),
                 "statements/s on the leader")
     ui.screenshot("fleet")
@@ -531,6 +532,27 @@ def test_a_switchover_from_the_ui_moves_both_proxies_and_the_page_shows_the_new_
     # give the fleet its replica back: the old primary follows the new one
     fleet.cluster.rebuild_as_replica(old, new_node)
     fleet.cluster.wait_streaming(new_node, 1)
+
+
+def test_charts_mark_the_leader_change_and_maintenance(ui, fleet):
+    dep = fleet.control.deployment()
+    ui.signed_in("charts")
+    canvas = "chart-statements"
+    ui.wait(lambda: f"{dep['leader']}@{dep['epoch']}" in
+            ui.el(canvas).get_attribute("data-leaders"),
+            f"a marker for {dep['leader']} at epoch {dep['epoch']}")
+    assert ui.el(canvas).get_attribute("data-maintenance") == "0"
+    path = f"/deployments/{DEPLOYMENT}/maintenance"
+    status, body = fleet.control.api("POST", path, {"on": True, "timeout_s": 10})
+    assert status == 200, body
+    try:
+        ui.wait(lambda: ui.el(canvas).get_attribute("data-maintenance") == "1",
+                "the maintenance period on the chart")
+        time.sleep(3)  # not a synchronisation: a few seconds of shading for the screenshot
+        ui.screenshot("charts-markers")
+    finally:
+        status, body = fleet.control.api("POST", path, {"on": False, "timeout_s": 10})
+        assert status == 200, body
 
 
 def test_a_config_apply_one_proxy_refuses_names_it_and_changes_nothing(ui, fleet):
