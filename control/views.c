@@ -82,8 +82,17 @@ static void copy_field(json_t *dst, json_t *src, const char *key)
         json_object_set(dst, key, v);
 }
 
+/* dst[key] += src[key] (whole numbers; a missing or mistyped one counts 0). */
+static void views_add_int(json_t *dst, json_t *src, const char *key)
+{
+    json_int_t add = json_integer_value(json_object_get(src, key));
+    json_object_set_new(dst, key,
+                        json_integer(json_integer_value(json_object_get(dst, key)) + add));
+}
+
 void views_nodes(http_call *call)
 {
+    int64_t now = control_now_ms();
     json_t *by_name = json_object(); /* name -> row; rows keep the first-seen order below */
     json_t *list = json_array();
     for (state_proxy *p = call->dep->proxies; p; p = p->next) {
@@ -96,8 +105,9 @@ void views_nodes(http_call *call)
                 continue;
             json_t *row = json_object_get(by_name, name);
             if (!row) {
-                row = json_pack("{s:s, s:b, s:{}}", "name", name, "leader",
-                                strcmp(name, call->dep->leader) == 0, "health");
+                row = json_pack("{s:s, s:b, s:{}, s:i, s:i}", "name", name, "leader",
+                                strcmp(name, call->dep->leader) == 0, "health", "write_sessions", 0,
+                                "read_sessions", 0);
                 json_object_set_new(by_name, name, row);
                 json_array_append(list, row);
             }
@@ -107,6 +117,10 @@ void views_nodes(http_call *call)
             copy_field(row, obs, "in_recovery");
             copy_field(row, obs, "lag_bytes");
             copy_field(row, obs, "lag_ms");
+            if (state_proxy_live(p, now)) { /* the sessions there now, over the live proxies */
+                views_add_int(row, obs, "write_sessions");
+                views_add_int(row, obs, "read_sessions");
+            }
             copy_field(row, obs, "lsn");
             json_t *health = json_object_get(obs, "health");
             json_object_set_new(json_object_get(row, "health"), p->node_id,
@@ -273,9 +287,10 @@ void views_config_get(http_call *call)
     json_t *proxies = json_array();
     int64_t now = control_now_ms();
     for (state_proxy *p = call->dep->proxies; p; p = p->next)
-        json_array_append_new(proxies, json_pack("{s:s, s:I, s:b}", "node_id", p->node_id,
-                                                 "config_version", (json_int_t)p->config_version,
-                                                 "live", state_proxy_live(p, now)));
+        json_array_append_new(proxies,
+                              json_pack("{s:s, s:I, s:b, s:O?}", "node_id", p->node_id,
+                                        "config_version", (json_int_t)p->config_version, "live",
+                                        state_proxy_live(p, now), "effective", p->config));
     http_reply_json(call->req, 200,
                     json_pack("{s:I, s:o, s:o}", "version", (json_int_t)version, "text",
                               text ? json_string(text) : json_null(), "proxies", proxies));

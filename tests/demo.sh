@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# demo.sh - a throwaway PostgreSQL 15 primary and streaming replica with pgrelay in front of them
-# (write port and read-only port), a short pgbench through it, and a look at the admin console.
+# demo.sh - a throwaway PostgreSQL 15 primary and streaming replica with a fleet of two pgrelay
+# proxies in front of them (write port and read-only port each), pgrelay-control with both
+# proxies declared and its web UI, a short pgbench through the first proxy, and a look at the
+# admin console.
 #
 #   bash tests/demo.sh          start everything, run pgbench, then wait for Ctrl-C and clean up
 #   bash tests/demo.sh stop     stop a running demo (from another terminal) and clean up
 #
 # Everything lives in ./demo/ under the repository root: the primary (demo/pgdata), the replica
-# (demo/replica),
-# pgrelay's config (demo/pgrelay.ini), the logs (demo/pgrelay.log, demo/postgres.log) and the pid
-# files. Stopping removes the cluster and the pid files and keeps the config and the logs.
+# (demo/replica), the control plane's store (demo/store, a cluster of its own: a switchover
+# fences every database of the old primary), the configs (demo/pgrelay.ini, demo/pgrelay-b.ini,
+# demo/control.ini), the admin token of the web UI (demo/admin-token), the logs
+# (demo/pgrelay.log, demo/pgrelay-b.log, demo/control.log, demo/postgres.log) and the pid files.
+# Stopping removes the clusters and the pid files and keeps the configs and the logs.
 #
 # Environment:
 #   DEMO_SECONDS=N    stop by itself after N seconds (default when stdin is not a terminal, or
@@ -17,6 +21,10 @@
 #   DEMO_REPLICA_PORT replica port (default 15433)
 #   DEMO_PORT         pgrelay write port (default 6432)
 #   DEMO_READ_PORT    pgrelay read-only port (default 6433)
+#   DEMO_PORT_B       the second proxy's write port (default 6442)
+#   DEMO_READ_PORT_B  the second proxy's read-only port (default 6443)
+#   DEMO_CONTROL_PORT pgrelay-control and its web UI (default 8432)
+#   DEMO_STORE_PORT   the control plane's store (default 15434)
 #   PGBIN             PostgreSQL 15 binaries (default /usr/lib/postgresql/15/bin)
 set -euo pipefail
 
@@ -30,6 +38,20 @@ PG_PORT=${DEMO_PG_PORT:-15432}
 RELAY_PORT=${DEMO_PORT:-6432}
 READ_PORT=${DEMO_READ_PORT:-6433}
 REPLICA_PORT=${DEMO_REPLICA_PORT:-15433}
+RELAY_B_PORT=${DEMO_PORT_B:-6442}
+READ_B_PORT=${DEMO_READ_PORT_B:-6443}
+CONTROL_PORT=${DEMO_CONTROL_PORT:-8432}
+STORE_PORT=${DEMO_STORE_PORT:-15434}
+STORE=$DEMO/store
+CONTROL=$ROOT/bin/pgrelay-control
+CTL=$ROOT/bin/pgrelayctl
+CONF_B=$DEMO/pgrelay-b.ini
+RELAY_B_LOG=$DEMO/pgrelay-b.log
+RELAY_B_PID=$DEMO/pgrelay-b.pid
+CONTROL_CONF=$DEMO/control.ini
+CONTROL_LOG=$DEMO/control.log
+CONTROL_PID=$DEMO/control.pid
+TOKEN_FILE=$DEMO/admin-token
 HOST=127.0.0.1
 CONF=$DEMO/pgrelay.ini
 RELAY_LOG=$DEMO/pgrelay.log
@@ -92,13 +114,13 @@ wait_gone() { # pid seconds
     return 1
 }
 
-stop_pgrelay() {
-    local pid kids
-    pid=$(live_pid "$RELAY_PID" pgrelay) || pid=$(live_pid "$DEMO/pgrelay.started" pgrelay) || {
-        rm -f "$RELAY_PID" "$DEMO/pgrelay.started"
+stop_pgrelay() { # [pidfile] [started-file] [label]
+    local pidf=${1:-$RELAY_PID} started=${2:-$DEMO/pgrelay.started} label=${3:-pgrelay} pid kids
+    pid=$(live_pid "$pidf" pgrelay) || pid=$(live_pid "$started" pgrelay) || {
+        rm -f "$pidf" "$started"
         return 0
     }
-    say "stopping pgrelay (pid $pid)"
+    say "stopping $label (pid $pid)"
     kids=$(pgrep -P "$pid" || true)
     kill -INT "$pid" 2>/dev/null || true # fast shutdown: close sessions now
     if ! wait_gone "$pid" 10; then
@@ -110,7 +132,20 @@ stop_pgrelay() {
             kill -KILL "$k" 2>/dev/null || true
         fi
     done
-    rm -f "$RELAY_PID" "$DEMO/pgrelay.started"
+    rm -f "$pidf" "$started"
+}
+
+stop_control() {
+    local pid
+    pid=$(live_pid "$CONTROL_PID" pgrelay-control) ||
+        pid=$(live_pid "$DEMO/control.started" pgrelay-control) || {
+        rm -f "$CONTROL_PID" "$DEMO/control.started"
+        return 0
+    }
+    say "stopping pgrelay-control (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$CONTROL_PID" "$DEMO/control.started"
 }
 
 stop_cluster() { # data-dir label
@@ -126,6 +161,7 @@ stop_cluster() { # data-dir label
 stop_postgres() {
     stop_cluster "$REPLICA" replica
     stop_cluster "$PGDATA" primary
+    stop_cluster "$STORE" store
 }
 
 # Stop whatever a demo left running and remove its state; safe to call any number of times.
@@ -134,11 +170,15 @@ stop_all() {
     (
         flock 9
         stop_pgrelay
+        stop_pgrelay "$RELAY_B_PID" "$DEMO/pgrelay-b.started" "the second pgrelay"
+        stop_control
         stop_postgres
-        # The cluster and the pids go; config and logs stay for a look afterwards.
-        case $DEMO in */demo) rm -rf -- "$PGDATA" "$REPLICA" ;; esac
+        # The clusters and the pids go; configs and logs stay for a look afterwards.
+        case $DEMO in */demo) rm -rf -- "$PGDATA" "$REPLICA" "$STORE" ;; esac
+        rm -f "$DEMO/agent-a.state" "$DEMO/agent-b.state" "$DEMO/agent.state"
         rm -f "$DEMO/.s.PGSQL.$PG_PORT" "$DEMO/.s.PGSQL.$PG_PORT.lock" "$DEMO/admin.sock" \
-            "$DEMO/.s.PGSQL.$REPLICA_PORT" "$DEMO/.s.PGSQL.$REPLICA_PORT.lock"
+            "$DEMO/.s.PGSQL.$REPLICA_PORT" "$DEMO/.s.PGSQL.$REPLICA_PORT.lock" \
+            "$DEMO/admin-b.sock" "$DEMO/.s.PGSQL.$STORE_PORT" "$DEMO/.s.PGSQL.$STORE_PORT.lock"
         if [ "$(live_pid "$DEMO_PID" || true)" = "$$" ] || ! demo_script_pid >/dev/null; then
             rm -f "$DEMO_PID"
         fi
@@ -148,6 +188,9 @@ stop_all() {
 cmd_stop() {
     local pid
     if ! demo_script_pid >/dev/null && ! live_pid "$RELAY_PID" pgrelay >/dev/null &&
+        ! live_pid "$RELAY_B_PID" pgrelay >/dev/null &&
+        ! live_pid "$CONTROL_PID" pgrelay-control >/dev/null &&
+        ! live_pid "$STORE/postmaster.pid" postgres >/dev/null &&
         ! live_pid "$PGDATA/postmaster.pid" postgres >/dev/null &&
         ! live_pid "$REPLICA/postmaster.pid" postgres >/dev/null; then
         [ -d "$DEMO" ] && stop_all
@@ -180,10 +223,124 @@ cleanup() {
     exit "$rc"
 }
 
+# The control plane's store: a cluster of its own (a switchover fences every database of the
+# old primary, so the store must not live there).
+start_store() {
+    say "initdb $STORE (the control plane's store, port $STORE_PORT)"
+    (cd "$DEMO" && as_pg "$PGBIN/initdb" -D "$STORE" -U postgres -A trust -E UTF8 --no-locale \
+        --no-sync --no-instructions >"$DEMO/initdb-store.log" 2>&1) ||
+        { cat "$DEMO/initdb-store.log" >&2; die "initdb of the store failed"; }
+    as_pg tee -a "$STORE/postgresql.conf" >/dev/null <<EOF
+
+# tests/demo.sh: the control plane's throwaway store
+port = $STORE_PORT
+listen_addresses = '$HOST'
+unix_socket_directories = '$DEMO'
+fsync = off
+EOF
+    (cd "$DEMO" && as_pg "$PGBIN/pg_ctl" -D "$STORE" -l "$DEMO/store.log" -w -t 60 start \
+        >/dev/null 2>&1) || { tail -n 20 "$DEMO/store.log" >&2; die "the store did not start"; }
+    "$PGBIN/psql" -h "$HOST" -p "$STORE_PORT" -U postgres -X -q -d postgres \
+        -c "CREATE DATABASE pgrelay_control" || die "cannot create the store database"
+}
+
+# pgrelayctl against the demo's control plane.
+ctl() {
+    PGRELAYCTL_ENDPOINT="http://$HOST:$CONTROL_PORT" PGRELAYCTL_TOKEN="$ADMIN_TOKEN" \
+        PGRELAYCTL_DEPLOYMENT=demo "$CTL" "$@"
+}
+
+# pgrelay-control with deployment demo, fresh random tokens, both proxies declared.
+start_control() {
+    ADMIN_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    AGENT_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    (umask 077 && echo "$ADMIN_TOKEN" >"$TOKEN_FILE")
+    (umask 077 && cat >"$CONTROL_CONF") <<EOF
+; pgrelay-control demo configuration, written by tests/demo.sh
+[control]
+listen_addr = $HOST
+listen_port = $CONTROL_PORT
+store = host=$HOST port=$STORE_PORT dbname=pgrelay_control user=postgres
+admin_tokens = $ADMIN_TOKEN
+proxy_timeout = 5s
+log_level = info
+
+[deployment.demo]
+token = $AGENT_TOKEN
+EOF
+    "$CONTROL" -t -c "$CONTROL_CONF" >/dev/null || die "pgrelay-control rejected $CONTROL_CONF"
+    say "starting pgrelay-control on $HOST:$CONTROL_PORT (log: $CONTROL_LOG)"
+    setsid "$CONTROL" -c "$CONTROL_CONF" -p "$CONTROL_PID" </dev/null >/dev/null \
+        2>>"$CONTROL_LOG" &
+    echo $! >"$DEMO/control.started"
+    local i
+    for ((i = 0; i < 100; i++)); do
+        ctl show-deployments >/dev/null 2>&1 && break
+        alive "$(cat "$DEMO/control.started")" ||
+            { tail -n 20 "$CONTROL_LOG" >&2; die "pgrelay-control exited"; }
+        sleep 0.1
+    done
+    [ "$i" -lt 100 ] || { tail -n 20 "$CONTROL_LOG" >&2; die "pgrelay-control does not answer"; }
+    say "declaring the fleet's two proxies: pgrelayctl create-proxy proxy-a, proxy-b"
+    { ctl create-proxy proxy-a && ctl create-proxy proxy-b; } >/dev/null ||
+        die "pgrelayctl create-proxy failed"
+}
+
+write_relay_conf() { # file write-port read-port admin-socket agent-state-file
+    (umask 077 && cat >"$1") <<EOF
+; pgrelay demo configuration, written by tests/demo.sh: one of the two proxies of the fleet
+; (on real hosts both run the same file, as 'pgrelayctl config apply' sends one to all)
+[pgrelay]
+listen_addr = $HOST
+listen_port = $2
+read_listen_port = $3
+workers = 2
+shutdown_timeout = 5s
+log_level = info
+admin_socket = $4
+
+[agent]
+health_interval = 500ms
+state_file = $5
+
+[control]
+endpoint = http://$HOST:$CONTROL_PORT
+token = $AGENT_TOKEN
+
+[node.pg1]
+host = $HOST
+port = $PG_PORT
+role = primary
+
+[node.pg2]
+host = $HOST
+port = $REPLICA_PORT
+role = replica
+EOF
+    "$PGRELAY" -t -c "$1" || die "pgrelay rejected $1"
+}
+
+start_relay() { # node-id conf pidfile started-file log port
+    port_busy "$6" && die "port $6 is in use"
+    say "starting pgrelay $1 on $HOST:$6 (2 workers, log: $5)"
+    # Own session: Ctrl-C reaches this script, which then stops pgrelay and PostgreSQL in order.
+    NODE_ID=$1 setsid "$PGRELAY" -c "$2" -p "$3" </dev/null >/dev/null 2>>"$5" &
+    echo $! >"$4"
+    # Ready: pgrelay writes its pidfile once it listens, and the port accepts connections.
+    local i
+    for ((i = 0; i < 100; i++)); do
+        live_pid "$3" pgrelay >/dev/null && port_busy "$6" && break
+        alive "$(cat "$4")" || { tail -n 20 "$5" >&2; die "pgrelay $1 exited"; }
+        sleep 0.1
+    done
+    [ "$i" -lt 100 ] || { tail -n 20 "$5" >&2; die "pgrelay $1 is not listening"; }
+}
+
 cmd_start() {
     local pid
 
     [ -x "$PGRELAY" ] || die "$PGRELAY not found: run 'make' first"
+    [ -x "$CONTROL" ] && [ -x "$CTL" ] || die "$CONTROL or $CTL not found: run 'make' first"
     for p in initdb pg_ctl postgres pgbench psql; do
         [ -x "$PGBIN/$p" ] || die "$PGBIN/$p not found: install PostgreSQL 15 ('make deps')"
     done
@@ -201,13 +358,17 @@ cmd_start() {
     port_busy "$RELAY_PORT" && die "port $RELAY_PORT is in use (set DEMO_PORT)"
     port_busy "$READ_PORT" && die "port $READ_PORT is in use (set DEMO_READ_PORT)"
     port_busy "$REPLICA_PORT" && die "port $REPLICA_PORT is in use (set DEMO_REPLICA_PORT)"
+    port_busy "$RELAY_B_PORT" && die "port $RELAY_B_PORT is in use (set DEMO_PORT_B)"
+    port_busy "$READ_B_PORT" && die "port $READ_B_PORT is in use (set DEMO_READ_PORT_B)"
+    port_busy "$CONTROL_PORT" && die "port $CONTROL_PORT is in use (set DEMO_CONTROL_PORT)"
+    port_busy "$STORE_PORT" && die "port $STORE_PORT is in use (set DEMO_STORE_PORT)"
 
     echo $$ >"$DEMO_PID"
     trap cleanup EXIT
     trap 'exit 0' INT TERM HUP
 
     [ "$(id -u)" = 0 ] && chown postgres: "$DEMO"
-    rm -f "$RELAY_LOG" "$DEMO/postgres.log"
+    rm -f "$RELAY_LOG" "$RELAY_B_LOG" "$CONTROL_LOG" "$DEMO/postgres.log" "$DEMO/store.log"
 
     say "initdb $PGDATA (PostgreSQL 15, port $PG_PORT, trust on $HOST)"
     (cd "$DEMO" && as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres -A trust -E UTF8 --no-locale \
@@ -254,46 +415,22 @@ EOF
         -o "-p $REPLICA_PORT" start >/dev/null 2>&1) ||
         { tail -n 20 "$DEMO/replica.log" >&2; die "the replica did not start"; }
 
-    cat >"$CONF" <<EOF
-; pgrelay demo configuration, written by tests/demo.sh
-[pgrelay]
-listen_addr = $HOST
-listen_port = $RELAY_PORT
-read_listen_port = $READ_PORT
-workers = 2
-shutdown_timeout = 5s
-log_level = info
-admin_socket = $DEMO/admin.sock
+    start_store
+    start_control
 
-[agent]
-health_interval = 500ms
-
-[node.pg1]
-host = $HOST
-port = $PG_PORT
-role = primary
-
-[node.pg2]
-host = $HOST
-port = $REPLICA_PORT
-role = replica
-EOF
-    "$PGRELAY" -t -c "$CONF" || die "pgrelay rejected $CONF"
-    port_busy "$RELAY_PORT" && die "port $RELAY_PORT is in use (set DEMO_PORT)"
-
-    say "starting pgrelay on $HOST:$RELAY_PORT (2 workers, log: $RELAY_LOG)"
-    # Own session: Ctrl-C reaches this script, which then stops pgrelay and PostgreSQL in order.
-    setsid "$PGRELAY" -c "$CONF" -p "$RELAY_PID" </dev/null >/dev/null 2>>"$RELAY_LOG" &
-    echo $! >"$DEMO/pgrelay.started"
-    # Ready: pgrelay writes its pidfile once it listens, and the port accepts connections.
+    write_relay_conf "$CONF" "$RELAY_PORT" "$READ_PORT" "$DEMO/admin.sock" "$DEMO/agent-a.state"
+    write_relay_conf "$CONF_B" "$RELAY_B_PORT" "$READ_B_PORT" "$DEMO/admin-b.sock" \
+        "$DEMO/agent-b.state"
+    start_relay proxy-a "$CONF" "$RELAY_PID" "$DEMO/pgrelay.started" "$RELAY_LOG" "$RELAY_PORT"
+    start_relay proxy-b "$CONF_B" "$RELAY_B_PID" "$DEMO/pgrelay-b.started" "$RELAY_B_LOG" \
+        "$RELAY_B_PORT"
     local i
     for ((i = 0; i < 100; i++)); do
-        live_pid "$RELAY_PID" pgrelay >/dev/null && port_busy "$RELAY_PORT" && break
-        alive "$(cat "$DEMO/pgrelay.started")" ||
-            { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay exited"; }
+        ctl -o json show-deployments | grep -Eq '"live": ?2' && break
         sleep 0.1
     done
-    [ "$i" -lt 100 ] || { tail -n 20 "$RELAY_LOG" >&2; die "pgrelay is not listening"; }
+    [ "$i" -lt 100 ] || { tail -n 20 "$CONTROL_LOG" >&2; die "the proxies did not register"; }
+    ctl show-proxies
 
     local conn=(-h "$HOST" -p "$RELAY_PORT" -U postgres)
     "$PGBIN/psql" "${conn[@]}" -X -At -P pager=off -d postgres \
@@ -321,7 +458,14 @@ EOF
     echo "Look inside with the admin console:"
     echo "    echo \"show info; show clients\" | socat - UNIX-CONNECT:$DEMO/admin.sock"
     echo "    echo \"help\" | socat - UNIX-CONNECT:$DEMO/admin.sock"
-    echo "Log: $RELAY_LOG"
+    echo "Logs: $RELAY_LOG, $RELAY_B_LOG, $CONTROL_LOG"
+    echo "The second proxy of the fleet: psql -h $HOST -p $RELAY_B_PORT -U postgres"
+    echo
+    echo "Web UI of the control plane: http://$HOST:$CONTROL_PORT/"
+    echo "    admin token: $ADMIN_TOKEN   (also in $TOKEN_FILE)"
+    echo "    from another machine: ssh -L $CONTROL_PORT:$HOST:$CONTROL_PORT this-host"
+    echo "CLI: PGRELAYCTL_ENDPOINT=http://$HOST:$CONTROL_PORT PGRELAYCTL_TOKEN=\$(cat $TOKEN_FILE) \\"
+    echo "       $CTL show-proxies"
     if [ -n "$secs" ]; then
         echo "Stopping in ${secs}s (DEMO_SECONDS)."
     else
@@ -337,6 +481,12 @@ EOF
             ! live_pid "$DEMO/pgrelay.started" pgrelay >/dev/null; then
             echo "pgrelay has exited:" >&2
             tail -n 5 "$RELAY_LOG" >&2
+            exit 1
+        fi
+        if ! live_pid "$CONTROL_PID" pgrelay-control >/dev/null &&
+            ! live_pid "$DEMO/control.started" pgrelay-control >/dev/null; then
+            echo "pgrelay-control has exited:" >&2
+            tail -n 5 "$CONTROL_LOG" >&2
             exit 1
         fi
         sleep 1

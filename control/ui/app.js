@@ -342,7 +342,7 @@ function renderFleet() {
       h('td', {}, health),
       h('td', {class: 'num'}, n.in_recovery ? fmtBytes(n.lag_bytes) : '-'),
       h('td', {class: 'num'}, n.in_recovery ? fmtMs(n.lag_ms) : '-'),
-      h('td', {class: 'num'}, String(a.sessions)),
+      h('td', {class: 'num'}, (n.write_sessions || 0) + ' write / ' + (n.read_sessions || 0) + ' read'),
       h('td', {class: 'num'}, fmtNum(a.rate)),
       h('td', {class: 'num'}, a.latN || a.p99 !== null ? (a.latN ? fmtNum(a.latW / a.latN, 2) : '-') +
         ' / ' + (a.p99 !== null ? fmtNum(a.p99, 2) : '-') + ' ms' : '-'));
@@ -366,7 +366,7 @@ function selectDeployment(name) {
 const CHARTS = [
   {key: 'statements', title: 'Statements per second', idx: 1, fmt: v => fmtNum(v)},
   {key: 'latency', title: 'Mean latency (ms)', idx: 5, fmt: v => fmtNum(v, 2)},
-  {key: 'sessions', title: 'Sessions', idx: 6, fmt: v => fmtNum(v, 0)},
+  {key: 'sessions', title: 'Sessions', idx: 6, fmt: v => fmtNum(v, 0), integer: true},
   {key: 'bytes', title: 'Bytes per second (in + out)', idx: -1, fmt: v => fmtBytes(Math.round(v))},
   {key: 'errors', title: 'Errors per second', idx: 4, fmt: v => fmtNum(v, 2)},
 ];
@@ -426,9 +426,16 @@ async function refreshCharts() {
 
 function drawCharts() {
   const c = ui.charts;
-  const windowS = Number($('chart-window').value) || 300;
-  const t1 = Date.now(), t0 = t1 - windowS * 1000;
-  const keys = Object.keys(c.series).sort();
+  /* proxies first (p:...), then the nodes as each proxy sees them, drawn over them dashed */
+  const keys = Object.keys(c.series).sort((a, b) => (b[0] === 'p') - (a[0] === 'p') || a.localeCompare(b));
+  const t1 = Date.now();
+  let windowS = Number($('chart-window').value);
+  if (!windowS) { /* auto: the data there is, at least a minute, at most an hour */
+    let first = t1;
+    for (const k of keys) if (c.series[k].points.length) first = Math.min(first, c.series[k].points[0][0]);
+    windowS = Math.min(3600, Math.max(60, Math.ceil((t1 - first) / 1000 / 60) * 60));
+  }
+  const t0 = t1 - windowS * 1000;
   for (const {def, canvas, legend} of Object.values(c.charts)) {
     const dpr = window.devicePixelRatio || 1;
     const w = canvas.clientWidth || 500, hgt = canvas.clientHeight || 200;
@@ -447,8 +454,9 @@ function drawCharts() {
       if (p[0] > last) last = p[0];
     }
     canvas.dataset.points = String(count);
+    canvas.dataset.maintenance = String(c.maint.filter(([, b]) => b >= t0).length);
     canvas.dataset.last = String(last);
-    max = niceMax(max);
+    max = def.integer ? Math.max(4, Math.ceil(max / 4) * 4) : niceMax(max);
     const x = t => L + (t - t0) / (t1 - t0) * pw;
     const y = v => T + ph - (v / max) * ph;
     /* maintenance shading */
@@ -464,17 +472,23 @@ function drawCharts() {
       g.fillText(def.fmt(v), L - 4, yy);
     }
     g.textAlign = 'center'; g.textBaseline = 'top';
-    const step = windowS <= 300 ? 60 : windowS <= 900 ? 180 : 600;
-    for (let t = Math.ceil(t0 / 1000 / step) * step * 1000; t <= t1; t += step * 1000)
-      g.fillText(fmtTime(t).slice(0, 5), x(t), T + ph + 4);
+    const step = windowS <= 120 ? 15 : windowS <= 300 ? 60 : windowS <= 900 ? 180 : 600;
+    for (let t = Math.ceil(t0 / 1000 / step) * step * 1000; t <= t1; t += step * 1000) {
+      const label = step < 60 ? fmtTime(t) : fmtTime(t).slice(0, 5);
+      if (x(t) + g.measureText(label).width / 2 <= w) g.fillText(label, x(t), T + ph + 4);
+    }
     /* leader changes */
     g.strokeStyle = '#b42318'; g.fillStyle = '#b42318'; g.setLineDash([2, 2]);
+    const drawn = [];
     for (const l of ui.leaders) {
       if (l.at < t0) continue;
+      drawn.push((l.leader || 'none') + '@' + l.epoch);
       const xx = Math.round(x(l.at)) + 0.5;
       g.beginPath(); g.moveTo(xx, T); g.lineTo(xx, T + ph); g.stroke();
-      g.textAlign = 'left'; g.textBaseline = 'top';
-      g.fillText((l.leader || 'none') + ' @' + l.epoch, xx + 3, T + 2);
+      const label = (l.leader || 'none') + ' @' + l.epoch;
+      const right = xx + 3 + g.measureText(label).width > L + pw;
+      g.textAlign = right ? 'right' : 'left'; g.textBaseline = 'top';
+      g.fillText(label, right ? xx - 3 : xx + 3, T + 2);
     }
     /* series */
     keys.forEach((k, i) => {
@@ -482,16 +496,23 @@ function drawCharts() {
       g.strokeStyle = COLORS[i % COLORS.length];
       g.lineWidth = s.dashed ? 1.2 : 2;
       g.setLineDash(s.dashed ? [5, 3] : []);
+      g.fillStyle = COLORS[i % COLORS.length];
       g.beginPath();
-      let pen = false;
+      let run = []; /* the points of the current unbroken stretch */
+      const flush = () => { /* a lone point between gaps gets a dot: a path of one point shows nothing */
+        if (run.length === 1) g.fillRect(run[0][0] - 1.5, run[0][1] - 1.5, 3, 3);
+        run = [];
+      };
       for (const p of s.points) {
         const v = chartValue(def, p);
-        if (p[0] < t0 || v === null) { pen = false; continue; }
-        if (pen) g.lineTo(x(p[0]), y(v)); else g.moveTo(x(p[0]), y(v));
-        pen = true;
+        if (p[0] < t0 || v === null) { flush(); continue; }
+        if (run.length) g.lineTo(x(p[0]), y(v)); else g.moveTo(x(p[0]), y(v));
+        run.push([x(p[0]), y(v)]);
       }
+      flush();
       g.stroke();
     });
+    canvas.dataset.leaders = drawn.join(' ');
     g.setLineDash([]);
     g.strokeStyle = '#9aa5b1'; g.lineWidth = 1;
     g.strokeRect(L + 0.5, T + 0.5, pw, ph);
@@ -563,9 +584,10 @@ function loadOperationsForm() {
     get(depPath('/nodes')).then(n => { ui.nodes = n; loadOperationsForm(); }).catch(() => {});
     return;
   }
+  const labels = names.map(n => n + (dep && n === dep.leader ? ' (current leader)' : ''));
+  if ([...sel.options].map(o => o.textContent).join('\n') === labels.join('\n')) return;
   const keep = sel.value;
-  sel.replaceChildren(...names.map(n => h('option', {value: n},
-    n + (dep && n === dep.leader ? ' (current leader)' : ''))));
+  sel.replaceChildren(...names.map((n, i) => h('option', {value: n}, labels[i])));
   const other = names.find(n => !dep || n !== dep.leader);
   sel.value = names.includes(keep) && (!dep || keep !== dep.leader) ? keep : (other || names[0]);
 }
@@ -573,7 +595,7 @@ function loadOperationsForm() {
 async function refreshOperations() {
   const [ops, nodes] = await Promise.all([get(depPath('/operations')), get(depPath('/nodes'))]);
   ui.nodes = nodes;
-  if (!$('sw-node').options.length) loadOperationsForm();
+  loadOperationsForm();
   ui.operations = ops;
   renderOperations();
 }
@@ -587,9 +609,11 @@ function renderOperations() {
   const live = $('op-live');
   const r = ui.opRunning;
   if (r) {
-    const parts = [h('p', {}, h('b', {}, r.kind), ' started ' + fmtTime(r.started) + ': ' + r.text)];
+    const parts = [h('h2', {}, r.result ? 'Last operation from this tab' : 'Running'),
+      h('p', {}, h('b', {}, r.kind), ' started ' + fmtTime(r.started) + ': ' + r.text)];
+    let op = null;
     if (r.kind === 'switchover') {
-      const op = (ui.operations || []).find(o => o.id > r.lastId && o.kind === 'switchover');
+      op = (ui.operations || []).find(o => o.id > r.lastId && o.kind === 'switchover');
       if (op) {
         parts.push(h('p', {}, 'Operation ' + op.id + ', ' + op.state + (op.step ? ', step ' + op.step : '')));
         parts.push(stepList(op.steps));
@@ -597,7 +621,7 @@ function renderOperations() {
         parts.push(h('p', {class: 'muted'}, 'waiting for the operation record...'));
       }
     }
-    if (r.result) parts.push(resultView(r.result));
+    if (r.result) parts.push(resultView(r.result, !!op));
     else parts.push(h('p', {class: 'muted'}, 'waiting for every proxy to acknowledge...'));
     live.className = 'live';
     live.replaceChildren(...parts);
@@ -614,19 +638,22 @@ function renderOperations() {
 }
 
 /* The answer of an orchestration: ok or not, and each proxy's answer. */
-function resultView(res) {
+function resultView(res, withRecord) {
   const d = res.data || {};
   const ok = res.status === 200 && d.ok !== false;
   const rows = (d.proxies || []).map(p => h('tr', {'data-node-id': p.node_id, class: p.ok ? '' : 'refused'},
     h('td', {class: 'mono'}, p.node_id), h('td', {}, yesNo(p.ok)), h('td', {}, p.detail || '')));
   const out = [h('p', {class: ok ? 'yes' : 'failed'}, (ok ? 'Succeeded' : 'Failed') + ' (HTTP ' + res.status + ')' +
     (d.error ? ': ' + d.error : '') + (d.leader ? '; leader ' + d.leader + ', epoch ' + d.epoch : '') +
-    (d.version ? '; version ' + d.version : ''))];
-  const refused = (d.proxies || []).filter(p => !p.ok).map(p => p.node_id);
-  if (refused.length) out.push(h('p', {class: 'failed', id: 'op-refused'}, 'Refused or silent: ' + refused.join(', ')));
+    (d.version ? (ok ? '; version ' : '; not applied: version ') + d.version : ''))];
+  const silent = p => /^no answer/.test(p.detail || '');
+  const refused = (d.proxies || []).filter(p => !p.ok && !silent(p)).map(p => p.node_id);
+  const unanswered = (d.proxies || []).filter(p => !p.ok && silent(p)).map(p => p.node_id);
+  if (refused.length) out.push(h('p', {class: 'failed', id: 'op-refused'}, 'Refused by: ' + refused.join(', ')));
+  if (unanswered.length) out.push(h('p', {class: 'warn'}, 'Did not answer: ' + unanswered.join(', ')));
   if (rows.length) out.push(h('table', {class: 'grid', id: 'op-result'},
     h('thead', {}, h('tr', {}, h('th', {}, 'proxy'), h('th', {}, 'ok'), h('th', {}, 'detail'))), h('tbody', {}, rows)));
-  if (d.steps && typeof d.steps === 'object')
+  if (d.steps && typeof d.steps === 'object' && !withRecord)
     out.push(h('ul', {}, Object.entries(d.steps).map(([k, v]) => h('li', {}, h('b', {}, k), ': ' + v))));
   return h('div', {}, out);
 }
@@ -731,20 +758,63 @@ function lineDiff(a, b) {
   return out;
 }
 
+/* An ini text as the keys an agent reports (POST /agent/config): [pgrelay] keys bare,
+ * [node.X] keys as node.X.key, other sections as section.key. */
+function iniKeys(text) {
+  const keys = {};
+  let section = '';
+  for (const raw of text.split('\n')) {
+    const line = raw.trim();
+    if (!line || line[0] === ';' || line[0] === '#') continue;
+    const m = /^\[(.+)\]$/.exec(line);
+    if (m) { section = m[1].trim(); continue; }
+    const eq = line.indexOf('=');
+    if (eq < 0) continue;
+    const k = line.slice(0, eq).trim(), v = line.slice(eq + 1).trim();
+    keys[section === 'pgrelay' ? k : section + '.' + k] = v;
+  }
+  return keys;
+}
+
+/* Per live proxy, the keys of text whose value differs from what it reports running. */
+function settingChanges(text, proxies) {
+  const want = iniKeys(text);
+  const out = [];
+  for (const p of proxies) {
+    if (!p.live || !p.effective) continue;
+    const changes = Object.keys(want).filter(k => !/password|token/.test(k) &&
+      p.effective[k] !== undefined && p.effective[k] !== want[k])
+      .map(k => k + ': ' + p.effective[k] + ' \u2192 ' + want[k]);
+    const added = Object.keys(want).filter(k => p.effective[k] === undefined && /^node\./.test(k))
+      .map(k => k + ': (new) ' + want[k]);
+    out.push(h('span', {class: 'head'}, p.node_id + ': ' +
+      (changes.length + added.length ? (changes.length + added.length) + ' setting(s) change' : 'no setting changes')));
+    for (const c of [...changes, ...added]) out.push(h('span', {class: 'add'}, '  ' + c));
+  }
+  return out;
+}
+
 async function configApply() {
   const text = $('cfg-text').value;
   if (!text.trim()) { $('cfg-text').focus(); return; }
   let current;
   try { current = await get(depPath('/config')); } catch (e) { return; }
-  const diff = lineDiff(current.text || '', text);
-  const changed = diff.filter(d => d.className !== 'same').length;
+  const shown = settingChanges(text, current.proxies || []);
+  let changed = 0;
+  if (current.text !== null) {
+    const diff = lineDiff(current.text, text);
+    changed = diff.filter(d => d.className !== 'same').length;
+    shown.push(h('span', {class: 'head'}, 'The file against version ' + current.version + ':'), ...diff);
+  }
   const msg = 'Apply this pgrelay.ini to every live proxy of ' + ui.dep + ' as version ' +
-    '(above ' + current.version + '): each proxy checks it first (config_prepare); only when all accept it is it ' +
-    'written and reloaded everywhere, else no proxy changes. ' +
-    (current.text === null ? 'No version is stored yet: the diff is against an empty file. ' : '') +
-    changed + ' line(s) differ from version ' + current.version + ':';
-  if (!await confirmAction('Apply the configuration?', msg, diff)) return;
-  await runOperation('config apply', 'a new pgrelay.ini (' + changed + ' changed lines)', depPath('/config'),
+    (current.version + 1) + ' or above: each proxy checks it first (config_prepare); only when all accept ' +
+    'it is it written and reloaded everywhere, else no proxy changes. ' +
+    (current.text === null ? 'No version was applied through the control plane yet; ' +
+      'below, what changes against the settings each proxy runs now.' :
+      changed + ' line(s) differ from version ' + current.version + '.');
+  if (!await confirmAction('Apply the configuration?', msg, shown)) return;
+  await runOperation('config apply', 'a new pgrelay.ini' + (current.text !== null ? ' (' + changed +
+    ' line(s) differ from version ' + current.version + ')' : ''), depPath('/config'),
     {text, timeout_s: 30});
 }
 

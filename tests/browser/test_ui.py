@@ -337,7 +337,8 @@ def test_fleet_page_lists_both_proxies_and_both_nodes_with_the_leader_and_epoch(
     with fleet.proxies["proxy-a"].connect() as c:
         for _ in range(50):
             c.execute("SELECT 1")
-        ui.wait(lambda: ui.rows("nodes")[leader][6] != "0", "a session on the leader")
+        ui.wait(lambda: ui.rows("nodes")[leader][6].startswith("1 write"),
+                "the session on the leader")
         ui.wait(lambda: ui.rows("nodes")[leader][7] not in ("-", "0"),
                 "statements/s on the leader")
     ui.screenshot("fleet")
@@ -352,3 +353,278 @@ def test_the_page_follows_itself_once_a_second(ui, fleet):
         seen.add(ui.text("updated"))
         time.sleep(0.1)
     assert len(seen - {""}) >= 3, seen
+
+
+# --------------------------------------------------------------------------- #
+# charts and queries
+# --------------------------------------------------------------------------- #
+
+
+def test_a_chart_receives_new_points_every_second(ui, fleet):
+    ui.signed_in("charts")
+    canvas = "chart-statements"
+    ui.wait(lambda: int(ui.el(canvas).get_attribute("data-points")) > 0,
+            "the statements chart's first points")
+    with fleet.proxies["proxy-a"].connect() as c:
+        changes, last, t_last = [], ui.el(canvas).get_attribute("data-last"), time.monotonic()
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            c.execute("SELECT 1")
+            now_last = ui.el(canvas).get_attribute("data-last")
+            if now_last != last:
+                changes.append(time.monotonic() - t_last)
+                last, t_last = now_last, time.monotonic()
+            time.sleep(0.05)
+    # a new point at least every ~second (the agents report every 250 ms, points are one
+    # second apart, the page polls once a second): 5 s give 4 or more, none 2 s apart
+    assert len(changes) >= 4, changes
+    assert max(changes[1:] or [0]) < 2.0 and time.monotonic() - t_last < 2.0, changes
+    points = int(ui.el(canvas).get_attribute("data-points"))
+    assert points >= 8, points  # two proxies and their nodes
+    legend = ui.d.find_element(By.CSS_SELECTOR, "#charts .chart .legend").text
+    assert "proxy-a" in legend and "proxy-b" in legend, legend
+    ui.screenshot("charts")
+
+
+def test_a_running_pg_sleep_appears_in_queries_and_disappears_when_it_ends(ui, fleet):
+    ui.signed_in("queries")
+    relay = fleet.proxies["proxy-b"]
+
+    def sleep():
+        with relay.connect() as c:
+            c.execute("SELECT pg_sleep(3)")
+        return True
+
+    def sleeping_row():
+        for tr in ui.d.find_elements(By.CSS_SELECTOR, "#queries tbody tr"):
+            if "pg_sleep" in tr.text:
+                return tr.text
+        return None
+
+    t = InThread(sleep)
+    row = ui.wait(sleeping_row, "the pg_sleep statement in the queries table", timeout=4)
+    assert "proxy-b" in row and "postgres" in row, row
+    # a row opens its detail; the columns sort
+    next(tr for tr in ui.d.find_elements(By.CSS_SELECTOR, "#queries tbody tr")
+         if "pg_sleep" in tr.text).click()
+    ui.wait(lambda: "pg_sleep" in ui.text("query-detail"), "the statement's detail")
+    user_th = ui.d.find_element(By.CSS_SELECTOR, "#queries th[data-key=user]")
+    user_th.click()
+    assert "asc" in user_th.get_attribute("class")
+    # filtering on its text keeps it; on something else hides it
+    ui.el("query-filter").send_keys("pg_sleep")
+    assert sleeping_row()
+    ui.screenshot("queries")
+    ui.el("query-filter").send_keys("-nothing-like-this")
+    ui.wait(lambda: sleeping_row() is None, "the filter to hide it")
+    ui.el("query-filter").clear()
+    ui.el("query-filter").send_keys(" ")
+    ui.wait(sleeping_row, "the row back with the filter cleared")
+    assert t.result(timeout=10) is True
+    ui.wait(lambda: sleeping_row() is None, "the finished statement to leave the table",
+            timeout=5)
+
+
+def test_every_page_loads_without_console_errors(ui):
+    for page in ("fleet", "charts", "queries", "operations", "plans"):
+        ui.signed_in(page)
+        ui.wait(lambda: ui.text("updated").startswith("updated"), f"the {page} page polled")
+        if page in ("operations", "plans"):
+            ui.screenshot(page)
+        assert ui.console_errors() == [], page
+
+
+# --------------------------------------------------------------------------- #
+# operations
+# --------------------------------------------------------------------------- #
+
+
+def op_result(ui, kind):
+    """Wait for this tab's running operation ``kind`` to end; its text."""
+    def done():
+        txt = ui.text("op-live")
+        return txt if kind in txt and ("Succeeded" in txt or "Failed" in txt) else None
+    return ui.wait(done, f"{kind} to end", timeout=60)
+
+
+def test_maintenance_from_the_ui_holds_statements_on_both_proxies_until_turned_off(ui, fleet):
+    ui.signed_in("operations")
+    conns = {n: r.connect() for n, r in fleet.proxies.items()}
+    try:
+        ui.el("maint-on").click()
+        ui.confirm(["Pause every live declared proxy of prod"])
+        ui.screenshot("operations-confirm-maintenance")
+        ui.el("confirm-ok").click()
+        txt = op_result(ui, "maintenance on")
+        assert "Succeeded" in txt, txt
+        for node_id, relay in fleet.proxies.items():
+            assert info(relay)["maintenance"] == "on", node_id
+            assert node_id in ui.rows("op-result"), txt
+        held = {n: InThread(lambda c=c: c.execute("SELECT 1").fetchone()[0])
+                for n, c in conns.items()}
+        time.sleep(0.7)
+        assert not any(t.done() for t in held.values()), "a statement ran during maintenance"
+
+        ui.open("fleet")
+        ui.wait(lambda: ui.text("maint-state").startswith("on"), "maintenance on at the top")
+        ui.wait(lambda: all(r[8].startswith("on") for n, r in ui.rows("proxies").items()
+                            if n in ADDRESSES), "both proxies in maintenance on the fleet page")
+        ui.open("operations")
+        ui.wait(lambda: ui.visible("page-operations"), "the operations page")
+        ui.el("maint-off").click()
+        ui.confirm(["Resume every proxy of prod"])
+        ui.el("confirm-ok").click()
+        txt = op_result(ui, "maintenance off")
+        assert "Succeeded" in txt, txt
+        for node_id, relay in fleet.proxies.items():
+            assert info(relay)["maintenance"] == "off", node_id
+        for node_id, t in held.items():
+            assert t.result(timeout=5) == 1, node_id
+    finally:
+        for relay in fleet.proxies.values():
+            if info(relay)["maintenance"] == "on":
+                admin(relay, "resume")
+        for c in conns.values():
+            c.close()
+
+
+def test_a_switchover_from_the_ui_moves_both_proxies_and_the_page_shows_the_new_leader(ui, fleet):
+    old = info(fleet.proxies["proxy-a"])["write_leader"]
+    new = next(n.name for n in fleet.cluster.nodes if n.name != old)
+    old_node, new_node = fleet.cluster[old], fleet.cluster[new]
+    fleet.cluster.wait_caught_up(new_node, old_node)
+    epoch_before = fleet.control.deployment()["epoch"]
+
+    ui.signed_in("operations")
+    ui.wait(lambda: new in [o.get_attribute("value") for o in
+                            Select(ui.el("sw-node")).options], "the nodes in the switchover form")
+    Select(ui.el("sw-node")).select_by_value(new)
+    if not ui.el("sw-promote").is_selected():
+        ui.el("sw-promote").click()
+    ui.el("sw-start").click()
+    said = ui.confirm([f"from {old} to {new}", "promoted", f"{old} is fenced"])
+    assert str(epoch_before + 1) in said, said
+    ui.el("confirm-ok").click()
+    txt = op_result(ui, "switchover")
+    assert "Succeeded" in txt and f"leader {new}" in txt, txt
+    epoch = fleet.control.deployment()["epoch"]
+    assert epoch > epoch_before
+    # the steps, as the operation record has them
+    ui.wait(lambda: all(s in ui.text("op-live") for s in ("pause", "fence", "promote",
+                                                          "switch", "resume")),
+            "the switchover's steps on the page")
+    ui.screenshot("operations-switchover")
+    for node_id, relay in fleet.proxies.items():
+        own = info(relay)
+        assert (own["write_leader"], own["epoch"]) == (new, epoch), (node_id, own)
+    assert not new_node.in_recovery()
+
+    ui.open("fleet")
+    ui.wait(lambda: ui.text("leader") == new and ui.text("epoch") == str(epoch),
+            f"the fleet page to show {new} at epoch {epoch}")
+    ui.wait(lambda: all(r[7] == new and r[6] == str(epoch)
+                        for n, r in ui.rows("proxies").items() if n in ADDRESSES),
+            "both proxies on the new leader")
+    ui.wait(lambda: any(r[1] == new and r[2] == str(epoch) and r[3] == "switchover"
+                        for r in ui.rows("leaders").values()), "the switchover in the history")
+    ui.screenshot("fleet-after-switchover")
+
+    # give the fleet its replica back: the old primary follows the new one
+    fleet.cluster.rebuild_as_replica(old, new_node)
+    fleet.cluster.wait_streaming(new_node, 1)
+
+
+def test_charts_mark_the_leader_change_and_maintenance(ui, fleet):
+    dep = fleet.control.deployment()
+    ui.signed_in("charts")
+    canvas = "chart-statements"
+    ui.wait(lambda: f"{dep['leader']}@{dep['epoch']}" in
+            ui.el(canvas).get_attribute("data-leaders"),
+            f"a marker for {dep['leader']} at epoch {dep['epoch']}")
+    assert ui.el(canvas).get_attribute("data-maintenance") == "0"
+    path = f"/deployments/{DEPLOYMENT}/maintenance"
+    status, body = fleet.control.api("POST", path, {"on": True, "timeout_s": 10})
+    assert status == 200, body
+    try:
+        ui.wait(lambda: ui.el(canvas).get_attribute("data-maintenance") == "1",
+                "the maintenance period on the chart")
+        time.sleep(3)  # not a synchronisation: a few seconds of shading for the screenshot
+        ui.screenshot("charts-markers")
+    finally:
+        status, body = fleet.control.api("POST", path, {"on": False, "timeout_s": 10})
+        assert status == 200, body
+
+
+def test_a_config_apply_one_proxy_refuses_names_it_and_changes_nothing(ui, fleet):
+    """A third proxy, proxy-c, runs max_client_conn = 500 (restart-only): a text with 1000
+    suits proxy-a and proxy-b but proxy-c refuses it, so none takes it."""
+    current = fleet.control.get(f"/deployments/{DEPLOYMENT}/config")
+    with open(fleet.proxies["proxy-a"].conf_path) as f:
+        base_text = f.read()
+    files = {}
+    for node_id, relay in fleet.proxies.items():
+        with open(relay.conf_path) as f:
+            files[node_id] = f.read()
+    versions = {n: fleet.control.proxies()[n]["config_version"] for n in ADDRESSES}
+    c_text = base_text.replace("max_client_conn = 1000", "max_client_conn = 500")
+    assert c_text != base_text
+    proxy_c = start_proxy(fleet.root, "proxy-c", "127.0.0.4", c_text)
+    ui.allowed.append(r"409")  # the refused apply's answer, logged by the browser
+    try:
+        wait_for(lambda: "proxy-c" in fleet.live_proxies(), timeout=10,
+                 what="proxy-c registered and live")
+        new_text = re.sub(r"^leader_change_grace = .*$", "leader_change_grace = 15s", base_text,
+                          flags=re.M)
+        assert new_text != base_text
+        ui.signed_in("operations")
+        ui.d.execute_script("document.getElementById('cfg-text').value = arguments[0]", new_text)
+        ui.el("cfg-apply").click()
+        ui.confirm(["Apply this pgrelay.ini to every live proxy of prod"])
+        # what changes, per proxy, against the settings it reports running
+        diff = ui.text("confirm-diff")
+        assert re.search(r"proxy-a: 1 setting\(s\) change\s+leader_change_grace: 10s \u2192 15s",
+                         diff), diff
+        assert "max_client_conn: 500 \u2192 1000" in diff.split("proxy-c:")[1], diff
+        if current["text"]:
+            assert "- leader_change_grace = 10s" in diff and "+ leader_change_grace = 15s" in diff
+        ui.screenshot("operations-confirm-config")
+        ui.el("confirm-ok").click()
+        txt = op_result(ui, "config apply")
+        assert "Failed (HTTP 409)" in txt, txt
+        assert "proxy-c" in ui.text("op-refused"), txt
+        answers = ui.rows("op-result")
+        assert answers["proxy-c"][1] == "no" and "max_client_conn" in answers["proxy-c"][2], answers
+        ui.screenshot("operations-config-refused")
+
+        for node_id, relay in fleet.proxies.items():
+            with open(relay.conf_path) as f:
+                assert f.read() == files[node_id], f"{node_id}'s file changed"
+            assert fleet.control.proxies()[node_id]["config_version"] == versions[node_id]
+        assert fleet.control.get(f"/deployments/{DEPLOYMENT}/config")["version"] == \
+            current["version"]
+    finally:
+        stop_proxy(proxy_c)
+        wait_for(lambda: "proxy-c" not in fleet.live_proxies(), timeout=15, interval=0.2,
+                 what="proxy-c to be no longer live")
+
+
+# --------------------------------------------------------------------------- #
+# the control plane going away
+# --------------------------------------------------------------------------- #
+
+
+def test_the_page_says_when_the_control_plane_stops_answering_and_when_it_is_back(ui, fleet):
+    ui.signed_in("fleet")
+    leader = fleet.control.deployment()["leader"]
+    ui.wait(lambda: ui.text("leader") == leader, "the fleet page")
+    ui.allowed.append(r"ERR_CONNECTION_REFUSED|Failed to fetch|503")
+    fleet.control.stop()
+    try:
+        ui.wait(lambda: "Reconnecting" in ui.text("notice"), "the reconnect notice", timeout=5)
+        assert ui.text("leader") == leader  # the last state stays, said to be stale
+        ui.screenshot("fleet-control-plane-down")
+    finally:
+        fleet.control.start()
+    ui.wait(lambda: "Reconnected" in ui.text("notice"), "the notice that it is back", timeout=15)
+    ui.wait(lambda: ui.text("leader") == leader, "the leader again")
+    assert ui.visible("page-fleet") and not ui.visible("login")
