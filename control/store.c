@@ -408,6 +408,13 @@ static const char *const store_migrations[] = {
     "  deployment text PRIMARY KEY REFERENCES pgrelay.deployments(name) ON DELETE CASCADE,"
     "  until_ms bigint NOT NULL DEFAULT 0,"
     "  since timestamptz NOT NULL DEFAULT now());",
+    /* 5: configuration applies as durable operations (store_config.c): the version, the
+     * proxies it was prepared on and the prepare command; an aborted version is deleted (its
+     * number is used again), so the aborted rows of earlier schemas go */
+    "ALTER TABLE pgrelay.operations ADD COLUMN version bigint NOT NULL DEFAULT 0,"
+    "  ADD COLUMN targets jsonb NOT NULL DEFAULT '[]',"
+    "  ADD COLUMN command_id bigint NOT NULL DEFAULT 0;"
+    "DELETE FROM pgrelay.config_versions WHERE state = 'aborted';",
 };
 #define STORE_SCHEMA_VERSION ((int)(sizeof(store_migrations) / sizeof(store_migrations[0])))
 
