@@ -22,7 +22,14 @@ typedef enum store_ack_result {
 void store_init(const char *conninfo);
 void store_close(void);
 
-/* The last operation succeeded and the connection is up. */
+/* From now on the calling thread uses a connection of its own (the lease thread). */
+void store_use_own_connection(void);
+
+/* No call of the calling thread's connection runs past this monotonic time (0: no cap); one
+ * started after it fails at once. */
+void store_set_cap(int64_t mono_ms);
+
+/* The last operation succeeded and the connection is up (the calling thread's connection). */
 bool store_up(void);
 
 /* Text of the last failure ("" when none). */
