@@ -10,9 +10,11 @@
 #include "fence.h"
 #include "log.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,12 +24,6 @@
 
 #define EFFECT_WAIT_MS 5000 /* how long a command waits to see its effect */
 #define STEP_MS        10
-
-/* The configuration prepared by config_prepare, waiting for commit or abort. */
-static struct {
-    uint64_t version;
-    char *text;
-} prepared;
 
 static void nap(void)
 {
@@ -129,10 +125,35 @@ done:
     return rc;
 }
 
-/* Whether write_file could replace path: create its temporary file and remove it again. */
+/* ---- configuration apply ----
+ *
+ * config_prepare checks a text and keeps it durably in PATH.prepared.VERSION (PATH: the
+ * running pgrelay.ini), so that a restart between prepare and commit can still commit it;
+ * config_commit replaces PATH with that file's text and reloads; config_abort drops it. The
+ * version applied is kept in PATH.version, so that a restarted proxy reports it. A proxy
+ * whose version is not the deployment's desired one fetches that and applies it the same way
+ * (control_config_converge). One lock serialises them: the poller and the reporter may both
+ * apply. */
+
+static pthread_mutex_t config_lock = PTHREAD_MUTEX_INITIALIZER;
+
+#define CONFIG_PREPARED_SUFFIX ".prepared."
+#define CONFIG_VERSION_SUFFIX  ".version"
+#define CONFIG_PATH_MAX        1100
+
+/* Whether write_file could replace path: the file is not read-only (no write permission for
+ * anyone: the operator froze it, which even root's rename must respect), and its directory
+ * takes the temporary file (created and removed again). The file itself need not be writable
+ * by pgrelay's user: it is replaced, not written. */
 static int write_file_check(const char *path, char *detail, size_t len)
 {
-    char tmp[1100];
+    char tmp[CONFIG_PATH_MAX];
+    struct stat st;
+    if (stat(path, &st) == 0 && (st.st_mode & (S_IWUSR | S_IWGRP | S_IWOTH)) == 0) {
+        snprintf(detail, len, "%s is read-only (mode %04o): the commit would not replace it",
+                 path, (unsigned)(st.st_mode & 07777));
+        return -1;
+    }
     snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
     if (fd < 0) {
@@ -145,10 +166,131 @@ static int write_file_check(const char *path, char *detail, size_t len)
     return 0;
 }
 
-static int cmd_config_prepare(json_t *args, char *detail, size_t len)
+/* fsync the directory of path, so that a rename in it survives a crash. */
+static void sync_dir(const char *path)
 {
-    const char *text = arg_str(args, "text");
-    int64_t version = arg_int(args, "version", -1);
+    char dir[CONFIG_PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        slash[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(dir, sizeof(dir), ".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    if (fsync(fd) != 0)
+        log_debug("cannot fsync directory %s: %s", dir, strerror(errno));
+    close(fd);
+}
+
+/* Replace the file's contents atomically (write aside, fsync, rename, fsync the directory).
+ * The new file keeps the old one's group and its permissions without any for others (it
+ * holds secrets): 0640 when the old file allowed more. */
+static int write_file(const char *path, const char *text, char *detail, size_t len)
+{
+    char tmp[CONFIG_PATH_MAX];
+    struct stat st;
+    snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (fd < 0) {
+        snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    if (stat(path, &st) == 0) {
+        if (fchown(fd, (uid_t)-1, st.st_gid) != 0)
+            log_debug("cannot keep group %u on %s: %s", (unsigned)st.st_gid, tmp, strerror(errno));
+        if (fchmod(fd, st.st_mode & 0660) != 0)
+            log_debug("cannot set the mode of %s: %s", tmp, strerror(errno));
+    }
+    size_t n = strlen(text), off = 0;
+    while (off < n) {
+        ssize_t w = write(fd, text + off, n - off);
+        if (w < 0) {
+            snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
+            close(fd);
+            unlink(tmp);
+            return -1;
+        }
+        off += (size_t)w;
+    }
+    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
+        snprintf(detail, len, "cannot replace %s: %s", path, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    sync_dir(path);
+    return 0;
+}
+
+/* A whole file's text (malloc'd), or NULL with errno set. */
+static char *read_file(const char *path)
+{
+    char *text = NULL;
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return NULL;
+    if (fseek(f, 0, SEEK_END) == 0) {
+        long n = ftell(f);
+        if (n >= 0 && fseek(f, 0, SEEK_SET) == 0 && (text = malloc((size_t)n + 1)) != NULL) {
+            size_t got = fread(text, 1, (size_t)n, f);
+            text[got] = '\0';
+            if (got != (size_t)n) {
+                free(text);
+                text = NULL;
+                errno = EIO;
+            }
+        }
+    }
+    fclose(f);
+    return text;
+}
+
+static void prepared_path(char *out, size_t len, const char *path, int64_t version)
+{
+    snprintf(out, len, "%s" CONFIG_PREPARED_SUFFIX "%lld", path, (long long)version);
+}
+
+/* Remove the prepared files beside path, but the one of version keep (0: all). */
+static void prepared_cleanup(const char *path, int64_t keep)
+{
+    char dir[CONFIG_PATH_MAX], prefix[CONFIG_PATH_MAX], file[CONFIG_PATH_MAX * 2];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    const char *base = path;
+    if (slash) {
+        *slash = '\0';
+        base = path + (slash - dir) + 1;
+        if (!dir[0])
+            snprintf(dir, sizeof(dir), "/");
+    } else {
+        snprintf(dir, sizeof(dir), ".");
+    }
+    snprintf(prefix, sizeof(prefix), "%s" CONFIG_PREPARED_SUFFIX, base);
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    size_t plen = strlen(prefix);
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, prefix, plen) != 0)
+            continue;
+        char *end;
+        long long v = strtoll(e->d_name + plen, &end, 10);
+        if (*end || end == e->d_name + plen || v == keep)
+            continue;
+        snprintf(file, sizeof(file), "%s/%s", dir, e->d_name);
+        if (unlink(file) == 0)
+            log_debug("removed %s", file);
+    }
+    closedir(d);
+}
+
+/* Is text a configuration this proxy can take as version, with its file replaceable? */
+static int config_check(const char *text, int64_t version, char *detail, size_t len)
+{
     config *next = malloc(sizeof(*next)), *cur = malloc(sizeof(*cur));
     int rc = -1;
     char name[64];
@@ -191,55 +333,11 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
         goto done;
     }
     /* The commit writes beside the running file: find out now whether it can. */
-    if (write_file_check(cur->path, detail, len) != 0)
-        goto done;
-    free(prepared.text);
-    prepared.text = strdup(text);
-    prepared.version = (uint64_t)version;
-    snprintf(detail, len, "version %lld is valid here", (long long)version);
-    rc = prepared.text ? 0 : -1;
+    rc = write_file_check(cur->path, detail, len);
 done:
     free(next);
     free(cur);
     return rc;
-}
-
-/* Replace the file's contents atomically (write aside, fsync, rename). The new file keeps the
- * old one's group and its permissions without any for others (it holds secrets): 0640 when
- * the old file allowed more. */
-static int write_file(const char *path, const char *text, char *detail, size_t len)
-{
-    char tmp[1100];
-    struct stat st;
-    snprintf(tmp, sizeof(tmp), "%s.pgrelay-new", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-    if (fd < 0) {
-        snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
-        return -1;
-    }
-    if (stat(path, &st) == 0) {
-        if (fchown(fd, (uid_t)-1, st.st_gid) != 0)
-            log_debug("cannot keep group %u on %s: %s", (unsigned)st.st_gid, tmp, strerror(errno));
-        if (fchmod(fd, st.st_mode & 0660) != 0)
-            log_debug("cannot set the mode of %s: %s", tmp, strerror(errno));
-    }
-    size_t n = strlen(text), off = 0;
-    while (off < n) {
-        ssize_t w = write(fd, text + off, n - off);
-        if (w < 0) {
-            snprintf(detail, len, "cannot write %s: %s", tmp, strerror(errno));
-            close(fd);
-            unlink(tmp);
-            return -1;
-        }
-        off += (size_t)w;
-    }
-    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
-        snprintf(detail, len, "cannot replace %s: %s", path, strerror(errno));
-        unlink(tmp);
-        return -1;
-    }
-    return 0;
 }
 
 /* Ask the master to reload and wait until it did. */
@@ -259,28 +357,90 @@ static int reload_and_wait(char *detail, size_t len)
     return -1;
 }
 
-static int cmd_config_commit(json_t *args, char *detail, size_t len)
+/* Write text as version into the running file, reload, and remember the version. */
+static int config_install(const char *text, int64_t version, char *detail, size_t len)
 {
-    int64_t version = arg_int(args, "version", -1);
-    if (!prepared.text || prepared.version != (uint64_t)version) {
-        snprintf(detail, len, "version %lld was not prepared here", (long long)version);
-        return -1;
-    }
+    char vpath[CONFIG_PATH_MAX], vtext[32], ignored[256];
     config *cur = malloc(sizeof(*cur));
     if (!cur) {
         snprintf(detail, len, "out of memory");
         return -1;
     }
     shm_settings_read(control.shm, cur);
-    int rc = write_file(cur->path, prepared.text, detail, len);
+    int rc = write_file(cur->path, text, detail, len);
     if (rc == 0)
         rc = reload_and_wait(detail, len);
     if (rc == 0) {
         atomic_store(&control.shm->config_version, (uint64_t)version);
+        snprintf(vpath, sizeof(vpath), "%s" CONFIG_VERSION_SUFFIX, cur->path);
+        snprintf(vtext, sizeof(vtext), "%lld\n", (long long)version);
+        if (write_file(vpath, vtext, ignored, sizeof(ignored)) != 0)
+            log_warning("control plane: configuration version %lld applied, but %s",
+                        (long long)version, ignored);
+        prepared_cleanup(cur->path, 0);
         snprintf(detail, len, "version %lld applied to %s", (long long)version, cur->path);
-        free(prepared.text);
-        prepared.text = NULL;
     }
+    free(cur);
+    return rc;
+}
+
+static int cmd_config_prepare(json_t *args, char *detail, size_t len)
+{
+    const char *text = arg_str(args, "text");
+    int64_t version = arg_int(args, "version", -1);
+    char path[CONFIG_PATH_MAX];
+    config *cur = malloc(sizeof(*cur));
+    int rc = -1;
+    if (!cur) {
+        snprintf(detail, len, "out of memory");
+        return -1;
+    }
+    pthread_mutex_lock(&config_lock);
+    if (config_check(text, version, detail, len) != 0)
+        goto done;
+    /* durable: a restart between prepare and commit still commits this text */
+    shm_settings_read(control.shm, cur);
+    prepared_path(path, sizeof(path), cur->path, version);
+    if (write_file(path, text, detail, len) != 0)
+        goto done;
+    prepared_cleanup(cur->path, version);
+    snprintf(detail, len, "version %lld is valid here, kept in %s", (long long)version, path);
+    rc = 0;
+done:
+    pthread_mutex_unlock(&config_lock);
+    free(cur);
+    return rc;
+}
+
+static int cmd_config_commit(json_t *args, char *detail, size_t len)
+{
+    int64_t version = arg_int(args, "version", -1);
+    char path[CONFIG_PATH_MAX];
+    char *text = NULL;
+    int rc = -1;
+    config *cur = malloc(sizeof(*cur));
+    if (!cur) {
+        snprintf(detail, len, "out of memory");
+        return -1;
+    }
+    pthread_mutex_lock(&config_lock);
+    if (version > 0 && atomic_load(&control.shm->config_version) == (uint64_t)version) {
+        snprintf(detail, len, "version %lld is applied here already", (long long)version);
+        rc = 0;
+        goto done;
+    }
+    shm_settings_read(control.shm, cur);
+    prepared_path(path, sizeof(path), cur->path, version);
+    text = version > 0 ? read_file(path) : NULL;
+    if (!text) {
+        snprintf(detail, len, "version %lld was not prepared here (%s: %s)", (long long)version,
+                 path, strerror(errno));
+        goto done;
+    }
+    rc = config_install(text, version, detail, len);
+done:
+    pthread_mutex_unlock(&config_lock);
+    free(text);
     free(cur);
     return rc;
 }
@@ -288,12 +448,51 @@ static int cmd_config_commit(json_t *args, char *detail, size_t len)
 static int cmd_config_abort(json_t *args, char *detail, size_t len)
 {
     int64_t version = arg_int(args, "version", -1);
-    if (prepared.text && prepared.version == (uint64_t)version) {
-        free(prepared.text);
-        prepared.text = NULL;
+    char path[CONFIG_PATH_MAX];
+    config *cur = malloc(sizeof(*cur));
+    if (!cur) {
+        snprintf(detail, len, "out of memory");
+        return -1;
     }
+    pthread_mutex_lock(&config_lock);
+    shm_settings_read(control.shm, cur);
+    prepared_path(path, sizeof(path), cur->path, version);
+    if (unlink(path) == 0)
+        sync_dir(path);
+    pthread_mutex_unlock(&config_lock);
+    free(cur);
     snprintf(detail, len, "version %lld dropped", (long long)version);
     return 0;
+}
+
+int control_config_converge(int64_t version, const char *text, char *detail, size_t len)
+{
+    int rc = 0;
+    pthread_mutex_lock(&config_lock);
+    if (atomic_load(&control.shm->config_version) == (uint64_t)version)
+        snprintf(detail, len, "version %lld is applied here already", (long long)version);
+    else if ((rc = config_check(text, version, detail, len)) == 0)
+        rc = config_install(text, version, detail, len);
+    pthread_mutex_unlock(&config_lock);
+    return rc;
+}
+
+void control_config_init(const char *path)
+{
+    char vpath[CONFIG_PATH_MAX];
+    if (atomic_load(&control.shm->config_version) != 0)
+        return; /* the master kept it: this is a restarted agent */
+    snprintf(vpath, sizeof(vpath), "%s" CONFIG_VERSION_SUFFIX, path);
+    char *text = read_file(vpath);
+    if (!text)
+        return;
+    char *end;
+    long long v = strtoll(text, &end, 10);
+    if (v > 0 && (*end == '\n' || *end == '\0')) {
+        atomic_store(&control.shm->config_version, (uint64_t)v);
+        log_info("control plane: configuration version %lld (from %s)", v, vpath);
+    }
+    free(text);
 }
 
 static int cmd_reload(json_t *args, char *detail, size_t len)

@@ -32,6 +32,7 @@
 #define POLL_WAIT_S      25     /* long-poll wait asked of the control plane */
 #define QUERIES_MAX      200    /* running queries sent per upload */
 #define UNDECLARED_RETRY_MS 2000 /* retry delay while refused as undeclared (403), not an outage */
+#define CONVERGE_RETRY_MS   10000 /* a desired configuration that failed here is tried this often */
 
 control_ctx control;
 
@@ -450,6 +451,8 @@ typedef struct reporter_state {
     uint32_t plan_seq_sent[SHM_PLANS_MAX]; /* seq of each plan slot as last uploaded */
     uint64_t plan_change_sent;     /* number of the last plan change uploaded */
     bool registered;
+    int64_t converge_failed;       /* desired config version that failed here last (0: none) */
+    int64_t converge_retry_ms;     /* when to try that version again */
 } reporter_state;
 
 static long post(http_client *c, const char *path, json_t *body, json_t **reply)
@@ -457,6 +460,52 @@ static long post(http_client *c, const char *path, json_t *body, json_t **reply)
     long status = http_request(c, "POST", path, body, reply, 0);
     json_decref(body);
     return status;
+}
+
+/* The metrics answer names the deployment's desired configuration version: a proxy on
+ * another one (it missed a commit while down or cut off, or an apply was rolled back after it)
+ * fetches that version's text and applies it. A version that fails here is tried again after
+ * CONVERGE_RETRY_MS. */
+static void converge(reporter_state *r, http_client *c, json_t *reply)
+{
+    json_t *want = json_object_get(reply, "config_version");
+    char path[128 + sizeof(control.node_id)], detail[512];
+    if (!json_is_integer(want) || json_integer_value(want) <= 0)
+        return;
+    int64_t version = json_integer_value(want);
+    if ((uint64_t)version == atomic_load(&control.shm->config_version))
+        return;
+    if (version == r->converge_failed && now_ms() < r->converge_retry_ms)
+        return;
+    snprintf(path, sizeof(path), "/api/v1/agent/config?node_id=%s", control.node_id);
+    json_t *desired = NULL;
+    long status = http_request(c, "GET", path, NULL, &desired, 0);
+    json_t *v = json_object_get(desired, "version");
+    json_t *text = json_object_get(desired, "text");
+    int rc = -1;
+    if (status != 200 || !json_is_integer(v) || !json_is_string(text)) {
+        snprintf(detail, sizeof(detail), "cannot fetch it (HTTP %ld%s%s)", status,
+                 c->error[0] ? ": " : "", c->error);
+    } else {
+        version = json_integer_value(v);
+        log_info("control plane: this proxy is on configuration version %llu, the deployment "
+                 "on %lld: applying it",
+                 (unsigned long long)atomic_load(&control.shm->config_version),
+                 (long long)version);
+        rc = control_config_converge(version, json_string_value(text), detail, sizeof(detail));
+    }
+    if (rc == 0) {
+        log_info("control plane: converged: %s", detail);
+        r->converge_failed = 0;
+    } else {
+        if (r->converge_failed != version)
+            log_error("control plane: cannot take the deployment's configuration version %lld: "
+                      "%s; trying again every %d s",
+                      (long long)version, detail, CONVERGE_RETRY_MS / 1000);
+        r->converge_failed = version;
+        r->converge_retry_ms = now_ms() + CONVERGE_RETRY_MS;
+    }
+    json_decref(desired);
 }
 
 static void *reporter_main(void *arg)
@@ -532,6 +581,8 @@ static void *reporter_main(void *arg)
                              "metrics: the answer needs leader (a name or null) and epoch (a "
                              "whole number from 0 to 2^53)");
                     ok = false;
+                } else {
+                    converge(r, &c, reply);
                 }
             } else {
                 ok = false;
@@ -728,6 +779,7 @@ int control_start(agent *a)
             r = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 32);
         snprintf(control.node_id, sizeof(control.node_id), "proxy-%016llx", (unsigned long long)r);
     }
+    control_config_init(a->cfg->path);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     reporter_state *r = calloc(1, sizeof(*r));
     config *pcfg = malloc(sizeof(*pcfg));

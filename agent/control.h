@@ -29,6 +29,15 @@ int control_start(agent *a);
 struct json_t;
 int control_run_command(const char *type, struct json_t *args, char *detail, size_t len);
 
+/* Apply the deployment's desired configuration (version, text) when this proxy is on another
+ * one: checked as config_prepare checks, written and reloaded as config_commit does. 0, or -1
+ * with a one-line detail. */
+int control_config_converge(int64_t version, const char *text, char *detail, size_t len);
+
+/* At start: the configuration version last applied (PATH.version beside the running file), when
+ * the shared memory has none. */
+void control_config_init(const char *path);
+
 /* Thread-side context the commands use (set by control_start). */
 typedef struct control_ctx {
     shm_segment *shm;

@@ -388,10 +388,12 @@ void agents_metrics(http_call *call)
 
     leader_decide(call->dep); /* only when something it reads changed */
     state_deployment *d = call->dep;
-    http_reply_json(call->req, 200,
-                    json_pack("{s:o, s:I}", "leader",
-                              d->leader[0] ? json_string(d->leader) : json_null(), "epoch",
-                              (json_int_t)d->epoch));
+    json_t *answer = json_pack("{s:o, s:I}", "leader",
+                               d->leader[0] ? json_string(d->leader) : json_null(), "epoch",
+                               (json_int_t)d->epoch);
+    if (d->config_version > 0) /* the desired configuration version (config_apply.c) */
+        json_object_set_new(answer, "config_version", json_integer(d->config_version));
+    http_reply_json(call->req, 200, answer);
 }
 
 /* ---- queries, config, schema ---- */
@@ -484,9 +486,12 @@ void agents_schema(http_call *call)
  * at its next metrics call. */
 static json_t *agents_poll_answer(const state_deployment *dep, json_t *commands)
 {
-    return json_pack("{s:o, s:o, s:I}", "commands", commands, "leader",
-                     dep->leader[0] ? json_string(dep->leader) : json_null(), "epoch",
-                     (json_int_t)dep->epoch);
+    json_t *answer = json_pack("{s:o, s:o, s:I}", "commands", commands, "leader",
+                               dep->leader[0] ? json_string(dep->leader) : json_null(), "epoch",
+                               (json_int_t)dep->epoch);
+    if (dep->config_version > 0) /* the desired configuration version (config_apply.c) */
+        json_object_set_new(answer, "config_version", json_integer(dep->config_version));
+    return answer;
 }
 
 static void agents_unpark(state_proxy *p)

@@ -65,6 +65,7 @@ static const http_route http_routes[] = {
     {EVHTTP_REQ_POST, "/api/v1/agent/queries", HTTP_AUTH_AGENT, false, agents_queries},
     {EVHTTP_REQ_POST, "/api/v1/agent/plans", HTTP_AUTH_AGENT, false, plans_upload},
     {EVHTTP_REQ_POST, "/api/v1/agent/config", HTTP_AUTH_AGENT, false, agents_config},
+    {EVHTTP_REQ_GET, "/api/v1/agent/config", HTTP_AUTH_AGENT, false, operator_config_desired},
     {EVHTTP_REQ_POST, "/api/v1/agent/schema", HTTP_AUTH_AGENT, false, agents_schema},
     {EVHTTP_REQ_GET, "/api/v1/agent/commands", HTTP_AUTH_AGENT, false, agents_commands},
     {EVHTTP_REQ_POST, "/api/v1/agent/commands/*/ack", HTTP_AUTH_AGENT, false, agents_ack},

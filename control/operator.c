@@ -1,6 +1,6 @@
-/* operator.c - operator orchestrations: maintenance, reload and the two-phase configuration
- * apply, and the machinery they share with the switchover (switchover.c); the read-only
- * endpoints are in views.c.
+/* operator.c - operator orchestrations: maintenance and reload, and the machinery they share
+ * with the switchover (switchover.c) and the configuration apply (config_apply.c); the
+ * read-only endpoints are in views.c.
  *
  * An orchestration ("op") belongs to one deployment (one at a time; another is 409) and runs
  * as a sequence of steps. Each step queues one command for a set of proxies (durable in the
@@ -21,8 +21,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define OPERATOR_TEXT_MAX (1024 * 1024) /* longest pgrelay.ini text accepted */
 
 static const char *const op_kind_names[] = {"maintenance", "reload", "switchover", "config",
                                             "unfence"};
@@ -163,8 +161,13 @@ void op_send(operator_op *op, op_step step, const char *type, json_t *args,
     }
     op->command_id = store_command_create(op->dep->name, type, args, targets, n);
     json_decref(args);
-    if (step == STEP_PREPARE)
+    if (step == STEP_PREPARE && op->command_id > 0) {
         op->prepare_id = op->command_id;
+        if (store_config_prepared(op->op_id, op->command_id) != 0) /* recovery rolls it back */
+            log_error("deployment %s: cannot record the prepare command of operation %" PRId64
+                      ": %s",
+                      op->dep->name, op->op_id, store_error());
+    }
     if (op->command_id < 0) {
         char msg[OPERATOR_DETAIL_MAX];
         snprintf(msg, sizeof(msg), "store unreachable: %s", store_error());
@@ -192,41 +195,6 @@ void op_send_live(operator_op *op, op_step step, const char *type, json_t *args)
     free(live);
 }
 
-/* Two-phase apply failed (refusal or silence): abort everywhere and answer code. */
-static void op_config_abort(operator_op *op, int code, const char *why)
-{
-    char pending[OPERATOR_DETAIL_MAX];
-    state_proxy **targets = calloc(op->n_targets > 0 ? (size_t)op->n_targets : 1, sizeof(*targets));
-    int n = 0;
-
-    if (code == 504)
-        op_pending_detail(op, pending, sizeof(pending));
-    else
-        snprintf(pending, sizeof(pending), "no answer yet (aborted)");
-    json_t *answers = op_answers(op, pending);
-    if (store_config_decide(op->dep->name, op->version, "aborted") != 0 ||
-        store_command_cancel(op->prepare_id, "cancelled: the apply was aborted") != 0)
-        log_error("deployment %s: cannot record the abort of version %" PRId64 ": %s",
-                  op->dep->name, op->version, store_error());
-    for (int i = 0; i < op->n_targets && targets; i++) {
-        state_proxy *p = state_find_proxy(op->dep, op->targets[i].node_id);
-        if (p)
-            targets[n++] = p;
-    }
-    json_t *args = json_pack("{s:I}", "version", (json_int_t)op->version);
-    if (n > 0 && store_command_create(op->dep->name, "config_abort", args, targets, n) < 0)
-        log_error("deployment %s: cannot queue config_abort: %s", op->dep->name, store_error());
-    json_decref(args);
-    for (int i = 0; i < n; i++)
-        agents_wake(targets[i]);
-    free(targets);
-    log_warning("deployment %s: configuration version %" PRId64 " aborted: %s", op->dep->name,
-                op->version, why);
-    op_finish(op, code,
-              json_pack("{s:b, s:s, s:I, s:o}", "ok", 0, "error", why, "version",
-                        (json_int_t)op->version, "proxies", answers));
-}
-
 /* Every target of the current step answered. */
 static void op_step_done(operator_op *op)
 {
@@ -239,19 +207,9 @@ static void op_step_done(operator_op *op)
                   json_pack("{s:b, s:o}", "ok", op_all_ok(op), "proxies", op_answers(op, "")));
         return;
     case STEP_PREPARE:
-        if (store_config_decide(op->dep->name, op->version, "committed") != 0) {
-            op_config_abort(op, 503, "store unreachable: cannot record the commit");
-            return;
-        }
-        log_info("deployment %s: configuration version %" PRId64 " committed", op->dep->name,
-                 op->version);
-        op_send_live(op, STEP_COMMIT, "config_commit",
-                     json_pack("{s:I}", "version", (json_int_t)op->version));
-        return;
+    case STEP_CONFIG_HOLD:
     case STEP_COMMIT:
-        op_finish(op, 200,
-                  json_pack("{s:b, s:I, s:o}", "ok", 1, "version", (json_int_t)op->version,
-                            "proxies", op_answers(op, "commit queued, not acknowledged yet")));
+        config_apply_step_done(op);
         return;
     default:
         switchover_step_done(op);
@@ -280,12 +238,9 @@ static void op_timeout(evutil_socket_t fd, short what, void *arg)
                             op_answers(op, pending)));
         return;
     case STEP_PREPARE:
-        snprintf(msg, sizeof(msg), "not every proxy answered within %" PRId64 "s",
-                 op->timeout_s);
-        op_config_abort(op, 504, msg);
-        return;
+    case STEP_CONFIG_HOLD:
     case STEP_COMMIT:
-        op_step_done(op); /* committed: the commits stay queued */
+        config_apply_timeout(op);
         return;
     default:
         switchover_timeout(op, msg, pending);
@@ -309,9 +264,7 @@ void operator_on_ack(state_deployment *dep, int64_t command_id, const char *node
     snprintf(t->detail, sizeof(t->detail), "%s", detail);
 
     if (!ok && op->step == STEP_PREPARE) {
-        char why[OPERATOR_DETAIL_MAX];
-        snprintf(why, sizeof(why), "proxy %s refused the configuration: %s", node_id, detail);
-        op_config_abort(op, 409, why);
+        config_apply_refused(op, node_id, detail);
         return;
     }
     if (!ok && op->kind != OP_CONFIG && op->kind != OP_MAINTENANCE && op->kind != OP_RELOAD &&
@@ -409,37 +362,4 @@ void operator_reload(http_call *call)
     if (!op)
         return;
     op_send_live(op, STEP_RELOAD, "reload", json_object());
-}
-
-void operator_config_apply(http_call *call)
-{
-    const char *text = NULL;
-    int64_t min_version = 0;
-    if (!http_field_string(call, call->body, NULL, "text", true, OPERATOR_TEXT_MAX, &text))
-        return;
-    operator_op *op = op_begin(call, OP_CONFIG);
-    if (!op)
-        return;
-    op->text = strdup(text);
-    for (state_proxy *p = call->dep->proxies; p; p = p->next)
-        if (p->config_version > min_version)
-            min_version = p->config_version;
-    op->version = op->text ? store_config_create(call->dep->name, text, min_version) : -1;
-    if (op->version < 0) {
-        char msg[OPERATOR_DETAIL_MAX];
-        snprintf(msg, sizeof(msg), "store unreachable: %s", store_error());
-        op_finish_error(op, op->text ? 503 : 500, msg);
-        return;
-    }
-    log_info("deployment %s: configuration version %" PRId64 " proposed", call->dep->name,
-             op->version);
-    state_proxy **live = NULL;
-    int n = state_live_proxies(op->dep, &live);
-    if (n < 0) {
-        op_finish_error(op, 500, "out of memory listing the live proxies");
-        return;
-    }
-    json_t *args = json_pack("{s:I, s:s}", "version", (json_int_t)op->version, "text", text);
-    op_send(op, STEP_PREPARE, "config_prepare", args, live, n);
-    free(live);
 }

@@ -25,7 +25,11 @@ void operator_operation_status(http_call *call);
 /* A new holder's first act (switchover.c): load the operator's maintenance, roll back the
  * operations left running, renew the maintenance pauses (maintenance.c). */
 void operation_recover(void);
-void operator_config_apply(http_call *call);
+void operator_config_apply(http_call *call); /* config_apply.c: prepare, commit or roll back */
+
+/* config_apply.c, agent route: the deployment's desired configuration ({"version", "text"}),
+ * which a proxy on another version converges to. */
+void operator_config_desired(http_call *call);
 
 /* A proxy acknowledged a command: the orchestration waiting for it goes on. */
 void operator_on_ack(state_deployment *dep, int64_t command_id, const char *node_id, bool ok,

@@ -16,7 +16,8 @@ typedef enum op_kind {
     OP_MAINTENANCE, /* maintenance on or off on every live proxy */
     OP_RELOAD,      /* reload on every live proxy */
     OP_SWITCHOVER,  /* pause, fence, [catch up, promote,] switch, resume (switchover.c) */
-    OP_CONFIG,      /* config_prepare everywhere, then config_commit (or config_abort) */
+    OP_CONFIG,      /* config_prepare everywhere, then config_commit or config_abort
+                       (config_apply.c) */
     OP_UNFENCE,     /* one proxy lifts a node's fence (switchover.c) */
 } op_kind;
 
@@ -30,8 +31,9 @@ typedef enum op_step {
     STEP_PROMOTE,     /* switchover with promote: one proxy promotes the node */
     STEP_SET_LEADER,  /* switchover: set_leader everywhere */
     STEP_RESUME,      /* switchover: maintenance off everywhere */
-    STEP_PREPARE,     /* config: config_prepare everywhere */
-    STEP_COMMIT,      /* config: config_commit everywhere */
+    STEP_PREPARE,     /* config: config_prepare to every live proxy */
+    STEP_CONFIG_HOLD, /* config: prepared everywhere, held by the test hook (config_apply.c) */
+    STEP_COMMIT,      /* config: config_commit to exactly the proxies that prepared */
     STEP_UNFENCE,     /* OP_UNFENCE: waiting for the unfence ack */
 } op_step;
 
@@ -64,7 +66,7 @@ typedef struct operator_op {
     bool on;
     int64_t resume_after_s; /* passed on: maintenance ends by itself after it */
     /* switchover, unfence */
-    int64_t op_id; /* the switchover's durable operation (pgrelay.operations) */
+    int64_t op_id; /* the durable operation (pgrelay.operations): switchover, config */
     char node[STATE_NODE_NAME_MAX];
     char old_leader[STATE_NODE_NAME_MAX];
     bool promote;
@@ -118,5 +120,14 @@ operator_op *op_begin(http_call *call, op_kind kind);
 void switchover_step_done(operator_op *op);
 void switchover_timeout(operator_op *op, const char *msg, const char *pending);
 void switchover_refused(operator_op *op, const char *node_id, const char *detail);
+
+/* config_apply.c: the current config step is done, timed out, or a proxy refused the prepare. */
+void config_apply_step_done(operator_op *op);
+void config_apply_timeout(operator_op *op);
+void config_apply_refused(operator_op *op, const char *node_id, const char *detail);
+
+/* config_apply.c: a new holder reads each deployment's desired configuration version and
+ * finishes or rolls back the config operations among running (store_operations_list rows). */
+void config_recover(json_t *running);
 
 #endif

@@ -109,6 +109,7 @@ typedef struct state_deployment {
     bool configured;                           /* named in control.ini (now) */
     char leader[STATE_NODE_NAME_MAX];          /* coordinated write leader; "" = no opinion yet */
     int64_t epoch;                             /* only grows */
+    int64_t config_version; /* desired configuration: the newest committed version, 0 = none */
     state_proxy *proxies;                      /* declared and pending, sorted by node_id */
     int n_declared;                            /* proxies with declared set */
     int n_pending;                             /* proxies without (at most STATE_PENDING_MAX) */

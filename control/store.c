@@ -1,11 +1,13 @@
-/* store.c - the durable store in PostgreSQL: the connection, bounded libpq calls, migrations.
+/* store.c - the durable store in PostgreSQL: the connections, bounded libpq calls, migrations.
  *
  * The queries of each concern are in their own file (store_lease.c, store_fleet.c,
  * store_commands.c, store_config.c), built on the calls declared in store_internal.h.
  *
- * One connection, used from the event loop. Every call is asynchronous libpq driven by poll()
- * with a deadline, so a store that hangs costs a request at most STORE_TIMEOUT_MS and never
- * stalls the loop for longer. A failed call drops the connection; the next call reconnects
+ * One connection for the event loop, and one of its own for a thread that asks for it (the
+ * lease thread, lease.c). Every call is asynchronous libpq driven by poll() with a deadline,
+ * so a store that hangs costs a request at most STORE_TIMEOUT_MS, and never more than the
+ * connection's cap (the lease holder's renew deadline: the loop never waits on the store
+ * past the moment it must stop acting). A failed call drops the connection; the next call reconnects
  * (at most once per STORE_RETRY_MS, so a dead store is not hammered).
  */
 #include "store.h"
@@ -27,29 +29,61 @@
 #define STORE_APP_NAME   "pgrelay-control"
 #define STORE_LOCK_KEY   "7232446948713" /* advisory lock serialising migrations */
 
-static struct {
-    char *conninfo;
+/* One connection to the store. The event loop uses its own; the lease thread (lease.c) has
+ * another (store_use_own_connection), so that a renewal never waits behind another call. */
+typedef struct store_conn {
     PGconn *conn;
     bool ok;                     /* the last call succeeded */
     int64_t last_used_ms;        /* monotonic time of the last successful call */
     int64_t last_attempt_ms;     /* monotonic time of the last connection attempt */
+    int64_t cap_ms;              /* no call runs past this monotonic time (0: no cap) */
     char error[STORE_ERROR_MAX]; /* why the last call failed */
-} store;
+} store_conn;
+
+static char *store_conninfo;        /* set by store_init before any thread starts */
+static store_conn store_loop;       /* the event loop's connection */
+static __thread store_conn *store_own; /* a thread's own connection, NULL: the loop's */
+
+static store_conn *store_self(void)
+{
+    return store_own ? store_own : &store_loop;
+}
 
 /* ---- connection and bounded calls ---- */
 
+void store_use_own_connection(void)
+{
+    store_own = calloc(1, sizeof(*store_own));
+    if (store_own)
+        store_own->ok = true; /* so that the first failure is logged as an error */
+}
+
+void store_set_cap(int64_t mono_ms)
+{
+    store_self()->cap_ms = mono_ms;
+}
+
+/* The monotonic time by which a call of timeout_ms must end: no later than the cap. */
+static int64_t store_deadline(int timeout_ms)
+{
+    store_conn *sc = store_self();
+    int64_t d = control_mono_ms() + timeout_ms;
+    return sc->cap_ms > 0 && sc->cap_ms < d ? sc->cap_ms : d;
+}
+
 void store_fail(const char *fmt, ...)
 {
+    store_conn *sc = store_self();
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(store.error, sizeof(store.error), fmt, ap);
+    vsnprintf(sc->error, sizeof(sc->error), fmt, ap);
     va_end(ap);
-    store.error[strcspn(store.error, "\n")] = '\0';
-    if (store.ok)
-        log_error("store: %s", store.error);
+    sc->error[strcspn(sc->error, "\n")] = '\0';
+    if (sc->ok)
+        log_error("store: %s", sc->error);
     else
-        log_debug("store: %s", store.error);
-    store.ok = false;
+        log_debug("store: %s", sc->error);
+    sc->ok = false;
 }
 
 /* Server notices (NOTICE, WARNING) go to the log, not to stderr. */
@@ -61,9 +95,10 @@ static void store_notice(void *arg, const char *message)
 
 static void store_disconnect(void)
 {
-    if (store.conn)
-        PQfinish(store.conn);
-    store.conn = NULL;
+    store_conn *sc = store_self();
+    if (sc->conn)
+        PQfinish(sc->conn);
+    sc->conn = NULL;
 }
 
 /* Wait for the socket to become readable or writable until deadline (monotonic ms). Returns
@@ -88,45 +123,47 @@ static int store_wait(int fd, bool for_write, int64_t deadline)
 /* Connect with a deadline. Returns 0 or -1. */
 static int store_connect(int timeout_ms)
 {
+    store_conn *sc = store_self();
     static const char *const keys[] = {"dbname", "fallback_application_name", NULL};
-    const char *values[] = {store.conninfo, STORE_APP_NAME, NULL};
-    int64_t deadline = control_mono_ms() + timeout_ms;
+    const char *values[] = {store_conninfo, STORE_APP_NAME, NULL};
+    int64_t deadline = store_deadline(timeout_ms);
 
     store_disconnect();
-    store.last_attempt_ms = control_mono_ms();
-    store.conn = PQconnectStartParams(keys, values, 1);
-    if (!store.conn) {
+    sc->last_attempt_ms = control_mono_ms();
+    sc->conn = PQconnectStartParams(keys, values, 1);
+    if (!sc->conn) {
         store_fail("cannot connect: out of memory");
         return -1;
     }
-    if (PQstatus(store.conn) == CONNECTION_BAD)
+    if (PQstatus(sc->conn) == CONNECTION_BAD)
         goto failed;
     PostgresPollingStatusType st = PGRES_POLLING_WRITING;
     while (st != PGRES_POLLING_OK) {
         if (st == PGRES_POLLING_FAILED)
             goto failed;
-        int rc = store_wait(PQsocket(store.conn), st == PGRES_POLLING_WRITING, deadline);
+        int rc = store_wait(PQsocket(sc->conn), st == PGRES_POLLING_WRITING, deadline);
         if (rc == 0) {
-            store_fail("cannot connect: no answer within %d ms", timeout_ms);
+            store_fail("cannot connect: no answer within %lld ms",
+                       (long long)(deadline - sc->last_attempt_ms));
             store_disconnect();
             return -1;
         }
         if (rc < 0)
             goto failed;
-        st = PQconnectPoll(store.conn);
+        st = PQconnectPoll(sc->conn);
     }
-    if (PQsetnonblocking(store.conn, 1) != 0)
+    if (PQsetnonblocking(sc->conn, 1) != 0)
         goto failed;
-    PQsetNoticeProcessor(store.conn, store_notice, NULL);
-    if (!store.ok)
-        log_info("store: connected to %s:%s database %s", PQhost(store.conn), PQport(store.conn),
-                 PQdb(store.conn));
-    store.ok = true;
-    store.error[0] = '\0';
+    PQsetNoticeProcessor(sc->conn, store_notice, NULL);
+    if (!sc->ok)
+        log_info("store: connected to %s:%s database %s", PQhost(sc->conn), PQport(sc->conn),
+                 PQdb(sc->conn));
+    sc->ok = true;
+    sc->error[0] = '\0';
     return 0;
 
 failed:
-    store_fail("cannot connect: %s", PQerrorMessage(store.conn));
+    store_fail("cannot connect: %s", PQerrorMessage(sc->conn));
     store_disconnect();
     return -1;
 }
@@ -134,12 +171,13 @@ failed:
 /* A usable connection, connecting when needed (not more often than STORE_RETRY_MS). */
 static bool store_ready(void)
 {
-    if (store.conn && PQstatus(store.conn) == CONNECTION_OK)
+    store_conn *sc = store_self();
+    if (sc->conn && PQstatus(sc->conn) == CONNECTION_OK)
         return true;
-    if (store.conn == NULL && store.last_attempt_ms &&
-        control_mono_ms() - store.last_attempt_ms < STORE_RETRY_MS) {
-        if (!store.error[0])
-            snprintf(store.error, sizeof(store.error), "not connected");
+    if (sc->conn == NULL && sc->last_attempt_ms &&
+        control_mono_ms() - sc->last_attempt_ms < STORE_RETRY_MS) {
+        if (!sc->error[0])
+            snprintf(sc->error, sizeof(sc->error), "not connected");
         return false;
     }
     return store_connect(STORE_TIMEOUT_MS) == 0;
@@ -152,36 +190,43 @@ static bool store_ready(void)
 PGresult *store_exec_timeout(int timeout_ms, ExecStatusType want, const char *sql, int nparams,
                              const char *const *params)
 {
+    store_conn *sc = store_self();
     PGresult *last = NULL, *res;
     bool failed = false;
-    int64_t deadline = control_mono_ms() + timeout_ms;
+    int64_t started = control_mono_ms();
+    int64_t deadline = store_deadline(timeout_ms);
 
+    if (deadline <= started) { /* the cap passed: nothing may be sent now */
+        store_fail("not sent: this replica's lease renew deadline has passed");
+        return NULL;
+    }
     if (!store_ready())
         return NULL;
+    deadline = store_deadline(timeout_ms - (int)(control_mono_ms() - started));
     int sent = nparams < 0
-                   ? PQsendQuery(store.conn, sql)
-                   : PQsendQueryParams(store.conn, sql, nparams, NULL, params, NULL, NULL, 0);
+                   ? PQsendQuery(sc->conn, sql)
+                   : PQsendQueryParams(sc->conn, sql, nparams, NULL, params, NULL, NULL, 0);
     if (!sent) {
-        store_fail("%s", PQerrorMessage(store.conn));
+        store_fail("%s", PQerrorMessage(sc->conn));
         store_disconnect();
         return NULL;
     }
     int flushed;
-    while ((flushed = PQflush(store.conn)) == 1) {
-        if (store_wait(PQsocket(store.conn), true, deadline) <= 0)
+    while ((flushed = PQflush(sc->conn)) == 1) {
+        if (store_wait(PQsocket(sc->conn), true, deadline) <= 0)
             goto timeout;
     }
     if (flushed < 0)
         goto broken;
     for (;;) {
-        while (PQisBusy(store.conn)) {
-            int rc = store_wait(PQsocket(store.conn), false, deadline);
+        while (PQisBusy(sc->conn)) {
+            int rc = store_wait(PQsocket(sc->conn), false, deadline);
             if (rc == 0)
                 goto timeout;
-            if (rc < 0 || !PQconsumeInput(store.conn))
+            if (rc < 0 || !PQconsumeInput(sc->conn))
                 goto broken;
         }
-        res = PQgetResult(store.conn);
+        res = PQgetResult(sc->conn);
         if (!res)
             break;
         ExecStatusType st = PQresultStatus(res);
@@ -194,25 +239,25 @@ PGresult *store_exec_timeout(int timeout_ms, ExecStatusType want, const char *sq
     }
     if (failed) {
         PQclear(last);
-        if (PQstatus(store.conn) != CONNECTION_OK)
+        if (PQstatus(sc->conn) != CONNECTION_OK)
             store_disconnect();
         return NULL;
     }
-    if (!store.ok)
+    if (!sc->ok)
         log_info("store: reachable again");
-    store.ok = true;
-    store.error[0] = '\0';
-    store.last_used_ms = control_mono_ms();
+    sc->ok = true;
+    sc->error[0] = '\0';
+    sc->last_used_ms = control_mono_ms();
     return last;
 
 timeout:
     PQclear(last);
-    store_fail("no answer within %d ms", timeout_ms);
+    store_fail("no answer within %lld ms", (long long)(control_mono_ms() - started));
     store_disconnect();
     return NULL;
 broken:
     PQclear(last);
-    store_fail("%s", PQerrorMessage(store.conn));
+    store_fail("%s", PQerrorMessage(sc->conn));
     store_disconnect();
     return NULL;
 }
@@ -257,23 +302,25 @@ void get_text(const PGresult *res, int row, int col, char *out, size_t len)
 
 void store_init(const char *conninfo)
 {
-    free(store.conninfo);
-    store.conninfo = strdup(conninfo);
-    store.ok = true; /* so that the first failure is logged as an error */
+    store_conn *sc = store_self();
+    free(store_conninfo);
+    store_conninfo = strdup(conninfo);
+    sc->ok = true; /* so that the first failure is logged as an error */
     if (store_connect(STORE_TIMEOUT_MS) != 0)
-        log_error("store: not reachable yet (%s); retrying", store.error);
+        log_error("store: not reachable yet (%s); retrying", sc->error);
 }
 
 void store_close(void)
 {
     store_disconnect();
-    free(store.conninfo);
-    store.conninfo = NULL;
+    free(store_conninfo);
+    store_conninfo = NULL;
 }
 
 int store_connect_within(int timeout_ms)
 {
-    if (store.conn && PQstatus(store.conn) == CONNECTION_OK)
+    store_conn *sc = store_self();
+    if (sc->conn && PQstatus(sc->conn) == CONNECTION_OK)
         return 0;
     if (timeout_ms <= 0)
         return -1;
@@ -282,17 +329,20 @@ int store_connect_within(int timeout_ms)
 
 bool store_up(void)
 {
-    return store.ok && store.conn && PQstatus(store.conn) == CONNECTION_OK;
+    store_conn *sc = store_self();
+    return sc->ok && sc->conn && PQstatus(sc->conn) == CONNECTION_OK;
 }
 
 const char *store_error(void)
 {
-    return store.error;
+    store_conn *sc = store_self();
+    return sc->error;
 }
 
 int64_t store_idle_ms(void)
 {
-    return control_mono_ms() - store.last_used_ms;
+    store_conn *sc = store_self();
+    return control_mono_ms() - sc->last_used_ms;
 }
 
 int store_ping(void)
@@ -307,7 +357,8 @@ int store_ping(void)
 /* End a failed transaction (nothing to do when the connection is gone). */
 void store_rollback(void)
 {
-    if (store.conn && PQstatus(store.conn) == CONNECTION_OK) {
+    store_conn *sc = store_self();
+    if (sc->conn && PQstatus(sc->conn) == CONNECTION_OK) {
         PGresult *r = store_exec(PGRES_COMMAND_OK, "ROLLBACK", 0, NULL);
         PQclear(r);
     }
@@ -442,6 +493,13 @@ static const char *const store_migrations[] = {
     "  at_ms bigint NOT NULL,"
     "  received_at timestamptz NOT NULL DEFAULT now());"
     "CREATE INDEX plan_changes_deployment ON pgrelay.plan_changes (deployment, at_ms);",
+    /* 6: configuration applies as durable operations (store_config.c): the version, the
+     * proxies it was prepared on and the prepare command; an aborted version is deleted (its
+     * number is used again), so the aborted rows of earlier schemas go */
+    "ALTER TABLE pgrelay.operations ADD COLUMN version bigint NOT NULL DEFAULT 0,"
+    "  ADD COLUMN targets jsonb NOT NULL DEFAULT '[]',"
+    "  ADD COLUMN command_id bigint NOT NULL DEFAULT 0;"
+    "DELETE FROM pgrelay.config_versions WHERE state = 'aborted';",
 };
 #define STORE_SCHEMA_VERSION ((int)(sizeof(store_migrations) / sizeof(store_migrations[0])))
 

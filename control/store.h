@@ -22,7 +22,14 @@ typedef enum store_ack_result {
 void store_init(const char *conninfo);
 void store_close(void);
 
-/* The last operation succeeded and the connection is up. */
+/* From now on the calling thread uses a connection of its own (the lease thread). */
+void store_use_own_connection(void);
+
+/* No call of the calling thread's connection runs past this monotonic time (0: no cap); one
+ * started after it fails at once. */
+void store_set_cap(int64_t mono_ms);
+
+/* The last operation succeeded and the connection is up (the calling thread's connection). */
 bool store_up(void);
 
 /* Text of the last failure ("" when none). */
@@ -94,19 +101,37 @@ int store_command_cancel(int64_t id, const char *detail);
 /* Delete commands older than retention_ms. Returns how many, or -1. */
 int store_commands_expire(int64_t retention_ms);
 
-/* New configuration version (above the stored ones and above min_version) in state
- * "preparing"; returns it or -1. */
-int64_t store_config_create(const char *deployment, const char *text, int64_t min_version);
+/* ---- configuration applies (store_config.c): every write conditional on the lease guard ---- */
 
-/* Set a version's state: "committed" or "aborted". 0 or -1. */
-int store_config_decide(const char *deployment, int64_t version, const char *state);
+/* A new configuration version (above the stored ones and above min_version) in state
+ * "preparing" and its operation (kind "config", step "prepare", targets_json the JSON array
+ * of the node ids it goes to), in one statement. *version and *op_id receive them. 0 or -1. */
+int store_config_begin(const char *deployment, const char *text, int64_t min_version,
+                       const char *targets_json, int64_t timeout_s, int64_t *version,
+                       int64_t *op_id);
 
-/* The newest committed version (0 and *text NULL when none); *text is malloc'd. 0 or -1. */
+/* Record the operation's config_prepare command. 0 or -1. */
+int store_config_prepared(int64_t op_id, int64_t command_id);
+
+/* The commit decision: the version becomes the deployment's (committed) and the operation
+ * moves to its commit step, in one statement. 0 or -1. */
+int store_config_commit(const char *deployment, int64_t version, int64_t op_id,
+                        const char *detail);
+
+/* Roll an apply back: its version is deleted (the number is free again), the operation ends
+ * "rolled_back" with outcome, its unanswered commands are withdrawn; one statement. 0 or -1. */
+int store_config_roll_back(const char *deployment, int64_t version, int64_t op_id,
+                           const char *outcome);
+
+/* How many targets of a command answered ok (*ok) out of how many it went to (*total). */
+int store_command_answers(int64_t command_id, int *ok, int *total);
+
+/* The newest committed version (0 and *text NULL when none); *text (may be NULL: not read)
+ * is malloc'd. 0 or -1. */
 int store_config_current(const char *deployment, int64_t *version, char **text);
 
-/* Versions left "preparing" by a replica that died mid-apply: each is marked aborted, the
- * unanswered config_prepare targets are cancelled, and a config_abort is queued for every
- * proxy the prepare went to. Returns how many versions, or -1. */
+/* Versions left "preparing" without a running operation (earlier schemas): deleted. Returns
+ * how many, or -1. */
 int store_config_recover(void);
 
 /* ---- operations (store_operations.c): every write conditional on the lease guard ---- */

@@ -1,5 +1,6 @@
 /* store_commands.c - commands to proxies: created, delivered by the long poll, acknowledged.
- * Creating and cancelling are conditional on still holding the lease (STORE_LEASE_GUARD). */
+ * Every write (creating, delivery marks, acknowledgements, cancelling, expiry) is conditional
+ * on still holding the lease (STORE_LEASE_GUARD). */
 #include "store.h"
 #include "log.h"
 #include "store_internal.h"
@@ -54,19 +55,24 @@ done:
 
 json_t *store_commands_pending(const char *deployment, const char *node_id, int64_t *since_ms)
 {
-    const char *params[] = {deployment, node_id};
+    char term[STORE_INT_MAX];
+    const char *params[5];
+    store_guard_params(params, term);
+    params[3] = deployment;
+    params[4] = node_id;
+    /* a replica that no longer holds the lease delivers (and marks) nothing */
     PGresult *res =
         store_exec(PGRES_TUPLES_OK,
                    "WITH p AS (SELECT a.command_id, a.node_id, c.type, c.args,"
                    "    (extract(epoch FROM now() - a.delivered_at) * 1000)::bigint AS since_ms"
                    "  FROM pgrelay.command_acks a JOIN pgrelay.commands c ON c.id = a.command_id"
-                   "  WHERE c.deployment = $1 AND a.node_id = $2 AND a.acked_at IS NULL"
-                   "  FOR UPDATE OF a),"
+                   "  WHERE c.deployment = $4 AND a.node_id = $5 AND a.acked_at IS NULL"
+                   "   AND" STORE_LEASE_GUARD("1", "2", "3") " FOR UPDATE OF a),"
                    " u AS (UPDATE pgrelay.command_acks a SET deliveries = a.deliveries + 1,"
                    "    delivered_at = now() FROM p"
                    "  WHERE a.command_id = p.command_id AND a.node_id = p.node_id)"
                    " SELECT command_id, type, args::text, since_ms FROM p ORDER BY command_id",
-                   2, params);
+                   5, params);
     if (!res)
         return NULL;
     json_t *list = json_array();
@@ -89,17 +95,18 @@ json_t *store_commands_pending(const char *deployment, const char *node_id, int6
 store_ack_result store_command_ack(int64_t id, const char *deployment, const char *node_id, bool ok,
                                    const char *detail, char *type, json_t **args)
 {
-    char idtext[STORE_INT_MAX];
-    const char *params[] = {fmt_int(idtext, id), deployment, node_id, ok ? "true" : "false",
-                            detail};
+    char idtext[STORE_INT_MAX], term[STORE_INT_MAX];
+    const char *params[8] = {fmt_int(idtext, id), deployment, node_id, ok ? "true" : "false",
+                             detail};
+    store_guard_params(&params[5], term);
     PGresult *res = store_exec(
         PGRES_TUPLES_OK,
         "UPDATE pgrelay.command_acks a SET acked_at = now(), ok = $4::boolean, detail = $5"
         " FROM pgrelay.commands c"
         " WHERE a.command_id = $1::bigint AND c.id = a.command_id AND c.deployment = $2"
-        "   AND a.node_id = $3 AND a.acked_at IS NULL"
+        "   AND a.node_id = $3 AND a.acked_at IS NULL AND" STORE_LEASE_GUARD("6", "7", "8")
         " RETURNING c.type, c.args::text",
-        5, params);
+        8, params);
     if (!res)
         return STORE_ACK_ERROR;
     if (PQntuples(res) == 1) {
@@ -112,13 +119,19 @@ store_ack_result store_command_ack(int64_t id, const char *deployment, const cha
     }
     PQclear(res);
     res = store_exec(PGRES_TUPLES_OK,
-                     "SELECT 1 FROM pgrelay.command_acks a JOIN pgrelay.commands c"
-                     "  ON c.id = a.command_id"
+                     "SELECT a.acked_at IS NOT NULL FROM pgrelay.command_acks a"
+                     "  JOIN pgrelay.commands c ON c.id = a.command_id"
                      " WHERE a.command_id = $1::bigint AND c.deployment = $2 AND a.node_id = $3",
                      3, params);
     if (!res)
         return STORE_ACK_ERROR;
     store_ack_result r = PQntuples(res) > 0 ? STORE_ACK_DUPLICATE : STORE_ACK_UNKNOWN;
+    if (r == STORE_ACK_DUPLICATE && !get_bool(res, 0, 0)) { /* the guard let nothing through */
+        store_fail("acknowledgement of command %lld: not written (this replica no longer holds "
+                   "the lease)",
+                   (long long)id);
+        r = STORE_ACK_ERROR;
+    }
     PQclear(res);
     return r;
 }
@@ -137,13 +150,16 @@ int store_command_cancel(int64_t id, const char *detail)
 
 int store_commands_expire(int64_t retention_ms)
 {
-    char ms[STORE_INT_MAX];
-    const char *params[] = {fmt_int(ms, retention_ms)};
+    char ms[STORE_INT_MAX], term[STORE_INT_MAX];
+    const char *params[4];
+    store_guard_params(params, term);
+    params[3] = fmt_int(ms, retention_ms);
     PGresult *res =
         store_exec(PGRES_COMMAND_OK,
                    "DELETE FROM pgrelay.commands"
-                   " WHERE created_at < now() - make_interval(secs => $1::bigint / 1000.0)",
-                   1, params);
+                   " WHERE created_at < now() - make_interval(secs => $4::bigint / 1000.0)"
+                   "  AND" STORE_LEASE_GUARD("1", "2", "3"),
+                   4, params);
     if (!res)
         return -1;
     int n = atoi(PQcmdTuples(res));

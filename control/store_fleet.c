@@ -1,4 +1,6 @@
-/* store_fleet.c - deployments, their leadership and proxies: saved, and loaded by a holder. */
+/* store_fleet.c - deployments, their leadership and proxies: saved, and loaded by a holder.
+ * Every write is conditional on this replica still holding the lease it acts under
+ * (STORE_LEASE_GUARD, parameters $1..$3). */
 #include "store.h"
 #include "log.h"
 #include "store_internal.h"
@@ -8,13 +10,39 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define STORE_FLEET_GUARD STORE_LEASE_GUARD("1", "2", "3")
+
+/* A guarded write of want rows (or more): 0, or -1 when the store failed or the guard let
+ * nothing through (this replica no longer holds the lease). */
+static int store_fleet_write(const char *what, const char *sql, int n, const char **params,
+                             int want)
+{
+    PGresult *res = store_exec(PGRES_COMMAND_OK, sql, n, params);
+    if (!res)
+        return -1;
+    int rows = atoi(PQcmdTuples(res));
+    PQclear(res);
+    if (rows < want) {
+        store_fail("%s: not written (this replica no longer holds the lease)", what);
+        return -1;
+    }
+    return 0;
+}
+
 int store_deployment_save(const char *name, const char *token_sha256, bool is_auto)
 {
-    const char *params[] = {name, token_sha256, is_auto ? "true" : "false"};
-    return store_command("INSERT INTO pgrelay.deployments (name, token_sha256, auto)"
-                         " VALUES ($1, $2, $3::boolean)"
-                         " ON CONFLICT (name) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256",
-                         3, params);
+    char term[STORE_INT_MAX];
+    const char *params[6];
+    int n = store_guard_params(params, term);
+    params[n++] = name;
+    params[n++] = token_sha256;
+    params[n++] = is_auto ? "true" : "false";
+    return store_fleet_write(
+        "deployment row",
+        "INSERT INTO pgrelay.deployments (name, token_sha256, auto)"
+        " SELECT $4, $5, $6::boolean WHERE" STORE_FLEET_GUARD
+        " ON CONFLICT (name) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256",
+        n, params, 1);
 }
 
 int store_load(state_deployment **head)
@@ -105,7 +133,9 @@ int store_proxy_save(const state_proxy *p)
 {
     char epoch[STORE_INT_MAX], cv[STORE_INT_MAX], reg[STORE_INT_MAX], seen[STORE_INT_MAX];
     char *listen = json_dumps(p->listen ? p->listen : json_array(), JSON_COMPACT);
-    const char *params[] = {p->dep->name,
+    char term[STORE_INT_MAX];
+    const char *params[14] = {NULL, NULL, NULL,
+                            p->dep->name,
                             p->node_id,
                             p->hostname,
                             p->version,
@@ -116,17 +146,19 @@ int store_proxy_save(const state_proxy *p)
                             fmt_int(cv, p->config_version),
                             fmt_int(reg, p->registered_ms),
                             fmt_int(seen, p->last_seen_ms)};
-    int rc = store_command(
+    store_guard_params(params, term);
+    int rc = store_fleet_write(
+        "proxy row",
         "INSERT INTO pgrelay.proxies (deployment, node_id, hostname, version, listen, epoch,"
         "  leader, maintenance, config_version, registered_ms, last_seen_ms)"
-        " VALUES ($1, $2, $3, $4, $5::jsonb, $6::bigint, $7, $8::boolean, $9::bigint,"
-        "  $10::bigint, $11::bigint)"
+        " SELECT $4, $5, $6, $7, $8::jsonb, $9::bigint, $10, $11::boolean, $12::bigint,"
+        "  $13::bigint, $14::bigint WHERE" STORE_FLEET_GUARD
         " ON CONFLICT (deployment, node_id) DO UPDATE SET hostname = EXCLUDED.hostname,"
         "  version = EXCLUDED.version, listen = EXCLUDED.listen, epoch = EXCLUDED.epoch,"
         "  leader = EXCLUDED.leader, maintenance = EXCLUDED.maintenance,"
         "  config_version = EXCLUDED.config_version, registered_ms = EXCLUDED.registered_ms,"
         "  last_seen_ms = EXCLUDED.last_seen_ms",
-        11, params);
+        14, params, 1);
     free(listen);
     return rc;
 }
@@ -135,24 +167,36 @@ int store_leadership_save(const char *deployment, const char *leader, int64_t ep
                           int64_t *stored_epoch, char *stored_leader)
 {
     char e[STORE_INT_MAX];
-    const char *params[] = {deployment, leader && leader[0] ? leader : NULL, fmt_int(e, epoch)};
+    char term[STORE_INT_MAX];
+    const char *params[6];
+    int n = store_guard_params(params, term);
+    params[n++] = deployment;
+    params[n++] = leader && leader[0] ? leader : NULL;
+    params[n++] = fmt_int(e, epoch);
     /* Epochs strictly increase: an equal epoch is taken only when it names the same leader (a
      * repeated save), never another one. */
     PGresult *res = store_exec(
         PGRES_TUPLES_OK,
-        "WITH w AS (INSERT INTO pgrelay.leadership AS l (deployment, leader, epoch)"
-        "  VALUES ($1, $2, $3::bigint)"
+        "WITH g AS (SELECT" STORE_FLEET_GUARD " AS held),"
+        " w AS (INSERT INTO pgrelay.leadership AS l (deployment, leader, epoch)"
+        "  SELECT $4, $5, $6::bigint FROM g WHERE g.held"
         "  ON CONFLICT (deployment) DO UPDATE SET leader = EXCLUDED.leader,"
         "   epoch = EXCLUDED.epoch, updated_at = now()"
         "  WHERE l.epoch < EXCLUDED.epoch"
         "   OR (l.epoch = EXCLUDED.epoch AND l.leader IS NOT DISTINCT FROM EXCLUDED.leader)"
         "  RETURNING 1)"
-        " SELECT (SELECT count(*) FROM w), l.epoch, l.leader"
-        " FROM (SELECT 1) AS one LEFT JOIN pgrelay.leadership l ON l.deployment = $1",
-        3, params);
+        " SELECT (SELECT count(*) FROM w), l.epoch, l.leader, (SELECT held FROM g)"
+        " FROM (SELECT 1) AS one LEFT JOIN pgrelay.leadership l ON l.deployment = $4",
+        n, params);
     if (!res)
         return -1;
     int rc = 0;
+    if (PQntuples(res) == 1 && !get_bool(res, 0, 3)) {
+        PQclear(res);
+        store_fail("leadership of %s: not written (this replica no longer holds the lease)",
+                   deployment);
+        return -1;
+    }
     if (PQntuples(res) == 1 && get_int(res, 0, 0) == 0) {
         rc = 1;
         *stored_epoch = get_int(res, 0, 1);
@@ -184,22 +228,27 @@ int store_proxies_save(state_proxy *const *list, int n)
         store_fail("out of memory saving %d proxies", n);
         goto done;
     }
-    const char *params[] = {text};
+    char term[STORE_INT_MAX];
+    const char *params[4];
+    store_guard_params(params, term);
+    params[3] = text;
     /* One statement (one round trip, one commit) for the whole list. */
-    rc = store_command(
+    rc = store_fleet_write(
+        "proxy rows",
         "INSERT INTO pgrelay.proxies (deployment, node_id, hostname, version, listen, epoch,"
         "  leader, maintenance, config_version, registered_ms, last_seen_ms)"
         " SELECT r.deployment, r.node_id, r.hostname, r.version, coalesce(r.listen, '[]'),"
         "  r.epoch, r.leader, r.maintenance, r.config_version, r.registered_ms, r.last_seen_ms"
-        " FROM jsonb_to_recordset($1::jsonb) AS r(deployment text, node_id text, hostname text,"
+        " FROM jsonb_to_recordset($4::jsonb) AS r(deployment text, node_id text, hostname text,"
         "  version text, listen jsonb, epoch bigint, leader text, maintenance boolean,"
         "  config_version bigint, registered_ms bigint, last_seen_ms bigint)"
+        " WHERE" STORE_FLEET_GUARD
         " ON CONFLICT (deployment, node_id) DO UPDATE SET hostname = EXCLUDED.hostname,"
         "  version = EXCLUDED.version, listen = EXCLUDED.listen, epoch = EXCLUDED.epoch,"
         "  leader = EXCLUDED.leader, maintenance = EXCLUDED.maintenance,"
         "  config_version = EXCLUDED.config_version, registered_ms = EXCLUDED.registered_ms,"
         "  last_seen_ms = EXCLUDED.last_seen_ms",
-        1, params);
+        4, params, n > 0 ? 1 : 0);
 done:
     free(text);
     json_decref(rows);

@@ -33,10 +33,18 @@ int store_connect_within(int timeout_ms);
 
 /* SQL that is true while this replica holds the lease it acts under (store_lease_set_guard),
  * given the placeholders of the guard's name, identity and term as string literals ("5",
- * "6", "7"); the name is NULL when leases are disabled, which makes it true. */
+ * "6", "7"); the name is NULL when leases are disabled, which makes it true. The lease row must
+ * name this holder and term and not have run out by the store's clock; it is locked FOR SHARE,
+ * so that a take-over waits for a write under way to end, and a write that waited for a
+ * take-over sees the new holder and changes nothing. */
 #define STORE_LEASE_GUARD(name, holder, term)                                                  \
     " ($" name "::text IS NULL OR EXISTS (SELECT 1 FROM pgrelay.lease l WHERE l.name = $" name \
-    "   AND l.holder = $" holder " AND l.lease_transitions = $" term "::int))"
+    "   AND l.holder = $" holder " AND l.lease_transitions = $" term "::int"                   \
+    "   AND l.renew_time + make_interval(secs => l.lease_duration_secs) > now() FOR SHARE))"
+
+/* Fill params[0..2] with the guard's name, identity and term (term: the caller's buffer).
+ * Returns 3, the number of parameters used. */
+int store_guard_params(const char **params, char *term);
 
 const char *fmt_int(char buf[STORE_INT_MAX], int64_t v);
 int64_t get_int(const PGresult *res, int row, int col);

@@ -29,6 +29,13 @@ void store_lease_guard(const char **name, const char **identity, char *term)
     fmt_int(term, store_guard.term);
 }
 
+int store_guard_params(const char **params, char *term)
+{
+    store_lease_guard(&params[0], &params[1], term);
+    params[2] = params[0] ? term : NULL;
+    return 3;
+}
+
 int store_lease_take(const char *name, const char *identity, int duration_s, bool *held,
                      int64_t *term, char *holder, size_t holder_len)
 {

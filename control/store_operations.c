@@ -1,4 +1,4 @@
-/* store_operations.c - durable operations (a switchover): created, each step recorded before
+/* store_operations.c - durable operations (a switchover, a configuration apply): created, each step recorded before
  * it is acted on, ended; the unfinished ones found again by the next lease holder.
  *
  * Every write is conditional on this replica still holding the lease it acts under (holder
@@ -129,12 +129,13 @@ int store_operation_end(int64_t id, const char *state, const char *outcome)
     "id, deployment, kind, node, old_leader, promote, force, runner, step, steps::text,"           \
     " fenced, promote_sent, state, outcome, timeout_s,"                                            \
     " (extract(epoch FROM created_at) * 1000)::bigint,"                                            \
-    " (extract(epoch FROM ended_at) * 1000)::bigint"
+    " (extract(epoch FROM ended_at) * 1000)::bigint, version, targets::text, command_id"
 
 static json_t *store_op_row(const PGresult *res, int i)
 {
     json_t *steps = json_loads(PQgetvalue(res, i, 9), 0, NULL);
-    return json_pack(
+    json_t *targets = json_loads(PQgetvalue(res, i, 18), 0, NULL);
+    json_t *row = json_pack(
         "{s:I, s:s, s:s, s:s, s:s, s:b, s:b, s:s, s:s, s:o, s:b, s:b, s:s, s:s, s:I, s:I, s:o}",
         "id", (json_int_t)get_int(res, i, 0), "deployment", PQgetvalue(res, i, 1), "kind",
         PQgetvalue(res, i, 2), "node", PQgetvalue(res, i, 3), "old_leader", PQgetvalue(res, i, 4),
@@ -144,6 +145,13 @@ static json_t *store_op_row(const PGresult *res, int i)
         PQgetvalue(res, i, 12), "outcome", PQgetvalue(res, i, 13), "timeout_s",
         (json_int_t)get_int(res, i, 14), "created", (json_int_t)get_int(res, i, 15), "ended",
         PQgetisnull(res, i, 16) ? json_null() : json_integer(get_int(res, i, 16)));
+    if (row && strcmp(PQgetvalue(res, i, 2), "config") == 0) /* a configuration apply */
+        json_object_update_new(
+            row, json_pack("{s:I, s:o, s:I}", "version", (json_int_t)get_int(res, i, 17),
+                           "targets", json_is_array(targets) ? json_incref(targets) : json_array(),
+                           "command_id", (json_int_t)get_int(res, i, 19)));
+    json_decref(targets);
+    return row;
 }
 
 json_t *store_operations_list(const char *deployment, int limit, bool running_only)

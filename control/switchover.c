@@ -673,8 +673,12 @@ void operation_recover(void)
     if (!list) {
         log_error("cannot look for unfinished operations: %s", store_error());
     } else {
+        config_recover(list); /* the configuration applies (config_apply.c) */
         json_array_foreach(list, i, row)
         {
+            const char *kind = json_string_value(json_object_get(row, "kind"));
+            if (kind && strcmp(kind, "config") == 0)
+                continue;
             state_deployment *dep =
                 state_find_deployment(json_string_value(json_object_get(row, "deployment")));
             if (!dep || !operation_promoted(row) || operation_finish(row, dep) != 0)

@@ -847,8 +847,9 @@ def test_config_apply_commits_when_both_prepare_ok(control, agents):
         wait_for(lambda agent=agent: agent.types() == ["config_prepare", "config_commit"],
                  what="prepare then commit")
         prep, commit = agent.commands()
-        assert prep["args"] == {"version": 4, "text": text}
-        assert commit["args"] == {"version": 4}
+        # each command carries its operation (pgrelay.operations, kind config)
+        assert prep["args"] == {"version": 4, "text": text, "operation": 1}
+        assert commit["args"] == {"version": 4, "operation": 1}
     status, current = control.admin("GET", "/deployments/prod/config")
     assert status == 200
     assert current["version"] == 4 and current["text"] == text
@@ -857,6 +858,9 @@ def test_config_apply_commits_when_both_prepare_ok(control, agents):
     # versions increase
     status, answer = control.admin("POST", "/deployments/prod/config", {"text": text + "\n"})
     assert status == 200 and answer["version"] == 5
+    # the same text again makes no new version
+    status, answer = control.admin("POST", "/deployments/prod/config", {"text": text + "\n"})
+    assert status == 200 and answer["version"] == 5 and answer["unchanged"] is True
 
 
 def test_config_apply_aborts_with_409_when_one_agent_refuses(control, agents):
@@ -877,9 +881,13 @@ def test_config_apply_aborts_with_409_when_one_agent_refuses(control, agents):
         wait_for(lambda agent=agent: "config_abort" in agent.types(), what="config_abort")
         assert "config_commit" not in agent.types()
         [abort] = agent.commands("config_abort")
-        assert abort["args"] == {"version": version}
+        assert abort["args"] == {"version": version, "operation": answer["operation"]}
     status, current = control.admin("GET", "/deployments/prod/config")
     assert current["version"] == 0 and current["text"] is None
+    # a refused apply does not use up its version number
+    status, answer = control.admin("POST", "/deployments/prod/config",
+                                   {"text": "[pgrelay]\nlisten_port = 7001\n", "timeout_s": 10})
+    assert status == 409 and answer["version"] == version
 
 
 def test_config_apply_is_504_and_aborts_when_one_agent_is_silent(control, agents):
@@ -976,11 +984,13 @@ def test_a_config_apply_cut_short_by_a_crash_is_aborted_by_the_next_holder(contr
         apply.result()
     c2 = control_factory()
     a.control = c2
-    assert store_rows(store, "SELECT version, state FROM pgrelay.config_versions") == [
-        (1, "aborted")]
+    # rolled back: the version is gone (its number is free again), the operation says so
+    assert store_rows(store, "SELECT version, state FROM pgrelay.config_versions") == []
+    assert store_rows(store, "SELECT kind, version, state FROM pgrelay.operations") == [
+        ("config", 1, "rolled_back")]
     # the prepare is withdrawn, an abort is queued in its place
     assert [(c["type"], c["args"]) for c in a.poll(wait_s=0)[1]["commands"]] == [
-        ("config_abort", {"version": 1})]
+        ("config_abort", {"version": 1, "operation": 1})]
     status, current = c2.admin("GET", "/deployments/prod/config")
     assert current["version"] == 0
 

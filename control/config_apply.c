@@ -1,0 +1,436 @@
+/* config_apply.c - the configuration apply, all or none: prepare on every live proxy, then
+ * commit on exactly the proxies that prepared, or roll back on all of them; the deployment's
+ * desired version, which a proxy that missed a commit converges to.
+ *
+ * An apply is a durable operation (pgrelay.operations, kind "config"): its version, the set of
+ * proxies it was prepared on and its prepare command are recorded before anything is sent.
+ * The decision is one store write (the version committed and the operation at its commit
+ * step, or the version deleted and the operation rolled back). The operator's answer lists
+ * every proxy's outcome. A replica that crashes, stops or loses the lease mid-apply leaves the
+ * record to the next lease holder, which commits when every proxy of the set had prepared and
+ * rolls back otherwise (config_recover). A proxy that was away learns the desired version from
+ * its metrics or poll answer and fetches it (GET /api/v1/agent/config).
+ */
+#include "agents.h"
+#include "control.h"
+#include "log.h"
+#include "operator_internal.h"
+#include "store.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CONFIG_TEXT_MAX      (1024 * 1024) /* longest pgrelay.ini text accepted */
+#define CONFIG_COMMIT_MIN_MS 5000 /* the commit step gets at least this long, whatever is left */
+/* The fault-injection tests' hook (as switchover.c's): an apply whose prepare step is done
+ * holds there, before the commit decision, for PGRELAY_CONTROL_TEST_HOLD_MS (default: until
+ * its deadline, then it rolls back). Never set it in production. */
+#define CONFIG_TEST_HOLD_ENV    "PGRELAY_CONTROL_TEST_HOLD"
+#define CONFIG_TEST_HOLD_MS_ENV "PGRELAY_CONTROL_TEST_HOLD_MS"
+
+/* The node ids of targets as a JSON array's text (malloc'd), or NULL. */
+static char *config_targets_json(state_proxy *const *targets, int n)
+{
+    json_t *list = json_array();
+    for (int i = 0; list && i < n; i++)
+        json_array_append_new(list, json_string(targets[i]->node_id));
+    char *text = list ? json_dumps(list, JSON_COMPACT) : NULL;
+    json_decref(list);
+    return text;
+}
+
+/* The proxies named by a JSON array of node ids that this replica knows (malloc'd, *n of
+ * them; NULL with *n 0 when none or out of memory). */
+static state_proxy **config_find_targets(state_deployment *dep, json_t *ids, int *n)
+{
+    size_t i;
+    json_t *id;
+    state_proxy **list = malloc((json_array_size(ids) + 1) * sizeof(*list));
+    *n = 0;
+    if (!list)
+        return NULL;
+    json_array_foreach(ids, i, id)
+    {
+        state_proxy *p = json_is_string(id) ? state_find_proxy(dep, json_string_value(id)) : NULL;
+        if (p)
+            list[(*n)++] = p;
+    }
+    return list;
+}
+
+/* The current step's targets as a JSON array of node ids (new reference). */
+static json_t *config_op_target_ids(const operator_op *op)
+{
+    json_t *ids = json_array();
+    for (int i = 0; ids && i < op->n_targets; i++)
+        json_array_append_new(ids, json_string(op->targets[i].node_id));
+    return ids;
+}
+
+/* Queue a command (args stolen) nobody waits for to the proxies of ids, and wake them. */
+static void config_fire(state_deployment *dep, json_t *ids, const char *type, json_t *args)
+{
+    int n = 0;
+    state_proxy **targets = config_find_targets(dep, ids, &n);
+    if (n > 0 && store_command_create(dep->name, type, args, targets, n) < 0)
+        log_error("deployment %s: cannot queue %s: %s", dep->name, type, store_error());
+    for (int i = 0; i < n; i++)
+        agents_wake(targets[i]);
+    free(targets);
+    json_decref(args);
+}
+
+static json_t *config_version_args(int64_t version, int64_t op_id)
+{
+    return json_pack("{s:I, s:I}", "version", (json_int_t)version, "operation",
+                     (json_int_t)op_id);
+}
+
+/* ---- the apply ---- */
+
+/* Roll back (a refusal, silence, a store failure): the version is deleted, config_abort goes
+ * to every proxy the prepare went to, and the operator is answered code. */
+static void config_roll_back(operator_op *op, int code, const char *why)
+{
+    char pending[OPERATOR_DETAIL_MAX];
+    if (code == 504)
+        op_pending_detail(op, pending, sizeof(pending));
+    else
+        snprintf(pending, sizeof(pending), "no answer yet (rolled back)");
+    json_t *answers = op_answers(op, pending);
+    json_t *ids = config_op_target_ids(op);
+    if (store_config_roll_back(op->dep->name, op->version, op->op_id, why) != 0)
+        log_error("deployment %s: cannot record the rollback of configuration version %" PRId64
+                  ": %s (the next lease holder rolls it back)",
+                  op->dep->name, op->version, store_error());
+    config_fire(op->dep, ids, "config_abort", config_version_args(op->version, op->op_id));
+    json_decref(ids);
+    log_warning("deployment %s: configuration version %" PRId64 " rolled back on every proxy: %s",
+                op->dep->name, op->version, why);
+    op_finish(op, code,
+              json_pack("{s:b, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "error", why, "version",
+                        (json_int_t)op->version, "operation", (json_int_t)op->op_id,
+                        "committed", 0, "proxies", answers));
+}
+
+/* Every proxy of the set prepared: record the decision, then commit on exactly that set. */
+static void config_commit(operator_op *op)
+{
+    json_t *ids = config_op_target_ids(op);
+    int n = 0;
+    state_proxy **targets = config_find_targets(op->dep, ids, &n);
+    json_decref(ids);
+    if (store_config_commit(op->dep->name, op->version, op->op_id, "every proxy prepared") != 0) {
+        char why[OPERATOR_DETAIL_MAX];
+        snprintf(why, sizeof(why), "store unreachable: cannot record the commit: %s",
+                 store_error());
+        free(targets);
+        config_roll_back(op, 503, why);
+        return;
+    }
+    op->dep->config_version = op->version;
+    log_info("deployment %s: configuration version %" PRId64 " committed; committing it on %d "
+             "prox%s",
+             op->dep->name, op->version, n, n == 1 ? "y" : "ies");
+    int64_t least = control_mono_ms() + CONFIG_COMMIT_MIN_MS;
+    if (op->deadline_ms < least)
+        op->deadline_ms = least;
+    op_send(op, STEP_COMMIT, "config_commit", config_version_args(op->version, op->op_id),
+            targets, n);
+    free(targets);
+}
+
+/* The commit step ended (every proxy answered, or the deadline passed): record and answer. */
+static void config_finish(operator_op *op)
+{
+    char pending[OPERATOR_DETAIL_MAX], outcome[OPERATOR_DETAIL_MAX];
+    int done = 0;
+    for (int i = 0; i < op->n_targets; i++)
+        done += op->targets[i].answer == OP_OK;
+    bool all = done == op->n_targets;
+    snprintf(pending, sizeof(pending),
+             "not committed yet (no answer within %" PRId64 "s): it converges to version %" PRId64
+             " when it answers again",
+             op->timeout_s, op->version);
+    snprintf(outcome, sizeof(outcome), "version %" PRId64 " committed on %d of %d prox%s%s",
+             op->version, done, op->n_targets, op->n_targets == 1 ? "y" : "ies",
+             all ? "" : "; the others converge to it when they answer again");
+    if (store_operation_end(op->op_id, all ? "done" : "failed", outcome) != 0)
+        log_error("deployment %s: configuration version %" PRId64 ": cannot record its end: %s",
+                  op->dep->name, op->version, store_error());
+    if (all)
+        log_info("deployment %s: %s", op->dep->name, outcome);
+    else
+        log_warning("deployment %s: %s", op->dep->name, outcome);
+    op_finish(op, 200,
+              json_pack("{s:b, s:I, s:I, s:b, s:s, s:o}", "ok", all, "version",
+                        (json_int_t)op->version, "operation", (json_int_t)op->op_id,
+                        "committed", 1, "outcome", outcome, "proxies",
+                        op_answers(op, pending)));
+}
+
+/* The test hook: hold after the prepare step. True when holding. */
+static bool config_test_hold(operator_op *op)
+{
+    const char *hold = getenv(CONFIG_TEST_HOLD_ENV);
+    const char *ms = getenv(CONFIG_TEST_HOLD_MS_ENV);
+    if (!hold || strcmp(hold, "prepare") != 0)
+        return false;
+    log_warning("deployment %s: config apply holds after its prepare step (%s is set: a test "
+                "hook)",
+                op->dep->name, CONFIG_TEST_HOLD_ENV);
+    op->step = STEP_CONFIG_HOLD;
+    op->command_id = 0;
+    int64_t deadline = op->deadline_ms;
+    if (ms && atoll(ms) > 0 && control_mono_ms() + atoll(ms) < deadline)
+        op->deadline_ms = control_mono_ms() + atoll(ms);
+    op_arm_deadline(op);
+    op->deadline_ms = deadline;
+    return true;
+}
+
+void config_apply_step_done(operator_op *op)
+{
+    switch (op->step) {
+    case STEP_PREPARE:
+        if (config_test_hold(op))
+            return;
+        config_commit(op);
+        return;
+    case STEP_COMMIT:
+        config_finish(op);
+        return;
+    default:
+        op_finish_error(op, 500, "config apply in an unknown step");
+        return;
+    }
+}
+
+void config_apply_timeout(operator_op *op)
+{
+    char msg[OPERATOR_DETAIL_MAX];
+    switch (op->step) {
+    case STEP_PREPARE:
+        snprintf(msg, sizeof(msg), "not every proxy prepared within %" PRId64 "s",
+                 op->timeout_s);
+        config_roll_back(op, 504, msg);
+        return;
+    case STEP_CONFIG_HOLD:
+        if (op_left_ms(op) > 0) {
+            config_commit(op);
+            return;
+        }
+        snprintf(msg, sizeof(msg), "not done within %" PRId64 "s", op->timeout_s);
+        config_roll_back(op, 504, msg);
+        return;
+    case STEP_COMMIT:
+        config_finish(op);
+        return;
+    default:
+        op_finish_error(op, 500, "config apply in an unknown step");
+        return;
+    }
+}
+
+void config_apply_refused(operator_op *op, const char *node_id, const char *detail)
+{
+    char why[OPERATOR_DETAIL_MAX];
+    if (op->timer)
+        evtimer_del(op->timer);
+    snprintf(why, sizeof(why), "proxy %s refused the configuration: %s", node_id, detail);
+    config_roll_back(op, 409, why);
+}
+
+/* The same text as the deployment's current version: nothing to apply, no new version. The
+ * answer says which live proxies are on it (the others converge to it). */
+static void config_unchanged(operator_op *op, int64_t version)
+{
+    json_t *list = json_array();
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    for (int i = 0; i < n; i++) {
+        bool on = live[i]->config_version == version;
+        json_array_append_new(
+            list, json_pack("{s:s, s:b, s:o}", "node_id", live[i]->node_id, "ok", on, "detail",
+                            on ? json_sprintf("on version %" PRId64, version)
+                               : json_sprintf("on version %" PRId64 ": converging to %" PRId64,
+                                              live[i]->config_version, version)));
+    }
+    free(live);
+    log_info("deployment %s: config apply of the text of version %" PRId64 ": unchanged",
+             op->dep->name, version);
+    op_finish(op, 200,
+              json_pack("{s:b, s:I, s:b, s:s, s:o}", "ok", 1, "version", (json_int_t)version,
+                        "unchanged", 1, "outcome",
+                        "the text is the deployment's current version: nothing applied",
+                        "proxies", list));
+}
+
+void operator_config_apply(http_call *call)
+{
+    const char *text = NULL;
+    int64_t min_version = 0, current = 0;
+    char *current_text = NULL, *targets_json = NULL;
+    state_proxy **live = NULL;
+    char msg[OPERATOR_DETAIL_MAX];
+
+    if (!http_field_string(call, call->body, NULL, "text", true, CONFIG_TEXT_MAX, &text))
+        return;
+    operator_op *op = op_begin(call, OP_CONFIG);
+    if (!op)
+        return;
+    op->text = strdup(text);
+    if (!op->text) {
+        op_finish_error(op, 500, "out of memory");
+        return;
+    }
+    if (store_config_current(op->dep->name, &current, &current_text) != 0) {
+        snprintf(msg, sizeof(msg), "store unreachable: %s", store_error());
+        op_finish_error(op, 503, msg);
+        return;
+    }
+    op->dep->config_version = current;
+    if (current_text && strcmp(current_text, text) == 0) {
+        free(current_text);
+        config_unchanged(op, current);
+        return;
+    }
+    free(current_text);
+    for (state_proxy *p = op->dep->proxies; p; p = p->next)
+        if (p->declared && p->config_version > min_version)
+            min_version = p->config_version;
+    int n = state_live_proxies(op->dep, &live);
+    if (n < 0 || !(targets_json = config_targets_json(live, n))) {
+        free(live);
+        op_finish_error(op, 500, "out of memory listing the live proxies");
+        return;
+    }
+    /* durable first: the version, its operation and the proxies it goes to */
+    if (store_config_begin(op->dep->name, text, min_version, targets_json, op->timeout_s,
+                           &op->version, &op->op_id) != 0) {
+        snprintf(msg, sizeof(msg), "store unreachable: cannot record the apply: %s",
+                 store_error());
+        free(live);
+        free(targets_json);
+        op_finish_error(op, 503, msg);
+        return;
+    }
+    free(targets_json);
+    log_info("deployment %s: configuration version %" PRId64 " proposed (operation %" PRId64
+             ") to %d prox%s",
+             op->dep->name, op->version, op->op_id, n, n == 1 ? "y" : "ies");
+    json_t *args = json_pack("{s:I, s:s, s:I}", "version", (json_int_t)op->version, "text", text,
+                             "operation", (json_int_t)op->op_id);
+    op_send(op, STEP_PREPARE, "config_prepare", args, live, n);
+    free(live);
+}
+
+/* ---- the desired version ---- */
+
+void operator_config_desired(http_call *call)
+{
+    const char *node_id = evhttp_find_header(&call->query, "node_id");
+    int64_t version = 0;
+    char *text = NULL;
+    if (!node_id || !http_node_id_valid(node_id)) {
+        http_reply_error(call->req, 400, "query parameter node_id must be 1 to %d printable "
+                                         "characters without blanks",
+                         STATE_NODE_ID_MAX - 1);
+        return;
+    }
+    state_proxy *p = state_find_proxy(call->dep, node_id);
+    if (!p || !p->declared) {
+        http_reply_error(call->req, 403, "proxy %s is not declared in deployment %s", node_id,
+                         call->dep->name);
+        return;
+    }
+    if (store_config_current(call->dep->name, &version, &text) != 0) {
+        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+        return;
+    }
+    call->dep->config_version = version;
+    http_reply_json(call->req, 200,
+                    json_pack("{s:I, s:o}", "version", (json_int_t)version, "text",
+                              text ? json_string(text) : json_null()));
+    free(text);
+}
+
+/* ---- recovery by the next lease holder ---- */
+
+/* Finish or roll back one apply left running by a replica that crashed, stopped or lost the
+ * lease: committed when its record is at the commit step (the decision was taken) or when
+ * every proxy of its set had prepared; rolled back otherwise. */
+static void config_recover_one(json_t *row)
+{
+    int64_t id = json_integer_value(json_object_get(row, "id"));
+    int64_t version = json_integer_value(json_object_get(row, "version"));
+    int64_t command_id = json_integer_value(json_object_get(row, "command_id"));
+    const char *step = json_string_value(json_object_get(row, "step"));
+    json_t *ids = json_object_get(row, "targets");
+    state_deployment *dep =
+        state_find_deployment(json_string_value(json_object_get(row, "deployment")));
+    char outcome[OPERATOR_DETAIL_MAX];
+    int ok = 0, total = 0;
+
+    if (!dep)
+        return;
+    bool decided = step && strcmp(step, "commit") == 0;
+    if (!decided) {
+        if (json_array_size(ids) == 0)
+            decided = true; /* prepared on nobody: nothing to undo */
+        else if (command_id > 0 && store_command_answers(command_id, &ok, &total) == 0)
+            decided = ok == total && total == (int)json_array_size(ids);
+        if (decided && store_config_commit(dep->name, version, id,
+                                           "every proxy had prepared (recovered)") != 0) {
+            log_error("deployment %s: operation %" PRId64 ": cannot commit version %" PRId64
+                      ": %s",
+                      dep->name, id, version, store_error());
+            return;
+        }
+        if (decided)
+            config_fire(dep, ids, "config_commit", config_version_args(version, id));
+    }
+    if (decided) {
+        dep->config_version = version;
+        snprintf(outcome, sizeof(outcome),
+                 "finished by %s (the replica that ran it stopped at its %s step): version "
+                 "%" PRId64 " committed on the proxies that prepared it; a proxy that did not "
+                 "acknowledge its commit converges to it",
+                 control.identity, step ? step : "?", version);
+        if (store_operation_end(id, "done", outcome) != 0)
+            log_error("operation %" PRId64 ": cannot record its end: %s", id, store_error());
+        else
+            log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+        return;
+    }
+    snprintf(outcome, sizeof(outcome),
+             "rolled back by %s (the replica that ran it stopped at its %s step, %d of %zu "
+             "proxies prepared): config_abort queued",
+             control.identity, step ? step : "?", ok, json_array_size(ids));
+    if (store_config_roll_back(dep->name, version, id, outcome) != 0) {
+        log_error("deployment %s: operation %" PRId64 ": cannot roll back version %" PRId64
+                  ": %s",
+                  dep->name, id, version, store_error());
+        return;
+    }
+    config_fire(dep, ids, "config_abort", config_version_args(version, id));
+    log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+}
+
+void config_recover(json_t *running)
+{
+    size_t i;
+    json_t *row;
+    for (state_deployment *d = state_deployments(); d; d = d->next)
+        if (store_config_current(d->name, &d->config_version, NULL) != 0)
+            log_error("deployment %s: cannot read its configuration version: %s", d->name,
+                      store_error());
+    json_array_foreach(running, i, row)
+    {
+        const char *kind = json_string_value(json_object_get(row, "kind"));
+        if (kind && strcmp(kind, "config") == 0)
+            config_recover_one(row);
+    }
+}

@@ -1,0 +1,144 @@
+"""config apply answers per proxy, and pgrelayctl says when not every proxy committed
+(issue 9, Deliver 1): simulated agents (test_control_api.SimAgent) against a real
+pgrelay-control and its store.
+
+  * the commit goes to exactly the proxies that prepared, not to whoever is live then;
+  * the answer lists every proxy's outcome; "ok" is true only when every one committed, and
+    pgrelayctl exits 1 naming the others;
+  * the deployment has a desired version: the metrics and poll answers carry it, and a proxy
+    fetches its text from GET /api/v1/agent/config.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+from conftest import wait_for
+from test_control_api import (  # noqa: F401 - fixtures
+    ADMIN,
+    API,
+    TOKENS,
+    Background,
+    SimAgent,
+    ack_all,
+    agents,
+    control,
+    control_factory,
+    never,
+    store,
+    store_rows,
+)
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CTL_BIN = os.path.abspath(os.environ.get("PGRELAYCTL_BIN", os.path.join(REPO, "bin", "pgrelayctl")))
+TEXT = "[pgrelay]\nlisten_port = 6432\n\n[node.pg1]\nhost = 10.0.0.1\nrole = primary\n"
+
+
+def refuse_commit(cmd):
+    if cmd["type"] == "config_commit":
+        return False, "cannot replace /etc/pgrelay/pgrelay.ini: No space left on device"
+    return True, "ok"
+
+
+def ctl(control, *args, text=None):
+    env = dict(os.environ, PGRELAYCTL_ENDPOINT=f"http://127.0.0.1:{control.port}",
+               PGRELAYCTL_TOKEN=ADMIN, PGRELAYCTL_DEPLOYMENT="prod")
+    return subprocess.run([CTL_BIN, *args], env=env, input=text, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_commit_refused_by_one_proxy_is_answered_per_proxy_and_pgrelayctl_exits_1(
+        control, agents):
+    a = agents(control, "proxy-a")
+    b = agents(control, "proxy-b", policy=refuse_commit)
+    p = ctl(control, "-o", "json", "config", "apply", "-", text=TEXT)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert "proxy-b" in p.stderr and "No space left on device" in p.stderr, p.stderr
+    answer = json.loads(p.stdout)
+    assert answer["ok"] is False and answer["committed"] is True and answer["version"] == 1
+    by_id = {row["node_id"]: row for row in answer["proxies"]}
+    assert by_id["proxy-a"]["ok"] is True, by_id
+    assert by_id["proxy-b"]["ok"] is False and "No space" in by_id["proxy-b"]["detail"]
+    assert set(by_id) == {"proxy-a", "proxy-b"}
+    for agent in (a, b):
+        assert agent.types() == ["config_prepare", "config_commit"]
+    # the version is the deployment's: the one whose commit failed is told to converge to it
+    assert a.metrics()["config_version"] == 1
+    status, current = control.admin("GET", "/deployments/prod/config")
+    assert current["version"] == 1 and current["text"] == TEXT
+    # the operation says so
+    status, [op] = control.admin("GET", "/deployments/prod/operations")
+    assert op["kind"] == "config" and op["version"] == 1 and op["state"] == "failed", op
+    assert "committed on 1 of 2" in op["outcome"], op
+
+
+def test_every_proxy_committing_is_ok_and_exit_0_in_table_form(control, agents):
+    agents(control, "proxy-a")
+    agents(control, "proxy-b")
+    p = ctl(control, "config", "apply", "-", text=TEXT)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "proxy-a" in p.stdout and "proxy-b" in p.stdout
+    status, [op] = control.admin("GET", "/deployments/prod/operations")
+    assert op["state"] == "done" and op["targets"] == ["proxy-a", "proxy-b"], op
+
+
+def test_the_commit_goes_to_the_proxies_that_prepared_not_to_one_that_came_later(
+        control, agents):
+    """A proxy that appears between prepare and commit gets no commit of a text it never
+    checked: it converges to the desired version instead."""
+    held = []
+
+    def slow_prepare(cmd):
+        if cmd["type"] == "config_prepare":
+            held.append(cmd)
+            return True, "valid", 1.5
+        return True, "ok"
+
+    a = agents(control, "proxy-a", policy=slow_prepare)
+    apply = Background(control.port, "POST", API + "/deployments/prod/config",
+                       {"text": TEXT, "timeout_s": 10}, token=ADMIN)
+    wait_for(lambda: held, what="the prepare to reach proxy-a")
+    late = agents(control, "proxy-late")
+    status, answer = apply.result()
+    assert status == 200 and answer["ok"] is True, answer
+    assert [row["node_id"] for row in answer["proxies"]] == ["proxy-a"]
+    assert a.types() == ["config_prepare", "config_commit"]
+    time.sleep(0.5)
+    assert late.types() == [], "a proxy that did not prepare got a command of the apply"
+    # it learns the desired version and can fetch the text
+    assert late.metrics()["config_version"] == 1
+    status, body = late.poll(wait_s=0)
+    assert status == 200 and body["config_version"] == 1
+    status, desired = control.agent("GET", "/config?node_id=proxy-late")
+    assert status == 200 and desired == {"version": 1, "text": TEXT}
+
+
+def test_a_silent_proxy_at_commit_is_not_ok_and_converges_later(control, agents):
+    def silent_commit(cmd):
+        return None if cmd["type"] == "config_commit" else (True, "ok")
+
+    agents(control, "proxy-a")
+    b = agents(control, "proxy-b", policy=silent_commit)
+    status, answer = control.admin("POST", "/deployments/prod/config",
+                                   {"text": TEXT, "timeout_s": 1}, timeout=30)
+    assert status == 200 and answer["ok"] is False and answer["committed"] is True, answer
+    [row] = [r for r in answer["proxies"] if r["node_id"] == "proxy-b"]
+    assert row["ok"] is False and "converges to version 1" in row["detail"], row
+    # its commit stays queued: acknowledged later, the proxy is on the version
+    [commit] = b.commands("config_commit")
+    assert b.ack(commit["id"], True, "version 1 applied")[0] == 204
+    wait_for(lambda: control.proxies()["proxy-b"]["config_version"] == 1,
+             what="proxy-b on version 1")
+
+
+def test_identical_text_makes_no_new_version_and_the_desired_version_is_not_for_the_undeclared(
+        control, agents):
+    agents(control, "proxy-a")
+    status, first = control.admin("POST", "/deployments/prod/config", {"text": TEXT})
+    assert status == 200 and first["version"] == 1
+    status, again = control.admin("POST", "/deployments/prod/config", {"text": TEXT})
+    assert status == 200 and again["version"] == 1 and again["unchanged"] is True, again
+    assert store_rows(control.store, "SELECT version FROM pgrelay.config_versions") == [(1,)]
+    assert control.agent("GET", "/config?node_id=nobody-declared")[0] == 403
+    assert control.agent("GET", "/config")[0] == 400
