@@ -553,9 +553,15 @@ static void *poller_main(void *arg)
             detail[0] = '\0';
             int rc = control_run_command(json_string_value(type), json_object_get(cmd, "args"),
                                          detail, sizeof(detail));
-            log_info("control plane command %lld (%s): %s%s",
-                     (long long)json_integer_value(id), json_string_value(type),
-                     rc == 0 ? "ok" : "failed: ", rc == 0 ? "" : detail);
+            /* a pause renewal comes every third of pause_lease: debug, unless it failed */
+            log_level level = rc == 0 && json_is_true(json_object_get(
+                                             json_object_get(cmd, "args"), "renewal"))
+                                  ? LOG_LVL_DEBUG
+                                  : LOG_LVL_INFO;
+            if (log_current_level >= level)
+                log_msg(level, "control plane command %lld (%s): %s%s",
+                        (long long)json_integer_value(id), json_string_value(type),
+                        rc == 0 ? "ok" : "failed: ", rc == 0 ? "" : detail);
             char ack[128];
             snprintf(ack, sizeof(ack), "/api/v1/agent/commands/%lld/ack",
                      (long long)json_integer_value(id));

@@ -720,9 +720,13 @@ void agents_ack(http_call *call)
     case STORE_ACK_RECORDED:
         break;
     }
-    log_info("deployment %s: proxy %s acknowledged command %" PRId64 " (%s): %s%s%s",
-             call->dep->name, node_id, id, type, ok ? "ok" : "FAILED", detail ? ", " : "",
-             detail ? detail : "");
+    /* a pause renewal (maintenance.c) comes every third of pause_lease: debug, unless failed */
+    log_level level =
+        ok && json_is_true(json_object_get(args, "renewal")) ? LOG_LVL_DEBUG : LOG_LVL_INFO;
+    if (log_current_level >= level)
+        log_msg(level, "deployment %s: proxy %s acknowledged command %" PRId64 " (%s): %s%s%s",
+                call->dep->name, node_id, id, type, ok ? "ok" : "FAILED", detail ? ", " : "",
+                detail ? detail : "");
     if (ok)
         agents_learn(p, type, args);
     json_decref(args);

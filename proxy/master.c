@@ -212,7 +212,8 @@ static void master_on_child_channel(evutil_socket_t fd, short what, void *arg)
         if (from_agent && msg.cmd == CHANNEL_LOOK_AGAIN) {
             master_poke_workers(m);
         } else if (from_agent && msg.cmd == CHANNEL_MAINTENANCE) {
-            log_info("control plane: maintenance %s", (msg.arg & 1) ? "on" : "off");
+            if ((msg.arg & 1) != (atomic_load(&m->shm->maintenance) != 0)) /* not a renewal */
+                log_info("control plane: maintenance %s", (msg.arg & 1) ? "on" : "off");
             master_set_maintenance(m, (msg.arg & 1) != 0, (int)(msg.arg >> 1));
         } else if (from_agent && msg.cmd == CHANNEL_RELOAD) {
             char why[256];
@@ -449,8 +450,13 @@ void master_set_maintenance(master *m, bool on, int timeout_ms)
         atomic_store(&m->shm->maintenance_since_us, 0);
         atomic_store(&m->shm->maintenance_until_us, 0);
     }
-    atomic_store(&m->shm->maintenance, on ? 1u : 0u);
-    log_info("maintenance mode %s", on ? "on: holding new sessions and next statements" : "off");
+    bool was_on = atomic_exchange(&m->shm->maintenance, on ? 1u : 0u) != 0;
+    if (was_on != on)
+        log_info("maintenance mode %s",
+                 on ? "on: holding new sessions and next statements" : "off");
+    else
+        log_debug("maintenance mode stays %s%s", on ? "on" : "off",
+                  on && timeout_ms > 0 ? ", with a new end" : "");
     master_poke_workers(m);
 }
 
