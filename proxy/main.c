@@ -156,15 +156,23 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
         return 1;
     }
 
-    /* Open the listen socket before detaching, so "port in use" reaches the terminal. */
+    /* Open the listen sockets before detaching, so "port in use" reaches the terminal: one
+     * per worker and port (SO_REUSEPORT), kept by the master for the workers it respawns. */
     char err[512];
-    int listen_fds[2] = {-1, -1};
+    int *listen_fds[2] = {calloc((size_t)cfg->workers, sizeof(int)),
+                          calloc((size_t)cfg->workers, sizeof(int))};
     const int ports[2] = {cfg->listen_port, cfg->read_listen_port};
+    if (!listen_fds[0] || !listen_fds[1]) {
+        log_error("out of memory");
+        return 1;
+    }
     for (int i = 0; i < 2; i++) {
+        for (int k = 0; k < cfg->workers; k++)
+            listen_fds[i][k] = -1;
         if (ports[i] == 0)
             continue;
-        listen_fds[i] = net_listen(cfg->listen_addr, ports[i], err, sizeof(err));
-        if (listen_fds[i] < 0) {
+        if (net_listen_group(cfg->listen_addr, ports[i], cfg->workers, listen_fds[i], err,
+                             sizeof(err)) != 0) {
             log_error("%s", err);
             if (cfg->logfile[0])
                 fprintf(stderr, "pgrelay: %s\n", err);

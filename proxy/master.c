@@ -175,7 +175,7 @@ static void master_spawn(master *m, int i)
         httpd_close_in_child();
         if (master_is_agent(m, i))
             master_exec_agent(m, pair[1]);
-        worker_main(i, m->cfg, m->shm, m->listen_fds, pair[1]);
+        worker_main(i, m->cfg, m->shm, m->listen_fds, m->n_workers, pair[1]);
     }
     close(pair[1]);
     c->channel_fd = pair[0];
@@ -191,6 +191,7 @@ static void master_spawn(master *m, int i)
     atomic_store(&m->shm->workers[i].pid, pid);
     m->shm->workers[i].started_at_us = c->started_us;
     log_info("worker %d started (pid %d)", i, (int)pid);
+    master_poke_workers(m); /* its neighbour stops accepting from its sockets */
 }
 
 /* A message from a worker or the agent. */
@@ -297,6 +298,7 @@ static void master_reap(master *m)
         } else {
             snprintf(who, sizeof(who), "worker %d", i);
             atomic_store(&m->shm->workers[i].pid, 0);
+            master_poke_workers(m); /* a neighbour accepts from its sockets meanwhile */
             master_uncount_sessions(m, i);
             lost = shm_sessions_reclaim(m->shm, i);
         }
@@ -348,9 +350,11 @@ static void master_begin_stop(master *m, master_stop how, int sig, int deadline_
 {
     m->stop = how;
     for (int i = 0; i < 2; i++) {
-        if (m->listen_fds[i] >= 0) {
-            close(m->listen_fds[i]);
-            m->listen_fds[i] = -1;
+        for (int k = 0; k < m->n_workers; k++) {
+            if (m->listen_fds[i][k] >= 0) {
+                close(m->listen_fds[i][k]);
+                m->listen_fds[i][k] = -1;
+            }
         }
     }
     for (int i = 0; i < m->n_children; i++)
@@ -687,7 +691,7 @@ static void master_uncount_sessions(master *m, int index)
     }
 }
 
-int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
+int master_run(config *cfg, int *const listen_fds[2], const master_options *opts)
 {
     master m = {.cfg = cfg, .listen_fds = {listen_fds[0], listen_fds[1]}, .shm_fd = -1,
                 .opts = *opts};
