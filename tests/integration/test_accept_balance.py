@@ -12,9 +12,10 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 
-from conftest import admin, wait_for
+from conftest import PGRELAY_BIN, admin, wait_for
 
 WORKERS = 4
 N = 1000
@@ -151,3 +152,25 @@ def test_connections_queued_on_a_worker_that_dies_are_served_by_another(relay_fa
     finally:
         for s in more:
             s.close()
+
+
+def test_a_second_pgrelay_on_the_same_port_is_refused_not_let_into_the_group(relay_factory):
+    """SO_REUSEPORT would let another process of the same user bind the port too and take a
+    share of the connections: a second pgrelay started on the port by mistake fails at start
+    with "Address already in use", as it did with one shared socket."""
+    relay = relay_factory(workers=WORKERS)
+    with open(relay.conf_path) as f:
+        text = f.read()
+    other = os.path.join(relay.workdir, "second.ini")
+    with open(other, "w") as f:
+        f.write(text.replace(os.path.join(relay.workdir, "admin.sock"),
+                             os.path.join(relay.workdir, "second.sock")))
+    p = subprocess.run([PGRELAY_BIN, "-c", other], capture_output=True, text=True, timeout=20)
+    assert p.returncode != 0, p.stderr
+    assert f"cannot listen on 127.0.0.1:{relay.port}: bind: Address already in use" \
+        in p.stdout + p.stderr, (p.stdout, p.stderr)
+    # the first one still takes every connection
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", relay.port)) as s:
+            s.sendall(SSL_REQUEST)
+            assert s.recv(1) == b"N"
