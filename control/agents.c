@@ -379,10 +379,14 @@ void agents_metrics(http_call *call)
 
     leader_decide(call->dep); /* only when something it reads changed */
     state_deployment *d = call->dep;
-    http_reply_json(call->req, 200,
-                    json_pack("{s:o, s:I}", "leader",
-                              d->leader[0] ? json_string(d->leader) : json_null(), "epoch",
-                              (json_int_t)d->epoch));
+    json_t *answer = json_pack("{s:o, s:I}", "leader",
+                               d->leader[0] ? json_string(d->leader) : json_null(), "epoch",
+                               (json_int_t)d->epoch);
+    /* the per-proxy options the agent applies itself (members.c), in every answer while set
+     * (absent: the defaults), so that a proxy that restarted converges at its first call */
+    if (answer && json_is_true(json_object_get(p->options, "read_only")))
+        json_object_set_new(answer, "options", json_pack("{s:b}", "read_only", 1));
+    http_reply_json(call->req, 200, answer);
 }
 
 /* ---- queries, config, schema ---- */

@@ -216,6 +216,13 @@ static void master_on_child_channel(evutil_socket_t fd, short what, void *arg)
             if ((msg.arg & 1) != (atomic_load(&m->shm->maintenance) != 0)) /* not a renewal */
                 log_info("control plane: maintenance %s", (msg.arg & 1) ? "on" : "off");
             master_set_maintenance(m, (msg.arg & 1) != 0, (int)(msg.arg >> 1));
+        } else if (from_agent && msg.cmd == CHANNEL_READ_ONLY) {
+            bool on = msg.arg != 0;
+            if ((atomic_exchange(&m->shm->read_only_role, on ? 1u : 0u) != 0) != on)
+                log_warning("control plane: this proxy is %s", on ? "read-only now (proxy option "
+                            "read_only): new sessions on the write port go where the read-only "
+                            "port's would" : "no longer read-only: the write port routes writes "
+                            "again");
         } else if (from_agent && msg.cmd == CHANNEL_RELOAD) {
             char why[256];
             log_info("control plane: reloading %s", m->cfg->path);

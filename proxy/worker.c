@@ -149,7 +149,11 @@ static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
             log_error("accept: %s", strerror(errno));
             return;
         }
-        session_new(fd, &addr, len, l->read_port);
+        /* a read-only proxy (control plane, proxy option read_only) routes every new session
+         * as its read-only port does */
+        session_new(fd, &addr, len,
+                    l->read_port || atomic_load_explicit(&w->shm->read_only_role,
+                                                         memory_order_relaxed) != 0);
     }
 }
 
