@@ -76,8 +76,12 @@ static int cmd_maintenance(json_t *args, char *detail, size_t len)
             if (on && timeout_ms > 0) {
                 snprintf(detail, len, "maintenance on, resuming by itself in %lld ms",
                          (long long)timeout_ms);
-                log_info("control plane: pause ends by itself in %lld ms unless resumed",
-                         (long long)timeout_ms);
+                if (json_is_true(json_object_get(args, "renewal")))
+                    log_debug("control plane: pause renewed, ends by itself in %lld ms unless "
+                              "resumed", (long long)timeout_ms);
+                else
+                    log_info("control plane: pause ends by itself in %lld ms unless resumed",
+                             (long long)timeout_ms);
             } else {
                 snprintf(detail, len, "maintenance %s", on ? "on" : "off");
             }

@@ -9,6 +9,7 @@
  * Failures back off exponentially (capped, with jitter) and are logged once per change.
  */
 #include "control.h"
+#include "channel.h"
 #include "http.h"
 #include "log.h"
 #include "normalize.h"
@@ -115,6 +116,21 @@ void control_send_leader(const char *leader, uint64_t epoch)
 
 /* Hand an answer's leader and epoch (metrics, long poll) to the agent's loop. False, and
  * nothing handed on, unless leader is a name or null and epoch is valid. */
+/* The per-proxy options of a metrics answer (set-proxy-options; absent: the defaults):
+ * read_only goes to the master when it changes (each process of the agent tells it once). */
+static void follow_options(json_t *reply)
+{
+    static int sent = -1; /* the reporter thread's */
+    int want = json_is_true(json_object_get(json_object_get(reply, "options"), "read_only"));
+    if (sent == want)
+        return;
+    sent = want;
+    if (channel_send(control.master_fd, CHANNEL_READ_ONLY, (uint64_t)want) != 0) {
+        log_error("control plane: cannot tell the master read_only = %s", want ? "on" : "off");
+        sent = -1; /* again at the next answer */
+    }
+}
+
 static bool follow_answer(json_t *reply)
 {
     json_t *leader = json_object_get(reply, "leader");
@@ -575,6 +591,7 @@ static void *reporter_main(void *arg)
             status = post(&c, "/api/v1/agent/metrics", metrics_body(t), &reply);
             if (status == 200) {
                 r->undeclared = false;
+                follow_options(reply);
                 if (!follow_answer(reply)) {
                     /* Garbage must not move the epoch, which only ever grows. */
                     snprintf(c.error, sizeof(c.error),
@@ -715,9 +732,15 @@ static void *poller_main(void *arg)
             detail[0] = '\0';
             int rc = control_run_command(json_string_value(type), json_object_get(cmd, "args"),
                                          detail, sizeof(detail));
-            log_info("control plane command %lld (%s): %s%s",
-                     (long long)json_integer_value(id), json_string_value(type),
-                     rc == 0 ? "ok" : "failed: ", rc == 0 ? "" : detail);
+            /* a pause renewal comes every third of pause_lease: debug, unless it failed */
+            log_level level = rc == 0 && json_is_true(json_object_get(
+                                             json_object_get(cmd, "args"), "renewal"))
+                                  ? LOG_LVL_DEBUG
+                                  : LOG_LVL_INFO;
+            if (log_current_level >= level)
+                log_msg(level, "control plane command %lld (%s): %s%s",
+                        (long long)json_integer_value(id), json_string_value(type),
+                        rc == 0 ? "ok" : "failed: ", rc == 0 ? "" : detail);
             char ack[128];
             snprintf(ack, sizeof(ack), "/api/v1/agent/commands/%lld/ack",
                      (long long)json_integer_value(id));

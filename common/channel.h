@@ -14,6 +14,8 @@ typedef enum channel_cmd {
     CHANNEL_SET_LEADER,     /* master -> agent: arg = node index | (force << 32) */
     CHANNEL_MAINTENANCE,    /* agent -> master: arg = on (bit 0) | timeout in ms << 1 */
     CHANNEL_RELOAD,         /* agent -> master: re-read the configuration file */
+    CHANNEL_READ_ONLY,      /* agent -> master: arg = 1 when the control plane made this proxy
+                             * read-only (set-proxy-options read_only), 0 when not */
 } channel_cmd;
 
 typedef struct channel_msg {

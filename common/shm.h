@@ -327,6 +327,8 @@ typedef struct shm_segment {
     _Atomic int64_t maintenance_until_us; /* automatic resume time, 0 = none */
     _Atomic uint64_t reloads;          /* configuration reloads applied */
     _Atomic uint64_t config_version;   /* control-plane configuration version applied, 0 = none */
+    _Atomic uint32_t read_only_role;   /* 1: the control plane made this proxy read-only: new
+                                        * write-port sessions are routed as read-port ones */
     _Atomic uint64_t history_count;    /* leader events written; entry i at i % MAX */
     _Atomic uint32_t history_starts;   /* of them, leaders confirmed at start (0 or 1): no
                                         * change, so not in pgrelay_leader_changes_total */

@@ -393,6 +393,10 @@ void agents_metrics(http_call *call)
                                (json_int_t)d->epoch);
     if (d->config_version > 0) /* the desired configuration version (config_apply.c) */
         json_object_set_new(answer, "config_version", json_integer(d->config_version));
+    /* the per-proxy options the agent applies itself (members.c), in every answer while set
+     * (absent: the defaults), so that a proxy that restarted converges at its first call */
+    if (answer && json_is_true(json_object_get(p->options, "read_only")))
+        json_object_set_new(answer, "options", json_pack("{s:b}", "read_only", 1));
     http_reply_json(call->req, 200, answer);
 }
 
@@ -735,9 +739,13 @@ void agents_ack(http_call *call)
     case STORE_ACK_RECORDED:
         break;
     }
-    log_info("deployment %s: proxy %s acknowledged command %" PRId64 " (%s): %s%s%s",
-             call->dep->name, node_id, id, type, ok ? "ok" : "FAILED", detail ? ", " : "",
-             detail ? detail : "");
+    /* a pause renewal (maintenance.c) comes every third of pause_lease: debug, unless failed */
+    log_level level =
+        ok && json_is_true(json_object_get(args, "renewal")) ? LOG_LVL_DEBUG : LOG_LVL_INFO;
+    if (log_current_level >= level)
+        log_msg(level, "deployment %s: proxy %s acknowledged command %" PRId64 " (%s): %s%s%s",
+                call->dep->name, node_id, id, type, ok ? "ok" : "FAILED", detail ? ", " : "",
+                detail ? detail : "");
     if (ok)
         agents_learn(p, type, args);
     json_decref(args);

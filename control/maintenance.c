@@ -219,15 +219,22 @@ static void maintenance_renew(maintenance_entry *e)
     }
     json_t *args = maintenance_args(dep);
     int64_t end = json_integer_value(json_object_get(args, "until_ms"));
+    /* marked, so that proxies log it quietly and the store keeps only the last two */
+    json_object_set_new(args, "renewal", json_true());
     int64_t id = maintenance_queue(dep, args, held, n);
     free(held);
     if (id <= 0)
         return;
-    /* the last renewal, where not taken yet, is superseded: a proxy that was away gets one */
+    /* the last renewal, where not taken yet, is superseded: a proxy that was away gets one;
+     * the ones before it are deleted (a renewal every third of pause_lease would otherwise
+     * leave thousands of rows a day until command_retention), also those that a replica which
+     * held the lease before left behind */
     if (e->command_id > 0 &&
-        store_command_cancel(e->command_id, "superseded by a later renewal of the pause") != 0)
-        log_warning("deployment %s: cannot withdraw maintenance command %" PRId64 ": %s", dep->name,
-                    e->command_id, store_error());
+        (store_command_cancel(e->command_id, "superseded by a later renewal of the pause") != 0 ||
+         store_commands_prune_renewals(dep->name, e->command_id) < 0))
+        log_warning("deployment %s: cannot withdraw or prune maintenance renewals before "
+                    "command %" PRId64 ": %s",
+                    dep->name, id, store_error());
     e->command_id = id;
     log_debug("deployment %s: maintenance pause renewed to %" PRId64
               " ms from now (command %" PRId64 ", %d prox%s)",

@@ -41,6 +41,9 @@ static const members_option members_options[] = {
      "operator maintenance on/off leaves the proxy out (a switchover still pauses it)"},
     {"address", MEMBERS_OPT_ADDRESS,
      "the proxy's calls are taken only from this IP address (others are 403)"},
+    {"read_only", MEMBERS_OPT_BOOL,
+     "pushed to the proxy: its write port serves sessions as its read-only port does (a "
+     "replica within the lag limits), so that it never routes a write"},
 };
 #define MEMBERS_N_OPTIONS (sizeof(members_options) / sizeof(members_options[0]))
 

@@ -100,6 +100,9 @@ int store_command_cancel(int64_t id, const char *detail);
 
 /* Delete commands older than retention_ms. Returns how many, or -1. */
 int store_commands_expire(int64_t retention_ms);
+/* Delete deployment's pause renewals (maintenance commands whose args carry "renewal": true)
+ * older than command before_id, with their acks; lease-guarded. How many, or -1. */
+int store_commands_prune_renewals(const char *deployment, int64_t before_id);
 
 /* ---- configuration applies (store_config.c): every write conditional on the lease guard ---- */
 

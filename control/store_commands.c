@@ -166,3 +166,21 @@ int store_commands_expire(int64_t retention_ms)
     PQclear(res);
     return n;
 }
+
+int store_commands_prune_renewals(const char *deployment, int64_t before_id)
+{
+    char idtext[STORE_INT_MAX], term[STORE_INT_MAX];
+    const char *params[5] = {deployment, fmt_int(idtext, before_id)};
+    store_lease_guard(&params[2], &params[3], term);
+    params[4] = params[2] ? term : NULL;
+    PGresult *res = store_exec(PGRES_COMMAND_OK,
+                               "DELETE FROM pgrelay.commands WHERE deployment = $1"
+                               " AND id < $2::bigint AND type = 'maintenance'"
+                               " AND args @> '{\"renewal\": true}' AND" STORE_LEASE_GUARD("3", "4", "5"),
+                               5, params);
+    if (!res)
+        return -1;
+    int n = atoi(PQcmdTuples(res));
+    PQclear(res);
+    return n;
+}

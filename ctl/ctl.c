@@ -136,7 +136,8 @@ static const ctl_command ctl_commands[] = {
     {"delete-proxy", "NODE_ID", "undeclare a proxy: it is pending again", 0, 0, 1, 1, true, NULL,
      ctl_cmd_delete_proxy},
     {"set-proxy-options", "NODE_ID KEY=VALUE...",
-     "a declared proxy's maintenance_exempt=on|off, address=IP (empty: default)", 0, 0, 2,
+     "a declared proxy's maintenance_exempt=on|off, read_only=on|off, address=IP (empty: "
+     "default)", 0, 0, 2,
      CTL_OPTIONS_MAX, true, ctl_check_proxy_options, ctl_cmd_set_proxy_options},
     {"show-nodes", "", "database nodes: address, role, leader, health, lag", 0, 0, 0, 0, true, NULL,
      ctl_cmd_show_nodes},

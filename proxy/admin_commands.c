@@ -222,6 +222,8 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "maintenance_until",
                         json_time(atomic_load(&m->shm->maintenance_until_us)));
     json_object_set_new(o, "reloads", json_integer((json_int_t)atomic_load(&m->shm->reloads)));
+    /* the control plane's proxy option read_only: the write port routes as the read port */
+    json_object_set_new(o, "read_only_role", json_boolean(atomic_load(&m->shm->read_only_role)));
     json_object_set_new(o, "shutting_down", json_boolean(m->stop != MASTER_RUNNING));
     free(routes);
     *result = o;

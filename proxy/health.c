@@ -92,6 +92,10 @@ bool health_is_ready(master *m, char *json, size_t len)
     shm_routes_read(m->shm, &health_routes);
     const char *why = NULL;
     int leader = health_leader(m, &health_routes, &why);
+    if (atomic_load(&m->shm->read_only_role)) {
+        why = "a read-only proxy (proxy option read_only): its write port routes no writes";
+        leader = -1;
+    }
     if (leader < 0) {
         snprintf(json, len, "{\"ready\": false, \"reason\": \"%s\", \"epoch\": %llu}", why,
                  (unsigned long long)health_routes.epoch);

@@ -4,7 +4,6 @@
 #include "log.h"
 #include "master.h"
 #include "net.h"
-#include "tls.h"
 #include "worker.h"
 
 #include <limits.h>
@@ -122,15 +121,6 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
             fprintf(stderr, "pgrelay: %d error(s) in %s; not starting\n", errors, config_path);
         return 1;
     }
-    /* Certificates and keys are read now: a broken one stops the check and the start. */
-    char tls_err[1024];
-    if (tls_setup(cfg, tls_err, sizeof(tls_err)) != 0) {
-        fprintf(stderr, "%s: %s\n", config_path, tls_err);
-        if (!check)
-            fprintf(stderr, "pgrelay: TLS configuration error in %s; not starting\n",
-                    config_path);
-        return 1;
-    }
     char exposed[PATH_MAX + 200];
     bool secrets_exposed = config_secrets_exposed(cfg, config_path, exposed, sizeof(exposed));
     if (check) {
@@ -157,7 +147,7 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
     int pid_fd = -1;
     if (pidfile && (pid_fd = daemon_pidfile_lock("pgrelay", pidfile)) < 0)
         return 1;
-    int listen_fds[2] = {-1, -1};
+    int *listen_fds[2] = {NULL, NULL};
 
     /* From here on log lines go where the configuration says; start-up failures are also
      * printed on the terminal while there still is one. */
@@ -167,14 +157,24 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
         goto fail;
     }
 
-    /* Open the listen socket before detaching, so "port in use" reaches the terminal. */
+    /* Open the listen sockets before detaching, so "port in use" reaches the terminal: one
+     * per worker and port (SO_REUSEPORT), kept by the master for the workers it respawns. */
     char err[512];
     const int ports[2] = {cfg->listen_port, cfg->read_listen_port};
     for (int i = 0; i < 2; i++) {
+        listen_fds[i] = malloc((size_t)cfg->workers * sizeof(int));
+        if (!listen_fds[i]) {
+            log_error("out of memory");
+            goto fail;
+        }
+        for (int k = 0; k < cfg->workers; k++)
+            listen_fds[i][k] = -1;
+    }
+    for (int i = 0; i < 2; i++) {
         if (ports[i] == 0)
             continue;
-        listen_fds[i] = net_listen(cfg->listen_addr, ports[i], err, sizeof(err));
-        if (listen_fds[i] < 0) {
+        if (net_listen_group(cfg->listen_addr, ports[i], cfg->workers, listen_fds[i], err,
+                             sizeof(err)) != 0) {
             log_error("%s", err);
             if (cfg->logfile[0])
                 fprintf(stderr, "pgrelay: %s\n", err);
@@ -193,9 +193,12 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
     return master_run(cfg, listen_fds, opts);
 
 fail: /* not started: no listen socket and no pidfile are left behind */
-    for (int i = 0; i < 2; i++)
-        if (listen_fds[i] >= 0)
-            close(listen_fds[i]);
+    for (int i = 0; i < 2; i++) {
+        for (int k = 0; listen_fds[i] && k < cfg->workers; k++)
+            if (listen_fds[i][k] >= 0)
+                close(listen_fds[i][k]);
+        free(listen_fds[i]);
+    }
     daemon_pidfile_abandon(pid_fd, pidfile);
     return 1;
 }

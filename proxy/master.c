@@ -176,7 +176,7 @@ static void master_spawn(master *m, int i)
         httpd_close_in_child();
         if (master_is_agent(m, i))
             master_exec_agent(m, pair[1]);
-        worker_main(i, m->cfg, m->shm, m->listen_fds, pair[1]);
+        worker_main(i, m->cfg, m->shm, m->listen_fds, m->n_workers, pair[1]);
     }
     close(pair[1]);
     c->channel_fd = pair[0];
@@ -192,6 +192,7 @@ static void master_spawn(master *m, int i)
     atomic_store(&m->shm->workers[i].pid, pid);
     m->shm->workers[i].started_at_us = c->started_us;
     log_info("worker %d started (pid %d)", i, (int)pid);
+    master_poke_workers(m); /* its neighbour stops accepting from its sockets */
 }
 
 /* A message from a worker or the agent. */
@@ -213,8 +214,16 @@ static void master_on_child_channel(evutil_socket_t fd, short what, void *arg)
         if (from_agent && msg.cmd == CHANNEL_LOOK_AGAIN) {
             master_poke_workers(m);
         } else if (from_agent && msg.cmd == CHANNEL_MAINTENANCE) {
-            log_info("control plane: maintenance %s", (msg.arg & 1) ? "on" : "off");
+            if ((msg.arg & 1) != (atomic_load(&m->shm->maintenance) != 0)) /* not a renewal */
+                log_info("control plane: maintenance %s", (msg.arg & 1) ? "on" : "off");
             master_set_maintenance(m, (msg.arg & 1) != 0, (int)(msg.arg >> 1));
+        } else if (from_agent && msg.cmd == CHANNEL_READ_ONLY) {
+            bool on = msg.arg != 0;
+            if ((atomic_exchange(&m->shm->read_only_role, on ? 1u : 0u) != 0) != on)
+                log_warning("control plane: this proxy is %s", on ? "read-only now (proxy option "
+                            "read_only): new sessions on the write port go where the read-only "
+                            "port's would" : "no longer read-only: the write port routes writes "
+                            "again");
         } else if (from_agent && msg.cmd == CHANNEL_RELOAD) {
             char why[256];
             log_info("control plane: reloading %s", m->cfg->path);
@@ -297,6 +306,7 @@ static void master_reap(master *m)
         } else {
             snprintf(who, sizeof(who), "worker %d", i);
             atomic_store(&m->shm->workers[i].pid, 0);
+            master_poke_workers(m); /* a neighbour accepts from its sockets meanwhile */
             master_uncount_sessions(m, i);
             lost = shm_sessions_reclaim(m->shm, i);
         }
@@ -348,9 +358,11 @@ static void master_begin_stop(master *m, master_stop how, int sig, int deadline_
 {
     m->stop = how;
     for (int i = 0; i < 2; i++) {
-        if (m->listen_fds[i] >= 0) {
-            close(m->listen_fds[i]);
-            m->listen_fds[i] = -1;
+        for (int k = 0; k < m->n_workers; k++) {
+            if (m->listen_fds[i][k] >= 0) {
+                close(m->listen_fds[i][k]);
+                m->listen_fds[i][k] = -1;
+            }
         }
     }
     for (int i = 0; i < m->n_children; i++)
@@ -450,8 +462,13 @@ void master_set_maintenance(master *m, bool on, int timeout_ms)
         atomic_store(&m->shm->maintenance_since_us, 0);
         atomic_store(&m->shm->maintenance_until_us, 0);
     }
-    atomic_store(&m->shm->maintenance, on ? 1u : 0u);
-    log_info("maintenance mode %s", on ? "on: holding new sessions and next statements" : "off");
+    bool was_on = atomic_exchange(&m->shm->maintenance, on ? 1u : 0u) != 0;
+    if (was_on != on)
+        log_info("maintenance mode %s",
+                 on ? "on: holding new sessions and next statements" : "off");
+    else
+        log_debug("maintenance mode stays %s%s", on ? "on" : "off",
+                  on && timeout_ms > 0 ? ", with a new end" : "");
     master_poke_workers(m);
 }
 
@@ -692,7 +709,7 @@ static void master_uncount_sessions(master *m, int index)
     }
 }
 
-int master_run(config *cfg, const int listen_fds[2], const master_options *opts)
+int master_run(config *cfg, int *const listen_fds[2], const master_options *opts)
 {
     master m = {.cfg = cfg, .listen_fds = {listen_fds[0], listen_fds[1]}, .shm_fd = -1,
                 .opts = *opts};

@@ -40,7 +40,9 @@ typedef struct master {
     master_options opts;
     shm_segment *shm;
     int shm_fd;
-    int listen_fds[2];     /* write port, read-only port (-1 when off) */
+    int *listen_fds[2];    /* write port, read-only port: one socket per worker, in one
+                            * SO_REUSEPORT group per port (-1 when the port is off); kept
+                            * here so that a respawned worker takes over its dead one's */
     struct event_base *base;
     struct event ev_signal_pipe;
     struct event ev_kill_deadline;
@@ -54,8 +56,8 @@ typedef struct master {
     int64_t started_us;
 } master;
 
-/* Run the master with an open, validated listen socket. Returns the process exit code. */
-int master_run(config *cfg, const int listen_fds[2], const master_options *opts);
+/* Run the master with open listen sockets (see master.listen_fds). Returns the exit code. */
+int master_run(config *cfg, int *const listen_fds[2], const master_options *opts);
 
 /* Re-read the configuration file. Returns 0 when applied; -1 when the file is invalid (the
  * running configuration stays) with a summary in msg. */

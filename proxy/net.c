@@ -14,7 +14,10 @@
 
 #define LISTEN_BACKLOG 4096 /* the kernel caps it at net.core.somaxconn */
 
-int net_listen(const char *addr, int port, char *err, size_t errlen)
+/* One socket bound to addr:port; listening unless probe (then only bound, to see whether the
+ * port is free). reuseport joins the group of SO_REUSEPORT sockets of this process. */
+static int net_bind(const char *addr, int port, bool reuseport, bool probe, char *err,
+                    size_t errlen)
 {
     struct addrinfo hints = {
         .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
@@ -34,14 +37,21 @@ int net_listen(const char *addr, int port, char *err, size_t errlen)
         snprintf(err, errlen, "cannot listen on %s:%d: socket: %s", addr, port, strerror(errno));
         goto failed;
     }
+    /* SO_REUSEADDR: connections of an earlier run in TIME_WAIT do not block the port; a
+     * listening socket still does (Linux) */
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: SO_REUSEPORT: %s", addr, port,
+                 strerror(errno));
+        goto failed;
+    }
     if (res->ai_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
     if (bind(fd, res->ai_addr, res->ai_addrlen) != 0) {
         snprintf(err, errlen, "cannot listen on %s:%d: bind: %s", addr, port, strerror(errno));
         goto failed;
     }
-    if (listen(fd, LISTEN_BACKLOG) != 0) {
+    if (!probe && listen(fd, LISTEN_BACKLOG) != 0) {
         snprintf(err, errlen, "cannot listen on %s:%d: listen: %s", addr, port,
                  strerror(errno));
         goto failed;
@@ -54,6 +64,36 @@ failed:
         close(fd);
     freeaddrinfo(res);
     return -1;
+}
+
+int net_listen(const char *addr, int port, char *err, size_t errlen)
+{
+    return net_bind(addr, port, false, false, err, errlen);
+}
+
+int net_listen_group(const char *addr, int port, int n, int *fds, char *err, size_t errlen)
+{
+    if (n <= 1) {
+        fds[0] = net_listen(addr, port, err, errlen);
+        return fds[0] < 0 ? -1 : 0;
+    }
+    /* SO_REUSEPORT would let a second pgrelay (same user) join the group silently and take
+     * part of the connections: a plain bind first says "in use" as for a single socket */
+    int probe = net_bind(addr, port, false, true, err, errlen);
+    if (probe < 0)
+        return -1;
+    close(probe);
+    for (int i = 0; i < n; i++) {
+        fds[i] = net_bind(addr, port, true, false, err, errlen);
+        if (fds[i] < 0) {
+            while (i-- > 0) {
+                close(fds[i]);
+                fds[i] = -1;
+            }
+            return -1;
+        }
+    }
+    return 0;
 }
 
 void net_tune_socket(int fd, bool keepalive)

@@ -1,4 +1,4 @@
-/* worker.c - a worker process: accepts from the shared listen socket and runs its sessions. */
+/* worker.c - a worker process: accepts from its own listen sockets and runs its sessions. */
 #include "worker.h"
 #include "channel.h"
 #include "log.h"
@@ -81,16 +81,49 @@ void worker_session_gone(worker *w, session *s)
         event_base_loopbreak(w->base);
 }
 
+static void worker_listener_arm(worker_listener *l, bool on)
+{
+    if (on && !l->armed && l->fd >= 0)
+        l->armed = event_add(&l->ev, NULL) == 0;
+    else if (!on && l->armed) {
+        event_del(&l->ev);
+        l->armed = false;
+    }
+}
+
+/* Whether this worker accepts from owner's sockets: its own always; those of a dead worker
+ * (no process in its slot), until the master respawns it, when this is the first live worker
+ * after it. Connections the kernel queued on a dead worker's socket wait there (the master
+ * keeps it open) and are taken by that neighbour, or by the respawned worker. */
+static bool worker_accepts_for(const worker *w, int owner)
+{
+    if (owner == w->index)
+        return true;
+    if (atomic_load(&w->shm->workers[owner].pid) != 0)
+        return false;
+    for (int k = 1; k < w->n_listen_workers; k++) {
+        int j = (owner + k) % w->n_listen_workers;
+        if (j == w->index || atomic_load(&w->shm->workers[j].pid) != 0)
+            return j == w->index;
+    }
+    return false;
+}
+
+/* Arm or disarm every listener as worker_accepts_for says (all off when not running). */
+static void worker_listeners_update(worker *w)
+{
+    for (int i = 0; i < 2 * w->n_listen_workers; i++) {
+        worker_listener *l = &w->listeners[i];
+        worker_listener_arm(l, w->stop == WORKER_RUNNING && worker_accepts_for(w, l->owner));
+    }
+}
+
 static void worker_on_accept_resume(evutil_socket_t fd, short what, void *arg)
 {
     worker *w = arg;
     (void)fd;
     (void)what;
-    if (w->stop != WORKER_RUNNING)
-        return;
-    for (int i = 0; i < 2; i++)
-        if (w->listeners[i].fd >= 0)
-            event_add(&w->listeners[i].ev, NULL);
+    worker_listeners_update(w);
 }
 
 static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
@@ -109,26 +142,30 @@ static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
                 struct timeval tv = {ACCEPT_PAUSE_MS / 1000, (ACCEPT_PAUSE_MS % 1000) * 1000};
                 log_error("accept: %s; not accepting for %d ms", strerror(errno),
                           ACCEPT_PAUSE_MS);
-                for (int k = 0; k < 2; k++)
-                    if (w->listeners[k].fd >= 0)
-                        event_del(&w->listeners[k].ev);
+                for (int k = 0; k < 2 * w->n_listen_workers; k++)
+                    worker_listener_arm(&w->listeners[k], false);
                 evtimer_add(&w->ev_accept_resume, &tv);
                 return;
             }
             log_error("accept: %s", strerror(errno));
             return;
         }
-        session_new(fd, &addr, len, l->read_port);
+        /* a read-only proxy (control plane, proxy option read_only) routes every new session
+         * as its read-only port does */
+        session_new(fd, &addr, len,
+                    l->read_port || atomic_load_explicit(&w->shm->read_only_role,
+                                                         memory_order_relaxed) != 0);
     }
 }
 
+/* No more accepts: this process's copies of the sockets are closed (the master keeps its). */
 static void worker_stop_accepting(worker *w)
 {
     evtimer_del(&w->ev_accept_resume);
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 2 * w->n_listen_workers; i++) {
         worker_listener *l = &w->listeners[i];
+        worker_listener_arm(l, false);
         if (l->fd >= 0) {
-            event_del(&l->ev);
             close(l->fd);
             l->fd = -1;
         }
@@ -194,6 +231,8 @@ static void worker_look_again(worker *w)
         log_debug("settings reloaded");
     }
     worker_routes_refresh(w);
+    if (w->stop == WORKER_RUNNING && !evtimer_pending(&w->ev_accept_resume, NULL))
+        worker_listeners_update(w); /* a worker died or came back */
     bool maintenance = atomic_load(&w->shm->maintenance) != 0;
     /* Seen before any session runs again: `pause wait` counts this worker from now on. */
     atomic_store(&w->row->maintenance_seen_us,
@@ -276,8 +315,8 @@ static void worker_on_signal(evutil_socket_t sig, short what, void *arg)
     }
 }
 
-void worker_main(int index, const config *cfg, shm_segment *shm, const int listen_fds[2],
-                 int channel_fd)
+void worker_main(int index, const config *cfg, shm_segment *shm, int *const listen_fds[2],
+                 int n_workers, int channel_fd)
 {
     static const int signals[] = {SIGTERM, SIGINT, SIGQUIT, SIGUSR1};
     char tag[32];
@@ -322,17 +361,23 @@ void worker_main(int index, const config *cfg, shm_segment *shm, const int liste
         evsignal_add(w->ev_signals[i], NULL);
     }
     signal(SIGPIPE, SIG_IGN);
-    for (int i = 0; i < 2; i++) {
+    w->n_listen_workers = n_workers;
+    w->listeners = calloc(2 * (size_t)n_workers, sizeof(*w->listeners));
+    if (!w->listeners) {
+        log_error("out of memory starting the worker");
+        _exit(1);
+    }
+    for (int i = 0; i < 2 * n_workers; i++) {
         worker_listener *l = &w->listeners[i];
         l->w = w;
-        l->fd = listen_fds[i];
-        l->read_port = i == 1;
-        if (l->fd < 0)
-            continue;
-        event_assign(&l->ev, w->base, l->fd, EV_READ | EV_PERSIST, worker_on_accept, l);
-        event_add(&l->ev, NULL);
+        l->owner = i % n_workers;
+        l->read_port = i >= n_workers;
+        l->fd = listen_fds[l->read_port][l->owner];
+        if (l->fd >= 0)
+            event_assign(&l->ev, w->base, l->fd, EV_READ | EV_PERSIST, worker_on_accept, l);
     }
     evtimer_assign(&w->ev_accept_resume, w->base, worker_on_accept_resume, w);
+    worker_listeners_update(w);
     event_assign(&w->ev_channel, w->base, channel_fd, EV_READ | EV_PERSIST, worker_on_channel, w);
     event_add(&w->ev_channel, NULL);
 

@@ -21,11 +21,14 @@ typedef enum worker_stop {
 
 struct worker;
 
-/* A listen socket shared with the other workers. */
+/* A listen socket of one worker (each has its own per port, in the port's SO_REUSEPORT group);
+ * a worker also accepts from a dead worker's until the master has respawned it. */
 typedef struct worker_listener {
     struct worker *w;
-    int fd;                       /* -1 when this port is off */
+    int fd;                       /* -1 when this port is off (or this worker stopped) */
+    int owner;                    /* the worker whose socket it is */
     bool read_port;               /* sessions from it go to replicas */
+    bool armed;                   /* ev is added: this worker accepts from it */
     struct event ev;
 } worker_listener;
 
@@ -36,7 +39,9 @@ typedef struct worker {
     uint64_t settings_version;    /* shm settings version cfg was taken at */
     shm_segment *shm;
     shm_worker *row;              /* this worker's row in shared memory */
-    worker_listener listeners[2]; /* write port, read-only port (fd -1 when off) */
+    worker_listener *listeners;   /* every worker's sockets, [port * n_listen_workers + owner]
+                                   * (write port 0, read-only port 1) */
+    int n_listen_workers;         /* workers, i.e. sockets per port */
     struct event ev_accept_resume; /* re-enables accept after EMFILE */
     struct event ev_shutdown;      /* shutdown_timeout deadline */
     struct event ev_channel;       /* messages from the master */
@@ -62,8 +67,8 @@ typedef struct worker {
 extern worker *worker_self;
 
 /* Entry point in the forked child; never returns. */
-void worker_main(int index, const config *cfg, shm_segment *shm, const int listen_fds[2],
-                 int channel_fd) __attribute__((noreturn));
+void worker_main(int index, const config *cfg, shm_segment *shm, int *const listen_fds[2],
+                 int n_workers, int channel_fd) __attribute__((noreturn));
 
 
 /* Refresh the local routing table if shared memory has a newer one; sessions on a node that
