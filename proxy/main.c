@@ -4,6 +4,7 @@
 #include "log.h"
 #include "master.h"
 #include "net.h"
+#include "tls.h"
 #include "worker.h"
 
 #include <limits.h>
@@ -119,6 +120,15 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
             fprintf(stderr, "%s\n", cfg->errors[i]);
         if (!check)
             fprintf(stderr, "pgrelay: %d error(s) in %s; not starting\n", errors, config_path);
+        return 1;
+    }
+    /* Certificates and keys are read now: a broken one stops the check and the start. */
+    char tls_err[1024];
+    if (tls_setup(cfg, tls_err, sizeof(tls_err)) != 0) {
+        fprintf(stderr, "%s: %s\n", config_path, tls_err);
+        if (!check)
+            fprintf(stderr, "pgrelay: TLS configuration error in %s; not starting\n",
+                    config_path);
         return 1;
     }
     char exposed[PATH_MAX + 200];
