@@ -5,7 +5,9 @@
  * member that answered last; the first answer ends the round. /cluster is what every member
  * serves from its view of the DCS, so one answering member is enough, and the URLs of the
  * members are all the operator configures (no DCS client, no scope, no etcd credentials here).
- * The leader member's own Patroni is asked too (GET of its api_url): a leader whose Patroni
+ * The leader member's own Patroni is asked too (GET /liveness beside its api_url, which answers
+ * without asking PostgreSQL, so that a leader busy restarting is not taken for dead): a leader
+ * whose Patroni
  * died or hangs renews its key no more, and its PostgreSQL, still a primary, would take writes
  * right up to the key's expiry and after it, until the agent heard of it; two failures in a row
  * and the agent takes writes away from it at once, as HAProxy's GET /primary check does.
@@ -202,20 +204,24 @@ static void ha_sleep_ms(long ms)
         ;
 }
 
-/* Does the leader's own Patroni answer GET api_url (Patroni's GET /patroni: 200 while it
- * runs)? Not asked again when the member that just answered /cluster is the leader (its
- * api_url is that base URL and /patroni). */
+/* Does the leader's own Patroni answer? Its api_url is BASE/patroni; GET BASE/liveness answers
+ * 200 while Patroni's loop runs, without a query to PostgreSQL (GET /patroni makes one, and is
+ * slow while PostgreSQL restarts). Not asked again when the member that just answered /cluster
+ * is the leader. */
 static bool ha_leader_answers(ha_thread *t, const char *api_url, const char *answered)
 {
-    char err[320];
+    char err[320], url[HA_URL_MAX + 16];
     ha_buf b = {0};
     if (!api_url[0])
         return true; /* nothing to ask: Patroni's word on the key is all there is */
-    size_t n = strlen(answered);
-    if (strncmp(api_url, answered, n) == 0 &&
-        (strcmp(api_url + n, "/patroni") == 0 || api_url[n] == '\0'))
-        return true; /* Patroni's own api_url form: the leader answered /cluster itself */
-    long status = ha_get(t, api_url, &b, err, sizeof(err));
+    size_t n = strlen(api_url);
+    size_t suffix = sizeof("/patroni") - 1;
+    if (n >= suffix && strcmp(api_url + n - suffix, "/patroni") == 0)
+        n -= suffix;
+    if (strlen(answered) == n && strncmp(api_url, answered, n) == 0)
+        return true; /* the leader answered /cluster itself */
+    snprintf(url, sizeof(url), "%.*s/liveness", (int)n, api_url);
+    long status = ha_get(t, url, &b, err, sizeof(err));
     free(b.data);
     if (status != 200)
         log_debug("ha_source = patroni: the leader's Patroni: %s", status ? "not 200" : err);

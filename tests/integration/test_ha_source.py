@@ -39,9 +39,10 @@ AGENT = {"health_interval": "200ms", "fall": 2, "rise": 1, "health_timeout": "1s
 
 class PatroniStub:
     """GET /cluster as Patroni 3.0 answers it: members with name, role, host, port, state and
-    api_url, which is this stub's /patroni/NAME (200, as a running Patroni's GET /patroni).
+    api_url, which is this stub's /NAME/patroni (its /NAME/liveness answers 200, as a running
+    Patroni's GET /liveness does).
     ``leader``: the member named leader (None: no leader key); ``silent``: answer 503;
-    ``dead``: members whose own Patroni does not answer (503 on their api_url)."""
+    ``dead``: members whose own Patroni does not answer (503 on their /liveness)."""
 
     def __init__(self, members):
         self.members = members  # name -> (host, port)
@@ -54,8 +55,8 @@ class PatroniStub:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 stub.requests += 1
-                if self.path.startswith("/patroni/"):
-                    dead = stub.silent or self.path[len("/patroni/"):] in stub.dead
+                if self.path.endswith("/liveness"):
+                    dead = stub.silent or self.path.split("/")[1] in stub.dead
                     self.send_response(503 if dead else 200)
                     self.send_header("Content-Length", "2")
                     self.end_headers()
@@ -68,7 +69,7 @@ class PatroniStub:
                 body = json.dumps({"members": [
                     {"name": name, "role": "leader" if name == stub.leader else "replica",
                      "state": "running",
-                     "api_url": f"http://127.0.0.1:{stub.port}/patroni/{name}",
+                     "api_url": f"http://127.0.0.1:{stub.port}/{name}/patroni",
                      "host": host, "port": port, "timeline": 1}
                     for name, (host, port) in stub.members.items()], "scope": "stub"}).encode()
                 self.send_response(200)

@@ -460,7 +460,10 @@ class Stack:
                 m.kill()
         if self.etcd:
             self.etcd.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if os.environ.get("PATRONI_KEEP"):
+            print(f"[patroni] logs and data kept in {self.root} (PATRONI_KEEP)")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 class _NoCluster:
