@@ -312,7 +312,8 @@ static json_t *schema_body(const config *cfg, const shm_route_table *t)
     snprintf(timeout, sizeof(timeout), "%d", cfg->control_request_timeout_ms / 1000 + 2);
     const char *dbname = node->monitor_dbname[0] ? node->monitor_dbname : cfg->monitor_dbname;
     const char *keys[] = {"host", "port", "user", "password", "dbname", "connect_timeout",
-                          "application_name", NULL};
+                          "application_name", "sslmode", "sslrootcert", "sslcert", "sslkey",
+                          NULL};
     const char *vals[] = {node->host,
                           port,
                           node->monitor_user[0] ? node->monitor_user : cfg->monitor_user,
@@ -321,6 +322,11 @@ static json_t *schema_body(const config *cfg, const shm_route_table *t)
                           dbname,
                           timeout,
                           "pgrelay-agent schema",
+                          /* TLS as the probes speak it (server_tls_*) */
+                          config_server_tls_word(config_node_server_tls(cfg, node)),
+                          cfg->server_tls_ca_file[0] ? cfg->server_tls_ca_file : NULL,
+                          cfg->server_tls_cert_file[0] ? cfg->server_tls_cert_file : NULL,
+                          cfg->server_tls_key_file[0] ? cfg->server_tls_key_file : NULL,
                           NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 0);
     json_t *tables = NULL;
