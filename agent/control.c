@@ -260,10 +260,10 @@ static json_t *queries_body(void)
         normalize_sql(snap.stmt, text, sizeof(text));
         json_t *t = json_string(text);
         json_array_append_new(
-            list, json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
+            list, json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
                             (json_int_t)snap.id, "client", snap.client_addr, "user", snap.user,
-                            "database", snap.database, "node", snap.node_name, "state",
-                            state_name(atomic_load(&snap.state)), "duration_ms",
+                            "database", snap.database, "node", snap.node_name, "tls", snap.tls,
+                            "state", state_name(atomic_load(&snap.state)), "duration_ms",
                             (json_int_t)((now - snap.stmt_start_us) / 1000), "text",
                             t ? t : json_string("(not UTF-8)")));
     }

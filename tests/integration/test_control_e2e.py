@@ -313,6 +313,7 @@ def test_a_running_statement_shows_in_show_queries_normalised(fleet):
         assert q["user"] == "postgres" and q["database"] == "postgres", q
         assert q["node"] == info(fleet.a)["write_leader"], q
         assert q["state"] == "active" and q["duration_ms"] >= 0, q
+        assert q["tls"] == "", q  # the client is in clear (test_client_tls: the version and cipher)
 
         p = fleet.ctl("show-queries")
         assert p.returncode == EXIT_OK, p.stderr
