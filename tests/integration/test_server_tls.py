@@ -227,3 +227,65 @@ def test_copy_and_cancel_with_tls_on_both_sides(relay_factory, node_tls, pki):
         th.join(20)
         assert "error" in failed
         assert c.execute("SELECT 'after cancel'").fetchone()[0] == "after cancel"
+
+
+class TlsStub:
+    """A node that answers SSLRequest with S, does the TLS handshake as a server (recording
+    the SNI the client sent), then closes."""
+
+    def __init__(self, pki):
+        self.sni = []
+        self.ctx = __import__("ssl").SSLContext(__import__("ssl").PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki("node.crt"), pki("node.key"))
+        self.ctx.sni_callback = lambda sock, name, ctx: self.sni.append(name)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                c.recv(8)
+                c.sendall(b"S")
+                t = self.ctx.wrap_socket(c, server_side=True)
+                t.close()
+            except OSError:
+                c.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("host, sni", [("localhost", "localhost"), ("127.0.0.1", None)])
+def test_sni_names_the_node_host(relay_factory, node_tls, pki, host, sni):
+    stub = TlsStub(pki)
+    try:
+        r = relay_factory(nodes=[("stub", {"host": host, "port": stub.port,
+                                           "role": "primary"})],
+                          server_tls_mode="require", agent="off")
+        with pytest.raises(psycopg.OperationalError):
+            r.connect().close()  # the stub closes after the handshake
+        wait_for(lambda: stub.sni, what="the handshake with the stub")
+        assert stub.sni[0] == sni
+    finally:
+        stub.close()
+
+
+def test_verify_modes_need_a_ca_file(tmp_path, pg, pki):
+    from conftest import PGRELAY_BIN, write_config
+    import subprocess
+    conf = tmp_path / "pgrelay.ini"
+    write_config(conf, 1, pg, nodes=node(pg=pg, server_tls_mode="verify-full"))
+    r = subprocess.run([PGRELAY_BIN, "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 1 and "server_tls_ca_file" in r.stderr, r.stderr
+    write_config(conf, 1, pg, {"server_tls_mode": "require",
+                               "server_tls_cert_file": pki("client.crt"),
+                               "server_tls_key_file": pki("someone.key")})
+    r = subprocess.run([PGRELAY_BIN, "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 1 and "server_tls_key_file" in r.stderr, r.stderr
