@@ -247,7 +247,7 @@ bench: deps-bench
 bench-tls: deps-bench
 	@$(MAKE) --no-print-directory all
 	BENCH_TARGETS="direct direct_tls pgrelay_tls pgrelay_tls_node pgbouncer_tls" \
-	BENCH_CLIENTS="$${BENCH_CLIENTS:-16 64}" BENCH_IDLE_SESSIONS=0 \
+	BENCH_CLIENTS="$${BENCH_CLIENTS:-16 64}" \
 	BENCH_OUT="$${BENCH_OUT:-bench-tls-results.txt}" bash tests/bench/bench.sh
 
 # Failover benchmark (not part of test): detection, first write, propagation, switchover; then

@@ -287,10 +287,10 @@ static json_t *queries_body(void)
         json_t *app = json_string(snap.application_name);
         json_t *plan = plan_link(planner_plan_id(text, snap.database, snap.user));
         json_array_append_new(
-            list, json_pack("{s:I, s:s, s:o, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
+            list, json_pack("{s:I, s:s, s:o, s:s, s:s, s:s, s:s, s:s, s:I, s:o}", "session",
                             (json_int_t)snap.id, "client", snap.client_addr, "application_name",
                             app ? app : json_string(""), "user", snap.user, "database",
-                            snap.database, "node", snap.node_name, "state",
+                            snap.database, "node", snap.node_name, "tls", snap.tls, "state",
                             state_name(atomic_load(&snap.state)), "duration_ms",
                             (json_int_t)((now - snap.stmt_start_us) / 1000), "text",
                             t ? t : json_string("(not UTF-8)")));
@@ -416,7 +416,8 @@ static json_t *schema_body(const config *cfg, const shm_route_table *t)
     snprintf(timeout, sizeof(timeout), "%d", cfg->control_request_timeout_ms / 1000 + 2);
     const char *dbname = node->monitor_dbname[0] ? node->monitor_dbname : cfg->monitor_dbname;
     const char *keys[] = {"host", "port", "user", "password", "dbname", "connect_timeout",
-                          "application_name", NULL};
+                          "application_name", "sslmode", "sslrootcert", "sslcert", "sslkey",
+                          NULL};
     const char *vals[] = {node->host,
                           port,
                           node->monitor_user[0] ? node->monitor_user : cfg->monitor_user,
@@ -425,6 +426,11 @@ static json_t *schema_body(const config *cfg, const shm_route_table *t)
                           dbname,
                           timeout,
                           "pgrelay-agent schema",
+                          /* TLS as the probes speak it (server_tls_*) */
+                          config_server_tls_word(config_node_server_tls(cfg, node)),
+                          cfg->server_tls_ca_file[0] ? cfg->server_tls_ca_file : NULL,
+                          cfg->server_tls_cert_file[0] ? cfg->server_tls_cert_file : NULL,
+                          cfg->server_tls_key_file[0] ? cfg->server_tls_key_file : NULL,
                           NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 0);
     json_t *tables = NULL;

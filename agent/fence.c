@@ -47,7 +47,7 @@ PGconn *fence_connect(const config *cfg, const char *name, const char *dbname, c
      * would wait forever for it; bounded statements: nothing here may hang the agent */
     const char *keys[] = {
         "host",    "port", "user", "password", "dbname", "connect_timeout", "application_name",
-        "options", NULL};
+        "options", "sslmode", "sslrootcert", "sslcert", "sslkey", NULL};
     const char *vals[] = {node->host,
                           port,
                           node->monitor_user[0] ? node->monitor_user : cfg->monitor_user,
@@ -59,6 +59,11 @@ PGconn *fence_connect(const config *cfg, const char *name, const char *dbname, c
                           "5",
                           "pgrelay-agent switchover",
                           "-c synchronous_commit=local -c statement_timeout=" FENCE_STATEMENT_MS,
+                          /* TLS as the probes speak it (server_tls_*) */
+                          config_server_tls_word(config_node_server_tls(cfg, node)),
+                          cfg->server_tls_ca_file[0] ? cfg->server_tls_ca_file : NULL,
+                          cfg->server_tls_cert_file[0] ? cfg->server_tls_cert_file : NULL,
+                          cfg->server_tls_key_file[0] ? cfg->server_tls_key_file : NULL,
                           NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 0);
     if (PQstatus(conn) != CONNECTION_OK) {

@@ -428,6 +428,7 @@ void agents_queries(http_call *call)
             !http_field_string(call, q, where, "user", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_string(call, q, where, "database", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_string(call, q, where, "node", false, AGENTS_TEXT_MAX, &s) ||
+            !http_field_string(call, q, where, "tls", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_string(call, q, where, "state", false, AGENTS_TEXT_MAX, &s) ||
             !http_field_string(call, q, where, "text", false, AGENTS_QUERY_MAX, &s))
             return;

@@ -855,6 +855,10 @@ static void session_startup_packet(session *s, uint32_t len)
         return;
     case PG_STARTUP_CANCEL:
         cancel_handle_request(w, st.cancel_pid, st.cancel_secret, s->client_addr, s->cfd);
+        /* Inside TLS (libpq 17), no close_notify: the client takes the end of its cancel
+         * connection for "done", which must wait for the node (cancel_on_done closes the
+         * last copy of the socket), not come now. */
+        tls_close_quietly(&s->client_tls);
         session_close(s, NULL, NULL);
         return;
     case PG_STARTUP_MESSAGE:

@@ -349,7 +349,6 @@ void tls_close(tls_conn *t)
         return;
     if (t->handshaken) {
         /* One try, never waited for: the socket is closed right after. */
-        SSL_set_quiet_shutdown(t->ssl, 0);
         SSL_shutdown(t->ssl);
     }
     ERR_clear_error();
@@ -416,6 +415,13 @@ ssize_t tls_peek(tls_conn *t, void *buf, size_t len)
     }
     errno = ECONNRESET;
     return -1;
+}
+
+void tls_close_quietly(tls_conn *t)
+{
+    if (t->ssl)
+        SSL_set_quiet_shutdown(t->ssl, 1);
+    tls_close(t);
 }
 
 void tls_shutdown_write(tls_conn *t)

@@ -53,6 +53,9 @@ int tls_handshake(tls_conn *t, char *why, size_t why_len);
 /* Send close_notify once without waiting, free the SSL. */
 void tls_close(tls_conn *t);
 
+/* Free the SSL without close_notify: the peer learns of the end from the TCP close alone. */
+void tls_close_quietly(tls_conn *t);
+
 /* Look at up to len decrypted bytes without taking them (a later read still gets them): like
  * recv(MSG_PEEK | MSG_DONTWAIT), 0 at the peer's close, -1 with EAGAIN when none is whole. */
 ssize_t tls_peek(tls_conn *t, void *buf, size_t len);

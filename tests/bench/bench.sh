@@ -640,12 +640,13 @@ memory_phase() {
     start_postgres "$PG_MAX_CONN_IDLE"
     : >"$WORK/memory.tsv"
     for t in "${TARGETS[@]}"; do
-        if [[ $t == direct ]] || is_tls "$t"; then continue; fi   # idle sessions in clear only
+        if [[ $t == direct || $t == direct_tls ]]; then continue; fi
         start_proxy "$t"           # fresh process: nothing left over from the throughput runs
         log "memory: opening $BENCH_IDLE_SESSIONS idle sessions through $t"
         rc=0
         "$PY" "$HERE/idle_sessions.py" --pid "${PID[$t]}" --port "${PORT[$t]}" \
             --direct-port "${PORT[direct]}" --dbname "$DBNAME" --sessions "$BENCH_IDLE_SESSIONS" \
+            --sslmode "$(sslmode_for "$t")" \
             >"$WORK/out/memory.$t.txt" 2>&1 &
         CHILD=$!
         wait "$CHILD" || rc=$?

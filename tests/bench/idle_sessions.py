@@ -83,6 +83,7 @@ def main():
     ap.add_argument("--user", default="postgres")
     ap.add_argument("--dbname", default="postgres")
     ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--sslmode", default="disable", help="libpq sslmode toward the proxy")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait before measuring")
     args = ap.parse_args()
 
@@ -94,7 +95,7 @@ def main():
     try:
         for i in range(args.sessions):
             conn = psycopg.connect(host=args.host, port=args.port, user=args.user,
-                                   dbname=args.dbname, sslmode="disable",
+                                   dbname=args.dbname, sslmode=args.sslmode,
                                    gssencmode="disable", autocommit=True,
                                    connect_timeout=30, application_name=f"idle{i}")
             conn.execute("SELECT 1").fetchone()

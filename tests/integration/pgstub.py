@@ -44,6 +44,7 @@ class PgStub:
         self.always_long_key = always_long_key
         self.startups = []        # (protocol version, {param: value}) of each StartupMessage
         self.cancels = []         # raw bodies of CancelRequests (after the length)
+        self.cancel_hold = None   # a threading.Event: cancel connections close once it is set
         self.secret = bytes(range(1, 33))
         self.pid = 4242
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -95,6 +96,8 @@ class PgStub:
         (code,) = struct.unpack("!i", body[:4])
         if code == 80877102:  # CancelRequest
             self.cancels.append(body[4:])
+            if self.cancel_hold is not None:
+                self.cancel_hold.wait(30)
             c.close()
             return
         parts = body[4:].split(b"\0")

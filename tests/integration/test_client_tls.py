@@ -487,3 +487,31 @@ def _tls_in_use(relay):
             return c.pgconn.ssl_in_use
     except psycopg.OperationalError:
         return None
+
+
+def test_a_cancel_over_tls_ends_when_the_node_is_done(relay_factory, pki):
+    """libpq 17 takes the end of its encrypted cancel connection for "the cancel is done": no
+    close_notify may come before the node closed its own cancel connection."""
+    import threading
+    from pgstub import PgStub
+    stub = PgStub()
+    stub.cancel_hold = threading.Event()
+    try:
+        r = relay_factory(nodes=[("stub", {"host": "127.0.0.1", "port": stub.port,
+                                           "role": "primary"})], agent="off", **tls_keys(pki))
+        rc = raw_tls(r)
+        key = backend_key(rc.login())
+        canceller = raw_tls(r)
+        canceller.send(struct.pack("!ii", 16, 80877102) + key)
+        wait_for(lambda: stub.cancels, what="the cancel to reach the node")
+        canceller.sock.settimeout(0.5)
+        with pytest.raises((socket.timeout, TimeoutError)):
+            canceller.sock.recv(1)  # neither close_notify nor EOF while the node holds on
+        stub.cancel_hold.set()
+        canceller.sock.settimeout(10)
+        assert canceller.sock.recv(1) == b""
+        canceller.close()
+        rc.close()
+    finally:
+        stub.cancel_hold.set()
+        stub.close()

@@ -318,6 +318,7 @@ def test_a_running_statement_shows_in_show_queries_normalised(fleet):
         assert q["application_name"] == "nightly-report", q
         # when proxy-a reported it: within the last upload interval (5 s) and a margin
         assert time.time() * 1000 - 10000 <= q["as_of"] <= time.time() * 1000 + 1000, q
+        assert q["tls"] == "", q  # the client is in clear (test_client_tls: the version and cipher)
 
         p = fleet.ctl("show-queries")
         assert p.returncode == EXIT_OK, p.stderr

@@ -32,9 +32,21 @@ def node_tls(pg, pki):
         shutil.copy(pki(name), os.path.join(pgdata, name))
         shutil.chown(os.path.join(pgdata, name), "postgres", "postgres")
     os.chmod(os.path.join(pgdata, "node.key"), 0o600)
+    # certificate authentication for one role: pgrelay's server_tls_cert_file is its login
+    make_signed(d, "certuser", "ca", cn="certuser")
+    shutil.copy(pki("ca.crt"), os.path.join(pgdata, "node-ca.crt"))
+    shutil.chown(os.path.join(pgdata, "node-ca.crt"), "postgres", "postgres")
+    hba = os.path.join(pgdata, "pg_hba.conf")
+    with open(hba) as f:
+        hba_before = f.read()
+    with open(hba, "w") as f:
+        f.write("hostssl all certuser 127.0.0.1/32 cert\n"
+                "host all certuser 127.0.0.1/32 reject\n" + hba_before)
     with pg.connect() as c:
+        c.execute("CREATE ROLE certuser LOGIN")
         c.execute("ALTER SYSTEM SET ssl_cert_file = 'node.crt'")
         c.execute("ALTER SYSTEM SET ssl_key_file = 'node.key'")
+        c.execute("ALTER SYSTEM SET ssl_ca_file = 'node-ca.crt'")
         c.execute("ALTER SYSTEM SET ssl = on")
         c.execute("SELECT pg_reload_conf()")
 
@@ -47,7 +59,11 @@ def node_tls(pg, pki):
 
     wait_for(tls_answers, what="PostgreSQL to take TLS")
     yield pg
+    with open(hba, "w") as f:
+        f.write(hba_before)
     with pg.connect() as c:
+        c.execute("DROP ROLE certuser")
+        c.execute("ALTER SYSTEM RESET ssl_ca_file")
         c.execute("ALTER SYSTEM RESET ssl")
         c.execute("ALTER SYSTEM RESET ssl_cert_file")
         c.execute("ALTER SYSTEM RESET ssl_key_file")
@@ -107,7 +123,9 @@ def test_node_with_a_wrong_certificate_is_refused_with_08006(relay_factory, node
                        server_tls_ca_file=pki("otherca.crt"), agent="off")
     with pytest.raises(psycopg.OperationalError, match="08006|TLS handshake failed"):
         r2.connect().close()
-    assert "unable to get local issuer certificate" in r2.log(), r2.log_tail()
+    # X509's words depend on whether the node sends its CA along (it does with ssl_ca_file)
+    assert ("unable to get local issuer certificate" in r2.log()
+            or "self-signed certificate in certificate chain" in r2.log()), r2.log_tail()
 
     r3 = relay_factory(nodes=node(pg=node_tls), server_tls_mode="verify-ca",
                        server_tls_ca_file=pki("ca.crt"), agent="off")
@@ -227,3 +245,78 @@ def test_copy_and_cancel_with_tls_on_both_sides(relay_factory, node_tls, pki):
         th.join(20)
         assert "error" in failed
         assert c.execute("SELECT 'after cancel'").fetchone()[0] == "after cancel"
+
+
+class TlsStub:
+    """A node that answers SSLRequest with S, does the TLS handshake as a server (recording
+    the SNI the client sent), then closes."""
+
+    def __init__(self, pki):
+        self.sni = []
+        self.ctx = __import__("ssl").SSLContext(__import__("ssl").PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki("node.crt"), pki("node.key"))
+        self.ctx.sni_callback = lambda sock, name, ctx: self.sni.append(name)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                c.recv(8)
+                c.sendall(b"S")
+                t = self.ctx.wrap_socket(c, server_side=True)
+                t.close()
+            except OSError:
+                c.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("host, sni", [("localhost", "localhost"), ("127.0.0.1", None)])
+def test_sni_names_the_node_host(relay_factory, node_tls, pki, host, sni):
+    stub = TlsStub(pki)
+    try:
+        r = relay_factory(nodes=[("stub", {"host": host, "port": stub.port,
+                                           "role": "primary"})],
+                          server_tls_mode="require", agent="off")
+        with pytest.raises(psycopg.OperationalError):
+            r.connect().close()  # the stub closes after the handshake
+        wait_for(lambda: stub.sni, what="the handshake with the stub")
+        assert stub.sni[0] == sni
+    finally:
+        stub.close()
+
+
+def test_verify_modes_need_a_ca_file(tmp_path, pg, pki):
+    from conftest import PGRELAY_BIN, write_config
+    import subprocess
+    conf = tmp_path / "pgrelay.ini"
+    write_config(conf, 1, pg, nodes=node(pg=pg, server_tls_mode="verify-full"))
+    r = subprocess.run([PGRELAY_BIN, "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 1 and "server_tls_ca_file" in r.stderr, r.stderr
+    write_config(conf, 1, pg, {"server_tls_mode": "require",
+                               "server_tls_cert_file": pki("client.crt"),
+                               "server_tls_key_file": pki("someone.key")})
+    r = subprocess.run([PGRELAY_BIN, "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 1 and "server_tls_key_file" in r.stderr, r.stderr
+
+
+def test_client_certificate_to_the_node(relay_factory, node_tls, pki):
+    r = relay_factory(nodes=node(pg=node_tls), server_tls_mode="verify-ca",
+                      server_tls_ca_file=pki("ca.crt"), server_tls_cert_file=pki("certuser.crt"),
+                      server_tls_key_file=pki("certuser.key"))
+    with r.connect(user="certuser") as c:  # the node checks pgrelay's certificate
+        assert c.execute("SELECT current_user").fetchone()[0] == "certuser"
+        assert backend_ssl(c) is True
+    bare = relay_factory(nodes=node(pg=node_tls), server_tls_mode="verify-ca",
+                         server_tls_ca_file=pki("ca.crt"))
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        bare.connect(user="certuser").close()
