@@ -839,6 +839,37 @@ static void *planner_main(void *arg)
     return NULL;
 }
 
+/* A restarted agent takes over what the previous one published: its plans stay shown, are
+ * deduplicated against and compared with (plan changes). A slot the previous agent died
+ * writing (odd seq) is emptied, its seq made even again, so that readers can trust it. */
+static void planner_adopt(planner *p)
+{
+    static shm_plan snap;
+    for (uint32_t i = 0; i < SHM_PLANS_MAX; i++) {
+        shm_plan *out = &p->out->plans[i];
+        if (atomic_load(&out->seq) & 1u) {
+            out->used = 0;
+            atomic_fetch_add_explicit(&out->seq, 1, memory_order_release);
+            continue;
+        }
+        if (!shm_plan_snapshot(p->shm, i, &snap))
+            continue;
+        planner_entry *e = &p->entries[i];
+        e->used = true;
+        e->id = snap.id;
+        e->planned_at_us = snap.planned_at_us;
+        if (snap.json_len) {
+            json_t *plan = json_loadb(snap.json, snap.json_len, 0, NULL);
+            json_t *top = json_object_get(json_array_get(plan, 0), "Plan");
+            if (top) {
+                e->shape = plan_shape(top, 0xcbf29ce484222325ull, 0);
+                e->json = strndup(snap.json, snap.json_len);
+            }
+            json_decref(plan);
+        }
+    }
+}
+
 int planner_start(agent *a)
 {
     pthread_t tid;
@@ -853,7 +884,7 @@ int planner_start(agent *a)
     p->out = shm_plans_of(a->shm);
     p->settings_version = shm_settings_read(a->shm, &p->cfg);
     p->tokens = p->cfg.plan_rate_limit;
-    /* Plans a previous agent published stay readable, but this one starts afresh. */
+    planner_adopt(p);
     int rc = pthread_create(&tid, NULL, planner_main, p);
     if (rc != 0) {
         log_error("planner: cannot start its thread: %s", strerror(rc));
