@@ -825,12 +825,25 @@ static void planner_drain(planner *p)
     }
 }
 
+/* Close cached connections unused for PLANNER_CONN_IDLE_US, or all of them (a reload may have
+ * moved a node or changed the monitor user). */
+static void planner_close_idle(planner *p, bool all)
+{
+    int64_t now = shm_now_us();
+    for (int i = 0; i < PLANNER_CONNS; i++)
+        if (p->conns[i].conn && (all || now - p->conns[i].used_us > PLANNER_CONN_IDLE_US))
+            conn_drop(&p->conns[i]);
+}
+
 static void *planner_main(void *arg)
 {
     planner *p = arg;
     for (;;) {
-        if (shm_settings_version(p->shm) != p->settings_version)
+        if (shm_settings_version(p->shm) != p->settings_version) {
             p->settings_version = shm_settings_read(p->shm, &p->cfg);
+            planner_close_idle(p, true);
+        }
+        planner_close_idle(p, false);
         planner_drain(p);
         if (p->cfg.plan_slow_threshold_ms > 0)
             planner_scan_running(p);

@@ -485,3 +485,30 @@ def test_a_restarted_agent_keeps_the_plans_and_deduplicates_against_them(plannin
     after = plans(planning)
     assert after["planned"] == before["planned"]
     assert len([x for x in after["plans"] if "survives_restart" in x["text"]]) == 1
+
+
+def test_the_plan_itself_is_hidden_from_the_stats_level_as_statement_text_is(relay_factory):
+    import stat
+    import subprocess
+
+    from conftest import admin_socket
+    r = relay_factory(admin_socket_mode="0666", stats_users="postgres", operator_users="nobody",
+                      sections={"agent": {"plan_slow_threshold": THRESHOLD}})
+    os.chmod(r.workdir, 0o711)
+    assert stat.S_IMODE(os.stat(admin_socket(r)).st_mode) == 0o666
+    with r.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}), 'hunter2-in-a-plan'")
+    wait_plan(r, "pg_sleep", reason="slow")
+
+    def console_as(user):
+        out = subprocess.run(["runuser", "-u", user, "--", "socat", "-",
+                              f"UNIX-CONNECT:{admin_socket(r)}"], input="show plans json\n",
+                             capture_output=True, text=True, timeout=15).stdout
+        import json
+        return out, json.loads(out.strip())["plans"][0]
+
+    out, row = console_as("postgres")
+    assert "hunter2" not in out and row["plan"] == "<insufficient privilege>", out
+    assert row["top_node"] == "Result" and row["text"] == "SELECT pg_sleep($1), $2"
+    out, row = console_as("nobody")
+    assert "hunter2-in-a-plan" in out and row["plan"][0]["Plan"]["Node Type"] == "Result"
