@@ -313,8 +313,13 @@ static uint64_t plan_shape(json_t *node, uint64_t h, int depth)
 static void node_label(json_t *node, char *buf, size_t len)
 {
     const char *type = json_string_value(json_object_get(node, "Node Type"));
+    const char *operation = json_string_value(json_object_get(node, "Operation"));
+    if (type && operation && strcmp(type, "ModifyTable") == 0)
+        type = operation; /* "Insert on t", as EXPLAIN's text form says */
     const char *index = json_string_value(json_object_get(node, "Index Name"));
     const char *rel = json_string_value(json_object_get(node, "Relation Name"));
+    if (!rel) /* "CTE Scan on d" */
+        rel = json_string_value(json_object_get(node, "CTE Name"));
     const char *schema = json_string_value(json_object_get(node, "Schema"));
     snprintf(buf, len, "%s%s%s%s%s%s%s", type ? type : "?", index ? " using " : "",
              index ? index : "", rel ? " on " : "", schema && rel ? schema : "",

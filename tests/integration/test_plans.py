@@ -512,3 +512,22 @@ def test_the_plan_itself_is_hidden_from_the_stats_level_as_statement_text_is(rel
     assert row["top_node"] == "Result" and row["text"] == "SELECT pg_sleep($1), $2"
     out, row = console_as("nobody")
     assert "hunter2-in-a-plan" in out and row["plan"][0]["Plan"]["Node Type"] == "Result"
+
+
+def test_writes_are_planned_in_a_read_only_transaction_and_not_run_again(relay_factory, pg,
+                                                                         ext_table):
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1"}})
+    with r.connect() as c:
+        c.execute("INSERT INTO plan_ext VALUES (5001, 'inserted')")
+        c.execute("UPDATE plan_ext SET v = v || '!' WHERE id = 5001")
+        c.execute("WITH d AS (DELETE FROM plan_ext WHERE id = 5001 RETURNING id) SELECT * FROM d")
+    ins = wait_plan(r, "INSERT INTO plan_ext")
+    upd = wait_plan(r, "UPDATE plan_ext")
+    dele = wait_plan(r, "DELETE FROM plan_ext")
+    assert ins["error"] is None and ins["top_node"] == "Insert on public.plan_ext", ins
+    assert upd["error"] is None and upd["top_node"] == "Update on public.plan_ext", upd
+    assert dele["error"] is None and dele["top_node"] == "CTE Scan on d", dele
+    # EXPLAIN without ANALYZE ran nothing: the row the client deleted stays deleted, and the
+    # table holds exactly what the clients' own statements left.
+    assert pg.query("SELECT count(*) FROM plan_ext WHERE id = 5001") == [(0,)]
+    assert pg.query("SELECT count(*) FROM plan_ext") == [(1000,)]
