@@ -240,7 +240,8 @@ static json_t *metrics_body(const shm_route_table *t)
     const char *leader = leader_name(t);
     int64_t until_us = atomic_load(&shm->maintenance_until_us);
     return json_pack(
-        "{s:s, s:I, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:I, s:I, s:o, s:I, s:o}", "node_id",
+        "{s:s, s:I, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:I, s:I, s:o, s:I, s:I, s:o}",
+        "node_id",
         control.node_id, "ts_ms", (json_int_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, "clients",
         (int)atomic_load(&shm->clients), "statements", (json_int_t)statements, "bytes_in",
         (json_int_t)bytes_in, "bytes_out", (json_int_t)bytes_out, "errors", (json_int_t)errors,
@@ -248,7 +249,8 @@ static json_t *metrics_body(const shm_route_table *t)
         "maintenance", atomic_load(&shm->maintenance) != 0, "maintenance_until_ms",
         (json_int_t)(until_us / 1000), "epoch", (json_int_t)t->epoch, "leader",
         leader ? json_string(leader) : json_null(), "config_version",
-        (json_int_t)atomic_load(&shm->config_version), "nodes", routes_json(t));
+        (json_int_t)atomic_load(&shm->config_version), "plan_changes",
+        (json_int_t)atomic_load(&shm_plans_of(shm)->plan_changes), "nodes", routes_json(t));
 }
 
 static const char *state_name(uint32_t state)

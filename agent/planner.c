@@ -313,8 +313,13 @@ static uint64_t plan_shape(json_t *node, uint64_t h, int depth)
 static void node_label(json_t *node, char *buf, size_t len)
 {
     const char *type = json_string_value(json_object_get(node, "Node Type"));
+    const char *operation = json_string_value(json_object_get(node, "Operation"));
+    if (type && operation && strcmp(type, "ModifyTable") == 0)
+        type = operation; /* "Insert on t", as EXPLAIN's text form says */
     const char *index = json_string_value(json_object_get(node, "Index Name"));
     const char *rel = json_string_value(json_object_get(node, "Relation Name"));
+    if (!rel) /* "CTE Scan on d" */
+        rel = json_string_value(json_object_get(node, "CTE Name"));
     const char *schema = json_string_value(json_object_get(node, "Schema"));
     snprintf(buf, len, "%s%s%s%s%s%s%s", type ? type : "?", index ? " using " : "",
              index ? index : "", rel ? " on " : "", schema && rel ? schema : "",
@@ -825,18 +830,62 @@ static void planner_drain(planner *p)
     }
 }
 
+/* Close cached connections unused for PLANNER_CONN_IDLE_US, or all of them (a reload may have
+ * moved a node or changed the monitor user). */
+static void planner_close_idle(planner *p, bool all)
+{
+    int64_t now = shm_now_us();
+    for (int i = 0; i < PLANNER_CONNS; i++)
+        if (p->conns[i].conn && (all || now - p->conns[i].used_us > PLANNER_CONN_IDLE_US))
+            conn_drop(&p->conns[i]);
+}
+
 static void *planner_main(void *arg)
 {
     planner *p = arg;
     for (;;) {
-        if (shm_settings_version(p->shm) != p->settings_version)
+        if (shm_settings_version(p->shm) != p->settings_version) {
             p->settings_version = shm_settings_read(p->shm, &p->cfg);
+            planner_close_idle(p, true);
+        }
+        planner_close_idle(p, false);
         planner_drain(p);
         if (p->cfg.plan_slow_threshold_ms > 0)
             planner_scan_running(p);
         sleep_ms(PLANNER_POLL_MS);
     }
     return NULL;
+}
+
+/* A restarted agent takes over what the previous one published: its plans stay shown, are
+ * deduplicated against and compared with (plan changes). A slot the previous agent died
+ * writing (odd seq) is emptied, its seq made even again, so that readers can trust it. */
+static void planner_adopt(planner *p)
+{
+    static shm_plan snap;
+    for (uint32_t i = 0; i < SHM_PLANS_MAX; i++) {
+        shm_plan *out = &p->out->plans[i];
+        if (atomic_load(&out->seq) & 1u) {
+            out->used = 0;
+            atomic_fetch_add_explicit(&out->seq, 1, memory_order_release);
+            continue;
+        }
+        if (!shm_plan_snapshot(p->shm, i, &snap))
+            continue;
+        planner_entry *e = &p->entries[i];
+        e->used = true;
+        e->id = snap.id;
+        e->planned_at_us = snap.planned_at_us;
+        if (snap.json_len) {
+            json_t *plan = json_loadb(snap.json, snap.json_len, 0, NULL);
+            json_t *top = json_object_get(json_array_get(plan, 0), "Plan");
+            if (top) {
+                e->shape = plan_shape(top, 0xcbf29ce484222325ull, 0);
+                e->json = strndup(snap.json, snap.json_len);
+            }
+            json_decref(plan);
+        }
+    }
 }
 
 int planner_start(agent *a)
@@ -853,7 +902,7 @@ int planner_start(agent *a)
     p->out = shm_plans_of(a->shm);
     p->settings_version = shm_settings_read(a->shm, &p->cfg);
     p->tokens = p->cfg.plan_rate_limit;
-    /* Plans a previous agent published stay readable, but this one starts afresh. */
+    planner_adopt(p);
     int rc = pthread_create(&tid, NULL, planner_main, p);
     if (rc != 0) {
         log_error("planner: cannot start its thread: %s", strerror(rc));

@@ -91,6 +91,17 @@ static bool get_last_seen(const state_proxy *p, int64_t now, double *out)
     return true;
 }
 
+/* Plan changes the proxy's agent recorded (its last metrics body), when it reports them. */
+static bool get_plan_changes(const state_proxy *p, int64_t now, double *out)
+{
+    json_t *v = json_object_get(p->last_metrics, "plan_changes");
+    (void)now;
+    if (!json_is_integer(v))
+        return false;
+    *out = (double)json_integer_value(v);
+    return true;
+}
+
 static const metrics_family metrics_proxy_families[] = {
     {"pgrelay_proxy_clients", "gauge", "Client sessions of the proxy (last sample).", get_clients},
     {"pgrelay_proxy_statements_total", "counter", "Statements relayed since the proxy started.",
@@ -100,6 +111,9 @@ static const metrics_family metrics_proxy_families[] = {
     {"pgrelay_proxy_bytes_out_total", "counter", "Bytes sent to clients since start.",
      get_bytes_out},
     {"pgrelay_proxy_errors_total", "counter", "Errors since the proxy started.", get_errors},
+    {"pgrelay_proxy_plan_changes_total", "counter",
+     "Query plans whose shape differed from the statement's previous plan (agent).",
+     get_plan_changes},
     {"pgrelay_proxy_epoch", "gauge", "Leader epoch the proxy reports.", get_epoch},
     {"pgrelay_proxy_maintenance", "gauge", "1 while the proxy is in maintenance mode.",
      get_maintenance},

@@ -42,6 +42,9 @@ static void ctl_plan_node(FILE *out, const json_t *node, int depth)
         "Join Filter", "Filter",     "Sort Key",     "Group Key",    "One-Time Filter",
         NULL};
     const char *type = json_string_value(json_object_get(node, "Node Type"));
+    const char *operation = json_string_value(json_object_get(node, "Operation"));
+    if (type && operation && strcmp(type, "ModifyTable") == 0)
+        type = operation; /* "Insert on t" */
     const char *join = json_string_value(json_object_get(node, "Join Type"));
     const char *strategy = json_string_value(json_object_get(node, "Strategy"));
     const char *index = json_string_value(json_object_get(node, "Index Name"));
@@ -49,6 +52,10 @@ static void ctl_plan_node(FILE *out, const json_t *node, int depth)
     const char *rel = json_string_value(json_object_get(node, "Relation Name"));
     const char *alias = json_string_value(json_object_get(node, "Alias"));
     const char *func = json_string_value(json_object_get(node, "Function Name"));
+    if (!func) /* "CTE Scan on d", "Subquery Scan on s": named like a function, unqualified */
+        func = json_string_value(json_object_get(node, "CTE Name"));
+    if (!func && type && strcmp(type, "Subquery Scan") == 0)
+        func = alias;
     int label_indent = depth ? 6 * depth - 4 : 0;
     int detail_indent = depth ? 6 * depth + 2 : 2;
 

@@ -405,3 +405,129 @@ def test_a_flood_stays_within_the_rate_limit_and_drops_what_the_rings_cannot_hol
     assert explained <= 3 * (elapsed + 1) + 1, (explained, elapsed, got)
     assert explained + got["rate_limited"] + got["skipped"] + got["deduplicated"] == queued, got
     assert got["rate_limited"] >= queued - explained - 1
+
+
+def _msg(t, body):
+    import struct
+    return t + struct.pack("!i", len(body) + 4) + body
+
+
+@pytest.mark.parametrize("parse_types, bind", [
+    (b"\0\0", b""),                                            # empty Bind
+    (b"\0\0", b"\0"),                                          # portal name only
+    (b"\0\0", b"\0\0\xff\xff"),                                # 65535 formats, none there
+    (b"\0\x01\0\0\0\x17", b"\0\0\0\x01\0\x01\0\x01\x7f\xff\xff\xff"),  # a value of 2 GB claimed
+    (b"\0\x01\0\0\0\x17", b"\0\0\0\0\x01\x00"),                # 256 values, none there
+    (b"\0\x01\0\0\0\x17", b"\0\0\0\x03\0\0\0\0\0\0\0\x01\0\0\0\x012\0\0"),  # 3 formats, 1 value
+    (b"\x03\xe8\0\0", b"\0unseen_statement\0\0\0\0\0\0\0"),    # 1000 types claimed; other stmt
+    (b"\0\x01\0\0\0\x17", b"\xff" * 3000),                     # longer than the capture
+])
+def test_malformed_parse_and_bind_never_stop_a_worker_or_the_agent(relay_factory, parse_types,
+                                                                   bind):
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1"}})
+    with r.connect() as c:
+        c.execute("SELECT 1")
+    workers, agent = sorted(r.worker_pids()), r.agent_pid()
+    c = r.raw()
+    c.login()
+    c.send(_msg(b"P", b"\0SELECT $1::int AS hostile\0" + parse_types) + _msg(b"B", bind) +
+           _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b""))
+    c.read_until("Z")  # the server's error, or its close
+    c.close()
+    # A well-formed one afterwards is planned with its value: the pipeline still works.
+    c = r.raw()
+    c.login()
+    c.send(_msg(b"P", b"\0SELECT $1::int AS well_formed\0\0\x01\0\0\0\x17") +
+           _msg(b"B", b"\0\0\0\0\0\x01\0\0\0\x0242\0\0") + _msg(b"E", b"\0\0\0\0\0") +
+           _msg(b"S", b""))
+    assert c.read_until("Z")[-1][0] == "Z"
+    c.close()
+    p = wait_plan(r, "well_formed")
+    assert p["error"] is None and "42" in str(p["plan"]), p
+    assert sorted(r.worker_pids()) == workers and r.agent_pid() == agent
+    assert all(w["restarts"] == 0 for w in admin_json(r, "show workers"))
+
+
+def test_the_plan_keys_are_reloadable(relay_factory):
+    import signal
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0"}})
+    with r.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}) AS before_reload")
+    with open(r.conf_path) as f:
+        text = f.read()
+    with open(r.conf_path, "w") as f:
+        f.write(text.replace("plan_slow_threshold = 0", f"plan_slow_threshold = {THRESHOLD}"))
+    r.signal(signal.SIGHUP)
+    wait_for(lambda: any(row["key"] == "agent.plan_slow_threshold" and row["value"] == THRESHOLD
+                         for row in admin_json(r, "show config")), what="the reload")
+    with r.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}) AS after_reload")
+    wait_plan(r, "after_reload", reason="slow")
+    assert plan_for(r, "before_reload") is None
+
+
+def test_a_restarted_agent_keeps_the_plans_and_deduplicates_against_them(planning):
+    import signal
+    with planning.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}) AS survives_restart")
+    p = wait_plan(planning, "survives_restart", reason="slow")
+    old = planning.agent_pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: planning.agent_pid() not in (None, old), timeout=20,
+             what="the master restarted the agent")
+    assert plan_for(planning, "survives_restart") == {**p, "age_s": plan_for(
+        planning, "survives_restart")["age_s"]}
+    before = plans(planning)
+    with planning.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}) AS survives_restart")
+    wait_for(lambda: plans(planning)["deduplicated"] > before["deduplicated"],
+             what="the statement deduplicated by the new agent")
+    after = plans(planning)
+    assert after["planned"] == before["planned"]
+    assert len([x for x in after["plans"] if "survives_restart" in x["text"]]) == 1
+
+
+def test_the_plan_itself_is_hidden_from_the_stats_level_as_statement_text_is(relay_factory):
+    import stat
+    import subprocess
+
+    from conftest import admin_socket
+    r = relay_factory(admin_socket_mode="0666", stats_users="postgres", operator_users="nobody",
+                      sections={"agent": {"plan_slow_threshold": THRESHOLD}})
+    os.chmod(r.workdir, 0o711)
+    assert stat.S_IMODE(os.stat(admin_socket(r)).st_mode) == 0o666
+    with r.connect() as c:
+        c.execute(f"SELECT pg_sleep({SLEEP}), 'hunter2-in-a-plan'")
+    wait_plan(r, "pg_sleep", reason="slow")
+
+    def console_as(user):
+        out = subprocess.run(["runuser", "-u", user, "--", "socat", "-",
+                              f"UNIX-CONNECT:{admin_socket(r)}"], input="show plans json\n",
+                             capture_output=True, text=True, timeout=15).stdout
+        import json
+        return out, json.loads(out.strip())["plans"][0]
+
+    out, row = console_as("postgres")
+    assert "hunter2" not in out and row["plan"] == "<insufficient privilege>", out
+    assert row["top_node"] == "Result" and row["text"] == "SELECT pg_sleep($1), $2"
+    out, row = console_as("nobody")
+    assert "hunter2-in-a-plan" in out and row["plan"][0]["Plan"]["Node Type"] == "Result"
+
+
+def test_writes_are_planned_in_a_read_only_transaction_and_not_run_again(relay_factory, pg,
+                                                                         ext_table):
+    r = relay_factory(sections={"agent": {"plan_slow_threshold": "0", "plan_sample_rate": "1"}})
+    with r.connect() as c:
+        c.execute("INSERT INTO plan_ext VALUES (5001, 'inserted')")
+        c.execute("UPDATE plan_ext SET v = v || '!' WHERE id = 5001")
+        c.execute("WITH d AS (DELETE FROM plan_ext WHERE id = 5001 RETURNING id) SELECT * FROM d")
+    ins = wait_plan(r, "INSERT INTO plan_ext")
+    upd = wait_plan(r, "UPDATE plan_ext")
+    dele = wait_plan(r, "DELETE FROM plan_ext")
+    assert ins["error"] is None and ins["top_node"] == "Insert on public.plan_ext", ins
+    assert upd["error"] is None and upd["top_node"] == "Update on public.plan_ext", upd
+    assert dele["error"] is None and dele["top_node"] == "CTE Scan on d", dele
+    # EXPLAIN without ANALYZE ran nothing: the row the client deleted stays deleted, and the
+    # table holds exactly what the clients' own statements left.
+    assert pg.query("SELECT count(*) FROM plan_ext WHERE id = 5001") == [(0,)]
+    assert pg.query("SELECT count(*) FROM plan_ext") == [(1000,)]

@@ -145,6 +145,16 @@ def test_a_plan_change_is_listed_by_show_plans_changed_with_both_plans(control, 
         out.index("using ctl_plan_chg_id on public.ctl_plan_chg"), out
     wait_for(lambda: wait_api_plan(control, tag)["changes"] == 1,
              what="the plan's change count")
+    # The control plane's /metrics counts the proxy's plan changes (from its metrics reports).
+    import re
+
+    def counted():
+        from conftest import http_call
+        status, text = http_call(control.port, "GET", "/metrics")
+        m = re.search(r'^pgrelay_proxy_plan_changes_total\{deployment="prod",node_id="'
+                      + NODE_ID + r'"\} (\d+)', text, re.M)
+        return m and int(m.group(1)) >= 1
+    wait_for(counted, what="pgrelay_proxy_plan_changes_total in the control plane's /metrics")
 
 
 @pytest.mark.parametrize("body, says", [
