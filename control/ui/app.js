@@ -128,7 +128,9 @@ async function api(method, path, body) {
     signOut('The token was refused: ' + ((data && data.error) || '401 Unauthorized'));
     throw new Unauthorized();
   }
-  if (resp.status === 503 && data && /lease|store/.test(data.error || '')) {
+  /* a replica that does not serve (lease, store): the notice; an orchestration's own 503
+   * (its step could not be recorded) is its answer, shown with the operation */
+  if (resp.status === 503 && method === 'GET' && data && /lease|store/.test(data.error || '')) {
     markDown('this control plane replica does not serve: ' + data.error);
     throw new Unreachable(data.error);
   }
@@ -221,6 +223,7 @@ function route() {
 function stopPolling() {
   if (ui.timer) clearTimeout(ui.timer);
   ui.timer = null;
+  ui.pollGen = (ui.pollGen || 0) + 1; /* a poll still under way does not schedule another */
 }
 
 function startPolling() {
@@ -230,7 +233,9 @@ function startPolling() {
 
 async function poll() {
   if (!ui.token) return;
-  stopPolling();
+  if (ui.timer) clearTimeout(ui.timer);
+  ui.timer = null;
+  const gen = ui.pollGen;
   const page = ui.page;
   try {
     await refreshDeployments();
@@ -245,7 +250,7 @@ async function poll() {
     if (e instanceof Unauthorized) return;
     if (!(e instanceof Unreachable)) console.warn('pgrelay UI: ' + e.message);
   }
-  if (ui.token) ui.timer = setTimeout(poll, POLL_MS);
+  if (ui.token && gen === ui.pollGen) ui.timer = setTimeout(poll, POLL_MS);
 }
 
 async function refreshDeployments() {
@@ -410,10 +415,8 @@ async function refreshCharts() {
     addPoints('p:' + p.node_id, p.node_id, false, p.points);
     for (const n of p.nodes) addPoints('n:' + p.node_id + ':' + n.name, n.name + ' via ' + p.node_id, true, n.points);
   }
-  let newest = c.since;
-  for (const s of Object.values(c.series))
-    if (s.points.length) newest = Math.max(newest, s.points[s.points.length - 1][0]);
-  c.since = newest;
+  /* every point up to the answer's 'now' was in it: ask for what comes after */
+  c.since = Math.max(c.since, hist.now || 0);
   ui.leaders = leaders;
   /* maintenance periods, as seen while this page is open */
   const on = proxies.some(p => p.live && p.maintenance);
