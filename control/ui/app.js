@@ -194,7 +194,10 @@ async function signIn(token) {
     ui.deployments = r.data;
     showApp();
   } catch (e) {
-    if (e instanceof Unreachable) $('login-error').textContent = 'The control plane does not answer.';
+    if (e instanceof Unreachable)
+      $('login-error').textContent = /lease/.test(e.message)
+        ? 'This control plane replica does not hold the lease: open the UI of the one that does.'
+        : 'The control plane does not answer' + (e.message ? ' (' + e.message + ').' : '.');
   }
 }
 
@@ -627,6 +630,8 @@ function renderOperations() {
     if (r.result) parts.push(resultView(r.result, !!op));
     else parts.push(h('p', {class: 'muted'}, 'waiting for every proxy to acknowledge...'));
     live.className = 'live';
+    live.dataset.started = String(r.started);
+    live.dataset.state = r.result ? 'done' : 'running';
     live.replaceChildren(...parts);
   }
   const past = [...ui.tabOps, ...(ui.operations || []).map(o => ({

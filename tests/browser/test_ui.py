@@ -30,7 +30,8 @@ from loadgen import InThread
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import (NoSuchElementException,
+                                            StaleElementReferenceException)
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -177,11 +178,11 @@ class Page:
 
     def attr(self, id_, name):
         """An attribute of the element with that id, looked up afresh (a page may replace it)."""
-        for _ in range(5):
+        for _ in range(20):
             try:
                 return self.el(id_).get_attribute(name)
-            except StaleElementReferenceException:
-                continue
+            except (StaleElementReferenceException, NoSuchElementException):
+                time.sleep(0.05)
         return self.el(id_).get_attribute(name)
 
     def visible(self, id_):
@@ -195,8 +196,8 @@ class Page:
         def safe():
             try:
                 return cond()
-            except StaleElementReferenceException:
-                return None
+            except (StaleElementReferenceException, NoSuchElementException):
+                return None  # the page replaced or has not drawn it yet
         return wait_for(safe, timeout=timeout, interval=0.1, what=what)
 
     def rows(self, table_id):
@@ -407,7 +408,7 @@ def test_a_running_pg_sleep_appears_in_queries_and_disappears_when_it_ends(ui, f
 
     def sleep():
         with relay.connect() as c:
-            c.execute("SELECT pg_sleep(3)")
+            c.execute("SELECT pg_sleep(8)")  # long enough for the steps below on a loaded machine
         return True
 
     def sleeping_row():
@@ -435,7 +436,7 @@ def test_a_running_pg_sleep_appears_in_queries_and_disappears_when_it_ends(ui, f
     ui.el("query-filter").clear()
     ui.el("query-filter").send_keys(" ")
     ui.wait(sleeping_row, "the row back with the filter cleared")
-    assert t.result(timeout=10) is True
+    assert t.result(timeout=20) is True
     ui.wait(lambda: sleeping_row() is None, "the finished statement to leave the table",
             timeout=5)
 
@@ -447,12 +448,14 @@ def test_switching_pages_quickly_keeps_one_poll_a_second(ui):
     for _ in range(3):
         for page in ("charts", "queries", "operations", "fleet"):
             ui.d.execute_script("location.hash = arguments[0]", page)
-    ui.d.execute_script("performance.clearResourceTimings()")
+    # requests started from now on (the resource timing buffer may still hold older ones)
+    since = ui.d.execute_script("performance.clearResourceTimings(); return performance.now()")
     t0 = time.monotonic()
     time.sleep(5)  # a window to count requests in, not a synchronisation
     elapsed = time.monotonic() - t0
     urls = ui.d.execute_script(
-        "return performance.getEntriesByType('resource').map(e => e.name)")
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => e.startTime >= arguments[0]).map(e => e.name)", since)
     polls = [u for u in urls if u.endswith(API + "/deployments")]
     assert 2 <= len(polls) <= elapsed + 1, (len(polls), elapsed)
 
@@ -471,11 +474,20 @@ def test_every_page_loads_without_console_errors(ui):
 # --------------------------------------------------------------------------- #
 
 
-def op_result(ui, kind):
-    """Wait for this tab's running operation ``kind`` to end; its text."""
+def confirm_and_wait(ui, kind):
+    """Confirm the dialog and wait for this tab's operation ``kind`` to end: the text of its
+    box (a new one: the box of an earlier operation does not count)."""
+    before = ui.attr("op-live", "data-started")
+    ui.el("confirm-ok").click()
+
     def done():
-        txt = ui.text("op-live")
-        return txt if kind in txt and ("Succeeded" in txt or "Failed" in txt) else None
+        box = ui.el("op-live")
+        if box.get_attribute("data-started") in (before, None) or \
+                box.get_attribute("data-state") != "done":
+            return None
+        txt = box.text
+        assert kind in txt, txt
+        return txt
     return ui.wait(done, f"{kind} to end", timeout=60)
 
 
@@ -486,8 +498,7 @@ def test_maintenance_from_the_ui_holds_statements_on_both_proxies_until_turned_o
         ui.el("maint-on").click()
         ui.confirm(["Pause every live declared proxy of prod"])
         ui.screenshot("operations-confirm-maintenance")
-        ui.el("confirm-ok").click()
-        txt = op_result(ui, "maintenance on")
+        txt = confirm_and_wait(ui, "maintenance on")
         assert "Succeeded" in txt, txt
         for node_id, relay in fleet.proxies.items():
             assert info(relay)["maintenance"] == "on", node_id
@@ -505,8 +516,7 @@ def test_maintenance_from_the_ui_holds_statements_on_both_proxies_until_turned_o
         ui.wait(lambda: ui.visible("page-operations"), "the operations page")
         ui.el("maint-off").click()
         ui.confirm(["Resume every proxy of prod"])
-        ui.el("confirm-ok").click()
-        txt = op_result(ui, "maintenance off")
+        txt = confirm_and_wait(ui, "maintenance off")
         assert "Succeeded" in txt, txt
         for node_id, relay in fleet.proxies.items():
             assert info(relay)["maintenance"] == "off", node_id
@@ -518,6 +528,30 @@ def test_maintenance_from_the_ui_holds_statements_on_both_proxies_until_turned_o
                 admin(relay, "resume")
         for c in conns.values():
             c.close()
+
+
+def test_a_switchover_without_promote_to_a_replica_is_refused_and_changes_nothing(ui, fleet):
+    old = info(fleet.proxies["proxy-a"])["write_leader"]
+    new = next(n.name for n in fleet.cluster.nodes if n.name != old)
+    assert fleet.cluster[new].in_recovery()
+    epoch = fleet.control.deployment()["epoch"]
+    ui.allowed.append(r"409")  # the refusal's answer, logged by the browser
+    ui.signed_in("operations")
+    ui.wait(lambda: new in [o.get_attribute("value") for o in
+                            Select(ui.el("sw-node")).options], "the nodes in the switchover form")
+    Select(ui.el("sw-node")).select_by_value(new)
+    if ui.el("sw-promote").is_selected():
+        ui.el("sw-promote").click()
+    ui.el("sw-start").click()
+    said = ui.confirm([f"from {old} to {new}"])
+    assert "promote" not in said, said
+    txt = confirm_and_wait(ui, "switchover")
+    assert "Failed (HTTP 409)" in txt and "use --promote" in txt, txt
+    assert fleet.control.deployment()["epoch"] == epoch
+    for node_id, relay in fleet.proxies.items():
+        own = info(relay)
+        assert (own["write_leader"], own["epoch"], own["maintenance"]) == (old, epoch, "off"), \
+            (node_id, own)
 
 
 def test_a_switchover_from_the_ui_moves_both_proxies_and_the_page_shows_the_new_leader(ui, fleet):
@@ -536,8 +570,7 @@ def test_a_switchover_from_the_ui_moves_both_proxies_and_the_page_shows_the_new_
     ui.el("sw-start").click()
     said = ui.confirm([f"from {old} to {new}", "promoted", f"{old} is fenced"])
     assert str(epoch_before + 1) in said, said
-    ui.el("confirm-ok").click()
-    txt = op_result(ui, "switchover")
+    txt = confirm_and_wait(ui, "switchover")
     assert "Succeeded" in txt and f"leader {new}" in txt, txt
     epoch = fleet.control.deployment()["epoch"]
     assert epoch > epoch_before
@@ -625,8 +658,7 @@ def test_a_config_apply_one_proxy_refuses_names_it_and_changes_nothing(ui, fleet
         if current["text"]:
             assert "- leader_change_grace = 10s" in diff and "+ leader_change_grace = 15s" in diff
         ui.screenshot("operations-confirm-config")
-        ui.el("confirm-ok").click()
-        txt = op_result(ui, "config apply")
+        txt = confirm_and_wait(ui, "config apply")
         assert "Failed (HTTP 409)" in txt, txt
         assert "proxy-c" in ui.text("op-refused"), txt
         answers = ui.rows("op-result")
