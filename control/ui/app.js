@@ -128,7 +128,9 @@ async function api(method, path, body) {
     signOut('The token was refused: ' + ((data && data.error) || '401 Unauthorized'));
     throw new Unauthorized();
   }
-  if (resp.status === 503 && data && /lease|store/.test(data.error || '')) {
+  /* a replica that does not serve (lease, store): the notice; an orchestration's own 503
+   * (its step could not be recorded) is its answer, shown with the operation */
+  if (resp.status === 503 && method === 'GET' && data && /lease|store/.test(data.error || '')) {
     markDown('this control plane replica does not serve: ' + data.error);
     throw new Unreachable(data.error);
   }
@@ -192,7 +194,10 @@ async function signIn(token) {
     ui.deployments = r.data;
     showApp();
   } catch (e) {
-    if (e instanceof Unreachable) $('login-error').textContent = 'The control plane does not answer.';
+    if (e instanceof Unreachable)
+      $('login-error').textContent = /lease/.test(e.message)
+        ? 'This control plane replica does not hold the lease: open the UI of the one that does.'
+        : 'The control plane does not answer' + (e.message ? ' (' + e.message + ').' : '.');
   }
 }
 
@@ -221,6 +226,7 @@ function route() {
 function stopPolling() {
   if (ui.timer) clearTimeout(ui.timer);
   ui.timer = null;
+  ui.pollGen = (ui.pollGen || 0) + 1; /* a poll still under way does not schedule another */
 }
 
 function startPolling() {
@@ -230,7 +236,9 @@ function startPolling() {
 
 async function poll() {
   if (!ui.token) return;
-  stopPolling();
+  if (ui.timer) clearTimeout(ui.timer);
+  ui.timer = null;
+  const gen = ui.pollGen;
   const page = ui.page;
   try {
     await refreshDeployments();
@@ -245,7 +253,7 @@ async function poll() {
     if (e instanceof Unauthorized) return;
     if (!(e instanceof Unreachable)) console.warn('pgrelay UI: ' + e.message);
   }
-  if (ui.token) ui.timer = setTimeout(poll, POLL_MS);
+  if (ui.token && gen === ui.pollGen) ui.timer = setTimeout(poll, POLL_MS);
 }
 
 async function refreshDeployments() {
@@ -410,10 +418,8 @@ async function refreshCharts() {
     addPoints('p:' + p.node_id, p.node_id, false, p.points);
     for (const n of p.nodes) addPoints('n:' + p.node_id + ':' + n.name, n.name + ' via ' + p.node_id, true, n.points);
   }
-  let newest = c.since;
-  for (const s of Object.values(c.series))
-    if (s.points.length) newest = Math.max(newest, s.points[s.points.length - 1][0]);
-  c.since = newest;
+  /* every point up to the answer's 'now' was in it: ask for what comes after */
+  c.since = Math.max(c.since, hist.now || 0);
   ui.leaders = leaders;
   /* maintenance periods, as seen while this page is open */
   const on = proxies.some(p => p.live && p.maintenance);
@@ -624,6 +630,8 @@ function renderOperations() {
     if (r.result) parts.push(resultView(r.result, !!op));
     else parts.push(h('p', {class: 'muted'}, 'waiting for every proxy to acknowledge...'));
     live.className = 'live';
+    live.dataset.started = String(r.started);
+    live.dataset.state = r.result ? 'done' : 'running';
     live.replaceChildren(...parts);
   }
   const past = [...ui.tabOps, ...(ui.operations || []).map(o => ({
