@@ -257,6 +257,7 @@ static void *lease_thread_main(void *arg)
         ssize_t w = write(lease.pipe[1], "x", 1);
         (void)w; /* a full pipe already says "look" */
     }
+    store_drop_own_connection();
     return NULL;
 }
 

@@ -58,6 +58,16 @@ void store_use_own_connection(void)
         store_own->ok = true; /* so that the first failure is logged as an error */
 }
 
+void store_drop_own_connection(void)
+{
+    if (!store_own)
+        return;
+    if (store_own->conn)
+        PQfinish(store_own->conn);
+    free(store_own);
+    store_own = NULL;
+}
+
 void store_set_cap(int64_t mono_ms)
 {
     store_self()->cap_ms = mono_ms;

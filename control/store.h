@@ -22,8 +22,10 @@ typedef enum store_ack_result {
 void store_init(const char *conninfo);
 void store_close(void);
 
-/* From now on the calling thread uses a connection of its own (the lease thread). */
+/* From now on the calling thread uses a connection of its own (the lease thread, the store
+ * worker); store_drop_own_connection closes it before the thread ends. */
 void store_use_own_connection(void);
+void store_drop_own_connection(void);
 
 /* No call of the calling thread's connection runs past this monotonic time (0: no cap); one
  * started after it fails at once. */

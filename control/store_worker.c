@@ -67,6 +67,7 @@ static void *store_worker_main(void *arg)
         ssize_t w = write(worker.pipe[1], "x", 1);
         (void)w; /* a full pipe already says "look" */
     }
+    store_drop_own_connection();
     return NULL;
 }
 
