@@ -20,6 +20,7 @@
 #include "control.h"
 #include "log.h"
 #include "operator.h"
+#include "periodic.h"
 #include "state.h"
 #include "store.h"
 
@@ -256,6 +257,7 @@ static void *lease_thread_main(void *arg)
         ssize_t w = write(lease.pipe[1], "x", 1);
         (void)w; /* a full pipe already says "look" */
     }
+    store_drop_own_connection();
     return NULL;
 }
 
@@ -268,12 +270,13 @@ static void lease_tick(evutil_socket_t fd, short what, void *arg)
     (void)arg;
     if (control.stopping)
         return;
-    /* a quiet ping first: a store that stays down is logged once, not every second */
-    if (!control.active) {
-        if (store_ping() == 0 && state_activate() == 0)
+    /* While the store is seen down, the store worker checks it (off this loop) until it
+     * answers; then the state is loaded here. */
+    if (!store_up()) {
+        periodic_ping();
+    } else if (!control.active) {
+        if (state_activate() == 0)
             operation_recover();
-    } else if (!store_up()) {
-        store_ping();
     }
 }
 

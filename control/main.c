@@ -5,6 +5,8 @@
 #include "daemon.h"
 #include "http.h"
 #include "lease.h"
+#include "periodic.h"
+#include "store_worker.h"
 #include "log.h"
 #include "plans.h"
 #include "state.h"
@@ -242,20 +244,18 @@ static void on_housekeeping(evutil_socket_t fd, short what, void *arg)
         return;
     int64_t now = control_now_ms();
     state_prune(now);
+    /* the store work of housekeeping runs on the store worker, never on this loop */
     /* notice a restarted store before a request does */
     if (store_idle_ms() >= STORE_IDLE_PING_MS)
-        store_ping();
+        periodic_ping();
     int64_t mono = control_mono_ms();
     if (mono - main_state.last_flush_ms >= FLUSH_EVERY_MS) {
         main_state.last_flush_ms = mono;
-        state_flush();
+        periodic_flush();
     }
     if (mono - main_state.last_expire_ms >= EXPIRE_EVERY_MS) {
         main_state.last_expire_ms = mono;
-        int n = store_commands_expire(control.cfg->command_retention_ms);
-        if (n > 0)
-            log_info("deleted %d command(s) older than command_retention", n);
-        store_plans_expire(control.cfg->telemetry_retention_ms);
+        periodic_expire(control.cfg->command_retention_ms, control.cfg->telemetry_retention_ms);
     }
 }
 
@@ -420,6 +420,8 @@ int main(int argc, char **argv)
         goto done;
     }
     store_init(cfg->store);
+    if (store_worker_start() != 0)
+        goto done;
     if (lease_start() != 0)
         goto done;
     event_base_dispatch(control.base);
@@ -433,6 +435,7 @@ done:
             lease_stop();
         }
         http_stop();
+        store_worker_stop();
         free_events();
         event_base_free(control.base);
     }

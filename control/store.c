@@ -58,9 +58,40 @@ void store_use_own_connection(void)
         store_own->ok = true; /* so that the first failure is logged as an error */
 }
 
+void store_drop_own_connection(void)
+{
+    if (!store_own)
+        return;
+    if (store_own->conn)
+        PQfinish(store_own->conn);
+    free(store_own);
+    store_own = NULL;
+}
+
 void store_set_cap(int64_t mono_ms)
 {
     store_self()->cap_ms = mono_ms;
+}
+
+int64_t store_get_cap(void)
+{
+    return store_self()->cap_ms;
+}
+
+/* The last store call's outcome as the event loop knows it: its own calls, and the store
+ * worker's checks it was told of (store_note). */
+static bool store_seen_up = true;
+
+void store_note(bool up, const char *error)
+{
+    store_conn *sc = &store_loop;
+    if (!up && store_seen_up)
+        log_error("store: %s", error);
+    else if (up && !store_seen_up)
+        log_info("store: reachable again");
+    if (!up)
+        snprintf(sc->error, sizeof(sc->error), "%s", error);
+    store_seen_up = up;
 }
 
 /* The monotonic time by which a call of timeout_ms must end: no later than the cap. */
@@ -84,6 +115,8 @@ void store_fail(const char *fmt, ...)
     else
         log_debug("store: %s", sc->error);
     sc->ok = false;
+    if (sc == &store_loop)
+        store_seen_up = false;
 }
 
 /* Server notices (NOTICE, WARNING) go to the log, not to stderr. */
@@ -248,6 +281,8 @@ PGresult *store_exec_timeout(int timeout_ms, ExecStatusType want, const char *sq
     sc->ok = true;
     sc->error[0] = '\0';
     sc->last_used_ms = control_mono_ms();
+    if (sc == &store_loop)
+        store_seen_up = true;
     return last;
 
 timeout:
@@ -329,8 +364,7 @@ int store_connect_within(int timeout_ms)
 
 bool store_up(void)
 {
-    store_conn *sc = store_self();
-    return sc->ok && sc->conn && PQstatus(sc->conn) == CONNECTION_OK;
+    return store_seen_up;
 }
 
 const char *store_error(void)
@@ -341,8 +375,12 @@ const char *store_error(void)
 
 int64_t store_idle_ms(void)
 {
-    store_conn *sc = store_self();
-    return control_mono_ms() - sc->last_used_ms;
+    return control_mono_ms() - store_loop.last_used_ms;
+}
+
+void store_touch(void)
+{
+    store_loop.last_used_ms = control_mono_ms();
 }
 
 int store_ping(void)

@@ -22,21 +22,33 @@ typedef enum store_ack_result {
 void store_init(const char *conninfo);
 void store_close(void);
 
-/* From now on the calling thread uses a connection of its own (the lease thread). */
+/* From now on the calling thread uses a connection of its own (the lease thread, the store
+ * worker); store_drop_own_connection closes it before the thread ends. */
 void store_use_own_connection(void);
+void store_drop_own_connection(void);
 
 /* No call of the calling thread's connection runs past this monotonic time (0: no cap); one
  * started after it fails at once. */
 void store_set_cap(int64_t mono_ms);
 
-/* The last operation succeeded and the connection is up (the calling thread's connection). */
+/* The calling thread's connection's cap (0: none). */
+int64_t store_get_cap(void);
+
+/* The last store call of the event loop, or check of the store worker it was told of
+ * (store_note), succeeded. */
 bool store_up(void);
+
+/* Event loop: what the store worker found (up, or down with error). */
+void store_note(bool up, const char *error);
 
 /* Text of the last failure ("" when none). */
 const char *store_error(void);
 
-/* Milliseconds since the last successful call. */
+/* Milliseconds since the event loop's last successful call, or store_touch(). */
 int64_t store_idle_ms(void);
+
+/* Event loop: the store was just found reachable (by the store worker). */
+void store_touch(void);
 
 /* Connect if needed and run SELECT 1. Returns 0 or -1. */
 int store_ping(void);
@@ -73,6 +85,12 @@ int store_proxy_save(const state_proxy *p);
 
 /* store_proxy_save for n proxies (of any deployments) in one statement. 0 or -1. */
 int store_proxies_save(state_proxy *const *list, int n);
+
+/* The rows store_proxies_save writes, as JSON text (malloc'd), or NULL (out of memory). */
+char *store_proxies_json(state_proxy *const *list, int n);
+
+/* Write rows made by store_proxies_json (any thread: no state is read). 0 or -1. */
+int store_proxies_save_text(const char *rows);
 
 /* Persist a leadership decision. The store takes only a higher epoch, or the same epoch with
  * the same leader, so that one epoch never names two leaders: 0 saved, 1 refused (*stored_epoch

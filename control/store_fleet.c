@@ -206,11 +206,9 @@ int store_leadership_save(const char *deployment, const char *leader, int64_t ep
     return rc;
 }
 
-int store_proxies_save(state_proxy *const *list, int n)
+char *store_proxies_json(state_proxy *const *list, int n)
 {
     json_t *rows = json_array();
-    char *text = NULL;
-    int rc = -1;
     for (int i = 0; rows && i < n; i++) {
         const state_proxy *p = list[i];
         json_array_append_new(
@@ -223,11 +221,14 @@ int store_proxies_save(state_proxy *const *list, int n)
                             "registered_ms", (json_int_t)p->registered_ms, "last_seen_ms",
                             (json_int_t)p->last_seen_ms));
     }
-    text = rows ? json_dumps(rows, JSON_COMPACT) : NULL;
-    if (!text) {
-        store_fail("out of memory saving %d proxies", n);
-        goto done;
-    }
+    char *text = rows ? json_dumps(rows, JSON_COMPACT) : NULL;
+    json_decref(rows);
+    return text;
+}
+
+int store_proxies_save_text(const char *text)
+{
+    int rc;
     char term[STORE_INT_MAX];
     const char *params[4];
     store_guard_params(params, term);
@@ -248,9 +249,18 @@ int store_proxies_save(state_proxy *const *list, int n)
         "  leader = EXCLUDED.leader, maintenance = EXCLUDED.maintenance,"
         "  config_version = EXCLUDED.config_version, registered_ms = EXCLUDED.registered_ms,"
         "  last_seen_ms = EXCLUDED.last_seen_ms",
-        4, params, n > 0 ? 1 : 0);
-done:
+        4, params, strcmp(text, "[]") != 0 ? 1 : 0);
+    return rc;
+}
+
+int store_proxies_save(state_proxy *const *list, int n)
+{
+    char *text = store_proxies_json(list, n);
+    if (!text) {
+        store_fail("out of memory saving %d proxies", n);
+        return -1;
+    }
+    int rc = store_proxies_save_text(text);
     free(text);
-    json_decref(rows);
     return rc;
 }

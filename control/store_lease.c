@@ -8,8 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The lease the holder's conditional writes check (see store_lease_set_guard). */
-static struct {
+/* The lease the holder's conditional writes check (see store_lease_set_guard), per thread:
+ * the event loop's, and the store worker's copy of it for each job (store_worker.c). A thread
+ * that never set it has the name "" (no condition): only the loop and the worker write. */
+static __thread struct {
     char name[256];     /* "" when leases are disabled: no condition */
     char identity[256]; /* "" when not held: every guarded write changes nothing */
     int64_t term;       /* lease_transitions when it was taken */

@@ -8,7 +8,8 @@ second: renew deadline 2 s):
     term, checked in the same statement), and continued, the old holder steps down;
   * the store stopped (SIGSTOP of every postgres process) past a renewal: the holder steps
     down at its renew deadline, not at the lease's end and not after a store timeout, and
-    /healthz keeps answering.
+    /healthz and a read endpoint served from state answer within a second throughout (the
+    renewal runs in a thread of its own, the periodic writes on the store worker).
 
 An audit trigger in the store records which backend wrote which row, and when.
 """
@@ -152,6 +153,7 @@ def test_a_stopped_store_makes_the_holder_step_down_at_its_renew_deadline(pg, tw
     a, b = two_replicas
     procs = store_processes(pg)
     samples = []  # (seconds since the store stopped, /healthz latency)
+    reads = []    # latency of a read endpoint served from state (200, or 503 once stepped down)
     stepped_down = None
     for p in procs:
         p.suspend()
@@ -162,6 +164,10 @@ def test_a_stopped_store_makes_the_holder_step_down_at_its_renew_deadline(pg, tw
             status = http(a.port, "GET", "/healthz", timeout=10)[0]
             samples.append((s - t0, time.monotonic() - s))
             assert status == 200
+            s = time.monotonic()
+            status = a.api("GET", "/deployments", timeout=10)[0]
+            reads.append(time.monotonic() - s)
+            assert status in (200, 503)
             if stepped_down is None and http(a.port, "GET", "/readyz", timeout=10)[0] == 503:
                 stepped_down = time.monotonic() - t0
             time.sleep(0.05)
@@ -175,11 +181,15 @@ def test_a_stopped_store_makes_the_holder_step_down_at_its_renew_deadline(pg, tw
     assert stepped_down <= RENEW_DEADLINE_S + 0.5, f"stepped down after {stepped_down:.2f}s"
     worst = max(lat for _, lat in samples)
     after = [lat for at, lat in samples if at > stepped_down]
-    assert worst < RENEW_DEADLINE_S + 0.5, f"/healthz took {worst:.2f}s"
+    # no store call of the event loop waits on the stopped store (the renewal has a thread
+    # of its own, the periodic writes go to the store worker)
+    assert worst < 1.0, f"/healthz took {worst:.2f}s"
     assert after and max(after) < 1.0, f"/healthz after the step-down took {max(after):.2f}s"
+    assert max(reads) < 1.0, f"GET /deployments took {max(reads):.2f}s"
     assert "renew deadline passed" in a.log_tail(200)
     # the store is back: one of them holds the lease again
     wait_for(lambda: a.holds_lease() or b.holds_lease(), timeout=15,
              what="a holder once the store is back")
     print(f"stepped down {stepped_down:.2f}s after the store stopped; /healthz max "
-          f"{worst * 1000:.0f} ms, after the step-down {max(after) * 1000:.0f} ms")
+          f"{worst * 1000:.0f} ms, after the step-down {max(after) * 1000:.0f} ms; "
+          f"GET /deployments max {max(reads) * 1000:.0f} ms")
