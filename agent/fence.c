@@ -5,8 +5,10 @@
  * waited for, and the fence is verified with a fresh connection that must be refused.
  * Replication connections are not affected: the replicas keep streaming its WAL, the fence
  * included (a target that replays it is unfenced right after its promotion, promote.c).
- * Which databases it closed is kept on the node itself, in the setting pgrelay.fenced of
- * FENCE_DBNAME (their oids), so that any agent can lift exactly that fence later.
+ * FENCE_DBNAME itself stays open to the agent (a superuser) but gets CONNECTION LIMIT 0, which
+ * keeps every other role out. Which databases it closed is kept on the node itself, in the
+ * setting pgrelay.fenced of FENCE_DBNAME (their oids), and FENCE_DBNAME's own limit before in
+ * pgrelay.fenced_connlimit, so that any agent can lift exactly that fence later.
  */
 #include "fence.h"
 #include "control.h"
@@ -23,12 +25,19 @@
 #define FENCE_DETAIL_MAX   512
 #define FENCE_STATEMENT_MS "15000" /* statement_timeout of the agent's switchover sessions */
 
-/* The oids the fence closed ("" when none), from FENCE_DBNAME's settings. */
-#define FENCE_MARKER_SQL                                                                           \
-    "SELECT coalesce((SELECT substr(s, length('pgrelay.fenced=') + 1)"                             \
+/* A setting of FENCE_DBNAME ('-' when not set). */
+#define FENCE_SETTING_SQL(name)                                                                    \
+    "SELECT coalesce((SELECT substr(s, length('" name "=') + 1)"                                   \
     "  FROM pg_db_role_setting r, unnest(r.setconfig) s"                                           \
     "  WHERE r.setrole = 0 AND r.setdatabase = (SELECT oid FROM pg_database"                       \
-    "    WHERE datname = '" FENCE_DBNAME "') AND s LIKE 'pgrelay.fenced=%'), '-')"
+    "    WHERE datname = '" FENCE_DBNAME "') AND s LIKE '" name "=%'), '-')"
+
+/* The oids the fence closed ("" when none). */
+#define FENCE_MARKER_SQL FENCE_SETTING_SQL("pgrelay.fenced")
+
+/* FENCE_DBNAME's connection limit before the fence set it to 0 (superusers, the agent among
+ * them, are not held by it; every other role is). */
+#define FENCE_CONNLIMIT_SQL FENCE_SETTING_SQL("pgrelay.fenced_connlimit")
 
 PGconn *fence_connect(const config *cfg, const char *name, const char *dbname, char *detail,
                       size_t len)
@@ -141,6 +150,72 @@ static bool fence_oids_valid(const char *oids)
     return strspn(oids, "0123456789,") == strlen(oids);
 }
 
+/* A connection limit as kept by the fence: an integer (it is put into SQL). */
+static bool fence_limit_valid(const char *limit)
+{
+    const char *digits = limit[0] == '-' ? limit + 1 : limit;
+    return digits[0] && strlen(digits) < 12 && strspn(digits, "0123456789") == strlen(digits);
+}
+
+/* FENCE_DBNAME: CONNECTION LIMIT 0, its limit before kept first (once: a fence run again keeps
+ * the first one). false with detail set. */
+static bool fence_close_door(PGconn *conn, char *detail, size_t len)
+{
+    char *kept = fence_value(conn, FENCE_CONNLIMIT_SQL, detail, len), *before = NULL, *sql = NULL;
+    bool ok = false;
+    if (!kept)
+        goto done;
+    if (strcmp(kept, "-") == 0) {
+        if (!(before = fence_value(
+                  conn,
+                  "SELECT datconnlimit::text FROM pg_database WHERE datname = '" FENCE_DBNAME "'",
+                  detail, len)))
+            goto done;
+        if (!fence_limit_valid(before)) {
+            snprintf(detail, len, "unexpected connection limit \"%s\" of " FENCE_DBNAME, before);
+            goto done;
+        }
+        if (!(sql = fence_sql(detail, len,
+                              "ALTER DATABASE " FENCE_DBNAME " SET pgrelay.fenced_connlimit = '%s'",
+                              before)) ||
+            !fence_exec(conn, sql, detail, len))
+            goto done;
+    }
+    ok = fence_exec(conn, "ALTER DATABASE " FENCE_DBNAME " CONNECTION LIMIT 0", detail, len);
+done:
+    free(kept);
+    free(before);
+    free(sql);
+    return ok;
+}
+
+/* FENCE_DBNAME's connection limit back to what the fence kept, when it kept one. false with
+ * detail set. */
+static bool fence_open_door(PGconn *conn, char *detail, size_t len)
+{
+    char *kept = fence_value(conn, FENCE_CONNLIMIT_SQL, detail, len), *sql = NULL;
+    bool ok = false;
+    if (!kept)
+        goto done;
+    if (strcmp(kept, "-") == 0) {
+        ok = true;
+        goto done;
+    }
+    if (!fence_limit_valid(kept)) {
+        snprintf(detail, len, "unexpected pgrelay.fenced_connlimit \"%s\"", kept);
+        goto done;
+    }
+    ok = (sql = fence_sql(detail, len, "ALTER DATABASE " FENCE_DBNAME " CONNECTION LIMIT %s",
+                          kept)) &&
+         fence_exec(conn, sql, detail, len) &&
+         fence_exec(conn, "ALTER DATABASE " FENCE_DBNAME " RESET pgrelay.fenced_connlimit", detail,
+                    len);
+done:
+    free(kept);
+    free(sql);
+    return ok;
+}
+
 static void fence_nap(void)
 {
     struct timespec ts = {0, FENCE_STEP_MS * 1000000L};
@@ -197,7 +272,7 @@ static int fence_node(const config *cfg, PGconn *conn, const char *name, char *d
     free(sql);
     if (!(sql = fence_sql(detail, len, "ALTER DATABASE " FENCE_DBNAME " SET pgrelay.fenced = '%s'",
                           oids)) ||
-        !fence_exec(conn, sql, detail, len))
+        !fence_exec(conn, sql, detail, len) || !fence_close_door(conn, detail, len))
         goto done;
     free(sql);
     if (!(sql = fence_sql(detail, len,
@@ -315,6 +390,7 @@ int fence_lift(PGconn *conn, const char *name, char *detail, size_t len)
                           " ANY(string_to_array('%s', ','))",
                           marker)) ||
         !fence_exec_generated(conn, sql, &opened, detail, len) ||
+        !fence_open_door(conn, detail, len) ||
         !fence_exec(conn, "ALTER DATABASE " FENCE_DBNAME " RESET pgrelay.fenced", detail, len))
         goto done;
     snprintf(detail, len, "%s unfenced: %d database(s) accept connections again", name, opened);

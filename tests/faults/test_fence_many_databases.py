@@ -1,23 +1,27 @@
 """The fence on a node with many databases (issue 8, Deliver 3): the fence keeps the oids of
 the databases it closed in one setting and builds its statements from that list, so a node
 with 200 databases (an oid list of about 1,200 characters) is fenced and unfenced whole,
-like a node with three."""
+like a node with three. template1, which stays open for the agent to lift the fence, takes no
+role but superusers meanwhile (CONNECTION LIMIT 0), so an application role cannot write there
+either; its limit is given back by unfence."""
 
 import time
 
 import psycopg
+import pytest
 
 from fleet import Fleet
 
 EXIT_OK = 0
 N_DATABASES = 200
 PREFIX = "fence_many_"
+APP_ROLE = "fence_app"  # an application's role: no superuser
 
 
-def connect_error(node, dbname):
+def connect_error(node, dbname, **kw):
     """The error a fresh connection to ``dbname`` on ``node`` gets, or None when it connects."""
     try:
-        with node.connect(dbname=dbname, connect_timeout=3) as c:
+        with node.connect(dbname=dbname, connect_timeout=3, **kw) as c:
             c.execute("SELECT 1")
     except psycopg.Error as e:
         return str(e).strip()
@@ -31,6 +35,7 @@ def open_databases(node):
             "SELECT datname FROM pg_database WHERE datallowconn AND datname <> 'template1'")}
 
 
+@pytest.mark.deadline(300)  # 200 CREATE DATABASE took 10-50 s on a loaded 2-CPU machine
 def test_a_node_with_200_databases_is_fenced_whole_and_unfenced_whole(pg):
     started = time.monotonic()
     with Fleet.start(pg) as fleet:
@@ -39,7 +44,12 @@ def test_a_node_with_200_databases_is_fenced_whole_and_unfenced_whole(pg):
             for i in range(N_DATABASES):
                 # FILE_COPY: a checkpoint and a directory copy each, not 8 MB of WAL each
                 c.execute(f"CREATE DATABASE {PREFIX}{i} STRATEGY FILE_COPY")
+            c.execute(f"CREATE ROLE {APP_ROLE} LOGIN")
         created = time.monotonic() - started
+        with pg1.connect(dbname="template1") as c:
+            c.execute(f"GRANT CREATE ON SCHEMA public TO {APP_ROLE}")  # it may write there
+        with pg1.connect(dbname="template1", user=APP_ROLE) as c:
+            c.execute("CREATE TABLE app_t (x int); INSERT INTO app_t VALUES (1)")
         fleet.cluster.wait_caught_up(pg2, pg1)
         before = open_databases(pg1)
         assert len([d for d in before if d.startswith(PREFIX)]) == N_DATABASES
@@ -53,6 +63,9 @@ def test_a_node_with_200_databases_is_fenced_whole_and_unfenced_whole(pg):
         for dbname in ("postgres", f"{PREFIX}0", f"{PREFIX}{N_DATABASES - 1}"):
             error = connect_error(pg1, dbname)
             assert error and "not currently accepting connections" in error, (dbname, error)
+        # template1: open to the agent (a superuser), closed to every other role
+        error = connect_error(pg1, "template1", user=APP_ROLE)
+        assert error and "too many connections" in error, error
         assert not pg2.in_recovery()
 
         rc, out, err = fleet.ctl_json("unfence", "pg1", "--timeout", "30")
@@ -62,8 +75,11 @@ def test_a_node_with_200_databases_is_fenced_whole_and_unfenced_whole(pg):
         assert open_databases(pg1) == before
         for dbname in ("postgres", f"{PREFIX}0", f"{PREFIX}{N_DATABASES - 1}"):
             assert connect_error(pg1, dbname) is None, dbname
+        assert connect_error(pg1, "template1", user=APP_ROLE) is None
+        assert pg1.scalar("SELECT datconnlimit FROM pg_database WHERE datname = 'template1'") \
+            == -1
         with pg1.connect(dbname="template1") as c:
             assert c.execute("SELECT count(*) FROM pg_db_role_setting r, unnest(r.setconfig) s"
-                             " WHERE s LIKE 'pgrelay.fenced=%'").fetchone()[0] == 0
+                             " WHERE s LIKE 'pgrelay.fenced%'").fetchone()[0] == 0
     print(f"scenario time {time.monotonic() - started:.1f}s ({N_DATABASES} databases created "
           f"in {created:.1f}s)")
