@@ -602,7 +602,7 @@ static void planner_explain(planner *p, const shm_plan_request *r, const planner
 {
     shm_plans *out = p->out;
     char why[512] = "";
-    char sql[sizeof(PLANNER_EXPLAIN_GENERIC) + SHM_STMT_MAX + 16];
+    char sql[sizeof(PLANNER_EXPLAIN_GENERIC) + SHM_PLAN_TEXT_MAX + 16];
     char *values[PLANNER_PARAMS_MAX];
     Oid types[PLANNER_PARAMS_MAX];
     char store[SHM_PLAN_PARAMS_MAX * 4]; /* binary numbers grow up to ~2x as text */
@@ -718,7 +718,7 @@ static bool rate_allows(planner *p)
 static void planner_handle(planner *p, const shm_plan_request *r)
 {
     shm_plans *out = p->out;
-    char norm[SHM_STMT_MAX];
+    static char norm[SHM_PLAN_TEXT_MAX + 256]; /* $n may be longer than the literal */
     atomic_fetch_add(&out->requests, 1);
     if (r->flags & PLAN_REQ_TRUNCATED) {
         atomic_fetch_add(&out->skipped, 1);
