@@ -33,9 +33,9 @@ static const char *param_of(json_t *obj, const char *key, char **owned, char num
 
 int store_plan_put(const char *deployment, const char *node_id, json_t *plan)
 {
-    static const char *const keys[] = {"id", "node", "database", "user", "text", "reason",
-                                       "duration_ms", "total_cost", "top_node", "error", "plan",
-                                       "changes", "planned_at_ms"};
+    static const char *const keys[] = {"id",     "node",        "database",     "user",     "text",
+                                       "reason", "duration_ms", "total_cost",   "top_node", "error",
+                                       "plan",   "changes",     "planned_at_ms"};
     enum { N = sizeof(keys) / sizeof(keys[0]) };
     const char *params[N + 2];
     char *owned[N] = {0};
@@ -65,8 +65,8 @@ int store_plan_put(const char *deployment, const char *node_id, json_t *plan)
 
 int store_plan_change_add(const char *deployment, const char *node_id, json_t *change)
 {
-    static const char *const keys[] = {"id",       "node",     "database", "user",
-                                       "text",     "old_plan", "new_plan", "at_ms"};
+    static const char *const keys[] = {"id",   "node",     "database", "user",
+                                       "text", "old_plan", "new_plan", "at_ms"};
     enum { N = sizeof(keys) / sizeof(keys[0]) };
     const char *params[N + 2];
     char *owned[N] = {0};
@@ -85,8 +85,7 @@ int store_plan_change_add(const char *deployment, const char *node_id, json_t *c
     return rc;
 }
 
-json_t *store_plans_list(const char *deployment, const char *text_like, const char *id,
-                         int changed)
+json_t *store_plans_list(const char *deployment, const char *text_like, const char *id, int changed)
 {
     const char *params[] = {deployment, text_like, id};
     /* Each row built as JSON by the server; the plans themselves stay jsonb. */
