@@ -287,12 +287,12 @@ typedef struct shm_plan {
     int64_t planned_at_us;           /* wall clock of the EXPLAIN */
     int64_t duration_us;             /* duration of the statement that triggered it */
     double total_cost;               /* top node's Total Cost; -1 when there is no plan */
-    char node_name[CONFIG_NAME_MAX];
-    char user[SHM_IDENT_MAX];
-    char database[SHM_IDENT_MAX];
+    char node_name[CONFIG_NAME_MAX]; /* node the statement ran on, where it was explained */
+    char user[SHM_IDENT_MAX];        /* its user: the role the EXPLAIN ran as */
+    char database[SHM_IDENT_MAX];    /* its database */
     char top_node[96];               /* "Seq Scan on t", "" when there is no plan */
     char error[256];                 /* why there is no plan ("" when there is one) */
-    char text[SHM_STMT_MAX];         /* normalised statement text */
+    char text[SHM_STMT_MAX];         /* normalised statement text (its first 1023 bytes) */
     uint32_t json_len;               /* bytes in json; 0 with an error, or when too large */
     char json[SHM_PLAN_JSON_MAX];    /* EXPLAIN (FORMAT JSON) output, not NUL-terminated */
 } shm_plan;
