@@ -63,6 +63,8 @@ void plan_parse_seen(session *s, const uint8_t *body, uint32_t captured, uint32_
     (void)body_len;
     pc->extended = true;
     pc->function_call = false;
+    if (!plan_enabled(worker_self))
+        return; /* planning off: no scan of the body */
     pc->n_types = 0;
     pc->truncated = false;
     /* statement name \0 query \0 int16 n, n * int32 type */
