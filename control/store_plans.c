@@ -85,9 +85,11 @@ int store_plan_change_add(const char *deployment, const char *node_id, json_t *c
     return rc;
 }
 
-json_t *store_plans_list(const char *deployment, const char *text_like, const char *id, int changed)
+json_t *store_plans_list(const char *deployment, const char *text_like, const char *id,
+                         int changed, int64_t retention_ms)
 {
-    const char *params[] = {deployment, text_like, id};
+    char ms[STORE_INT_MAX];
+    const char *params[] = {deployment, text_like, id, fmt_int(ms, retention_ms)};
     /* Each row built as JSON by the server; the plans themselves stay jsonb. */
     PGresult *res = store_exec(
         PGRES_TUPLES_OK,
@@ -98,6 +100,7 @@ json_t *store_plans_list(const char *deployment, const char *text_like, const ch
                   " FROM pgrelay.plan_changes WHERE deployment = $1"
                   "  AND ($2::text IS NULL OR strpos(text, $2) > 0)"
                   "  AND ($3::text IS NULL OR plan_id = $3)"
+                  "  AND received_at >= now() - make_interval(secs => $4::bigint / 1000.0)"
                 : "SELECT coalesce(json_agg(json_build_object('id', plan_id, 'node_id', node_id,"
                   "  'node', node, 'database', database, 'user', user_name, 'text', text,"
                   "  'reason', reason, 'duration_ms', duration_ms, 'total_cost', total_cost,"
@@ -106,8 +109,9 @@ json_t *store_plans_list(const char *deployment, const char *text_like, const ch
                   "  ORDER BY planned_at_ms DESC, plan_id), '[]')"
                   " FROM pgrelay.plans WHERE deployment = $1"
                   "  AND ($2::text IS NULL OR strpos(text, $2) > 0)"
-                  "  AND ($3::text IS NULL OR plan_id = $3)",
-        3, params);
+                  "  AND ($3::text IS NULL OR plan_id = $3)"
+                  "  AND received_at >= now() - make_interval(secs => $4::bigint / 1000.0)",
+        4, params);
     if (!res)
         return NULL;
     json_t *list = json_loads(PQgetvalue(res, 0, 0), 0, NULL);
