@@ -32,21 +32,21 @@
 #include <string.h>
 #include <time.h>
 
-#define PLANNER_POLL_MS      100      /* how often the rings and running queries are looked at */
-#define PLANNER_CONNS        8        /* cached connections (node, database) */
-#define PLANNER_CONN_IDLE_US (60 * 1000000LL) /* a cached connection unused this long is closed */
-#define PLANNER_RUNNING_SEEN 256      /* running statements already requested (session, start) */
-#define PLANNER_CHANGES_MAX  32       /* plan changes kept for the control plane */
-#define PLANNER_PARAMS_MAX   (SHM_PLAN_PARAMS_MAX / 4) /* values fit: 4 length bytes each */
-#define PLANNER_EXPLAIN      "EXPLAIN (FORMAT JSON, VERBOSE, COSTS) "
+#define PLANNER_POLL_MS         100 /* how often the rings and running queries are looked at */
+#define PLANNER_CONNS           8   /* cached connections (node, database) */
+#define PLANNER_CONN_IDLE_US    (60 * 1000000LL) /* a cached connection unused this long is closed */
+#define PLANNER_RUNNING_SEEN    256 /* running statements already requested (session, start) */
+#define PLANNER_CHANGES_MAX     32  /* plan changes kept for the control plane */
+#define PLANNER_PARAMS_MAX      (SHM_PLAN_PARAMS_MAX / 4) /* values fit: 4 length bytes each */
+#define PLANNER_EXPLAIN         "EXPLAIN (FORMAT JSON, VERBOSE, COSTS) "
 #define PLANNER_EXPLAIN_GENERIC "EXPLAIN (FORMAT JSON, VERBOSE, COSTS, GENERIC_PLAN) "
 
 /* A cached connection to one database of one node. */
 typedef struct planner_conn {
-    PGconn *conn;                    /* NULL when the slot is free */
+    PGconn *conn; /* NULL when the slot is free */
     char node[CONFIG_NAME_MAX];
     char database[SHM_IDENT_MAX];
-    int64_t used_us;                 /* last use (wall clock) */
+    int64_t used_us; /* last use (wall clock) */
 } planner_conn;
 
 /* The planner's own view of a published plan (entry i is shm slot i). */
@@ -54,21 +54,21 @@ typedef struct planner_entry {
     bool used;
     uint64_t id;
     int64_t planned_at_us;
-    uint64_t shape;                  /* hash of the plan's shape; 0 when there is no plan */
-    char *json;                      /* the plan's JSON (malloc'd), NULL when none */
+    uint64_t shape; /* hash of the plan's shape; 0 when there is no plan */
+    char *json;     /* the plan's JSON (malloc'd), NULL when none */
 } planner_entry;
 
 /* A plan whose shape changed, kept for the reporter. */
 typedef struct planner_change {
-    uint64_t seq;                    /* 1, 2, ... */
+    uint64_t seq; /* 1, 2, ... */
     uint64_t id;
     int64_t at_us;
     char node[CONFIG_NAME_MAX];
     char database[SHM_IDENT_MAX];
     char user[SHM_IDENT_MAX];
-    char *text;                      /* normalised text (malloc'd) */
-    char *old_json;                  /* previous plan (malloc'd) */
-    char *new_json;                  /* the new one (malloc'd) */
+    char *text;     /* normalised text (malloc'd) */
+    char *old_json; /* previous plan (malloc'd) */
+    char *new_json; /* the new one (malloc'd) */
 } planner_change;
 
 /* A running statement already requested. */
@@ -80,13 +80,13 @@ typedef struct planner_seen {
 typedef struct planner {
     shm_segment *shm;
     shm_plans *out;
-    config cfg;                      /* this thread's copy of the settings */
+    config cfg; /* this thread's copy of the settings */
     uint64_t settings_version;
     planner_conn conns[PLANNER_CONNS];
     planner_entry entries[SHM_PLANS_MAX];
     planner_seen seen[PLANNER_RUNNING_SEEN];
     uint32_t next_seen;
-    double tokens;                   /* plan_rate_limit's bucket */
+    double tokens; /* plan_rate_limit's bucket */
     int64_t tokens_at_us;
 } planner;
 
@@ -94,7 +94,7 @@ typedef struct planner {
 static struct {
     pthread_mutex_t lock;
     planner_change ring[PLANNER_CHANGES_MAX];
-    uint64_t count;                  /* changes recorded; change n is ring[(n-1) % MAX] */
+    uint64_t count; /* changes recorded; change n is ring[(n-1) % MAX] */
 } changes = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static void sleep_ms(int ms)
@@ -226,8 +226,8 @@ static void conn_drop(planner_conn *c)
 }
 
 /* A connection to database of node (cached), or NULL with why. */
-static PGconn *planner_connect(planner *p, const char *node_name, const char *database,
-                               char *why, size_t len)
+static PGconn *planner_connect(planner *p, const char *node_name, const char *database, char *why,
+                               size_t len)
 {
     int64_t now = shm_now_us();
     planner_conn *free_slot = NULL, *oldest = NULL;
@@ -259,8 +259,8 @@ static PGconn *planner_connect(planner *p, const char *node_name, const char *da
     char port[16], timeout[16];
     snprintf(port, sizeof(port), "%d", node->port);
     snprintf(timeout, sizeof(timeout), "%d", (p->cfg.plan_timeout_ms + 999) / 1000 + 1);
-    const char *keys[] = {"host", "port", "user", "password", "dbname", "connect_timeout",
-                          "application_name", NULL};
+    const char *keys[] = {
+        "host", "port", "user", "password", "dbname", "connect_timeout", "application_name", NULL};
     const char *vals[] = {node->host,
                           port,
                           node->monitor_user[0] ? node->monitor_user : p->cfg.monitor_user,
@@ -290,8 +290,8 @@ static PGconn *planner_connect(planner *p, const char *node_name, const char *da
 /* Node types, relations and indexes, depth first: what makes two plans the same shape. */
 static uint64_t plan_shape(json_t *node, uint64_t h, int depth)
 {
-    static const char *const keys[] = {"Node Type", "Relation Name", "Index Name", "Join Type",
-                                       "Parent Relationship", NULL};
+    static const char *const keys[] = {"Node Type", "Relation Name",       "Index Name",
+                                       "Join Type", "Parent Relationship", NULL};
     char mark[16];
     int n = snprintf(mark, sizeof(mark), "<%d>", depth);
     h = fnv(h, mark, (size_t)n);
@@ -304,8 +304,8 @@ static uint64_t plan_shape(json_t *node, uint64_t h, int depth)
     }
     size_t i;
     json_t *child;
-    json_array_foreach(json_object_get(node, "Plans"), i, child)
-        h = plan_shape(child, h, depth + 1);
+    json_array_foreach(json_object_get(node, "Plans"), i, child) h =
+        plan_shape(child, h, depth + 1);
     return h;
 }
 
@@ -336,7 +336,7 @@ typedef struct planner_job {
     const char *node;
     const char *database;
     const char *user;
-    const char *norm;                /* normalised text */
+    const char *norm; /* normalised text */
 } planner_job;
 
 static void record_change(const planner_job *j, const char *old_json, const char *new_json)
@@ -363,8 +363,7 @@ json_t *planner_changes_since(uint64_t after, uint64_t *last)
 {
     json_t *list = json_array();
     pthread_mutex_lock(&changes.lock);
-    uint64_t first = changes.count > PLANNER_CHANGES_MAX ? changes.count - PLANNER_CHANGES_MAX
-                                                          : 0;
+    uint64_t first = changes.count > PLANNER_CHANGES_MAX ? changes.count - PLANNER_CHANGES_MAX : 0;
     if (after > first)
         first = after;
     for (uint64_t n = first + 1; n <= changes.count; n++) {
@@ -374,13 +373,12 @@ json_t *planner_changes_since(uint64_t after, uint64_t *last)
         json_t *old_plan = json_loads(c->old_json ? c->old_json : "null", JSON_DECODE_ANY, NULL);
         json_t *new_plan = json_loads(c->new_json ? c->new_json : "null", JSON_DECODE_ANY, NULL);
         json_t *text = json_string(c->text ? c->text : "");
-        json_array_append_new(
-            list, json_pack("{s:s, s:I, s:o, s:s, s:s, s:s, s:o, s:o}", "id", id, "at_ms",
-                            (json_int_t)(c->at_us / 1000), "text",
-                            text ? text : json_string("(not UTF-8)"), "node", c->node, "database",
-                            c->database, "user", c->user, "old_plan",
-                            old_plan ? old_plan : json_null(), "new_plan",
-                            new_plan ? new_plan : json_null()));
+        json_array_append_new(list, json_pack("{s:s, s:I, s:o, s:s, s:s, s:s, s:o, s:o}", "id", id,
+                                              "at_ms", (json_int_t)(c->at_us / 1000), "text",
+                                              text ? text : json_string("(not UTF-8)"), "node",
+                                              c->node, "database", c->database, "user", c->user,
+                                              "old_plan", old_plan ? old_plan : json_null(),
+                                              "new_plan", new_plan ? new_plan : json_null()));
         *last = n;
     }
     pthread_mutex_unlock(&changes.lock);
@@ -465,8 +463,8 @@ static void publish(planner *p, const planner_job *j, const char *json, json_t *
             out->json_len = (uint32_t)len;
         } else {
             snprintf(out->error, sizeof(out->error),
-                     "plan of %zu bytes is too large for shared memory (%zu): top node only",
-                     len, sizeof(out->json));
+                     "plan of %zu bytes is too large for shared memory (%zu): top node only", len,
+                     sizeof(out->json));
         }
     }
     atomic_fetch_add_explicit(&out->seq, 1, memory_order_release);
@@ -580,7 +578,8 @@ static int decode_params(const shm_plan_request *r, char **values, Oid *types, c
                                (size_t)(end - w)) != 0) {
                 snprintf(why, why_len,
                          "parameter $%u is in binary format with type OID %u, which the "
-                         "planner cannot read", i + 1u, (unsigned)types[i]);
+                         "planner cannot read",
+                         i + 1u, (unsigned)types[i]);
                 return -1;
             }
             w += strlen(w) + 1;
@@ -602,7 +601,7 @@ static void planner_explain(planner *p, const shm_plan_request *r, const planner
 {
     shm_plans *out = p->out;
     char why[512] = "";
-    char sql[sizeof(PLANNER_EXPLAIN_GENERIC) + SHM_STMT_MAX + 16];
+    char sql[sizeof(PLANNER_EXPLAIN_GENERIC) + SHM_PLAN_TEXT_MAX + 16];
     char *values[PLANNER_PARAMS_MAX];
     Oid types[PLANNER_PARAMS_MAX];
     char store[SHM_PLAN_PARAMS_MAX * 4]; /* binary numbers grow up to ~2x as text */
@@ -637,7 +636,7 @@ static void planner_explain(planner *p, const shm_plan_request *r, const planner
             snprintf(why, sizeof(why),
                      "parameter values unknown%s and PostgreSQL %d has no EXPLAIN (GENERIC_PLAN) "
                      "(16 and later)",
-                     (r->flags & PLAN_REQ_PARAMS_LONG) ? " (longer than the limit)"
+                     (r->flags & PLAN_REQ_PARAMS_LONG)    ? " (longer than the limit)"
                      : (r->flags & PLAN_REQ_UNKNOWN_STMT) ? " (prepared statement not seen)"
                                                           : "",
                      PQserverVersion(conn) / 10000);
@@ -718,7 +717,7 @@ static bool rate_allows(planner *p)
 static void planner_handle(planner *p, const shm_plan_request *r)
 {
     shm_plans *out = p->out;
-    char norm[SHM_STMT_MAX];
+    static char norm[SHM_PLAN_TEXT_MAX + 256]; /* $n may be longer than the literal */
     atomic_fetch_add(&out->requests, 1);
     if (r->flags & PLAN_REQ_TRUNCATED) {
         atomic_fetch_add(&out->skipped, 1);

@@ -229,6 +229,8 @@ typedef struct shm_session {
 #define SHM_PLAN_PARAMS_MAX 1024 /* bytes of a Bind's parameter values kept with a request */
 #define SHM_PLANS_MAX       64   /* plans the agent keeps and publishes */
 #define SHM_PLAN_JSON_MAX   16384 /* bytes of a plan's EXPLAIN JSON kept for the console */
+#define SHM_PLAN_TEXT_MAX   8192 /* bytes of statement text a plan request carries (NUL incl.):
+                                  * longer than the slot's stmt, kept while planning is on */
 
 /* Why a statement was queued for planning. */
 typedef enum shm_plan_reason {
@@ -240,7 +242,8 @@ typedef enum shm_plan_reason {
 
 /* What a request knows about its text and parameters (bits of shm_plan_request.flags). */
 #define PLAN_REQ_EXTENDED      0x01u /* extended protocol: text from a Parse, values from a Bind */
-#define PLAN_REQ_TRUNCATED     0x02u /* the text was longer than SHM_STMT_MAX - 1: cut */
+#define PLAN_REQ_TRUNCATED     0x02u /* the text was longer than SHM_PLAN_TEXT_MAX - 1 (for a
+                                      * running statement: than the slot's stmt): cut */
 #define PLAN_REQ_BINARY        0x04u /* some parameter values are in binary format (see
                                       * shm_plan_request.binary) */
 #define PLAN_REQ_PARAMS_LONG   0x08u /* the Bind's values exceed SHM_PLAN_PARAMS_MAX: not kept */
@@ -263,7 +266,7 @@ typedef struct shm_plan_request {
                                                * planner turns common types into text) */
     uint32_t params_len;             /* bytes used in params */
     char params[SHM_PLAN_PARAMS_MAX]; /* n_params of: int32 length (-1 = NULL), text bytes */
-    char text[SHM_STMT_MAX];         /* statement text, NUL-terminated */
+    char text[SHM_PLAN_TEXT_MAX];    /* statement text, NUL-terminated */
 } shm_plan_request;
 
 /* A worker's queue of requests: single producer (that worker), single consumer (the agent's
@@ -288,12 +291,12 @@ typedef struct shm_plan {
     int64_t planned_at_us;           /* wall clock of the EXPLAIN */
     int64_t duration_us;             /* duration of the statement that triggered it */
     double total_cost;               /* top node's Total Cost; -1 when there is no plan */
-    char node_name[CONFIG_NAME_MAX];
-    char user[SHM_IDENT_MAX];
-    char database[SHM_IDENT_MAX];
+    char node_name[CONFIG_NAME_MAX]; /* node the statement ran on, where it was explained */
+    char user[SHM_IDENT_MAX];        /* its user: the role the EXPLAIN ran as */
+    char database[SHM_IDENT_MAX];    /* its database */
     char top_node[96];               /* "Seq Scan on t", "" when there is no plan */
     char error[256];                 /* why there is no plan ("" when there is one) */
-    char text[SHM_STMT_MAX];         /* normalised statement text */
+    char text[SHM_STMT_MAX];         /* normalised statement text (its first 1023 bytes) */
     uint32_t json_len;               /* bytes in json; 0 with an error, or when too large */
     char json[SHM_PLAN_JSON_MAX];    /* EXPLAIN (FORMAT JSON) output, not NUL-terminated */
 } shm_plan;

@@ -6,6 +6,7 @@
  * a replica that takes the lease over serves them too.
  */
 #include "agents.h"
+#include "control.h"
 #include "log.h"
 #include "plans.h"
 #include "store.h"
@@ -115,7 +116,8 @@ void plans_view(http_call *call)
         want_changes = changed[0] == '1' || changed[0] == 't';
     }
     json_t *list = store_plans_list(call->dep->name, query && *query ? query : NULL,
-                                    id && *id ? id : NULL, want_changes);
+                                    id && *id ? id : NULL, want_changes,
+                                    control.cfg->telemetry_retention_ms);
     if (!list) {
         http_reply_error(call->req, 503, "store unreachable: %s", store_error());
         return;

@@ -18,11 +18,11 @@ void plans_view(http_call *call);
 int store_plan_put(const char *deployment, const char *node_id, json_t *plan);
 int store_plan_change_add(const char *deployment, const char *node_id, json_t *change);
 
-/* The plans (or with changed, the plan changes) of a deployment, newest first; text_like
- * (may be NULL) keeps those whose text contains it, id (may be NULL) the one plan. NULL when
- * the store failed. */
+/* The plans (or with changed, the plan changes) of a deployment that arrived within
+ * retention_ms, newest first; text_like (may be NULL) keeps those whose text contains it, id
+ * (may be NULL) the one plan. NULL when the store failed. */
 json_t *store_plans_list(const char *deployment, const char *text_like, const char *id,
-                         int changed);
+                         int changed, int64_t retention_ms);
 
 /* Delete plans and changes received more than retention_ms ago. Returns how many, or -1. */
 int store_plans_expire(int64_t retention_ms);

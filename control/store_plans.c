@@ -33,9 +33,9 @@ static const char *param_of(json_t *obj, const char *key, char **owned, char num
 
 int store_plan_put(const char *deployment, const char *node_id, json_t *plan)
 {
-    static const char *const keys[] = {"id", "node", "database", "user", "text", "reason",
-                                       "duration_ms", "total_cost", "top_node", "error", "plan",
-                                       "changes", "planned_at_ms"};
+    static const char *const keys[] = {"id",     "node",        "database",     "user",     "text",
+                                       "reason", "duration_ms", "total_cost",   "top_node", "error",
+                                       "plan",   "changes",     "planned_at_ms"};
     enum { N = sizeof(keys) / sizeof(keys[0]) };
     const char *params[N + 2];
     char *owned[N] = {0};
@@ -65,8 +65,8 @@ int store_plan_put(const char *deployment, const char *node_id, json_t *plan)
 
 int store_plan_change_add(const char *deployment, const char *node_id, json_t *change)
 {
-    static const char *const keys[] = {"id",       "node",     "database", "user",
-                                       "text",     "old_plan", "new_plan", "at_ms"};
+    static const char *const keys[] = {"id",   "node",     "database", "user",
+                                       "text", "old_plan", "new_plan", "at_ms"};
     enum { N = sizeof(keys) / sizeof(keys[0]) };
     const char *params[N + 2];
     char *owned[N] = {0};
@@ -86,9 +86,10 @@ int store_plan_change_add(const char *deployment, const char *node_id, json_t *c
 }
 
 json_t *store_plans_list(const char *deployment, const char *text_like, const char *id,
-                         int changed)
+                         int changed, int64_t retention_ms)
 {
-    const char *params[] = {deployment, text_like, id};
+    char ms[STORE_INT_MAX];
+    const char *params[] = {deployment, text_like, id, fmt_int(ms, retention_ms)};
     /* Each row built as JSON by the server; the plans themselves stay jsonb. */
     PGresult *res = store_exec(
         PGRES_TUPLES_OK,
@@ -99,6 +100,7 @@ json_t *store_plans_list(const char *deployment, const char *text_like, const ch
                   " FROM pgrelay.plan_changes WHERE deployment = $1"
                   "  AND ($2::text IS NULL OR strpos(text, $2) > 0)"
                   "  AND ($3::text IS NULL OR plan_id = $3)"
+                  "  AND received_at >= now() - make_interval(secs => $4::bigint / 1000.0)"
                 : "SELECT coalesce(json_agg(json_build_object('id', plan_id, 'node_id', node_id,"
                   "  'node', node, 'database', database, 'user', user_name, 'text', text,"
                   "  'reason', reason, 'duration_ms', duration_ms, 'total_cost', total_cost,"
@@ -107,8 +109,9 @@ json_t *store_plans_list(const char *deployment, const char *text_like, const ch
                   "  ORDER BY planned_at_ms DESC, plan_id), '[]')"
                   " FROM pgrelay.plans WHERE deployment = $1"
                   "  AND ($2::text IS NULL OR strpos(text, $2) > 0)"
-                  "  AND ($3::text IS NULL OR plan_id = $3)",
-        3, params);
+                  "  AND ($3::text IS NULL OR plan_id = $3)"
+                  "  AND received_at >= now() - make_interval(secs => $4::bigint / 1000.0)",
+        4, params);
     if (!res)
         return NULL;
     json_t *list = json_loads(PQgetvalue(res, 0, 0), 0, NULL);

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CTL_PLANS_PATH "/api/v1/deployments/%s/plans%s%s%s%s"
+#define CTL_PLANS_PATH      "/api/v1/deployments/%s/plans%s%s%s%s"
 #define CTL_PLAN_TEXT_SHOWN 200 /* characters of a statement's text in the table form */
 
 /* One detail line of a plan node ("Filter: (t.id = 5)"); lists are joined with ", ". */
@@ -23,8 +23,8 @@ static void ctl_plan_detail(FILE *out, const json_t *node, const char *key, int 
     } else if (json_is_array(v)) {
         size_t i;
         json_t *e;
-        json_array_foreach(v, i, e) fprintf(out, "%s%s", i ? ", " : "",
-                                            json_is_string(e) ? json_string_value(e) : "?");
+        json_array_foreach(v, i, e)
+            fprintf(out, "%s%s", i ? ", " : "", json_is_string(e) ? json_string_value(e) : "?");
     } else {
         char *text = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
         fputs(text ? text : "?", out);
@@ -38,9 +38,8 @@ static void ctl_plan_detail(FILE *out, const json_t *node, const char *key, int 
 static void ctl_plan_node(FILE *out, const json_t *node, int depth)
 {
     static const char *const details[] = {
-        "Output",      "Index Cond", "Recheck Cond", "Hash Cond",    "Merge Cond",
-        "Join Filter", "Filter",     "Sort Key",     "Group Key",    "One-Time Filter",
-        NULL};
+        "Output", "Index Cond", "Recheck Cond", "Hash Cond",       "Merge Cond", "Join Filter",
+        "Filter", "Sort Key",   "Group Key",    "One-Time Filter", NULL};
     const char *type = json_string_value(json_object_get(node, "Node Type"));
     const char *operation = json_string_value(json_object_get(node, "Operation"));
     if (type && operation && strcmp(type, "ModifyTable") == 0)
@@ -61,9 +60,10 @@ static void ctl_plan_node(FILE *out, const json_t *node, int depth)
 
     fprintf(out, "%*s%s", label_indent, "", depth ? "->  " : "");
     if (type && strcmp(type, "Aggregate") == 0 && strategy && strcmp(strategy, "Plain") != 0)
-        fprintf(out, "%s", strcmp(strategy, "Hashed") == 0   ? "HashAggregate"
-                           : strcmp(strategy, "Sorted") == 0 ? "GroupAggregate"
-                                                             : "MixedAggregate");
+        fprintf(out, "%s",
+                strcmp(strategy, "Hashed") == 0   ? "HashAggregate"
+                : strcmp(strategy, "Sorted") == 0 ? "GroupAggregate"
+                                                  : "MixedAggregate");
     else if (join && strcmp(join, "Inner") != 0 && type) {
         /* "Hash Join" with a Left join type reads "Hash Left Join" */
         const char *sp = strstr(type, " Join");
@@ -91,8 +91,8 @@ static void ctl_plan_node(FILE *out, const json_t *node, int depth)
         ctl_plan_detail(out, node, details[i], detail_indent);
     size_t i;
     json_t *child;
-    json_array_foreach(json_object_get(node, "Plans"), i, child) ctl_plan_node(out, child,
-                                                                               depth + 1);
+    json_array_foreach(json_object_get(node, "Plans"), i, child)
+        ctl_plan_node(out, child, depth + 1);
 }
 
 /* A plan as EXPLAIN's FORMAT JSON gives it ([{"Plan": {...}}]), as its text form. */

@@ -10,6 +10,7 @@
 #include "session.h"
 #include "worker.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -62,6 +63,8 @@ void plan_parse_seen(session *s, const uint8_t *body, uint32_t captured, uint32_
     (void)body_len;
     pc->extended = true;
     pc->function_call = false;
+    if (!plan_enabled(worker_self))
+        return; /* planning off: no scan of the body */
     pc->n_types = 0;
     pc->truncated = false;
     /* statement name \0 query \0 int16 n, n * int32 type */
@@ -89,6 +92,52 @@ void plan_parse_seen(session *s, const uint8_t *body, uint32_t captured, uint32_
             break;
         pc->types[pc->n_types++] = t;
     }
+}
+
+uint32_t plan_text_begin(session *s, pg_scan *scan, uint32_t body_len)
+{
+    plan_capture *pc = &s->plan;
+    pc->long_used = false;
+    if (body_len > SHM_STMT_MAX - 1 && plan_enabled(worker_self) &&
+        (pc->long_text || (pc->long_text = malloc(PLAN_LONG_CAPTURE + 1)))) {
+        scan->capture = (uint8_t *)pc->long_text;
+        scan->capture_cap = PLAN_LONG_CAPTURE;
+        pc->long_used = true;
+    } else {
+        scan->capture = (uint8_t *)s->slot->stmt;
+        scan->capture_cap = SHM_STMT_MAX - 1;
+    }
+    return scan->capture_cap;
+}
+
+void plan_text_end(session *s, uint8_t type, uint32_t captured, uint32_t body_len)
+{
+    plan_capture *pc = &s->plan;
+    char *text = pc->long_text;
+    text[captured] = '\0';
+    if (type == PG_MSG_PARSE) {
+        plan_parse_seen(s, (const uint8_t *)text, captured, body_len);
+        size_t name_len = strnlen(text, captured);
+        if (name_len < captured)
+            memmove(text, text + name_len + 1, captured - name_len);
+        else
+            text[0] = '\0';
+    } else {
+        /* the text and its NUL: cut when the NUL is not in what was kept */
+        pc->truncated = captured < body_len;
+    }
+    size_t len = strnlen(text, SHM_PLAN_TEXT_MAX);
+    if (len > SHM_PLAN_TEXT_MAX - 1)
+        pc->truncated = true;
+    size_t head = len < SHM_STMT_MAX - 1 ? len : SHM_STMT_MAX - 1;
+    memcpy(s->slot->stmt, text, head);
+    s->slot->stmt[head] = '\0';
+}
+
+void plan_capture_free(plan_capture *pc)
+{
+    free(pc->long_text);
+    pc->long_text = NULL;
 }
 
 /* Decode the captured Bind into the request: the statement name must be the last Parse's, the
@@ -190,8 +239,9 @@ void plan_statement_ended(worker *w, session *s, uint64_t latency_us)
     memcpy(r->node_name, slot->node_name, sizeof(r->node_name));
     memcpy(r->user, slot->user, sizeof(r->user));
     memcpy(r->database, slot->database, sizeof(r->database));
-    size_t tlen = strnlen(slot->stmt, sizeof(slot->stmt) - 1);
-    memcpy(r->text, slot->stmt, tlen);
+    const char *text = s->plan.long_used ? s->plan.long_text : slot->stmt;
+    size_t tlen = strnlen(text, s->plan.long_used ? sizeof(r->text) - 1 : sizeof(slot->stmt) - 1);
+    memcpy(r->text, text, tlen);
     r->text[tlen] = '\0';
     if (s->plan.truncated)
         r->flags |= PLAN_REQ_TRUNCATED;

@@ -97,7 +97,6 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
     switch (type) {
     case PG_MSG_QUERY:
         shm_session_write_begin(s->slot); /* ended in client_end, once the text is in */
-        relay_capture_into(s, scan, (uint8_t *)s->slot->stmt, SHM_STMT_MAX - 1);
         s->plan.extended = s->plan.function_call = false;
         s->plan.truncated = body_len > SHM_STMT_MAX;
         relay_statement_starts(s);
@@ -105,13 +104,12 @@ static uint32_t client_begin(void *ctx, pg_scan *scan, uint8_t type, uint32_t bo
         s->pending_syncs++;
         shm_stat_add(&w->row->stats.statements, 1);
         s->node_statements++;
-        return SHM_STMT_MAX - 1;
+        return plan_text_begin(s, scan, body_len);
     case PG_MSG_PARSE:
         shm_session_write_begin(s->slot);
-        relay_capture_into(s, scan, (uint8_t *)s->slot->stmt, SHM_STMT_MAX - 1);
         relay_statement_starts(s);
         s->ext_open = true;
-        return SHM_STMT_MAX - 1;
+        return plan_text_begin(s, scan, body_len);
     case PG_MSG_EXECUTE:
         shm_stat_add(&w->row->stats.statements, 1);
         s->node_statements++;
@@ -170,6 +168,9 @@ static void client_end(void *ctx, uint8_t type, const uint8_t *body, uint32_t ca
         return;
     if (type == PG_MSG_BIND) {
         s->plan.bind_have = captured;
+    } else if ((type == PG_MSG_QUERY || type == PG_MSG_PARSE) && s->plan.long_used) {
+        plan_text_end(s, type, captured, body_len);
+        shm_session_write_end(s->slot);
     } else if (type == PG_MSG_QUERY) {
         s->slot->stmt[captured] = '\0';
         shm_session_write_end(s->slot);

@@ -215,6 +215,7 @@ void session_close(session *s, const char *sqlstate, const char *message)
     free(s->to_server.buf);
     free(s->to_client.buf);
     free(s->startup);
+    plan_capture_free(&s->plan);
     if (s->slot)
         shm_session_release(w->shm, s->slot);
     worker_session_gone(w, s);

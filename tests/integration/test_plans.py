@@ -531,3 +531,34 @@ def test_writes_are_planned_in_a_read_only_transaction_and_not_run_again(relay_f
     # table holds exactly what the clients' own statements left.
     assert pg.query("SELECT count(*) FROM plan_ext WHERE id = 5001") == [(0,)]
     assert pg.query("SELECT count(*) FROM plan_ext") == [(1000,)]
+
+
+def _long_select(tag, columns):
+    cols = ", ".join(f"{i} AS {tag}_{i}" for i in range(columns))
+    return f"SELECT pg_sleep({SLEEP}) AS {tag}, {cols}"
+
+
+def test_a_statement_longer_than_the_session_slot_is_planned_whole(planning):
+    q = _long_select("long_simple", 300)  # about 4 kB: more than the slot's 1023 bytes
+    assert 3000 < len(q) < 8000
+    with planning.connect() as c:
+        c.execute(q)
+        c.execute(_long_select("long_extended", 300) + ", %s::text AS param", ("value",))
+    # the text shown is cut at 1023 bytes; the plan shows the whole statement was explained
+    p = wait_plan(planning, "AS long_simple,", reason="slow")
+    assert p["error"] is None and p["top_node"] == "Result", p
+    output = p["plan"][0]["Plan"]["Output"]
+    assert len(output) == 301 and output[-1] == "299", output[-3:]
+    p = wait_plan(planning, "AS long_extended,", reason="slow")
+    assert p["error"] is None and p["plan"][0]["Plan"]["Output"][-1] == "'value'::text", p
+
+
+def test_a_statement_longer_than_the_request_limit_is_skipped_and_counted(planning):
+    q = _long_select("too_long", 700)  # more than 8191 bytes
+    assert len(q) > 8192
+    with planning.connect() as c:
+        assert c.execute(q).fetchone()[700] == 699  # the statement itself is whole
+        c.execute(f"SELECT pg_sleep({SLEEP}) AS after_the_long_one")
+    wait_plan(planning, "after_the_long_one", reason="slow")
+    got = plans(planning)
+    assert plan_for(planning, "AS too_long,") is None and got["skipped"] >= 1, got

@@ -171,3 +171,40 @@ def test_a_malformed_upload_is_refused_with_400(control, proxy, body, says):
     assert status == 400 and says in answer["error"], (status, answer)
     status, _ = control.api("GET", f"/deployments/{DEPLOYMENT}/plans?changed=maybe")
     assert status == 400
+
+
+class ShortRetentionControlPlane(ControlPlane):
+    """The control plane with telemetry_retention = 3s."""
+
+    def _write_ini(self):
+        super()._write_ini()
+        with open(self.conf) as f:
+            text = f.read()
+        with open(self.conf, "w") as f:
+            f.write(text.replace("[control]\n", "[control]\ntelemetry_retention = 3s\n", 1))
+
+
+def test_plans_older_than_telemetry_retention_are_not_served(pg, relay_factory):
+    root = make_root()
+    store_db = "ctl_plans_ret_" + uuid.uuid4().hex[:10]
+    pg.query(f"CREATE DATABASE {store_db}")
+    cp = ShortRetentionControlPlane(os.path.join(root, "control"),
+                                    f"host={pg.host} port={pg.port} user=postgres "
+                                    f"dbname={store_db} connect_timeout=5")
+    os.makedirs(cp.workdir)
+    try:
+        cp.start()
+        r = relay_factory(env={"NODE_ID": NODE_ID},
+                          sections={"agent": {"plan_slow_threshold": "500ms"},
+                                    "control": {"endpoint": cp.url, "token": PROD_TOKEN,
+                                                "active_queries_interval": "300ms"}})
+        with r.connect() as c:
+            c.execute("SELECT pg_sleep(0.7) AS short_lived")
+        p = wait_api_plan(cp, "short_lived", reason="slow")
+        assert api_plans(cp, f"?id={p['id']}") == [p]
+        wait_for(lambda: api_plans(cp, f"?id={p['id']}") == [], timeout=10,
+                 what="the plan gone after telemetry_retention")
+    finally:
+        cp.stop()
+        pg.query(f"DROP DATABASE IF EXISTS {store_db} WITH (FORCE)")
+        cleanup_dir(root)
