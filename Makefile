@@ -191,7 +191,7 @@ FUZZ_CFLAGS  := -std=gnu11 $(WARN) -g -O1 -fno-omit-frame-pointer -fsanitize=add
                 -Icommon -Iproxy -MMD -MP
 FUZZ_TARGETS := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz_%)
-FUZZ_PKGS    := libevent inih jansson
+FUZZ_PKGS    := libevent inih jansson openssl
 
 # What each target links besides its own file (instrumented for coverage).
 FUZZ_OBJ_startup := common/pgproto.c
@@ -201,6 +201,7 @@ FUZZ_OBJ_cancel  := proxy/cancel.c common/pgproto.c common/shm.c common/config.c
 FUZZ_OBJ_admin   := proxy/admin_commands.c proxy/admin_render.c proxy/utf8.c common/pgproto.c \
                     common/shm.c common/config.c common/inifile.c common/log.c
 FUZZ_OBJ_config  := common/config.c common/inifile.c common/log.c
+FUZZ_OBJ_sasl    := proxy/tls.c common/pgproto.c common/config.c common/inifile.c common/log.c
 
 fuzz_objs = $(addprefix $(FUZZ_BUILD)/obj/,$(patsubst %.c,%.o,$(FUZZ_OBJ_$(1))))
 

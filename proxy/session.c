@@ -683,7 +683,8 @@ static void session_on_connected(evutil_socket_t fd, short what, void *arg)
      * it bounds the TLS negotiation with the node too. */
     if (s->server_tls.ssl) {
         /* A fresh socket takes 8 bytes whole. */
-        if (send(fd, ssl_request, sizeof(ssl_request), MSG_NOSIGNAL) != (ssize_t)sizeof(ssl_request)) {
+        ssize_t sent = send(fd, ssl_request, sizeof(ssl_request), MSG_NOSIGNAL);
+        if (sent != (ssize_t)sizeof(ssl_request)) {
             session_server_tls_failed(s, "cannot send SSLRequest");
             return;
         }

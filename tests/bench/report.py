@@ -86,7 +86,7 @@ def memory_table(d):
     if not lines:
         return []
     out = []
-    head = (f"{'target':<12} {'sessions':>8} {'procs':>5} {'PSS before':>10} {'PSS after':>10} "
+    head = (f"{'target':<16} {'sessions':>8} {'procs':>5} {'PSS before':>10} {'PSS after':>10} "
             f"{'KiB/session':>11} {'RSS KiB/sess':>12} {'PG backends':>11}")
     sessions = None
     rows = []
@@ -94,11 +94,11 @@ def memory_table(d):
         target, _, rest = line.partition("\t")
         kv = dict(item.split("=", 1) for item in rest.split() if "=" in item)
         if "pss_per_session_kib" not in kv:
-            rows.append(f"{target:<12} FAIL  {rest}")
+            rows.append(f"{target:<16} FAIL  {rest}")
             continue
         sessions = kv["sessions"]
         rows.append(
-            f"{target:<12} {kv['sessions']:>8} {kv['procs']:>5} "
+            f"{target:<16} {kv['sessions']:>8} {kv['procs']:>5} "
             f"{int(kv['base_pss_kib']) / 1024:>7.1f}MiB {int(kv['pss_kib']) / 1024:>7.1f}MiB "
             f"{float(kv['pss_per_session_kib']):>11.1f} {float(kv['rss_per_session_kib']):>12.1f} "
             f"{kv['server_backends']:>11}")

@@ -216,6 +216,20 @@ CONFIGS = {
 }
 for name, data in CONFIGS.items():
     write("config", name, data)
+# fuzz_sasl: one read from the node before login (AuthenticationSASL among other messages).
+SASL = msg(b"R", u32(10) + b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0")
+SASL_SEEDS = {
+    "plus-first": SASL,
+    "plus-last": msg(b"R", u32(10) + b"SCRAM-SHA-256\0SCRAM-SHA-256-PLUS\0\0"),
+    "only-plus": msg(b"R", u32(10) + b"SCRAM-SHA-256-PLUS\0\0"),
+    "with-others": msg(b"R", u32(0)) + SASL + msg(b"Z", b"I"),
+    "split": SASL[:17],
+    "unterminated": msg(b"R", u32(10) + b"SCRAM-SHA-256-PLUS\0SCRAM"),
+    "continue-not-list": msg(b"R", u32(11) + b"r=abc-PLUS\0"),
+    "bad-length": b"R" + u32(2) + SASL,
+}
+for name, data in SASL_SEEDS.items():
+    write("sasl", name, data)
 # A dictionary of the key names (from the key table) and the INI syntax.
 import re  # noqa: E402
 
