@@ -240,6 +240,7 @@ async function poll() {
   ui.timer = null;
   const gen = ui.pollGen;
   const page = ui.page;
+  const started = Date.now();
   try {
     await refreshDeployments();
     if (ui.dep) {
@@ -253,7 +254,9 @@ async function poll() {
     if (e instanceof Unauthorized) return;
     if (!(e instanceof Unreachable)) console.warn('pgrelay UI: ' + e.message);
   }
-  if (ui.token && gen === ui.pollGen) ui.timer = setTimeout(poll, POLL_MS);
+  /* once a second from start to start; a slow answer delays the next poll, never overlaps it */
+  if (ui.token && gen === ui.pollGen)
+    ui.timer = setTimeout(poll, Math.max(100, POLL_MS - (Date.now() - started)));
 }
 
 async function refreshDeployments() {
