@@ -346,7 +346,8 @@ function renderFleet() {
       h('span', {class: 'tag ' + (st === 'up' ? 'yes' : 'no')}, proxy + ': ' + st));
     const role = [h('span', {class: 'tag' + (n.leader ? ' leader' : '')}, n.leader ? 'write leader' : (n.role || '?'))];
     if (n.in_recovery) role.push(h('span', {class: 'tag'}, 'in recovery'));
-    return h('tr', {'data-node': n.name},
+    const seenUp = Object.values(n.health || {}).includes('up');
+    return h('tr', {'data-node': n.name, class: seenUp ? '' : 'stale'},
       h('td', {class: 'mono'}, n.name),
       h('td', {class: 'mono'}, (n.host || '?') + ':' + (n.port || '?')),
       h('td', {}, role),
