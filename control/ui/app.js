@@ -308,7 +308,9 @@ function renderFleet() {
   setRows($('proxies'), ui.proxies.map(p => {
     let maint = p.maintenance ? h('span', {class: 'warn'}, 'on') : 'off';
     if (p.maintenance && p.maintenance_until_ms)
-      maint = h('span', {class: 'warn'}, 'on until ' + fmtTime(p.maintenance_until_ms));
+      maint = h('span', {class: 'warn', title: 'the proxy resumes by itself then, unless the control ' +
+        'plane renews its pause first (it does while the operator\'s maintenance is on)'},
+      'on, ends by itself ' + fmtTime(p.maintenance_until_ms));
     const sameLeader = dep && p.leader === dep.leader && p.epoch === dep.epoch;
     return h('tr', {'data-node-id': p.node_id, class: p.live ? '' : 'stale'},
       h('td', {class: 'mono'}, p.node_id),

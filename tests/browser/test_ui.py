@@ -536,6 +536,7 @@ def test_maintenance_from_the_ui_holds_statements_on_both_proxies_until_turned_o
         ui.wait(lambda: ui.text("maint-state").startswith("on"), "maintenance on at the top")
         ui.wait(lambda: all(r[8].startswith("on") for n, r in ui.rows("proxies").items()
                             if n in ADDRESSES), "both proxies in maintenance on the fleet page")
+        ui.screenshot("fleet-maintenance")
         ui.open("operations")
         ui.wait(lambda: ui.visible("page-operations"), "the operations page")
         ui.el("maint-off").click()
