@@ -327,9 +327,9 @@ void views_leaders_get(http_call *call)
 }
 
 /* The per-second series of one ring of samples, since since_ms: one point per interval of at
- * least a second (samples closer together are folded into the next point), none across a
- * counter reset. Each point: [t, statements/s, bytes_in/s, bytes_out/s, errors/s, latency ms
- * or null, sessions]. */
+ * least a second (samples closer together are folded into the next point), rates null across
+ * a counter reset; a point is timed by its later sample's arrival. Each point: [t, statements/s,
+ * bytes_in/s, bytes_out/s, errors/s, latency ms or null, sessions]. */
 static json_t *views_series(const state_sample *ring, int cap, int head, int n, int64_t since_ms)
 {
     json_t *points = json_array();
@@ -340,7 +340,9 @@ static json_t *views_series(const state_sample *ring, int cap, int head, int n, 
             a = b;
             continue;
         }
-        int64_t ms = b->received_ms - a->received_ms;
+        /* the agents' own timestamps when both have one, as views_rates: arrival jitter does
+         * not bend the rates */
+        int64_t ms = a->ts_ms && b->ts_ms ? b->ts_ms - a->ts_ms : b->received_ms - a->received_ms;
         if (ms < MS_PER_S)
             continue;
         if (b->received_ms > since_ms)

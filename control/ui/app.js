@@ -240,6 +240,7 @@ async function poll() {
   ui.timer = null;
   const gen = ui.pollGen;
   const page = ui.page;
+  const started = Date.now();
   try {
     await refreshDeployments();
     if (ui.dep) {
@@ -253,7 +254,9 @@ async function poll() {
     if (e instanceof Unauthorized) return;
     if (!(e instanceof Unreachable)) console.warn('pgrelay UI: ' + e.message);
   }
-  if (ui.token && gen === ui.pollGen) ui.timer = setTimeout(poll, POLL_MS);
+  /* once a second from start to start; a slow answer delays the next poll, never overlaps it */
+  if (ui.token && gen === ui.pollGen)
+    ui.timer = setTimeout(poll, Math.max(100, POLL_MS - (Date.now() - started)));
 }
 
 async function refreshDeployments() {
@@ -305,7 +308,9 @@ function renderFleet() {
   setRows($('proxies'), ui.proxies.map(p => {
     let maint = p.maintenance ? h('span', {class: 'warn'}, 'on') : 'off';
     if (p.maintenance && p.maintenance_until_ms)
-      maint = h('span', {class: 'warn'}, 'on until ' + fmtTime(p.maintenance_until_ms));
+      maint = h('span', {class: 'warn', title: 'the proxy resumes by itself then, unless the control ' +
+        'plane renews its pause first (it does while the operator\'s maintenance is on)'},
+      'on, ends by itself ' + fmtTime(p.maintenance_until_ms));
     const sameLeader = dep && p.leader === dep.leader && p.epoch === dep.epoch;
     return h('tr', {'data-node-id': p.node_id, class: p.live ? '' : 'stale'},
       h('td', {class: 'mono'}, p.node_id),
@@ -343,7 +348,8 @@ function renderFleet() {
       h('span', {class: 'tag ' + (st === 'up' ? 'yes' : 'no')}, proxy + ': ' + st));
     const role = [h('span', {class: 'tag' + (n.leader ? ' leader' : '')}, n.leader ? 'write leader' : (n.role || '?'))];
     if (n.in_recovery) role.push(h('span', {class: 'tag'}, 'in recovery'));
-    return h('tr', {'data-node': n.name},
+    const seenUp = Object.values(n.health || {}).includes('up');
+    return h('tr', {'data-node': n.name, class: seenUp ? '' : 'stale'},
       h('td', {class: 'mono'}, n.name),
       h('td', {class: 'mono'}, (n.host || '?') + ':' + (n.port || '?')),
       h('td', {}, role),
