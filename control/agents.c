@@ -6,6 +6,7 @@
 #include "members.h"
 #include "operator.h"
 #include "store.h"
+#include "store_worker.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -32,6 +33,10 @@
  * first: an agent working on a command while it polls again does not spin. */
 #define AGENTS_REDELIVER_HOLD_MS 1000
 #define AGENTS_REFUSED_LOG_MS    10000 /* refusals by address are logged this often at most */
+
+/* Counts agents_wake calls: a poll whose query was under way when a command was queued (it
+ * was not parked yet, so nothing woke it) reads again instead of parking on a stale answer. */
+static uint64_t agents_wakes;
 
 /* ---- common parts ---- */
 
@@ -526,6 +531,7 @@ static void agents_answer(state_proxy *p, json_t *commands)
 
 void agents_wake(state_proxy *p)
 {
+    agents_wakes++;
     if (!p->poll_req)
         return;
     json_t *pending = store_commands_pending(p->dep->name, p->node_id, NULL);
@@ -607,6 +613,86 @@ void agents_release_all(const char *reason)
     }
 }
 
+/* A long poll whose pending commands the store worker reads. */
+typedef struct agents_poll_job {
+    store_job job;
+    struct evhttp_request *req; /* answered by agents_poll_done, or parked */
+    char deployment[CCONFIG_NAME_MAX];
+    char node_id[STATE_NODE_ID_MAX];
+    int64_t wait_s;
+    json_t *pending; /* the commands (worker), or NULL when the store failed */
+    int64_t since_ms;
+    uint64_t wakes; /* agents_wakes when the query was queued */
+} agents_poll_job;
+
+
+static int agents_poll_run(store_job *job)
+{
+    agents_poll_job *j = (agents_poll_job *)job;
+    j->pending = store_commands_pending(j->deployment, j->node_id, &j->since_ms);
+    return j->pending ? 0 : -1;
+}
+
+/* Back on the loop: answer at once, or park the poll until a command or its wait ends. */
+static void agents_poll_done(store_job *job)
+{
+    agents_poll_job *j = (agents_poll_job *)job;
+    struct evhttp_request *req = j->req;
+    json_t *pending = j->pending;
+    int64_t wait_s = j->wait_s, since_ms = j->since_ms;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    state_proxy *p = dep ? state_find_proxy(dep, j->node_id) : NULL;
+    if (!p) { /* the state went away meanwhile (lease lost, proxy deleted) */
+        json_decref(pending);
+        http_reply_error(req, 503, "not serving: %s",
+                         control.active ? "the proxy is no longer known" : "state dropped");
+        free(j);
+        return;
+    }
+    if (!pending) {
+        http_reply_error(req, 503, "store unreachable: %s", j->job.error);
+        free(j);
+        return;
+    }
+    if (json_array_size(pending) == 0 && wait_s > 0 && j->wakes != agents_wakes) {
+        json_decref(pending); /* a command may have come meanwhile: read again */
+        j->pending = NULL;
+        j->since_ms = -1;
+        j->wakes = agents_wakes;
+        store_worker_submit(&j->job);
+        return;
+    }
+    free(j);
+    int64_t wait_ms = wait_s * MS_PER_S;
+    if (json_array_size(pending) > 0) {
+        bool repeat_only = since_ms >= 0 && since_ms < AGENTS_REDELIVER_HOLD_MS;
+        if (!repeat_only || wait_s == 0) {
+            http_reply_json(req, 200, agents_poll_answer(dep, pending));
+            return;
+        }
+        wait_ms = AGENTS_REDELIVER_HOLD_MS;
+    } else if (wait_s == 0) {
+        http_reply_json(req, 200, agents_poll_answer(dep, pending));
+        return;
+    }
+    json_decref(pending);
+    if (p->poll_req) /* an older poll of the same proxy: it gets an empty answer */
+        agents_answer(p, json_array());
+    struct timeval tv = {.tv_sec = (time_t)(wait_ms / MS_PER_S),
+                         .tv_usec = (suseconds_t)((wait_ms % MS_PER_S) * US_PER_MS)};
+    p->poll_timer = evtimer_new(control.base, agents_poll_timeout, p);
+    if (!p->poll_timer || evtimer_add(p->poll_timer, &tv) != 0) {
+        if (p->poll_timer)
+            event_free(p->poll_timer);
+        p->poll_timer = NULL;
+        http_reply_error(req, 500, "cannot start the long-poll timer");
+        return;
+    }
+    p->poll_req = req;
+    agents_watch_hangup(p);
+    log_debug("deployment %s: proxy %s polls for %" PRId64 "s", dep->name, p->node_id, wait_s);
+}
+
 void agents_commands(http_call *call)
 {
     const char *node_id = evhttp_find_header(&call->query, "node_id");
@@ -636,40 +722,22 @@ void agents_commands(http_call *call)
     state_proxy *p = agents_proxy(call, node_id);
     if (!p)
         return;
-    int64_t since_ms = -1;
-    json_t *pending = store_commands_pending(call->dep->name, node_id, &since_ms);
-    if (!pending) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    /* the pending commands are read (and marked delivered) by the store worker: a slow
+     * store holds this poll, not the event loop */
+    agents_poll_job *job = calloc(1, sizeof(*job));
+    if (!job) {
+        http_reply_error(call->req, 500, "out of memory");
         return;
     }
-    int64_t wait_ms = wait_s * MS_PER_S;
-    if (json_array_size(pending) > 0) {
-        bool repeat_only = since_ms >= 0 && since_ms < AGENTS_REDELIVER_HOLD_MS;
-        if (!repeat_only || wait_s == 0) {
-            http_reply_json(call->req, 200, agents_poll_answer(call->dep, pending));
-            return;
-        }
-        wait_ms = AGENTS_REDELIVER_HOLD_MS;
-    } else if (wait_s == 0) {
-        http_reply_json(call->req, 200, agents_poll_answer(call->dep, pending));
-        return;
-    }
-    json_decref(pending);
-    if (p->poll_req) /* an older poll of the same proxy: it gets an empty answer */
-        agents_answer(p, json_array());
-    struct timeval tv = {.tv_sec = (time_t)(wait_ms / MS_PER_S),
-                         .tv_usec = (suseconds_t)((wait_ms % MS_PER_S) * US_PER_MS)};
-    p->poll_timer = evtimer_new(control.base, agents_poll_timeout, p);
-    if (!p->poll_timer || evtimer_add(p->poll_timer, &tv) != 0) {
-        if (p->poll_timer)
-            event_free(p->poll_timer);
-        p->poll_timer = NULL;
-        http_reply_error(call->req, 500, "cannot start the long-poll timer");
-        return;
-    }
-    p->poll_req = call->req;
-    agents_watch_hangup(p);
-    log_debug("deployment %s: proxy %s polls for %" PRId64 "s", call->dep->name, node_id, wait_s);
+    job->req = call->req;
+    snprintf(job->deployment, sizeof(job->deployment), "%s", call->dep->name);
+    snprintf(job->node_id, sizeof(job->node_id), "%s", node_id);
+    job->wait_s = wait_s;
+    job->since_ms = -1;
+    job->wakes = agents_wakes;
+    job->job.run = agents_poll_run;
+    job->job.done = agents_poll_done;
+    store_worker_submit(&job->job);
 }
 
 /* ---- acknowledgements ---- */

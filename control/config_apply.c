@@ -84,8 +84,7 @@ static void config_fire(state_deployment *dep, json_t *ids, const char *type, js
 
 static json_t *config_version_args(int64_t version, int64_t op_id)
 {
-    return json_pack("{s:I, s:I}", "version", (json_int_t)version, "operation",
-                     (json_int_t)op_id);
+    return json_pack("{s:I, s:I}", "version", (json_int_t)version, "operation", (json_int_t)op_id);
 }
 
 /* ---- the apply ---- */
@@ -111,8 +110,8 @@ static void config_roll_back(operator_op *op, int code, const char *why)
                 op->dep->name, op->version, why);
     op_finish(op, code,
               json_pack("{s:b, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "error", why, "version",
-                        (json_int_t)op->version, "operation", (json_int_t)op->op_id,
-                        "committed", 0, "proxies", answers));
+                        (json_int_t)op->version, "operation", (json_int_t)op->op_id, "committed", 0,
+                        "proxies", answers));
 }
 
 /* Every proxy of the set prepared: record the decision, then commit on exactly that set. */
@@ -137,8 +136,8 @@ static void config_commit(operator_op *op)
     int64_t least = control_mono_ms() + CONFIG_COMMIT_MIN_MS;
     if (op->deadline_ms < least)
         op->deadline_ms = least;
-    op_send(op, STEP_COMMIT, "config_commit", config_version_args(op->version, op->op_id),
-            targets, n);
+    op_send(op, STEP_COMMIT, "config_commit", config_version_args(op->version, op->op_id), targets,
+            n);
     free(targets);
 }
 
@@ -166,9 +165,8 @@ static void config_finish(operator_op *op)
         log_warning("deployment %s: %s", op->dep->name, outcome);
     op_finish(op, 200,
               json_pack("{s:b, s:I, s:I, s:b, s:s, s:o}", "ok", all, "version",
-                        (json_int_t)op->version, "operation", (json_int_t)op->op_id,
-                        "committed", 1, "outcome", outcome, "proxies",
-                        op_answers(op, pending)));
+                        (json_int_t)op->version, "operation", (json_int_t)op->op_id, "committed", 1,
+                        "outcome", outcome, "proxies", op_answers(op, pending)));
 }
 
 /* The test hook: hold after the prepare step. True when holding. */
@@ -213,8 +211,7 @@ void config_apply_timeout(operator_op *op)
     char msg[OPERATOR_DETAIL_MAX];
     switch (op->step) {
     case STEP_PREPARE:
-        snprintf(msg, sizeof(msg), "not every proxy prepared within %" PRId64 "s",
-                 op->timeout_s);
+        snprintf(msg, sizeof(msg), "not every proxy prepared within %" PRId64 "s", op->timeout_s);
         config_roll_back(op, 504, msg);
         return;
     case STEP_CONFIG_HOLD:
@@ -264,8 +261,8 @@ static void config_unchanged(operator_op *op, int64_t version)
     op_finish(op, 200,
               json_pack("{s:b, s:I, s:b, s:s, s:o}", "ok", 1, "version", (json_int_t)version,
                         "unchanged", 1, "outcome",
-                        "the text is the deployment's current version: nothing applied",
-                        "proxies", list));
+                        "the text is the deployment's current version: nothing applied", "proxies",
+                        list));
 }
 
 void operator_config_apply(http_call *call)
@@ -310,8 +307,7 @@ void operator_config_apply(http_call *call)
     /* durable first: the version, its operation and the proxies it goes to */
     if (store_config_begin(op->dep->name, text, min_version, targets_json, op->timeout_s,
                            &op->version, &op->op_id) != 0) {
-        snprintf(msg, sizeof(msg), "store unreachable: cannot record the apply: %s",
-                 store_error());
+        snprintf(msg, sizeof(msg), "store unreachable: cannot record the apply: %s", store_error());
         free(live);
         free(targets_json);
         op_finish_error(op, 503, msg);
@@ -335,8 +331,9 @@ void operator_config_desired(http_call *call)
     int64_t version = 0;
     char *text = NULL;
     if (!node_id || !http_node_id_valid(node_id)) {
-        http_reply_error(call->req, 400, "query parameter node_id must be 1 to %d printable "
-                                         "characters without blanks",
+        http_reply_error(call->req, 400,
+                         "query parameter node_id must be 1 to %d printable "
+                         "characters without blanks",
                          STATE_NODE_ID_MAX - 1);
         return;
     }
@@ -384,8 +381,7 @@ static void config_recover_one(json_t *row)
             decided = ok == total && total == (int)json_array_size(ids);
         if (decided && store_config_commit(dep->name, version, id,
                                            "every proxy had prepared (recovered)") != 0) {
-            log_error("deployment %s: operation %" PRId64 ": cannot commit version %" PRId64
-                      ": %s",
+            log_error("deployment %s: operation %" PRId64 ": cannot commit version %" PRId64 ": %s",
                       dep->name, id, version, store_error());
             return;
         }
@@ -410,8 +406,7 @@ static void config_recover_one(json_t *row)
              "proxies prepared): config_abort queued",
              control.identity, step ? step : "?", ok, json_array_size(ids));
     if (store_config_roll_back(dep->name, version, id, outcome) != 0) {
-        log_error("deployment %s: operation %" PRId64 ": cannot roll back version %" PRId64
-                  ": %s",
+        log_error("deployment %s: operation %" PRId64 ": cannot roll back version %" PRId64 ": %s",
                   dep->name, id, version, store_error());
         return;
     }

@@ -61,12 +61,12 @@ static struct {
     int64_t renew_deadline_ms;     /* from a renewal's sending to its renew deadline */
     /* shared with the thread, under lock */
     pthread_mutex_t lock;
-    pthread_cond_t cond;   /* on CLOCK_MONOTONIC: stop asked, or the thread went idle */
-    bool stop;             /* the loop asks the thread to end */
-    bool busy;             /* the thread is in an attempt */
-    bool fresh;            /* result not yet read by the loop */
-    lease_result result;   /* the last outcome */
-    int pipe[2];           /* thread -> loop: "an outcome is there" */
+    pthread_cond_t cond; /* on CLOCK_MONOTONIC: stop asked, or the thread went idle */
+    bool stop;           /* the loop asks the thread to end */
+    bool busy;           /* the thread is in an attempt */
+    bool fresh;          /* result not yet read by the loop */
+    lease_result result; /* the last outcome */
+    int pipe[2];         /* thread -> loop: "an outcome is there" */
     pthread_t thread;
     bool thread_started;
     /* the thread's copy of the settings (a reload may replace control.cfg) */
@@ -243,8 +243,8 @@ static void *lease_thread_main(void *arg)
             r.held = held;
             held_until = held ? r.sent_ms + lease.renew_deadline_ms : 0;
         } else {
-            snprintf(r.error, sizeof(r.error), "%s%s", schema_ok ? "" : "preparing the schema: ",
-                     store_error());
+            snprintf(r.error, sizeof(r.error), "%s%s",
+                     schema_ok ? "" : "preparing the schema: ", store_error());
         }
         next_ms = r.sent_ms + lease.interval_ms;
 
@@ -317,8 +317,8 @@ int lease_start(void)
         log_error("lease %s: cannot create its pipe: %s", cfg->lease_name, strerror(errno));
         return -1;
     }
-    lease.notify = event_new(control.base, lease.pipe[0], EV_READ | EV_PERSIST, lease_on_notify,
-                             NULL);
+    lease.notify =
+        event_new(control.base, lease.pipe[0], EV_READ | EV_PERSIST, lease_on_notify, NULL);
     lease.deadline_timer = evtimer_new(control.base, lease_on_deadline, NULL);
     if (!lease.notify || !lease.deadline_timer || event_add(lease.notify, NULL) != 0) {
         log_error("lease %s: cannot start its events", cfg->lease_name);
@@ -331,8 +331,8 @@ int lease_start(void)
     }
     lease.thread_started = true;
     log_info("lease %s: competing as %s (duration %ds, interval %ds, renew deadline %lld ms)",
-             cfg->lease_name, control.identity, cfg->lease_duration_secs,
-             cfg->lease_interval_secs, (long long)lease.renew_deadline_ms);
+             cfg->lease_name, control.identity, cfg->lease_duration_secs, cfg->lease_interval_secs,
+             (long long)lease.renew_deadline_ms);
     return 0;
 }
 

@@ -434,8 +434,8 @@ done:
             state_deactivate("pgrelay-control is exiting");
             lease_stop();
         }
+        store_worker_stop(); /* first: a job's end may answer a request (a long poll) */
         http_stop();
-        store_worker_stop();
         free_events();
         event_base_free(control.base);
     }

@@ -45,14 +45,12 @@ static void flush_done(store_job *job)
     if (job->rc != 0) { /* unsaved again: the next round writes them */
         size_t i;
         json_t *id;
-        log_debug("store: %zu proxies' rows not written: %s", json_array_size(f->ids),
-                  job->error);
+        log_debug("store: %zu proxies' rows not written: %s", json_array_size(f->ids), job->error);
         json_array_foreach(f->ids, i, id)
         {
-            state_deployment *d =
-                state_find_deployment(json_string_value(json_array_get(id, 0)));
-            state_proxy *p = d ? state_find_proxy(d, json_string_value(json_array_get(id, 1)))
-                               : NULL;
+            state_deployment *d = state_find_deployment(json_string_value(json_array_get(id, 0)));
+            state_proxy *p =
+                d ? state_find_proxy(d, json_string_value(json_array_get(id, 1))) : NULL;
             if (p) {
                 p->dirty = true;
                 p->saved_seen_ms = 0;

@@ -67,7 +67,7 @@ json_t *store_commands_pending(const char *deployment, const char *node_id, int6
                    "    (extract(epoch FROM now() - a.delivered_at) * 1000)::bigint AS since_ms"
                    "  FROM pgrelay.command_acks a JOIN pgrelay.commands c ON c.id = a.command_id"
                    "  WHERE c.deployment = $4 AND a.node_id = $5 AND a.acked_at IS NULL"
-                   "   AND" STORE_LEASE_GUARD("1", "2", "3") " FOR UPDATE OF a),"
+                   "   AND" STORE_LEASE_GUARD_NOLOCK("1", "2", "3") " FOR UPDATE OF a),"
                    " u AS (UPDATE pgrelay.command_acks a SET deliveries = a.deliveries + 1,"
                    "    delivered_at = now() FROM p"
                    "  WHERE a.command_id = p.command_id AND a.node_id = p.node_id)"
@@ -104,7 +104,7 @@ store_ack_result store_command_ack(int64_t id, const char *deployment, const cha
         "UPDATE pgrelay.command_acks a SET acked_at = now(), ok = $4::boolean, detail = $5"
         " FROM pgrelay.commands c"
         " WHERE a.command_id = $1::bigint AND c.id = a.command_id AND c.deployment = $2"
-        "   AND a.node_id = $3 AND a.acked_at IS NULL AND" STORE_LEASE_GUARD("6", "7", "8")
+        "   AND a.node_id = $3 AND a.acked_at IS NULL AND" STORE_LEASE_GUARD_NOLOCK("6", "7", "8")
         " RETURNING c.type, c.args::text",
         8, params);
     if (!res)

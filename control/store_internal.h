@@ -37,10 +37,17 @@ int store_connect_within(int timeout_ms);
  * name this holder and term and not have run out by the store's clock; it is locked FOR SHARE,
  * so that a take-over waits for a write under way to end, and a write that waited for a
  * take-over sees the new holder and changes nothing. */
-#define STORE_LEASE_GUARD(name, holder, term)                                                  \
+#define STORE_LEASE_GUARD(name, holder, term) STORE_LEASE_CHECK(name, holder, term, " FOR SHARE")
+
+/* STORE_LEASE_GUARD without the row lock, for the marks of the agents' hot path (a command's
+ * delivery, its acknowledgement), which say what a proxy did and are harmless when one lands
+ * during a take-over: the lease row is not written for each of them. */
+#define STORE_LEASE_GUARD_NOLOCK(name, holder, term) STORE_LEASE_CHECK(name, holder, term, "")
+
+#define STORE_LEASE_CHECK(name, holder, term, lock)                                            \
     " ($" name "::text IS NULL OR EXISTS (SELECT 1 FROM pgrelay.lease l WHERE l.name = $" name \
     "   AND l.holder = $" holder " AND l.lease_transitions = $" term "::int"                   \
-    "   AND l.renew_time + make_interval(secs => l.lease_duration_secs) > now() FOR SHARE))"
+    "   AND l.renew_time + make_interval(secs => l.lease_duration_secs) > now()" lock "))"
 
 /* Fill params[0..2] with the guard's name, identity and term (term: the caller's buffer).
  * Returns 3, the number of parameters used. */

@@ -23,18 +23,17 @@
 
 static struct {
     pthread_mutex_t lock;
-    pthread_cond_t cond;   /* a job was queued, or stop was asked */
-    store_job *queue;      /* waiting for the worker, oldest first */
+    pthread_cond_t cond; /* a job was queued, or stop was asked */
+    store_job *queue;    /* waiting for the worker, oldest first */
     store_job *queue_tail;
-    store_job *finished;   /* done by the worker, waiting for the loop */
+    store_job *finished; /* done by the worker, waiting for the loop */
     bool stop;
-    int pipe[2];           /* worker -> loop: "a job is finished" */
+    int pipe[2]; /* worker -> loop: "a job is finished" */
     struct event *notify;
     pthread_t thread;
     bool started;
-    int pending;           /* queued or running or finished but not yet handed back */
-} worker = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER,
-            .pipe = {-1, -1}};
+    int pending; /* queued or running or finished but not yet handed back */
+} worker = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER, .pipe = {-1, -1}};
 
 static void *store_worker_main(void *arg)
 {
@@ -104,8 +103,8 @@ int store_worker_start(void)
         log_error("store worker: cannot create its pipe: %s", strerror(errno));
         return -1;
     }
-    worker.notify = event_new(control.base, worker.pipe[0], EV_READ | EV_PERSIST,
-                              store_worker_on_notify, NULL);
+    worker.notify =
+        event_new(control.base, worker.pipe[0], EV_READ | EV_PERSIST, store_worker_on_notify, NULL);
     if (!worker.notify || event_add(worker.notify, NULL) != 0) {
         log_error("store worker: cannot watch its pipe");
         return -1;
@@ -163,7 +162,7 @@ void store_worker_stop(void)
     pthread_join(worker.thread, NULL);
     worker.started = false;
     store_worker_on_notify(worker.pipe[0], 0, NULL); /* what finished meanwhile */
-    while (worker.queue) { /* never run: handed back as failed */
+    while (worker.queue) {                           /* never run: handed back as failed */
         store_job *job = worker.queue;
         worker.queue = job->next;
         job->rc = -1;

@@ -11,7 +11,7 @@
  * from then on (frees it). */
 typedef struct store_job {
     struct store_job *next;
-    int (*run)(struct store_job *job);  /* worker thread: 0 or -1 */
+    int (*run)(struct store_job *job);   /* worker thread: 0 or -1 */
     void (*done)(struct store_job *job); /* event loop: the outcome is in rc and error */
     int rc;                              /* what run returned */
     char error[512];                     /* store_error() when rc != 0 */
