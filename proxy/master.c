@@ -188,6 +188,8 @@ static void master_spawn(master *m, int i)
         log_info("agent started (pid %d): %s", (int)pid, m->agent_path);
         return;
     }
+    /* the heartbeat's grace while the worker starts (worker.c, WORKER_STUCK_MS) */
+    atomic_store(&m->shm->workers[i].heartbeat_us, worker_clock_us());
     atomic_store(&m->shm->workers[i].pid, pid);
     m->shm->workers[i].started_at_us = c->started_us;
     log_info("worker %d started (pid %d)", i, (int)pid);
