@@ -645,8 +645,8 @@ static int master_find_agent(master *m)
     return 0;
 }
 
-/* Descriptors a worker may need besides two per session and the listen sockets (each worker
- * holds every worker's, two per worker): the channel, the log, cancel requests on their way. */
+/* Descriptors a worker may need besides two per session: listen sockets, the channel, the
+ * log, cancel requests on their way. */
 #define MASTER_FD_SPARE 64
 
 /* Raise the soft descriptor limit to the hard one (children inherit it), and say so when even
@@ -673,8 +673,7 @@ static void master_raise_fd_limit(const config *cfg)
         }
     }
     unsigned long long need =
-        2ull * ((unsigned long long)cfg->max_client_conn + SHM_REFUSE_RESERVE) +
-        2ull * (unsigned long long)cfg->workers + MASTER_FD_SPARE;
+        2ull * ((unsigned long long)cfg->max_client_conn + SHM_REFUSE_RESERVE) + MASTER_FD_SPARE;
     if (rl.rlim_cur != RLIM_INFINITY && (unsigned long long)rl.rlim_cur < need)
         log_warning("descriptor limit %llu is below the %llu a worker may need for "
                     "max_client_conn = %d (two per session); above about %llu sessions in one "
