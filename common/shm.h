@@ -183,6 +183,10 @@ typedef struct shm_worker {
     _Atomic int32_t sessions;   /* live client sessions */
     _Atomic int64_t maintenance_seen_us; /* maintenance_since_us of the pause this worker acts
                                           * on, 0 when none (`pause wait` waits for it) */
+    _Atomic int64_t heartbeat_us; /* CLOCK_MONOTONIC of the worker's last timer turn (set by the
+                                   * master at fork): one older than WORKER_STUCK_MS (worker.c)
+                                   * says it is stuck, and a neighbour accepts from its listen
+                                   * sockets meanwhile */
     shm_worker_stats stats;
 } shm_worker;
 

@@ -189,6 +189,8 @@ static void master_spawn(master *m, int i)
         log_info("agent started (pid %d): %s", (int)pid, m->agent_path);
         return;
     }
+    /* the heartbeat's grace while the worker starts (worker.c, WORKER_STUCK_MS) */
+    atomic_store(&m->shm->workers[i].heartbeat_us, worker_clock_us());
     atomic_store(&m->shm->workers[i].pid, pid);
     m->shm->workers[i].started_at_us = c->started_us;
     log_info("worker %d started (pid %d)", i, (int)pid);
@@ -654,8 +656,8 @@ static int master_find_agent(master *m)
     return 0;
 }
 
-/* Descriptors a worker may need besides two per session and the listen sockets (each worker
- * holds every worker's, two per worker): the channel, the log, cancel requests on their way. */
+/* Descriptors a worker may need besides two per session: listen sockets, the channel, the
+ * log, cancel requests on their way. */
 #define MASTER_FD_SPARE 64
 
 /* Raise the soft descriptor limit to the hard one (children inherit it), and say so when even
@@ -682,8 +684,7 @@ static void master_raise_fd_limit(const config *cfg)
         }
     }
     unsigned long long need =
-        2ull * ((unsigned long long)cfg->max_client_conn + SHM_REFUSE_RESERVE) +
-        2ull * (unsigned long long)cfg->workers + MASTER_FD_SPARE;
+        2ull * ((unsigned long long)cfg->max_client_conn + SHM_REFUSE_RESERVE) + MASTER_FD_SPARE;
     if (rl.rlim_cur != RLIM_INFINITY && (unsigned long long)rl.rlim_cur < need)
         log_warning("descriptor limit %llu is below the %llu a worker may need for "
                     "max_client_conn = %d (two per session); above about %llu sessions in one "

@@ -17,6 +17,10 @@
 
 #define ACCEPT_BATCH     64 /* accepts per wake-up, so one worker cannot starve its sessions */
 #define ACCEPT_PAUSE_MS  1000 /* back off this long when out of file descriptors */
+#define WORKER_HEARTBEAT_MS 250 /* how often a worker says it runs (shm heartbeat_us) */
+#define WORKER_STUCK_MS  3000 /* a worker silent this long (or started this long ago and not
+                               * running yet) is stuck: a neighbour accepts from its sockets
+                               * until it runs */
 
 worker *worker_self;
 
@@ -91,19 +95,29 @@ static void worker_listener_arm(worker_listener *l, bool on)
     }
 }
 
-/* Whether this worker accepts from owner's sockets: its own always; those of a dead worker
- * (no process in its slot), until the master respawns it, when this is the first live worker
- * after it. Connections the kernel queued on a dead worker's socket wait there (the master
- * keeps it open) and are taken by that neighbour, or by the respawned worker. */
+/* Worker j runs: a process in its slot whose heartbeat is recent (not stopped, not hung, not
+ * a successor that has not reached its loop yet). */
+static bool worker_running(const worker *w, int j, int64_t now_us)
+{
+    const shm_worker *row = &w->shm->workers[j];
+    return atomic_load(&row->pid) != 0 &&
+           now_us - atomic_load(&row->heartbeat_us) <= (int64_t)WORKER_STUCK_MS * 1000;
+}
+
+/* Whether this worker accepts from owner's sockets: its own always; those of a worker that
+ * does not run (dead, or stuck), until it runs again, when this is the first running worker
+ * after it. Connections the kernel queued on such a worker's socket wait there (the master
+ * keeps it open) and are taken by that neighbour, or by the worker once it runs again. */
 static bool worker_accepts_for(const worker *w, int owner)
 {
+    int64_t now = worker_clock_us();
     if (owner == w->index)
         return true;
-    if (atomic_load(&w->shm->workers[owner].pid) != 0)
+    if (worker_running(w, owner, now))
         return false;
     for (int k = 1; k < w->n_listen_workers; k++) {
         int j = (owner + k) % w->n_listen_workers;
-        if (j == w->index || atomic_load(&w->shm->workers[j].pid) != 0)
+        if (j == w->index || worker_running(w, j, now))
             return j == w->index;
     }
     return false;
@@ -124,6 +138,16 @@ static void worker_on_accept_resume(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     worker_listeners_update(w);
+}
+
+static void worker_on_heartbeat(evutil_socket_t fd, short what, void *arg)
+{
+    worker *w = arg;
+    (void)fd;
+    (void)what;
+    atomic_store(&w->row->heartbeat_us, worker_clock_us());
+    if (w->stop == WORKER_RUNNING && !evtimer_pending(&w->ev_accept_resume, NULL))
+        worker_listeners_update(w); /* a neighbour got stuck, or runs again */
 }
 
 static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
@@ -162,6 +186,7 @@ static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
 static void worker_stop_accepting(worker *w)
 {
     evtimer_del(&w->ev_accept_resume);
+    evtimer_del(&w->ev_heartbeat); /* stale from now on: it takes over no socket any more */
     for (int i = 0; i < 2 * w->n_listen_workers; i++) {
         worker_listener *l = &w->listeners[i];
         worker_listener_arm(l, false);
@@ -377,6 +402,10 @@ void worker_main(int index, const config *cfg, shm_segment *shm, int *const list
             event_assign(&l->ev, w->base, l->fd, EV_READ | EV_PERSIST, worker_on_accept, l);
     }
     evtimer_assign(&w->ev_accept_resume, w->base, worker_on_accept_resume, w);
+    atomic_store(&w->row->heartbeat_us, worker_clock_us());
+    struct timeval beat = {0, WORKER_HEARTBEAT_MS * 1000};
+    event_assign(&w->ev_heartbeat, w->base, -1, EV_PERSIST, worker_on_heartbeat, w);
+    evtimer_add(&w->ev_heartbeat, &beat);
     worker_listeners_update(w);
     event_assign(&w->ev_channel, w->base, channel_fd, EV_READ | EV_PERSIST, worker_on_channel, w);
     event_add(&w->ev_channel, NULL);

@@ -43,6 +43,8 @@ typedef struct worker {
                                    * (write port 0, read-only port 1) */
     int n_listen_workers;         /* workers, i.e. sockets per port */
     struct event ev_accept_resume; /* re-enables accept after EMFILE */
+    struct event ev_heartbeat;     /* WORKER_HEARTBEAT_MS: heartbeat_us, and a look at the
+                                    * other workers (a stuck one's sockets are taken over) */
     struct event ev_shutdown;      /* shutdown_timeout deadline */
     struct event ev_channel;       /* messages from the master */
     int channel_fd;

@@ -4,8 +4,8 @@ Each worker accepts from its own listen socket, one per worker in an SO_REUSEPOR
 the master opened before forking: the kernel spreads connections over them, where a single
 shared socket let whichever worker won the race take a burst (one took 1,615 of 2,000 in
 tests/bench/accept_balance.py). The master keeps every socket open, so connections queued on a
-worker that dies are not lost: the first live worker after it accepts them until the master
-has started its successor, which then takes its socket over.
+worker that dies are not lost: the first running worker after it accepts them until its
+successor runs, and likewise for a worker that is stuck (stopped, hung) until it runs again.
 """
 
 import json
@@ -15,13 +15,14 @@ import socket
 import subprocess
 import threading
 
-from conftest import PGRELAY_BIN, admin, wait_for
+from conftest import PGRELAY_BIN, admin, owning_worker, wait_for
 
 WORKERS = 4
 N = 1000
 BURSTS = 3
 SSL_REQUEST = b"\0\0\0\x08\x04\xd2\x16\x2f"  # answered 'N' by the worker itself
-CHILD_DELAY_MS = 6000  # PGRELAY_TEST_CHILD_DELAY_MS: a respawned worker serves after this
+CHILD_DELAY_MS = 10000  # PGRELAY_TEST_CHILD_DELAY_MS: a respawned worker serves after this
+STUCK_S = 3  # WORKER_STUCK_MS: a worker not running this long has its socket taken over
 
 
 def show(relay, what):
@@ -100,55 +101,87 @@ def answered(socks, answers):
     return len(answers)
 
 
-def test_connections_queued_on_a_worker_that_dies_are_served_by_another(relay_factory):
-    """Worker 1 stopped (SIGSTOP): the connections the kernel gives its socket wait there; it
-    is then killed, and its successor is held by the child-delay hook: the next live worker
-    serves them all, long before the successor could, and none is reset."""
+def ssl_requests(port, n):
+    """n connections that each sent an SSLRequest, non-blocking."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(SSL_REQUEST)
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def takes_new_sessions(relay, index, more):
+    """A new held connection; True once worker ``index`` has a session (it accepts again)."""
+    more.append(socket.create_connection(("127.0.0.1", relay.port)))
+    return show(relay, "workers")[index]["sessions"] > 0
+
+
+def test_connections_for_a_worker_that_dies_are_served_by_another(relay_factory):
+    """Worker 1 is killed; its successor is held by the child-delay hook: the connections the
+    kernel gives worker 1's socket meanwhile are answered by the next running worker (once the
+    successor has not run for STUCK_S after its fork), before the successor could, and none is
+    reset; then the successor takes its socket over."""
     relay = relay_factory(workers=WORKERS, max_client_conn=5000, client_startup_timeout="0",
                           env={"PGRELAY_TEST_CHILD_DELAY_MS": str(CHILD_DELAY_MS)})
-    wait_for(lambda: all(w["pid"] for w in show(relay, "workers")), timeout=20,
-             what="every worker started")
-    victim = show(relay, "workers")[1]["pid"]
-    # the workers leave the hook's delay before they accept: every one answers first
-    socks, answers = [], {}
-    os.kill(victim, signal.SIGSTOP)
-    try:
-        for _ in range(200):
-            s = socket.create_connection(("127.0.0.1", relay.port))
-            s.sendall(SSL_REQUEST)
-            s.setblocking(False)
-            socks.append(s)
-        wait_for(lambda: answered(socks, answers) >= 100, timeout=20,
-                 what="the live workers to answer their share")
-        pending = len(socks) - answered(socks, answers)
-        assert pending > 0, "no connection was queued on the stopped worker"
-        os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: answered(socks, answers) == len(socks),
-                 timeout=CHILD_DELAY_MS / 1000 * 0.7,
-                 what=f"the {pending} connections queued on the dead worker to be answered "
-                      "before its successor runs")
-        assert set(answers.values()) == {b"N"}, answers
-        rows = show(relay, "workers")
-        assert rows[1]["pid"] != victim
+    warm = []
+    try:  # every worker out of the hook's delay and accepting
+        wait_for(lambda: warm.append(socket.create_connection(("127.0.0.1", relay.port))) or
+                 all(w["sessions"] > 0 for w in show(relay, "workers")),
+                 timeout=CHILD_DELAY_MS / 1000 + 15, interval=0.05, what="every worker running")
     finally:
-        for s in socks:
+        for s in warm:
             s.close()
-        try:
-            os.kill(victim, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    # its successor takes its socket over once out of the hook's delay (and the neighbour
-    # stops taking from it): new connections reach worker 1 again
-    more = []
+    before = {w["pid"] for w in show(relay, "workers")}
+    victim = show(relay, "workers")[1]["pid"]
+    # from here until its successor leaves the hook's delay, no console call: the successor
+    # holds a copy of any console connection open at its fork until then (the hook's way)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: relay.log().count("worker 1 started") == 2, timeout=5,
+             what="worker 1 respawned")
+    [successor] = set(relay.worker_pids()) - before
+    socks, answers, more = ssl_requests(relay.port, 200), {}, []
 
-    def worker_1_serves():
+    def successor_accepts():
         s = socket.create_connection(("127.0.0.1", relay.port))
         more.append(s)
-        return show(relay, "workers")[1]["sessions"] > 0
+        return wait_for(lambda: owning_worker(relay, s.getsockname()[1]), timeout=5,
+                        what="the connection's worker") == successor
 
     try:
-        wait_for(worker_1_serves, timeout=CHILD_DELAY_MS / 1000 + 10, interval=0.1,
+        wait_for(lambda: answered(socks, answers) == len(socks),
+                 timeout=CHILD_DELAY_MS / 1000 - 2,
+                 what="every connection answered before worker 1's successor runs")
+        assert set(answers.values()) == {b"N"}, answers
+        wait_for(successor_accepts, timeout=CHILD_DELAY_MS / 1000 + 10, interval=0.1,
                  what="worker 1's successor to accept")
+    finally:
+        for s in socks + more:
+            s.close()
+
+
+def test_connections_for_a_stopped_worker_are_served_by_another_until_it_runs(relay_factory):
+    """Worker 2 stopped (SIGSTOP: alive, but its loop does not turn): past its heartbeat's
+    limit (STUCK_S) the next running worker accepts from its socket, so every connection is
+    answered while it is stopped; once it runs again (SIGCONT) it takes its share again."""
+    relay = relay_factory(workers=WORKERS, max_client_conn=5000, client_startup_timeout="0")
+    victim = show(relay, "workers")[2]["pid"]
+    socks, answers, more = [], {}, []
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        socks = ssl_requests(relay.port, 200)
+        wait_for(lambda: answered(socks, answers) == len(socks), timeout=10,
+                 what="every connection answered while worker 2 is stopped")
+        assert set(answers.values()) == {b"N"}, answers
+    finally:
+        os.kill(victim, signal.SIGCONT)
+        for s in socks:
+            s.close()
+    try:
+        wait_for(lambda: takes_new_sessions(relay, 2, more), timeout=10, interval=0.1,
+                 what="worker 2 to accept again")
+        assert show(relay, "workers")[2]["pid"] == victim  # the same process: not restarted
     finally:
         for s in more:
             s.close()
