@@ -494,12 +494,16 @@ def test_a_failover_storm_with_many_sessions_restarts_no_worker(relay_factory, p
     assert ok[0] > 0 and unexpected == [], unexpected[:5]
     # The agent may still be working through the last leader changes the console queued: a
     # session that logs in meanwhile is closed like any other; once they are done, one works.
+    # A close within moments of the login reaches libpq in the same read as its ReadyForQuery,
+    # and libpq drops that FATAL (it parses it while idle, as a notice): psycopg then says only
+    # "server closed the connection unexpectedly" although pgrelay sent 57P01 (a plain socket
+    # server doing the same gives the same message; test_failover checks the SQLSTATE itself).
     def after_the_storm():
         try:
             with r.connect() as c:
                 return c.execute("SELECT 'after the storm'").fetchone() == ("after the storm",)
         except psycopg.OperationalError as e:
-            assert "leader changed" in str(e), e
+            assert "leader changed" in str(e) or "server closed the connection" in str(e), e
             return False
 
     wait_for(after_the_storm, timeout=30, what="a session after the storm")
