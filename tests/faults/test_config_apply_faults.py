@@ -73,16 +73,20 @@ def start_fleet_holding(pg, hold_ms=None):
 
 def test_a_proxy_killed_between_prepare_and_commit_converges_when_it_returns(pg):
     started = time.monotonic()
-    with start_fleet_holding(pg, hold_ms=3000) as fleet:
+    # the hold gives the test 6 s to kill proxy-b after every proxy prepared (a loaded
+    # machine may take a while to notice the hold in the log)
+    with start_fleet_holding(pg, hold_ms=6000) as fleet:
         old_text = read(fleet.b.conf_path)
         text = debug_text(fleet)
         offset = fleet.control.log_size()
-        t, result = apply_in_background(fleet, text, 8)
+        t, result = apply_in_background(fleet, text, 12)
         wait_for(lambda: "holds after its prepare step" in fleet.control.log_since(offset),
                  timeout=15, what="the apply to hold after its prepare step")
         assert prepared_files(fleet.b), "proxy-b keeps no prepared text on disk"
         os.killpg(fleet.b.proc.pid, signal.SIGKILL)  # master, workers and agent
         fleet.b.proc.wait(10)
+        assert "committed; committing it" not in fleet.control.log_since(offset), \
+            "the test was too slow: the commit was sent before proxy-b was killed"
         t.join(60)
         status, answer = result["r"]
         # committed on proxy-a; proxy-b's outcome is in the answer, and "ok" is false
