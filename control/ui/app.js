@@ -29,6 +29,8 @@ const ui = {
   leaders: [],
   charts: null,        /* chart state (charts page) */
   querySort: {key: 'duration_ms', dir: -1},
+  plans: [],          /* GET .../plans, or .../plans?changed=1 with "plan changes only" */
+  selectedPlan: null, /* id of the plan (or "change/" + index) shown below the table */
   queries: [],
   selectedQuery: null,
   opRunning: null,     /* what this tab runs now: {kind, text, started, result} */
@@ -248,6 +250,7 @@ async function poll() {
       else if (page === 'charts') await refreshCharts();
       else if (page === 'queries') await refreshQueries();
       else if (page === 'operations') await refreshOperations();
+      else if (page === 'plans') await refreshPlans();
     }
     $('updated').textContent = 'updated ' + fmtTime(Date.now());
   } catch (e) {
@@ -583,7 +586,77 @@ function renderQueryDetail() {
     h('h3', {}, 'Session ' + q.session + ' on ' + q.node_id + ' (' + (q.node || '?') + ')'),
     h('pre', {}, q.text || ''),
     h('p', {class: 'muted'}, 'Running for ' + fmtMs(q.duration_ms) + ' as ' + q.user + ' in ' +
-      q.database + '. Its plan: not served by this control plane yet (see Plans).'));
+      q.database + '.'),
+    q.plan_id
+      ? h('a', {href: '#plans', 'data-plan': q.plan_id,
+                onclick: () => { ui.selectedPlan = q.plan_id; $('plan-changed').checked = false; }},
+          'Its plan')
+      : h('p', {class: 'muted'}, 'No plan of it yet (plans are made for slow and sampled statements).'));
+}
+
+/* ---------- plans ---------- */
+
+async function refreshPlans() {
+  ui.plans = await get(depPath($('plan-changed').checked ? '/plans?changed=1' : '/plans'));
+  renderPlans();
+}
+
+/* One plan node and its children as EXPLAIN's text form reads ("->  Seq Scan on t  (cost=..)"). */
+function planLines(node, depth, out) {
+  if (!node || typeof node !== 'object') return out;
+  let label = node['Node Type'] || '?';
+  if (node['Join Type'] && /Join|Nested Loop/.test(label)) label = node['Join Type'] + ' ' + label;
+  if (node['Index Name']) label += ' using ' + node['Index Name'];
+  if (node['Relation Name'])
+    label += ' on ' + (node['Schema'] ? node['Schema'] + '.' : '') + node['Relation Name'] +
+      (node['Alias'] && node['Alias'] !== node['Relation Name'] ? ' ' + node['Alias'] : '');
+  const cost = node['Startup Cost'] !== undefined
+    ? '  (cost=' + Number(node['Startup Cost']).toFixed(2) + '..' + Number(node['Total Cost']).toFixed(2) +
+      ' rows=' + node['Plan Rows'] + ' width=' + node['Plan Width'] + ')' : '';
+  const pad = ' '.repeat(Math.max(0, depth * 6 - 4));
+  out.push((depth ? pad + '->  ' : '') + label + cost);
+  for (const k of ['Filter', 'Index Cond', 'Hash Cond', 'Join Filter', 'Recheck Cond'])
+    if (node[k]) out.push(' '.repeat(depth * 6 + 2) + k + ': ' + node[k]);
+  for (const child of node['Plans'] || []) planLines(child, depth + 1, out);
+  return out;
+}
+
+function planText(plan) {
+  const root = Array.isArray(plan) ? plan[0] : plan;
+  return root && root['Plan'] ? planLines(root['Plan'], 0, []).join('\n') : '(no plan)';
+}
+
+function renderPlans() {
+  const changed = $('plan-changed').checked;
+  const f = $('plan-filter').value.trim().toLowerCase();
+  const rows = ui.plans.filter(p => !f || String(p.text || '').toLowerCase().includes(f));
+  $('plan-count').textContent = rows.length + (changed ? ' plan changes' : ' plans');
+  setRows($('plans'), rows.map((p, i) => {
+    const key = changed ? 'change/' + p.id + '/' + p.at_ms : p.id;
+    return h('tr', {'data-plan': p.id, class: ui.selectedPlan === key ? 'selected' : null,
+                    onclick: () => { ui.selectedPlan = key; renderPlans(); }},
+      h('td', {}, fmtTime(changed ? p.at_ms : p.planned_at_ms)),
+      h('td', {}, changed ? 'changed' : p.reason || ''),
+      h('td', {class: 'num'}, changed ? '' : fmtMs(p.duration_ms)),
+      h('td', {}, h('div', {class: 'stmt mono'}, p.text || '')),
+      h('td', {}, p.user || ''), h('td', {}, p.database || ''), h('td', {class: 'mono'}, p.node || ''),
+      h('td', {class: 'num'}, changed || p.total_cost === undefined ? '' : fmtNum(p.total_cost, 2)),
+      h('td', {class: 'mono'}, changed ? '' : p.top_node || ''),
+      h('td', {class: 'num'}, changed ? '' : String(p.changes || 0)),
+      h('td', {}, p.error ? h('span', {class: 'no'}, p.error) : (changed ? '' : 'planned')));
+  }));
+  const box = $('plan-detail');
+  const p = rows.find(x => (changed ? 'change/' + x.id + '/' + x.at_ms : x.id) === ui.selectedPlan);
+  if (!p) { box.classList.add('hidden'); return; }
+  box.classList.remove('hidden');
+  box.replaceChildren(
+    h('h3', {}, 'Plan ' + p.id + ' on ' + (p.node || '?') + ', as ' + p.user + ' in ' + p.database),
+    h('pre', {}, p.text || ''),
+    changed
+      ? [h('h3', {}, 'Before'), h('pre', {class: 'plan-tree'}, planText(p.old_plan)),
+         h('h3', {}, 'After'), h('pre', {class: 'plan-tree', id: 'plan-tree'}, planText(p.new_plan))]
+      : p.plan ? h('pre', {class: 'plan-tree', id: 'plan-tree'}, planText(p.plan))
+               : h('p', {class: 'no'}, p.error || 'no plan'));
 }
 
 /* ---------- operations ---------- */
@@ -851,6 +924,8 @@ function init() {
   $('deployment').addEventListener('change', ev => selectDeployment(ev.target.value));
   window.addEventListener('hashchange', route);
   $('query-filter').addEventListener('input', renderQueries);
+  $('plan-filter').addEventListener('input', renderPlans);
+  $('plan-changed').addEventListener('change', () => { ui.selectedPlan = null; poll(); });
   for (const th of $('queries').tHead.rows[0].cells)
     th.addEventListener('click', () => {
       const k = th.dataset.key;
