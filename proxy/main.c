@@ -200,7 +200,10 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
     config_apply_logging(cfg);
     if (pid_fd >= 0 && daemon_pidfile_write(pid_fd, pidfile) != 0)
         goto fail;
-    return master_run(cfg, listen_fds, opts);
+    int rc = master_run(cfg, listen_fds, opts); /* it has closed the sockets */
+    free(listen_fds[0]);
+    free(listen_fds[1]);
+    return rc;
 
 fail: /* not started: no listen socket and no pidfile are left behind */
     for (int i = 0; i < 2; i++) {
