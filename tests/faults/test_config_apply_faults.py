@@ -42,9 +42,12 @@ def apply_in_background(fleet, text, timeout_s):
     result = {}
 
     def run():
-        result["r"] = fleet.control.api("POST", f"/deployments/{DEPLOYMENT}/config",
-                                        {"text": text, "timeout_s": timeout_s},
-                                        timeout=timeout_s + 30)
+        try:
+            result["r"] = fleet.control.api("POST", f"/deployments/{DEPLOYMENT}/config",
+                                            {"text": text, "timeout_s": timeout_s},
+                                            timeout=timeout_s + 30)
+        except OSError as e:  # the control plane was killed under the request
+            result["error"] = e
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -127,6 +130,9 @@ def test_a_control_plane_killed_between_prepare_and_commit_is_finished_by_the_ne
                  timeout=15, what="the apply to hold after its prepare step")
         fleet.control.kill9()
         t.join(10)
+        # the operator's request went down with the control plane, unanswered
+        assert not t.is_alive() and "r" not in result, result
+        assert isinstance(result.get("error"), OSError), result
         # both prepared, none committed
         for relay in fleet.proxies.values():
             assert read(relay.conf_path) == old_text and prepared_files(relay)
