@@ -18,6 +18,7 @@
  * still has to see its leader out of recovery before a session goes there.
  */
 #include "agent.h"
+#include "http.h"
 #include "log.h"
 
 #include <curl/curl.h>
@@ -58,31 +59,6 @@ typedef struct ha_thread {
     int fd;           /* our end of the socketpair */
     CURL *curl;
 } ha_thread;
-
-/* A growing answer buffer for curl. */
-typedef struct ha_buf {
-    char *data;
-    size_t len;
-    bool too_big;
-} ha_buf;
-
-static size_t ha_on_data(char *ptr, size_t size, size_t n, void *arg)
-{
-    ha_buf *b = arg;
-    size_t add = size * n;
-    if (b->len + add > HA_ANSWER_MAX) {
-        b->too_big = true;
-        return 0; /* curl stops the transfer */
-    }
-    char *grown = realloc(b->data, b->len + add + 1);
-    if (!grown)
-        return 0;
-    b->data = grown;
-    memcpy(b->data + b->len, ptr, add);
-    b->len += add;
-    b->data[b->len] = '\0';
-    return add;
-}
 
 /* Split ha_patroni_urls into t->urls ("/" at the end dropped). Returns how many. */
 static int ha_parse_urls(ha_thread *t, const char *list)
@@ -152,7 +128,7 @@ done:
 
 /* GET url with health_timeout into b. Returns the HTTP status, 0 when there was no answer (why
  * in err). */
-static long ha_get(ha_thread *t, const char *url, ha_buf *b, char *err, size_t len)
+static long ha_get(ha_thread *t, const char *url, http_buffer *b, char *err, size_t len)
 {
     long status = 0;
     curl_easy_reset(t->curl);
@@ -160,11 +136,11 @@ static long ha_get(ha_thread *t, const char *url, ha_buf *b, char *err, size_t l
     curl_easy_setopt(t->curl, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(t->curl, CURLOPT_TIMEOUT_MS, t->timeout_ms);
     curl_easy_setopt(t->curl, CURLOPT_CONNECTTIMEOUT_MS, t->timeout_ms);
-    curl_easy_setopt(t->curl, CURLOPT_WRITEFUNCTION, ha_on_data);
+    curl_easy_setopt(t->curl, CURLOPT_WRITEFUNCTION, http_collect);
     curl_easy_setopt(t->curl, CURLOPT_WRITEDATA, b);
     CURLcode cc = curl_easy_perform(t->curl);
     if (cc != CURLE_OK) {
-        snprintf(err, len, "%s: %s", url, b->too_big ? "answer too large" : curl_easy_strerror(cc));
+        snprintf(err, len, "%s: %s", url, b->too_long ? "answer too large" : curl_easy_strerror(cc));
         return 0;
     }
     curl_easy_getinfo(t->curl, CURLINFO_RESPONSE_CODE, &status);
@@ -176,7 +152,7 @@ static long ha_get(ha_thread *t, const char *url, ha_buf *b, char *err, size_t l
 static int ha_ask(ha_thread *t, const char *base, ha_msg *m, char *api_url, size_t api_len)
 {
     char url[HA_URL_MAX + 16];
-    ha_buf b = {0};
+    http_buffer b = {.max = HA_ANSWER_MAX};
     int rc = -1;
     snprintf(url, sizeof(url), "%s/cluster", base);
     long status = ha_get(t, url, &b, m->detail, sizeof(m->detail));
@@ -211,7 +187,7 @@ static void ha_sleep_ms(long ms)
 static bool ha_leader_answers(ha_thread *t, const char *api_url, const char *answered)
 {
     char err[320], url[HA_URL_MAX + 16];
-    ha_buf b = {0};
+    http_buffer b = {.max = HA_ANSWER_MAX};
     if (!api_url[0])
         return true; /* nothing to ask: Patroni's word on the key is all there is */
     size_t n = strlen(api_url);

@@ -8,17 +8,11 @@
 
 #define HTTP_REPLY_MAX (4 * 1024 * 1024) /* a longer answer is garbage */
 
-typedef struct http_buffer {
-    char *data;
-    size_t len;
-    bool too_long;
-} http_buffer;
-
-static size_t http_collect(char *ptr, size_t size, size_t nmemb, void *arg)
+size_t http_collect(char *ptr, size_t size, size_t nmemb, void *arg)
 {
     http_buffer *b = arg;
     size_t n = size * nmemb;
-    if (b->len + n > HTTP_REPLY_MAX) {
+    if (b->len + n > (b->max ? b->max : HTTP_REPLY_MAX)) {
         b->too_long = true;
         return 0; /* makes curl fail the transfer */
     }

@@ -34,4 +34,15 @@ void http_client_free(http_client *c);
 long http_request(http_client *c, const char *method, const char *path, json_t *body,
                   json_t **reply, long extra_ms);
 
+/* An answer collected by curl (CURLOPT_WRITEFUNCTION http_collect, CURLOPT_WRITEDATA the
+ * buffer): NUL-terminated; past max bytes (0: 4 MiB) the transfer fails and too_long is set. */
+typedef struct http_buffer {
+    char *data;
+    size_t len;
+    size_t max;
+    bool too_long;
+} http_buffer;
+
+size_t http_collect(char *ptr, size_t size, size_t nmemb, void *arg);
+
 #endif
