@@ -63,6 +63,8 @@ CONTROL_SRC := $(wildcard control/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 
 COMMON_OBJ := $(COMMON_SRC:%.c=$(BUILD)/%.o)
+# OpenSSL pieces of the two binaries that link OpenSSL (the proxy and the control plane).
+TLS_FILES_OBJ := $(BUILD)/common/tls_files.o
 PROXY_OBJ  := $(PROXY_SRC:%.c=$(BUILD)/%.o)
 AGENT_OBJ  := $(AGENT_SRC:%.c=$(BUILD)/%.o)
 CTL_OBJ    := $(CTL_SRC:%.c=$(BUILD)/%.o)
@@ -89,7 +91,7 @@ $(BUILD)/%.o: %.c
 	$(CC) $(ALL_CFLAGS) $(shell pkg-config --cflags $(PROXY_PKGS) $(AGENT_PKGS) $(CONTROL_PKGS)) \
 	  -c -o $@ $<
 
-$(PGRELAY): $(PROXY_OBJ) $(COMMON_OBJ) | check-deps
+$(PGRELAY): $(PROXY_OBJ) $(COMMON_OBJ) $(TLS_FILES_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(PROXY_PKGS))
 
@@ -108,7 +110,7 @@ $(BUILD)/gen/ui_data.o: $(BUILD)/gen/ui_data.c
 # The control plane alone.
 control: $(CONTROL) $(CTL)
 
-$(CONTROL): $(CONTROL_OBJ) $(COMMON_OBJ) | check-deps
+$(CONTROL): $(CONTROL_OBJ) $(COMMON_OBJ) $(TLS_FILES_OBJ) | check-deps
 	@mkdir -p $(BIN)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs $(CONTROL_PKGS))
 
@@ -119,7 +121,7 @@ $(CTL): $(CTL_OBJ) | check-deps
 # Unit tests of agent and proxy code link the object they test.
 $(BUILD)/tests/test_normalize: $(BUILD)/agent/normalize.o
 $(BUILD)/tests/test_utf8: $(BUILD)/proxy/utf8.o
-$(BUILD)/tests/test_tls_sasl: $(BUILD)/proxy/tls.o
+$(BUILD)/tests/test_tls_sasl: $(BUILD)/proxy/tls.o $(TLS_FILES_OBJ)
 
 $(BUILD)/tests/%: tests/unit/%.c $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
@@ -201,7 +203,7 @@ FUZZ_OBJ_cancel  := proxy/cancel.c common/pgproto.c common/shm.c common/config.c
 FUZZ_OBJ_admin   := proxy/admin_commands.c proxy/admin_render.c proxy/utf8.c common/pgproto.c \
                     common/shm.c common/config.c common/inifile.c common/log.c
 FUZZ_OBJ_config  := common/config.c common/inifile.c common/log.c
-FUZZ_OBJ_sasl    := proxy/tls.c common/pgproto.c common/config.c common/inifile.c common/log.c
+FUZZ_OBJ_sasl    := proxy/tls.c common/tls_files.c common/pgproto.c common/config.c common/inifile.c common/log.c
 
 fuzz_objs = $(addprefix $(FUZZ_BUILD)/obj/,$(patsubst %.c,%.o,$(FUZZ_OBJ_$(1))))
 

@@ -5,21 +5,10 @@
  * beyond loopback should be served over TLS (`pgrelay-control -t` says so).
  */
 #include "tls.h"
+#include "tls_files.h"
 
-#include <openssl/err.h>
 #include <stdio.h>
 #include <string.h>
-
-/* OpenSSL's last error as text ("" when none). */
-static void tls_reason(char *buf, size_t len)
-{
-    unsigned long e = ERR_peek_last_error();
-    if (e)
-        ERR_error_string_n(e, buf, len);
-    else
-        snprintf(buf, len, "unknown error");
-    ERR_clear_error();
-}
 
 SSL_CTX *tls_server_ctx(const char *cert_file, const char *key_file, const char *client_ca,
                         char *err, size_t err_len)
@@ -27,36 +16,18 @@ SSL_CTX *tls_server_ctx(const char *cert_file, const char *key_file, const char 
     char why[256];
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     if (!ctx) {
-        tls_reason(why, sizeof(why));
+        tls_error_text(why, sizeof(why));
         snprintf(err, err_len, "cannot create a TLS context: %s", why);
         return NULL;
     }
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
-    if (SSL_CTX_use_certificate_chain_file(ctx, cert_file) != 1) {
-        tls_reason(why, sizeof(why));
-        snprintf(err, err_len, "tls_cert_file %s: %s", cert_file, why);
+    if (tls_use_cert_and_key(ctx, "tls_cert_file", cert_file, "tls_key_file", key_file, err,
+                             err_len) != 0)
         goto failed;
-    }
-    /* OpenSSL also refuses here a key that does not match the certificate. */
-    if (SSL_CTX_use_PrivateKey_file(ctx, key_file, SSL_FILETYPE_PEM) != 1 ||
-        SSL_CTX_check_private_key(ctx) != 1) {
-        tls_reason(why, sizeof(why));
-        snprintf(err, err_len, "tls_key_file %s is not a usable key for tls_cert_file %s (%s)",
-                 key_file, cert_file, why);
+    if (client_ca && client_ca[0] &&
+        tls_require_client_certs(ctx, "tls_client_ca_file", client_ca, err, err_len) != 0)
         goto failed;
-    }
-    if (client_ca && client_ca[0]) {
-        if (SSL_CTX_load_verify_locations(ctx, client_ca, NULL) != 1) {
-            tls_reason(why, sizeof(why));
-            snprintf(err, err_len, "tls_client_ca_file %s: %s", client_ca, why);
-            goto failed;
-        }
-        STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(client_ca);
-        if (names)
-            SSL_CTX_set_client_CA_list(ctx, names);
-        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
-    }
     return ctx;
 
 failed:

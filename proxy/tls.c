@@ -8,6 +8,7 @@
  */
 #include "tls.h"
 #include "log.h"
+#include "tls_files.h"
 #include "pgproto.h"
 
 #include <arpa/inet.h>
@@ -34,17 +35,6 @@ SSL_CTX *tls_client_ctx(void)
 SSL_CTX *tls_server_ctx(void)
 {
     return tls_server_current;
-}
-
-/* OpenSSL's last error as text, the error queue emptied. */
-static void tls_reason(char *buf, size_t len)
-{
-    unsigned long e = ERR_peek_last_error();
-    if (e)
-        ERR_error_string_n(e, buf, len);
-    else
-        snprintf(buf, len, "unknown error");
-    ERR_clear_error();
 }
 
 /* "secure", "all", or tlsv1.0 ... tlsv1.3 separated by commas, colons or spaces: the lowest and
@@ -116,7 +106,7 @@ static SSL_CTX *tls_client_build(const config *cfg, char *err, size_t err_len)
         return NULL;
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     if (!ctx) {
-        tls_reason(why, sizeof(why));
+        tls_error_text(why, sizeof(why));
         snprintf(err, err_len, "cannot create a TLS context: %s", why);
         return NULL;
     }
@@ -135,36 +125,17 @@ static SSL_CTX *tls_client_build(const config *cfg, char *err, size_t err_len)
     SSL_CTX_set_num_tickets(ctx, 0);
     if (strcasecmp(cfg->client_tls_ciphers, "default") != 0 &&
         SSL_CTX_set_cipher_list(ctx, cfg->client_tls_ciphers) != 1) {
-        tls_reason(why, sizeof(why));
+        tls_error_text(why, sizeof(why));
         snprintf(err, err_len, "client_tls_ciphers \"%s\": %s", cfg->client_tls_ciphers, why);
         goto failed;
     }
-    if (SSL_CTX_use_certificate_chain_file(ctx, cfg->client_tls_cert_file) != 1) {
-        tls_reason(why, sizeof(why));
-        snprintf(err, err_len, "client_tls_cert_file %s: %s", cfg->client_tls_cert_file, why);
+    if (tls_use_cert_and_key(ctx, "client_tls_cert_file", cfg->client_tls_cert_file,
+                             "client_tls_key_file", cfg->client_tls_key_file, err, err_len) != 0)
         goto failed;
-    }
-    /* OpenSSL also refuses here a key that does not match the certificate. */
-    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->client_tls_key_file, SSL_FILETYPE_PEM) != 1 ||
-        SSL_CTX_check_private_key(ctx) != 1) {
-        tls_reason(why, sizeof(why));
-        snprintf(err, err_len, "client_tls_key_file %s is not a usable key for "
-                 "client_tls_cert_file %s (%s)", cfg->client_tls_key_file,
-                 cfg->client_tls_cert_file, why);
+    if (cfg->client_tls_mode >= CLIENT_TLS_VERIFY_CA &&
+        tls_require_client_certs(ctx, "client_tls_ca_file", cfg->client_tls_ca_file, err,
+                                 err_len) != 0)
         goto failed;
-    }
-    if (cfg->client_tls_mode >= CLIENT_TLS_VERIFY_CA) {
-        if (SSL_CTX_load_verify_locations(ctx, cfg->client_tls_ca_file, NULL) != 1) {
-            tls_reason(why, sizeof(why));
-            snprintf(err, err_len, "client_tls_ca_file %s: %s", cfg->client_tls_ca_file, why);
-            goto failed;
-        }
-        STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cfg->client_tls_ca_file);
-        if (names)
-            SSL_CTX_set_client_CA_list(ctx, names);
-        ERR_clear_error();
-        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
-    }
     SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_select, NULL);
     return ctx;
 failed:
@@ -179,7 +150,7 @@ static SSL_CTX *tls_server_build(const config *cfg, char *err, size_t err_len)
     char why[256];
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (!ctx) {
-        tls_reason(why, sizeof(why));
+        tls_error_text(why, sizeof(why));
         snprintf(err, err_len, "cannot create a TLS context: %s", why);
         return NULL;
     }
@@ -189,27 +160,12 @@ static SSL_CTX *tls_server_build(const config *cfg, char *err, size_t err_len)
     SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_ENABLE_PARTIAL_WRITE |
                               SSL_MODE_RELEASE_BUFFERS);
     if (cfg->server_tls_ca_file[0] &&
-        SSL_CTX_load_verify_locations(ctx, cfg->server_tls_ca_file, NULL) != 1) {
-        tls_reason(why, sizeof(why));
-        snprintf(err, err_len, "server_tls_ca_file %s: %s", cfg->server_tls_ca_file, why);
+        tls_load_ca(ctx, "server_tls_ca_file", cfg->server_tls_ca_file, err, err_len) != 0)
         goto failed;
-    }
-    if (cfg->server_tls_cert_file[0]) {
-        if (SSL_CTX_use_certificate_chain_file(ctx, cfg->server_tls_cert_file) != 1) {
-            tls_reason(why, sizeof(why));
-            snprintf(err, err_len, "server_tls_cert_file %s: %s", cfg->server_tls_cert_file,
-                     why);
-            goto failed;
-        }
-        if (SSL_CTX_use_PrivateKey_file(ctx, cfg->server_tls_key_file, SSL_FILETYPE_PEM) != 1 ||
-            SSL_CTX_check_private_key(ctx) != 1) {
-            tls_reason(why, sizeof(why));
-            snprintf(err, err_len, "server_tls_key_file %s is not a usable key for "
-                     "server_tls_cert_file %s (%s)", cfg->server_tls_key_file,
-                     cfg->server_tls_cert_file, why);
-            goto failed;
-        }
-    }
+    if (cfg->server_tls_cert_file[0] &&
+        tls_use_cert_and_key(ctx, "server_tls_cert_file", cfg->server_tls_cert_file,
+                             "server_tls_key_file", cfg->server_tls_key_file, err, err_len) != 0)
+        goto failed;
     return ctx;
 failed:
     SSL_CTX_free(ctx);
@@ -313,7 +269,7 @@ static int tls_classify(tls_conn *t, int rc, short *wants, char *why, size_t why
         ERR_clear_error();
         return -1;
     default:
-        tls_reason(why, why_len);
+        tls_error_text(why, why_len);
         return -1;
     }
 }
