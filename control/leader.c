@@ -160,6 +160,30 @@ static int leader_commit(state_deployment *dep, const char *leader_in, int64_t e
     return 0;
 }
 
+/* The epoch under which leader can be announced without an epoch naming two leaders: the
+ * highest epoch the deployment or a live proxy has used, when nobody names another leader
+ * under it, else one above it. An agent that decided alone (control_lost = decide_alone, or
+ * before the control plane answered) raises its own epoch, so two agents, or an agent and the
+ * deployment, can hold the same number for different leaders; an agent refuses a leader that
+ * its own epoch names otherwise, so only a higher epoch brings them back together. */
+static int64_t leader_epoch_for(const state_deployment *dep, state_proxy **live, int n,
+                                const char *leader)
+{
+    int64_t top = dep->epoch;
+    bool taken = dep->leader[0] && strcmp(dep->leader, leader) != 0;
+    for (int i = 0; i < n; i++) {
+        const state_proxy *p = live[i];
+        bool other = p->leader[0] && strcmp(p->leader, leader) != 0;
+        if (p->epoch > top) {
+            top = p->epoch;
+            taken = other;
+        } else if (p->epoch == top) {
+            taken = taken || other;
+        }
+    }
+    return taken ? top + 1 : top;
+}
+
 /* Decide, given the live declared proxies (see leader_decide). */
 static int leader_decide_among(state_deployment *dep, state_proxy **live, int n)
 {
@@ -167,17 +191,14 @@ static int leader_decide_among(state_deployment *dep, state_proxy **live, int n)
     int n_tally = 0, reporters = 0;
     int64_t now = control_now_ms();
     int64_t max_epoch = 0;             /* highest epoch a live declared proxy reports */
-    const char *max_epoch_leader = ""; /* the leader reported with it */
     const char *agreed = NULL;         /* the leader every reporting proxy names, if any */
     bool agree = true;
     int quorum = dep->n_declared / 2 + 1; /* a majority of the declared proxies */
 
     for (int i = 0; i < n; i++) {
         state_proxy *p = live[i];
-        if (p->epoch > max_epoch) {
+        if (p->epoch > max_epoch)
             max_epoch = p->epoch;
-            max_epoch_leader = p->leader;
-        }
         if (p->leader[0]) {
             if (agreed && strcmp(agreed, p->leader) != 0)
                 agree = false;
@@ -221,11 +242,14 @@ static int leader_decide_among(state_deployment *dep, state_proxy **live, int n)
                 cur = &tally[i];
         bool stays = cur && cur->reported_since - cur->primary_since < quorum;
         if (stays || !candidate || strcmp(candidate->name, dep->leader) == 0) {
-            /* Keep the leader; catch up with an epoch some agent raised on its own. */
-            if (max_epoch > dep->epoch) {
-                int64_t e = strcmp(max_epoch_leader, dep->leader) == 0 ? max_epoch : max_epoch + 1;
-                return leader_commit(dep, dep->leader, e, "an agent reported a higher epoch");
-            }
+            /* Keep the leader; catch up with an epoch some agent raised on its own, or move
+             * past one an agent holds for another leader. */
+            int64_t e = leader_epoch_for(dep, live, n, dep->leader);
+            if (e > dep->epoch)
+                return leader_commit(dep, dep->leader, e,
+                                     e > max_epoch ? "an agent names another leader under "
+                                                     "the highest epoch in use"
+                                                   : "an agent reported a higher epoch");
             return 0;
         }
         int64_t base = dep->epoch > max_epoch ? dep->epoch : max_epoch;
@@ -238,7 +262,7 @@ static int leader_decide_among(state_deployment *dep, state_proxy **live, int n)
         for (int i = 0; i < n_tally; i++) {
             if (strcmp(tally[i].name, agreed) == 0 && tally[i].primary >= quorum) {
                 /* the agents' own epoch when it names this leader, else a new one */
-                int64_t e = strcmp(max_epoch_leader, agreed) == 0 ? max_epoch : max_epoch + 1;
+                int64_t e = leader_epoch_for(dep, live, n, agreed);
                 return leader_commit(dep, agreed, e > dep->epoch ? e : dep->epoch + 1,
                                      "the leader the agents agree on");
             }
