@@ -39,7 +39,7 @@ DEB_BUILD := build-essential pkg-config libevent-dev libpq-dev libcurl4-openssl-
              libinih-dev libjansson-dev libssl-dev libcmocka-dev
 DEB_TEST  := postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg socat \
              procps util-linux mount iproute2 groff-base python3-prometheus-client haproxy \
-             clang nftables chromium chromium-driver python3-selenium
+             clang nftables chromium chromium-driver python3-selenium libfaketime
 DEB_BENCH := pgbouncer haproxy postgresql-contrib
 DEB_PATRONI := patroni etcd-server etcd-client haproxy
 

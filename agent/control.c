@@ -274,7 +274,7 @@ static json_t *queries_body(void)
     shm_segment *shm = control.shm;
     shm_session snap;
     char text[SHM_STMT_MAX];
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     json_t *list = json_array();
     for (uint32_t i = 0; i < shm->max_sessions && json_array_size(list) < QUERIES_MAX; i++) {
         uint32_t st = atomic_load_explicit(&shm->sessions[i].state, memory_order_relaxed);

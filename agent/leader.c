@@ -191,7 +191,7 @@ static bool leader_follow_control(agent *a)
 {
     if (!a->control_on || !a->control_seen_us || !a->control_leader[0])
         return false;
-    if (shm_now_us() - a->control_seen_us > (int64_t)a->cfg->control_grace_period_ms * 1000)
+    if (shm_mono_us() - a->control_seen_us > (int64_t)a->cfg->control_grace_period_ms * 1000)
         return false;
     int idx = node_index(a, a->control_leader);
     if (idx < 0)

@@ -132,7 +132,7 @@ static void agent_load_nodes(agent *a)
 static void agent_check_control_grace(agent *a)
 {
     if (!a->control_on || !a->control_seen_us ||
-        shm_now_us() - a->control_seen_us < (int64_t)a->cfg->control_grace_period_ms * 1000)
+        shm_mono_us() - a->control_seen_us < (int64_t)a->cfg->control_grace_period_ms * 1000)
         return;
     static const char *const what[] = {
         [CONTROL_LOST_KEEP_LEADER] = "keeping the leader it named while that answers as a "
@@ -236,7 +236,7 @@ static void agent_on_control(evutil_socket_t fd, short what, void *arg)
         if (m.type == CONTROL_MSG_LEADER) {
             bool was_stale = !a->control_seen_us;
             m.leader[sizeof(m.leader) - 1] = '\0';
-            a->control_seen_us = shm_now_us();
+            a->control_seen_us = shm_mono_us();
             if (a->control_lost) {
                 log_info("control plane answers again: following its leader");
                 a->control_lost = false;

@@ -46,7 +46,7 @@ typedef struct planner_conn {
     PGconn *conn; /* NULL when the slot is free */
     char node[CONFIG_NAME_MAX];
     char database[SHM_IDENT_MAX];
-    int64_t used_us; /* last use (wall clock) */
+    int64_t used_us; /* last use (shm_mono_us) */
 } planner_conn;
 
 /* The planner's own view of a published plan (entry i is shm slot i). */
@@ -229,7 +229,7 @@ static void conn_drop(planner_conn *c)
 static PGconn *planner_connect(planner *p, const char *node_name, const char *database, char *why,
                                size_t len)
 {
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     planner_conn *free_slot = NULL, *oldest = NULL;
     for (int i = 0; i < PLANNER_CONNS; i++) {
         planner_conn *c = &p->conns[i];
@@ -701,7 +701,7 @@ failed:
 /* plan_rate_limit as a token bucket of one second's worth. */
 static bool rate_allows(planner *p)
 {
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     double rate = p->cfg.plan_rate_limit;
     if (p->tokens_at_us)
         p->tokens += (double)(now - p->tokens_at_us) / 1e6 * rate;
@@ -770,7 +770,7 @@ static void planner_handle(planner *p, const shm_plan_request *r)
 static void planner_scan_running(planner *p)
 {
     shm_segment *shm = p->shm;
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us(); /* stmt_start_us is on this clock */
     int64_t threshold = (int64_t)p->cfg.plan_slow_threshold_ms * 1000;
     shm_session snap;
     static shm_plan_request r;
@@ -789,7 +789,7 @@ static void planner_scan_running(planner *p)
         p->seen[p->next_seen] = (planner_seen){snap.id, snap.stmt_start_us};
         p->next_seen = (p->next_seen + 1) % PLANNER_RUNNING_SEEN;
         memset(&r, 0, offsetof(shm_plan_request, params));
-        r.at_us = now;
+        r.at_us = shm_now_us();
         r.duration_us = now - snap.stmt_start_us;
         r.reason = PLAN_REASON_RUNNING;
         memcpy(r.node_name, snap.node_name, sizeof(r.node_name));
@@ -833,7 +833,7 @@ static void planner_drain(planner *p)
  * moved a node or changed the monitor user). */
 static void planner_close_idle(planner *p, bool all)
 {
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     for (int i = 0; i < PLANNER_CONNS; i++)
         if (p->conns[i].conn && (all || now - p->conns[i].used_us > PLANNER_CONN_IDLE_US))
             conn_drop(&p->conns[i]);

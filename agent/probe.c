@@ -106,7 +106,7 @@ static void probe_finish_as(agent_node *n, bool ok, bool timed_out, const char *
     agent *a = agent_self;
     evtimer_del(&n->ev_timeout);
     n->probed = true;
-    n->view.last_probe_us = shm_now_us();
+    n->view.last_probe_us = shm_mono_us();
     if (ok) {
         n->last_ok = true;
         n->fails = 0;
@@ -181,7 +181,7 @@ static bool probe_read(agent_node *n)
             } else if (!got_row) {
                 probe_finish(n, false, "probe query returned no row");
             } else {
-                int64_t now = shm_now_us();
+                int64_t now = shm_mono_us();
                 n->in_recovery = in_recovery;
                 n->lsn = (uint64_t)lsn;
                 n->replay_age_ms = age;
@@ -269,7 +269,7 @@ static void probe_start(agent *a, agent_node *n, bool fresh)
         probe_node_close(n);
     if (!n->conn)
         n->probes_on_conn = 0;
-    n->started_us = shm_now_us();
+    n->started_us = shm_mono_us();
     struct timeval tv = {a->cfg->health_timeout_ms / 1000,
                          (a->cfg->health_timeout_ms % 1000) * 1000};
     evtimer_assign(&n->ev_timeout, a->base, probe_on_timeout, n);

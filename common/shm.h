@@ -54,7 +54,7 @@ typedef struct shm_node {
     int64_t lag_bytes;              /* leader's LSN minus this replay LSN; -1 unknown */
     int64_t lag_ms;                 /* how long it has been behind (replay age, capped by the
                                      * leader's samples); -1 unknown: not readable */
-    int64_t last_probe_us;          /* when the last probe finished */
+    int64_t last_probe_us;          /* when the last probe finished (shm_mono_us) */
     char last_error[128];           /* why the last probe failed, "" after a good one */
 } shm_node;
 
@@ -212,8 +212,8 @@ typedef struct shm_session {
     socklen_t node_addrlen;
     uint32_t backend_pid;          /* the node's own cancel key */
     uint32_t backend_secret;
-    int64_t connected_at_us;
-    int64_t stmt_start_us;         /* start of the current statement, 0 when none */
+    int64_t connected_at_us;       /* when the client connected (shm_mono_us) */
+    int64_t stmt_start_us;         /* start of the current statement (shm_mono_us), 0 = none */
     uint64_t epoch;                /* routing epoch the session was routed in */
     bool read_port;                /* came in on the read-only port */
     char client_addr[SHM_ADDR_MAX];
@@ -362,8 +362,13 @@ static inline int shm_client_capacity(const shm_segment *shm)
  * to an exec'd process). Returns NULL and logs on failure. */
 shm_segment *shm_create(const config *cfg, int *fd_out);
 
-/* Microseconds of wall-clock time. */
+/* Microseconds of wall-clock time: for times people read (timestamps shown or sent). */
 int64_t shm_now_us(void);
+
+/* Microseconds of CLOCK_MONOTONIC: for durations and deadlines, which a step of the wall clock
+ * (NTP at boot, `date -s`) must not stretch or cut short. The clock is system-wide, so the
+ * processes of one pgrelay compare each other's values in shared memory. */
+int64_t shm_mono_us(void);
 
 /* Routing table: writer side. Publishes a complete table; readers switch to it atomically. */
 void shm_routes_publish(shm_segment *shm, const shm_route_table *tab);

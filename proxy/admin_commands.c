@@ -190,7 +190,7 @@ static int cmd_show_info(admin_call *call, json_t **result)
     json_object_set_new(o, "version", json_string(PGRELAY_VERSION));
     json_object_set_new(o, "pid", json_integer(getpid()));
     json_object_set_new(o, "started", json_time(m->started_us));
-    json_object_set_new(o, "uptime_s", json_integer((shm_now_us() - m->started_us) / 1000000));
+    json_object_set_new(o, "uptime_s", json_integer((shm_mono_us() - m->started_us) / 1000000));
     json_object_set_new(o, "config_file", admin_json_text(m->cfg->path, sizeof(m->cfg->path), 0));
     json_object_set_new(o, "listen_addr", admin_json_text(m->cfg->listen_addr, sizeof(m->cfg->listen_addr), 0));
     json_object_set_new(o, "listen_port", json_integer(m->cfg->listen_port));
@@ -253,7 +253,7 @@ static int cmd_show_clients(admin_call *call, json_t **result)
 {
     master *m = call->m;
     shm_session snap;
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     json_t *rows = json_array();
     for (uint32_t i = 0; i < m->shm->max_sessions; i++) {
         if (atomic_load_explicit(&m->shm->sessions[i].state, memory_order_relaxed) ==
@@ -313,7 +313,7 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
     shm_route_table *routes = admin_routes(call);
     if (!routes)
         return -1;
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     json_t *rows = json_array();
     char primaries[CONFIG_MAX_NODES * CONFIG_NAME_MAX];
     bool split = admin_split_brain(routes, primaries, sizeof(primaries)) > 0;
@@ -743,7 +743,7 @@ static int cmd_pause_wait(admin_call *call, json_t **result)
     if (!atomic_load(&call->m->shm->maintenance))
         master_set_maintenance(call->m, true, 0);
     call->sess->waiting = true;
-    call->sess->wait_started_us = shm_now_us();
+    call->sess->wait_started_us = shm_mono_us();
     call->sess->wait_until_us = ms > 0 ? call->sess->wait_started_us + (int64_t)ms * 1000 : 0;
     return 0;
 }
@@ -751,7 +751,7 @@ static int cmd_pause_wait(admin_call *call, json_t **result)
 bool admin_wait_poll(master *m, admin_session *sess, struct evbuffer *out)
 {
     int active, in_tx;
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     long waited_ms = (long)((now - sess->wait_started_us) / 1000);
     if (!atomic_load(&m->shm->maintenance)) {
         evbuffer_add_printf(out, "error: resumed after %ld ms, before every session was at a "

@@ -26,7 +26,7 @@ typedef struct admin_session {
     bool interactive;   /* `prompt` was given: stay open, print a prompt */
     bool closing;       /* close once the output is written (`quit`, or a refused peer) */
     bool waiting;       /* `pause wait` answers later: call admin_wait_poll until it is done */
-    int64_t wait_started_us; /* when `pause wait` began (monotonic, shm_now_us) */
+    int64_t wait_started_us; /* when `pause wait` began (shm_mono_us) */
     int64_t wait_until_us;   /* when `pause wait` gives up, 0 = never */
 } admin_session;
 

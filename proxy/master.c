@@ -184,7 +184,7 @@ static void master_spawn(master *m, int i)
                  master_on_child_channel, c);
     event_add(&c->ev_channel, NULL);
     c->pid = pid;
-    c->started_us = shm_now_us();
+    c->started_us = shm_mono_us();
     if (master_is_agent(m, i)) {
         log_info("agent started (pid %d): %s", (int)pid, m->agent_path);
         return;
@@ -232,7 +232,7 @@ static void master_on_child_channel(evutil_socket_t fd, short what, void *arg)
             master_reload(m, why, sizeof(why));
         } else if (!from_agent && msg.cmd == CHANNEL_PROBE_NOW) {
             /* Many sessions may fail at once: one request per 100 ms is plenty. */
-            int64_t now = shm_now_us();
+            int64_t now = shm_mono_us();
             master_child *a = m->n_children > m->n_workers ? &m->children[m->n_workers] : NULL;
             if (a && a->channel_fd >= 0 && now - m->last_probe_request_us > 100000) {
                 m->last_probe_request_us = now;
@@ -317,7 +317,7 @@ static void master_reap(master *m)
             log_info("%s (pid %d) %s", who, (int)pid, how);
             continue;
         }
-        int64_t lived_ms = (shm_now_us() - c->started_us) / 1000;
+        int64_t lived_ms = (shm_mono_us() - c->started_us) / 1000;
         if (lived_ms >= RESPAWN_STABLE_MS)
             c->backoff_ms = 0;
         else if (c->backoff_ms == 0)
@@ -718,7 +718,7 @@ int master_run(config *cfg, int *const listen_fds[2], const master_options *opts
     int rc = 1;
 
     master_self = &m;
-    m.started_us = shm_now_us();
+    m.started_us = shm_mono_us();
     log_set_process("master");
     master_raise_fd_limit(cfg);
     m.shm = shm_create(cfg, &m.shm_fd);

@@ -55,7 +55,7 @@ static void session_set_state(session *s, shm_session_state state)
 static void relay_statement_starts(session *s)
 {
     if (s->pending_syncs == 0 && !s->ext_open) {
-        s->slot->stmt_start_us = shm_now_us();
+        s->slot->stmt_start_us = shm_mono_us();
         session_set_state(s, SESSION_ACTIVE);
     }
 }
@@ -199,8 +199,8 @@ static void relay_statement_ends(session *s)
     worker *w = worker_self;
     int64_t start = s->slot->stmt_start_us;
     if (start) {
-        int64_t us = shm_now_us() - start;
-        uint64_t latency = us > 0 ? (uint64_t)us : 0; /* the wall clock stepped back */
+        int64_t us = shm_mono_us() - start;
+        uint64_t latency = us > 0 ? (uint64_t)us : 0;
         s->slot->stmt_start_us = 0;
         shm_stat_add(&w->row->stats.statements_completed, 1);
         shm_stat_add(&w->row->stats.latency_us, latency);

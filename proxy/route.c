@@ -43,7 +43,7 @@ route_result route_pick(worker *w, session *s, int *node, const char **sqlstate,
      * first table. */
     bool unconfirmed = route_leader_unconfirmed(w, t);
     if (unconfirmed) {
-        if (s->leader_wait_deadline_us == 0 || shm_now_us() < s->leader_wait_deadline_us)
+        if (s->leader_wait_until_us == 0 || worker_clock_us() < s->leader_wait_until_us)
             return ROUTE_WAIT;
         *sqlstate = PG_SQLSTATE_CANNOT_CONNECT_NOW;
         snprintf(msg, msglen, "no probe has confirmed the nodes' roles yet (is pgrelay-agent "
@@ -82,7 +82,7 @@ route_result route_pick(worker *w, session *s, int *node, const char **sqlstate,
         return ROUTE_OK;
     }
     if (route_leader_wait_ms(w) > 0 &&
-        (s->leader_wait_deadline_us == 0 || shm_now_us() < s->leader_wait_deadline_us))
+        (s->leader_wait_until_us == 0 || worker_clock_us() < s->leader_wait_until_us))
         return ROUTE_WAIT;
     *sqlstate = PG_SQLSTATE_CANNOT_CONNECT_NOW;
     snprintf(msg, msglen, "no write leader: no node is a reachable primary right now");
@@ -127,13 +127,13 @@ void route_log_refusals_flush(void)
     if (route_refusals_suppressed)
         log_warning("%u more client(s) refused in the last %.1f s (the last: %s)",
                     route_refusals_suppressed,
-                    (double)(shm_now_us() - route_refusal_window_us) / 1e6, route_refusal_last);
+                    (double)(shm_mono_us() - route_refusal_window_us) / 1e6, route_refusal_last);
     route_refusals_suppressed = 0;
 }
 
 void route_log_refusal(const char *client, const char *why)
 {
-    int64_t now = shm_now_us();
+    int64_t now = shm_mono_us();
     if (route_refusal_window_us && now - route_refusal_window_us < ROUTE_REFUSAL_LOG_US) {
         route_refusals_suppressed++;
         snprintf(route_refusal_last, sizeof(route_refusal_last), "%s", why);

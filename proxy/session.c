@@ -104,7 +104,7 @@ void session_new(int fd, const struct sockaddr_storage *addr, socklen_t addrlen,
     }
     shm_session_write_begin(s->slot);
     copy_ident(s->slot->client_addr, sizeof(s->slot->client_addr), s->client_addr);
-    s->slot->connected_at_us = shm_now_us();
+    s->slot->connected_at_us = shm_mono_us();
     s->slot->read_port = read_port;
     shm_session_write_end(s->slot);
 
@@ -478,12 +478,8 @@ static void session_connect(session *s)
         session_request_probe(w);
     switch (route) {
     case ROUTE_WAIT:
-        if (!s->leader_wait_deadline_us) {
-            /* The wall-clock copy is what route_pick reads; the timer uses the other. */
-            int64_t wait_us = (int64_t)route_leader_wait_ms(w) * 1000;
-            s->leader_wait_deadline_us = shm_now_us() + wait_us;
-            s->leader_wait_until_us = worker_clock_us() + wait_us;
-        }
+        if (!s->leader_wait_until_us)
+            s->leader_wait_until_us = worker_clock_us() + (int64_t)route_leader_wait_ms(w) * 1000;
         s->phase = PHASE_HELD;
         s->waiting_leader = true;
         s->leader_poke_us = worker_clock_us() + LEADER_WAIT_POKE_US;
@@ -499,7 +495,6 @@ static void session_connect(session *s)
         break;
     }
     s->waiting_leader = false;
-    s->leader_wait_deadline_us = 0;
     s->leader_wait_until_us = 0;
     s->leader_poke_us = 0;
     shm_node *n = &w->routes.nodes[node];

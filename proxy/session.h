@@ -108,8 +108,8 @@ typedef struct session {
     int64_t close_deadline_us;   /* close even inside a transaction at this time; 0 = never */
     bool read_port;              /* came in on the read-only port */
     bool waiting_leader;         /* PHASE_HELD because there is no write leader yet */
-    int64_t leader_wait_deadline_us; /* no_leader_wait runs out (wall clock: route_pick) */
-    int64_t leader_wait_until_us;    /* the same on the worker's monotonic clock */
+    int64_t leader_wait_until_us;    /* no_leader_wait runs out (worker_clock_us); 0 = not
+                                        held yet */
     int64_t leader_poke_us;          /* held for a leader: ask the agent to probe again */
     shm_node_count *counter;     /* per-node session counter this session incremented */
     /* Traffic not yet added to the worker's row of that node (relay_node_flush): one flush
