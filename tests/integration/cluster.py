@@ -1,6 +1,7 @@
 """A PostgreSQL 15 primary with streaming replicas, and a pgrelay that follows its write leader.
 
-Used by test_failover.py and tests/bench/failover.py. Everything runs on loopback, each node
+Used by the failover tests (test_failover_*.py, failover_helpers.py) and tests/bench/failover.py;
+``make_cluster`` is their fixture. Everything runs on loopback, each node
 in its own temporary directory owned by postgres, on its own port.
 
     cluster = Cluster.create(replicas=2)          # pg1 primary, pg2 + pg3 streaming replicas
@@ -30,6 +31,7 @@ import tempfile
 import time
 
 import psycopg
+import pytest
 
 from conftest import (  # noqa: F401  (admin is re-exported for the failover tests)
     PG_BIN,
@@ -354,6 +356,21 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.destroy()
+
+
+@pytest.fixture
+def make_cluster():
+    """``make_cluster(**Cluster.create's keys)``: a new cluster, destroyed at teardown."""
+    made = []
+
+    def make(**kw):
+        c = Cluster.create(**kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.destroy()
 
 
 # --------------------------------------------------------------------------- #

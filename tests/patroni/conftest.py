@@ -1,27 +1,20 @@
-"""Fixtures of the Patroni suite: those of tests/integration, shared as they are, and ``stack``.
+"""Fixtures of the Patroni suite: those of tests/integration (suite.py), and ``stack``.
 
-tests/patroni runs in its own pytest invocation (make test-patroni), so its conftest is the
-module ``conftest`` that cluster.py imports from; it takes every name of
-tests/integration/conftest.py (fixtures, hooks, helpers) so that they find what they need.
+tests/patroni runs in its own pytest invocation (make test-patroni); helpers such as cluster.py
+import from the module ``conftest``, which here is this file: it offers every name of
+tests/integration/suite.py, as tests/integration/conftest.py does.
 """
 
-import importlib.util
 import os
 import sys
 
-_INTEGRATION = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "integration"))
-sys.path.insert(0, _INTEGRATION)
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "integration")))
 
-_spec = importlib.util.spec_from_file_location(
-    "pgrelay_integration_conftest", os.path.join(_INTEGRATION, "conftest.py"))
-_integration = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_integration)
-globals().update({k: v for k, v in vars(_integration).items()
-                  if not (k.startswith("__") and k.endswith("__"))})
+from suite import *  # noqa: E402,F401,F403
 
 import pytest  # noqa: E402
 
-from patroni_cluster import Stack  # noqa: E402
+from patroni_cluster import Stack  # noqa: E402  (it imports from conftest: after suite)
 
 
 @pytest.fixture(scope="session")
