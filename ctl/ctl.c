@@ -255,7 +255,7 @@ static void ctl_usage(FILE *out)
                  "Exit status: 0 done, 1 failed or refused, 2 usage error, 3 no endpoint "
                  "reachable\n"
                  "(or 5xx, or a malformed answer), 4 authentication failed, 5 timed out, "
-                 "6 not found.\n"
+                 "6 not found, 7 config apply committed but not yet on every proxy.\n"
                  "'" CTL_PROG " COMMAND --help' shows a command's options; see " CTL_PROG "(1).\n");
 }
 

@@ -20,6 +20,8 @@ typedef enum ctl_exit {
     CTL_EXIT_AUTH = 4,        /* the token was refused: HTTP 401 or 403 */
     CTL_EXIT_TIMEOUT = 5,     /* HTTP 504, or no answer within the client's timeout */
     CTL_EXIT_NOT_FOUND = 6,   /* HTTP 404: unknown deployment, proxy or node */
+    CTL_EXIT_COMMITTED = 7,   /* config apply: the version is committed (in force) but some
+                                 proxies have not acknowledged it yet; they converge to it */
 } ctl_exit;
 
 typedef enum ctl_format {

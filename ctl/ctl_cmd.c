@@ -385,7 +385,19 @@ static ctl_exit ctl_operation(ctl_ctx *ctx, const char *what, const char *action
         ctl_render_result(ctx, ans.body);
     if (rc == CTL_EXIT_OK && json_is_true(json_object_get(ans.body, "ok")))
         goto done;
-    if (detailed && !ans.has_error_text) {
+    const char *state = json_string_value(json_object_get(ans.body, "state"));
+    if (rc == CTL_EXIT_OK && state && strcmp(state, "committed") == 0) {
+        /* config apply: in force, but not on every proxy yet */
+        ctl_failures(ans.body, failures, sizeof(failures));
+        ctl_answer_fail(&ans, CTL_EXIT_COMMITTED,
+                        "%s: version %lld is committed (the deployment's configuration, in force "
+                        "where it was acknowledged) but not yet on %zu of %zu proxies: %s; they "
+                        "converge to it when they answer again ('" CTL_PROG
+                        " show-operations' says when)",
+                        action, (long long)json_integer_value(json_object_get(ans.body, "version")),
+                        json_array_size(json_object_get(ans.body, "pending")),
+                        json_array_size(json_object_get(ans.body, "proxies")), failures);
+    } else if (detailed && !ans.has_error_text) {
         /* No text from the server: name the proxies that refused or stayed silent. */
         ctl_failures(ans.body, failures, sizeof(failures));
         ctl_answer_fail(&ans, rc == CTL_EXIT_OK ? CTL_EXIT_FAILED : rc, "%s failed%s%s", action,
