@@ -450,7 +450,15 @@ ctl_exit ctl_cmd_config_apply(ctl_ctx *ctx)
         json_decref(body);
         body = NULL;
     }
-    return ctl_operation(ctx, "config", "config apply", body, CTL_OP_TIMEOUT_DEFAULT_S);
+    /* without --timeout the control plane's default (the same 30 s) applies */
+    if (body && ctx->op_timeout_given &&
+        json_object_set_new(body, "timeout_s", json_integer(ctx->op_timeout_s)) != 0) {
+        json_decref(body);
+        body = NULL;
+    }
+    /* the control plane may add its commit step's minimum to timeout_s */
+    return ctl_operation(ctx, "config", "config apply", body,
+                         ctx->op_timeout_s + CTL_CONFIG_COMMIT_MIN_S);
 }
 
 ctl_exit ctl_read_config_file(ctl_ctx *ctx, const char *path)

@@ -177,3 +177,44 @@ def test_identical_text_makes_no_new_version_and_the_desired_version_is_not_for_
     assert store_rows(control.store, "SELECT version FROM pgrelay.config_versions") == [(1,)]
     assert control.agent("GET", "/config?node_id=nobody-declared")[0] == 403
     assert control.agent("GET", "/config")[0] == 400
+
+
+# --------------------------------------------------------------------------- #
+# pgrelayctl config apply --timeout
+# --------------------------------------------------------------------------- #
+
+
+def test_config_apply_timeout_is_sent_and_bounds_the_wait_for_the_prepares(control, agents):
+    """--timeout S after the command is the operation's timeout_s: a proxy silent at prepare
+    rolls the apply back after S seconds, not after the default 30."""
+    agents(control, "proxy-a")
+    agents(control, "proxy-b", policy=lambda cmd: None)
+    started = time.monotonic()
+    p = ctl(control, "config", "apply", "--timeout", "2", "-", text=TEXT)
+    took = time.monotonic() - started
+    assert p.returncode == 5, (p.stdout, p.stderr)
+    assert "not every proxy prepared within 2s" in p.stderr, p.stderr
+    assert took < 10, f"config apply --timeout 2 took {took:.1f}s"
+    status, [op] = control.admin("GET", "/deployments/prod/operations")
+    assert op["state"] == "rolled_back" and op["timeout_s"] == 2, op
+
+
+def test_config_apply_timeout_out_of_range_or_not_a_number_is_a_usage_error(control, agents):
+    a = agents(control, "proxy-a")
+    for bad in ("0", "-1", "3601", "2.5", "soon", ""):
+        p = ctl(control, "config", "apply", "--timeout", bad, "-", text=TEXT)
+        assert p.returncode == 2, (bad, p.stdout, p.stderr)
+        assert f'--timeout: "{bad}" is not a whole number of seconds from 1 to 3600' \
+            in p.stderr, p.stderr
+    assert a.types() == [], "a refused --timeout sent something"
+    status, body = control.admin("POST", "/deployments/prod/config",
+                                 {"text": TEXT, "timeout_s": 0})
+    assert status == 400 and "timeout_s" in body["error"], body
+
+
+def test_config_apply_help_lists_its_timeout():
+    p = subprocess.run([CTL_BIN, "config", "apply", "--help"], capture_output=True, text=True,
+                       timeout=10)
+    assert p.returncode == 0 and "--timeout S" in p.stdout, p.stdout
+    assert "config apply FILE [--timeout S]" in subprocess.run(
+        [CTL_BIN, "--help"], capture_output=True, text=True, timeout=10).stdout
