@@ -6,7 +6,10 @@
  * proxies it was prepared on and its prepare command are recorded before anything is sent.
  * The decision is one store write (the version committed and the operation at its commit
  * step, or the version deleted and the operation rolled back). The operator's answer lists
- * every proxy's outcome. A replica that crashes, stops or loses the lease mid-apply leaves the
+ * every proxy's outcome: "done" when every proxy of the set committed, "committed" when the
+ * version is the deployment's but some have not acknowledged it yet ("pending": they converge
+ * to it). A committed operation is watched (config_watch) until each pending proxy reports
+ * the version, and its record is "done" when the last one does. A replica that crashes, stops or loses the lease mid-apply leaves the
  * record to the next lease holder, which commits when every proxy of the set had prepared and
  * rolls back otherwise (config_recover). A proxy that was away learns the desired version from
  * its metrics or poll answer and fetches it (GET /api/v1/agent/config).
@@ -24,6 +27,8 @@
 
 #define CONFIG_TEXT_MAX      (1024 * 1024) /* longest pgrelay.ini text accepted */
 #define CONFIG_COMMIT_MIN_MS 5000 /* the commit step gets at least this long, whatever is left */
+#define CONFIG_WATCH_MS      1000 /* how often a committed version's pending proxies are looked at */
+#define CONFIG_OUTCOME_MAX   (4 * OPERATOR_DETAIL_MAX) /* an outcome: its head, pending and settled */
 /* The fault-injection tests' hook (as switchover.c's): an apply whose prepare step is done
  * holds there, before the commit decision, for PGRELAY_CONTROL_TEST_HOLD_MS (default: until
  * its deadline, then it rolls back). Never set it in production. */
@@ -87,6 +92,188 @@ static json_t *config_version_args(int64_t version, int64_t op_id)
     return json_pack("{s:I, s:I}", "version", (json_int_t)version, "operation", (json_int_t)op_id);
 }
 
+/* ---- committed, not yet everywhere ----
+ *
+ * A version committed while some proxies of its set had not acknowledged it is watched: each
+ * pending proxy leaves the list when it reports the version (or a newer one: metrics,
+ * register, the commit's ack) or is no longer declared, and the operation record says so;
+ * it is "done" when the list is empty. The proxies need no re-sent commit: their commit
+ * stays queued for them, and every metrics and poll answer names the desired version, which
+ * they fetch and apply (agent/control.c). Only the lease holder watches; a new holder loads
+ * the "committed" records again (config_recover). */
+
+typedef struct config_watch {
+    struct config_watch *next;
+    char *deployment;
+    int64_t op_id;
+    int64_t version;
+    int64_t since_ms;      /* monotonic: the commit (or this replica's take-over) */
+    bool recovered;        /* taken over from another replica: since_ms is not the commit */
+    bool dirty;            /* the record does not say what the lists say yet */
+    json_t *pending;       /* node ids not on the version yet */
+    char head[OPERATOR_DETAIL_MAX];    /* "version 3 committed on 1 of 2 proxies" */
+    char settled[OPERATOR_DETAIL_MAX]; /* "proxy-b on it after 3.1 s; proxy-c no longer ..." */
+} config_watch;
+
+static config_watch *config_watches;
+static struct event *config_watch_timer;
+
+static void config_watch_free(config_watch *w)
+{
+    json_decref(w->pending);
+    free(w->deployment);
+    free(w);
+}
+
+void config_watch_stop(void)
+{
+    while (config_watches) {
+        config_watch *w = config_watches;
+        config_watches = w->next;
+        config_watch_free(w);
+    }
+    if (config_watch_timer)
+        event_free(config_watch_timer);
+    config_watch_timer = NULL;
+}
+
+/* "a, b, c" of a JSON array of strings into out (cut with "..." when it is too long). */
+static void config_join_ids(const json_t *ids, char *out, size_t len)
+{
+    size_t i, used = 0;
+    json_t *id;
+    out[0] = '\0';
+    json_array_foreach(ids, i, id)
+    {
+        int n = snprintf(out + used, len - used, "%s%s", i ? ", " : "", json_string_value(id));
+        if (n < 0 || (size_t)n >= len - used) {
+            snprintf(out + (len > 4 ? len - 4 : 0), len > 4 ? 4 : len, "...");
+            return;
+        }
+        used += (size_t)n;
+    }
+}
+
+/* The record's outcome for w as it stands, into out. */
+static void config_watch_outcome(const config_watch *w, char *out, size_t len)
+{
+    char pending[OPERATOR_DETAIL_MAX];
+    config_join_ids(w->pending, pending, sizeof(pending));
+    if (json_array_size(w->pending) == 0)
+        snprintf(out, len, "%s; version %" PRId64 " on every proxy of its set now (%s)", w->head,
+                 w->version, w->settled);
+    else
+        snprintf(out, len,
+                 "%s; pending: %s (not on version %" PRId64 " yet: they converge to it when "
+                 "they answer again)%s%s",
+                 w->head, pending, w->version, w->settled[0] ? "; since then: " : "",
+                 w->settled);
+}
+
+/* Look at w's pending proxies and update its record. True when w is finished with. */
+static bool config_watch_check(config_watch *w)
+{
+    char outcome[CONFIG_OUTCOME_MAX], note[OPERATOR_DETAIL_MAX];
+    state_deployment *dep = state_find_deployment(w->deployment);
+    if (!dep)
+        return true; /* deleted, with its operations */
+    for (size_t i = 0; i < json_array_size(w->pending);) {
+        const char *id = json_string_value(json_array_get(w->pending, i));
+        state_proxy *p = id ? state_find_proxy(dep, id) : NULL;
+        if (p && p->declared && p->config_version < w->version) {
+            i++;
+            continue;
+        }
+        if (!p || !p->declared)
+            snprintf(note, sizeof(note), "%s no longer declared", id ? id : "?");
+        else if (w->recovered)
+            snprintf(note, sizeof(note), "%s on version %" PRId64, id, p->config_version);
+        else
+            snprintf(note, sizeof(note), "%s on version %" PRId64 " %.1f s after the commit", id,
+                     p->config_version, (double)(control_mono_ms() - w->since_ms) / 1000.0);
+        size_t used = strlen(w->settled);
+        if (used + 2 + strlen(note) < sizeof(w->settled))
+            snprintf(w->settled + used, sizeof(w->settled) - used, "%s%s", used ? "; " : "", note);
+        log_info("deployment %s: operation %" PRId64 ": %s", w->deployment, w->op_id, note);
+        json_array_remove(w->pending, i);
+        w->dirty = true;
+    }
+    if (!w->dirty)
+        return false;
+    bool done = json_array_size(w->pending) == 0;
+    config_watch_outcome(w, outcome, sizeof(outcome));
+    if (store_config_end(w->op_id, done ? "done" : "committed", outcome) != 0) {
+        log_error("deployment %s: operation %" PRId64 ": cannot record its progress: %s (tried "
+                  "again in %d ms)",
+                  w->deployment, w->op_id, store_error(), CONFIG_WATCH_MS);
+        return false;
+    }
+    w->dirty = false;
+    if (done)
+        log_info("deployment %s: operation %" PRId64 ": %s", w->deployment, w->op_id, outcome);
+    return done;
+}
+
+static void config_watch_arm(void);
+
+static void config_watch_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    if (!control.active) { /* the next holder loads the records again */
+        config_watch_stop();
+        return;
+    }
+    for (config_watch **pw = &config_watches; *pw;) {
+        config_watch *w = *pw;
+        if (config_watch_check(w)) {
+            *pw = w->next;
+            config_watch_free(w);
+        } else {
+            pw = &w->next;
+        }
+    }
+    config_watch_arm();
+}
+
+static void config_watch_arm(void)
+{
+    struct timeval tv = {.tv_sec = CONFIG_WATCH_MS / 1000, .tv_usec = (CONFIG_WATCH_MS % 1000) * 1000};
+    if (!config_watches)
+        return;
+    if (!config_watch_timer)
+        config_watch_timer = evtimer_new(control.base, config_watch_tick, NULL);
+    if (!config_watch_timer || evtimer_add(config_watch_timer, &tv) != 0)
+        log_error("cannot start the timer that watches committed configuration versions: the "
+                  "operation records stay \"committed\" until the next lease holder");
+}
+
+/* Watch op_id's version until every proxy of pending (stolen) is on it. */
+static void config_watch_add(const char *deployment, int64_t op_id, int64_t version,
+                             json_t *pending, const char *head, bool recovered)
+{
+    config_watch *w = calloc(1, sizeof(*w));
+    if (!w || !(w->deployment = strdup(deployment))) {
+        log_error("deployment %s: operation %" PRId64 ": out of memory watching it: its record "
+                  "stays \"committed\" until the next lease holder",
+                  deployment, op_id);
+        free(w);
+        json_decref(pending);
+        return;
+    }
+    w->op_id = op_id;
+    w->version = version;
+    w->since_ms = control_mono_ms();
+    w->recovered = recovered;
+    w->pending = pending;
+    snprintf(w->head, sizeof(w->head), "%s", head);
+    w->next = config_watches;
+    config_watches = w;
+    if (!config_watch_timer || !evtimer_pending(config_watch_timer, NULL))
+        config_watch_arm();
+}
+
 /* ---- the apply ---- */
 
 /* Roll back (a refusal, silence, a store failure): the version is deleted, config_abort goes
@@ -109,9 +296,9 @@ static void config_roll_back(operator_op *op, int code, const char *why)
     log_warning("deployment %s: configuration version %" PRId64 " rolled back on every proxy: %s",
                 op->dep->name, op->version, why);
     op_finish(op, code,
-              json_pack("{s:b, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "error", why, "version",
-                        (json_int_t)op->version, "operation", (json_int_t)op->op_id, "committed", 0,
-                        "proxies", answers));
+              json_pack("{s:b, s:s, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "state", "rolled_back",
+                        "error", why, "version", (json_int_t)op->version, "operation",
+                        (json_int_t)op->op_id, "committed", 0, "proxies", answers));
 }
 
 /* Every proxy of the set prepared: record the decision, then commit on exactly that set. */
@@ -141,32 +328,53 @@ static void config_commit(operator_op *op)
     free(targets);
 }
 
-/* The commit step ended (every proxy answered, or the deadline passed): record and answer. */
+/* The commit step ended (every proxy answered, or the deadline passed): record and answer.
+ * Every proxy of the set acknowledged: "done". Some did not (silent, or could not write
+ * their file): "committed", with them pending; they converge to the version, watched. */
 static void config_finish(operator_op *op)
 {
-    char pending[OPERATOR_DETAIL_MAX], outcome[OPERATOR_DETAIL_MAX];
-    int done = 0;
-    for (int i = 0; i < op->n_targets; i++)
-        done += op->targets[i].answer == OP_OK;
-    bool all = done == op->n_targets;
+    char pending[OPERATOR_DETAIL_MAX], head[OPERATOR_DETAIL_MAX], outcome[CONFIG_OUTCOME_MAX];
+    json_t *waiting = json_array();
+    for (int i = 0; waiting && i < op->n_targets; i++)
+        if (op->targets[i].answer != OP_OK)
+            json_array_append_new(waiting, json_string(op->targets[i].node_id));
+    if (!waiting) {
+        op_finish_error(op, 500, "out of memory");
+        return;
+    }
+    int done = op->n_targets - (int)json_array_size(waiting);
+    bool all = json_array_size(waiting) == 0;
     snprintf(pending, sizeof(pending),
              "not committed yet (no answer within %" PRId64 "s): it converges to version %" PRId64
              " when it answers again",
              op->timeout_s, op->version);
-    snprintf(outcome, sizeof(outcome), "version %" PRId64 " committed on %d of %d prox%s%s",
-             op->version, done, op->n_targets, op->n_targets == 1 ? "y" : "ies",
-             all ? "" : "; the others converge to it when they answer again");
-    if (store_operation_end(op->op_id, all ? "done" : "failed", outcome) != 0)
+    snprintf(head, sizeof(head), "version %" PRId64 " committed on %d of %d prox%s",
+             op->version, done, op->n_targets, op->n_targets == 1 ? "y" : "ies");
+    if (all) {
+        snprintf(outcome, sizeof(outcome), "%s: on every proxy of its set", head);
+    } else {
+        char ids[OPERATOR_DETAIL_MAX];
+        config_join_ids(waiting, ids, sizeof(ids));
+        snprintf(outcome, sizeof(outcome),
+                 "%s; pending: %s (not on version %" PRId64 " yet: they converge to it when "
+                 "they answer again)",
+                 head, ids, op->version);
+    }
+    if (store_config_end(op->op_id, all ? "done" : "committed", outcome) != 0)
         log_error("deployment %s: configuration version %" PRId64 ": cannot record its end: %s",
                   op->dep->name, op->version, store_error());
-    if (all)
+    if (all) {
         log_info("deployment %s: %s", op->dep->name, outcome);
-    else
+    } else {
         log_warning("deployment %s: %s", op->dep->name, outcome);
+        config_watch_add(op->dep->name, op->op_id, op->version, json_deep_copy(waiting), head,
+                         false);
+    }
     op_finish(op, 200,
-              json_pack("{s:b, s:I, s:I, s:b, s:s, s:o}", "ok", all, "version",
-                        (json_int_t)op->version, "operation", (json_int_t)op->op_id, "committed", 1,
-                        "outcome", outcome, "proxies", op_answers(op, pending)));
+              json_pack("{s:b, s:s, s:I, s:I, s:b, s:s, s:o, s:o}", "ok", all, "state",
+                        all ? "done" : "committed", "version", (json_int_t)op->version,
+                        "operation", (json_int_t)op->op_id, "committed", 1, "outcome", outcome,
+                        "pending", waiting, "proxies", op_answers(op, pending)));
 }
 
 /* The test hook: hold after the prepare step. True when holding. */
@@ -389,16 +597,18 @@ static void config_recover_one(json_t *row)
             config_fire(dep, ids, "config_commit", config_version_args(version, id));
     }
     if (decided) {
+        /* committed until every proxy of the set reports the version (config_watch) */
         dep->config_version = version;
         snprintf(outcome, sizeof(outcome),
                  "finished by %s (the replica that ran it stopped at its %s step): version "
-                 "%" PRId64 " committed on the proxies that prepared it; a proxy that did not "
-                 "acknowledge its commit converges to it",
+                 "%" PRId64 " committed, its commit queued to the proxies that prepared it",
                  control.identity, step ? step : "?", version);
-        if (store_operation_end(id, "done", outcome) != 0)
+        if (store_config_end(id, "committed", outcome) != 0) {
             log_error("operation %" PRId64 ": cannot record its end: %s", id, store_error());
-        else
-            log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+            return;
+        }
+        log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+        config_watch_add(dep->name, id, version, json_deep_copy(ids), outcome, true);
         return;
     }
     snprintf(outcome, sizeof(outcome),
@@ -414,10 +624,37 @@ static void config_recover_one(json_t *row)
     log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
 }
 
+/* The applies another replica left "committed": watched again from here. */
+static void config_recover_committed(void)
+{
+    size_t i;
+    json_t *row, *list = store_config_committed();
+    if (!list) {
+        log_error("cannot read the committed configuration operations: %s (their records stay "
+                  "\"committed\")",
+                  store_error());
+        return;
+    }
+    json_array_foreach(list, i, row)
+    {
+        const char *dep = json_string_value(json_object_get(row, "deployment"));
+        int64_t id = json_integer_value(json_object_get(row, "id"));
+        char head[OPERATOR_DETAIL_MAX];
+        snprintf(head, sizeof(head), "version %" PRId64 " committed",
+                 (int64_t)json_integer_value(json_object_get(row, "version")));
+        if (dep)
+            config_watch_add(dep, id, json_integer_value(json_object_get(row, "version")),
+                             json_deep_copy(json_object_get(row, "targets")), head, true);
+    }
+    json_decref(list);
+}
+
 void config_recover(json_t *running)
 {
     size_t i;
     json_t *row;
+    config_watch_stop(); /* what the store says, not what this replica had before */
+    config_recover_committed();
     for (state_deployment *d = state_deployments(); d; d = d->next)
         if (store_config_current(d->name, &d->config_version, NULL) != 0)
             log_error("deployment %s: cannot read its configuration version: %s", d->name,

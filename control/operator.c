@@ -285,6 +285,7 @@ bool operator_leadership_frozen(state_deployment *dep)
 
 void operator_cancel_all(const char *reason)
 {
+    config_watch_stop();
     for (state_deployment *d = state_deployments(); d; d = d->next) {
         operator_op *op = d->op;
         if (!op)

@@ -130,4 +130,8 @@ void config_apply_refused(operator_op *op, const char *node_id, const char *deta
  * finishes or rolls back the config operations among running (store_operations_list rows). */
 void config_recover(json_t *running);
 
+/* config_apply.c: stop watching the committed versions' pending proxies (lease lost,
+ * shutdown); the next holder reads them again from the store. */
+void config_watch_stop(void);
+
 #endif

@@ -538,6 +538,11 @@ static const char *const store_migrations[] = {
     "  ADD COLUMN targets jsonb NOT NULL DEFAULT '[]',"
     "  ADD COLUMN command_id bigint NOT NULL DEFAULT 0;"
     "DELETE FROM pgrelay.config_versions WHERE state = 'aborted';",
+    /* 7: a configuration apply whose version is committed but not yet on every proxy of its
+     * set is "committed" until they report it (store_config.c), then "done" */
+    "ALTER TABLE pgrelay.operations DROP CONSTRAINT operations_state_check,"
+    "  ADD CONSTRAINT operations_state_check"
+    "  CHECK (state IN ('running', 'committed', 'done', 'failed', 'rolled_back'));",
 };
 #define STORE_SCHEMA_VERSION ((int)(sizeof(store_migrations) / sizeof(store_migrations[0])))
 

@@ -144,6 +144,16 @@ int store_config_commit(const char *deployment, int64_t version, int64_t op_id,
 int store_config_roll_back(const char *deployment, int64_t version, int64_t op_id,
                            const char *outcome);
 
+/* End the apply's answer step: state "committed" (the version is the deployment's but some
+ * proxies of its set have not reported it: outcome names them; the record stays open, ended_at
+ * empty) or "done" (every proxy of the set is on it), from "running" or from "committed".
+ * 0 or -1. */
+int store_config_end(int64_t op_id, const char *state, const char *outcome);
+
+/* The applies in state "committed" as [{"id", "deployment", "version", "targets"}], or NULL
+ * when the store failed. */
+json_t *store_config_committed(void);
+
 /* How many targets of a command answered ok (*ok) out of how many it went to (*total). */
 int store_command_answers(int64_t command_id, int *ok, int *total);
 

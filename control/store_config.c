@@ -1,6 +1,10 @@
 /* store_config.c - configuration versions and their apply operations: begun, committed or
  * rolled back, the deployment's current (desired) version.
  *
+ * An apply's operation is "running" until the commit step ends, then "done" when every proxy
+ * it was prepared on is on the version, or "committed" (the version is the deployment's,
+ * some proxies have not reported it yet) until they are.
+ *
  * A version is "preparing" while its apply runs and "committed" once every proxy it was
  * prepared on said yes; an apply that is rolled back deletes its version, so that the number
  * is used again by the next apply. Each apply is an operation (pgrelay.operations, kind
@@ -148,6 +152,53 @@ int store_config_roll_back(const char *deployment, int64_t version, int64_t op_i
                n, params, NULL) > 0
                ? 0
                : -1;
+}
+
+int store_config_end(int64_t op_id, const char *state, const char *outcome)
+{
+    const char *params[STORE_CFG_PARAMS];
+    char term[STORE_INT_MAX], id[STORE_INT_MAX];
+    int n = store_cfg_params(params, term);
+    params[n++] = fmt_int(id, op_id);
+    params[n++] = state;
+    params[n++] = outcome;
+    /* "committed" keeps the record open (no ended_at): it is done when the last proxy of its
+     * set reports the version */
+    return store_cfg_write_one(
+               "configuration operation end",
+               "UPDATE pgrelay.operations SET state = $5, outcome = $6,"
+               "  ended_at = CASE WHEN $5 = 'committed' THEN NULL ELSE now() END,"
+               "  steps = steps || jsonb_build_object('step', $5::text, 'at', now(),"
+               "   'detail', $6::text)"
+               " WHERE id = $4::bigint AND kind = 'config' AND state IN ('running', 'committed')"
+               "  AND" STORE_CFG_GUARD " RETURNING id",
+               n, params, NULL) > 0
+               ? 0
+               : -1;
+}
+
+json_t *store_config_committed(void)
+{
+    PGresult *res = store_exec(PGRES_TUPLES_OK,
+                               "SELECT id, deployment, version, targets::text"
+                               " FROM pgrelay.operations WHERE kind = 'config'"
+                               "  AND state = 'committed' ORDER BY id",
+                               0, NULL);
+    if (!res)
+        return NULL;
+    json_t *list = json_array();
+    for (int i = 0; list && i < PQntuples(res); i++) {
+        json_t *targets = json_loads(PQgetvalue(res, i, 3), 0, NULL);
+        json_array_append_new(
+            list, json_pack("{s:I, s:s, s:I, s:o}", "id", (json_int_t)get_int(res, i, 0),
+                            "deployment", PQgetvalue(res, i, 1), "version",
+                            (json_int_t)get_int(res, i, 2), "targets",
+                            json_is_array(targets) ? targets : json_array()));
+        if (!json_is_array(targets))
+            json_decref(targets);
+    }
+    PQclear(res);
+    return list;
 }
 
 int store_command_answers(int64_t command_id, int *ok, int *total)

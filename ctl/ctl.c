@@ -36,7 +36,7 @@ enum ctl_opt_id {
     CTL_OPT_TIMEOUT,    /* global: HTTP timeout */
     CTL_OPT_NODE,       /* switchover */
     CTL_OPT_PROMOTE,    /* switchover */
-    CTL_OPT_OP_TIMEOUT, /* switchover, maintenance, unfence: sent as timeout_s */
+    CTL_OPT_OP_TIMEOUT, /* switchover, maintenance, unfence, config apply: sent as timeout_s */
     CTL_OPT_FORCE,      /* switchover */
     CTL_OPT_RESUME_AFTER, /* maintenance on: sent as resume_after_s */
     CTL_OPT_QUERY,        /* show-plans */
@@ -157,8 +157,8 @@ static const ctl_command ctl_commands[] = {
     {"maintenance", "on|off", "pause (on) or resume (off) every live proxy",
      CTL_ACCEPTS_OP_TIMEOUT | CTL_ACCEPTS_RESUME, 0, 1, 1, true, ctl_check_maintenance,
      ctl_cmd_maintenance},
-    {"config apply", "FILE", "every proxy's pgrelay.ini from FILE (- stdin), all or none", 0, 0, 1,
-     1, true, ctl_check_config_apply, ctl_cmd_config_apply},
+    {"config apply", "FILE", "every proxy's pgrelay.ini from FILE (- stdin), all or none",
+     CTL_ACCEPTS_OP_TIMEOUT, 0, 1, 1, true, ctl_check_config_apply, ctl_cmd_config_apply},
     {"config show", "", "configuration version and text; each proxy's version", 0, 0, 0, 0, true,
      NULL, ctl_cmd_config_show},
     {"reload", "", "every live proxy reloads its configuration file", 0, 0, 0, 0, true, NULL,
@@ -255,7 +255,8 @@ static void ctl_usage(FILE *out)
                  "Exit status: 0 done, 1 failed or refused, 2 usage error, 3 no endpoint "
                  "reachable\n"
                  "(or 5xx, or a malformed answer), 4 authentication failed, 5 timed out, "
-                 "6 not found.\n"
+                 "6 not found,\n"
+                 "7 config apply committed (in force) but not yet on every proxy.\n"
                  "'" CTL_PROG " COMMAND --help' shows a command's options; see " CTL_PROG "(1).\n");
 }
 
@@ -442,6 +443,7 @@ static int ctl_apply_option(ctl_ctx *ctx, ctl_settings *s, int opt, const char *
         ctx->changed = true;
         return 0;
     case CTL_OPT_OP_TIMEOUT:
+        ctx->op_timeout_given = true;
         return ctl_parse_op_timeout(arg, &ctx->op_timeout_s);
     case CTL_OPT_RESUME_AFTER:
         return ctl_parse_resume_after(arg, &ctx->resume_after_s);

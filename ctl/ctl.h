@@ -10,6 +10,7 @@
 #define CTL_OP_TIMEOUT_DEFAULT_S 30L        /* what operations may take on the server */
 #define CTL_OP_TIMEOUT_MARGIN_S  5.0        /* the HTTP timeout of an operation: its own + this */
 #define CTL_CONFIG_MAX           (4u << 20) /* the server refuses larger bodies (413) */
+#define CTL_CONFIG_COMMIT_MIN_S  5L /* config apply's commit step may run this long past timeout_s */
 
 /* Exit statuses, as pgrelayctl(1) documents them. */
 typedef enum ctl_exit {
@@ -20,6 +21,8 @@ typedef enum ctl_exit {
     CTL_EXIT_AUTH = 4,        /* the token was refused: HTTP 401 or 403 */
     CTL_EXIT_TIMEOUT = 5,     /* HTTP 504, or no answer within the client's timeout */
     CTL_EXIT_NOT_FOUND = 6,   /* HTTP 404: unknown deployment, proxy or node */
+    CTL_EXIT_COMMITTED = 7,   /* config apply: the version is committed (in force) but some
+                                 proxies have not acknowledged it yet; they converge to it */
 } ctl_exit;
 
 typedef enum ctl_format {
@@ -39,7 +42,8 @@ typedef struct ctl_ctx {
     const char *node;  /* switchover --node */
     bool promote;      /* switchover --promote */
     bool force;        /* switchover --force */
-    long op_timeout_s; /* switchover/maintenance --timeout: what the server may take */
+    long op_timeout_s; /* switchover/maintenance/config apply --timeout: what the server may take */
+    bool op_timeout_given; /* --timeout was given after the command */
     long resume_after_s; /* maintenance on --resume-after: its own end (0: none) */
     const char *query; /* show-plans --query: plans whose text contains it */
     bool changed;      /* show-plans --changed: the plan changes instead */

@@ -385,7 +385,19 @@ static ctl_exit ctl_operation(ctl_ctx *ctx, const char *what, const char *action
         ctl_render_result(ctx, ans.body);
     if (rc == CTL_EXIT_OK && json_is_true(json_object_get(ans.body, "ok")))
         goto done;
-    if (detailed && !ans.has_error_text) {
+    const char *state = json_string_value(json_object_get(ans.body, "state"));
+    if (rc == CTL_EXIT_OK && state && strcmp(state, "committed") == 0) {
+        /* config apply: in force, but not on every proxy yet */
+        ctl_failures(ans.body, failures, sizeof(failures));
+        ctl_answer_fail(&ans, CTL_EXIT_COMMITTED,
+                        "%s: version %lld is committed (the deployment's configuration, in force "
+                        "where it was acknowledged) but not yet on %zu of %zu proxies: %s; they "
+                        "converge to it when they answer again ('" CTL_PROG
+                        " show-operations' says when)",
+                        action, (long long)json_integer_value(json_object_get(ans.body, "version")),
+                        json_array_size(json_object_get(ans.body, "pending")),
+                        json_array_size(json_object_get(ans.body, "proxies")), failures);
+    } else if (detailed && !ans.has_error_text) {
         /* No text from the server: name the proxies that refused or stayed silent. */
         ctl_failures(ans.body, failures, sizeof(failures));
         ctl_answer_fail(&ans, rc == CTL_EXIT_OK ? CTL_EXIT_FAILED : rc, "%s failed%s%s", action,
@@ -438,7 +450,15 @@ ctl_exit ctl_cmd_config_apply(ctl_ctx *ctx)
         json_decref(body);
         body = NULL;
     }
-    return ctl_operation(ctx, "config", "config apply", body, CTL_OP_TIMEOUT_DEFAULT_S);
+    /* without --timeout the control plane's default (the same 30 s) applies */
+    if (body && ctx->op_timeout_given &&
+        json_object_set_new(body, "timeout_s", json_integer(ctx->op_timeout_s)) != 0) {
+        json_decref(body);
+        body = NULL;
+    }
+    /* the control plane may add its commit step's minimum to timeout_s */
+    return ctl_operation(ctx, "config", "config apply", body,
+                         ctx->op_timeout_s + CTL_CONFIG_COMMIT_MIN_S);
 }
 
 ctl_exit ctl_read_config_file(ctl_ctx *ctx, const char *path)

@@ -3,8 +3,9 @@
 pgrelay-control and its store.
 
   * the commit goes to exactly the proxies that prepared, not to whoever is live then;
-  * the answer lists every proxy's outcome; "ok" is true only when every one committed, and
-    pgrelayctl exits 1 naming the others;
+  * the answer lists every proxy's outcome; "ok" is true only when every one committed; a
+    version committed but not yet on every proxy is "committed" with those proxies "pending"
+    (pgrelayctl exits 7 naming them) until each reports it, then the operation is "done";
   * the deployment has a desired version: the metrics and poll answers carry it, and a proxy
     fetches its text from GET /api/v1/agent/config.
 """
@@ -48,15 +49,26 @@ def ctl(control, *args, text=None):
                           text=True, timeout=60)
 
 
-def test_a_commit_refused_by_one_proxy_is_answered_per_proxy_and_pgrelayctl_exits_1(
+def operation(control):
+    status, [op] = control.admin("GET", "/deployments/prod/operations")
+    assert status == 200, op
+    return op
+
+
+def test_a_commit_refused_by_one_proxy_is_committed_with_it_pending_and_pgrelayctl_exits_7(
         control, agents):
+    """The version is the deployment's once the decision is recorded: the answer says
+    "committed" (not "failed"), names the proxy that is not on it yet, and pgrelayctl exits 7;
+    the operation record is "committed" until that proxy reports the version, then "done"."""
     a = agents(control, "proxy-a")
     b = agents(control, "proxy-b", policy=refuse_commit)
     p = ctl(control, "-o", "json", "config", "apply", "-", text=TEXT)
-    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert p.returncode == 7, (p.stdout, p.stderr)
+    assert "version 1 is committed" in p.stderr and "not yet on 1 of 2" in p.stderr, p.stderr
     assert "proxy-b" in p.stderr and "No space left on device" in p.stderr, p.stderr
     answer = json.loads(p.stdout)
     assert answer["ok"] is False and answer["committed"] is True and answer["version"] == 1
+    assert answer["state"] == "committed" and answer["pending"] == ["proxy-b"], answer
     by_id = {row["node_id"]: row for row in answer["proxies"]}
     assert by_id["proxy-a"]["ok"] is True, by_id
     assert by_id["proxy-b"]["ok"] is False and "No space" in by_id["proxy-b"]["detail"]
@@ -67,10 +79,29 @@ def test_a_commit_refused_by_one_proxy_is_answered_per_proxy_and_pgrelayctl_exit
     assert a.metrics()["config_version"] == 1
     status, current = control.admin("GET", "/deployments/prod/config")
     assert current["version"] == 1 and current["text"] == TEXT
-    # the operation says so
-    status, [op] = control.admin("GET", "/deployments/prod/operations")
-    assert op["kind"] == "config" and op["version"] == 1 and op["state"] == "failed", op
-    assert "committed on 1 of 2" in op["outcome"], op
+    # the operation says so, and which proxy it waits for
+    op = operation(control)
+    assert op["kind"] == "config" and op["version"] == 1 and op["state"] == "committed", op
+    assert "committed on 1 of 2" in op["outcome"] and "pending: proxy-b" in op["outcome"], op
+    assert op["ended"] is None, op
+    # proxy-b converges (the disk was freed): the record says the version is everywhere
+    b.metrics(config_version=1)
+    wait_for(lambda: operation(control)["state"] == "done", what="the operation to be done")
+    op = operation(control)
+    assert "on every proxy" in op["outcome"] and "proxy-b" in op["outcome"], op
+    assert op["ended"] is not None, op
+
+
+def test_a_pending_proxy_that_is_deleted_is_no_longer_waited_for(control, agents):
+    agents(control, "proxy-a")
+    agents(control, "proxy-b", policy=refuse_commit)
+    status, answer = control.admin("POST", "/deployments/prod/config", {"text": TEXT})
+    assert status == 200 and answer["state"] == "committed", answer
+    assert operation(control)["state"] == "committed"
+    status, body = control.admin("DELETE", "/deployments/prod/proxies/proxy-b")
+    assert status == 200, body
+    wait_for(lambda: operation(control)["state"] == "done", what="the operation to be done")
+    assert "proxy-b no longer declared" in operation(control)["outcome"]
 
 
 def test_every_proxy_committing_is_ok_and_exit_0_in_table_form(control, agents):
@@ -79,8 +110,9 @@ def test_every_proxy_committing_is_ok_and_exit_0_in_table_form(control, agents):
     p = ctl(control, "config", "apply", "-", text=TEXT)
     assert p.returncode == 0, (p.stdout, p.stderr)
     assert "proxy-a" in p.stdout and "proxy-b" in p.stdout
-    status, [op] = control.admin("GET", "/deployments/prod/operations")
+    op = operation(control)
     assert op["state"] == "done" and op["targets"] == ["proxy-a", "proxy-b"], op
+    assert "on every proxy" in op["outcome"], op
 
 
 def test_the_commit_goes_to_the_proxies_that_prepared_not_to_one_that_came_later(
@@ -123,13 +155,16 @@ def test_a_silent_proxy_at_commit_is_not_ok_and_converges_later(control, agents)
     status, answer = control.admin("POST", "/deployments/prod/config",
                                    {"text": TEXT, "timeout_s": 1}, timeout=30)
     assert status == 200 and answer["ok"] is False and answer["committed"] is True, answer
+    assert answer["state"] == "committed" and answer["pending"] == ["proxy-b"], answer
     [row] = [r for r in answer["proxies"] if r["node_id"] == "proxy-b"]
     assert row["ok"] is False and "converges to version 1" in row["detail"], row
-    # its commit stays queued: acknowledged later, the proxy is on the version
+    # its commit stays queued: acknowledged later, the proxy is on the version and the
+    # operation is done
     [commit] = b.commands("config_commit")
     assert b.ack(commit["id"], True, "version 1 applied")[0] == 204
     wait_for(lambda: control.proxies()["proxy-b"]["config_version"] == 1,
              what="proxy-b on version 1")
+    wait_for(lambda: operation(control)["state"] == "done", what="the operation to be done")
 
 
 def test_identical_text_makes_no_new_version_and_the_desired_version_is_not_for_the_undeclared(
@@ -142,3 +177,44 @@ def test_identical_text_makes_no_new_version_and_the_desired_version_is_not_for_
     assert store_rows(control.store, "SELECT version FROM pgrelay.config_versions") == [(1,)]
     assert control.agent("GET", "/config?node_id=nobody-declared")[0] == 403
     assert control.agent("GET", "/config")[0] == 400
+
+
+# --------------------------------------------------------------------------- #
+# pgrelayctl config apply --timeout
+# --------------------------------------------------------------------------- #
+
+
+def test_config_apply_timeout_is_sent_and_bounds_the_wait_for_the_prepares(control, agents):
+    """--timeout S after the command is the operation's timeout_s: a proxy silent at prepare
+    rolls the apply back after S seconds, not after the default 30."""
+    agents(control, "proxy-a")
+    agents(control, "proxy-b", policy=lambda cmd: None)
+    started = time.monotonic()
+    p = ctl(control, "config", "apply", "--timeout", "2", "-", text=TEXT)
+    took = time.monotonic() - started
+    assert p.returncode == 5, (p.stdout, p.stderr)
+    assert "not every proxy prepared within 2s" in p.stderr, p.stderr
+    assert took < 10, f"config apply --timeout 2 took {took:.1f}s"
+    status, [op] = control.admin("GET", "/deployments/prod/operations")
+    assert op["state"] == "rolled_back" and op["timeout_s"] == 2, op
+
+
+def test_config_apply_timeout_out_of_range_or_not_a_number_is_a_usage_error(control, agents):
+    a = agents(control, "proxy-a")
+    for bad in ("0", "-1", "3601", "2.5", "soon", ""):
+        p = ctl(control, "config", "apply", "--timeout", bad, "-", text=TEXT)
+        assert p.returncode == 2, (bad, p.stdout, p.stderr)
+        assert f'--timeout: "{bad}" is not a whole number of seconds from 1 to 3600' \
+            in p.stderr, p.stderr
+    assert a.types() == [], "a refused --timeout sent something"
+    status, body = control.admin("POST", "/deployments/prod/config",
+                                 {"text": TEXT, "timeout_s": 0})
+    assert status == 400 and "timeout_s" in body["error"], body
+
+
+def test_config_apply_help_lists_its_timeout():
+    p = subprocess.run([CTL_BIN, "config", "apply", "--help"], capture_output=True, text=True,
+                       timeout=10)
+    assert p.returncode == 0 and "--timeout S" in p.stdout, p.stdout
+    assert "config apply FILE [--timeout S]" in subprocess.run(
+        [CTL_BIN, "--help"], capture_output=True, text=True, timeout=10).stdout
