@@ -210,6 +210,11 @@ static json_t *routes_json(const shm_route_table *t)
                       (json_int_t)tot.count);
         json_object_set_new(node, "latency_buckets", latency_buckets_json(&tot));
         json_object_set_new(node, "lag_ms", json_integer((json_int_t)n->lag_ms));
+        /* Patroni's word, when the agent has one: the control plane does not count a primary
+         * that Patroni does not name as a primary (leader.c there). */
+        if (n->ha != NODE_HA_NONE)
+            json_object_set_new(node, "patroni",
+                                json_string(n->ha == NODE_HA_LEADER ? "leader" : "not_leader"));
         json_array_append_new(nodes, node);
     }
     return nodes;

@@ -501,6 +501,9 @@ static void leader_refresh_views(agent *a)
         agent_node *n = &a->nodes[i];
         shm_node *v = &n->view;
         uint64_t leader_lsn = leader_lsn_at(a, v->last_probe_us);
+        v->ha = !a->ha_on || a->ha_view != HA_VIEW_ANSWERED ? NODE_HA_NONE
+                : ha_vetoes(a, i)                            ? NODE_HA_NOT_LEADER
+                                                             : NODE_HA_LEADER;
         v->probed = n->probed;
         v->in_recovery = n->in_recovery;
         v->wal_lsn = n->lsn;
@@ -551,7 +554,8 @@ static bool routing_changed(const agent *a, const shm_route_table *t)
         return true;
     for (int i = 0; i < a->n_nodes; i++) {
         const shm_node *o = &t->nodes[i], *v = &a->nodes[i].view;
-        if (o->health != v->health || o->readable != v->readable || o->role != v->role)
+        if (o->health != v->health || o->readable != v->readable || o->role != v->role ||
+            o->ha != v->ha)
             return true;
     }
     return false;

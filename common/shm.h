@@ -39,6 +39,14 @@ typedef enum shm_node_health {
     NODE_HEALTH_DOWN,        /* failed probes, or its address does not resolve */
 } shm_node_health;
 
+/* What Patroni says of a node ([agent] ha_source = patroni). */
+typedef enum shm_node_ha {
+    NODE_HA_NONE = 0,   /* no word: ha_source = none, or no Patroni member answered */
+    NODE_HA_LEADER,     /* Patroni names it leader and that member's Patroni answers */
+    NODE_HA_NOT_LEADER, /* Patroni names another member or none, or the named leader's own
+                           Patroni does not answer: no writes go to it */
+} shm_node_ha;
+
 typedef struct shm_node {
     char name[CONFIG_NAME_MAX];
     char host[CONFIG_HOST_MAX];
@@ -56,6 +64,7 @@ typedef struct shm_node {
                                      * leader's samples); -1 unknown: not readable */
     int64_t last_probe_us;          /* when the last probe finished (shm_mono_us) */
     char last_error[128];           /* why the last probe failed, "" after a good one */
+    int ha;                         /* shm_node_ha: Patroni's word on it */
 } shm_node;
 
 /* How the write leader last left a node: what sessions still on that node do. */

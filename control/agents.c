@@ -310,8 +310,15 @@ static bool agents_check_nodes(http_call *call, json_t *nodes)
             !http_field_int(call, n, where, "lag_ms", false, INT64_MIN, AGENTS_INT_MAX, &v) ||
             !http_field_int(call, n, where, "write_sessions", false, 0, INT32_MAX, &v) ||
             !http_field_int(call, n, where, "read_sessions", false, 0, INT32_MAX, &v) ||
+            !http_field_string(call, n, where, "patroni", false, AGENTS_TEXT_MAX, &s) ||
             !agents_check_latency_buckets(call, n, where))
             return false;
+        const char *patroni = json_string_value(json_object_get(n, "patroni"));
+        if (patroni && strcmp(patroni, "leader") != 0 && strcmp(patroni, "not_leader") != 0) {
+            http_reply_error(call->req, 400, "%s.patroni must be \"leader\" or \"not_leader\"",
+                             where);
+            return false;
+        }
         state_sample counters;
         if (!agents_sample_fields(call, n, where, &counters))
             return false;

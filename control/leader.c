@@ -44,12 +44,17 @@ typedef struct leader_tally {
     int primary_since;  /* as primary, idem */
 } leader_tally;
 
-/* Up and not in recovery (a report without in_recovery falls back to its role). */
+/* Up and not in recovery (a report without in_recovery falls back to its role), and not a
+ * primary that the proxy's Patroni says is not the leader (ha_source = patroni: the PostgreSQL
+ * of a member whose Patroni died goes on as a primary after another member was promoted). */
 static bool leader_sees_primary(json_t *obs)
 {
     const char *health = json_string_value(json_object_get(obs, "health"));
+    const char *patroni = json_string_value(json_object_get(obs, "patroni"));
     json_t *rec = json_object_get(obs, "in_recovery");
     if (!health || strcmp(health, "up") != 0)
+        return false;
+    if (patroni && strcmp(patroni, "not_leader") == 0)
         return false;
     if (json_is_boolean(rec))
         return json_is_false(rec);

@@ -351,6 +351,10 @@ static int cmd_show_nodes(admin_call *call, json_t **result)
                                                    ? json_integer((now - node->last_probe_us) / 1000)
                                                    : json_null());
         json_object_set_new(r, "last_error", ADMIN_FIELD_TEXT(node->last_error));
+        /* Patroni's word ([agent] ha_source = patroni); null without one. */
+        json_object_set_new(r, "patroni", node->ha == NODE_HA_LEADER       ? json_string("leader")
+                                          : node->ha == NODE_HA_NOT_LEADER ? json_string("not leader")
+                                                                           : json_null());
         json_array_append_new(rows, r);
     }
     free(routes);

@@ -152,3 +152,26 @@ def test_an_agent_raising_the_epoch_for_the_same_leader_is_caught_up_with_exactl
         agent.metrics(epoch=2, leader="pg1", nodes=three_nodes("pg1"))
     assert c.metrics(epoch=7, leader="pg1", nodes=three_nodes("pg1")) == {"leader": "pg1",
                                                                          "epoch": 7}
+
+
+def test_a_primary_patroni_does_not_name_is_not_counted_as_a_primary(control, agents):
+    """ha_source = patroni: a dead Patroni leaves its PostgreSQL running as a second primary
+    after another member was promoted. Without Patroni's word the split brain keeps the old
+    leader; with it (the agents report pg1 "not_leader"), the quorum sees only pg2 and the
+    leader moves there."""
+    a, b, c = (agents(control, n, poll=False) for n in ("proxy-a", "proxy-b", "proxy-c"))
+    for agent in (a, b, c):
+        answer = agent.metrics(epoch=2, leader="pg1", nodes=three_nodes("pg1"))
+    assert answer == {"leader": "pg1", "epoch": 2}
+    two_primaries = [obs("pg1"), obs("pg2"), obs("pg3", in_recovery=True)]
+    for agent in (a, b, c):
+        answer = agent.metrics(epoch=2, leader="pg1", nodes=two_primaries)
+    assert answer == {"leader": "pg1", "epoch": 2}  # a split brain decides nothing
+    patroni = [obs("pg1", patroni="not_leader"), obs("pg2", patroni="leader"),
+               obs("pg3", in_recovery=True, patroni="not_leader")]
+    a.metrics(epoch=2, leader=None, nodes=patroni)
+    answer = b.metrics(epoch=2, leader=None, nodes=patroni)
+    assert answer == {"leader": "pg2", "epoch": 3}
+    # Patroni's word is checked like every other field
+    status, body = a.post("/metrics", {"ts_ms": 1, "nodes": [obs("pg1", patroni="maybe")]})
+    assert status == 400 and "nodes[0].patroni" in body["error"], (status, body)

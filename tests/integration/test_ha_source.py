@@ -30,7 +30,8 @@ import time
 import pytest
 
 from cluster import Cluster, destroy_relay, leader_history, log_lines, show_info, start_ha_relay
-from conftest import PGRELAY_BIN, RawClient, data_rows, error_fields, free_port, wait_for
+from conftest import (PGRELAY_BIN, RawClient, admin_json, data_rows, error_fields, free_port,
+                      wait_for)
 
 pytestmark = pytest.mark.deadline(120)
 
@@ -281,3 +282,48 @@ def test_ha_source_patroni_needs_urls(tmp_path):
                     "[node.a]\nhost = 127.0.0.1\nrole = primary\n")
     r = subprocess.run([PGRELAY_BIN, "-t", "-c", str(conf)], capture_output=True, text=True)
     assert r.returncode != 0 and "ha_source" in r.stdout + r.stderr
+
+
+def test_patronis_word_is_in_show_nodes_and_in_the_observations_for_the_control_plane(
+        split_brain, relay_with):
+    """show nodes has Patroni's word on each node, and so has each node of the agent's metrics
+    report (the control plane's leader decision does not count a primary Patroni does not
+    name: test_control_leadership.py)."""
+    from test_agent_control_faults import FakeControl
+
+    class NoOpinion(FakeControl):
+        """A control plane that has no leader opinion: the agent decides as it would alone."""
+
+        def answer(self, method, path, body):
+            if path == "/api/v1/agent/metrics":
+                return (200, {"leader": None, "epoch": 0})
+            if path == "/api/v1/agent/commands":
+                self.stopping.wait(1.0)
+                return (200, {"commands": []})
+            return super().answer(method, path, body)
+
+    c, stub = split_brain
+    stub.leader = "m2"
+    fake = NoOpinion("healthy")
+    try:
+        relay = relay_with(control={"endpoint": fake.url, "token": "t0ken-for-a-fake",
+                                    "metrics_interval": "100ms"})
+        expected = {"pg1": "not leader", "pg2": "leader", "pg3": "not leader"}
+        wait_for(lambda: {n["name"]: n["patroni"] for n in admin_json(relay, "show nodes")}
+                 == expected, timeout=15, what=f"show nodes to say {expected}")
+
+        def reported():
+            bodies = [r[3] for r in fake.requests if r[2] == "/api/v1/agent/metrics"
+                      and isinstance(r[3], dict) and r[3].get("nodes")]
+            return bodies and {n["name"]: n.get("patroni") for n in bodies[-1]["nodes"]}
+
+        wait_for(lambda: reported() == {k: v.replace(" ", "_") for k, v in expected.items()},
+                 timeout=15, what="the metrics report to carry Patroni's word")
+        # Patroni stops answering: no word any more, in either place
+        stub.silent = True
+        wait_for(lambda: all(n["patroni"] is None for n in admin_json(relay, "show nodes")),
+                 timeout=15, what="show nodes to drop Patroni's word")
+        wait_for(lambda: reported() == {"pg1": None, "pg2": None, "pg3": None}, timeout=15,
+                 what="the metrics report to drop Patroni's word")
+    finally:
+        fake.close()
