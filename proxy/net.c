@@ -14,28 +14,18 @@
 
 #define LISTEN_BACKLOG 4096 /* the kernel caps it at net.core.somaxconn */
 
-/* One socket bound to addr:port; listening unless probe (then only bound, to see whether the
- * port is free). reuseport joins the group of SO_REUSEPORT sockets of this process. */
-static int net_bind(const char *addr, int port, bool reuseport, bool probe, char *err,
-                    size_t errlen)
+/* One socket bound to sa; listening unless probe (then only bound, to see whether the port is
+ * free). reuseport joins the group of SO_REUSEPORT sockets of this process; dual (an IPv6
+ * wildcard) also takes IPv4 connections. err names addr:port. */
+static int net_bind_sockaddr(const struct sockaddr *sa, socklen_t salen, bool dual,
+                             const char *addr, int port, bool reuseport, bool probe, char *err,
+                             size_t errlen)
 {
-    struct addrinfo hints = {
-        .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
-    struct addrinfo *res = NULL;
-    char service[16];
-    int fd = -1, one = 1;
-    const char *host = strcmp(addr, "*") == 0 ? NULL : addr;
-
-    snprintf(service, sizeof(service), "%d", port);
-    int rc = getaddrinfo(host, service, &hints, &res);
-    if (rc != 0) {
-        snprintf(err, errlen, "cannot listen on %s:%d: %s", addr, port, gai_strerror(rc));
-        return -1;
-    }
-    fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1, v6only = dual ? 0 : 1;
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         snprintf(err, errlen, "cannot listen on %s:%d: socket: %s", addr, port, strerror(errno));
-        goto failed;
+        return -1;
     }
     /* SO_REUSEADDR: connections of an earlier run in TIME_WAIT do not block the port; a
      * listening socket still does (Linux) */
@@ -45,9 +35,13 @@ static int net_bind(const char *addr, int port, bool reuseport, bool probe, char
                  strerror(errno));
         goto failed;
     }
-    if (res->ai_family == AF_INET6)
-        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    if (bind(fd, res->ai_addr, res->ai_addrlen) != 0) {
+    if (sa->sa_family == AF_INET6 &&
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) != 0 && dual) {
+        snprintf(err, errlen, "cannot listen on %s:%d: IPV6_V6ONLY: %s", addr, port,
+                 strerror(errno));
+        goto failed;
+    }
+    if (bind(fd, sa, salen) != 0) {
         snprintf(err, errlen, "cannot listen on %s:%d: bind: %s", addr, port, strerror(errno));
         goto failed;
     }
@@ -56,14 +50,47 @@ static int net_bind(const char *addr, int port, bool reuseport, bool probe, char
                  strerror(errno));
         goto failed;
     }
-    freeaddrinfo(res);
     return fd;
 
 failed:
-    if (fd >= 0)
-        close(fd);
-    freeaddrinfo(res);
+    close(fd);
     return -1;
+}
+
+/* One socket bound to addr:port (see net_bind_sockaddr). "*" is every address: one dual-stack
+ * socket on the IPv6 wildcard, which takes IPv4 connections too, or the IPv4 wildcard alone
+ * where the kernel has no IPv6. */
+static int net_bind(const char *addr, int port, bool reuseport, bool probe, char *err,
+                    size_t errlen)
+{
+    if (strcmp(addr, "*") == 0) {
+        struct sockaddr_in6 any6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port),
+                                    .sin6_addr = IN6ADDR_ANY_INIT};
+        int probe_fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (probe_fd >= 0) {
+            close(probe_fd);
+            return net_bind_sockaddr((const struct sockaddr *)&any6, sizeof(any6), true, addr,
+                                     port, reuseport, probe, err, errlen);
+        }
+        struct sockaddr_in any4 = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                                   .sin_addr = {htonl(INADDR_ANY)}};
+        return net_bind_sockaddr((const struct sockaddr *)&any4, sizeof(any4), false, addr, port,
+                                 reuseport, probe, err, errlen);
+    }
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+    struct addrinfo *res = NULL;
+    char service[16];
+    snprintf(service, sizeof(service), "%d", port);
+    int rc = getaddrinfo(addr, service, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s", addr, port, gai_strerror(rc));
+        return -1;
+    }
+    int fd = net_bind_sockaddr(res->ai_addr, res->ai_addrlen, false, addr, port, reuseport, probe,
+                               err, errlen);
+    freeaddrinfo(res);
+    return fd;
 }
 
 int net_listen(const char *addr, int port, char *err, size_t errlen)
@@ -134,6 +161,12 @@ void net_format_addr(const struct sockaddr_storage *addr, socklen_t len, char *b
         snprintf(buf, cap, "%s:%d", host, ntohs(in->sin_port));
     } else if (addr->ss_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)addr;
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            /* an IPv4 client of a dual-stack socket (listen_addr = *): shown as IPv4 */
+            inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], host, sizeof(host));
+            snprintf(buf, cap, "%s:%d", host, ntohs(in6->sin6_port));
+            return;
+        }
         inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
         snprintf(buf, cap, "[%s]:%d", host, ntohs(in6->sin6_port));
     } else {

@@ -11,8 +11,9 @@ import subprocess
 import psycopg
 import pytest
 
-from conftest import (MD5_PASSWORD, MD5_USER, PGRELAY_BIN, RawClient, error_fields, free_port,
-                      pid_alive, port_listening, require, startup_packet, wait_for, write_config)
+from conftest import (MD5_PASSWORD, MD5_USER, PGRELAY_BIN, RawClient, admin_json, error_fields,
+                      free_port, pid_alive, port_listening, require, startup_packet, wait_for,
+                      write_config)
 
 
 def run(*args, timeout=15):
@@ -74,12 +75,27 @@ def _ipv6_loopback():
         return False
 
 
-def test_listen_addr_star_listens_on_every_ipv4_address(relay_factory):
+def test_listen_addr_star_listens_on_every_ipv4_and_ipv6_address(relay_factory):
+    """listen_addr = * is every address, as PgBouncer's: one dual-stack socket, on which an
+    IPv4 client is shown with its IPv4 address (not ::ffff:a.b.c.d)."""
+    require(_ipv6_loopback(), "no IPv6 loopback address")
     r = relay_factory(listen_addr="*")
     assert _query("127.0.0.1", r.port) == "through 127.0.0.1"
     # another local IPv4 address than the one the tests use
     assert _query("127.0.0.2", r.port) == "through 127.0.0.2"
-    # (IPv6 addresses are not included: * binds 0.0.0.0 only)
+    assert _query("::1", r.port) == "through ::1"
+    with psycopg.connect(host="127.0.0.2", port=r.port, user="postgres", dbname="postgres",
+                         sslmode="disable", gssencmode="disable", connect_timeout=10,
+                         autocommit=True) as c4, \
+            psycopg.connect(host="::1", port=r.port, user="postgres", dbname="postgres",
+                            sslmode="disable", gssencmode="disable", connect_timeout=10,
+                            autocommit=True) as c6:
+        c4.execute("SELECT 1")
+        c6.execute("SELECT 1")
+        clients = {c["client"] for c in admin_json(r, "show clients")}
+    assert any(a.startswith("127.0.0.1:") for a in clients), clients  # the source address
+    assert any(a.startswith("[::1]:") for a in clients), clients
+    assert not any("ffff" in a for a in clients), clients
 
 
 def test_listen_addr_ipv6(relay_factory):
