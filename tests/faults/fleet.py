@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -20,7 +19,7 @@ import uuid
 import psycopg
 
 from cluster import Cluster
-from conftest import wait_for
+from conftest import start_together_on_free_port, wait_for
 from control_e2e_helpers import (
     ControlPlane,
     http,
@@ -36,17 +35,6 @@ from control_e2e_helpers import (
 
 ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
 TEST_HOLD_ENV = "PGRELAY_CONTROL_TEST_HOLD"  # pgrelay-control's test hook (pgrelay-control(8))
-
-
-def free_listen_port():
-    """A port free on every proxy address."""
-    with socket.socket() as s:
-        s.bind((ADDRESSES["proxy-a"], 0))
-        port = s.getsockname()[1]
-    for address in list(ADDRESSES.values())[1:]:
-        with socket.socket() as s:
-            s.bind((address, port))
-    return port
 
 
 def postmaster_pid(node):
@@ -148,19 +136,19 @@ class Fleet:
             self.control2.start()
         self.cluster = Cluster.create(replicas=1, sync_standby="pg2")
         self.cluster.relay_pinned = True
-        for attempt in range(3):
-            self.listen_port = free_listen_port()
-            try:
-                for node_id, address in ADDRESSES.items():
-                    self.proxies[node_id] = start_proxy(self.root, node_id, address,
-                                                        self.ini(node_id))
-                break
-            except AssertionError:
-                for r in self.proxies.values():
-                    stop_proxy(r)
-                self.proxies.clear()
-                if attempt == 2:
-                    raise
+
+        def start_proxies(port):
+            self.listen_port = port
+            for node_id, address in ADDRESSES.items():
+                self.proxies[node_id] = start_proxy(self.root, node_id, address,
+                                                    self.ini(node_id))
+
+        def discard_proxies():
+            for r in self.proxies.values():
+                stop_proxy(r)
+            self.proxies.clear()
+
+        start_together_on_free_port(start_proxies, discard_proxies)
         wait_for(lambda: set(self.live_proxies()) >= set(ADDRESSES), timeout=15,
                  what="both proxies registered and live")
         wait_for(lambda: self.control.deployment()["leader"] == "pg1", timeout=10,
