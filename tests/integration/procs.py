@@ -4,7 +4,9 @@ wait_for            poll a condition with a timeout
 require             a prerequisite of the machine: skip without it, fail under CI
 SCHED_SLACK         what a loaded machine may add to a promised deadline
 free_port           a port below the ephemeral range, never handed to two pytest processes
-start_on_free_port  start a daemon on such a port, again on another if it lost the port
+on_a_free_port      the one start-and-retry: a start on such a port, again if it lost it
+start_on_free_port  start a daemon on such a port and wait until it is ready
+start_together_on_free_port  several daemons on one such port (a fleet's proxies)
 port_listening, port_accepts, child_pids, pid_alive, owning_worker, client_port
 """
 
