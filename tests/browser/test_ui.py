@@ -16,14 +16,13 @@ the 409 of a refused configuration, the connection refused while the control pla
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 
 import pytest
 
 from cluster import Cluster
-from conftest import admin, require, wait_for
+from conftest import admin, require, start_together_on_free_port, wait_for
 from control_e2e_helpers import (ADMIN_TOKEN, API, DEPLOYMENT, ControlPlane, cleanup_dir, http,
                                  info, make_root, render_ini, start_proxy, stop_proxy)
 from loadgen import InThread
@@ -61,16 +60,6 @@ class Fleet:
         return {k: v for k, v in self.control.proxies().items() if v["live"]}
 
 
-def free_listen_port():
-    """A port free on 127.0.0.2 and 127.0.0.3 (the proxies' addresses)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.3", port))
-    return port
-
-
 @pytest.fixture(scope="module")
 def fleet(pg):
     root = make_root()
@@ -86,18 +75,19 @@ def fleet(pg):
         control.start()
         cluster = Cluster.create(replicas=1)
         cluster.relay_pinned = True
-        for attempt in range(3):
-            fl = Fleet(root, control, cluster, proxies, free_listen_port())
-            try:
-                for node_id, address in ADDRESSES.items():
-                    proxies[node_id] = start_proxy(root, node_id, address, fl.ini())
-                break
-            except AssertionError:
-                for r in proxies.values():
-                    stop_proxy(r)
-                proxies.clear()
-                if attempt == 2:
-                    raise
+
+        def start_proxies(port):
+            fl = Fleet(root, control, cluster, proxies, port)
+            for node_id, address in ADDRESSES.items():
+                proxies[node_id] = start_proxy(root, node_id, address, fl.ini())
+            return fl
+
+        def discard_proxies():
+            for r in proxies.values():
+                stop_proxy(r)
+            proxies.clear()
+
+        fl = start_together_on_free_port(start_proxies, discard_proxies)
         wait_for(lambda: set(fl.live_proxies()) >= set(ADDRESSES), timeout=15,
                  what="both proxies registered and live")
         wait_for(lambda: control.deployment()["leader"], timeout=10, interval=0.1,

@@ -12,15 +12,15 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import uuid
 
 import psycopg
 
+import loadgen
 from cluster import Cluster
-from conftest import wait_for
+from conftest import start_together_on_free_port, wait_for
 from control_e2e_helpers import (
     ControlPlane,
     http,
@@ -33,20 +33,10 @@ from control_e2e_helpers import (
     start_proxy,
     stop_proxy,
 )
+from loadgen import InThread
 
 ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
 TEST_HOLD_ENV = "PGRELAY_CONTROL_TEST_HOLD"  # pgrelay-control's test hook (pgrelay-control(8))
-
-
-def free_listen_port():
-    """A port free on every proxy address."""
-    with socket.socket() as s:
-        s.bind((ADDRESSES["proxy-a"], 0))
-        port = s.getsockname()[1]
-    for address in list(ADDRESSES.values())[1:]:
-        with socket.socket() as s:
-            s.bind((address, port))
-    return port
 
 
 def postmaster_pid(node):
@@ -148,19 +138,19 @@ class Fleet:
             self.control2.start()
         self.cluster = Cluster.create(replicas=1, sync_standby="pg2")
         self.cluster.relay_pinned = True
-        for attempt in range(3):
-            self.listen_port = free_listen_port()
-            try:
-                for node_id, address in ADDRESSES.items():
-                    self.proxies[node_id] = start_proxy(self.root, node_id, address,
-                                                        self.ini(node_id))
-                break
-            except AssertionError:
-                for r in self.proxies.values():
-                    stop_proxy(r)
-                self.proxies.clear()
-                if attempt == 2:
-                    raise
+
+        def start_proxies(port):
+            self.listen_port = port
+            for node_id, address in ADDRESSES.items():
+                self.proxies[node_id] = start_proxy(self.root, node_id, address,
+                                                    self.ini(node_id))
+
+        def discard_proxies():
+            for r in self.proxies.values():
+                stop_proxy(r)
+            self.proxies.clear()
+
+        start_together_on_free_port(start_proxies, discard_proxies)
         wait_for(lambda: set(self.live_proxies()) >= set(ADDRESSES), timeout=15,
                  what="both proxies registered and live")
         wait_for(lambda: self.control.deployment()["leader"] == "pg1", timeout=10,
@@ -238,19 +228,16 @@ class Fleet:
     def new_session_runs(self, relay, timeout=2.0):
         """A new session through ``relay`` runs a statement within ``timeout`` seconds (a held
         one is left to finish or fail in its thread)."""
-        result = []
 
         def run():
             try:
                 with psycopg.connect(relay.conninfo(connect_timeout=10), autocommit=True) as c:
-                    result.append(c.execute("SELECT 1").fetchone()[0] == 1)
+                    return c.execute("SELECT 1").fetchone()[0] == 1
             except psycopg.Error:
-                result.append(False)
+                return False
 
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        t.join(timeout)
-        return bool(result and result[0])
+        session = InThread(run)
+        return session.finished_within(timeout) and session.value is True
 
 
 def direct_write_fails(node, table):
@@ -336,44 +323,26 @@ def _parse_time(text):
     return time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
 
 
-class Writer:
-    """Writes (proxy, n) rows through one proxy, one autocommit INSERT at a time, reconnecting
-    after errors; remembers each n whose commit was acknowledged."""
+class Writer(loadgen.Writer):
+    """Writes (proxy, n) rows through one proxy, one autocommit INSERT at a time
+    (statement_timeout 5 s), reconnecting after errors; ``acked``: each n whose commit was
+    acknowledged. Runs from its creation until finish()."""
 
     def __init__(self, relay, table, tag):
-        self.relay, self.table, self.tag = relay, table, tag
-        self.acked, self.errors = [], []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        def insert(conn, n):
+            conn.execute(f"INSERT INTO {table} (proxy, n) VALUES (%s, %s)", (tag, n))
 
-    def _run(self):
-        n = 0
-        conn = None
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = psycopg.connect(self.relay.conninfo(connect_timeout=2),
-                                           autocommit=True)
-                    conn.execute("SET statement_timeout = 5000")
-                n += 1
-                conn.execute(f"INSERT INTO {self.table} (proxy, n) VALUES (%s, %s)",
-                             (self.tag, n))
-                self.acked.append(n)
-            except psycopg.Error as e:
-                self.errors.append((n, str(e).strip()))
-                with contextlib.suppress(Exception):
-                    conn.close()
-                conn = None
-                self._stop.wait(0.05)
-            self._stop.wait(0.01)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        super().__init__(relay, insert, pause=0.05, interval=0.01, connect_timeout=2,
+                         setup=lambda conn: conn.execute("SET statement_timeout = 5000"))
+        self.table, self.tag = table, tag
+        self.start()
+
+    @property
+    def acked(self):
+        return [n for n, *_ in self.ok]
 
     def finish(self):
-        self._stop.set()
-        self.thread.join(15)
+        self.stop(timeout=15)
 
 
 def assert_no_acknowledged_write_lost(node, table, writers):

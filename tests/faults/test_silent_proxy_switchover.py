@@ -13,14 +13,12 @@ the old primary until it hears again. That is safe only because the old primary 
   proxy (nothing would stop that proxy's writes to the old primary), changing nothing.
 """
 
-import contextlib
-import threading
 import time
 import uuid
 
-import psycopg
 import pytest
 
+import loadgen
 from conftest import wait_for
 from control_e2e_helpers import DEPLOYMENT, info
 from fleet import Fleet
@@ -32,45 +30,27 @@ SETTINGS = {"listen_addr": "0.0.0.0", "proxy_timeout": PROXY_TIMEOUT,
             "poll_wait_max": "2s"}  # a parked long poll keeps a proxy live until it ends
 
 
-class Recorder:
-    """Writes through one proxy, one autocommit INSERT at a time, each answered with the port
-    of the node that committed it; keeps (sent, acknowledged, port, n) of every acknowledged
-    write (monotonic times)."""
+class Recorder(loadgen.Writer):
+    """Writes through one proxy, one autocommit INSERT at a time (statement_timeout 5 s), each
+    answered with the port of the node that committed it; keeps (sent, acknowledged, port, n)
+    of every acknowledged write (monotonic times)."""
 
     def __init__(self, relay, table, tag):
-        self.relay, self.table, self.tag = relay, table, tag
-        self.acked, self.errors = [], []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        def insert(conn, n):
+            return conn.execute(f"INSERT INTO {table} (proxy, n) VALUES (%s, %s)"
+                                " RETURNING inet_server_port()", (tag, n)).fetchone()
 
-    def _run(self):
-        n, conn = 0, None
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = psycopg.connect(self.relay.conninfo(connect_timeout=2),
-                                           autocommit=True)
-                    conn.execute("SET statement_timeout = 5000")
-                n += 1
-                sent = time.monotonic()
-                port = conn.execute(f"INSERT INTO {self.table} (proxy, n) VALUES (%s, %s)"
-                                    " RETURNING inet_server_port()", (self.tag, n)).fetchone()[0]
-                self.acked.append((sent, time.monotonic(), port, n))
-            except psycopg.Error as e:
-                self.errors.append((n, str(e).strip()))
-                with contextlib.suppress(Exception):
-                    conn.close()
-                conn = None
-                self._stop.wait(0.05)
-            self._stop.wait(0.01)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        super().__init__(relay, insert, pause=0.05, interval=0.01, connect_timeout=2,
+                         setup=lambda conn: conn.execute("SET statement_timeout = 5000"))
+        self.table, self.tag = table, tag
+        self.start()
+
+    @property
+    def acked(self):
+        return [(sent, done, port, n) for n, sent, done, port in self.ok]
 
     def finish(self):
-        self._stop.set()
-        self.thread.join(15)
+        self.stop(timeout=15)
 
 
 def assert_one_writable_node_at_a_time(recorders, old, new):

@@ -41,9 +41,11 @@ from conftest import (  # noqa: F401  (admin is re-exported for the failover tes
     admin_json,
     admin_socket,
     _LIVE_RELAYS,
+    PortTaken,
     _as_postgres,
     _discard_relay,
     free_port,
+    on_a_free_port,
     port_listening,
     start_on_free_port,
     wait_for,
@@ -146,10 +148,14 @@ class Node:
 
     # -- control
     def start(self, timeout=60):
-        """pg_ctl start. If the port was taken meanwhile (EADDRINUSE: bind(0) ports are in the
-        ephemeral range, so a client socket may hold one): before pgrelay knows the port,
-        pick another; after, wait for it to become free again."""
-        for attempt in range(12):
+        """pg_ctl start. If the port was taken meanwhile (a port of free_port()'s, so only by
+        another test's daemon): before pgrelay knows the port, pick another; after, wait for it
+        to become free again (procs.on_a_free_port)."""
+
+        def attempt(port, n):
+            if port != self.port:
+                self.port = port
+                self.write_node_conf()
             try:
                 offset = os.path.getsize(self.logfile)
             except OSError:
@@ -163,12 +169,13 @@ class Node:
             log = self.log_since(offset)
             if "could not bind" not in log and "already in use" not in log:
                 raise NodeError(f"pg_ctl start {self.name} failed: {r.stdout}{r.stderr}\n{log}")
-            if self.cluster.relay_pinned:
-                time.sleep(0.5)
-            else:
-                self.port = free_port()
-                self.write_node_conf()
-        raise NodeError(f"pg_ctl start {self.name}: port {self.port} kept being taken")
+            raise PortTaken(log)
+
+        try:
+            on_a_free_port(attempt, attempts=12, first=self.port, pause=0.5,
+                           port=self.port if self.cluster.relay_pinned else None)
+        except PortTaken:
+            raise NodeError(f"pg_ctl start {self.name}: port {self.port} kept being taken") from None
 
     def stop(self, mode="fast"):
         """pg_ctl stop -m MODE (immediate = crash-like: no shutdown checkpoint)."""

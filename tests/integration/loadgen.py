@@ -69,14 +69,19 @@ class Writer:
     """Writes through pgrelay in a loop until stop(): ``statement(conn, seq)`` runs once per
     seq and returns a row (a tuple, or None). One session kept and opened again after any
     error, or a new session for every row (``session_per_row``, as a pooled application
-    reconnecting would). ``ok``: (seq, t_sent, t_done, *row); ``errors``: (seq, t, sqlstate,
-    first line of the message)."""
+    reconnecting would); ``setup(conn)`` runs on each new session (e.g. a statement_timeout).
+    It waits ``pause`` seconds after an error and ``interval`` after every row.
+    ``ok``: (seq, t_sent, t_done, *row); ``errors``: (seq, t, sqlstate, first line of the
+    message)."""
 
-    def __init__(self, relay, statement, session_per_row=False, pause=0.01, **conninfo):
+    def __init__(self, relay, statement, session_per_row=False, pause=0.01, interval=0.0,
+                 setup=None, **conninfo):
         self.relay = relay
         self.statement = statement
         self.session_per_row = session_per_row
         self.pause = pause
+        self.interval = interval
+        self.setup = setup
         self.conninfo = conninfo
         self.stop_flag = threading.Event()
         self.ok = []
@@ -96,6 +101,8 @@ class Writer:
             try:
                 if conn is None:
                     conn = psycopg.connect(self.relay.conninfo(**self.conninfo), autocommit=True)
+                    if self.setup is not None:
+                        self.setup(conn)
                 row = self.statement(conn, self.seq)
                 self.ok.append((self.seq, t, time.monotonic(), *(row or ())))
                 if self.session_per_row:
@@ -107,7 +114,9 @@ class Writer:
                 if conn is not None:
                     conn.close()
                 conn = None
-                time.sleep(self.pause)
+                self.stop_flag.wait(self.pause)
+            if self.interval:
+                self.stop_flag.wait(self.interval)
         if conn is not None:
             conn.close()
 

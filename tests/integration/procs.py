@@ -4,7 +4,9 @@ wait_for            poll a condition with a timeout
 require             a prerequisite of the machine: skip without it, fail under CI
 SCHED_SLACK         what a loaded machine may add to a promised deadline
 free_port           a port below the ephemeral range, never handed to two pytest processes
-start_on_free_port  start a daemon on such a port, again on another if it lost the port
+on_a_free_port      the one start-and-retry: a start on such a port, again if it lost it
+start_on_free_port  start a daemon on such a port and wait until it is ready
+start_together_on_free_port  several daemons on one such port (a fleet's proxies)
 port_listening, port_accepts, child_pids, pid_alive, owning_worker, client_port
 """
 
@@ -103,17 +105,52 @@ PORT_IN_USE = ("in use", "cannot listen", "could not bind")  # what a daemon say
                                                              # its port
 
 
+class PortTaken(AssertionError):
+    """A start failed because its port was taken meanwhile (what it said is the message)."""
+
+
+def port_taken(text, in_use=PORT_IN_USE):
+    """``text`` (a log, an error) says that a port was taken (``in_use``, case-insensitive)."""
+    return any(s in text.lower() for s in in_use)
+
+
+def on_a_free_port(start, attempts=3, port=None, first=None, pause=0.2):
+    """The one start-and-retry of the suites: ``start(port, attempt)`` on a port of
+    free_port()'s, until it returns without raising PortTaken; returns what it returned.
+
+    Each attempt gets another port, except when ``port`` is given: a daemon that must come back
+    where its peers expect it tries that one again after ``pause`` seconds. ``first``: the port
+    of the first attempt (one already written in a config). After ``attempts`` starts that
+    lost their port, the last PortTaken is raised."""
+    for attempt in range(attempts):
+        if port is not None:
+            chosen = port
+        elif attempt == 0 and first is not None:
+            chosen = first
+        else:
+            chosen = free_port()
+        try:
+            return start(chosen, attempt)
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+            if port is not None:
+                time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
 def start_on_free_port(launch, ready, discard, what, attempts=3, timeout=15, port=None,
                        in_use=PORT_IN_USE, log=lambda handle: handle.log()):
     """Start a daemon that listens on a port of free_port()'s, and wait until it is ready.
 
     ``launch(port, attempt)`` starts it and returns a handle with ``.proc`` (its Popen);
-    ``log(handle)`` is what this start logged (default ``handle.log()``); ``ready(handle)`` says when it serves; ``discard(handle)`` kills a start that
-    failed. A start that ended saying its port was taken (``in_use``, case-insensitive) is
-    tried again on another port, or on ``port`` again (after a moment) when the daemon must
-    come back where its peers expect it. Fails the test with the log otherwise."""
-    for attempt in range(attempts):
-        chosen = port if port is not None else free_port()
+    ``log(handle)`` is what this start logged (default ``handle.log()``); ``ready(handle)``
+    says when it serves; ``discard(handle)`` kills a start that failed. A start that ended
+    saying its port was taken (``in_use``, case-insensitive) is tried again on another port,
+    or on ``port`` again (after a moment) when the daemon must come back where its peers
+    expect it (on_a_free_port). Fails the test with the log otherwise."""
+
+    def start(chosen, attempt):
         handle = launch(chosen, attempt)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and handle.proc.poll() is None:
@@ -123,13 +160,31 @@ def start_on_free_port(launch, ready, discard, what, attempts=3, timeout=15, por
         rc = handle.proc.poll()
         discard(handle)
         text = log(handle)
-        if rc is not None and any(s in text.lower() for s in in_use) and attempt < attempts - 1:
-            if port is not None:
-                time.sleep(0.2)
-            continue
+        if rc is not None and port_taken(text, in_use) and attempt < attempts - 1:
+            raise PortTaken(text)
         pytest.fail(f"{what} did not become ready on port {chosen} (exit {rc}):\n"
                     + text[-3000:])
-    raise AssertionError("unreachable")
+
+    return on_a_free_port(start, attempts, port)
+
+
+def start_together_on_free_port(start_all, discard_all, attempts=3):
+    """Several daemons that listen on one port of free_port()'s, each on its own address (the
+    proxies of a fleet, see control_e2e_helpers.start_proxy): ``start_all(port)`` starts them
+    all and returns what the caller wants back, raising AssertionError when one does not come
+    up; ``discard_all()`` stops the ones that did. When the error says the port was taken, all
+    start again on another port; any other failure fails at once."""
+
+    def start(port, attempt):
+        try:
+            return start_all(port)
+        except AssertionError as e:
+            discard_all()
+            if attempt < attempts - 1 and port_taken(str(e)):
+                raise PortTaken(str(e)) from e
+            raise
+
+    return on_a_free_port(start, attempts)
 
 
 def port_accepts(port, host="127.0.0.1", timeout=0.5):
@@ -271,6 +326,7 @@ def _group_alive(pgid):
 
 # what conftest offers (suite.py), private names that helpers import included
 __all__ = ["SCHED_SLACK", "require", "wait_for", "PORT_FIRST", "PORT_LAST", "PORT_STATE",
-           "_port_bindable", "free_port", "PORT_IN_USE", "start_on_free_port", "port_accepts",
+           "_port_bindable", "free_port", "PORT_IN_USE", "PortTaken", "port_taken",
+           "on_a_free_port", "start_on_free_port", "start_together_on_free_port", "port_accepts",
            "port_listening", "_unix_socket_answers", "_is_agent", "child_pids", "pid_alive",
            "_socket_inodes_of", "_tcp_inode", "owning_worker", "client_port", "_group_alive"]

@@ -5,11 +5,14 @@ that is ``from suite import *`` (the others put tests/integration on sys.path fi
 module, loaded once, so that ``from conftest import NAME`` finds the same object in every
 suite. The helpers live in modules by concern:
 
-procs.py        processes and ports (wait_for, free_port, start_on_free_port, ...)
+procs.py        processes and ports (wait_for, free_port, on_a_free_port, start_on_free_port)
 rawclient.py    RawClient, the PostgreSQL protocol on a plain socket
 pgserver.py     the session's PostgreSQL 15 (``pg``)
 relays.py       pgrelay under test (``relay``, ``relay_factory``, ``daemons``), its console
-cluster.py      a primary with streaming replicas (not re-exported: import it)
+
+and, imported by the tests that use them (not re-exported here):
+
+cluster.py      a primary with streaming replicas (``make_cluster``), pgrelay with its agent
 loadgen.py      InThread (work in a background thread), Writer (writes in a loop)
 control_helpers.py  pgrelay-control with simulated agents
 

@@ -14,7 +14,6 @@ pgrelay.ini(5)):
 import collections
 import os
 import signal
-import threading
 import time
 
 import psycopg
@@ -28,6 +27,7 @@ from failover_helpers import (  # noqa: F401,F811 (fixtures used by name)
     wait_log,
     write_port_of_new_session,
 )
+from loadgen import InThread
 
 pytestmark = pytest.mark.deadline(90)
 
@@ -146,14 +146,11 @@ def test_no_leader_wait_holds_a_new_session_until_the_primary_is_back(
             result["exc"] = repr(e)
         result["elapsed"] = time.monotonic() - t
 
-    th = threading.Thread(target=session, daemon=True)
     t0 = time.monotonic()
-    th.start()
-    time.sleep(1.0)
-    assert th.is_alive(), f"the session did not wait for a leader: {result}"
+    held = InThread(session)
+    assert not held.finished_within(1.0), f"the session did not wait for a leader: {result}"
     pg1.start()
-    th.join(10)
-    assert not th.is_alive()
+    held.join(10)
     say(f"no_leader_wait: held session completed after {result.get('elapsed', -1):.3f}s"
         f" (primary restarted {time.monotonic() - t0:.3f}s ago)")
     assert "exc" not in result, result

@@ -15,12 +15,11 @@ pgrelay.ini(5)):
 """
 
 import collections
-import threading
 import time
 
-import psycopg
 import pytest
 
+import loadgen
 from cluster import make_cluster, show_nodes  # noqa: F401,F811 (fixtures used by name)
 from conftest import RawClient, error_fields, wait_for
 from failover_helpers import (  # noqa: F401,F811 (fixtures used by name)
@@ -142,20 +141,12 @@ def test_read_sessions_on_replicas_that_keep_up_survive_steady_writes(
 
     real_lag = {"pg2": 0, "pg3": 0}
     unreadable = collections.Counter()
-    done = threading.Event()
-    wal = {"bytes": 0}
 
-    def load():
-        with relay.connect() as w:
-            start = w.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-            while not done.is_set():
-                w.execute("INSERT INTO walgen SELECT g, repeat('x', 100)"
-                          " FROM generate_series(1, 100) g")
-                time.sleep(0.02)
-            wal["bytes"] = w.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)",
-                                     (str(start),)).fetchone()[0]
+    def insert_100_rows(conn, seq):
+        conn.execute("INSERT INTO walgen SELECT g, repeat('x', 100) FROM generate_series(1, 100) g")
 
-    loader = threading.Thread(target=load, daemon=True)
+    [(start,)] = pg1.query("SELECT pg_current_wal_lsn()")
+    loader = loadgen.Writer(relay, insert_100_rows, interval=0.02)
     t0 = time.monotonic()
     loader.start()
     with pg1.connect() as d1, pg2.connect() as d2, pg3.connect() as d3:
@@ -170,9 +161,11 @@ def test_read_sessions_on_replicas_that_keep_up_survive_steady_writes(
                 if name != "pg1" and not n["readable"]:
                     unreadable[(name, n["lag_bytes"])] += 1
             time.sleep(0.01)
-    done.set()
-    loader.join(10)
-    rate = float(wal["bytes"]) / (time.monotonic() - t0)
+    loader.stop()
+    [(wal_bytes,)] = pg1.query("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)",
+                               (str(start),))
+    rate = float(wal_bytes) / (time.monotonic() - t0)
+    assert loader.ok and not loader.errors, f"the write load failed: {loader.errors[:3]}"
     closed = []
     for s in held:
         msgs = s.simple_query("SELECT inet_server_port()")
@@ -261,31 +254,24 @@ def test_read_fallback_when_no_replica_qualifies(make_cluster, ha_relay, say, fa
 # --------------------------------------------------------------------------- #
 
 
-class Ticker(threading.Thread):
+class Ticker(loadgen.Writer):
     """Commits a small transaction on the primary every ``pause`` seconds (direct, not
     through pgrelay), so that a replica that replays keeps a recent last-replayed commit."""
 
     def __init__(self, node, pause=0.05):
-        super().__init__(daemon=True)
-        self.node = node
-        self.pause = pause
-        self.stop_flag = threading.Event()
-        self.commits = 0
-        self.error = None
+        def tick(conn, seq):
+            conn.execute("INSERT INTO ticks VALUES (clock_timestamp())")
 
-    def run(self):
-        try:
-            with self.node.connect() as cn:
-                while not self.stop_flag.is_set():
-                    cn.execute("INSERT INTO ticks VALUES (clock_timestamp())")
-                    self.commits += 1
-                    time.sleep(self.pause)
-        except psycopg.Error as e:
-            self.error = e
+        super().__init__(node, tick, interval=pause)
 
-    def stop(self):
-        self.stop_flag.set()
-        self.join(10)
+    @property
+    def commits(self):
+        return len(self.ok)
+
+    @property
+    def error(self):
+        """The first error (seq, time, sqlstate, message), or None."""
+        return self.errors[0] if self.errors else None
 
 
 def test_max_replica_lag_seconds_takes_a_paused_replica_out_until_it_resumes(
