@@ -92,6 +92,14 @@ static json_t *config_version_args(int64_t version, int64_t op_id)
     return json_pack("{s:I, s:I}", "version", (json_int_t)version, "operation", (json_int_t)op_id);
 }
 
+/* The configuration version whose file p's agent found edited by hand (its last metrics
+ * report's config_diverged), or 0. */
+static int64_t config_diverged(const state_proxy *p)
+{
+    json_t *v = json_object_get(p->last_metrics, "config_diverged");
+    return json_is_integer(v) ? json_integer_value(v) : 0;
+}
+
 /* ---- committed, not yet everywhere ----
  *
  * A version committed while some proxies of its set had not acknowledged it is watched: each
@@ -111,6 +119,7 @@ typedef struct config_watch {
     bool recovered;        /* taken over from another replica: since_ms is not the commit */
     bool dirty;            /* the record does not say what the lists say yet */
     json_t *pending;       /* node ids not on the version yet */
+    json_t *edited;        /* {node id: true} of the pending ones with a local edit */
     char head[OPERATOR_DETAIL_MAX];    /* "version 3 committed on 1 of 2 proxies" */
     char settled[OPERATOR_DETAIL_MAX]; /* "proxy-b on it after 3.1 s; proxy-c no longer ..." */
 } config_watch;
@@ -121,6 +130,7 @@ static struct event *config_watch_timer;
 static void config_watch_free(config_watch *w)
 {
     json_decref(w->pending);
+    json_decref(w->edited);
     free(w->deployment);
     free(w);
 }
@@ -159,6 +169,19 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
 {
     char pending[OPERATOR_DETAIL_MAX];
     config_join_ids(w->pending, pending, sizeof(pending));
+    state_deployment *dep = state_find_deployment(w->deployment);
+    size_t i, used = strlen(pending);
+    json_t *id;
+    json_array_foreach(w->pending, i, id)
+    {
+        state_proxy *p = dep ? state_find_proxy(dep, json_string_value(id)) : NULL;
+        int64_t edited = p ? config_diverged(p) : 0;
+        if (edited > 0 && used < sizeof(pending))
+            used += (size_t)snprintf(pending + used, sizeof(pending) - used,
+                                     "; %s has a local edit of version %" PRId64
+                                     " and waits for an operator",
+                                     json_string_value(id), edited);
+    }
     if (json_array_size(w->pending) == 0)
         snprintf(out, len, "%s; version %" PRId64 " on every proxy of its set now (%s)", w->head,
                  w->version, w->settled);
@@ -181,6 +204,11 @@ static bool config_watch_check(config_watch *w)
         const char *id = json_string_value(json_array_get(w->pending, i));
         state_proxy *p = id ? state_find_proxy(dep, id) : NULL;
         if (p && p->declared && p->config_version < w->version) {
+            bool edited = config_diverged(p) > 0;
+            if (edited != json_is_true(json_object_get(w->edited, id))) { /* say so */
+                json_object_set_new(w->edited, id, json_boolean(edited));
+                w->dirty = true;
+            }
             i++;
             continue;
         }
@@ -267,6 +295,7 @@ static void config_watch_add(const char *deployment, int64_t op_id, int64_t vers
     w->since_ms = control_mono_ms();
     w->recovered = recovered;
     w->pending = pending;
+    w->edited = json_object();
     snprintf(w->head, sizeof(w->head), "%s", head);
     w->next = config_watches;
     config_watches = w;
@@ -448,6 +477,17 @@ void config_apply_refused(operator_op *op, const char *node_id, const char *deta
     config_roll_back(op, 409, why);
 }
 
+/* A live declared proxy reports a local edit of its file: the same text again makes a new
+ * version, whose commit replaces the edit (the operator's way to overwrite it). */
+static bool config_any_diverged(state_deployment *dep)
+{
+    int64_t now = control_now_ms();
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        if (p->declared && state_proxy_live(p, now) && config_diverged(p) > 0)
+            return true;
+    return false;
+}
+
 /* The same text as the deployment's current version: nothing to apply, no new version. The
  * answer says which live proxies are on it (the others converge to it). */
 static void config_unchanged(operator_op *op, int64_t version)
@@ -497,7 +537,7 @@ void operator_config_apply(http_call *call)
         return;
     }
     op->dep->config_version = current;
-    if (current_text && strcmp(current_text, text) == 0) {
+    if (current_text && strcmp(current_text, text) == 0 && !config_any_diverged(op->dep)) {
         free(current_text);
         config_unchanged(op, current);
         return;
