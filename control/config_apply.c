@@ -19,6 +19,7 @@
 #include "log.h"
 #include "operator_internal.h"
 #include "store.h"
+#include "store_worker.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -573,11 +574,44 @@ void operator_config_apply(http_call *call)
 
 /* ---- the desired version ---- */
 
+/* The desired version's text, read by the store worker: a slow store holds this agent's
+ * request, not the event loop. */
+typedef struct config_desired_job {
+    store_job job;
+    struct evhttp_request *req; /* answered by config_desired_done */
+    char deployment[CCONFIG_NAME_MAX];
+    int64_t version;
+    char *text; /* malloc'd (worker), NULL before the first commit */
+} config_desired_job;
+
+static int config_desired_run(store_job *job)
+{
+    config_desired_job *j = (config_desired_job *)job;
+    return store_config_current(j->deployment, &j->version, &j->text);
+}
+
+static void config_desired_done(store_job *job)
+{
+    config_desired_job *j = (config_desired_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    if (!dep) {
+        http_reply_error(j->req, 503, "not serving: %s",
+                         control.active ? "the deployment is no longer known" : "state dropped");
+    } else if (j->job.rc != 0) {
+        http_reply_error(j->req, 503, "store unreachable: %s", j->job.error);
+    } else {
+        dep->config_version = j->version;
+        http_reply_json(j->req, 200,
+                        json_pack("{s:I, s:o}", "version", (json_int_t)j->version, "text",
+                                  j->text ? json_string(j->text) : json_null()));
+    }
+    free(j->text);
+    free(j);
+}
+
 void operator_config_desired(http_call *call)
 {
     const char *node_id = evhttp_find_header(&call->query, "node_id");
-    int64_t version = 0;
-    char *text = NULL;
     if (!node_id || !http_node_id_valid(node_id)) {
         http_reply_error(call->req, 400,
                          "query parameter node_id must be 1 to %d printable "
@@ -591,15 +625,16 @@ void operator_config_desired(http_call *call)
                          call->dep->name);
         return;
     }
-    if (store_config_current(call->dep->name, &version, &text) != 0) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    config_desired_job *job = calloc(1, sizeof(*job));
+    if (!job) {
+        http_reply_error(call->req, 500, "out of memory");
         return;
     }
-    call->dep->config_version = version;
-    http_reply_json(call->req, 200,
-                    json_pack("{s:I, s:o}", "version", (json_int_t)version, "text",
-                              text ? json_string(text) : json_null()));
-    free(text);
+    job->req = call->req;
+    snprintf(job->deployment, sizeof(job->deployment), "%s", call->dep->name);
+    job->job.run = config_desired_run;
+    job->job.done = config_desired_done;
+    store_worker_submit(&job->job);
 }
 
 /* ---- recovery by the next lease holder ---- */
