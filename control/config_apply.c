@@ -119,6 +119,8 @@ typedef struct config_watch {
     int64_t since_ms;      /* monotonic: the commit (or this replica's take-over) */
     bool recovered;        /* taken over from another replica: since_ms is not the commit */
     bool dirty;            /* the record does not say what the lists say yet */
+    bool writing;          /* its record's update is with the store worker */
+    uint64_t id;           /* this watch (a job finds it again by it) */
     json_t *pending;       /* node ids not on the version yet */
     json_t *edited;        /* {node id: true} of the pending ones with a local edit */
     char head[OPERATOR_DETAIL_MAX];    /* "version 3 committed on 1 of 2 proxies" */
@@ -127,6 +129,7 @@ typedef struct config_watch {
 
 static config_watch *config_watches;
 static struct event *config_watch_timer;
+static uint64_t config_watch_ids; /* the last config_watch.id given */
 
 static void config_watch_free(config_watch *w)
 {
@@ -194,13 +197,75 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
                  w->settled);
 }
 
-/* Look at w's pending proxies and update its record. True when w is finished with. */
+/* The record's update, written by the store worker: a slow store holds this write, not the
+ * event loop. Back on the loop, the watch (found again by its operation: it may be gone) is
+ * clean, and finished when the record says "done". */
+typedef struct config_watch_job {
+    store_job job;
+    uint64_t watch;                  /* the config_watch.id it writes for */
+    int64_t op_id;
+    bool done;                       /* the record goes to "done" */
+    char outcome[CONFIG_OUTCOME_MAX];
+} config_watch_job;
+
+static int config_watch_record_run(store_job *job)
+{
+    config_watch_job *j = (config_watch_job *)job;
+    return store_config_end(j->op_id, j->done ? "done" : "committed", j->outcome);
+}
+
+static void config_watch_record_done(store_job *job)
+{
+    config_watch_job *j = (config_watch_job *)job;
+    for (config_watch **pw = &config_watches; *pw; pw = &(*pw)->next) {
+        config_watch *w = *pw;
+        if (w->id != j->watch) /* gone (lease lost) or loaded again: not this job's */
+            continue;
+        w->writing = false;
+        if (j->job.rc != 0) {
+            log_error("deployment %s: operation %" PRId64 ": cannot record its progress: %s "
+                      "(tried again in %d ms)",
+                      w->deployment, w->op_id, j->job.error, CONFIG_WATCH_MS);
+            break;
+        }
+        w->dirty = false;
+        if (j->done) {
+            log_info("deployment %s: operation %" PRId64 ": %s", w->deployment, w->op_id,
+                     j->outcome);
+            *pw = w->next;
+            config_watch_free(w);
+        }
+        break;
+    }
+    free(j);
+}
+
+/* Queue the record's update to outcome; w waits for it (writing). */
+static void config_watch_record(config_watch *w, const char *outcome)
+{
+    config_watch_job *j = calloc(1, sizeof(*j));
+    if (!j)
+        return; /* dirty: tried again at the next tick */
+    j->watch = w->id;
+    j->op_id = w->op_id;
+    j->done = json_array_size(w->pending) == 0;
+    snprintf(j->outcome, sizeof(j->outcome), "%s", outcome);
+    j->job.run = config_watch_record_run;
+    j->job.done = config_watch_record_done;
+    w->writing = true;
+    store_worker_submit(&j->job);
+}
+
+/* Look at w's pending proxies and queue its record's update when they changed. True when w is
+ * finished with (its deployment is gone). */
 static bool config_watch_check(config_watch *w)
 {
     char outcome[CONFIG_OUTCOME_MAX], note[OPERATOR_DETAIL_MAX];
     state_deployment *dep = state_find_deployment(w->deployment);
     if (!dep)
-        return true; /* deleted, with its operations */
+        return !w->writing; /* deleted, with its operations */
+    if (w->writing)
+        return false; /* looked at again once its record is written */
     for (size_t i = 0; i < json_array_size(w->pending);) {
         const char *id = json_string_value(json_array_get(w->pending, i));
         state_proxy *p = id ? state_find_proxy(dep, id) : NULL;
@@ -229,18 +294,9 @@ static bool config_watch_check(config_watch *w)
     }
     if (!w->dirty)
         return false;
-    bool done = json_array_size(w->pending) == 0;
     config_watch_outcome(w, outcome, sizeof(outcome));
-    if (store_config_end(w->op_id, done ? "done" : "committed", outcome) != 0) {
-        log_error("deployment %s: operation %" PRId64 ": cannot record its progress: %s (tried "
-                  "again in %d ms)",
-                  w->deployment, w->op_id, store_error(), CONFIG_WATCH_MS);
-        return false;
-    }
-    w->dirty = false;
-    if (done)
-        log_info("deployment %s: operation %" PRId64 ": %s", w->deployment, w->op_id, outcome);
-    return done;
+    config_watch_record(w, outcome);
+    return false;
 }
 
 static void config_watch_arm(void);
@@ -291,6 +347,7 @@ static void config_watch_add(const char *deployment, int64_t op_id, int64_t vers
         json_decref(pending);
         return;
     }
+    w->id = ++config_watch_ids;
     w->op_id = op_id;
     w->version = version;
     w->since_ms = control_mono_ms();
