@@ -44,7 +44,7 @@ DEB_BENCH := pgbouncer haproxy postgresql-contrib
 DEB_PATRONI := patroni etcd-server etcd-client haproxy
 
 PROXY_PKGS := libevent inih jansson openssl
-AGENT_PKGS := libevent libpq inih libcurl jansson
+AGENT_PKGS := libevent libpq inih libcurl jansson openssl
 CONTROL_PKGS := libevent libevent_openssl libpq inih jansson openssl
 CTL_PKGS   := libcurl jansson
 UNIT_PKGS  := cmocka inih openssl

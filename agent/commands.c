@@ -6,6 +6,7 @@
  * memory shows the effect, so that an acknowledgement means it happened.
  */
 #include "channel.h"
+#include "config_local.h"
 #include "control.h"
 #include "fence.h"
 #include "log.h"
@@ -134,7 +135,8 @@ done:
  * config_prepare checks a text and keeps it durably in PATH.prepared.VERSION (PATH: the
  * running pgrelay.ini), so that a restart between prepare and commit can still commit it;
  * config_commit replaces PATH with that file's text and reloads; config_abort drops it. The
- * version applied is kept in PATH.version, so that a restarted proxy reports it. A proxy
+ * version applied is kept in PATH.version with a digest of its text (config_local.c), so that
+ * a restarted proxy reports it and a hand edit is noticed. A proxy
  * whose version is not the deployment's desired one fetches that and applies it the same way
  * (control_config_converge). One lock serialises them: the poller and the reporter may both
  * apply. */
@@ -361,26 +363,30 @@ static int reload_and_wait(char *detail, size_t len)
     return -1;
 }
 
-/* Write text as version into the running file, reload, and remember the version. */
+/* Write text as version into the running file, reload, and remember the version with its
+ * digest (config_local.c). */
 static int config_install(const char *text, int64_t version, char *detail, size_t len)
 {
-    char vpath[CONFIG_PATH_MAX], vtext[32], ignored[256];
+    char vpath[CONFIG_PATH_MAX], vtext[128], ignored[256];
     config *cur = malloc(sizeof(*cur));
     if (!cur) {
         snprintf(detail, len, "out of memory");
         return -1;
     }
     shm_settings_read(control.shm, cur);
+    config_local_begin();
     int rc = write_file(cur->path, text, detail, len);
     if (rc == 0)
         rc = reload_and_wait(detail, len);
+    if (config_local_end(cur->path, rc == 0 ? version : 0, text, vtext, sizeof(vtext)) == 0) {
+        snprintf(vpath, sizeof(vpath), "%s" CONFIG_VERSION_SUFFIX, cur->path);
+        if (write_file(vpath, vtext, ignored, sizeof(ignored)) != 0)
+            log_warning("control plane: configuration version %lld applied, but %s (after a "
+                        "restart this proxy will not claim it)",
+                        (long long)version, ignored);
+    }
     if (rc == 0) {
         atomic_store(&control.shm->config_version, (uint64_t)version);
-        snprintf(vpath, sizeof(vpath), "%s" CONFIG_VERSION_SUFFIX, cur->path);
-        snprintf(vtext, sizeof(vtext), "%lld\n", (long long)version);
-        if (write_file(vpath, vtext, ignored, sizeof(ignored)) != 0)
-            log_warning("control plane: configuration version %lld applied, but %s",
-                        (long long)version, ignored);
         prepared_cleanup(cur->path, 0);
         snprintf(detail, len, "version %lld applied to %s", (long long)version, cur->path);
     }
@@ -408,7 +414,14 @@ static int cmd_config_prepare(json_t *args, char *detail, size_t len)
     if (write_file(path, text, detail, len) != 0)
         goto done;
     prepared_cleanup(cur->path, version);
-    snprintf(detail, len, "version %lld is valid here, kept in %s", (long long)version, path);
+    int64_t edited = config_local_diverged();
+    if (edited > 0)
+        snprintf(detail, len, "version %lld is valid here, kept in %s; its commit replaces a "
+                 "local edit of %s (it no longer matched version %lld)",
+                 (long long)version, path, cur->path, (long long)edited);
+    else
+        snprintf(detail, len, "version %lld is valid here, kept in %s", (long long)version,
+                 path);
     rc = 0;
 done:
     pthread_mutex_unlock(&config_lock);
@@ -483,20 +496,10 @@ int control_config_converge(int64_t version, const char *text, char *detail, siz
 
 void control_config_init(const char *path)
 {
-    char vpath[CONFIG_PATH_MAX];
-    if (atomic_load(&control.shm->config_version) != 0)
-        return; /* the master kept it: this is a restarted agent */
-    snprintf(vpath, sizeof(vpath), "%s" CONFIG_VERSION_SUFFIX, path);
-    char *text = read_file(vpath);
-    if (!text)
-        return;
-    char *end;
-    long long v = strtoll(text, &end, 10);
-    if (v > 0 && (*end == '\n' || *end == '\0')) {
+    int64_t kept = (int64_t)atomic_load(&control.shm->config_version);
+    int64_t v = config_local_init(path, kept);
+    if (kept == 0 && v > 0) /* else the master kept it: this is a restarted agent */
         atomic_store(&control.shm->config_version, (uint64_t)v);
-        log_info("control plane: configuration version %lld (from %s)", v, vpath);
-    }
-    free(text);
 }
 
 static int cmd_reload(json_t *args, char *detail, size_t len)

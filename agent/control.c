@@ -10,6 +10,7 @@
  */
 #include "control.h"
 #include "channel.h"
+#include "config_local.h"
 #include "http.h"
 #include "log.h"
 #include "normalize.h"
@@ -254,7 +255,7 @@ static json_t *metrics_body(const shm_route_table *t)
         "maintenance", atomic_load(&shm->maintenance) != 0, "maintenance_until_ms",
         (json_int_t)(until_us / 1000), "epoch", (json_int_t)t->epoch, "leader",
         leader ? json_string(leader) : json_null(), "config_version",
-        (json_int_t)atomic_load(&shm->config_version), "plan_changes",
+        (json_int_t)config_local_claimed(), "plan_changes",
         (json_int_t)atomic_load(&shm_plans_of(shm)->plan_changes), "nodes", routes_json(t));
 }
 
@@ -403,7 +404,7 @@ static json_t *config_body(const config *cfg)
         json_object_set_new(keys, name, json_string(value));
     }
     return json_pack("{s:s, s:I, s:o}", "node_id", control.node_id, "config_version",
-                     (json_int_t)atomic_load(&control.shm->config_version), "config", keys);
+                     (json_int_t)config_local_claimed(), "config", keys);
 }
 
 /* The leader's schema: tables with their columns and indexes, outside the system schemas. */
@@ -482,6 +483,7 @@ typedef struct reporter_state {
     bool registered;
     int64_t converge_failed;       /* desired config version that failed here last (0: none) */
     int64_t converge_retry_ms;     /* when to try that version again */
+    int64_t converge_held;         /* desired version not taken over a local edit (logged) */
 } reporter_state;
 
 static long post(http_client *c, const char *path, json_t *body, json_t **reply)
@@ -502,8 +504,17 @@ static void converge(reporter_state *r, http_client *c, json_t *reply)
     if (!json_is_integer(want) || json_integer_value(want) <= 0)
         return;
     int64_t version = json_integer_value(want);
-    if ((uint64_t)version == atomic_load(&control.shm->config_version))
+    if (version == config_local_claimed())
         return;
+    if (config_local_diverged() > 0) { /* a local edit: an operator decides (config_local.c) */
+        if (r->converge_held != version)
+            log_warning("control plane: not taking the deployment's configuration version %lld "
+                        "over the local edit of %s",
+                        (long long)version, r->cfg.path);
+        r->converge_held = version;
+        return;
+    }
+    r->converge_held = 0;
     if (version == r->converge_failed && now_ms() < r->converge_retry_ms)
         return;
     snprintf(path, sizeof(path), "/api/v1/agent/config?node_id=%s", control.node_id);
@@ -577,7 +588,7 @@ static void *reporter_main(void *arg)
             json_t *body = json_pack(
                 "{s:s, s:s, s:s, s:o, s:I, s:I, s:o, s:b}", "node_id", control.node_id,
                 "hostname", host, "version", PGRELAY_VERSION, "listen", addrs, "config_version",
-                (json_int_t)atomic_load(&control.shm->config_version), "epoch",
+                (json_int_t)config_local_claimed(), "epoch",
                 (json_int_t)t->epoch, "leader", leader ? json_string(leader) : json_null(),
                 "maintenance", atomic_load(&control.shm->maintenance) != 0);
             json_t *reply = NULL;
@@ -601,7 +612,12 @@ static void *reporter_main(void *arg)
         }
         if (ok) {
             json_t *reply = NULL;
-            status = post(&c, "/api/v1/agent/metrics", metrics_body(t), &reply);
+            config_local_check(r->cfg.path); /* a local edit: claim no version */
+            json_t *mbody = metrics_body(t);
+            if (mbody)
+                json_object_set_new(mbody, "config_diverged",
+                                    json_integer(config_local_diverged()));
+            status = post(&c, "/api/v1/agent/metrics", mbody, &reply);
             if (status == 200) {
                 r->undeclared = false;
                 follow_options(reply);

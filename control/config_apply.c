@@ -19,6 +19,7 @@
 #include "log.h"
 #include "operator_internal.h"
 #include "store.h"
+#include "store_worker.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -92,6 +93,14 @@ static json_t *config_version_args(int64_t version, int64_t op_id)
     return json_pack("{s:I, s:I}", "version", (json_int_t)version, "operation", (json_int_t)op_id);
 }
 
+/* The configuration version whose file p's agent found edited by hand (its last metrics
+ * report's config_diverged), or 0. */
+static int64_t config_diverged(const state_proxy *p)
+{
+    json_t *v = json_object_get(p->last_metrics, "config_diverged");
+    return json_is_integer(v) ? json_integer_value(v) : 0;
+}
+
 /* ---- committed, not yet everywhere ----
  *
  * A version committed while some proxies of its set had not acknowledged it is watched: each
@@ -110,17 +119,22 @@ typedef struct config_watch {
     int64_t since_ms;      /* monotonic: the commit (or this replica's take-over) */
     bool recovered;        /* taken over from another replica: since_ms is not the commit */
     bool dirty;            /* the record does not say what the lists say yet */
+    bool writing;          /* its record's update is with the store worker */
+    uint64_t id;           /* this watch (a job finds it again by it) */
     json_t *pending;       /* node ids not on the version yet */
+    json_t *edited;        /* {node id: true} of the pending ones with a local edit */
     char head[OPERATOR_DETAIL_MAX];    /* "version 3 committed on 1 of 2 proxies" */
     char settled[OPERATOR_DETAIL_MAX]; /* "proxy-b on it after 3.1 s; proxy-c no longer ..." */
 } config_watch;
 
 static config_watch *config_watches;
 static struct event *config_watch_timer;
+static uint64_t config_watch_ids; /* the last config_watch.id given */
 
 static void config_watch_free(config_watch *w)
 {
     json_decref(w->pending);
+    json_decref(w->edited);
     free(w->deployment);
     free(w);
 }
@@ -159,6 +173,19 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
 {
     char pending[OPERATOR_DETAIL_MAX];
     config_join_ids(w->pending, pending, sizeof(pending));
+    state_deployment *dep = state_find_deployment(w->deployment);
+    size_t i, used = strlen(pending);
+    json_t *id;
+    json_array_foreach(w->pending, i, id)
+    {
+        state_proxy *p = dep ? state_find_proxy(dep, json_string_value(id)) : NULL;
+        int64_t edited = p ? config_diverged(p) : 0;
+        if (edited > 0 && used < sizeof(pending))
+            used += (size_t)snprintf(pending + used, sizeof(pending) - used,
+                                     "; %s has a local edit of version %" PRId64
+                                     " and waits for an operator",
+                                     json_string_value(id), edited);
+    }
     if (json_array_size(w->pending) == 0)
         snprintf(out, len, "%s; version %" PRId64 " on every proxy of its set now (%s)", w->head,
                  w->version, w->settled);
@@ -170,17 +197,84 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
                  w->settled);
 }
 
-/* Look at w's pending proxies and update its record. True when w is finished with. */
+/* The record's update, written by the store worker: a slow store holds this write, not the
+ * event loop. Back on the loop, the watch (found again by its operation: it may be gone) is
+ * clean, and finished when the record says "done". */
+typedef struct config_watch_job {
+    store_job job;
+    uint64_t watch;                  /* the config_watch.id it writes for */
+    int64_t op_id;
+    bool done;                       /* the record goes to "done" */
+    char outcome[CONFIG_OUTCOME_MAX];
+} config_watch_job;
+
+static int config_watch_record_run(store_job *job)
+{
+    config_watch_job *j = (config_watch_job *)job;
+    return store_config_end(j->op_id, j->done ? "done" : "committed", j->outcome);
+}
+
+static void config_watch_record_done(store_job *job)
+{
+    config_watch_job *j = (config_watch_job *)job;
+    for (config_watch **pw = &config_watches; *pw; pw = &(*pw)->next) {
+        config_watch *w = *pw;
+        if (w->id != j->watch) /* gone (lease lost) or loaded again: not this job's */
+            continue;
+        w->writing = false;
+        if (j->job.rc != 0) {
+            log_error("deployment %s: operation %" PRId64 ": cannot record its progress: %s "
+                      "(tried again in %d ms)",
+                      w->deployment, w->op_id, j->job.error, CONFIG_WATCH_MS);
+            break;
+        }
+        w->dirty = false;
+        if (j->done) {
+            log_info("deployment %s: operation %" PRId64 ": %s", w->deployment, w->op_id,
+                     j->outcome);
+            *pw = w->next;
+            config_watch_free(w);
+        }
+        break;
+    }
+    free(j);
+}
+
+/* Queue the record's update to outcome; w waits for it (writing). */
+static void config_watch_record(config_watch *w, const char *outcome)
+{
+    config_watch_job *j = calloc(1, sizeof(*j));
+    if (!j)
+        return; /* dirty: tried again at the next tick */
+    j->watch = w->id;
+    j->op_id = w->op_id;
+    j->done = json_array_size(w->pending) == 0;
+    snprintf(j->outcome, sizeof(j->outcome), "%s", outcome);
+    j->job.run = config_watch_record_run;
+    j->job.done = config_watch_record_done;
+    w->writing = true;
+    store_worker_submit(&j->job);
+}
+
+/* Look at w's pending proxies and queue its record's update when they changed. True when w is
+ * finished with (its deployment is gone). */
 static bool config_watch_check(config_watch *w)
 {
     char outcome[CONFIG_OUTCOME_MAX], note[OPERATOR_DETAIL_MAX];
     state_deployment *dep = state_find_deployment(w->deployment);
     if (!dep)
-        return true; /* deleted, with its operations */
+        return !w->writing; /* deleted, with its operations */
+    if (w->writing)
+        return false; /* looked at again once its record is written */
     for (size_t i = 0; i < json_array_size(w->pending);) {
         const char *id = json_string_value(json_array_get(w->pending, i));
         state_proxy *p = id ? state_find_proxy(dep, id) : NULL;
         if (p && p->declared && p->config_version < w->version) {
+            bool edited = config_diverged(p) > 0;
+            if (edited != json_is_true(json_object_get(w->edited, id))) { /* say so */
+                json_object_set_new(w->edited, id, json_boolean(edited));
+                w->dirty = true;
+            }
             i++;
             continue;
         }
@@ -200,18 +294,9 @@ static bool config_watch_check(config_watch *w)
     }
     if (!w->dirty)
         return false;
-    bool done = json_array_size(w->pending) == 0;
     config_watch_outcome(w, outcome, sizeof(outcome));
-    if (store_config_end(w->op_id, done ? "done" : "committed", outcome) != 0) {
-        log_error("deployment %s: operation %" PRId64 ": cannot record its progress: %s (tried "
-                  "again in %d ms)",
-                  w->deployment, w->op_id, store_error(), CONFIG_WATCH_MS);
-        return false;
-    }
-    w->dirty = false;
-    if (done)
-        log_info("deployment %s: operation %" PRId64 ": %s", w->deployment, w->op_id, outcome);
-    return done;
+    config_watch_record(w, outcome);
+    return false;
 }
 
 static void config_watch_arm(void);
@@ -262,11 +347,13 @@ static void config_watch_add(const char *deployment, int64_t op_id, int64_t vers
         json_decref(pending);
         return;
     }
+    w->id = ++config_watch_ids;
     w->op_id = op_id;
     w->version = version;
     w->since_ms = control_mono_ms();
     w->recovered = recovered;
     w->pending = pending;
+    w->edited = json_object();
     snprintf(w->head, sizeof(w->head), "%s", head);
     w->next = config_watches;
     config_watches = w;
@@ -448,6 +535,17 @@ void config_apply_refused(operator_op *op, const char *node_id, const char *deta
     config_roll_back(op, 409, why);
 }
 
+/* A live declared proxy reports a local edit of its file: the same text again makes a new
+ * version, whose commit replaces the edit (the operator's way to overwrite it). */
+static bool config_any_diverged(state_deployment *dep)
+{
+    int64_t now = control_now_ms();
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        if (p->declared && state_proxy_live(p, now) && config_diverged(p) > 0)
+            return true;
+    return false;
+}
+
 /* The same text as the deployment's current version: nothing to apply, no new version. The
  * answer says which live proxies are on it (the others converge to it). */
 static void config_unchanged(operator_op *op, int64_t version)
@@ -497,7 +595,7 @@ void operator_config_apply(http_call *call)
         return;
     }
     op->dep->config_version = current;
-    if (current_text && strcmp(current_text, text) == 0) {
+    if (current_text && strcmp(current_text, text) == 0 && !config_any_diverged(op->dep)) {
         free(current_text);
         config_unchanged(op, current);
         return;
@@ -533,11 +631,44 @@ void operator_config_apply(http_call *call)
 
 /* ---- the desired version ---- */
 
+/* The desired version's text, read by the store worker: a slow store holds this agent's
+ * request, not the event loop. */
+typedef struct config_desired_job {
+    store_job job;
+    struct evhttp_request *req; /* answered by config_desired_done */
+    char deployment[CCONFIG_NAME_MAX];
+    int64_t version;
+    char *text; /* malloc'd (worker), NULL before the first commit */
+} config_desired_job;
+
+static int config_desired_run(store_job *job)
+{
+    config_desired_job *j = (config_desired_job *)job;
+    return store_config_current(j->deployment, &j->version, &j->text);
+}
+
+static void config_desired_done(store_job *job)
+{
+    config_desired_job *j = (config_desired_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    if (!dep) {
+        http_reply_error(j->req, 503, "not serving: %s",
+                         control.active ? "the deployment is no longer known" : "state dropped");
+    } else if (j->job.rc != 0) {
+        http_reply_error(j->req, 503, "store unreachable: %s", j->job.error);
+    } else {
+        dep->config_version = j->version;
+        http_reply_json(j->req, 200,
+                        json_pack("{s:I, s:o}", "version", (json_int_t)j->version, "text",
+                                  j->text ? json_string(j->text) : json_null()));
+    }
+    free(j->text);
+    free(j);
+}
+
 void operator_config_desired(http_call *call)
 {
     const char *node_id = evhttp_find_header(&call->query, "node_id");
-    int64_t version = 0;
-    char *text = NULL;
     if (!node_id || !http_node_id_valid(node_id)) {
         http_reply_error(call->req, 400,
                          "query parameter node_id must be 1 to %d printable "
@@ -551,15 +682,16 @@ void operator_config_desired(http_call *call)
                          call->dep->name);
         return;
     }
-    if (store_config_current(call->dep->name, &version, &text) != 0) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    config_desired_job *job = calloc(1, sizeof(*job));
+    if (!job) {
+        http_reply_error(call->req, 500, "out of memory");
         return;
     }
-    call->dep->config_version = version;
-    http_reply_json(call->req, 200,
-                    json_pack("{s:I, s:o}", "version", (json_int_t)version, "text",
-                              text ? json_string(text) : json_null()));
-    free(text);
+    job->req = call->req;
+    snprintf(job->deployment, sizeof(job->deployment), "%s", call->dep->name);
+    job->job.run = config_desired_run;
+    job->job.done = config_desired_done;
+    store_worker_submit(&job->job);
 }
 
 /* ---- recovery by the next lease holder ---- */

@@ -102,6 +102,17 @@ static bool get_plan_changes(const state_proxy *p, int64_t now, double *out)
     return true;
 }
 
+/* The configuration version whose file the proxy's agent found edited by hand (0: none). */
+static bool get_config_diverged(const state_proxy *p, int64_t now, double *out)
+{
+    json_t *v = json_object_get(p->last_metrics, "config_diverged");
+    (void)now;
+    if (!json_is_integer(v))
+        return false;
+    *out = (double)json_integer_value(v);
+    return true;
+}
+
 static const metrics_family metrics_proxy_families[] = {
     {"pgrelay_proxy_clients", "gauge", "Client sessions of the proxy (last sample).", get_clients},
     {"pgrelay_proxy_statements_total", "counter", "Statements relayed since the proxy started.",
@@ -117,6 +128,9 @@ static const metrics_family metrics_proxy_families[] = {
     {"pgrelay_proxy_epoch", "gauge", "Leader epoch the proxy reports.", get_epoch},
     {"pgrelay_proxy_maintenance", "gauge", "1 while the proxy is in maintenance mode.",
      get_maintenance},
+    {"pgrelay_proxy_config_diverged", "gauge",
+     "Configuration version the proxy's file no longer matches (a local edit; 0: none).",
+     get_config_diverged},
     {"pgrelay_proxy_config_version", "gauge", "Configuration version applied on the proxy.",
      get_config_version},
     {"pgrelay_proxy_live", "gauge", "1 while the proxy's last request is recent enough.", get_live},

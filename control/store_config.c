@@ -98,8 +98,11 @@ int store_config_prepared(int64_t op_id, int64_t command_id)
                : -1;
 }
 
-int store_config_commit(const char *deployment, int64_t version, int64_t op_id,
-                        const char *detail)
+/* The decision's write (commit or rollback): sql takes the guard, then $4 the deployment, $5
+ * the version, $6 the operation and $7 the detail or outcome, and returns the operation's id
+ * when it wrote. 0, or -1. */
+static int store_cfg_decide(const char *what, const char *sql, const char *deployment,
+                            int64_t version, int64_t op_id, const char *detail)
 {
     const char *params[STORE_CFG_PARAMS];
     char term[STORE_INT_MAX], v[STORE_INT_MAX], id[STORE_INT_MAX];
@@ -108,50 +111,45 @@ int store_config_commit(const char *deployment, int64_t version, int64_t op_id,
     params[n++] = fmt_int(v, version);
     params[n++] = fmt_int(id, op_id);
     params[n++] = detail;
+    return store_cfg_write_one(what, sql, n, params, NULL) > 0 ? 0 : -1;
+}
+
+int store_config_commit(const char *deployment, int64_t version, int64_t op_id,
+                        const char *detail)
+{
     /* the decision: the version is the deployment's and the operation is at its commit step,
      * together */
-    return store_cfg_write_one(
-               "configuration commit",
-               "WITH c AS (UPDATE pgrelay.config_versions SET state = 'committed',"
-               "   decided_at = now() WHERE deployment = $4 AND version = $5::bigint"
-               "   AND state = 'preparing' AND" STORE_CFG_GUARD " RETURNING version)"
-               " UPDATE pgrelay.operations SET step = 'commit', steps = steps ||"
-               "  jsonb_build_object('step', 'commit', 'at', now(), 'detail', $7::text)"
-               " FROM c WHERE id = $6::bigint AND state = 'running' RETURNING id",
-               n, params, NULL) > 0
-               ? 0
-               : -1;
+    return store_cfg_decide(
+        "configuration commit",
+        "WITH c AS (UPDATE pgrelay.config_versions SET state = 'committed',"
+        "   decided_at = now() WHERE deployment = $4 AND version = $5::bigint"
+        "   AND state = 'preparing' AND" STORE_CFG_GUARD " RETURNING version)"
+        " UPDATE pgrelay.operations SET step = 'commit', steps = steps ||"
+        "  jsonb_build_object('step', 'commit', 'at', now(), 'detail', $7::text)"
+        " FROM c WHERE id = $6::bigint AND state = 'running' RETURNING id",
+        deployment, version, op_id, detail);
 }
 
 int store_config_roll_back(const char *deployment, int64_t version, int64_t op_id,
                            const char *outcome)
 {
-    const char *params[STORE_CFG_PARAMS];
-    char term[STORE_INT_MAX], v[STORE_INT_MAX], id[STORE_INT_MAX];
-    int n = store_cfg_params(params, term);
-    params[n++] = deployment;
-    params[n++] = fmt_int(v, version);
-    params[n++] = fmt_int(id, op_id);
-    params[n++] = outcome;
     /* the version goes (its number is free again), the operation ends rolled back, and its
      * commands that were not answered are withdrawn: together */
-    return store_cfg_write_one(
-               "configuration rollback",
-               "WITH o AS (UPDATE pgrelay.operations SET state = 'rolled_back', outcome = $7,"
-               "   ended_at = now(), steps = steps || jsonb_build_object('step',"
-               "    'rolled_back', 'at', now(), 'detail', $7::text)"
-               "  WHERE id = $6::bigint AND state = 'running' AND" STORE_CFG_GUARD
-               "  RETURNING id),"
-               " d AS (DELETE FROM pgrelay.config_versions USING o WHERE deployment = $4"
-               "   AND version = $5::bigint AND state = 'preparing'),"
-               " w AS (UPDATE pgrelay.command_acks a SET acked_at = now(), ok = false,"
-               "   detail = 'cancelled: the configuration apply was rolled back'"
-               "  FROM pgrelay.commands c, o WHERE c.id = a.command_id AND a.acked_at IS NULL"
-               "   AND c.args->>'operation' = o.id::text)"
-               " SELECT id FROM o",
-               n, params, NULL) > 0
-               ? 0
-               : -1;
+    return store_cfg_decide(
+        "configuration rollback",
+        "WITH o AS (UPDATE pgrelay.operations SET state = 'rolled_back', outcome = $7,"
+        "   ended_at = now(), steps = steps || jsonb_build_object('step',"
+        "    'rolled_back', 'at', now(), 'detail', $7::text)"
+        "  WHERE id = $6::bigint AND state = 'running' AND" STORE_CFG_GUARD
+        "  RETURNING id),"
+        " d AS (DELETE FROM pgrelay.config_versions USING o WHERE deployment = $4"
+        "   AND version = $5::bigint AND state = 'preparing'),"
+        " w AS (UPDATE pgrelay.command_acks a SET acked_at = now(), ok = false,"
+        "   detail = 'cancelled: the configuration apply was rolled back'"
+        "  FROM pgrelay.commands c, o WHERE c.id = a.command_id AND a.acked_at IS NULL"
+        "   AND c.args->>'operation' = o.id::text)"
+        " SELECT id FROM o",
+        deployment, version, op_id, outcome);
 }
 
 int store_config_end(int64_t op_id, const char *state, const char *outcome)

@@ -92,6 +92,23 @@ def test_a_commit_refused_by_one_proxy_is_committed_with_it_pending_and_pgrelayc
     assert op["ended"] is not None, op
 
 
+def test_a_committed_operation_is_watched_again_by_the_next_control_plane(control_factory,
+                                                                            agents):
+    c1 = control_factory()
+    agents(c1, "proxy-a")
+    b = agents(c1, "proxy-b", policy=refuse_commit)
+    status, answer = c1.admin("POST", "/deployments/prod/config", {"text": TEXT})
+    assert status == 200 and answer["state"] == "committed", answer
+    assert c1.stop() == 0
+    c2 = control_factory()
+    b.control = c2
+    assert operation(c2)["state"] == "committed"
+    b.metrics(config_version=1)
+    wait_for(lambda: operation(c2)["state"] == "done",
+             what="the next control plane to record the operation done")
+    assert "proxy-b on version 1" in operation(c2)["outcome"]
+
+
 def test_a_pending_proxy_that_is_deleted_is_no_longer_waited_for(control, agents):
     agents(control, "proxy-a")
     agents(control, "proxy-b", policy=refuse_commit)
