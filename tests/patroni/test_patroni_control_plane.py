@@ -16,7 +16,6 @@ while the old primary still answers.
 import contextlib
 import os
 import signal
-import threading
 import time
 import uuid
 
@@ -25,33 +24,11 @@ import pytest
 
 from cluster import destroy_relay, start_ha_relay
 from conftest import wait_for
+from loadgen import Writer
 from control_e2e_helpers import PROD_TOKEN, ControlPlane, cleanup_dir, make_root
 from patroni_cluster import AGENT, TTL, _NoCluster
 
 pytestmark = pytest.mark.deadline(240)
-
-
-class PortWriter(threading.Thread):
-    """New sessions through pgrelay, one INSERT each, remembering on which server port each
-    acknowledged write landed and when."""
-
-    def __init__(self, relay):
-        super().__init__(daemon=True)
-        self.relay = relay
-        self.stop = threading.Event()
-        self.acks = []  # (monotonic time of the acknowledgement, server port)
-
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                with psycopg.connect(host="127.0.0.1", port=self.relay.port, user="postgres",
-                                     dbname="postgres", connect_timeout=3,
-                                     autocommit=True) as c:
-                    port = c.execute("INSERT INTO cp_writes VALUES (DEFAULT) "
-                                     "RETURNING inet_server_port()").fetchone()[0]
-                self.acks.append((time.monotonic(), port))
-            except psycopg.Error:
-                time.sleep(0.05)
 
 
 @pytest.fixture
@@ -96,11 +73,13 @@ def test_kill_9_of_the_leaders_patroni_moves_the_control_planes_leader(stack, co
              what=f"the control plane to name {old}")
     stack.run_on_leader("DROP TABLE IF EXISTS cp_writes; "
                         "CREATE TABLE cp_writes (id bigserial PRIMARY KEY)")
-    writer = PortWriter(relay)
-    writer.start()
+    # a new session per write, each one INSERT: (seq, sent, acknowledged, server port)
+    writer = Writer(relay, lambda conn, seq: conn.execute(
+        "INSERT INTO cp_writes VALUES (DEFAULT) RETURNING inet_server_port()").fetchone(),
+        session_per_row=True, pause=0.05, connect_timeout=3).start()
     try:
         old_port = stack.member(old).pg_port
-        wait_for(lambda: any(p == old_port for _, p in writer.acks), timeout=30,
+        wait_for(lambda: any(w[3] == old_port for w in writer.ok), timeout=30,
                  what=f"writes through pgrelay on {old}")
         epoch_before = control.deployment()["epoch"]
 
@@ -117,11 +96,10 @@ def test_kill_9_of_the_leaders_patroni_moves_the_control_planes_leader(stack, co
         dep = wait_for(lambda: (lambda d: d["leader"] == new and d)(control.deployment()),
                        timeout=30, what=f"the control plane to move the leader to {new}")
         assert dep["epoch"] > epoch_before, dep
-        wait_for(lambda: any(t > named_at and p == promoted.pg_port for t, p in writer.acks),
+        wait_for(lambda: any(w[2] > named_at and w[3] == promoted.pg_port for w in writer.ok),
                  timeout=30, what=f"writes through pgrelay on {new} while {old} is a primary")
     finally:
-        writer.stop.set()
-        writer.join(10)
+        writer.stop()
         stack.member(old).start()  # its Patroni demotes the old primary (as the scenarios do)
-    wrong = [(t, p) for t, p in writer.acks if t > named_at and p != promoted.pg_port]
+    wrong = [w for w in writer.ok if w[2] > named_at and w[3] != promoted.pg_port]
     assert not wrong, f"{len(wrong)} writes acknowledged on another member after etcd named {new}"
