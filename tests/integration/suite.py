@@ -22,6 +22,7 @@ pgrelay logs appended to a failure's report, and sanitizer reports failing a tes
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -105,8 +106,20 @@ def pytest_runtest_makereport(item, call):
             )
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """A pgrelay still running at the end of the session was left by a start that failed
+    half-way (e.g. control_e2e_helpers.start_proxy: up, but never ready): SIGKILL its process
+    group, so that it does not outlive the run on a shared machine, and say so."""
+    left = [r for r in _LIVE_RELAYS if r.proc.poll() is None]  # not reaped: pid not reused
+    for r in left:
+        r.kill()
+        print(f"\nsuite: killed pgrelay {r.pid} ({r.conf_path}), left running by its test",
+              file=sys.stderr)
+    _LIVE_RELAYS.clear()
+
+
 # every name, the private ones that helpers import from conftest included
 __all__ = sorted({*_pgserver_all, *_procs_all, *_rawclient_all, *_relays_all,
                   "DEFAULT_TEST_TIMEOUT", "SANITIZER_DIR", "no_sanitizer_reports",
                   "pytest_configure", "DeadlineExceeded", "pytest_runtest_call",
-                  "pytest_runtest_makereport"})
+                  "pytest_runtest_makereport", "pytest_sessionfinish"})
