@@ -1,0 +1,158 @@
+"""The agents' store work stays off the event loop (issue 9, Deliver 2): with the store holding
+one proxy's command rows (a test trigger makes every update of proxy-slow's rows wait for an
+advisory lock the test holds), its acknowledgement, and the delivery of `maintenance on` to its
+parked long poll, wait on the store worker, while /healthz, a view served from memory and
+another agent's metrics are answered at once. Once the store lets go, both complete."""
+
+import time
+
+import psycopg
+
+from conftest import wait_for
+from test_control_api import (  # noqa: F401 - fixtures
+    ADMIN,
+    API,
+    TOKENS,
+    Background,
+    SimAgent,
+    agents,
+    control,
+    control_factory,
+    store,
+)
+
+HOLD_KEY = 94210417  # the advisory lock the trigger waits for
+
+HOLD_SQL = f"""
+CREATE FUNCTION pgrelay.test_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared({HOLD_KEY});
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_hold BEFORE UPDATE ON pgrelay.command_acks FOR EACH ROW
+    WHEN (NEW.node_id = 'proxy-slow') EXECUTE FUNCTION pgrelay.test_hold();
+"""
+
+
+class StoreHold:
+    """While held, every update of proxy-slow's command rows waits in the store."""
+
+    def __init__(self, store):
+        self.store = store
+        with psycopg.connect(store, autocommit=True) as c:
+            c.execute(HOLD_SQL)
+        self.conn = psycopg.connect(store, autocommit=True)
+        self.conn.execute("SELECT pg_advisory_lock(%s)", (HOLD_KEY,))
+
+    def waiting(self):
+        """A statement of the control plane waits for the hold."""
+        with psycopg.connect(self.store, autocommit=True) as c:
+            return c.execute("SELECT count(*) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                             " AND wait_event = 'advisory' AND query LIKE '%command_acks%'"
+                             ).fetchone()[0] > 0
+
+    def release(self):
+        if self.conn is not None:
+            self.conn.execute("SELECT pg_advisory_unlock(%s)", (HOLD_KEY,))
+            self.conn.close()
+            self.conn = None
+
+
+def worst_answer(control, other, rounds=10):
+    """The slowest of /healthz, the proxies view and other's metrics, asked rounds times:
+    (seconds, which)."""
+    worst = (0.0, None)
+    for _ in range(rounds):
+        for what, ask in (
+                ("/healthz", lambda: control.call("GET", "/healthz", timeout=10)),
+                ("the proxies view",
+                 lambda: control.admin("GET", "/deployments/prod/proxies", timeout=10)),
+                ("another agent's metrics",
+                 lambda: other.post("/metrics", {"ts_ms": int(time.time() * 1000)}))):
+            t = time.monotonic()
+            status, body = ask()
+            worst = max(worst, (time.monotonic() - t, what), key=lambda w: w[0])
+            assert status == 200, (what, body)
+    return worst
+
+
+def maintenance_on(control):
+    """The operator's `maintenance on`, held until every proxy acknowledged, in a thread."""
+    return Background(control.port, "POST", API + "/deployments/prod/maintenance",
+                      {"on": True, "timeout_s": 60}, token=ADMIN, timeout=90)
+
+
+def command_for(agent):
+    """Poll (without waiting) until a command comes; it."""
+    got = []
+
+    def one():
+        status, body = agent.poll(wait_s=0)
+        assert status == 200, body
+        got.extend(body["commands"])
+        return bool(got)
+
+    wait_for(one, timeout=15, what=f"a command for {agent.node_id}")
+    return got[0]
+
+
+def test_an_acknowledgement_waiting_on_the_store_holds_no_other_request(control, store):
+    slow = SimAgent(control, "proxy-slow")
+    slow.register()
+    other = SimAgent(control, "proxy-other")
+    other.register()
+    op = maintenance_on(control)
+    cmd = command_for(slow)
+    assert command_for(other)["id"] == cmd["id"]
+    hold = StoreHold(store)
+    try:
+        ack = Background(control.port, "POST", f"{API}/agent/commands/{cmd['id']}/ack",
+                         {"node_id": "proxy-slow", "ok": True, "detail": "paused"},
+                         token=TOKENS["prod"], timeout=60)
+        wait_for(hold.waiting, timeout=10, what="the acknowledgement to wait in the store")
+        worst, what = worst_answer(control, other)
+        assert worst < 1.0, f"{what} waited {worst:.2f}s behind the acknowledgement"
+        assert not ack.done(), "the acknowledgement did not wait for the store"
+    finally:
+        hold.release()
+    status, body = ack.result(timeout=30)
+    assert status == 204, body
+    status, body = other.ack(cmd["id"])
+    assert status == 204, body
+    status, body = op.result(timeout=30)
+    assert status == 200 and body["ok"], body
+    print(f"worst answer while an acknowledgement waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_maintenance_on_while_a_parked_polls_delivery_waits_on_the_store_holds_no_other_request(
+        control, store):
+    slow = SimAgent(control, "proxy-slow")
+    slow.register()
+    other = SimAgent(control, "proxy-other")
+    other.register()
+    hold = StoreHold(store)
+    try:
+        poll = Background(control.port, "GET", API + "/agent/commands?node_id=proxy-slow&wait_s=20",
+                          token=TOKENS["prod"], timeout=60)
+        wait_for(lambda: "proxy proxy-slow polls for 20s" in control.log(), timeout=10,
+                 what="proxy-slow's long poll to park")
+        op = maintenance_on(control)
+        # the parked poll's read marks the new command delivered: it waits for the hold
+        wait_for(hold.waiting, timeout=10, what="the delivery to wait in the store")
+        worst, what = worst_answer(control, other)
+        assert worst < 1.0, f"{what} waited {worst:.2f}s behind the delivery"
+        assert not poll.done(), "the delivery did not wait for the store"
+    finally:
+        hold.release()
+    status, body = poll.result(timeout=30)
+    assert status == 200, body
+    [cmd] = body["commands"]
+    assert cmd["type"] == "maintenance" and cmd["args"]["on"] is True, cmd
+    assert command_for(other)["id"] == cmd["id"]
+    for agent in (slow, other):
+        status, answer = agent.ack(cmd["id"])
+        assert status == 204, answer
+    status, body = op.result(timeout=30)
+    assert status == 200 and body["ok"], body
+    print(f"worst answer while a delivery waited on the store: {worst * 1000:.0f} ms")
