@@ -6,6 +6,7 @@
 #include "members.h"
 #include "operator.h"
 #include "store.h"
+#include "store_members.h"
 #include "store_worker.h"
 
 #include <arpa/inet.h>
@@ -124,14 +125,18 @@ state_proxy *agents_caller(http_call *call)
     return node_id ? agents_proxy(call, node_id) : NULL;
 }
 
-static void agents_set_leader(state_proxy *p, json_t *v)
+static void agents_set_leader_text(state_proxy *p, const char *leader)
 {
-    const char *leader = json_is_string(v) ? json_string_value(v) : "";
     if (strcmp(p->leader, leader) != 0) {
         snprintf(p->leader, sizeof(p->leader), "%s", leader);
         p->dirty = true;
         state_decide_again(p->dep);
     }
+}
+
+static void agents_set_leader(state_proxy *p, json_t *v)
+{
+    agents_set_leader_text(p, json_is_string(v) ? json_string_value(v) : "");
 }
 
 static void agents_set_int(state_proxy *p, int64_t *field, int64_t v)
@@ -154,6 +159,101 @@ static bool agents_leader_field(http_call *call, json_t *obj, const char **out)
 }
 
 /* ---- register ---- */
+
+/* A registration's store work, done by the store worker: the member row first when the proxy is
+ * declared now (auto_declare), then its proxies row. */
+typedef struct agents_register_job {
+    store_job job;
+    struct evhttp_request *req; /* answered when the store is done */
+    char deployment[CCONFIG_NAME_MAX];
+    char node_id[STATE_NODE_ID_MAX];
+    bool declare;  /* auto_declare: declared once the member row is written */
+    char *row;     /* the proxies row (store_proxies_json) */
+    int64_t seen_ms; /* last_seen_ms written in it */
+    /* the proxy's claims, applied once it is declared (a pending proxy's feed no decision) */
+    int64_t config_version;
+    int64_t epoch;
+    bool maintenance;
+    char leader[STATE_NODE_NAME_MAX];
+} agents_register_job;
+
+/* What a register says of a declared proxy's state. */
+static void agents_register_claims(state_proxy *p, const agents_register_job *j)
+{
+    agents_set_int(p, &p->config_version, j->config_version);
+    agents_set_int(p, &p->epoch, j->epoch);
+    p->maintenance = j->maintenance;
+    agents_set_leader_text(p, j->leader);
+}
+
+/* The same on a copy of the proxy (its row before it is declared): no decision is told. */
+static void agents_register_claims_copy(state_proxy *row, const agents_register_job *j)
+{
+    if (j->config_version >= 0)
+        row->config_version = j->config_version;
+    if (j->epoch >= 0)
+        row->epoch = j->epoch;
+    row->maintenance = j->maintenance;
+    snprintf(row->leader, sizeof(row->leader), "%s", j->leader);
+}
+
+/* The answer to a register (the proxy is registered). */
+static void agents_register_answer(struct evhttp_request *req, const state_proxy *p)
+{
+    const char *dep = p->dep->name, *node_id = p->node_id;
+    log_level level = p->declared ? LOG_LVL_INFO : agents_pending_level();
+    if (log_current_level >= level)
+        log_msg(level, "deployment %s: proxy %s registered (host %s, version %s)%s", dep, node_id,
+                p->hostname[0] ? p->hostname : "?", p->version[0] ? p->version : "?",
+                p->declared ? "" : "; not declared: pending until an operator creates it");
+
+    int64_t wait_s = control.cfg->poll_wait_max_ms / MS_PER_S;
+    if (wait_s > AGENTS_POLL_WAIT_SUGGESTED_S)
+        wait_s = AGENTS_POLL_WAIT_SUGGESTED_S;
+    json_t *answer = json_pack("{s:s, s:s, s:I, s:b}", "deployment", dep, "node_id", node_id,
+                               "poll_wait_s", (json_int_t)wait_s, "declared", p->declared);
+    if (!p->declared)
+        json_object_set_new(answer, "warning",
+                            json_sprintf("proxy %s is not declared in deployment %s: every other "
+                                         "call is refused (403) until an operator runs "
+                                         "'pgrelayctl create-proxy %s'",
+                                         node_id, dep, node_id));
+    http_reply_json(req, 200, answer);
+}
+
+static int agents_register_run(store_job *job)
+{
+    agents_register_job *j = (agents_register_job *)job;
+    if (j->declare && store_member_save(j->deployment, j->node_id, NULL) != 0)
+        return -1;
+    return store_proxies_save_text(j->row);
+}
+
+static void agents_register_done(store_job *job)
+{
+    agents_register_job *j = (agents_register_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    state_proxy *p = dep ? state_find_proxy(dep, j->node_id) : NULL;
+    if (job->rc != 0)
+        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+    else if (!p) /* the state went away meanwhile (lease lost, proxy deleted) */
+        http_reply_error(j->req, 503, "not serving: %s",
+                         control.active ? "the proxy is no longer known" : "state dropped");
+    else {
+        if (j->declare && !p->declared) {
+            state_set_declared(p, true);
+            log_info("deployment %s: proxy %s declared (auto_declare)", dep->name, p->node_id);
+            agents_register_claims(p, j);
+        }
+        if (p->declared && p->saved_seen_ms <= j->seen_ms) {
+            p->dirty = false;
+            p->saved_seen_ms = j->seen_ms;
+        }
+        agents_register_answer(j->req, p);
+    }
+    free(j->row);
+    free(j);
+}
 
 void agents_register(http_call *call)
 {
@@ -186,48 +286,49 @@ void agents_register(http_call *call)
     state_proxy *p = agents_seen(call, node_id);
     if (!p)
         return;
-    if (!p->declared && control.cfg->auto_declare && members_declare(p) != 0) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-        return;
-    }
     snprintf(p->hostname, sizeof(p->hostname), "%s", hostname ? hostname : "");
     snprintf(p->version, sizeof(p->version), "%s", version ? version : "");
     json_decref(p->listen);
     p->listen = listen ? json_deep_copy(listen) : json_array();
-    if (p->declared) { /* a pending proxy's claims feed no decision: epochs, config versions */
-        agents_set_int(p, &p->config_version, config_version);
-        agents_set_int(p, &p->epoch, epoch);
-        p->maintenance = maintenance;
-        agents_set_leader(p, json_object_get(call->body, "leader"));
-    }
     p->registered_ms = p->last_seen_ms;
-    if (p->declared) {
-        if (store_proxy_save(p) != 0) {
-            http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-            return;
-        }
-        p->dirty = false;
-        p->saved_seen_ms = p->last_seen_ms;
+    bool declare = !p->declared && control.cfg->auto_declare;
+    if (!p->declared && !declare) { /* pending: nothing to write */
+        agents_register_answer(call->req, p);
+        return;
     }
-    log_level level = p->declared ? LOG_LVL_INFO : agents_pending_level();
-    if (log_current_level >= level)
-        log_msg(level, "deployment %s: proxy %s registered (host %s, version %s)%s",
-                call->dep->name, node_id, p->hostname[0] ? p->hostname : "?",
-                p->version[0] ? p->version : "?",
-                p->declared ? "" : "; not declared: pending until an operator creates it");
-
-    int64_t wait_s = control.cfg->poll_wait_max_ms / MS_PER_S;
-    if (wait_s > AGENTS_POLL_WAIT_SUGGESTED_S)
-        wait_s = AGENTS_POLL_WAIT_SUGGESTED_S;
-    json_t *answer = json_pack("{s:s, s:s, s:I, s:b}", "deployment", call->dep->name, "node_id",
-                               node_id, "poll_wait_s", (json_int_t)wait_s, "declared", p->declared);
-    if (!p->declared)
-        json_object_set_new(answer, "warning",
-                            json_sprintf("proxy %s is not declared in deployment %s: every other "
-                                         "call is refused (403) until an operator runs "
-                                         "'pgrelayctl create-proxy %s'",
-                                         node_id, call->dep->name, node_id));
-    http_reply_json(call->req, 200, answer);
+    agents_register_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        http_reply_error(call->req, 500, "out of memory");
+        return;
+    }
+    j->req = call->req;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", call->dep->name);
+    snprintf(j->node_id, sizeof(j->node_id), "%s", node_id);
+    j->declare = declare;
+    j->seen_ms = p->last_seen_ms;
+    j->config_version = config_version;
+    j->epoch = epoch;
+    j->maintenance = maintenance;
+    snprintf(j->leader, sizeof(j->leader), "%s", leader ? leader : "");
+    if (p->declared) { /* a pending proxy's claims feed no decision: epochs, config versions */
+        agents_register_claims(p, j);
+        j->row = store_proxies_json(&p, 1);
+    } else { /* its row as it will be once declared */
+        state_proxy row = *p;
+        row.declared = true;
+        agents_register_claims_copy(&row, j);
+        state_proxy *list = &row;
+        j->row = store_proxies_json(&list, 1);
+    }
+    if (!j->row) {
+        free(j);
+        http_reply_error(call->req, 500, "out of memory");
+        return;
+    }
+    /* written by the store worker: a slow store holds this registration, not the event loop */
+    j->job.run = agents_register_run;
+    j->job.done = agents_register_done;
+    store_worker_submit(&j->job);
 }
 
 /* ---- metrics ---- */

@@ -1,8 +1,9 @@
 """The agents' store work stays off the event loop (issue 9, Deliver 2): with the store holding
-one proxy's command rows (a test trigger makes every update of proxy-slow's rows wait for an
-advisory lock the test holds), its acknowledgement, and the delivery of `maintenance on` to its
-parked long poll, wait on the store worker, while /healthz, a view served from memory and
-another agent's metrics are answered at once. Once the store lets go, both complete."""
+one proxy's rows (a test trigger makes every write of proxy-slow's rows in a table wait for an
+advisory lock the test holds), its acknowledgement, the delivery of `maintenance on` to its
+parked long poll, its registration and its plan upload wait on the store worker, while
+/healthz, a view served from memory and another agent's metrics are answered at once. Once the
+store lets go, each completes."""
 
 import time
 
@@ -23,34 +24,34 @@ from test_control_api import (  # noqa: F401 - fixtures
 
 HOLD_KEY = 94210417  # the advisory lock the trigger waits for
 
-HOLD_SQL = f"""
+HOLD_SQL = """
 CREATE FUNCTION pgrelay.test_hold() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared({HOLD_KEY});
+    PERFORM pg_advisory_xact_lock_shared({key});
     RETURN NEW;
 END $$;
-CREATE TRIGGER test_hold BEFORE UPDATE ON pgrelay.command_acks FOR EACH ROW
-    WHEN (NEW.node_id = 'proxy-slow') EXECUTE FUNCTION pgrelay.test_hold();
 """
 
 
 class StoreHold:
-    """While held, every update of proxy-slow's command rows waits in the store."""
+    """While held, every insert or update of proxy-slow's rows in table waits in the store."""
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self, store, table="command_acks", events="UPDATE"):
+        self.store, self.table = store, table
         with psycopg.connect(store, autocommit=True) as c:
-            c.execute(HOLD_SQL)
+            c.execute(HOLD_SQL.format(key=HOLD_KEY))
+            c.execute(f"CREATE TRIGGER test_hold BEFORE {events} ON pgrelay.{table} FOR EACH ROW"
+                      " WHEN (NEW.node_id = 'proxy-slow') EXECUTE FUNCTION pgrelay.test_hold()")
         self.conn = psycopg.connect(store, autocommit=True)
         self.conn.execute("SELECT pg_advisory_lock(%s)", (HOLD_KEY,))
 
     def waiting(self):
-        """A statement of the control plane waits for the hold."""
+        """A statement of the control plane on the table waits for the hold."""
         with psycopg.connect(self.store, autocommit=True) as c:
             return c.execute("SELECT count(*) FROM pg_stat_activity"
                              " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                             " AND wait_event = 'advisory' AND query LIKE '%command_acks%'"
-                             ).fetchone()[0] > 0
+                             " AND wait_event = 'advisory' AND query LIKE %s",
+                             (f"%{self.table}%",)).fetchone()[0] > 0
 
     def release(self):
         if self.conn is not None:
@@ -156,3 +157,67 @@ def test_maintenance_on_while_a_parked_polls_delivery_waits_on_the_store_holds_n
     status, body = op.result(timeout=30)
     assert status == 200 and body["ok"], body
     print(f"worst answer while a delivery waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_a_registration_waiting_on_the_store_holds_no_other_request(control, store):
+    other = SimAgent(control, "proxy-other")
+    other.register()
+    hold = StoreHold(store, table="proxies", events="INSERT OR UPDATE")
+    try:
+        # auto_declare: the member row, then the proxies row, which waits
+        register = Background(control.port, "POST", API + "/agent/register",
+                              {"node_id": "proxy-slow", "hostname": "slow-host"},
+                              token=TOKENS["prod"], timeout=60)
+        wait_for(hold.waiting, timeout=10, what="the registration to wait in the store")
+        worst, what = worst_answer(control, other)
+        assert worst < 1.0, f"{what} waited {worst:.2f}s behind the registration"
+        assert not register.done(), "the registration did not wait for the store"
+    finally:
+        hold.release()
+    status, body = register.result(timeout=30)
+    assert status == 200 and body["declared"] is True, body
+    assert control.proxies()["proxy-slow"]["hostname"] == "slow-host"
+    print(f"worst answer while a registration waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_a_plan_upload_waiting_on_the_store_holds_no_other_request(control, store):
+    slow = SimAgent(control, "proxy-slow")
+    slow.register()
+    other = SimAgent(control, "proxy-other")
+    other.register()
+    plan = {"id": "00000000000000a1", "node": "pg1", "database": "app", "user": "app",
+            "text": "SELECT 1", "reason": "slow", "duration_ms": 1500,
+            "planned_at_ms": int(time.time() * 1000), "changes": 0,
+            "plan": [{"Plan": {"Node Type": "Result"}}]}
+    hold = StoreHold(store, table="plans", events="INSERT OR UPDATE")
+    try:
+        upload = Background(control.port, "POST", API + "/agent/plans",
+                            {"node_id": "proxy-slow", "plans": [plan]}, token=TOKENS["prod"],
+                            timeout=60)
+        wait_for(lambda: hold.waiting() or upload.done(), timeout=10,
+                 what="the plan upload to wait in the store")
+        assert not upload.done(), f"the plan upload did not wait for the store: {upload.value}"
+        worst, what = worst_answer(control, other)
+        assert worst < 1.0, f"{what} waited {worst:.2f}s behind the plan upload"
+        assert not upload.done(), "the plan upload did not wait for the store"
+    finally:
+        hold.release()
+    status, body = upload.result(timeout=30)
+    assert status == 204, body
+    status, body = control.admin("GET", "/deployments/prod/plans")
+    assert status == 200 and [p["id"] for p in body] == [plan["id"]], body
+    print(f"worst answer while a plan upload waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_a_plan_without_its_optional_change_count_is_kept(control):
+    """"changes" is optional in an upload (docs/protocol.md); the store took it as NULL and
+    refused the row (503)."""
+    agent = SimAgent(control, "proxy-a")
+    agent.register()
+    plan = {"id": "00000000000000b2", "node": "pg1", "database": "app", "user": "app",
+            "text": "SELECT 2", "reason": "sampled", "duration_ms": 3,
+            "planned_at_ms": int(time.time() * 1000)}
+    status, body = agent.post("/plans", {"plans": [plan]})
+    assert status == 204, body
+    status, body = control.admin("GET", "/deployments/prod/plans")
+    assert status == 200 and [(p["id"], p["changes"]) for p in body] == [(plan["id"], 0)], body
