@@ -387,6 +387,9 @@ async def run_fleet(control, n, duration, warmup, say):
     for _ in range(3):
         secs, r = await loop.run_in_executor(None, control.ctl, "show-proxies")
         show.append(secs if r.returncode == 0 else float("nan"))
+        if r.returncode != 0:
+            say(f"  show-proxies failed ({r.returncode}) after {secs:.2f} s: "
+                f"{(r.stdout + r.stderr)[-300:]}")
     row["show"] = statistics.median(show)
     perf = start_perf(control, f"mnt-on-{n}")
     pg0 = postgres_cpu(control.store_pid)

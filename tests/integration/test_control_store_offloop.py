@@ -221,3 +221,32 @@ def test_a_plan_without_its_optional_change_count_is_kept(control):
     assert status == 204, body
     status, body = control.admin("GET", "/deployments/prod/plans")
     assert status == 200 and [(p["id"], p["changes"]) for p in body] == [(plan["id"], 0)], body
+
+
+def test_the_configuration_view_waiting_on_the_store_holds_no_other_request(control, store):
+    other = SimAgent(control, "proxy-other")
+    other.register()
+    locker = psycopg.connect(store)
+    try:
+        # the view reads the committed version: it waits behind this lock
+        locker.execute("LOCK TABLE pgrelay.config_versions IN ACCESS EXCLUSIVE MODE")
+        view = Background(control.port, "GET", API + "/deployments/prod/config", token=ADMIN,
+                          timeout=60)
+
+        def view_waits():
+            with psycopg.connect(store, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity"
+                                 " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                                 " AND query LIKE '%config_versions%'").fetchone()[0] > 0
+
+        wait_for(view_waits, timeout=10, what="the configuration view to wait in the store")
+        worst, what = worst_answer(control, other)
+        assert worst < 1.0, f"{what} waited {worst:.2f}s behind the configuration view"
+        assert not view.done(), "the configuration view did not wait for the store"
+    finally:
+        locker.rollback()
+        locker.close()
+    status, body = view.result(timeout=30)
+    assert status == 200 and body["version"] == 0, body
+    assert [p["node_id"] for p in body["proxies"]] == ["proxy-other"], body
+    print(f"worst answer while the configuration view waited on the store: {worst * 1000:.0f} ms")
