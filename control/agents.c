@@ -6,6 +6,7 @@
 #include "members.h"
 #include "operator.h"
 #include "store.h"
+#include "store_members.h"
 #include "store_worker.h"
 
 #include <arpa/inet.h>
@@ -33,10 +34,6 @@
  * first: an agent working on a command while it polls again does not spin. */
 #define AGENTS_REDELIVER_HOLD_MS 1000
 #define AGENTS_REFUSED_LOG_MS    10000 /* refusals by address are logged this often at most */
-
-/* Counts agents_wake calls: a poll whose query was under way when a command was queued (it
- * was not parked yet, so nothing woke it) reads again instead of parking on a stale answer. */
-static uint64_t agents_wakes;
 
 /* ---- common parts ---- */
 
@@ -128,14 +125,18 @@ state_proxy *agents_caller(http_call *call)
     return node_id ? agents_proxy(call, node_id) : NULL;
 }
 
-static void agents_set_leader(state_proxy *p, json_t *v)
+static void agents_set_leader_text(state_proxy *p, const char *leader)
 {
-    const char *leader = json_is_string(v) ? json_string_value(v) : "";
     if (strcmp(p->leader, leader) != 0) {
         snprintf(p->leader, sizeof(p->leader), "%s", leader);
         p->dirty = true;
         state_decide_again(p->dep);
     }
+}
+
+static void agents_set_leader(state_proxy *p, json_t *v)
+{
+    agents_set_leader_text(p, json_is_string(v) ? json_string_value(v) : "");
 }
 
 static void agents_set_int(state_proxy *p, int64_t *field, int64_t v)
@@ -158,6 +159,101 @@ static bool agents_leader_field(http_call *call, json_t *obj, const char **out)
 }
 
 /* ---- register ---- */
+
+/* A registration's store work, done by the store worker: the member row first when the proxy is
+ * declared now (auto_declare), then its proxies row. */
+typedef struct agents_register_job {
+    store_job job;
+    struct evhttp_request *req; /* answered when the store is done */
+    char deployment[CCONFIG_NAME_MAX];
+    char node_id[STATE_NODE_ID_MAX];
+    bool declare;  /* auto_declare: declared once the member row is written */
+    char *row;     /* the proxies row (store_proxies_json) */
+    int64_t seen_ms; /* last_seen_ms written in it */
+    /* the proxy's claims, applied once it is declared (a pending proxy's feed no decision) */
+    int64_t config_version;
+    int64_t epoch;
+    bool maintenance;
+    char leader[STATE_NODE_NAME_MAX];
+} agents_register_job;
+
+/* What a register says of a declared proxy's state. */
+static void agents_register_claims(state_proxy *p, const agents_register_job *j)
+{
+    agents_set_int(p, &p->config_version, j->config_version);
+    agents_set_int(p, &p->epoch, j->epoch);
+    p->maintenance = j->maintenance;
+    agents_set_leader_text(p, j->leader);
+}
+
+/* The same on a copy of the proxy (its row before it is declared): no decision is told. */
+static void agents_register_claims_copy(state_proxy *row, const agents_register_job *j)
+{
+    if (j->config_version >= 0)
+        row->config_version = j->config_version;
+    if (j->epoch >= 0)
+        row->epoch = j->epoch;
+    row->maintenance = j->maintenance;
+    snprintf(row->leader, sizeof(row->leader), "%s", j->leader);
+}
+
+/* The answer to a register (the proxy is registered). */
+static void agents_register_answer(struct evhttp_request *req, const state_proxy *p)
+{
+    const char *dep = p->dep->name, *node_id = p->node_id;
+    log_level level = p->declared ? LOG_LVL_INFO : agents_pending_level();
+    if (log_current_level >= level)
+        log_msg(level, "deployment %s: proxy %s registered (host %s, version %s)%s", dep, node_id,
+                p->hostname[0] ? p->hostname : "?", p->version[0] ? p->version : "?",
+                p->declared ? "" : "; not declared: pending until an operator creates it");
+
+    int64_t wait_s = control.cfg->poll_wait_max_ms / MS_PER_S;
+    if (wait_s > AGENTS_POLL_WAIT_SUGGESTED_S)
+        wait_s = AGENTS_POLL_WAIT_SUGGESTED_S;
+    json_t *answer = json_pack("{s:s, s:s, s:I, s:b}", "deployment", dep, "node_id", node_id,
+                               "poll_wait_s", (json_int_t)wait_s, "declared", p->declared);
+    if (!p->declared)
+        json_object_set_new(answer, "warning",
+                            json_sprintf("proxy %s is not declared in deployment %s: every other "
+                                         "call is refused (403) until an operator runs "
+                                         "'pgrelayctl create-proxy %s'",
+                                         node_id, dep, node_id));
+    http_reply_json(req, 200, answer);
+}
+
+static int agents_register_run(store_job *job)
+{
+    agents_register_job *j = (agents_register_job *)job;
+    if (j->declare && store_member_save(j->deployment, j->node_id, NULL) != 0)
+        return -1;
+    return store_proxies_save_text(j->row);
+}
+
+static void agents_register_done(store_job *job)
+{
+    agents_register_job *j = (agents_register_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    state_proxy *p = dep ? state_find_proxy(dep, j->node_id) : NULL;
+    if (job->rc != 0)
+        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+    else if (!p) /* the state went away meanwhile (lease lost, proxy deleted) */
+        http_reply_error(j->req, 503, "not serving: %s",
+                         control.active ? "the proxy is no longer known" : "state dropped");
+    else {
+        if (j->declare && !p->declared) {
+            state_set_declared(p, true);
+            log_info("deployment %s: proxy %s declared (auto_declare)", dep->name, p->node_id);
+            agents_register_claims(p, j);
+        }
+        if (p->declared && p->saved_seen_ms <= j->seen_ms) {
+            p->dirty = false;
+            p->saved_seen_ms = j->seen_ms;
+        }
+        agents_register_answer(j->req, p);
+    }
+    free(j->row);
+    free(j);
+}
 
 void agents_register(http_call *call)
 {
@@ -190,48 +286,49 @@ void agents_register(http_call *call)
     state_proxy *p = agents_seen(call, node_id);
     if (!p)
         return;
-    if (!p->declared && control.cfg->auto_declare && members_declare(p) != 0) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-        return;
-    }
     snprintf(p->hostname, sizeof(p->hostname), "%s", hostname ? hostname : "");
     snprintf(p->version, sizeof(p->version), "%s", version ? version : "");
     json_decref(p->listen);
     p->listen = listen ? json_deep_copy(listen) : json_array();
-    if (p->declared) { /* a pending proxy's claims feed no decision: epochs, config versions */
-        agents_set_int(p, &p->config_version, config_version);
-        agents_set_int(p, &p->epoch, epoch);
-        p->maintenance = maintenance;
-        agents_set_leader(p, json_object_get(call->body, "leader"));
-    }
     p->registered_ms = p->last_seen_ms;
-    if (p->declared) {
-        if (store_proxy_save(p) != 0) {
-            http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-            return;
-        }
-        p->dirty = false;
-        p->saved_seen_ms = p->last_seen_ms;
+    bool declare = !p->declared && control.cfg->auto_declare;
+    if (!p->declared && !declare) { /* pending: nothing to write */
+        agents_register_answer(call->req, p);
+        return;
     }
-    log_level level = p->declared ? LOG_LVL_INFO : agents_pending_level();
-    if (log_current_level >= level)
-        log_msg(level, "deployment %s: proxy %s registered (host %s, version %s)%s",
-                call->dep->name, node_id, p->hostname[0] ? p->hostname : "?",
-                p->version[0] ? p->version : "?",
-                p->declared ? "" : "; not declared: pending until an operator creates it");
-
-    int64_t wait_s = control.cfg->poll_wait_max_ms / MS_PER_S;
-    if (wait_s > AGENTS_POLL_WAIT_SUGGESTED_S)
-        wait_s = AGENTS_POLL_WAIT_SUGGESTED_S;
-    json_t *answer = json_pack("{s:s, s:s, s:I, s:b}", "deployment", call->dep->name, "node_id",
-                               node_id, "poll_wait_s", (json_int_t)wait_s, "declared", p->declared);
-    if (!p->declared)
-        json_object_set_new(answer, "warning",
-                            json_sprintf("proxy %s is not declared in deployment %s: every other "
-                                         "call is refused (403) until an operator runs "
-                                         "'pgrelayctl create-proxy %s'",
-                                         node_id, call->dep->name, node_id));
-    http_reply_json(call->req, 200, answer);
+    agents_register_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        http_reply_error(call->req, 500, "out of memory");
+        return;
+    }
+    j->req = call->req;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", call->dep->name);
+    snprintf(j->node_id, sizeof(j->node_id), "%s", node_id);
+    j->declare = declare;
+    j->seen_ms = p->last_seen_ms;
+    j->config_version = config_version;
+    j->epoch = epoch;
+    j->maintenance = maintenance;
+    snprintf(j->leader, sizeof(j->leader), "%s", leader ? leader : "");
+    if (p->declared) { /* a pending proxy's claims feed no decision: epochs, config versions */
+        agents_register_claims(p, j);
+        j->row = store_proxies_json(&p, 1);
+    } else { /* its row as it will be once declared */
+        state_proxy row = *p;
+        row.declared = true;
+        agents_register_claims_copy(&row, j);
+        state_proxy *list = &row;
+        j->row = store_proxies_json(&list, 1);
+    }
+    if (!j->row) {
+        free(j);
+        http_reply_error(call->req, 500, "out of memory");
+        return;
+    }
+    /* written by the store worker: a slow store holds this registration, not the event loop */
+    j->job.run = agents_register_run;
+    j->job.done = agents_register_done;
+    store_worker_submit(&j->job);
 }
 
 /* ---- metrics ---- */
@@ -536,21 +633,6 @@ static void agents_answer(state_proxy *p, json_t *commands)
     http_reply_json(req, 200, agents_poll_answer(p->dep, commands));
 }
 
-void agents_wake(state_proxy *p)
-{
-    agents_wakes++;
-    if (!p->poll_req)
-        return;
-    json_t *pending = store_commands_pending(p->dep->name, p->node_id, NULL);
-    if (!pending) {
-        struct evhttp_request *req = p->poll_req;
-        agents_unpark(p);
-        http_reply_error(req, 503, "store unreachable: %s", store_error());
-        return;
-    }
-    agents_answer(p, pending);
-}
-
 /* The parked poll's socket became readable. evhttp stops reading a connection while its
  * request waits for an answer, so it would not notice an agent that went away until the
  * answer is written: the proxy would look live for a whole poll_wait_max. Peek: end of file
@@ -607,8 +689,11 @@ void agents_refuse_poll(state_proxy *p, const char *why)
     http_reply_error(req, 403, "%s", why);
 }
 
+static void agents_batch_release(const char *reason);
+
 void agents_release_all(const char *reason)
 {
+    agents_batch_release(reason);
     for (state_deployment *d = state_deployments(); d; d = d->next) {
         for (state_proxy *p = d->proxies; p; p = p->next) {
             if (!p->poll_req)
@@ -620,60 +705,141 @@ void agents_release_all(const char *reason)
     }
 }
 
-/* A long poll whose pending commands the store worker reads. */
-typedef struct agents_poll_job {
-    store_job job;
-    struct evhttp_request *req; /* answered by agents_poll_done, or parked */
+/* ---- the store work of polls and acks, in batches ----
+ *
+ * Reading a proxy's pending commands (its long poll arrives, or a command was queued for its
+ * parked poll) and recording an acknowledgement are a store statement each: at 2,000 proxies
+ * one maintenance step makes 2,000 of each within a second. They are queued here and run by the
+ * store worker in batches, one statement per batch (per deployment, for reads), with at most
+ * one batch of each kind on its way: whatever comes meanwhile goes in the next one. The loop
+ * never waits for them; a slow store holds the polls and acks, nothing else. */
+
+#define AGENTS_BATCH_MAX 2000 /* reads or acks in one statement */
+
+/* One read of a proxy's pending commands. */
+typedef struct agents_read {
+    struct agents_read *next;
+    struct evhttp_request *req; /* a poll that just came (answered or parked once read), or
+                                   NULL: a wake of the proxy's parked poll */
     char deployment[CCONFIG_NAME_MAX];
     char node_id[STATE_NODE_ID_MAX];
-    int64_t wait_s;
-    json_t *pending; /* the commands (worker), or NULL when the store failed */
-    int64_t since_ms;
-    uint64_t wakes; /* agents_wakes when the query was queued */
-} agents_poll_job;
+    int64_t wait_s;    /* the new poll's wait */
+    uint64_t wakes;    /* the proxy's wakes when it was queued: a later one reads again */
+    store_pending got; /* the worker's answer (commands NULL: the store failed) */
+} agents_read;
 
+/* One acknowledgement on its way to the store. */
+typedef struct agents_acking {
+    struct agents_acking *next;
+    struct evhttp_request *req; /* answered once it is recorded */
+    char deployment[CCONFIG_NAME_MAX];
+    char node_id[STATE_NODE_ID_MAX];
+    char *detail;        /* what the proxy said, or NULL */
+    store_ack_item item; /* the store's part (points into the fields above) */
+} agents_acking;
 
-static int agents_poll_run(store_job *job)
+/* A batch for the store worker: reads or acks, in the order they came. */
+typedef struct agents_batch {
+    store_job job;
+    agents_read **reads; /* n of them, or NULL */
+    agents_acking **acks;
+    int n;
+    /* the worker's room, allocated on the loop: for acks, the store's items; for reads, the
+     * node ids of one deployment, their answers, their places in reads, and which are read */
+    store_ack_item *items;
+    const char **ids;
+    store_pending *got;
+    int *which;
+    bool *taken;
+} agents_batch;
+
+static struct {
+    agents_read *reads; /* queued, oldest first */
+    agents_read **reads_tail;
+    int n_reads;
+    bool reading; /* a batch of reads is with the worker */
+    agents_acking *acks;
+    agents_acking **acks_tail;
+    int n_acks;
+    bool acking;
+    struct event *kick; /* sends what is queued, at the end of this loop iteration */
+} agents_q;
+
+static void agents_batch_kick(void);
+
+static int agents_reads_run(store_job *job)
 {
-    agents_poll_job *j = (agents_poll_job *)job;
-    j->pending = store_commands_pending(j->deployment, j->node_id, &j->since_ms);
-    return j->pending ? 0 : -1;
+    agents_batch *b = (agents_batch *)job;
+    int rc = 0;
+    for (int i = 0; i < b->n; i++) { /* one statement per deployment */
+        if (b->taken[i])
+            continue;
+        int k = 0;
+        for (int j = i; j < b->n; j++) {
+            if (!b->taken[j] && strcmp(b->reads[j]->deployment, b->reads[i]->deployment) == 0) {
+                b->taken[j] = true;
+                b->which[k] = j;
+                b->ids[k++] = b->reads[j]->node_id;
+            }
+        }
+        if (store_commands_pending_many(b->reads[i]->deployment, b->ids, k, b->got) != 0)
+            rc = -1;
+        for (int m = 0; m < k; m++)
+            b->reads[b->which[m]]->got = b->got[m];
+    }
+    return rc;
 }
 
-/* Back on the loop: answer at once, or park the poll until a command or its wait ends. */
-static void agents_poll_done(store_job *job)
+static void agents_batch_free(agents_batch *b)
 {
-    agents_poll_job *j = (agents_poll_job *)job;
-    struct evhttp_request *req = j->req;
-    json_t *pending = j->pending;
-    int64_t wait_s = j->wait_s, since_ms = j->since_ms;
-    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
-    state_proxy *p = dep ? state_find_proxy(dep, j->node_id) : NULL;
+    free(b->reads);
+    free(b->acks);
+    free(b->items);
+    free(b->ids);
+    free(b->got);
+    free(b->which);
+    free(b->taken);
+    free(b);
+}
+
+/* A read is back for a poll that just came: answer it at once, or park it until a command
+ * comes or its wait ends. */
+static void agents_read_new_poll(agents_read *r, state_deployment *dep, state_proxy *p,
+                                 const char *error)
+{
+    struct evhttp_request *req = r->req;
+    json_t *pending = r->got.commands;
+    int64_t wait_s = r->wait_s, since_ms = r->got.since_ms;
     if (!p) { /* the state went away meanwhile (lease lost, proxy deleted) */
         json_decref(pending);
         http_reply_error(req, 503, "not serving: %s",
                          control.active ? "the proxy is no longer known" : "state dropped");
-        free(j);
+        free(r);
         return;
     }
     if (!pending) {
-        http_reply_error(req, 503, "store unreachable: %s", j->job.error);
-        free(j);
+        http_reply_error(req, 503, "store unreachable: %s", error);
+        free(r);
         return;
     }
-    if (json_array_size(pending) == 0 && wait_s > 0 && j->wakes != agents_wakes) {
+    if (json_array_size(pending) == 0 && wait_s > 0 && r->wakes != p->wakes) {
         json_decref(pending); /* a command may have come meanwhile: read again */
-        j->pending = NULL;
-        j->since_ms = -1;
-        j->wakes = agents_wakes;
-        store_worker_submit(&j->job);
+        r->got = (store_pending){.commands = NULL, .since_ms = -1};
+        r->wakes = p->wakes;
+        r->next = NULL;
+        *agents_q.reads_tail = r;
+        agents_q.reads_tail = &r->next;
+        agents_q.n_reads++;
+        agents_batch_kick();
         return;
     }
-    free(j);
+    free(r);
     int64_t wait_ms = wait_s * MS_PER_S;
     if (json_array_size(pending) > 0) {
-        bool repeat_only = since_ms >= 0 && since_ms < AGENTS_REDELIVER_HOLD_MS;
+        /* only what it had within the hold, unless that delivery never reached it */
+        bool repeat_only = since_ms >= 0 && since_ms < AGENTS_REDELIVER_HOLD_MS && !p->poll_marked;
         if (!repeat_only || wait_s == 0) {
+            p->poll_marked = false;
             http_reply_json(req, 200, agents_poll_answer(dep, pending));
             return;
         }
@@ -698,6 +864,252 @@ static void agents_poll_done(store_job *job)
     p->poll_req = req;
     agents_watch_hangup(p);
     log_debug("deployment %s: proxy %s polls for %" PRId64 "s", dep->name, p->node_id, wait_s);
+}
+
+/* A read is back for a parked poll (a wake): answer it, if it is still there. */
+static void agents_read_wake(agents_read *r, state_proxy *p, const char *error)
+{
+    json_t *pending = r->got.commands;
+    free(r);
+    if (p && p->poll_req) {
+        if (!pending) {
+            struct evhttp_request *req = p->poll_req;
+            agents_unpark(p);
+            http_reply_error(req, 503, "store unreachable: %s", error);
+            return;
+        }
+        p->poll_marked = false;
+        agents_answer(p, pending);
+        return;
+    }
+    /* the poll went meanwhile (answered, hung up): the commands were marked delivered but
+     * reach the proxy with its next poll, which must not hold them back as repeats */
+    if (p && pending && json_array_size(pending) > 0)
+        p->poll_marked = true;
+    json_decref(pending);
+}
+
+static void agents_reads_done(store_job *job)
+{
+    agents_batch *b = (agents_batch *)job;
+    agents_q.reading = false;
+    for (int i = 0; i < b->n; i++) {
+        agents_read *r = b->reads[i];
+        state_deployment *dep = control.active ? state_find_deployment(r->deployment) : NULL;
+        state_proxy *p = dep ? state_find_proxy(dep, r->node_id) : NULL;
+        if (r->req)
+            agents_read_new_poll(r, dep, p, job->error);
+        else
+            agents_read_wake(r, p, job->error);
+    }
+    agents_batch_free(b);
+    agents_batch_kick();
+}
+
+static int agents_acks_run(store_job *job)
+{
+    agents_batch *b = (agents_batch *)job;
+    return store_command_ack_many(b->items, b->n);
+}
+
+static void agents_learn(state_proxy *p, const char *type, json_t *args);
+
+/* An acknowledgement is back from the store: answer the proxy, then tell the orchestration. */
+static void agents_ack_done(agents_acking *a, const char *error)
+{
+    store_ack_item *it = &a->item;
+    int64_t id = it->id;
+    switch (it->result) {
+    case STORE_ACK_ERROR:
+        if (error[0])
+            http_reply_error(a->req, 503, "store unreachable: %s", error);
+        else
+            http_reply_error(a->req, 503,
+                             "store unreachable: acknowledgement of command %" PRId64
+                             ": not written (this replica no longer holds the lease)",
+                             id);
+        goto out;
+    case STORE_ACK_UNKNOWN:
+        http_reply_error(a->req, 404,
+                         "unknown command %" PRId64 " for proxy %s (a proxy acknowledges only the "
+                         "commands sent to it)",
+                         id, a->node_id);
+        goto out;
+    case STORE_ACK_DUPLICATE:
+        http_reply_empty(a->req, 204);
+        goto out;
+    case STORE_ACK_RECORDED:
+        break;
+    }
+    /* a pause renewal (maintenance.c) comes every third of pause_lease: debug, unless failed */
+    log_level level =
+        it->ok && json_is_true(json_object_get(it->args, "renewal")) ? LOG_LVL_DEBUG : LOG_LVL_INFO;
+    if (log_current_level >= level)
+        log_msg(level, "deployment %s: proxy %s acknowledged command %" PRId64 " (%s): %s%s%s",
+                a->deployment, a->node_id, id, it->type, it->ok ? "ok" : "FAILED",
+                a->detail ? ", " : "", a->detail ? a->detail : "");
+    state_deployment *dep = control.active ? state_find_deployment(a->deployment) : NULL;
+    state_proxy *p = dep ? state_find_proxy(dep, a->node_id) : NULL;
+    if (it->ok && p)
+        agents_learn(p, it->type, it->args);
+    /* answer first: the orchestration may go on to answer other requests */
+    http_reply_empty(a->req, 204);
+    if (dep)
+        operator_on_ack(dep, id, a->node_id, it->ok, a->detail ? a->detail : "");
+out:
+    json_decref(it->args);
+    free(a->detail);
+    free(a);
+}
+
+static void agents_acks_done(store_job *job)
+{
+    agents_batch *b = (agents_batch *)job;
+    agents_q.acking = false;
+    for (int i = 0; i < b->n; i++) {
+        b->acks[i]->item = b->items[i];
+        if (job->rc != 0)
+            b->acks[i]->item.result = STORE_ACK_ERROR;
+        agents_ack_done(b->acks[i], job->rc != 0 ? job->error : "");
+    }
+    agents_batch_free(b);
+    agents_batch_kick();
+}
+
+/* Hand what is queued to the worker: a batch of reads and one of acks, each unless one of its
+ * kind is already there. */
+static void agents_batch_send(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    if (!agents_q.reading && agents_q.reads) {
+        agents_batch *b = calloc(1, sizeof(*b));
+        int n = agents_q.n_reads < AGENTS_BATCH_MAX ? agents_q.n_reads : AGENTS_BATCH_MAX;
+        if (!b || !(b->reads = malloc((size_t)n * sizeof(*b->reads))) ||
+            !(b->ids = malloc((size_t)n * sizeof(*b->ids))) ||
+            !(b->got = malloc((size_t)n * sizeof(*b->got))) ||
+            !(b->which = malloc((size_t)n * sizeof(*b->which))) ||
+            !(b->taken = calloc((size_t)n, sizeof(*b->taken)))) {
+            if (b)
+                agents_batch_free(b);
+            log_error("cannot read %d proxies' commands: out of memory (retrying)", n);
+            return; /* the next kick tries again */
+        }
+        for (b->n = 0; b->n < n; b->n++) {
+            agents_read *r = agents_q.reads;
+            agents_q.reads = r->next;
+            b->reads[b->n] = r;
+            if (!r->req) { /* from now on a wake needs a read of its own */
+                state_deployment *d = state_find_deployment(r->deployment);
+                state_proxy *p = d ? state_find_proxy(d, r->node_id) : NULL;
+                if (p)
+                    p->wake_queued = false;
+            }
+        }
+        agents_q.n_reads -= n;
+        if (!agents_q.reads)
+            agents_q.reads_tail = &agents_q.reads;
+        b->job.run = agents_reads_run;
+        b->job.done = agents_reads_done;
+        agents_q.reading = true;
+        store_worker_submit(&b->job);
+    }
+    if (!agents_q.acking && agents_q.acks) {
+        agents_batch *b = calloc(1, sizeof(*b));
+        int n = agents_q.n_acks < AGENTS_BATCH_MAX ? agents_q.n_acks : AGENTS_BATCH_MAX;
+        if (!b || !(b->acks = malloc((size_t)n * sizeof(*b->acks))) ||
+            !(b->items = malloc((size_t)n * sizeof(*b->items)))) {
+            if (b)
+                agents_batch_free(b);
+            log_error("cannot record %d acknowledgements: out of memory (retrying)", n);
+            return;
+        }
+        for (b->n = 0; b->n < n; b->n++) {
+            b->acks[b->n] = agents_q.acks;
+            b->items[b->n] = agents_q.acks->item;
+            agents_q.acks = agents_q.acks->next;
+        }
+        agents_q.n_acks -= n;
+        if (!agents_q.acks)
+            agents_q.acks_tail = &agents_q.acks;
+        b->job.run = agents_acks_run;
+        b->job.done = agents_acks_done;
+        agents_q.acking = true;
+        store_worker_submit(&b->job);
+    }
+}
+
+static void agents_batch_kick(void)
+{
+    if (!agents_q.reads_tail)
+        agents_q.reads_tail = &agents_q.reads;
+    if (!agents_q.acks_tail)
+        agents_q.acks_tail = &agents_q.acks;
+    if (!agents_q.kick)
+        agents_q.kick = event_new(control.base, -1, 0, agents_batch_send, NULL);
+    if (agents_q.kick)
+        event_active(agents_q.kick, EV_TIMEOUT, 0);
+    else
+        agents_batch_send(-1, 0, NULL);
+}
+
+/* Answer what waits for the next batch with 503 and reason (the state goes: lease lost,
+ * shutdown); the batches with the worker are answered when they come back. */
+static void agents_batch_release(const char *reason)
+{
+    while (agents_q.reads) {
+        agents_read *r = agents_q.reads;
+        agents_q.reads = r->next;
+        if (r->req)
+            http_reply_error(r->req, 503, "%s", reason);
+        free(r);
+    }
+    agents_q.reads_tail = &agents_q.reads;
+    agents_q.n_reads = 0;
+    while (agents_q.acks) {
+        agents_acking *a = agents_q.acks;
+        agents_q.acks = a->next;
+        http_reply_error(a->req, 503, "%s", reason);
+        free(a->detail);
+        free(a);
+    }
+    agents_q.acks_tail = &agents_q.acks;
+    agents_q.n_acks = 0;
+}
+
+/* Queue a read of p's pending commands: for a poll that just came (req), or for its parked
+ * poll (req NULL). false when out of memory. */
+static bool agents_queue_read(state_proxy *p, struct evhttp_request *req, int64_t wait_s)
+{
+    agents_read *r = calloc(1, sizeof(*r));
+    if (!r)
+        return false;
+    r->req = req;
+    snprintf(r->deployment, sizeof(r->deployment), "%s", p->dep->name);
+    snprintf(r->node_id, sizeof(r->node_id), "%s", p->node_id);
+    r->wait_s = wait_s;
+    r->wakes = p->wakes;
+    r->got.since_ms = -1;
+    agents_batch_kick(); /* sets the tails up the first time */
+    *agents_q.reads_tail = r;
+    agents_q.reads_tail = &r->next;
+    agents_q.n_reads++;
+    return true;
+}
+
+void agents_wake(state_proxy *p)
+{
+    p->wakes++;
+    if (!p->poll_req || p->wake_queued)
+        return;
+    if (!agents_queue_read(p, NULL, 0)) {
+        struct evhttp_request *req = p->poll_req;
+        agents_unpark(p);
+        http_reply_error(req, 500, "out of memory");
+        return;
+    }
+    p->wake_queued = true;
 }
 
 void agents_commands(http_call *call)
@@ -729,22 +1141,10 @@ void agents_commands(http_call *call)
     state_proxy *p = agents_proxy(call, node_id);
     if (!p)
         return;
-    /* the pending commands are read (and marked delivered) by the store worker: a slow
-     * store holds this poll, not the event loop */
-    agents_poll_job *job = calloc(1, sizeof(*job));
-    if (!job) {
+    /* the pending commands are read (and marked delivered) by the store worker, with other
+     * polls' in one statement: a slow store holds this poll, not the event loop */
+    if (!agents_queue_read(p, call->req, wait_s))
         http_reply_error(call->req, 500, "out of memory");
-        return;
-    }
-    job->req = call->req;
-    snprintf(job->deployment, sizeof(job->deployment), "%s", call->dep->name);
-    snprintf(job->node_id, sizeof(job->node_id), "%s", node_id);
-    job->wait_s = wait_s;
-    job->since_ms = -1;
-    job->wakes = agents_wakes;
-    job->job.run = agents_poll_run;
-    job->job.done = agents_poll_done;
-    store_worker_submit(&job->job);
 }
 
 /* ---- acknowledgements ---- */
@@ -784,8 +1184,6 @@ void agents_ack(http_call *call)
     const char *node_id, *detail = NULL;
     int64_t id;
     bool ok = false;
-    char type[STORE_TYPE_MAX] = "";
-    json_t *args = NULL;
 
     if (!agents_parse_id(call->args[0], &id)) {
         http_reply_error(call->req, 404, "unknown command %s", call->args[0]);
@@ -798,34 +1196,24 @@ void agents_ack(http_call *call)
     state_proxy *p = agents_proxy(call, node_id);
     if (!p)
         return;
-    switch (
-        store_command_ack(id, call->dep->name, node_id, ok, detail ? detail : "", type, &args)) {
-    case STORE_ACK_ERROR:
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    /* recorded by the store worker with the other acks queued meanwhile, in one statement;
+     * answered (and the orchestration told) once it is written */
+    agents_acking *a = calloc(1, sizeof(*a));
+    if (!a || (detail && !(a->detail = strdup(detail)))) {
+        free(a);
+        http_reply_error(call->req, 500, "out of memory");
         return;
-    case STORE_ACK_UNKNOWN:
-        http_reply_error(call->req, 404,
-                         "unknown command %" PRId64 " for proxy %s (a proxy acknowledges only the "
-                         "commands sent to it)",
-                         id, node_id);
-        return;
-    case STORE_ACK_DUPLICATE:
-        http_reply_empty(call->req, 204);
-        return;
-    case STORE_ACK_RECORDED:
-        break;
     }
-    /* a pause renewal (maintenance.c) comes every third of pause_lease: debug, unless failed */
-    log_level level =
-        ok && json_is_true(json_object_get(args, "renewal")) ? LOG_LVL_DEBUG : LOG_LVL_INFO;
-    if (log_current_level >= level)
-        log_msg(level, "deployment %s: proxy %s acknowledged command %" PRId64 " (%s): %s%s%s",
-                call->dep->name, node_id, id, type, ok ? "ok" : "FAILED", detail ? ", " : "",
-                detail ? detail : "");
-    if (ok)
-        agents_learn(p, type, args);
-    json_decref(args);
-    /* answer first: the orchestration may go on to answer other requests */
-    http_reply_empty(call->req, 204);
-    operator_on_ack(call->dep, id, node_id, ok, detail ? detail : "");
+    a->req = call->req;
+    snprintf(a->deployment, sizeof(a->deployment), "%s", call->dep->name);
+    snprintf(a->node_id, sizeof(a->node_id), "%s", node_id);
+    a->item = (store_ack_item){.id = id,
+                               .deployment = a->deployment,
+                               .node_id = a->node_id,
+                               .ok = ok,
+                               .detail = a->detail ? a->detail : ""};
+    agents_batch_kick(); /* sets the tails up the first time */
+    *agents_q.acks_tail = a;
+    agents_q.acks_tail = &a->next;
+    agents_q.n_acks++;
 }

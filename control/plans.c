@@ -3,16 +3,19 @@
  * An agent uploads, with its running queries, the plans it made since its last upload and the
  * plan changes it recorded (agent/planner.c). They are kept in the store per deployment (the
  * latest plan per statement id, every change with both plans) for telemetry_retention, so that
- * a replica that takes the lease over serves them too.
+ * a replica that takes the lease over serves them too. The store work (an upload's writes, the
+ * view's query) is the store worker's: a slow store holds the request, never the event loop.
  */
 #include "agents.h"
 #include "control.h"
 #include "log.h"
 #include "plans.h"
 #include "store.h"
+#include "store_worker.h"
 
 #include <event2/http.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PLANS_ID_MAX     32          /* characters of a plan id (16 hex digits today) */
@@ -55,6 +58,66 @@ static bool plans_valid(http_call *call, json_t *o, const char *where, bool is_c
     return true;
 }
 
+/* An upload's writes, or the view's query, for the store worker. */
+typedef struct plans_job {
+    store_job job;
+    struct evhttp_request *req; /* answered when the store is done */
+    char deployment[CCONFIG_NAME_MAX];
+    char node_id[STATE_NODE_ID_MAX];
+    json_t *plans, *changes; /* upload: copies, the worker's alone until done */
+    char *query;             /* view: the text filter (malloc'd), or NULL */
+    char *id;                /* view: the one plan asked for (malloc'd), or NULL */
+    bool want_changes;
+    int64_t retention_ms;
+    json_t *list; /* view: what the store returned, or NULL */
+} plans_job;
+
+static void plans_job_free(plans_job *j)
+{
+    json_decref(j->plans);
+    json_decref(j->changes);
+    free(j->query);
+    free(j->id);
+    free(j);
+}
+
+static int plans_upload_run(store_job *job)
+{
+    plans_job *j = (plans_job *)job;
+    size_t i;
+    json_t *o;
+    json_array_foreach(j->plans, i, o)
+    {
+        if (store_plan_put(j->deployment, j->node_id, o) != 0)
+            return -1;
+    }
+    json_array_foreach(j->changes, i, o)
+    {
+        if (store_plan_change_add(j->deployment, j->node_id, o) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void plans_upload_done(store_job *job)
+{
+    plans_job *j = (plans_job *)job;
+    size_t i;
+    json_t *o;
+    if (job->rc != 0) {
+        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+        plans_job_free(j);
+        return;
+    }
+    json_array_foreach(j->changes, i, o)
+    {
+        log_info("deployment %s: proxy %s reports a plan change of \"%.80s\"", j->deployment,
+                 j->node_id, json_string_value(json_object_get(o, "text")));
+    }
+    http_reply_empty(j->req, 204);
+    plans_job_free(j);
+}
+
 void plans_upload(http_call *call)
 {
     json_t *plans = NULL, *changes = NULL, *o;
@@ -83,22 +146,40 @@ void plans_upload(http_call *call)
         if (!plans_valid(call, o, where, true))
             return;
     }
-    json_array_foreach(plans, i, o)
-    {
-        if (store_plan_put(call->dep->name, p->node_id, o) != 0)
-            goto unavailable;
+    plans_job *j = calloc(1, sizeof(*j));
+    if (!j || !(j->plans = plans ? json_deep_copy(plans) : json_array()) ||
+        !(j->changes = changes ? json_deep_copy(changes) : json_array())) {
+        if (j) {
+            json_decref(j->plans);
+            free(j);
+        }
+        http_reply_error(call->req, 500, "out of memory");
+        return;
     }
-    json_array_foreach(changes, i, o)
-    {
-        if (store_plan_change_add(call->dep->name, p->node_id, o) != 0)
-            goto unavailable;
-        log_info("deployment %s: proxy %s reports a plan change of \"%.80s\"", call->dep->name,
-                 p->node_id, json_string_value(json_object_get(o, "text")));
-    }
-    http_reply_empty(call->req, 204);
-    return;
-unavailable:
-    http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    j->req = call->req;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", call->dep->name);
+    snprintf(j->node_id, sizeof(j->node_id), "%s", p->node_id);
+    j->job.run = plans_upload_run;
+    j->job.done = plans_upload_done;
+    store_worker_submit(&j->job);
+}
+
+static int plans_view_run(store_job *job)
+{
+    plans_job *j = (plans_job *)job;
+    j->list = store_plans_list(j->deployment, j->query, j->id, j->want_changes,
+                               j->retention_ms);
+    return j->list ? 0 : -1;
+}
+
+static void plans_view_done(store_job *job)
+{
+    plans_job *j = (plans_job *)job;
+    if (j->list)
+        http_reply_json(j->req, 200, j->list);
+    else
+        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+    plans_job_free(j);
 }
 
 void plans_view(http_call *call)
@@ -115,12 +196,19 @@ void plans_view(http_call *call)
         }
         want_changes = changed[0] == '1' || changed[0] == 't';
     }
-    json_t *list = store_plans_list(call->dep->name, query && *query ? query : NULL,
-                                    id && *id ? id : NULL, want_changes,
-                                    control.cfg->telemetry_retention_ms);
-    if (!list) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    plans_job *j = calloc(1, sizeof(*j));
+    if (!j || (query && *query && !(j->query = strdup(query))) ||
+        (id && *id && !(j->id = strdup(id)))) {
+        if (j)
+            plans_job_free(j);
+        http_reply_error(call->req, 500, "out of memory");
         return;
     }
-    http_reply_json(call->req, 200, list);
+    j->req = call->req;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", call->dep->name);
+    j->want_changes = want_changes;
+    j->retention_ms = control.cfg->telemetry_retention_ms;
+    j->job.run = plans_view_run;
+    j->job.done = plans_view_done;
+    store_worker_submit(&j->job);
 }

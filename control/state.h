@@ -98,6 +98,10 @@ typedef struct state_proxy {
     struct evhttp_request *poll_req;
     struct event *poll_timer;
     struct event *poll_watch; /* readable socket of the parked poll: the agent hung up */
+    uint64_t wakes;           /* agents_wake calls: a poll read before the last one reads again */
+    bool wake_queued;         /* a read for its parked poll waits for the next batch (agents.c) */
+    bool poll_marked;         /* commands were marked delivered for a poll that was gone when
+                                 they were read: the next poll gets them at once */
 } state_proxy;
 
 /* One deployment: the proxies that share a token and a write leader. */

@@ -312,6 +312,60 @@ int store_command(const char *sql, int nparams, const char *const *params)
     return 0;
 }
 
+/* Room for extra more bytes in a's buffer. */
+static bool store_array_room(store_array *a, size_t extra)
+{
+    if (a->failed)
+        return false;
+    if (a->len + extra + 1 <= a->cap)
+        return true;
+    size_t cap = a->cap ? a->cap * 2 : 256;
+    while (cap < a->len + extra + 1)
+        cap *= 2;
+    char *buf = realloc(a->buf, cap);
+    if (!buf) {
+        a->failed = true;
+        return false;
+    }
+    a->buf = buf;
+    a->cap = cap;
+    return true;
+}
+
+void store_array_add(store_array *a, const char *value)
+{
+    /* the worst case: every character escaped, the quotes, a separator or the opening brace */
+    if (!store_array_room(a, 2 * strlen(value) + 3))
+        return;
+    char sep = a->len == 0 ? '{' : ',';
+    a->buf[a->len++] = sep;
+    a->buf[a->len++] = '"';
+    for (const char *c = value; *c; c++) {
+        if (*c == '"' || *c == '\\')
+            a->buf[a->len++] = '\\';
+        a->buf[a->len++] = *c;
+    }
+    a->buf[a->len++] = '"';
+    a->buf[a->len] = '\0';
+}
+
+const char *store_array_end(store_array *a)
+{
+    if (!store_array_room(a, 2))
+        return NULL;
+    if (a->len == 0)
+        a->buf[a->len++] = '{';
+    a->buf[a->len++] = '}';
+    a->buf[a->len] = '\0';
+    return a->buf;
+}
+
+void store_array_free(store_array *a)
+{
+    free(a->buf);
+    *a = (store_array){0};
+}
+
 const char *fmt_int(char buf[STORE_INT_MAX], int64_t v)
 {
     snprintf(buf, STORE_INT_MAX, "%" PRId64, v);

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #define STORE_STATE_MAX 16 /* "preparing", "committed", "aborted" */
+#define STORE_TYPE_MAX  32 /* a command's type, with its terminating zero */
 
 /* Outcome of acknowledging a command. */
 typedef enum store_ack_result {
@@ -102,16 +103,35 @@ int store_leadership_save(const char *deployment, const char *leader, int64_t ep
 int64_t store_command_create(const char *deployment, const char *type, json_t *args,
                              state_proxy *const *targets, int n_targets);
 
-/* The unacknowledged commands of one proxy as [{"id", "type", "args"}] (marked delivered),
- * or NULL when the store failed. *since_ms (may be NULL) receives the time since the most
- * recent earlier delivery of any of them, or -1 when one was never delivered before. */
-json_t *store_commands_pending(const char *deployment, const char *node_id, int64_t *since_ms);
+/* One proxy's unacknowledged commands, read by store_commands_pending_many. */
+typedef struct store_pending {
+    json_t *commands; /* [{"id", "type", "args"}] (new reference), NULL when the store failed */
+    int64_t since_ms; /* time since the most recent earlier delivery of any of them, or -1
+                         when one was never delivered before */
+} store_pending;
 
-/* Record a proxy's answer to a command. On STORE_ACK_RECORDED, *type (STORE_TYPE_MAX) and
- * *args (new reference) describe the command. */
-#define STORE_TYPE_MAX 32
-store_ack_result store_command_ack(int64_t id, const char *deployment, const char *node_id, bool ok,
-                                   const char *detail, char *type, json_t **args);
+/* The unacknowledged commands of n proxies of one deployment, marked delivered, in one
+ * statement: out[i] is node_ids[i]'s (a node id may come twice: both get the same list).
+ * 0, or -1 (every out[i].commands NULL). */
+int store_commands_pending_many(const char *deployment, const char *const *node_ids, int n,
+                                store_pending *out);
+
+/* One acknowledgement of store_command_ack_many: what the proxy said, and what came of it. */
+typedef struct store_ack_item {
+    int64_t id;             /* the command */
+    const char *deployment; /* of the proxy */
+    const char *node_id;    /* the proxy */
+    bool ok;                /* its answer */
+    const char *detail;     /* what it said ("" when nothing) */
+    store_ack_result result;   /* out: what came of it */
+    char type[STORE_TYPE_MAX]; /* out, on STORE_ACK_RECORDED: the command's type */
+    json_t *args;              /* out, on STORE_ACK_RECORDED: its args (new reference) */
+} store_ack_item;
+
+/* Record n proxies' answers to commands (of any deployments) in one statement; the second of
+ * two for the same command and proxy is a duplicate; STORE_ACK_ERROR with 0 returned: the
+ * lease guard let it through no more. 0, or -1 (every result STORE_ACK_ERROR). */
+int store_command_ack_many(store_ack_item *items, int n);
 
 /* Mark a command's unacknowledged targets as answered (ok = false, detail). 0 or -1. */
 int store_command_cancel(int64_t id, const char *detail);

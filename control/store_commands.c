@@ -1,6 +1,7 @@
 /* store_commands.c - commands to proxies: created, delivered by the long poll, acknowledged.
  * Every write (creating, delivery marks, acknowledgements, cancelling, expiry) is conditional
- * on still holding the lease (STORE_LEASE_GUARD). */
+ * on still holding the lease (STORE_LEASE_GUARD). Deliveries and acknowledgements come in
+ * batches (agents.c): one statement for many proxies, with the values as arrays. */
 #include "store.h"
 #include "log.h"
 #include "store_internal.h"
@@ -53,87 +54,154 @@ done:
     return id;
 }
 
-json_t *store_commands_pending(const char *deployment, const char *node_id, int64_t *since_ms)
+int store_commands_pending_many(const char *deployment, const char *const *node_ids, int n,
+                                store_pending *out)
 {
     char term[STORE_INT_MAX];
     const char *params[5];
+    store_array ids = {0};
+    json_t *by_node = json_object(), *since = json_object();
+    PGresult *res = NULL;
+    int rc = -1;
+
+    for (int i = 0; i < n; i++) {
+        out[i] = (store_pending){.commands = NULL, .since_ms = -1};
+        store_array_add(&ids, node_ids[i]);
+    }
     store_guard_params(params, term);
     params[3] = deployment;
-    params[4] = node_id;
-    /* a replica that no longer holds the lease delivers (and marks) nothing */
-    PGresult *res =
-        store_exec(PGRES_TUPLES_OK,
-                   "WITH p AS (SELECT a.command_id, a.node_id, c.type, c.args,"
-                   "    (extract(epoch FROM now() - a.delivered_at) * 1000)::bigint AS since_ms"
-                   "  FROM pgrelay.command_acks a JOIN pgrelay.commands c ON c.id = a.command_id"
-                   "  WHERE c.deployment = $4 AND a.node_id = $5 AND a.acked_at IS NULL"
-                   "   AND" STORE_LEASE_GUARD_NOLOCK("1", "2", "3") " FOR UPDATE OF a),"
-                   " u AS (UPDATE pgrelay.command_acks a SET deliveries = a.deliveries + 1,"
-                   "    delivered_at = now() FROM p"
-                   "  WHERE a.command_id = p.command_id AND a.node_id = p.node_id)"
-                   " SELECT command_id, type, args::text, since_ms FROM p ORDER BY command_id",
-                   5, params);
-    if (!res)
-        return NULL;
-    json_t *list = json_array();
-    int64_t since = INT64_MAX;
-    for (int i = 0; list && i < PQntuples(res); i++) {
-        json_t *args = json_loads(PQgetvalue(res, i, 2), 0, NULL);
-        json_array_append_new(
-            list, json_pack("{s:I, s:s, s:o}", "id", (json_int_t)get_int(res, i, 0), "type",
-                            PQgetvalue(res, i, 1), "args", args ? args : json_object()));
-        int64_t s = PQgetisnull(res, i, 3) ? -1 : get_int(res, i, 3);
-        if (s < since)
-            since = s;
+    if (!by_node || !since || !(params[4] = store_array_end(&ids))) {
+        store_fail("out of memory reading %d proxies' commands", n);
+        goto done;
     }
+    /* a replica that no longer holds the lease delivers (and marks) nothing */
+    res = store_exec(PGRES_TUPLES_OK,
+                     "WITH p AS (SELECT a.command_id, a.node_id, c.type, c.args,"
+                     "    (extract(epoch FROM now() - a.delivered_at) * 1000)::bigint AS since_ms"
+                     "  FROM pgrelay.command_acks a JOIN pgrelay.commands c ON c.id = a.command_id"
+                     "  WHERE c.deployment = $4 AND a.acked_at IS NULL"
+                     "   AND a.node_id = ANY($5::text[])"
+                     "   AND" STORE_LEASE_GUARD_NOLOCK("1", "2", "3") " FOR UPDATE OF a),"
+                     " u AS (UPDATE pgrelay.command_acks a SET deliveries = a.deliveries + 1,"
+                     "    delivered_at = now() FROM p"
+                     "  WHERE a.command_id = p.command_id AND a.node_id = p.node_id)"
+                     " SELECT node_id, command_id, type, args::text, since_ms FROM p"
+                     " ORDER BY node_id, command_id",
+                     5, params);
+    if (!res)
+        goto done;
+    for (int i = 0; i < PQntuples(res); i++) {
+        const char *node = PQgetvalue(res, i, 0);
+        json_t *list = json_object_get(by_node, node);
+        if (!list) {
+            list = json_array();
+            if (!list || json_object_set_new(by_node, node, list) != 0) {
+                store_fail("out of memory reading %d proxies' commands", n);
+                goto done;
+            }
+        }
+        json_t *args = json_loads(PQgetvalue(res, i, 3), 0, NULL);
+        json_array_append_new(
+            list, json_pack("{s:I, s:s, s:o}", "id", (json_int_t)get_int(res, i, 1), "type",
+                            PQgetvalue(res, i, 2), "args", args ? args : json_object()));
+        int64_t s = PQgetisnull(res, i, 4) ? -1 : get_int(res, i, 4);
+        json_t *was = json_object_get(since, node);
+        if (!was || s < json_integer_value(was))
+            json_object_set_new(since, node, json_integer(s));
+    }
+    for (int i = 0; i < n; i++) {
+        json_t *list = json_object_get(by_node, node_ids[i]);
+        json_t *s = json_object_get(since, node_ids[i]);
+        out[i].commands = list ? json_incref(list) : json_array();
+        out[i].since_ms = s ? json_integer_value(s) : -1;
+    }
+    rc = 0;
+done:
     PQclear(res);
-    if (since_ms)
-        *since_ms = since == INT64_MAX ? -1 : since;
-    return list;
+    store_array_free(&ids);
+    json_decref(by_node);
+    json_decref(since);
+    return rc;
 }
 
-store_ack_result store_command_ack(int64_t id, const char *deployment, const char *node_id, bool ok,
-                                   const char *detail, char *type, json_t **args)
+int store_command_ack_many(store_ack_item *items, int n)
 {
-    char idtext[STORE_INT_MAX], term[STORE_INT_MAX];
-    const char *params[8] = {fmt_int(idtext, id), deployment, node_id, ok ? "true" : "false",
-                             detail};
-    store_guard_params(&params[5], term);
-    PGresult *res = store_exec(
+    char term[STORE_INT_MAX], num[STORE_INT_MAX];
+    const char *params[8];
+    store_array ids = {0}, deps = {0}, nodes = {0}, oks = {0}, details = {0};
+    PGresult *res = NULL;
+    int rc = -1;
+
+    for (int i = 0; i < n; i++) {
+        items[i].result = STORE_ACK_ERROR;
+        items[i].type[0] = '\0';
+        items[i].args = NULL;
+        store_array_add(&ids, fmt_int(num, items[i].id));
+        store_array_add(&deps, items[i].deployment);
+        store_array_add(&nodes, items[i].node_id);
+        store_array_add(&oks, items[i].ok ? "t" : "f");
+        store_array_add(&details, items[i].detail ? items[i].detail : "");
+    }
+    store_guard_params(params, term);
+    if (!(params[3] = store_array_end(&ids)) || !(params[4] = store_array_end(&deps)) ||
+        !(params[5] = store_array_end(&nodes)) || !(params[6] = store_array_end(&oks)) ||
+        !(params[7] = store_array_end(&details))) {
+        store_fail("out of memory recording %d acknowledgements", n);
+        goto done;
+    }
+    /* One row per acknowledgement, in order: the command's type and args when recorded now
+     * (the first of equal ones), else whether it exists for the proxy (x_exists) and was
+     * acknowledged before (x_acked: a duplicate; not: the guard let nothing through). The
+     * outer query reads the rows as they were before the UPDATE. Arrays, not JSON: the
+     * planner knows how many rows come (a JSON set is 100 to it, and the plan a loop). */
+    res = store_exec(
         PGRES_TUPLES_OK,
-        "UPDATE pgrelay.command_acks a SET acked_at = now(), ok = $4::boolean, detail = $5"
-        " FROM pgrelay.commands c"
-        " WHERE a.command_id = $1::bigint AND c.id = a.command_id AND c.deployment = $2"
-        "   AND a.node_id = $3 AND a.acked_at IS NULL AND" STORE_LEASE_GUARD_NOLOCK("6", "7", "8")
-        " RETURNING c.type, c.args::text",
+        "WITH i AS (SELECT * FROM unnest($4::bigint[], $5::text[], $6::text[], $7::boolean[],"
+        "   $8::text[]) WITH ORDINALITY AS r(id, dep, node, ok, detail, n)),"
+        " u AS (UPDATE pgrelay.command_acks a SET acked_at = now(), ok = i.ok, detail = i.detail"
+        "   FROM i JOIN pgrelay.commands c ON c.id = i.id AND c.deployment = i.dep"
+        "   WHERE a.command_id = i.id AND a.node_id = i.node AND a.acked_at IS NULL"
+        "    AND" STORE_LEASE_GUARD_NOLOCK("1", "2", "3")
+        "   RETURNING a.command_id, a.node_id, c.type, c.args::text AS args)"
+        " SELECT i.n - 1, u.type, u.args, x.acked_at IS NOT NULL AS x_acked,"
+        "   x.command_id IS NOT NULL AS x_exists,"
+        "   row_number() OVER (PARTITION BY i.id, i.node, i.dep ORDER BY i.n) AS nth"
+        " FROM i LEFT JOIN u ON u.command_id = i.id AND u.node_id = i.node"
+        "  LEFT JOIN (SELECT xa.command_id, xa.node_id, xa.acked_at, xc.deployment"
+        "   FROM pgrelay.command_acks xa JOIN pgrelay.commands xc ON xc.id = xa.command_id) x"
+        "   ON x.command_id = i.id AND x.node_id = i.node AND x.deployment = i.dep"
+        " ORDER BY i.n",
         8, params);
     if (!res)
-        return STORE_ACK_ERROR;
-    if (PQntuples(res) == 1) {
-        get_text(res, 0, 0, type, STORE_TYPE_MAX);
-        *args = json_loads(PQgetvalue(res, 0, 1), 0, NULL);
-        if (!*args)
-            *args = json_object();
-        PQclear(res);
-        return STORE_ACK_RECORDED;
+        goto done;
+    for (int r = 0; r < PQntuples(res); r++) {
+        int64_t i = get_int(res, r, 0);
+        if (i < 0 || i >= n)
+            continue;
+        store_ack_item *it = &items[i];
+        if (!PQgetisnull(res, r, 1) && get_int(res, r, 5) == 1) {
+            it->result = STORE_ACK_RECORDED;
+            get_text(res, r, 1, it->type, sizeof(it->type));
+            it->args = json_loads(PQgetvalue(res, r, 2), 0, NULL);
+            if (!it->args)
+                it->args = json_object();
+        } else if (!PQgetisnull(res, r, 1) || get_bool(res, r, 3)) {
+            it->result = STORE_ACK_DUPLICATE;
+        } else if (get_bool(res, r, 4)) { /* the guard let nothing through */
+            it->result = STORE_ACK_ERROR;
+        } else {
+            it->result = STORE_ACK_UNKNOWN;
+        }
     }
+    rc = 0;
+done:
     PQclear(res);
-    res = store_exec(PGRES_TUPLES_OK,
-                     "SELECT a.acked_at IS NOT NULL FROM pgrelay.command_acks a"
-                     "  JOIN pgrelay.commands c ON c.id = a.command_id"
-                     " WHERE a.command_id = $1::bigint AND c.deployment = $2 AND a.node_id = $3",
-                     3, params);
-    if (!res)
-        return STORE_ACK_ERROR;
-    store_ack_result r = PQntuples(res) > 0 ? STORE_ACK_DUPLICATE : STORE_ACK_UNKNOWN;
-    if (r == STORE_ACK_DUPLICATE && !get_bool(res, 0, 0)) { /* the guard let nothing through */
-        store_fail("acknowledgement of command %lld: not written (this replica no longer holds "
-                   "the lease)",
-                   (long long)id);
-        r = STORE_ACK_ERROR;
-    }
-    PQclear(res);
-    return r;
+    store_array_free(&ids);
+    store_array_free(&deps);
+    store_array_free(&nodes);
+    store_array_free(&oks);
+    store_array_free(&details);
+    return rc;
 }
 
 int store_command_cancel(int64_t id, const char *detail)

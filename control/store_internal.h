@@ -53,6 +53,22 @@ int store_connect_within(int timeout_ms);
  * Returns 3, the number of parameters used. */
 int store_guard_params(const char **params, char *term);
 
+/* A PostgreSQL array literal built value by value ({"a","b"}), for a batch statement's
+ * parameter (with the values known, the planner sizes the unnest or = ANY right). */
+typedef struct store_array {
+    char *buf;   /* the literal so far (malloc'd) */
+    size_t len;  /* its length */
+    size_t cap;  /* the room of buf */
+    bool failed; /* out of memory: store_array_end returns NULL */
+} store_array;
+
+/* Add one value (quoted and escaped). */
+void store_array_add(store_array *a, const char *value);
+
+/* The literal (owned by a: store_array_free), or NULL when out of memory. */
+const char *store_array_end(store_array *a);
+void store_array_free(store_array *a);
+
 const char *fmt_int(char buf[STORE_INT_MAX], int64_t v);
 int64_t get_int(const PGresult *res, int row, int col);
 bool get_bool(const PGresult *res, int row, int col);

@@ -48,7 +48,7 @@ int store_plan_put(const char *deployment, const char *node_id, json_t *plan)
         "INSERT INTO pgrelay.plans (deployment, node_id, plan_id, node, database, user_name, "
         "  text, reason, duration_ms, total_cost, top_node, error, plan, changes, planned_at_ms)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::bigint, $10::float8, $11, $12, $13::jsonb,"
-        "  $14::int, $15::bigint)"
+        "  coalesce($14::int, 0), $15::bigint)"
         " ON CONFLICT (deployment, plan_id) DO UPDATE SET node_id = excluded.node_id,"
         "  node = excluded.node, database = excluded.database, user_name = excluded.user_name,"
         "  text = excluded.text, reason = excluded.reason, duration_ms = excluded.duration_ms,"

@@ -1,6 +1,7 @@
 /* store_worker.c - a thread with a store connection of its own that runs the event loop's
- * periodic store work (the proxies' rows, command expiry, the idle check), so that a slow or
- * stopped store never holds the loop for it.
+ * store work for the agents (their long polls' reads and deliveries, their acknowledgements,
+ * in batches: agents.c) and the periodic one (the proxies' rows, command expiry, the idle
+ * check), so that a slow or stopped store never holds the loop for it.
  *
  * The loop queues a job (store_worker_submit); the worker runs it with the lease guard and the
  * store cap the loop had when it queued it (a job queued by a holder stays conditional on that

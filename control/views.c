@@ -1,12 +1,13 @@
 /* views.c - the operator's read-only endpoints: deployments, proxies, nodes, running queries,
  * metrics, schema and the current configuration, answered from memory (and the store for the
- * configuration text). */
+ * configuration text, read by the store worker: a slow store holds that view, not the loop). */
 #include "views.h"
 #include "control.h"
 #include "leader.h"
 #include "log.h"
 #include "shm.h"
 #include "store.h"
+#include "store_worker.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -276,25 +277,59 @@ void views_schema(http_call *call)
     http_reply_json(call->req, 200, list);
 }
 
+/* The configuration view's store read. */
+typedef struct views_config_job {
+    store_job job;
+    struct evhttp_request *req;
+    char deployment[CCONFIG_NAME_MAX];
+    int64_t version; /* the newest committed version */
+    char *text;      /* its text (malloc'd), or NULL */
+} views_config_job;
+
+static int views_config_run(store_job *job)
+{
+    views_config_job *j = (views_config_job *)job;
+    return store_config_current(j->deployment, &j->version, &j->text);
+}
+
+static void views_config_done(store_job *job)
+{
+    views_config_job *j = (views_config_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    if (job->rc != 0) {
+        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+    } else if (!dep) {
+        http_reply_error(j->req, 503, "not serving: %s",
+                         control.active ? "the deployment is no longer known" : "state dropped");
+    } else {
+        json_t *proxies = json_array();
+        int64_t now = control_now_ms();
+        for (state_proxy *p = dep->proxies; p; p = p->next)
+            json_array_append_new(
+                proxies, json_pack("{s:s, s:I, s:b, s:O?}", "node_id", p->node_id,
+                                   "config_version", (json_int_t)p->config_version, "live",
+                                   state_proxy_live(p, now), "effective", p->config));
+        http_reply_json(j->req, 200,
+                        json_pack("{s:I, s:o, s:o}", "version", (json_int_t)j->version, "text",
+                                  j->text ? json_string(j->text) : json_null(), "proxies",
+                                  proxies));
+    }
+    free(j->text);
+    free(j);
+}
+
 void views_config_get(http_call *call)
 {
-    int64_t version;
-    char *text;
-    if (store_config_current(call->dep->name, &version, &text) != 0) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    views_config_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        http_reply_error(call->req, 500, "out of memory");
         return;
     }
-    json_t *proxies = json_array();
-    int64_t now = control_now_ms();
-    for (state_proxy *p = call->dep->proxies; p; p = p->next)
-        json_array_append_new(proxies,
-                              json_pack("{s:s, s:I, s:b, s:O?}", "node_id", p->node_id,
-                                        "config_version", (json_int_t)p->config_version, "live",
-                                        state_proxy_live(p, now), "effective", p->config));
-    http_reply_json(call->req, 200,
-                    json_pack("{s:I, s:o, s:o}", "version", (json_int_t)version, "text",
-                              text ? json_string(text) : json_null(), "proxies", proxies));
-    free(text);
+    j->req = call->req;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", call->dep->name);
+    j->job.run = views_config_run;
+    j->job.done = views_config_done;
+    store_worker_submit(&j->job);
 }
 
 void views_leader_changed(const state_deployment *dep, const char *why)

@@ -13,8 +13,14 @@ For each N (default 100, 500, 1000, 2000) a fresh store database and a fresh con
 measures for --duration seconds: the control plane's CPU (cores) and RSS, the store's CPU
 (every postgres process), the metrics round trip p50 / p99 / max, then the time of
 `pgrelayctl show-proxies` and the round trip of `pgrelayctl maintenance on` (every proxy
-acknowledged) and `off`. The 1-minute load average is printed beside each row: the machine is
-shared, so figures taken under load say so.
+acknowledged) and `off`, with the store's CPU seconds during `on`. The 1-minute load average
+is printed beside each row: the machine is shared, so figures taken under load say so. The
+store's CPU is small (under 0.005 cores at 2,000 agents: the proxies' rows are one statement
+per 500 every 5 s), hence three decimals.
+
+BENCH_CONTROL_PERF=DIR records `perf record` of the control plane during each maintenance step
+into DIR/mnt-on-N.data and DIR/mnt-off-N.data (BENCH_CONTROL_PERF_GRAPH=dwarf for stacks without
+frame pointers).
 
 Run as root with Debian's /usr/bin/python3 (psycopg 3), after `make`.
 """
@@ -321,6 +327,27 @@ class Stats:
             self.latencies.append(elapsed)
 
 
+def start_perf(control, name):
+    """perf record of the control plane into BENCH_CONTROL_PERF/name.data, if that is set."""
+    where = os.environ.get("BENCH_CONTROL_PERF")
+    if not where:
+        return None
+    os.makedirs(where, exist_ok=True)
+    graph = os.environ.get("BENCH_CONTROL_PERF_GRAPH", "fp")  # dwarf: stacks without frame pointers
+    proc = subprocess.Popen(["perf", "record", "-q", "--call-graph", graph, "-p",
+                             str(control.proc.pid), "-o",
+                             os.path.join(where, name + ".data")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # perf attaches before the step starts
+    return proc
+
+
+def stop_perf(proc):
+    if proc:
+        proc.send_signal(2)
+        proc.wait(timeout=30)
+
+
 def pct(values, p):
     if not values:
         return float("nan")
@@ -360,14 +387,23 @@ async def run_fleet(control, n, duration, warmup, say):
     for _ in range(3):
         secs, r = await loop.run_in_executor(None, control.ctl, "show-proxies")
         show.append(secs if r.returncode == 0 else float("nan"))
+        if r.returncode != 0:
+            say(f"  show-proxies failed ({r.returncode}) after {secs:.2f} s: "
+                f"{(r.stdout + r.stderr)[-300:]}")
     row["show"] = statistics.median(show)
+    perf = start_perf(control, f"mnt-on-{n}")
+    pg0 = postgres_cpu(control.store_pid)
     secs, r = await loop.run_in_executor(None, control.ctl, "maintenance", "on")
+    row["st_mnt"] = postgres_cpu(control.store_pid) - pg0
+    stop_perf(perf)
     row["mnt_on"] = secs if r.returncode == 0 else float("nan")
     if r.returncode != 0:
         say(f"  maintenance on failed ({r.returncode}): {(r.stdout + r.stderr)[-300:]}")
     reached = sum(a.maintenance for a in agents)
     row["reached"] = reached
+    perf = start_perf(control, f"mnt-off-{n}")
     secs, r = await loop.run_in_executor(None, control.ctl, "maintenance", "off")
+    stop_perf(perf)
     row["mnt_off"] = secs if r.returncode == 0 else float("nan")
     stop.set()
     for t in tasks:
@@ -378,12 +414,13 @@ async def run_fleet(control, n, duration, warmup, say):
     return row
 
 
-HEADER = ("{:>5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>6}"
+HEADER = ("{:>5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8} {:>8} {:>5} "
+          "{:>5} {:>6}"
           .format("N", "cpu", "rss_MiB", "st_cpu", "p50_ms", "p99_ms", "max_ms", "req/s",
-                  "show_s", "mnt_on_s", "reached", "mnt_off", "fail", "load", "client"))
-ROW = ("{n:>5} {cpu:>6.2f} {rss:>8.1f} {store_cpu:>8.2f} {p50:>8.1f} {p99:>8.1f} {max:>9.1f} "
-       "{rate:>6.0f} {show:>8.2f} {mnt_on:>8.2f} {reached:>8} {mnt_off:>8.2f} {failures:>5} "
-       "{load:>5.2f} {client:>6.2f}")
+                  "show_s", "mnt_on_s", "st_mnt", "reached", "mnt_off", "fail", "load", "client"))
+ROW = ("{n:>5} {cpu:>6.2f} {rss:>8.1f} {store_cpu:>8.3f} {p50:>8.1f} {p99:>8.1f} {max:>9.1f} "
+       "{rate:>6.0f} {show:>8.2f} {mnt_on:>8.2f} {st_mnt:>7.2f} {reached:>8} {mnt_off:>8.2f} "
+       "{failures:>5} {load:>5.2f} {client:>6.2f}")
 
 
 def main():
@@ -422,9 +459,10 @@ def main():
                 shutil.rmtree(workdir, ignore_errors=True)
     finally:
         store.stop()
-    say("cpu, st_cpu: cores of the control plane and of the store; p50/p99/max: metrics round "
+    say("cpu, st_cpu: cores of the control plane and of the store (the postmaster and its "
+        "backends) while measured; p50/p99/max: metrics round "
         "trip; show_s: pgrelayctl show-proxies (median of 3); mnt_on_s: maintenance on until "
-        "every proxy acknowledged; reached: simulated agents in maintenance afterwards; fail: "
+        "every proxy acknowledged; st_mnt: CPU seconds of the store during it; reached: simulated agents in maintenance afterwards; fail: "
         "failed agent calls; load: 1-minute load average; client: cores of the simulated agents")
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
