@@ -9,10 +9,11 @@
  * every proxy's outcome: "done" when every proxy of the set committed, "committed" when the
  * version is the deployment's but some have not acknowledged it yet ("pending": they converge
  * to it). A committed operation is watched (config_watch) until each pending proxy reports
- * the version, and its record is "done" when the last one does. A replica that crashes, stops or loses the lease mid-apply leaves the
- * record to the next lease holder, which commits when every proxy of the set had prepared and
- * rolls back otherwise (config_recover). A proxy that was away learns the desired version from
- * its metrics or poll answer and fetches it (GET /api/v1/agent/config).
+ * the version, and its record is "done" when the last one does. A replica that crashes, stops or
+ * loses the lease mid-apply leaves the record to the next lease holder, which commits when every
+ * proxy of the set had prepared and rolls back otherwise (config_recover). A proxy that was away
+ * learns the desired version from its metrics or poll answer and fetches it (GET
+ * /api/v1/agent/config).
  */
 #include "agents.h"
 #include "control.h"
@@ -29,7 +30,8 @@
 #define CONFIG_TEXT_MAX      (1024 * 1024) /* longest pgrelay.ini text accepted */
 #define CONFIG_COMMIT_MIN_MS 5000 /* the commit step gets at least this long, whatever is left */
 #define CONFIG_WATCH_MS      1000 /* how often a committed version's pending proxies are looked at */
-#define CONFIG_OUTCOME_MAX   (4 * OPERATOR_DETAIL_MAX) /* an outcome: its head, pending and settled */
+/* an outcome: its head, pending and settled parts */
+#define CONFIG_OUTCOME_MAX (4 * OPERATOR_DETAIL_MAX)
 /* The fault-injection tests' hook (as switchover.c's): an apply whose prepare step is done
  * holds there, before the commit decision, for PGRELAY_CONTROL_TEST_HOLD_MS (default: until
  * its deadline, then it rolls back). Never set it in production. */
@@ -116,13 +118,13 @@ typedef struct config_watch {
     char *deployment;
     int64_t op_id;
     int64_t version;
-    int64_t since_ms;      /* monotonic: the commit (or this replica's take-over) */
-    bool recovered;        /* taken over from another replica: since_ms is not the commit */
-    bool dirty;            /* the record does not say what the lists say yet */
-    bool writing;          /* its record's update is with the store worker */
-    uint64_t id;           /* this watch (a job finds it again by it) */
-    json_t *pending;       /* node ids not on the version yet */
-    json_t *edited;        /* {node id: true} of the pending ones with a local edit */
+    int64_t since_ms; /* monotonic: the commit (or this replica's take-over) */
+    bool recovered;   /* taken over from another replica: since_ms is not the commit */
+    bool dirty;       /* the record does not say what the lists say yet */
+    bool writing;     /* its record's update is with the store worker */
+    uint64_t id;      /* this watch (a job finds it again by it) */
+    json_t *pending;  /* node ids not on the version yet */
+    json_t *edited;   /* {node id: true} of the pending ones with a local edit */
     char head[OPERATOR_DETAIL_MAX];    /* "version 3 committed on 1 of 2 proxies" */
     char settled[OPERATOR_DETAIL_MAX]; /* "proxy-b on it after 3.1 s; proxy-c no longer ..." */
 } config_watch;
@@ -193,8 +195,7 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
         snprintf(out, len,
                  "%s; pending: %s (not on version %" PRId64 " yet: they converge to it when "
                  "they answer again)%s%s",
-                 w->head, pending, w->version, w->settled[0] ? "; since then: " : "",
-                 w->settled);
+                 w->head, pending, w->version, w->settled[0] ? "; since then: " : "", w->settled);
 }
 
 /* The record's update, written by the store worker: a slow store holds this write, not the
@@ -202,9 +203,9 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
  * clean, and finished when the record says "done". */
 typedef struct config_watch_job {
     store_job job;
-    uint64_t watch;                  /* the config_watch.id it writes for */
+    uint64_t watch; /* the config_watch.id it writes for */
     int64_t op_id;
-    bool done;                       /* the record goes to "done" */
+    bool done; /* the record goes to "done" */
     char outcome[CONFIG_OUTCOME_MAX];
 } config_watch_job;
 
@@ -324,7 +325,8 @@ static void config_watch_tick(evutil_socket_t fd, short what, void *arg)
 
 static void config_watch_arm(void)
 {
-    struct timeval tv = {.tv_sec = CONFIG_WATCH_MS / 1000, .tv_usec = (CONFIG_WATCH_MS % 1000) * 1000};
+    struct timeval tv = {.tv_sec = CONFIG_WATCH_MS / 1000,
+                         .tv_usec = (CONFIG_WATCH_MS % 1000) * 1000};
     if (!config_watches)
         return;
     if (!config_watch_timer)
@@ -435,8 +437,8 @@ static void config_finish(operator_op *op)
              "not committed yet (no answer within %" PRId64 "s): it converges to version %" PRId64
              " when it answers again",
              op->timeout_s, op->version);
-    snprintf(head, sizeof(head), "version %" PRId64 " committed on %d of %d prox%s",
-             op->version, done, op->n_targets, op->n_targets == 1 ? "y" : "ies");
+    snprintf(head, sizeof(head), "version %" PRId64 " committed on %d of %d prox%s", op->version,
+             done, op->n_targets, op->n_targets == 1 ? "y" : "ies");
     if (all) {
         snprintf(outcome, sizeof(outcome), "%s: on every proxy of its set", head);
     } else {
@@ -459,9 +461,9 @@ static void config_finish(operator_op *op)
     }
     op_finish(op, 200,
               json_pack("{s:b, s:s, s:I, s:I, s:b, s:s, s:o, s:o}", "ok", all, "state",
-                        all ? "done" : "committed", "version", (json_int_t)op->version,
-                        "operation", (json_int_t)op->op_id, "committed", 1, "outcome", outcome,
-                        "pending", waiting, "proxies", op_answers(op, pending)));
+                        all ? "done" : "committed", "version", (json_int_t)op->version, "operation",
+                        (json_int_t)op->op_id, "committed", 1, "outcome", outcome, "pending",
+                        waiting, "proxies", op_answers(op, pending)));
 }
 
 /* The test hook: hold after the prepare step. True when holding. */
