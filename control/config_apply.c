@@ -29,7 +29,7 @@
 
 #define CONFIG_TEXT_MAX      (1024 * 1024) /* longest pgrelay.ini text accepted */
 #define CONFIG_COMMIT_MIN_MS 5000 /* the commit step gets at least this long, whatever is left */
-#define CONFIG_WATCH_MS      1000 /* how often a committed version's pending proxies are looked at */
+#define CONFIG_WATCH_MS      1000 /* how often a committed version's pending proxies are seen to */
 /* an outcome: its head, pending and settled parts */
 #define CONFIG_OUTCOME_MAX (4 * OPERATOR_DETAIL_MAX)
 /* The fault-injection tests' hook (as switchover.c's): an apply whose prepare step is done

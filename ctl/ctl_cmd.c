@@ -393,8 +393,8 @@ static ctl_exit ctl_operation(ctl_ctx *ctx, const char *what, const char *action
                         "%s: version %lld is committed (the deployment's configuration, in force "
                         "on the proxies that acknowledged it) but not yet on %zu of %zu proxies: "
                         "%s; each takes it by itself once it answers and can write its file "
-                        "(fix what it answered, or delete-proxy one that is gone for good); '" CTL_PROG
-                        " show-operations' shows when it is everywhere",
+                        "(fix what it answered, or delete-proxy one that is gone for good); "
+                        "'" CTL_PROG " show-operations' shows when it is everywhere",
                         action, (long long)json_integer_value(json_object_get(ans.body, "version")),
                         json_array_size(json_object_get(ans.body, "pending")),
                         json_array_size(json_object_get(ans.body, "proxies")), failures);
