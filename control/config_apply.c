@@ -573,62 +573,128 @@ static void config_unchanged(operator_op *op, int64_t version)
                         list));
 }
 
+/* The start of an apply, run by the store worker: the current version is read and, unless the
+ * text is that version's (and no live proxy reports a local edit), the new version and its
+ * operation are recorded. A slow store holds this apply (its deployment's op), not the event
+ * loop. Back on the loop the op is found again by its serial: it may have ended meanwhile
+ * (lease lost, shutdown), and then a recorded operation is the next holder's to roll back. */
+typedef struct config_begin_job {
+    store_job job;
+    char deployment[CCONFIG_NAME_MAX];
+    uint64_t op;         /* operator_op.serial */
+    char *text;          /* the text applied (copy) */
+    char *targets_json;  /* the live proxies when the apply began */
+    int64_t min_version; /* above every declared proxy's version */
+    int64_t timeout_s;
+    bool any_diverged;   /* a live proxy reports a local edit: no "unchanged" */
+    bool read;           /* out: the current version was read */
+    int64_t current;     /* out: the deployment's current version */
+    bool unchanged;      /* out: the text is the current version's */
+    int64_t version;     /* out: the new version */
+    int64_t op_id;       /* out: its operation */
+} config_begin_job;
+
+static int config_begin_run(store_job *job)
+{
+    config_begin_job *j = (config_begin_job *)job;
+    char *current_text = NULL;
+    if (store_config_current(j->deployment, &j->current, &current_text) != 0)
+        return -1;
+    j->read = true;
+    j->unchanged = current_text && strcmp(current_text, j->text) == 0 && !j->any_diverged;
+    free(current_text);
+    if (j->unchanged)
+        return 0;
+    /* durable first: the version, its operation and the proxies it goes to */
+    return store_config_begin(j->deployment, j->text, j->min_version, j->targets_json,
+                              j->timeout_s, &j->version, &j->op_id);
+}
+
+static void config_begin_free(config_begin_job *j)
+{
+    free(j->text);
+    free(j->targets_json);
+    free(j);
+}
+
+static void config_begin_done(store_job *job)
+{
+    config_begin_job *j = (config_begin_job *)job;
+    char msg[OPERATOR_DETAIL_MAX + sizeof(j->job.error)];
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    operator_op *op = dep ? dep->op : NULL;
+    if (!op || op->serial != j->op) {
+        if (j->op_id > 0)
+            log_warning("deployment %s: configuration version %" PRId64 " was recorded after its "
+                        "apply ended here: operation %" PRId64 " is left to the next lease "
+                        "holder, which rolls it back",
+                        j->deployment, j->version, j->op_id);
+        config_begin_free(j);
+        return;
+    }
+    if (j->read)
+        dep->config_version = j->current;
+    if (j->job.rc != 0) {
+        snprintf(msg, sizeof(msg), "store unreachable: %s%s",
+                 j->read ? "cannot record the apply: " : "", j->job.error);
+        config_begin_free(j);
+        op_finish_error(op, 503, msg);
+        return;
+    }
+    if (j->unchanged) {
+        int64_t current = j->current;
+        config_begin_free(j);
+        config_unchanged(op, current);
+        return;
+    }
+    op->version = j->version;
+    op->op_id = j->op_id;
+    json_t *ids = json_loads(j->targets_json, 0, NULL);
+    int n = 0;
+    state_proxy **targets = config_find_targets(dep, ids, &n);
+    json_decref(ids);
+    config_begin_free(j);
+    log_info("deployment %s: configuration version %" PRId64 " proposed (operation %" PRId64
+             ") to %d prox%s",
+             dep->name, op->version, op->op_id, n, n == 1 ? "y" : "ies");
+    json_t *args = json_pack("{s:I, s:s, s:I}", "version", (json_int_t)op->version, "text",
+                             op->text, "operation", (json_int_t)op->op_id);
+    op_send(op, STEP_PREPARE, "config_prepare", args, targets, n);
+    free(targets);
+}
+
 void operator_config_apply(http_call *call)
 {
     const char *text = NULL;
-    int64_t min_version = 0, current = 0;
-    char *current_text = NULL, *targets_json = NULL;
     state_proxy **live = NULL;
-    char msg[OPERATOR_DETAIL_MAX];
 
     if (!http_field_string(call, call->body, NULL, "text", true, CONFIG_TEXT_MAX, &text))
         return;
     operator_op *op = op_begin(call, OP_CONFIG);
     if (!op)
         return;
+    config_begin_job *job = calloc(1, sizeof(*job));
+    int n = state_live_proxies(op->dep, &live);
     op->text = strdup(text);
-    if (!op->text) {
+    if (!job || !op->text || !(job->text = strdup(text)) || n < 0 ||
+        !(job->targets_json = config_targets_json(live, n))) {
+        free(live);
+        if (job)
+            config_begin_free(job);
         op_finish_error(op, 500, "out of memory");
         return;
     }
-    if (store_config_current(op->dep->name, &current, &current_text) != 0) {
-        snprintf(msg, sizeof(msg), "store unreachable: %s", store_error());
-        op_finish_error(op, 503, msg);
-        return;
-    }
-    op->dep->config_version = current;
-    if (current_text && strcmp(current_text, text) == 0 && !config_any_diverged(op->dep)) {
-        free(current_text);
-        config_unchanged(op, current);
-        return;
-    }
-    free(current_text);
-    for (state_proxy *p = op->dep->proxies; p; p = p->next)
-        if (p->declared && p->config_version > min_version)
-            min_version = p->config_version;
-    int n = state_live_proxies(op->dep, &live);
-    if (n < 0 || !(targets_json = config_targets_json(live, n))) {
-        free(live);
-        op_finish_error(op, 500, "out of memory listing the live proxies");
-        return;
-    }
-    /* durable first: the version, its operation and the proxies it goes to */
-    if (store_config_begin(op->dep->name, text, min_version, targets_json, op->timeout_s,
-                           &op->version, &op->op_id) != 0) {
-        snprintf(msg, sizeof(msg), "store unreachable: cannot record the apply: %s", store_error());
-        free(live);
-        free(targets_json);
-        op_finish_error(op, 503, msg);
-        return;
-    }
-    free(targets_json);
-    log_info("deployment %s: configuration version %" PRId64 " proposed (operation %" PRId64
-             ") to %d prox%s",
-             op->dep->name, op->version, op->op_id, n, n == 1 ? "y" : "ies");
-    json_t *args = json_pack("{s:I, s:s, s:I}", "version", (json_int_t)op->version, "text", text,
-                             "operation", (json_int_t)op->op_id);
-    op_send(op, STEP_PREPARE, "config_prepare", args, live, n);
     free(live);
+    for (state_proxy *p = op->dep->proxies; p; p = p->next)
+        if (p->declared && p->config_version > job->min_version)
+            job->min_version = p->config_version;
+    snprintf(job->deployment, sizeof(job->deployment), "%s", op->dep->name);
+    job->op = op->serial;
+    job->timeout_s = op->timeout_s;
+    job->any_diverged = config_any_diverged(op->dep);
+    job->job.run = config_begin_run;
+    job->job.done = config_begin_done;
+    store_worker_submit(&job->job);
 }
 
 /* ---- the desired version ---- */

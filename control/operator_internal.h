@@ -51,6 +51,7 @@ typedef struct op_target {
 } op_target;
 
 typedef struct operator_op {
+    uint64_t serial; /* this op among all since start (a store job finds it again by it) */
     state_deployment *dep;
     struct evhttp_request *req; /* the operator's request, answered at the end */
     op_kind kind;

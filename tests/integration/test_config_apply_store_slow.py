@@ -106,3 +106,45 @@ def test_recording_a_pending_proxys_arrival_while_the_store_is_locked_holds_no_o
         return ops[0]["state"]
     wait_for(lambda: state() == "done", what="the operation to be recorded done")
     print(f"worst answer while the record's update waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_an_apply_waiting_on_the_store_to_record_its_version_holds_no_other_request(
+        control, agents, store):
+    """An apply reads the current version and records the new one (and its operation) on the
+    store worker: with config_versions locked, it waits alone."""
+    agents(control, "proxy-a")
+    other = agents(control, "proxy-other")  # it takes the apply too
+    locker = psycopg.connect(store)
+    try:
+        locker.execute("LOCK TABLE pgrelay.config_versions IN ACCESS EXCLUSIVE MODE")
+        apply = Background(control.port, "POST", API + "/deployments/prod/config",
+                           {"text": TEXT, "timeout_s": 10}, token=ADMIN, timeout=30)
+
+        def apply_waits():
+            with psycopg.connect(store, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE"
+                                 " wait_event_type = 'Lock' AND query LIKE '%config_versions%'"
+                                 ).fetchone()[0] > 0
+
+        wait_for(apply_waits, timeout=10, what="the apply's query to wait on the lock")
+        worst = 0.0
+        for _ in range(10):
+            for ask in (lambda: control.call("GET", "/healthz", timeout=10),
+                        lambda: control.admin("GET", "/deployments/prod/proxies", timeout=10),
+                        lambda: other.post("/metrics", {"ts_ms": int(time.time() * 1000)})):
+                t = time.monotonic()
+                status, _ = ask()
+                worst = max(worst, time.monotonic() - t)
+                assert status == 200
+            time.sleep(0.1)
+        assert worst < 1.0, f"a request waited {worst:.2f}s behind the apply's store query"
+        assert not apply.done(), "the apply did not wait for its store query"
+        # another apply meanwhile is refused: one orchestration at a time
+        status, body = control.admin("POST", "/deployments/prod/config", {"text": TEXT})
+        assert status == 409, body
+    finally:
+        locker.commit()
+        locker.close()
+    status, answer = apply.result()
+    assert status == 200 and answer["version"] == 1 and answer["state"] == "done", answer
+    print(f"worst answer while the apply waited on the store: {worst * 1000:.0f} ms")
