@@ -363,6 +363,78 @@ static void config_watch_add(const char *deployment, int64_t op_id, int64_t vers
         config_watch_arm();
 }
 
+/* ---- the apply's writes, on the store worker ----
+ *
+ * The decision (commit or rollback) and the end of the commit step are written by the store
+ * worker: a slow store holds this apply, not the event loop. While a write is on its way the
+ * op takes no acknowledgement (command_id 0) and has no timer; back on the loop it is found
+ * again by its serial: one that ended meanwhile (lease lost, shutdown) leaves its record to
+ * the next lease holder. */
+
+typedef enum config_write_kind {
+    CONFIG_WRITE_COMMIT,    /* the decision: committed; then config_commit to the set */
+    CONFIG_WRITE_ROLL_BACK, /* the decision: rolled back; then config_abort, the answer */
+    CONFIG_WRITE_END,       /* the commit step ended: "done" or "committed"; the answer */
+} config_write_kind;
+
+typedef struct config_write_job {
+    store_job job;
+    config_write_kind kind;
+    uint64_t op; /* operator_op.serial */
+    char deployment[CCONFIG_NAME_MAX];
+    int64_t version;
+    int64_t op_id;
+    bool all;                      /* END: every proxy of the set committed */
+    int code;                      /* ROLL_BACK: the answer's status */
+    char text[CONFIG_OUTCOME_MAX]; /* the step's detail, or the outcome */
+    json_t *answer;                /* ROLL_BACK, END: the operator's answer */
+    json_t *ids;                   /* ROLL_BACK: the set; END: the pending proxies */
+} config_write_job;
+
+static void config_write_done(store_job *job);
+
+static int config_write_run(store_job *job)
+{
+    config_write_job *j = (config_write_job *)job;
+    switch (j->kind) {
+    case CONFIG_WRITE_COMMIT:
+        return store_config_commit(j->deployment, j->version, j->op_id, j->text);
+    case CONFIG_WRITE_ROLL_BACK:
+        return store_config_roll_back(j->deployment, j->version, j->op_id, j->text);
+    case CONFIG_WRITE_END:
+        return store_config_end(j->op_id, j->all ? "done" : "committed", j->text);
+    }
+    return -1;
+}
+
+/* Queue the write (answer and ids stolen); the op waits for it. */
+static void config_write(operator_op *op, config_write_kind kind, const char *text, json_t *answer,
+                         json_t *ids)
+{
+    config_write_job *j = calloc(1, sizeof(*j));
+    if (op->timer)
+        evtimer_del(op->timer);
+    op->command_id = 0; /* no acknowledgement moves the op while its write is on its way */
+    if (!j) {
+        json_decref(answer);
+        json_decref(ids);
+        op_finish_error(op, 500, "out of memory");
+        return;
+    }
+    j->kind = kind;
+    j->op = op->serial;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", op->dep->name);
+    j->version = op->version;
+    j->op_id = op->op_id;
+    j->all = kind == CONFIG_WRITE_END && json_array_size(ids) == 0;
+    snprintf(j->text, sizeof(j->text), "%s", text);
+    j->answer = answer;
+    j->ids = ids;
+    j->job.run = config_write_run;
+    j->job.done = config_write_done;
+    store_worker_submit(&j->job);
+}
+
 /* ---- the apply ---- */
 
 /* Roll back (a refusal, silence, a store failure): the version is deleted, config_abort goes
@@ -374,37 +446,48 @@ static void config_roll_back(operator_op *op, int code, const char *why)
         op_pending_detail(op, pending, sizeof(pending));
     else
         snprintf(pending, sizeof(pending), "no answer yet (rolled back)");
-    json_t *answers = op_answers(op, pending);
-    json_t *ids = config_op_target_ids(op);
-    if (store_config_roll_back(op->dep->name, op->version, op->op_id, why) != 0)
+    json_t *answer =
+        json_pack("{s:b, s:s, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "state", "rolled_back", "error",
+                  why, "version", (json_int_t)op->version, "operation", (json_int_t)op->op_id,
+                  "committed", 0, "proxies", op_answers(op, pending));
+    op->config_code = code;
+    config_write(op, CONFIG_WRITE_ROLL_BACK, why, answer, config_op_target_ids(op));
+}
+
+/* The rollback was written (or not: the next lease holder rolls it back): config_abort to the
+ * set, and the answer. */
+static void config_rolled_back(operator_op *op, config_write_job *j)
+{
+    if (j->job.rc != 0)
         log_error("deployment %s: cannot record the rollback of configuration version %" PRId64
                   ": %s (the next lease holder rolls it back)",
-                  op->dep->name, op->version, store_error());
-    config_fire(op->dep, ids, "config_abort", config_version_args(op->version, op->op_id));
-    json_decref(ids);
+                  op->dep->name, op->version, j->job.error);
+    config_fire(op->dep, j->ids, "config_abort", config_version_args(op->version, op->op_id));
     log_warning("deployment %s: configuration version %" PRId64 " rolled back on every proxy: %s",
-                op->dep->name, op->version, why);
-    op_finish(op, code,
-              json_pack("{s:b, s:s, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "state", "rolled_back",
-                        "error", why, "version", (json_int_t)op->version, "operation",
-                        (json_int_t)op->op_id, "committed", 0, "proxies", answers));
+                op->dep->name, op->version, j->text);
+    op_finish(op, j->code, j->answer);
+    j->answer = NULL;
 }
 
 /* Every proxy of the set prepared: record the decision, then commit on exactly that set. */
 static void config_commit(operator_op *op)
 {
+    config_write(op, CONFIG_WRITE_COMMIT, "every proxy prepared", NULL, NULL);
+}
+
+/* The decision was written (or could not be: then it rolls back). */
+static void config_committed(operator_op *op, config_write_job *j)
+{
+    if (j->job.rc != 0) {
+        char why[OPERATOR_DETAIL_MAX + sizeof(j->job.error)];
+        snprintf(why, sizeof(why), "store unreachable: cannot record the commit: %s", j->job.error);
+        config_roll_back(op, 503, why);
+        return;
+    }
     json_t *ids = config_op_target_ids(op);
     int n = 0;
     state_proxy **targets = config_find_targets(op->dep, ids, &n);
     json_decref(ids);
-    if (store_config_commit(op->dep->name, op->version, op->op_id, "every proxy prepared") != 0) {
-        char why[OPERATOR_DETAIL_MAX];
-        snprintf(why, sizeof(why), "store unreachable: cannot record the commit: %s",
-                 store_error());
-        free(targets);
-        config_roll_back(op, 503, why);
-        return;
-    }
     op->dep->config_version = op->version;
     log_info("deployment %s: configuration version %" PRId64 " committed; committing it on %d "
              "prox%s",
@@ -449,21 +532,55 @@ static void config_finish(operator_op *op)
                  "they answer again)",
                  head, ids, op->version);
     }
-    if (store_config_end(op->op_id, all ? "done" : "committed", outcome) != 0)
+    snprintf(op->config_head, sizeof(op->config_head), "%s", head);
+    json_t *answer = json_pack("{s:b, s:s, s:I, s:I, s:b, s:s, s:O, s:o}", "ok", all, "state",
+                               all ? "done" : "committed", "version", (json_int_t)op->version,
+                               "operation", (json_int_t)op->op_id, "committed", 1, "outcome",
+                               outcome, "pending", waiting, "proxies", op_answers(op, pending));
+    config_write(op, CONFIG_WRITE_END, outcome, answer, waiting);
+}
+
+/* The end of the commit step was written: a version not everywhere is watched; the answer. */
+static void config_ended(operator_op *op, config_write_job *j)
+{
+    bool all = json_array_size(j->ids) == 0;
+    if (j->job.rc != 0)
         log_error("deployment %s: configuration version %" PRId64 ": cannot record its end: %s",
-                  op->dep->name, op->version, store_error());
+                  op->dep->name, op->version, j->job.error);
     if (all) {
-        log_info("deployment %s: %s", op->dep->name, outcome);
+        log_info("deployment %s: %s", op->dep->name, j->text);
     } else {
-        log_warning("deployment %s: %s", op->dep->name, outcome);
-        config_watch_add(op->dep->name, op->op_id, op->version, json_deep_copy(waiting), head,
-                         false);
+        log_warning("deployment %s: %s", op->dep->name, j->text);
+        config_watch_add(op->dep->name, op->op_id, op->version, j->ids, op->config_head, false);
+        j->ids = NULL;
     }
-    op_finish(op, 200,
-              json_pack("{s:b, s:s, s:I, s:I, s:b, s:s, s:o, s:o}", "ok", all, "state",
-                        all ? "done" : "committed", "version", (json_int_t)op->version, "operation",
-                        (json_int_t)op->op_id, "committed", 1, "outcome", outcome, "pending",
-                        waiting, "proxies", op_answers(op, pending)));
+    op_finish(op, 200, j->answer);
+    j->answer = NULL;
+}
+
+static void config_write_done(store_job *job)
+{
+    config_write_job *j = (config_write_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    operator_op *op = dep ? dep->op : NULL;
+    if (!op || op->serial != j->op) {
+        log_warning("deployment %s: configuration operation %" PRId64 " ended here before its "
+                    "%s was written: its record is the next lease holder's",
+                    j->deployment, j->op_id,
+                    j->kind == CONFIG_WRITE_COMMIT      ? "commit"
+                    : j->kind == CONFIG_WRITE_ROLL_BACK ? "rollback"
+                                                        : "end");
+    } else if (j->kind == CONFIG_WRITE_COMMIT) {
+        config_committed(op, j);
+    } else if (j->kind == CONFIG_WRITE_ROLL_BACK) {
+        j->code = op->config_code;
+        config_rolled_back(op, j);
+    } else {
+        config_ended(op, j);
+    }
+    json_decref(j->answer);
+    json_decref(j->ids);
+    free(j);
 }
 
 /* The test hook: hold after the prepare step. True when holding. */
@@ -586,12 +703,12 @@ typedef struct config_begin_job {
     char *targets_json;  /* the live proxies when the apply began */
     int64_t min_version; /* above every declared proxy's version */
     int64_t timeout_s;
-    bool any_diverged;   /* a live proxy reports a local edit: no "unchanged" */
-    bool read;           /* out: the current version was read */
-    int64_t current;     /* out: the deployment's current version */
-    bool unchanged;      /* out: the text is the current version's */
-    int64_t version;     /* out: the new version */
-    int64_t op_id;       /* out: its operation */
+    bool any_diverged; /* a live proxy reports a local edit: no "unchanged" */
+    bool read;         /* out: the current version was read */
+    int64_t current;   /* out: the deployment's current version */
+    bool unchanged;    /* out: the text is the current version's */
+    int64_t version;   /* out: the new version */
+    int64_t op_id;     /* out: its operation */
 } config_begin_job;
 
 static int config_begin_run(store_job *job)
@@ -606,8 +723,8 @@ static int config_begin_run(store_job *job)
     if (j->unchanged)
         return 0;
     /* durable first: the version, its operation and the proxies it goes to */
-    return store_config_begin(j->deployment, j->text, j->min_version, j->targets_json,
-                              j->timeout_s, &j->version, &j->op_id);
+    return store_config_begin(j->deployment, j->text, j->min_version, j->targets_json, j->timeout_s,
+                              &j->version, &j->op_id);
 }
 
 static void config_begin_free(config_begin_job *j)

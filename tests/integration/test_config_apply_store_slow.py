@@ -123,3 +123,27 @@ def test_recording_a_pending_proxys_arrival_while_the_store_is_locked_holds_no_o
         assert worst < 1.0, f"a request waited {worst:.2f}s behind the record's update"
     wait_for(lambda: operation_state(control) == "done", what="the operation to be recorded done")
     print(f"worst answer while the record's update waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_a_commit_decision_waiting_on_the_store_holds_no_other_request(
+        control_factory, agents, store, monkeypatch):
+    """The decision (the version committed, the operation at its commit step) is written by the
+    store worker: the apply holds after its prepare step (the test hook) while the test locks
+    config_versions, then its decision waits alone."""
+    monkeypatch.setenv("PGRELAY_CONTROL_TEST_HOLD", "prepare")
+    monkeypatch.setenv("PGRELAY_CONTROL_TEST_HOLD_MS", "1500")
+    control = control_factory()
+    a = agents(control, "proxy-a")
+    offset = len(control.log())
+    apply = Background(control.port, "POST", API + "/deployments/prod/config",
+                       {"text": TEXT, "timeout_s": 20}, token=ADMIN, timeout=40)
+    wait_for(lambda: "holds after its prepare step" in control.log()[offset:], timeout=10,
+             what="the apply to hold after its prepare step")
+    with locked(store, "config_versions"):
+        wait_until_a_query_waits_on(store, "config_versions", "the decision")
+        worst = worst_answer(control, a)
+        assert worst < 1.0, f"a request waited {worst:.2f}s behind the decision's store write"
+        assert not apply.done(), "the apply did not wait for its decision"
+    status, answer = apply.result()
+    assert status == 200 and answer["state"] == "done", answer
+    print(f"worst answer while the decision waited on the store: {worst * 1000:.0f} ms")
