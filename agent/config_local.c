@@ -30,13 +30,13 @@
 
 static struct {
     pthread_mutex_t lock;
-    int64_t version;                      /* the version recorded (0: none) */
-    char digest[CONFIG_LOCAL_HEX_LEN];    /* its digest; "" when PATH.version had none */
-    int64_t diverged;                     /* the version the file no longer matches (0: none) */
+    int64_t version;                   /* the version recorded (0: none) */
+    char digest[CONFIG_LOCAL_HEX_LEN]; /* its digest; "" when PATH.version had none */
+    int64_t diverged;                  /* the version the file no longer matches (0: none) */
     char why[2 * CONFIG_LOCAL_PATH_MAX + 256]; /* what diverged, for the log */
-    bool busy;                            /* an apply is writing PATH: no check meanwhile */
-    bool seen_valid;                      /* seen describes PATH as last hashed */
-    struct stat seen;                     /* PATH's inode, size and times when last hashed */
+    bool busy;                                 /* an apply is writing PATH: no check meanwhile */
+    bool seen_valid;                           /* seen describes PATH as last hashed */
+    struct stat seen;                          /* PATH's inode, size and times when last hashed */
 } local = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* The digest of version with text into hex. 0, or -1 (OpenSSL failed). */
@@ -46,12 +46,12 @@ static int local_digest(int64_t version, const char *text, size_t len,
     char head[64];
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
-    int n = snprintf(head, sizeof(head), "pgrelay configuration version %lld\n",
-                     (long long)version);
+    int n =
+        snprintf(head, sizeof(head), "pgrelay configuration version %lld\n", (long long)version);
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     int ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 &&
-             EVP_DigestUpdate(ctx, head, (size_t)n) == 1 &&
-             EVP_DigestUpdate(ctx, text, len) == 1 && EVP_DigestFinal_ex(ctx, md, &mdlen) == 1;
+             EVP_DigestUpdate(ctx, head, (size_t)n) == 1 && EVP_DigestUpdate(ctx, text, len) == 1 &&
+             EVP_DigestFinal_ex(ctx, md, &mdlen) == 1;
     EVP_MD_CTX_free(ctx);
     if (!ok || mdlen != 32)
         return -1;
@@ -106,11 +106,14 @@ static void local_compare(const char *path)
     local.seen_valid = true;
     if (!local.digest[0]) {
         local.diverged = local.version;
-        snprintf(local.why, sizeof(local.why), "%s" CONFIG_LOCAL_SUFFIX " has no digest "
-                 "(written by hand, or by an older pgrelay)", path);
+        snprintf(local.why, sizeof(local.why),
+                 "%s" CONFIG_LOCAL_SUFFIX " has no digest "
+                 "(written by hand, or by an older pgrelay)",
+                 path);
     } else if (local_digest(local.version, text, len, hex) != 0 || strcmp(hex, local.digest)) {
         local.diverged = local.version;
-        snprintf(local.why, sizeof(local.why), "%s is not the text of version %lld as applied "
+        snprintf(local.why, sizeof(local.why),
+                 "%s is not the text of version %lld as applied "
                  "(sha256 differs from %s" CONFIG_LOCAL_SUFFIX "): edited by hand?",
                  path, (long long)local.version, path);
     } else {
@@ -124,8 +127,8 @@ static void local_compare(const char *path)
                     "(pgrelayctl config apply)",
                     local.why, (long long)local.version);
     else if (!local.diverged && was)
-        log_info("control plane: %s matches configuration version %lld again: claiming it",
-                 path, (long long)local.version);
+        log_info("control plane: %s matches configuration version %lld again: claiming it", path,
+                 (long long)local.version);
 }
 
 int64_t config_local_init(const char *path, int64_t kept)
@@ -184,8 +187,7 @@ void config_local_begin(void)
     pthread_mutex_unlock(&local.lock);
 }
 
-int config_local_end(const char *path, int64_t version, const char *text, char *line,
-                     size_t len)
+int config_local_end(const char *path, int64_t version, const char *text, char *line, size_t len)
 {
     char hex[CONFIG_LOCAL_HEX_LEN];
     struct stat st;

@@ -20,8 +20,7 @@ void config_local_begin(void);
 /* The apply ended. version > 0: path now holds text as that version, and line (len bytes)
  * receives PATH.version's new line for the caller to write; returns 0. version 0 (the apply
  * failed): returns 1, nothing to write. -1 when the digest cannot be computed. */
-int config_local_end(const char *path, int64_t version, const char *text, char *line,
-                     size_t len);
+int config_local_end(const char *path, int64_t version, const char *text, char *line, size_t len);
 
 /* The version to report: the recorded one while path matches it, else 0. */
 int64_t config_local_claimed(void);

@@ -9,10 +9,11 @@
  * every proxy's outcome: "done" when every proxy of the set committed, "committed" when the
  * version is the deployment's but some have not acknowledged it yet ("pending": they converge
  * to it). A committed operation is watched (config_watch) until each pending proxy reports
- * the version, and its record is "done" when the last one does. A replica that crashes, stops or loses the lease mid-apply leaves the
- * record to the next lease holder, which commits when every proxy of the set had prepared and
- * rolls back otherwise (config_recover). A proxy that was away learns the desired version from
- * its metrics or poll answer and fetches it (GET /api/v1/agent/config).
+ * the version, and its record is "done" when the last one does. A replica that crashes, stops or
+ * loses the lease mid-apply leaves the record to the next lease holder, which commits when every
+ * proxy of the set had prepared and rolls back otherwise (config_recover). A proxy that was away
+ * learns the desired version from its metrics or poll answer and fetches it (GET
+ * /api/v1/agent/config).
  */
 #include "agents.h"
 #include "control.h"
@@ -28,8 +29,9 @@
 
 #define CONFIG_TEXT_MAX      (1024 * 1024) /* longest pgrelay.ini text accepted */
 #define CONFIG_COMMIT_MIN_MS 5000 /* the commit step gets at least this long, whatever is left */
-#define CONFIG_WATCH_MS      1000 /* how often a committed version's pending proxies are looked at */
-#define CONFIG_OUTCOME_MAX   (4 * OPERATOR_DETAIL_MAX) /* an outcome: its head, pending and settled */
+#define CONFIG_WATCH_MS      1000 /* how often a committed version's pending proxies are seen to */
+/* an outcome: its head, pending and settled parts */
+#define CONFIG_OUTCOME_MAX (4 * OPERATOR_DETAIL_MAX)
 /* The fault-injection tests' hook (as switchover.c's): an apply whose prepare step is done
  * holds there, before the commit decision, for PGRELAY_CONTROL_TEST_HOLD_MS (default: until
  * its deadline, then it rolls back). Never set it in production. */
@@ -116,13 +118,13 @@ typedef struct config_watch {
     char *deployment;
     int64_t op_id;
     int64_t version;
-    int64_t since_ms;      /* monotonic: the commit (or this replica's take-over) */
-    bool recovered;        /* taken over from another replica: since_ms is not the commit */
-    bool dirty;            /* the record does not say what the lists say yet */
-    bool writing;          /* its record's update is with the store worker */
-    uint64_t id;           /* this watch (a job finds it again by it) */
-    json_t *pending;       /* node ids not on the version yet */
-    json_t *edited;        /* {node id: true} of the pending ones with a local edit */
+    int64_t since_ms; /* monotonic: the commit (or this replica's take-over) */
+    bool recovered;   /* taken over from another replica: since_ms is not the commit */
+    bool dirty;       /* the record does not say what the lists say yet */
+    bool writing;     /* its record's update is with the store worker */
+    uint64_t id;      /* this watch (a job finds it again by it) */
+    json_t *pending;  /* node ids not on the version yet */
+    json_t *edited;   /* {node id: true} of the pending ones with a local edit */
     char head[OPERATOR_DETAIL_MAX];    /* "version 3 committed on 1 of 2 proxies" */
     char settled[OPERATOR_DETAIL_MAX]; /* "proxy-b on it after 3.1 s; proxy-c no longer ..." */
 } config_watch;
@@ -193,8 +195,7 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
         snprintf(out, len,
                  "%s; pending: %s (not on version %" PRId64 " yet: they converge to it when "
                  "they answer again)%s%s",
-                 w->head, pending, w->version, w->settled[0] ? "; since then: " : "",
-                 w->settled);
+                 w->head, pending, w->version, w->settled[0] ? "; since then: " : "", w->settled);
 }
 
 /* The record's update, written by the store worker: a slow store holds this write, not the
@@ -202,9 +203,9 @@ static void config_watch_outcome(const config_watch *w, char *out, size_t len)
  * clean, and finished when the record says "done". */
 typedef struct config_watch_job {
     store_job job;
-    uint64_t watch;                  /* the config_watch.id it writes for */
+    uint64_t watch; /* the config_watch.id it writes for */
     int64_t op_id;
-    bool done;                       /* the record goes to "done" */
+    bool done; /* the record goes to "done" */
     char outcome[CONFIG_OUTCOME_MAX];
 } config_watch_job;
 
@@ -324,7 +325,8 @@ static void config_watch_tick(evutil_socket_t fd, short what, void *arg)
 
 static void config_watch_arm(void)
 {
-    struct timeval tv = {.tv_sec = CONFIG_WATCH_MS / 1000, .tv_usec = (CONFIG_WATCH_MS % 1000) * 1000};
+    struct timeval tv = {.tv_sec = CONFIG_WATCH_MS / 1000,
+                         .tv_usec = (CONFIG_WATCH_MS % 1000) * 1000};
     if (!config_watches)
         return;
     if (!config_watch_timer)
@@ -361,6 +363,78 @@ static void config_watch_add(const char *deployment, int64_t op_id, int64_t vers
         config_watch_arm();
 }
 
+/* ---- the apply's writes, on the store worker ----
+ *
+ * The decision (commit or rollback) and the end of the commit step are written by the store
+ * worker: a slow store holds this apply, not the event loop. While a write is on its way the
+ * op takes no acknowledgement (command_id 0) and has no timer; back on the loop it is found
+ * again by its serial: one that ended meanwhile (lease lost, shutdown) leaves its record to
+ * the next lease holder. */
+
+typedef enum config_write_kind {
+    CONFIG_WRITE_COMMIT,    /* the decision: committed; then config_commit to the set */
+    CONFIG_WRITE_ROLL_BACK, /* the decision: rolled back; then config_abort, the answer */
+    CONFIG_WRITE_END,       /* the commit step ended: "done" or "committed"; the answer */
+} config_write_kind;
+
+typedef struct config_write_job {
+    store_job job;
+    config_write_kind kind;
+    uint64_t op; /* operator_op.serial */
+    char deployment[CCONFIG_NAME_MAX];
+    int64_t version;
+    int64_t op_id;
+    bool all;                      /* END: every proxy of the set committed */
+    int code;                      /* ROLL_BACK: the answer's status */
+    char text[CONFIG_OUTCOME_MAX]; /* the step's detail, or the outcome */
+    json_t *answer;                /* ROLL_BACK, END: the operator's answer */
+    json_t *ids;                   /* ROLL_BACK: the set; END: the pending proxies */
+} config_write_job;
+
+static void config_write_done(store_job *job);
+
+static int config_write_run(store_job *job)
+{
+    config_write_job *j = (config_write_job *)job;
+    switch (j->kind) {
+    case CONFIG_WRITE_COMMIT:
+        return store_config_commit(j->deployment, j->version, j->op_id, j->text);
+    case CONFIG_WRITE_ROLL_BACK:
+        return store_config_roll_back(j->deployment, j->version, j->op_id, j->text);
+    case CONFIG_WRITE_END:
+        return store_config_end(j->op_id, j->all ? "done" : "committed", j->text);
+    }
+    return -1;
+}
+
+/* Queue the write (answer and ids stolen); the op waits for it. */
+static void config_write(operator_op *op, config_write_kind kind, const char *text, json_t *answer,
+                         json_t *ids)
+{
+    config_write_job *j = calloc(1, sizeof(*j));
+    if (op->timer)
+        evtimer_del(op->timer);
+    op->command_id = 0; /* no acknowledgement moves the op while its write is on its way */
+    if (!j) {
+        json_decref(answer);
+        json_decref(ids);
+        op_finish_error(op, 500, "out of memory");
+        return;
+    }
+    j->kind = kind;
+    j->op = op->serial;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", op->dep->name);
+    j->version = op->version;
+    j->op_id = op->op_id;
+    j->all = kind == CONFIG_WRITE_END && json_array_size(ids) == 0;
+    snprintf(j->text, sizeof(j->text), "%s", text);
+    j->answer = answer;
+    j->ids = ids;
+    j->job.run = config_write_run;
+    j->job.done = config_write_done;
+    store_worker_submit(&j->job);
+}
+
 /* ---- the apply ---- */
 
 /* Roll back (a refusal, silence, a store failure): the version is deleted, config_abort goes
@@ -372,37 +446,48 @@ static void config_roll_back(operator_op *op, int code, const char *why)
         op_pending_detail(op, pending, sizeof(pending));
     else
         snprintf(pending, sizeof(pending), "no answer yet (rolled back)");
-    json_t *answers = op_answers(op, pending);
-    json_t *ids = config_op_target_ids(op);
-    if (store_config_roll_back(op->dep->name, op->version, op->op_id, why) != 0)
+    json_t *answer =
+        json_pack("{s:b, s:s, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "state", "rolled_back", "error",
+                  why, "version", (json_int_t)op->version, "operation", (json_int_t)op->op_id,
+                  "committed", 0, "proxies", op_answers(op, pending));
+    op->config_code = code;
+    config_write(op, CONFIG_WRITE_ROLL_BACK, why, answer, config_op_target_ids(op));
+}
+
+/* The rollback was written (or not: the next lease holder rolls it back): config_abort to the
+ * set, and the answer. */
+static void config_rolled_back(operator_op *op, config_write_job *j)
+{
+    if (j->job.rc != 0)
         log_error("deployment %s: cannot record the rollback of configuration version %" PRId64
                   ": %s (the next lease holder rolls it back)",
-                  op->dep->name, op->version, store_error());
-    config_fire(op->dep, ids, "config_abort", config_version_args(op->version, op->op_id));
-    json_decref(ids);
+                  op->dep->name, op->version, j->job.error);
+    config_fire(op->dep, j->ids, "config_abort", config_version_args(op->version, op->op_id));
     log_warning("deployment %s: configuration version %" PRId64 " rolled back on every proxy: %s",
-                op->dep->name, op->version, why);
-    op_finish(op, code,
-              json_pack("{s:b, s:s, s:s, s:I, s:I, s:b, s:o}", "ok", 0, "state", "rolled_back",
-                        "error", why, "version", (json_int_t)op->version, "operation",
-                        (json_int_t)op->op_id, "committed", 0, "proxies", answers));
+                op->dep->name, op->version, j->text);
+    op_finish(op, j->code, j->answer);
+    j->answer = NULL;
 }
 
 /* Every proxy of the set prepared: record the decision, then commit on exactly that set. */
 static void config_commit(operator_op *op)
 {
+    config_write(op, CONFIG_WRITE_COMMIT, "every proxy prepared", NULL, NULL);
+}
+
+/* The decision was written (or could not be: then it rolls back). */
+static void config_committed(operator_op *op, config_write_job *j)
+{
+    if (j->job.rc != 0) {
+        char why[OPERATOR_DETAIL_MAX + sizeof(j->job.error)];
+        snprintf(why, sizeof(why), "store unreachable: cannot record the commit: %s", j->job.error);
+        config_roll_back(op, 503, why);
+        return;
+    }
     json_t *ids = config_op_target_ids(op);
     int n = 0;
     state_proxy **targets = config_find_targets(op->dep, ids, &n);
     json_decref(ids);
-    if (store_config_commit(op->dep->name, op->version, op->op_id, "every proxy prepared") != 0) {
-        char why[OPERATOR_DETAIL_MAX];
-        snprintf(why, sizeof(why), "store unreachable: cannot record the commit: %s",
-                 store_error());
-        free(targets);
-        config_roll_back(op, 503, why);
-        return;
-    }
     op->dep->config_version = op->version;
     log_info("deployment %s: configuration version %" PRId64 " committed; committing it on %d "
              "prox%s",
@@ -435,8 +520,8 @@ static void config_finish(operator_op *op)
              "not committed yet (no answer within %" PRId64 "s): it converges to version %" PRId64
              " when it answers again",
              op->timeout_s, op->version);
-    snprintf(head, sizeof(head), "version %" PRId64 " committed on %d of %d prox%s",
-             op->version, done, op->n_targets, op->n_targets == 1 ? "y" : "ies");
+    snprintf(head, sizeof(head), "version %" PRId64 " committed on %d of %d prox%s", op->version,
+             done, op->n_targets, op->n_targets == 1 ? "y" : "ies");
     if (all) {
         snprintf(outcome, sizeof(outcome), "%s: on every proxy of its set", head);
     } else {
@@ -447,21 +532,55 @@ static void config_finish(operator_op *op)
                  "they answer again)",
                  head, ids, op->version);
     }
-    if (store_config_end(op->op_id, all ? "done" : "committed", outcome) != 0)
+    snprintf(op->config_head, sizeof(op->config_head), "%s", head);
+    json_t *answer = json_pack("{s:b, s:s, s:I, s:I, s:b, s:s, s:O, s:o}", "ok", all, "state",
+                               all ? "done" : "committed", "version", (json_int_t)op->version,
+                               "operation", (json_int_t)op->op_id, "committed", 1, "outcome",
+                               outcome, "pending", waiting, "proxies", op_answers(op, pending));
+    config_write(op, CONFIG_WRITE_END, outcome, answer, waiting);
+}
+
+/* The end of the commit step was written: a version not everywhere is watched; the answer. */
+static void config_ended(operator_op *op, config_write_job *j)
+{
+    bool all = json_array_size(j->ids) == 0;
+    if (j->job.rc != 0)
         log_error("deployment %s: configuration version %" PRId64 ": cannot record its end: %s",
-                  op->dep->name, op->version, store_error());
+                  op->dep->name, op->version, j->job.error);
     if (all) {
-        log_info("deployment %s: %s", op->dep->name, outcome);
+        log_info("deployment %s: %s", op->dep->name, j->text);
     } else {
-        log_warning("deployment %s: %s", op->dep->name, outcome);
-        config_watch_add(op->dep->name, op->op_id, op->version, json_deep_copy(waiting), head,
-                         false);
+        log_warning("deployment %s: %s", op->dep->name, j->text);
+        config_watch_add(op->dep->name, op->op_id, op->version, j->ids, op->config_head, false);
+        j->ids = NULL;
     }
-    op_finish(op, 200,
-              json_pack("{s:b, s:s, s:I, s:I, s:b, s:s, s:o, s:o}", "ok", all, "state",
-                        all ? "done" : "committed", "version", (json_int_t)op->version,
-                        "operation", (json_int_t)op->op_id, "committed", 1, "outcome", outcome,
-                        "pending", waiting, "proxies", op_answers(op, pending)));
+    op_finish(op, 200, j->answer);
+    j->answer = NULL;
+}
+
+static void config_write_done(store_job *job)
+{
+    config_write_job *j = (config_write_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    operator_op *op = dep ? dep->op : NULL;
+    if (!op || op->serial != j->op) {
+        log_warning("deployment %s: configuration operation %" PRId64 " ended here before its "
+                    "%s was written: its record is the next lease holder's",
+                    j->deployment, j->op_id,
+                    j->kind == CONFIG_WRITE_COMMIT      ? "commit"
+                    : j->kind == CONFIG_WRITE_ROLL_BACK ? "rollback"
+                                                        : "end");
+    } else if (j->kind == CONFIG_WRITE_COMMIT) {
+        config_committed(op, j);
+    } else if (j->kind == CONFIG_WRITE_ROLL_BACK) {
+        j->code = op->config_code;
+        config_rolled_back(op, j);
+    } else {
+        config_ended(op, j);
+    }
+    json_decref(j->answer);
+    json_decref(j->ids);
+    free(j);
 }
 
 /* The test hook: hold after the prepare step. True when holding. */
@@ -571,62 +690,128 @@ static void config_unchanged(operator_op *op, int64_t version)
                         list));
 }
 
+/* The start of an apply, run by the store worker: the current version is read and, unless the
+ * text is that version's (and no live proxy reports a local edit), the new version and its
+ * operation are recorded. A slow store holds this apply (its deployment's op), not the event
+ * loop. Back on the loop the op is found again by its serial: it may have ended meanwhile
+ * (lease lost, shutdown), and then a recorded operation is the next holder's to roll back. */
+typedef struct config_begin_job {
+    store_job job;
+    char deployment[CCONFIG_NAME_MAX];
+    uint64_t op;         /* operator_op.serial */
+    char *text;          /* the text applied (copy) */
+    char *targets_json;  /* the live proxies when the apply began */
+    int64_t min_version; /* above every declared proxy's version */
+    int64_t timeout_s;
+    bool any_diverged; /* a live proxy reports a local edit: no "unchanged" */
+    bool read;         /* out: the current version was read */
+    int64_t current;   /* out: the deployment's current version */
+    bool unchanged;    /* out: the text is the current version's */
+    int64_t version;   /* out: the new version */
+    int64_t op_id;     /* out: its operation */
+} config_begin_job;
+
+static int config_begin_run(store_job *job)
+{
+    config_begin_job *j = (config_begin_job *)job;
+    char *current_text = NULL;
+    if (store_config_current(j->deployment, &j->current, &current_text) != 0)
+        return -1;
+    j->read = true;
+    j->unchanged = current_text && strcmp(current_text, j->text) == 0 && !j->any_diverged;
+    free(current_text);
+    if (j->unchanged)
+        return 0;
+    /* durable first: the version, its operation and the proxies it goes to */
+    return store_config_begin(j->deployment, j->text, j->min_version, j->targets_json, j->timeout_s,
+                              &j->version, &j->op_id);
+}
+
+static void config_begin_free(config_begin_job *j)
+{
+    free(j->text);
+    free(j->targets_json);
+    free(j);
+}
+
+static void config_begin_done(store_job *job)
+{
+    config_begin_job *j = (config_begin_job *)job;
+    char msg[OPERATOR_DETAIL_MAX + sizeof(j->job.error)];
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    operator_op *op = dep ? dep->op : NULL;
+    if (!op || op->serial != j->op) {
+        if (j->op_id > 0)
+            log_warning("deployment %s: configuration version %" PRId64 " was recorded after its "
+                        "apply ended here: operation %" PRId64 " is left to the next lease "
+                        "holder, which rolls it back",
+                        j->deployment, j->version, j->op_id);
+        config_begin_free(j);
+        return;
+    }
+    if (j->read)
+        dep->config_version = j->current;
+    if (j->job.rc != 0) {
+        snprintf(msg, sizeof(msg), "store unreachable: %s%s",
+                 j->read ? "cannot record the apply: " : "", j->job.error);
+        config_begin_free(j);
+        op_finish_error(op, 503, msg);
+        return;
+    }
+    if (j->unchanged) {
+        int64_t current = j->current;
+        config_begin_free(j);
+        config_unchanged(op, current);
+        return;
+    }
+    op->version = j->version;
+    op->op_id = j->op_id;
+    json_t *ids = json_loads(j->targets_json, 0, NULL);
+    int n = 0;
+    state_proxy **targets = config_find_targets(dep, ids, &n);
+    json_decref(ids);
+    config_begin_free(j);
+    log_info("deployment %s: configuration version %" PRId64 " proposed (operation %" PRId64
+             ") to %d prox%s",
+             dep->name, op->version, op->op_id, n, n == 1 ? "y" : "ies");
+    json_t *args = json_pack("{s:I, s:s, s:I}", "version", (json_int_t)op->version, "text",
+                             op->text, "operation", (json_int_t)op->op_id);
+    op_send(op, STEP_PREPARE, "config_prepare", args, targets, n);
+    free(targets);
+}
+
 void operator_config_apply(http_call *call)
 {
     const char *text = NULL;
-    int64_t min_version = 0, current = 0;
-    char *current_text = NULL, *targets_json = NULL;
     state_proxy **live = NULL;
-    char msg[OPERATOR_DETAIL_MAX];
 
     if (!http_field_string(call, call->body, NULL, "text", true, CONFIG_TEXT_MAX, &text))
         return;
     operator_op *op = op_begin(call, OP_CONFIG);
     if (!op)
         return;
+    config_begin_job *job = calloc(1, sizeof(*job));
+    int n = state_live_proxies(op->dep, &live);
     op->text = strdup(text);
-    if (!op->text) {
+    if (!job || !op->text || !(job->text = strdup(text)) || n < 0 ||
+        !(job->targets_json = config_targets_json(live, n))) {
+        free(live);
+        if (job)
+            config_begin_free(job);
         op_finish_error(op, 500, "out of memory");
         return;
     }
-    if (store_config_current(op->dep->name, &current, &current_text) != 0) {
-        snprintf(msg, sizeof(msg), "store unreachable: %s", store_error());
-        op_finish_error(op, 503, msg);
-        return;
-    }
-    op->dep->config_version = current;
-    if (current_text && strcmp(current_text, text) == 0 && !config_any_diverged(op->dep)) {
-        free(current_text);
-        config_unchanged(op, current);
-        return;
-    }
-    free(current_text);
-    for (state_proxy *p = op->dep->proxies; p; p = p->next)
-        if (p->declared && p->config_version > min_version)
-            min_version = p->config_version;
-    int n = state_live_proxies(op->dep, &live);
-    if (n < 0 || !(targets_json = config_targets_json(live, n))) {
-        free(live);
-        op_finish_error(op, 500, "out of memory listing the live proxies");
-        return;
-    }
-    /* durable first: the version, its operation and the proxies it goes to */
-    if (store_config_begin(op->dep->name, text, min_version, targets_json, op->timeout_s,
-                           &op->version, &op->op_id) != 0) {
-        snprintf(msg, sizeof(msg), "store unreachable: cannot record the apply: %s", store_error());
-        free(live);
-        free(targets_json);
-        op_finish_error(op, 503, msg);
-        return;
-    }
-    free(targets_json);
-    log_info("deployment %s: configuration version %" PRId64 " proposed (operation %" PRId64
-             ") to %d prox%s",
-             op->dep->name, op->version, op->op_id, n, n == 1 ? "y" : "ies");
-    json_t *args = json_pack("{s:I, s:s, s:I}", "version", (json_int_t)op->version, "text", text,
-                             "operation", (json_int_t)op->op_id);
-    op_send(op, STEP_PREPARE, "config_prepare", args, live, n);
     free(live);
+    for (state_proxy *p = op->dep->proxies; p; p = p->next)
+        if (p->declared && p->config_version > job->min_version)
+            job->min_version = p->config_version;
+    snprintf(job->deployment, sizeof(job->deployment), "%s", op->dep->name);
+    job->op = op->serial;
+    job->timeout_s = op->timeout_s;
+    job->any_diverged = config_any_diverged(op->dep);
+    job->job.run = config_begin_run;
+    job->job.done = config_begin_done;
+    store_worker_submit(&job->job);
 }
 
 /* ---- the desired version ---- */

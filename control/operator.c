@@ -314,6 +314,8 @@ operator_op *op_begin(http_call *call, op_kind kind)
         http_reply_error(call->req, 500, "out of memory");
         return NULL;
     }
+    static uint64_t serials;
+    op->serial = ++serials;
     op->dep = call->dep;
     op->req = call->req;
     op->kind = kind;

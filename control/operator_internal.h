@@ -51,6 +51,7 @@ typedef struct op_target {
 } op_target;
 
 typedef struct operator_op {
+    uint64_t serial; /* this op among all since start (a store job finds it again by it) */
     state_deployment *dep;
     struct evhttp_request *req; /* the operator's request, answered at the end */
     op_kind kind;
@@ -81,6 +82,8 @@ typedef struct operator_op {
     int64_t version;
     char *text;
     int64_t prepare_id; /* the config_prepare command */
+    int config_code;    /* a rollback's answer status while its write is on its way */
+    char config_head[OPERATOR_DETAIL_MAX]; /* "version N committed on K of M proxies" */
 } operator_op;
 
 /* The current step's answers as [{"node_id", "ok", "detail"}]. */

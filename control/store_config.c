@@ -22,7 +22,7 @@
 #include <string.h>
 
 /* $1..$3 of every write: the lease's name, holder and term. */
-#define STORE_CFG_GUARD STORE_LEASE_GUARD("1", "2", "3")
+#define STORE_CFG_GUARD  STORE_LEASE_GUARD("1", "2", "3")
 #define STORE_CFG_PARAMS 10
 
 static int store_cfg_params(const char **params, char *term)
@@ -114,8 +114,7 @@ static int store_cfg_decide(const char *what, const char *sql, const char *deplo
     return store_cfg_write_one(what, sql, n, params, NULL) > 0 ? 0 : -1;
 }
 
-int store_config_commit(const char *deployment, int64_t version, int64_t op_id,
-                        const char *detail)
+int store_config_commit(const char *deployment, int64_t version, int64_t op_id, const char *detail)
 {
     /* the decision: the version is the deployment's and the operation is at its commit step,
      * together */
@@ -140,8 +139,7 @@ int store_config_roll_back(const char *deployment, int64_t version, int64_t op_i
         "WITH o AS (UPDATE pgrelay.operations SET state = 'rolled_back', outcome = $7,"
         "   ended_at = now(), steps = steps || jsonb_build_object('step',"
         "    'rolled_back', 'at', now(), 'detail', $7::text)"
-        "  WHERE id = $6::bigint AND state = 'running' AND" STORE_CFG_GUARD
-        "  RETURNING id),"
+        "  WHERE id = $6::bigint AND state = 'running' AND" STORE_CFG_GUARD "  RETURNING id),"
         " d AS (DELETE FROM pgrelay.config_versions USING o WHERE deployment = $4"
         "   AND version = $5::bigint AND state = 'preparing'),"
         " w AS (UPDATE pgrelay.command_acks a SET acked_at = now(), ok = false,"
@@ -187,11 +185,11 @@ json_t *store_config_committed(void)
     json_t *list = json_array();
     for (int i = 0; list && i < PQntuples(res); i++) {
         json_t *targets = json_loads(PQgetvalue(res, i, 3), 0, NULL);
-        json_array_append_new(
-            list, json_pack("{s:I, s:s, s:I, s:o}", "id", (json_int_t)get_int(res, i, 0),
-                            "deployment", PQgetvalue(res, i, 1), "version",
-                            (json_int_t)get_int(res, i, 2), "targets",
-                            json_is_array(targets) ? targets : json_array()));
+        json_array_append_new(list, json_pack("{s:I, s:s, s:I, s:o}", "id",
+                                              (json_int_t)get_int(res, i, 0), "deployment",
+                                              PQgetvalue(res, i, 1), "version",
+                                              (json_int_t)get_int(res, i, 2), "targets",
+                                              json_is_array(targets) ? targets : json_array()));
         if (!json_is_array(targets))
             json_decref(targets);
     }
@@ -234,8 +232,7 @@ int store_config_current(const char *deployment, int64_t *version, char **text)
             *text = strdup(PQgetvalue(res, 0, 1));
             if (!*text) {
                 PQclear(res);
-                store_fail("out of memory reading configuration version %lld",
-                           (long long)*version);
+                store_fail("out of memory reading configuration version %lld", (long long)*version);
                 return -1;
             }
         }

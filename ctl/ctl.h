@@ -10,7 +10,7 @@
 #define CTL_OP_TIMEOUT_DEFAULT_S 30L        /* what operations may take on the server */
 #define CTL_OP_TIMEOUT_MARGIN_S  5.0        /* the HTTP timeout of an operation: its own + this */
 #define CTL_CONFIG_MAX           (4u << 20) /* the server refuses larger bodies (413) */
-#define CTL_CONFIG_COMMIT_MIN_S  5L /* config apply's commit step may run this long past timeout_s */
+#define CTL_CONFIG_COMMIT_MIN_S  5L /* config apply's commit step may outlast timeout_s by this */
 
 /* Exit statuses, as pgrelayctl(1) documents them. */
 typedef enum ctl_exit {

@@ -391,9 +391,10 @@ static ctl_exit ctl_operation(ctl_ctx *ctx, const char *what, const char *action
         ctl_failures(ans.body, failures, sizeof(failures));
         ctl_answer_fail(&ans, CTL_EXIT_COMMITTED,
                         "%s: version %lld is committed (the deployment's configuration, in force "
-                        "where it was acknowledged) but not yet on %zu of %zu proxies: %s; they "
-                        "converge to it when they answer again ('" CTL_PROG
-                        " show-operations' says when)",
+                        "on the proxies that acknowledged it) but not yet on %zu of %zu proxies: "
+                        "%s; each takes it by itself once it answers and can write its file "
+                        "(fix what it answered, or delete-proxy one that is gone for good); "
+                        "'" CTL_PROG " show-operations' shows when it is everywhere",
                         action, (long long)json_integer_value(json_object_get(ans.body, "version")),
                         json_array_size(json_object_get(ans.body, "pending")),
                         json_array_size(json_object_get(ans.body, "proxies")), failures);

@@ -65,8 +65,9 @@ def applied_fleet(pg):
     with Fleet.start(pg) as fleet:
         text = read(fleet.a.conf_path).replace("log_level = info", "log_level = debug")
         version = apply(fleet, text)["version"]
-        wait_for(lambda: {p["config_version"] for p in fleet.control.proxies().values()}
-                 == {version}, timeout=10, what=f"both proxies reporting version {version}")
+        # the metrics reports, not only the commits' acknowledgements
+        wait_for(lambda: all(diverged(fleet, n) == (version, 0) for n in fleet.proxies),
+                 timeout=10, what=f"both proxies reporting version {version}")
         yield fleet, text, version
 
 

@@ -50,9 +50,10 @@ def ctl(control, *args, text=None):
 
 
 def operation(control):
-    status, [op] = control.admin("GET", "/deployments/prod/operations")
-    assert status == 200, op
-    return op
+    """The newest operation record."""
+    status, ops = control.admin("GET", "/deployments/prod/operations")
+    assert status == 200 and ops, ops
+    return ops[0]
 
 
 def test_a_commit_refused_by_one_proxy_is_committed_with_it_pending_and_pgrelayctl_exits_7(
@@ -107,6 +108,26 @@ def test_a_committed_operation_is_watched_again_by_the_next_control_plane(contro
     wait_for(lambda: operation(c2)["state"] == "done",
              what="the next control plane to record the operation done")
     assert "proxy-b on version 1" in operation(c2)["outcome"]
+
+
+def test_a_pending_proxy_with_a_local_edit_is_named_in_the_operation(control, agents):
+    """A proxy that could not commit and reports a hand edit of its file (config_diverged)
+    waits for an operator: the operation's outcome says so."""
+    agents(control, "proxy-a")
+    refusing = []
+    b = agents(control, "proxy-b",
+               policy=lambda cmd: refuse_commit(cmd) if refusing else (True, "ok"))
+    assert control.admin("POST", "/deployments/prod/config", {"text": TEXT})[1]["ok"] is True
+    refusing.append(True)
+    status, answer = control.admin("POST", "/deployments/prod/config",
+                                   {"text": TEXT + "\n; two\n"})
+    assert status == 200 and answer["state"] == "committed" and answer["version"] == 2, answer
+    b.metrics(config_version=0, config_diverged=1)
+    wait_for(lambda: "proxy-b has a local edit of version 1 and waits for an operator"
+             in operation(control)["outcome"], what="the operation to name the local edit")
+    assert operation(control)["state"] == "committed"
+    b.metrics(config_version=2, config_diverged=0)
+    wait_for(lambda: operation(control)["state"] == "done", what="the operation to be done")
 
 
 def test_a_pending_proxy_that_is_deleted_is_no_longer_waited_for(control, agents):
