@@ -20,6 +20,8 @@ sessions through the proxies).
 
 import os
 import re
+import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -28,7 +30,8 @@ import psycopg
 import pytest
 
 import loadgen
-from conftest import admin, wait_for
+from cluster import wait_probe_rounds
+from conftest import admin, admin_json, wait_for
 from loadgen import InThread
 from control_e2e_helpers import (
     ADMIN_TOKEN,
@@ -60,6 +63,23 @@ def fleet_keeper(pg):
 def fleet(fleet_keeper):
     """The fleet in its state as built (control_fleet.py): pg1 the leader, pg2 its replica."""
     return fleet_keeper.get()
+
+
+def unread_at_proxy(relay, conn):
+    """True when bytes the client ``conn`` sent wait unread in its session's socket at
+    ``relay`` (the proxy's end of the connection: Recv-Q in ss)."""
+    with socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as s:
+        client_port = s.getsockname()[1]
+    out = subprocess.run(["ss", "-tnH", "state", "established", "src", relay.host,
+                          f"( sport = :{relay.port} and dport = :{client_port} )"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return bool(out) and int(out[0]) > 0
+
+
+def total_statements(relay):
+    """The statements ``relay`` has relayed (show stats, all workers)."""
+    [total] = [w for w in admin_json(relay, "show stats")["workers"] if w["worker"] == "total"]
+    return total["statements"]
 
 
 def node_of_session(relay):
@@ -119,7 +139,7 @@ def test_metrics_arrive_continuously_and_statement_counters_grow(fleet):
         return {m["node_id"]: m for m in fleet.control.get(path)}
 
     first = by_node()
-    time.sleep(1.0)
+    wait_reports(fleet.control, 2)
     second = by_node()
     for node_id in ADDRESSES:
         assert second[node_id]["live"] is True
@@ -284,10 +304,17 @@ def test_maintenance_holds_statements_on_every_proxy_until_turned_off(fleet):
         for node_id, relay in fleet.proxies.items():
             assert info(relay)["maintenance"] == "on", node_id
 
+        statements = {n: total_statements(r) for n, r in fleet.proxies.items()}
         held = {n: InThread(lambda c=c: c.execute("SELECT 1").fetchone()[0])
                 for n, c in conns.items()}
-        time.sleep(0.7)
+        # each statement is at its proxy, unread (a session is held at its next statement),
+        # and stays so while each proxy reports twice to the control plane
+        for node_id, c in conns.items():
+            wait_for(lambda r=fleet.proxies[node_id], c=c: unread_at_proxy(r, c), timeout=5,
+                     what=f"the statement to reach {node_id}")
+        wait_reports(fleet.control, 2)
         assert not any(t.done() for t in held.values()), "a statement ran during maintenance"
+        assert statements == {n: total_statements(r) for n, r in fleet.proxies.items()}
         wait_for(lambda: all(fleet.control.proxies()[n]["maintenance"] for n in ADDRESSES),
                  timeout=5, interval=0.1, what="show-proxies to report maintenance on both")
 
@@ -346,10 +373,14 @@ def test_switchover_with_promote_fences_the_old_primary_and_loses_no_acknowledge
 
     writers = [Writer(relay, table, node_id) for node_id, relay in fleet.proxies.items()]
     try:
-        time.sleep(0.5)
+        wait_for(lambda: all(len(w.acked) >= 5 for w in writers), timeout=10,
+                 what="5 rows written through each proxy")
         rc, out, err = fleet.ctl_json("switchover", "--node", new, "--promote", "--timeout", "20")
         assert rc == EXIT_OK, (rc, out, err)
-        time.sleep(0.5)  # writers carry on against the new leader
+        # writers carry on against the new leader
+        after = [len(w.acked) for w in writers]
+        wait_for(lambda: all(len(w.acked) >= n + 5 for w, n in zip(writers, after)),
+                 timeout=10, what="5 more rows through each proxy after the switchover")
     finally:
         for w in writers:
             w.finish()
@@ -393,12 +424,12 @@ def test_switchover_to_a_promoted_replica_moves_every_proxy_under_one_epoch(flee
     fleet.cluster[new].promote()  # by hand; the old primary keeps running
 
     # refused (changing nothing) until the agents have reported the promotion
-    deadline = time.monotonic() + 5
-    while True:
+    def switched():
         rc, out, err = fleet.ctl_json("switchover", "--node", new, "--timeout", "15")
-        if "in recovery" not in err or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        return None if "in recovery" in err else (rc, out, err)
+
+    rc, out, err = wait_for(switched, timeout=5, interval=0.1,
+                            what=f"the switchover to be accepted once {new} is seen promoted")
     assert rc == EXIT_OK, (out, err)
     assert out["ok"] is True and out["leader"] == new, out
     epoch = out["epoch"]
@@ -416,7 +447,10 @@ def test_switchover_to_a_promoted_replica_moves_every_proxy_under_one_epoch(flee
              timeout=5, interval=0.1, what="show-proxies to report the new leader and epoch")
 
     # and it stays so (the old primary still runs: the control plane keeps its decision)
-    time.sleep(1.0)
+    # while every agent probes both primaries and reports them to the control plane
+    for relay in fleet.proxies.values():
+        wait_probe_rounds(relay, 2)
+    wait_reports(fleet.control, 3)
     for node_id, relay in fleet.proxies.items():
         own = info(relay)
         assert (own["write_leader"], own["epoch"]) == (new, epoch), (node_id, own)
@@ -505,7 +539,7 @@ def test_config_that_one_proxy_refuses_lands_on_none(fleet):
             with open(relay.conf_path) as f:
                 assert f.read() == files[node_id], f"{node_id}'s file changed"
             assert running_config(relay) == before[node_id], node_id
-        time.sleep(0.5)  # a few metrics reports later, the versions have not moved
+        wait_reports(fleet.control, 3)  # a few metrics reports later, the versions have not moved
         for node_id in ADDRESSES:
             assert config_version_of(fleet, node_id) == versions[node_id], node_id
         rc, shown, err = fleet.ctl_json("config", "show")
@@ -535,7 +569,10 @@ def test_reload_reaches_every_proxy_and_each_applies_its_own_file(fleet):
                 f.write(set_ini_key(originals[node_id], "pgrelay", "client_login_timeout",
                                     values[node_id]))
             offsets[node_id] = len(relay.log())
-        time.sleep(0.3)  # a file edit alone is not picked up
+        # a file edit alone is not picked up: there is no event for "not watched", so the
+        # window is the agents' own periodic work (their tick runs the probes), twice over
+        for relay in fleet.proxies.values():
+            wait_probe_rounds(relay, 2)
         for node_id, relay in fleet.proxies.items():
             assert running_config(relay)["client_login_timeout"] != values[node_id], node_id
 
@@ -581,7 +618,9 @@ def test_proxies_keep_serving_without_the_control_plane_and_reconnect(fleet):
         for node_id, relay in fleet.proxies.items():
             wait_for(lambda r=relay, n=node_id: "deciding the leader alone" in r.log()[offsets[n]:],
                      timeout=15, interval=0.2, what=f"{node_id} to fall back to deciding alone")
-        time.sleep(0.5)
+        # deciding alone, each agent decides after every probe round: three rounds each
+        for relay in fleet.proxies.values():
+            wait_probe_rounds(relay, 3)
         for node_id, relay in fleet.proxies.items():
             own = info(relay)
             assert (own["write_leader"], own["epoch"]) == (leaders[node_id], epochs[node_id]), \
@@ -709,7 +748,9 @@ def test_past_the_grace_period_each_agent_fails_over_alone_and_the_fleet_converg
                      interval=0.05, what=f"{node_id} to see {old} down")
             assert info(relay)["write_leader"] == old and info(relay)["epoch"] == epoch, \
                 (node_id, info(relay))
-        time.sleep(0.5)
+        # an agent decides after every probe round: two more rounds with the leader down
+        for relay in fleet.proxies.values():
+            wait_probe_rounds(relay, 2)
         assert time.monotonic() - killed < FALLBACK_GRACE_S - 1, \
             "too slow to look inside the grace period"
         assert fleet_state() == {n: (old, epoch) for n in ADDRESSES}, fleet_state()
@@ -787,7 +828,10 @@ def test_past_the_grace_period_each_agent_fails_over_alone_and_the_fleet_converg
     decision = control.log_since(control_offset)
     assert re.search(rf"write leader {old} -> {replica.name}, epoch \d+ \(a majority of the "
                      r"proxies see the old leader down or in recovery\)", decision), decision
-    time.sleep(1.0)  # and it holds
+    # and it holds: every agent probes twice more and reports three times more
+    for relay in fleet.proxies.values():
+        wait_probe_rounds(relay, 2)
+    wait_reports(control, 3)
     assert fleet_state() == {n: (leader, final) for n in ADDRESSES}
     assert (control.deployment()["leader"], control.deployment()["epoch"]) == (leader, final)
 

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import admin_json, start_relay, wait_for
 from control_e2e_helpers import ADMIN_TOKEN, DEPLOYMENT, PROD_TOKEN, http, info, run_ctl
-from control_fleet import ADDRESSES, FleetKeeper
+from control_fleet import ADDRESSES, FleetKeeper, Reports
 from test_control_api import (  # noqa: F401 - fixtures used by name
     ADMIN, API, REPO, TOKENS, Background, SimAgent, control_factory, obs, store, store_rows)
 
@@ -449,22 +449,23 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
                                 {"node_id": node_id, "hostname": "evil", "epoch": epoch,
                                  "leader": "pg1"}, PROD_TOKEN)
             assert status == 200 and body["declared"] is False, (status, body)
-        # as long as the real agents need for several reports each (metrics every 250 ms): first
-        # under the current epoch (three of five voters, before), then at a higher one
-        start = time.monotonic()
-        while time.monotonic() < start + 3:
-            claimed = epoch if time.monotonic() < start + 1.5 else epoch + 10
-            for node_id in FORGED:
-                answers.append(http(control.port, "POST", API + "/agent/metrics",
-                                    {"node_id": node_id, "ts_ms": int(time.time() * 1000),
-                                     "epoch": claimed, "leader": "pg1" if claimed == epoch
-                                     else "pg2", "nodes": forged_down}, PROD_TOKEN))
-            time.sleep(0.1)
-            dep = control.deployment()
-            assert (dep["leader"], dep["epoch"]) == ("pg1", epoch), dep
-            for n, r in fleet.proxies.items():
-                i = info(r)
-                assert (i["write_leader"], i["epoch"]) == ("pg1", epoch), (n, i)
+        # while the control plane hears three reports from each real agent (each one a
+        # decision the forged votes could sway): first under the current epoch (three of five
+        # voters, before), then three more at a higher one
+        for claimed in (epoch, epoch + 10):
+            reports = Reports(control, ADDRESSES)
+            while reports.poll() < 3:
+                for node_id in FORGED:
+                    answers.append(http(control.port, "POST", API + "/agent/metrics",
+                                        {"node_id": node_id, "ts_ms": int(time.time() * 1000),
+                                         "epoch": claimed, "leader": "pg1" if claimed == epoch
+                                         else "pg2", "nodes": forged_down}, PROD_TOKEN))
+                time.sleep(0.05)  # pacing of the forged reports, not a synchronisation
+                dep = control.deployment()
+                assert (dep["leader"], dep["epoch"]) == ("pg1", epoch), dep
+                for n, r in fleet.proxies.items():
+                    i = info(r)
+                    assert (i["write_leader"], i["epoch"]) == ("pg1", epoch), (n, i)
     finally:
         for w in writers:
             w.stop.set()
