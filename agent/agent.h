@@ -77,6 +77,8 @@ typedef struct agent {
     shm_leader_change change;  /* how the leader last left a node (published with the table) */
     int forced;                /* leader pinned by `set leader NODE force`, -1 when none */
     bool conflict_logged;      /* two primaries reported; logged once per occurrence */
+    bool split_brain;          /* at the leader's last good probe another node was primary too:
+                                  that one takes no writes while the leader is not down */
     shm_route_table *published; /* last table written, to tell what changed */
     /* Coordinated mode: what the control plane last said (its threads tell the event loop). */
     bool control_on;           /* [control] endpoint configured and threads running */

@@ -331,6 +331,7 @@ void leader_decide(agent *a)
         bool vetoed = ha_vetoes(a, cur);
         if (!vetoed && (!l->probed || is_candidate(l))) {
             /* Keep it; warn once about other primaries. */
+            a->split_brain = l->probed && candidates > 1;
             if (l->probed && candidates > 1) {
                 if (!a->conflict_logged) {
                     for (int i = 0; i < a->n_nodes; i++)
@@ -352,8 +353,11 @@ void leader_decide(agent *a)
             ha_veto_reason(a, cur, reason, sizeof(reason));
         } else if (l->last_ok && l->in_recovery) {
             snprintf(reason, sizeof(reason), "leader %s reports it is in recovery", l->view.name);
-        } else if (candidates == 0 && l->fails < a->cfg->fall) {
-            /* A blip: keep routing to it until it is really down. */
+        } else if ((candidates == 0 || a->split_brain) && l->fails < a->cfg->fall) {
+            /* A blip: keep routing to it until it is really down. Another primary that was
+             * one already while the leader answered (a split brain, the old leader during
+             * leader_change_grace) is no promoted replica: it waits for that too, or the writes
+             * would go to two timelines. */
             leader_publish(a, false);
             return;
         } else if (candidates == 0 && l->fails_are_timeouts) {

@@ -15,21 +15,17 @@ import http.client as httplib
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
-import types
 import uuid
 
 import psycopg
 import pytest
 
-from cluster import Cluster
 from conftest import admin_json, start_relay, wait_for
-from control_e2e_helpers import (
-    ADMIN_TOKEN, DEPLOYMENT, PROD_TOKEN, ControlPlane, cleanup_dir, http, info, make_root,
-    render_ini, run_ctl, start_proxy, stop_proxy)
+from control_e2e_helpers import ADMIN_TOKEN, DEPLOYMENT, PROD_TOKEN, http, info, run_ctl
+from control_fleet import ADDRESSES, FleetKeeper, Reports
 from test_control_api import (  # noqa: F401 - fixtures used by name
     ADMIN, API, REPO, TOKENS, Background, SimAgent, control_factory, obs, store, store_rows)
 
@@ -384,63 +380,19 @@ def test_the_store_never_takes_an_epoch_again_for_another_leader(control):
 # --------------------------------------------------------------------------- #
 
 
-E2E_ADDRESSES = {"proxy-a": "127.0.0.2", "proxy-b": "127.0.0.3"}
-
-
-def free_listen_port():
-    """A port free on every address of E2E_ADDRESSES."""
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.2", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.3", port))
-            return port
-        except OSError:
-            continue
-    raise AssertionError("no port free on both proxy addresses")
-
-
 @pytest.fixture(scope="module")
-def fleet(pg):
+def fleet_keeper(pg):
+    keeper = FleetKeeper(pg, "ctl_mship", auto_declare=False)
+    yield keeper
+    keeper.close()
+
+
+@pytest.fixture
+def fleet(fleet_keeper):
     """pgrelay-control (auto_declare off) with its store, a primary pg1 and a replica pg2, and
-    two real proxies declared as proxy-a and proxy-b."""
-    root = make_root()
-    store_db = "ctl_mship_" + uuid.uuid4().hex[:10]
-    pg.query(f"CREATE DATABASE {store_db}")
-    control = ControlPlane(
-        os.path.join(root, "control"),
-        f"host={pg.host} port={pg.port} user=postgres dbname={store_db} connect_timeout=5",
-        auto_declare=False)
-    os.makedirs(control.workdir)
-    cluster = None
-    proxies = {}
-    try:
-        control.start()
-        for node_id in E2E_ADDRESSES:
-            p = run_ctl(control, "create-proxy", node_id)
-            assert p.returncode == 0, p.stderr
-        cluster = Cluster.create(replicas=1)
-        cluster.relay_pinned = True
-        port = free_listen_port()
-        text = render_ini(port, os.path.join(root, "host"), control.url, cluster.relay_nodes())
-        for node_id, address in E2E_ADDRESSES.items():
-            proxies[node_id] = start_proxy(root, node_id, address, text)
-        wait_for(lambda: all(control.proxies().get(n, {}).get("live") for n in E2E_ADDRESSES),
-                 timeout=15, what="both proxies registered and live")
-        wait_for(lambda: control.deployment()["leader"] == "pg1", timeout=15, interval=0.1,
-                 what="the deployment's leader settled on pg1")
-        yield types.SimpleNamespace(root=root, control=control, cluster=cluster,
-                                    proxies=proxies)
-    finally:
-        for r in proxies.values():
-            stop_proxy(r)
-        control.stop()
-        if cluster is not None:
-            cluster.destroy()
-        pg.query(f"DROP DATABASE IF EXISTS {store_db} WITH (FORCE)")
-        cleanup_dir(root)
+    two real proxies declared as proxy-a and proxy-b; in its state as built for every test
+    (control_fleet.py)."""
+    return fleet_keeper.get()
 
 
 class Writer:
@@ -497,22 +449,23 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
                                 {"node_id": node_id, "hostname": "evil", "epoch": epoch,
                                  "leader": "pg1"}, PROD_TOKEN)
             assert status == 200 and body["declared"] is False, (status, body)
-        # as long as the real agents need for several reports each (metrics every 250 ms): first
-        # under the current epoch (three of five voters, before), then at a higher one
-        start = time.monotonic()
-        while time.monotonic() < start + 3:
-            claimed = epoch if time.monotonic() < start + 1.5 else epoch + 10
-            for node_id in FORGED:
-                answers.append(http(control.port, "POST", API + "/agent/metrics",
-                                    {"node_id": node_id, "ts_ms": int(time.time() * 1000),
-                                     "epoch": claimed, "leader": "pg1" if claimed == epoch
-                                     else "pg2", "nodes": forged_down}, PROD_TOKEN))
-            time.sleep(0.1)
-            dep = control.deployment()
-            assert (dep["leader"], dep["epoch"]) == ("pg1", epoch), dep
-            for n, r in fleet.proxies.items():
-                i = info(r)
-                assert (i["write_leader"], i["epoch"]) == ("pg1", epoch), (n, i)
+        # while the control plane hears three reports from each real agent (each one a
+        # decision the forged votes could sway): first under the current epoch (three of five
+        # voters, before), then three more at a higher one
+        for claimed in (epoch, epoch + 10):
+            reports = Reports(control, ADDRESSES)
+            while reports.poll() < 3:
+                for node_id in FORGED:
+                    answers.append(http(control.port, "POST", API + "/agent/metrics",
+                                        {"node_id": node_id, "ts_ms": int(time.time() * 1000),
+                                         "epoch": claimed, "leader": "pg1" if claimed == epoch
+                                         else "pg2", "nodes": forged_down}, PROD_TOKEN))
+                time.sleep(0.05)  # pacing of the forged reports, not a synchronisation
+                dep = control.deployment()
+                assert (dep["leader"], dep["epoch"]) == ("pg1", epoch), dep
+                for n, r in fleet.proxies.items():
+                    i = info(r)
+                    assert (i["write_leader"], i["epoch"]) == ("pg1", epoch), (n, i)
     finally:
         for w in writers:
             w.stop.set()
@@ -526,7 +479,7 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
         assert {node for node, _ in w.landed} == {"pg1"}, (w.name, set(w.landed))
     rows = control.proxies()
     assert {n: rows[n]["status"] for n in FORGED} == dict.fromkeys(FORGED, "pending"), rows
-    assert all(rows[n]["status"] == "declared" and rows[n]["live"] for n in E2E_ADDRESSES)
+    assert all(rows[n]["status"] == "declared" and rows[n]["live"] for n in ADDRESSES)
 
     # An orchestration addresses the declared proxies only; with proxy-b's agent stopped, its
     # command waits for it, and no forged id can answer in its place.
@@ -550,7 +503,7 @@ def test_three_forged_node_ids_neither_move_the_leader_nor_touch_the_real_proxie
         os.kill(agent_b, signal.SIGCONT)
     status, body = reload.result(timeout=30)
     assert status == 200 and body["ok"], body
-    assert sorted(p["node_id"] for p in body["proxies"]) == sorted(E2E_ADDRESSES), body
+    assert sorted(p["node_id"] for p in body["proxies"]) == sorted(ADDRESSES), body
     assert all(p["detail"] != "forged" for p in body["proxies"]), body
 
 
