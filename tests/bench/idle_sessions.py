@@ -20,33 +20,15 @@ import time
 
 import psycopg
 
-
-def proc_tree(root):
-    """root and all its descendants (scans /proc for parent pids)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name may contain spaces and parentheses: split after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+from procs import process_tree  # noqa: E402
 
 
 def memory_kib(root):
-    """(sum of Pss, sum of Rss, number of processes) over the process tree, KiB."""
+    """(sum of Pss, sum of Rss, number of processes) over the process tree (zombies, which
+    hold no memory, left out), KiB."""
     pss = rss = n = 0
-    for pid in proc_tree(root):
+    for pid in process_tree(root):
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 lines = f.read().splitlines()

@@ -4,12 +4,12 @@ ends pause_lease after it was sent, renewed every third of it while maintenance 
 control plane that dies leaves no proxy paused past pause_lease; one that lives keeps the
 fleet paused as long as the operator wants; a restarted one renews what the store says."""
 
-import threading
 import time
 
 from conftest import wait_for
 from control_e2e_helpers import DEPLOYMENT, info
 from fleet import Fleet, Watch, _parse_time
+from loadgen import InThread
 
 PAUSE_LEASE_S = 6  # renewed every 2 s
 SETTINGS = {"pause_lease": f"{PAUSE_LEASE_S}s"}
@@ -24,29 +24,14 @@ def all_paused(fleet):
     return all(info(r)["maintenance"] == "on" for r in fleet.proxies.values())
 
 
-class HeldStatement:
-    """A statement sent on a session opened before the pause: held until it ends."""
-
-    def __init__(self, relay):
-        self.conn = relay.connect()
-        self.result = []
-        self.thread = None
-
-    def send(self):
-        def run():
-            try:
-                self.result.append(self.conn.execute("SELECT 42").fetchone()[0])
-            except Exception as e:  # noqa: BLE001 - reported by the test
-                self.result.append(e)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def held(self):
-        return self.thread.is_alive() and not self.result
-
-    def close(self):
-        self.conn.close()
+def assert_held_and_paused(fleet, stmt, seconds):
+    """For ``seconds``, sampled every 0.5 s: the statement (an InThread) has not ended, pgrelay
+    holds it, and every proxy is in maintenance."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert not stmt.done(), f"the statement was not held: {stmt.value!r} {stmt.error!r}"
+        assert all_paused(fleet), {n: info(r) for n, r in fleet.proxies.items()}
+        time.sleep(0.5)  # sampling a state that must not change, not waiting for one
 
 
 def test_maintenance_on_without_a_timeout_ends_by_itself_when_the_control_plane_dies(pg):
@@ -82,25 +67,20 @@ def test_maintenance_holds_past_several_renewals_while_the_control_plane_lives(p
     three times pause_lease, the pause's end moves forward with each renewal, and maintenance
     off releases the statement."""
     with Fleet.start(pg, control_settings=SETTINGS) as fleet:
-        stmt = HeldStatement(fleet.a)
+        conn = fleet.a.connect()  # opened before the pause
         try:
             watch = Watch(fleet)
             maintenance(fleet, True)
             first_until = _parse_time(info(fleet.a)["maintenance_until"])
-            stmt.send()
-            deadline = time.monotonic() + 3 * PAUSE_LEASE_S
-            while time.monotonic() < deadline:
-                assert stmt.held(), f"the statement was not held: {stmt.result}"
-                assert all_paused(fleet), {n: info(r) for n, r in fleet.proxies.items()}
-                time.sleep(0.5)  # sampling a state that must not change, not waiting for one
+            stmt = InThread(lambda: conn.execute("SELECT 42").fetchone()[0])
+            assert_held_and_paused(fleet, stmt, 3 * PAUSE_LEASE_S)
             last_until = _parse_time(info(fleet.a)["maintenance_until"])
             assert last_until >= first_until + 2 * PAUSE_LEASE_S, (first_until, last_until)
             maintenance(fleet, False)
-            wait_for(lambda: stmt.result, timeout=5, what="the held statement to run")
-            assert stmt.result == [42], stmt.result
+            assert stmt.result(timeout=5) == 42
             watch.check()
         finally:
-            stmt.close()
+            conn.close()
 
 
 def test_a_restarted_control_plane_renews_the_maintenance_the_store_holds(pg):
@@ -108,26 +88,21 @@ def test_a_restarted_control_plane_renews_the_maintenance_the_store_holds(pg):
     loads the maintenance from the store and renews it, so the fleet stays paused past the
     first pause's end; maintenance off then resumes it."""
     with Fleet.start(pg, control_settings=SETTINGS) as fleet:
-        stmt = HeldStatement(fleet.b)
+        conn = fleet.b.connect()  # opened before the pause
         try:
             watch = Watch(fleet)
             maintenance(fleet, True)
-            stmt.send()
+            stmt = InThread(lambda: conn.execute("SELECT 42").fetchone()[0])
             offset = fleet.control.log_size()
             fleet.control.kill9()
             fleet.start_control()
             assert "maintenance is on (from the store)" in fleet.control.log_since(offset)
-            deadline = time.monotonic() + PAUSE_LEASE_S + 3
-            while time.monotonic() < deadline:
-                assert stmt.held(), f"the statement was not held: {stmt.result}"
-                assert all_paused(fleet), {n: info(r) for n, r in fleet.proxies.items()}
-                time.sleep(0.5)  # sampling a state that must not change, not waiting for one
+            assert_held_and_paused(fleet, stmt, PAUSE_LEASE_S + 3)
             maintenance(fleet, False)
-            wait_for(lambda: stmt.result, timeout=5, what="the held statement to run")
-            assert stmt.result == [42], stmt.result
+            assert stmt.result(timeout=5) == 42
             watch.check()
         finally:
-            stmt.close()
+            conn.close()
 
 
 def test_an_operator_timeout_still_ends_the_maintenance_then(pg):

@@ -33,6 +33,8 @@ import time
 import psycopg
 import pytest
 
+from pgserver import PgEndpoint
+
 from conftest import (  # noqa: F401  (admin is re-exported for the failover tests)
     PG_BIN,
     PGRELAY_BIN,
@@ -78,8 +80,11 @@ class NodeError(RuntimeError):
     pass
 
 
-class Node:
-    """One PostgreSQL server of the cluster."""
+class Node(PgEndpoint):
+    """One PostgreSQL server of the cluster; connect(): a direct connection to it (bypassing
+    pgrelay)."""
+
+    CONNECT_TIMEOUT = 5
 
     def __init__(self, cluster, name, port):
         self.cluster = cluster
@@ -105,29 +110,7 @@ class Node:
             )
         shutil.chown(os.path.join(self.pgdata, "node.conf"), "postgres", "postgres")
 
-    # -- connections
-    def conninfo(self, **kw):
-        params = dict(
-            host=self.host,
-            port=self.port,
-            user="postgres",
-            dbname="postgres",
-            sslmode="disable",
-            gssencmode="disable",
-            connect_timeout=5,
-        )
-        params.update(kw)
-        return psycopg.conninfo.make_conninfo(**params)
-
-    def connect(self, autocommit=True, **kw):
-        """Direct connection to the node (bypassing pgrelay)."""
-        return psycopg.connect(self.conninfo(**kw), autocommit=autocommit)
-
-    def query(self, sql, params=None):
-        with self.connect() as c:
-            cur = c.execute(sql, params)
-            return cur.fetchall() if cur.description is not None else None
-
+    # -- connections (conninfo, connect, query: PgEndpoint)
     def scalar(self, sql, params=None):
         return self.query(sql, params)[0][0]
 

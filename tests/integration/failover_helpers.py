@@ -4,8 +4,9 @@
         c = make_cluster(sync_standby="pg2")
         relay = ha_relay(c, leader_change_grace="2s")   # agent on, read port, no_leader_wait 0
 
-ha_relay        pgrelay with its agent in front of a cluster (health_interval 200ms, fall 2,
-                rise 1), destroyed at teardown
+ha_relay        pgrelay with its agent in front of a cluster (AGENT: health_interval 200ms,
+                fall 2, rise 1), no_leader_wait 0, destroyed at teardown;
+                ha_relay_fixture(**keys) makes one with other defaults
 say             print a measurement so that it shows even without -s
 raw_login, raw_scalar, tx_status, nothing_arrives, closing_error: sessions on a RawClient
 promote_then_set_leader, write_port_of_new_session, read_conn, wait_log, wait_replicas_readable
@@ -23,22 +24,34 @@ from conftest import RawClient, data_rows, error_fields, wait_for
 AGENT = {"health_interval": "200ms", "fall": 2, "rise": 1, "health_timeout": "1s"}
 
 
-@pytest.fixture
-def ha_relay():
-    """``ha_relay(cluster, **pgrelay_keys)``: pgrelay in front of the cluster, agent on."""
-    started = []
+def ha_relay_fixture(**defaults):
+    """An ``ha_relay`` fixture: ``ha_relay(cluster, agent={...}, **pgrelay_keys)`` starts pgrelay
+    with its agent (AGENT, overridden by ``agent``) in front of the cluster, with a read port
+    and 2 workers, destroyed at teardown. ``defaults``: further [pgrelay] keys a test's own
+    keys override."""
 
-    def start(cluster, agent=None, **extra):
-        extra.setdefault("read_listen_port", "auto")
-        extra.setdefault("workers", 2)
-        extra.setdefault("no_leader_wait", "0")  # these tests see 57P03 at once (the default holds 5s)
-        r = start_ha_relay(cluster, agent={**AGENT, **(agent or {})}, **extra)
-        started.append(r)
-        return r
+    @pytest.fixture
+    def ha_relay():
+        started = []
 
-    yield start
-    for r in started:
-        destroy_relay(r)
+        def start(cluster, agent=None, **extra):
+            extra.setdefault("read_listen_port", "auto")
+            extra.setdefault("workers", 2)
+            for key, value in defaults.items():
+                extra.setdefault(key, value)
+            r = start_ha_relay(cluster, agent={**AGENT, **(agent or {})}, **extra)
+            started.append(r)
+            return r
+
+        yield start
+        for r in started:
+            destroy_relay(r)
+
+    return ha_relay
+
+
+# the failover tests see 57P03 at once (no_leader_wait's default holds a new session 5 s)
+ha_relay = ha_relay_fixture(no_leader_wait="0")
 
 
 @pytest.fixture

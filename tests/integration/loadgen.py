@@ -1,5 +1,6 @@
-"""Load generators for the integration tests: work in a background thread (InThread) and a
-client that writes through pgrelay in a loop (Writer).
+"""Load generators for the integration tests: work in a background thread (InThread), the life
+cycle of threads that loop until stopped (Threads) and a client that writes through pgrelay in
+a loop (Writer, one of those).
 
     held = InThread(lambda: conn.execute("SELECT 1").fetchone()[0])
     assert not held.finished_within(0.7)        # pgrelay holds it (pause)
@@ -65,7 +66,38 @@ class InThread:
         return self.value
 
 
-class Writer:
+class Threads:
+    """The life cycle of a load generator: ``count`` daemon threads, thread n running
+    ``self._run(n)`` until ``stop_flag`` is set. start() returns self; stop() sets the flag,
+    joins every thread (``timeout`` each) and, with ``check``, fails with ``hang`` if one is
+    still running (a statement that never ends)."""
+
+    def __init__(self, count=1, hang="a load thread hangs"):
+        self.hang = hang
+        self.stop_flag = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                        for n in range(count)]
+
+    def _run(self, n):
+        raise NotImplementedError
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self, timeout=15, check=True):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout)
+        if check:
+            assert not self.is_alive(), self.hang
+
+    def is_alive(self):
+        return any(t.is_alive() for t in self.threads)
+
+
+class Writer(Threads):
     """Writes through pgrelay in a loop until stop(): ``statement(conn, seq)`` runs once per
     seq and returns a row (a tuple, or None). One session kept and opened again after any
     error, or a new session for every row (``session_per_row``, as a pooled application
@@ -76,6 +108,8 @@ class Writer:
 
     def __init__(self, relay, statement, session_per_row=False, pause=0.01, interval=0.0,
                  setup=None, **conninfo):
+        super().__init__(hang="writer thread hangs (a statement through pgrelay never ends)")
+        self.thread = self.threads[0]
         self.relay = relay
         self.statement = statement
         self.session_per_row = session_per_row
@@ -83,17 +117,11 @@ class Writer:
         self.interval = interval
         self.setup = setup
         self.conninfo = conninfo
-        self.stop_flag = threading.Event()
         self.ok = []
         self.errors = []
         self.seq = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self):
-        self.thread.start()
-        return self
-
-    def _run(self):
+    def _run(self, n):
         conn = None
         while not self.stop_flag.is_set():
             self.seq += 1
@@ -119,11 +147,3 @@ class Writer:
                 self.stop_flag.wait(self.interval)
         if conn is not None:
             conn.close()
-
-    def stop(self, timeout=15):
-        self.stop_flag.set()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "writer thread hangs (a statement through pgrelay never ends)"
-
-    def is_alive(self):
-        return self.thread.is_alive()

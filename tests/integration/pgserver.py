@@ -1,6 +1,7 @@
 """The session's PostgreSQL 15 server (the ``pg`` fixture): initdb, roles, a direct client.
 
 pg              session-scoped PostgreSQL 15 on a port of free_port()'s (PgCluster)
+PgEndpoint      conninfo(), connect(), query() of a server or pgrelay (a base class)
 _as_postgres    run a command as the postgres user
 MD5_USER, SCRAM_USER and their passwords: roles checked with md5 and scram-sha-256
 """
@@ -32,12 +33,12 @@ def _as_postgres(args, **kw):
     )
 
 
-class PgCluster:
-    def __init__(self, datadir, port):
-        self.datadir = datadir
-        self.sockdir = datadir  # unix_socket_directories
-        self.port = port
-        self.host = "127.0.0.1"
+class PgEndpoint:
+    """Something a psycopg client logs in to as postgres, on ``self.host``:``self.port`` (a
+    PostgreSQL server, a pgrelay): trust, no TLS, no GSSAPI. conninfo()'s and connect()'s
+    keyword arguments are libpq keys that override these."""
+
+    CONNECT_TIMEOUT = 10  # seconds
 
     def conninfo(self, **kw):
         params = dict(
@@ -47,20 +48,29 @@ class PgCluster:
             dbname="postgres",
             sslmode="disable",
             gssencmode="disable",
-            connect_timeout=10,
+            connect_timeout=self.CONNECT_TIMEOUT,
         )
         params.update(kw)
         return psycopg.conninfo.make_conninfo(**params)
 
     def connect(self, autocommit=True, **kw):
-        """Direct connection to PostgreSQL (bypassing pgrelay)."""
         return psycopg.connect(self.conninfo(**kw), autocommit=autocommit)
 
     def query(self, sql, params=None):
-        """Run one statement directly on PostgreSQL; its rows (None if it has none)."""
+        """Run one statement in a session of its own; its rows (None if it has none)."""
         with self.connect() as c:
             cur = c.execute(sql, params)
             return cur.fetchall() if cur.description is not None else None
+
+
+class PgCluster(PgEndpoint):
+    """The session's PostgreSQL server; connect(): a direct connection (bypassing pgrelay)."""
+
+    def __init__(self, datadir, port):
+        self.datadir = datadir
+        self.sockdir = datadir  # unix_socket_directories
+        self.port = port
+        self.host = "127.0.0.1"
 
     def backend_pids(self, application_name):
         rows = self.query(
@@ -139,4 +149,4 @@ log_min_messages = warning
 
 # what conftest offers (suite.py), private names that helpers import included
 __all__ = ["PG_BIN", "MD5_USER", "MD5_PASSWORD", "SCRAM_USER", "SCRAM_PASSWORD", "_as_postgres",
-           "PgCluster", "pg"]
+           "PgEndpoint", "PgCluster", "pg"]

@@ -2,11 +2,16 @@
 the middle of a message, or speak protocol 3.2 (a 32-byte cancel key, as PostgreSQL 18 does).
 
 It trusts every login, answers every Query with one text column and then does what its mode
-says, and records what it was sent (startup parameters, cancel requests) for the test."""
+says, and records what it was sent (startup parameters, cancel requests) for the test.
+
+stub_factory    fixture: ``stub_factory(**PgStub's keys)``, each stub closed at teardown
+stub_relay      a pgrelay (relay_factory) whose one node is a stub"""
 
 import socket
 import struct
 import threading
+
+import pytest
 
 
 def message(mtype, payload=b""):
@@ -130,3 +135,22 @@ class PgStub:
                 c.sendall(row_description() + row[: len(row) // 2])
             elif self.mode == "stall_after_row":
                 c.sendall(row_description() + row)
+
+
+@pytest.fixture
+def stub_factory():
+    stubs = []
+
+    def make(**kw):
+        stubs.append(PgStub(**kw))
+        return stubs[-1]
+
+    yield make
+    for s in stubs:
+        s.close()
+
+
+def stub_relay(relay_factory, stub, **extra):
+    """A pgrelay whose one node is the stub (no agent: the stub answers no health checks)."""
+    return relay_factory(agent="off", nodes=[("stub", {"host": "127.0.0.1", "port": stub.port,
+                                                        "role": "primary"})], **extra)

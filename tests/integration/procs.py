@@ -7,7 +7,7 @@ free_port           a port below the ephemeral range, never handed to two pytest
 on_a_free_port      the one start-and-retry: a start on such a port, again if it lost it
 start_on_free_port  start a daemon on such a port and wait until it is ready
 start_together_on_free_port  several daemons on one such port (a fleet's proxies)
-port_listening, port_accepts, child_pids, pid_alive, owning_worker, client_port
+port_listening, port_accepts, child_pids, process_tree, pid_alive, owning_worker, client_port
 """
 
 import contextlib
@@ -236,9 +236,10 @@ def _is_agent(pid):
         return False
 
 
-def child_pids(pid):
-    """Pids whose parent is ``pid`` (scans /proc; the kernel has no /proc/*/children)."""
-    out = []
+def _children():
+    """{parent pid: [pids]} of every process that is not a zombie (scans /proc; the kernel has
+    no /proc/*/children)."""
+    children = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -247,11 +248,28 @@ def child_pids(pid):
                 stat = f.read()
         except OSError:
             continue
-        # field 4 (ppid) follows the ")" closing the command name
+        # field 3 (state) and 4 (ppid) follow the ")" closing the command name, which may
+        # itself hold spaces and parentheses
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            out.append(int(entry))
-    return sorted(out)
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def child_pids(pid):
+    """Pids whose parent is ``pid`` (zombies left out)."""
+    return sorted(_children().get(pid, []))
+
+
+def process_tree(pid):
+    """``pid`` and all its descendants (zombies left out), each parent before its children."""
+    children = _children()
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
 
 
 def pid_alive(pid):
@@ -328,5 +346,6 @@ def _group_alive(pgid):
 __all__ = ["SCHED_SLACK", "require", "wait_for", "PORT_FIRST", "PORT_LAST", "PORT_STATE",
            "_port_bindable", "free_port", "PORT_IN_USE", "PortTaken", "port_taken",
            "on_a_free_port", "start_on_free_port", "start_together_on_free_port", "port_accepts",
-           "port_listening", "_unix_socket_answers", "_is_agent", "child_pids", "pid_alive",
+           "port_listening", "_unix_socket_answers", "_is_agent", "child_pids", "process_tree",
+           "pid_alive",
            "_socket_inodes_of", "_tcp_inode", "owning_worker", "client_port", "_group_alive"]

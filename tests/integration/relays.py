@@ -20,9 +20,9 @@ import socket
 import subprocess
 import tempfile
 
-import psycopg
 import pytest
 
+from pgserver import PgEndpoint
 from procs import (
     _group_alive,
     _is_agent,
@@ -51,8 +51,9 @@ PGRELAY_BIN = os.path.abspath(PGRELAY_BIN)
 _LIVE_RELAYS = []  # relays not yet torn down; their logs go into failure reports
 
 
-class Relay:
-    """One running pgrelay master started from a generated config."""
+class Relay(PgEndpoint):
+    """One running pgrelay master started from a generated config; connect(): a psycopg
+    connection through it."""
 
     def __init__(self, workdir, port, conf_path, log_path, proc):
         self.workdir = workdir
@@ -65,23 +66,6 @@ class Relay:
     @property
     def pid(self):
         return self.proc.pid
-
-    def conninfo(self, **kw):
-        params = dict(
-            host=self.host,
-            port=self.port,
-            user="postgres",
-            dbname="postgres",
-            sslmode="disable",
-            gssencmode="disable",
-            connect_timeout=10,
-        )
-        params.update(kw)
-        return psycopg.conninfo.make_conninfo(**params)
-
-    def connect(self, autocommit=True, **kw):
-        """psycopg connection through pgrelay."""
-        return psycopg.connect(self.conninfo(**kw), autocommit=autocommit)
 
     def raw(self, timeout=10.0):
         return RawClient(self.port, timeout=timeout)

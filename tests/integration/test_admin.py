@@ -19,8 +19,8 @@ import psycopg
 import pytest
 from loadgen import InThread
 
-from conftest import (PGRELAY_BIN, admin, admin_json, admin_socket, client_port, owning_worker,
-                      pid_alive, wait_for)
+from conftest import (PGRELAY_BIN, admin, admin_json, admin_socket, child_pids, client_port,
+                      owning_worker, pid_alive, wait_for)
 
 # Every command the man page and the spec name (words only; arguments come after).
 ALL_COMMANDS = [
@@ -171,19 +171,14 @@ def clients_named(relay, app):
 def pgrelay_children(pid):
     """Worker pids: children of the master running the pgrelay binary itself."""
     out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in child_pids(pid):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                st = f.read()
-            exe = os.readlink(f"/proc/{entry}/exe")
+            exe = os.readlink(f"/proc/{child}/exe")
         except OSError:
-            continue
-        fields = st[st.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[1]) == pid and os.path.basename(exe) == "pgrelay":
-            out.append(int(entry))
-    return sorted(out)
+            continue  # gone meanwhile
+        if os.path.basename(exe) == "pgrelay":
+            out.append(child)
+    return out
 
 
 def new_app():
@@ -501,12 +496,7 @@ def test_connection_closes_after_the_line(relay):
         s.settimeout(5)
         s.connect(admin_socket(relay))
         s.sendall(b"show info\n")
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = _read_to_eof(s)
         assert b"version" in data
         # A second line on the same connection gets no answer: it is closed.
         try:
@@ -515,6 +505,16 @@ def test_connection_closes_after_the_line(relay):
         except OSError:
             extra = b""
         assert extra == b"", extra
+
+
+def _read_to_eof(s):
+    """Everything until the peer closes (the socket's own timeout applies)."""
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def _read_until(s, suffix, timeout=5.0):
@@ -541,12 +541,7 @@ def test_prompt_keeps_the_connection_open_until_quit(relay):
         assert len(parse_table(workers)) == 2 and parse_table(nodes)[0]["name"] == "pg1"
         s.sendall(b"quit\n")
         s.settimeout(5)
-        rest = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
+        rest = _read_to_eof(s)
         assert b"> " not in rest, rest
 
 

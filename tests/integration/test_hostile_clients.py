@@ -18,7 +18,7 @@ from conftest import (
     error_fields,
     wait_for,
 )
-from pgstub import PgStub
+from pgstub import stub_factory, stub_relay  # noqa: F401 (stub_factory: a fixture used by name)
 
 
 def closed_within(sock, timeout):
@@ -130,24 +130,6 @@ def test_every_cancel_secret_is_drawn_from_getrandom(relay_factory, getrandom_sh
 # --------------------------------------------------------------------------- #
 # item 4: protocol 3.2 (PostgreSQL 18's variable-length cancel keys)
 # --------------------------------------------------------------------------- #
-
-
-@pytest.fixture
-def stub_factory():
-    stubs = []
-
-    def make(**kw):
-        stubs.append(PgStub(**kw))
-        return stubs[-1]
-
-    yield make
-    for s in stubs:
-        s.close()
-
-
-def stub_relay(relay_factory, stub):
-    return relay_factory(agent="off", nodes=[("stub", {"host": "127.0.0.1", "port": stub.port,
-                                                        "role": "primary"})])
 
 
 def startup_v3_2(**params):

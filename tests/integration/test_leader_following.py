@@ -25,7 +25,6 @@ health_timeout 1s):
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import threading
@@ -34,63 +33,22 @@ import time
 import psycopg
 import pytest
 
-from cluster import (
-    Cluster,
+from cluster import (  # noqa: F401,F811 (make_cluster: a fixture used by name)
     admin,
     destroy_relay,
     log_lines,
+    make_cluster,
     show_nodes,
     start_ha_relay,
 )
-from conftest import RawClient, data_rows, error_fields, free_port, wait_for, child_pids
-
-AGENT = {"health_interval": "200ms", "fall": 2, "rise": 1, "health_timeout": "1s"}
+from conftest import RawClient, error_fields, free_port, wait_for, child_pids
+from failover_helpers import AGENT, ha_relay_fixture, raw_login, raw_scalar
 
 pytestmark = pytest.mark.deadline(120)
 
-
-@pytest.fixture
-def make_cluster():
-    made = []
-
-    def make(**kw):
-        c = Cluster.create(**kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.destroy()
-
-
-@pytest.fixture
-def ha_relay():
-    """``ha_relay(cluster, agent={...}, **pgrelay_keys)``: pgrelay with its agent in front."""
-    started = []
-
-    def start(cluster, agent=None, **extra):
-        extra.setdefault("read_listen_port", "auto")
-        extra.setdefault("workers", 2)
-        r = start_ha_relay(cluster, agent={**AGENT, **(agent or {})}, **extra)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        destroy_relay(r)
-
-
-def raw_login(port, timeout=10.0, **params):
-    c = RawClient(port, timeout=timeout)
-    c.login(**params)
-    return c
-
-
-def raw_scalar(client, sql):
-    msgs = client.simple_query(sql)
-    err = error_fields(msgs)
-    assert err is None, f"{sql}: {err}"
-    return data_rows(msgs)[0][0]
+# no_leader_wait keeps its default (a new session waits 5 s for a leader): these tests open
+# sessions right after a leader change and the last section tests that default
+ha_relay = ha_relay_fixture()
 
 
 def messages_until_close(client, timeout):

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from conftest import RawClient, admin, admin_json, data_rows, error_fields, wait_for
-from pgstub import PgStub, data_row, row_description
+from pgstub import data_row, row_description, stub_factory, stub_relay  # noqa: F401 (fixture)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -211,25 +211,6 @@ def test_a_client_that_resets_mid_statement_frees_its_backend_at_once(relay, pg)
 # --------------------------------------------------------------------------- #
 # item 5: pgrelay's own error only at a message boundary
 # --------------------------------------------------------------------------- #
-
-
-@pytest.fixture
-def stub_factory():
-    stubs = []
-
-    def make(**kw):
-        stubs.append(PgStub(**kw))
-        return stubs[-1]
-
-    yield make
-    for s in stubs:
-        s.close()
-
-
-def stub_relay(relay_factory, stub, **extra):
-    """A pgrelay whose one node is the stub (no agent: the stub answers no health checks)."""
-    return relay_factory(agent="off", nodes=[("stub", {"host": "127.0.0.1", "port": stub.port,
-                                                        "role": "primary"})], **extra)
 
 
 def recv_exactly(sock, n):

@@ -8,32 +8,34 @@ ReadLoad       one reader through a read port.
 check_*        the invariants; figures() the numbers the report gives per proxy.
 
 All times are time.time() (the same clock as the server's clock_timestamp(): one machine).
+
+Each of them is a loadgen.Threads (start, stop, the stop flag). WriteLoad and ReadLoad are not
+loadgen.Writer: they speak the protocol on a RawClient, because libpq reports an error that
+arrives on a session the server is closing without its SQLSTATE, and the invariants count
+errors without one; they stamp with the wall clock (compared with the server's), run several
+kinds of threads (kept and fresh sessions), and record the server's port, timeline and WAL
+position, which the checks below read.
 """
 
-import threading
 import time
 
 import psycopg
 
 from conftest import RawClient, data_rows, error_fields
+from loadgen import Threads
 
 POLL_INTERVAL = 0.1
 
 
-class LeaderPoller:
+class LeaderPoller(Threads):
     """Samples (t_before, t_after, leader) of etcd's leader key."""
 
     def __init__(self, stack):
+        super().__init__()
         self.stack = stack
         self.samples = []
-        self.stop_flag = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self):
-        self.thread.start()
-        return self
-
-    def _run(self):
+    def _run(self, n):
         while not self.stop_flag.is_set():
             t0 = time.time()
             try:
@@ -44,8 +46,8 @@ class LeaderPoller:
             self.stop_flag.wait(POLL_INTERVAL)
 
     def stop(self):
-        self.stop_flag.set()
-        self.thread.join(5)
+        # not checked (as before): a sample is one etcd request with a 1 s timeout
+        super().stop(timeout=5, check=False)
 
     def possibly_leader(self, name, start, end):
         """Could etcd have named ``name`` at some instant in [start, end]? A run of samples
@@ -71,22 +73,17 @@ class LeaderPoller:
         return out
 
 
-class StreamingPoller:
+class StreamingPoller(Threads):
     """Samples (t, set of members streaming from the member etcd names leader), read from
     pg_stat_replication on that leader every 100 ms (a thread of its own, so that a hung
     leader does not delay the leader samples)."""
 
     def __init__(self, stack):
+        super().__init__()
         self.stack = stack
         self.samples = []
-        self.stop_flag = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self):
-        self.thread.start()
-        return self
-
-    def _run(self):
+    def _run(self, n):
         while not self.stop_flag.is_set():
             try:
                 leader = self.stack.leader()
@@ -97,8 +94,9 @@ class StreamingPoller:
             self.stop_flag.wait(POLL_INTERVAL)
 
     def stop(self):
-        self.stop_flag.set()
-        self.thread.join(10)
+        # not checked (as before): a query on a leader a scenario hung (SIGSTOP) has no
+        # timeout and may outlast the join; the samples taken are what the checks read
+        super().stop(timeout=10, check=False)
 
     def longest_streaming(self, start, end):
         """The longest stretch within [start, end] during which every sample saw at least one
@@ -179,7 +177,7 @@ def _connect(port):
     return client
 
 
-class WriteLoad:
+class WriteLoad(Threads):
     """``threads`` writers to ``port``, each keeping one session and opening another after a
     fatal error, and ``fresh`` more that open a new session for every write (as a pooled
     application does; these see what new sessions meet). ``acks``: dicts (src, thread, seq,
@@ -188,6 +186,7 @@ class WriteLoad:
     message, at = connect | statement)."""
 
     def __init__(self, src, port, table, threads=3, fresh=1, pause=0.02):
+        super().__init__(count=threads + fresh, hang=f"a {src} writer hangs")
         self.src = src
         self.kept = threads
         self.port = port
@@ -195,14 +194,6 @@ class WriteLoad:
         self.pause = pause
         self.acks = []
         self.errors = []
-        self.stop_flag = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(threads + fresh)]
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-        return self
 
     def _run(self, n):
         client, seq = None, 0
@@ -234,29 +225,21 @@ class WriteLoad:
             client.close()
 
     def stop(self):
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(CLIENT_TIMEOUT + 5)
-        assert not any(t.is_alive() for t in self.threads), f"a {self.src} writer hangs"
+        super().stop(timeout=CLIENT_TIMEOUT + 5)
 
 
-class ReadLoad:
+class ReadLoad(Threads):
     """One reader to a read port: a session kept, a new one after a fatal error."""
 
     def __init__(self, src, port, pause=0.02):
+        super().__init__(hang=f"the {src} reader hangs")
         self.src = src
         self.port = port
         self.pause = pause
         self.oks = []  # (t, port)
         self.errors = []
-        self.stop_flag = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self):
-        self.thread.start()
-        return self
-
-    def _run(self):
+    def _run(self, n):
         client = None
         while not self.stop_flag.is_set():
             try:
@@ -275,9 +258,7 @@ class ReadLoad:
             client.close()
 
     def stop(self):
-        self.stop_flag.set()
-        self.thread.join(CLIENT_TIMEOUT + 5)
-        assert not self.thread.is_alive(), f"the {self.src} reader hangs"
+        super().stop(timeout=CLIENT_TIMEOUT + 5)
 
 
 def carries_sqlstate(err):

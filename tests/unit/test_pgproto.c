@@ -28,7 +28,7 @@ static size_t build_startup(uint8_t *buf, uint32_t code, const char *body, size_
 /* A string literal with embedded NULs; the literal's own final NUL is not part of it. */
 #define STARTUP(buf, code, lit) build_startup((buf), (code), (lit), sizeof(lit) - 1)
 
-/* Parse and expect failure with exactly this message and SQLSTATE. */
+/* Parse and expect failure with exactly this message (any message if NULL) and SQLSTATE. */
 static void expect_parse_error(const uint8_t *pkt, size_t len, const char *msg, const char *state)
 {
     pg_startup st;
@@ -40,6 +40,19 @@ static void expect_parse_error(const uint8_t *pkt, size_t len, const char *msg, 
         assert_string_equal(err, msg);
     assert_string_equal(sqlstate, state);
 }
+
+/* Build a startup packet (code, then body_len bytes of body) and expect_parse_error() it. */
+static void expect_startup_error(uint32_t code, const char *body, size_t body_len, const char *msg,
+                                 const char *state)
+{
+    uint8_t pkt[256];
+    assert_true(8 + body_len <= sizeof(pkt));
+    expect_parse_error(pkt, build_startup(pkt, code, body, body_len), msg, state);
+}
+
+/* The same with the body a string literal (embedded NULs included, its final NUL not). */
+#define EXPECT_STARTUP_ERROR(code, lit, msg, state)                                              \
+    expect_startup_error((code), (lit), sizeof(lit) - 1, (msg), (state))
 
 static void test_startup_length_short(void **state)
 {
@@ -136,60 +149,47 @@ static void test_startup_database_defaults_to_user(void **state)
 static void test_startup_missing_user(void **state)
 {
     (void)state;
-    uint8_t pkt[256];
     const char *msg = "no PostgreSQL user name specified in startup packet";
 
-    size_t len = STARTUP(pkt, PG_PROTOCOL_V3, "database\0db\0\0");
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "database\0db\0\0", msg, "08P01");
 
-    len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0\0database\0db\0\0"); /* empty user */
-    expect_parse_error(pkt, len, msg, "08P01");
+    /* empty user */
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "user\0\0database\0db\0\0", msg, "08P01");
 
-    len = STARTUP(pkt, PG_PROTOCOL_V3, "\0"); /* no parameters at all */
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "\0", msg, "08P01"); /* no parameters at all */
 }
 
 static void test_startup_unterminated(void **state)
 {
     (void)state;
-    uint8_t pkt[256];
     const char *msg = "startup packet is not terminated";
 
     /* value runs to the end of the packet */
-    size_t len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0alice");
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "user\0alice", msg, "08P01");
     /* name runs to the end of the packet */
-    len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0alice\0datab");
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "user\0alice\0datab", msg, "08P01");
     /* protocol 3.2 with nothing after the code: the code's last byte is not a NUL */
-    len = STARTUP(pkt, 0x00030002u, "");
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(0x00030002u, "", msg, "08P01");
 
     /* The last string ends but the list terminator is missing: rejected too. */
-    len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0alice\0");
-    expect_parse_error(pkt, len, NULL, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "user\0alice\0", NULL, "08P01");
     /* 3.0 with nothing after the code (its last byte happens to be a NUL) */
-    len = STARTUP(pkt, PG_PROTOCOL_V3, "");
-    expect_parse_error(pkt, len, NULL, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "", NULL, "08P01");
 }
 
 static void test_startup_parameter_without_value(void **state)
 {
     (void)state;
-    uint8_t pkt[256];
-    size_t len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0alice\0database\0");
-    expect_parse_error(pkt, len, "startup packet has a parameter without a value", "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "user\0alice\0database\0",
+                         "startup packet has a parameter without a value", "08P01");
 }
 
 static void test_startup_trailing_data(void **state)
 {
     (void)state;
-    uint8_t pkt[256];
     const char *msg = "startup packet has data after its terminator";
-    size_t len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0alice\0\0xyz\0");
-    expect_parse_error(pkt, len, msg, "08P01");
-    len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0alice\0\0\0");
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "user\0alice\0\0xyz\0", msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_PROTOCOL_V3, "user\0alice\0\0\0", msg, "08P01");
 }
 
 static void test_startup_length_mismatch(void **state)
@@ -258,10 +258,8 @@ static void test_startup_ssl_gssenc(void **state)
     assert_int_equal(st.code, 80877104u);
 
     const char *msg = "invalid length of SSL or GSS encryption request";
-    len = STARTUP(pkt, PG_SSL_REQUEST_CODE, "\0\0\0\0");
-    expect_parse_error(pkt, len, msg, "08P01");
-    len = STARTUP(pkt, PG_GSSENC_REQUEST_CODE, "\0\0\0\0\0\0\0\0");
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_SSL_REQUEST_CODE, "\0\0\0\0", msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_GSSENC_REQUEST_CODE, "\0\0\0\0\0\0\0\0", msg, "08P01");
 }
 
 static void test_startup_cancel(void **state)
@@ -282,12 +280,10 @@ static void test_startup_cancel(void **state)
     assert_null(st.user);
 
     const char *msg = "invalid length of cancel request";
-    len = STARTUP(pkt, PG_CANCEL_REQUEST_CODE, "\x12\x34\x56\x78");
-    expect_parse_error(pkt, len, msg, "08P01");
-    len = STARTUP(pkt, PG_CANCEL_REQUEST_CODE, "");
-    expect_parse_error(pkt, len, msg, "08P01");
-    len = STARTUP(pkt, PG_CANCEL_REQUEST_CODE, "\x12\x34\x56\x78\xde\xad\xbe\xef\0\0\0\0");
-    expect_parse_error(pkt, len, msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_CANCEL_REQUEST_CODE, "\x12\x34\x56\x78", msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_CANCEL_REQUEST_CODE, "", msg, "08P01");
+    EXPECT_STARTUP_ERROR(PG_CANCEL_REQUEST_CODE, "\x12\x34\x56\x78\xde\xad\xbe\xef\0\0\0\0", msg,
+                         "08P01");
 }
 
 static void test_startup_protocol_versions(void **state)
@@ -301,10 +297,8 @@ static void test_startup_protocol_versions(void **state)
     /* 2.0, 1.0, 4.0, and the unknown 1234.x negotiation codes: 0A000 */
     static const uint32_t bad[] = {0x00020000u, 0x00010000u, 0x00040000u, 0x00000000u,
                                    (1234u << 16) | 5677u, (1234u << 16) | 5681u};
-    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        size_t len = STARTUP(pkt, bad[i], "user\0alice\0\0");
-        expect_parse_error(pkt, len, msg, "0A000");
-    }
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        EXPECT_STARTUP_ERROR(bad[i], "user\0alice\0\0", msg, "0A000");
 
     /* 3.2 (and any 3.x): accepted, the server negotiates the minor version */
     static const uint32_t good[] = {0x00030000u, 0x00030002u, 0x00030063u};
