@@ -194,6 +194,24 @@ class Member:
         from conftest import child_pids
         return [pm, *child_pids(pm)]
 
+    def stop_everything(self):
+        """SIGSTOP Patroni and every PostgreSQL process of this member; returns the pids to
+        SIGCONT. The postmaster is stopped before its children are listed: a list read first
+        misses a backend forked between the read and the postmaster's stop, which then goes on
+        serving its session (a proxy's write session acknowledged writes on a "stopped" old
+        leader after etcd had named another member)."""
+        from conftest import child_pids
+        stopped = []
+        for pid in (self.patroni_pid(), self.postmaster_pid()):
+            assert pid, f"{self.name}: Patroni or its postmaster is not running"
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        for pid in child_pids(stopped[1]):
+            with contextlib.suppress(ProcessLookupError):  # a short-lived child may be gone
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        return stopped
+
     def api(self, path):
         return http_json(f"http://127.0.0.1:{self.api_port}{path}")
 

@@ -275,10 +275,7 @@ def test_sigstop_of_every_leader_process_longer_than_the_ttl(stack):
     in flight on it may be acknowledged (its sessions through pgrelay were closed)."""
     run = Run(stack, "sigstop_all")
     member = stack.member(run.leader)
-    pids = [member.patroni_pid(), *member.postgres_pids()]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):  # a short-lived child may be gone
-            os.kill(pid, signal.SIGSTOP)
+    pids = member.stop_everything()
     try:
         new = wait_for(lambda: stack.leader() not in (None, run.leader) and stack.leader(),
                        timeout=TTL + 30, interval=0.2, what="etcd to name another leader")
