@@ -129,7 +129,10 @@ def test_read_sessions_on_replicas_that_keep_up_survive_steady_writes(
     """Replicas replaying within a few kB of the primary stay readable under a steady write
     load, so their read sessions are not closed. The load (~0.6 MB/s) writes more than
     max_replica_lag_bytes (100000) per health_interval (200ms), but each replica's real
-    lag, measured directly, stays far below the limit."""
+    lag, measured directly, stays far below the limit: each batch waits until both replicas
+    have replayed it (a loaded machine then slows the load down instead of letting the
+    replicas fall behind the bound, which rightly closes their sessions: it did once at load
+    25, real lag 128 kB)."""
     c = make_cluster()
     pg1, pg2, pg3 = c.nodes
     pg1.query("CREATE TABLE walgen (id int, pad text)")
@@ -142,8 +145,16 @@ def test_read_sessions_on_replicas_that_keep_up_survive_steady_writes(
     real_lag = {"pg2": 0, "pg3": 0}
     unreadable = collections.Counter()
 
+    replicas = [pg2.connect(), pg3.connect()]  # the load thread's own
+
     def insert_100_rows(conn, seq):
         conn.execute("INSERT INTO walgen SELECT g, repeat('x', 100) FROM generate_series(1, 100) g")
+        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        # the next batch once both replicas have this one: the real lag stays one batch
+        while not loader.stop_flag.is_set() and not all(
+                r.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (str(lsn),))
+                .fetchone()[0] for r in replicas):
+            time.sleep(0.005)
 
     [(start,)] = pg1.query("SELECT pg_current_wal_lsn()")
     loader = loadgen.Writer(relay, insert_100_rows, interval=0.02)
@@ -162,6 +173,8 @@ def test_read_sessions_on_replicas_that_keep_up_survive_steady_writes(
                     unreadable[(name, n["lag_bytes"])] += 1
             time.sleep(0.01)
     loader.stop()
+    for r in replicas:
+        r.close()
     [(wal_bytes,)] = pg1.query("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)",
                                (str(start),))
     rate = float(wal_bytes) / (time.monotonic() - t0)
