@@ -666,7 +666,9 @@ function loadOperationsForm() {
   const dep = currentDeployment();
   const names = ui.nodes.map(n => n.name);
   if (!names.length) {
-    get(depPath('/nodes')).then(n => { ui.nodes = n; loadOperationsForm(); }).catch(() => {});
+    /* not before signing in and knowing the deployment (else /deployments/null/nodes) */
+    if (ui.token && ui.dep)
+      get(depPath('/nodes')).then(n => { ui.nodes = n; loadOperationsForm(); }).catch(() => {});
     return;
   }
   const labels = names.map(n => n + (dep && n === dep.leader ? ' (current leader)' : ''));
@@ -719,7 +721,7 @@ function renderOperations() {
     steps: o.steps}))].sort((a, b) => b.started - a.started);
   setRows($('op-history'), past.length ? past.map(o => h('tr', {'data-kind': o.kind},
     h('td', {}, o.id), h('td', {}, fmtDateTime(o.started)), h('td', {}, o.kind),
-    h('td', {class: 'mono'}, o.target), h('td', {class: /done|ok/.test(o.state) ? 'yes' : (o.state === 'running' ? 'warn' : 'no')}, o.state),
+    h('td', {class: 'mono'}, o.target), h('td', {class: /done|ok/.test(o.state) ? 'yes' : (/running|committed/.test(o.state) ? 'warn' : 'no')}, o.state),
     h('td', {}, o.outcome), h('td', {}, (o.steps || []).map(s => s.step).join(' \u2192 ')))) :
     [h('tr', {}, h('td', {colspan: 7, class: 'muted'}, 'No operation yet.'))]);
 }
@@ -728,11 +730,18 @@ function renderOperations() {
 function resultView(res, withRecord) {
   const d = res.data || {};
   const ok = res.status === 200 && d.ok !== false;
+  /* A configuration committed but not yet acknowledged everywhere: in force, not failed. */
+  const committed = res.status === 200 && d.state === 'committed';
   const rows = (d.proxies || []).map(p => h('tr', {'data-node-id': p.node_id, class: p.ok ? '' : 'refused'},
     h('td', {class: 'mono'}, p.node_id), h('td', {}, yesNo(p.ok)), h('td', {}, p.detail || '')));
-  const out = [h('p', {class: ok ? 'yes' : 'failed'}, (ok ? 'Succeeded' : 'Failed') + ' (HTTP ' + res.status + ')' +
+  const headline = ok ? 'Succeeded' : committed ? 'Committed, not yet on every proxy' : 'Failed';
+  const out = [h('p', {class: ok ? 'yes' : committed ? 'warn' : 'failed', id: 'op-headline'},
+    headline + ' (HTTP ' + res.status + ')' +
     (d.error ? ': ' + d.error : '') + (d.leader ? '; leader ' + d.leader + ', epoch ' + d.epoch : '') +
-    (d.version ? (ok ? '; version ' : '; not applied: version ') + d.version : ''))];
+    (d.version ? (ok || committed ? '; version ' : '; not applied: version ') + d.version : ''))];
+  if (committed && (d.pending || []).length)
+    out.push(h('p', {class: 'warn', id: 'op-pending'}, 'Pending: ' + d.pending.join(', ') +
+      ' (each takes the version when it reports again; see Operations)'));
   const silent = p => /^no answer/.test(p.detail || '');
   const refused = (d.proxies || []).filter(p => !p.ok && !silent(p)).map(p => p.node_id);
   const unanswered = (d.proxies || []).filter(p => !p.ok && silent(p)).map(p => p.node_id);
@@ -787,7 +796,8 @@ async function runOperation(kind, text, path, body) {
   if (kind !== 'switchover') {
     const d = res.data || {};
     ui.tabOps.push({id: 'tab', started: ui.opRunning.started, kind, target: ui.dep,
-      state: res.status === 200 && d.ok !== false ? 'ok' : 'failed (' + res.status + ')',
+      state: res.status === 200 && d.ok !== false ? 'ok'
+        : res.status === 200 && d.state === 'committed' ? 'committed' : 'failed (' + res.status + ')',
       outcome: d.error || ((d.proxies || []).map(p => p.node_id + ': ' + (p.detail || (p.ok ? 'ok' : 'no'))).join('; ')),
       steps: []});
   }
