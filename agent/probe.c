@@ -57,17 +57,22 @@ static void probe_notice(void *arg, const char *message)
     log_info("node %s says: %s", n->view.name, line);
 }
 
-void probe_node_close(agent_node *n)
+void probe_node_detach(agent_node *n)
 {
     if (n->sock >= 0)
         event_del(&n->ev_io);
     n->sock = -1;
     n->io_what = 0;
     evtimer_del(&n->ev_timeout);
+    n->state = PROBE_IDLE;
+}
+
+void probe_node_close(agent_node *n)
+{
+    probe_node_detach(n);
     if (n->conn)
         PQfinish(n->conn);
     n->conn = NULL;
-    n->state = PROBE_IDLE;
 }
 
 /* Wait for `what` on the connection's socket (libpq may change sockets while connecting). */
