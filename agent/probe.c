@@ -269,7 +269,10 @@ static void probe_start(agent *a, agent_node *n, bool fresh)
     const config_node *c = &a->cfg->nodes[n->index];
     char port[16], timeout[16];
 
+    /* Not one whose query is still out (a reload detached its probe): its answer would come
+     * first. */
     if (n->conn && (PQstatus(n->conn) != CONNECTION_OK || fresh ||
+                    PQtransactionStatus(n->conn) != PQTRANS_IDLE ||
                     ++n->probes_on_conn >= PROBE_FRESH_EVERY))
         probe_node_close(n);
     if (!n->conn)

@@ -7,6 +7,8 @@ Modes:
 
 - "primary": trusts every login and answers every Query with the one row the agent's probe
   query reads (a primary, not in recovery); SSLRequest and GSSENCRequest get 'N'
+- "slow": as "primary", but each answer to a Query comes ``slow_seconds`` late (a busy node
+  that is still healthy)
 - "silent": accepts and reads, never answers (a node that hangs)
 - "fatal": answers the startup packet with ErrorResponse FATAL 57P03 "the database system is
   shutting down", then closes (a node on its way down)
@@ -17,8 +19,9 @@ Modes:
 import socket
 import struct
 import threading
+import time
 
-MODES = ("primary", "silent", "fatal", "garbage", "close")
+MODES = ("primary", "slow", "silent", "fatal", "garbage", "close")
 
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
@@ -53,7 +56,9 @@ class NodeStub:
     def __init__(self, mode="primary", port=0):
         assert mode in MODES, mode
         self.mode = mode
+        self.slow_seconds = 0.3
         self.accepted = 0
+        self.queries = 0  # Query messages received
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
@@ -146,4 +151,7 @@ class NodeStub:
             if mtype == b"X":
                 return
             if mtype == b"Q":
+                self.queries += 1
+                if mode == "slow":
+                    time.sleep(self.slow_seconds)  # the node's slowness itself
                 c.sendall(probe_answer())

@@ -149,6 +149,30 @@ def test_reload_with_probe_events_pending_in_the_same_loop_turn(stubs):
         relay.stop()
 
 
+def test_reload_while_a_healthy_node_is_answering_a_probe(stubs):
+    """SIGHUP while the probe query of a slow but healthy node is out: the next probe must
+    not fail for it. It once reused the monitoring connection with that query still in
+    flight, failed ("another command is already in progress") and, with fall = 1, reported
+    the node down."""
+    (node,) = stubs(1)
+    node.mode = "slow"
+    relay = stub_relay([node], health_timeout="3s")
+    try:
+        wait_health(relay, "up", "before the reloads")
+        for round_ in range(5):
+            queries = node.queries
+            wait_for(lambda: node.queries > queries, what="a probe query out to the node")
+            reloads = relay.log().count("configuration reloaded")
+            relay.signal(signal.SIGHUP)
+            wait_for(lambda: relay.log().count("configuration reloaded") > reloads,
+                     what=f"the agent's reload {round_ + 1}")
+        wait_probe_rounds(relay, rounds=2)
+        assert "probe failed" not in relay.log()
+        assert nodes(relay)["n0"]["health"] == "up"
+    finally:
+        relay.stop()
+
+
 def postmaster_pid(node):
     with open(os.path.join(node.pgdata, "postmaster.pid")) as f:
         return int(f.readline())
