@@ -77,8 +77,9 @@ def stubs():
     made = []
 
     def make(count):
-        made.extend(NodeStub("primary") for _ in range(count))
-        return made
+        new = [NodeStub("primary") for _ in range(count)]
+        made.extend(new)
+        return new
 
     yield make
     for s in made:
@@ -109,11 +110,11 @@ def test_node_turning_bad_under_an_idle_monitoring_connection(stubs, mode):
 def test_reload_with_probe_events_pending_in_the_same_loop_turn(stubs):
     """A reload that reaches the agent in the same turn of its event loop as the sockets of
     probes in flight (the agent was stopped meanwhile: SIGSTOP, the master reloads, the hanging
-    nodes close their connections, SIGCONT).
-    The agent takes those probes' events off its loop before it rebuilds its node list. It
-    once deleted them through copies of the nodes, which left events linked in libevent's
-    active queue: the agent then ran one probe's callback forever (a core; epoll_ctl DEL/ADD
-    on a probe socket it never read) and probed no node again."""
+    nodes close their connections, SIGCONT). The agent takes those probes' events off its loop
+    before it rebuilds its node list. It once deleted them through copies of the nodes, which
+    left an event linked in libevent's active queue: the agent then ran that probe's callback
+    forever (epoll_ctl DEL/ADD on its socket, 60-100% of a core), probed no node again and
+    ignored SIGINT."""
     nodes_ = stubs(6)
     hanging = nodes_[1:]
     relay = stub_relay(nodes_, health_timeout="2s")
