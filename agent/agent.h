@@ -124,6 +124,11 @@ void probe_all(agent *a);
 /* The same with new connections (a worker could not connect, or a session waits for a leader:
  * only a fresh connection shows a postmaster that accepts no one). */
 void probe_all_fresh(agent *a);
+/* Take the node's probe in flight off the event loop (its events deleted where libevent has
+ * them) and mark it idle; the connection stays. Before a node is copied or moved: deleting an
+ * event through a copy relinks libevent's queues from stale pointers. */
+void probe_node_detach(agent_node *n);
+/* The same, and close the node's monitoring connection. */
 void probe_node_close(agent_node *n);
 
 /* leader.c: decide the write leader from the nodes' latest probes; publish when anything

@@ -71,6 +71,8 @@ static void agent_load_nodes(agent *a)
     char leader[CONFIG_NAME_MAX] = "";
     if (a->leader >= 0)
         snprintf(leader, sizeof(leader), "%s", a->nodes[a->leader].view.name);
+    for (int k = 0; k < n_old; k++)
+        probe_node_detach(&a->nodes[k]); /* before the copy: no event may live in one */
     memcpy(old, a->nodes, sizeof(agent_node) * (size_t)n_old);
 
     a->n_nodes = a->cfg->n_nodes;
@@ -87,13 +89,8 @@ static void agent_load_nodes(agent *a)
         if (keep >= 0) {
             /* Same node: carry its connection and history over (events re-registered). */
             agent_node *o = &old[keep];
-            if (o->sock >= 0)
-                event_del(&o->ev_io);
-            evtimer_del(&o->ev_timeout);
             *n = *o;
             old[keep].conn = NULL;
-            n->state = PROBE_IDLE;
-            n->sock = -1;
             if (n->conn && PQstatus(n->conn) != CONNECTION_OK) {
                 PQfinish(n->conn);
                 n->conn = NULL;
@@ -116,12 +113,8 @@ static void agent_load_nodes(agent *a)
     }
     /* Nodes that left the configuration. */
     for (int k = 0; k < n_old; k++) {
-        if (old[k].conn) {
-            if (old[k].sock >= 0)
-                event_del(&old[k].ev_io);
-            evtimer_del(&old[k].ev_timeout);
+        if (old[k].conn)
             PQfinish(old[k].conn);
-        }
     }
 }
 

@@ -57,17 +57,22 @@ static void probe_notice(void *arg, const char *message)
     log_info("node %s says: %s", n->view.name, line);
 }
 
-void probe_node_close(agent_node *n)
+void probe_node_detach(agent_node *n)
 {
     if (n->sock >= 0)
         event_del(&n->ev_io);
     n->sock = -1;
     n->io_what = 0;
     evtimer_del(&n->ev_timeout);
+    n->state = PROBE_IDLE;
+}
+
+void probe_node_close(agent_node *n)
+{
+    probe_node_detach(n);
     if (n->conn)
         PQfinish(n->conn);
     n->conn = NULL;
-    n->state = PROBE_IDLE;
 }
 
 /* Wait for `what` on the connection's socket (libpq may change sockets while connecting). */
@@ -264,7 +269,10 @@ static void probe_start(agent *a, agent_node *n, bool fresh)
     const config_node *c = &a->cfg->nodes[n->index];
     char port[16], timeout[16];
 
+    /* Not one whose query is still out (a reload detached its probe): its answer would come
+     * first. */
     if (n->conn && (PQstatus(n->conn) != CONNECTION_OK || fresh ||
+                    PQtransactionStatus(n->conn) != PQTRANS_IDLE ||
                     ++n->probes_on_conn >= PROBE_FRESH_EVERY))
         probe_node_close(n);
     if (!n->conn)
