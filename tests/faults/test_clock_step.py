@@ -12,17 +12,27 @@ is left alone (FAKETIME_DONT_FAKE_MONOTONIC), as the kernel does when the wall c
 """
 
 import os
+import re
+import subprocess
 import tempfile
 import threading
 import time
 
 import pytest
 
-from conftest import admin_json, require, wait_for
+from conftest import PGRELAY_BIN, admin_json, require, wait_for
 from test_agent_control_faults import FakeControl
 
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 HOUR = 3600
+
+
+def sanitizer_runtimes():
+    """The sanitizer runtimes pgrelay is linked with (make SANITIZE=address): they must come
+    first in LD_PRELOAD, before libfaketime, or the sanitizer refuses to start."""
+    out = subprocess.run(["ldd", PGRELAY_BIN], capture_output=True, text=True).stdout
+    return [line.split("=>")[1].split()[0] for line in out.splitlines()
+            if "=>" in line and re.search(r"lib[at]san\.so", line)]
 
 
 @pytest.fixture
@@ -41,7 +51,8 @@ def wall_clock():
             f.write(f"{seconds:+d}\n")
         os.rename(tmp, path)  # never a half-written offset
 
-    env = {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME_TIMESTAMP_FILE": path, "FAKETIME_NO_CACHE": "1",
+    env = {"LD_PRELOAD": " ".join(sanitizer_runtimes() + [FAKETIME_LIB]),
+           "FAKETIME_TIMESTAMP_FILE": path, "FAKETIME_NO_CACHE": "1",
            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
     yield env, step
     os.unlink(path)
