@@ -245,10 +245,10 @@ static void agents_register_done(store_job *job)
             log_info("deployment %s: proxy %s declared (auto_declare)", dep->name, p->node_id);
             agents_register_claims(p, j);
         }
-        if (p->declared && p->saved_seen_ms <= j->seen_ms) {
-            p->dirty = false;
+        /* p->dirty stays: what changed while the row was on its way is written by the next
+         * flush (at worst the same row once more) */
+        if (p->declared && p->saved_seen_ms <= j->seen_ms)
             p->saved_seen_ms = j->seen_ms;
-        }
         agents_register_answer(j->req, p);
     }
     free(j->row);

@@ -17,6 +17,7 @@
 #include "operator_internal.h"
 #include "store.h"
 #include "store_maintenance.h"
+#include "store_worker.h"
 
 #include <event2/event.h>
 #include <inttypes.h>
@@ -191,6 +192,48 @@ void maintenance_fire_resume(state_deployment *dep, bool all_known)
     free(rest);
 }
 
+/* Withdrawing a superseded renewal and deleting the ones before it, for the store worker. */
+typedef struct maintenance_prune_job {
+    store_job job;
+    char deployment[CCONFIG_NAME_MAX];
+    int64_t superseded; /* the renewal superseded */
+    int64_t by;         /* the renewal that supersedes it */
+} maintenance_prune_job;
+
+static int maintenance_prune_run(store_job *job)
+{
+    maintenance_prune_job *j = (maintenance_prune_job *)job;
+    if (store_command_cancel(j->superseded, "superseded by a later renewal of the pause") != 0 ||
+        store_commands_prune_renewals(j->deployment, j->superseded) < 0)
+        return -1;
+    return 0;
+}
+
+static void maintenance_prune_done(store_job *job)
+{
+    maintenance_prune_job *j = (maintenance_prune_job *)job;
+    if (job->rc != 0)
+        log_warning("deployment %s: cannot withdraw or prune maintenance renewals before "
+                    "command %" PRId64 ": %s",
+                    j->deployment, j->by, job->error);
+    free(j);
+}
+
+static void maintenance_prune(const char *deployment, int64_t superseded, int64_t by)
+{
+    maintenance_prune_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        log_warning("deployment %s: cannot prune maintenance renewals: out of memory", deployment);
+        return;
+    }
+    snprintf(j->deployment, sizeof(j->deployment), "%s", deployment);
+    j->superseded = superseded;
+    j->by = by;
+    j->job.run = maintenance_prune_run;
+    j->job.done = maintenance_prune_done;
+    store_worker_submit(&j->job);
+}
+
 /* Renew one deployment's pause, or end it when the operator's end has passed. */
 static void maintenance_renew(maintenance_entry *e)
 {
@@ -228,13 +271,11 @@ static void maintenance_renew(maintenance_entry *e)
     /* the last renewal, where not taken yet, is superseded: a proxy that was away gets one;
      * the ones before it are deleted (a renewal every third of pause_lease would otherwise
      * leave thousands of rows a day until command_retention), also those that a replica which
-     * held the lease before left behind */
-    if (e->command_id > 0 &&
-        (store_command_cancel(e->command_id, "superseded by a later renewal of the pause") != 0 ||
-         store_commands_prune_renewals(dep->name, e->command_id) < 0))
-        log_warning("deployment %s: cannot withdraw or prune maintenance renewals before "
-                    "command %" PRId64 ": %s",
-                    dep->name, id, store_error());
+     * held the lease before left behind. Housekeeping of earlier commands, in any order with
+     * what comes next: the store worker's (the new renewal itself is queued here, so that it
+     * stays before a later maintenance off). */
+    if (e->command_id > 0)
+        maintenance_prune(dep->name, e->command_id, id);
     e->command_id = id;
     log_debug("deployment %s: maintenance pause renewed to %" PRId64
               " ms from now (command %" PRId64 ", %d prox%s)",

@@ -103,6 +103,10 @@ int store_leadership_save(const char *deployment, const char *leader, int64_t ep
 int64_t store_command_create(const char *deployment, const char *type, json_t *args,
                              state_proxy *const *targets, int n_targets);
 
+/* store_command_create for the proxies named (any thread: no state is read). */
+int64_t store_command_create_ids(const char *deployment, const char *type, json_t *args,
+                                 const char *const *node_ids, int n_targets);
+
 /* One proxy's unacknowledged commands, read by store_commands_pending_many. */
 typedef struct store_pending {
     json_t *commands; /* [{"id", "type", "args"}] (new reference), NULL when the store failed */

@@ -14,6 +14,21 @@
 int64_t store_command_create(const char *deployment, const char *type, json_t *args,
                              state_proxy *const *targets, int n_targets)
 {
+    const char **ids = malloc((size_t)(n_targets > 0 ? n_targets : 1) * sizeof(*ids));
+    if (!ids) {
+        store_fail("out of memory creating a command");
+        return -1;
+    }
+    for (int i = 0; i < n_targets; i++)
+        ids[i] = targets[i]->node_id;
+    int64_t id = store_command_create_ids(deployment, type, args, ids, n_targets);
+    free(ids);
+    return id;
+}
+
+int64_t store_command_create_ids(const char *deployment, const char *type, json_t *args,
+                                 const char *const *node_ids, int n_targets)
+{
     int64_t id = -1;
     json_t *nodes = json_array();
     char *nodes_text = NULL, *args_text = NULL;
@@ -22,7 +37,7 @@ int64_t store_command_create(const char *deployment, const char *type, json_t *a
     if (!nodes)
         goto done;
     for (int i = 0; i < n_targets; i++)
-        json_array_append_new(nodes, json_string(targets[i]->node_id));
+        json_array_append_new(nodes, json_string(node_ids[i]));
     nodes_text = json_dumps(nodes, JSON_COMPACT);
     args_text = json_dumps(args, JSON_COMPACT);
     if (!nodes_text || !args_text) {

@@ -250,3 +250,38 @@ def test_the_configuration_view_waiting_on_the_store_holds_no_other_request(cont
     assert status == 200 and body["version"] == 0, body
     assert [p["node_id"] for p in body["proxies"]] == ["proxy-other"], body
     print(f"worst answer while the configuration view waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_withdrawing_a_superseded_maintenance_renewal_waiting_on_the_store_holds_no_other_request(
+        control_factory, store):
+    # pause_lease 3 s: a renewal of the pause every second, each withdrawing the one before
+    control = control_factory(control={"pause_lease": "3s"})
+    slow = SimAgent(control, "proxy-slow")
+    slow.register()
+    other = SimAgent(control, "proxy-other")
+    other.register()
+    op = maintenance_on(control)
+    cmd = command_for(slow)
+    assert command_for(other)["id"] == cmd["id"]
+    for agent in (slow, other):
+        status, answer = agent.ack(cmd["id"])
+        assert status == 204, answer
+    status, body = op.result(timeout=30)
+    assert status == 200 and body["ok"], body
+    # renewals nobody takes: proxy-slow's row of each stays unanswered until withdrawn
+    hold = StoreHold(store)
+    try:
+        wait_for(hold.waiting, timeout=15, what="a renewal's withdrawal to wait in the store")
+        worst, what = worst_answer(control, other)
+        assert worst < 1.0, f"{what} waited {worst:.2f}s behind the withdrawal of a renewal"
+    finally:
+        hold.release()
+
+    def withdrawn():
+        with psycopg.connect(store, autocommit=True) as c:
+            return c.execute("SELECT count(*) FROM pgrelay.command_acks WHERE"
+                             " node_id = 'proxy-slow' AND detail LIKE 'superseded%'"
+                             ).fetchone()[0] > 0
+
+    wait_for(withdrawn, timeout=15, what="the superseded renewal withdrawn")
+    print(f"worst answer while a withdrawal waited on the store: {worst * 1000:.0f} ms")
