@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import PGRELAY_BIN, admin_json, require, wait_for
-from test_agent_control_faults import FakeControl
+from control_helpers import FakeControl
 
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 HOUR = 3600

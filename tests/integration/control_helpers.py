@@ -14,6 +14,7 @@ SimAgent, obs, store_rows, Background (an HTTP call in a thread), ADMIN, TOKENS,
 """
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
@@ -329,3 +331,118 @@ def obs(name, up=True, in_recovery=False, lsn=0, **extra):
            "read_sessions": 0}
     row.update(extra)
     return row
+
+
+# --------------------------------------------------------------------------- #
+# a fake control plane, for the agent's side
+# --------------------------------------------------------------------------- #
+
+
+REPORTER_PATHS = ("/api/v1/agent/register", "/api/v1/agent/metrics")
+
+
+class FakeControl:
+    """An HTTP server where the control plane should be, answering in one way (``mode``): healthy,
+    or one of the bad ways of test_agent_control_faults.py; requests are recorded."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.requests = []  # (monotonic time, method, path without query, parsed body or None)
+        self.commands_served = False
+        self.stopping = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n) if n else b""
+                try:
+                    return json.loads(raw) if raw else None
+                except ValueError:
+                    return raw
+
+            def _send(self, status, payload, ctype="application/json"):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self):
+                body = self._body()
+                path = self.path.split("?")[0]
+                fake.requests.append((time.monotonic(), self.command, path, body))
+                answer = fake.answer(self.command, path, body)
+                if answer is None:  # hang: hold the request until the test ends
+                    fake.stopping.wait(60)
+                    self.close_connection = True
+                    return
+                self._send(*answer)
+
+            do_GET = do_POST = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, method, path, body):
+        """(status, payload[, content type]) for one request, or None to hang."""
+        mode = self.mode
+        if mode == "hang":
+            return None
+        if mode == "500":
+            return (500, b"internal server error\n", "text/plain")
+        if mode == "garbage":
+            return (200, b'\x00\xff{"leader": "pg1", "epo', "application/json")
+        if path == "/api/v1/agent/register":
+            return (200, {"poll_wait_s": 25})
+        if path == "/api/v1/agent/metrics" and mode == "healthy":
+            return (200, {"leader": "pg1", "epoch": 1})
+        if path == "/api/v1/agent/metrics":
+            return (200, {
+                "wrong_types": {"leader": 42, "epoch": "seven"},
+                "negative_epoch": {"leader": "pg1", "epoch": -5},
+                "huge_epoch": {"leader": "pg1", "epoch": 2 ** 62},
+                "unknown_leader": {"leader": "ghost", "epoch": 99999},
+            }[mode])
+        if path == "/api/v1/agent/commands":
+            if self.commands_served:
+                self.stopping.wait(1.0)  # an empty long poll
+                return (200, {"commands": []})
+            self.commands_served = True
+            return (200, {"commands": [
+                {"type": "maintenance", "args": {"on": True}},  # no id: skipped
+                {"id": "7", "type": "maintenance", "args": {"on": True}},  # id not a number
+                {"id": 1, "type": "maintenance", "args": {"on": "yes please"}},
+                {"id": 2, "type": "set_leader", "args": {"leader": "pg1", "epoch": -1}},
+                {"id": 3, "type": "set_leader", "args": {"leader": "pg1", "epoch": 2 ** 62}},
+                {"id": 4, "type": "format_disk", "args": {}},
+                {"id": 5, "type": "config_commit", "args": {"version": 123}},
+                {"id": 6, "type": "promote", "args": "pg1"},
+            ]})
+        if path.startswith("/api/v1/agent/commands/"):
+            return (200, {})
+        return (204, b"")
+
+    def reporter_requests(self, since):
+        return [r for r in self.requests if r[0] >= since and r[2] in REPORTER_PATHS]
+
+    def acks(self):
+        return {int(r[2].split("/")[5]): r[3] for r in self.requests
+                if r[2].startswith("/api/v1/agent/commands/") and r[2].endswith("/ack")}
+
+    def close(self):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()

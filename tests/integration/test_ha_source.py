@@ -289,7 +289,7 @@ def test_patronis_word_is_in_show_nodes_and_in_the_observations_for_the_control_
     """show nodes has Patroni's word on each node, and so has each node of the agent's metrics
     report (the control plane's leader decision does not count a primary Patroni does not
     name: test_control_leadership.py)."""
-    from test_agent_control_faults import FakeControl
+    from control_helpers import FakeControl
 
     class NoOpinion(FakeControl):
         """A control plane that has no leader opinion: the agent decides as it would alone."""
