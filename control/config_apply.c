@@ -711,6 +711,8 @@ typedef struct config_begin_job {
     int64_t op_id;     /* out: its operation */
 } config_begin_job;
 
+static void config_record_prepare(operator_op *op);
+
 static int config_begin_run(store_job *job)
 {
     config_begin_job *j = (config_begin_job *)job;
@@ -776,8 +778,56 @@ static void config_begin_done(store_job *job)
              dep->name, op->version, op->op_id, n, n == 1 ? "y" : "ies");
     json_t *args = json_pack("{s:I, s:s, s:I}", "version", (json_int_t)op->version, "text",
                              op->text, "operation", (json_int_t)op->op_id);
+    uint64_t serial = op->serial;
     op_send(op, STEP_PREPARE, "config_prepare", args, targets, n);
     free(targets);
+    if (dep->op && dep->op->serial == serial && dep->op->step == STEP_PREPARE &&
+        dep->op->command_id > 0) /* still waiting for the prepares */
+        config_record_prepare(dep->op);
+}
+
+/* The prepare command's id in the operation's record (written by the store worker): what the
+ * next lease holder reads to tell whether every proxy had prepared. Not written (a crash
+ * first, or a store failure), the next holder rolls the apply back. */
+typedef struct config_prepared_job {
+    store_job job;
+    int64_t op_id;
+    int64_t command_id;
+    char deployment[CCONFIG_NAME_MAX];
+} config_prepared_job;
+
+static int config_prepared_run(store_job *job)
+{
+    config_prepared_job *j = (config_prepared_job *)job;
+    return store_config_prepared(j->op_id, j->command_id);
+}
+
+static void config_prepared_done(store_job *job)
+{
+    config_prepared_job *j = (config_prepared_job *)job;
+    if (j->job.rc != 0)
+        log_error("deployment %s: cannot record the prepare command of operation %" PRId64
+                  ": %s (a replica that takes over rolls the apply back)",
+                  j->deployment, j->op_id, j->job.error);
+    free(j);
+}
+
+static void config_record_prepare(operator_op *op)
+{
+    config_prepared_job *j = calloc(1, sizeof(*j));
+    op->prepare_id = op->command_id;
+    if (!j) {
+        log_error("deployment %s: out of memory recording the prepare command of operation "
+                  "%" PRId64,
+                  op->dep->name, op->op_id);
+        return;
+    }
+    j->op_id = op->op_id;
+    j->command_id = op->command_id;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", op->dep->name);
+    j->job.run = config_prepared_run;
+    j->job.done = config_prepared_done;
+    store_worker_submit(&j->job);
 }
 
 void operator_config_apply(http_call *call)

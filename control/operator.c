@@ -161,13 +161,6 @@ void op_send(operator_op *op, op_step step, const char *type, json_t *args,
     }
     op->command_id = store_command_create(op->dep->name, type, args, targets, n);
     json_decref(args);
-    if (step == STEP_PREPARE && op->command_id > 0) {
-        op->prepare_id = op->command_id;
-        if (store_config_prepared(op->op_id, op->command_id) != 0) /* recovery rolls it back */
-            log_error("deployment %s: cannot record the prepare command of operation %" PRId64
-                      ": %s",
-                      op->dep->name, op->op_id, store_error());
-    }
     if (op->command_id < 0) {
         char msg[OPERATOR_DETAIL_MAX];
         snprintf(msg, sizeof(msg), "store unreachable: %s", store_error());
