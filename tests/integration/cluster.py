@@ -129,6 +129,11 @@ class Node(PgEndpoint):
     def in_recovery(self):
         return self.scalar("SELECT pg_is_in_recovery()")
 
+    def postmaster_pid(self):
+        """The running postmaster's pid (first line of postmaster.pid)."""
+        with open(os.path.join(self.pgdata, "postmaster.pid")) as f:
+            return int(f.readline())
+
     # -- control
     def start(self, timeout=60):
         """pg_ctl start. If the port was taken meanwhile (a port of free_port()'s, so only by
