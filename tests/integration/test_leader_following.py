@@ -42,8 +42,10 @@ from cluster import (  # noqa: F401,F811 (make_cluster: a fixture used by name)
     show_info,
     show_nodes,
     start_ha_relay,
+    wait_relay_ready,
 )
-from conftest import RawClient, error_fields, free_port, wait_for, child_pids
+from conftest import (RawClient, child_pids, error_fields, free_port, port_listening,
+                      spawn_relay, wait_for)
 from failover_helpers import AGENT, ha_relay_fixture, raw_login, raw_scalar
 
 pytestmark = pytest.mark.deadline(120)
@@ -167,8 +169,6 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
         relay = start_ha_relay(c, agent={**AGENT, "health_timeout": "3s"}, nodes=nodes,
                                wait=False, workers=1, read_listen_port="auto")
         try:
-            from conftest import port_listening
-
             wait_for(lambda: port_listening(relay.port) and port_listening(relay.read_port),
                      timeout=15, interval=0.005, what="pgrelay to listen")
             # the read port too waits for the probes: pg1, "replica" in the file, is the primary
@@ -437,19 +437,10 @@ def test_by_default_a_new_write_session_waits_out_a_short_leaderless_spell(
 def restart_relay(relay):
     """Stop pgrelay and start it again on the same configuration (and so the same directory:
     admin socket, agent state)."""
-    import subprocess
-
-    from cluster import wait_relay_ready
-    from conftest import PGRELAY_BIN, Relay, _LIVE_RELAYS, port_listening
-
     relay.stop()
-    log_path = relay.log_path + ".restarted"
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen([PGRELAY_BIN, "-c", relay.conf_path], stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    again = Relay(relay.workdir, relay.port, relay.conf_path, log_path, proc)
+    again = spawn_relay(relay.workdir, relay.port, relay.conf_path,
+                        relay.log_path + ".restarted")
     again.read_port = relay.read_port
-    _LIVE_RELAYS.append(again)
     wait_for(lambda: port_listening(again.port), timeout=15, what="pgrelay to listen again")
     wait_relay_ready(again)
     return again
