@@ -26,7 +26,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 
@@ -38,7 +37,6 @@ from pgserver import PgEndpoint
 from conftest import (  # noqa: F401  (admin is re-exported for the failover tests)
     PG_BIN,
     PGRELAY_BIN,
-    Relay,
     admin,
     admin_json,
     admin_socket,
@@ -49,6 +47,7 @@ from conftest import (  # noqa: F401  (admin is re-exported for the failover tes
     free_port,
     on_a_free_port,
     port_listening,
+    spawn_relay,
     start_on_free_port,
     wait_for,
     write_config,
@@ -128,6 +127,11 @@ class Node(PgEndpoint):
 
     def in_recovery(self):
         return self.scalar("SELECT pg_is_in_recovery()")
+
+    def postmaster_pid(self):
+        """The running postmaster's pid (first line of postmaster.pid)."""
+        with open(os.path.join(self.pgdata, "postmaster.pid")) as f:
+            return int(f.readline())
 
     # -- control
     def start(self, timeout=60):
@@ -423,18 +427,9 @@ def start_ha_relay(cluster, agent=None, nodes=None, wait=True, control=None, **e
             f.write("\n[agent]\n" + "".join(f"{k} = {v}\n" for k, v in agent.items()))
             if control:
                 f.write("\n[control]\n" + "".join(f"{k} = {v}\n" for k, v in control.items()))
-        with open(log_path, "w") as logf:
-            proc = subprocess.Popen(
-                [PGRELAY_BIN, "-c", conf],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        relay = Relay(workdir, port, conf, log_path, proc)
+        relay = spawn_relay(workdir, port, conf, log_path)
         relay.read_port = settings.get("read_listen_port") or None
         relay.settings = settings
-        _LIVE_RELAYS.append(relay)
         return relay
 
     if not wait:

@@ -1,7 +1,8 @@
 """A PostgreSQL v3 protocol client on a plain socket, and the parsing of what comes back.
 
 RawClient       byte-level control: split packets, garbage, abrupt disconnects
-startup_packet, parse_fields, error_fields, data_rows; the protocol's request codes
+startup_packet, startup_packet_for, parse_fields, error_fields, data_rows; the protocol's
+request codes
 """
 
 import contextlib
@@ -15,12 +16,19 @@ GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
 
 
-def startup_packet(user="postgres", database="postgres", **params):
-    body = struct.pack("!i", PROTOCOL_V3)
-    for k, v in [("user", user), ("database", database), *params.items()]:
+def startup_packet_for(code, params):
+    """A startup packet: length, protocol ``code`` (major << 16 | minor), then ``params``
+    ({name: value}, in their order) and the terminating NUL."""
+    body = struct.pack("!i", code)
+    for k, v in params.items():
         body += k.encode() + b"\0" + str(v).encode() + b"\0"
     body += b"\0"
     return struct.pack("!i", len(body) + 4) + body
+
+
+def startup_packet(user="postgres", database="postgres", **params):
+    """A protocol 3.0 startup packet for ``user`` and ``database`` with more ``params``."""
+    return startup_packet_for(PROTOCOL_V3, {"user": user, "database": database, **params})
 
 
 def parse_fields(body):
@@ -167,4 +175,5 @@ def data_rows(msgs):
 
 # what conftest offers (suite.py), private names that helpers import included
 __all__ = ["PROTOCOL_V3", "SSL_REQUEST_CODE", "GSSENC_REQUEST_CODE", "CANCEL_REQUEST_CODE",
-           "startup_packet", "parse_fields", "RawClient", "error_fields", "data_rows"]
+           "startup_packet", "startup_packet_for", "parse_fields", "RawClient", "error_fields",
+           "data_rows"]

@@ -6,6 +6,7 @@ relay_factory   function-scoped factory: ``relay_factory(max_client_conn=3)`` st
                 at teardown each must stop cleanly (Relay.stop)
 conn            an autocommit psycopg connection through ``relay``
 daemons         ``daemons(conf, pidfile)``: pgrelay -d as an init script runs it (Daemon)
+spawn_relay     start pgrelay on a config file written already (start_relay, cluster.py)
 admin, admin_json, admin_socket, wait_admin_ready: the admin console
 http_call       one HTTP request (the HTTP endpoint, pgrelay-control)
 """
@@ -247,6 +248,25 @@ def write_config(path, port, pg, extra=None, nodes=None, sections=None):
         f.write("\n".join(lines) + "\n")
 
 
+def spawn_relay(workdir, port, conf, log_path, flags=(), wrapper=(), env=None):
+    """``pgrelay -c conf`` in the foreground, in a session of its own, its output in
+    ``log_path``, listed as live (its log goes into failure reports); waits for nothing.
+    ``flags``: more command-line flags, ``wrapper``: a command to run it under, ``env``:
+    variables added to its environment."""
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(
+            [*wrapper, PGRELAY_BIN, "-c", conf, *flags],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    relay = Relay(workdir, port, conf, log_path, proc)
+    _LIVE_RELAYS.append(relay)
+    return relay
+
+
 def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), wrapper=(),
                 env=None):
     """pgrelay in the foreground with a generated config: ``extra`` [pgrelay] keys, ``sections``
@@ -261,18 +281,7 @@ def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), 
         conf = os.path.join(workdir, "pgrelay.ini")
         log_path = os.path.join(workdir, f"pgrelay-{attempt}.log")
         write_config(conf, port, pg, extra, nodes, sections)
-        with open(log_path, "w") as logf:
-            proc = subprocess.Popen(
-                [*wrapper, PGRELAY_BIN, "-c", conf, *flags],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **(env or {})},
-            )
-        relay = Relay(workdir, port, conf, log_path, proc)
-        _LIVE_RELAYS.append(relay)
-        return relay
+        return spawn_relay(workdir, port, conf, log_path, flags, wrapper, env)
 
     if not wait:
         return launch(free_port(), 0)
@@ -404,5 +413,5 @@ def http_call(port, method, path, body=None, token=None, raw=None, headers=None,
 
 # what conftest offers (suite.py), private names that helpers import included
 __all__ = ["PGRELAY_BIN", "_LIVE_RELAYS", "Relay", "wait_admin_ready", "Daemon", "daemons",
-           "write_config", "start_relay", "_discard_relay", "_teardown_relays", "RelayFactory",
+           "write_config", "spawn_relay", "start_relay", "_discard_relay", "_teardown_relays", "RelayFactory",
            "relay_factory", "relay", "conn", "admin_socket", "admin", "admin_json", "http_call"]

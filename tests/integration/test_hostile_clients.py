@@ -16,6 +16,7 @@ from conftest import (
     admin_json,
     data_rows,
     error_fields,
+    startup_packet_for,
     wait_for,
 )
 from pgstub import stub_factory, stub_relay  # noqa: F401 (stub_factory: a fixture used by name)
@@ -133,11 +134,8 @@ def test_every_cancel_secret_is_drawn_from_getrandom(relay_factory, getrandom_sh
 
 
 def startup_v3_2(**params):
-    body = struct.pack("!i", (3 << 16) | 2)
-    for k, v in [("user", "postgres"), ("database", "postgres"), *params.items()]:
-        body += k.encode() + b"\0" + str(v).encode() + b"\0"
-    body += b"\0"
-    return struct.pack("!i", len(body) + 4) + body
+    return startup_packet_for((3 << 16) | 2, {"user": "postgres", "database": "postgres",
+                                              **params})
 
 
 def test_a_client_asking_for_protocol_3_2_is_negotiated_down_and_cancel_still_works(

@@ -36,12 +36,16 @@ import pytest
 from cluster import (  # noqa: F401,F811 (make_cluster: a fixture used by name)
     admin,
     destroy_relay,
+    leader_history,
     log_lines,
     make_cluster,
+    show_info,
     show_nodes,
     start_ha_relay,
+    wait_relay_ready,
 )
-from conftest import RawClient, error_fields, free_port, wait_for, child_pids
+from conftest import (RawClient, child_pids, error_fields, free_port, port_listening,
+                      spawn_relay, wait_for)
 from failover_helpers import AGENT, ha_relay_fixture, raw_login, raw_scalar
 
 pytestmark = pytest.mark.deadline(120)
@@ -60,16 +64,11 @@ def messages_until_close(client, timeout):
         raise AssertionError(f"not closed within {timeout}s; got so far {client.buf!r}") from None
 
 
-def postmaster_pid(node):
-    with open(os.path.join(node.pgdata, "postmaster.pid")) as f:
-        return int(f.readline())
-
-
 @contextlib.contextmanager
 def hung(node):
     """Every process of ``node`` stopped (SIGSTOP: the postmaster first, so it forks no more),
     continued on exit."""
-    pm = postmaster_pid(node)
+    pm = node.postmaster_pid()
     os.kill(pm, signal.SIGSTOP)
     stopped = [pm]
     try:
@@ -124,8 +123,6 @@ def test_a_hung_leader_replaced_by_a_failover_has_its_sessions_closed_at_once(
         with relay.connect(connect_timeout=10) as conn:
             port, rec = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
         assert (port, rec) == (pg2.port, False)
-        from cluster import leader_history
-
         assert leader_history(relay)[0]["reason"].startswith("[failover] "), \
             leader_history(relay)[0]
     # pg1 runs again: nothing it does now reaches the closed clients
@@ -172,8 +169,6 @@ def test_no_write_session_goes_to_the_configured_primary_before_a_probe_confirms
         relay = start_ha_relay(c, agent={**AGENT, "health_timeout": "3s"}, nodes=nodes,
                                wait=False, workers=1, read_listen_port="auto")
         try:
-            from conftest import port_listening
-
             wait_for(lambda: port_listening(relay.port) and port_listening(relay.read_port),
                      timeout=15, interval=0.005, what="pgrelay to listen")
             # the read port too waits for the probes: pg1, "replica" in the file, is the primary
@@ -261,7 +256,7 @@ def test_the_read_port_keeps_serving_replicas_while_there_is_no_write_leader(
     wait_for(lambda: all(show_nodes(relay)[n]["readable"] for n in ("pg2", "pg3")),
              timeout=10, what="pg2 and pg3 readable")
     pg1.stop("immediate")
-    wait_for(lambda: admin_json_info(relay).get("write_leader") is None, timeout=10,
+    wait_for(lambda: show_info(relay).get("write_leader") is None, timeout=10,
              what="no write leader")
     deadline = time.monotonic() + 2.0
     ports = set()
@@ -270,12 +265,6 @@ def test_the_read_port_keeps_serving_replicas_while_there_is_no_write_leader(
     assert ports <= {pg2.port, pg3.port} and ports, ports
     nodes = show_nodes(relay)
     assert nodes["pg2"]["readable"] and nodes["pg3"]["readable"], nodes
-
-
-def admin_json_info(relay):
-    from cluster import show_info
-
-    return show_info(relay)
 
 
 def test_read_sessions_that_fell_back_to_the_leader_move_back_to_a_replica(
@@ -416,7 +405,7 @@ def test_by_default_a_new_write_session_waits_out_a_short_leaderless_spell(
     relay = start_ha_relay(c, agent=AGENT, workers=1)
     try:
         pg1.stop("immediate")
-        wait_for(lambda: admin_json_info(relay).get("write_leader") is None, timeout=10,
+        wait_for(lambda: show_info(relay).get("write_leader") is None, timeout=10,
                  what="no write leader")
         result = {}
 
@@ -448,19 +437,10 @@ def test_by_default_a_new_write_session_waits_out_a_short_leaderless_spell(
 def restart_relay(relay):
     """Stop pgrelay and start it again on the same configuration (and so the same directory:
     admin socket, agent state)."""
-    import subprocess
-
-    from cluster import wait_relay_ready
-    from conftest import PGRELAY_BIN, Relay, _LIVE_RELAYS, port_listening
-
     relay.stop()
-    log_path = relay.log_path + ".restarted"
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen([PGRELAY_BIN, "-c", relay.conf_path], stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    again = Relay(relay.workdir, relay.port, relay.conf_path, log_path, proc)
+    again = spawn_relay(relay.workdir, relay.port, relay.conf_path,
+                        relay.log_path + ".restarted")
     again.read_port = relay.read_port
-    _LIVE_RELAYS.append(again)
     wait_for(lambda: port_listening(again.port), timeout=15, what="pgrelay to listen again")
     wait_relay_ready(again)
     return again
@@ -475,16 +455,14 @@ def test_the_epoch_survives_a_restart_of_the_proxy(make_cluster, ha_relay):
     for cmd in ("set leader pg2 force", "set leader pg1"):
         out = admin(relay, cmd)
         assert not out.startswith("error"), out
-    wait_for(lambda: admin_json_info(relay)["epoch"] == 3, timeout=5, what="epoch 3")
+    wait_for(lambda: show_info(relay)["epoch"] == 3, timeout=5, what="epoch 3")
     again = restart_relay(relay)
     try:
-        info = admin_json_info(again)
+        info = show_info(again)
         assert (info["epoch"], info["write_leader"]) == (3, "pg1"), info
         out = admin(again, "set leader pg2 force")
         assert not out.startswith("error"), out
-        wait_for(lambda: admin_json_info(again)["epoch"] == 4, timeout=5, what="epoch 4")
-        from cluster import leader_history
-
+        wait_for(lambda: show_info(again)["epoch"] == 4, timeout=5, what="epoch 4")
         # pg1 still answered as a primary: a planned change, with leader_change_grace
         assert leader_history(again)[0]["reason"].startswith("[planned] "), \
             leader_history(again)[0]
@@ -578,7 +556,7 @@ def relay_with_control(c, ha_relay, fake, **agent):
 
 
 def write_leader(relay):
-    return admin_json_info(relay).get("write_leader")
+    return show_info(relay).get("write_leader")
 
 
 def never(cond, seconds, what):
@@ -613,7 +591,7 @@ def test_control_lost_keeps_the_leader_by_default_and_never_picks_another(
     assert log_lines(relay, "control_lost = keep_leader")
     fake.leader, fake.epoch, fake.down = "pg2", 2, False
     wait_for(lambda: write_leader(relay) == "pg2", timeout=10, what="pg2, named by the control plane")
-    assert admin_json_info(relay)["epoch"] == 2
+    assert show_info(relay)["epoch"] == 2
     with relay.connect(connect_timeout=10) as conn:
         assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg2.port
 
@@ -630,7 +608,7 @@ def test_control_lost_stop_writes_routes_no_write_until_the_control_plane_is_bac
     with pytest.raises(psycopg.OperationalError) as e:
         relay.connect(connect_timeout=5)
     assert "no write leader" in str(e.value)
-    assert admin_json_info(relay)["epoch"] == 1  # a hold, not a change of leader
+    assert show_info(relay)["epoch"] == 1  # a hold, not a change of leader
     fake.down = False
     wait_for(lambda: write_leader(relay) == "pg1", timeout=10, what="writes back on pg1")
     with relay.connect(connect_timeout=10) as conn:
@@ -649,7 +627,7 @@ def test_an_equal_epoch_naming_another_leader_is_refused(make_cluster, ha_relay,
     fake.leader = "pg2"
     wait_for(lambda: fake.metrics_calls > calls + 3, timeout=10, what="answers naming pg2")
     never(lambda: write_leader(relay) != "pg1", 1.0, "the agent left pg1 under epoch 1")
-    assert admin_json_info(relay)["epoch"] == 1
+    assert show_info(relay)["epoch"] == 1
     assert log_lines(relay, "refused (an epoch names one leader)")
     fake.epoch = 2
     wait_for(lambda: write_leader(relay) == "pg2", timeout=10, what="pg2 under epoch 2")
@@ -664,7 +642,7 @@ def test_an_equal_epoch_naming_another_leader_is_refused(make_cluster, ha_relay,
 def postmaster_stopped(node):
     """Only the postmaster of ``node`` stopped: its backends (the agent's monitoring connection
     included) go on answering, new connections are accepted by the kernel and never served."""
-    pm = postmaster_pid(node)
+    pm = node.postmaster_pid()
     os.kill(pm, signal.SIGSTOP)
     try:
         yield pm
@@ -692,7 +670,7 @@ def test_a_hung_postmaster_is_seen_and_a_promoted_replica_takes_over(make_cluste
         wait_for(lambda: show_nodes(relay)["pg1"]["last_error"], timeout=10,
                  what="the agent to see pg1's postmaster not answering")
         pg2.promote()
-        wait_for(lambda: admin_json_info(relay).get("write_leader") == "pg2", timeout=10,
+        wait_for(lambda: show_info(relay).get("write_leader") == "pg2", timeout=10,
                  what="pg2 to become the write leader")
         with relay.connect(connect_timeout=10) as conn:
             assert conn.execute("SELECT inet_server_port()").fetchone()[0] == pg2.port
@@ -710,7 +688,7 @@ def test_a_garbage_agent_state_file_is_ignored_and_rewritten(make_cluster, ha_re
     again = restart_relay(relay)
     try:
         assert "bad epoch line" in again.log()
-        assert admin_json_info(again)["write_leader"] == "pg1"
+        assert show_info(again)["write_leader"] == "pg1"
         with again.connect(connect_timeout=10) as conn:
             assert conn.execute("SELECT 1").fetchone()[0] == 1
         out = admin(again, "set leader pg2 force")

@@ -177,7 +177,33 @@ def _connect(port):
     return client
 
 
-class WriteLoad(Threads):
+class _Load(Threads):
+    """What WriteLoad and ReadLoad share: clients of ``port`` that record each ClientError in
+    ``errors`` (dicts src, t, sqlstate, message, at = connect | statement) and wait ``pause``
+    after one; stop() fails if a client hangs past CLIENT_TIMEOUT."""
+
+    def __init__(self, src, port, pause, count, hang):
+        super().__init__(count=count, hang=hang)
+        self.src = src
+        self.port = port
+        self.pause = pause
+        self.errors = []
+
+    def _failed(self, e, client):
+        """Record the ClientError ``e``; the session to go on with (None once a fatal error
+        closed it)."""
+        self.errors.append(dict(src=self.src, t=time.time(), sqlstate=e.sqlstate,
+                                message=e.message, at=e.at))
+        if e.fatal and client is not None:
+            client.close()
+            return None
+        return client
+
+    def stop(self):
+        super().stop(timeout=CLIENT_TIMEOUT + 5)
+
+
+class WriteLoad(_Load):
     """``threads`` writers to ``port``, each keeping one session and opening another after a
     fatal error, and ``fresh`` more that open a new session for every write (as a pooled
     application does; these see what new sessions meet). ``acks``: dicts (src, thread, seq,
@@ -186,14 +212,10 @@ class WriteLoad(Threads):
     message, at = connect | statement)."""
 
     def __init__(self, src, port, table, threads=3, fresh=1, pause=0.02):
-        super().__init__(count=threads + fresh, hang=f"a {src} writer hangs")
-        self.src = src
+        super().__init__(src, port, pause, count=threads + fresh, hang=f"a {src} writer hangs")
         self.kept = threads
-        self.port = port
         self.table = table
-        self.pause = pause
         self.acks = []
-        self.errors = []
 
     def _run(self, n):
         client, seq = None, 0
@@ -215,29 +237,18 @@ class WriteLoad(Threads):
                     client.close()
                     client = None
             except ClientError as e:
-                self.errors.append(dict(src=self.src, t=time.time(), sqlstate=e.sqlstate,
-                                        message=e.message, at=e.at))
-                if e.fatal and client is not None:
-                    client.close()
-                    client = None
+                client = self._failed(e, client)
                 self.stop_flag.wait(self.pause)
         if client is not None:
             client.close()
 
-    def stop(self):
-        super().stop(timeout=CLIENT_TIMEOUT + 5)
 
-
-class ReadLoad(Threads):
+class ReadLoad(_Load):
     """One reader to a read port: a session kept, a new one after a fatal error."""
 
     def __init__(self, src, port, pause=0.02):
-        super().__init__(hang=f"the {src} reader hangs")
-        self.src = src
-        self.port = port
-        self.pause = pause
+        super().__init__(src, port, pause, count=1, hang=f"the {src} reader hangs")
         self.oks = []  # (t, port)
-        self.errors = []
 
     def _run(self, n):
         client = None
@@ -248,17 +259,10 @@ class ReadLoad(Threads):
                 port = _exchange(client, "SELECT inet_server_port()", "statement")[0][0]
                 self.oks.append((time.time(), int(port)))
             except ClientError as e:
-                self.errors.append(dict(src=self.src, t=time.time(), sqlstate=e.sqlstate,
-                                        message=e.message, at=e.at))
-                if e.fatal and client is not None:
-                    client.close()
-                    client = None
+                client = self._failed(e, client)
             self.stop_flag.wait(self.pause)
         if client is not None:
             client.close()
-
-    def stop(self):
-        super().stop(timeout=CLIENT_TIMEOUT + 5)
 
 
 def carries_sqlstate(err):

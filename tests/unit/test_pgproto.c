@@ -41,6 +41,14 @@ static void expect_parse_error(const uint8_t *pkt, size_t len, const char *msg, 
     assert_string_equal(sqlstate, state);
 }
 
+/* Parse and expect success, with no error message. */
+static void expect_parse_ok(const uint8_t *pkt, size_t len, pg_startup *st)
+{
+    const char *err = NULL, *sqlstate = NULL;
+    assert_int_equal(pg_startup_parse(pkt, len, st, &err, &sqlstate), 0);
+    assert_null(err);
+}
+
 /* Build a startup packet (code, then body_len bytes of body) and expect_parse_error() it. */
 static void expect_startup_error(uint32_t code, const char *body, size_t body_len, const char *msg,
                                  const char *state)
@@ -96,8 +104,7 @@ static void test_startup_message_full(void **state)
     assert_int_equal(pg_startup_length(pkt, len), (long)len);
 
     pg_startup st;
-    const char *err = NULL, *sqlstate = NULL;
-    assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, len, &st);
     assert_int_equal(st.kind, PG_STARTUP_MESSAGE);
     assert_int_equal(st.code, PG_PROTOCOL_V3);
     assert_string_equal(st.user, "alice");
@@ -119,8 +126,7 @@ static void test_startup_message_order_independent(void **state)
     uint8_t pkt[256];
     size_t len = STARTUP(pkt, PG_PROTOCOL_V3, "database\0db1\0user\0bob\0\0");
     pg_startup st;
-    const char *err = NULL, *sqlstate = NULL;
-    assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, len, &st);
     assert_string_equal(st.user, "bob");
     assert_string_equal(st.database, "db1");
     assert_null(st.application_name);
@@ -131,18 +137,17 @@ static void test_startup_database_defaults_to_user(void **state)
     (void)state;
     uint8_t pkt[256];
     pg_startup st;
-    const char *err = NULL, *sqlstate = NULL;
 
     /* database absent */
     size_t len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0carol\0\0");
-    assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, len, &st);
     assert_string_equal(st.user, "carol");
     assert_ptr_equal(st.database, st.user);
     assert_null(st.application_name);
 
     /* database present but empty */
     len = STARTUP(pkt, PG_PROTOCOL_V3, "user\0carol\0database\0\0\0");
-    assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, len, &st);
     assert_ptr_equal(st.database, st.user);
 }
 
@@ -223,9 +228,8 @@ static void test_startup_max_length(void **state)
     pg_put_u32(pkt + 4, PG_PROTOCOL_V3);
 
     pg_startup st;
-    const char *err = NULL, *sqlstate = NULL;
     assert_int_equal(pg_startup_length(pkt, 4), PG_STARTUP_MAX_LEN);
-    assert_int_equal(pg_startup_parse(pkt, off, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, off, &st);
     assert_string_equal(st.user, "u");
 
     /* one byte more: refused by both */
@@ -242,18 +246,17 @@ static void test_startup_ssl_gssenc(void **state)
     (void)state;
     uint8_t pkt[64];
     pg_startup st;
-    const char *err = NULL, *sqlstate = NULL;
 
     size_t len = STARTUP(pkt, PG_SSL_REQUEST_CODE, "");
     assert_int_equal(len, 8);
     assert_int_equal(pg_startup_length(pkt, len), 8);
-    assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, len, &st);
     assert_int_equal(st.kind, PG_STARTUP_SSL);
     assert_int_equal(st.code, 80877103u);
     assert_null(st.user);
 
     len = STARTUP(pkt, PG_GSSENC_REQUEST_CODE, "");
-    assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, len, &st);
     assert_int_equal(st.kind, PG_STARTUP_GSSENC);
     assert_int_equal(st.code, 80877104u);
 
@@ -267,12 +270,11 @@ static void test_startup_cancel(void **state)
     (void)state;
     uint8_t pkt[64];
     pg_startup st;
-    const char *err = NULL, *sqlstate = NULL;
 
     size_t len = STARTUP(pkt, PG_CANCEL_REQUEST_CODE, "\x12\x34\x56\x78\xde\xad\xbe\xef");
     assert_int_equal(len, PG_CANCEL_REQUEST_LEN);
     assert_int_equal(pg_startup_length(pkt, len), 16);
-    assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+    expect_parse_ok(pkt, len, &st);
     assert_int_equal(st.kind, PG_STARTUP_CANCEL);
     assert_int_equal(st.code, 80877102u);
     assert_int_equal(st.cancel_pid, 0x12345678u);
@@ -291,7 +293,6 @@ static void test_startup_protocol_versions(void **state)
     (void)state;
     uint8_t pkt[64];
     pg_startup st;
-    const char *err = NULL, *sqlstate = NULL;
     const char *msg = "unsupported frontend protocol: pgrelay speaks protocol 3";
 
     /* 2.0, 1.0, 4.0, and the unknown 1234.x negotiation codes: 0A000 */
@@ -304,7 +305,7 @@ static void test_startup_protocol_versions(void **state)
     static const uint32_t good[] = {0x00030000u, 0x00030002u, 0x00030063u};
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
         size_t len = STARTUP(pkt, good[i], "user\0alice\0\0");
-        assert_int_equal(pg_startup_parse(pkt, len, &st, &err, &sqlstate), 0);
+        expect_parse_ok(pkt, len, &st);
         assert_int_equal(st.kind, PG_STARTUP_MESSAGE);
         assert_int_equal(st.code, good[i]);
         assert_int_equal(PG_PROTOCOL_MAJOR(st.code), 3);
