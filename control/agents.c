@@ -167,8 +167,8 @@ typedef struct agents_register_job {
     struct evhttp_request *req; /* answered when the store is done */
     char deployment[CCONFIG_NAME_MAX];
     char node_id[STATE_NODE_ID_MAX];
-    bool declare;  /* auto_declare: declared once the member row is written */
-    char *row;     /* the proxies row (store_proxies_json) */
+    bool declare;    /* auto_declare: declared once the member row is written */
+    char *row;       /* the proxies row (store_proxies_json) */
     int64_t seen_ms; /* last_seen_ms written in it */
     /* the proxy's claims, applied once it is declared (a pending proxy's feed no decision) */
     int64_t config_version;
@@ -375,8 +375,9 @@ static bool agents_check_latency_buckets(http_call *call, json_t *node, const ch
              json_integer_value(v) <= AGENTS_INT_MAX;
     }
     if (!ok)
-        http_reply_error(call->req, 400, "%s.latency_buckets must be an array of %d whole numbers >= 0",
-                         where, STATE_LATENCY_BUCKETS);
+        http_reply_error(call->req, 400,
+                         "%s.latency_buckets must be an array of %d whole numbers >= 0", where,
+                         STATE_LATENCY_BUCKETS);
     return ok;
 }
 
@@ -496,17 +497,22 @@ void agents_metrics(http_call *call)
         agents_set_leader(p, json_object_get(call->body, "leader"));
 
     leader_decide(call->dep); /* only when something it reads changed */
-    state_deployment *d = call->dep;
-    json_t *answer = json_pack("{s:o, s:I}", "leader",
-                               d->leader[0] ? json_string(d->leader) : json_null(), "epoch",
-                               (json_int_t)d->epoch);
+    if (!leader_wait(call->dep, call->req, p->node_id))
+        agents_metrics_reply(call->req, call->dep, p);
+}
+
+void agents_metrics_reply(struct evhttp_request *req, state_deployment *d, state_proxy *p)
+{
+    json_t *answer =
+        json_pack("{s:o, s:I}", "leader", d->leader[0] ? json_string(d->leader) : json_null(),
+                  "epoch", (json_int_t)d->epoch);
     if (d->config_version > 0) /* the desired configuration version (config_apply.c) */
         json_object_set_new(answer, "config_version", json_integer(d->config_version));
     /* the per-proxy options the agent applies itself (members.c), in every answer while set
      * (absent: the defaults), so that a proxy that restarted converges at its first call */
-    if (answer && json_is_true(json_object_get(p->options, "read_only")))
+    if (answer && p && json_is_true(json_object_get(p->options, "read_only")))
         json_object_set_new(answer, "options", json_pack("{s:b}", "read_only", 1));
-    http_reply_json(call->req, 200, answer);
+    http_reply_json(req, 200, answer);
 }
 
 /* ---- queries, config, schema ---- */

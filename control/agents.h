@@ -21,6 +21,10 @@ void agents_ack(http_call *call);
 /* New commands were queued for this proxy: answer its parked long poll now. */
 void agents_wake(state_proxy *p);
 
+/* The answer to a metrics call of p (NULL: gone meanwhile): the leader and epoch, the desired
+ * configuration version, p's options. */
+void agents_metrics_reply(struct evhttp_request *req, state_deployment *d, state_proxy *p);
+
 /* Answer p's parked long poll, if any, with 403 and why (the proxy was deleted). */
 void agents_refuse_poll(state_proxy *p, const char *why);
 

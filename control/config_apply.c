@@ -20,6 +20,7 @@
 #include "log.h"
 #include "operator_internal.h"
 #include "store.h"
+#include "store_queue.h"
 #include "store_worker.h"
 
 #include <inttypes.h>
@@ -82,12 +83,8 @@ static void config_fire(state_deployment *dep, json_t *ids, const char *type, js
 {
     int n = 0;
     state_proxy **targets = config_find_targets(dep, ids, &n);
-    if (n > 0 && store_command_create(dep->name, type, args, targets, n) < 0)
-        log_error("deployment %s: cannot queue %s: %s", dep->name, type, store_error());
-    for (int i = 0; i < n; i++)
-        agents_wake(targets[i]);
+    store_queue_command(dep, type, args, targets, n, NULL, NULL);
     free(targets);
-    json_decref(args);
 }
 
 static json_t *config_version_args(int64_t version, int64_t op_id)
@@ -778,12 +775,13 @@ static void config_begin_done(store_job *job)
              dep->name, op->version, op->op_id, n, n == 1 ? "y" : "ies");
     json_t *args = json_pack("{s:I, s:s, s:I}", "version", (json_int_t)op->version, "text",
                              op->text, "operation", (json_int_t)op->op_id);
-    uint64_t serial = op->serial;
     op_send(op, STEP_PREPARE, "config_prepare", args, targets, n);
     free(targets);
-    if (dep->op && dep->op->serial == serial && dep->op->step == STEP_PREPARE &&
-        dep->op->command_id > 0) /* still waiting for the prepares */
-        config_record_prepare(dep->op);
+}
+
+void config_apply_prepare_sent(operator_op *op)
+{
+    config_record_prepare(op); /* still waiting for the prepares */
 }
 
 /* The prepare command's id in the operation's record (written by the store worker): what the

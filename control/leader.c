@@ -21,7 +21,10 @@
 #include "log.h"
 #include "operator.h"
 #include "store.h"
+#include "store_worker.h"
 #include "views.h"
+
+#include <event2/http.h>
 
 #include <event2/event.h>
 #include <inttypes.h>
@@ -120,48 +123,141 @@ static void leader_announce(state_deployment *dep, const char *why)
         agents_wake(p);
 }
 
-/* Persist and announce leader at epoch. The epoch is raised where it would go down or, for
- * another leader, repeat the current one. A store that holds a newer decision (another
- * replica's) refuses it: that decision is taken instead and -1 returned. */
-static int leader_commit(state_deployment *dep, const char *leader_in, int64_t epoch,
-                         const char *why)
+/* A metrics call answered once the leader decision on its way to the store is in it. */
+struct leader_waiter {
+    struct leader_waiter *next;
+    struct evhttp_request *req;
+    char node_id[STATE_NODE_ID_MAX];
+};
+
+/* Answer the metrics calls parked while a decision was saved (with what the state says now,
+ * or 503 when it is being dropped). */
+static void leader_release(state_deployment *dep, bool dropped)
 {
-    char leader[STATE_NODE_NAME_MAX], stored_leader[STATE_NODE_NAME_MAX] = "";
-    int64_t stored_epoch = 0;
-    snprintf(leader, sizeof(leader), "%s", leader_in); /* leader_in may be dep->leader itself */
+    struct leader_waiter *w = dep->leader_waiters;
+    dep->leader_waiters = NULL;
+    while (w) {
+        struct leader_waiter *next = w->next;
+        if (dropped)
+            http_reply_error(w->req, 503, "not serving: the state was dropped");
+        else
+            agents_metrics_reply(w->req, dep, state_find_proxy(dep, w->node_id));
+        free(w);
+        w = next;
+    }
+}
+
+bool leader_wait(state_deployment *dep, struct evhttp_request *req, const char *node_id)
+{
+    if (!dep->leader_saving)
+        return false;
+    struct leader_waiter *w = calloc(1, sizeof(*w));
+    if (!w)
+        return false; /* answered now, with the decision before this one */
+    w->req = req;
+    snprintf(w->node_id, sizeof(w->node_id), "%s", node_id);
+    w->next = dep->leader_waiters;
+    dep->leader_waiters = w;
+    return true;
+}
+
+void leader_forget(state_deployment *dep)
+{
+    leader_release(dep, true);
+}
+
+/* A decision on its way to the store (the store worker's). */
+typedef struct leader_save_job {
+    store_job job;
+    char deployment[CCONFIG_NAME_MAX];
+    char leader[STATE_NODE_NAME_MAX];
+    int64_t epoch;
+    char why[128];
+    int rc; /* store_leadership_save's: > 0 refused */
+    int64_t stored_epoch;
+    char stored_leader[STATE_NODE_NAME_MAX];
+} leader_save_job;
+
+static int leader_save_run(store_job *job)
+{
+    leader_save_job *j = (leader_save_job *)job;
+    j->rc = store_leadership_save(j->deployment, j->leader, j->epoch, &j->stored_epoch,
+                                  j->stored_leader);
+    return j->rc < 0 ? -1 : 0;
+}
+
+/* The decision is in the store (take and announce it), or refused (take the store's when it
+ * is newer), or not written (decided again at the next report). Either way the metrics calls
+ * parked meanwhile are answered and the next report decides again. */
+static void leader_save_done(store_job *job)
+{
+    leader_save_job *j = (leader_save_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    if (!dep) {
+        free(j);
+        return;
+    }
+    dep->leader_saving = false;
+    dep->decide_at_ms = 0;
+    if (job->rc != 0) {
+        log_error("deployment %s: cannot store the leader decision (%s): %s", dep->name, j->leader,
+                  job->error);
+    } else if (j->rc > 0) {
+        log_error("deployment %s: the store refused leader %s at epoch %" PRId64
+                  ": it holds leader %s at epoch %" PRId64 " (one epoch names one leader)",
+                  dep->name, j->leader, j->epoch, j->stored_leader[0] ? j->stored_leader : "(none)",
+                  j->stored_epoch);
+        if (j->stored_epoch >= dep->epoch &&
+            (j->stored_epoch != dep->epoch || strcmp(j->stored_leader, dep->leader) != 0)) {
+            snprintf(dep->leader, sizeof(dep->leader), "%s", j->stored_leader);
+            dep->epoch = j->stored_epoch;
+            leader_announce(dep, "taken from the store: another replica's decision");
+        }
+    } else if (j->epoch < dep->epoch) {
+        log_warning("deployment %s: leader %s at epoch %" PRId64 " was stored after epoch %" PRId64
+                    " was taken here; the store's newest decision stands",
+                    dep->name, j->leader, j->epoch, dep->epoch);
+    } else {
+        if (strcmp(dep->leader, j->leader) != 0)
+            log_info("deployment %s: write leader %s -> %s, epoch %" PRId64 " (%s)", dep->name,
+                     dep->leader[0] ? dep->leader : "(none)", j->leader, j->epoch, j->why);
+        else
+            log_info("deployment %s: write leader %s, epoch %" PRId64 " -> %" PRId64 " (%s)",
+                     dep->name, j->leader, dep->epoch, j->epoch, j->why);
+        snprintf(dep->leader, sizeof(dep->leader), "%s", j->leader);
+        dep->epoch = j->epoch;
+        leader_announce(dep, j->why);
+    }
+    free(j);
+    leader_release(dep, false);
+}
+
+/* Persist, then announce, leader at epoch. The epoch is raised where it would go down or, for
+ * another leader, repeat the current one. The store worker writes it; until it is back nothing
+ * is decided again and the metrics calls wait (leader_wait), so that no answer names a leader
+ * the store does not hold. A store that holds a newer decision (another replica's) refuses
+ * it: that decision is taken instead. 0, or -1 (out of memory: decided again later). */
+static int leader_commit(state_deployment *dep, const char *leader, int64_t epoch, const char *why)
+{
     bool same = strcmp(dep->leader, leader) == 0;
     if (same && dep->epoch == epoch)
         return 0;
     if (same ? epoch < dep->epoch : epoch <= dep->epoch)
         epoch = same ? dep->epoch : dep->epoch + 1; /* never down, never reused */
-    int rc = store_leadership_save(dep->name, leader, epoch, &stored_epoch, stored_leader);
-    if (rc < 0) {
-        log_error("deployment %s: cannot store the leader decision (%s): %s", dep->name, leader,
-                  store_error());
+    leader_save_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        log_error("deployment %s: cannot store the leader decision (%s): out of memory", dep->name,
+                  leader);
         return -1;
     }
-    if (rc > 0) {
-        log_error("deployment %s: the store refused leader %s at epoch %" PRId64
-                  ": it holds leader %s at epoch %" PRId64 " (one epoch names one leader)",
-                  dep->name, leader, epoch, stored_leader[0] ? stored_leader : "(none)",
-                  stored_epoch);
-        if (stored_epoch >= dep->epoch &&
-            (stored_epoch != dep->epoch || strcmp(stored_leader, dep->leader) != 0)) {
-            snprintf(dep->leader, sizeof(dep->leader), "%s", stored_leader);
-            dep->epoch = stored_epoch;
-            leader_announce(dep, "taken from the store: another replica's decision");
-        }
-        return -1;
-    }
-    if (strcmp(dep->leader, leader) != 0)
-        log_info("deployment %s: write leader %s -> %s, epoch %" PRId64 " (%s)", dep->name,
-                 dep->leader[0] ? dep->leader : "(none)", leader, epoch, why);
-    else
-        log_info("deployment %s: write leader %s, epoch %" PRId64 " -> %" PRId64 " (%s)", dep->name,
-                 leader, dep->epoch, epoch, why);
-    snprintf(dep->leader, sizeof(dep->leader), "%s", leader);
-    dep->epoch = epoch;
-    leader_announce(dep, why);
+    snprintf(j->deployment, sizeof(j->deployment), "%s", dep->name);
+    snprintf(j->leader, sizeof(j->leader), "%s", leader);
+    j->epoch = epoch;
+    snprintf(j->why, sizeof(j->why), "%s", why);
+    j->job.run = leader_save_run;
+    j->job.done = leader_save_done;
+    dep->leader_saving = true;
+    store_worker_submit(&j->job);
     return 0;
 }
 
@@ -195,8 +291,8 @@ static int leader_decide_among(state_deployment *dep, state_proxy **live, int n)
     leader_tally tally[LEADER_MAX_NODES];
     int n_tally = 0, reporters = 0;
     int64_t now = control_now_ms();
-    int64_t max_epoch = 0;             /* highest epoch a live declared proxy reports */
-    const char *agreed = NULL;         /* the leader every reporting proxy names, if any */
+    int64_t max_epoch = 0;     /* highest epoch a live declared proxy reports */
+    const char *agreed = NULL; /* the leader every reporting proxy names, if any */
     bool agree = true;
     int quorum = dep->n_declared / 2 + 1; /* a majority of the declared proxies */
 
@@ -342,8 +438,9 @@ int leader_decide(state_deployment *dep)
     int64_t now = control_now_ms();
     if (now < dep->decide_at_ms)
         return 0; /* nothing it reads has changed since the last decision */
-    if (operator_leadership_frozen(dep)) {
-        dep->decide_at_ms = 0; /* a switchover decides; after it, decide again */
+    if (operator_leadership_frozen(dep) || dep->leader_saving) {
+        dep->decide_at_ms = 0; /* a switchover decides, or a decision is being saved; after
+                                  it, decide again */
         return 0;
     }
     if (leader_put_off(dep))
@@ -376,30 +473,25 @@ static int64_t leader_max_reported_epoch(const state_deployment *dep)
     return max;
 }
 
-int leader_set(state_deployment *dep, const char *node, int64_t epoch)
+int64_t leader_set_epoch(const state_deployment *dep, int64_t epoch)
 {
-    char stored_leader[STATE_NODE_NAME_MAX] = "";
-    int64_t stored_epoch = 0;
     int64_t used = leader_max_reported_epoch(dep);
     if (used < dep->epoch)
         used = dep->epoch;
-    if (epoch <= used)
-        epoch = used + 1; /* above every epoch in use: an agent may have raised its own */
-    int rc = store_leadership_save(dep->name, node, epoch, &stored_epoch, stored_leader);
-    if (rc > 0)
-        log_error("deployment %s: the store refused leader %s at epoch %" PRId64
-                  ": it holds leader %s at epoch %" PRId64 " (one epoch names one leader)",
-                  dep->name, node, epoch, stored_leader[0] ? stored_leader : "(none)",
-                  stored_epoch);
-    if (rc != 0)
-        return -1;
+    return epoch <= used ? used + 1 : epoch; /* above every epoch in use: an agent may have
+                                                raised its own */
+}
+
+void leader_saved(state_deployment *dep, const char *node, int64_t epoch)
+{
+    if (epoch < dep->epoch || (epoch == dep->epoch && strcmp(node, dep->leader) == 0))
+        return; /* the store holds it; what is here is as new or newer */
     log_info("deployment %s: write leader %s -> %s, epoch %" PRId64 " (switchover)", dep->name,
              dep->leader[0] ? dep->leader : "(none)", node, epoch);
     snprintf(dep->leader, sizeof(dep->leader), "%s", node);
     dep->epoch = epoch;
     state_decide_again(dep);
     leader_announce(dep, "switchover");
-    return 0;
 }
 
 int64_t leader_highest_lsn(state_deployment *dep, const char *node)

@@ -17,6 +17,7 @@
 #include "operator_internal.h"
 #include "store.h"
 #include "store_maintenance.h"
+#include "store_queue.h"
 #include "store_worker.h"
 
 #include <event2/event.h>
@@ -33,6 +34,7 @@ typedef struct maintenance_entry {
     char deployment[CCONFIG_NAME_MAX];
     int64_t until_ms;   /* the operator's end (wall clock), 0 = until turned off */
     int64_t command_id; /* the last renewal sent (the next one supersedes it), 0 = none */
+    bool ending;        /* its end (the operator's timeout passed) is on its way to the store */
 } maintenance_entry;
 
 static struct {
@@ -76,10 +78,8 @@ static int maintenance_remember(const char *deployment, int64_t until_ms)
     return 0;
 }
 
-int maintenance_want(state_deployment *dep, bool on, int64_t until_ms)
+int maintenance_wanted(state_deployment *dep, bool on, int64_t until_ms)
 {
-    if (store_maintenance_save(dep->name, on, until_ms) != 0)
-        return -1;
     if (!on) {
         maintenance_drop(dep->name);
         return 0;
@@ -88,6 +88,7 @@ int maintenance_want(state_deployment *dep, bool on, int64_t until_ms)
         log_error("deployment %s: cannot remember its maintenance: out of memory", dep->name);
         return -1;
     }
+    maintenance_find(dep->name)->ending = false;
     return 0;
 }
 
@@ -163,20 +164,12 @@ int maintenance_split(state_deployment *dep, bool all_known, state_proxy ***held
     return nh;
 }
 
-/* Queue a maintenance command (args stolen) for targets and wake them; its id, or -1. */
-static int64_t maintenance_queue(state_deployment *dep, json_t *args, state_proxy *const *targets,
-                                 int n)
+/* Queue a maintenance command (args stolen) for targets (the store worker writes it and wakes
+ * them; then, if set, gets its id). */
+static void maintenance_queue(state_deployment *dep, json_t *args, state_proxy *const *targets,
+                              int n, store_queue_then then)
 {
-    int64_t id = 0;
-    if (n > 0) {
-        id = store_command_create(dep->name, "maintenance", args, targets, n);
-        if (id < 0)
-            log_error("deployment %s: cannot queue maintenance: %s", dep->name, store_error());
-        for (int i = 0; i < n; i++)
-            agents_wake(targets[i]);
-    }
-    json_decref(args);
-    return id;
+    store_queue_command(dep, "maintenance", args, targets, n, then, NULL);
 }
 
 void maintenance_fire_resume(state_deployment *dep, bool all_known)
@@ -185,8 +178,8 @@ void maintenance_fire_resume(state_deployment *dep, bool all_known)
     int nr = 0;
     int nh = maintenance_split(dep, all_known, &held, &rest, &nr);
     if (nh >= 0) {
-        maintenance_queue(dep, op_maintenance_args(false, 0), rest, nr);
-        maintenance_queue(dep, maintenance_args(dep), held, nh);
+        maintenance_queue(dep, op_maintenance_args(false, 0), rest, nr, NULL);
+        maintenance_queue(dep, maintenance_args(dep), held, nh, NULL);
     }
     free(held);
     free(rest);
@@ -234,24 +227,56 @@ static void maintenance_prune(const char *deployment, int64_t superseded, int64_
     store_worker_submit(&j->job);
 }
 
+/* The end of a deployment's maintenance is in the store (or not: tried again at the next
+ * renewal): maintenance off to the proxies it held. */
+static void maintenance_ended(const char *deployment, int64_t id, const char *error, void *arg)
+{
+    maintenance_entry *e = maintenance_find(deployment);
+    state_deployment *dep = control.active ? state_find_deployment(deployment) : NULL;
+    (void)arg;
+    if (!e || !e->ending || !dep)
+        return; /* turned on again meanwhile, or no longer ours to end */
+    e->ending = false;
+    if (id < 0) {
+        log_error("deployment %s: cannot record the end of its maintenance: %s", deployment, error);
+        return;
+    }
+    log_info("deployment %s: maintenance ends: the operator's timeout has passed", deployment);
+    state_proxy **held = NULL;
+    int n = members_maintenance_targets(dep, &held);
+    maintenance_queue(dep, op_maintenance_args(false, 0), held, n > 0 ? n : 0, NULL);
+    free(held);
+    maintenance_drop(deployment);
+}
+
+/* A renewal is in the store: the one before it is superseded. */
+static void maintenance_renewed(const char *deployment, int64_t id, const char *error, void *arg)
+{
+    maintenance_entry *e = maintenance_find(deployment);
+    (void)error;
+    (void)arg;
+    if (!e || id <= 0)
+        return;
+    /* the last renewal, where not taken yet, is superseded: a proxy that was away gets one;
+     * the ones before it are deleted (a renewal every third of pause_lease would otherwise
+     * leave thousands of rows a day until command_retention), also those that a replica which
+     * held the lease before left behind. Housekeeping of earlier commands, in any order with
+     * what comes next. */
+    if (e->command_id > 0)
+        maintenance_prune(deployment, e->command_id, id);
+    e->command_id = id;
+    log_debug("deployment %s: maintenance pause renewed (command %" PRId64 ")", deployment, id);
+}
+
 /* Renew one deployment's pause, or end it when the operator's end has passed. */
 static void maintenance_renew(maintenance_entry *e)
 {
     state_deployment *dep = state_find_deployment(e->deployment);
-    if (!dep || (dep->op && dep->op->kind == OP_SWITCHOVER))
+    if (!dep || (dep->op && dep->op->kind == OP_SWITCHOVER) || e->ending)
         return; /* gone; or a switchover holds the fleet and ends with maintenance_args */
     if (!maintenance_is_on(dep)) {
-        state_proxy **held = NULL;
-        if (store_maintenance_save(dep->name, false, 0) != 0) {
-            log_error("deployment %s: cannot record the end of its maintenance: %s", dep->name,
-                      store_error());
-            return;
-        }
-        log_info("deployment %s: maintenance ends: the operator's timeout has passed", dep->name);
-        int n = members_maintenance_targets(dep, &held);
-        maintenance_queue(dep, op_maintenance_args(false, 0), held, n > 0 ? n : 0);
-        free(held);
-        maintenance_drop(dep->name);
+        e->ending = true;
+        store_queue_maintenance(dep->name, false, 0, maintenance_ended, NULL);
         return;
     }
     state_proxy **held = NULL;
@@ -261,25 +286,11 @@ static void maintenance_renew(maintenance_entry *e)
         return;
     }
     json_t *args = maintenance_args(dep);
-    int64_t end = json_integer_value(json_object_get(args, "until_ms"));
     /* marked, so that proxies log it quietly and the store keeps only the last two */
     json_object_set_new(args, "renewal", json_true());
-    int64_t id = maintenance_queue(dep, args, held, n);
+    /* queued here, so that it stays before a later maintenance off */
+    maintenance_queue(dep, args, held, n, maintenance_renewed);
     free(held);
-    if (id <= 0)
-        return;
-    /* the last renewal, where not taken yet, is superseded: a proxy that was away gets one;
-     * the ones before it are deleted (a renewal every third of pause_lease would otherwise
-     * leave thousands of rows a day until command_retention), also those that a replica which
-     * held the lease before left behind. Housekeeping of earlier commands, in any order with
-     * what comes next: the store worker's (the new renewal itself is queued here, so that it
-     * stays before a later maintenance off). */
-    if (e->command_id > 0)
-        maintenance_prune(dep->name, e->command_id, id);
-    e->command_id = id;
-    log_debug("deployment %s: maintenance pause renewed to %" PRId64
-              " ms from now (command %" PRId64 ", %d prox%s)",
-              dep->name, end - control_now_ms(), id, n, n == 1 ? "y" : "ies");
 }
 
 void maintenance_renew_all(void)

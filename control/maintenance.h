@@ -9,9 +9,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* Record (store first, then here) that the operator wants dep's maintenance on, until
- * until_ms (wall clock; 0: until turned off), or off. 0 or -1 (store_error says why). */
-int maintenance_want(state_deployment *dep, bool on, int64_t until_ms);
+/* The operator's maintenance of dep, once the store holds it (store_queue_maintenance): on
+ * until until_ms (wall clock; 0: until turned off), or off. 0 or -1 (out of memory). */
+int maintenance_wanted(state_deployment *dep, bool on, int64_t until_ms);
 
 /* The operator's maintenance of dep is on (and its end, if any, has not passed). */
 bool maintenance_is_on(const state_deployment *dep);

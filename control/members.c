@@ -12,6 +12,7 @@
 #include "log.h"
 #include "store.h"
 #include "store_members.h"
+#include "store_worker.h"
 
 #include <arpa/inet.h>
 #include <event2/http.h>
@@ -182,16 +183,145 @@ int members_maintenance_targets(state_deployment *dep, state_proxy ***out)
     return n < 0 ? n : kept;
 }
 
-int members_declare(state_proxy *p)
+/* A membership change on its way to the store (the store worker's); applied here once it is
+ * in. While a deletion is on its way no orchestration starts (op_begin), so none addresses a
+ * proxy that is leaving. */
+typedef enum members_change { MEMBERS_CREATE, MEMBERS_DELETE, MEMBERS_OPTIONS } members_change;
+
+typedef struct members_job {
+    store_job job;
+    members_change change;
+    struct evhttp_request *req;
+    char deployment[CCONFIG_NAME_MAX];
+    char node_id[STATE_NODE_ID_MAX];
+    json_t *options; /* the merged options (the worker's copy) */
+    bool created;    /* a create that declares the proxy */
+    char *row;       /* its proxies row (store_proxies_json) */
+} members_job;
+
+static int members_run(store_job *job)
 {
-    if (p->declared)
-        return 0;
-    if (store_member_save(p->dep->name, p->node_id, NULL) != 0)
+    members_job *j = (members_job *)job;
+    if (j->change == MEMBERS_DELETE)
+        return store_member_delete(j->deployment, j->node_id);
+    if (store_member_save(j->deployment, j->node_id, j->options) != 0)
         return -1;
+    return j->row ? store_proxies_save_text(j->row) : 0;
+}
+
+static void members_created(members_job *j, state_deployment *dep)
+{
+    state_proxy *p = state_find_proxy(dep, j->node_id);
+    if (!p)
+        p = state_get_proxy(dep, j->node_id);
+    if (!p) {
+        http_reply_error(j->req, 500, "out of memory");
+        return;
+    }
+    bool created = !p->declared;
     state_set_declared(p, true);
-    log_info("deployment %s: proxy %s declared%s", p->dep->name, p->node_id,
-             control.cfg->auto_declare ? " (auto_declare)" : "");
-    return 0;
+    json_decref(p->options);
+    p->options = j->options;
+    j->options = NULL;
+    if (j->row) {
+        p->dirty = false;
+        p->saved_seen_ms = p->last_seen_ms;
+    }
+    if (created)
+        log_info("deployment %s: proxy %s declared by an operator (%d declared)", dep->name,
+                 p->node_id, dep->n_declared);
+    json_t *answer = members_describe(p);
+    json_object_set_new(answer, "created", json_boolean(created));
+    http_reply_json(j->req, created ? 201 : 200, answer);
+}
+
+static void members_deleted(members_job *j, state_deployment *dep)
+{
+    state_proxy *p = state_find_proxy(dep, j->node_id);
+    if (!p || !p->declared) { /* deleted twice: the first one answered for it */
+        http_reply_json(
+            j->req, 200,
+            json_pack("{s:s, s:b, s:b}", "node_id", j->node_id, "declared", 0, "deleted", 1));
+        return;
+    }
+    /* its parked poll ends now: it may not take commands any more */
+    agents_refuse_poll(p, "proxy was deleted from its deployment");
+    /* its observations no longer count, nor show */
+    json_decref(p->nodes);
+    p->nodes = NULL;
+    log_info("deployment %s: proxy %s deleted by an operator (%d declared)", dep->name, p->node_id,
+             dep->n_declared - 1);
+    json_t *answer = members_describe(p);
+    json_object_set_new(answer, "declared", json_false());
+    json_object_set_new(answer, "deleted", json_true());
+    state_set_declared(p, false); /* pending again; may be forgotten at once when over the bound */
+    http_reply_json(j->req, 200, answer);
+}
+
+static void members_options_set(members_job *j, state_deployment *dep)
+{
+    state_proxy *p = state_find_proxy(dep, j->node_id);
+    if (!p || !p->declared) {
+        http_reply_error(j->req, 404, "proxy %s is no longer declared in deployment %s", j->node_id,
+                         dep->name);
+        return;
+    }
+    json_decref(p->options);
+    p->options = j->options;
+    j->options = NULL;
+    char *text = json_dumps(p->options, JSON_COMPACT);
+    log_info("deployment %s: proxy %s options %s", dep->name, p->node_id,
+             text ? text : "(changed)");
+    free(text);
+    http_reply_json(j->req, 200, members_describe(p));
+}
+
+static void members_done(store_job *job)
+{
+    members_job *j = (members_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    if (dep && j->change == MEMBERS_DELETE)
+        dep->deleting--;
+    if (job->rc != 0)
+        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+    else if (!dep)
+        http_reply_error(j->req, 503, "not serving: the state was dropped");
+    else if (j->change == MEMBERS_CREATE)
+        members_created(j, dep);
+    else if (j->change == MEMBERS_DELETE)
+        members_deleted(j, dep);
+    else
+        members_options_set(j, dep);
+    json_decref(j->options);
+    free(j->row);
+    free(j);
+}
+
+/* Queue the change (merged stolen: the worker gets a copy of its own). */
+static void members_submit(http_call *call, members_change change, const char *node_id,
+                           json_t *merged, state_proxy *created)
+{
+    members_job *j = calloc(1, sizeof(*j));
+    if (j && merged && !(j->options = json_deep_copy(merged)))
+        j = (free(j), NULL);
+    if (j && created && !(j->row = store_proxies_json(&created, 1))) {
+        json_decref(j->options);
+        j = (free(j), NULL);
+    }
+    json_decref(merged);
+    if (!j) {
+        http_reply_error(call->req, 500, "out of memory");
+        return;
+    }
+    j->change = change;
+    j->req = call->req;
+    snprintf(j->deployment, sizeof(j->deployment), "%s", call->dep->name);
+    snprintf(j->node_id, sizeof(j->node_id), "%s", node_id);
+    j->job.run = members_run;
+    j->job.done = members_done;
+    if (change == MEMBERS_DELETE)
+        call->dep->deleting++;
+    store_worker_submit(&j->job);
 }
 
 void members_create(http_call *call)
@@ -219,23 +349,7 @@ void members_create(http_call *call)
         http_reply_error(call->req, 500, "out of memory");
         return;
     }
-    if (store_member_save(call->dep->name, node_id, merged) != 0 ||
-        (created && store_proxy_save(p) != 0)) {
-        json_decref(merged);
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-        return;
-    }
-    state_set_declared(p, true);
-    json_decref(p->options);
-    p->options = merged;
-    p->dirty = false;
-    p->saved_seen_ms = p->last_seen_ms;
-    if (created)
-        log_info("deployment %s: proxy %s declared by an operator (%d declared)", call->dep->name,
-                 node_id, call->dep->n_declared);
-    json_t *answer = members_describe(p);
-    json_object_set_new(answer, "created", json_boolean(created));
-    http_reply_json(call->req, created ? 201 : 200, answer);
+    members_submit(call, MEMBERS_CREATE, node_id, merged, created ? p : NULL);
 }
 
 /* The declared proxy named by the path (args[1], URL-decoded), or NULL after answering 404. */
@@ -265,22 +379,7 @@ void members_delete(http_call *call)
                          call->dep->name);
         return;
     }
-    if (store_member_delete(call->dep->name, p->node_id) != 0) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-        return;
-    }
-    /* its parked poll ends now: it may not take commands any more */
-    agents_refuse_poll(p, "proxy was deleted from its deployment");
-    /* its observations no longer count, nor show */
-    json_decref(p->nodes);
-    p->nodes = NULL;
-    log_info("deployment %s: proxy %s deleted by an operator (%d declared)", call->dep->name,
-             p->node_id, call->dep->n_declared - 1);
-    json_t *answer = members_describe(p);
-    json_object_set_new(answer, "declared", json_false());
-    json_object_set_new(answer, "deleted", json_true());
-    state_set_declared(p, false); /* pending again; may be forgotten at once when over the bound */
-    http_reply_json(call->req, 200, answer);
+    members_submit(call, MEMBERS_DELETE, p->node_id, NULL, NULL);
 }
 
 void members_set_options(http_call *call)
@@ -294,16 +393,5 @@ void members_set_options(http_call *call)
     json_t *merged = members_merge_options(call, p->options, options);
     if (!merged)
         return;
-    if (store_member_save(call->dep->name, p->node_id, merged) != 0) {
-        json_decref(merged);
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
-        return;
-    }
-    json_decref(p->options);
-    p->options = merged;
-    char *text = json_dumps(merged, JSON_COMPACT);
-    log_info("deployment %s: proxy %s options %s", call->dep->name, p->node_id,
-             text ? text : "(changed)");
-    free(text);
-    http_reply_json(call->req, 200, members_describe(p));
+    members_submit(call, MEMBERS_OPTIONS, p->node_id, merged, NULL);
 }

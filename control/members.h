@@ -26,7 +26,4 @@ int members_maintenance_targets(state_deployment *dep, state_proxy ***out);
 bool members_peer_allowed(const state_proxy *p, struct evhttp_request *req, char *peer,
                           size_t peer_len);
 
-/* Declare p (store, then memory): auto_declare at register. 0, or -1 when the store failed. */
-int members_declare(state_proxy *p);
-
 #endif

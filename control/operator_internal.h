@@ -37,6 +37,9 @@ typedef enum op_step {
     STEP_UNFENCE,     /* OP_UNFENCE: waiting for the unfence ack */
 } op_step;
 
+/* A switchover step's name (the log, the record, the test hook): "pause", "fence", ... */
+const char *op_step_name(op_step step);
+
 /* One proxy's answer in the current step. */
 typedef enum op_answer {
     OP_PENDING = 0, /* not acknowledged yet */
@@ -59,13 +62,20 @@ typedef struct operator_op {
     int64_t timeout_s;   /* the whole orchestration ends within this (the operator's timeout) */
     int64_t deadline_ms; /* monotonic time at which it ends, done or not */
     struct event *timer; /* the deadline */
-    int64_t command_id;  /* the current step's command */
+    int64_t command_id;  /* the current step's command (0 while it is on its way) */
     op_target *targets;  /* the current step's proxies */
     int n_targets;
+    int *by_id;     /* targets' indexes in node_id order (an ack finds its target) */
+    int in_store;   /* store jobs the op waits for (the deadline waits for them too) */
+    bool timed_out; /* the deadline passed while in_store: handled once they are back */
+    bool finishing; /* answered once the store writes queued before are done */
+    int finish_code;
+    json_t *finish_body;
 
     /* maintenance */
     bool on;
     int64_t resume_after_s; /* passed on: maintenance ends by itself after it */
+    int64_t started_ms;     /* wall clock of the request (the operator's end counts from it) */
     /* switchover, unfence */
     int64_t op_id; /* the durable operation (pgrelay.operations): switchover, config */
     char node[STATE_NODE_NAME_MAX];
@@ -106,15 +116,34 @@ int op_arm_deadline(operator_op *op);
 /* Args of a maintenance command (resume_after_s > 0: it ends by itself then). */
 json_t *op_maintenance_args(bool on, int64_t resume_after_s);
 
-/* Queue a command (args stolen) that nobody waits for, to every live proxy (node_id NULL)
- * or to one: rolling back after a failure. */
-void op_fire(state_deployment *dep, const char *node_id, const char *type, json_t *args);
+/* What a switchover step writes before its command, in the same store job: the operation
+ * created (its first step), the leader saved (the switch step), the step recorded with the
+ * op's runner, fenced and promote_sent (every step; the command then carries the operation's
+ * id as args.operation). */
+typedef struct op_before {
+    bool create;      /* create the operation (op->op_id is set from it) */
+    bool save_leader; /* save op->node as the leader at epoch */
+    int64_t epoch;
+    bool record; /* record the step */
+} op_before;
 
-/* Start a step: queue the command (args stolen) for targets and wait. May end the op (no
- * target, or the store failed): the caller must not touch op afterwards. */
+/* Start a step: queue the command (args stolen) for targets and wait. The command is written
+ * by the store worker (before it, what `before` says, if not NULL); the step goes on when it is
+ * back. May end the op (no target, out of memory, the store failed): the caller must not touch
+ * op afterwards. */
 void op_send(operator_op *op, op_step step, const char *type, json_t *args,
              state_proxy *const *targets, int n);
+void op_send_before(operator_op *op, op_step step, const char *type, json_t *args,
+                    state_proxy *const *targets, int n, const op_before *before);
 void op_send_live(operator_op *op, op_step step, const char *type, json_t *args);
+
+/* The op is found again by its serial when a store job comes back (NULL: it ended). */
+operator_op *op_find(const char *deployment, uint64_t serial);
+
+/* The op waits for one more store job (its deadline with it); op_store_back when it is back:
+ * false when the op ended meanwhile (the caller must not touch it). */
+void op_store_wait(operator_op *op);
+bool op_store_back(operator_op *op);
 
 /* A new op for the call, or NULL after answering 409 (another one runs) or 400. */
 operator_op *op_begin(http_call *call, op_kind kind);
@@ -128,6 +157,14 @@ void switchover_refused(operator_op *op, const char *node_id, const char *detail
 void config_apply_step_done(operator_op *op);
 void config_apply_timeout(operator_op *op);
 void config_apply_refused(operator_op *op, const char *node_id, const char *detail);
+
+/* switchover.c: what op_before asked to write first could not be (the leader, when
+ * leader_failed, else the operation or the step's record): roll back. */
+void switchover_not_recorded(operator_op *op, bool create_failed, bool leader_failed,
+                             const char *error);
+
+/* config_apply.c: the prepare command is in the store (op->command_id). */
+void config_apply_prepare_sent(operator_op *op);
 
 /* config_apply.c: a new holder reads each deployment's desired configuration version and
  * finishes or rolls back the config operations among running (store_operations_list rows). */

@@ -2,6 +2,7 @@
  */
 #include "state.h"
 #include "agents.h"
+#include "leader.h"
 #include "log.h"
 #include "operator.h"
 #include "store.h"
@@ -446,6 +447,7 @@ static void state_free_list(state_deployment *head)
             d->proxies = p->next;
             state_free_proxy(p);
         }
+        leader_forget(d);
         free(d->index);
         if (d->decide_timer)
             event_free(d->decide_timer);

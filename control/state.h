@@ -48,9 +48,11 @@ typedef struct state_node_view {
 typedef struct state_node_series {
     char name[STATE_NODE_NAME_MAX];
     state_sample samples[STATE_NODE_SAMPLES_MAX]; /* ring, the oldest at samples_head */
-    int64_t latency_buckets[STATE_NODE_SAMPLES_MAX][STATE_LATENCY_BUCKETS]; /* of the sample in
-                                        * the same slot: statements per latency bucket since the
-                                        * proxy started; all 0 when the agent sent none */
+    int64_t latency_buckets[STATE_NODE_SAMPLES_MAX]
+                           [STATE_LATENCY_BUCKETS]; /* of the sample in
+                                                     * the same slot: statements per latency bucket
+                                                     * since the proxy started; all 0 when the agent
+                                                     * sent none */
     int samples_head;
     int samples_n;
 } state_node_series;
@@ -61,8 +63,8 @@ typedef struct state_proxy {
     struct state_proxy *index_next; /* next in its bucket of the deployment's index */
     struct state_deployment *dep;
     char node_id[STATE_NODE_ID_MAX];
-    bool declared;     /* the operator declared it (members.c): it votes, takes commands */
-    json_t *options;   /* declared: its per-proxy options (object); NULL when pending */
+    bool declared;   /* the operator declared it (members.c): it votes, takes commands */
+    json_t *options; /* declared: its per-proxy options (object); NULL when pending */
     char hostname[STATE_TEXT_MAX];
     char version[STATE_TEXT_MAX];
     json_t *listen;                   /* array of "addr:port" strings as registered */
@@ -113,18 +115,21 @@ typedef struct state_deployment {
     bool configured;                           /* named in control.ini (now) */
     char leader[STATE_NODE_NAME_MAX];          /* coordinated write leader; "" = no opinion yet */
     int64_t epoch;                             /* only grows */
-    int64_t config_version; /* desired configuration: the newest committed version, 0 = none */
-    state_proxy *proxies;                      /* declared and pending, sorted by node_id */
-    int n_declared;                            /* proxies with declared set */
-    int n_pending;                             /* proxies without (at most STATE_PENDING_MAX) */
-    struct operator_op *op; /* orchestration in progress, or NULL */
-    state_proxy **index;    /* proxies by node_id hash (state_find_proxy), or NULL */
-    int index_size;         /* buckets of index: a power of two */
+    int64_t config_version;     /* desired configuration: the newest committed version, 0 = none */
+    state_proxy *proxies;       /* declared and pending, sorted by node_id */
+    int n_declared;             /* proxies with declared set */
+    int n_pending;              /* proxies without (at most STATE_PENDING_MAX) */
+    struct operator_op *op;     /* orchestration in progress, or NULL */
+    state_proxy **index;        /* proxies by node_id hash (state_find_proxy), or NULL */
+    int index_size;             /* buckets of index: a power of two */
     struct event *decide_timer; /* a decision put off by the burst limit (leader.c), or NULL */
     int64_t burst_start_ms;     /* monotonic start of the current decision window (leader.c) */
     int burst_count;            /* decisions taken inline in that window */
-    int64_t decide_at_ms;   /* wall clock from which the leader decision may come out otherwise
-                               than the last one (leader.c); 0 = at the next metrics call */
+    int64_t decide_at_ms;       /* wall clock from which the leader decision may come out otherwise
+                                   than the last one (leader.c); 0 = at the next metrics call */
+    bool leader_saving;         /* a decision is on its way to the store (leader.c) */
+    int deleting;               /* proxy deletions on their way to the store (members.c) */
+    struct leader_waiter *leader_waiters; /* metrics calls answered once it is back */
 } state_deployment;
 
 /* All deployments (NULL when not active). */

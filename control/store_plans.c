@@ -1,5 +1,5 @@
 /* store_plans.c - the store's query plans: the latest plan per statement and the plan changes,
- * both kept for telemetry_retention. */
+ * both kept for telemetry_retention. Every write is conditional on the lease guard. */
 #include "log.h"
 #include "plans.h"
 #include "store.h"
@@ -31,24 +31,50 @@ static const char *param_of(json_t *obj, const char *key, char **owned, char num
     return *owned;
 }
 
+/* Run a plan write (sql with the lease guard's parameters first, answering whether the guard
+ * held) for what; 0, or -1 when the store failed or this replica no longer holds the lease. */
+static int store_plan_write(const char *what, const char *deployment, const char *sql, int nparams,
+                            const char *const *params)
+{
+    PGresult *res = store_exec(PGRES_TUPLES_OK, sql, nparams, params);
+    if (!res)
+        return -1;
+    bool held = PQntuples(res) == 1 && get_int(res, 0, 0) == 1;
+    PQclear(res);
+    if (!held) {
+        store_fail("%s of %s not written: this replica no longer holds the lease", what,
+                   deployment);
+        return -1;
+    }
+    return 0;
+}
+
+/* Only while this replica holds the lease it acts under (g has its row then). */
+#define PLAN_GUARD "WITH g AS (SELECT 1 AS one WHERE" STORE_LEASE_GUARD("1", "2", "3") "),"
+
 int store_plan_put(const char *deployment, const char *node_id, json_t *plan)
 {
     static const char *const keys[] = {"id",     "node",        "database",     "user",     "text",
                                        "reason", "duration_ms", "total_cost",   "top_node", "error",
                                        "plan",   "changes",     "planned_at_ms"};
     enum { N = sizeof(keys) / sizeof(keys[0]) };
-    const char *params[N + 2];
+    const char *params[N + 5];
     char *owned[N] = {0};
     char nums[N][64];
-    params[0] = deployment;
-    params[1] = node_id;
+    char term[STORE_INT_MAX];
+    store_guard_params(params, term);
+    params[3] = deployment;
+    params[4] = node_id;
     for (int i = 0; i < N; i++)
-        params[i + 2] = param_of(plan, keys[i], &owned[i], nums[i]);
-    int rc = store_command(
-        "INSERT INTO pgrelay.plans (deployment, node_id, plan_id, node, database, user_name, "
-        "  text, reason, duration_ms, total_cost, top_node, error, plan, changes, planned_at_ms)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::bigint, $10::float8, $11, $12, $13::jsonb,"
-        "  coalesce($14::int, 0), $15::bigint)"
+        params[i + 5] = param_of(plan, keys[i], &owned[i], nums[i]);
+    int rc = store_plan_write(
+        "plan", deployment,
+        PLAN_GUARD
+        " w AS (INSERT INTO pgrelay.plans (deployment, node_id, plan_id, node, database,"
+        "  user_name, text, reason, duration_ms, total_cost, top_node, error, plan, changes,"
+        "  planned_at_ms)"
+        " SELECT $4, $5, $6, $7, $8, $9, $10, $11, $12::bigint, $13::float8, $14, $15,"
+        "  $16::jsonb, coalesce($17::int, 0), $18::bigint FROM g"
         " ON CONFLICT (deployment, plan_id) DO UPDATE SET node_id = excluded.node_id,"
         "  node = excluded.node, database = excluded.database, user_name = excluded.user_name,"
         "  text = excluded.text, reason = excluded.reason, duration_ms = excluded.duration_ms,"
@@ -56,8 +82,9 @@ int store_plan_put(const char *deployment, const char *node_id, json_t *plan)
         "  error = excluded.error, plan = excluded.plan,"
         "  changes = greatest(pgrelay.plans.changes, excluded.changes),"
         "  planned_at_ms = excluded.planned_at_ms, received_at = now()"
-        " WHERE pgrelay.plans.planned_at_ms <= excluded.planned_at_ms",
-        N + 2, params);
+        " WHERE pgrelay.plans.planned_at_ms <= excluded.planned_at_ms)"
+        " SELECT count(*) FROM g",
+        N + 5, params);
     for (int i = 0; i < N; i++)
         free(owned[i]);
     return rc;
@@ -68,25 +95,30 @@ int store_plan_change_add(const char *deployment, const char *node_id, json_t *c
     static const char *const keys[] = {"id",   "node",     "database", "user",
                                        "text", "old_plan", "new_plan", "at_ms"};
     enum { N = sizeof(keys) / sizeof(keys[0]) };
-    const char *params[N + 2];
+    const char *params[N + 5];
     char *owned[N] = {0};
     char nums[N][64];
-    params[0] = deployment;
-    params[1] = node_id;
+    char term[STORE_INT_MAX];
+    store_guard_params(params, term);
+    params[3] = deployment;
+    params[4] = node_id;
     for (int i = 0; i < N; i++)
-        params[i + 2] = param_of(change, keys[i], &owned[i], nums[i]);
-    int rc = store_command(
-        "INSERT INTO pgrelay.plan_changes (deployment, node_id, plan_id, node, database,"
+        params[i + 5] = param_of(change, keys[i], &owned[i], nums[i]);
+    int rc = store_plan_write(
+        "plan change", deployment,
+        PLAN_GUARD
+        " w AS (INSERT INTO pgrelay.plan_changes (deployment, node_id, plan_id, node, database,"
         "  user_name, text, old_plan, new_plan, at_ms)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10::bigint)",
-        N + 2, params);
+        " SELECT $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12::jsonb, $13::bigint FROM g)"
+        " SELECT count(*) FROM g",
+        N + 5, params);
     for (int i = 0; i < N; i++)
         free(owned[i]);
     return rc;
 }
 
-json_t *store_plans_list(const char *deployment, const char *text_like, const char *id,
-                         int changed, int64_t retention_ms)
+json_t *store_plans_list(const char *deployment, const char *text_like, const char *id, int changed,
+                         int64_t retention_ms)
 {
     char ms[STORE_INT_MAX];
     const char *params[] = {deployment, text_like, id, fmt_int(ms, retention_ms)};

@@ -16,6 +16,8 @@
 #include "maintenance.h"
 #include "operator_internal.h"
 #include "store.h"
+#include "store_queue.h"
+#include "store_worker.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -28,67 +30,42 @@
  * Never set it in production. */
 #define SWITCHOVER_TEST_HOLD_ENV "PGRELAY_CONTROL_TEST_HOLD"
 
-/* A step's name (the log, the record, SWITCHOVER_TEST_HOLD_ENV). */
-static const char *switchover_step_name(op_step step)
-{
-    switch (step) {
-    case STEP_PAUSE:
-        return "pause";
-    case STEP_FENCE:
-        return "fence";
-    case STEP_CATCH_UP:
-        return "catch_up";
-    case STEP_PROMOTE:
-        return "promote";
-    case STEP_SET_LEADER:
-        return "switch";
-    case STEP_RESUME:
-        return "resume";
-    case STEP_UNFENCE:
-        return "unfence";
-    default:
-        return "other";
-    }
-}
-
 /* Remember what the current step did (its single or first answer). */
 static void switchover_note(operator_op *op, const char *what)
 {
     if (!op->record)
         op->record = json_object();
-    json_object_set_new(op->record, switchover_step_name(op->step), json_string(what));
-    if (op->op_id > 0 && store_operation_note(op->op_id, what) != 0)
-        log_error("deployment %s: operation %" PRId64 ": cannot record the %s step's outcome: %s",
-                  op->dep->name, op->op_id, switchover_step_name(op->step), store_error());
+    json_object_set_new(op->record, op_step_name(op->step), json_string(what));
+    store_queue_operation_note(op->dep->name, op->op_id, what);
 }
 
 static void switchover_roll_back(operator_op *op, int code, const char *error);
 
 /* Start a step: record it in the store first (a step is recorded before it is acted on),
- * then queue its command, which carries the operation's id (args stolen). */
+ * then queue its command, which carries the operation's id (args stolen); both by the store
+ * worker, in one job. */
 static void switchover_send(operator_op *op, op_step step, const char *type, json_t *args,
                             state_proxy *const *targets, int n)
 {
-    if (store_operation_step(op->op_id, switchover_step_name(step), op->runner, op->fenced,
-                             op->promote_sent) != 0) {
-        char why[OPERATOR_DETAIL_MAX];
-        json_decref(args);
-        snprintf(why, sizeof(why), "%s step: cannot record it: %s", switchover_step_name(step),
-                 store_error());
-        op->promote_sent = op->promote_sent && step != STEP_PROMOTE;
-        switchover_roll_back(op, 503, why);
-        return;
-    }
-    json_object_set_new(args, "operation", json_integer((json_int_t)op->op_id));
-    op_send(op, step, type, args, targets, n);
+    op_before before = {.record = true};
+    op_send_before(op, step, type, args, targets, n, &before);
 }
 
-static void switchover_send_live(operator_op *op, op_step step, const char *type, json_t *args)
+void switchover_not_recorded(operator_op *op, bool create_failed, bool leader_failed,
+                             const char *error)
 {
-    state_proxy **live = NULL;
-    int n = state_live_proxies(op->dep, &live);
-    switchover_send(op, step, type, args, live, n > 0 ? n : 0);
-    free(live);
+    char why[OPERATOR_DETAIL_MAX];
+    if (create_failed) {
+        snprintf(why, sizeof(why), "store unreachable: cannot record the operation: %s", error);
+        op_finish_error(op, 503, why);
+        return;
+    }
+    if (leader_failed)
+        snprintf(why, sizeof(why), "switch step: store unreachable: %s", error);
+    else
+        snprintf(why, sizeof(why), "%s step: cannot record it: %s", op_step_name(op->step), error);
+    op->promote_sent = op->promote_sent && op->step != STEP_PROMOTE;
+    switchover_roll_back(op, 503, why);
 }
 
 /* The declared proxies that are not live (silent past proxy_timeout, or never seen), listed into
@@ -191,18 +168,19 @@ static void switchover_send_runner(operator_op *op, op_step step, const char *ty
     switchover_send(op, step, type, args, &p, 1);
 }
 
+/* The switch step: the new leader saved under a new epoch, the step recorded and set_leader
+ * queued to every live proxy, in that order, by one store job. */
 static void switchover_send_switch(operator_op *op)
 {
-    if (leader_set(op->dep, op->node, op->dep->epoch + 1) != 0) {
-        char msg[OPERATOR_DETAIL_MAX];
-        snprintf(msg, sizeof(msg), "switch step: store unreachable: %s", store_error());
-        op->step = STEP_SET_LEADER;
-        switchover_roll_back(op, 503, msg);
-        return;
-    }
-    switchover_send_live(
-        op, STEP_SET_LEADER, "set_leader",
-        json_pack("{s:s, s:I}", "leader", op->node, "epoch", (json_int_t)op->dep->epoch));
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    op_before before = {.save_leader = true,
+                        .epoch = leader_set_epoch(op->dep, op->dep->epoch + 1),
+                        .record = true};
+    op_send_before(op, STEP_SET_LEADER, "set_leader",
+                   json_pack("{s:s, s:I}", "leader", op->node, "epoch", (json_int_t)before.epoch),
+                   live, n > 0 ? n : 0, &before);
+    free(live);
 }
 
 /* After the pause, the fence (or straight to the switch when there is no other leader). */
@@ -233,7 +211,7 @@ static void switchover_after_pause(operator_op *op)
 static bool switchover_test_hold(operator_op *op)
 {
     const char *hold = getenv(SWITCHOVER_TEST_HOLD_ENV);
-    const char *name = switchover_step_name(op->step);
+    const char *name = op_step_name(op->step);
     if (!hold || strcmp(hold, name) != 0)
         return false;
     log_warning("deployment %s: switchover holds after its %s step until its deadline (%s is "
@@ -247,9 +225,7 @@ static bool switchover_test_hold(operator_op *op)
 /* Record the end of the operation (state "done", "failed" or "rolled_back"). */
 static void switchover_end(operator_op *op, const char *state, const char *outcome)
 {
-    if (op->op_id > 0 && store_operation_end(op->op_id, state, outcome) != 0)
-        log_error("deployment %s: operation %" PRId64 ": cannot record its end (%s): %s",
-                  op->dep->name, op->op_id, state, store_error());
+    store_queue_operation_end(op->dep->name, op->op_id, state, outcome);
 }
 
 /* The answer's body: the outcome, the leader and epoch, each step's record. */
@@ -283,13 +259,8 @@ static void switchover_resume(operator_op *op)
     } else if (nh == 0) {
         switchover_send(op, STEP_RESUME, "maintenance", op_maintenance_args(false, 0), rest, nr);
     } else {
-        json_t *off = op_maintenance_args(false, 0);
-        if (nr > 0 && store_command_create(op->dep->name, "maintenance", off, rest, nr) < 0)
-            log_error("deployment %s: cannot queue maintenance off: %s", op->dep->name,
-                      store_error());
-        json_decref(off);
-        for (int i = 0; i < nr; i++)
-            agents_wake(rest[i]);
+        store_queue_command(op->dep, "maintenance", op_maintenance_args(false, 0), rest, nr, NULL,
+                            NULL);
         switchover_send(op, STEP_RESUME, "maintenance", maintenance_args(op->dep), held, nh);
     }
     free(held);
@@ -389,13 +360,13 @@ void switchover_step_done(operator_op *op)
 static void switchover_roll_back(operator_op *op, int code, const char *error)
 {
     bool paused = op->step != STEP_PAUSE || op->n_targets > 0; /* resumed again in any case */
-    if (op->op_id > 0)
-        /* a command that runs late (a promote could make two primaries): take them back */
-        store_operation_cancel_commands(op->op_id, "cancelled: the switchover ended");
+    /* a command that runs late (a promote could make two primaries): take them back */
+    store_queue_operation_cancel(op->dep->name, op->op_id, "cancelled: the switchover ended");
     if (op->fenced && !op->promote_sent && op->runner[0]) {
         log_warning("deployment %s: switchover rolled back: lifting the fence of %s", op->dep->name,
                     op->old_leader);
-        op_fire(op->dep, op->runner, "unfence", json_pack("{s:s}", "node", op->old_leader));
+        store_queue_command_one(op->dep, op->runner, "unfence",
+                                json_pack("{s:s}", "node", op->old_leader));
         switchover_note(op, error);
         json_object_set_new(op->record, "rollback",
                             json_string("unfence queued, maintenance off queued"));
@@ -421,7 +392,7 @@ void switchover_timeout(operator_op *op, const char *msg, const char *pending)
         op_finish_error(op, 504, msg);
         return;
     }
-    snprintf(why, sizeof(why), "%s step: %s%s%s", switchover_step_name(op->step), msg,
+    snprintf(why, sizeof(why), "%s step: %s%s%s", op_step_name(op->step), msg,
              pending[0] ? "; " : "", pending);
     switchover_roll_back(op, 504, why);
 }
@@ -433,7 +404,7 @@ void switchover_refused(operator_op *op, const char *node_id, const char *detail
         op_finish_error(op, 409, detail);
         return;
     }
-    snprintf(why, sizeof(why), "%s step failed%s%s: %s", switchover_step_name(op->step),
+    snprintf(why, sizeof(why), "%s step failed%s%s: %s", op_step_name(op->step),
              node_id[0] ? " on proxy " : "", node_id, detail);
     switchover_roll_back(op, 409, why);
 }
@@ -464,6 +435,12 @@ void operator_switchover(http_call *call)
         return;
     if (!switchover_node_known(call, node))
         return;
+    if (call->dep->leader_saving) { /* its epoch would be taken from a decision not yet saved */
+        http_reply_error(call->req, 409,
+                         "a leader decision of deployment %s is being stored; try again",
+                         call->dep->name);
+        return;
+    }
     if (!promote && switchover_in_recovery(call->dep, node)) {
         http_reply_error(call->req, 409, "%s is in recovery; use --promote", node);
         return;
@@ -478,17 +455,13 @@ void operator_switchover(http_call *call)
     log_info("deployment %s: switchover from %s to %s%s%s requested", call->dep->name,
              op->old_leader[0] ? op->old_leader : "(none)", node, promote ? " with promote" : "",
              force ? ", FORCED" : "");
-    op->op_id = store_operation_create(op->dep->name, "switchover", node, op->old_leader, promote,
-                                       force, op->timeout_s);
-    if (op->op_id < 0) {
-        char msg[OPERATOR_DETAIL_MAX];
-        snprintf(msg, sizeof(msg), "store unreachable: cannot record the operation: %s",
-                 store_error());
-        op_finish_error(op, 503, msg);
-        return;
-    }
-    log_info("deployment %s: switchover is operation %" PRId64, op->dep->name, op->op_id);
-    switchover_send_live(op, STEP_PAUSE, "maintenance", switchover_pause_args(op));
+    /* the operation recorded, then its first step, by one store job */
+    state_proxy **live = NULL;
+    int n = state_live_proxies(op->dep, &live);
+    op_before before = {.create = true, .record = true};
+    op_send_before(op, STEP_PAUSE, "maintenance", switchover_pause_args(op), live, n > 0 ? n : 0,
+                   &before);
+    free(live);
 }
 
 void operator_unfence(http_call *call)
@@ -514,6 +487,24 @@ void operator_unfence(http_call *call)
     free(live);
 }
 
+/* A new holder finishing an operation saves its leader itself (before it serves anything:
+ * lease.c's take-over). 0, or -1 when the store failed or refused it. */
+static int operation_leader_set(state_deployment *dep, const char *node)
+{
+    char stored_leader[STATE_NODE_NAME_MAX] = "";
+    int64_t stored_epoch = 0, epoch = leader_set_epoch(dep, dep->epoch + 1);
+    int rc = store_leadership_save(dep->name, node, epoch, &stored_epoch, stored_leader);
+    if (rc > 0)
+        log_error("deployment %s: the store refused leader %s at epoch %" PRId64
+                  ": it holds leader %s at epoch %" PRId64 " (one epoch names one leader)",
+                  dep->name, node, epoch, stored_leader[0] ? stored_leader : "(none)",
+                  stored_epoch);
+    if (rc != 0)
+        return -1;
+    leader_saved(dep, node, epoch);
+    return 0;
+}
+
 /* ---- the operation record: the agents' question, the operator's list, recovery ---- */
 
 void operator_operation_status(http_call *call)
@@ -530,18 +521,47 @@ void operator_operation_status(http_call *call)
     bool live = running && op->step == STEP_PROMOTE && op_left_ms(op) > 0;
     http_reply_json(call->req, 200,
                     json_pack("{s:I, s:b, s:s, s:I}", "id", (json_int_t)id, "live", live, "step",
-                              running ? switchover_step_name(op->step) : "", "left_ms",
+                              running ? op_step_name(op->step) : "", "left_ms",
                               (json_int_t)(running ? op_left_ms(op) : 0)));
+}
+
+/* The operations view, read by the store worker: after the writes queued before it. */
+typedef struct operations_job {
+    store_job job;
+    char deployment[CCONFIG_NAME_MAX];
+    struct evhttp_request *req;
+    json_t *list;
+} operations_job;
+
+static int operations_run(store_job *job)
+{
+    operations_job *j = (operations_job *)job;
+    j->list = store_operations_list(j->deployment, 50, false);
+    return j->list ? 0 : -1;
+}
+
+static void operations_done(store_job *job)
+{
+    operations_job *j = (operations_job *)job;
+    if (job->rc != 0)
+        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+    else
+        http_reply_json(j->req, 200, j->list);
+    free(j);
 }
 
 void operator_operations(http_call *call)
 {
-    json_t *list = store_operations_list(call->dep->name, 50, false);
-    if (!list) {
-        http_reply_error(call->req, 503, "store unreachable: %s", store_error());
+    operations_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        http_reply_error(call->req, 500, "out of memory");
         return;
     }
-    http_reply_json(call->req, 200, list);
+    snprintf(j->deployment, sizeof(j->deployment), "%s", call->dep->name);
+    j->req = call->req;
+    j->job.run = operations_run;
+    j->job.done = operations_done;
+    store_worker_submit(&j->job);
 }
 
 /* Roll back one operation left running by a replica that crashed, stopped or lost the lease:
@@ -633,7 +653,7 @@ static int operation_finish(json_t *row, state_deployment *dep)
     if (!node || !node[0])
         return -1;
     if ((strcmp(step, "switch") != 0 || strcmp(dep->leader, node) != 0) &&
-        leader_set(dep, node, dep->epoch + 1) != 0) {
+        operation_leader_set(dep, node) != 0) {
         log_error("deployment %s: operation %" PRId64 ": cannot store %s as the leader: %s",
                   dep->name, id, node, store_error());
         return -1;

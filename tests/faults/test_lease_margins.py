@@ -2,10 +2,11 @@
 Deliver 2 and 3), with two real control-plane replicas sharing a store (lease 3 s, renewed every
 second: renew deadline 2 s):
 
-  * a holder stopped (SIGSTOP) past its lease while one of its store writes waits on a lock:
-    the other replica takes over and declares a proxy; the old holder's write, let through
-    only after the take-over, changes nothing (every write of a holder is conditional on its
-    term, checked in the same statement), and continued, the old holder steps down;
+  * a holder stopped (SIGSTOP) past its lease while one of its store writes waits on a lock
+    (its periodic write of the proxies' rows; an agent's plan upload): the other replica takes
+    over and declares a proxy; the old holder's write, let through only after the take-over,
+    changes nothing (every write of a holder is conditional on its term, checked in the same
+    statement), and continued, the old holder steps down;
   * the store stopped (SIGSTOP of every postgres process) past a renewal: the holder steps
     down at its renew deadline, not at the lease's end and not after a store timeout, and
     /healthz and a read endpoint served from state answer within a second throughout (the
@@ -25,11 +26,12 @@ import psycopg
 import pytest
 
 from conftest import wait_for
-from control_e2e_helpers import DEPLOYMENT, cleanup_dir, http, make_root
+from control_e2e_helpers import API, DEPLOYMENT, PROD_TOKEN, cleanup_dir, http, make_root
 from fleet import Fleet, LeasedControlPlane
+from loadgen import InThread
 
 AUDITED = ("proxies", "leadership", "commands", "command_acks", "operations",
-           "config_versions", "maintenance", "members", "deployments")
+           "config_versions", "maintenance", "members", "deployments", "plans", "plan_changes")
 LEASE_S, RENEW_DEADLINE_S = 3, 2.0
 
 
@@ -62,7 +64,10 @@ def fleet_store(fleet):
     return (f"host={fleet.pg.host} port={fleet.pg.port} user=postgres dbname={fleet.store_db}")
 
 
-def test_a_stopped_holders_write_let_through_after_a_take_over_changes_nothing(pg):
+def late_write_changes_nothing(pg, table, write=None):
+    """The scenario: writes to table held back by a lock, one of the holder's waiting (write(a),
+    if given, makes it; else the periodic one comes), the holder stopped, the other replica
+    taking over, the lock released: no write of the old holder's lands after the take-over."""
     started = time.monotonic()
     with Fleet.start(pg, leased=True) as fleet:
         a, b = fleet.control, fleet.control2
@@ -70,15 +75,15 @@ def test_a_stopped_holders_write_let_through_after_a_take_over_changes_nothing(p
         install_audit(conninfo)
         locker = psycopg.connect(conninfo)
         try:
-            # hold back every write of proxy rows; the holder's next flush (every 5 s) waits
-            locker.execute("LOCK TABLE pgrelay.proxies IN SHARE ROW EXCLUSIVE MODE")
+            locker.execute(f"LOCK TABLE pgrelay.{table} IN SHARE ROW EXCLUSIVE MODE")
 
             def blocked():
                 with store_conn(conninfo) as c:
                     return {r[0] for r in c.execute(
                         "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query LIKE '%pgrelay.proxies%'").fetchall()}
+                        " AND query LIKE %s", (f"%pgrelay.{table}%",)).fetchall()}
 
+            pending = write(a) if write else None
             wait_for(blocked, timeout=15, what="a write of the holder's to wait on the lock")
             old_backends = blocked() | backend_pids_of(conninfo, a.proc.pid)
             os.kill(a.proc.pid, signal.SIGSTOP)
@@ -114,6 +119,29 @@ def test_a_stopped_holders_write_let_through_after_a_take_over_changes_nothing(p
             with contextlib.suppress(Exception):
                 locker.close()
     print(f"scenario time {time.monotonic() - started:.1f}s")
+    return pending
+
+
+def test_a_stopped_holders_write_let_through_after_a_take_over_changes_nothing(pg):
+    # every write of proxy rows held back: the holder's next flush (every 5 s) waits
+    late_write_changes_nothing(pg, "proxies")
+
+
+def test_a_stopped_holders_plan_upload_let_through_after_a_take_over_changes_nothing(pg):
+    plan = {"id": "00000000000000b7", "node": "pg1", "database": "app", "user": "app",
+            "text": "SELECT 1", "reason": "slow", "duration_ms": 1500,
+            "planned_at_ms": int(time.time() * 1000), "changes": 0,
+            "plan": [{"Plan": {"Node Type": "Result"}}]}
+
+    def upload(a):
+        return InThread(http, a.port, "POST", API + "/agent/plans",
+                        {"node_id": "proxy-a", "plans": [plan]}, PROD_TOKEN, timeout=60)
+
+    pending = late_write_changes_nothing(pg, "plans", upload)
+    status, body = pending.result(timeout=30)
+    # not stored, and the agent is told so (it uploads again to the new holder)
+    assert status == 503, (status, body)
+    print(f"the old holder's answer to the upload: {body}")
 
 
 def store_processes(pg):

@@ -34,14 +34,16 @@ END $$;
 
 
 class StoreHold:
-    """While held, every insert or update of proxy-slow's rows in table waits in the store."""
+    """While held, every insert or update of the rows of table that when selects (by default
+    proxy-slow's) waits in the store."""
 
-    def __init__(self, store, table="command_acks", events="UPDATE"):
+    def __init__(self, store, table="command_acks", events="UPDATE",
+                 when="NEW.node_id = 'proxy-slow'"):
         self.store, self.table = store, table
         with psycopg.connect(store, autocommit=True) as c:
             c.execute(HOLD_SQL.format(key=HOLD_KEY))
             c.execute(f"CREATE TRIGGER test_hold BEFORE {events} ON pgrelay.{table} FOR EACH ROW"
-                      " WHEN (NEW.node_id = 'proxy-slow') EXECUTE FUNCTION pgrelay.test_hold()")
+                      f" WHEN ({when}) EXECUTE FUNCTION pgrelay.test_hold()")
         self.conn = psycopg.connect(store, autocommit=True)
         self.conn.execute("SELECT pg_advisory_lock(%s)", (HOLD_KEY,))
 

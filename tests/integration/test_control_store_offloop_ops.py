@@ -1,0 +1,181 @@
+"""The orchestrations' store work stays off the event loop (issue 9, Deliver 2): while the
+store holds one write of `maintenance on` or of a switchover (a test trigger makes it wait for
+an advisory lock the test holds), /healthz, a view served from memory and another agent's
+metrics are answered at once, and the orchestration acts on nothing it has not written yet:
+no proxy gets a step's command before the step's record is in the store, and none gets the
+new leader before it is saved. Once the store lets go, each completes. The operations view,
+which reads the store, waits for it without holding anything else either."""
+
+import psycopg
+
+from conftest import wait_for
+from control_helpers import (  # noqa: F401 - fixtures used by name
+    ADMIN,
+    API,
+    TOKENS,
+    Background,
+    SimAgent,
+    agents,
+    control,
+    control_factory,
+    store,
+    obs,
+)
+from test_control_store_offloop import StoreHold, others_answer_while
+
+
+def switchover(control, promote):
+    """POST switchover to pg2, held until it ends, in a thread."""
+    return Background(control.port, "POST", API + "/deployments/prod/switchover",
+                      {"node": "pg2", "promote": promote, "timeout_s": 60}, token=ADMIN,
+                      timeout=90)
+
+
+def two_agents_see_pg1_leading(control, agents, in_recovery=True):
+    a = agents(control, "proxy-a")
+    b = agents(control, "proxy-b")
+    for agent in (a, b):
+        answer = agent.metrics(epoch=2, leader="pg1",
+                               nodes=[obs("pg1", lsn=4000), obs("pg2", in_recovery=in_recovery)])
+    assert answer == {"leader": "pg1", "epoch": 2}, answer
+    return a, b
+
+
+def test_maintenance_on_whose_command_waits_on_the_store_holds_no_other_request(
+        control, store, agents):
+    agents(control, "proxy-slow")
+    other = agents(control, "proxy-other")
+    hold = StoreHold(store, events="INSERT")  # proxy-slow's row of the new command
+    try:
+        op = Background(control.port, "POST", API + "/deployments/prod/maintenance",
+                        {"on": True, "timeout_s": 60}, token=ADMIN, timeout=90)
+        wait_for(hold.waiting, timeout=10, what="maintenance on's command to wait in the store")
+        worst = others_answer_while(control, other, op, "maintenance on's command")
+        assert other.types() == [], "a command was delivered before it was in the store"
+    finally:
+        hold.release()
+    status, body = op.result(timeout=30)
+    assert status == 200 and body["ok"], body
+    assert sorted(p["node_id"] for p in body["proxies"]) == ["proxy-other", "proxy-slow"]
+    print(f"worst answer while maintenance on's command waited: {worst * 1000:.0f} ms")
+
+
+def test_a_switchover_step_whose_record_waits_on_the_store_holds_no_other_request(
+        control, store, agents):
+    a, b = two_agents_see_pg1_leading(control, agents)
+    hold = StoreHold(store, table="operations", events="UPDATE", when="NEW.step = 'fence'")
+    try:
+        op = switchover(control, promote=True)
+        wait_for(hold.waiting, timeout=10, what="the fence step's record to wait in the store")
+        worst = others_answer_while(control, a, op, "the fence step's record")
+        # a step is recorded before it is acted on: no fence went out yet
+        assert a.commands("fence") == [] and b.commands("fence") == [], "fence before its record"
+        assert [c["type"] for c in a.commands()] == ["maintenance"], a.types()
+    finally:
+        hold.release()
+    status, body = op.result(timeout=30)
+    assert status == 200 and body["ok"] and body["leader"] == "pg2", body
+    assert len(a.commands("fence") + b.commands("fence")) == 1
+    print(f"worst answer while a step's record waited: {worst * 1000:.0f} ms")
+
+
+def test_a_switchover_whose_new_leader_waits_on_the_store_holds_no_other_request(
+        control, store, agents):
+    a, b = two_agents_see_pg1_leading(control, agents, in_recovery=False)
+    for agent in (a, b):  # pg2 promoted by other means: no promote step
+        agent.metrics(epoch=2, leader="pg1", nodes=[obs("pg1"), obs("pg2")])
+    hold = StoreHold(store, table="leadership", events="INSERT OR UPDATE",
+                     when="NEW.leader = 'pg2'")
+    try:
+        op = switchover(control, promote=False)
+        wait_for(hold.waiting, timeout=10, what="the new leader's save to wait in the store")
+        worst = others_answer_while(control, a, op, "the new leader's save")
+        # nobody is told a leader that is not saved: not the agents, not a metrics answer
+        assert a.commands("set_leader") == [] and b.commands("set_leader") == []
+        assert a.metrics(epoch=2, leader="pg1", nodes=[obs("pg1"), obs("pg2")]) == {
+            "leader": "pg1", "epoch": 2}
+    finally:
+        hold.release()
+    status, body = op.result(timeout=30)
+    assert status == 200 and body["ok"] and body["leader"] == "pg2" and body["epoch"] == 3, body
+    for agent in (a, b):
+        assert [c["args"]["leader"] for c in agent.commands("set_leader")] == ["pg2"]
+    print(f"worst answer while the new leader's save waited: {worst * 1000:.0f} ms")
+
+
+def test_the_operations_view_waiting_on_the_store_holds_no_other_request(control, store, agents):
+    other = agents(control, "proxy-other")
+    locker = psycopg.connect(store)
+    try:
+        locker.execute("LOCK TABLE pgrelay.operations IN ACCESS EXCLUSIVE MODE")
+        view = Background(control.port, "GET", API + "/deployments/prod/operations", token=ADMIN,
+                          timeout=60)
+
+        def waiting():
+            with psycopg.connect(store, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type ="
+                                 " 'Lock' AND query LIKE '%pgrelay.operations%'"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0] > 0
+
+        wait_for(waiting, timeout=10, what="the operations view to wait in the store")
+        others_answer_while(control, other, view, "the operations view")
+    finally:
+        locker.rollback()
+        locker.close()
+    status, body = view.result(timeout=30)
+    assert status == 200 and body == [], body
+
+
+def test_a_leader_decision_waiting_on_the_store_holds_no_other_request(control, store, agents):
+    """The automatic decision: the metrics calls of its deployment wait for the save (no answer
+    names a leader the store does not hold), every other request is answered at once."""
+    a = agents(control, "proxy-a")
+    b = agents(control, "proxy-b")
+    for agent in (a, b):
+        answer = agent.metrics(epoch=2, leader="pg1",
+                               nodes=[obs("pg1"), obs("pg2", in_recovery=True)])
+    assert answer == {"leader": "pg1", "epoch": 2}, answer
+    other = SimAgent(control, "stage-1", deployment="stage")
+    other.register()
+    hold = StoreHold(store, table="leadership", events="INSERT OR UPDATE",
+                     when="NEW.leader = 'pg2'")
+    failover = {"epoch": 2, "leader": "pg1", "ts_ms": 1,
+                "nodes": [obs("pg1", up=False), obs("pg2")]}
+    try:
+        assert a.metrics(**failover) == {"leader": "pg1", "epoch": 2}  # one of two: no quorum
+        decided = Background(control.port, "POST", API + "/agent/metrics",
+                             dict(failover, node_id="proxy-b"), token=TOKENS["prod"], timeout=60)
+        wait_for(hold.waiting, timeout=10, what="the leader decision to wait in the store")
+        worst = others_answer_while(control, other, decided, "the leader decision")
+        assert a.commands("set_leader") == [], "a leader announced before it was stored"
+    finally:
+        hold.release()
+    status, body = decided.result(timeout=30)
+    assert status == 200 and body["leader"] == "pg2" and body["epoch"] == 3, body
+    print(f"worst answer while a leader decision waited: {worst * 1000:.0f} ms")
+
+
+def test_a_proxy_deletion_waiting_on_the_store_holds_no_other_request_nor_joins_an_operation(
+        control, store, agents):
+    """While a deletion waits in the store, no orchestration starts (it would address the
+    proxy that is leaving); once it is stored, the proxy is pending and takes no command."""
+    slow = agents(control, "proxy-slow")
+    other = agents(control, "proxy-other")
+    hold = StoreHold(store, table="members", events="DELETE", when="OLD.node_id = 'proxy-slow'")
+    try:
+        gone = Background(control.port, "DELETE", API + "/deployments/prod/proxies/proxy-slow",
+                          token=ADMIN, timeout=60)
+        wait_for(hold.waiting, timeout=10, what="the deletion to wait in the store")
+        others_answer_while(control, other, gone, "the deletion")
+        status, body = control.admin("POST", "/deployments/prod/maintenance",
+                                     {"on": True, "timeout_s": 5})
+        assert status == 409 and "being deleted" in body["error"], body
+    finally:
+        hold.release()
+    status, body = gone.result(timeout=30)
+    assert status == 200 and body["deleted"] is True and body["declared"] is False, body
+    status, body = control.admin("POST", "/deployments/prod/maintenance",
+                                 {"on": True, "timeout_s": 20})
+    assert status == 200 and body["ok"], body
+    assert [p["node_id"] for p in body["proxies"]] == ["proxy-other"]
+    assert slow.commands("maintenance") == []
