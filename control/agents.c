@@ -163,7 +163,7 @@ static bool agents_leader_field(http_call *call, json_t *obj, const char **out)
 /* A registration's store work, done by the store worker: the member row first when the proxy is
  * declared now (auto_declare), then its proxies row. */
 typedef struct agents_register_job {
-    store_job job;
+    struct agents_register_job *next;
     struct evhttp_request *req; /* answered when the store is done */
     char deployment[CCONFIG_NAME_MAX];
     char node_id[STATE_NODE_ID_MAX];
@@ -221,21 +221,36 @@ static void agents_register_answer(struct evhttp_request *req, const state_proxy
     http_reply_json(req, 200, answer);
 }
 
+/* Registrations go to the store worker in batches: what arrives while a batch is with the
+ * worker goes in the next one, as one statement for every proxy's row (a fleet that restarts
+ * at once is a few statements, not one per proxy ahead of the long polls). */
+typedef struct agents_register_batch {
+    store_job job;
+    agents_register_job *items; /* in arrival order */
+    char *rows;                 /* every proxy's row, one array (a proxy's last one only) */
+} agents_register_batch;
+
+static struct {
+    agents_register_job *head, *tail; /* waiting for the next batch */
+    bool busy;                        /* a batch is with the store worker */
+} registering;
+
 static int agents_register_run(store_job *job)
 {
-    agents_register_job *j = (agents_register_job *)job;
-    if (j->declare && store_member_save(j->deployment, j->node_id, NULL) != 0)
-        return -1;
-    return store_proxies_save_text(j->row);
+    agents_register_batch *b = (agents_register_batch *)job;
+    for (agents_register_job *j = b->items; j; j = j->next)
+        if (j->declare && store_member_save(j->deployment, j->node_id, NULL) != 0)
+            return -1;
+    return store_proxies_save_text(b->rows);
 }
 
-static void agents_register_done(store_job *job)
+/* One registration of a batch is done (rc, error: the batch's). */
+static void agents_register_one_done(agents_register_job *j, int rc, const char *error)
 {
-    agents_register_job *j = (agents_register_job *)job;
     state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
     state_proxy *p = dep ? state_find_proxy(dep, j->node_id) : NULL;
-    if (job->rc != 0)
-        http_reply_error(j->req, 503, "store unreachable: %s", job->error);
+    if (rc != 0)
+        http_reply_error(j->req, 503, "store unreachable: %s", error);
     else if (!p) /* the state went away meanwhile (lease lost, proxy deleted) */
         http_reply_error(j->req, 503, "not serving: %s",
                          control.active ? "the proxy is no longer known" : "state dropped");
@@ -253,6 +268,76 @@ static void agents_register_done(store_job *job)
     }
     free(j->row);
     free(j);
+}
+
+static void agents_register_flush(void);
+
+static void agents_register_done(store_job *job)
+{
+    agents_register_batch *b = (agents_register_batch *)job;
+    agents_register_job *j = b->items;
+    while (j) {
+        agents_register_job *next = j->next;
+        agents_register_one_done(j, job->rc, job->error);
+        j = next;
+    }
+    free(b->rows);
+    free(b);
+    registering.busy = false;
+    agents_register_flush();
+}
+
+/* A later registration of the same proxy in the list after j: its row stands for both (one
+ * statement may not write a row twice). */
+static bool agents_register_superseded(const agents_register_job *j)
+{
+    for (const agents_register_job *k = j->next; k; k = k->next)
+        if (strcmp(k->node_id, j->node_id) == 0 && strcmp(k->deployment, j->deployment) == 0)
+            return true;
+    return false;
+}
+
+/* Hand the waiting registrations to the store worker, unless a batch is with it already. */
+static void agents_register_flush(void)
+{
+    if (registering.busy || !registering.head)
+        return;
+    agents_register_batch *b = calloc(1, sizeof(*b));
+    size_t len = 2;
+    for (agents_register_job *j = registering.head; j; j = j->next)
+        len += strlen(j->row) + 1;
+    char *rows = b ? malloc(len) : NULL;
+    if (!rows) { /* answered now; the proxies register again */
+        agents_register_job *j = registering.head;
+        free(b);
+        registering.head = registering.tail = NULL;
+        while (j) {
+            agents_register_job *next = j->next;
+            agents_register_one_done(j, -1, "out of memory");
+            j = next;
+        }
+        return;
+    }
+    size_t off = 0;
+    rows[off++] = '[';
+    for (agents_register_job *j = registering.head; j; j = j->next) {
+        size_t n = strlen(j->row); /* "[{...}]": the object inside */
+        if (n < 2 || agents_register_superseded(j))
+            continue;
+        if (off > 1)
+            rows[off++] = ',';
+        memcpy(rows + off, j->row + 1, n - 2);
+        off += n - 2;
+    }
+    rows[off++] = ']';
+    rows[off] = '\0';
+    b->rows = rows;
+    b->items = registering.head;
+    registering.head = registering.tail = NULL;
+    registering.busy = true;
+    b->job.run = agents_register_run;
+    b->job.done = agents_register_done;
+    store_worker_submit(&b->job);
 }
 
 void agents_register(http_call *call)
@@ -326,9 +411,12 @@ void agents_register(http_call *call)
         return;
     }
     /* written by the store worker: a slow store holds this registration, not the event loop */
-    j->job.run = agents_register_run;
-    j->job.done = agents_register_done;
-    store_worker_submit(&j->job);
+    if (registering.tail)
+        registering.tail->next = j;
+    else
+        registering.head = j;
+    registering.tail = j;
+    agents_register_flush();
 }
 
 /* ---- metrics ---- */

@@ -503,22 +503,41 @@ static void config_committed(operator_op *op, config_write_job *j)
 static void config_finish(operator_op *op)
 {
     char pending[OPERATOR_DETAIL_MAX], head[OPERATOR_DETAIL_MAX], outcome[CONFIG_OUTCOME_MAX];
-    json_t *waiting = json_array();
-    for (int i = 0; waiting && i < op->n_targets; i++)
-        if (op->targets[i].answer != OP_OK)
-            json_array_append_new(waiting, json_string(op->targets[i].node_id));
-    if (!waiting) {
-        op_finish_error(op, 500, "out of memory");
-        return;
-    }
-    int done = op->n_targets - (int)json_array_size(waiting);
-    bool all = json_array_size(waiting) == 0;
+    char away[OPERATOR_DETAIL_MAX];
     snprintf(pending, sizeof(pending),
              "not committed yet (no answer within %" PRId64 "s): it converges to version %" PRId64
              " when it answers again",
              op->timeout_s, op->version);
+    snprintf(away, sizeof(away),
+             "not live when the version was prepared: it converges to version %" PRId64
+             " when it answers again",
+             op->version);
+    json_t *waiting = json_array(), *answers = op_answers(op, pending);
+    int n_away = 0;
+    for (int i = 0; waiting && i < op->n_targets; i++)
+        if (op->targets[i].answer != OP_OK)
+            json_array_append_new(waiting, json_string(op->targets[i].node_id));
+    /* the declared proxies the set left out (not live at the prepare): the version is theirs
+     * too, and they converge to it when they answer again */
+    for (state_proxy *p = op->dep->proxies; waiting && answers && p; p = p->next) {
+        if (!p->declared || op_target_find(op, p->node_id))
+            continue;
+        json_array_append_new(waiting, json_string(p->node_id));
+        json_array_append_new(
+            answers, json_pack("{s:s, s:b, s:s}", "node_id", p->node_id, "ok", 0, "detail", away));
+        n_away++;
+    }
+    if (!waiting || !answers) {
+        json_decref(waiting);
+        json_decref(answers);
+        op_finish_error(op, 500, "out of memory");
+        return;
+    }
+    int total = op->n_targets + n_away;
+    int done = total - (int)json_array_size(waiting);
+    bool all = json_array_size(waiting) == 0;
     snprintf(head, sizeof(head), "version %" PRId64 " committed on %d of %d prox%s", op->version,
-             done, op->n_targets, op->n_targets == 1 ? "y" : "ies");
+             done, total, total == 1 ? "y" : "ies");
     if (all) {
         snprintf(outcome, sizeof(outcome), "%s: on every proxy of its set", head);
     } else {
@@ -533,7 +552,7 @@ static void config_finish(operator_op *op)
     json_t *answer = json_pack("{s:b, s:s, s:I, s:I, s:b, s:s, s:O, s:o}", "ok", all, "state",
                                all ? "done" : "committed", "version", (json_int_t)op->version,
                                "operation", (json_int_t)op->op_id, "committed", 1, "outcome",
-                               outcome, "pending", waiting, "proxies", op_answers(op, pending));
+                               outcome, "pending", waiting, "proxies", answers);
     config_write(op, CONFIG_WRITE_END, outcome, answer, waiting);
 }
 

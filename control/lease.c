@@ -162,12 +162,8 @@ static void lease_apply(const lease_result *r)
         struct timeval tv = {.tv_sec = (time_t)(left / MS_PER_S),
                              .tv_usec = (suseconds_t)((left % MS_PER_S) * US_PER_MS)};
         evtimer_add(lease.deadline_timer, &tv);
-        if (!control.active) {
-            if (state_activate() != 0)
-                log_error("lease %s: held, but the state cannot be loaded yet", cfg->lease_name);
-            else
-                operation_recover();
-        }
+        if (!control.active) /* loaded by the store worker, then the take-over's recovery */
+            state_activate(operation_recover);
         return;
     }
     if (strcmp(lease.holder, r->holder) != 0)
@@ -275,8 +271,7 @@ static void lease_tick(evutil_socket_t fd, short what, void *arg)
     if (!store_up()) {
         periodic_ping();
     } else if (!control.active) {
-        if (state_activate() == 0)
-            operation_recover();
+        state_activate(operation_recover);
     }
 }
 

@@ -476,24 +476,29 @@ static void op_timeout(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+op_target *op_target_find(operator_op *op, const char *node_id)
+{
+    int lo = 0, hi = op->n_targets - 1;
+    while (lo <= hi) { /* by_id: the targets in node_id order */
+        int mid = lo + (hi - lo) / 2;
+        int c = strcmp(node_id, op->targets[op->by_id[mid]].node_id);
+        if (c == 0)
+            return &op->targets[op->by_id[mid]];
+        if (c < 0)
+            hi = mid - 1;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
 void operator_on_ack(state_deployment *dep, int64_t command_id, const char *node_id, bool ok,
                      const char *detail)
 {
     operator_op *op = dep->op;
     if (!op || op->finishing || op->command_id <= 0 || op->command_id != command_id)
         return;
-    op_target *t = NULL;
-    int lo = 0, hi = op->n_targets - 1;
-    while (lo <= hi && !t) { /* the targets in node_id order */
-        int mid = lo + (hi - lo) / 2;
-        int c = strcmp(node_id, op->targets[op->by_id[mid]].node_id);
-        if (c == 0)
-            t = &op->targets[op->by_id[mid]];
-        else if (c < 0)
-            hi = mid - 1;
-        else
-            lo = mid + 1;
-    }
+    op_target *t = op_target_find(op, node_id);
     if (!t || t->answer != OP_PENDING)
         return;
     t->answer = ok ? OP_OK : OP_REFUSED;

@@ -100,6 +100,9 @@ typedef struct operator_op {
 json_t *op_answers(const operator_op *op, const char *pending_detail);
 bool op_all_ok(const operator_op *op);
 
+/* The current step's target node_id, or NULL (a binary search). */
+op_target *op_target_find(operator_op *op, const char *node_id);
+
 /* Answer the operator (body stolen) and end the op. */
 void op_finish(operator_op *op, int code, json_t *body);
 void op_finish_error(operator_op *op, int code, const char *msg);

@@ -3,9 +3,11 @@
 #include "state.h"
 #include "agents.h"
 #include "leader.h"
+#include "lease.h"
 #include "log.h"
 #include "operator.h"
 #include "store.h"
+#include "store_worker.h"
 
 #include <event2/event.h>
 #include <event2/http.h>
@@ -455,19 +457,6 @@ static void state_free_list(state_deployment *head)
     }
 }
 
-/* Write the configured deployments into the store (name and token digest). 0 or -1. */
-static int state_save_configured(void)
-{
-    const cconfig *cfg = control.cfg;
-    char sha[CONTROL_SHA256_HEX_LEN];
-    for (int i = 0; i < cfg->n_deployments; i++) {
-        control_sha256_hex(cfg->deployments[i].token, sha);
-        if (store_deployment_save(cfg->deployments[i].name, sha, false) != 0)
-            return -1;
-    }
-    return 0;
-}
-
 static void state_mark_configured(void)
 {
     const cconfig *cfg = control.cfg;
@@ -479,14 +468,56 @@ static void state_mark_configured(void)
     }
 }
 
-int state_activate(void)
-{
-    state_deployment *loaded = NULL;
+/* Loading the state from the store (the store worker's): the schema migrated, the configured
+ * deployments written, configuration versions no operation decides dropped, then every
+ * deployment with its leadership and proxies read. */
+typedef struct state_load_job {
+    store_job job;
+    int n;                                   /* configured deployments */
+    char (*names)[CCONFIG_NAME_MAX];         /* their names */
+    char (*digests)[CONTROL_SHA256_HEX_LEN]; /* and their tokens' digests */
+    state_deployment *loaded;
+    void (*then)(void);
+} state_load_job;
 
-    if (store_migrate() != 0 || state_save_configured() != 0 || store_config_recover() < 0)
-        goto failed;
-    if (store_load(&loaded) != 0)
-        goto failed;
+static bool state_loading; /* a load is with the store worker */
+
+static int state_load_run(store_job *job)
+{
+    state_load_job *j = (state_load_job *)job;
+    if (store_migrate() != 0)
+        return -1;
+    for (int i = 0; i < j->n; i++)
+        if (store_deployment_save(j->names[i], j->digests[i], false) != 0)
+            return -1;
+    if (store_config_recover() < 0)
+        return -1;
+    return store_load(&j->loaded);
+}
+
+static void state_load_free(state_load_job *j)
+{
+    state_free_list(j->loaded);
+    free(j->names);
+    free(j->digests);
+    free(j);
+}
+
+static void state_load_done(store_job *job)
+{
+    state_load_job *j = (state_load_job *)job;
+    state_loading = false;
+    if (job->rc != 0) {
+        log_error("cannot load state from the store: %s", job->error);
+        state_load_free(j);
+        return;
+    }
+    if (control.active || control.stopping || (lease_enabled() && !lease_held())) {
+        state_load_free(j); /* the lease was lost meanwhile (or it is loaded already) */
+        return;
+    }
+    state_deployment *loaded = j->loaded;
+    j->loaded = NULL;
     /* store_load prepends: put the list in name order */
     state_head = NULL;
     while (loaded) {
@@ -513,12 +544,39 @@ int state_activate(void)
     }
     log_info("active: %d deployment(s), %d known prox%s loaded from the store", n_dep, n_proxy,
              n_proxy == 1 ? "y" : "ies");
-    return 0;
+    void (*then)(void) = j->then;
+    state_load_free(j);
+    if (then)
+        then();
+}
 
-failed:
-    state_free_list(loaded);
-    log_error("cannot load state from the store: %s", store_error());
-    return -1;
+void state_activate(void (*then)(void))
+{
+    const cconfig *cfg = control.cfg;
+    if (control.active || state_loading)
+        return;
+    state_load_job *j = calloc(1, sizeof(*j));
+    int n = cfg->n_deployments;
+    if (j) {
+        j->names = calloc(n > 0 ? (size_t)n : 1, sizeof(*j->names));
+        j->digests = calloc(n > 0 ? (size_t)n : 1, sizeof(*j->digests));
+    }
+    if (!j || !j->names || !j->digests) {
+        if (j)
+            state_load_free(j);
+        log_error("cannot load state from the store: out of memory");
+        return;
+    }
+    for (int i = 0; i < n; i++) { /* the worker gets its own copy: a reload replaces cfg */
+        snprintf(j->names[i], sizeof(j->names[i]), "%s", cfg->deployments[i].name);
+        control_sha256_hex(cfg->deployments[i].token, j->digests[i]);
+    }
+    j->n = n;
+    j->then = then;
+    j->job.run = state_load_run;
+    j->job.done = state_load_done;
+    state_loading = true;
+    store_worker_submit(&j->job);
 }
 
 void state_deactivate(const char *reason)

@@ -193,8 +193,10 @@ const state_sample *state_node_current(const state_proxy *p, const state_node_se
 void state_prune(int64_t now_ms);
 
 /* Load deployments, leadership and proxies from the store (after migrating it and writing
- * the configured deployments into it); on success the replica is active. Returns 0 or -1. */
-int state_activate(void);
+ * the configured deployments into it), by the store worker; once loaded the replica is active
+ * and then (if set) is called, on the loop. Nothing when active or loading already; a load
+ * that fails is logged (the caller's timer tries again). */
+void state_activate(void (*then)(void));
 
 /* Forget everything (lease lost or shutdown): parked polls and orchestrations are answered
  * with 503 and reason first. */

@@ -6,6 +6,8 @@ pgrelay-control and its store.
   * the answer lists every proxy's outcome; "ok" is true only when every one committed; a
     version committed but not yet on every proxy is "committed" with those proxies "pending"
     (pgrelayctl exits 7 naming them) until each reports it, then the operation is "done";
+  * a declared proxy that is not live when the version is prepared (down, or not heard since a
+    control-plane restart) is pending too, not left out of the count;
   * the deployment has a desired version: the metrics and poll answers carry it, and a proxy
     fetches its text from GET /api/v1/agent/config.
 """
@@ -156,7 +158,7 @@ def test_every_proxy_committing_is_ok_and_exit_0_in_table_form(control, agents):
 def test_the_commit_goes_to_the_proxies_that_prepared_not_to_one_that_came_later(
         control, agents):
     """A proxy that appears between prepare and commit gets no commit of a text it never
-    checked: it converges to the desired version instead."""
+    checked: it converges to the desired version instead, and is pending until it does."""
     held = []
 
     def slow_prepare(cmd):
@@ -171,8 +173,10 @@ def test_the_commit_goes_to_the_proxies_that_prepared_not_to_one_that_came_later
     wait_for(lambda: held, what="the prepare to reach proxy-a")
     late = agents(control, "proxy-late")
     status, answer = apply.result()
-    assert status == 200 and answer["ok"] is True, answer
-    assert [row["node_id"] for row in answer["proxies"]] == ["proxy-a"]
+    assert status == 200 and answer["ok"] is False and answer["state"] == "committed", answer
+    assert answer["pending"] == ["proxy-late"], answer
+    by_id = {row["node_id"]: row for row in answer["proxies"]}
+    assert by_id["proxy-a"]["ok"] is True and by_id["proxy-late"]["ok"] is False, by_id
     assert a.types() == ["config_prepare", "config_commit"]
     time.sleep(0.5)
     assert late.types() == [], "a proxy that did not prepare got a command of the apply"
@@ -182,6 +186,8 @@ def test_the_commit_goes_to_the_proxies_that_prepared_not_to_one_that_came_later
     assert status == 200 and body["config_version"] == 1
     status, desired = control.agent("GET", "/config?node_id=proxy-late")
     assert status == 200 and desired == {"version": 1, "text": TEXT}
+    late.metrics(config_version=1)
+    wait_for(lambda: operation(control)["state"] == "done", what="the operation to be done")
 
 
 def test_a_silent_proxy_at_commit_is_not_ok_and_converges_later(control, agents):
@@ -256,3 +262,37 @@ def test_config_apply_help_lists_its_timeout():
     assert p.returncode == 0 and "--timeout S" in p.stdout, p.stdout
     assert "config apply FILE [--timeout S]" in subprocess.run(
         [CTL_BIN, "--help"], capture_output=True, text=True, timeout=10).stdout
+
+
+def test_a_declared_proxy_that_is_not_live_is_pending_not_left_out(control, agents):
+    """Right after a control-plane restart no proxy may be live yet: the version is still
+    every declared proxy's, so the answer counts them, names them pending (exit 7), and the
+    operation is done once each reports the version."""
+    agents(control, "proxy-a")
+    status, body = control.admin("POST", "/deployments/prod/proxies", {"node_id": "proxy-b"})
+    assert status == 201, body  # declared, never heard: not live
+    p = ctl(control, "-o", "json", "config", "apply", "-", text=TEXT)
+    assert p.returncode == 7, (p.stdout, p.stderr)
+    answer = json.loads(p.stdout)
+    assert answer["state"] == "committed" and answer["pending"] == ["proxy-b"], answer
+    assert "committed on 1 of 2" in answer["outcome"], answer
+    by_id = {row["node_id"]: row for row in answer["proxies"]}
+    assert by_id["proxy-a"]["ok"] is True, by_id
+    assert by_id["proxy-b"]["ok"] is False and "not live" in by_id["proxy-b"]["detail"], by_id
+    # proxy-b comes, fetches the desired version and reports it: the operation is done
+    b = SimAgent(control, "proxy-b")
+    b.register()
+    assert b.metrics()["config_version"] == 1
+    b.metrics(config_version=1)
+    wait_for(lambda: operation(control)["state"] == "done", what="the operation to be done")
+
+
+def test_with_no_live_proxy_every_declared_one_is_pending(control):
+    for node_id in ("proxy-a", "proxy-b"):
+        status, body = control.admin("POST", "/deployments/prod/proxies", {"node_id": node_id})
+        assert status == 201, body
+    p = ctl(control, "-o", "json", "config", "apply", "-", text=TEXT)
+    assert p.returncode == 7, (p.stdout, p.stderr)
+    answer = json.loads(p.stdout)
+    assert answer["state"] == "committed" and "committed on 0 of 2" in answer["outcome"], answer
+    assert answer["pending"] == ["proxy-a", "proxy-b"], answer

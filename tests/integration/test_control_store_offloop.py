@@ -287,3 +287,44 @@ def test_withdrawing_a_superseded_maintenance_renewal_waiting_on_the_store_holds
 
     wait_for(withdrawn, timeout=15, what="the superseded renewal withdrawn")
     print(f"worst answer while a withdrawal waited on the store: {worst * 1000:.0f} ms")
+
+
+def test_registrations_that_arrive_together_are_written_in_a_few_statements(control, store):
+    """A fleet that restarts registers at once: the registrations that arrive while one is
+    with the store go in the next batch, one statement for all their rows (not one each ahead
+    of the long polls), and each is answered once its row is written."""
+    with psycopg.connect(store, autocommit=True) as c:
+        c.execute("CREATE TABLE public.row_writes (at timestamptz DEFAULT clock_timestamp())")
+        c.execute("CREATE FUNCTION public.count_write() RETURNS trigger LANGUAGE plpgsql AS $$"
+                  " BEGIN INSERT INTO public.row_writes DEFAULT VALUES; RETURN NULL; END $$")
+        c.execute("CREATE TRIGGER count_write AFTER INSERT OR UPDATE ON pgrelay.proxies"
+                  " FOR EACH STATEMENT EXECUTE FUNCTION public.count_write()")
+
+    def writes():
+        with psycopg.connect(store, autocommit=True) as c:
+            return c.execute("SELECT count(*) FROM public.row_writes").fetchone()[0]
+
+    hold = StoreHold(store, table="proxies", events="INSERT OR UPDATE")
+    many = [f"proxy-{i:02d}" for i in range(40)]
+    try:
+        first = Background(control.port, "POST", API + "/agent/register",
+                           {"node_id": "proxy-slow"}, token=TOKENS["prod"], timeout=60)
+        wait_for(hold.waiting, timeout=10, what="the first registration to wait in the store")
+        before = writes()
+        rest = [Background(control.port, "POST", API + "/agent/register",
+                           {"node_id": node_id, "hostname": f"host-{node_id}"},
+                           token=TOKENS["prod"], timeout=60) for node_id in many]
+        # each is known (pending) at once, its row waiting for the worker
+        wait_for(lambda: len(control.proxies()) == 1 + len(many), timeout=15,
+                 what="every registration to arrive")
+    finally:
+        hold.release()
+    for reg in [first] + rest:
+        status, body = reg.result(timeout=30)
+        assert status == 200 and body["declared"] is True, body
+    statements = writes() - before
+    # the first one's statement, then one for the 40 that waited behind it (at most a few
+    # more when some arrived after that one was sent)
+    assert 1 <= statements <= 4, f"{statements} statements wrote 41 registrations' rows"
+    proxies = control.proxies()
+    assert all(proxies[n]["hostname"] == f"host-{n}" for n in many), proxies

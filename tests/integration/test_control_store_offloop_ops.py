@@ -6,6 +6,8 @@ no proxy gets a step's command before the step's record is in the store, and non
 new leader before it is saved. Once the store lets go, each completes. The operations view,
 which reads the store, waits for it without holding anything else either."""
 
+import time
+
 import psycopg
 
 from conftest import wait_for
@@ -179,3 +181,40 @@ def test_a_proxy_deletion_waiting_on_the_store_holds_no_other_request_nor_joins_
     assert status == 200 and body["ok"], body
     assert [p["node_id"] for p in body["proxies"]] == ["proxy-other"]
     assert slow.commands("maintenance") == []
+
+
+def test_a_state_load_waiting_on_the_store_holds_no_other_request(control_factory, store):
+    """A replica that becomes active (at start, or taking the lease over) loads the state by
+    the store worker: while the store holds that read, /healthz answers at once and the
+    replica says it is not ready; once the store lets go it is ready with the state."""
+    first = control_factory()
+    status, body = first.admin("POST", "/deployments/prod/proxies", {"node_id": "proxy-a"})
+    assert status == 201, body
+    assert first.stop() == 0
+    locker = psycopg.connect(store)
+    try:
+        locker.execute("LOCK TABLE pgrelay.members IN ACCESS EXCLUSIVE MODE")
+        second = control_factory(wait_ready=False)
+
+        def loading():
+            with psycopg.connect(store, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type ="
+                                 " 'Lock' AND query LIKE '%pgrelay.members%'"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0] > 0
+
+        wait_for(loading, timeout=10, what="the state load to wait in the store")
+        # longer than a store call may last (5 s) and the retry after it: a load on the
+        # event loop would hold /healthz at some point of it
+        until = time.monotonic() + 7.0
+        while time.monotonic() < until:
+            started = time.monotonic()
+            status, _ = second.call("GET", "/healthz", timeout=10)
+            waited = time.monotonic() - started
+            assert status == 200 and waited < 1.0, f"/healthz waited {waited:.2f}s (status {status})"
+            time.sleep(0.1)
+        assert not second.ready(), "ready before its state was loaded"
+    finally:
+        locker.rollback()
+        locker.close()
+    wait_for(second.ready, timeout=15, what="the replica to be ready once the store lets go")
+    assert second.proxies()["proxy-a"]["status"] == "declared"
