@@ -987,10 +987,8 @@ static void config_recover_one(json_t *row)
                  "finished by %s (the replica that ran it stopped at its %s step): version "
                  "%" PRId64 " committed, its commit queued to the proxies that prepared it",
                  control.identity, step ? step : "?", version);
-        if (store_config_end(id, "committed", outcome) != 0) {
-            log_error("operation %" PRId64 ": cannot record its end: %s", id, store_error());
-            return;
-        }
+        /* after the commit's command (queued above): in this order */
+        store_queue_config_end(dep->name, id, "committed", outcome);
         log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
         config_watch_add(dep->name, id, version, json_deep_copy(ids), outcome, true);
         return;

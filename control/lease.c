@@ -23,6 +23,7 @@
 #include "periodic.h"
 #include "state.h"
 #include "store.h"
+#include "store_worker.h"
 
 #include <errno.h>
 #include <event2/event.h>
@@ -154,7 +155,8 @@ static void lease_apply(const lease_result *r)
         snprintf(lease.holder, sizeof(lease.holder), "%s", r->holder);
         store_lease_set_guard(cfg->lease_name, control.identity, r->term);
         store_set_cap(deadline); /* no store call of the loop outlasts the renew deadline */
-        if (now >= deadline) {   /* the outcome came too late to act on */
+        store_worker_renewed(r->term, deadline);
+        if (now >= deadline) { /* the outcome came too late to act on */
             lease_check();
             return;
         }

@@ -272,8 +272,10 @@ static void maintenance_renewed(const char *deployment, int64_t id, const char *
 static void maintenance_renew(maintenance_entry *e)
 {
     state_deployment *dep = state_find_deployment(e->deployment);
-    if (!dep || (dep->op && dep->op->kind == OP_SWITCHOVER) || e->ending)
-        return; /* gone; or a switchover holds the fleet and ends with maintenance_args */
+    if (!dep || e->ending ||
+        (dep->op && (dep->op->kind == OP_SWITCHOVER || dep->op->kind == OP_MAINTENANCE)))
+        return; /* gone; or a switchover holds the fleet and ends with maintenance_args; or
+                   the operator's maintenance is being changed (its write must stay last) */
     if (!maintenance_is_on(dep)) {
         e->ending = true;
         store_queue_maintenance(dep->name, false, 0, maintenance_ended, NULL);

@@ -282,6 +282,8 @@ static void members_done(store_job *job)
     state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
     if (dep && j->change == MEMBERS_DELETE)
         dep->deleting--;
+    if (dep)
+        json_object_del(dep->members_busy, j->node_id);
     if (job->rc != 0)
         http_reply_error(j->req, 503, "store unreachable: %s", job->error);
     else if (!dep)
@@ -301,6 +303,23 @@ static void members_done(store_job *job)
 static void members_submit(http_call *call, members_change change, const char *node_id,
                            json_t *merged, state_proxy *created)
 {
+    state_deployment *dep = call->dep;
+    if (json_object_get(dep->members_busy, node_id)) {
+        /* its last change is on its way: this one would be made against what it replaces
+         * (two option changes, one lost), or write again what a deletion removes */
+        json_decref(merged);
+        http_reply_error(call->req, 409,
+                         "a change of proxy %s of deployment %s is being stored; try again",
+                         node_id, dep->name);
+        return;
+    }
+    if (!dep->members_busy)
+        dep->members_busy = json_object();
+    if (!dep->members_busy || json_object_set_new(dep->members_busy, node_id, json_true()) != 0) {
+        json_decref(merged);
+        http_reply_error(call->req, 500, "out of memory");
+        return;
+    }
     members_job *j = calloc(1, sizeof(*j));
     if (j && merged && !(j->options = json_deep_copy(merged)))
         j = (free(j), NULL);
@@ -310,6 +329,7 @@ static void members_submit(http_call *call, members_change change, const char *n
     }
     json_decref(merged);
     if (!j) {
+        json_object_del(dep->members_busy, node_id);
         http_reply_error(call->req, 500, "out of memory");
         return;
     }

@@ -583,14 +583,17 @@ static void operator_maintenance_saved(const char *deployment, int64_t id, const
     operator_op *op = op_find(deployment, (uint64_t)(uintptr_t)arg);
     if (!op) /* ended meanwhile (lease lost, shutdown): the next holder loads the store */
         return;
-    if (!op_store_back(op))
-        return;
     if (id < 0) {
         char msg[OPERATOR_DETAIL_MAX];
         snprintf(msg, sizeof(msg), "store unreachable: cannot record the maintenance: %s", error);
-        op_finish_error(op, 503, msg);
+        if (op_store_back(op))
+            op_finish_error(op, 503, msg);
         return;
     }
+    /* The store holds it now: so does this replica, and the proxies are told, even when the
+     * deadline passed meanwhile (op_send's deadline then answers 504 with them pending) */
+    op->in_store--;
+    op->timed_out = false;
     int64_t until_ms =
         op->on && op->resume_after_s > 0 ? op->started_ms + op->resume_after_s * 1000 : 0;
     if (maintenance_wanted(op->dep, op->on, until_ms) != 0) {

@@ -450,6 +450,7 @@ static void state_free_list(state_deployment *head)
             state_free_proxy(p);
         }
         leader_forget(d);
+        json_decref(d->members_busy);
         free(d->index);
         if (d->decide_timer)
             event_free(d->decide_timer);

@@ -129,6 +129,7 @@ typedef struct state_deployment {
                                    than the last one (leader.c); 0 = at the next metrics call */
     bool leader_saving;         /* a decision is on its way to the store (leader.c) */
     int deleting;               /* proxy deletions on their way to the store (members.c) */
+    json_t *members_busy;       /* {node_id: true} of the membership changes on their way */
     struct leader_waiter *leader_waiters; /* metrics calls answered once it is back */
 } state_deployment;
 

@@ -25,6 +25,7 @@ typedef enum queue_kind {
     QUEUE_NOTE,
     QUEUE_END,
     QUEUE_CANCEL,
+    QUEUE_CONFIG_END,
     QUEUE_MAINTENANCE,
     QUEUE_BARRIER,
 } queue_kind;
@@ -69,6 +70,8 @@ static int queue_run(store_job *job)
         return store_operation_end(j->id, j->state, j->text);
     case QUEUE_CANCEL:
         return store_operation_cancel_commands(j->id, j->text);
+    case QUEUE_CONFIG_END:
+        return store_config_end(j->id, j->state, j->text);
     case QUEUE_MAINTENANCE:
         return store_maintenance_save(j->deployment, j->on, j->until_ms);
     case QUEUE_BARRIER:
@@ -77,10 +80,13 @@ static int queue_run(store_job *job)
     return -1;
 }
 
-static const char *const queue_what[] = {
-    "queue a command",           "record an operation's step outcome",
-    "record an operation's end", "withdraw an operation's commands",
-    "record the maintenance",    "wait"};
+static const char *const queue_what[] = {"queue a command",
+                                         "record an operation's step outcome",
+                                         "record an operation's end",
+                                         "withdraw an operation's commands",
+                                         "record a configuration operation's end",
+                                         "record the maintenance",
+                                         "wait"};
 
 static void queue_done(store_job *job)
 {
@@ -195,6 +201,12 @@ void store_queue_operation_end(const char *deployment, int64_t op_id, const char
 void store_queue_operation_cancel(const char *deployment, int64_t op_id, const char *detail)
 {
     queue_operation(QUEUE_CANCEL, deployment, op_id, NULL, detail);
+}
+
+void store_queue_config_end(const char *deployment, int64_t op_id, const char *state,
+                            const char *outcome)
+{
+    queue_operation(QUEUE_CONFIG_END, deployment, op_id, state, outcome);
 }
 
 void store_queue_maintenance(const char *deployment, bool on, int64_t until_ms,

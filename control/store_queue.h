@@ -30,6 +30,10 @@ void store_queue_operation_end(const char *deployment, int64_t op_id, const char
                                const char *outcome);
 void store_queue_operation_cancel(const char *deployment, int64_t op_id, const char *detail);
 
+/* A configuration operation's end (state "done" or "committed", with its outcome). */
+void store_queue_config_end(const char *deployment, int64_t op_id, const char *state,
+                            const char *outcome);
+
 /* The operator's maintenance of deployment, on until until_ms (0: until off) or off; then
  * (if set) gets 0 or -1. */
 void store_queue_maintenance(const char *deployment, bool on, int64_t until_ms,

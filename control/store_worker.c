@@ -34,6 +34,10 @@ static struct {
     pthread_t thread;
     bool started;
     int pending; /* queued or running or finished but not yet handed back */
+    /* the holder's latest renew deadline and the term it holds it under (store_worker_renewed):
+     * a job queued under that term runs by it, not by the deadline it was queued with */
+    int64_t renewed_term;
+    int64_t renewed_cap_ms;
 } worker = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER, .pipe = {-1, -1}};
 
 static void *store_worker_main(void *arg)
@@ -56,7 +60,13 @@ static void *store_worker_main(void *arg)
 
         store_lease_set_guard(job->guard_name[0] ? job->guard_name : NULL, job->guard_identity,
                               job->guard_term);
-        store_set_cap(job->cap_ms);
+        pthread_mutex_lock(&worker.lock);
+        int64_t cap = job->cap_ms;
+        if (cap > 0 && job->guard_name[0] && job->guard_term == worker.renewed_term &&
+            worker.renewed_cap_ms > cap)
+            cap = worker.renewed_cap_ms; /* the lease was renewed under the same term since */
+        pthread_mutex_unlock(&worker.lock);
+        store_set_cap(cap);
         job->rc = job->run(job);
         snprintf(job->error, sizeof(job->error), "%s", job->rc == 0 ? "" : store_error());
 
@@ -143,6 +153,14 @@ void store_worker_submit(store_job *job)
         worker.queue = job;
     worker.queue_tail = job;
     pthread_cond_signal(&worker.cond);
+    pthread_mutex_unlock(&worker.lock);
+}
+
+void store_worker_renewed(int64_t term, int64_t cap_ms)
+{
+    pthread_mutex_lock(&worker.lock);
+    worker.renewed_term = term;
+    worker.renewed_cap_ms = cap_ms;
     pthread_mutex_unlock(&worker.lock);
 }
 

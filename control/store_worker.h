@@ -28,6 +28,11 @@ int store_worker_start(void);
 /* Queue a job; its done() comes later on the loop (at once, here, without a thread). */
 void store_worker_submit(store_job *job);
 
+/* The lease holder renewed its lease under term, to the renew deadline cap_ms (monotonic):
+ * jobs queued under that term may run until then (they were queued with the deadline of
+ * their time; the guard in each statement still checks the term). */
+void store_worker_renewed(int64_t term, int64_t cap_ms);
+
 /* Jobs queued and not yet handed back. */
 int store_worker_pending(void);
 

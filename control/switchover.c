@@ -579,42 +579,33 @@ static void operation_roll_back(json_t *row)
     char outcome[OPERATOR_DETAIL_MAX];
     state_deployment *dep = state_find_deployment(dep_name);
 
-    store_operation_cancel_commands(id, "cancelled: the operation was rolled back");
+    /* every write queued, in this order, so the end is recorded after what it says was done */
+    if (dep_name)
+        store_queue_operation_cancel(dep_name, id, "cancelled: the operation was rolled back");
     size_t off =
         (size_t)snprintf(outcome, sizeof(outcome),
                          "rolled back by %s (the replica that ran it stopped at step "
                          "%s): maintenance off queued",
                          control.identity, json_string_value(json_object_get(row, "step")));
     if (dep) {
-        int n = 0;
-        for (state_proxy *p = dep->proxies; p; p = p->next)
-            n++;
-        state_proxy **all = n > 0 ? malloc((size_t)n * sizeof(*all)) : NULL;
-        n = 0;
-        for (state_proxy *p = dep->proxies; p && all; p = p->next)
-            all[n++] = p;
-        json_t *args;
         maintenance_fire_resume(dep, true); /* off, or the operator's maintenance */
         if (fenced_maybe && !promote_sent && old && old[0]) {
             state_proxy *p = runner && runner[0] ? state_find_proxy(dep, runner) : NULL;
             if (!p)
                 p = dep->proxies;
-            args = json_pack("{s:s}", "node", old);
-            if (p && store_command_create(dep->name, "unfence", args, &p, 1) >= 0)
+            if (p) {
+                store_queue_command(dep, "unfence", json_pack("{s:s}", "node", old), &p, 1, NULL,
+                                    NULL);
                 snprintf(outcome + off, sizeof(outcome) - off, ", unfence of %s queued", old);
-            json_decref(args);
+            }
         } else if (fenced_maybe && old && old[0]) {
             snprintf(outcome + off, sizeof(outcome) - off, ", %s stays fenced (a promote was sent)",
                      old);
         }
-        for (int i = 0; i < n; i++)
-            agents_wake(all[i]);
-        free(all);
     }
-    if (store_operation_end(id, promote_sent ? "failed" : "rolled_back", outcome) != 0)
-        log_error("operation %" PRId64 ": cannot record its rollback: %s", id, store_error());
-    else
-        log_warning("deployment %s: operation %" PRId64 " %s", dep_name, id, outcome);
+    if (dep_name)
+        store_queue_operation_end(dep_name, id, promote_sent ? "failed" : "rolled_back", outcome);
+    log_warning("deployment %s: operation %" PRId64 " %s", dep_name ? dep_name : "?", id, outcome);
 }
 
 /* The record says the promote succeeded: the switch step was recorded (it follows an
@@ -658,18 +649,18 @@ static int operation_finish(json_t *row, state_deployment *dep)
                   dep->name, id, node, store_error());
         return -1;
     }
-    store_operation_cancel_commands(id, "cancelled: the operation was finished by another "
-                                        "replica");
+    /* the leader is stored; every other write queued, in this order */
+    store_queue_operation_cancel(dep->name, id,
+                                 "cancelled: the operation was finished by another replica");
     for (state_proxy *p = dep->proxies; p; p = p->next)
         n++;
     state_proxy **all = n > 0 ? malloc((size_t)n * sizeof(*all)) : NULL;
     n = 0;
     for (state_proxy *p = dep->proxies; p && all; p = p->next)
         all[n++] = p;
-    json_t *args = json_pack("{s:s, s:I}", "leader", node, "epoch", (json_int_t)dep->epoch);
-    if (n > 0 && store_command_create(dep->name, "set_leader", args, all, n) < 0)
-        log_error("deployment %s: cannot queue set_leader: %s", dep->name, store_error());
-    json_decref(args);
+    store_queue_command(dep, "set_leader",
+                        json_pack("{s:s, s:I}", "leader", node, "epoch", (json_int_t)dep->epoch),
+                        all, n, NULL, NULL);
     free(all);
     maintenance_fire_resume(dep, true); /* off, or the operator's maintenance */
     snprintf(outcome, sizeof(outcome),
@@ -677,10 +668,8 @@ static int operation_finish(json_t *row, state_deployment *dep)
              "%s is the leader at epoch %" PRId64 ", set_leader and the resume queued%s%s%s",
              control.identity, step, node, dep->epoch, old && old[0] ? "; " : "",
              old && old[0] ? old : "", old && old[0] ? " stays fenced" : "");
-    if (store_operation_end(id, "done", outcome) != 0)
-        log_error("operation %" PRId64 ": cannot record its end: %s", id, store_error());
-    else
-        log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+    store_queue_operation_end(dep->name, id, "done", outcome);
+    log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
     return 0;
 }
 

@@ -25,9 +25,12 @@ from test_control_api import (  # noqa: F401 - fixtures
 HOLD_KEY = 94210417  # the advisory lock the trigger waits for
 
 HOLD_SQL = """
-CREATE FUNCTION pgrelay.test_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION pgrelay.test_hold() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared({key});
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;  -- NULL would skip the deletion
+    END IF;
     RETURN NEW;
 END $$;
 """
@@ -56,10 +59,13 @@ class StoreHold:
                              (f"%{self.table}%",)).fetchone()[0] > 0
 
     def release(self):
+        """Let the held statements go, then drop the trigger (another hold may follow)."""
         if self.conn is not None:
             self.conn.execute("SELECT pg_advisory_unlock(%s)", (HOLD_KEY,))
             self.conn.close()
             self.conn = None
+            with psycopg.connect(self.store, autocommit=True) as c:
+                c.execute(f"DROP TRIGGER test_hold ON pgrelay.{self.table}")
 
 
 def worst_answer(control, other, rounds=10):

@@ -22,6 +22,7 @@ from control_helpers import (  # noqa: F401 - fixtures used by name
     control_factory,
     store,
     obs,
+    store_rows,
 )
 from test_control_store_offloop import StoreHold, others_answer_while
 
@@ -176,6 +177,7 @@ def test_a_proxy_deletion_waiting_on_the_store_holds_no_other_request_nor_joins_
         hold.release()
     status, body = gone.result(timeout=30)
     assert status == 200 and body["deleted"] is True and body["declared"] is False, body
+    assert store_rows(store, "SELECT node_id FROM pgrelay.members") == [("proxy-other",)]
     status, body = control.admin("POST", "/deployments/prod/maintenance",
                                  {"on": True, "timeout_s": 20})
     assert status == 200 and body["ok"], body
@@ -218,3 +220,93 @@ def test_a_state_load_waiting_on_the_store_holds_no_other_request(control_factor
         locker.close()
     wait_for(second.ready, timeout=15, what="the replica to be ready once the store lets go")
     assert second.proxies()["proxy-a"]["status"] == "declared"
+
+
+# --------------------------------------------------------------------------- #
+# what a write on its way may not undo (found by review of the change above)
+# --------------------------------------------------------------------------- #
+
+
+def test_maintenance_off_whose_save_outlasts_its_timeout_still_ends_the_maintenance(
+        control_factory, store, agents):
+    """The operator's timeout passes while `maintenance off` is in the store: the answer is 504,
+    but what the store now says (off) is what this replica does: no renewal of the pause
+    follows, and the proxies are told off."""
+    control = control_factory(control={"pause_lease": "3s"})
+    a = agents(control, "proxy-a")
+    status, body = control.admin("POST", "/deployments/prod/maintenance",
+                                 {"on": True, "timeout_s": 10})
+    assert status == 200 and body["ok"], body
+    hold = StoreHold(store, table="maintenance", events="DELETE", when="true")
+    try:
+        off = Background(control.port, "POST", API + "/deployments/prod/maintenance",
+                         {"on": False, "timeout_s": 1}, token=ADMIN, timeout=30)
+        wait_for(hold.waiting, timeout=10, what="maintenance off to wait in the store")
+        time.sleep(2.0)  # past the operator's timeout
+    finally:
+        hold.release()
+    status, body = off.result(timeout=30)
+    assert status == 504 and [p["node_id"] for p in body["proxies"]] == ["proxy-a"], body
+    assert store_rows(store, "SELECT deployment FROM pgrelay.maintenance") == []
+    wait_for(lambda: a.commands("maintenance")[-1]["args"]["on"] is False,
+             what="maintenance off to reach the proxy")
+    n = len(a.commands("maintenance"))
+    time.sleep(2.5)  # more than a renewal period (a third of pause_lease)
+    assert [c["args"] for c in a.commands("maintenance")[n:]] == [], "renewed after off"
+
+
+def test_maintenance_on_again_while_the_last_one_ends_stays_on_in_the_store(
+        control_factory, store, agents):
+    """The operator's end of a maintenance passes while `maintenance on` is in the store: the
+    end (a renewal's work) may not be written after it and turn it off."""
+    control = control_factory(control={"pause_lease": "3s"})
+    agents(control, "proxy-a")
+    status, body = control.admin("POST", "/deployments/prod/maintenance",
+                                 {"on": True, "resume_after_s": 2, "timeout_s": 10})
+    assert status == 200 and body["ok"], body
+    hold = StoreHold(store, table="maintenance", events="INSERT OR UPDATE", when="true")
+    try:
+        again = Background(control.port, "POST", API + "/deployments/prod/maintenance",
+                           {"on": True, "timeout_s": 20}, token=ADMIN, timeout=30)
+        wait_for(hold.waiting, timeout=10, what="maintenance on to wait in the store")
+        time.sleep(3.5)  # the first one's end passes, renewal ticks come
+    finally:
+        hold.release()
+    status, body = again.result(timeout=30)
+    assert status == 200 and body["ok"], body
+    time.sleep(1.5)  # a renewal tick after the answer
+    assert store_rows(store, "SELECT deployment FROM pgrelay.maintenance") == [("prod",)]
+
+
+def test_a_proxy_change_while_its_last_one_is_being_stored_is_409(control, store, agents):
+    """Options set behind a deletion would declare the proxy again in the store; two option
+    changes at once would lose one: the second change of a proxy waits for the first."""
+    agents(control, "proxy-slow")
+    hold = StoreHold(store, table="members", events="DELETE", when="OLD.node_id = 'proxy-slow'")
+    try:
+        gone = Background(control.port, "DELETE", API + "/deployments/prod/proxies/proxy-slow",
+                          token=ADMIN, timeout=30)
+        wait_for(hold.waiting, timeout=10, what="the deletion to wait in the store")
+        status, body = control.admin("POST", "/deployments/prod/proxies/proxy-slow/options",
+                                     {"options": {"read_only": True}})
+        assert status == 409 and "being stored" in body["error"], body
+    finally:
+        hold.release()
+    assert gone.result(timeout=30)[0] == 200
+    assert store_rows(store, "SELECT node_id FROM pgrelay.members") == []
+
+    agents(control, "proxy-a")
+    hold = StoreHold(store, table="members", events="UPDATE", when="OLD.node_id = 'proxy-a'")
+    try:
+        one = Background(control.port, "POST", API + "/deployments/prod/proxies/proxy-a/options",
+                         {"options": {"read_only": True}}, token=ADMIN, timeout=30)
+        wait_for(hold.waiting, timeout=10, what="the first change to wait in the store")
+        status, body = control.admin("POST", "/deployments/prod/proxies/proxy-a/options",
+                                     {"options": {"maintenance_exempt": True}})
+        assert status == 409, body
+    finally:
+        hold.release()
+    assert one.result(timeout=30)[0] == 200
+    [(options,)] = store_rows(store, "SELECT options FROM pgrelay.members"
+                                     " WHERE node_id = 'proxy-a'")
+    assert options.get("read_only") is True, options
