@@ -287,16 +287,6 @@ static void agents_register_done(store_job *job)
     agents_register_flush();
 }
 
-/* A later registration of the same proxy in the list after j: its row stands for both (one
- * statement may not write a row twice). */
-static bool agents_register_superseded(const agents_register_job *j)
-{
-    for (const agents_register_job *k = j->next; k; k = k->next)
-        if (strcmp(k->node_id, j->node_id) == 0 && strcmp(k->deployment, j->deployment) == 0)
-            return true;
-    return false;
-}
-
 /* Hand the waiting registrations to the store worker, unless a batch is with it already. */
 static void agents_register_flush(void)
 {
@@ -318,11 +308,20 @@ static void agents_register_flush(void)
         }
         return;
     }
+    /* a proxy's last registration of the batch stands for its others (one statement may not
+     * write a row twice): {"deployment/node_id": that job} */
+    json_t *last = json_object();
+    char key[CCONFIG_NAME_MAX + STATE_NODE_ID_MAX + 1];
+    for (agents_register_job *j = registering.head; last && j; j = j->next) {
+        snprintf(key, sizeof(key), "%s/%s", j->deployment, j->node_id);
+        json_object_set_new(last, key, json_integer((json_int_t)(intptr_t)j));
+    }
     size_t off = 0;
     rows[off++] = '[';
     for (agents_register_job *j = registering.head; j; j = j->next) {
         size_t n = strlen(j->row); /* "[{...}]": the object inside */
-        if (n < 2 || agents_register_superseded(j))
+        snprintf(key, sizeof(key), "%s/%s", j->deployment, j->node_id);
+        if (n < 2 || (last && json_integer_value(json_object_get(last, key)) != (intptr_t)j))
             continue;
         if (off > 1)
             rows[off++] = ',';
@@ -331,6 +330,7 @@ static void agents_register_flush(void)
     }
     rows[off++] = ']';
     rows[off] = '\0';
+    json_decref(last);
     b->rows = rows;
     b->items = registering.head;
     registering.head = registering.tail = NULL;
