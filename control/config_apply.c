@@ -948,75 +948,136 @@ void operator_config_desired(http_call *call)
 
 /* ---- recovery by the next lease holder ---- */
 
+/* The writes that finish or roll back one apply left running, for the store worker, in this
+ * order: the decision (commit, unless the record was at the commit step already; or the
+ * rollback), the commands to the set (config_commit, or config_abort), the end. */
+typedef struct config_recover_job {
+    store_job job;
+    char deployment[CCONFIG_NAME_MAX];
+    int64_t id, version;
+    bool commit;  /* else roll back */
+    bool record;  /* commit: write the decision (the record was not at the commit step) */
+    bool send;    /* queue the command to the set */
+    json_t *ids;  /* the set */
+    json_t *args; /* the command's */
+    char outcome[OPERATOR_DETAIL_MAX];
+    int64_t command_id;
+    char failed[32]; /* what could not be written */
+} config_recover_job;
+
+static int config_recover_run(store_job *job)
+{
+    config_recover_job *j = (config_recover_job *)job;
+    size_t n = json_array_size(j->ids);
+    const char **ids = malloc((n > 0 ? n : 1) * sizeof(*ids));
+    if (!ids) {
+        snprintf(j->failed, sizeof(j->failed), "(out of memory) recover");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++)
+        ids[i] = json_string_value(json_array_get(j->ids, i));
+    int rc = 0;
+    if (j->commit && j->record &&
+        store_config_commit(j->deployment, j->version, j->id,
+                            "every proxy had prepared (recovered)") != 0) {
+        snprintf(j->failed, sizeof(j->failed), "commit version");
+        rc = -1;
+    } else if (!j->commit &&
+               store_config_roll_back(j->deployment, j->version, j->id, j->outcome) != 0) {
+        snprintf(j->failed, sizeof(j->failed), "roll back version");
+        rc = -1;
+    } else if (j->send && n > 0 &&
+               (j->command_id = store_command_create_ids(
+                    j->deployment, j->commit ? "config_commit" : "config_abort", j->args, ids,
+                    (int)n)) < 0) {
+        snprintf(j->failed, sizeof(j->failed), "queue the command for");
+        rc = -1;
+    } else if (j->commit && store_config_end(j->id, "committed", j->outcome) != 0) {
+        snprintf(j->failed, sizeof(j->failed), "record the end of");
+        rc = -1;
+    }
+    free(ids);
+    return rc;
+}
+
+static void config_recover_done(store_job *job)
+{
+    config_recover_job *j = (config_recover_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    if (job->rc != 0)
+        log_error("deployment %s: operation %" PRId64 ": cannot %s %" PRId64 ": %s", j->deployment,
+                  j->id, j->failed, j->version, job->error);
+    else
+        log_warning("deployment %s: operation %" PRId64 " %s", j->deployment, j->id, j->outcome);
+    for (size_t i = 0; dep && j->command_id > 0 && i < json_array_size(j->ids); i++) {
+        state_proxy *p = state_find_proxy(dep, json_string_value(json_array_get(j->ids, i)));
+        if (p)
+            agents_wake(p);
+    }
+    if (dep && job->rc == 0 && j->commit) {
+        /* committed until every proxy of the set reports the version (config_watch) */
+        if (dep->config_version < j->version)
+            dep->config_version = j->version;
+        config_watch_add(dep->name, j->id, j->version, j->ids, j->outcome, true);
+        j->ids = NULL;
+    }
+    json_decref(j->ids);
+    json_decref(j->args);
+    free(j);
+}
+
 /* Finish or roll back one apply left running by a replica that crashed, stopped or lost the
  * lease: committed when its record is at the commit step (the decision was taken) or when
- * every proxy of its set had prepared; rolled back otherwise. */
+ * every proxy of its set had prepared (row's answers_ok / answers_total, read by recovery.c);
+ * rolled back otherwise. */
 static void config_recover_one(json_t *row)
 {
     int64_t id = json_integer_value(json_object_get(row, "id"));
     int64_t version = json_integer_value(json_object_get(row, "version"));
-    int64_t command_id = json_integer_value(json_object_get(row, "command_id"));
     const char *step = json_string_value(json_object_get(row, "step"));
     json_t *ids = json_object_get(row, "targets");
-    state_deployment *dep =
-        state_find_deployment(json_string_value(json_object_get(row, "deployment")));
-    char outcome[OPERATOR_DETAIL_MAX];
-    int ok = 0, total = 0;
+    const char *name = json_string_value(json_object_get(row, "deployment"));
+    int ok = (int)json_integer_value(json_object_get(row, "answers_ok"));
+    int total = (int)json_integer_value(json_object_get(row, "answers_total"));
 
-    if (!dep)
+    if (!name || !state_find_deployment(name))
         return;
-    bool decided = step && strcmp(step, "commit") == 0;
-    if (!decided) {
-        if (json_array_size(ids) == 0)
-            decided = true; /* prepared on nobody: nothing to undo */
-        else if (command_id > 0 && store_command_answers(command_id, &ok, &total) == 0)
-            decided = ok == total && total == (int)json_array_size(ids);
-        if (decided && store_config_commit(dep->name, version, id,
-                                           "every proxy had prepared (recovered)") != 0) {
-            log_error("deployment %s: operation %" PRId64 ": cannot commit version %" PRId64 ": %s",
-                      dep->name, id, version, store_error());
-            return;
-        }
-        if (decided)
-            config_fire(dep, ids, "config_commit", config_version_args(version, id));
+    config_recover_job *j = calloc(1, sizeof(*j));
+    if (!j || !(j->ids = json_is_array(ids) ? json_deep_copy(ids) : json_array())) {
+        free(j);
+        log_error("deployment %s: operation %" PRId64 ": out of memory recovering it", name, id);
+        return;
     }
-    if (decided) {
-        /* committed until every proxy of the set reports the version (config_watch) */
-        dep->config_version = version;
-        snprintf(outcome, sizeof(outcome),
+    snprintf(j->deployment, sizeof(j->deployment), "%s", name);
+    j->id = id;
+    j->version = version;
+    bool at_commit = step && strcmp(step, "commit") == 0;
+    j->commit = at_commit || json_array_size(ids) == 0 || /* prepared on nobody: nothing to undo */
+                (json_object_get(row, "answers_total") && ok == total &&
+                 total == (int)json_array_size(ids));
+    j->record = j->commit && !at_commit;
+    j->send = !at_commit; /* at the commit step the commit was queued by the one that stopped */
+    j->args = config_version_args(version, id);
+    if (j->commit)
+        snprintf(j->outcome, sizeof(j->outcome),
                  "finished by %s (the replica that ran it stopped at its %s step): version "
                  "%" PRId64 " committed, its commit queued to the proxies that prepared it",
                  control.identity, step ? step : "?", version);
-        /* after the commit's command (queued above): in this order */
-        store_queue_config_end(dep->name, id, "committed", outcome);
-        log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
-        config_watch_add(dep->name, id, version, json_deep_copy(ids), outcome, true);
-        return;
-    }
-    snprintf(outcome, sizeof(outcome),
-             "rolled back by %s (the replica that ran it stopped at its %s step, %d of %zu "
-             "proxies prepared): config_abort queued",
-             control.identity, step ? step : "?", ok, json_array_size(ids));
-    if (store_config_roll_back(dep->name, version, id, outcome) != 0) {
-        log_error("deployment %s: operation %" PRId64 ": cannot roll back version %" PRId64 ": %s",
-                  dep->name, id, version, store_error());
-        return;
-    }
-    config_fire(dep, ids, "config_abort", config_version_args(version, id));
-    log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
+    else
+        snprintf(j->outcome, sizeof(j->outcome),
+                 "rolled back by %s (the replica that ran it stopped at its %s step, %d of %zu "
+                 "proxies prepared): config_abort queued",
+                 control.identity, step ? step : "?", ok, json_array_size(ids));
+    j->job.run = config_recover_run;
+    j->job.done = config_recover_done;
+    store_worker_submit(&j->job);
 }
 
 /* The applies another replica left "committed": watched again from here. */
-static void config_recover_committed(void)
+static void config_recover_committed(json_t *list)
 {
     size_t i;
-    json_t *row, *list = store_config_committed();
-    if (!list) {
-        log_error("cannot read the committed configuration operations: %s (their records stay "
-                  "\"committed\")",
-                  store_error());
-        return;
-    }
+    json_t *row;
     json_array_foreach(list, i, row)
     {
         const char *dep = json_string_value(json_object_get(row, "deployment"));
@@ -1028,23 +1089,50 @@ static void config_recover_committed(void)
             config_watch_add(dep, id, json_integer_value(json_object_get(row, "version")),
                              json_deep_copy(json_object_get(row, "targets")), head, true);
     }
-    json_decref(list);
 }
 
-void config_recover(json_t *running)
+void config_recover(json_t *running, json_t *committed, json_t *versions)
 {
     size_t i;
     json_t *row;
     config_watch_stop(); /* what the store says, not what this replica had before */
-    config_recover_committed();
-    for (state_deployment *d = state_deployments(); d; d = d->next)
-        if (store_config_current(d->name, &d->config_version, NULL) != 0)
-            log_error("deployment %s: cannot read its configuration version: %s", d->name,
-                      store_error());
+    if (committed)
+        config_recover_committed(committed);
+    else
+        log_error("cannot read the committed configuration operations (their records stay "
+                  "\"committed\")");
+    for (state_deployment *d = state_deployments(); d; d = d->next) {
+        json_t *v = json_object_get(versions, d->name);
+        if (json_is_integer(v))
+            d->config_version = json_integer_value(v);
+        else
+            log_error("deployment %s: cannot read its configuration version", d->name);
+    }
     json_array_foreach(running, i, row)
     {
         const char *kind = json_string_value(json_object_get(row, "kind"));
         if (kind && strcmp(kind, "config") == 0)
             config_recover_one(row);
     }
+}
+
+int config_recover_read(json_t *running)
+{
+    size_t i;
+    json_t *row;
+    json_array_foreach(running, i, row)
+    {
+        const char *kind = json_string_value(json_object_get(row, "kind"));
+        const char *step = json_string_value(json_object_get(row, "step"));
+        int64_t command_id = json_integer_value(json_object_get(row, "command_id"));
+        int ok = 0, total = 0;
+        if (!kind || strcmp(kind, "config") != 0 || (step && strcmp(step, "commit") == 0) ||
+            command_id <= 0)
+            continue;
+        if (store_command_answers(command_id, &ok, &total) != 0)
+            continue; /* not known to have prepared everywhere: rolled back */
+        json_object_set_new(row, "answers_ok", json_integer(ok));
+        json_object_set_new(row, "answers_total", json_integer(total));
+    }
+    return 0;
 }

@@ -327,6 +327,8 @@ static void http_readyz(http_call *call)
     const char *why = http_not_serving_reason();
     if (!why && !store_up())
         why = "store unreachable";
+    if (!why && operation_recovering())
+        why = "recovering the operations another replica left running";
     if (!why) {
         static const char ready[] = "ready\n";
         http_reply_text(call->req, 200, HTTP_TEXT_TYPE, ready, sizeof(ready) - 1);
@@ -604,8 +606,8 @@ int http_start(struct event_base *base, char *err, size_t err_len)
 {
     const cconfig *cfg = control.cfg;
     if (cfg->tls_cert_file[0]) {
-        server.tls = tls_server_ctx(cfg->tls_cert_file, cfg->tls_key_file,
-                                    cfg->tls_client_ca_file, err, err_len);
+        server.tls = tls_server_ctx(cfg->tls_cert_file, cfg->tls_key_file, cfg->tls_client_ca_file,
+                                    err, err_len);
         if (!server.tls)
             return -1;
     } else if (!tls_addr_is_loopback(cfg->listen_addr)) {

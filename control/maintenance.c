@@ -295,13 +295,17 @@ static void maintenance_renew(maintenance_entry *e)
     free(held);
 }
 
+static void maintenance_load(void);
+
 void maintenance_renew_all(void)
 {
     maintenance_entry *next;
     if (!control.active || !lease_held())
         return;
-    if (!maint.loaded)
+    if (!maint.loaded) { /* the last load failed: again, and renewed once it is back */
         maintenance_load();
+        return;
+    }
     for (maintenance_entry *e = maint.on; e; e = next) {
         next = e->next; /* maintenance_renew may drop e */
         maintenance_renew(e);
@@ -331,24 +335,64 @@ static void maintenance_arm(void)
         log_error("cannot start the maintenance renewal timer: pauses end after pause_lease");
 }
 
-static void maintenance_loaded_one(const char *deployment, int64_t until_ms, void *arg)
+void maintenance_loaded(json_t *rows, const char *error)
 {
-    (void)arg;
-    if (maintenance_remember(deployment, until_ms) != 0)
-        log_error("deployment %s: cannot remember its maintenance: out of memory", deployment);
-    else
-        log_info("deployment %s: maintenance is on (from the store)%s", deployment,
-                 until_ms > 0 ? ", with the operator's end" : "");
-}
-
-void maintenance_load(void)
-{
+    size_t i;
+    json_t *row;
     while (maint.on)
         maintenance_drop(maint.on->deployment);
-    maint.loaded = store_maintenance_load(maintenance_loaded_one, NULL) == 0;
-    if (!maint.loaded)
+    maint.loaded = rows != NULL;
+    if (!rows)
         log_error("cannot load the deployments' maintenance (retrying at the next renewal): %s",
-                  store_error());
+                  error);
+    json_array_foreach(rows, i, row)
+    {
+        const char *deployment = json_string_value(json_object_get(row, "deployment"));
+        int64_t until_ms = json_integer_value(json_object_get(row, "until_ms"));
+        if (!deployment)
+            continue;
+        if (maintenance_remember(deployment, until_ms) != 0)
+            log_error("deployment %s: cannot remember its maintenance: out of memory", deployment);
+        else
+            log_info("deployment %s: maintenance is on (from the store)%s", deployment,
+                     until_ms > 0 ? ", with the operator's end" : "");
+    }
     if (!maint.timer || !evtimer_pending(maint.timer, NULL))
         maintenance_arm();
+}
+
+/* A load on its own (the last one failed), by the store worker. */
+typedef struct maintenance_load_job {
+    store_job job;
+    json_t *rows;
+} maintenance_load_job;
+
+static bool maintenance_loading;
+
+static int maintenance_load_run(store_job *job)
+{
+    maintenance_load_job *j = (maintenance_load_job *)job;
+    j->rows = store_maintenance_rows();
+    return j->rows ? 0 : -1;
+}
+
+static void maintenance_load_done(store_job *job)
+{
+    maintenance_load_job *j = (maintenance_load_job *)job;
+    maintenance_loading = false;
+    if (control.active && !maint.loaded)
+        maintenance_loaded(j->rows, job->error);
+    json_decref(j->rows);
+    free(j);
+}
+
+static void maintenance_load(void)
+{
+    maintenance_load_job *j = maintenance_loading ? NULL : calloc(1, sizeof(*j));
+    if (!j)
+        return;
+    j->job.run = maintenance_load_run;
+    j->job.done = maintenance_load_done;
+    maintenance_loading = true;
+    store_worker_submit(&j->job);
 }

@@ -31,11 +31,12 @@ int maintenance_split(state_deployment *dep, bool all_known, state_proxy ***held
  * maintenance to the proxies it holds, maintenance off to the others. */
 void maintenance_fire_resume(state_deployment *dep, bool all_known);
 
-/* A new lease holder's first act: load what the store says and start the renewals. */
-void maintenance_load(void);
+/* A new lease holder's first act: what the store says (rows from store_maintenance_rows, or NULL
+ * when it failed: error, and loaded again at the next renewal), and the renewals started. */
+void maintenance_loaded(json_t *rows, const char *error);
 
 /* Renew the pause of every deployment whose maintenance is on (a new holder's first act,
- * after maintenance_load and the operations' recovery; then every third of pause_lease). */
+ * after maintenance_loaded and the operations' recovery; then every third of pause_lease). */
 void maintenance_renew_all(void);
 
 #endif

@@ -521,7 +521,7 @@ void operator_on_ack(state_deployment *dep, int64_t command_id, const char *node
 
 bool operator_leadership_frozen(state_deployment *dep)
 {
-    return dep->op && dep->op->kind == OP_SWITCHOVER;
+    return (dep->op && dep->op->kind == OP_SWITCHOVER) || operation_recovering();
 }
 
 void operator_cancel_all(const char *reason)
@@ -550,6 +550,11 @@ operator_op *op_begin(http_call *call, op_kind kind)
     if (call->dep->op) {
         http_reply_error(call->req, 409, "a %s is in progress on deployment %s",
                          op_kind_names[call->dep->op->kind], call->dep->name);
+        return NULL;
+    }
+    if (operation_recovering()) { /* it could act before a left-over one is undone */
+        http_reply_error(call->req, 503,
+                         "recovering the operations another replica left running; try again");
         return NULL;
     }
     if (call->dep->deleting > 0) { /* it would address a proxy that is leaving */

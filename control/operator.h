@@ -22,9 +22,14 @@ void operator_operations(http_call *call); /* switchover.c: the operation record
  * asks before pg_promote(). */
 void operator_operation_status(http_call *call);
 
-/* A new holder's first act (switchover.c): load the operator's maintenance, roll back the
- * operations left running, renew the maintenance pauses (maintenance.c). */
+/* A new holder's first act once its state is loaded (recovery.c): load the operator's
+ * maintenance, finish or roll back the operations left running, renew the maintenance pauses.
+ * Read and written by the store worker; operation_recovering() until every write is back. */
 void operation_recover(void);
+bool operation_recovering(void);
+
+/* The state was dropped: a recovery under way is void. */
+void operation_recovery_reset(void);
 void operator_config_apply(http_call *call); /* config_apply.c: prepare, commit or roll back */
 
 /* config_apply.c, agent route: the deployment's desired configuration ({"version", "text"}),

@@ -169,9 +169,17 @@ void switchover_not_recorded(operator_op *op, bool create_failed, bool leader_fa
 /* config_apply.c: the prepare command is in the store (op->command_id). */
 void config_apply_prepare_sent(operator_op *op);
 
-/* config_apply.c: a new holder reads each deployment's desired configuration version and
- * finishes or rolls back the config operations among running (store_operations_list rows). */
-void config_recover(json_t *running);
+/* switchover.c, for recovery.c: finish (its promote succeeded) or roll back one switchover
+ * left running by another replica (a store_operations_list row). */
+void switchover_recover(json_t *row);
+
+/* config_apply.c, for recovery.c: the store worker's reads for the config operations among
+ * running (store_operations_list rows): the prepare command's answers (answers_ok,
+ * answers_total). 0 or -1. Then, on the loop: each deployment's desired version (versions:
+ * {deployment: version}), the committed applies watched again (committed, NULL when it could
+ * not be read), and each running apply finished or rolled back. */
+int config_recover_read(json_t *running);
+void config_recover(json_t *running, json_t *committed, json_t *versions);
 
 /* config_apply.c: stop watching the committed versions' pending proxies (lease lost,
  * shutdown); the next holder reads them again from the store. */

@@ -585,6 +585,7 @@ void state_deactivate(const char *reason)
     if (!control.active && !state_head)
         return;
     operator_cancel_all(reason);
+    operation_recovery_reset();
     agents_release_all(reason);
     state_free_list(state_head);
     state_head = NULL;

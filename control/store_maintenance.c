@@ -58,3 +58,23 @@ int store_maintenance_load(void (*fn)(const char *deployment, int64_t until_ms, 
     PQclear(res);
     return 0;
 }
+
+static void store_maintenance_row(const char *deployment, int64_t until_ms, void *arg)
+{
+    json_array_append_new(
+        arg, json_pack("{s:s, s:I}", "deployment", deployment, "until_ms", (json_int_t)until_ms));
+}
+
+json_t *store_maintenance_rows(void)
+{
+    json_t *rows = json_array();
+    if (!rows) {
+        store_fail("out of memory reading the maintenance");
+        return NULL;
+    }
+    if (store_maintenance_load(store_maintenance_row, rows) != 0) {
+        json_decref(rows);
+        return NULL;
+    }
+    return rows;
+}

@@ -2,6 +2,7 @@
 #ifndef PGRELAY_STORE_MAINTENANCE_H
 #define PGRELAY_STORE_MAINTENANCE_H
 
+#include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -12,5 +13,8 @@ int store_maintenance_save(const char *deployment, bool on, int64_t until_ms);
 /* Call fn for each deployment whose maintenance is on, with its until_ms. 0 or -1. */
 int store_maintenance_load(void (*fn)(const char *deployment, int64_t until_ms, void *arg),
                            void *arg);
+
+/* The same as [{"deployment", "until_ms"}] (any thread), or NULL (store_error says why). */
+json_t *store_maintenance_rows(void);
 
 #endif

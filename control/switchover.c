@@ -487,24 +487,6 @@ void operator_unfence(http_call *call)
     free(live);
 }
 
-/* A new holder finishing an operation saves its leader itself (before it serves anything:
- * lease.c's take-over). 0, or -1 when the store failed or refused it. */
-static int operation_leader_set(state_deployment *dep, const char *node)
-{
-    char stored_leader[STATE_NODE_NAME_MAX] = "";
-    int64_t stored_epoch = 0, epoch = leader_set_epoch(dep, dep->epoch + 1);
-    int rc = store_leadership_save(dep->name, node, epoch, &stored_epoch, stored_leader);
-    if (rc > 0)
-        log_error("deployment %s: the store refused leader %s at epoch %" PRId64
-                  ": it holds leader %s at epoch %" PRId64 " (one epoch names one leader)",
-                  dep->name, node, epoch, stored_leader[0] ? stored_leader : "(none)",
-                  stored_epoch);
-    if (rc != 0)
-        return -1;
-    leader_saved(dep, node, epoch);
-    return 0;
-}
-
 /* ---- the operation record: the agents' question, the operator's list, recovery ---- */
 
 void operator_operation_status(http_call *call)
@@ -627,73 +609,146 @@ static bool operation_promoted(json_t *row)
     return detail && strncmp(detail, "promote step", 12) != 0;
 }
 
-/* Finish an operation whose promote succeeded, left running by a replica that crashed,
- * stopped or lost the lease: the target is the leader under a new epoch (unless the record's
- * switch already stored it), set_leader and the resume are queued for every proxy, and the
- * old leader stays fenced. 0, or -1 when the leadership cannot be stored (then it is rolled
- * back instead). */
-static int operation_finish(json_t *row, state_deployment *dep)
-{
-    int64_t id = json_integer_value(json_object_get(row, "id"));
-    const char *node = json_string_value(json_object_get(row, "node"));
-    const char *old = json_string_value(json_object_get(row, "old_leader"));
-    const char *step = json_string_value(json_object_get(row, "step"));
-    char outcome[OPERATOR_DETAIL_MAX];
-    int n = 0;
+/* Finishing an operation whose promote succeeded, for the store worker, in this order: the
+ * target saved as the leader under a new epoch (unless the record's switch stored it
+ * already), the operation's late commands withdrawn, set_leader queued for every proxy. */
+typedef struct operation_finish_job {
+    store_job job;
+    json_t *row;
+    char deployment[CCONFIG_NAME_MAX];
+    char node[STATE_NODE_NAME_MAX];
+    bool save;
+    int64_t epoch;
+    int leader_rc; /* store_leadership_save's: > 0 refused */
+    int64_t stored_epoch;
+    char stored_leader[STATE_NODE_NAME_MAX];
+    json_t *args; /* set_leader's */
+    const char **ids;
+    char (*id_text)[STATE_NODE_ID_MAX];
+    int n;
+    int64_t command_id;
+} operation_finish_job;
 
-    if (!node || !node[0])
-        return -1;
-    if ((strcmp(step, "switch") != 0 || strcmp(dep->leader, node) != 0) &&
-        operation_leader_set(dep, node) != 0) {
-        log_error("deployment %s: operation %" PRId64 ": cannot store %s as the leader: %s",
-                  dep->name, id, node, store_error());
-        return -1;
+static int operation_finish_run(store_job *job)
+{
+    operation_finish_job *j = (operation_finish_job *)job;
+    int64_t id = json_integer_value(json_object_get(j->row, "id"));
+    if (j->save) {
+        j->leader_rc = store_leadership_save(j->deployment, j->node, j->epoch, &j->stored_epoch,
+                                             j->stored_leader);
+        if (j->leader_rc != 0)
+            return -1;
     }
-    /* the leader is stored; every other write queued, in this order */
-    store_queue_operation_cancel(dep->name, id,
-                                 "cancelled: the operation was finished by another replica");
-    for (state_proxy *p = dep->proxies; p; p = p->next)
-        n++;
-    state_proxy **all = n > 0 ? malloc((size_t)n * sizeof(*all)) : NULL;
-    n = 0;
-    for (state_proxy *p = dep->proxies; p && all; p = p->next)
-        all[n++] = p;
-    store_queue_command(dep, "set_leader",
-                        json_pack("{s:s, s:I}", "leader", node, "epoch", (json_int_t)dep->epoch),
-                        all, n, NULL, NULL);
-    free(all);
+    if (store_operation_cancel_commands(id, "cancelled: the operation was finished by another "
+                                            "replica") != 0)
+        log_warning("operation %" PRId64 ": cannot withdraw its late commands: %s", id,
+                    store_error());
+    if (j->n > 0 && (j->command_id = store_command_create_ids(j->deployment, "set_leader", j->args,
+                                                              j->ids, j->n)) < 0)
+        log_error("deployment %s: cannot queue set_leader: %s", j->deployment, store_error());
+    return 0;
+}
+
+static void operation_finish_free(operation_finish_job *j)
+{
+    json_decref(j->row);
+    json_decref(j->args);
+    free(j->ids);
+    free(j->id_text);
+    free(j);
+}
+
+static void operation_finish_done(store_job *job)
+{
+    operation_finish_job *j = (operation_finish_job *)job;
+    state_deployment *dep = control.active ? state_find_deployment(j->deployment) : NULL;
+    int64_t id = json_integer_value(json_object_get(j->row, "id"));
+    const char *old = json_string_value(json_object_get(j->row, "old_leader"));
+    const char *step = json_string_value(json_object_get(j->row, "step"));
+    char outcome[OPERATOR_DETAIL_MAX];
+    if (!dep) { /* no longer ours: the next holder recovers it */
+        operation_finish_free(j);
+        return;
+    }
+    if (job->rc != 0) { /* the leader could not be stored: rolled back instead */
+        if (j->leader_rc > 0)
+            log_error("deployment %s: operation %" PRId64 ": cannot store %s as the leader: "
+                      "the store holds leader %s at epoch %" PRId64,
+                      dep->name, id, j->node, j->stored_leader[0] ? j->stored_leader : "(none)",
+                      j->stored_epoch);
+        else
+            log_error("deployment %s: operation %" PRId64 ": cannot store %s as the leader: %s",
+                      dep->name, id, j->node, job->error);
+        operation_roll_back(j->row);
+        operation_finish_free(j);
+        return;
+    }
+    if (j->save)
+        leader_saved(dep, j->node, j->epoch);
+    for (int i = 0; j->command_id > 0 && i < j->n; i++) {
+        state_proxy *p = state_find_proxy(dep, j->ids[i]);
+        if (p)
+            agents_wake(p);
+    }
     maintenance_fire_resume(dep, true); /* off, or the operator's maintenance */
     snprintf(outcome, sizeof(outcome),
              "finished by %s (the replica that ran it stopped after the promote, at step %s): "
              "%s is the leader at epoch %" PRId64 ", set_leader and the resume queued%s%s%s",
-             control.identity, step, node, dep->epoch, old && old[0] ? "; " : "",
-             old && old[0] ? old : "", old && old[0] ? " stays fenced" : "");
-    store_queue_operation_end(dep->name, id, "done", outcome);
+             control.identity, step ? step : "?", j->node, j->save ? j->epoch : dep->epoch,
+             old && old[0] ? "; " : "", old && old[0] ? old : "",
+             old && old[0] ? " stays fenced" : "");
+    store_queue_operation_end(dep->name, id, "done", outcome); /* after the resume */
     log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
-    return 0;
+    operation_finish_free(j);
 }
 
-void operation_recover(void)
+/* Finish an operation whose promote succeeded, left running by a replica that crashed,
+ * stopped or lost the lease: the target is the leader under a new epoch (unless the record's
+ * switch already stored it), set_leader and the resume are queued for every proxy, and the
+ * old leader stays fenced; rolled back instead when the leadership cannot be stored. */
+static void operation_finish(json_t *row, state_deployment *dep)
 {
-    size_t i;
-    json_t *row;
-    maintenance_load(); /* first: a rollback resumes to the operator's maintenance */
-    json_t *list = store_operations_list(NULL, 1000, true);
-    if (!list) {
-        log_error("cannot look for unfinished operations: %s", store_error());
-    } else {
-        config_recover(list); /* the configuration applies (config_apply.c) */
-        json_array_foreach(list, i, row)
-        {
-            const char *kind = json_string_value(json_object_get(row, "kind"));
-            if (kind && strcmp(kind, "config") == 0)
-                continue;
-            state_deployment *dep =
-                state_find_deployment(json_string_value(json_object_get(row, "deployment")));
-            if (!dep || !operation_promoted(row) || operation_finish(row, dep) != 0)
-                operation_roll_back(row);
-        }
-        json_decref(list);
+    const char *node = json_string_value(json_object_get(row, "node"));
+    const char *step = json_string_value(json_object_get(row, "step"));
+    operation_finish_job *j = calloc(1, sizeof(*j));
+    int n = 0;
+    for (state_proxy *p = dep->proxies; p; p = p->next)
+        n++;
+    if (j) {
+        j->ids = calloc(n > 0 ? (size_t)n : 1, sizeof(*j->ids));
+        j->id_text = calloc(n > 0 ? (size_t)n : 1, sizeof(*j->id_text));
     }
-    maintenance_renew_all(); /* what the store says, at once */
+    if (!node || !node[0] || !j || !j->ids || !j->id_text) {
+        if (j) {
+            free(j->ids);
+            free(j->id_text);
+            free(j);
+        }
+        operation_roll_back(row);
+        return;
+    }
+    j->row = json_incref(row);
+    snprintf(j->deployment, sizeof(j->deployment), "%s", dep->name);
+    snprintf(j->node, sizeof(j->node), "%s", node);
+    j->save = strcmp(step ? step : "", "switch") != 0 || strcmp(dep->leader, node) != 0;
+    j->epoch = j->save ? leader_set_epoch(dep, dep->epoch + 1) : dep->epoch;
+    for (state_proxy *p = dep->proxies; p; p = p->next) {
+        snprintf(j->id_text[j->n], STATE_NODE_ID_MAX, "%s", p->node_id);
+        j->ids[j->n] = j->id_text[j->n];
+        j->n++;
+    }
+    j->args = json_pack("{s:s, s:I}", "leader", node, "epoch", (json_int_t)j->epoch);
+    j->job.run = operation_finish_run;
+    j->job.done = operation_finish_done;
+    store_worker_submit(&j->job);
+}
+
+void switchover_recover(json_t *row)
+{
+    state_deployment *dep =
+        state_find_deployment(json_string_value(json_object_get(row, "deployment")));
+    if (dep && operation_promoted(row))
+        operation_finish(row, dep);
+    else
+        operation_roll_back(row);
 }

@@ -222,6 +222,51 @@ def test_a_state_load_waiting_on_the_store_holds_no_other_request(control_factor
     assert second.proxies()["proxy-a"]["status"] == "declared"
 
 
+
+def test_a_recovery_waiting_on_the_store_holds_no_other_request(control_factory, store, agents):
+    """A replica that becomes active recovers what another one left running (its reads and
+    writes by the store worker): while the store holds the recovery's read, /healthz and the
+    agents are answered at once, /readyz says it is recovering and an orchestration is 503;
+    once the store lets go, it is ready and orchestrations run."""
+    first = control_factory()
+    assert first.stop() == 0
+    locker = psycopg.connect(store)
+    try:
+        locker.execute("LOCK TABLE pgrelay.maintenance IN ACCESS EXCLUSIVE MODE")
+        second = control_factory(wait_ready=False)
+
+        def recovering():
+            with psycopg.connect(store, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type ="
+                                 " 'Lock' AND query LIKE '%pgrelay.maintenance%'"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0] > 0
+
+        wait_for(recovering, timeout=10, what="the recovery's read to wait in the store")
+        status, text = second.call("GET", "/readyz")
+        assert status == 503 and "recovering" in text, (status, text)
+        status, body = second.admin("POST", "/deployments/prod/maintenance",
+                                    {"on": True, "timeout_s": 5})
+        assert status == 503 and "recovering" in body["error"], body
+        a = agents(second, "proxy-a")
+        # longer than a store call may last (5 s: then the recovery goes on without what it
+        # could not read, which is tried again later)
+        until = time.monotonic() + 7.0
+        while time.monotonic() < until:
+            started = time.monotonic()
+            status, _ = second.call("GET", "/healthz", timeout=10)
+            assert status == 200, status
+            assert a.metrics()["leader"] is None
+            waited = time.monotonic() - started
+            assert waited < 1.0, f"/healthz and a metrics call took {waited:.2f}s"
+            time.sleep(0.1)
+    finally:
+        locker.rollback()
+        locker.close()
+    wait_for(second.ready, timeout=15, what="the replica to be ready once the store lets go")
+    status, body = second.admin("POST", "/deployments/prod/maintenance",
+                                {"on": True, "timeout_s": 10})
+    assert status == 200 and body["ok"], body
+
 # --------------------------------------------------------------------------- #
 # what a write on its way may not undo (found by review of the change above)
 # --------------------------------------------------------------------------- #
