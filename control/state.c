@@ -593,6 +593,46 @@ void state_deactivate(const char *reason)
     log_info("inactive: %s", reason);
 }
 
+/* A configured deployment's row (new, or a new token), for the store worker; taken here once
+ * it is stored, so a token is accepted only once the store has it. */
+typedef struct state_deployment_job {
+    store_job job;
+    char name[CCONFIG_NAME_MAX];
+    char sha[CONTROL_SHA256_HEX_LEN];
+} state_deployment_job;
+
+static int state_deployment_run(store_job *job)
+{
+    state_deployment_job *j = (state_deployment_job *)job;
+    return store_deployment_save(j->name, j->sha, false);
+}
+
+static void state_deployment_done(store_job *job)
+{
+    state_deployment_job *j = (state_deployment_job *)job;
+    const cconfig *cfg = control.cfg;
+    char sha[CONTROL_SHA256_HEX_LEN] = "";
+    for (int i = 0; i < cfg->n_deployments; i++)
+        if (strcmp(cfg->deployments[i].name, j->name) == 0)
+            control_sha256_hex(cfg->deployments[i].token, sha);
+    state_deployment *d = control.active ? state_find_deployment(j->name) : NULL;
+    if (job->rc != 0) {
+        log_error("reload: cannot save deployment %s: %s", j->name, job->error);
+    } else if (!control.active || strcmp(sha, j->sha) != 0) {
+        /* dropped meanwhile, or reloaded again: the later reload's row decides */
+    } else if (d) {
+        if (strcmp(d->token_sha256, j->sha) != 0) {
+            snprintf(d->token_sha256, sizeof(d->token_sha256), "%s", j->sha);
+            log_info("reload: deployment %s has a new token", j->name);
+        }
+        d->configured = true;
+    } else if ((d = state_new_deployment(j->name, j->sha, false))) {
+        d->configured = true;
+        log_info("reload: deployment %s added", j->name);
+    }
+    free(j);
+}
+
 void state_apply_config(void)
 {
     const cconfig *cfg = control.cfg;
@@ -606,23 +646,23 @@ void state_apply_config(void)
         state_deployment *d = state_find_deployment(cd->name);
         if (d && strcmp(d->token_sha256, sha) == 0)
             continue;
-        if (store_deployment_save(cd->name, sha, false) != 0) {
-            log_error("reload: cannot save deployment %s: %s", cd->name, store_error());
+        state_deployment_job *j = calloc(1, sizeof(*j));
+        if (!j) {
+            log_error("reload: cannot save deployment %s: out of memory", cd->name);
             continue;
         }
-        if (d) {
-            snprintf(d->token_sha256, sizeof(d->token_sha256), "%s", sha);
-            log_info("reload: deployment %s has a new token", cd->name);
-        } else if (state_new_deployment(cd->name, sha, false)) {
-            log_info("reload: deployment %s added", cd->name);
-        }
+        snprintf(j->name, sizeof(j->name), "%s", cd->name);
+        snprintf(j->sha, sizeof(j->sha), "%s", sha);
+        j->job.run = state_deployment_run;
+        j->job.done = state_deployment_done;
+        store_worker_submit(&j->job); /* taken once stored (state_deployment_done) */
     }
     for (state_deployment *d = state_head; d; d = d->next) {
         bool was = d->configured;
         d->configured = false;
         for (int i = 0; i < cfg->n_deployments; i++)
             if (strcmp(cfg->deployments[i].name, d->name) == 0)
-                d->configured = true;
+                d->configured = true; /* a new token is taken once stored */
         if (was && !d->configured)
             log_info("reload: deployment %s is no longer configured; its token is refused",
                      d->name);

@@ -6,6 +6,8 @@ no proxy gets a step's command before the step's record is in the store, and non
 new leader before it is saved. Once the store lets go, each completes. The operations view,
 which reads the store, waits for it without holding anything else either."""
 
+import os
+import signal
 import time
 
 import psycopg
@@ -23,6 +25,7 @@ from control_helpers import (  # noqa: F401 - fixtures used by name
     store,
     obs,
     store_rows,
+    write_ini,
 )
 from test_control_store_offloop import StoreHold, others_answer_while
 
@@ -266,6 +269,40 @@ def test_a_recovery_waiting_on_the_store_holds_no_other_request(control_factory,
     status, body = second.admin("POST", "/deployments/prod/maintenance",
                                 {"on": True, "timeout_s": 10})
     assert status == 200 and body["ok"], body
+
+
+def test_a_reload_whose_new_deployment_waits_on_the_store_holds_no_other_request(
+        control, store):
+    """SIGHUP with a new deployment: its row is written by the store worker; while the store
+    holds it, /healthz answers at once and the new token is not accepted yet (a token works
+    only once the store has it); then it is."""
+    locker = psycopg.connect(store)
+    try:
+        locker.execute("LOCK TABLE pgrelay.deployments IN ACCESS EXCLUSIVE MODE")
+        write_ini(control.conf, control.port, store,
+                  deployments={"prod": TOKENS["prod"], "qa": "qa-agent-token-3"})
+        os.kill(control.pid, signal.SIGHUP)
+
+        def saving():
+            with psycopg.connect(store, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type ="
+                                 " 'Lock' AND query LIKE '%pgrelay.deployments%'"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0] > 0
+
+        wait_for(saving, timeout=10, what="the new deployment's row to wait in the store")
+        for _ in range(10):
+            started = time.monotonic()
+            status, _ = control.call("GET", "/healthz", timeout=10)
+            waited = time.monotonic() - started
+            assert status == 200 and waited < 1.0, f"/healthz waited {waited:.2f}s"
+        assert control.call("POST", API + "/agent/register", {"node_id": "qa-1"},
+                            token="qa-agent-token-3")[0] == 401
+    finally:
+        locker.rollback()
+        locker.close()
+    wait_for(lambda: control.call("POST", API + "/agent/register", {"node_id": "qa-1"},
+                                  token="qa-agent-token-3")[0] == 200,
+             what="the new deployment's token to work once stored")
 
 # --------------------------------------------------------------------------- #
 # what a write on its way may not undo (found by review of the change above)
