@@ -961,41 +961,48 @@ typedef struct config_recover_job {
     json_t *ids;  /* the set */
     json_t *args; /* the command's */
     char outcome[OPERATOR_DETAIL_MAX];
+    json_t *send_to; /* the proxies of the set this replica knows (the command's) */
     int64_t command_id;
+    bool decided;    /* stored committed, even if what follows failed */
     char failed[32]; /* what could not be written */
 } config_recover_job;
 
 static int config_recover_run(store_job *job)
 {
     config_recover_job *j = (config_recover_job *)job;
-    size_t n = json_array_size(j->ids);
+    size_t n = json_array_size(j->send_to);
     const char **ids = malloc((n > 0 ? n : 1) * sizeof(*ids));
     if (!ids) {
         snprintf(j->failed, sizeof(j->failed), "(out of memory) recover");
         return -1;
     }
     for (size_t i = 0; i < n; i++)
-        ids[i] = json_string_value(json_array_get(j->ids, i));
-    int rc = 0;
+        ids[i] = json_string_value(json_array_get(j->send_to, i));
+    int rc = -1;
     if (j->commit && j->record &&
         store_config_commit(j->deployment, j->version, j->id,
                             "every proxy had prepared (recovered)") != 0) {
         snprintf(j->failed, sizeof(j->failed), "commit version");
-        rc = -1;
-    } else if (!j->commit &&
-               store_config_roll_back(j->deployment, j->version, j->id, j->outcome) != 0) {
-        snprintf(j->failed, sizeof(j->failed), "roll back version");
-        rc = -1;
-    } else if (j->send && n > 0 &&
-               (j->command_id = store_command_create_ids(
-                    j->deployment, j->commit ? "config_commit" : "config_abort", j->args, ids,
-                    (int)n)) < 0) {
-        snprintf(j->failed, sizeof(j->failed), "queue the command for");
-        rc = -1;
-    } else if (j->commit && store_config_end(j->id, "committed", j->outcome) != 0) {
-        snprintf(j->failed, sizeof(j->failed), "record the end of");
-        rc = -1;
+        goto done;
     }
+    if (!j->commit && store_config_roll_back(j->deployment, j->version, j->id, j->outcome) != 0) {
+        snprintf(j->failed, sizeof(j->failed), "roll back version");
+        goto done;
+    }
+    j->decided = j->commit; /* stored committed: the version is the deployment's */
+    if (j->send && n > 0 &&
+        (j->command_id =
+             store_command_create_ids(j->deployment, j->commit ? "config_commit" : "config_abort",
+                                      j->args, ids, (int)n)) < 0) {
+        snprintf(j->failed, sizeof(j->failed), "queue the command for");
+        goto done;
+    }
+    if (j->commit && store_config_end(j->id, "committed", j->outcome) != 0) {
+        snprintf(j->failed, sizeof(j->failed), "record the end of");
+        goto done;
+    }
+    rc = 0;
+done:
     free(ids);
     return rc;
 }
@@ -1009,12 +1016,14 @@ static void config_recover_done(store_job *job)
                   j->id, j->failed, j->version, job->error);
     else
         log_warning("deployment %s: operation %" PRId64 " %s", j->deployment, j->id, j->outcome);
-    for (size_t i = 0; dep && j->command_id > 0 && i < json_array_size(j->ids); i++) {
-        state_proxy *p = state_find_proxy(dep, json_string_value(json_array_get(j->ids, i)));
+    for (size_t i = 0; dep && j->command_id > 0 && i < json_array_size(j->send_to); i++) {
+        state_proxy *p = state_find_proxy(dep, json_string_value(json_array_get(j->send_to, i)));
         if (p)
             agents_wake(p);
     }
-    if (dep && job->rc == 0 && j->commit) {
+    /* stored committed, even when what follows failed: the version is the deployment's, and
+     * the proxies of the set converge to it (watched) */
+    if (dep && j->decided) {
         /* committed until every proxy of the set reports the version (config_watch) */
         if (dep->config_version < j->version)
             dep->config_version = j->version;
@@ -1022,6 +1031,7 @@ static void config_recover_done(store_job *job)
         j->ids = NULL;
     }
     json_decref(j->ids);
+    json_decref(j->send_to);
     json_decref(j->args);
     free(j);
 }
@@ -1058,6 +1068,13 @@ static void config_recover_one(json_t *row)
     j->record = j->commit && !at_commit;
     j->send = !at_commit; /* at the commit step the commit was queued by the one that stopped */
     j->args = config_version_args(version, id);
+    j->send_to = json_array(); /* as config_fire: the proxies of the set still known */
+    state_deployment *dep = state_find_deployment(name);
+    for (size_t i = 0; j->send_to && i < json_array_size(j->ids); i++) {
+        const char *node_id = json_string_value(json_array_get(j->ids, i));
+        if (node_id && state_find_proxy(dep, node_id))
+            json_array_append_new(j->send_to, json_string(node_id));
+    }
     if (j->commit)
         snprintf(j->outcome, sizeof(j->outcome),
                  "finished by %s (the replica that ran it stopped at its %s step): version "

@@ -14,6 +14,7 @@
 #include "lease.h"
 #include "log.h"
 #include "members.h"
+#include "operator.h"
 #include "operator_internal.h"
 #include "store.h"
 #include "store_maintenance.h"
@@ -300,8 +301,8 @@ static void maintenance_load(void);
 void maintenance_renew_all(void)
 {
     maintenance_entry *next;
-    if (!control.active || !lease_held())
-        return;
+    if (!control.active || !lease_held() || operation_recovering())
+        return;          /* a recovery loads what the store says, then renews (recovery.c) */
     if (!maint.loaded) { /* the last load failed: again, and renewed once it is back */
         maintenance_load();
         return;
@@ -333,6 +334,13 @@ static void maintenance_arm(void)
         maint.timer = evtimer_new(control.base, maintenance_tick, NULL);
     if (!maint.timer || evtimer_add(maint.timer, &tv) != 0)
         log_error("cannot start the maintenance renewal timer: pauses end after pause_lease");
+}
+
+void maintenance_forget(void)
+{
+    while (maint.on)
+        maintenance_drop(maint.on->deployment);
+    maint.loaded = false;
 }
 
 void maintenance_loaded(json_t *rows, const char *error)
@@ -380,10 +388,13 @@ static void maintenance_load_done(store_job *job)
 {
     maintenance_load_job *j = (maintenance_load_job *)job;
     maintenance_loading = false;
-    if (control.active && !maint.loaded)
+    bool load = control.active && !maint.loaded && !operation_recovering();
+    if (load)
         maintenance_loaded(j->rows, job->error);
     json_decref(j->rows);
     free(j);
+    if (load && maint.loaded)
+        maintenance_renew_all();
 }
 
 static void maintenance_load(void)

@@ -35,6 +35,10 @@ void maintenance_fire_resume(state_deployment *dep, bool all_known);
  * when it failed: error, and loaded again at the next renewal), and the renewals started. */
 void maintenance_loaded(json_t *rows, const char *error);
 
+/* The state is dropped (lease lost, shutdown): what this replica knew of the maintenance is
+ * forgotten; the next activation loads the store again. */
+void maintenance_forget(void);
+
 /* Renew the pause of every deployment whose maintenance is on (a new holder's first act,
  * after maintenance_loaded and the operations' recovery; then every third of pause_lease). */
 void maintenance_renew_all(void);

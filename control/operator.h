@@ -30,6 +30,11 @@ bool operation_recovering(void);
 
 /* The state was dropped: a recovery under way is void. */
 void operation_recovery_reset(void);
+
+/* A job of the recovery whose writes are not all queued yet: the recovery ends (and
+ * orchestrations resume) only after the last one released it. */
+void operation_recovery_hold(void);
+void operation_recovery_release(void);
 void operator_config_apply(http_call *call); /* config_apply.c: prepare, commit or roll back */
 
 /* config_apply.c, agent route: the deployment's desired configuration ({"version", "text"}),

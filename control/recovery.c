@@ -26,6 +26,7 @@
 
 static uint64_t recovery_generation; /* the recovery under way (0: none) */
 static uint64_t recovery_count;
+static int recovery_holds; /* its jobs whose writes are not all queued yet */
 
 typedef struct recovery_job {
     store_job job;
@@ -108,9 +109,23 @@ static void recovery_done(store_job *job)
                 switchover_recover(row);
         }
     }
-    /* after every write the decisions above queued (and those their own ends queue) */
-    store_queue_barrier("", recovery_ended, (void *)(uintptr_t)j->generation);
     recovery_free(j);
+    operation_recovery_release(); /* this job's own hold */
+}
+
+void operation_recovery_hold(void)
+{
+    if (recovery_generation)
+        recovery_holds++;
+}
+
+void operation_recovery_release(void)
+{
+    if (!recovery_generation || recovery_holds <= 0 || --recovery_holds > 0)
+        return;
+    /* after every write the recovery's decisions queued (a finished switchover's resume and
+     * end included: they are queued when its leader is back) */
+    store_queue_barrier("", recovery_ended, (void *)(uintptr_t)recovery_generation);
 }
 
 void operation_recover(void)
@@ -124,6 +139,7 @@ void operation_recover(void)
     for (state_deployment *d = state_deployments(); d; d = d->next)
         json_array_append_new(j->names, json_string(d->name));
     j->generation = recovery_generation = ++recovery_count;
+    recovery_holds = 1; /* the read, until its decisions are queued */
     j->job.run = recovery_run;
     j->job.done = recovery_done;
     store_worker_submit(&j->job);
@@ -137,4 +153,5 @@ bool operation_recovering(void)
 void operation_recovery_reset(void)
 {
     recovery_generation = 0;
+    recovery_holds = 0;
 }

@@ -5,6 +5,7 @@
 #include "leader.h"
 #include "lease.h"
 #include "log.h"
+#include "maintenance.h"
 #include "operator.h"
 #include "store.h"
 #include "store_worker.h"
@@ -586,6 +587,7 @@ void state_deactivate(const char *reason)
         return;
     operator_cancel_all(reason);
     operation_recovery_reset();
+    maintenance_forget(); /* the next activation's recovery loads the store again */
     agents_release_all(reason);
     state_free_list(state_head);
     state_head = NULL;
@@ -600,6 +602,21 @@ typedef struct state_deployment_job {
     char name[CCONFIG_NAME_MAX];
     char sha[CONTROL_SHA256_HEX_LEN];
 } state_deployment_job;
+
+/* {name: rows on their way}: a reload writes a deployment's row again while one is, so the
+ * store ends with the last reload's token (T1, T2, then T1 again). */
+static json_t *state_saving;
+
+static void state_saving_add(const char *name, int by)
+{
+    if (!state_saving && !(state_saving = json_object()))
+        return;
+    int64_t n = json_integer_value(json_object_get(state_saving, name)) + by;
+    if (n > 0)
+        json_object_set_new(state_saving, name, json_integer(n));
+    else
+        json_object_del(state_saving, name);
+}
 
 static int state_deployment_run(store_job *job)
 {
@@ -616,6 +633,7 @@ static void state_deployment_done(store_job *job)
         if (strcmp(cfg->deployments[i].name, j->name) == 0)
             control_sha256_hex(cfg->deployments[i].token, sha);
     state_deployment *d = control.active ? state_find_deployment(j->name) : NULL;
+    state_saving_add(j->name, -1);
     if (job->rc != 0) {
         log_error("reload: cannot save deployment %s: %s", j->name, job->error);
     } else if (!control.active || strcmp(sha, j->sha) != 0) {
@@ -644,7 +662,7 @@ void state_apply_config(void)
         const cconfig_deployment *cd = &cfg->deployments[i];
         control_sha256_hex(cd->token, sha);
         state_deployment *d = state_find_deployment(cd->name);
-        if (d && strcmp(d->token_sha256, sha) == 0)
+        if (d && strcmp(d->token_sha256, sha) == 0 && !json_object_get(state_saving, cd->name))
             continue;
         state_deployment_job *j = calloc(1, sizeof(*j));
         if (!j) {
@@ -655,6 +673,7 @@ void state_apply_config(void)
         snprintf(j->sha, sizeof(j->sha), "%s", sha);
         j->job.run = state_deployment_run;
         j->job.done = state_deployment_done;
+        state_saving_add(cd->name, 1);
         store_worker_submit(&j->job); /* taken once stored (state_deployment_done) */
     }
     for (state_deployment *d = state_head; d; d = d->next) {

@@ -668,6 +668,7 @@ static void operation_finish_done(store_job *job)
     char outcome[OPERATOR_DETAIL_MAX];
     if (!dep) { /* no longer ours: the next holder recovers it */
         operation_finish_free(j);
+        operation_recovery_release();
         return;
     }
     if (job->rc != 0) { /* the leader could not be stored: rolled back instead */
@@ -681,6 +682,7 @@ static void operation_finish_done(store_job *job)
                       dep->name, id, j->node, job->error);
         operation_roll_back(j->row);
         operation_finish_free(j);
+        operation_recovery_release();
         return;
     }
     if (j->save)
@@ -700,6 +702,7 @@ static void operation_finish_done(store_job *job)
     store_queue_operation_end(dep->name, id, "done", outcome); /* after the resume */
     log_warning("deployment %s: operation %" PRId64 " %s", dep->name, id, outcome);
     operation_finish_free(j);
+    operation_recovery_release();
 }
 
 /* Finish an operation whose promote succeeded, left running by a replica that crashed,
@@ -740,6 +743,7 @@ static void operation_finish(json_t *row, state_deployment *dep)
     j->args = json_pack("{s:s, s:I}", "leader", node, "epoch", (json_int_t)j->epoch);
     j->job.run = operation_finish_run;
     j->job.done = operation_finish_done;
+    operation_recovery_hold(); /* released once its resume and end are queued */
     store_worker_submit(&j->job);
 }
 

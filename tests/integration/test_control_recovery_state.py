@@ -1,0 +1,87 @@
+"""A replica that loses the lease and takes it again recovers from what the store says, not from
+what it remembered (issue 9): its recovery reads the store on the store worker, and until that
+read is back nothing it knew of the operator's maintenance from its last activation is acted on.
+
+Scenario of both tests: the replica holds the lease with maintenance on; "another holder" (the
+test, writing the store) takes the lease and changes the maintenance; the replica notices,
+steps down, takes the lease back, and its recovery's read of the maintenance waits on a lock
+the test holds for longer than a renewal period. Then:
+
+  * maintenance turned off by the other holder: no pause is sent after that (a renewal of the
+    remembered maintenance would pause the fleet for a maintenance that no longer exists);
+  * maintenance made open-ended by the other holder: it stays in the store (the end of the
+    remembered, time-limited one may not delete it).
+"""
+
+import time
+
+import psycopg
+
+from conftest import wait_for
+from control_helpers import (  # noqa: F401 - fixtures used by name
+    agents,
+    control_factory,
+    store,
+    store_rows,
+)
+
+LEASE = {"enabled": "on", "lease_duration_secs": 3, "lease_interval_secs": 1,
+         "release_timeout_secs": 2}
+
+
+def retake_with_recovery_held(control, store, other_holder, hold_s):
+    """other_holder(conn) changes the store as another lease holder would; the replica loses
+    the lease, takes it back, and its recovery's read of pgrelay.maintenance waits hold_s;
+    returns the store's clock before the take-back."""
+    with psycopg.connect(store, autocommit=True) as c:
+        c.execute("UPDATE pgrelay.lease SET holder = 'another-replica', renew_time = now()")
+        other_holder(c)
+    wait_for(lambda: not control.ready(), timeout=10, what="the replica to lose the lease")
+    [(before,)] = store_rows(store, "SELECT now()")
+    locker = psycopg.connect(store)
+    try:
+        locker.execute("LOCK TABLE pgrelay.maintenance IN ACCESS EXCLUSIVE MODE")
+
+        def reading():
+            with psycopg.connect(store, autocommit=True) as c:
+                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type ="
+                                 " 'Lock' AND query LIKE '%pgrelay.maintenance%'"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0] > 0
+
+        wait_for(reading, timeout=15, what="the take-back's recovery to wait in the store")
+        time.sleep(hold_s)  # renewal ticks come meanwhile (every third of pause_lease)
+    finally:
+        locker.rollback()
+        locker.close()
+    wait_for(control.ready, timeout=15, what="the replica to be ready again")
+    time.sleep(1.5)  # renewal ticks after the recovery
+    return before
+
+
+def test_maintenance_turned_off_by_another_holder_is_not_renewed_after_a_take_back(
+        control_factory, store, agents):
+    control = control_factory(lease=LEASE, control={"pause_lease": "3s"})
+    agents(control, "proxy-a")
+    status, body = control.admin("POST", "/deployments/prod/maintenance",
+                                 {"on": True, "timeout_s": 10})
+    assert status == 200 and body["ok"], body
+    before = retake_with_recovery_held(
+        control, store, lambda c: c.execute("DELETE FROM pgrelay.maintenance"), hold_s=3.0)
+    pauses = store_rows(store, "SELECT id, args FROM pgrelay.commands WHERE type = 'maintenance'"
+                               f" AND created_at > '{before.isoformat()}' ORDER BY id")
+    assert not any(args.get("on") for _, args in pauses), \
+        f"pauses sent after the store said maintenance off: {pauses}"
+
+
+def test_maintenance_made_open_ended_by_another_holder_stays_after_a_take_back(
+        control_factory, store, agents):
+    control = control_factory(lease=LEASE, control={"pause_lease": "3s"})
+    agents(control, "proxy-a")
+    status, body = control.admin("POST", "/deployments/prod/maintenance",
+                                 {"on": True, "resume_after_s": 4, "timeout_s": 10})
+    assert status == 200 and body["ok"], body
+    retake_with_recovery_held(
+        control, store, lambda c: c.execute("UPDATE pgrelay.maintenance SET until_ms = 0"),
+        hold_s=1.8)
+    assert store_rows(store, "SELECT deployment, until_ms FROM pgrelay.maintenance") == \
+        [("prod", 0)], "the maintenance in the store was ended by one remembered from before"
