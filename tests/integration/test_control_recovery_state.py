@@ -24,6 +24,7 @@ from control_helpers import (  # noqa: F401 - fixtures used by name
     store,
     store_rows,
 )
+from test_control_store_offloop import waits_on_lock
 
 LEASE = {"enabled": "on", "lease_duration_secs": 3, "lease_interval_secs": 1,
          "release_timeout_secs": 2}
@@ -41,14 +42,8 @@ def retake_with_recovery_held(control, store, other_holder, hold_s):
     locker = psycopg.connect(store)
     try:
         locker.execute("LOCK TABLE pgrelay.maintenance IN ACCESS EXCLUSIVE MODE")
-
-        def reading():
-            with psycopg.connect(store, autocommit=True) as c:
-                return c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type ="
-                                 " 'Lock' AND query LIKE '%pgrelay.maintenance%'"
-                                 " AND pid <> pg_backend_pid()").fetchone()[0] > 0
-
-        wait_for(reading, timeout=15, what="the take-back's recovery to wait in the store")
+        wait_for(lambda: waits_on_lock(store, "maintenance"), timeout=15,
+                 what="the take-back's recovery to wait in the store")
         time.sleep(hold_s)  # renewal ticks come meanwhile (every third of pause_lease)
     finally:
         locker.rollback()

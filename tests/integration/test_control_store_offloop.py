@@ -68,6 +68,15 @@ class StoreHold:
                 c.execute(f"DROP TRIGGER test_hold ON pgrelay.{self.table}")
 
 
+def waits_on_lock(store, table):
+    """A statement on pgrelay.table waits for a table lock in the store (LOCK TABLE by the
+    test)."""
+    with psycopg.connect(store, autocommit=True) as c:
+        return c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                         " AND query LIKE %s AND pid <> pg_backend_pid()",
+                         (f"%pgrelay.{table}%",)).fetchone()[0] > 0
+
+
 def worst_answer(control, other, rounds=10):
     """The slowest of /healthz, the proxies view and other's metrics, asked rounds times:
     (seconds, which)."""
@@ -242,14 +251,8 @@ def test_the_configuration_view_waiting_on_the_store_holds_no_other_request(cont
         locker.execute("LOCK TABLE pgrelay.config_versions IN ACCESS EXCLUSIVE MODE")
         view = Background(control.port, "GET", API + "/deployments/prod/config", token=ADMIN,
                           timeout=60)
-
-        def view_waits():
-            with psycopg.connect(store, autocommit=True) as c:
-                return c.execute("SELECT count(*) FROM pg_stat_activity"
-                                 " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                                 " AND query LIKE '%config_versions%'").fetchone()[0] > 0
-
-        wait_for(view_waits, timeout=10, what="the configuration view to wait in the store")
+        wait_for(lambda: waits_on_lock(store, "config_versions"), timeout=10,
+                 what="the configuration view to wait in the store")
         worst = others_answer_while(control, other, view, "the configuration view")
     finally:
         locker.rollback()
