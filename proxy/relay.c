@@ -384,20 +384,27 @@ static relay_result relay_pump(session *s, bool from_client)
             s->client_reset = true;
             session_close(s, NULL, NULL);
         } else {
-            /* The node closed (after a FATAL, or it went away): pass on what is queued. With a
-             * statement in flight and no ErrorResponse as the node's last word (its backend
-             * was killed, its postmaster died), the client gets 08006, not a bare EOF. */
+            /* The node closed (after a FATAL, or it went away): pass on what is queued. With no
+             * ErrorResponse as the node's last word (its backend was killed, its postmaster
+             * died, or an immediate shutdown, which tells an idle session only a WARNING), the
+             * client gets 08006, not a bare EOF: in a statement, and also when idle, since its
+             * next query may already be on its way (it then reads the 08006 as that query's
+             * answer, as a direct client reads PostgreSQL's FATAL at a fast shutdown). */
             s->server_gone = true;
             relay_flush(s, &s->to_client, s->cfd);
             log_debug("client %s: node closed the connection", s->client_addr);
             bool told = s->server_scan.messages > 0 &&
                         s->server_scan.type == PG_MSG_ERROR_RESPONSE &&
                         pg_scan_at_boundary(&s->server_scan);
-            if (s->logged_in && (s->pending_syncs > 0 || s->ext_open) && !told) {
+            if (s->logged_in && !told) {
+                bool statement = s->pending_syncs > 0 || s->ext_open;
                 char gone[CONFIG_NAME_MAX + 64];
-                snprintf(gone, sizeof(gone), "node %s closed the connection during a statement",
-                         s->slot->node_name);
-                log_warning("client %s: %s", s->client_addr, gone);
+                snprintf(gone, sizeof(gone), "node %s closed the connection%s",
+                         s->slot->node_name, statement ? " during a statement" : "");
+                if (statement)
+                    log_warning("client %s: %s", s->client_addr, gone);
+                else
+                    log_info("client %s: %s while the session was idle", s->client_addr, gone);
                 session_close(s, PG_SQLSTATE_CONNECTION_FAILURE, gone);
             } else {
                 session_close(s, NULL, NULL);

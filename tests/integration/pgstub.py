@@ -37,6 +37,8 @@ class PgStub:
     - "answer": RowDescription, one DataRow "stub", CommandComplete, ReadyForQuery
     - "stall_mid_row": RowDescription, then the first half of a DataRow, then nothing
     - "stall_after_row": RowDescription and a whole DataRow, then nothing
+    - "die_when_idle": after the login, once ``die`` (an Event) is set, the WARNING an idle
+      session gets at PostgreSQL's immediate shutdown, then the connection closed
 
     ``protocol_minor`` 2 makes it answer like PostgreSQL 18 asked for protocol 3.2: a
     BackendKeyData with a 32-byte secret (to a client that asked for 3.0 it sends the 4-byte
@@ -59,6 +61,7 @@ class PgStub:
         self.port = self.sock.getsockname()[1]
         self.conns = []
         self.closed = threading.Event()
+        self.die = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self):
@@ -118,6 +121,13 @@ class PgStub:
         out += message(b"K", struct.pack("!i", self.pid) + secret)
         out += message(b"S", b"server_version\x0018.0\0") + ready()
         c.sendall(out)
+        if self.mode == "die_when_idle":
+            self.die.wait(30)
+            c.sendall(message(b"N", b"SWARNING\0VWARNING\0C57P01\0Mterminating connection due "
+                                    b"to immediate shutdown command\0\0"))
+            c.shutdown(socket.SHUT_RDWR)
+            c.close()
+            return
         while True:
             mtype = self._read(c, 1)
             (length,) = struct.unpack("!i", self._read(c, 4))

@@ -259,6 +259,23 @@ def test_pgrelays_own_error_reaches_the_client_only_at_a_message_boundary(relay_
         assert error_fields([("E", rest[5:])])["C"] == "57P01", rest
 
 
+def test_a_node_that_goes_away_while_the_session_is_idle_leaves_the_client_a_sqlstate(
+        relay_factory, stub_factory):
+    """PostgreSQL's immediate shutdown (Patroni demoting a leader does one) tells an idle
+    session only a WARNING and closes: a client whose next query is already on its way would
+    see a bare close. pgrelay passes the WARNING on and ends with its own 08006, which the
+    client reads as that query's answer (a Patroni scenario caught the bare close)."""
+    stub = stub_factory(mode="die_when_idle")
+    r = stub_relay(relay_factory, stub)
+    with RawClient(r.port) as raw:
+        raw.login(application_name="idle-when-node-dies")
+        stub.die.set()
+        msgs = raw.read_to_eof()
+    assert [m[0] for m in msgs] == ["N", "E"], msgs
+    assert error_fields(msgs)["C"] == "08006", msgs
+    assert "closed the connection" in error_fields(msgs)["M"], msgs
+
+
 # --------------------------------------------------------------------------- #
 # item 9: held sessions notice their client leaving; counters and limits
 # --------------------------------------------------------------------------- #
