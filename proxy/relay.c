@@ -396,8 +396,12 @@ static relay_result relay_pump(session *s, bool from_client)
             bool told = s->server_scan.messages > 0 &&
                         s->server_scan.type == PG_MSG_ERROR_RESPONSE &&
                         pg_scan_at_boundary(&s->server_scan);
-            if (s->logged_in && !told) {
-                bool statement = s->pending_syncs > 0 || s->ext_open;
+            /* the client said goodbye (Terminate, or it closed its sending side): the node's
+             * close is the answer it waits for, as with a direct connection */
+            bool goodbye = s->client_eof ||
+                           (s->client_scan.messages > 0 && s->client_scan.type == PG_MSG_TERMINATE);
+            bool statement = s->pending_syncs > 0 || s->ext_open;
+            if (s->logged_in && !told && (statement || !goodbye)) {
                 char gone[CONFIG_NAME_MAX + 64];
                 snprintf(gone, sizeof(gone), "node %s closed the connection%s",
                          s->slot->node_name, statement ? " during a statement" : "");
