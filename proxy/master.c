@@ -164,6 +164,8 @@ static void master_spawn(master *m, int i)
         return;
     }
     if (pid == 0) {
+        /* Named at once, so that ps, top and killall tell the children from the master. */
+        prctl(PR_SET_NAME, master_is_agent(m, i) ? "pgrelay-agent" : "pgrelay-worker");
         /* The worker sets up its own handlers; drop the master's, and its descriptors. */
         master_child_reset_signals(&old_mask);
         close(signal_pipe[0]);

@@ -228,12 +228,24 @@ def _unix_socket_answers(path):
         return False
 
 
-def _is_agent(pid):
+def process_name(pid):
+    """The kernel's name of a process (/proc/PID/comm), or None once it is gone. The master
+    names each child at once after the fork: "pgrelay-worker", or "pgrelay-agent" (also the
+    name of the program it then executes). A child still called "pgrelay" was just forked and
+    is neither yet."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"pgrelay-agent" in f.read().split(b"\0")[0]
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
     except OSError:
-        return False
+        return None
+
+
+def _is_agent(pid):
+    return process_name(pid) == "pgrelay-agent"
+
+
+def _is_worker(pid):
+    return process_name(pid) == "pgrelay-worker"
 
 
 def _children():
@@ -346,6 +358,7 @@ def _group_alive(pgid):
 __all__ = ["SCHED_SLACK", "require", "wait_for", "PORT_FIRST", "PORT_LAST", "PORT_STATE",
            "_port_bindable", "free_port", "PORT_IN_USE", "PortTaken", "port_taken",
            "on_a_free_port", "start_on_free_port", "start_together_on_free_port", "port_accepts",
-           "port_listening", "_unix_socket_answers", "_is_agent", "child_pids", "process_tree",
+           "port_listening", "_unix_socket_answers", "process_name", "_is_agent", "_is_worker",
+           "child_pids", "process_tree",
            "pid_alive",
            "_socket_inodes_of", "_tcp_inode", "owning_worker", "client_port", "_group_alive"]

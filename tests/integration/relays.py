@@ -27,6 +27,7 @@ from pgserver import PgEndpoint
 from procs import (
     _group_alive,
     _is_agent,
+    _is_worker,
     _unix_socket_answers,
     child_pids,
     free_port,
@@ -72,8 +73,14 @@ class Relay(PgEndpoint):
         return RawClient(self.port, timeout=timeout)
 
     def worker_pids(self):
-        """The master's worker processes (its other child is pgrelay-agent)."""
-        return [p for p in child_pids(self.pid) if not _is_agent(p)]
+        """The master's worker processes (its other child is pgrelay-agent; a child forked a
+        moment ago and not yet named is neither)."""
+        return [p for p in child_pids(self.pid) if _is_worker(p)]
+
+    def children_named(self):
+        """True once the master has children and each has named itself worker or agent."""
+        children = child_pids(self.pid)
+        return bool(children) and all(_is_worker(p) or _is_agent(p) for p in children)
 
     def agent_pid(self):
         agents = [p for p in child_pids(self.pid) if _is_agent(p)]
@@ -285,10 +292,12 @@ def start_relay(pg, extra=None, nodes=None, wait=True, sections=None, flags=(), 
 
     if not wait:
         return launch(free_port(), 0)
-    # Ready: the port listens and the admin socket (made just after it) answers.
+    # Ready: the port listens, the admin socket (made just after it) answers, and the
+    # children the master forked before its loop answered have named themselves.
     return start_on_free_port(
         launch,
-        lambda r: port_listening(r.port) and (not sock or _unix_socket_answers(sock)),
+        lambda r: (port_listening(r.port) and (not sock or _unix_socket_answers(sock))
+                   and r.children_named()),
         _discard_relay,
         "pgrelay",
     )

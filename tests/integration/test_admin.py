@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from loadgen import InThread
 
-from conftest import (PGRELAY_BIN, admin, admin_json, admin_socket, child_pids, client_port,
+from conftest import (PGRELAY_BIN, admin, admin_json, admin_socket, client_port,
                       owning_worker, pid_alive, wait_for)
 
 # Every command the man page and the spec name (words only; arguments come after).
@@ -168,19 +168,6 @@ def clients_named(relay, app):
     return [c for c in admin_json(relay, "show clients") if c["application_name"] == app]
 
 
-def pgrelay_children(pid):
-    """Worker pids: children of the master running the pgrelay binary itself."""
-    out = []
-    for child in child_pids(pid):
-        try:
-            exe = os.readlink(f"/proc/{child}/exe")
-        except OSError:
-            continue  # gone meanwhile
-        if os.path.basename(exe) == "pgrelay":
-            out.append(child)
-    return out
-
-
 def new_app():
     return "adm-" + uuid.uuid4().hex[:10]
 
@@ -220,9 +207,7 @@ def test_show_workers_has_one_row_per_worker_process(relay):
     assert len(rows) == 2, rows
     assert sorted(r["worker"] for r in rows) == ["0", "1"]
     pids = sorted(int(r["pid"]) for r in rows)
-    # Poll: a just-forked helper (the agent) runs the pgrelay binary until it execs its own.
-    wait_for(lambda: pgrelay_children(relay.pid) == pids, timeout=5,
-             what=f"the master's pgrelay children to be the workers {pids}")
+    assert sorted(relay.worker_pids()) == pids
     for r in rows:
         assert r["restarts"] == "0"
     # A held session is counted on the worker that holds it, and the rows add up to the

@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ from conftest import (
     SCHED_SLACK,
     RawClient,
     admin_json,
+    child_pids,
     client_port,
     error_fields,
     free_port,
@@ -21,6 +23,7 @@ from conftest import (
     pid_alive,
     port_accepts,
     port_listening,
+    process_name,
     wait_for,
     write_config,
 )
@@ -49,6 +52,26 @@ def _connection_refused(port):
         except TimeoutError:
             return False
         return not msgs or msgs[-1][0] == "E"
+
+
+@pytest.mark.deadline(60)
+def test_ps_tells_the_master_its_workers_and_its_agent_apart(relay_factory):
+    """An operator reading `ps -e` or `top`, or running `killall pgrelay-worker`, sees which
+    process is which: the children name themselves, a re-forked worker too."""
+    relay = relay_factory(workers=2)
+
+    def ps_names():
+        out = subprocess.run(["ps", "-o", "comm=", "--ppid", str(relay.pid)],
+                             capture_output=True, text=True, check=True).stdout
+        return sorted(out.split())
+
+    assert process_name(relay.pid) == "pgrelay"
+    assert ps_names() == ["pgrelay-agent", "pgrelay-worker", "pgrelay-worker"]
+    victim = relay.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in child_pids(relay.pid) and len(relay.worker_pids()) == 2,
+             timeout=10, what="the worker to be re-forked")
+    assert ps_names() == ["pgrelay-agent", "pgrelay-worker", "pgrelay-worker"]
 
 
 # --------------------------------------------------------------------------- #
