@@ -1147,7 +1147,7 @@ int config_recover_read(json_t *running)
             command_id <= 0)
             continue;
         if (store_command_answers(command_id, &ok, &total) != 0)
-            continue; /* not known to have prepared everywhere: rolled back */
+            return -1; /* not known whether it prepared everywhere: read again */
         json_object_set_new(row, "answers_ok", json_integer(ok));
         json_object_set_new(row, "answers_total", json_integer(total));
     }

@@ -175,7 +175,7 @@ void switchover_recover(json_t *row);
 
 /* config_apply.c, for recovery.c: the store worker's reads for the config operations among
  * running (store_operations_list rows): the prepare command's answers (answers_ok,
- * answers_total). 0 or -1. Then, on the loop: each deployment's desired version (versions:
+ * answers_total). 0, or -1 when one could not be read (store_error()). Then, on the loop: each deployment's desired version (versions:
  * {deployment: version}), the committed applies watched again (committed, NULL when it could
  * not be read), and each running apply finished or rolled back. */
 int config_recover_read(json_t *running);

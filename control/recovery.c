@@ -9,6 +9,11 @@
  * to the worker in order. Until the last of them is back no orchestration starts (503) and no
  * leader is decided (a finished switchover stores its own), as when all this ran before the
  * first request.
+ *
+ * A read that fails (a store that times out, a lock another session holds) decides nothing:
+ * the whole read is tried again RECOVERY_RETRY_MS later, and the replica stays recovering
+ * until one read sees everything. Deciding on half of it could leave a switchover another
+ * replica paused the fleet for, or an apply it prepared everywhere, running for ever.
  */
 #include "control.h"
 #include "log.h"
@@ -20,13 +25,19 @@
 #include "store_queue.h"
 #include "store_worker.h"
 
+#include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#define RECOVERY_RETRY_MS 1000
+
 static uint64_t recovery_generation; /* the recovery under way (0: none) */
 static uint64_t recovery_count;
 static int recovery_holds; /* its jobs whose writes are not all queued yet */
+static struct event *recovery_retry_timer;
+static unsigned recovery_attempts; /* reads of the recovery under way that failed */
+static bool recovery_maintenance_read; /* it has loaded the operator's maintenance */
 
 typedef struct recovery_job {
     store_job job;
@@ -35,31 +46,44 @@ typedef struct recovery_job {
     json_t *maintenance;
     char maintenance_error[256];
     json_t *running;
-    char running_error[256];
     json_t *committed;
     json_t *versions; /* {deployment: version} */
+    char error[300];  /* the first read that failed ("" when all succeeded) */
 } recovery_job;
+
+/* Notes the first read that failed; false then. */
+static bool recovery_read_ok(recovery_job *j, bool ok, const char *what)
+{
+    if (!ok && !j->error[0])
+        snprintf(j->error, sizeof(j->error), "%s: %s", what, store_error());
+    return ok;
+}
 
 static int recovery_run(store_job *job)
 {
     recovery_job *j = (recovery_job *)job;
     size_t i;
     json_t *name;
-    if (!(j->maintenance = store_maintenance_rows()))
+    /* every read, even after one failed: the next attempt waits for the store anyway */
+    if (!recovery_read_ok(j, (j->maintenance = store_maintenance_rows()) != NULL,
+                          "the maintenance"))
         snprintf(j->maintenance_error, sizeof(j->maintenance_error), "%s", store_error());
-    if (!(j->running = store_operations_list(NULL, 1000, true)))
-        snprintf(j->running_error, sizeof(j->running_error), "%s", store_error());
-    else
-        config_recover_read(j->running);
-    j->committed = store_config_committed();
+    if (recovery_read_ok(j, (j->running = store_operations_list(NULL, 1000, true)) != NULL,
+                         "the operations left running"))
+        recovery_read_ok(j, config_recover_read(j->running) == 0,
+                         "the answers to an apply's prepare");
+    recovery_read_ok(j, (j->committed = store_config_committed()) != NULL,
+                     "the committed configuration applies");
     j->versions = json_object();
     json_array_foreach(j->names, i, name)
     {
         int64_t version = 0;
-        if (j->versions && store_config_current(json_string_value(name), &version, NULL) == 0)
+        if (recovery_read_ok(j, j->versions && store_config_current(json_string_value(name),
+                                                                     &version, NULL) == 0,
+                             "a deployment's configuration version"))
             json_object_set_new(j->versions, json_string_value(name), json_integer(version));
     }
-    return 0;
+    return j->error[0] ? -1 : 0;
 }
 
 static void recovery_free(recovery_job *j)
@@ -81,10 +105,39 @@ static void recovery_ended(const char *deployment, int64_t id, const char *error
     if ((uint64_t)(uintptr_t)arg != recovery_generation || !control.active)
         return;
     recovery_generation = 0;
+    recovery_attempts = 0;
     log_info("recovery done: orchestrations and leader decisions resume");
     for (state_deployment *d = state_deployments(); d; d = d->next)
         state_decide_again(d);
     maintenance_renew_all(); /* what the store says, at once */
+}
+
+static void recovery_read(uint64_t generation);
+static void recovery_read_later(void);
+
+static void recovery_retry(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    if (recovery_generation && control.active)
+        recovery_read(recovery_generation);
+}
+
+/* The next read, RECOVERY_RETRY_MS from now. Without a timer (out of memory) the recovery
+ * is abandoned, as before a retry existed: better than recovering for ever. */
+static void recovery_read_later(void)
+{
+    struct timeval tv = {RECOVERY_RETRY_MS / 1000, (RECOVERY_RETRY_MS % 1000) * 1000};
+    if (!recovery_retry_timer)
+        recovery_retry_timer = evtimer_new(control.base, recovery_retry, NULL);
+    if (!recovery_retry_timer || evtimer_add(recovery_retry_timer, &tv) != 0) {
+        log_error("recovery abandoned: cannot arm the timer to read again (out of memory); "
+                  "operations left running stay so until the next take-over");
+        recovery_generation = 0;
+        recovery_holds = 0;
+        recovery_attempts = 0;
+    }
 }
 
 static void recovery_done(store_job *job)
@@ -96,18 +149,31 @@ static void recovery_done(store_job *job)
         recovery_free(j); /* the state was dropped meanwhile: the next activation recovers */
         return;
     }
-    /* first: a rollback resumes to the operator's maintenance */
-    maintenance_loaded(j->maintenance, j->maintenance_error);
-    if (!j->running) {
-        log_error("cannot look for unfinished operations: %s", j->running_error);
-    } else {
-        config_recover(j->running, j->committed, j->versions);
-        json_array_foreach(j->running, i, row)
-        {
-            const char *kind = json_string_value(json_object_get(row, "kind"));
-            if (!kind || strcmp(kind, "config") != 0)
-                switchover_recover(row);
-        }
+    /* First: the operator's maintenance, renewed from then on whatever else is still unread
+     * (a rollback then resumes to it). Loaded once (no orchestration changes it while the
+     * replica recovers); a failed read of it is said once, its renewals read it again too. */
+    if ((j->maintenance && !recovery_maintenance_read) || !recovery_attempts)
+        maintenance_loaded(j->maintenance, j->maintenance_error);
+    recovery_maintenance_read |= j->maintenance != NULL;
+    if (j->error[0]) {
+        /* The first failure and then every tenth: a store that stays away is said by the
+         * lease too. The read's hold stays: still recovering. */
+        if (recovery_attempts++ % 10 == 0)
+            log_error("recovery: cannot read %s; orchestrations and leader decisions wait, "
+                      "read again every %d ms (attempt %u)",
+                      j->error, RECOVERY_RETRY_MS, recovery_attempts);
+        recovery_free(j);
+        recovery_read_later();
+        return;
+    }
+    if (recovery_attempts)
+        log_info("recovery: the store answered every read (after %u failed)", recovery_attempts);
+    config_recover(j->running, j->committed, j->versions);
+    json_array_foreach(j->running, i, row)
+    {
+        const char *kind = json_string_value(json_object_get(row, "kind"));
+        if (!kind || strcmp(kind, "config") != 0)
+            switchover_recover(row);
     }
     recovery_free(j);
     operation_recovery_release(); /* this job's own hold */
@@ -128,21 +194,34 @@ void operation_recovery_release(void)
     store_queue_barrier("", recovery_ended, (void *)(uintptr_t)recovery_generation);
 }
 
-void operation_recover(void)
+/* One read of everything the recovery decides on, by the store worker. */
+static void recovery_read(uint64_t generation)
 {
     recovery_job *j = calloc(1, sizeof(*j));
     if (!j || !(j->names = json_array())) {
         free(j);
-        log_error("cannot recover the operations left running: out of memory");
+        log_error("cannot recover the operations left running: out of memory; read again "
+                  "in %d ms", RECOVERY_RETRY_MS);
+        recovery_read_later();
         return;
     }
     for (state_deployment *d = state_deployments(); d; d = d->next)
         json_array_append_new(j->names, json_string(d->name));
-    j->generation = recovery_generation = ++recovery_count;
-    recovery_holds = 1; /* the read, until its decisions are queued */
+    j->generation = generation;
     j->job.run = recovery_run;
     j->job.done = recovery_done;
     store_worker_submit(&j->job);
+}
+
+void operation_recover(void)
+{
+    if (recovery_retry_timer)
+        evtimer_del(recovery_retry_timer);
+    recovery_generation = ++recovery_count;
+    recovery_attempts = 0;
+    recovery_maintenance_read = false;
+    recovery_holds = 1; /* the read, until its decisions are queued */
+    recovery_read(recovery_generation);
 }
 
 bool operation_recovering(void)
@@ -154,4 +233,7 @@ void operation_recovery_reset(void)
 {
     recovery_generation = 0;
     recovery_holds = 0;
+    recovery_attempts = 0;
+    if (recovery_retry_timer)
+        evtimer_del(recovery_retry_timer);
 }

@@ -80,3 +80,51 @@ def test_maintenance_made_open_ended_by_another_holder_stays_after_a_take_back(
         hold_s=1.8)
     assert store_rows(store, "SELECT deployment, until_ms FROM pgrelay.maintenance") == \
         [("prod", 0)], "the maintenance in the store was ended by one remembered from before"
+
+
+def test_a_recovery_whose_read_fails_decides_nothing_until_it_reads_again(
+        control_factory, store, agents):
+    """Another replica paused the fleet for a switchover (step "pause") and stopped. The next
+    holder's first read of what it left running fails: the store holds a lock on
+    pgrelay.operations longer than a store call may last (5 s). Invariant: a recovery decides
+    nothing on half a read; the replica stays recovering (orchestrations 503), reads again,
+    and once the store answers it rolls the switchover back: the operation ends in the store
+    and the fleet's resume is queued. (Before, it went on without the operations: the one left
+    running stayed "running" for ever and nobody resumed the proxies it had paused.)"""
+    first = control_factory()
+    agents(first, "proxy-a", poll=False)
+    assert first.stop() == 0
+    [(op_id,)] = store_rows(
+        store, "INSERT INTO pgrelay.operations (deployment, kind, node, old_leader, runner, step,"
+               " timeout_s) VALUES ('prod', 'switchover', 'pg2', 'pg1', 'another-replica',"
+               " 'pause', 30) RETURNING id")
+    [(before,)] = store_rows(store, "SELECT now()")
+    # The state load reads pgrelay.proxies after its last statement on pgrelay.operations:
+    # held there, the lock on pgrelay.operations is taken between the load and the recovery.
+    gate, locker = psycopg.connect(store), psycopg.connect(store)
+    try:
+        gate.execute("LOCK TABLE pgrelay.proxies IN ACCESS EXCLUSIVE MODE")
+        second = control_factory(wait_ready=False)
+        wait_for(lambda: waits_on_lock(store, "proxies"), timeout=15,
+                 what="the state load to wait in the store")
+        locker.execute("LOCK TABLE pgrelay.operations IN ACCESS EXCLUSIVE MODE")
+        gate.rollback()
+        wait_for(lambda: "recovery: cannot read the operations left running" in second.log(),
+                 timeout=30, what="the recovery's read to fail")
+        status, text = second.call("GET", "/readyz")
+        assert status == 503 and "recovering" in text, (status, text)
+        status, body = second.admin("POST", "/deployments/prod/maintenance",
+                                    {"on": True, "timeout_s": 5})
+        assert status == 503 and "recovering" in body["error"], body
+    finally:
+        gate.rollback()
+        locker.rollback()
+        gate.close()
+        locker.close()
+    wait_for(second.ready, timeout=20, what="the replica to be ready once the store answers")
+    wait_for(lambda: store_rows(store, "SELECT state FROM pgrelay.operations WHERE id = %s"
+                                % op_id) == [("rolled_back",)],
+             timeout=10, what="the switchover left running to be rolled back")
+    resumes = store_rows(store, "SELECT args FROM pgrelay.commands WHERE type = 'maintenance'"
+                                f" AND created_at > '{before.isoformat()}'")
+    assert [args.get("on") for (args,) in resumes] == [False], resumes

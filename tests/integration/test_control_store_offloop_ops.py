@@ -236,8 +236,8 @@ def test_a_recovery_waiting_on_the_store_holds_no_other_request(control_factory,
                                     {"on": True, "timeout_s": 5})
         assert status == 503 and "recovering" in body["error"], body
         a = agents(second, "proxy-a")
-        # longer than a store call may last (5 s: then the recovery goes on without what it
-        # could not read, which is tried again later)
+        # longer than a store call may last (5 s: then the recovery reads everything again,
+        # still recovering)
         until = time.monotonic() + 7.0
         while time.monotonic() < until:
             started = time.monotonic()
