@@ -396,7 +396,9 @@ def test_a_chart_receives_new_points_every_second(ui, fleet):
     assert len(seen) >= 4, sorted(seen)  # the page took them in several polls, not at once
     recent = proxy_a_times()
     gaps = sorted(b - a for a, b in zip(recent, recent[1:]))
-    assert 950 <= gaps[0] and gaps[len(gaps) // 2] <= 1300 and gaps[-1] <= 3000, gaps
+    # a point is a second of samples by the agent's clock, placed at its arrival: a late
+    # sample followed by one on time arrive closer than a second, never at once
+    assert 500 <= gaps[0] and gaps[len(gaps) // 2] <= 1300 and gaps[-1] <= 3000, gaps
     points = int(ui.attr(canvas, "data-points"))
     assert points >= 8, points  # two proxies and their nodes
     legend = ui.d.find_element(By.CSS_SELECTOR, "#charts .chart .legend").text

@@ -140,7 +140,9 @@ def test_connections_for_a_worker_that_dies_are_served_by_another(relay_factory)
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: relay.log().count("worker 1 started") == 2, timeout=5,
              what="worker 1 respawned")
-    [successor] = set(relay.worker_pids()) - before
+    # named by the child itself just after the fork: polled, it may not have run yet
+    [successor] = wait_for(lambda: set(relay.worker_pids()) - before, timeout=5,
+                           what="worker 1's successor to name itself")
     socks, answers, more = ssl_requests(relay.port, 200), {}, []
 
     def successor_accepts():

@@ -41,8 +41,8 @@ def test_a_misbehaving_control_plane_changes_nothing_on_the_proxy(relay_factory,
     wait_for(lambda: admin_json(relay, "show info")["write_leader"] == "pg1", timeout=10,
              what="the agent to route to pg1")
     before = admin_json(relay, "show info")
-    # The master logs "agent started" right after fork(); the child is the agent only once
-    # it has exec'd, which under load can come after the first answer of the console.
+    # The agent has called the fake: it runs (relay.agent_pid names the child from its fork
+    # on, before the exec).
     wait_for(lambda: fake_control.requests, timeout=10, what="the agent to call the fake")
     agent = wait_for(relay.agent_pid, timeout=10, what="the agent's process")
     window_start = time.monotonic()

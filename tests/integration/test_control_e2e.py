@@ -668,11 +668,11 @@ def apply_config_text(fleet, text):
     assert rc == EXIT_OK and out["ok"] is True, (rc, out, err)
 
 
-FALLBACK_GRACE_S = 6
+FALLBACK_GRACE_S = 12  # the first phase must fit in it less 1 s, on a loaded machine
 
 
 def test_past_the_grace_period_each_agent_fails_over_alone_and_the_fleet_converges_again(fleet):
-    """Coordinated leadership's fallback (control_grace_period, here 6 s for the test), with
+    """Coordinated leadership's fallback (control_grace_period, here 12 s for the test), with
     the control plane killed:
 
     * within the grace period an agent does not act alone: it keeps following the control

@@ -13,7 +13,7 @@ rely on:
 
 import time
 
-from conftest import wait_for
+from conftest import SCHED_SLACK, wait_for
 from control_helpers import (  # noqa: F401,F811 (fixtures used by name)
     ADMIN,
     API,
@@ -50,10 +50,13 @@ def test_only_the_lease_holder_is_ready_and_kill9_hands_over(control_factory):
     SimAgent(first, "proxy-a").register(hostname="before-failover")
     first.kill9()
     t = time.monotonic()
-    wait_for(second.ready, timeout=LEASE["lease_duration_secs"] + LEASE["lease_interval_secs"] + 2,
-             interval=0.1, what="the second replica to take the lease over")
+    # promised: the lease expires, and the next renewal tick takes it (then the state load
+    # and the recovery, a few statements); a loaded machine may add SCHED_SLACK
+    promised = LEASE["lease_duration_secs"] + LEASE["lease_interval_secs"]
+    wait_for(second.ready, timeout=promised + SCHED_SLACK, interval=0.1,
+             what="the second replica to take the lease over")
     took = time.monotonic() - t
-    assert took <= LEASE["lease_duration_secs"] + LEASE["lease_interval_secs"] + 1
+    assert took <= promised + SCHED_SLACK
     # the new holder knows what the old one stored
     assert second.proxies()["proxy-a"]["hostname"] == "before-failover"
 

@@ -109,8 +109,9 @@ def test_a_recovery_whose_read_fails_decides_nothing_until_it_reads_again(
                  what="the state load to wait in the store")
         locker.execute("LOCK TABLE pgrelay.operations IN ACCESS EXCLUSIVE MODE")
         gate.rollback()
-        wait_for(lambda: "recovery: cannot read the operations left running" in second.log(),
-                 timeout=30, what="the recovery's read to fail")
+        wait_for(lambda: waits_on_lock(store, "operations"), timeout=15,
+                 what="the recovery's read to wait in the store")
+        time.sleep(8)  # longer than a store call may last (5 s): that read has failed
         status, text = second.call("GET", "/readyz")
         assert status == 503 and "recovering" in text, (status, text)
         status, body = second.admin("POST", "/deployments/prod/maintenance",
@@ -128,3 +129,4 @@ def test_a_recovery_whose_read_fails_decides_nothing_until_it_reads_again(
     resumes = store_rows(store, "SELECT args FROM pgrelay.commands WHERE type = 'maintenance'"
                                 f" AND created_at > '{before.isoformat()}'")
     assert [args.get("on") for (args,) in resumes] == [False], resumes
+    assert "recovery: cannot read the operations left running" in second.log()

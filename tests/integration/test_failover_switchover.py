@@ -202,13 +202,13 @@ def test_leader_change_grace_closes_a_transaction_that_never_ends(make_cluster, 
     for leader_change_grace, then is closed (FATAL 57P01) and its transaction rolled back; so
     is one whose statement still runs then (cancelled on the node). A session that commits
     within the grace sees its COMMIT succeed, and is closed right after it."""
-    grace = 1.5
+    grace = 4.0  # the work the test does within it takes ~0.3 s, more on a loaded machine
     c = make_cluster()
     pg1, pg2, pg3 = c.nodes
     pg1.query("CREATE TABLE g (who text)")
     c.wait_caught_up(pg2)
     # one worker: once its idle session is closed, that worker has seen the change
-    relay = ha_relay(c, workers=1, leader_change_grace="1500ms")
+    relay = ha_relay(c, workers=1, leader_change_grace=f"{int(grace * 1000)}ms")
     idle = raw_login(relay.port)
     stuck, committing, sleeping = (raw_login(relay.port) for _ in range(3))
     for s, who in ((stuck, "stuck"), (committing, "committing"), (sleeping, "sleeping")):
@@ -245,7 +245,7 @@ def test_leader_change_grace_closes_a_transaction_that_never_ends(make_cluster, 
     assert t_committed_closed - t_set < grace, "the committing session waited for the grace"
     assert t_stuck - t_set >= grace - 0.05, f"closed {t_stuck - t_set:.3f}s after set leader"
     assert t_stuck - t_idle <= grace + 3.0, f"closed {t_stuck - t_idle:.3f}s after the change"
-    assert t_sleeping - t_stuck <= 1.0, "the session with a running statement outlived the grace"
+    assert t_sleeping - t_stuck <= 2.0, "the session with a running statement outlived the grace"
 
     # on the old leader: the commit stayed, the others rolled back, their backends are gone
     def old_backends():

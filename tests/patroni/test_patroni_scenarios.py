@@ -48,8 +48,9 @@ pytestmark = pytest.mark.deadline(240)
 
 # The longest stretch without a read through pgrelay's read port while a replica streamed from
 # the leader all along: the agent sees it fit after a probe or two (200 ms apart), the reader
-# opens a new session, scheduling on a loaded machine.
-READ_OUTAGE_MAX = 1.5
+# opens a new session, scheduling on a loaded machine (two cores for etcd, three Patroni
+# members, HAProxy and the test's ten threads: 1.5 s held on a quiet one).
+READ_OUTAGE_MAX = 3.0
 
 
 # How long the SIGSTOP of the postmaster alone lasts.
