@@ -11,9 +11,12 @@
  * first request.
  *
  * A read that fails (a store that times out, a lock another session holds) decides nothing:
- * the whole read is tried again RECOVERY_RETRY_MS later, and the replica stays recovering
- * until one read sees everything. Deciding on half of it could leave a switchover another
- * replica paused the fleet for, or an apply it prepared everywhere, running for ever.
+ * the whole read is tried again, 1 s later and then at doubling intervals up to
+ * RECOVERY_RETRY_MAX_MS, and the replica stays recovering until one read sees everything.
+ * Deciding on half of it could leave a switchover another replica paused the fleet for, or an
+ * apply it prepared everywhere, running for ever. Its statements wait at most
+ * RECOVERY_LOCK_TIMEOUT_MS for a lock, in the store itself: a read the client gave up on
+ * would otherwise leave its backend waiting on the lock, one more at every attempt.
  */
 #include "control.h"
 #include "log.h"
@@ -30,13 +33,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RECOVERY_RETRY_MS 1000
+#define RECOVERY_RETRY_MS      1000
+#define RECOVERY_RETRY_MAX_MS  16000
+#define RECOVERY_LOCK_TIMEOUT_MS 4000 /* below a store call's own 5 s */
 
 static uint64_t recovery_generation; /* the recovery under way (0: none) */
 static uint64_t recovery_count;
 static int recovery_holds; /* its jobs whose writes are not all queued yet */
 static struct event *recovery_retry_timer;
 static unsigned recovery_attempts; /* reads of the recovery under way that failed */
+static int recovery_delay_ms;       /* before the next read */
 static bool recovery_maintenance_read; /* it has loaded the operator's maintenance */
 
 typedef struct recovery_job {
@@ -64,25 +70,32 @@ static int recovery_run(store_job *job)
     recovery_job *j = (recovery_job *)job;
     size_t i;
     json_t *name;
-    /* every read, even after one failed: the next attempt waits for the store anyway */
+    if (!recovery_read_ok(j, store_lock_timeout(RECOVERY_LOCK_TIMEOUT_MS) == 0,
+                          "(setting lock_timeout)"))
+        return -1;
+    /* the maintenance first (loaded on its own when the rest fails); then up to the first
+     * read that fails: the next attempt reads everything again anyway */
     if (!recovery_read_ok(j, (j->maintenance = store_maintenance_rows()) != NULL,
                           "the maintenance"))
         snprintf(j->maintenance_error, sizeof(j->maintenance_error), "%s", store_error());
-    if (recovery_read_ok(j, (j->running = store_operations_list(NULL, 1000, true)) != NULL,
-                         "the operations left running"))
-        recovery_read_ok(j, config_recover_read(j->running) == 0,
-                         "the answers to an apply's prepare");
-    recovery_read_ok(j, (j->committed = store_config_committed()) != NULL,
-                     "the committed configuration applies");
-    j->versions = json_object();
-    json_array_foreach(j->names, i, name)
-    {
-        int64_t version = 0;
-        if (recovery_read_ok(j, j->versions && store_config_current(json_string_value(name),
-                                                                     &version, NULL) == 0,
-                             "a deployment's configuration version"))
+    else if (recovery_read_ok(j, (j->running = store_operations_list(NULL, 1000, true)) != NULL,
+                              "the operations left running") &&
+             recovery_read_ok(j, config_recover_read(j->running) == 0,
+                              "the answers to an apply's prepare") &&
+             recovery_read_ok(j, (j->committed = store_config_committed()) != NULL,
+                              "the committed configuration applies") &&
+             recovery_read_ok(j, (j->versions = json_object()) != NULL, "(out of memory)")) {
+        json_array_foreach(j->names, i, name)
+        {
+            int64_t version = 0;
+            if (!recovery_read_ok(j, store_config_current(json_string_value(name), &version,
+                                                          NULL) == 0,
+                                  "a deployment's configuration version"))
+                break;
             json_object_set_new(j->versions, json_string_value(name), json_integer(version));
+        }
     }
+    store_lock_timeout(0); /* a failed reset goes with its connection */
     return j->error[0] ? -1 : 0;
 }
 
@@ -106,6 +119,7 @@ static void recovery_ended(const char *deployment, int64_t id, const char *error
         return;
     recovery_generation = 0;
     recovery_attempts = 0;
+    recovery_delay_ms = 0;
     log_info("recovery done: orchestrations and leader decisions resume");
     for (state_deployment *d = state_deployments(); d; d = d->next)
         state_decide_again(d);
@@ -124,11 +138,15 @@ static void recovery_retry(evutil_socket_t fd, short what, void *arg)
         recovery_read(recovery_generation);
 }
 
-/* The next read, RECOVERY_RETRY_MS from now. Without a timer (out of memory) the recovery
- * is abandoned, as before a retry existed: better than recovering for ever. */
+/* The next read, 1 s from now and twice as long at each failure up to RECOVERY_RETRY_MAX_MS.
+ * Without a timer (out of memory) the recovery is abandoned, as before a retry existed: better
+ * than recovering for ever. */
 static void recovery_read_later(void)
 {
-    struct timeval tv = {RECOVERY_RETRY_MS / 1000, (RECOVERY_RETRY_MS % 1000) * 1000};
+    recovery_delay_ms = recovery_delay_ms <= 0 ? RECOVERY_RETRY_MS
+                        : recovery_delay_ms >= RECOVERY_RETRY_MAX_MS / 2 ? RECOVERY_RETRY_MAX_MS
+                                                                         : recovery_delay_ms * 2;
+    struct timeval tv = {recovery_delay_ms / 1000, (recovery_delay_ms % 1000) * 1000};
     if (!recovery_retry_timer)
         recovery_retry_timer = evtimer_new(control.base, recovery_retry, NULL);
     if (!recovery_retry_timer || evtimer_add(recovery_retry_timer, &tv) != 0) {
@@ -137,6 +155,7 @@ static void recovery_read_later(void)
         recovery_generation = 0;
         recovery_holds = 0;
         recovery_attempts = 0;
+        recovery_delay_ms = 0;
     }
 }
 
@@ -149,9 +168,13 @@ static void recovery_done(store_job *job)
         recovery_free(j); /* the state was dropped meanwhile: the next activation recovers */
         return;
     }
-    /* First: the operator's maintenance, renewed from then on whatever else is still unread
-     * (a rollback then resumes to it). Loaded once (no orchestration changes it while the
-     * replica recovers); a failed read of it is said once, its renewals read it again too. */
+    if (job->rc != 0 && !j->error[0]) /* handed back unrun (the worker stopping) */
+        snprintf(j->error, sizeof(j->error), "anything: %.200s", job->error);
+    /* First: the operator's maintenance (a rollback resumes to it). Loaded once (no
+     * orchestration changes it while the replica recovers); a failed read of it is said once.
+     * It is not renewed while the replica recovers (maintenance_renew_all waits: a renewal's
+     * end could resume proxies a switchover left paused): renewed at once when the recovery
+     * ends, it lapses on the proxies after pause_lease if the recovery lasts longer. */
     if ((j->maintenance && !recovery_maintenance_read) || !recovery_attempts)
         maintenance_loaded(j->maintenance, j->maintenance_error);
     recovery_maintenance_read |= j->maintenance != NULL;
@@ -160,8 +183,8 @@ static void recovery_done(store_job *job)
          * lease too. The read's hold stays: still recovering. */
         if (recovery_attempts++ % 10 == 0)
             log_error("recovery: cannot read %s; orchestrations and leader decisions wait, "
-                      "read again every %d ms (attempt %u)",
-                      j->error, RECOVERY_RETRY_MS, recovery_attempts);
+                      "read again in 1 s to %d s (attempt %u)",
+                      j->error, RECOVERY_RETRY_MAX_MS / 1000, recovery_attempts);
         recovery_free(j);
         recovery_read_later();
         return;
@@ -219,6 +242,7 @@ void operation_recover(void)
         evtimer_del(recovery_retry_timer);
     recovery_generation = ++recovery_count;
     recovery_attempts = 0;
+    recovery_delay_ms = 0;
     recovery_maintenance_read = false;
     recovery_holds = 1; /* the read, until its decisions are queued */
     recovery_read(recovery_generation);
@@ -234,6 +258,7 @@ void operation_recovery_reset(void)
     recovery_generation = 0;
     recovery_holds = 0;
     recovery_attempts = 0;
+    recovery_delay_ms = 0;
     if (recovery_retry_timer)
         evtimer_del(recovery_retry_timer);
 }

@@ -302,6 +302,19 @@ PGresult *store_exec(ExecStatusType want, const char *sql, int nparams, const ch
     return store_exec_timeout(STORE_TIMEOUT_MS, want, sql, nparams, params);
 }
 
+int store_lock_timeout(int ms)
+{
+    store_conn *sc = store_self();
+    char sql[64];
+    if (ms <= 0) { /* a reset: a connection that is gone took the setting with it */
+        if (!sc->conn || PQstatus(sc->conn) != CONNECTION_OK)
+            return 0;
+        return store_command("RESET lock_timeout", 0, NULL);
+    }
+    snprintf(sql, sizeof(sql), "SET lock_timeout = %d", ms);
+    return store_command(sql, 0, NULL);
+}
+
 /* Run a statement that returns no rows. 0 or -1. */
 int store_command(const char *sql, int nparams, const char *const *params)
 {

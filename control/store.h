@@ -54,6 +54,13 @@ void store_touch(void);
 /* Connect if needed and run SELECT 1. Returns 0 or -1. */
 int store_ping(void);
 
+/* The calling thread's connection waits at most ms for a lock, in the store itself (0: as the
+ * server is configured). A statement the client gives up on (STORE_TIMEOUT_MS) leaves its
+ * backend waiting on the lock until the lock goes; under a shorter lock_timeout the server
+ * ends the wait first and the connection stays usable. 0 or -1 (store_error()). A reset (0)
+ * does not connect: a new connection has the server's setting. */
+int store_lock_timeout(int ms);
+
 /* Create or upgrade the schema (pgrelay.*), serialised between replicas by an advisory
  * lock. Returns 0 or -1. */
 int store_migrate(void);

@@ -30,6 +30,14 @@ LEASE = {"enabled": "on", "lease_duration_secs": 3, "lease_interval_secs": 1,
          "release_timeout_secs": 2}
 
 
+def lock_waits(store, table):
+    """(pid, query start) of each statement on pgrelay.table waiting for a lock."""
+    with psycopg.connect(store, autocommit=True) as c:
+        return set(c.execute("SELECT pid, query_start FROM pg_stat_activity"
+                             " WHERE wait_event_type = 'Lock' AND query LIKE %s"
+                             " AND pid <> pg_backend_pid()", (f"%pgrelay.{table}%",)).fetchall())
+
+
 def retake_with_recovery_held(control, store, other_holder, hold_s):
     """other_holder(conn) changes the store as another lease holder would; the replica loses
     the lease, takes it back, and its recovery's read of pgrelay.maintenance waits hold_s;
@@ -87,9 +95,9 @@ def test_a_recovery_whose_read_fails_decides_nothing_until_it_reads_again(
     """Another replica paused the fleet for a switchover (step "pause") and stopped. The next
     holder's first read of what it left running fails: the store holds a lock on
     pgrelay.operations longer than a store call may last (5 s). Invariant: a recovery decides
-    nothing on half a read; the replica stays recovering (orchestrations 503), reads again,
-    and once the store answers it rolls the switchover back: the operation ends in the store
-    and the fleet's resume is queued. (Before, it went on without the operations: the one left
+    nothing on half a read; the replica stays recovering (orchestrations 503), reads again
+    (leaving no statement of its own waiting on the lock), and once the store answers it rolls
+    the switchover back: the operation ends in the store and the fleet's resume is queued. (Before, it went on without the operations: the one left
     running stayed "running" for ever and nobody resumed the proxies it had paused.)"""
     first = control_factory()
     agents(first, "proxy-a", poll=False)
@@ -109,14 +117,25 @@ def test_a_recovery_whose_read_fails_decides_nothing_until_it_reads_again(
                  what="the state load to wait in the store")
         locker.execute("LOCK TABLE pgrelay.operations IN ACCESS EXCLUSIVE MODE")
         gate.rollback()
-        wait_for(lambda: waits_on_lock(store, "operations"), timeout=15,
-                 what="the recovery's read to wait in the store")
-        time.sleep(8)  # longer than a store call may last (5 s): that read has failed
-        status, text = second.call("GET", "/readyz")
-        assert status == 503 and "recovering" in text, (status, text)
-        status, body = second.admin("POST", "/deployments/prod/maintenance",
-                                    {"on": True, "timeout_s": 5})
-        assert status == 503 and "recovering" in body["error"], body
+        waiting = wait_for(lambda: lock_waits(store, "operations"), timeout=15,
+                           what="the recovery's read to wait in the store")
+        wait_for(lambda: "recovery: cannot read the operations left running" in second.log()
+                 or second.ready(), timeout=30, what="the recovery's read to fail")
+
+        def still_recovering():
+            status, text = second.call("GET", "/readyz")
+            assert status == 503 and "recovering" in text, (status, text)
+            status, body = second.admin("POST", "/deployments/prod/maintenance",
+                                        {"on": True, "timeout_s": 5})
+            assert status == 503 and "recovering" in body["error"], body
+
+        still_recovering()
+        # it reads again; each read's wait ended in the store (lock_timeout): none is left
+        # behind waiting on the lock, one more at every attempt
+        again = wait_for(lambda: lock_waits(store, "operations") - waiting, timeout=30,
+                         what="the recovery to read again")
+        assert len(lock_waits(store, "operations")) <= 1, (waiting, again)
+        still_recovering()
     finally:
         gate.rollback()
         locker.rollback()
