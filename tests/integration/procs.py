@@ -310,6 +310,25 @@ def _socket_inodes_of(pid):
     return inodes
 
 
+def listeners(port):
+    """{pid: command line} of every process holding a socket that LISTENs on ``port``
+    (IPv4 or IPv6, any address)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(int(parts[9]))
+    owners = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and inodes & _socket_inodes_of(int(entry)):
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                owners[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+    return owners
+
+
 def _tcp_inode(local_port, remote_port):
     """Inode of the IPv4 TCP socket 127.0.0.1:local_port <-> 127.0.0.1:remote_port."""
     with open("/proc/net/tcp") as f:
@@ -361,4 +380,4 @@ __all__ = ["SCHED_SLACK", "require", "wait_for", "PORT_FIRST", "PORT_LAST", "POR
            "port_listening", "_unix_socket_answers", "process_name", "_is_agent", "_is_worker",
            "child_pids", "process_tree",
            "pid_alive",
-           "_socket_inodes_of", "_tcp_inode", "owning_worker", "client_port", "_group_alive"]
+           "_socket_inodes_of", "listeners", "_tcp_inode", "owning_worker", "client_port", "_group_alive"]
