@@ -573,6 +573,7 @@ void agents_metrics(http_call *call)
         json_decref(p->nodes);
         p->nodes = json_incref(nodes);
         p->nodes_ms = now;
+        p->nodes_observation++;
         agents_node_samples(p, nodes, &s);
     }
     agents_set_int(p, &p->epoch, epoch);

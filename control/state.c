@@ -343,6 +343,7 @@ void state_add_node_sample(state_proxy *p, const char *node, const state_sample 
         snprintf(ns->name, sizeof(ns->name), "%s", node);
     }
     state_ring_push(ns->samples, STATE_NODE_SAMPLES_MAX, &ns->samples_head, &ns->samples_n, s);
+    ns->observation = p->nodes_observation;
     int64_t *h = ns->latency_buckets[state_series_newest(ns) - ns->samples];
     if (latency_buckets)
         memcpy(h, latency_buckets, sizeof(ns->latency_buckets[0]));
@@ -360,7 +361,7 @@ bool state_node_rate_window(const state_node_series *ns, int64_t window_ms,
 const state_sample *state_node_current(const state_proxy *p, const state_node_series *ns)
 {
     const state_sample *newest = state_series_newest(ns);
-    return p->nodes && newest->received_ms == p->nodes_ms ? newest : NULL;
+    return p->nodes && ns->observation == p->nodes_observation ? newest : NULL;
 }
 
 /* Drop node samples older than cutoff, and the nodes left with none. */

@@ -55,6 +55,7 @@ typedef struct state_node_series {
                                                      * sent none */
     int samples_head;
     int samples_n;
+    uint64_t observation; /* the proxy's nodes_observation its newest sample came with */
 } state_node_series;
 
 /* One proxy host (one pgrelay-agent) of a deployment. */
@@ -82,6 +83,9 @@ typedef struct state_proxy {
     int64_t last_metrics_ms;
     json_t *nodes; /* the last "nodes" observation, or NULL */
     int64_t nodes_ms;
+    uint64_t nodes_observation; /* counts the metrics calls with "nodes": a node series is
+                                   current when its newest sample came with the last one
+                                   (two calls may share a millisecond) */
     state_node_view *views; /* the named nodes of nodes, in order (leader.c); malloc'd */
     int n_views;
     json_t *queries; /* the last running-queries list, or NULL */

@@ -138,7 +138,9 @@ def write_ini(path, port, store, control=None, lease=None, deployments=None):
         f.write("\n".join(lines) + "\n")
 
 
-def start_control(store, wait_ready=True, **ini):
+def start_control(store, wait_ready=True, env=None, **ini):
+    """pgrelay-control on a generated control.ini (``ini``: its sections); ``env``: variables
+    added to its environment."""
     if not os.access(CONTROL_BIN, os.X_OK):
         pytest.fail(f"{CONTROL_BIN} is not built (make bin/pgrelay-control)")
     workdir = tempfile.mkdtemp(prefix="pgrelay-control-it-")
@@ -149,7 +151,8 @@ def start_control(store, wait_ready=True, **ini):
         write_ini(conf, port, store, **ini)
         with open(log_path, "w") as logf:
             proc = subprocess.Popen([CONTROL_BIN, "-c", conf], stdin=subprocess.DEVNULL,
-                                    stdout=logf, stderr=subprocess.STDOUT)
+                                    stdout=logf, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env} if env else None)
         return Control(workdir, port, conf, log_path, proc, store)
 
     def ready(c):

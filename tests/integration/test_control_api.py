@@ -14,6 +14,8 @@ The control plane's fixtures and helpers live in control_helpers.py (test_contro
 the other areas); the names other test files import from here stay importable from here.
 """
 
+import os
+import subprocess
 import time
 
 import pytest
@@ -203,6 +205,64 @@ def test_per_node_counters_give_rates_and_latency_per_node(control):
     assert [n["name"] for n in rows[0]["nodes"]] == ["pg1"]
     status, text = control.call("GET", "/metrics")
     assert 'node="pg2"' not in text and 'node="pg1"' in text
+
+
+# LD_PRELOAD for pgrelay-control: while $CLOCK_FREEZE_FILE exists, the wall clock stands
+# still (each thread's at the moment it first saw the file), as for calls within one ms.
+CLOCK_FREEZE_SHIM = r"""
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+static __thread struct timespec frozen;
+static __thread int have_frozen;
+int clock_gettime(clockid_t id, struct timespec *ts)
+{
+    long rc = syscall(SYS_clock_gettime, id, ts);
+    const char *file = getenv("CLOCK_FREEZE_FILE");
+    if (rc != 0 || (id != CLOCK_REALTIME && id != CLOCK_REALTIME_COARSE) || !file)
+        return (int)rc;
+    if (access(file, F_OK) != 0) {
+        have_frozen = 0;
+        return 0;
+    }
+    if (!have_frozen) {
+        frozen = *ts;
+        have_frozen = 1;
+    }
+    *ts = frozen;
+    return 0;
+}
+"""
+
+
+def test_a_node_no_longer_reported_goes_even_when_two_calls_share_a_millisecond(
+        control_factory, tmp_path):
+    """A proxy's last observation of its nodes decides which nodes are shown, whatever the wall
+    clock says: two metrics calls in the same millisecond (here the wall clock stands still
+    between them), the second without pg2, and pg2 is no longer shown. (Before, a node counted
+    as current when its newest sample had the observation's time in ms.)"""
+    src, so = tmp_path / "freeze.c", tmp_path / "freeze.so"
+    src.write_text(CLOCK_FREEZE_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    os.chmod(tmp_path, 0o755)
+    frozen = tmp_path / "frozen"
+    asan = os.environ.get("ASAN_OPTIONS", "")
+    control = control_factory(env={"LD_PRELOAD": str(so), "CLOCK_FREEZE_FILE": str(frozen),
+                                   "ASAN_OPTIONS": f"{asan}:verify_asan_link_order=0"})
+    a = SimAgent(control, "proxy-a")
+    a.register()
+    frozen.touch()
+    a.metrics(nodes=[obs("pg1", statements=1), obs("pg2", in_recovery=True, statements=1)])
+    status, rows = control.admin("GET", "/deployments/prod/metrics")
+    assert status == 200 and [n["name"] for n in rows[0]["nodes"]] == ["pg1", "pg2"], rows
+    a.metrics(nodes=[obs("pg1", statements=2)])
+    status, rows = control.admin("GET", "/deployments/prod/metrics")
+    assert [n["name"] for n in rows[0]["nodes"]] == ["pg1"], rows
+    status, text = control.call("GET", "/metrics")
+    assert 'node="pg2"' not in text and 'node="pg1"' in text
+    frozen.unlink()
 
 
 def test_queries_schema_and_config_uploads_are_shown(control):
