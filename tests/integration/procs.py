@@ -17,6 +17,7 @@ import os
 import random
 import re
 import socket
+import subprocess
 import time
 
 import pytest
@@ -310,6 +311,18 @@ def _socket_inodes_of(pid):
     return inodes
 
 
+def preload_shim_env(workdir, name, source):
+    """Compile the C ``source`` into ``workdir``/``name``.so and return the environment that
+    preloads it into a daemon (AddressSanitizer builds included)."""
+    src, so = os.path.join(workdir, f"{name}.c"), os.path.join(workdir, f"{name}.so")
+    with open(src, "w") as f:
+        f.write(source)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", so, src], check=True)
+    os.chmod(workdir, 0o755)
+    asan = os.environ.get("ASAN_OPTIONS", "")
+    return {"LD_PRELOAD": so, "ASAN_OPTIONS": f"{asan}:verify_asan_link_order=0"}
+
+
 def listeners(port):
     """{pid: command line} of every process holding a socket that LISTENs on ``port``
     (IPv4 or IPv6, any address)."""
@@ -380,4 +393,4 @@ __all__ = ["SCHED_SLACK", "require", "wait_for", "PORT_FIRST", "PORT_LAST", "POR
            "port_listening", "_unix_socket_answers", "process_name", "_is_agent", "_is_worker",
            "child_pids", "process_tree",
            "pid_alive",
-           "_socket_inodes_of", "listeners", "_tcp_inode", "owning_worker", "client_port", "_group_alive"]
+           "_socket_inodes_of", "listeners", "preload_shim_env", "_tcp_inode", "owning_worker", "client_port", "_group_alive"]

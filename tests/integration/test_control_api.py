@@ -14,12 +14,11 @@ The control plane's fixtures and helpers live in control_helpers.py (test_contro
 the other areas); the names other test files import from here stay importable from here.
 """
 
-import os
-import subprocess
 import time
 
 import pytest
 
+from conftest import preload_shim_env
 from control_helpers import (  # noqa: F401,F811 (fixtures used by name; all re-exported)
     ADMIN,
     API,
@@ -243,14 +242,9 @@ def test_a_node_no_longer_reported_goes_even_when_two_calls_share_a_millisecond(
     clock says: two metrics calls in the same millisecond (here the wall clock stands still
     between them), the second without pg2, and pg2 is no longer shown. (Before, a node counted
     as current when its newest sample had the observation's time in ms.)"""
-    src, so = tmp_path / "freeze.c", tmp_path / "freeze.so"
-    src.write_text(CLOCK_FREEZE_SHIM)
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
-    os.chmod(tmp_path, 0o755)
     frozen = tmp_path / "frozen"
-    asan = os.environ.get("ASAN_OPTIONS", "")
-    control = control_factory(env={"LD_PRELOAD": str(so), "CLOCK_FREEZE_FILE": str(frozen),
-                                   "ASAN_OPTIONS": f"{asan}:verify_asan_link_order=0"})
+    control = control_factory(env={**preload_shim_env(str(tmp_path), "freeze", CLOCK_FREEZE_SHIM),
+                                   "CLOCK_FREEZE_FILE": str(frozen)})
     a = SimAgent(control, "proxy-a")
     a.register()
     frozen.touch()

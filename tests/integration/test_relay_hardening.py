@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 import uuid
@@ -13,7 +12,8 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import RawClient, admin, admin_json, data_rows, error_fields, wait_for
+from conftest import (RawClient, admin, admin_json, data_rows, error_fields, preload_shim_env,
+                      wait_for)
 from pgstub import data_row, row_description, stub_factory, stub_relay  # noqa: F401 (fixture)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -407,12 +407,8 @@ int clock_gettime(clockid_t id, struct timespec *ts)
 
 
 def test_a_wall_clock_step_does_not_cut_a_leader_wait_short(relay_factory, tmp_path):
-    src, so = tmp_path / "step.c", tmp_path / "step.so"
-    src.write_text(CLOCK_STEP_SHIM)
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
-    os.chmod(tmp_path, 0o755)
+    env = preload_shim_env(str(tmp_path), "step", CLOCK_STEP_SHIM)
     step = tmp_path / "stepped"
-    asan = os.environ.get("ASAN_OPTIONS", "")
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     try:
@@ -421,8 +417,7 @@ def test_a_wall_clock_step_does_not_cut_a_leader_wait_short(relay_factory, tmp_p
             nodes=[("gone", {"host": "127.0.0.1", "port": dead.getsockname()[1],
                              "role": "primary"})],
             sections={"agent": {"health_interval": "100ms", "fall": 1}},
-            wrapper=("env", f"LD_PRELOAD={so}", f"CLOCK_STEP_FILE={step}",
-                     f"ASAN_OPTIONS={asan}:verify_asan_link_order=0"))
+            env={**env, "CLOCK_STEP_FILE": str(step)})
         wait_for(lambda: admin_json(r, "show info")["write_leader"] is None, what="no leader")
         with RawClient(r.port) as raw:
             raw.send_startup(application_name="waits-across-a-step")
