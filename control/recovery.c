@@ -45,6 +45,15 @@ static unsigned recovery_attempts; /* reads of the recovery under way that faile
 static int recovery_delay_ms;       /* before the next read */
 static bool recovery_maintenance_read; /* it has loaded the operator's maintenance */
 
+/* No read failed yet, none waits to be made again. */
+static void recovery_retries_reset(void)
+{
+    recovery_attempts = 0;
+    recovery_delay_ms = 0;
+    if (recovery_retry_timer)
+        evtimer_del(recovery_retry_timer);
+}
+
 typedef struct recovery_job {
     store_job job;
     uint64_t generation;
@@ -118,8 +127,7 @@ static void recovery_ended(const char *deployment, int64_t id, const char *error
     if ((uint64_t)(uintptr_t)arg != recovery_generation || !control.active)
         return;
     recovery_generation = 0;
-    recovery_attempts = 0;
-    recovery_delay_ms = 0;
+    recovery_retries_reset();
     log_info("recovery done: orchestrations and leader decisions resume");
     for (state_deployment *d = state_deployments(); d; d = d->next)
         state_decide_again(d);
@@ -154,8 +162,7 @@ static void recovery_read_later(void)
                   "operations left running stay so until the next take-over");
         recovery_generation = 0;
         recovery_holds = 0;
-        recovery_attempts = 0;
-        recovery_delay_ms = 0;
+        recovery_retries_reset();
     }
 }
 
@@ -224,7 +231,7 @@ static void recovery_read(uint64_t generation)
     if (!j || !(j->names = json_array())) {
         free(j);
         log_error("cannot recover the operations left running: out of memory; read again "
-                  "in %d ms", RECOVERY_RETRY_MS);
+                  "later");
         recovery_read_later();
         return;
     }
@@ -238,11 +245,8 @@ static void recovery_read(uint64_t generation)
 
 void operation_recover(void)
 {
-    if (recovery_retry_timer)
-        evtimer_del(recovery_retry_timer);
+    recovery_retries_reset();
     recovery_generation = ++recovery_count;
-    recovery_attempts = 0;
-    recovery_delay_ms = 0;
     recovery_maintenance_read = false;
     recovery_holds = 1; /* the read, until its decisions are queued */
     recovery_read(recovery_generation);
@@ -257,8 +261,5 @@ void operation_recovery_reset(void)
 {
     recovery_generation = 0;
     recovery_holds = 0;
-    recovery_attempts = 0;
-    recovery_delay_ms = 0;
-    if (recovery_retry_timer)
-        evtimer_del(recovery_retry_timer);
+    recovery_retries_reset();
 }
