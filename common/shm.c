@@ -3,6 +3,8 @@
 #include "log.h"
 
 #include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <string.h>
@@ -79,8 +81,10 @@ shm_segment *shm_create(const config *cfg, int *fd_out)
     return shm;
 }
 
-/* Fill the half readers are not using, then make it current. */
-static void shm_dbuf_publish(shm_dbuf *d, char *halves, size_t size, const void *src)
+/* Fill the half readers are not using with len bytes of src (halves are stride apart), then
+ * make it current. */
+static void shm_dbuf_publish(shm_dbuf *d, char *halves, size_t stride, const void *src,
+                             size_t len)
 {
     uint32_t next = 1 - atomic_load_explicit(&d->current, memory_order_relaxed);
     /* Mark odd even if a previous writer died with it odd: readers never use this half until
@@ -88,14 +92,17 @@ static void shm_dbuf_publish(shm_dbuf *d, char *halves, size_t size, const void 
     uint32_t seq = atomic_load_explicit(&d->seq[next], memory_order_relaxed) | 1u;
     atomic_store_explicit(&d->seq[next], seq, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
-    memcpy(halves + next * size, src, size);
+    memcpy(halves + next * stride, src, len);
     atomic_store_explicit(&d->seq[next], seq + 1, memory_order_release);
     atomic_store_explicit(&d->current, next, memory_order_release);
     atomic_fetch_add_explicit(&d->version, 1, memory_order_release);
 }
 
-/* Copy the current half consistently; returns the version it belongs to. */
-static uint64_t shm_dbuf_read(shm_dbuf *d, const char *halves, size_t size, void *out)
+/* Copy len bytes of the current half consistently, then tail(out) more when tail is given (a
+ * length read from the copied bytes, which a torn copy may get wrong: tail bounds it, and the
+ * sequence check retries). Returns the version the copy belongs to. */
+static uint64_t shm_dbuf_read(shm_dbuf *d, const char *halves, size_t stride, size_t len,
+                              size_t (*tail)(const void *copied), void *out)
 {
     for (;;) {
         uint64_t version = atomic_load_explicit(&d->version, memory_order_acquire);
@@ -103,7 +110,12 @@ static uint64_t shm_dbuf_read(shm_dbuf *d, const char *halves, size_t size, void
         uint32_t s1 = atomic_load_explicit(&d->seq[cur], memory_order_acquire);
         if (s1 & 1u)
             continue; /* the writer flipped and reuses this half; the other half is current */
-        memcpy(out, halves + cur * size, size);
+        const char *half = halves + cur * stride;
+        memcpy(out, half, len);
+        if (tail) {
+            size_t more = tail(out);
+            memcpy((char *)out + len, half + len, more);
+        }
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&d->seq[cur], memory_order_relaxed) == s1)
             return version;
@@ -112,22 +124,69 @@ static uint64_t shm_dbuf_read(shm_dbuf *d, const char *halves, size_t size, void
 
 void shm_routes_publish(shm_segment *shm, const shm_route_table *tab)
 {
-    shm_dbuf_publish(&shm->routes.d, (char *)shm->routes.tab, sizeof(*tab), tab);
+    shm_dbuf_publish(&shm->routes.d, (char *)shm->routes.tab, sizeof(*tab), tab, sizeof(*tab));
 }
 
 uint64_t shm_routes_read(shm_segment *shm, shm_route_table *out)
 {
-    return shm_dbuf_read(&shm->routes.d, (const char *)shm->routes.tab, sizeof(*out), out);
+    return shm_dbuf_read(&shm->routes.d, (const char *)shm->routes.tab, sizeof(*out),
+                         sizeof(*out), NULL, out);
 }
 
-void shm_settings_publish(shm_segment *shm, const config *cfg)
+size_t shm_tls_files_size(const shm_tls_files *tls)
 {
-    shm_dbuf_publish(&shm->settings.d, (char *)shm->settings.cfg, sizeof(*cfg), cfg);
+    uint64_t used = 0;
+    for (int i = 0; i < SHM_TLS_FILES; i++)
+        used += tls->len[i];
+    if (used > SHM_TLS_BYTES)
+        used = SHM_TLS_BYTES;
+    return offsetof(shm_tls_files, data) + (size_t)used;
+}
+
+void shm_settings_publish(shm_segment *shm, const config *cfg, const shm_tls_files *tls)
+{
+    /* Built in one piece so that one copy fills the half: the configuration, then the files'
+     * lengths and the bytes used. */
+    static shm_settings_half next;
+    size_t len = offsetof(shm_settings_half, tls.data);
+    memcpy(&next.cfg, cfg, sizeof(*cfg));
+    memset(&next.tls, 0, offsetof(shm_tls_files, data));
+    if (tls) {
+        len = offsetof(shm_settings_half, tls) + shm_tls_files_size(tls);
+        memcpy(&next.tls, tls, shm_tls_files_size(tls));
+    }
+    shm_dbuf_publish(&shm->settings.d, (char *)shm->settings.half, sizeof(shm_settings_half),
+                     &next, len);
 }
 
 uint64_t shm_settings_read(shm_segment *shm, config *out)
 {
-    return shm_dbuf_read(&shm->settings.d, (const char *)shm->settings.cfg, sizeof(*out), out);
+    return shm_dbuf_read(&shm->settings.d, (const char *)shm->settings.half,
+                         sizeof(shm_settings_half), sizeof(*out), NULL, out);
+}
+
+/* The files' bytes after their lengths, copied already at the end of a shm_settings_half. */
+static size_t shm_settings_tls_tail(const void *copied)
+{
+    const shm_settings_half *h = copied;
+    return shm_tls_files_size(&h->tls) - offsetof(shm_tls_files, data);
+}
+
+uint64_t shm_settings_read_tls(shm_segment *shm, config *out, shm_tls_files *tls)
+{
+    /* One consistent copy of a whole half (up to the bytes used), then split. */
+    shm_settings_half *h = malloc(sizeof(*h));
+    if (!h) {
+        memset(tls, 0, offsetof(shm_tls_files, data));
+        return shm_settings_read(shm, out);
+    }
+    uint64_t version = shm_dbuf_read(&shm->settings.d, (const char *)shm->settings.half,
+                                     sizeof(*h), offsetof(shm_settings_half, tls.data),
+                                     shm_settings_tls_tail, h);
+    memcpy(out, &h->cfg, sizeof(*out));
+    memcpy(tls, &h->tls, shm_tls_files_size(&h->tls));
+    free(h);
+    return version;
 }
 
 int shm_node_resolve(shm_node *n)

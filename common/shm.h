@@ -25,7 +25,7 @@
 
 #include "config.h"
 
-#define SHM_MAGIC          0x70677236u /* "pgr6": bumped when the layout changes */
+#define SHM_MAGIC          0x70677237u /* "pgr7": bumped when the layout changes */
 #define SHM_MAX_WORKERS    256
 #define SHM_STMT_MAX       1024 /* bytes of statement text kept per session */
 #define SHM_IDENT_MAX      64   /* user, database, application name */
@@ -161,11 +161,27 @@ typedef struct shm_routes {
     shm_route_table tab[2];
 } shm_routes;
 
+/* The bytes of the certificate, key and CA files the master read and checked at a reload, in
+ * the order the proxy's tls.c gives them (a file not used has length 0). Workers build their
+ * TLS contexts from these bytes, never from the files: every worker serves what the reload
+ * checked, even when a file changes again before a worker looks. */
+#define SHM_TLS_FILES 6
+#define SHM_TLS_BYTES (1u << 20) /* all the files together, at most */
+typedef struct shm_tls_files {
+    uint32_t len[SHM_TLS_FILES];
+    char data[SHM_TLS_BYTES]; /* the files one after the other */
+} shm_tls_files;
+
+typedef struct shm_settings_half {
+    config cfg;
+    shm_tls_files tls; /* copied up to the bytes used */
+} shm_settings_half;
+
 /* The effective configuration, published by the master at start and on every reload; workers
- * take the reloadable keys from it. */
+ * take the reloadable keys from it, and the certificate files with it. */
 typedef struct shm_settings {
     shm_dbuf d;
-    config cfg[2];
+    shm_settings_half half[2];
 } shm_settings;
 
 /* Counters of one worker; written only by that worker (relaxed), read by anyone. */
@@ -390,9 +406,15 @@ static inline uint64_t shm_routes_version(shm_segment *shm)
     return atomic_load_explicit(&shm->routes.d.version, memory_order_acquire);
 }
 
-/* Settings: the master publishes; workers read when the version moved. */
-void shm_settings_publish(shm_segment *shm, const config *cfg);
+/* Settings: the master publishes; workers read when the version moved. tls: the certificate
+ * files checked with cfg, or NULL for none (at start, when workers inherit the contexts). */
+void shm_settings_publish(shm_segment *shm, const config *cfg, const shm_tls_files *tls);
 uint64_t shm_settings_read(shm_segment *shm, config *out);
+/* The settings and the certificate files published with them, consistently. */
+uint64_t shm_settings_read_tls(shm_segment *shm, config *out, shm_tls_files *tls);
+
+/* Bytes of tls in use: the lengths and the files (what a copy needs). */
+size_t shm_tls_files_size(const shm_tls_files *tls);
 static inline uint64_t shm_settings_version(shm_segment *shm)
 {
     return atomic_load_explicit(&shm->settings.d.version, memory_order_acquire);

@@ -24,4 +24,23 @@ int tls_load_ca(SSL_CTX *ctx, const char *ca_key, const char *ca_file, char *err
 int tls_require_client_certs(SSL_CTX *ctx, const char *ca_key, const char *ca_file, char *err,
                              size_t err_len);
 
+/* A file's content read once into memory: the setting that names it, its path (both for
+ * errors) and its bytes. */
+typedef struct tls_pem {
+    const char *key;
+    const char *file;
+    const char *data;
+    size_t len;
+} tls_pem;
+
+/* tls_use_cert_and_key from bytes: the chain in cert (leaf first), the key in key. */
+int tls_pem_use_cert_and_key(SSL_CTX *ctx, const tls_pem *cert, const tls_pem *key, char *err,
+                             size_t err_len);
+
+/* tls_load_ca from bytes: trusts the certificates (and CRLs) in ca. */
+int tls_pem_load_ca(SSL_CTX *ctx, const tls_pem *ca, char *err, size_t err_len);
+
+/* tls_require_client_certs from bytes. */
+int tls_pem_require_client_certs(SSL_CTX *ctx, const tls_pem *ca, char *err, size_t err_len);
+
 #endif

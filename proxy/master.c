@@ -533,10 +533,18 @@ int master_reload(master *m, char *msg, size_t msglen)
     /* The certificate and key files are part of the configuration: a broken one is refused
      * like a bad key, and the running context stays. */
     char tls_err[1024];
-    if (tls_setup(next, tls_err, sizeof(tls_err)) != 0) {
+    shm_tls_files *tls_files = malloc(sizeof(*tls_files));
+    if (!tls_files) {
+        snprintf(msg, msglen, "reload failed: out of memory");
+        free(next);
+        return -1;
+    }
+    if (tls_files_read(next, tls_files, tls_err, sizeof(tls_err)) != 0 ||
+        tls_setup(next, tls_files, tls_err, sizeof(tls_err)) != 0) {
         log_error("reload: %s", tls_err);
         snprintf(msg, msglen, "reload failed: %s; keeping the running configuration", tls_err);
         log_error("%s", msg);
+        free(tls_files);
         free(next);
         return -1;
     }
@@ -586,7 +594,9 @@ int master_reload(master *m, char *msg, size_t msglen)
         master_publish_static_routes(m); /* with an agent, it republishes on its reload */
     for (int i = 0; i < m->cfg->n_nodes; i++)
         shm_node_count_ensure(m->shm, m->cfg->nodes[i].name);
-    shm_settings_publish(m->shm, m->cfg);
+    /* The workers build their contexts from the bytes checked above, not from the files. */
+    shm_settings_publish(m->shm, m->cfg, tls_files);
+    free(tls_files);
     atomic_fetch_add(&m->shm->reloads, 1);
     master_poke_workers(m);
     if (m->n_children > m->n_workers && m->children[m->n_workers].channel_fd >= 0)
@@ -726,7 +736,7 @@ int master_run(config *cfg, int *const listen_fds[2], const master_options *opts
     m.shm = shm_create(cfg, &m.shm_fd);
     if (!m.shm)
         return 1;
-    shm_settings_publish(m.shm, cfg);
+    shm_settings_publish(m.shm, cfg, NULL); /* workers inherit the contexts at fork */
     master_publish_static_routes(&m);
 
     if (pipe2(signal_pipe, O_NONBLOCK | O_CLOEXEC) != 0) {

@@ -1,10 +1,12 @@
 /* tls.c - TLS toward clients and nodes: the OpenSSL contexts (built at start and at every
  * reload), the non-blocking handshakes, and reads and writes on a session's TLS side.
  *
- * The master builds the context before it forks, so that a missing or broken certificate or
- * key stops `pgrelay -t`, the start, or a reload (which then keeps the running configuration);
- * workers inherit it, and build their own again from the files when the settings change, so
- * that a renewed certificate serves new sessions while running ones keep theirs.
+ * The master reads the certificate, key and CA files once and builds the contexts from their
+ * bytes before it forks, so that a missing or broken file stops `pgrelay -t`, the start, or a
+ * reload (which then keeps the running configuration); workers inherit the contexts, and at a
+ * reload build theirs again from the very bytes the master checked (passed in shared memory),
+ * so that a renewed certificate serves new sessions while running ones keep theirs, and a file
+ * changed again after the reload changes nothing until the next one.
  */
 #include "tls.h"
 #include "log.h"
@@ -13,12 +15,15 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ALPN protocol of PostgreSQL 17's direct TLS, in the wire format (length-prefixed). */
 static const unsigned char tls_alpn_postgresql[] = {10, 'p', 'o', 's', 't', 'g', 'r', 'e',
@@ -98,7 +103,109 @@ static int tls_alpn_select(SSL *ssl, const unsigned char **out, unsigned char *o
     return SSL_TLSEXT_ERR_ALERT_FATAL; /* no_application_protocol */
 }
 
-static SSL_CTX *tls_client_build(const config *cfg, char *err, size_t err_len)
+/* The files a configuration may name, in the order of shm_tls_files. */
+enum {
+    TLS_FILE_CLIENT_CERT,
+    TLS_FILE_CLIENT_KEY,
+    TLS_FILE_CLIENT_CA,
+    TLS_FILE_SERVER_CA,
+    TLS_FILE_SERVER_CERT,
+    TLS_FILE_SERVER_KEY,
+};
+_Static_assert(TLS_FILE_SERVER_KEY + 1 == SHM_TLS_FILES, "one length per file");
+
+static const char *const tls_file_keys[SHM_TLS_FILES] = {
+    "client_tls_cert_file", "client_tls_key_file",  "client_tls_ca_file",
+    "server_tls_ca_file",   "server_tls_cert_file", "server_tls_key_file"};
+
+static const char *tls_file_path(const config *cfg, int i)
+{
+    switch (i) {
+    case TLS_FILE_CLIENT_CERT: return cfg->client_tls_cert_file;
+    case TLS_FILE_CLIENT_KEY: return cfg->client_tls_key_file;
+    case TLS_FILE_CLIENT_CA: return cfg->client_tls_ca_file;
+    case TLS_FILE_SERVER_CA: return cfg->server_tls_ca_file;
+    case TLS_FILE_SERVER_CERT: return cfg->server_tls_cert_file;
+    default: return cfg->server_tls_key_file;
+    }
+}
+
+/* Is any node spoken to over TLS? */
+static bool tls_toward_nodes(const config *cfg)
+{
+    if (cfg->server_tls_mode != SERVER_TLS_DISABLE)
+        return true;
+    for (int i = 0; i < cfg->n_nodes; i++)
+        if (config_node_server_tls(cfg, &cfg->nodes[i]) != SERVER_TLS_DISABLE)
+            return true;
+    return false;
+}
+
+/* Does cfg use file i? */
+static bool tls_file_used(const config *cfg, int i)
+{
+    switch (i) {
+    case TLS_FILE_CLIENT_CERT:
+    case TLS_FILE_CLIENT_KEY: return cfg->client_tls_mode != CLIENT_TLS_DISABLE;
+    case TLS_FILE_CLIENT_CA: return cfg->client_tls_mode >= CLIENT_TLS_VERIFY_CA;
+    case TLS_FILE_SERVER_CA:
+        return tls_toward_nodes(cfg) && cfg->server_tls_ca_file[0];
+    default: return tls_toward_nodes(cfg) && cfg->server_tls_cert_file[0];
+    }
+}
+
+/* File i of files, as tls_files' functions take it. */
+static tls_pem tls_file_pem(const config *cfg, const shm_tls_files *files, int i)
+{
+    size_t at = 0;
+    for (int j = 0; j < i; j++)
+        at += files->len[j];
+    return (tls_pem){.key = tls_file_keys[i], .file = tls_file_path(cfg, i),
+                     .data = files->data + at, .len = files->len[i]};
+}
+
+int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t err_len)
+{
+    size_t used = 0;
+    for (int i = 0; i < SHM_TLS_FILES; i++) {
+        files->len[i] = 0;
+        if (!tls_file_used(cfg, i))
+            continue;
+        const char *path = tls_file_path(cfg, i);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            snprintf(err, err_len, "%s %s: %s", tls_file_keys[i], path, strerror(errno));
+            return -1;
+        }
+        ssize_t n;
+        size_t got = 0;
+        do { /* to the end, one byte past the room left to tell a file that does not fit */
+            n = read(fd, files->data + used + got, SHM_TLS_BYTES - used - got);
+            if (n > 0)
+                got += (size_t)n;
+        } while ((n > 0 || (n < 0 && errno == EINTR)) && used + got < SHM_TLS_BYTES);
+        char more;
+        int failed = n < 0 ? errno : 0;
+        bool too_big = !failed && used + got == SHM_TLS_BYTES && read(fd, &more, 1) > 0;
+        close(fd);
+        if (failed) {
+            snprintf(err, err_len, "%s %s: %s", tls_file_keys[i], path, strerror(failed));
+            return -1;
+        }
+        if (too_big) {
+            snprintf(err, err_len, "%s %s: the certificate, key and CA files together are "
+                     "larger than the %u KiB pgrelay reads", tls_file_keys[i], path,
+                     SHM_TLS_BYTES / 1024);
+            return -1;
+        }
+        files->len[i] = (uint32_t)got;
+        used += got;
+    }
+    return 0;
+}
+
+static SSL_CTX *tls_client_build(const config *cfg, const shm_tls_files *files, char *err,
+                                 size_t err_len)
 {
     char why[256];
     int min = 0, max = 0;
@@ -129,12 +236,13 @@ static SSL_CTX *tls_client_build(const config *cfg, char *err, size_t err_len)
         snprintf(err, err_len, "client_tls_ciphers \"%s\": %s", cfg->client_tls_ciphers, why);
         goto failed;
     }
-    if (tls_use_cert_and_key(ctx, "client_tls_cert_file", cfg->client_tls_cert_file,
-                             "client_tls_key_file", cfg->client_tls_key_file, err, err_len) != 0)
+    tls_pem cert = tls_file_pem(cfg, files, TLS_FILE_CLIENT_CERT);
+    tls_pem key = tls_file_pem(cfg, files, TLS_FILE_CLIENT_KEY);
+    tls_pem ca = tls_file_pem(cfg, files, TLS_FILE_CLIENT_CA);
+    if (tls_pem_use_cert_and_key(ctx, &cert, &key, err, err_len) != 0)
         goto failed;
     if (cfg->client_tls_mode >= CLIENT_TLS_VERIFY_CA &&
-        tls_require_client_certs(ctx, "client_tls_ca_file", cfg->client_tls_ca_file, err,
-                                 err_len) != 0)
+        tls_pem_require_client_certs(ctx, &ca, err, err_len) != 0)
         goto failed;
     SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_select, NULL);
     return ctx;
@@ -145,7 +253,8 @@ failed:
 
 /* The context toward nodes: the client certificate and the CAs; whether a node's certificate
  * is checked is set per connection (server_tls_mode may differ per node). */
-static SSL_CTX *tls_server_build(const config *cfg, char *err, size_t err_len)
+static SSL_CTX *tls_server_build(const config *cfg, const shm_tls_files *files, char *err,
+                                 size_t err_len)
 {
     char why[256];
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
@@ -159,12 +268,12 @@ static SSL_CTX *tls_server_build(const config *cfg, char *err, size_t err_len)
                                  SSL_OP_ENABLE_KTLS);
     SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_ENABLE_PARTIAL_WRITE |
                               SSL_MODE_RELEASE_BUFFERS);
-    if (cfg->server_tls_ca_file[0] &&
-        tls_load_ca(ctx, "server_tls_ca_file", cfg->server_tls_ca_file, err, err_len) != 0)
+    tls_pem ca = tls_file_pem(cfg, files, TLS_FILE_SERVER_CA);
+    tls_pem cert = tls_file_pem(cfg, files, TLS_FILE_SERVER_CERT);
+    tls_pem key = tls_file_pem(cfg, files, TLS_FILE_SERVER_KEY);
+    if (cfg->server_tls_ca_file[0] && tls_pem_load_ca(ctx, &ca, err, err_len) != 0)
         goto failed;
-    if (cfg->server_tls_cert_file[0] &&
-        tls_use_cert_and_key(ctx, "server_tls_cert_file", cfg->server_tls_cert_file,
-                             "server_tls_key_file", cfg->server_tls_key_file, err, err_len) != 0)
+    if (cfg->server_tls_cert_file[0] && tls_pem_use_cert_and_key(ctx, &cert, &key, err, err_len) != 0)
         goto failed;
     return ctx;
 failed:
@@ -172,20 +281,16 @@ failed:
     return NULL;
 }
 
-int tls_setup(const config *cfg, char *err, size_t err_len)
+int tls_setup(const config *cfg, const shm_tls_files *files, char *err, size_t err_len)
 {
     SSL_CTX *client = NULL, *server = NULL;
-    bool server_tls = cfg->server_tls_mode != SERVER_TLS_DISABLE;
-    for (int i = 0; i < cfg->n_nodes; i++)
-        if (config_node_server_tls(cfg, &cfg->nodes[i]) != SERVER_TLS_DISABLE)
-            server_tls = true;
     if (cfg->client_tls_mode != CLIENT_TLS_DISABLE) {
-        client = tls_client_build(cfg, err, err_len);
+        client = tls_client_build(cfg, files, err, err_len);
         if (!client)
             return -1;
     }
-    if (server_tls) {
-        server = tls_server_build(cfg, err, err_len);
+    if (tls_toward_nodes(cfg)) {
+        server = tls_server_build(cfg, files, err, err_len);
         if (!server) {
             SSL_CTX_free(client);
             return -1;

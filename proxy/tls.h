@@ -17,6 +17,7 @@
 #include <sys/types.h>
 
 #include "config.h"
+#include "shm.h"
 
 /* The TLS state of one side of a session. */
 typedef struct tls_conn {
@@ -26,11 +27,16 @@ typedef struct tls_conn {
     bool handshaken;   /* the handshake finished */
 } tls_conn;
 
-/* Build the contexts from cfg (client_tls_* keys: toward clients; server_tls_*: toward nodes)
- * into the process's current ones, replacing them; sessions that run keep the contexts they
- * started with (SSL_CTX is counted). A side with TLS off has none. Returns 0, or -1 with err
- * naming the key, the file and OpenSSL's reason; the current contexts then stay. */
-int tls_setup(const config *cfg, char *err, size_t err_len);
+/* Read the certificate, key and CA files cfg uses into files (the others get length 0).
+ * Returns 0, or -1 with err naming the key, the file and the reason. */
+int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t err_len);
+
+/* Build the contexts for cfg (client_tls_* keys: toward clients; server_tls_*: toward nodes)
+ * from the files' bytes into the process's current ones, replacing them; sessions that run
+ * keep the contexts they started with (SSL_CTX is counted). A side with TLS off has none.
+ * Returns 0, or -1 with err naming the key, the file and OpenSSL's reason; the current
+ * contexts then stay. */
+int tls_setup(const config *cfg, const shm_tls_files *files, char *err, size_t err_len);
 
 /* The current client-side context, or NULL when TLS toward clients is off. */
 SSL_CTX *tls_client_ctx(void);

@@ -150,11 +150,16 @@ static void worker_on_heartbeat(evutil_socket_t fd, short what, void *arg)
         worker_listeners_update(w); /* a neighbour got stuck, or runs again */
 }
 
+static void worker_take_settings(worker *w);
+
 static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
 {
     worker_listener *l = arg;
     worker *w = l->w;
     (void)what;
+    /* A reload answered before this connection came takes effect for it, even when the
+     * master's poke is still on its way: one atomic load per wake-up. */
+    worker_take_settings(w);
     for (int i = 0; i < ACCEPT_BATCH; i++) {
         struct sockaddr_storage addr;
         socklen_t len = sizeof(addr);
@@ -241,20 +246,31 @@ static void worker_begin_graceful(worker *w)
     evtimer_add(&w->ev_shutdown, &tv);
 }
 
+/* Take the settings of the last reload if this worker has not yet. */
+static void worker_take_settings(worker *w)
+{
+    if (shm_settings_version(w->shm) != w->settings_version) {
+        /* The certificate and key files come with the settings, as the master read and
+         * checked them at the reload (renewed ones included): new sessions take the new
+         * context, running ones keep theirs. */
+        char err[512] = "out of memory";
+        shm_tls_files *files = malloc(sizeof(*files));
+        if (files)
+            w->settings_version = shm_settings_read_tls(w->shm, w->cfg, files);
+        else
+            w->settings_version = shm_settings_read(w->shm, w->cfg);
+        config_apply_logging(w->cfg);
+        if (!files || tls_setup(w->cfg, files, err, sizeof(err)) != 0)
+            log_error("reload: TLS: %s; new sessions keep the previous certificates", err);
+        free(files);
+        log_debug("settings reloaded");
+    }
+}
+
 /* Shared memory changed: take new settings, follow maintenance mode. */
 static void worker_look_again(worker *w)
 {
-    if (shm_settings_version(w->shm) != w->settings_version) {
-        w->settings_version = shm_settings_read(w->shm, w->cfg);
-        config_apply_logging(w->cfg);
-        /* Certificate and key files are read again at every reload, renewed ones included:
-         * new sessions take the new context, running ones keep theirs. The master checked
-         * the files just before; a file replaced meanwhile by a broken one keeps the old. */
-        char err[512];
-        if (tls_setup(w->cfg, err, sizeof(err)) != 0)
-            log_error("reload: TLS: %s; new sessions keep the previous certificates", err);
-        log_debug("settings reloaded");
-    }
+    worker_take_settings(w);
     worker_routes_refresh(w);
     if (w->stop == WORKER_RUNNING && !evtimer_pending(&w->ev_accept_resume, NULL))
         worker_listeners_update(w); /* a worker died or came back */

@@ -38,10 +38,10 @@ def make_ca(d, name):
             "-addext", "basicConstraints=critical,CA:TRUE", cwd=d)
 
 
-def make_signed(d, name, ca, cn=None, san=None, days=2):
+def make_signed(d, name, ca, cn=None, san=None, days=2, is_ca=False):
     ext = os.path.join(d, f"{name}.ext")
     with open(ext, "w") as f:
-        f.write("basicConstraints=CA:FALSE\n")
+        f.write("basicConstraints=critical,CA:TRUE\n" if is_ca else "basicConstraints=CA:FALSE\n")
         if san:
             f.write(f"subjectAltName={san}\n")
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn or name}",
@@ -64,6 +64,13 @@ def pki():
     make_signed(d, "client", "ca", cn="postgres")
     make_signed(d, "someone", "ca", cn="someone")
     make_signed(d, "stranger", "otherca", cn="postgres")
+    # a server certificate from an intermediate CA, with the chain file a server sends
+    make_signed(d, "intermediate", "ca", is_ca=True)
+    make_signed(d, "chained", "intermediate", cn="localhost", san=san)
+    with open(os.path.join(d, "chain.crt"), "w") as out:
+        for part in ("chained.crt", "intermediate.crt"):
+            with open(os.path.join(d, part)) as f:
+                out.write(f.read())
     os.chmod(d, 0o755)
     yield lambda name: os.path.join(d, name)
     shutil.rmtree(d, ignore_errors=True)
@@ -363,20 +370,71 @@ def test_reload_renewed_certificate_keeps_running_sessions(relay_factory, pki):
             shutil.copy(pki("server2.crt"), cert)
             shutil.copy(pki("server2.key"), key)
             assert "reloaded" in admin(r, "reload")
-            wait_for(lambda: peer_cert(r) == pem_der(pki("server2.crt")),
-                     what="new sessions to get the renewed certificate")
+            # once the reload has answered, every new session, on any worker, gets it
+            for _ in range(6):
+                assert peer_cert(r) == pem_der(pki("server2.crt"))
             assert old.execute("SELECT 'old session'").fetchone()[0] == "old session"
             # a broken key is refused at reload; the renewed certificate keeps serving
             with open(key, "w") as f:
                 f.write("not a key\n")
             answer = admin(r, "reload")
             assert "reload failed" in answer and "client_tls_key_file" in answer, answer
-            assert peer_cert(r) == pem_der(pki("server2.crt"))
+            for _ in range(6):
+                assert peer_cert(r) == pem_der(pki("server2.crt"))
             with connect(r) as new:
                 assert new.execute("SELECT 2").fetchone()[0] == 2
             assert old.execute("SELECT 3").fetchone()[0] == 3
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_reload_serves_the_files_it_checked_even_if_they_change_before_a_worker_looks(
+        relay_factory, pki):
+    """Invariant: what a reload answered "reloaded" for is what every worker serves. Here the
+    only worker is stopped (SIGSTOP) across the reload, and the key is broken after the reload
+    answered and before the worker runs again: the worker must serve the renewed certificate
+    the reload checked, not read the files again (it used to, found the broken key, and kept
+    serving the old certificate while the console said the new one was in place)."""
+    work = tempfile.mkdtemp(prefix="pgrelay-tls-reload-")
+    cert, key = os.path.join(work, "cur.crt"), os.path.join(work, "cur.key")
+    shutil.copy(pki("server.crt"), cert)
+    shutil.copy(pki("server.key"), key)
+    try:
+        r = relay_factory(workers=1, client_tls_mode="require", client_tls_cert_file=cert,
+                          client_tls_key_file=key)
+        assert peer_cert(r) == pem_der(pki("server.crt"))
+        (worker,) = r.worker_pids()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            shutil.copy(pki("server2.crt"), cert)
+            shutil.copy(pki("server2.key"), key)
+            assert "reloaded" in admin(r, "reload")
+            with open(key, "w") as f:
+                f.write("not a key\n")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert peer_cert(r) == pem_der(pki("server2.crt"))
+        with connect(r) as c:
+            assert c.execute("SELECT 'renewed'").fetchone()[0] == "renewed"
+        assert "new sessions keep the previous certificates" not in r.log()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_whole_chain_is_sent_and_a_client_trusting_only_the_root_verifies_it(
+        relay_factory, pki):
+    """client_tls_cert_file holds the server's certificate and its intermediate CA: both are
+    sent, so a client that trusts only the root CA verifies the name and the chain."""
+    r = relay_factory(**tls_keys(pki, cert="chained", client_tls_cert_file=pki("chain.crt")))
+    rc = raw_tls(r, ctx=tls_context(pki))
+    assert rc.sock.getpeercert()["subject"] == ((("commonName", "localhost"),),)
+    rc.close()
+    with connect(r, sslmode="verify-full", sslrootcert=pki("ca.crt"), host="localhost") as c:
+        assert c.execute("SELECT 'chain'").fetchone()[0] == "chain"
+    # with the leaf alone, the same client cannot verify it
+    r2 = relay_factory(**tls_keys(pki, cert="chained"))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        raw_tls(r2, ctx=tls_context(pki))
 
 
 def test_broken_certificate_stops_the_check(pki, tmp_path, pg):
