@@ -172,21 +172,10 @@ static size_t shm_settings_tls_tail(const void *copied)
     return shm_tls_files_size(&h->tls) - offsetof(shm_tls_files, data);
 }
 
-uint64_t shm_settings_read_tls(shm_segment *shm, config *out, shm_tls_files *tls)
+uint64_t shm_settings_read_tls(shm_segment *shm, shm_settings_half *out)
 {
-    /* One consistent copy of a whole half (up to the bytes used), then split. */
-    shm_settings_half *h = malloc(sizeof(*h));
-    if (!h) {
-        memset(tls, 0, offsetof(shm_tls_files, data));
-        return shm_settings_read(shm, out);
-    }
-    uint64_t version = shm_dbuf_read(&shm->settings.d, (const char *)shm->settings.half,
-                                     sizeof(*h), offsetof(shm_settings_half, tls.data),
-                                     shm_settings_tls_tail, h);
-    memcpy(out, &h->cfg, sizeof(*out));
-    memcpy(tls, &h->tls, shm_tls_files_size(&h->tls));
-    free(h);
-    return version;
+    return shm_dbuf_read(&shm->settings.d, (const char *)shm->settings.half, sizeof(*out),
+                         offsetof(shm_settings_half, tls.data), shm_settings_tls_tail, out);
 }
 
 int shm_node_resolve(shm_node *n)

@@ -166,7 +166,8 @@ typedef struct shm_routes {
  * TLS contexts from these bytes, never from the files: every worker serves what the reload
  * checked, even when a file changes again before a worker looks. */
 #define SHM_TLS_FILES 6
-#define SHM_TLS_BYTES (1u << 20) /* all the files together, at most */
+#define SHM_TLS_BYTES (16u << 20) /* all the files together, at most (CRLs included); only
+                                   * the pages used take memory */
 typedef struct shm_tls_files {
     uint32_t len[SHM_TLS_FILES];
     char data[SHM_TLS_BYTES]; /* the files one after the other */
@@ -410,8 +411,9 @@ static inline uint64_t shm_routes_version(shm_segment *shm)
  * files checked with cfg, or NULL for none (at start, when workers inherit the contexts). */
 void shm_settings_publish(shm_segment *shm, const config *cfg, const shm_tls_files *tls);
 uint64_t shm_settings_read(shm_segment *shm, config *out);
-/* The settings and the certificate files published with them, consistently. */
-uint64_t shm_settings_read_tls(shm_segment *shm, config *out, shm_tls_files *tls);
+/* The settings and the certificate files published with them, consistently, into out (the
+ * caller's, as large as a half: only the bytes used are written). */
+uint64_t shm_settings_read_tls(shm_segment *shm, shm_settings_half *out);
 
 /* Bytes of tls in use: the lengths and the files (what a copy needs). */
 size_t shm_tls_files_size(const shm_tls_files *tls);

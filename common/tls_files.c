@@ -160,8 +160,12 @@ static int tls_pem_read_ca(SSL_CTX *ctx, const tls_pem *ca, STACK_OF(X509_NAME) 
         X509_INFO *info = sk_X509_INFO_value(infos, i);
         if (info->x509) {
             ok = X509_STORE_add_cert(store, info->x509) == 1;
-            X509_NAME *name = ok && names ? X509_NAME_dup(X509_get_subject_name(info->x509))
-                                          : NULL;
+            /* each CA named once, as SSL_load_client_CA_file does (a bundle in a CA's
+             * rotation holds two certificates with one subject) */
+            X509_NAME *subject = X509_get_subject_name(info->x509);
+            X509_NAME *name = ok && names && sk_X509_NAME_find(names, subject) < 0
+                                  ? X509_NAME_dup(subject)
+                                  : NULL;
             if (name && sk_X509_NAME_push(names, name) <= 0)
                 X509_NAME_free(name);
             found++;
@@ -188,9 +192,14 @@ int tls_pem_load_ca(SSL_CTX *ctx, const tls_pem *ca, char *err, size_t err_len)
     return tls_pem_read_ca(ctx, ca, NULL, err, err_len);
 }
 
+static int tls_pem_name_cmp(const X509_NAME *const *a, const X509_NAME *const *b)
+{
+    return X509_NAME_cmp(*a, *b);
+}
+
 int tls_pem_require_client_certs(SSL_CTX *ctx, const tls_pem *ca, char *err, size_t err_len)
 {
-    STACK_OF(X509_NAME) *names = sk_X509_NAME_new_null();
+    STACK_OF(X509_NAME) *names = sk_X509_NAME_new(tls_pem_name_cmp);
     if (tls_pem_read_ca(ctx, ca, names, err, err_len) != 0) {
         sk_X509_NAME_pop_free(names, X509_NAME_free);
         return -1;

@@ -179,14 +179,20 @@ int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t er
         }
         ssize_t n;
         size_t got = 0;
-        do { /* to the end, one byte past the room left to tell a file that does not fit */
+        do { /* to the end of the file, or of the room left */
             n = read(fd, files->data + used + got, SHM_TLS_BYTES - used - got);
             if (n > 0)
                 got += (size_t)n;
         } while ((n > 0 || (n < 0 && errno == EINTR)) && used + got < SHM_TLS_BYTES);
-        char more;
+        bool too_big = false;
+        if (n >= 0 && used + got == SHM_TLS_BYTES) { /* the room is full: is there more? */
+            char more;
+            do
+                n = read(fd, &more, 1);
+            while (n < 0 && errno == EINTR);
+            too_big = n > 0;
+        }
         int failed = n < 0 ? errno : 0;
-        bool too_big = !failed && used + got == SHM_TLS_BYTES && read(fd, &more, 1) > 0;
         close(fd);
         if (failed) {
             snprintf(err, err_len, "%s %s: %s", tls_file_keys[i], path, strerror(failed));
@@ -194,8 +200,8 @@ int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t er
         }
         if (too_big) {
             snprintf(err, err_len, "%s %s: the certificate, key and CA files together are "
-                     "larger than the %u KiB pgrelay reads", tls_file_keys[i], path,
-                     SHM_TLS_BYTES / 1024);
+                     "larger than the %u MiB pgrelay reads", tls_file_keys[i], path,
+                     SHM_TLS_BYTES >> 20);
             return -1;
         }
         files->len[i] = (uint32_t)got;

@@ -157,10 +157,10 @@ static void worker_on_accept(evutil_socket_t lfd, short what, void *arg)
     worker_listener *l = arg;
     worker *w = l->w;
     (void)what;
-    /* A reload answered before this connection came takes effect for it, even when the
-     * master's poke is still on its way: one atomic load per wake-up. */
-    worker_take_settings(w);
     for (int i = 0; i < ACCEPT_BATCH; i++) {
+        /* A reload answered before this connection came takes effect for it, even when the
+         * master's poke is still on its way: one atomic load per accept. */
+        worker_take_settings(w);
         struct sockaddr_storage addr;
         socklen_t len = sizeof(addr);
         int fd = accept4(lfd, (struct sockaddr *)&addr, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -253,16 +253,18 @@ static void worker_take_settings(worker *w)
         /* The certificate and key files come with the settings, as the master read and
          * checked them at the reload (renewed ones included): new sessions take the new
          * context, running ones keep theirs. */
-        char err[512] = "out of memory";
-        shm_tls_files *files = malloc(sizeof(*files));
-        if (files)
-            w->settings_version = shm_settings_read_tls(w->shm, w->cfg, files);
-        else
-            w->settings_version = shm_settings_read(w->shm, w->cfg);
+        shm_settings_half *next = malloc(sizeof(*next)); /* pages used only as written */
+        if (!next) {
+            log_error("reload: out of memory; taking the new settings at the next look");
+            return;
+        }
+        w->settings_version = shm_settings_read_tls(w->shm, next);
+        memcpy(w->cfg, &next->cfg, sizeof(*w->cfg));
         config_apply_logging(w->cfg);
-        if (!files || tls_setup(w->cfg, files, err, sizeof(err)) != 0)
+        char err[512];
+        if (tls_setup(w->cfg, &next->tls, err, sizeof(err)) != 0)
             log_error("reload: TLS: %s; new sessions keep the previous certificates", err);
-        free(files);
+        free(next);
         log_debug("settings reloaded");
     }
 }

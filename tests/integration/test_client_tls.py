@@ -452,6 +452,33 @@ def test_broken_certificate_stops_the_check(pki, tmp_path, pg):
     assert r.returncode == 1 and "client_tls_ca_file" in r.stderr, r.stderr
 
 
+def test_certificate_files_larger_than_pgrelay_reads_stop_the_check(pki, tmp_path, pg):
+    """The files together may be 16 MiB (pgrelay.ini(5)): a CA file past that is refused by
+    name, and one just below it (padded with text OpenSSL skips) is read whole."""
+    from conftest import PGRELAY_BIN, write_config
+    with open(pki("ca.crt")) as f:
+        ca = f.read()
+    used = sum(os.path.getsize(pki(n)) for n in ("server.crt", "server.key"))
+    for size, ok in ((16 * 2**20 - used, True), (16 * 2**20 - used + 1, False)):
+        big = tmp_path / "big-ca.crt"
+        with open(big, "w") as f:
+            f.write(ca)
+            f.write("x" * (size - len(ca) - 1) + "\n")
+        assert os.path.getsize(big) == size
+        conf = tmp_path / "pgrelay.ini"
+        write_config(conf, 1, pg, {"client_tls_mode": "verify-ca",
+                                   "client_tls_cert_file": pki("server.crt"),
+                                   "client_tls_key_file": pki("server.key"),
+                                   "client_tls_ca_file": str(big)})
+        r = subprocess.run([PGRELAY_BIN, "-t", "-c", str(conf)], capture_output=True,
+                           text=True)
+        if ok:
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode == 1 and "client_tls_ca_file" in r.stderr \
+                and "16 MiB" in r.stderr, r.stderr
+
+
 def _sleep_then_cancel(pg, conn, app, cancel):
     done = {}
 

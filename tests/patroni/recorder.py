@@ -17,14 +17,19 @@ kinds of threads (kept and fresh sessions), and record the server's port, timeli
 position, which the checks below read.
 """
 
+import bisect
 import time
 
 import psycopg
 
 from conftest import RawClient, data_rows, error_fields
 from loadgen import Threads
+from patroni_cluster import LOOP_WAIT
 
 POLL_INTERVAL = 0.1
+# How long a member that lost the leader key may still acknowledge writes as a primary: Patroni
+# demotes it at its next HA loop (loop_wait) with an immediate shutdown (a second at most).
+HANDOVER_S = LOOP_WAIT + 1.0
 
 
 class LeaderPoller(Threads):
@@ -49,19 +54,31 @@ class LeaderPoller(Threads):
         # not checked (as before): a sample is one etcd request with a 1 s timeout
         super().stop(timeout=5, check=False)
 
-    def possibly_leader(self, name, start, end):
+    def possibly_leader(self, name, start, end, grace=0.0):
         """Could etcd have named ``name`` at some instant in [start, end]? A run of samples
         naming it counts from the start of the sample before the run to the end of the sample
-        after it (the key may have changed anywhere between two samples)."""
+        after it (the key may have changed anywhere between two samples), and ``grace``
+        seconds more."""
         s = self.samples
         for i, (_, _, leader) in enumerate(s):
             if leader != name and leader != "?":
                 continue
             lo = s[i - 1][0] if i > 0 else float("-inf")
-            hi = s[i + 1][1] if i + 1 < len(s) else float("inf")
+            hi = s[i + 1][1] + grace if i + 1 < len(s) else float("inf")
             if lo <= end and hi >= start:
                 return True
         return False
+
+    def last_named(self, name, before):
+        """The start of the last sample before ``before`` that could name ``name`` (or
+        -inf): from then on, etcd may have named another member."""
+        last = float("-inf")
+        for t0, _, leader in self.samples:
+            if t0 >= before:
+                break
+            if leader == name or leader == "?":
+                last = t0
+        return last
 
     def changes(self):
         """[(t, leader)] at each change of the sampled value."""
@@ -270,14 +287,30 @@ def carries_sqlstate(err):
     return bool(err["sqlstate"])
 
 
-def wrong_node_writes(load, poller, port_to_member):
+def wrong_node_writes(load, poller, port_to_member, handover=0.0):
     """Acknowledged writes whose node etcd did not name leader at any instant between the
-    server's clock just before the commit and the acknowledgement (the commit happened then)."""
+    server's clock just before the commit and the acknowledgement (the commit happened then).
+
+    With ``handover`` > 0, a write on a member that had just lost the key is not counted when
+    it is in that member's hand-over tail: acknowledged at most ``handover`` seconds after
+    etcd could last have named it, and before this proxy acknowledged any write on another
+    member since then. Patroni demotes a leader that lost its key within one HA loop; until
+    then that member is a writable primary, and a proxy that follows it (as HAProxy does)
+    lands writes there. Going back to it after writing elsewhere is never a tail."""
+    acks = sorted(load.acks, key=lambda a: a["acked"])
+    acked = [a["acked"] for a in acks]
     wrong = []
-    for a in load.acks:
+    for a in acks:
         member = port_to_member[a["port"]]
-        if not poller.possibly_leader(member, min(a["server_time"], a["acked"]), a["acked"]):
-            wrong.append(dict(a, member=member))
+        lo = min(a["server_time"], a["acked"])
+        if poller.possibly_leader(member, lo, a["acked"]):
+            continue
+        if handover > 0 and poller.possibly_leader(member, lo, a["acked"], handover):
+            since = poller.last_named(member, lo)
+            between = acks[bisect.bisect_right(acked, since):bisect.bisect_left(acked, lo)]
+            if all(port_to_member[b["port"]] == member for b in between):
+                continue
+        wrong.append(dict(a, member=member))
     return wrong
 
 
@@ -383,6 +416,8 @@ def figures(load, reads, poller, port_to_member, start, end):
         "failed_ops": len(load.errors),
         "errors_without_sqlstate": sum(not carries_sqlstate(e) for e in load.errors),
         "wrong_node_writes": len(wrong_node_writes(load, poller, port_to_member)),
+        "wrong_past_handover": len(wrong_node_writes(load, poller, port_to_member,
+                                                     HANDOVER_S)),
         "read_outage_s": round(outage([t for t, _ in reads.oks], start, end), 3),
         "read_errors": len(reads.errors),
         "reads_on_leader": sum(1 for t, port in reads.oks
