@@ -124,15 +124,9 @@ static int pgrelay_run(config *cfg, const char *config_path, bool check, bool da
     }
     /* Certificates and keys are read now: a broken one stops the check and the start. */
     char tls_err[1024];
-    shm_tls_files *tls_files = malloc(sizeof(*tls_files));
+    shm_tls_files *tls_files = tls_load(cfg, tls_err, sizeof(tls_err));
+    free(tls_files); /* the workers inherit the contexts */
     if (!tls_files) {
-        fprintf(stderr, "pgrelay: out of memory\n");
-        return 1;
-    }
-    int tls_failed = tls_files_read(cfg, tls_files, tls_err, sizeof(tls_err)) != 0 ||
-                     tls_setup(cfg, tls_files, tls_err, sizeof(tls_err)) != 0;
-    free(tls_files);
-    if (tls_failed) {
         fprintf(stderr, "%s: %s\n", config_path, tls_err);
         if (!check)
             fprintf(stderr, "pgrelay: TLS configuration error in %s; not starting\n",

@@ -533,18 +533,11 @@ int master_reload(master *m, char *msg, size_t msglen)
     /* The certificate and key files are part of the configuration: a broken one is refused
      * like a bad key, and the running context stays. */
     char tls_err[1024];
-    shm_tls_files *tls_files = malloc(sizeof(*tls_files));
+    shm_tls_files *tls_files = tls_load(next, tls_err, sizeof(tls_err));
     if (!tls_files) {
-        snprintf(msg, msglen, "reload failed: out of memory");
-        free(next);
-        return -1;
-    }
-    if (tls_files_read(next, tls_files, tls_err, sizeof(tls_err)) != 0 ||
-        tls_setup(next, tls_files, tls_err, sizeof(tls_err)) != 0) {
         log_error("reload: %s", tls_err);
         snprintf(msg, msglen, "reload failed: %s; keeping the running configuration", tls_err);
         log_error("%s", msg);
-        free(tls_files);
         free(next);
         return -1;
     }

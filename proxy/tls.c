@@ -20,6 +20,7 @@
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
@@ -164,7 +165,8 @@ static tls_pem tls_file_pem(const config *cfg, const shm_tls_files *files, int i
                      .data = files->data + at, .len = files->len[i]};
 }
 
-int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t err_len)
+/* Read the files cfg uses into files (the others get length 0). 0, or -1 with err filled. */
+static int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t err_len)
 {
     size_t used = 0;
     for (int i = 0; i < SHM_TLS_FILES; i++) {
@@ -208,6 +210,21 @@ int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t er
         used += got;
     }
     return 0;
+}
+
+shm_tls_files *tls_load(const config *cfg, char *err, size_t err_len)
+{
+    shm_tls_files *files = malloc(sizeof(*files)); /* pages used only as written */
+    if (!files) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    if (tls_files_read(cfg, files, err, err_len) != 0 ||
+        tls_setup(cfg, files, err, err_len) != 0) {
+        free(files);
+        return NULL;
+    }
+    return files;
 }
 
 static SSL_CTX *tls_client_build(const config *cfg, const shm_tls_files *files, char *err,
@@ -279,7 +296,8 @@ static SSL_CTX *tls_server_build(const config *cfg, const shm_tls_files *files, 
     tls_pem key = tls_file_pem(cfg, files, TLS_FILE_SERVER_KEY);
     if (cfg->server_tls_ca_file[0] && tls_pem_load_ca(ctx, &ca, err, err_len) != 0)
         goto failed;
-    if (cfg->server_tls_cert_file[0] && tls_pem_use_cert_and_key(ctx, &cert, &key, err, err_len) != 0)
+    if (cfg->server_tls_cert_file[0] &&
+        tls_pem_use_cert_and_key(ctx, &cert, &key, err, err_len) != 0)
         goto failed;
     return ctx;
 failed:

@@ -27,16 +27,17 @@ typedef struct tls_conn {
     bool handshaken;   /* the handshake finished */
 } tls_conn;
 
-/* Read the certificate, key and CA files cfg uses into files (the others get length 0).
- * Returns 0, or -1 with err naming the key, the file and the reason. */
-int tls_files_read(const config *cfg, shm_tls_files *files, char *err, size_t err_len);
-
 /* Build the contexts for cfg (client_tls_* keys: toward clients; server_tls_*: toward nodes)
  * from the files' bytes into the process's current ones, replacing them; sessions that run
  * keep the contexts they started with (SSL_CTX is counted). A side with TLS off has none.
  * Returns 0, or -1 with err naming the key, the file and OpenSSL's reason; the current
  * contexts then stay. */
 int tls_setup(const config *cfg, const shm_tls_files *files, char *err, size_t err_len);
+
+/* Read the certificate, key and CA files cfg uses (at most SHM_TLS_BYTES together), then
+ * tls_setup from their bytes. Returns those bytes (malloc'd: the master hands them to the
+ * workers), or NULL with err naming the key, the file and the reason. */
+shm_tls_files *tls_load(const config *cfg, char *err, size_t err_len);
 
 /* The current client-side context, or NULL when TLS toward clients is off. */
 SSL_CTX *tls_client_ctx(void);
